@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs every system package the build and the tests need. Idempotent: packages
+# already present are skipped, so a second run takes a second.
+set -euo pipefail
+
+APT_PACKAGES=(
+  build-essential cmake ninja-build pkg-config git
+  libdnnl-dev libpcre2-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
+  libprotobuf-dev protobuf-compiler zlib1g-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  openmpi-bin libopenmpi-dev
+  python3 python3-pip python3-venv python3-torch python3-numpy
+)
+# Python references used by tests (installed into Debian's python3, which owns python3-torch).
+PIP_PACKAGES=(tiktoken==0.8.0)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=/usr/bin/python3
+need_pip=()
+for spec in "${PIP_PACKAGES[@]}"; do
+  mod=${spec%%==*}
+  $PY -c "import ${mod//-/_}" 2>/dev/null || need_pip+=("$spec")
+done
+if ((${#need_pip[@]})); then
+  echo "setup: pip installing ${need_pip[*]}"
+  $PY -m pip install -q --break-system-packages "${need_pip[@]}"
+fi
+echo "setup: ok"
