@@ -1,0 +1,166 @@
+#include "runtime/autograd/autograd.h"
+
+#include <unordered_map>
+
+#include "runtime/backend/backend.h"
+
+namespace llama3::autograd {
+
+namespace {
+thread_local bool t_grad_enabled = true;
+
+// Sum of two gradients without mutating either (either may be aliased elsewhere).
+Tensor add_grads(const Tensor& a, const Tensor& b) {
+  Tensor out = Tensor::empty(a.shape(), a.dtype(), a.device());
+  backend_for(a.device()).add(a.contiguous(), b.contiguous(), out);
+  return out;
+}
+
+void accumulate_leaf(AutogradMeta& m, const Tensor& g) {
+  if (!m.grad.defined()) {
+    m.grad = g.contiguous().clone();
+  } else {
+    LLAMA3_CHECK(m.grad.shape() == g.shape(), "gradient shape {} for a leaf with gradient {}",
+                 shape_str(g.shape()), shape_str(m.grad.shape()));
+    backend_for(g.device()).axpy(1.f, g.contiguous(), m.grad);
+  }
+  for (auto& hook : m.post_accumulate_hooks) hook(m.grad);
+}
+}  // namespace
+
+bool grad_enabled() { return t_grad_enabled; }
+
+NoGradGuard::NoGradGuard() : prev_(t_grad_enabled) { t_grad_enabled = false; }
+NoGradGuard::~NoGradGuard() { t_grad_enabled = prev_; }
+
+bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
+  if (!t_grad_enabled) return false;
+  for (const Tensor* t : ts)
+    if (t && t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+std::shared_ptr<AutogradMeta> edge(const Tensor& t) {
+  return t.defined() && t.requires_grad() ? t.meta() : nullptr;
+}
+
+void set_history(Tensor& out, std::shared_ptr<Node> node) {
+  auto m = std::make_shared<AutogradMeta>();
+  m->requires_grad = true;
+  m->grad_fn = std::move(node);
+  out.mutable_meta() = std::move(m);
+}
+
+void backward(const Tensor& root, const Tensor& grad_in) {
+  LLAMA3_CHECK(root.requires_grad(), "backward() on a tensor that does not require grad");
+  Tensor grad = grad_in;
+  if (!grad.defined()) {
+    LLAMA3_CHECK(root.numel() == 1, "backward() without a gradient needs a scalar, got {}",
+                 root.str());
+    grad = Tensor::full(root.shape(), 1.0, root.dtype(), root.device());
+  }
+  auto root_meta = root.meta();
+  if (!root_meta->grad_fn) {
+    accumulate_leaf(*root_meta, grad);
+    return;
+  }
+  // Count, for each node, how many edges from other reachable nodes point at it.
+  std::unordered_map<Node*, int> deps;
+  std::vector<Node*> stack{root_meta->grad_fn.get()};
+  deps[root_meta->grad_fn.get()] = 0;
+  while (!stack.empty()) {
+    Node* n = stack.back();
+    stack.pop_back();
+    for (auto& e : n->next) {
+      if (!e || !e->grad_fn) continue;
+      Node* c = e->grad_fn.get();
+      auto [it, inserted] = deps.try_emplace(c, 0);
+      it->second++;
+      if (inserted) stack.push_back(c);
+    }
+  }
+  std::unordered_map<Node*, Tensor> pending;
+  // Keep nodes alive while we run: the graph may be owned only by tensors that backward
+  // frees as it goes.
+  std::vector<std::shared_ptr<Node>> ready{root_meta->grad_fn};
+  pending[root_meta->grad_fn.get()] = grad;
+  while (!ready.empty()) {
+    std::shared_ptr<Node> n = std::move(ready.back());
+    ready.pop_back();
+    Tensor g = std::move(pending[n.get()]);
+    pending.erase(n.get());
+    std::vector<Tensor> grads = n->backward(g);
+    g = Tensor();
+    n->release();
+    LLAMA3_CHECK(grads.size() == n->next.size(), "{} returned {} gradients for {} inputs",
+                 n->name(), grads.size(), n->next.size());
+    for (size_t i = 0; i < grads.size(); ++i) {
+      auto& e = n->next[i];
+      if (!e || !grads[i].defined()) continue;
+      if (e->grad_fn) {
+        Node* c = e->grad_fn.get();
+        auto it = pending.find(c);
+        if (it == pending.end())
+          pending.emplace(c, std::move(grads[i]));
+        else
+          it->second = add_grads(it->second, grads[i]);
+        if (--deps[c] == 0) ready.push_back(e->grad_fn);
+      } else if (e->requires_grad) {
+        accumulate_leaf(*e, grads[i]);
+      }
+    }
+  }
+}
+
+namespace {
+struct CheckpointNode : Node {
+  std::function<Tensor(const std::vector<Tensor>&)> fn;
+  std::vector<Tensor> inputs;  // detached
+  const char* name() const override { return "checkpoint"; }
+  std::vector<Tensor> backward(const Tensor& grad_out) override {
+    std::vector<Tensor> leaves;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      Tensor d = inputs[i].detach();
+      if (next[i]) d.set_requires_grad(true);
+      leaves.push_back(d);
+    }
+    Tensor out;
+    {
+      bool prev = t_grad_enabled;
+      t_grad_enabled = true;
+      out = fn(leaves);
+      t_grad_enabled = prev;
+    }
+    if (out.requires_grad()) autograd::backward(out, grad_out);
+    std::vector<Tensor> grads;
+    for (auto& l : leaves) grads.push_back(l.grad());
+    return grads;
+  }
+  void release() override {
+    inputs.clear();
+    fn = nullptr;
+  }
+};
+}  // namespace
+
+Tensor checkpoint(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
+                  const std::vector<Tensor>& inputs) {
+  if (!t_grad_enabled) return fn(inputs);
+  Tensor out;
+  {
+    NoGradGuard ng;
+    out = fn(inputs);
+  }
+  auto node = std::make_shared<CheckpointNode>();
+  node->fn = fn;
+  for (const Tensor& t : inputs) {
+    node->inputs.push_back(t.detach());
+    node->next.push_back(edge(t));
+  }
+  // Parameters used inside fn get gradients during recompute, so history exists whenever
+  // grad mode is on, even if no input requires grad.
+  set_history(out, node);
+  return out;
+}
+
+}  // namespace llama3::autograd

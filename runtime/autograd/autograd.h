@@ -1,0 +1,73 @@
+// Reverse-mode autograd over coarse, fused ops. Each op that records history creates one
+// Node holding what its hand-written backward needs; the engine walks the graph from a
+// root in topological order, sums gradients flowing into each node, and accumulates
+// (`+=`) into leaf tensors' .grad(). Nodes drop their saved tensors as soon as their
+// backward has run, so activations are freed during the backward pass.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "runtime/core/tensor.h"
+
+namespace llama3 {
+
+struct Node;
+
+struct AutogradMeta {
+  bool requires_grad = false;
+  std::shared_ptr<Node> grad_fn;  // null for leaves
+  Tensor grad;                    // accumulated gradient (leaves only)
+  // Called after a leaf's gradient was accumulated during backward (used by FSDP to
+  // reduce-scatter a block's gradients as soon as they are complete).
+  std::vector<std::function<void(Tensor& grad)>> post_accumulate_hooks;
+};
+
+struct Node {
+  // One entry per differentiable input, in the order backward() returns gradients;
+  // null where that input needs no gradient.
+  std::vector<std::shared_ptr<AutogradMeta>> next;
+  virtual ~Node() = default;
+  virtual const char* name() const = 0;
+  // Returns one gradient per `next` entry (undefined where not needed).
+  virtual std::vector<Tensor> backward(const Tensor& grad_out) = 0;
+  // Drops saved tensors once backward has run.
+  virtual void release() {}
+};
+
+namespace autograd {
+
+bool grad_enabled();
+
+// Disables history recording in its scope (inference, optimizer updates, recompute).
+class NoGradGuard {
+ public:
+  NoGradGuard();
+  ~NoGradGuard();
+  NoGradGuard(const NoGradGuard&) = delete;
+  NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
+// True when grad mode is on and any of the tensors requires grad.
+bool any_requires_grad(std::initializer_list<const Tensor*> ts);
+// The edge to a tensor's history: its meta if it requires grad, else null.
+std::shared_ptr<AutogradMeta> edge(const Tensor& t);
+// Makes `out` the output of `node` (out.requires_grad() becomes true).
+void set_history(Tensor& out, std::shared_ptr<Node> node);
+
+// Backpropagates grad (ones for a scalar root when undefined) from root.
+void backward(const Tensor& root, const Tensor& grad);
+
+// Activation checkpointing: runs fn without recording its internals; during backward the
+// forward is recomputed with history and backpropagated, so only `inputs` are kept alive
+// between forward and backward. fn must be deterministic; parameters it uses receive
+// their gradients during the recompute.
+Tensor checkpoint(const std::function<Tensor(const std::vector<Tensor>&)>& fn,
+                  const std::vector<Tensor>& inputs);
+
+}  // namespace autograd
+}  // namespace llama3

@@ -1,0 +1,114 @@
+// Backend: the interface every device implements (CPU here, CUDA in runtime/cuda). Ops in
+// runtime/ops call these kernels; model code never sees a backend. Kernels take tensors
+// already on the backend's device, contiguous unless a kernel says otherwise, and do no
+// autograd.
+//
+// Gradient convention for the *_backward kernels (as in llm.c): parameter gradients are
+// accumulated (`+=`), activation gradients are written (`=`).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "runtime/core/tensor.h"
+
+namespace llama3 {
+
+enum class Trans : uint8_t { N, T };
+
+struct AttentionParams {
+  float scale = 0.f;     // softmax scale (1/sqrt(head_dim) when 0)
+  bool causal = true;
+  // (B, T) int32 document ids; a query attends only to keys with the same id. May be
+  // undefined (one document per row).
+  Tensor doc_ids;
+};
+
+struct AdamWParams {
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.f;
+  int64_t step = 1;  // 1-based step for bias correction
+  float grad_scale = 1.f;  // multiplies the gradient first (clipping)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+  virtual Allocator& allocator() = 0;
+  virtual void synchronize() {}
+
+  // ---- memory ----
+  // Strided copy with dtype conversion; src and dst on this device (or host for CPU).
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  virtual void copy_to_host(const Tensor& src, void* dst, size_t bytes) = 0;     // contiguous src
+  virtual void copy_from_host(const void* src, size_t bytes, Tensor& dst) = 0;  // contiguous dst
+  virtual void fill(Tensor& t, double value) = 0;
+
+  // ---- GEMM ----
+  // c = alpha * op(a) @ op(b) + beta * c for 2D a, b, c (row-major, unit stride in the
+  // last dim, any row stride), or 3D with a leading batch dim. f32/f64 inputs, or bf16
+  // inputs with f32 c (f32 accumulation).
+  virtual void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c,
+                    float alpha = 1.f, float beta = 0.f) = 0;
+
+  // ---- element-wise ----
+  virtual void add(const Tensor& a, const Tensor& b, Tensor& out) = 0;            // out = a + b
+  virtual void axpy(float alpha, const Tensor& x, Tensor& y) = 0;                 // y += alpha x
+  virtual void scale(Tensor& x, float alpha) = 0;                                 // x *= alpha
+  virtual double sum_squares(const Tensor& x) = 0;                                // f64 accumulation
+  virtual double sum(const Tensor& x) = 0;
+  virtual bool all_finite(const Tensor& x) = 0;
+
+  // ---- fused Llama kernels ----
+  // ids (N) int32, weight (V, D) -> out (N, D)
+  virtual void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out) = 0;
+  virtual void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dweight) = 0;
+
+  // x (N, D), w (D) -> y (N, D), rstd (N) f32
+  virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y,
+                               Tensor& rstd) = 0;
+  virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                const Tensor& rstd, Tensor& dx, Tensor& dw) = 0;
+
+  // x (B, T, H, Dh) rotated in the HF "rotate_half" layout with inv_freq (Dh/2) at
+  // positions pos (T) int32: out = x*cos + rotate_half(x)*sin. inverse=true applies the
+  // transpose rotation (the backward).
+  virtual void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,
+                    Tensor& out) = 0;
+
+  // q (B, T, H, Dh), k/v (B, T, Hkv, Dh) -> out (B, T, H, Dh), lse (B, H, T) f32.
+  // Computed tile by tile (online softmax); no (T, T) matrix is materialised.
+  virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const AttentionParams& p, Tensor& out, Tensor& lse) = 0;
+  virtual void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                  const Tensor& v, const Tensor& out, const Tensor& lse,
+                                  const AttentionParams& p, Tensor& dq, Tensor& dk,
+                                  Tensor& dv) = 0;
+
+  // out = silu(gate) * up, all (N, F)
+  virtual void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  virtual void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up,
+                               Tensor& dgate, Tensor& dup) = 0;
+
+  // Cross-entropy of logits = h @ w^T over rows with targets >= 0, processed in chunks of
+  // `chunk` rows so full-vocabulary logits exist for one chunk only. Returns the summed
+  // loss over valid rows. When dh/dw are defined it also writes dh (N, D) (=) and
+  // accumulates dw (V, D) (+=) for the loss scaled by grad_scale (e.g. 1/n_valid).
+  // h and w may be bf16 (mixed precision); dh/dw are f32.
+  virtual double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
+                                      int64_t chunk, float grad_scale, Tensor* dh,
+                                      Tensor* dw) = 0;
+
+  // Fused AdamW on f32 params/moments; grad f32. Decoupled weight decay.
+  virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                          const AdamWParams& p) = 0;
+};
+
+// The backend for a device; throws listing the available devices if there is none.
+Backend& backend_for(Device d);
+// Registers a backend (the CUDA backend registers itself from cuda_init()).
+void register_backend(Backend* b);
+bool has_backend(Device d);
+
+}  // namespace llama3

@@ -1,0 +1,252 @@
+// Attention on the CPU, flash-attention style: for each (batch, head, query tile) the keys
+// are visited tile by tile with an online softmax, so no (T, T) score matrix exists; the
+// backward recomputes scores per key tile from the saved log-sum-exp (FlashAttention-2).
+// Masks: causal and/or document (doc ids must form contiguous runs within a row, which
+// lets whole tiles outside a document be skipped).
+#include <omp.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "runtime/cpu/kernels.h"
+#include "runtime/cpu/vec.h"
+
+namespace llama3::cpu {
+
+namespace {
+
+constexpr int64_t kBr = 32;  // query rows per forward work item
+constexpr int64_t kBc = 64;  // keys per tile
+
+struct Dims {
+  int64_t B, T, H, Hkv, D, group;
+};
+
+// Per row: first index and one-past-last index of its document.
+void doc_runs(const int32_t* doc, int64_t T, std::vector<int64_t>& start, std::vector<int64_t>& end) {
+  start.resize(T), end.resize(T);
+  for (int64_t i = 0; i < T; ++i) start[i] = (i > 0 && doc[i] == doc[i - 1]) ? start[i - 1] : i;
+  for (int64_t i = T - 1; i >= 0; --i) end[i] = (i + 1 < T && doc[i] == doc[i + 1]) ? end[i + 1] : i + 1;
+}
+
+template <typename T>
+void forward(const T* q, const T* k, const T* v, const int32_t* doc, Dims d, T scale, bool causal,
+             T* out, T* lse) {
+  const int64_t n_qt = (d.T + kBr - 1) / kBr;
+  std::vector<std::vector<int64_t>> dstart(d.B), dend(d.B);
+  if (doc)
+    for (int64_t b = 0; b < d.B; ++b) doc_runs(doc + b * d.T, d.T, dstart[b], dend[b]);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+#pragma omp parallel
+  {
+    std::vector<T> kt(size_t(d.D) * kBc), s(kBc), acc(size_t(kBr) * d.D), m(kBr), l(kBr);
+#pragma omp for collapse(3) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t h = 0; h < d.H; ++h)
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const int64_t kvh = h / d.group;
+          const int64_t i0 = qt * kBr, i1 = std::min(d.T, i0 + kBr), nr = i1 - i0;
+          const int32_t* db = doc ? doc + b * d.T : nullptr;
+          int64_t lo = 0, hi = d.T;
+          if (db) lo = dstart[b][i0], hi = dend[b][i1 - 1];
+          if (causal) hi = i1;
+          std::fill(acc.begin(), acc.begin() + nr * d.D, T(0));
+          std::fill(m.begin(), m.end(), neg_inf);
+          std::fill(l.begin(), l.end(), T(0));
+          for (int64_t j0 = lo; j0 < hi; j0 += kBc) {
+            const int64_t j1 = std::min(hi, j0 + kBc), nc = j1 - j0;
+            for (int64_t jj = 0; jj < nc; ++jj) {
+              const T* kr = k + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+              for (int64_t c = 0; c < d.D; ++c) kt[c * kBc + jj] = kr[c];
+            }
+            for (int64_t ii = 0; ii < nr; ++ii) {
+              const int64_t i = i0 + ii;
+              if (causal && j0 > i) continue;
+              const T* qr = q + ((b * d.T + i) * d.H + h) * d.D;
+              std::fill(s.begin(), s.begin() + kBc, T(0));
+              for (int64_t c = 0; c < d.D; ++c) {
+                const T qc = qr[c] * scale;
+                const T* ktr = &kt[c * kBc];
+#pragma omp simd
+                for (int64_t jj = 0; jj < kBc; ++jj) s[jj] += qc * ktr[jj];
+              }
+              // Valid keys of this row inside the tile form one interval [a, e).
+              int64_t a = 0, e = nc;
+              if (causal) e = std::min(e, i - j0 + 1);
+              if (db) {
+                a = std::max<int64_t>(a, dstart[b][i] - j0);
+                e = std::min<int64_t>(e, dend[b][i] - j0);
+              }
+              if (a >= e) continue;
+              T mx = m[ii];
+              for (int64_t jj = a; jj < e; ++jj) mx = std::max(mx, s[jj]);
+              const T alpha = m[ii] == neg_inf ? T(0) : fast_exp(m[ii] - mx);
+              T sum = 0;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t jj = a; jj < e; ++jj) {
+                s[jj] = fast_exp(s[jj] - mx);
+                sum += s[jj];
+              }
+              l[ii] = l[ii] * alpha + sum;
+              m[ii] = mx;
+              T* ar = &acc[ii * d.D];
+              if (alpha != T(1)) {
+#pragma omp simd
+                for (int64_t c = 0; c < d.D; ++c) ar[c] *= alpha;
+              }
+              for (int64_t jj = a; jj < e; ++jj) {
+                const T p = s[jj];
+                const T* vr = v + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+#pragma omp simd
+                for (int64_t c = 0; c < d.D; ++c) ar[c] += p * vr[c];
+              }
+            }
+          }
+          for (int64_t ii = 0; ii < nr; ++ii) {
+            const int64_t i = i0 + ii;
+            T* orow = out + ((b * d.T + i) * d.H + h) * d.D;
+            const T inv = l[ii] > T(0) ? T(1) / l[ii] : T(0);
+            for (int64_t c = 0; c < d.D; ++c) orow[c] = acc[ii * d.D + c] * inv;
+            lse[(b * d.H + h) * d.T + i] = l[ii] > T(0) ? m[ii] + std::log(l[ii]) : neg_inf;
+          }
+        }
+  }
+}
+
+template <typename T>
+void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
+              const int32_t* doc, Dims d, T scale, bool causal, T* dq, T* dk, T* dv) {
+  std::vector<std::vector<int64_t>> dstart(d.B), dend(d.B);
+  if (doc)
+    for (int64_t b = 0; b < d.B; ++b) doc_runs(doc + b * d.T, d.T, dstart[b], dend[b]);
+#pragma omp parallel
+  {
+    std::vector<T> kt(size_t(d.D) * kBc), vt(size_t(d.D) * kBc), dka(size_t(kBc) * d.D),
+        dva(size_t(kBc) * d.D), p(kBc), ds(kBc), dsum(d.T);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t kvh = 0; kvh < d.Hkv; ++kvh) {
+        const int32_t* db = doc ? doc + b * d.T : nullptr;
+        for (int64_t j = 0; j < d.T; ++j) {
+          std::fill_n(dk + ((b * d.T + j) * d.Hkv + kvh) * d.D, d.D, T(0));
+          std::fill_n(dv + ((b * d.T + j) * d.Hkv + kvh) * d.D, d.D, T(0));
+        }
+        for (int64_t h = kvh * d.group; h < (kvh + 1) * d.group; ++h) {
+          for (int64_t i = 0; i < d.T; ++i) {
+            const T* gr = dout + ((b * d.T + i) * d.H + h) * d.D;
+            const T* orow = out + ((b * d.T + i) * d.H + h) * d.D;
+            T s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < d.D; ++c) s += gr[c] * orow[c];
+            dsum[i] = s;
+            std::fill_n(dq + ((b * d.T + i) * d.H + h) * d.D, d.D, T(0));
+          }
+          const T* lse_h = lse + (b * d.H + h) * d.T;
+          for (int64_t j0 = 0; j0 < d.T; j0 += kBc) {
+            const int64_t j1 = std::min(d.T, j0 + kBc), nc = j1 - j0;
+            for (int64_t jj = 0; jj < nc; ++jj) {
+              const T* kr = k + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+              const T* vr = v + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+              for (int64_t c = 0; c < d.D; ++c) kt[c * kBc + jj] = kr[c], vt[c * kBc + jj] = vr[c];
+            }
+            for (int64_t jj = nc; jj < kBc; ++jj)
+              for (int64_t c = 0; c < d.D; ++c) kt[c * kBc + jj] = 0, vt[c * kBc + jj] = 0;
+            std::fill(dka.begin(), dka.end(), T(0));
+            std::fill(dva.begin(), dva.end(), T(0));
+            int64_t ilo = causal ? j0 : 0, ihi = d.T;
+            if (db) ilo = std::max(ilo, dstart[b][j0]), ihi = dend[b][j1 - 1];
+            for (int64_t i = ilo; i < ihi; ++i) {
+              int64_t a = 0, e = nc;
+              if (causal) e = std::min(e, i - j0 + 1);
+              if (db) {
+                a = std::max<int64_t>(a, dstart[b][i] - j0);
+                e = std::min<int64_t>(e, dend[b][i] - j0);
+              }
+              if (a >= e) continue;
+              const T* qr = q + ((b * d.T + i) * d.H + h) * d.D;
+              const T* gr = dout + ((b * d.T + i) * d.H + h) * d.D;
+              std::fill(p.begin(), p.end(), T(0));
+              std::fill(ds.begin(), ds.end(), T(0));
+              for (int64_t c = 0; c < d.D; ++c) {
+                const T qc = qr[c] * scale, gc = gr[c];
+                const T *ktr = &kt[c * kBc], *vtr = &vt[c * kBc];
+#pragma omp simd
+                for (int64_t jj = 0; jj < kBc; ++jj) p[jj] += qc * ktr[jj], ds[jj] += gc * vtr[jj];
+              }
+              const T li = lse_h[i], di = dsum[i];
+              for (int64_t jj = 0; jj < kBc; ++jj) {
+                const bool valid = jj >= a && jj < e;
+                const T pj = valid ? fast_exp(p[jj] - li) : T(0);
+                p[jj] = pj;
+                ds[jj] = pj * (ds[jj] - di) * scale;
+              }
+              T* dqr = dq + ((b * d.T + i) * d.H + h) * d.D;
+              for (int64_t jj = a; jj < e; ++jj) {
+                const T pj = p[jj], dj = ds[jj];
+                const T* kr = k + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+                T *dvr = &dva[jj * d.D], *dkr = &dka[jj * d.D];
+#pragma omp simd
+                for (int64_t c = 0; c < d.D; ++c) {
+                  dvr[c] += pj * gr[c];
+                  dkr[c] += dj * qr[c];
+                  dqr[c] += dj * kr[c];
+                }
+              }
+            }
+            for (int64_t jj = 0; jj < nc; ++jj) {
+              T* dkr = dk + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+              T* dvr = dv + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+#pragma omp simd
+              for (int64_t c = 0; c < d.D; ++c) dkr[c] += dka[jj * d.D + c], dvr[c] += dva[jj * d.D + c];
+            }
+          }
+        }
+      }
+  }
+}
+
+Dims dims_of(const Tensor& q, const Tensor& k) {
+  LLAMA3_CHECK(q.dim() == 4 && k.dim() == 4, "attention: q {} and k {} must be (B, T, H, Dh)",
+               q.str(), k.str());
+  Dims d{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0};
+  LLAMA3_CHECK(k.size(0) == d.B && k.size(1) == d.T && k.size(3) == d.D && d.H % d.Hkv == 0,
+               "attention: q {} and k {} disagree (heads {} must be a multiple of kv heads {})",
+               q.str(), k.str(), d.H, d.Hkv);
+  d.group = d.H / d.Hkv;
+  return d;
+}
+
+template <typename F>
+void dispatch(DType t, F&& f) {
+  if (t == DType::f32) return f.template operator()<float>();
+  if (t == DType::f64) return f.template operator()<double>();
+  fail("attention: dtype {} unsupported on cpu (supported: f32, f64)", dtype_name(t));
+}
+
+}  // namespace
+
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionParams& p,
+                       Tensor& out, Tensor& lse) {
+  Dims d = dims_of(q, k);
+  const int32_t* doc = p.doc_ids.defined() ? p.doc_ids.data<int32_t>() : nullptr;
+  dispatch(q.dtype(), [&]<typename T>() {
+    T scale = p.scale != 0.f ? T(p.scale) : T(1) / std::sqrt(T(d.D));
+    forward<T>(q.data<T>(), k.data<T>(), v.data<T>(), doc, d, scale, p.causal, out.data<T>(),
+               lse.data<T>());
+  });
+}
+
+void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, const AttentionParams& p, Tensor& dq,
+                        Tensor& dk, Tensor& dv) {
+  Dims d = dims_of(q, k);
+  const int32_t* doc = p.doc_ids.defined() ? p.doc_ids.data<int32_t>() : nullptr;
+  dispatch(q.dtype(), [&]<typename T>() {
+    T scale = p.scale != 0.f ? T(p.scale) : T(1) / std::sqrt(T(d.D));
+    backward<T>(dout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(),
+                lse.data<T>(), doc, d, scale, p.causal, dq.data<T>(), dk.data<T>(), dv.data<T>());
+  });
+}
+
+}  // namespace llama3::cpu

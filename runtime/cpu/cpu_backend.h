@@ -1,0 +1,25 @@
+// The CPU backend: oneDNN for GEMMs (f32, and bf16 inputs with f32 accumulation), OpenMP
+// vectorised loops for everything else. It is the reference the CUDA backend is tested
+// against, and it also runs in f64 so that every backward can be checked against finite
+// differences.
+#pragma once
+
+#include "runtime/backend/backend.h"
+
+namespace llama3 {
+
+Backend& cpu_backend();
+
+// The number of OpenMP threads the CPU kernels use.
+int cpu_threads();
+
+// oneDNN's GEMM on raw pointers (also used by benchmarks to measure the ceiling).
+// c(M,N) = alpha * op(a) op(b) + beta c; lda/ldb/ldc are row strides in elements.
+void cpu_gemm_f32(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha,
+                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                  int64_t ldc);
+void cpu_gemm_bf16(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha,
+                   const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float beta, float* c,
+                   int64_t ldc);
+
+}  // namespace llama3

@@ -1,0 +1,57 @@
+// Differentiable operations: the op table. Each op validates its inputs, runs its forward
+// kernel on the inputs' backend, and (when grad mode is on and an input requires grad)
+// records a Node whose hand-written backward sits beside it in ops.cpp. Every backward is
+// checked against central finite differences in f64 (tests/unit/ops).
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/backend/backend.h"
+
+namespace llama3::ops {
+
+// GEMM input precision: f32, or bf16 inputs with f32 accumulation and f32 outputs
+// (mixed precision; master weights and activations stay f32).
+enum class Precision : uint8_t { f32, bf16 };
+
+// Storage-sharing reshape that carries the gradient back.
+Tensor reshape(const Tensor& x, const Shape& shape);
+
+// ids (any shape) int32 -> (..., D) rows of weight (V, D).
+Tensor embedding(const Tensor& weight, const Tensor& ids);
+
+// x (..., in) @ w(out, in)^T -> (..., out).
+Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32);
+
+// y = x / rms(x) * w over the last dim.
+Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps);
+
+// Rotary embedding (HF rotate_half layout) of x (B, T, H, Dh) at positions pos (T) int32
+// with inverse frequencies inv_freq (Dh/2).
+Tensor rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos);
+
+// Grouped-query attention: q (B, T, H, Dh), k/v (B, T, Hkv, Dh) -> (B, T, H, Dh).
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionParams& p);
+
+// silu(gate) * up.
+Tensor swiglu(const Tensor& gate, const Tensor& up);
+
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor scale(const Tensor& x, float alpha);
+
+// sum(x * r) for a constant r of x's shape: turns any tensor into a scalar (tests, losses).
+Tensor dot(const Tensor& x, const Tensor& r);
+
+// Mean cross-entropy over rows with target >= 0 of logits = h @ w^T, computed in chunks
+// of `chunk` rows (see Backend::linear_cross_entropy). h (N, D), w (V, D), targets (N).
+struct CrossEntropyOptions {
+  int64_t chunk = 1024;
+  Precision precision = Precision::f32;
+};
+Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
+                            const CrossEntropyOptions& opt = {});
+
+// Full logits h @ w^T (inference / generation / tests).
+Tensor logits(const Tensor& h, const Tensor& w, Precision p = Precision::f32);
+
+}  // namespace llama3::ops

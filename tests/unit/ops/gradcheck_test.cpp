@@ -1,0 +1,165 @@
+// Every differentiable op's backward against central finite differences, in f64.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+
+#include "runtime/autograd/autograd.h"
+#include "runtime/ops/ops.h"
+
+using namespace llama3;
+
+namespace {
+
+Tensor randn(const Shape& s, uint64_t seed, double scale = 1.0) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<double> n(0.0, scale);
+  std::vector<double> v(shape_numel(s));
+  for (auto& x : v) x = n(g);
+  return Tensor::from_vector(v, s);
+}
+
+// Checks d(sum(f(inputs) * r))/d(input) for every input that requires grad.
+void gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
+               std::vector<Tensor> inputs, double tol = 1e-6, double eps = 1e-6) {
+  for (auto& t : inputs) t.zero_grad();
+  Tensor out = f(inputs);
+  Tensor r = randn(out.shape(), 99);
+  Tensor loss = ops::dot(out, r);
+  loss.backward();
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (!inputs[k].requires_grad()) continue;
+    Tensor g = inputs[k].grad();
+    ASSERT_TRUE(g.defined()) << "input " << k << " got no gradient";
+    std::vector<double> analytic = g.to_vector<double>();
+    double* p = inputs[k].data<double>();
+    double max_err = 0, max_ref = 0;
+    for (int64_t i = 0; i < inputs[k].numel(); ++i) {
+      const double orig = p[i];
+      autograd::NoGradGuard ng;
+      p[i] = orig + eps;
+      double lp = ops::dot(f(inputs), r).item();
+      p[i] = orig - eps;
+      double lm = ops::dot(f(inputs), r).item();
+      p[i] = orig;
+      double numeric = (lp - lm) / (2 * eps);
+      max_err = std::max(max_err, std::abs(numeric - analytic[i]));
+      max_ref = std::max(max_ref, std::abs(numeric));
+    }
+    EXPECT_LT(max_err, tol * std::max(1.0, max_ref))
+        << "input " << k << ": max |numeric - analytic| = " << max_err << " (max |grad| " << max_ref << ")";
+  }
+}
+
+Tensor param(const Shape& s, uint64_t seed, double scale = 1.0) {
+  Tensor t = randn(s, seed, scale);
+  t.set_requires_grad(true);
+  return t;
+}
+
+}  // namespace
+
+TEST(GradCheck, Embedding) {
+  Tensor ids = Tensor::from_vector<int32_t>({1, 3, 3, 0, 4, 1}, {2, 3});
+  gradcheck([&](const std::vector<Tensor>& in) { return ops::embedding(in[0], ids); },
+            {param({5, 4}, 1)});
+}
+
+TEST(GradCheck, Linear) {
+  gradcheck([](const std::vector<Tensor>& in) { return ops::linear(in[0], in[1]); },
+            {param({2, 3, 5}, 1), param({4, 5}, 2)});
+}
+
+TEST(GradCheck, RmsNorm) {
+  gradcheck([](const std::vector<Tensor>& in) { return ops::rmsnorm(in[0], in[1], 1e-5f); },
+            {param({6, 8}, 3), param({8}, 4)});
+}
+
+TEST(GradCheck, Rope) {
+  Tensor inv = Tensor::from_vector<double>({1.0, 0.1, 0.01}, {3});
+  Tensor pos = Tensor::from_vector<int32_t>({0, 1, 2, 7}, {4});
+  gradcheck([&](const std::vector<Tensor>& in) { return ops::rope(in[0], inv, pos); },
+            {param({2, 4, 3, 6}, 5)});
+}
+
+struct AttnCase {
+  int64_t B, T, H, Hkv, D;
+  bool causal, docs;
+};
+
+class AttentionGrad : public ::testing::TestWithParam<AttnCase> {};
+
+TEST_P(AttentionGrad, MatchesFiniteDifferences) {
+  AttnCase c = GetParam();
+  AttentionParams p;
+  p.causal = c.causal;
+  if (c.docs) {
+    std::vector<int32_t> d(c.B * c.T);
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t t = 0; t < c.T; ++t) d[b * c.T + t] = int32_t(t * (b + 2) / c.T);  // 2-3 docs
+    p.doc_ids = Tensor::from_vector(d, {c.B, c.T});
+  }
+  gradcheck([&](const std::vector<Tensor>& in) { return ops::attention(in[0], in[1], in[2], p); },
+            {param({c.B, c.T, c.H, c.D}, 6), param({c.B, c.T, c.Hkv, c.D}, 7),
+             param({c.B, c.T, c.Hkv, c.D}, 8)});
+}
+
+// T=70 crosses the 64-key tile and the 32-row query tile boundaries.
+INSTANTIATE_TEST_SUITE_P(Masks, AttentionGrad,
+                         ::testing::Values(AttnCase{1, 5, 2, 1, 4, true, false},
+                                           AttnCase{2, 6, 4, 2, 3, true, true},
+                                           AttnCase{1, 7, 2, 2, 4, false, true},
+                                           AttnCase{1, 5, 2, 1, 4, false, false},
+                                           AttnCase{1, 70, 2, 1, 2, true, true}));
+
+TEST(GradCheck, SwiGlu) {
+  gradcheck([](const std::vector<Tensor>& in) { return ops::swiglu(in[0], in[1]); },
+            {param({3, 7}, 9), param({3, 7}, 10)});
+}
+
+TEST(GradCheck, AddAndScale) {
+  gradcheck([](const std::vector<Tensor>& in) { return ops::scale(ops::add(in[0], in[1]), -0.7f); },
+            {param({3, 4}, 11), param({3, 4}, 12)});
+}
+
+TEST(GradCheck, Reshape) {
+  gradcheck([](const std::vector<Tensor>& in) { return ops::linear(ops::reshape(in[0], {4, 3}), in[1]); },
+            {param({2, 6}, 13), param({2, 3}, 14)});
+}
+
+TEST(GradCheck, LinearCrossEntropyChunked) {
+  Tensor targets = Tensor::from_vector<int32_t>({2, -1, 0, 6, 3, 3, 1}, {7});
+  for (int64_t chunk : {1, 3, 16}) {
+    ops::CrossEntropyOptions o;
+    o.chunk = chunk;
+    gradcheck([&](const std::vector<Tensor>& in) { return ops::linear_cross_entropy(in[0], in[1], targets, o); },
+              {param({7, 5}, 15), param({8, 5}, 16)});
+  }
+}
+
+TEST(GradCheck, CheckpointRecomputesBlock) {
+  Tensor w = param({4, 4}, 17);
+  auto block = [&](const std::vector<Tensor>& in) {
+    return ops::add(in[0], ops::swiglu(ops::linear(in[0], w), ops::linear(in[0], w)));
+  };
+  gradcheck([&](const std::vector<Tensor>& in) { return autograd::checkpoint(block, {in[0]}); },
+            {param({3, 4}, 18), w});
+}
+
+TEST(CrossEntropy, IgnoresNegativeTargetsAndMatchesDirectSoftmax) {
+  Tensor h = randn({3, 4}, 20), w = randn({5, 4}, 21);
+  Tensor t = Tensor::from_vector<int32_t>({1, -1, 4}, {3});
+  double loss = ops::linear_cross_entropy(h, w, t).item();
+  auto hv = h.to_vector<double>(), wv = w.to_vector<double>();
+  double ref = 0;
+  for (int i : {0, 2}) {
+    std::vector<double> l(5);
+    for (int v = 0; v < 5; ++v)
+      for (int d = 0; d < 4; ++d) l[v] += hv[i * 4 + d] * wv[v * 4 + d];
+    double mx = *std::max_element(l.begin(), l.end()), s = 0;
+    for (double x : l) s += std::exp(x - mx);
+    ref += mx + std::log(s) - l[i == 0 ? 1 : 4];
+  }
+  EXPECT_NEAR(loss, ref / 2, 1e-12);
+}
