@@ -1,0 +1,34 @@
+// Basic layers shared by every model: Linear (no bias, HF `weight` of shape (out, in)),
+// Embedding and RMSNorm. Each is a Module so its parameter names follow the tree.
+#pragma once
+
+#include "runtime/nn/module.h"
+#include "runtime/ops/ops.h"
+
+namespace llama3::nn {
+
+class Linear : public Module {
+ public:
+  Linear(int64_t in, int64_t out, double init_std, Rng& rng);
+  Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32) const {
+    return ops::linear(x, weight, p);
+  }
+  Tensor& weight;  // (out, in)
+};
+
+class Embedding : public Module {
+ public:
+  Embedding(int64_t vocab, int64_t dim, double init_std, Rng& rng);
+  Tensor operator()(const Tensor& ids) const { return ops::embedding(weight, ids); }
+  Tensor& weight;  // (vocab, dim)
+};
+
+class RMSNorm : public Module {
+ public:
+  RMSNorm(int64_t dim, float eps);
+  Tensor operator()(const Tensor& x) const { return ops::rmsnorm(x, weight, eps); }
+  Tensor& weight;  // (dim), in the no-decay group
+  float eps;
+};
+
+}  // namespace llama3::nn

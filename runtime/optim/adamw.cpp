@@ -1,0 +1,80 @@
+#include "runtime/optim/adamw.h"
+
+#include <cmath>
+
+#include "runtime/autograd/autograd.h"
+#include "runtime/backend/backend.h"
+
+namespace llama3::optim {
+
+AdamW::AdamW(std::vector<nn::NamedParam> params, const AdamWConfig& cfg) : cfg_(cfg) {
+  for (auto& p : params) {
+    if (!p.info.trainable) continue;
+    LLAMA3_CHECK(p.tensor->dtype() == DType::f32 || p.tensor->dtype() == DType::f64,
+                 "AdamW: parameter {} is {}; master weights must be f32", p.name,
+                 dtype_name(p.tensor->dtype()));
+    params_.push_back(p);
+    m_.push_back(Tensor::zeros(p.tensor->shape(), p.tensor->dtype(), p.tensor->device()));
+    v_.push_back(Tensor::zeros(p.tensor->shape(), p.tensor->dtype(), p.tensor->device()));
+  }
+}
+
+double AdamW::grad_norm() const {
+  double ss = 0;
+  for (auto& p : params_) {
+    Tensor g = p.tensor->grad();
+    if (g.defined()) ss += backend_for(g.device()).sum_squares(g);
+  }
+  return std::sqrt(ss);
+}
+
+double AdamW::step(float lr) {
+  autograd::NoGradGuard ng;
+  const double norm = grad_norm();
+  float scale = 1.f;
+  // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
+  if (cfg_.max_grad_norm > 0) scale = float(std::min(1.0, cfg_.max_grad_norm / (norm + 1e-6)));
+  ++step_;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor& p = *params_[i].tensor;
+    Tensor g = p.grad();
+    if (!g.defined()) continue;
+    AdamWParams hp;
+    hp.lr = lr;
+    hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
+    hp.weight_decay = params_[i].info.weight_decay ? cfg_.weight_decay : 0.f;
+    hp.step = step_;
+    hp.grad_scale = scale;
+    Tensor pd = p.detach();
+    backend_for(p.device()).adamw_step(pd, g, m_[i], v_[i], hp);
+  }
+  return norm;
+}
+
+void AdamW::zero_grad() {
+  for (auto& p : params_) p.tensor->zero_grad();
+}
+
+std::map<std::string, Tensor> AdamW::state_tensors() const {
+  std::map<std::string, Tensor> out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    out["exp_avg." + params_[i].name] = m_[i];
+    out["exp_avg_sq." + params_[i].name] = v_[i];
+  }
+  return out;
+}
+
+void AdamW::load_state(const std::map<std::string, Tensor>& tensors, int64_t step) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    for (auto [prefix, dst] : {std::pair{"exp_avg.", &m_[i]}, std::pair{"exp_avg_sq.", &v_[i]}}) {
+      auto it = tensors.find(prefix + params_[i].name);
+      LLAMA3_CHECK(it != tensors.end(), "optimizer state has no '{}{}'", prefix, params_[i].name);
+      LLAMA3_CHECK(it->second.shape() == dst->shape(), "optimizer state '{}{}' has shape {}, parameter {}",
+                   prefix, params_[i].name, shape_str(it->second.shape()), shape_str(dst->shape()));
+      dst->copy_(it->second);
+    }
+  }
+  step_ = step;
+}
+
+}  // namespace llama3::optim

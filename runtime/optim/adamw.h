@@ -1,0 +1,45 @@
+// AdamW with f32 master weights and moments and decoupled weight decay (applied only to
+// parameters in the decay group), fused with global-norm gradient clipping: the clip
+// factor is folded into the update instead of rewriting every gradient.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "runtime/nn/module.h"
+
+namespace llama3::optim {
+
+struct AdamWConfig {
+  float lr = 3e-4f;  // peak learning rate (schedules scale it per step)
+  float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+  float weight_decay = 0.1f;
+  float max_grad_norm = 1.0f;  // <= 0 disables clipping
+};
+
+class AdamW {
+ public:
+  AdamW(std::vector<nn::NamedParam> params, const AdamWConfig& cfg);
+
+  // Global L2 norm of all gradients (missing gradients count as zero).
+  double grad_norm() const;
+  // One update at learning rate lr; returns the gradient norm before clipping.
+  double step(float lr);
+  void zero_grad();
+  int64_t steps() const { return step_; }
+
+  // Optimizer state by name: "exp_avg.<param>", "exp_avg_sq.<param>".
+  std::map<std::string, Tensor> state_tensors() const;
+  void load_state(const std::map<std::string, Tensor>& tensors, int64_t step);
+  const std::vector<nn::NamedParam>& params() const { return params_; }
+  const AdamWConfig& config() const { return cfg_; }
+
+ private:
+  std::vector<nn::NamedParam> params_;  // trainable only
+  std::vector<Tensor> m_, v_;
+  AdamWConfig cfg_;
+  int64_t step_ = 0;
+};
+
+}  // namespace llama3::optim

@@ -1,0 +1,142 @@
+#include "text/model/llama.h"
+
+#include <cmath>
+
+#include "runtime/autograd/autograd.h"
+
+namespace llama3::text {
+
+namespace {
+// A Module that only names its children ("model", "layers").
+class Container : public nn::Module {
+ public:
+  template <typename M>
+  M& add(const std::string& name, std::unique_ptr<M> m) {
+    return register_module(name, std::move(m));
+  }
+};
+}  // namespace
+
+Attention::Attention(const LlamaConfig& c, Rng& rng)
+    : q_proj(register_module("q_proj", std::make_unique<nn::Linear>(c.dim, c.n_heads * c.head_dim(), 0.02, rng))),
+      k_proj(register_module("k_proj", std::make_unique<nn::Linear>(c.dim, c.n_kv_heads * c.head_dim(), 0.02, rng))),
+      v_proj(register_module("v_proj", std::make_unique<nn::Linear>(c.dim, c.n_kv_heads * c.head_dim(), 0.02, rng))),
+      o_proj(register_module("o_proj", std::make_unique<nn::Linear>(c.n_heads * c.head_dim(), c.dim,
+                                                                    0.02 / std::sqrt(2.0 * c.n_layers), rng))),
+      n_heads(c.n_heads),
+      n_kv_heads(c.n_kv_heads),
+      head_dim(c.head_dim()) {}
+
+Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& pos,
+                             const AttentionParams& p, ops::Precision prec) const {
+  const int64_t B = x.size(0), T = x.size(1);
+  Tensor q = ops::reshape(q_proj(x, prec), {B, T, n_heads, head_dim});
+  Tensor k = ops::reshape(k_proj(x, prec), {B, T, n_kv_heads, head_dim});
+  Tensor v = ops::reshape(v_proj(x, prec), {B, T, n_kv_heads, head_dim});
+  q = ops::rope(q, inv_freq, pos);
+  k = ops::rope(k, inv_freq, pos);
+  Tensor o = ops::attention(q, k, v, p);
+  return o_proj(ops::reshape(o, {B, T, n_heads * head_dim}), prec);
+}
+
+Mlp::Mlp(const LlamaConfig& c, Rng& rng)
+    : gate_proj(register_module("gate_proj", std::make_unique<nn::Linear>(c.dim, c.ffn_hidden(), 0.02, rng))),
+      up_proj(register_module("up_proj", std::make_unique<nn::Linear>(c.dim, c.ffn_hidden(), 0.02, rng))),
+      down_proj(register_module("down_proj", std::make_unique<nn::Linear>(c.ffn_hidden(), c.dim,
+                                                                          0.02 / std::sqrt(2.0 * c.n_layers), rng))) {}
+
+Tensor Mlp::operator()(const Tensor& x, ops::Precision prec) const {
+  return down_proj(ops::swiglu(gate_proj(x, prec), up_proj(x, prec)), prec);
+}
+
+Block::Block(const LlamaConfig& c, Rng& rng)
+    : input_layernorm(register_module("input_layernorm", std::make_unique<nn::RMSNorm>(c.dim, float(c.norm_eps)))),
+      self_attn(register_module("self_attn", std::make_unique<Attention>(c, rng))),
+      post_attention_layernorm(
+          register_module("post_attention_layernorm", std::make_unique<nn::RMSNorm>(c.dim, float(c.norm_eps)))),
+      mlp(register_module("mlp", std::make_unique<Mlp>(c, rng))) {}
+
+Tensor Block::operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& pos,
+                         const AttentionParams& p, ops::Precision prec) const {
+  Tensor h = ops::add(x, self_attn(input_layernorm(x), inv_freq, pos, p, prec));
+  return ops::add(h, mlp(post_attention_layernorm(h), prec));
+}
+
+LlamaModel::LlamaModel(const LlamaConfig& cfg, uint64_t seed) : cfg_(cfg) {
+  cfg_.validate();
+  Rng rng(seed);
+  auto model = std::make_unique<Container>();
+  embed_ = &model->add("embed_tokens", std::make_unique<nn::Embedding>(cfg_.vocab_size, cfg_.dim, 0.02, rng));
+  auto layers = std::make_unique<Container>();
+  for (int64_t i = 0; i < cfg_.n_layers; ++i)
+    blocks_.push_back(&layers->add(std::to_string(i), std::make_unique<Block>(cfg_, rng)));
+  model->add("layers", std::move(layers));
+  norm_ = &model->add("norm", std::make_unique<nn::RMSNorm>(cfg_.dim, float(cfg_.norm_eps)));
+  register_module("model", std::move(model));
+  head_ = &register_module("lm_head", std::make_unique<nn::Linear>(cfg_.dim, cfg_.vocab_size, 0.02, rng));
+  std::vector<float> f;
+  for (double x : rope_inv_freq(cfg_)) f.push_back(float(x));
+  inv_freq_ = Tensor::from_vector(f, {int64_t(f.size())});
+}
+
+std::vector<Block*> LlamaModel::blocks() const { return blocks_; }
+
+void LlamaModel::to(Device d) {
+  for (auto& p : named_parameters()) {
+    bool rg = p.tensor->requires_grad();
+    *p.tensor = p.tensor->to(d).detach();
+    p.tensor->set_requires_grad(rg);
+  }
+  inv_freq_ = inv_freq_.to(d);
+}
+
+Tensor LlamaModel::hidden(const Tensor& tokens, const Tensor& doc_ids) const {
+  LLAMA3_CHECK(tokens.dim() == 2 && tokens.dtype() == DType::i32, "model: tokens {} must be (B, T) int32",
+               tokens.str());
+  const int64_t B = tokens.size(0), T = tokens.size(1);
+  LLAMA3_CHECK(T <= cfg_.max_seq_len, "model: sequence length {} exceeds max_seq_len {}", T, cfg_.max_seq_len);
+  const Device dev = embed_->weight.device();
+  std::vector<int32_t> pv(T);
+  for (int64_t i = 0; i < T; ++i) pv[i] = int32_t(i);
+  Tensor pos = Tensor::from_vector(pv, {T}, dev);
+  AttentionParams ap;
+  ap.causal = true;
+  if (doc_ids.defined()) ap.doc_ids = doc_ids.to(dev);
+  Tensor h = (*embed_)(tokens.to(dev));  // (B, T, D)
+  const ops::Precision prec = opts_.precision;
+  for (Block* b : blocks_) {
+    if (opts_.activation_checkpointing) {
+      h = autograd::checkpoint(
+          [b, this, pos, ap, prec](const std::vector<Tensor>& in) { return (*b)(in[0], inv_freq_, pos, ap, prec); },
+          {h});
+    } else {
+      h = (*b)(h, inv_freq_, pos, ap, prec);
+    }
+  }
+  h = (*norm_)(h);
+  return ops::reshape(h, {B * T, cfg_.dim});
+}
+
+Tensor LlamaModel::loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids) const {
+  Tensor h = hidden(tokens, doc_ids);
+  ops::CrossEntropyOptions o;
+  o.chunk = opts_.ce_chunk;
+  o.precision = opts_.precision;
+  return ops::linear_cross_entropy(h, head_->weight, targets.to(h.device()).view({-1}), o);
+}
+
+Tensor LlamaModel::logits(const Tensor& tokens, const Tensor& doc_ids) const {
+  Tensor h = hidden(tokens, doc_ids);
+  Tensor l = ops::linear(h, head_->weight, opts_.precision);
+  return ops::reshape(l, {tokens.size(0), tokens.size(1), cfg_.vocab_size});
+}
+
+void register_text_models(nn::Registry& r) {
+  r.add("text.llama3", [](const nlohmann::json& j) -> std::unique_ptr<nn::Module> {
+    LlamaConfig c = j.contains("flavour") ? llama3_flavour(j["flavour"].get<std::string>())
+                                          : LlamaConfig::from_hf_json(j);
+    return std::make_unique<LlamaModel>(c, j.value("seed", uint64_t(0)));
+  });
+}
+
+}  // namespace llama3::text
