@@ -43,11 +43,11 @@ class Tokenizer {
   // sequence from a truncated id list is returned as raw bytes).
   std::string decode(std::span<const int32_t> ids) const;
 
-  int32_t n_base() const;                           // number of base (BPE) ranks
-  int32_t vocab_size() const;                       // n_base + 256
+  int32_t n_base() const;      // number of base (BPE) ranks
+  int32_t vocab_size() const;  // n_base + 256
   int32_t special_id(std::string_view name) const;  // e.g. "<|eot_id|>"; throws if unknown
-  int32_t bos_id() const { return n_base(); }       // <|begin_of_text|>
-  int32_t eos_id() const { return n_base() + 1; }   // <|end_of_text|>
+  int32_t bos_id() const { return n_base(); }        // <|begin_of_text|>
+  int32_t eos_id() const { return n_base() + 1; }    // <|end_of_text|>
   bool is_special(int32_t id) const { return id >= n_base(); }
 
   Tokenizer(Tokenizer&&) noexcept;
