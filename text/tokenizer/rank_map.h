@@ -59,8 +59,10 @@ class RankMap {
     return std::string_view(arena_->data() + a, b - a);
   }
 
-  int32_t find(const char* p, size_t n) const {
-    const uint64_t h = hash_bytes(p, n);
+  int32_t find(const char* p, size_t n) const { return find(p, n, hash_bytes(p, n)); }
+
+  // With h = hash_bytes(p, n) already computed by the caller.
+  int32_t find(const char* p, size_t n, uint64_t h) const {
     const uint32_t tag = static_cast<uint32_t>(h >> 32);
     for (size_t i = h & mask_;; i = (i + 1) & mask_) {
       const Slot s = slots_[i];

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <charconv>
 #include <cstring>
 #include <fstream>
@@ -21,6 +22,38 @@
 #include "text/tokenizer/utf8.h"
 
 namespace llama3::text {
+
+namespace {
+
+uint64_t next_instance() {
+  static std::atomic<uint64_t> counter{0};
+  return ++counter;
+}
+
+// Results of BPE for short pieces that are not themselves tokens, per thread. Natural text
+// repeats such pieces constantly, and a hit replaces the ~3n rank lookups of a merge with
+// one compare. Direct-mapped: a collision simply overwrites.
+struct MergeCache {
+  static constexpr size_t kSlots = 1 << 14;
+  static constexpr size_t kMaxBytes = 23;
+  static constexpr size_t kMaxIds = 8;
+  struct Slot {
+    uint64_t hash = 0;
+    uint64_t owner = 0;  // Tokenizer::Impl::instance; 0 = empty
+    uint8_t len = 0;
+    uint8_t n_ids = 0;
+    char bytes[kMaxBytes];
+    int32_t ids[kMaxIds];
+  };
+  std::vector<Slot> slots = std::vector<Slot>(kSlots);
+};
+
+MergeCache& merge_cache() {
+  thread_local MergeCache cache;
+  return cache;
+}
+
+}  // namespace
 
 std::vector<std::string> llama3_special_names() {
   std::vector<std::string> names = {
@@ -43,8 +76,9 @@ std::vector<std::string> llama3_special_names() {
 }
 
 struct Tokenizer::Impl {
-  std::string arena;              // all base token bytes, rank order
-  std::vector<uint32_t> offsets;  // token r = arena[offsets[r], offsets[r+1])
+  const uint64_t instance = next_instance();  // keys the thread-local merge cache
+  std::string arena;                          // all base token bytes, rank order
+  std::vector<uint32_t> offsets;              // token r = arena[offsets[r], offsets[r+1])
   RankMap ranks;
   std::vector<std::string> special_names;
   std::unordered_map<std::string_view, int32_t> special_ids;  // views into special_names
@@ -134,13 +168,38 @@ void Tokenizer::Impl::bpe_long(const char* p, size_t n, std::vector<int32_t>& ou
 }
 
 void Tokenizer::Impl::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
-  const int32_t whole = ranks.find(piece.data(), piece.size());
+  const char* p = piece.data();
+  const size_t n = piece.size();
+  const uint64_t h = hash_bytes(p, n);
+  const int32_t whole = ranks.find(p, n, h);
   if (whole != RankMap::kNone) {
     out.push_back(whole);
-  } else if (piece.size() <= kShortPiece) {
-    bpe_short(piece.data(), piece.size(), out);
-  } else {
-    bpe_long(piece.data(), piece.size(), out);
+    return;
+  }
+  if (n > kShortPiece) {
+    bpe_long(p, n, out);
+    return;
+  }
+  if (n > MergeCache::kMaxBytes) {
+    bpe_short(p, n, out);
+    return;
+  }
+  MergeCache::Slot& slot = merge_cache().slots[h & (MergeCache::kSlots - 1)];
+  if (slot.owner == instance && slot.hash == h && slot.len == n &&
+      std::memcmp(slot.bytes, p, n) == 0) {
+    out.insert(out.end(), slot.ids, slot.ids + slot.n_ids);
+    return;
+  }
+  const size_t before = out.size();
+  bpe_short(p, n, out);
+  const size_t n_ids = out.size() - before;
+  if (n_ids <= MergeCache::kMaxIds) {
+    slot.owner = instance;
+    slot.hash = h;
+    slot.len = static_cast<uint8_t>(n);
+    slot.n_ids = static_cast<uint8_t>(n_ids);
+    std::memcpy(slot.bytes, p, n);
+    std::copy(out.begin() + before, out.end(), slot.ids);
   }
 }
 
