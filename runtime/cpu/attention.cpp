@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "runtime/cpu/kernels.h"
+#include "runtime/cpu/small_gemm.h"
 #include "runtime/cpu/vec.h"
 
 namespace llama3::cpu {
@@ -31,6 +32,15 @@ void doc_runs(const int32_t* doc, int64_t T, std::vector<int64_t>& start, std::v
 }
 
 template <typename T>
+void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t D, T* dst) {
+  // dst (D x kBc) = src (rows x D)^T, zero-padded to kBc columns.
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < D; ++c) dst[c * kBc + r] = src[r * ld + c];
+  for (int64_t r = rows; r < kBc; ++r)
+    for (int64_t c = 0; c < D; ++c) dst[c * kBc + r] = T(0);
+}
+
+template <typename T>
 void forward(const T* q, const T* k, const T* v, const int32_t* doc, Dims d, T scale, bool causal,
              T* out, T* lse) {
   const int64_t n_qt = (d.T + kBr - 1) / kBr;
@@ -38,9 +48,11 @@ void forward(const T* q, const T* k, const T* v, const int32_t* doc, Dims d, T s
   if (doc)
     for (int64_t b = 0; b < d.B; ++b) doc_runs(doc + b * d.T, d.T, dstart[b], dend[b]);
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D;
 #pragma omp parallel
   {
-    std::vector<T> kt(size_t(d.D) * kBc), s(kBc), acc(size_t(kBr) * d.D), m(kBr), l(kBr);
+    std::vector<T> kt(size_t(d.D) * kBc), qs(size_t(kBr) * d.D), s(size_t(kBr) * kBc),
+        acc(size_t(kBr) * d.D), m(kBr), l(kBr);
 #pragma omp for collapse(3) schedule(dynamic)
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t h = 0; h < d.H; ++h)
@@ -50,62 +62,58 @@ void forward(const T* q, const T* k, const T* v, const int32_t* doc, Dims d, T s
           const int32_t* db = doc ? doc + b * d.T : nullptr;
           int64_t lo = 0, hi = d.T;
           if (db) lo = dstart[b][i0], hi = dend[b][i1 - 1];
-          if (causal) hi = i1;
+          if (causal) hi = std::min(hi, i1);
+          // Scaled copy of the query tile.
+          for (int64_t ii = 0; ii < nr; ++ii) {
+            const T* qr = q + (b * d.T + i0 + ii) * ldq + h * d.D;
+            for (int64_t c = 0; c < d.D; ++c) qs[ii * d.D + c] = qr[c] * scale;
+          }
           std::fill(acc.begin(), acc.begin() + nr * d.D, T(0));
           std::fill(m.begin(), m.end(), neg_inf);
           std::fill(l.begin(), l.end(), T(0));
-          for (int64_t j0 = lo; j0 < hi; j0 += kBc) {
+          for (int64_t j0 = lo - lo % kBc; j0 < hi; j0 += kBc) {
             const int64_t j1 = std::min(hi, j0 + kBc), nc = j1 - j0;
-            for (int64_t jj = 0; jj < nc; ++jj) {
-              const T* kr = k + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
-              for (int64_t c = 0; c < d.D; ++c) kt[c * kBc + jj] = kr[c];
-            }
+            pack_transposed(k + (b * d.T + j0) * ldk + kvh * d.D, ldk, nc, d.D, kt.data());
+            small_gemm(Accumulate::no, nr, kBc, d.D, qs.data(), d.D, kt.data(), kBc, s.data(), kBc);
             for (int64_t ii = 0; ii < nr; ++ii) {
               const int64_t i = i0 + ii;
-              if (causal && j0 > i) continue;
-              const T* qr = q + ((b * d.T + i) * d.H + h) * d.D;
-              std::fill(s.begin(), s.begin() + kBc, T(0));
-              for (int64_t c = 0; c < d.D; ++c) {
-                const T qc = qr[c] * scale;
-                const T* ktr = &kt[c * kBc];
-#pragma omp simd
-                for (int64_t jj = 0; jj < kBc; ++jj) s[jj] += qc * ktr[jj];
-              }
+              T* sr = &s[ii * kBc];
               // Valid keys of this row inside the tile form one interval [a, e).
-              int64_t a = 0, e = nc;
+              int64_t a = std::max<int64_t>(0, lo - j0), e = nc;
               if (causal) e = std::min(e, i - j0 + 1);
               if (db) {
                 a = std::max<int64_t>(a, dstart[b][i] - j0);
                 e = std::min<int64_t>(e, dend[b][i] - j0);
               }
-              if (a >= e) continue;
+              if (a >= e) {
+                std::fill(sr, sr + kBc, T(0));
+                continue;
+              }
               T mx = m[ii];
-              for (int64_t jj = a; jj < e; ++jj) mx = std::max(mx, s[jj]);
+              for (int64_t jj = a; jj < e; ++jj) mx = std::max(mx, sr[jj]);
               const T alpha = m[ii] == neg_inf ? T(0) : fast_exp(m[ii] - mx);
               T sum = 0;
+              for (int64_t jj = 0; jj < a; ++jj) sr[jj] = T(0);
 #pragma omp simd reduction(+ : sum)
               for (int64_t jj = a; jj < e; ++jj) {
-                s[jj] = fast_exp(s[jj] - mx);
-                sum += s[jj];
+                sr[jj] = fast_exp(sr[jj] - mx);
+                sum += sr[jj];
               }
+              for (int64_t jj = e; jj < kBc; ++jj) sr[jj] = T(0);
               l[ii] = l[ii] * alpha + sum;
               m[ii] = mx;
-              T* ar = &acc[ii * d.D];
               if (alpha != T(1)) {
+                T* ar = &acc[ii * d.D];
 #pragma omp simd
                 for (int64_t c = 0; c < d.D; ++c) ar[c] *= alpha;
               }
-              for (int64_t jj = a; jj < e; ++jj) {
-                const T p = s[jj];
-                const T* vr = v + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
-#pragma omp simd
-                for (int64_t c = 0; c < d.D; ++c) ar[c] += p * vr[c];
-              }
             }
+            small_gemm(Accumulate::yes, nr, d.D, nc, s.data(), kBc, v + (b * d.T + j0) * ldk + kvh * d.D,
+                       ldk, acc.data(), d.D);
           }
           for (int64_t ii = 0; ii < nr; ++ii) {
             const int64_t i = i0 + ii;
-            T* orow = out + ((b * d.T + i) * d.H + h) * d.D;
+            T* orow = out + (b * d.T + i) * ldq + h * d.D;
             const T inv = l[ii] > T(0) ? T(1) / l[ii] : T(0);
             for (int64_t c = 0; c < d.D; ++c) orow[c] = acc[ii * d.D + c] * inv;
             lse[(b * d.H + h) * d.T + i] = l[ii] > T(0) ? m[ii] + std::log(l[ii]) : neg_inf;
@@ -115,88 +123,88 @@ void forward(const T* q, const T* k, const T* v, const int32_t* doc, Dims d, T s
 }
 
 template <typename T>
+void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+template <typename T>
 void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
               const int32_t* doc, Dims d, T scale, bool causal, T* dq, T* dk, T* dv) {
   std::vector<std::vector<int64_t>> dstart(d.B), dend(d.B);
   if (doc)
     for (int64_t b = 0; b < d.B; ++b) doc_runs(doc + b * d.T, d.T, dstart[b], dend[b]);
+  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D;
+  const int64_t Br = kBc;  // query rows per backward tile
 #pragma omp parallel
   {
     std::vector<T> kt(size_t(d.D) * kBc), vt(size_t(d.D) * kBc), dka(size_t(kBc) * d.D),
-        dva(size_t(kBc) * d.D), p(kBc), ds(kBc), dsum(d.T);
+        dva(size_t(kBc) * d.D), p(size_t(Br) * kBc), dp(size_t(Br) * kBc), tt(size_t(kBc) * Br),
+        dsum(d.T);
 #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t kvh = 0; kvh < d.Hkv; ++kvh) {
         const int32_t* db = doc ? doc + b * d.T : nullptr;
         for (int64_t j = 0; j < d.T; ++j) {
-          std::fill_n(dk + ((b * d.T + j) * d.Hkv + kvh) * d.D, d.D, T(0));
-          std::fill_n(dv + ((b * d.T + j) * d.Hkv + kvh) * d.D, d.D, T(0));
+          std::fill_n(dk + (b * d.T + j) * ldk + kvh * d.D, d.D, T(0));
+          std::fill_n(dv + (b * d.T + j) * ldk + kvh * d.D, d.D, T(0));
         }
         for (int64_t h = kvh * d.group; h < (kvh + 1) * d.group; ++h) {
           for (int64_t i = 0; i < d.T; ++i) {
-            const T* gr = dout + ((b * d.T + i) * d.H + h) * d.D;
-            const T* orow = out + ((b * d.T + i) * d.H + h) * d.D;
+            const T* gr = dout + (b * d.T + i) * ldq + h * d.D;
+            const T* orow = out + (b * d.T + i) * ldq + h * d.D;
             T s = 0;
 #pragma omp simd reduction(+ : s)
             for (int64_t c = 0; c < d.D; ++c) s += gr[c] * orow[c];
             dsum[i] = s;
-            std::fill_n(dq + ((b * d.T + i) * d.H + h) * d.D, d.D, T(0));
+            std::fill_n(dq + (b * d.T + i) * ldq + h * d.D, d.D, T(0));
           }
           const T* lse_h = lse + (b * d.H + h) * d.T;
           for (int64_t j0 = 0; j0 < d.T; j0 += kBc) {
             const int64_t j1 = std::min(d.T, j0 + kBc), nc = j1 - j0;
-            for (int64_t jj = 0; jj < nc; ++jj) {
-              const T* kr = k + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
-              const T* vr = v + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
-              for (int64_t c = 0; c < d.D; ++c) kt[c * kBc + jj] = kr[c], vt[c * kBc + jj] = vr[c];
-            }
-            for (int64_t jj = nc; jj < kBc; ++jj)
-              for (int64_t c = 0; c < d.D; ++c) kt[c * kBc + jj] = 0, vt[c * kBc + jj] = 0;
+            const T* kj = k + (b * d.T + j0) * ldk + kvh * d.D;
+            const T* vj = v + (b * d.T + j0) * ldk + kvh * d.D;
+            pack_transposed(kj, ldk, nc, d.D, kt.data());
+            pack_transposed(vj, ldk, nc, d.D, vt.data());
             std::fill(dka.begin(), dka.end(), T(0));
             std::fill(dva.begin(), dva.end(), T(0));
             int64_t ilo = causal ? j0 : 0, ihi = d.T;
             if (db) ilo = std::max(ilo, dstart[b][j0]), ihi = dend[b][j1 - 1];
-            for (int64_t i = ilo; i < ihi; ++i) {
-              int64_t a = 0, e = nc;
-              if (causal) e = std::min(e, i - j0 + 1);
-              if (db) {
-                a = std::max<int64_t>(a, dstart[b][i] - j0);
-                e = std::min<int64_t>(e, dend[b][i] - j0);
-              }
-              if (a >= e) continue;
-              const T* qr = q + ((b * d.T + i) * d.H + h) * d.D;
-              const T* gr = dout + ((b * d.T + i) * d.H + h) * d.D;
-              std::fill(p.begin(), p.end(), T(0));
-              std::fill(ds.begin(), ds.end(), T(0));
-              for (int64_t c = 0; c < d.D; ++c) {
-                const T qc = qr[c] * scale, gc = gr[c];
-                const T *ktr = &kt[c * kBc], *vtr = &vt[c * kBc];
-#pragma omp simd
-                for (int64_t jj = 0; jj < kBc; ++jj) p[jj] += qc * ktr[jj], ds[jj] += gc * vtr[jj];
-              }
-              const T li = lse_h[i], di = dsum[i];
-              for (int64_t jj = 0; jj < kBc; ++jj) {
-                const bool valid = jj >= a && jj < e;
-                const T pj = valid ? fast_exp(p[jj] - li) : T(0);
-                p[jj] = pj;
-                ds[jj] = pj * (ds[jj] - di) * scale;
-              }
-              T* dqr = dq + ((b * d.T + i) * d.H + h) * d.D;
-              for (int64_t jj = a; jj < e; ++jj) {
-                const T pj = p[jj], dj = ds[jj];
-                const T* kr = k + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
-                T *dvr = &dva[jj * d.D], *dkr = &dka[jj * d.D];
-#pragma omp simd
-                for (int64_t c = 0; c < d.D; ++c) {
-                  dvr[c] += pj * gr[c];
-                  dkr[c] += dj * qr[c];
-                  dqr[c] += dj * kr[c];
+            for (int64_t i0 = ilo; i0 < ihi; i0 += Br) {
+              const int64_t nr = std::min(Br, ihi - i0);
+              const T* qi = q + (b * d.T + i0) * ldq + h * d.D;
+              const T* gi = dout + (b * d.T + i0) * ldq + h * d.D;
+              small_gemm(Accumulate::no, nr, kBc, d.D, qi, ldq, kt.data(), kBc, p.data(), kBc);
+              small_gemm(Accumulate::no, nr, kBc, d.D, gi, ldq, vt.data(), kBc, dp.data(), kBc);
+              for (int64_t ii = 0; ii < nr; ++ii) {
+                const int64_t i = i0 + ii;
+                int64_t a = 0, e = nc;
+                if (causal) e = std::min(e, i - j0 + 1);
+                if (db) {
+                  a = std::max<int64_t>(a, dstart[b][i] - j0);
+                  e = std::min<int64_t>(e, dend[b][i] - j0);
+                }
+                T* pr = &p[ii * kBc];
+                T* dr = &dp[ii * kBc];
+                const T li = lse_h[i], di = dsum[i];
+                for (int64_t jj = 0; jj < kBc; ++jj) {
+                  const bool valid = jj >= a && jj < e;
+                  const T pj = valid ? fast_exp(pr[jj] * scale - li) : T(0);
+                  pr[jj] = pj;
+                  dr[jj] = pj * (dr[jj] - di) * scale;
                 }
               }
+              // dV += P^T dO ; dK += dS^T Q ; dQ += dS K
+              transpose_tile(p.data(), nr, nc, kBc, tt.data(), Br);
+              small_gemm(Accumulate::yes, nc, d.D, nr, tt.data(), Br, gi, ldq, dva.data(), d.D);
+              transpose_tile(dp.data(), nr, nc, kBc, tt.data(), Br);
+              small_gemm(Accumulate::yes, nc, d.D, nr, tt.data(), Br, qi, ldq, dka.data(), d.D);
+              small_gemm(Accumulate::yes, nr, d.D, nc, dp.data(), kBc, kj, ldk,
+                         dq + (b * d.T + i0) * ldq + h * d.D, ldq);
             }
             for (int64_t jj = 0; jj < nc; ++jj) {
-              T* dkr = dk + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
-              T* dvr = dv + ((b * d.T + j0 + jj) * d.Hkv + kvh) * d.D;
+              T* dkr = dk + (b * d.T + j0 + jj) * ldk + kvh * d.D;
+              T* dvr = dv + (b * d.T + j0 + jj) * ldk + kvh * d.D;
 #pragma omp simd
               for (int64_t c = 0; c < d.D; ++c) dkr[c] += dka[jj * d.D + c], dvr[c] += dva[jj * d.D + c];
             }
