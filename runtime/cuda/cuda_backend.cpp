@@ -97,6 +97,7 @@ struct GemmPlan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  bool legacy = false;  // cuBLASLt had no algorithm (odd alignment): cublasGemmStridedBatchedEx
   ~GemmPlan() {
     if (la) cublasLtMatrixLayoutDestroy(la);
     if (lb) cublasLtMatrixLayoutDestroy(lb);
@@ -112,6 +113,9 @@ class CudaBackend final : public Backend {
     LLAMA3_CUDA_CHECK(cudaSetDevice(index_));
     LLAMA3_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     LLAMA3_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    LLAMA3_CUBLAS_CHECK(cublasCreate(&legacy_));
+    LLAMA3_CUBLAS_CHECK(cublasSetStream(legacy_, stream_));
+    LLAMA3_CUBLAS_CHECK(cublasSetMathMode(legacy_, CUBLAS_DEFAULT_MATH));  // no TF32
     LLAMA3_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspace));
     LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, 64));  // [0]: double result, [8]: int flag
     cudaDeviceProp prop{};
@@ -219,6 +223,15 @@ class CudaBackend final : public Backend {
     GemmKey key{int(a.dtype()), int(c.dtype()), int(ta), int(tb), m, n, k, lda, ldb, ldc, batch,
                 sa, sb, sc, align_of(a.data_ptr()), align_of(b.data_ptr()), align_of(c.data_ptr())};
     GemmPlan& plan = gemm_plan(key);
+    if (plan.legacy) {
+      const cudaDataType_t in_t = a.dtype() == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
+      LLAMA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+          legacy_, tb == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T, ta == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T,
+          int(n), int(m), int(k), &alpha, b.data_ptr(), in_t, int(ldb), sb, a.data_ptr(), in_t,
+          int(lda), sa, &beta, c.data_ptr(), CUDA_R_32F, int(ldc), sc, int(batch),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return;
+    }
     LLAMA3_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(),
                                        plan.lb, &beta, c.data_ptr(), plan.lc, c.data_ptr(), plan.lc,
                                        &plan.algo, workspace_, kWorkspace, stream_));
@@ -570,12 +583,16 @@ class CudaBackend final : public Backend {
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan->op, plan->la, plan->lb,
                                                              plan->lc, plan->lc, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
-    LLAMA3_CHECK(st == CUBLAS_STATUS_SUCCESS && found > 0,
-                 "gemm: cuBLASLt has no algorithm for {} m={} n={} k={} lda={} ldb={} ldc={} "
-                 "batch={} (status {})",
-                 key.at == int(DType::bf16) ? "bf16" : "f32", key.m, key.n, key.k, key.lda, key.ldb,
-                 key.ldc, key.batch, int(st));
-    plan->algo = res.algo;
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+      plan->algo = res.algo;
+    } else {
+      // Misaligned views (e.g. a narrowed bf16 matrix): the classic API handles any alignment.
+      LLAMA3_CHECK(key.m <= INT32_MAX && key.n <= INT32_MAX && key.k <= INT32_MAX &&
+                       key.lda <= INT32_MAX && key.ldb <= INT32_MAX && key.ldc <= INT32_MAX,
+                   "gemm: no cuBLASLt algorithm and sizes m={} n={} k={} too large for cuBLAS",
+                   key.m, key.n, key.k);
+      plan->legacy = true;
+    }
     return *plans_.emplace(key, std::move(plan)).first->second;
   }
 
@@ -584,6 +601,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
+  cublasHandle_t legacy_ = nullptr;
   void* workspace_ = nullptr;
   void* scratch_ = nullptr;
   std::mutex plans_mu_;
