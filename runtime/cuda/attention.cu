@@ -10,9 +10,10 @@
 // reference): doc_runs() turns them into, per position, the first and one-past-last index
 // of its run; a query i sees key j iff start[i] <= j < end[i] (and j <= i when causal).
 //
-// Thread layout (256 threads): thread t owns score rows 4*(t/16)..+3 and score columns
-// (t%16) + 16*jj, jj < 4, of a 64x64 tile; output columns (t%16) + 16*k, k < DMAX/16.
-// Row reductions therefore stay inside 16-lane halves of a warp.
+// Thread layout (256 threads, tr = t/16, tc = t%16): thread t owns score rows 4 tr + ii and
+// score columns tc + 16 jj (ii, jj < 4) of a 64x64 tile, and output columns 4 tc + 64 q + e
+// (e < 4, q < DMAX/64) so that shared-memory reads are float4. Row reductions stay inside
+// 16-lane halves of a warp. Head dims are padded with zeros to DMAX = 64 or 128.
 #include <cfloat>
 #include <cub/block/block_scan.cuh>
 
@@ -68,32 +69,102 @@ __global__ void doc_runs_kernel(const int32_t* doc, int64_t T, int32_t* start, i
   }
 }
 
-// Loads rows [r0, r0 + 64) of a (B, T, nh, D) tensor at (b, head) into s[64][DMAX + 1] as f32,
-// zero outside [0, T) x [0, D).
+// Shared-memory row strides: a multiple of 4 floats keeps float4 accesses aligned, and the
+// extra 4 spreads the 16 rows a quarter-warp reads over all 32 banks.
+template <int DMAX>
+constexpr int row_stride() { return DMAX + 4; }
+constexpr int kPS = kTile + 4;  // stride of the P / dS tiles
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float comp(const float4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;  // i is a compile-time constant
+}
+__device__ __forceinline__ float dot4(const float4& a, const float4& b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+
+// Loads rows [r0, r0 + 64) of a (B, T, nh, D) tensor at (b, head) into s[64][row_stride] as
+// f32, zero outside [0, T) x [0, D).
 template <typename T, int DMAX>
 __device__ void load_tile(float* s, const T* x, int64_t b, int64_t head, int64_t nh, int64_t r0,
                           int64_t Tn, int64_t D) {
+  constexpr int S = row_stride<DMAX>();
   for (int idx = threadIdx.x; idx < kTile * DMAX; idx += kThreads) {
     const int r = idx / DMAX, c = idx % DMAX;
     const int64_t row = r0 + r;
     float v = 0.f;
     if (row < Tn && c < D) v = to_f32(x[((b * Tn + row) * nh + head) * D + c]);
-    s[r * (DMAX + 1) + c] = v;
+    s[r * S + c] = v;
   }
 }
+
+// s[ii][jj] (+)= sum_d A[4 tr + ii][d] * B[tc + 16 jj][d] over shared tiles of stride S.
+template <int DMAX>
+__device__ __forceinline__ void tile_dot(const float* A, const float* Bm, int tr, int tc,
+                                         float (&s)[4][4]) {
+  constexpr int S = row_stride<DMAX>();
+#pragma unroll 4
+  for (int d = 0; d < DMAX; d += 4) {
+    float4 av[4], bv[4];
+#pragma unroll
+    for (int ii = 0; ii < 4; ++ii) av[ii] = ld4(A + (tr * 4 + ii) * S + d);
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) bv[jj] = ld4(Bm + (tc + 16 * jj) * S + d);
+#pragma unroll
+    for (int ii = 0; ii < 4; ++ii)
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) s[ii][jj] = dot4(av[ii], bv[jj], s[ii][jj]);
+  }
+}
+
+// acc[ii][4 q + e] += sum_j P[4 tr + ii][j] * V[j][4 tc + 64 q + e]  (P stride kPS).
+template <int DMAX>
+__device__ __forceinline__ void tile_pv(const float* P, const float* V, int tr, int tc,
+                                        float (&acc)[4][DMAX / 16]) {
+  constexpr int S = row_stride<DMAX>(), NQ = DMAX / 64;
+#pragma unroll 2
+  for (int j = 0; j < kTile; j += 4) {
+    float4 pv[4];
+#pragma unroll
+    for (int ii = 0; ii < 4; ++ii) pv[ii] = ld4(P + (tr * 4 + ii) * kPS + j);
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) {
+        const float4 vv = ld4(V + (j + jj) * S + 4 * tc + 64 * q);
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii) {
+          const float p = comp(pv[ii], jj);
+          acc[ii][4 * q + 0] = fmaf(p, vv.x, acc[ii][4 * q + 0]);
+          acc[ii][4 * q + 1] = fmaf(p, vv.y, acc[ii][4 * q + 1]);
+          acc[ii][4 * q + 2] = fmaf(p, vv.z, acc[ii][4 * q + 2]);
+          acc[ii][4 * q + 3] = fmaf(p, vv.w, acc[ii][4 * q + 3]);
+        }
+      }
+    }
+  }
+}
+
+// Output column of accumulator slot c (c < DMAX/16) for thread column tc.
+__device__ __forceinline__ int out_col(int tc, int c) { return 4 * tc + 64 * (c / 4) + (c % 4); }
 
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_kernel(const T* q, const T* k, const T* v, const int32_t* dstart,
                     const int32_t* dend, T* out, T* lse, AttnShape a) {
-  constexpr int S = DMAX + 1, NC = DMAX / 16;
-  extern __shared__ float smem[];
+  constexpr int S = row_stride<DMAX>(), NC = DMAX / 16;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
   float* Qs = smem;               // [64][S]
   float* Ks = Qs + kTile * S;     // [64][S]
   float* Vs = Ks + kTile * S;     // [64][S]
-  float* Ps = Vs + kTile * S;     // [64][65]
+  float* Ps = Vs + kTile * S;     // [64][kPS]
 
-  const int64_t qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // Heaviest (latest, for causal) query tiles first.
+  const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t kvh = h / (a.H / a.Hkv);
   const int64_t i0 = qt * kTile;
   const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
@@ -134,18 +205,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) s[ii][jj] = 0.f;
-#pragma unroll 8
-    for (int d = 0; d < DMAX; ++d) {
-      float qv[4], kv[4];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii) qv[ii] = Qs[(tr * 4 + ii) * S + d];
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) kv[jj] = Ks[(tc + 16 * jj) * S + d];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) s[ii][jj] = fmaf(qv[ii], kv[jj], s[ii][jj]);
-    }
+    tile_dot<DMAX>(Qs, Ks, tr, tc, s);
 #pragma unroll
     for (int ii = 0; ii < 4; ++ii) {
       float mx = m[ii];
@@ -156,6 +216,7 @@ __global__ void __launch_bounds__(kThreads)
         s[ii][jj] = valid ? s[ii][jj] * sl2 : -INFINITY;
         mx = fmaxf(mx, s[ii][jj]);
       }
+      // The 16 threads of a row are one half-warp: xor offsets < 16 stay inside it.
 #pragma unroll
       for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       const float ms = mx == -INFINITY ? 0.f : mx;
@@ -164,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         const float p = exp2f(s[ii][jj] - ms);
-        Ps[(tr * 4 + ii) * (kTile + 1) + tc + 16 * jj] = p;
+        Ps[(tr * 4 + ii) * kPS + tc + 16 * jj] = p;
         sum += p;
       }
 #pragma unroll
@@ -175,18 +236,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int c = 0; c < NC; ++c) acc[ii][c] *= alpha;
     }
     __syncthreads();
-#pragma unroll 4
-    for (int j = 0; j < kTile; ++j) {
-      float vv[NC], pv[4];
-#pragma unroll
-      for (int c = 0; c < NC; ++c) vv[c] = Vs[j * S + tc + 16 * c];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii) pv[ii] = Ps[(tr * 4 + ii) * (kTile + 1) + j];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-        for (int c = 0; c < NC; ++c) acc[ii][c] = fmaf(pv[ii], vv[c], acc[ii][c]);
-    }
+    tile_pv<DMAX>(Ps, Vs, tr, tc, acc);
   }
 #pragma unroll
   for (int ii = 0; ii < 4; ++ii) {
@@ -196,7 +246,7 @@ __global__ void __launch_bounds__(kThreads)
     T* orow = out + ((b * a.T + i) * a.H + h) * a.D;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      const int d = tc + 16 * c;
+      const int d = out_col(tc, c);
       if (d < a.D) orow[d] = from_f32<T>(acc[ii][c] * inv);
     }
     if (tc == 0)
@@ -227,15 +277,16 @@ __global__ void __launch_bounds__(kThreads)
     attn_bwd_kernel(const T* dout, const T* q, const T* k, const T* v, const T* lse,
                     const float* dsum, const int32_t* dstart, const int32_t* dend, T* dk, T* dv,
                     float* dq_acc, AttnShape a) {
-  constexpr int S = DMAX + 1, NC = DMAX / 16, P = kTile + 1;
-  extern __shared__ float smem[];
+  constexpr int S = row_stride<DMAX>(), NC = DMAX / 16, NQ = DMAX / 64;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
   float* Ks = smem;             // [64][S] keys of this block
   float* Vs = Ks + kTile * S;   // [64][S]
   float* Qs = Vs + kTile * S;   // [64][S] current query tile (unscaled)
   float* Gs = Qs + kTile * S;   // [64][S] dout tile
-  float* Ps = Gs + kTile * S;   // [64][P] probabilities (query row, key col)
-  float* Ds = Ps + kTile * P;   // [64][P] dS
-  float* Ls = Ds + kTile * P;   // [64] lse * log2e
+  float* Ps = Gs + kTile * S;   // [64][kPS] probabilities (query row, key col)
+  float* Ds = Ps + kTile * kPS; // [64][kPS] dS
+  float* Ls = Ds + kTile * kPS; // [64] lse * log2e
   float* Dd = Ls + kTile;       // [64] dsum
 
   const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
@@ -252,7 +303,7 @@ __global__ void __launch_bounds__(kThreads)
   if (dstart) qlo = max(qlo, int64_t(dstart[b * a.T + j0]));
   const int64_t qhi = dend ? dend[b * a.T + jlast] : a.T;
 
-  float dka[4][NC], dva[4][NC];  // key rows tr*4+jj, columns tc+16c
+  float dka[4][NC], dva[4][NC];  // key rows 4 tr + jj, columns out_col(tc, c)
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
@@ -270,27 +321,14 @@ __global__ void __launch_bounds__(kThreads)
         Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
       }
       __syncthreads();
-      // Scores and dP for query rows tr*4+ii and key columns tc+16jj.
+      // Scores and dP for query rows 4 tr + ii and key columns tc + 16 jj.
       float s[4][4], dp[4][4];
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) s[ii][jj] = 0.f, dp[ii][jj] = 0.f;
-#pragma unroll 4
-      for (int d = 0; d < DMAX; ++d) {
-        float qv[4], gv[4], kv[4], vv[4];
-#pragma unroll
-        for (int ii = 0; ii < 4; ++ii) qv[ii] = Qs[(tr * 4 + ii) * S + d], gv[ii] = Gs[(tr * 4 + ii) * S + d];
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) kv[jj] = Ks[(tc + 16 * jj) * S + d], vv[jj] = Vs[(tc + 16 * jj) * S + d];
-#pragma unroll
-        for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-          for (int jj = 0; jj < 4; ++jj) {
-            s[ii][jj] = fmaf(qv[ii], kv[jj], s[ii][jj]);
-            dp[ii][jj] = fmaf(gv[ii], vv[jj], dp[ii][jj]);
-          }
-      }
+      tile_dot<DMAX>(Qs, Ks, tr, tc, s);
+      tile_dot<DMAX>(Gs, Vs, tr, tc, dp);
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii) {
         const int r = tr * 4 + ii;
@@ -304,45 +342,40 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t j = j0 + tc + 16 * jj;
           const bool valid = j >= lo && j < hi && j < a.T;
           const float p = valid ? exp2f(s[ii][jj] * sl2 - Ls[r]) : 0.f;
-          Ps[r * P + tc + 16 * jj] = p;
-          Ds[r * P + tc + 16 * jj] = p * (dp[ii][jj] - Dd[r]) * a.scale;
+          Ps[r * kPS + tc + 16 * jj] = p;
+          Ds[r * kPS + tc + 16 * jj] = p * (dp[ii][jj] - Dd[r]) * a.scale;
         }
       }
       __syncthreads();
-      // dV += P^T dO, dK += dS^T Q over the 64 query rows.
+      // dV += P^T dO and dK += dS^T Q over the 64 query rows, for key rows 4 tr + jj.
 #pragma unroll 2
       for (int r = 0; r < kTile; ++r) {
-        float pv[4], dsv[4], gq[NC], qq[NC];
+        const float4 pv = ld4(Ps + r * kPS + tr * 4), dsv = ld4(Ds + r * kPS + tr * 4);
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) pv[jj] = Ps[r * P + tr * 4 + jj], dsv[jj] = Ds[r * P + tr * 4 + jj];
+        for (int qd = 0; qd < NQ; ++qd) {
+          const float4 gq = ld4(Gs + r * S + 4 * tc + 64 * qd);
+          const float4 qq = ld4(Qs + r * S + 4 * tc + 64 * qd);
 #pragma unroll
-        for (int c = 0; c < NC; ++c) gq[c] = Gs[r * S + tc + 16 * c], qq[c] = Qs[r * S + tc + 16 * c];
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-          for (int c = 0; c < NC; ++c) {
-            dva[jj][c] = fmaf(pv[jj], gq[c], dva[jj][c]);
-            dka[jj][c] = fmaf(dsv[jj], qq[c], dka[jj][c]);
+          for (int jj = 0; jj < 4; ++jj) {
+            const float p = comp(pv, jj), d = comp(dsv, jj);
+            dva[jj][4 * qd + 0] = fmaf(p, gq.x, dva[jj][4 * qd + 0]);
+            dva[jj][4 * qd + 1] = fmaf(p, gq.y, dva[jj][4 * qd + 1]);
+            dva[jj][4 * qd + 2] = fmaf(p, gq.z, dva[jj][4 * qd + 2]);
+            dva[jj][4 * qd + 3] = fmaf(p, gq.w, dva[jj][4 * qd + 3]);
+            dka[jj][4 * qd + 0] = fmaf(d, qq.x, dka[jj][4 * qd + 0]);
+            dka[jj][4 * qd + 1] = fmaf(d, qq.y, dka[jj][4 * qd + 1]);
+            dka[jj][4 * qd + 2] = fmaf(d, qq.z, dka[jj][4 * qd + 2]);
+            dka[jj][4 * qd + 3] = fmaf(d, qq.w, dka[jj][4 * qd + 3]);
           }
+        }
       }
-      // dQ (query rows tr*4+ii, columns tc+16c) += dS K, accumulated in global f32.
+      // dQ (query rows 4 tr + ii) += dS K, accumulated in global f32.
       float dqa[4][NC];
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii)
 #pragma unroll
         for (int c = 0; c < NC; ++c) dqa[ii][c] = 0.f;
-#pragma unroll 2
-      for (int j = 0; j < kTile; ++j) {
-        float dsv[4], kk[NC];
-#pragma unroll
-        for (int ii = 0; ii < 4; ++ii) dsv[ii] = Ds[(tr * 4 + ii) * P + j];
-#pragma unroll
-        for (int c = 0; c < NC; ++c) kk[c] = Ks[j * S + tc + 16 * c];
-#pragma unroll
-        for (int ii = 0; ii < 4; ++ii)
-#pragma unroll
-          for (int c = 0; c < NC; ++c) dqa[ii][c] = fmaf(dsv[ii], kk[c], dqa[ii][c]);
-      }
+      tile_pv<DMAX>(Ds, Ks, tr, tc, dqa);
 #pragma unroll
       for (int ii = 0; ii < 4; ++ii) {
         const int64_t i = i0 + tr * 4 + ii;
@@ -350,7 +383,7 @@ __global__ void __launch_bounds__(kThreads)
         float* dqr = dq_acc + ((b * a.T + i) * a.H + h) * a.D;
 #pragma unroll
         for (int c = 0; c < NC; ++c) {
-          const int d = tc + 16 * c;
+          const int d = out_col(tc, c);
           if (d < a.D) atomicAdd(dqr + d, dqa[ii][c]);
         }
       }
@@ -364,7 +397,7 @@ __global__ void __launch_bounds__(kThreads)
     T* dvr = dv + ((b * a.T + j) * a.Hkv + kvh) * a.D;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      const int d = tc + 16 * c;
+      const int d = out_col(tc, c);
       if (d < a.D) dkr[d] = from_f32<T>(dka[jj][c]), dvr[d] = from_f32<T>(dva[jj][c]);
     }
   }
@@ -377,15 +410,12 @@ __global__ void f32_to_kernel(const float* s, T* d, int64_t n) {
     d[i] = from_f32<T>(s[i]);
 }
 
-size_t fwd_smem(int dmax) { return size_t(3 * kTile * (dmax + 1) + kTile * (kTile + 1)) * 4; }
-size_t bwd_smem(int dmax) {
-  return size_t(4 * kTile * (dmax + 1) + 2 * kTile * (kTile + 1) + 2 * kTile) * 4;
-}
+size_t fwd_smem(int dmax) { return size_t(3 * kTile * (dmax + 4) + kTile * kPS) * 4; }
+size_t bwd_smem(int dmax) { return size_t(4 * kTile * (dmax + 4) + 2 * kTile * kPS + 2 * kTile) * 4; }
 
 // Runs f.template operator()<DMAX>() for the smallest supported DMAX >= D.
 template <typename F>
 cudaError_t dispatch_d(int64_t D, F&& f) {
-  if (D <= 32) return f.template operator()<32>();
   if (D <= 64) return f.template operator()<64>();
   if (D <= 128) return f.template operator()<128>();
   return cudaErrorInvalidValue;
