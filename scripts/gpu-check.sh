@@ -155,6 +155,19 @@ for dt in f32 bf16; do
   note "attention fwd+bwd $dt T=$SEQ" "" "llama3 ${a:-n/a} ms, torch sdpa ${b:-n/a} ms"
 done
 
+# ---- compute-sanitizer on the kernels with shared memory and atomics (small shapes)
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [[ -n $BIN && -n $SAN ]]; then
+  FILTER='*CudaMatchesCpu/attn*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
+  for tool in memcheck racecheck; do
+    step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
+      "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"
+    rc=$?
+    errs=$(grep -m1 -o 'ERROR SUMMARY: [0-9]* error[s]*\|RACECHECK SUMMARY: [0-9]* hazard[s]*.*' "$STEPDIR/sanitizer_$tool.txt")
+    note "compute-sanitizer $tool" "$([[ $rc == 0 ]] && echo PASS || echo "rc=$rc")" "${errs:-no summary} (attention, cross-entropy, rmsnorm, embedding cases)"
+  done
+fi
+
 # ---- torch.compile, only with time to spare
 if (($(left) > 100)); then
   step torch_compile $(($(left) - 15)) python3 bench/cuda_step_peer.py --mode compile --seq "$STEP_SEQ" --steps 3 --warmup 1
