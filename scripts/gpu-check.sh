@@ -183,3 +183,4 @@ fi
   printf '%-34s %-8s %s\n' "check" "status" "figures"
   for l in "${SUMMARY[@]}"; do echo "$l"; done
 } | tee "$LOGDIR/summary.txt"
+sleep 1  # let tee flush gpu-check.log before $OUT is collected
