@@ -423,6 +423,11 @@ cudaError_t dispatch_d(int64_t D, F&& f) {
 
 }  // namespace
 
+size_t attention_smem_bytes(int64_t D, bool backward) {
+  const int dmax = D <= 64 ? 64 : 128;
+  return backward ? bwd_smem(dmax) : fwd_smem(dmax);
+}
+
 cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, int32_t* end,
                      cudaStream_t s) {
   if (B == 0 || T == 0) return cudaSuccess;

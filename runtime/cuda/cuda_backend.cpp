@@ -120,6 +120,7 @@ class CudaBackend final : public Backend {
     LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, 64));  // [0]: double result, [8]: int flag
     cudaDeviceProp prop{};
     LLAMA3_CUDA_CHECK(cudaGetDeviceProperties(&prop, index_));
+    smem_optin_ = prop.sharedMemPerBlockOptin;
     name_ = fmt::format("cuda:{} ({}, sm_{}{})", index_, prop.name, prop.major, prop.minor);
   }
 
@@ -526,6 +527,11 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(a.D >= 1 && a.D <= 128,
                  "attention: head dim {} unsupported on cuda (supported: 1..128)", a.D);
     a.scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(a.D));
+    const size_t need = cuda::attention_smem_bytes(a.D, /*backward=*/true);
+    LLAMA3_CHECK(need <= smem_optin_,
+                 "attention: head dim {} needs {} bytes of shared memory per block, {} allows {} "
+                 "(H100/H200: 227 KB; A100: head dims up to 64)",
+                 a.D, need, name_, smem_optin_);
     return a;
   }
   void doc_runs(const AttentionParams& p, const cuda::AttnShape& a, Tensor& start, Tensor& end) {
@@ -597,6 +603,7 @@ class CudaBackend final : public Backend {
   }
 
   int index_;
+  size_t smem_optin_ = 0;  // the device's opt-in shared memory per block
   CachingAllocator alloc_;
   std::string name_;
   cudaStream_t stream_ = nullptr;

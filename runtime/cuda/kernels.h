@@ -77,6 +77,8 @@ struct AttnShape {
   float scale;
   bool causal;
 };
+// Dynamic shared memory the attention kernels need for head dim D (at most 128).
+size_t attention_smem_bytes(int64_t D, bool backward);
 // doc_start/doc_end (B*T) int32 from doc_runs, or null for one document per row.
 cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, int32_t* end,
                      cudaStream_t s);
