@@ -7,7 +7,7 @@
 //
 //   bench_cuda_step [--seq 4096] [--batch 1] [--layers 16] [--dim 2048] [--heads 32]
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
-//                   [--precision bf16|f32] [--attn-only]
+//                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu]
 //
 // --attn-only times attention forward+backward alone (f32 and bf16 inputs) for the same
 // shapes, to compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py).
@@ -37,6 +37,7 @@ struct Config {
           vocab = 128256, steps = 3, warmup = 1;
   ops::Precision precision = ops::Precision::bf16;
   bool attn_only = false;
+  Device device = Device::cuda(0);  // --device cpu: smoke test of this benchmark on tiny configs
   int64_t head_dim() const { return dim / heads; }
 };
 
@@ -59,6 +60,12 @@ Config parse(int argc, char** argv) {
     else if (a == "--steps") c.steps = next();
     else if (a == "--warmup") c.warmup = next();
     else if (a == "--attn-only") c.attn_only = true;
+    else if (a == "--device") {
+      LLAMA3_CHECK(i + 1 < argc, "--device needs cuda or cpu");
+      std::string d = argv[++i];
+      LLAMA3_CHECK(d == "cuda" || d == "cpu", "--device {} (supported: cuda, cpu)", d);
+      c.device = d == "cuda" ? Device::cuda(0) : Device::cpu();
+    }
     else if (a == "--precision") {
       LLAMA3_CHECK(i + 1 < argc, "--precision needs bf16 or f32");
       std::string p = argv[++i];
@@ -95,11 +102,12 @@ struct Layer {
 };
 
 int attn_only(const Config& c) {
-  const Device dev = Device::cuda(0);
+  const Device dev = c.device;
   Backend& be = backend_for(dev);
   const int64_t B = c.batch, T = c.seq, H = c.heads, Hk = c.kv_heads, Dh = c.head_dim();
   const double flops = 3.5 * 4.0 * double(B) * double(T) * double(T) * double(H) * double(Dh) / 2;
   for (DType dt : {DType::f32, DType::bf16}) {
+    if (dev.is_cpu() && dt == DType::bf16) continue;  // the CPU attention is f32/f64
     std::vector<float> pool(size_t(1) << 22);
     std::mt19937 g(1);
     std::normal_distribution<float> nd(0.f, 1.f);
@@ -141,7 +149,7 @@ int attn_only(const Config& c) {
 }
 
 int run(const Config& c) {
-  const Device dev = Device::cuda(0);
+  const Device dev = c.device;
   Backend& be = backend_for(dev);
   const int64_t B = c.batch, T = c.seq, D = c.dim, H = c.heads, Hk = c.kv_heads,
                 Dh = c.head_dim(), F = c.ffn, V = c.vocab;
@@ -273,7 +281,7 @@ int run(const Config& c) {
 int main(int argc, char** argv) {
   try {
     Config c = parse(argc, argv);
-    if (!cuda_init()) {
+    if (!c.device.is_cpu() && !cuda_init()) {
       fmt::print("SKIP: no CUDA device (cuda_init() returned false)\n");
       return 77;
     }

@@ -30,7 +30,30 @@ def parse():
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda", help="cpu: smoke test of this script (tiny configs)")
     return p.parse_args()
+
+
+def rms_norm(x, w, eps):
+    if hasattr(F, "rms_norm"):  # torch >= 2.4
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+
+def sdpa(q, k, v):
+    """Causal GQA attention on (B, H, T, Dh) / (B, Hkv, T, Dh)."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    except (TypeError, AttributeError):  # torch < 2.5: no enable_gqa (< 2.0: no sdpa at all)
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        if hasattr(F, "scaled_dot_product_attention"):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        t = q.shape[2]
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return torch.softmax(s.float(), dim=-1).type_as(q) @ v
 
 
 class Block(torch.nn.Module):
@@ -50,15 +73,14 @@ class Block(torch.nn.Module):
 
     def forward(self, x, cos, sin):
         b, t, _ = x.shape
-        hn = F.rms_norm(x, (x.shape[-1],), self.attn_norm, 1e-5)
+        hn = rms_norm(x, self.attn_norm, 1e-5)
         q = self.wq(hn).view(b, t, self.h, self.dh)
         k = self.wk(hn).view(b, t, self.hk, self.dh)
         v = self.wv(hn).view(b, t, self.hk, self.dh)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=True)
+        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + self.wo(o.transpose(1, 2).reshape(b, t, -1))
-        hn = F.rms_norm(x, (x.shape[-1],), self.ffn_norm, 1e-5)
+        hn = rms_norm(x, self.ffn_norm, 1e-5)
         return x + self.w2(F.silu(self.w1(hn)) * self.w3(hn))
 
 
@@ -81,13 +103,18 @@ class Model(torch.nn.Module):
         x = self.emb(ids)
         for l in self.layers:
             x = l(x, cos, sin)
-        x = F.rms_norm(x, (x.shape[-1],), self.norm, 1e-5)
+        x = rms_norm(x, self.norm, 1e-5)
         logits = self.head(x)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
 
 
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
 def attn_bench(a):
-    dev = "cuda"
+    dev = a.device
     b, t, h, hk, dh = a.batch, a.seq, a.heads, a.kv_heads, a.dim // a.heads
     flops = 3.5 * 4.0 * b * t * t * h * dh / 2
     for dt in (torch.float32, torch.bfloat16):
@@ -97,16 +124,16 @@ def attn_bench(a):
         g = torch.randn(b, h, t, dh, device=dev, dtype=dt)
         try:
             def run():
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                torch.cuda.synchronize()
+                o = sdpa(q, k, v)
+                sync(dev)
                 t1 = time.perf_counter()
                 o.backward(g)
-                torch.cuda.synchronize()
+                sync(dev)
                 return t1
             tf = tb = 0.0
             reps = 5
             for r in range(-1, reps):
-                torch.cuda.synchronize()
+                sync(dev)
                 t0 = time.perf_counter()
                 t1 = run()
                 t2 = time.perf_counter()
@@ -121,11 +148,12 @@ def attn_bench(a):
         except Exception as e:  # a backend may not support a dtype/GQA combination
             print(f"torch sdpa {dt}: failed: {e}")
         del q, k, v, g
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 def step_bench(a):
-    dev = "cuda"
+    dev = a.device
     torch.manual_seed(0)
     model = Model(a).to(dev)
     with torch.no_grad():
@@ -135,7 +163,7 @@ def step_bench(a):
     n_params = sum(p.numel() for p in model.parameters())
     n_matmul = n_params - model.emb.weight.numel()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=True)
+                            **({"fused": True} if dev == "cuda" else {}))
     dh = a.dim // a.heads
     inv = 1.0 / (500000.0 ** (torch.arange(0, dh, 2, device=dev).float() / dh))
     ang = torch.arange(a.seq, device=dev).float()[:, None] * inv[None, :]
@@ -148,15 +176,16 @@ def step_bench(a):
         fwd = torch.compile(model)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             loss = fwd(ids, targets, cos, sin)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(dev)
         return loss.item()
 
-    print(f"torch {torch.__version__} {torch.cuda.get_device_name()} mode {a.mode}; parameters "
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    print(f"torch {torch.__version__} {name} mode {a.mode}; parameters "
           f"{n_params/1e9:.3f} B ({n_matmul/1e9:.3f} B without the embedding table)")
     total = 0.0
     for s in range(1, a.warmup + a.steps + 1):
@@ -172,18 +201,20 @@ def step_bench(a):
     model_flops = 6.0 * n_matmul * tokens
     attn_flops = 3.0 * 4.0 * a.layers * a.batch * a.seq * a.seq * a.heads * dh / 2.0
     mfu = (model_flops + attn_flops) / per / 989e12
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     print(f"step {per*1e3:.1f} ms, {tokens/per:.0f} tokens/s, MFU {mfu*100:.1f}%; peak memory "
-          f"{torch.cuda.max_memory_allocated()/2**30:.1f} GiB")
+          f"{peak:.1f} GiB")
     print(f"RESULT torch_{a.mode} seq={a.seq} tokens_per_s={tokens/per:.0f} mfu={mfu:.4f} "
           f"step_ms={per*1e3:.1f} loss={loss:.4f}")
 
 
 def main():
     a = parse()
-    if not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         print("SKIP: torch sees no CUDA device")
         return 77
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if a.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
     if a.mode == "attn":
         attn_bench(a)
     else:
