@@ -1,0 +1,644 @@
+// CudaBackend: validates tensors, owns the stream, the cuBLASLt handle and workspaces, and
+// launches the kernels of runtime/cuda/*.cu. See cuda_backend.h for what is supported.
+#ifdef LLAMA3_WITH_CUDA
+#include "runtime/cuda/cuda_backend.h"
+
+#include <array>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/core/allocator.h"
+#include "runtime/cuda/cuda_check.h"
+#include "runtime/cuda/kernels.h"
+
+namespace llama3 {
+
+namespace {
+
+using cuda::KT;
+
+constexpr int kMaxDevices = 16;
+
+// Raw allocators per device (CachingAllocator takes plain function pointers). A failed
+// cudaMalloc returns null so that the caching allocator frees its cache and retries.
+template <int D>
+void* raw_alloc(size_t n) {
+  int prev = 0;
+  cudaGetDevice(&prev);
+  if (prev != D) cudaSetDevice(D);
+  void* p = nullptr;
+  if (cudaMalloc(&p, n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky-free allocation error
+    p = nullptr;
+  }
+  if (prev != D) cudaSetDevice(prev);
+  return p;
+}
+template <int D>
+void raw_free(void* p) {
+  int prev = 0;
+  cudaGetDevice(&prev);
+  if (prev != D) cudaSetDevice(D);
+  cudaFree(p);
+  if (prev != D) cudaSetDevice(prev);
+}
+template <size_t... I>
+constexpr auto alloc_table(std::index_sequence<I...>) {
+  return std::array<std::pair<CachingAllocator::RawAlloc, CachingAllocator::RawFree>,
+                    sizeof...(I)>{{{&raw_alloc<int(I)>, &raw_free<int(I)>}...}};
+}
+constexpr auto kAllocs = alloc_table(std::make_index_sequence<kMaxDevices>{});
+
+KT kt_of(DType t, const char* op) {
+  switch (t) {
+    case DType::f32: return KT::f32;
+    case DType::bf16: return KT::bf16;
+    case DType::f16: return KT::f16;
+    case DType::i32: return KT::i32;
+    case DType::i64: return KT::i64;
+    case DType::u8: return KT::u8;
+    case DType::f64: break;
+  }
+  fail("{}: dtype {} is not supported on cuda (supported: f32, bf16, f16, i32, i64, u8)", op,
+       dtype_name(t));
+}
+
+// Floating kernels: f32 or bf16 storage.
+KT ft_of(DType t, const char* op) {
+  LLAMA3_CHECK(t == DType::f32 || t == DType::bf16,
+               "{}: dtype {} is not supported on cuda (supported: f32, bf16)", op, dtype_name(t));
+  return t == DType::f32 ? KT::f32 : KT::bf16;
+}
+
+int64_t align_of(const void* p) {
+  auto v = reinterpret_cast<uintptr_t>(p);
+  int64_t a = 256;
+  while (a > 1 && v % uintptr_t(a) != 0) a /= 2;
+  return a;
+}
+
+// One cached cuBLASLt plan per GEMM shape/layout/alignment.
+struct GemmKey {
+  int at, ct, ta, tb;
+  int64_t m, n, k, lda, ldb, ldc, batch, sa, sb, sc, al_a, al_b, al_c;
+  auto tie() const {
+    return std::tie(at, ct, ta, tb, m, n, k, lda, ldb, ldc, batch, sa, sb, sc, al_a, al_b, al_c);
+  }
+  bool operator<(const GemmKey& o) const { return tie() < o.tie(); }
+};
+
+struct GemmPlan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool legacy = false;  // cuBLASLt had no algorithm (odd alignment): cublasGemmStridedBatchedEx
+  ~GemmPlan() {
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int index)
+      : index_(index), alloc_(kAllocs[index].first, kAllocs[index].second) {
+    LLAMA3_CUDA_CHECK(cudaSetDevice(index_));
+    LLAMA3_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    LLAMA3_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    LLAMA3_CUBLAS_CHECK(cublasCreate(&legacy_));
+    LLAMA3_CUBLAS_CHECK(cublasSetStream(legacy_, stream_));
+    LLAMA3_CUBLAS_CHECK(cublasSetMathMode(legacy_, CUBLAS_DEFAULT_MATH));  // no TF32
+    LLAMA3_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspace));
+    LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, 64));  // [0]: double result, [8]: int flag
+    cudaDeviceProp prop{};
+    LLAMA3_CUDA_CHECK(cudaGetDeviceProperties(&prop, index_));
+    smem_optin_ = prop.sharedMemPerBlockOptin;
+    name_ = fmt::format("cuda:{} ({}, sm_{}{})", index_, prop.name, prop.major, prop.minor);
+  }
+
+  Device device() const override { return Device::cuda(index_); }
+  std::string name() const override { return name_; }
+  Allocator& allocator() override { return alloc_; }
+  void synchronize() override { LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  // ---------------------------------------------------------------- memory
+  void copy(const Tensor& src, Tensor& dst) override {
+    on_device(src, "copy", "src"), on_device(dst, "copy", "dst");
+    LLAMA3_CHECK(src.numel() == dst.numel(), "copy: {} into {}", src.str(), dst.str());
+    const int64_t n = src.numel();
+    if (n == 0) return;
+    const KT st = kt_of(src.dtype(), "copy"), dt = kt_of(dst.dtype(), "copy");
+    activate();
+    if (src.is_contiguous() && dst.is_contiguous()) {
+      LLAMA3_CUDA_CHECK(cuda::convert_contiguous(src.data_ptr(), st, dst.data_ptr(), dt, n, stream_));
+      return;
+    }
+    LLAMA3_CHECK(src.dim() <= cuda::kMaxDims && src.shape() == dst.shape(),
+                 "copy: strided copy needs equal shapes of at most {} dims, got {} into {}",
+                 cuda::kMaxDims, src.str(), dst.str());
+    cuda::Strided d;
+    d.nd = src.dim();
+    for (int i = 0; i < d.nd; ++i)
+      d.shape[i] = src.shape()[i], d.src_stride[i] = src.strides()[i],
+      d.dst_stride[i] = dst.strides()[i];
+    LLAMA3_CUDA_CHECK(cuda::copy_strided(src.data_ptr(), st, dst.data_ptr(), dt, d, n, stream_));
+  }
+
+  void copy_to_host(const Tensor& src, void* dst, size_t bytes) override {
+    contig(src, "copy_to_host", "src");
+    LLAMA3_CHECK(bytes <= src.nbytes(), "copy_to_host: {} bytes from {}", bytes, src.str());
+    activate();
+    LLAMA3_CUDA_CHECK(cudaMemcpyAsync(dst, src.data_ptr(), bytes, cudaMemcpyDeviceToHost, stream_));
+    LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void copy_from_host(const void* src, size_t bytes, Tensor& dst) override {
+    contig(dst, "copy_from_host", "dst");
+    LLAMA3_CHECK(bytes <= dst.nbytes(), "copy_from_host: {} bytes into {}", bytes, dst.str());
+    activate();
+    // Pageable source: cudaMemcpyAsync returns once the source has been staged, so the
+    // caller may free it; a synchronous copy keeps that true for pinned memory as well.
+    LLAMA3_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src, bytes, cudaMemcpyHostToDevice, stream_));
+    LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void fill(Tensor& t, double value) override {
+    on_device(t, "fill", "t");
+    const KT k = kt_of(t.dtype(), "fill");
+    activate();
+    if (t.is_contiguous()) {
+      LLAMA3_CUDA_CHECK(cuda::fill(t.data_ptr(), k, t.numel(), value, stream_));
+      return;
+    }
+    Tensor c = Tensor::empty(t.shape(), t.dtype(), device());
+    LLAMA3_CUDA_CHECK(cuda::fill(c.data_ptr(), k, c.numel(), value, stream_));
+    copy(c, t);
+  }
+
+  // ---------------------------------------------------------------- GEMM
+  void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, float alpha,
+            float beta) override {
+    on_device(a, "gemm", "a"), on_device(b, "gemm", "b"), on_device(c, "gemm", "c");
+    LLAMA3_CHECK(a.dim() == c.dim() && b.dim() == c.dim() && (c.dim() == 2 || c.dim() == 3),
+                 "gemm: a {}, b {}, c {} must all be 2D or 3D", a.str(), b.str(), c.str());
+    const bool f32 = a.dtype() == DType::f32 && b.dtype() == DType::f32 && c.dtype() == DType::f32;
+    const bool bf = a.dtype() == DType::bf16 && b.dtype() == DType::bf16 && c.dtype() == DType::f32;
+    LLAMA3_CHECK(f32 || bf,
+                 "gemm: dtypes a {}, b {}, c {} unsupported on cuda (supported: f32 x f32 -> f32, "
+                 "bf16 x bf16 -> f32)",
+                 dtype_name(a.dtype()), dtype_name(b.dtype()), dtype_name(c.dtype()));
+    const int r = c.dim() - 2;  // index of the row dim
+    const int64_t m = ta == Trans::N ? a.size(r) : a.size(r + 1);
+    const int64_t k = ta == Trans::N ? a.size(r + 1) : a.size(r);
+    const int64_t kb = tb == Trans::N ? b.size(r) : b.size(r + 1);
+    const int64_t n = tb == Trans::N ? b.size(r + 1) : b.size(r);
+    LLAMA3_CHECK(k == kb && c.size(r) == m && c.size(r + 1) == n,
+                 "gemm: op(a) is ({}, {}), op(b) is ({}, {}), c is {}", m, k, kb, n, c.str());
+    int64_t batch = 1, sa = 0, sb = 0, sc = 0;
+    if (r == 1) {
+      batch = c.size(0);
+      LLAMA3_CHECK(a.size(0) == batch && b.size(0) == batch, "gemm: batch of a {}, b {}, c {}",
+                   a.str(), b.str(), c.str());
+      sa = a.strides()[0], sb = b.strides()[0], sc = c.strides()[0];
+    }
+    if (m == 0 || n == 0 || batch == 0) return;
+    const int64_t lda = ld(a, "a"), ldb = ld(b, "b"), ldc = ld(c, "c");
+    activate();
+    if (k == 0) {  // c = beta * c
+      if (beta == 0.f) fill(c, 0.0);
+      else if (beta != 1.f) {
+        LLAMA3_CHECK(c.is_contiguous(), "gemm: k == 0 with beta {} needs a contiguous c", beta);
+        scale(c, beta);
+      }
+      return;
+    }
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's "A" is our b.
+    GemmKey key{int(a.dtype()), int(c.dtype()), int(ta), int(tb), m, n, k, lda, ldb, ldc, batch,
+                sa, sb, sc, align_of(a.data_ptr()), align_of(b.data_ptr()), align_of(c.data_ptr())};
+    GemmPlan& plan = gemm_plan(key);
+    if (plan.legacy) {
+      const cudaDataType_t in_t = a.dtype() == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
+      LLAMA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+          legacy_, tb == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T, ta == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T,
+          int(n), int(m), int(k), &alpha, b.data_ptr(), in_t, int(ldb), sb, a.data_ptr(), in_t,
+          int(lda), sa, &beta, c.data_ptr(), CUDA_R_32F, int(ldc), sc, int(batch),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return;
+    }
+    LLAMA3_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(),
+                                       plan.lb, &beta, c.data_ptr(), plan.lc, c.data_ptr(), plan.lc,
+                                       &plan.algo, workspace_, kWorkspace, stream_));
+  }
+
+  // ---------------------------------------------------------------- element-wise
+  void add(const Tensor& a, const Tensor& b, Tensor& out) override {
+    contig(a, "add", "a"), contig(b, "add", "b"), contig(out, "add", "out");
+    LLAMA3_CHECK(a.numel() == b.numel() && a.numel() == out.numel() && a.dtype() == b.dtype() &&
+                     a.dtype() == out.dtype(),
+                 "add: {} + {} -> {}", a.str(), b.str(), out.str());
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::add(a.data_ptr(), b.data_ptr(), out.data_ptr(), ft_of(a.dtype(), "add"),
+                                a.numel(), stream_));
+  }
+  void axpy(float alpha, const Tensor& x, Tensor& y) override {
+    contig(x, "axpy", "x"), contig(y, "axpy", "y");
+    LLAMA3_CHECK(x.numel() == y.numel() && x.dtype() == y.dtype(), "axpy: {} into {}", x.str(),
+                 y.str());
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::axpy(alpha, x.data_ptr(), y.data_ptr(), ft_of(y.dtype(), "axpy"),
+                                 x.numel(), stream_));
+  }
+  void scale(Tensor& x, float alpha) override {
+    contig(x, "scale", "x");
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::scale(x.data_ptr(), alpha, ft_of(x.dtype(), "scale"), x.numel(), stream_));
+  }
+  double sum_squares(const Tensor& x) override { return reduce(x, true, "sum_squares"); }
+  double sum(const Tensor& x) override { return reduce(x, false, "sum"); }
+  bool all_finite(const Tensor& x) override {
+    contig(x, "all_finite", "x");
+    const KT t = ft_of(x.dtype(), "all_finite");
+    activate();
+    LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
+    LLAMA3_CUDA_CHECK(cuda::any_nonfinite(x.data_ptr(), t, x.numel(), flag(), stream_));
+    return read_flag() == 0;
+  }
+
+  // ---------------------------------------------------------------- fused kernels
+  void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out) override {
+    contig(weight, "embedding", "weight"), contig(ids, "embedding", "ids");
+    contig(out, "embedding", "out");
+    LLAMA3_CHECK(ids.dtype() == DType::i32 && weight.dim() == 2 && out.dtype() == weight.dtype() &&
+                     out.numel() == ids.numel() * weight.size(1),
+                 "embedding: weight {}, ids {}, out {}", weight.str(), ids.str(), out.str());
+    const KT t = ft_of(weight.dtype(), "embedding");
+    activate();
+    LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
+    LLAMA3_CUDA_CHECK(cuda::embedding_forward(weight.data_ptr(), ids.data<int32_t>(), out.data_ptr(),
+                                              t, ids.numel(), weight.size(1), weight.size(0),
+                                              flag(), stream_));
+    // One small synchronising read per call (once per step): bad ids are an error, as on cpu.
+    LLAMA3_CHECK(read_flag() == 0, "embedding: a token id is outside the vocabulary of {}",
+                 weight.size(0));
+  }
+  void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dweight) override {
+    contig(dout, "embedding_backward", "dout"), contig(ids, "embedding_backward", "ids");
+    contig(dweight, "embedding_backward", "dweight");
+    LLAMA3_CHECK(dout.dtype() == dweight.dtype() && dout.numel() == ids.numel() * dweight.size(1),
+                 "embedding_backward: dout {}, ids {}, dweight {}", dout.str(), ids.str(),
+                 dweight.str());
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::embedding_backward(dout.data_ptr(), ids.data<int32_t>(),
+                                               dweight.data_ptr(),
+                                               ft_of(dweight.dtype(), "embedding_backward"),
+                                               ids.numel(), dweight.size(1), stream_));
+  }
+
+  void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y,
+                       Tensor& rstd) override {
+    contig(x, "rmsnorm", "x"), contig(w, "rmsnorm", "w"), contig(y, "rmsnorm", "y");
+    contig(rstd, "rmsnorm", "rstd");
+    const int64_t d = x.size(-1), n = x.numel() / std::max<int64_t>(d, 1);
+    same_float(x, {&w, &y, &rstd}, "rmsnorm");
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::rmsnorm_forward(x.data_ptr(), w.data_ptr(), eps, y.data_ptr(),
+                                            rstd.data_ptr(), ft_of(x.dtype(), "rmsnorm"), n, d,
+                                            stream_));
+  }
+  void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                        Tensor& dx, Tensor& dw) override {
+    for (auto [t, nm] : {std::pair{&dy, "dy"}, {&x, "x"}, {&w, "w"}, {&rstd, "rstd"}, {&dx, "dx"},
+                         {&dw, "dw"}})
+      contig(*t, "rmsnorm_backward", nm);
+    same_float(x, {&dy, &w, &rstd, &dx, &dw}, "rmsnorm_backward");
+    const int64_t d = x.size(-1), n = x.numel() / std::max<int64_t>(d, 1);
+    activate();
+    Tensor partial = Tensor::empty({cuda::rmsnorm_partial_rows(n), d}, DType::f32, device());
+    LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(),
+                                             rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+                                             partial.data<float>(),
+                                             ft_of(x.dtype(), "rmsnorm_backward"), n, d, stream_));
+  }
+
+  void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,
+            Tensor& out) override {
+    contig(x, "rope", "x"), contig(inv_freq, "rope", "inv_freq"), contig(pos, "rope", "pos");
+    contig(out, "rope", "out");
+    LLAMA3_CHECK(x.dim() == 4 && x.size(3) % 2 == 0 && inv_freq.numel() == x.size(3) / 2 &&
+                     pos.dtype() == DType::i32 && pos.numel() == x.size(1),
+                 "rope: x {}, inv_freq {}, pos {}", x.str(), inv_freq.str(), pos.str());
+    same_float(x, {&inv_freq, &out}, "rope");
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::rope(x.data_ptr(), inv_freq.data_ptr(), pos.data<int32_t>(), inverse,
+                                 out.data_ptr(), ft_of(x.dtype(), "rope"), x.size(0), x.size(1),
+                                 x.size(2), x.size(3), stream_));
+  }
+
+  void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                         const AttentionParams& p, Tensor& out, Tensor& lse) override {
+    for (auto [t, nm] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}})
+      contig(*t, "attention", nm);
+    same_float(q, {&k, &v, &out, &lse}, "attention");
+    cuda::AttnShape a = attn_shape(q, k, p);
+    activate();
+    Tensor ds, de;
+    doc_runs(p, a, ds, de);
+    LLAMA3_CUDA_CHECK(cuda::attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), ds.defined() ? ds.data<int32_t>() : nullptr,
+        de.defined() ? de.data<int32_t>() : nullptr, out.data_ptr(), lse.data_ptr(),
+        ft_of(q.dtype(), "attention"), a, stream_));
+  }
+  void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& out, const Tensor& lse, const AttentionParams& p,
+                          Tensor& dq, Tensor& dk, Tensor& dv) override {
+    for (auto [t, nm] : {std::pair{&dout, "dout"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"},
+                         {&lse, "lse"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
+      contig(*t, "attention_backward", nm);
+    same_float(q, {&dout, &k, &v, &out, &lse, &dq, &dk, &dv}, "attention_backward");
+    cuda::AttnShape a = attn_shape(q, k, p);
+    activate();
+    Tensor ds, de;
+    doc_runs(p, a, ds, de);
+    Tensor dsum = Tensor::empty({a.B, a.H, a.T}, DType::f32, device());
+    Tensor acc = dq.dtype() == DType::f32 ? dq : Tensor::empty(dq.shape(), DType::f32, device());
+    LLAMA3_CUDA_CHECK(cuda::attention_backward(
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        ds.defined() ? ds.data<int32_t>() : nullptr, de.defined() ? de.data<int32_t>() : nullptr,
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dsum.data<float>(), acc.data<float>(),
+        ft_of(q.dtype(), "attention_backward"), a, stream_));
+  }
+
+  void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    contig(gate, "swiglu", "gate"), contig(up, "swiglu", "up"), contig(out, "swiglu", "out");
+    same_float(gate, {&up, &out}, "swiglu");
+    LLAMA3_CHECK(gate.numel() == up.numel() && gate.numel() == out.numel(), "swiglu: {} {} {}",
+                 gate.str(), up.str(), out.str());
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(),
+                                           ft_of(gate.dtype(), "swiglu"), gate.numel(), stream_));
+  }
+  void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, Tensor& dgate,
+                       Tensor& dup) override {
+    for (auto [t, nm] : {std::pair{&dout, "dout"}, {&gate, "gate"}, {&up, "up"}, {&dgate, "dgate"},
+                         {&dup, "dup"}})
+      contig(*t, "swiglu_backward", nm);
+    same_float(gate, {&dout, &up, &dgate, &dup}, "swiglu_backward");
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::swiglu_backward(dout.data_ptr(), gate.data_ptr(), up.data_ptr(),
+                                            dgate.data_ptr(), dup.data_ptr(),
+                                            ft_of(gate.dtype(), "swiglu_backward"), gate.numel(),
+                                            stream_));
+  }
+
+  double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
+                              int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw) override {
+    contig(h, "linear_cross_entropy", "h"), contig(w, "linear_cross_entropy", "w");
+    contig(targets, "linear_cross_entropy", "targets");
+    LLAMA3_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1) &&
+                     targets.dtype() == DType::i32 && targets.numel() == h.size(0) &&
+                     h.dtype() == w.dtype() && (h.dtype() == DType::f32 || h.dtype() == DType::bf16),
+                 "linear_cross_entropy: h {} and w {} must be (N, D) and (V, D) of f32 or bf16, "
+                 "targets {} (N) int32",
+                 h.str(), w.str(), targets.str());
+    const int64_t N = h.size(0), V = w.size(0);
+    const bool grad = dh != nullptr && dh->defined();
+    const bool low = h.dtype() == DType::bf16;
+    if (grad) {
+      contig(*dh, "linear_cross_entropy", "dh");
+      LLAMA3_CHECK(dh->dtype() == DType::f32 && dh->shape() == h.shape(),
+                   "linear_cross_entropy: dh {} must be f32 of h's shape {}", dh->str(), h.str());
+    }
+    const bool want_dw = grad && dw != nullptr && dw->defined();
+    if (want_dw)
+      LLAMA3_CHECK(dw->dtype() == DType::f32 && dw->shape() == w.shape(),
+                   "linear_cross_entropy: dw {} must be f32 of w's shape {}", dw->str(), w.str());
+    if (chunk <= 0) chunk = N;
+    activate();
+    const int64_t rows = std::min(chunk, N);
+    Tensor logits = Tensor::empty({rows, V}, DType::f32, device());
+    Tensor dlow = grad && low ? Tensor::empty({rows, V}, DType::bf16, device()) : Tensor();
+    Tensor losses = Tensor::empty({N}, DType::f32, device());
+    LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+      const int64_t nr = std::min(chunk, N - r0);
+      Tensor hc = h.narrow(0, r0, nr);
+      Tensor lc = logits.narrow(0, 0, nr);
+      gemm(hc, Trans::N, w, Trans::T, lc, 1.f, 0.f);
+      Tensor g = low && grad ? dlow.narrow(0, 0, nr) : lc;
+      LLAMA3_CUDA_CHECK(cuda::cross_entropy_rows(
+          lc.data<float>(), targets.data<int32_t>() + r0, nr, V, grad, grad_scale,
+          lc.data<float>(), low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, flag(),
+          stream_));
+      if (grad) {
+        Tensor dhc = dh->narrow(0, r0, nr);
+        gemm(g, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
+        if (want_dw) gemm(g, Trans::T, hc, Trans::N, *dw, 1.f, 1.f);
+      }
+    }
+    const double total = reduce(losses, false, "linear_cross_entropy");  // synchronises
+    LLAMA3_CHECK(read_flag() == 0, "cross_entropy: a target is outside the vocabulary of {}", V);
+    return total;
+  }
+
+  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                  const AdamWParams& p) override {
+    for (auto [t, nm] : {std::pair<const Tensor*, const char*>{&param, "param"}, {&grad, "grad"}, {&m, "m"}, {&v, "v"}}) {
+      contig(*t, "adamw", nm);
+      LLAMA3_CHECK(t->dtype() == DType::f32 && t->numel() == param.numel(),
+                   "adamw: {} {} must be f32 with {} elements (supported: f32)", nm, t->str(),
+                   param.numel());
+    }
+    // Same scalar arithmetic as the CPU backend (torch.optim.AdamW, single-tensor path).
+    cuda::AdamWScalars s{};
+    const float bc1 = 1.f - std::pow(p.beta1, float(p.step));
+    const float bc2 = 1.f - std::pow(p.beta2, float(p.step));
+    s.b1 = p.beta1, s.b2 = p.beta2, s.eps = p.eps, s.grad_scale = p.grad_scale;
+    s.step_size = p.lr / bc1;
+    s.bc2_sqrt = std::sqrt(bc2);
+    s.decay = 1.f - p.lr * p.weight_decay;
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::adamw(param.data<float>(), grad.data<float>(), m.data<float>(),
+                                  v.data<float>(), param.numel(), s, stream_));
+  }
+
+ private:
+  static constexpr size_t kWorkspace = size_t(32) << 20;
+
+  void activate() {
+    if (cuda_device_count() > 1) LLAMA3_CUDA_CHECK(cudaSetDevice(index_));
+  }
+  void on_device(const Tensor& t, const char* op, const char* nm) const {
+    LLAMA3_CHECK(t.defined() && t.device() == device(), "{}: {} must be a tensor on {}, got {}", op,
+                 nm, device().str(), t.defined() ? t.str() : std::string("undefined"));
+  }
+  void contig(const Tensor& t, const char* op, const char* nm) const {
+    on_device(t, op, nm);
+    LLAMA3_CHECK(t.is_contiguous(), "{}: {} must be contiguous, got {}", op, nm, t.str());
+  }
+  static void same_float(const Tensor& x, std::initializer_list<const Tensor*> others,
+                         const char* op) {
+    ft_of(x.dtype(), op);
+    for (const Tensor* o : others)
+      LLAMA3_CHECK(o->dtype() == x.dtype(), "{}: all tensors must be {} like x, got {}", op,
+                   dtype_name(x.dtype()), o->str());
+  }
+  static int64_t ld(const Tensor& t, const char* nm) {
+    const int n = t.dim();
+    LLAMA3_CHECK(t.strides()[n - 1] == 1 || t.size(-1) == 1,
+                 "gemm: {} must have unit stride in its last dim, got {}", nm, t.str());
+    return t.size(-2) == 1 ? std::max<int64_t>(t.size(-1), 1) : t.strides()[n - 2];
+  }
+
+  double* result() { return static_cast<double*>(scratch_); }
+  int* flag() { return reinterpret_cast<int*>(static_cast<char*>(scratch_) + 8); }
+  int read_flag() {
+    int v = 0;
+    LLAMA3_CUDA_CHECK(cudaMemcpyAsync(&v, flag(), sizeof(int), cudaMemcpyDeviceToHost, stream_));
+    LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return v;
+  }
+  double reduce(const Tensor& x, bool squares, const char* op) {
+    contig(x, op, "x");
+    const KT t = ft_of(x.dtype(), op);
+    activate();
+    LLAMA3_CUDA_CHECK(cuda::reduce_sum(x.data_ptr(), t, x.numel(), squares, result(), stream_));
+    double v = 0;
+    LLAMA3_CUDA_CHECK(cudaMemcpyAsync(&v, result(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return v;
+  }
+
+  cuda::AttnShape attn_shape(const Tensor& q, const Tensor& k, const AttentionParams& p) const {
+    LLAMA3_CHECK(q.dim() == 4 && k.dim() == 4, "attention: q {} and k {} must be (B, T, H, Dh)",
+                 q.str(), k.str());
+    cuda::AttnShape a{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0.f, p.causal};
+    LLAMA3_CHECK(k.size(0) == a.B && k.size(1) == a.T && k.size(3) == a.D && a.Hkv > 0 &&
+                     a.H % a.Hkv == 0,
+                 "attention: q {} and k {} disagree (heads {} must be a multiple of kv heads {})",
+                 q.str(), k.str(), a.H, a.Hkv);
+    LLAMA3_CHECK(a.D >= 1 && a.D <= 128,
+                 "attention: head dim {} unsupported on cuda (supported: 1..128)", a.D);
+    a.scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(a.D));
+    const size_t need = cuda::attention_smem_bytes(a.D, /*backward=*/true);
+    LLAMA3_CHECK(need <= smem_optin_,
+                 "attention: head dim {} needs {} bytes of shared memory per block, {} allows {} "
+                 "(H100/H200: 227 KB; A100: head dims up to 64)",
+                 a.D, need, name_, smem_optin_);
+    return a;
+  }
+  void doc_runs(const AttentionParams& p, const cuda::AttnShape& a, Tensor& start, Tensor& end) {
+    if (!p.doc_ids.defined()) return;
+    contig(p.doc_ids, "attention", "doc_ids");
+    LLAMA3_CHECK(p.doc_ids.dtype() == DType::i32 && p.doc_ids.numel() == a.B * a.T,
+                 "attention: doc_ids {} must be int32 (B={}, T={})", p.doc_ids.str(), a.B, a.T);
+    start = Tensor::empty({a.B, a.T}, DType::i32, device());
+    end = Tensor::empty({a.B, a.T}, DType::i32, device());
+    LLAMA3_CUDA_CHECK(cuda::doc_runs(p.doc_ids.data<int32_t>(), a.B, a.T, start.data<int32_t>(),
+                                     end.data<int32_t>(), stream_));
+  }
+
+  GemmPlan& gemm_plan(const GemmKey& key) {
+    std::lock_guard<std::mutex> lock(plans_mu_);
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return *it->second;
+    auto plan = std::make_unique<GemmPlan>();
+    const cudaDataType_t in_t = key.at == int(DType::bf16) ? CUDA_R_16BF : CUDA_R_32F;
+    // CUBLAS_COMPUTE_32F: true f32 (no TF32) for f32 inputs; f32 accumulation for bf16.
+    LLAMA3_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t opa = key.tb == int(Trans::N) ? CUBLAS_OP_N : CUBLAS_OP_T;  // our b
+    const cublasOperation_t opb = key.ta == int(Trans::N) ? CUBLAS_OP_N : CUBLAS_OP_T;  // our a
+    LLAMA3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa,
+                                                       sizeof(opa)));
+    LLAMA3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb,
+                                                       sizeof(opb)));
+    // Stored (column-major) shapes: our b viewed column-major, our a, and c^T (n x m).
+    const uint64_t la_rows = opa == CUBLAS_OP_N ? key.n : key.k, la_cols = opa == CUBLAS_OP_N ? key.k : key.n;
+    const uint64_t lb_rows = opb == CUBLAS_OP_N ? key.k : key.m, lb_cols = opb == CUBLAS_OP_N ? key.m : key.k;
+    LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->la, in_t, la_rows, la_cols, key.ldb));
+    LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->lb, in_t, lb_rows, lb_cols, key.lda));
+    LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->lc, CUDA_R_32F, key.n, key.m, key.ldc));
+    if (key.batch > 1) {
+      const int32_t bc = int32_t(key.batch);
+      for (auto [l, st] : {std::pair{plan->la, key.sb}, {plan->lb, key.sa}, {plan->lc, key.sc}}) {
+        LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                                                             &bc, sizeof(bc)));
+        const int64_t s64 = st;
+        LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+            l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &s64, sizeof(s64)));
+      }
+    }
+    cublasLtMatmulPreference_t pref = nullptr;
+    LLAMA3_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = kWorkspace;
+    const uint32_t al_a = uint32_t(key.al_b), al_b = uint32_t(key.al_a), al_c = uint32_t(key.al_c);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c));
+    cublasLtMatmulHeuristicResult_t res{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan->op, plan->la, plan->lb,
+                                                             plan->lc, plan->lc, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+      plan->algo = res.algo;
+    } else {
+      // Misaligned views (e.g. a narrowed bf16 matrix): the classic API handles any alignment.
+      LLAMA3_CHECK(key.m <= INT32_MAX && key.n <= INT32_MAX && key.k <= INT32_MAX &&
+                       key.lda <= INT32_MAX && key.ldb <= INT32_MAX && key.ldc <= INT32_MAX,
+                   "gemm: no cuBLASLt algorithm and sizes m={} n={} k={} too large for cuBLAS",
+                   key.m, key.n, key.k);
+      plan->legacy = true;
+    }
+    return *plans_.emplace(key, std::move(plan)).first->second;
+  }
+
+  int index_;
+  size_t smem_optin_ = 0;  // the device's opt-in shared memory per block
+  CachingAllocator alloc_;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  cublasHandle_t legacy_ = nullptr;
+  void* workspace_ = nullptr;
+  void* scratch_ = nullptr;
+  std::mutex plans_mu_;
+  std::map<GemmKey, std::unique_ptr<GemmPlan>> plans_;
+};
+
+std::mutex g_init_mu;
+int g_count = -1;  // -1: not initialised yet
+
+}  // namespace
+
+bool cuda_init() {
+  std::lock_guard<std::mutex> lock(g_init_mu);
+  if (g_count >= 0) return g_count > 0;
+  g_count = 0;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();  // no driver / no device: not an error for a CPU machine
+    return false;
+  }
+  n = std::min(n, kMaxDevices);
+  for (int i = 0; i < n; ++i) {
+    // Backends live for the whole process: tensors may outlive statics.
+    register_backend(new CudaBackend(i));
+    g_count = i + 1;
+  }
+  return g_count > 0;
+}
+
+int cuda_device_count() { return g_count < 0 ? 0 : g_count; }
+
+}  // namespace llama3
+#endif  // LLAMA3_WITH_CUDA

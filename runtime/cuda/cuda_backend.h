@@ -1,0 +1,21 @@
+// The CUDA backend: one Backend per visible device (cuBLASLt GEMMs, an own flash-attention
+// kernel, fused RMSNorm/RoPE/SwiGLU/cross-entropy/AdamW kernels), registered for
+// Device::cuda(i) by cuda_init(). Kernels run on one stream per backend; device memory comes
+// from a caching allocator over cudaMalloc (no managed memory).
+//
+// Supported dtypes on CUDA: f32 and bf16 for floating kernels (f32 accumulation everywhere),
+// i32 token/document ids, and any of f32/bf16/f16/i32/i64/u8 for copy/fill. f64 is CPU-only
+// (finite-difference checks) and raises an error listing what is supported.
+#pragma once
+
+namespace llama3 {
+
+// Registers a CUDA backend for every visible device; idempotent. Returns false, without
+// throwing, when the build has no CUDA or no device/driver is usable (any CUDA error from
+// device discovery counts as "no device").
+bool cuda_init();
+
+// Number of CUDA backends cuda_init() registered (0 without a device).
+int cuda_device_count();
+
+}  // namespace llama3

@@ -1,0 +1,491 @@
+// Memory, element-wise, reduction and fused Llama kernels (everything but attention).
+// All floating kernels compute in f32 whatever the storage type (f32 or bf16).
+#include <cfloat>
+#include <cmath>
+
+#include "runtime/cuda/common.cuh"
+
+namespace llama3::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// ---------------------------------------------------------------- memory
+__device__ double load_any(const void* p, int64_t i, KT t) {
+  switch (t) {
+    case KT::f32: return static_cast<const float*>(p)[i];
+    case KT::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case KT::f16: return __half2float(static_cast<const __half*>(p)[i]);
+    case KT::i32: return static_cast<const int32_t*>(p)[i];
+    case KT::i64: return double(static_cast<const int64_t*>(p)[i]);
+    case KT::u8: return static_cast<const uint8_t*>(p)[i];
+  }
+  return 0;
+}
+__device__ void store_any(void* p, int64_t i, KT t, double v) {
+  switch (t) {
+    case KT::f32: static_cast<float*>(p)[i] = float(v); return;
+    case KT::bf16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(float(v)); return;
+    case KT::f16: static_cast<__half*>(p)[i] = __float2half_rn(float(v)); return;
+    case KT::i32: static_cast<int32_t*>(p)[i] = int32_t(v); return;
+    case KT::i64: static_cast<int64_t*>(p)[i] = int64_t(v); return;
+    case KT::u8: static_cast<uint8_t*>(p)[i] = uint8_t(v); return;
+  }
+}
+
+__global__ void f32_to_bf16_kernel(const float* s, __nv_bfloat16* d, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    d[i] = __float2bfloat16_rn(s[i]);
+}
+__global__ void bf16_to_f32_kernel(const __nv_bfloat16* s, float* d, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    d[i] = __bfloat162float(s[i]);
+}
+__global__ void convert_kernel(const void* s, KT st, void* d, KT dt, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store_any(d, i, dt, load_any(s, i, st));
+}
+__global__ void strided_kernel(const void* s, KT st, void* d, KT dt, Strided desc, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t rem = i, so = 0, dof = 0;
+    for (int k = desc.nd - 1; k >= 0; --k) {
+      const int64_t idx = rem % desc.shape[k];
+      rem /= desc.shape[k];
+      so += idx * desc.src_stride[k];
+      dof += idx * desc.dst_stride[k];
+    }
+    store_any(d, dof, dt, load_any(s, so, st));
+  }
+}
+template <typename T>
+__global__ void fill_kernel(T* d, int64_t n, T v) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    d[i] = v;
+}
+
+// ---------------------------------------------------------------- element-wise
+template <typename T>
+__global__ void add_kernel(const T* a, const T* b, T* o, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    o[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+}
+template <typename T>
+__global__ void axpy_kernel(float alpha, const T* x, T* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = from_f32<T>(to_f32(y[i]) + alpha * to_f32(x[i]));
+}
+template <typename T>
+__global__ void scale_kernel(T* x, float alpha, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = from_f32<T>(to_f32(x[i]) * alpha);
+}
+template <typename T>
+__global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out) {
+  double acc = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const double v = to_f32(x[i]);
+    acc += squares ? v * v : v;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+template <typename T>
+__global__ void nonfinite_kernel(const T* x, int64_t n, int* bad) {
+  int b = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    b |= !isfinite(to_f32(x[i]));
+  if (__syncthreads_or(b) && threadIdx.x == 0) atomicOr(bad, 1);
+}
+
+// ---------------------------------------------------------------- embedding
+template <typename T>
+__global__ void embedding_fwd_kernel(const T* w, const int32_t* ids, T* out, int64_t d, int64_t v,
+                                     int* bad) {
+  const int64_t i = blockIdx.x;
+  const int32_t id = ids[i];
+  T* o = out + i * d;
+  if (id < 0 || id >= v) {
+    if (threadIdx.x == 0) atomicOr(bad, 1);
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) o[c] = from_f32<T>(0.f);
+    return;
+  }
+  const T* r = w + int64_t(id) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) o[c] = r[c];
+}
+template <typename T>
+__global__ void embedding_bwd_kernel(const T* g, const int32_t* ids, T* dw, int64_t d) {
+  const int64_t i = blockIdx.x;
+  const int32_t id = ids[i];
+  T* r = dw + int64_t(id) * d;
+  const T* gr = g + i * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) atomicAdd(r + c, gr[c]);
+}
+
+// ---------------------------------------------------------------- rmsnorm
+template <typename T>
+__global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, T* y, T* rstd, int64_t d) {
+  const int64_t i = blockIdx.x;
+  const T* xr = x + i * d;
+  float ss = 0;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float v = to_f32(xr[c]);
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float r = 1.f / sqrtf(ss / float(d) + eps);
+  if (threadIdx.x == 0) rstd[i] = from_f32<T>(r);
+  T* yr = y + i * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+    yr[c] = from_f32<T>(to_f32(xr[c]) * r * to_f32(w[c]));
+}
+// Grid-strided over rows; each block keeps its dw partial in its own row of `partial`.
+template <typename T>
+__global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
+                                   float* partial, int64_t n, int64_t d) {
+  float* acc = partial + int64_t(blockIdx.x) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) acc[c] = 0.f;
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const T *xr = x + i * d, *gr = dy + i * d;
+    const float r = to_f32(rstd[i]);
+    float dot = 0;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+      dot += to_f32(gr[c]) * to_f32(w[c]) * to_f32(xr[c]);
+    dot = block_sum(dot);
+    const float k = dot * r * r / float(d);
+    T* dr = dx + i * d;
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      const float g = to_f32(gr[c]), xv = to_f32(xr[c]);
+      dr[c] = from_f32<T>(r * (g * to_f32(w[c]) - xv * k));
+      acc[c] += g * xv * r;
+    }
+  }
+}
+template <typename T>
+__global__ void rmsnorm_dw_reduce_kernel(const float* partial, int64_t rows, int64_t d, T* dw) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < d;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    float s = 0;
+    for (int64_t r = 0; r < rows; ++r) s += partial[r * d + c];
+    dw[c] = from_f32<T>(to_f32(dw[c]) + s);
+  }
+}
+
+// ---------------------------------------------------------------- rope
+template <typename T>
+__global__ void rope_kernel(const T* x, const T* inv_freq, const int32_t* pos, bool inverse, T* out,
+                            int64_t b, int64_t tt, int64_t h, int64_t dh) {
+  const int64_t half = dh / 2, n = b * tt * h * half;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = e % half, row = e / half;  // row = (bi * tt + ti) * h + hi
+    const int64_t ti = (row / h) % tt;
+    const float a = float(pos[ti]) * to_f32(inv_freq[j]);
+    float sn, cs;
+    sincosf(a, &sn, &cs);
+    if (inverse) sn = -sn;
+    const T* xr = x + row * dh;
+    T* orow = out + row * dh;
+    const float x1 = to_f32(xr[j]), x2 = to_f32(xr[j + half]);
+    orow[j] = from_f32<T>(x1 * cs - x2 * sn);
+    orow[j + half] = from_f32<T>(x2 * cs + x1 * sn);
+  }
+}
+
+// ---------------------------------------------------------------- swiglu
+template <typename T>
+__global__ void swiglu_fwd_kernel(const T* g, const T* u, T* o, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float gv = to_f32(g[i]);
+    const float s = 1.f / (1.f + expf(-gv));
+    o[i] = from_f32<T>(gv * s * to_f32(u[i]));
+  }
+}
+template <typename T>
+__global__ void swiglu_bwd_kernel(const T* d, const T* g, const T* u, T* dg, T* du, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float gv = to_f32(g[i]), uv = to_f32(u[i]), dv = to_f32(d[i]);
+    const float s = 1.f / (1.f + expf(-gv));
+    du[i] = from_f32<T>(dv * gv * s);
+    dg[i] = from_f32<T>(dv * uv * s * (1.f + gv * (1.f - s)));
+  }
+}
+
+// ---------------------------------------------------------------- adamw
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n,
+                             AdamWScalars a) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float gi = g[i] * a.grad_scale;
+    float pi = p[i] * a.decay;
+    const float mi = m[i] * a.b1 + (1.f - a.b1) * gi;
+    const float vi = v[i] * a.b2 + (1.f - a.b2) * gi * gi;
+    const float denom = sqrtf(vi) / a.bc2_sqrt + a.eps;
+    pi -= a.step_size * mi / denom;
+    p[i] = pi, m[i] = mi, v[i] = vi;
+  }
+}
+
+// ---------------------------------------------------------------- cross-entropy rows
+// One block per row: an online (max, sum-exp) pass, then the loss and optionally dlogits.
+__global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V, bool grad,
+                               float scale, float* dl32, __nv_bfloat16* dl16, float* loss,
+                               int* bad) {
+  const int64_t i = blockIdx.x;
+  float* row = logits + i * V;
+  const int32_t tg = targets[i];
+  if (tg < 0 || tg >= V) {
+    if (tg >= V && threadIdx.x == 0) atomicOr(bad, 1);
+    if (threadIdx.x == 0) loss[i] = 0.f;
+    if (grad)
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+        if (dl16) dl16[i * V + j] = __float2bfloat16_rn(0.f);
+        else dl32[i * V + j] = 0.f;
+      }
+    return;
+  }
+  const float target_logit = row[tg];  // read before anything overwrites the row
+  float m = -INFINITY, s = 0.f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    const float x = row[j];
+    if (x > m) {
+      s = s * __expf(m - x) + 1.f;
+      m = x;
+    } else {
+      s += __expf(x - m);
+    }
+  }
+  // Combine (m, s) across the block.
+  __shared__ float sm[32], ss[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    const float mx = fmaxf(m, m2);
+    s = (m == -INFINITY ? 0.f : s * __expf(m - mx)) + (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mx));
+    m = mx;
+  }
+  if (lane == 0) sm[w] = m, ss[w] = s;
+  __syncthreads();
+  if (w == 0) {
+    m = lane < nw ? sm[lane] : -INFINITY;
+    s = lane < nw ? ss[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+      const float mx = fmaxf(m, m2);
+      s = (m == -INFINITY ? 0.f : s * __expf(m - mx)) +
+          (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mx));
+      m = mx;
+    }
+    if (lane == 0) sm[0] = m, ss[0] = s;
+  }
+  __syncthreads();
+  m = sm[0], s = ss[0];
+  if (threadIdx.x == 0) loss[i] = (m + logf(s)) - target_logit;
+  if (!grad) return;
+  const float inv = scale / s;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    float p = __expf(row[j] - m) * inv;
+    if (j == tg) p -= scale;
+    if (dl16) dl16[i * V + j] = __float2bfloat16_rn(p);
+    else dl32[i * V + j] = p;
+  }
+}
+
+}  // namespace
+
+// ================================================================ launchers
+cudaError_t convert_contiguous(const void* src, KT st, void* dst, KT dt, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  if (st == dt) return cudaMemcpyAsync(dst, src, n * int64_t(st == KT::f32 || st == KT::i32 ? 4 : st == KT::i64 ? 8 : st == KT::u8 ? 1 : 2), cudaMemcpyDeviceToDevice, s);
+  if (st == KT::f32 && dt == KT::bf16)
+    f32_to_bf16_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(
+        static_cast<const float*>(src), static_cast<__nv_bfloat16*>(dst), n);
+  else if (st == KT::bf16 && dt == KT::f32)
+    bf16_to_f32_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(
+        static_cast<const __nv_bfloat16*>(src), static_cast<float*>(dst), n);
+  else
+    convert_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(src, st, dst, dt, n);
+  return cudaGetLastError();
+}
+
+cudaError_t copy_strided(const void* src, KT st, void* dst, KT dt, const Strided& d, int64_t n,
+                         cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  strided_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(src, st, dst, dt, d, n);
+  return cudaGetLastError();
+}
+
+cudaError_t fill(void* dst, KT t, int64_t n, double value, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  const int g = grid_for(n, kThreads);
+  switch (t) {
+    case KT::f32: fill_kernel<float><<<g, kThreads, 0, s>>>(static_cast<float*>(dst), n, float(value)); break;
+    case KT::bf16:
+      fill_kernel<__nv_bfloat16><<<g, kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(dst), n,
+                                                       __float2bfloat16_rn(float(value)));
+      break;
+    case KT::f16: fill_kernel<__half><<<g, kThreads, 0, s>>>(static_cast<__half*>(dst), n, __float2half_rn(float(value))); break;
+    case KT::i32: fill_kernel<int32_t><<<g, kThreads, 0, s>>>(static_cast<int32_t*>(dst), n, int32_t(value)); break;
+    case KT::i64: fill_kernel<int64_t><<<g, kThreads, 0, s>>>(static_cast<int64_t*>(dst), n, int64_t(value)); break;
+    case KT::u8: fill_kernel<uint8_t><<<g, kThreads, 0, s>>>(static_cast<uint8_t*>(dst), n, uint8_t(value)); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t add(const void* a, const void* b, void* out, KT t, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    add_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(
+        static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    axpy_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(alpha, static_cast<const T*>(x),
+                                                              static_cast<T*>(y), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t scale(void* x, float alpha, KT t, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    scale_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(static_cast<T*>(x), alpha, n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, cudaStream_t s) {
+  cudaError_t e = cudaMemsetAsync(out, 0, sizeof(double), s);
+  if (e != cudaSuccess || n == 0) return e;
+  return dispatch_ft(t, [&]<typename T>() {
+    reduce_kernel<T><<<grid_for(n, kThreads, 132 * 4), kThreads, 0, s>>>(static_cast<const T*>(x),
+                                                                          n, squares, out);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t any_nonfinite(const void* x, KT t, int64_t n, int* bad, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    nonfinite_kernel<T><<<grid_for(n, kThreads, 132 * 4), kThreads, 0, s>>>(
+        static_cast<const T*>(x), n, bad);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t embedding_forward(const void* w, const int32_t* ids, void* out, KT t, int64_t n,
+                              int64_t d, int64_t v, int* bad, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    embedding_fwd_kernel<T><<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(w), ids,
+                                                              static_cast<T*>(out), d, v, bad);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, KT t, int64_t n,
+                               int64_t d, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    embedding_bwd_kernel<T><<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(dout), ids,
+                                                              static_cast<T*>(dw), d);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, void* rstd, KT t,
+                            int64_t n, int64_t d, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    rmsnorm_fwd_kernel<T><<<unsigned(n), kThreads, 0, s>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), eps, static_cast<T*>(y),
+        static_cast<T*>(rstd), d);
+    return cudaGetLastError();
+  });
+}
+
+int64_t rmsnorm_partial_rows(int64_t n) { return n < 264 ? (n < 1 ? 1 : n) : 264; }
+
+cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
+                             void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
+                             cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  const int64_t rows = rmsnorm_partial_rows(n);
+  return dispatch_ft(t, [&]<typename T>() {
+    rmsnorm_bwd_kernel<T><<<unsigned(rows), kThreads, 0, s>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w),
+        static_cast<const T*>(rstd), static_cast<T*>(dx), partial, n, d);
+    rmsnorm_dw_reduce_kernel<T><<<grid_for(d, kThreads), kThreads, 0, s>>>(partial, rows, d,
+                                                                          static_cast<T*>(dw));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
+                 KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s) {
+  const int64_t n = b * tt * h * (dh / 2);
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    rope_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(
+        static_cast<const T*>(x), static_cast<const T*>(inv_freq), pos, inverse,
+        static_cast<T*>(out), b, tt, h, dh);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, int64_t n,
+                           cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    swiglu_fwd_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(
+        static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(out), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, void* dgate,
+                            void* dup, KT t, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    swiglu_bwd_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(
+        static_cast<const T*>(dout), static_cast<const T*>(gate), static_cast<const T*>(up),
+        static_cast<T*>(dgate), static_cast<T*>(dup), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& a,
+                  cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(p, g, m, v, n, a);
+  return cudaGetLastError();
+}
+
+cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr, int64_t V,
+                               bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
+                               float* loss, int* bad, cudaStream_t s) {
+  if (nr == 0) return cudaSuccess;
+  ce_rows_kernel<<<unsigned(nr), 512, 0, s>>>(logits, targets, V, grad, scale, dlogits_f32,
+                                              static_cast<__nv_bfloat16*>(dlogits_bf16), loss, bad);
+  return cudaGetLastError();
+}
+
+}  // namespace llama3::cuda

@@ -1,0 +1,94 @@
+// Launchers of the CUDA kernels (runtime/cuda/*.cu), on raw device pointers. Kept free of
+// Tensor and fmt so that nvcc compiles only plain CUDA; cuda_backend.cpp validates tensors
+// and calls these. Every launcher enqueues on `s` and returns cudaGetLastError().
+//
+// Gradient convention (as backend.h): parameter gradients `+=`, activation gradients `=`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace llama3::cuda {
+
+// Element types the kernels understand (a subset of DType, numbered independently).
+enum class KT : uint8_t { f32, bf16, f16, i32, i64, u8 };
+
+constexpr int kMaxDims = 8;
+struct Strided {
+  int nd = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t src_stride[kMaxDims] = {};
+  int64_t dst_stride[kMaxDims] = {};
+};
+
+// ---- memory ----
+cudaError_t convert_contiguous(const void* src, KT st, void* dst, KT dt, int64_t n, cudaStream_t s);
+cudaError_t copy_strided(const void* src, KT st, void* dst, KT dt, const Strided& d, int64_t n,
+                         cudaStream_t s);
+cudaError_t fill(void* dst, KT t, int64_t n, double value, cudaStream_t s);
+
+// ---- element-wise (T = f32 or bf16, computed in f32) ----
+cudaError_t add(const void* a, const void* b, void* out, KT t, int64_t n, cudaStream_t s);
+cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStream_t s);
+cudaError_t scale(void* x, float alpha, KT t, int64_t n, cudaStream_t s);
+// out[0] (double, device) = sum(x) or sum(x^2); accumulated in f64.
+cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, cudaStream_t s);
+// *bad (int, device) |= any non-finite element.
+cudaError_t any_nonfinite(const void* x, KT t, int64_t n, int* bad, cudaStream_t s);
+
+// ---- fused kernels ----
+// out (n, d) = weight[ids]; *bad |= 1 if an id is outside [0, v).
+cudaError_t embedding_forward(const void* w, const int32_t* ids, void* out, KT t, int64_t n,
+                              int64_t d, int64_t v, int* bad, cudaStream_t s);
+// dw[ids[i]] += dout[i] (atomics).
+cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, KT t, int64_t n,
+                               int64_t d, cudaStream_t s);
+// rstd stored in t like x.
+cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, void* rstd, KT t,
+                            int64_t n, int64_t d, cudaStream_t s);
+// partial: f32 workspace of rmsnorm_partial_rows(n) * d floats.
+int64_t rmsnorm_partial_rows(int64_t n);
+cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
+                             void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
+                             cudaStream_t s);
+cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
+                 KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s);
+cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, int64_t n,
+                           cudaStream_t s);
+cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, void* dgate,
+                            void* dup, KT t, int64_t n, cudaStream_t s);
+struct AdamWScalars {
+  float b1, b2, eps, grad_scale, step_size, bc2_sqrt, decay;
+};
+cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& a,
+                  cudaStream_t s);
+
+// Cross-entropy rows: logits (nr, V) f32. Writes loss[i] (f32; 0 for target < 0). With
+// grad, writes d(loss*scale)/dlogits into dlogits_f32 (may alias logits) or, when
+// dlogits_bf16 is set, into that bf16 buffer instead. *bad |= 1 for a target >= V.
+cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr, int64_t V,
+                               bool grad, float scale, float* dlogits_f32,
+                               void* dlogits_bf16, float* loss, int* bad, cudaStream_t s);
+
+// ---- attention (attention.cu) ----
+struct AttnShape {
+  int64_t B, T, H, Hkv, D;
+  float scale;
+  bool causal;
+};
+// Dynamic shared memory the attention kernels need for head dim D (at most 128).
+size_t attention_smem_bytes(int64_t D, bool backward);
+// doc_start/doc_end (B*T) int32 from doc_runs, or null for one document per row.
+cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, int32_t* end,
+                     cudaStream_t s);
+cudaError_t attention_forward(const void* q, const void* k, const void* v, const int32_t* dstart,
+                              const int32_t* dend, void* out, void* lse, KT t,
+                              const AttnShape& a, cudaStream_t s);
+// dsum: f32 workspace (B*H*T); dq_acc: f32 (B,T,H,D) accumulator, zeroed by the launcher.
+cudaError_t attention_backward(const void* dout, const void* q, const void* k, const void* v,
+                               const void* out, const void* lse, const int32_t* dstart,
+                               const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
+                               float* dq_acc, KT t, const AttnShape& a, cudaStream_t s);
+
+}  // namespace llama3::cuda

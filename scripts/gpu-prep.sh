@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the GPU check's binaries HERE (a CPU machine with nvcc) for sm_90, portable x86-64
+# CPU code, and packs them with the shared libraries the GPU image lacks (oneDNN, fmt, ...)
+# into .gpu/ (git-ignored, about 50 MB). The GPU machine's image has CUDA, cuBLAS and
+# PyTorch but none of the project's Debian dependencies, so building there may fail;
+# scripts/gpu-check.sh uses .gpu/ when it was carried along and builds from source otherwise.
+#
+#   bash scripts/gpu-prep.sh            # then run: bash scripts/gpu-check.sh   carrying .gpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-2}
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DLLAMA3_TESTS=ON -DLLAMA3_BENCH=ON -DLLAMA3_ARCH_FLAGS=-march=x86-64-v3 >/dev/null
+cmake --build build-gpu -j "$JOBS" --target unit_backend_parity unit_ops bench_cuda_step
+rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/lib-fallback
+cp build-gpu/tests/unit_backend_parity build-gpu/tests/unit_ops build-gpu/bench/bench_cuda_step .gpu/bin/
+strip --strip-unneeded .gpu/bin/* 2>/dev/null || true
+# Every non-system, non-CUDA library the binaries load (CUDA comes from the GPU machine).
+for b in .gpu/bin/*; do
+  ldd "$b" | awk '/=> \//{print $3}'
+done | sort -u | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libcuda.so*|libcudart*|libcublas*) ;;
+    libstdc++.so*|libgcc_s.so*) cp -L "$lib" .gpu/lib-fallback/ ;;  # only if the image's are older
+    *) cp -L "$lib" .gpu/lib/ ;;
+  esac
+done
+git rev-parse HEAD > .gpu/COMMIT
+du -sh .gpu; ls -la .gpu/bin .gpu/lib .gpu/lib-fallback

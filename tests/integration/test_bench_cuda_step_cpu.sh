@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Keeps bench_cuda_step from rotting on CPU-only CI: the same training-step composition
+# (ops forward/backward + AdamW, bf16 mixed precision) on the CPU backend, tiny config;
+# the loss must start near ln(vocab) and fall. Usage: test_bench_cuda_step_cpu.sh BUILD_DIR
+set -euo pipefail
+bin=$1/bench/bench_cuda_step
+if [[ ! -x $bin ]]; then
+  echo "bench_cuda_step not built (LLAMA3_BENCH=OFF): nothing to check"
+  exit 0
+fi
+out=$("$bin" --device cpu --seq 64 --layers 2 --dim 64 --heads 4 --kv-heads 2 --ffn 96 \
+  --vocab 101 --steps 3 --warmup 1)
+echo "$out"
+first=$(sed -n 's/^step 1 loss \([0-9.]*\).*/\1/p' <<<"$out")
+last=$(sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p' <<<"$out")
+awk -v f="$first" -v l="$last" 'BEGIN { ok = (f > 4.3 && f < 4.9 && l < f); if (!ok) print "loss " f " -> " l " (want ~4.62 falling)"; exit !ok }'

@@ -1,0 +1,388 @@
+// Every Backend kernel on CUDA against the CPU reference, on random inputs (the idea of
+// llama.cpp's test-backend-ops): each case runs once on cpu and once on cuda:0 and compares
+// every output by normalised error ||cuda - cpu|| / ||cpu||, which must stay below 1e-5 in
+// f32 and 1e-2 in bf16 (bf16 cases feed both backends the same bf16-rounded inputs; the CPU
+// computes in f32 where it has no bf16 kernel). Without a CUDA device every case skips.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "runtime/autograd/autograd.h"
+#include "runtime/backend/backend.h"
+#include "runtime/cuda/cuda_backend.h"
+#include "runtime/ops/ops.h"
+
+using namespace llama3;
+
+namespace {
+
+// What a case runs on: the device, the dtype of its floating inputs on that device, and
+// the dtype its values are rounded to (bf16 cases round on both devices).
+struct Ctx {
+  Device dev;
+  DType dt;     // storage dtype of floating inputs on this device
+  DType round;  // values are rounded to this dtype first
+};
+
+std::vector<float> normal(int64_t n, uint64_t seed, float scale = 1.f) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+Tensor input(const Ctx& c, const Shape& s, uint64_t seed, float scale = 1.f) {
+  std::vector<float> v = normal(shape_numel(s), seed, scale);
+  if (c.round == DType::bf16)
+    for (auto& x : v) x = bf16_bits_to_f32(f32_to_bf16_bits(x));
+  return Tensor::from_vector(v, s, c.dev).to(c.dt);
+}
+Tensor input_f32(const Ctx& c, const Shape& s, uint64_t seed, float scale = 1.f) {
+  return Tensor::from_vector(normal(shape_numel(s), seed, scale), s, c.dev);
+}
+Tensor ints(const Ctx& c, const std::vector<int32_t>& v, const Shape& s) {
+  return Tensor::from_vector(v, s, c.dev);
+}
+Tensor empty(const Ctx& c, const Shape& s) { return Tensor::empty(s, c.dt, c.dev); }
+Tensor scalar(const Ctx& c, double v) { return Tensor::full({1}, v, DType::f32, Device::cpu()); }
+
+struct Case {
+  std::string name;
+  DType dtype = DType::f32;
+  bool cpu_has_dtype = false;  // CPU runs bf16 itself (gemm, cross-entropy, bf16 model step)
+  double tol = 0;              // 0: the default for the dtype
+  std::function<std::vector<Tensor>(const Ctx&)> run;
+};
+
+std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
+
+// ---------------------------------------------------------------- cases
+std::vector<Case> make_cases() {
+  std::vector<Case> cs;
+  auto both = [&](const std::string& name, bool cpu_bf16,
+                  std::function<std::vector<Tensor>(const Ctx&)> f, double tol32 = 0,
+                  double tol16 = 0) {
+    cs.push_back({name + "_f32", DType::f32, true, tol32, f});
+    cs.push_back({name + "_bf16", DType::bf16, cpu_bf16, tol16, f});
+  };
+
+  // ---- memory
+  both("copy_transpose_convert", true, [](const Ctx& c) {
+    Tensor x = input(c, {5, 7, 3}, 1);
+    Tensor t = x.transpose(0, 2);  // strided view
+    Tensor y = Tensor::empty(t.shape(), DType::f32, c.dev);
+    y.copy_(t);
+    Tensor z = Tensor::zeros({7, 9}, DType::f32, c.dev);
+    Tensor zn = z.narrow(1, 2, 5);
+    zn.copy_(x.narrow(2, 1, 1).contiguous().view({5, 7}).transpose(0, 1));
+    return std::vector<Tensor>{y, z};
+  });
+  cs.push_back({"fill_and_int_copy", DType::f32, true, 0, [](const Ctx& c) {
+                  Tensor a = Tensor::full({3, 5}, 2.5, DType::bf16, c.dev);
+                  Tensor b = Tensor::full({7}, -3, DType::i32, c.dev).to(DType::f32);
+                  Tensor d = Tensor::zeros({4, 6}, DType::f32, c.dev);
+                  Tensor dn = d.narrow(1, 1, 3);
+                  dn.fill_(1.25);
+                  return std::vector<Tensor>{a, b, d};
+                }});
+
+  // ---- GEMM (all transpose combinations, row strides, alpha/beta, batched)
+  for (Trans ta : {Trans::N, Trans::T})
+    for (Trans tb : {Trans::N, Trans::T}) {
+      std::string nm = std::string("gemm_") + (ta == Trans::N ? "n" : "t") + (tb == Trans::N ? "n" : "t");
+      both(nm, true, [ta, tb](const Ctx& c) {
+        const int64_t m = 37, n = 29, k = 45;
+        Tensor a = ta == Trans::N ? input(c, {m, k + 3}, 2).narrow(1, 1, k)
+                                  : input(c, {k, m + 5}, 2).narrow(1, 0, m);
+        Tensor b = tb == Trans::N ? input(c, {k, n}, 3) : input(c, {n, k + 2}, 3).narrow(1, 2, k);
+        Tensor out = input_f32(c, {m, n + 4}, 4);
+        Tensor cc = out.narrow(1, 0, n);
+        backend_for(c.dev).gemm(a, ta, b, tb, cc, 0.75f, 0.5f);
+        return std::vector<Tensor>{out};
+      });
+    }
+  both("gemm_batched", true, [](const Ctx& c) {
+    Tensor a = input(c, {3, 17, 24}, 5), b = input(c, {3, 19, 24}, 6);
+    Tensor out = Tensor::empty({3, 17, 19}, DType::f32, c.dev);
+    backend_for(c.dev).gemm(a, Trans::N, b, Trans::T, out, 1.f, 0.f);
+    return std::vector<Tensor>{out};
+  });
+  both("gemm_large_k", true, [](const Ctx& c) {
+    Tensor a = input(c, {64, 1000}, 7), b = input(c, {1000, 96}, 8);
+    Tensor out = Tensor::empty({64, 96}, DType::f32, c.dev);
+    backend_for(c.dev).gemm(a, Trans::N, b, Trans::N, out, 1.f, 0.f);
+    return std::vector<Tensor>{out};
+  });
+
+  // ---- element-wise and reductions (f32 compute on both; bf16 storage on cuda)
+  both("add_axpy_scale", false, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    Tensor a = input(c, {1001}, 10), b = input(c, {1001}, 11), o = empty(c, {1001});
+    be.add(a, b, o);
+    Tensor y = input(c, {1001}, 12);
+    be.axpy(-0.5f, a, y);
+    be.scale(b, 3.f);
+    return std::vector<Tensor>{o, y, b};
+  });
+  both("reductions", false, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    Tensor a = input(c, {100003}, 13);
+    Tensor bad = input(c, {517}, 14);
+    Tensor nanv = Tensor::full({1}, NAN, c.dt, c.dev);
+    bad.narrow(0, 300, 1).copy_(nanv);
+    return std::vector<Tensor>{scalar(c, be.sum(a)), scalar(c, be.sum_squares(a)),
+                               scalar(c, be.all_finite(a) ? 1 : 0),
+                               scalar(c, be.all_finite(bad) ? 1 : 0)};
+  });
+
+  // ---- fused kernels
+  both("embedding", false, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    Tensor w = input(c, {50, 33}, 20);
+    Tensor ids = ints(c, {3, 7, 3, 49, 0, 7, 7, 12, 3}, {9});
+    Tensor out = empty(c, {9, 33});
+    be.embedding_forward(w, ids, out);
+    Tensor g = input(c, {9, 33}, 21);
+    Tensor dw = input(c, {50, 33}, 22);  // accumulated into (+=)
+    be.embedding_backward(g, ids, dw);
+    return std::vector<Tensor>{out, dw};
+  });
+  both("rmsnorm", false, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    Tensor x = input(c, {13, 300}, 30), w = input(c, {300}, 31);
+    Tensor y = empty(c, {13, 300}), rstd = empty(c, {13});
+    be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+    Tensor dy = input(c, {13, 300}, 32), dx = empty(c, {13, 300});
+    Tensor dw = input(c, {300}, 33);  // accumulated into (+=)
+    be.rmsnorm_backward(dy, x, w, rstd, dx, dw);
+    return std::vector<Tensor>{y, rstd, dx, dw};
+  });
+  both("rope", false, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    const int64_t dh = 16;
+    std::vector<float> f(dh / 2);
+    for (int64_t j = 0; j < dh / 2; ++j) f[j] = float(std::pow(500000.0, -2.0 * j / dh));
+    Tensor inv = Tensor::from_vector(f, {dh / 2}, c.dev).to(c.round).to(c.dt);
+    std::vector<int32_t> p(11);
+    for (int i = 0; i < 11; ++i) p[i] = 5 + 3 * i;
+    Tensor pos = ints(c, p, {11});
+    Tensor x = input(c, {2, 11, 3, dh}, 40), y = empty(c, {2, 11, 3, dh}), z = empty(c, {2, 11, 3, dh});
+    be.rope(x, inv, pos, false, y);
+    be.rope(y, inv, pos, true, z);
+    return std::vector<Tensor>{y, z};
+  });
+  both("swiglu", false, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    Tensor g = input(c, {7, 130}, 50, 2.f), u = input(c, {7, 130}, 51), o = empty(c, {7, 130});
+    be.swiglu_forward(g, u, o);
+    Tensor d = input(c, {7, 130}, 52), dg = empty(c, {7, 130}), du = empty(c, {7, 130});
+    be.swiglu_backward(d, g, u, dg, du);
+    return std::vector<Tensor>{o, dg, du};
+  });
+
+  // ---- attention: causal + document mask, GQA, head dims 32/48/64/128
+  struct AttnCfg {
+    const char* name;
+    int64_t B, T, H, Hkv, D;
+    bool causal, docs;
+  };
+  for (AttnCfg a : {AttnCfg{"attn_causal_doc_gqa_d32", 2, 77, 4, 2, 32, true, true},
+                    AttnCfg{"attn_full_d64", 1, 130, 2, 2, 64, false, false},
+                    AttnCfg{"attn_causal_gqa4_d128", 1, 100, 8, 2, 128, true, false},
+                    AttnCfg{"attn_doc_noncausal_d48", 2, 70, 3, 1, 48, false, true}}) {
+    // lse is stored in the input dtype (ops contract), so bf16 backward gets 2e-2.
+    both(a.name, false, [a](const Ctx& c) {
+      Backend& be = backend_for(c.dev);
+      Tensor q = input(c, {a.B, a.T, a.H, a.D}, 60), k = input(c, {a.B, a.T, a.Hkv, a.D}, 61);
+      Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 62);
+      AttentionParams p;
+      p.causal = a.causal;
+      if (a.docs) {
+        std::vector<int32_t> d(size_t(a.B * a.T));
+        for (int64_t b = 0; b < a.B; ++b)
+          for (int64_t t = 0; t < a.T; ++t)  // documents of lengths 23, 40, rest; row 1 shifted
+            d[b * a.T + t] = int32_t((t + 11 * b) < 23 ? 0 : (t + 11 * b) < 63 ? 1 : 2);
+        p.doc_ids = ints(c, d, {a.B, a.T});
+      }
+      Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
+      be.attention_forward(q, k, v, p, out, lse);
+      Tensor g = input(c, {a.B, a.T, a.H, a.D}, 63);
+      Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
+      be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+      return std::vector<Tensor>{out, lse, dq, dk, dv};
+    }, 0, 2e-2);
+  }
+
+  // ---- cross-entropy with the classifier, chunked, ignored targets
+  both("linear_cross_entropy", true, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    const int64_t N = 37, D = 24, V = 301;
+    Tensor h = input(c, {N, D}, 70), w = input(c, {V, D}, 71, 0.5f);
+    std::vector<int32_t> tg(N);
+    for (int64_t i = 0; i < N; ++i) tg[i] = i % 5 == 3 ? -1 : int32_t((i * 37) % V);
+    Tensor t = ints(c, tg, {N});
+    Tensor dh = Tensor::empty({N, D}, DType::f32, c.dev);
+    Tensor dw = input_f32(c, {V, D}, 72);  // accumulated into (+=)
+    const double loss = be.linear_cross_entropy(h, w, t, 16, 0.1f, &dh, &dw);
+    const double loss_only = be.linear_cross_entropy(h, w, t, 64, 1.f, nullptr, nullptr);
+    return std::vector<Tensor>{scalar(c, loss), scalar(c, loss_only), dh, dw};
+  });
+
+  // ---- AdamW (f32 master weights), three steps
+  cs.push_back({"adamw_f32", DType::f32, true, 0, [](const Ctx& c) {
+                  Backend& be = backend_for(c.dev);
+                  Tensor p = input_f32(c, {1000}, 80), m = Tensor::zeros({1000}, DType::f32, c.dev);
+                  Tensor v = Tensor::zeros({1000}, DType::f32, c.dev);
+                  for (int64_t s = 1; s <= 3; ++s) {
+                    Tensor g = input_f32(c, {1000}, 80 + s);
+                    AdamWParams ap;
+                    ap.lr = 1e-2f, ap.weight_decay = 0.1f, ap.step = s, ap.grad_scale = 0.5f;
+                    be.adamw_step(p, g, m, v, ap);
+                  }
+                  return std::vector<Tensor>{p, m, v};
+                }});
+
+  // ---- a whole model step through runtime/ops (forward + backward)
+  for (bool mixed : {false, true}) {
+    Case mc;
+    mc.name = mixed ? "model_step_bf16_mixed" : "model_step_f32";
+    mc.dtype = DType::f32;  // activations and master weights f32; bf16 only in GEMM inputs
+    mc.cpu_has_dtype = true;
+    mc.tol = mixed ? 1e-2 : 1e-5;
+    mc.run = [mixed](const Ctx& c) {
+      const int64_t B = 2, T = 40, D = 64, H = 4, Hkv = 2, Dh = 16, F = 96, V = 97;
+      const ops::Precision pr = mixed ? ops::Precision::bf16 : ops::Precision::f32;
+      auto param = [&](const Shape& s, uint64_t seed, float sc) {
+        Tensor t = input_f32(c, s, seed, sc);
+        t.set_requires_grad(true);
+        return t;
+      };
+      auto ones_param = [&](int64_t n) {
+        Tensor t = Tensor::full({n}, 1.0, DType::f32, c.dev);
+        t.set_requires_grad(true);
+        return t;
+      };
+      Tensor emb = param({V, D}, 100, 1.f), wq = param({H * Dh, D}, 101, 0.125f);
+      Tensor wk = param({Hkv * Dh, D}, 102, 0.125f), wv = param({Hkv * Dh, D}, 103, 0.125f);
+      Tensor wo = param({D, H * Dh}, 104, 0.125f), n1 = ones_param(D), n2 = ones_param(D);
+      Tensor w1 = param({F, D}, 105, 0.125f), w3 = param({F, D}, 106, 0.125f);
+      Tensor w2 = param({D, F}, 107, 0.1f), nf = ones_param(D), head = param({V, D}, 108, 0.125f);
+      std::vector<int32_t> ids(B * T), tg(B * T), doc(B * T), pos(T);
+      for (int64_t i = 0; i < B * T; ++i) {
+        ids[i] = int32_t((i * 31 + 7) % V);
+        tg[i] = i % 9 == 4 ? -1 : int32_t((i * 17 + 3) % V);
+        doc[i] = int32_t((i % T) < 15 ? 0 : 1);
+      }
+      for (int64_t t = 0; t < T; ++t) pos[t] = int32_t(t);
+      std::vector<float> f(Dh / 2);
+      for (int64_t j = 0; j < Dh / 2; ++j) f[j] = float(std::pow(500000.0, -2.0 * j / Dh));
+      Tensor inv = Tensor::from_vector(f, {Dh / 2}, c.dev), pt = ints(c, pos, {T});
+      AttentionParams ap;
+      ap.causal = true;
+      ap.doc_ids = ints(c, doc, {B, T});
+
+      Tensor x = ops::embedding(emb, ints(c, ids, {B, T}));  // (B, T, D)
+      Tensor h = ops::rmsnorm(x, n1, 1e-5f);
+      Tensor q = ops::rope(ops::reshape(ops::linear(h, wq, pr), {B, T, H, Dh}), inv, pt);
+      Tensor k = ops::rope(ops::reshape(ops::linear(h, wk, pr), {B, T, Hkv, Dh}), inv, pt);
+      Tensor v = ops::reshape(ops::linear(h, wv, pr), {B, T, Hkv, Dh});
+      Tensor a = ops::reshape(ops::attention(q, k, v, ap), {B, T, H * Dh});
+      x = ops::add(x, ops::linear(a, wo, pr));
+      h = ops::rmsnorm(x, n2, 1e-5f);
+      Tensor ff = ops::swiglu(ops::linear(h, w1, pr), ops::linear(h, w3, pr));
+      x = ops::add(x, ops::linear(ff, w2, pr));
+      h = ops::reshape(ops::rmsnorm(x, nf, 1e-5f), {B * T, D});
+      ops::CrossEntropyOptions co;
+      co.chunk = 32;
+      co.precision = pr;
+      Tensor loss = ops::linear_cross_entropy(h, head, ints(c, tg, {B * T}), co);
+      loss.backward();
+      std::vector<Tensor> outs{loss};
+      for (Tensor* t : {&emb, &wq, &wk, &wv, &wo, &n1, &n2, &w1, &w3, &w2, &nf, &head})
+        outs.push_back(t->grad());
+      return outs;
+    };
+    cs.push_back(mc);
+  }
+  return cs;
+}
+
+double normalised_error(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = double(got[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+class BackendParity : public ::testing::TestWithParam<Case> {};
+
+TEST_P(BackendParity, CudaMatchesCpu) {
+  if (!cuda_init()) GTEST_SKIP() << "no CUDA device (cuda_init() returned false)";
+  const Case& cs = GetParam();
+  const bool bf = cs.dtype == DType::bf16;
+  const double tol = cs.tol > 0 ? cs.tol : (bf ? 1e-2 : 1e-5);
+  Ctx cpu{Device::cpu(), bf && !cs.cpu_has_dtype ? DType::f32 : cs.dtype, cs.dtype};
+  Ctx gpu{Device::cuda(0), cs.dtype, cs.dtype};
+  std::vector<Tensor> ref = cs.run(cpu);
+  std::vector<Tensor> got = cs.run(gpu);
+  backend_for(gpu.dev).synchronize();
+  ASSERT_EQ(ref.size(), got.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_EQ(ref[i].shape(), got[i].shape()) << "output " << i;
+    std::vector<float> r = ref[i].to_vector<float>(), g = got[i].to_vector<float>();
+    bool finite = true;
+    for (float x : g) finite &= std::isfinite(x) || !std::isfinite(r[&x - g.data()]);
+    EXPECT_TRUE(finite) << cs.name << ": output " << i << " has non-finite values on cuda";
+    const double err = normalised_error(g, r);
+    EXPECT_LT(err, tol) << cs.name << ": output " << i << " " << ref[i].str()
+                        << " normalised error " << err << " (tolerance " << tol << ")";
+  }
+}
+
+// The reference side of every case runs everywhere, so the cases themselves are checked on
+// CPU-only machines too.
+TEST_P(BackendParity, CpuReferenceRunsAndIsFinite) {
+  const Case& cs = GetParam();
+  Ctx cpu{Device::cpu(), cs.dtype == DType::bf16 && !cs.cpu_has_dtype ? DType::f32 : cs.dtype,
+          cs.dtype};
+  std::vector<Tensor> ref = cs.run(cpu);
+  ASSERT_FALSE(ref.empty());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_TRUE(ref[i].defined()) << "output " << i;
+    for (float x : ref[i].to_vector<float>()) ASSERT_TRUE(std::isfinite(x)) << "output " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllOps, BackendParity, ::testing::ValuesIn(make_cases()),
+                         [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
+
+TEST(CudaInit, ReturnsFalseWithoutDeviceAndIsIdempotent) {
+  const bool a = cuda_init(), b = cuda_init();
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(a, cuda_device_count() > 0);
+  if (!a) {
+    EXPECT_FALSE(has_backend(Device::cuda(0)));
+  }
+}
+
+TEST(CudaBackend, RejectsF64WithTheSupportedList) {
+  if (!cuda_init()) GTEST_SKIP() << "no CUDA device";
+  Tensor x = Tensor::zeros({4}, DType::f32, Device::cuda(0));
+  try {
+    Tensor y = Tensor::empty({4}, DType::f64, Device::cuda(0));
+    backend_for(Device::cuda(0)).scale(y, 2.f);
+    FAIL() << "f64 scale on cuda did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("supported: f32, bf16"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
