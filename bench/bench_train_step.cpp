@@ -22,24 +22,6 @@ using clk = std::chrono::steady_clock;
 
 namespace {
 
-double gemm_ceiling(bool bf16_inputs) {
-  double best = 0;
-  for (int64_t n : {1024, 2048}) {
-    std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
-    std::vector<bf16> ab(n * n, bf16{f32_to_bf16_bits(0.5f)}), bb(n * n, bf16{f32_to_bf16_bits(0.25f)});
-    for (int rep = 0; rep < 6; ++rep) {
-      auto t0 = clk::now();
-      if (bf16_inputs)
-        cpu_gemm_bf16(Trans::N, Trans::N, n, n, n, 1.f, ab.data(), n, bb.data(), n, 0.f, c.data(), n);
-      else
-        cpu_gemm_f32(Trans::N, Trans::N, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
-      double s = std::chrono::duration<double>(clk::now() - t0).count();
-      if (rep > 0) best = std::max(best, 2.0 * n * n * n / s);
-    }
-  }
-  return best;
-}
-
 double peak_rss_mb() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -72,7 +54,7 @@ int main(int argc, char** argv) {
   for (auto& t : tok) t = int32_t(rng.below(c.vocab_size));
   for (auto& t : tgt) t = int32_t(rng.below(c.vocab_size));
   Tensor tokens = Tensor::from_vector(tok, {B, T}), targets = Tensor::from_vector(tgt, {B, T});
-  const double ceiling = gemm_ceiling(precision == "bf16");
+  const double ceiling = cpu_gemm_peak_flops(precision == "bf16", 2048);
   double total = 0;
   for (int s = 0; s < warmup + steps; ++s) {
     auto t0 = clk::now();

@@ -22,4 +22,8 @@ void cpu_gemm_bf16(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float al
                    const bf16* a, int64_t lda, const bf16* b, int64_t ldb, float beta, float* c,
                    int64_t ldc);
 
+// The GEMM ceiling of this machine: best oneDNN square GEMM rate (FLOP/s) for n = 1024 up
+// to max_n, f32 or bf16 inputs. Used for "% of GEMM peak" in progress lines and benchmarks.
+double cpu_gemm_peak_flops(bool bf16_inputs, int64_t max_n = 1024);
+
 }  // namespace llama3

@@ -152,3 +152,28 @@ void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, float
 }
 
 }  // namespace llama3::cpu
+
+#include <chrono>
+
+namespace llama3 {
+
+double cpu_gemm_peak_flops(bool bf16_inputs, int64_t max_n) {
+  using clk = std::chrono::steady_clock;
+  double best = 0;
+  for (int64_t n = 1024; n <= max_n; n *= 2) {
+    std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
+    std::vector<bf16> ab(n * n, bf16{f32_to_bf16_bits(0.5f)}), bb(n * n, bf16{f32_to_bf16_bits(0.25f)});
+    for (int rep = 0; rep < 5; ++rep) {
+      auto t0 = clk::now();
+      if (bf16_inputs)
+        cpu_gemm_bf16(Trans::N, Trans::N, n, n, n, 1.f, ab.data(), n, bb.data(), n, 0.f, c.data(), n);
+      else
+        cpu_gemm_f32(Trans::N, Trans::N, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+      const double s = std::chrono::duration<double>(clk::now() - t0).count();
+      if (rep > 0) best = std::max(best, 2.0 * double(n) * double(n) * double(n) / s);
+    }
+  }
+  return best;
+}
+
+}  // namespace llama3
