@@ -5,6 +5,5 @@
 namespace llama3::cli {
 int cmd_train(const Args&) { fail("train: not built yet"); }
 int cmd_tokenizer(const Args&) { fail("tokenizer: not built yet"); }
-int cmd_data(const Args&) { fail("data: not built yet"); }
 int cmd_run(const Args&) { fail("run: not built yet"); }
 }  // namespace llama3::cli

@@ -10,6 +10,9 @@ APT_PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   openmpi-bin libopenmpi-dev
   python3 python3-pip python3-venv python3-torch python3-numpy
+  # `llama3 data demo` builds the default corpus from installed docs: English and
+  # translated man pages (the multilingual slice), C headers, Python sources.
+  man-db manpages manpages-dev manpages-de manpages-fr manpages-ru manpages-ja libpython3-stdlib
 )
 # Python references used by tests (installed into Debian's python3, which owns python3-torch).
 PIP_PACKAGES=(tiktoken==0.8.0)
