@@ -68,34 +68,40 @@ class Packer {
         seed_(seed),
         st_(std::move(st)),
         perm_(src.size()),
-        perm_epoch_(src.size(), ~0ull) {}
+        perm_epoch_(src.size(), ~0ull) {
+    if (st_.cur_src >= 0) cur_ = src_[st_.cur_src].doc(st_.cur_doc);
+  }
 
   const PackState& state() const { return st_; }
 
-  // Appends one row of seq_len tokens/targets/doc ids to the vectors.
+  // Writes one row of T tokens, targets and doc ids, copying whole document runs.
   void row(int64_t T, int32_t* tok, int32_t* tgt, int32_t* ids) {
     int32_t doc_id = 0;
-    for (int64_t i = 0; i <= T; ++i) {
-      bool fresh = false;
-      while (st_.cur_src < 0 || st_.cur_off >= int64_t(src_[st_.cur_src].doc(st_.cur_doc).size())) {
-        next_doc();
-        fresh = true;
-      }
-      int32_t t = src_[st_.cur_src].doc(st_.cur_doc)[st_.cur_off];
-      if (i == T) {  // peek only: the last target is the next row's first token
-        tgt[T - 1] = t;
-        break;
-      }
-      if (fresh && i > 0) ++doc_id;
-      tok[i] = t;
-      ids[i] = doc_id;
-      if (i > 0) tgt[i - 1] = t;
-      ++st_.cur_off;
+    for (int64_t i = 0; i < T;) {
+      if (ensure_doc() && i > 0) ++doc_id;
+      int64_t n = std::min<int64_t>(T - i, int64_t(cur_.size()) - st_.cur_off);
+      std::copy_n(cur_.data() + st_.cur_off, n, tok + i);
+      std::fill_n(ids + i, n, doc_id);
+      i += n;
+      st_.cur_off += n;
     }
+    std::copy_n(tok + 1, T - 1, tgt);
+    ensure_doc();  // the last target is the next row's first token (peeked, not consumed)
+    tgt[T - 1] = cur_[st_.cur_off];
     ++st_.rows;
   }
 
  private:
+  // Moves to the next document if the current one is used up; true if it moved.
+  bool ensure_doc() {
+    bool moved = false;
+    while (st_.cur_src < 0 || st_.cur_off >= int64_t(cur_.size())) {
+      next_doc();
+      moved = true;
+    }
+    return moved;
+  }
+
   void next_doc() {
     // Odds per document are weight / mean length, so the expected *token* share of each
     // source equals its normalised weight whatever its document lengths.
@@ -115,6 +121,7 @@ class Packer {
     st_.cur_src = int(s);
     st_.cur_doc = permutation(s)[st_.pos[s]++];
     st_.cur_off = 0;
+    cur_ = src_[s].doc(st_.cur_doc);
   }
 
   const std::vector<uint32_t>& permutation(size_t s) {
@@ -135,6 +142,7 @@ class Packer {
   PackState st_;
   std::vector<std::vector<uint32_t>> perm_;
   std::vector<uint64_t> perm_epoch_;
+  std::span<const int32_t> cur_;  // tokens of the current document
 };
 
 void check_weights(const std::vector<double>& w, size_t n) {

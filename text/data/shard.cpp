@@ -1,7 +1,13 @@
 #include "text/data/shard.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <array>
 #include <bit>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -90,41 +96,51 @@ void ShardWriter::finish() {
 }
 
 Shard Shard::load(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail("shard {}: cannot open", path);
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  const size_t size = bytes.size();
-  if (size < kShardHeaderBytes)
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) fail("shard {}: cannot open: {}", path, std::strerror(errno));
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0) {
+    ::close(fd);
+    fail("shard {}: cannot stat: {}", path, std::strerror(errno));
+  }
+  const size_t size = size_t(sb.st_size);
+  if (size < kShardHeaderBytes) {
+    ::close(fd);
     fail("shard {}: truncated header: file has {} bytes, the header needs {}", path, size,
          kShardHeaderBytes);
-  const uint8_t* p = bytes.data();
+  }
+  void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (m == MAP_FAILED) fail("shard {}: mmap failed: {}", path, std::strerror(errno));
+  Shard s;
+  s.map_ = std::shared_ptr<const void>(
+      m, [size](const void* p) { ::munmap(const_cast<void*>(p), size); });
+  s.path_ = path;
+  const uint8_t* p = static_cast<const uint8_t*>(m);
   if (std::memcmp(p, kShardMagic, 8) != 0)
     fail("shard {}: bad magic at offset 0 (not a llama3 token shard)", path);
   uint32_t version = get<uint32_t>(p + 8);
   if (version != kShardVersion)
     fail("shard {}: unsupported version {} at offset 8 (this build reads version {})", path,
          version, kShardVersion);
-  uint32_t header_crc = get<uint32_t>(p + 36);
-  if (crc32({p, 36}) != header_crc) fail("shard {}: header checksum mismatch at offset 36", path);
-  Shard s;
-  s.path_ = path;
+  if (crc32({p, 36}) != get<uint32_t>(p + 36))
+    fail("shard {}: header checksum mismatch at offset 36", path);
   s.vocab_size_ = get<uint32_t>(p + 12);
   uint64_t n_tokens = get<uint64_t>(p + 16), n_docs = get<uint64_t>(p + 24);
   uint64_t tok_end = kShardHeaderBytes + n_tokens * 4;
   uint64_t expect = tok_end + (n_docs + 1) * 8;
   if (n_tokens > size || n_docs > size || size < expect)
     fail(
-        "shard {}: truncated: header promises {} tokens and {} documents ({} bytes) but the "
-        "file ends at offset {}",
+        "shard {}: truncated: header promises {} tokens and {} documents ({} bytes) but the file "
+        "ends at offset {}",
         path, n_tokens, n_docs, expect, size);
   if (size > expect)
     fail("shard {}: {} unexpected trailing bytes after offset {}", path, size - expect, expect);
-  uint32_t body_crc = crc32({p + kShardHeaderBytes, size - kShardHeaderBytes});
-  if (body_crc != get<uint32_t>(p + 32))
+  if (crc32({p + kShardHeaderBytes, size - kShardHeaderBytes}) != get<uint32_t>(p + 32))
     fail("shard {}: data checksum mismatch (bytes {}..{}); the file is corrupt", path,
          kShardHeaderBytes, size);
-  s.tokens_.resize(n_tokens);
-  std::memcpy(s.tokens_.data(), p + kShardHeaderBytes, n_tokens * 4);
+  s.tokens_ = reinterpret_cast<const int32_t*>(p + kShardHeaderBytes);  // 4-aligned: page + 40
+  s.n_tokens_ = n_tokens;
   s.offsets_.resize(n_docs + 1);
   std::memcpy(s.offsets_.data(), p + tok_end, (n_docs + 1) * 8);
   for (uint64_t i = 0; i <= n_docs; ++i) {

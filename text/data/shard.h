@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -47,24 +48,28 @@ class ShardWriter {
   std::vector<uint64_t> offsets_{0};
 };
 
-// A shard loaded and fully validated (magic, version, checksums, monotone index, ids in
-// range). Errors name the file and the byte offset of the bad field.
+// A shard memory-mapped and fully validated (magic, version, checksums, monotone index, ids
+// in range). Errors name the file and the byte offset of the bad field. The token array stays
+// in the page cache rather than the heap, so shards larger than RAM can be mixed; copies share
+// the mapping.
 class Shard {
  public:
   static Shard load(const std::string& path);
   int64_t n_docs() const { return int64_t(offsets_.size()) - 1; }
-  int64_t n_tokens() const { return int64_t(tokens_.size()); }
+  int64_t n_tokens() const { return int64_t(n_tokens_); }
   uint32_t vocab_size() const { return vocab_size_; }
   std::span<const int32_t> doc(int64_t i) const {
-    return {tokens_.data() + offsets_[i], size_t(offsets_[i + 1] - offsets_[i])};
+    return {tokens_ + offsets_[i], size_t(offsets_[i + 1] - offsets_[i])};
   }
   const std::string& path() const { return path_; }
 
  private:
   std::string path_;
   uint32_t vocab_size_ = 0;
-  std::vector<int32_t> tokens_;
-  std::vector<uint64_t> offsets_;
+  std::shared_ptr<const void> map_;  // the mapped file (unmapped with the last copy)
+  const int32_t* tokens_ = nullptr;  // into the mapping
+  size_t n_tokens_ = 0;
+  std::vector<uint64_t> offsets_;  // copied: the index is small and may be unaligned
 };
 
 }  // namespace llama3::data
