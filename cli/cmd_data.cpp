@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "runtime/core/error.h"
 #include "text/data/build.h"
+#include "text/data/classifier.h"
 #include "text/data/curate.h"
 
 namespace llama3::cli {
@@ -15,7 +16,9 @@ constexpr const char* kUsage =
     "usage:\n"
     "  llama3 data curate CONFIG.json             run the curation pipeline (docs/data.md)\n"
     "  llama3 data tokenize --vocab TOKENIZER --in FILE.jsonl --out SHARD\n"
-    "  llama3 data demo --out DIR [--vocab-size N] build the embedded default corpus\n";
+    "  llama3 data demo --out DIR [--vocab-size N] build the embedded default corpus\n"
+    "  llama3 data train-classifier --in EXAMPLES.jsonl --out MODEL [--epochs N]\n"
+    "      train a hashed-n-gram classifier on {\"text\", \"label\"} lines (every 10th held out)\n";
 
 // Value of `--name VALUE`; throws naming the flag when missing.
 std::string flag(const Args& a, const std::string& name, const std::string& def = "",
@@ -56,6 +59,25 @@ int cmd_data(const Args& args) {
     std::string v = flag(rest, "--vocab-size", "", false);
     if (!v.empty()) o.vocab_size = std::stoi(v);
     data::build_demo(o);
+    return 0;
+  }
+  if (sub == "train-classifier") {
+    std::string in = flag(rest, "--in"), out = flag(rest, "--out");
+    data::ClassifierOptions o;
+    std::string ep = flag(rest, "--epochs", "", false);
+    if (!ep.empty()) o.epochs = std::stoi(ep);
+    auto ex = data::HashedClassifier::read_examples(in);
+    std::vector<data::LabelledText> train, held;
+    for (size_t i = 0; i < ex.size(); ++i) (i % 10 == 9 ? held : train).push_back(ex[i]);
+    auto clf = data::HashedClassifier::train(train, o);
+    clf.save(out);
+    std::string labels;
+    for (const auto& l : clf.labels()) labels += (labels.empty() ? "" : ", ") + l;
+    fmt::print(
+        "wrote {}: labels [{}], {} training examples (accuracy {:.3f}), {} held out (accuracy "
+        "{:.3f})\n",
+        out, labels, train.size(), clf.accuracy(train), held.size(),
+        held.empty() ? 0.0 : clf.accuracy(held));
     return 0;
   }
   fail("data: unknown subcommand '{}'\n{}", sub, kUsage);

@@ -527,15 +527,18 @@ std::string build_demo(const DemoOptions& o) {
               {"quality",
                {{"train", (dir / "classifiers/quality_train.jsonl").string()},
                 {"model", (dir / "classifiers/quality.bin").string()},
+                {"buckets_log2", 16},
                 {"label", "hq"},
                 {"min_score", 0.3},
                 {"only_sources", {"general"}}}},
               {"language",
                {{"train", (dir / "classifiers/language_train.jsonl").string()},
-                {"model", (dir / "classifiers/language.bin").string()}}},
+                {"model", (dir / "classifiers/language.bin").string()},
+                {"buckets_log2", 16}}},
               {"domain",
                {{"train", (dir / "classifiers/domain_train.jsonl").string()},
-                {"model", (dir / "classifiers/domain.bin").string()}}}};
+                {"model", (dir / "classifiers/domain.bin").string()},
+                {"buckets_log2", 16}}}};
   {
     std::ofstream f(dir / "curate.json", std::ios::trunc);
     f << cfg.dump(2) << '\n';
@@ -574,7 +577,7 @@ std::string build_demo(const DemoOptions& o) {
   for (const auto& s : sources) corpus.push_back((dir / "text" / (s + ".txt")).string());
   text::BpeTrainOptions bo;
   bo.vocab_size = o.vocab_size;
-  bo.max_bytes = 3 << 20;
+  bo.max_bytes = 2 << 20;  // keeps BPE training to seconds; the curated text is ~2.5 MB
   std::string tok_path = (dir / "tokenizer.model").string();
   text::train_bpe(corpus, bo, tok_path);
   auto tok = text::Tokenizer::load(tok_path);

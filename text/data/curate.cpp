@@ -58,7 +58,11 @@ void one_of(const std::string& v, std::initializer_list<const char*> allowed,
 
 ClassifierSpec parse_classifier(const json& j, const std::string& where) {
   ClassifierSpec c;
-  check_keys(j, where, {"enabled", "model", "train", "only_sources", "label", "min_score", "keep"});
+  check_keys(j, where,
+             {"enabled", "model", "train", "only_sources", "label", "min_score", "keep",
+              "buckets_log2", "epochs"});
+  get(j, "buckets_log2", c.train_opts.buckets_log2, where);
+  get(j, "epochs", c.train_opts.epochs, where);
   c.enabled = true;
   get(j, "enabled", c.enabled, where);
   get(j, "model", c.model, where);
@@ -135,14 +139,16 @@ class Reader {
     int64_t index = 0;
     for (const auto& in : cfg_.inputs) {
       for (const auto& path : in.paths) {
-        int64_t before = index;
+        int64_t seen = 0;  // documents in the file, dropped ones included
         if (in.format == "jsonl") {
-          read_jsonl(in, path, index, fn);
+          seen = read_jsonl(in, path, index, fn);
         } else {
           GzFile f(path);
           Doc d;
           d.text = f.all();
           d.origin = path;
+          seen = d.text.find_first_not_of(" \t\r\n") != std::string::npos;
+          if (!seen) fail("input {}: empty source (no text)", path);
           if (st_) st_->in++, bytes_ += int64_t(d.text.size());
           if (!check_utf8(d.text, path)) continue;
           d.url = "file://" + path;
@@ -152,7 +158,7 @@ class Reader {
           if (st_) st_->kept++;
           fn(d);
         }
-        if (index == before) fail("input {}: empty source (no documents)", path);
+        if (seen == 0) fail("input {}: empty source (no documents)", path);
       }
     }
   }
@@ -173,12 +179,15 @@ class Reader {
     return true;
   }
 
-  void read_jsonl(const CurateInput& in, const std::string& path, int64_t& index,
-                  const std::function<void(Doc&)>& fn) {
+  // Returns the number of non-blank lines.
+  int64_t read_jsonl(const CurateInput& in, const std::string& path, int64_t& index,
+                     const std::function<void(Doc&)>& fn) {
     GzFile f(path);
     std::string line;
+    int64_t seen = 0;
     for (int64_t n = 1; f.line(line); ++n) {
       if (line.find_first_not_of(" \t") == std::string::npos) continue;
+      ++seen;
       if (st_) st_->in++, bytes_ += int64_t(line.size());
       std::string where = fmt::format("{}:{}", path, n);
       if (!check_utf8(line, where)) continue;
@@ -206,6 +215,7 @@ class Reader {
       if (st_) st_->kept++;
       fn(d);
     }
+    return seen;
   }
 
   const CurateConfig& cfg_;
@@ -520,10 +530,10 @@ class HeuristicStage : public Stage {
   int64_t kl_n_ = 0;
 };
 
-HashedClassifier make_classifier(const ClassifierSpec& s, const std::string& what) {
+HashedClassifier make_classifier(const ClassifierSpec& s) {
   if (!s.train.empty()) {
     auto ex = HashedClassifier::read_examples(s.train);
-    auto c = HashedClassifier::train(ex);
+    auto c = HashedClassifier::train(ex, s.train_opts);
     if (!s.model.empty()) c.save(s.model);
     return c;
   }
@@ -535,10 +545,7 @@ HashedClassifier make_classifier(const ClassifierSpec& s, const std::string& wha
 class ClassifierStage : public Stage {
  public:
   ClassifierStage(std::string kind, const ClassifierSpec& s)
-      : Stage(kind, s.only_sources),
-        kind_(std::move(kind)),
-        spec_(s),
-        clf_(make_classifier(s, kind_)) {
+      : Stage(kind, s.only_sources), kind_(std::move(kind)), spec_(s), clf_(make_classifier(s)) {
     if (kind_ == "quality") {
       label_ = clf_.label_index(s.label);
       if (label_ < 0)

@@ -42,6 +42,7 @@ struct ClassifierSpec {
   std::string label = "hq";
   double min_score = 0.5;
   std::vector<std::string> keep;  // language: labels to keep (empty: label only)
+  ClassifierOptions train_opts;   // used when training from `train`
 };
 
 struct CurateConfig {

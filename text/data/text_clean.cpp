@@ -325,8 +325,8 @@ std::string html_to_text(std::string_view s, const HtmlOptions& opts) {
       }
       continue;
     }
-    if (!t.closing && is_boilerplate(t) &&
-        !(opts.keep_code && (t.name == "pre" || t.name == "code"))) {
+    const bool code = t.name == "pre" || t.name == "code";
+    if (!t.closing && ((code && !opts.keep_code) || (!code && is_boilerplate(t)))) {
       if (!is_void(t.name) && !t.self_closing) {
         skip_tag = t.name;
         skip_depth = 1;

@@ -108,6 +108,13 @@ TEST(HtmlToText, DropsBoilerplateKeepsCodeAndMath) {
             "- two");
 }
 
+TEST(HtmlToText, CodeBlocksCanBeDropped) {
+  HtmlOptions o;
+  o.keep_code = false;
+  EXPECT_EQ(html_to_text("<p>Before</p><pre>x = 1</pre><p>after <code>y</code> end</p>", o),
+            "Before\nafter end");
+}
+
 TEST(HtmlToText, DecodesNumericAndNamedEntities) {
   EXPECT_EQ(html_to_text("<p>a&lt;b &#65;&#x42; caf&eacute; x&nbsp;y</p>"),
             "a<b AB caf&eacute; x y");
@@ -403,6 +410,14 @@ TEST(Curate, BadInputsGiveErrorsNamingFileAndLine) {
   EXPECT_NE(e.find("badutf8.jsonl:2: invalid UTF-8 at byte offset 12"), std::string::npos) << e;
   c.invalid_utf8 = "replace";
   EXPECT_EQ(curate(c).stage("read")->found.at("invalid_utf8_replaced"), 1);
+
+  auto drop_all = cfg_for(write_file("allbad.jsonl", "{\"text\": \"ab\xff\"}\n"));
+  drop_all.invalid_utf8 = "drop";
+  EXPECT_EQ(curate(drop_all).stage("read")->dropped_by.at("invalid_utf8"), 1);  // not "empty"
+
+  p = write_file("empty.txt", " \n");
+  e = error_of([&] { curate(cfg_for(p, "text")); });
+  EXPECT_NE(e.find("empty.txt: empty source"), std::string::npos) << e;
 
   p = write_file("empty.jsonl", "\n\n");
   e = error_of([&] { curate(cfg_for(p)); });
