@@ -100,7 +100,15 @@ size_t decode_entity(std::string_view s, size_t i, std::string& out) {
         {"mdash", 0x2014}, {"ndash", 0x2013}, {"hellip", 0x2026}, {"lsquo", 0x2018},
         {"rsquo", 0x2019}, {"ldquo", 0x201C}, {"rdquo", 0x201D},  {"times", 0xD7},
         {"le", 0x2264},    {"ge", 0x2265},    {"ne", 0x2260},     {"pi", 0x3C0},
-        {"minus", 0x2212}, {"middot", 0xB7},  {"deg", 0xB0},      {"euro", 0x20AC}};
+        {"minus", 0x2212}, {"middot", 0xB7},  {"deg", 0xB0},      {"euro", 0x20AC},
+        {"para", 0xB6},    {"sect", 0xA7},    {"laquo", 0xAB},   {"raquo", 0xBB},
+        {"bull", 0x2022},  {"trade", 0x2122}, {"larr", 0x2190},  {"rarr", 0x2192},
+        {"plusmn", 0xB1},  {"divide", 0xF7},  {"micro", 0xB5},   {"eacute", 0xE9},
+        {"egrave", 0xE8},  {"agrave", 0xE0},  {"aacute", 0xE1},  {"ccedil", 0xE7},
+        {"auml", 0xE4},    {"ouml", 0xF6},    {"uuml", 0xFC},    {"szlig", 0xDF},
+        {"ntilde", 0xF1},  {"iacute", 0xED},  {"oacute", 0xF3},  {"uacute", 0xFA},
+        {"infin", 0x221E}, {"sum", 0x2211},   {"radic", 0x221A}, {"alpha", 0x3B1},
+        {"beta", 0x3B2},   {"gamma", 0x3B3},  {"lambda", 0x3BB}, {"sigma", 0x3C3}};
     for (auto& [n, v] : kNamed)
       if (n == name) cp = v;
     if (!cp) return 0;
@@ -160,7 +168,8 @@ bool is_boilerplate(const Tag& t) {
                                            "form",   "template", "svg",   "iframe"};
   if (std::find(std::begin(kDrop), std::end(kDrop), t.name) != std::end(kDrop)) return true;
   std::string cls = lower(attr(t.attrs, "class") + " " + attr(t.attrs, "id"));
-  for (std::string_view w : {"nav", "menu", "footer", "sidebar", "cookie", "breadcrumb", "banner"})
+  for (std::string_view w :
+       {"nav", "menu", "footer", "header", "sidebar", "cookie", "breadcrumb", "banner"})
     if (cls.find(w) != std::string::npos) return true;
   return false;
 }

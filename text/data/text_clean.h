@@ -25,8 +25,8 @@ struct HtmlOptions {
 };
 
 // HTML to text: drops <head>, <script>, <style>, <nav>, <footer>, <header>, <aside>,
-// <noscript>, <form>, and elements whose class/id names boilerplate (nav, menu, footer,
-// sidebar, cookie, breadcrumb, banner); block elements become line breaks; entities decoded.
+// <noscript>, <form>, and elements whose class/id names boilerplate (nav, menu, header,
+// footer, sidebar, cookie, breadcrumb, banner); block elements become line breaks; entities decoded.
 std::string html_to_text(std::string_view html, const HtmlOptions& opts = {});
 
 struct NormalizeStats {

@@ -116,8 +116,9 @@ TEST(HtmlToText, CodeBlocksCanBeDropped) {
 }
 
 TEST(HtmlToText, DecodesNumericAndNamedEntities) {
-  EXPECT_EQ(html_to_text("<p>a&lt;b &#65;&#x42; caf&eacute; x&nbsp;y</p>"),
-            "a<b AB caf&eacute; x y");
+  // Unknown or unterminated entities stay as written.
+  EXPECT_EQ(html_to_text("<p>a&lt;b &#65;&#x42; caf&eacute; x&nbsp;y &bogus; &amp</p>"),
+            "a<b AB caf\u00e9 x y &bogus; &amp");
 }
 
 TEST(NormalizeText, MapsUnicodeSpacesAndCollapsesWhitespaceKeepingIndentation) {
