@@ -19,36 +19,41 @@ namespace llama3::data {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-TokenizeStats tokenize_jsonl(const text::Tokenizer& tok, const std::string& in_path,
+TokenizeStats tokenize_jsonl(const TextEncoder& enc, const std::string& in_path,
                              const std::string& out_path) {
   std::ifstream in(in_path, std::ios::binary);
   if (!in) fail("tokenize: cannot open {}", in_path);
-  ShardWriter w(out_path, uint32_t(tok.vocab_size()));
+  ShardWriter w(out_path, uint32_t(enc.vocab_size));
   TokenizeStats st;
   std::vector<std::string> texts;
   std::vector<int64_t> lines;
   auto flush = [&] {
+    if (texts.empty()) return;
     std::vector<std::vector<int32_t>> ids;
     try {
-      ids = tok.encode_batch(texts);
-    } catch (const Error&) {
+      ids = enc.encode_batch(texts);
+    } catch (const Error& e) {
       // Re-encode one by one to name the line at fault.
       for (size_t i = 0; i < texts.size(); ++i) {
         try {
-          tok.encode(texts[i]);
-        } catch (const Error& e) {
-          fail("tokenize {}:{}: {}", in_path, lines[i], e.what());
+          enc.encode_batch(std::span(&texts[i], 1));
+        } catch (const Error& e1) {
+          fail("tokenize {}:{}: {}", in_path, lines[i], e1.what());
         }
       }
-      throw;
+      fail("tokenize {}: {}", in_path, e.what());
     }
     std::vector<int32_t> doc;
-    for (auto& t : ids) {
+    for (size_t i = 0; i < ids.size(); ++i) {
       doc.clear();
-      doc.push_back(tok.bos_id());
-      doc.insert(doc.end(), t.begin(), t.end());
-      doc.push_back(tok.eos_id());
-      w.add(doc);
+      doc.push_back(enc.bos_id);
+      doc.insert(doc.end(), ids[i].begin(), ids[i].end());
+      doc.push_back(enc.eos_id);
+      try {
+        w.add(doc);
+      } catch (const Error& e) {
+        fail("tokenize {}:{}: {}", in_path, lines[i], e.what());
+      }
       st.docs++;
       st.tokens += int64_t(doc.size());
     }
@@ -61,21 +66,32 @@ TokenizeStats tokenize_jsonl(const text::Tokenizer& tok, const std::string& in_p
     size_t bad = find_invalid_utf8(line);
     if (bad != std::string::npos)
       fail("tokenize {}:{}: invalid UTF-8 at byte offset {} of the line", in_path, n, bad);
+    json j;
     try {
-      json j = json::parse(line);
-      if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
-        fail("tokenize {}:{}: expected an object with a string field \"text\"", in_path, n);
-      texts.push_back(j["text"].get<std::string>());
-      lines.push_back(n);
+      j = json::parse(line);
     } catch (const json::exception& e) {
       fail("tokenize {}:{}: invalid JSONL line: {}", in_path, n, e.what());
     }
+    if (!j.is_object() || !j.contains("text") || !j["text"].is_string())
+      fail("tokenize {}:{}: expected an object with a string field \"text\"", in_path, n);
+    texts.push_back(j["text"].get<std::string>());
+    lines.push_back(n);
     if (texts.size() == 256) flush();
   }
   flush();
   if (st.docs == 0) fail("tokenize {}: empty source (no documents)", in_path);
   w.finish();
   return st;
+}
+
+TokenizeStats tokenize_jsonl(const text::Tokenizer& tok, const std::string& in_path,
+                             const std::string& out_path) {
+  TextEncoder enc;
+  enc.encode_batch = [&tok](std::span<const std::string> texts) { return tok.encode_batch(texts); };
+  enc.bos_id = tok.bos_id();
+  enc.eos_id = tok.eos_id();
+  enc.vocab_size = tok.vocab_size();
+  return tokenize_jsonl(enc, in_path, out_path);
 }
 
 namespace {

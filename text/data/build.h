@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "text/tokenizer/tokenizer.h"
 
@@ -13,9 +16,18 @@ struct TokenizeStats {
   int64_t docs = 0, tokens = 0;
 };
 
+// What tokenize_jsonl needs from a tokenizer; the overload below adapts text::Tokenizer.
+// Kept separate so shard writing is testable with any encoder.
+struct TextEncoder {
+  std::function<std::vector<std::vector<int32_t>>(std::span<const std::string>)> encode_batch;
+  int32_t bos_id = 0, eos_id = 0, vocab_size = 0;
+};
+
 // Encodes each JSONL line's "text" as BOS + tokens + EOS into one shard at out_path.
 // Errors name the file and line (invalid JSON, missing text, invalid UTF-8 with its offset)
 // and an input with no documents is an error.
+TokenizeStats tokenize_jsonl(const TextEncoder& enc, const std::string& in_path,
+                             const std::string& out_path);
 TokenizeStats tokenize_jsonl(const text::Tokenizer& tok, const std::string& in_path,
                              const std::string& out_path);
 
