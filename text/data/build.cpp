@@ -94,6 +94,23 @@ TokenizeStats tokenize_jsonl(const text::Tokenizer& tok, const std::string& in_p
   return tokenize_jsonl(enc, in_path, out_path);
 }
 
+std::vector<SourceSpec> read_manifest_sources(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) fail("manifest {}: cannot open", path);
+  std::vector<SourceSpec> out;
+  try {
+    json j = json::parse(f);
+    for (const auto& s : j.at("sources")) {
+      out.push_back({s.at("name").get<std::string>(),
+                     s.at("shards").get<std::vector<std::string>>(), s.at("weight").get<double>()});
+    }
+  } catch (const json::exception& e) {
+    fail("manifest {}: {}", path, e.what());
+  }
+  if (out.empty()) fail("manifest {}: no sources", path);
+  return out;
+}
+
 namespace {
 
 std::string read_maybe_gz(const fs::path& p, size_t max_bytes) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "text/data/loader.h"
 #include "text/tokenizer/tokenizer.h"
 
 namespace llama3::data {
@@ -30,6 +31,10 @@ TokenizeStats tokenize_jsonl(const TextEncoder& enc, const std::string& in_path,
                              const std::string& out_path);
 TokenizeStats tokenize_jsonl(const text::Tokenizer& tok, const std::string& in_path,
                              const std::string& out_path);
+
+// The sources of a manifest.json written by build_demo (name, shards, weight), ready for
+// LoaderConfig::sources. Errors name the file and the field.
+std::vector<SourceSpec> read_manifest_sources(const std::string& path);
 
 struct DemoOptions {
   std::string out_dir;

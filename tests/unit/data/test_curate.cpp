@@ -1,5 +1,6 @@
 // Curation: text cleaning, PII, MinHash, the hashed classifier and the pipeline end to end.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -18,13 +19,19 @@ using json = nlohmann::json;
 
 namespace {
 
+// A per-process scratch directory, removed when the test binary exits.
+struct ScratchDir {
+  fs::path path = fs::temp_directory_path() / ("llama3_unit_curate_" + std::to_string(::getpid()));
+  ScratchDir() { fs::create_directories(path); }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
 fs::path tmpdir() {
-  static fs::path d = [] {
-    fs::path p = fs::temp_directory_path() / ("llama3_unit_curate_" + std::to_string(::getpid()));
-    fs::create_directories(p);
-    return p;
-  }();
-  return d;
+  static ScratchDir d;
+  return d.path;
 }
 
 std::string write_file(const std::string& name, const std::string& content) {

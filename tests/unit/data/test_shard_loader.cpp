@@ -1,5 +1,6 @@
 // Shards and the mixing loader, tested with token ids made directly (no tokenizer).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -16,13 +17,19 @@ using namespace llama3::data;
 
 namespace {
 
+// A per-process scratch directory, removed when the test binary exits.
+struct ScratchDir {
+  fs::path path = fs::temp_directory_path() / ("llama3_unit_data_" + std::to_string(::getpid()));
+  ScratchDir() { fs::create_directories(path); }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
 fs::path tmpdir() {
-  static fs::path d = [] {
-    fs::path p = fs::temp_directory_path() / ("llama3_unit_data_" + std::to_string(::getpid()));
-    fs::create_directories(p);
-    return p;
-  }();
-  return d;
+  static ScratchDir d;
+  return d.path;
 }
 
 constexpr int32_t kBos = 4000, kEos = 4001;

@@ -1,6 +1,7 @@
 // `data tokenize` (tokenize_jsonl) with a byte-level test encoder: shard content and the
 // errors for bad input. Independent of the real tokenizer.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -14,13 +15,20 @@ using namespace llama3::data;
 
 namespace {
 
+// A per-process scratch directory, removed when the test binary exits.
+struct ScratchDir {
+  fs::path path =
+      fs::temp_directory_path() / ("llama3_unit_tokenize_" + std::to_string(::getpid()));
+  ScratchDir() { fs::create_directories(path); }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
 fs::path dir() {
-  static fs::path d = [] {
-    fs::path p = fs::temp_directory_path() / ("llama3_unit_tokenize_" + std::to_string(::getpid()));
-    fs::create_directories(p);
-    return p;
-  }();
-  return d;
+  static ScratchDir d;
+  return d.path;
 }
 
 std::string file(const std::string& name, const std::string& content) {
@@ -95,4 +103,19 @@ TEST(Tokenize, BadInputNamesFileAndLine) {
   e = error_of([&] { tokenize_jsonl(bytes_encoder(), (dir() / "missing.jsonl").string(), out); });
   EXPECT_NE(e.find("cannot open"), std::string::npos) << e;
   EXPECT_FALSE(fs::exists(out));  // nothing half-written under the shard's name
+}
+
+TEST(Manifest, SourcesMapOntoTheLoaderConfig) {
+  std::string p = file("manifest.json",
+                       R"({"sources": [{"name": "general", "shards": ["g.shard"], "weight": 0.5},
+                                       {"name": "math", "shards": ["m1", "m2"], "weight": 0.25}]})");
+  auto s = read_manifest_sources(p);
+  ASSERT_EQ(s.size(), 2u);
+  EXPECT_EQ(s[1].name, "math");
+  EXPECT_EQ(s[1].shards, (std::vector<std::string>{"m1", "m2"}));
+  EXPECT_EQ(s[1].weight, 0.25);
+  std::string e =
+      error_of([&] { read_manifest_sources(file("bad.json", R"({"sources": [{"name": "x"}]})")); });
+  EXPECT_NE(e.find("bad.json"), std::string::npos) << e;
+  EXPECT_NE(e.find("shards"), std::string::npos) << e;
 }
