@@ -189,12 +189,31 @@ std::string roff_to_text(const std::string& src) {
     }
     return inline_escapes(r);
   };
+  // Macros whose arguments are running text (man(7) font macros; mdoc(7) semantic macros
+  // are recognised by their Xx shape). Everything else is layout and is dropped.
+  auto text_macro = [](std::string_view m) {
+    static const std::string_view kMan[] = {"B",  "I",  "BR", "BI", "IB", "IR", "RB",
+                                            "RI", "SM", "SB", "UR", "MT", "OP", "Nm"};
+    for (auto k : kMan)
+      if (m == k) return true;
+    static const std::string_view kLayout[] = {"Vb", "Ve", "Bl", "El", "Bd", "Ed", "Dd",
+                                               "Dt", "Os", "Bk", "Ek", "Rs", "Re"};
+    for (auto k : kLayout)
+      if (m == k) return false;
+    return m.size() == 2 && std::isupper(static_cast<unsigned char>(m[0])) &&
+           std::islower(static_cast<unsigned char>(m[1]));
+  };
+  std::string skip_until;  // inside a macro definition (..) or a conditional block (\})
   size_t p = 0;
   while (p < src.size()) {
     size_t e = src.find('\n', p);
     if (e == std::string::npos) e = src.size();
     std::string_view line(src.data() + p, e - p);
     p = e + 1;
+    if (!skip_until.empty()) {
+      if (line.find(skip_until) != std::string_view::npos) skip_until.clear();
+      continue;
+    }
     if (line.empty() || (line[0] != '.' && line[0] != '\'')) {
       out += inline_escapes(line);
       out.push_back('\n');
@@ -204,21 +223,21 @@ std::string roff_to_text(const std::string& src) {
     std::string_view mac =
         line.substr(1, sp == std::string_view::npos ? std::string_view::npos : sp - 1);
     std::string_view rest = sp == std::string_view::npos ? std::string_view() : line.substr(sp + 1);
-    if (mac.starts_with("\\\"") || mac == "TH" || mac == "Dd" || mac == "Dt" || mac == "Os" ||
-        mac == "so" || mac == "de" || mac == "ds" || mac == "if" || mac == "ie" || mac == "el" ||
-        mac == "nr" || mac == "ft" || mac == "in" || mac == "ti" || mac == "ta" || mac == "ne" ||
-        mac == "hy" || mac == "nh" || mac == "ad" || mac == "na" || mac == "ll" || mac == "tr" ||
-        mac == "ig" || mac == "mso" || mac == "." || mac.empty())
+    if (mac == "de" || mac == "de1" || mac == "am" || mac == "ig") {
+      skip_until = "..";
       continue;
+    }
+    if (line.find("\\{") != std::string_view::npos) {  // .if/.ie with a multi-line body
+      if (line.find("\\}") == std::string_view::npos) skip_until = "\\}";
+      continue;
+    }
     if (mac == "SH" || mac == "SS" || mac == "Sh" || mac == "Ss") {
       out += "\n" + args(rest) + "\n";
     } else if (mac == "PP" || mac == "P" || mac == "LP" || mac == "TP" || mac == "Pp" ||
-               mac == "sp" || mac == "IP") {
+               mac == "sp" || mac == "IP" || mac == "br" || mac == "It") {
       out += "\n";
-      if (mac == "IP" && !rest.empty()) out += args(rest) + " ";
-    } else if (mac == "br") {
-      out += "\n";
-    } else if (!rest.empty()) {
+      if ((mac == "IP" || mac == "It") && !rest.empty()) out += args(rest) + " ";
+    } else if (text_macro(mac) && !rest.empty()) {
       std::string a = args(rest);
       if (mac == "Fl") a = "-" + a;
       out += a + "\n";
