@@ -29,6 +29,19 @@ std::string flag(const Args& a, const std::string& name, const std::string& def 
   return def;
 }
 
+int to_int(const std::string& flag_name, const std::string& v) {
+  size_t used = 0;
+  int x = 0;
+  try {
+    x = std::stoi(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || x <= 0)
+    fail("data: {} expects a positive integer, got '{}'", flag_name, v);
+  return x;
+}
+
 }  // namespace
 
 int cmd_data(const Args& args) {
@@ -57,7 +70,7 @@ int cmd_data(const Args& args) {
     data::DemoOptions o;
     o.out_dir = flag(rest, "--out");
     std::string v = flag(rest, "--vocab-size", "", false);
-    if (!v.empty()) o.vocab_size = std::stoi(v);
+    if (!v.empty()) o.vocab_size = to_int("--vocab-size", v);
     data::build_demo(o);
     return 0;
   }
@@ -65,7 +78,7 @@ int cmd_data(const Args& args) {
     std::string in = flag(rest, "--in"), out = flag(rest, "--out");
     data::ClassifierOptions o;
     std::string ep = flag(rest, "--epochs", "", false);
-    if (!ep.empty()) o.epochs = std::stoi(ep);
+    if (!ep.empty()) o.epochs = to_int("--epochs", ep);
     auto ex = data::HashedClassifier::read_examples(in);
     std::vector<data::LabelledText> train, held;
     for (size_t i = 0; i < ex.size(); ++i) (i % 10 == 9 ? held : train).push_back(ex[i]);
