@@ -3,6 +3,5 @@
 #include "runtime/core/error.h"
 
 namespace llama3::cli {
-int cmd_data(const Args&) { fail("data: not built yet"); }
 int cmd_run(const Args&) { fail("run: not built yet"); }
 }  // namespace llama3::cli

