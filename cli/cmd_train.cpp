@@ -93,7 +93,7 @@ int cmd_train(const Args& args) {
     trainer.load(ckpt);
     spdlog::info("resumed from {} at step {}", ckpt, trainer.steps_done());
   }
-  const double peak = cpu_gemm_peak_flops(precision == "bf16");
+  const double peak = cpu_gemm_peak_flops(precision == "bf16", 2048);
   spdlog::info("model {} ({:.1f}M params), {} steps of {} x {} x {} tokens, {} , GEMM peak {:.0f} GFLOP/s",
                f.str("--flavour", "tiny"), double(cfg.num_params()) / 1e6, tc.steps, lc.batch_size, seq,
                tc.grad_accum, precision, peak / 1e9);
