@@ -1,13 +1,19 @@
 // `llama3 train`: single-process pre-training of a Llama 3 flavour on token shards built by
 // `llama3 data demo|tokenize` (a manifest.json), with a progress line (step, loss, tokens/s,
-// % of this machine's GEMM peak, ETA), periodic eval loss and resumable checkpoints.
+// % of this machine's GEMM peak, ETA), periodic eval loss and resumable checkpoints. OUT is a
+// stage directory of the run-directory contract (docs/observability.md): metrics.jsonl,
+// TensorBoard events in tb/, final.json and checkpoint/.
 #include <spdlog/spdlog.h>
 
+#include <cmath>
 #include <filesystem>
+#include <fstream>
 
 #include "cli/flags.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/io/checkpoint.h"
+#include "runtime/log/metrics.h"
+#include "runtime/log/progress.h"
 #include "text/data/build.h"
 #include "text/train/loader_source.h"
 
@@ -21,21 +27,16 @@ constexpr const char* kUsage =
     "                    [--accum 1] [--lr 3e-3] [--min-lr 3e-4] [--warmup 20] [--decay cosine]\n"
     "                    [--weight-decay 0.1] [--clip 1.0] [--precision f32|bf16]\n"
     "                    [--checkpointing] [--eval-every 50] [--eval-batches 4] [--ckpt-every 0]\n"
-    "                    [--seed 0] [--out runs/train] [--resume]\n"
+    "                    [--seed 0] [--out runs/train] [--stage train] [--resume]\n"
     "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.";
 
-std::string eta(double s) {
-  if (!(s >= 0) || s > 1e7) return "?";
-  int64_t t = int64_t(s);
-  return t >= 3600 ? fmt::format("{}h{:02}m", t / 3600, t % 3600 / 60) : fmt::format("{}m{:02}s", t / 60, t % 60);
-}
 }  // namespace
 
 int cmd_train(const Args& args) {
   Flags f(args,
           {"--data", "--flavour", "--steps", "--batch", "--seq", "--accum", "--lr", "--min-lr", "--warmup",
            "--decay", "--weight-decay", "--clip", "--precision", "--eval-every", "--eval-batches",
-           "--ckpt-every", "--seed", "--out"},
+           "--ckpt-every", "--seed", "--out", "--stage"},
           {"--checkpointing", "--resume"}, kUsage);
   const std::string data_dir = f.required("--data");
   const std::string out = f.str("--out", "runs/train");
@@ -97,21 +98,42 @@ int cmd_train(const Args& args) {
   spdlog::info("model {} ({:.1f}M params), {} steps of {} x {} x {} tokens, {} , GEMM peak {:.0f} GFLOP/s",
                f.str("--flavour", "tiny"), double(cfg.num_params()) / 1e6, tc.steps, lc.batch_size, seq,
                tc.grad_accum, precision, peak / 1e9);
+  const std::string stage = f.str("--stage", "train");
+  log::MetricsWriter metrics(out, stage);
+  log::ProgressOptions po;
+  po.stage = stage;
+  po.total_steps = tc.steps;
+  po.peak_flops = peak;
+  log::ProgressLine progress(po);
   double elapsed = 0;
-  int64_t timed = 0;
+  double last_loss = NAN, last_eval = NAN;
   trainer.on_step = [&](const text::StepStats& s) {
     elapsed += s.seconds;
-    ++timed;
-    const double per = elapsed / double(timed);
-    spdlog::info("step {}/{}  loss {:.4f}  lr {:.2e}  gnorm {:.3f}  {:.0f} tok/s  {:.0f}% of GEMM peak  ETA {}{}",
-                 s.step, s.total, s.loss, s.lr, s.grad_norm, s.tokens_per_s, 100.0 * s.flops_per_s / peak,
-                 eta(per * double(s.total - s.step)), s.skipped ? "  (update skipped: non-finite)" : "");
+    last_loss = s.loss;
+    if (s.skipped) progress.message(fmt::format("step {}: update skipped (non-finite loss or gradient)", s.step));
+    if (tc.log_every <= 1 || s.step % tc.log_every == 0 || s.step == s.total)
+      metrics.log(s.step, {{"tokens", s.tokens},
+                           {"time", elapsed},
+                           {"loss", s.loss},
+                           {"lr", s.lr},
+                           {"grad_norm", s.grad_norm},
+                           {"tokens_per_s", s.tokens_per_s},
+                           {"pct_gemm_peak", 100.0 * s.flops_per_s / peak}});
+    progress.update({.step = s.step, .loss = s.loss, .lr = s.lr, .tokens_per_s = s.tokens_per_s,
+                     .flops_per_s = s.flops_per_s, .step_seconds = s.seconds});
   };
   trainer.on_eval = [&](int64_t step, double loss) {
-    spdlog::info("eval step {}: loss {:.4f} (ppl {:.1f})", step, loss, std::exp(loss));
+    last_eval = loss;
+    metrics.log(step, {{"eval_loss", loss}, {"eval_ppl", std::exp(loss)}});
+    progress.message(fmt::format("eval step {}: loss {:.4f} (ppl {:.1f})", step, loss, std::exp(loss)));
   };
   trainer.run();
-  spdlog::info("saved {}", ckpt);
+  nlohmann::json fin = {{"steps", trainer.steps_done()}, {"tokens", trainer.tokens_seen()}, {"time", elapsed},
+                        {"skipped_steps", trainer.skipped_steps()}};
+  if (std::isfinite(last_loss)) fin["loss"] = last_loss;
+  if (std::isfinite(last_eval)) fin["eval_loss"] = last_eval;
+  std::ofstream(out + "/final.json", std::ios::trunc) << fin.dump(2) << '\n';
+  spdlog::info("saved {}; metrics in {}/metrics.jsonl, TensorBoard events in {}/tb", ckpt, out, out);
   return 0;
 }
 

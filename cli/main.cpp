@@ -19,6 +19,9 @@ constexpr Command kCommands[] = {
     {"tokenizer", llama3::cli::cmd_tokenizer, "train|encode|decode|stats a BPE tokenizer"},
     {"data", llama3::cli::cmd_data, "curate|tokenize|demo: build and curate training data"},
     {"run", llama3::cli::cmd_run, "run a staged recipe (recipes/*.textproto)"},
+    {"plot", llama3::cli::cmd_plot, "PNG charts of a run's metrics into RUN_DIR/plots"},
+    {"report", llama3::cli::cmd_report, "Markdown table of each stage's final metrics (RUN_DIR/report.md)"},
+    {"scaling", llama3::cli::cmd_scaling, "sweep|fit: IsoFLOPs scaling-law sweeps and fits"},
 };
 
 void usage() {
