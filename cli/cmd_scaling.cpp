@@ -5,6 +5,7 @@
 // budget, and draws isoflops.png and compute_optimal.png.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -57,32 +58,36 @@ void draw(const scaling::ScalingFit& fit, const std::vector<scaling::SweepRun>& 
   c.log_x = true;
   int i = 0;
   plot::Series minima;
-  for (const auto& m : fit.minima) {
-    auto& rs = by[m.budget];
+  for (auto& [budget, rs] : by) {
     std::sort(rs.begin(), rs.end(), [](auto& a, auto& b) { return a.tokens < b.tokens; });
+    const auto m = std::find_if(fit.minima.begin(), fit.minima.end(), [&](auto& x) { return x.budget == budget; });
     plot::Series pts;
-    pts.name = fmt::format("C = {}", plot::tick_label(m.budget));
-    pts.lines = false;
+    pts.name = fmt::format("C = {}{}", plot::tick_label(budget), m == fit.minima.end() ? " (excluded)" : "");
+    pts.lines = m == fit.minima.end();
+    pts.dashed = true;
     pts.markers = true;
     pts.color = i;
     for (const auto& r : rs) pts.x.push_back(r.tokens), pts.y.push_back(r.eval_loss);
-    plot::Series curve;
-    curve.color = i;
-    const double lo = std::log10(rs.front().tokens), hi = std::log10(rs.back().tokens);
-    const double a = std::min(lo, std::log10(m.opt_tokens)) - 0.1, b = std::max(hi, std::log10(m.opt_tokens)) + 0.1;
-    for (int k = 0; k <= 60; ++k) {
-      const double x = a + (b - a) * k / 60.0;
-      curve.x.push_back(std::pow(10.0, x));
-      curve.y.push_back(m.curve(x));
-    }
     c.series.push_back(pts);
-    c.series.push_back(curve);
-    plot::Series mn;
-    mn.lines = false;
-    mn.color = i;
-    mn.x = {m.opt_tokens};
-    mn.y = {m.opt_loss};
-    c.highlights.push_back(mn);
+    if (m != fit.minima.end()) {
+      plot::Series curve;
+      curve.color = i;
+      const double lo = std::log10(rs.front().tokens), hi = std::log10(rs.back().tokens);
+      const double a = std::min(lo, std::log10(m->opt_tokens)) - 0.1;
+      const double b = std::max(hi, std::log10(m->opt_tokens)) + 0.1;
+      for (int k = 0; k <= 60; ++k) {
+        const double x = a + (b - a) * k / 60.0;
+        curve.x.push_back(std::pow(10.0, x));
+        curve.y.push_back(m->curve(x));
+      }
+      c.series.push_back(curve);
+      plot::Series mn;
+      mn.lines = false;
+      mn.color = i;
+      mn.x = {m->opt_tokens};
+      mn.y = {m->opt_loss};
+      c.highlights.push_back(mn);
+    }
     ++i;
   }
   plot::write_png((fs::path(dir) / "isoflops.png").string(), plot::render(c));
@@ -135,13 +140,14 @@ int fit_cmd(const Flags& f) {
   for (const auto& m : fit.minima)
     fmt::print("  {:>10.3g}  {:>12.4g}  {:>10.4f}  {:>12.4g}  {:>9.4f}  {}\n", m.budget, m.opt_tokens, m.opt_loss,
                m.opt_params_6n, m.opt_math_loss, m.interior ? "yes" : "no (extrapolated)");
+  for (const auto& [c, why] : fit.excluded) fmt::print("  {:>10.3g}  excluded: {}\n", c, why);
   fmt::print("compute-optimal tokens: D*(C) = A * C^alpha with A = {:.4g}, alpha = {:.4f} (R^2 {:.3f}, log space)\n",
              fit.tokens_vs_compute.A, fit.tokens_vs_compute.alpha, fit.tokens_vs_compute.r2);
-  fmt::print("optimal loss: L*(C) = {:.4f} * log10(C) + {:.4f} (R^2 {:.3f})\n", fit.loss_vs_logc.slope,
-             fit.loss_vs_logc.intercept, fit.loss_vs_logc.r2);
+  fmt::print("optimal loss: L*(C) = {:.4g} * C^{:.4f} (R^2 {:.3f}, log space)\n", fit.loss_vs_compute.A,
+             fit.loss_vs_compute.alpha, fit.loss_vs_compute.r2);
   if (fit.has_math)
-    fmt::print("math NLL at the optimum: {:.4f} * log10(C) + {:.4f} (R^2 {:.3f})\n", fit.math_vs_logc.slope,
-               fit.math_vs_logc.intercept, fit.math_vs_logc.r2);
+    fmt::print("math NLL at the optimum: {:.4g} * C^{:.4f} (R^2 {:.3f}, log space)\n", fit.math_vs_compute.A,
+               fit.math_vs_compute.alpha, fit.math_vs_compute.r2);
   if (target > 0) {
     fmt::print("prediction at C = {:.3g}: D* = {:.4g} tokens, N* = {:.4g} (6ND), eval loss {:.4f}", target,
                fit.pred_tokens, fit.pred_params_6n, fit.pred_loss);

@@ -136,9 +136,16 @@ Image render(const Chart& c) {
       }
       const double X = px(a), Y = py(b);
       if (s.lines && std::isfinite(lx) && inside(X, Y) && inside(lx, ly)) {
-        const double seg = std::hypot(X - lx, Y - ly);
-        if (!s.dashed || std::fmod(dash_len, 16.0) < 9.0) img.line(lx, ly, X, Y, col, 2);
-        dash_len += seg;
+        if (!s.dashed) {
+          img.line(lx, ly, X, Y, col, 2);
+        } else {  // 9 pixels on, 7 off, continued across segments
+          const double seg = std::hypot(X - lx, Y - ly);
+          for (double t = 0; t < seg; t += 1.0, dash_len += 1.0)
+            if (std::fmod(dash_len, 16.0) < 9.0) {
+              const double a0 = t / seg, a1 = std::min(1.0, (t + 1.0) / seg);
+              img.line(lx + a0 * (X - lx), ly + a0 * (Y - ly), lx + a1 * (X - lx), ly + a1 * (Y - ly), col, 2);
+            }
+        }
       }
       if ((s.markers || highlight) && inside(X, Y)) {
         if (highlight) marker(img, int(std::lround(X)), int(std::lround(Y)), kBlack, 7);
@@ -159,7 +166,20 @@ Image render(const Chart& c) {
     int wmax = 0;
     for (const auto& e : entries) wmax = std::max(wmax, text_width(e.first, kScale));
     const int lh = gh + 6, bw = wmax + 44, bh = int(entries.size()) * lh + 8;
-    const int bx = left + pw - bw - 8, by = top + 8;
+    // The corner whose box covers the fewest data points.
+    int bx = left + pw - bw - 8, by = top + 8;
+    long best = -1;
+    for (const auto& [cx, cy] : {std::pair{left + pw - bw - 8, top + 8}, std::pair{left + 8, top + 8},
+                                 std::pair{left + pw - bw - 8, top + ph - bh - 8}, std::pair{left + 8, top + ph - bh - 8}}) {
+      long n = 0;
+      for (const auto* ss : {&c.series, &c.highlights})
+        for (const auto& s : *ss)
+          for (size_t i = 0; i < std::min(s.x.size(), s.y.size()); ++i) {
+            const double X = px(tx(s.x[i], c.log_x)), Y = py(tx(s.y[i], c.log_y));
+            n += X >= cx - 6 && X <= cx + bw + 6 && Y >= cy - 6 && Y <= cy + bh + 6;
+          }
+      if (best < 0 || n < best) best = n, bx = cx, by = cy;
+    }
     img.fill_rect(bx, by, bx + bw, by + bh, {255, 255, 255});
     img.line(bx, by, bx + bw, by, kAxis), img.line(bx, by + bh, bx + bw, by + bh, kAxis);
     img.line(bx, by, bx, by + bh, kAxis), img.line(bx + bw, by, bx + bw, by + bh, kAxis);

@@ -129,14 +129,15 @@ SweepRun sweep_run_from_json(const nlohmann::json& j, const std::string& where) 
 ScalingFit fit_scaling(const std::vector<SweepRun>& runs, double target_budget) {
   std::map<double, std::vector<SweepRun>> by_budget;
   for (const auto& r : runs) by_budget[r.budget].push_back(r);
-  LLAMA3_CHECK(by_budget.size() >= 2, "scaling fit needs at least 2 compute budgets, got {}", by_budget.size());
   ScalingFit f;
   f.target_budget = target_budget;
   f.has_math = std::all_of(runs.begin(), runs.end(), [](const SweepRun& r) { return std::isfinite(r.math_loss); });
   std::vector<double> cs, ds, ls, ms;
   for (auto& [c, rs] : by_budget) {
-    LLAMA3_CHECK(rs.size() >= 3, "budget {:.3g} FLOPs has {} runs; the IsoFLOPs parabola needs at least 3", c,
-                 rs.size());
+    if (rs.size() < 3) {
+      f.excluded.emplace_back(c, fmt::format("{} runs; the IsoFLOPs parabola needs at least 3", rs.size()));
+      continue;
+    }
     std::vector<double> x, y, m;
     for (const auto& r : rs) {
       x.push_back(std::log10(r.tokens));
@@ -146,10 +147,12 @@ ScalingFit fit_scaling(const std::vector<SweepRun>& runs, double target_budget) 
     IsoflopsMin mn;
     mn.budget = c;
     mn.curve = fit_quadratic(x, y);
-    LLAMA3_CHECK(mn.curve.a > 0,
-                 "budget {:.3g} FLOPs: loss vs log10(tokens) is not convex (x^2 coefficient {:.4g}); the sweep "
-                 "does not bracket the optimum, add smaller and larger models",
-                 c, mn.curve.a);
+    if (!(mn.curve.a > 0)) {
+      f.excluded.emplace_back(c, fmt::format("loss vs log10(tokens) is not convex (x^2 coefficient {:.4g}): the grid "
+                                             "does not bracket the optimum; add smaller and larger models",
+                                             mn.curve.a));
+      continue;
+    }
     const double xs = mn.curve.argmin();
     mn.interior = xs >= *std::min_element(x.begin(), x.end()) && xs <= *std::max_element(x.begin(), x.end());
     mn.opt_tokens = std::pow(10.0, xs);
@@ -162,16 +165,19 @@ ScalingFit fit_scaling(const std::vector<SweepRun>& runs, double target_budget) 
     ls.push_back(mn.opt_loss);
     ms.push_back(mn.opt_math_loss);
   }
+  if (cs.size() < 2) {
+    std::string why;
+    for (const auto& [c, r] : f.excluded) why += fmt::format("\n  budget {:.3g} FLOPs: {}", c, r);
+    fail("scaling fit needs at least 2 usable compute budgets, got {} of {}{}", cs.size(), by_budget.size(), why);
+  }
   f.tokens_vs_compute = fit_power_law(cs, ds);
-  std::vector<double> logc;
-  for (double c : cs) logc.push_back(std::log10(c));
-  f.loss_vs_logc = fit_linear(logc, ls);
-  if (f.has_math) f.math_vs_logc = fit_linear(logc, ms);
+  f.loss_vs_compute = fit_power_law(cs, ls);
+  if (f.has_math) f.math_vs_compute = fit_power_law(cs, ms);
   if (target_budget > 0) {
     f.pred_tokens = f.tokens_vs_compute(target_budget);
     f.pred_params_6n = target_budget / (6.0 * f.pred_tokens);
-    f.pred_loss = f.loss_vs_logc(std::log10(target_budget));
-    if (f.has_math) f.pred_math_loss = f.math_vs_logc(std::log10(target_budget));
+    f.pred_loss = f.loss_vs_compute(target_budget);
+    if (f.has_math) f.pred_math_loss = f.math_vs_compute(target_budget);
   }
   return f;
 }
@@ -188,20 +194,23 @@ nlohmann::json to_json(const ScalingFit& f) {
     if (std::isfinite(m.opt_math_loss)) j["opt_math_loss"] = m.opt_math_loss;
     mins.push_back(j);
   }
+  nlohmann::json excl = nlohmann::json::array();
+  for (const auto& [c, r] : f.excluded) excl.push_back({{"budget", c}, {"reason", r}});
   nlohmann::json j = {
       {"isoflops", mins},
+      {"excluded_budgets", excl},
       {"tokens_vs_compute",
        {{"form", "D*(C) = A * C^alpha"}, {"A", f.tokens_vs_compute.A}, {"alpha", f.tokens_vs_compute.alpha},
         {"r2", f.tokens_vs_compute.r2}}},
       {"loss_vs_compute",
-       {{"form", "L*(C) = slope * log10(C) + intercept"}, {"slope", f.loss_vs_logc.slope},
-        {"intercept", f.loss_vs_logc.intercept}, {"r2", f.loss_vs_logc.r2}}},
+       {{"form", "L*(C) = B * C^beta"}, {"B", f.loss_vs_compute.A}, {"beta", f.loss_vs_compute.alpha},
+        {"r2", f.loss_vs_compute.r2}}},
   };
   if (f.has_math)
-    j["math_nll_vs_compute"] = {{"form", "NLL*(C) = slope * log10(C) + intercept"},
-                                {"slope", f.math_vs_logc.slope},
-                                {"intercept", f.math_vs_logc.intercept},
-                                {"r2", f.math_vs_logc.r2}};
+    j["math_nll_vs_compute"] = {{"form", "NLL*(C) = B * C^beta"},
+                                {"B", f.math_vs_compute.A},
+                                {"beta", f.math_vs_compute.alpha},
+                                {"r2", f.math_vs_compute.r2}};
   if (f.target_budget > 0) {
     j["prediction"] = {{"budget", f.target_budget},
                        {"tokens", f.pred_tokens},

@@ -1,7 +1,8 @@
 // Scaling-law fits (Llama 3 paper, 3.2.1): per compute budget, a second-degree polynomial
 // of loss against log10(training tokens) whose minimum is the compute-optimal token count;
 // across budgets, the power law D*(C) = A * C^alpha fitted by least squares in log space;
-// and extrapolation of the optimal loss (and a downstream NLL proxy) to a larger budget.
+// and extrapolation of the optimal loss (and a downstream NLL proxy), each a power law of C,
+// to a larger budget.
 #pragma once
 
 #include <cstdint>
@@ -62,15 +63,21 @@ struct IsoflopsMin {
 
 struct ScalingFit {
   std::vector<IsoflopsMin> minima;
+  // Budgets left out of the power-law fit, with the reason (too few runs, not convex: the
+  // grid does not bracket the optimum there).
+  std::vector<std::pair<double, std::string>> excluded;
   PowerLaw tokens_vs_compute;   // D*(C) = A C^alpha
-  Linear loss_vs_logc;          // L*(C) = slope log10 C + intercept
-  Linear math_vs_logc;          // math NLL at the optimum vs log10 C (if math losses exist)
+  // L*(C) = B C^beta and the math NLL at the optimum likewise: power laws (beta < 0) stay
+  // positive when extrapolated, unlike a line in log C.
+  PowerLaw loss_vs_compute;
+  PowerLaw math_vs_compute;     // only if every run has a math loss
   bool has_math = false;
   double target_budget = 0;
   double pred_tokens = 0, pred_params_6n = 0, pred_loss = 0, pred_math_loss = NAN;
 };
 
-// Needs >= 3 runs per budget (with a convex fit) and >= 2 budgets; errors say which is short.
+// Each budget needs >= 3 runs and a convex parabola, else it is excluded (listed in
+// `excluded`); at least 2 budgets must remain, else the error lists why each was excluded.
 ScalingFit fit_scaling(const std::vector<SweepRun>& runs, double target_budget);
 nlohmann::json to_json(const ScalingFit& f);
 

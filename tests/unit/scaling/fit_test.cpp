@@ -45,7 +45,7 @@ TEST(FitPowerLaw, RejectsNonPositiveValues) {
 }
 
 TEST(FitScaling, SyntheticIsoflopsSweepGivesBackAAndAlpha) {
-  // loss(C, D) = L(C) + k (log10 D - log10 D*(C))^2, D*(C) = 2.5 C^0.45, L(C) = 12 - 0.8 log10 C.
+  // loss(C, D) = L(C) + k (log10 D - log10 D*(C))^2, D*(C) = 2.5 C^0.45, L(C) = 40 C^-0.1.
   const double A = 2.5, alpha = 0.45;
   std::vector<SweepRun> runs;
   for (double c : {1e12, 3e12, 1e13}) {
@@ -54,8 +54,8 @@ TEST(FitScaling, SyntheticIsoflopsSweepGivesBackAAndAlpha) {
       SweepRun r;
       r.budget = c;
       r.tokens = std::pow(10.0, xs + dx);
-      r.eval_loss = 12 - 0.8 * std::log10(c) + 0.7 * dx * dx;
-      r.math_loss = 9 - 0.5 * std::log10(c) + 0.2 * dx * dx;
+      r.eval_loss = 40 * std::pow(c, -0.1) + 0.7 * dx * dx;
+      r.math_loss = 30 * std::pow(c, -0.15) + 0.2 * dx * dx;
       runs.push_back(r);
     }
   }
@@ -63,20 +63,39 @@ TEST(FitScaling, SyntheticIsoflopsSweepGivesBackAAndAlpha) {
   ASSERT_EQ(f.minima.size(), 3u);
   for (const auto& m : f.minima) {
     EXPECT_NEAR(std::log10(m.opt_tokens), std::log10(A * std::pow(m.budget, alpha)), 1e-9);
-    EXPECT_NEAR(m.opt_loss, 12 - 0.8 * std::log10(m.budget), 1e-9);
+    EXPECT_NEAR(m.opt_loss, 40 * std::pow(m.budget, -0.1), 1e-9);
     EXPECT_TRUE(m.interior);
   }
   EXPECT_NEAR(f.tokens_vs_compute.alpha, alpha, 1e-9);
   EXPECT_NEAR(f.tokens_vs_compute.A, A, 1e-7);
-  EXPECT_NEAR(f.loss_vs_logc.slope, -0.8, 1e-9);
-  EXPECT_NEAR(f.pred_loss, 12 - 0.8 * 15, 1e-8);
+  EXPECT_NEAR(f.loss_vs_compute.alpha, -0.1, 1e-9);
+  EXPECT_NEAR(f.loss_vs_compute.A, 40, 1e-6);
+  EXPECT_NEAR(f.pred_loss, 40 * std::pow(1e15, -0.1), 1e-8);
   EXPECT_NEAR(f.pred_tokens, A * std::pow(1e15, alpha), 1e-6 * f.pred_tokens);
   EXPECT_NEAR(f.pred_params_6n, 1e15 / (6 * f.pred_tokens), 1e-9 * f.pred_params_6n);
   ASSERT_TRUE(f.has_math);
-  EXPECT_NEAR(f.pred_math_loss, 9 - 0.5 * 15, 1e-8);
+  EXPECT_NEAR(f.pred_math_loss, 30 * std::pow(1e15, -0.15), 1e-8);
 }
 
-TEST(FitScaling, ConcaveBudgetIsAnErrorThatSaysWhy) {
+TEST(FitScaling, ANonConvexBudgetIsExcludedWithItsReason) {
+  std::vector<SweepRun> runs;
+  auto add = [&](double c, double x, double loss) {
+    SweepRun r;
+    r.budget = c, r.tokens = std::pow(10.0, x), r.eval_loss = loss;
+    runs.push_back(r);
+  };
+  for (double x : {5.0, 6.0, 7.0}) add(1e11, x, -(x - 6) * (x - 6));   // concave: not bracketed
+  for (double x : {5.0, 6.0, 7.0}) add(1e12, x, (x - 6) * (x - 6) + 3);  // minimum at 1e6 tokens
+  for (double x : {5.5, 6.5, 7.5}) add(1e13, x, (x - 7) * (x - 7) + 2);  // minimum at 1e7 tokens
+  const ScalingFit f = fit_scaling(runs, 0);
+  ASSERT_EQ(f.excluded.size(), 1u);
+  EXPECT_EQ(f.excluded[0].first, 1e11);
+  EXPECT_NE(f.excluded[0].second.find("not convex"), std::string::npos) << f.excluded[0].second;
+  ASSERT_EQ(f.minima.size(), 2u);
+  EXPECT_NEAR(f.tokens_vs_compute.alpha, 1.0, 1e-9);  // one decade of tokens per decade of compute
+}
+
+TEST(FitScaling, FewerThanTwoUsableBudgetsIsAnErrorThatSaysWhy) {
   std::vector<SweepRun> runs;
   for (double c : {1e12, 1e13})
     for (double x : {5.0, 6.0, 7.0}) {
