@@ -14,7 +14,8 @@ namespace llama3::cli {
 namespace {
 constexpr const char* kUsage =
     "usage: llama3 plot RUN_DIR [--out DIR]\n"
-    "  Reads RUN_DIR/state.json and RUN_DIR/<stage>/metrics.jsonl; writes PNGs to RUN_DIR/plots (or DIR).";
+    "  Reads RUN_DIR/state.json and RUN_DIR/<stage>/metrics.jsonl; writes PNGs to RUN_DIR/plots "
+    "(or DIR).";
 
 plot::Series to_series(const std::string& name, const log::Series& s, double x_offset = 0) {
   plot::Series out;
@@ -108,7 +109,8 @@ int cmd_plot(const Args& args) {
   LLAMA3_CHECK(f.positional().size() == 1, "expected one RUN_DIR\n{}", kUsage);
   const std::string run = f.positional()[0];
   const auto files = plot_run(run, f.str("--out", (fs::path(run) / "plots").string()));
-  LLAMA3_CHECK(!files.empty(), "{}: no metrics to plot (no stage has a metrics.jsonl with numeric fields)", run);
+  LLAMA3_CHECK(!files.empty(),
+               "{}: no metrics to plot (no stage has a metrics.jsonl with numeric fields)", run);
   for (const auto& p : files) fmt::print("wrote {}\n", p);
   return 0;
 }

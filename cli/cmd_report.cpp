@@ -38,7 +38,8 @@ int rank(const std::string& k) {
 std::string run_report_markdown(const std::string& run_dir) {
   const auto stages = log::read_run(run_dir);
   std::string md = fmt::format("# Run report: {}\n\n", run_dir);
-  if (stages.empty()) return md + "No stages found (no state.json entries and no */metrics.jsonl).\n";
+  if (stages.empty())
+    return md + "No stages found (no state.json entries and no */metrics.jsonl).\n";
   std::set<std::string> keys;
   for (const auto& s : stages)
     for (const auto& [k, v] : s.final) keys.insert(k);
@@ -53,7 +54,8 @@ std::string run_report_markdown(const std::string& run_dir) {
   md += "\n";
   for (const auto& s : stages) {
     md += fmt::format("| {} | {} | {} |", s.name, s.finished ? "finished" : "in progress",
-                      s.final_from_json ? "final.json" : (s.series.empty() ? "-" : "metrics.jsonl (last values)"));
+                      s.final_from_json ? "final.json"
+                                        : (s.series.empty() ? "-" : "metrics.jsonl (last values)"));
     for (const auto& c : cols) {
       auto it = s.final.find(c);
       md += fmt::format(" {} |", it == s.final.end() ? std::string() : cell(it->second));

@@ -28,8 +28,10 @@ constexpr const char* kUsage =
     "       llama3 scaling fit SWEEP.json [--target FLOPS] [--out DIR]\n"
     "  sweep: trains every model of CONFIG's grid at every budget (tokens = C / FLOPs per token),\n"
     "         writing DIR/sweep.json (default runs/scaling); re-running resumes.\n"
-    "  fit:   writes fit.json, isoflops.png and compute_optimal.png next to SWEEP.json (or in DIR).\n"
-    "  The default grid is text/scaling/default_sweep.json (data: runs/demo from `llama3 data demo`).";
+    "  fit:   writes fit.json, isoflops.png and compute_optimal.png next to SWEEP.json (or in "
+    "DIR).\n"
+    "  The default grid is text/scaling/default_sweep.json (data: runs/demo from `llama3 data "
+    "demo`).";
 
 int sweep(const Flags& f) {
   LLAMA3_CHECK(f.positional().size() == 2, "scaling sweep: expected CONFIG.json\n{}", kUsage);
@@ -40,15 +42,17 @@ int sweep(const Flags& f) {
   o.out_dir = f.str("--out", "runs/scaling");
   o.log = [](const std::string& s) { spdlog::info("{}", s); };
   const auto t0 = std::chrono::steady_clock::now();
-  spdlog::info("scaling sweep: {} budgets x {} models, seq {} batch {}, data {}", cfg.budgets.size(),
-               cfg.models.size(), cfg.seq_len, cfg.batch, cfg.data_dir);
+  spdlog::info("scaling sweep: {} budgets x {} models, seq {} batch {}, data {}",
+               cfg.budgets.size(), cfg.models.size(), cfg.seq_len, cfg.batch, cfg.data_dir);
   const auto runs = scaling::run_sweep(cfg, o);
   spdlog::info("scaling sweep: {} runs in {:.1f} s; wrote {}/sweep.json", runs.size(),
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), o.out_dir);
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+               o.out_dir);
   return 0;
 }
 
-void draw(const scaling::ScalingFit& fit, const std::vector<scaling::SweepRun>& runs, const std::string& dir) {
+void draw(const scaling::ScalingFit& fit, const std::vector<scaling::SweepRun>& runs,
+          const std::string& dir) {
   std::map<double, std::vector<scaling::SweepRun>> by;
   for (const auto& r : runs) by[r.budget].push_back(r);
   plot::Chart c;
@@ -60,9 +64,11 @@ void draw(const scaling::ScalingFit& fit, const std::vector<scaling::SweepRun>& 
   plot::Series minima;
   for (auto& [budget, rs] : by) {
     std::sort(rs.begin(), rs.end(), [](auto& a, auto& b) { return a.tokens < b.tokens; });
-    const auto m = std::find_if(fit.minima.begin(), fit.minima.end(), [&](auto& x) { return x.budget == budget; });
+    const auto m = std::find_if(fit.minima.begin(), fit.minima.end(),
+                                [&](auto& x) { return x.budget == budget; });
     plot::Series pts;
-    pts.name = fmt::format("C = {}{}", plot::tick_label(budget), m == fit.minima.end() ? " (excluded)" : "");
+    pts.name = fmt::format("C = {}{}", plot::tick_label(budget),
+                           m == fit.minima.end() ? " (excluded)" : "");
     pts.lines = m == fit.minima.end();
     pts.dashed = true;
     pts.markers = true;
@@ -132,25 +138,29 @@ int fit_cmd(const Flags& f) {
   const auto runs = scaling::read_sweep(path, &cfg);
   const double target = f.real("--target", cfg.target_budget > 0 ? cfg.target_budget : 0.0);
   const auto fit = scaling::fit_scaling(runs, target);
-  const std::string dir = f.str("--out", fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string());
+  const std::string dir = f.str(
+      "--out", fs::path(path).parent_path().empty() ? "." : fs::path(path).parent_path().string());
   fs::create_directories(dir);
   fmt::print("IsoFLOPs minima (parabola of held-out loss in log10 tokens):\n");
-  fmt::print("  {:>10}  {:>12}  {:>10}  {:>12}  {:>9}  {}\n", "budget", "D* tokens", "loss*", "N*=C/6D*", "math*",
-             "inside sampled range");
+  fmt::print("  {:>10}  {:>12}  {:>10}  {:>12}  {:>9}  {}\n", "budget", "D* tokens", "loss*",
+             "N*=C/6D*", "math*", "inside sampled range");
   for (const auto& m : fit.minima)
-    fmt::print("  {:>10.3g}  {:>12.4g}  {:>10.4f}  {:>12.4g}  {:>9.4f}  {}\n", m.budget, m.opt_tokens, m.opt_loss,
-               m.opt_params_6n, m.opt_math_loss, m.interior ? "yes" : "no (extrapolated)");
+    fmt::print("  {:>10.3g}  {:>12.4g}  {:>10.4f}  {:>12.4g}  {:>9.4f}  {}\n", m.budget,
+               m.opt_tokens, m.opt_loss, m.opt_params_6n, m.opt_math_loss,
+               m.interior ? "yes" : "no (extrapolated)");
   for (const auto& [c, why] : fit.excluded) fmt::print("  {:>10.3g}  excluded: {}\n", c, why);
-  fmt::print("compute-optimal tokens: D*(C) = A * C^alpha with A = {:.4g}, alpha = {:.4f} (R^2 {:.3f}, log space)\n",
-             fit.tokens_vs_compute.A, fit.tokens_vs_compute.alpha, fit.tokens_vs_compute.r2);
-  fmt::print("optimal loss: L*(C) = {:.4g} * C^{:.4f} (R^2 {:.3f}, log space)\n", fit.loss_vs_compute.A,
-             fit.loss_vs_compute.alpha, fit.loss_vs_compute.r2);
+  fmt::print(
+      "compute-optimal tokens: D*(C) = A * C^alpha with A = {:.4g}, alpha = {:.4f} (R^2 {:.3f}, "
+      "log space)\n",
+      fit.tokens_vs_compute.A, fit.tokens_vs_compute.alpha, fit.tokens_vs_compute.r2);
+  fmt::print("optimal loss: L*(C) = {:.4g} * C^{:.4f} (R^2 {:.3f}, log space)\n",
+             fit.loss_vs_compute.A, fit.loss_vs_compute.alpha, fit.loss_vs_compute.r2);
   if (fit.has_math)
-    fmt::print("math NLL at the optimum: {:.4g} * C^{:.4f} (R^2 {:.3f}, log space)\n", fit.math_vs_compute.A,
-               fit.math_vs_compute.alpha, fit.math_vs_compute.r2);
+    fmt::print("math NLL at the optimum: {:.4g} * C^{:.4f} (R^2 {:.3f}, log space)\n",
+               fit.math_vs_compute.A, fit.math_vs_compute.alpha, fit.math_vs_compute.r2);
   if (target > 0) {
-    fmt::print("prediction at C = {:.3g}: D* = {:.4g} tokens, N* = {:.4g} (6ND), eval loss {:.4f}", target,
-               fit.pred_tokens, fit.pred_params_6n, fit.pred_loss);
+    fmt::print("prediction at C = {:.3g}: D* = {:.4g} tokens, N* = {:.4g} (6ND), eval loss {:.4f}",
+               target, fit.pred_tokens, fit.pred_params_6n, fit.pred_loss);
     if (fit.has_math) fmt::print(", math NLL {:.4f}", fit.pred_math_loss);
     fmt::print("\n");
   }

@@ -14,7 +14,8 @@ namespace fs = std::filesystem;
 
 namespace llama3::log {
 
-MetricsWriter::MetricsWriter(const std::string& stage_dir, const std::string& stage_name, bool tensorboard)
+MetricsWriter::MetricsWriter(const std::string& stage_dir, const std::string& stage_name,
+                             bool tensorboard)
     : stage_(stage_name), path_((fs::path(stage_dir) / "metrics.jsonl").string()) {
   fs::create_directories(stage_dir);
   f_ = std::fopen(path_.c_str(), "ab");
@@ -26,10 +27,13 @@ MetricsWriter::~MetricsWriter() {
   if (f_) std::fclose(f_);
 }
 
-std::string MetricsWriter::events_path() const { return events_ ? events_->path() : std::string(); }
+std::string MetricsWriter::events_path() const {
+  return events_ ? events_->path() : std::string();
+}
 
 void MetricsWriter::log(int64_t step, const nlohmann::json& fields) {
-  LLAMA3_CHECK(fields.is_object(), "MetricsWriter::log: fields must be a JSON object, got {}", fields.dump());
+  LLAMA3_CHECK(fields.is_object(), "MetricsWriter::log: fields must be a JSON object, got {}",
+               fields.dump());
   nlohmann::json line = {{"stage", stage_}, {"step", step}};
   std::vector<std::pair<std::string, float>> scalars;
   for (auto it = fields.begin(); it != fields.end(); ++it) {
@@ -74,7 +78,8 @@ std::map<std::string, Series> read_metrics_jsonl(const std::string& path) {
                  "{}:{}: a metrics line must be an object with an integer \"step\"", path, i + 1);
     const int64_t step = j["step"].get<int64_t>();
     for (auto it = j.begin(); it != j.end(); ++it)
-      if (it.key() != "step" && it.value().is_number()) by_step[it.key()][step] = it.value().get<double>();
+      if (it.key() != "step" && it.value().is_number())
+        by_step[it.key()][step] = it.value().get<double>();
   }
   std::map<std::string, Series> out;
   for (auto& [k, m] : by_step) out[k] = Series(m.begin(), m.end());
@@ -95,7 +100,8 @@ std::vector<StageMetrics> read_run(const std::string& run_dir) {
       fail("{}: invalid JSON: {}", state.string(), e.what());
     }
     if (j.contains("finished")) {
-      LLAMA3_CHECK(j["finished"].is_array(), "{}: \"finished\" must be a list of stage names", state.string());
+      LLAMA3_CHECK(j["finished"].is_array(), "{}: \"finished\" must be a list of stage names",
+                   state.string());
       for (const auto& s : j["finished"]) finished.push_back(s.get<std::string>());
     }
   }

@@ -11,10 +11,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace llama3::log {
 
@@ -23,7 +22,8 @@ class EventWriter;
 class MetricsWriter {
  public:
   // Creates stage_dir if needed. `tensorboard = false` writes metrics.jsonl only.
-  MetricsWriter(const std::string& stage_dir, const std::string& stage_name, bool tensorboard = true);
+  MetricsWriter(const std::string& stage_dir, const std::string& stage_name,
+                bool tensorboard = true);
   ~MetricsWriter();
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;
@@ -48,10 +48,10 @@ using Series = std::vector<std::pair<int64_t, double>>;
 struct StageMetrics {
   std::string name;
   std::string dir;
-  bool finished = false;                  // listed in state.json's "finished"
-  std::map<std::string, Series> series;   // numeric fields of metrics.jsonl ("step" excluded)
-  std::map<std::string, double> final;    // final.json, or the last value of each series
-  bool final_from_json = false;           // whether `final` came from final.json
+  bool finished = false;                 // listed in state.json's "finished"
+  std::map<std::string, Series> series;  // numeric fields of metrics.jsonl ("step" excluded)
+  std::map<std::string, double> final;   // final.json, or the last value of each series
+  bool final_from_json = false;          // whether `final` came from final.json
 };
 
 // Reads a metrics.jsonl (see the header comment for duplicate steps and a torn last line).

@@ -25,7 +25,9 @@ ProgressLine::ProgressLine(ProgressOptions opts) : o_(std::move(opts)) {
   tty_ = o_.tty < 0 ? isatty(fileno(stdout)) != 0 : o_.tty != 0;
 }
 
-ProgressLine::~ProgressLine() { end_line(); }
+ProgressLine::~ProgressLine() {
+  end_line();
+}
 
 void ProgressLine::end_line() {
   if (line_open_) {
@@ -37,11 +39,14 @@ void ProgressLine::end_line() {
 
 std::string ProgressLine::format(const ProgressUpdate& u) const {
   std::string s = o_.stage.empty() ? "" : o_.stage + "  ";
-  s += o_.total_steps > 0 ? fmt::format("step {}/{}", u.step, o_.total_steps) : fmt::format("step {}", u.step);
+  s += o_.total_steps > 0 ? fmt::format("step {}/{}", u.step, o_.total_steps)
+                          : fmt::format("step {}", u.step);
   s += fmt::format("  loss {:.4f}  lr {:.2e}  {:.0f} tok/s", u.loss, u.lr, u.tokens_per_s);
-  if (o_.peak_flops > 0) s += fmt::format("  {:.1f}% {}", 100.0 * u.flops_per_s / o_.peak_flops, o_.peak_name);
+  if (o_.peak_flops > 0)
+    s += fmt::format("  {:.1f}% {}", 100.0 * u.flops_per_s / o_.peak_flops, o_.peak_name);
   if (o_.total_steps > 0 && steps_timed_ > 0)
-    s += "  ETA " + format_eta(step_time_sum_ / double(steps_timed_) * double(o_.total_steps - u.step));
+    s += "  ETA " +
+         format_eta(step_time_sum_ / double(steps_timed_) * double(o_.total_steps - u.step));
   return s;
 }
 

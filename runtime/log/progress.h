@@ -10,22 +10,22 @@
 namespace llama3::log {
 
 struct ProgressOptions {
-  std::string stage;              // shown first, e.g. "pretrain"
+  std::string stage;  // shown first, e.g. "pretrain"
   int64_t total_steps = 0;
-  double peak_flops = 0;          // FLOP/s the percentage is taken of; 0: not shown
+  double peak_flops = 0;                // FLOP/s the percentage is taken of; 0: not shown
   std::string peak_name = "GEMM peak";  // "GEMM peak" on CPU, "MFU" against a GPU's spec
-  double tty_interval_s = 0.1;    // redraw throttle on a terminal
-  double plain_interval_s = 10;   // spdlog line throttle otherwise
-  int tty = -1;                   // -1: isatty(stdout); 0/1 to force (tests)
+  double tty_interval_s = 0.1;          // redraw throttle on a terminal
+  double plain_interval_s = 10;         // spdlog line throttle otherwise
+  int tty = -1;                         // -1: isatty(stdout); 0/1 to force (tests)
 };
 
 struct ProgressUpdate {
-  int64_t step = 0;           // steps done
+  int64_t step = 0;  // steps done
   double loss = 0;
   double lr = 0;
   double tokens_per_s = 0;
   double flops_per_s = 0;
-  double step_seconds = 0;    // wall time of this step (for the ETA)
+  double step_seconds = 0;  // wall time of this step (for the ETA)
 };
 
 class ProgressLine {

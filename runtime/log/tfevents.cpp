@@ -32,7 +32,9 @@ void put_varint(std::string& out, uint64_t v) {
   }
   out.push_back(char(uint8_t(v)));
 }
-void put_tag(std::string& out, int field, int wire) { put_varint(out, uint64_t(field) << 3 | uint64_t(wire)); }
+void put_tag(std::string& out, int field, int wire) {
+  put_varint(out, uint64_t(field) << 3 | uint64_t(wire));
+}
 void put_bytes(std::string& out, int field, std::string_view s) {
   put_tag(out, field, 2);
   put_varint(out, s.size());
@@ -117,8 +119,8 @@ EventWriter::~EventWriter() {
 }
 
 void EventWriter::write(const std::string& record) {
-  LLAMA3_CHECK(std::fwrite(record.data(), 1, record.size(), f_) == record.size(), "{}: write failed: {}",
-               path_, std::strerror(errno));
+  LLAMA3_CHECK(std::fwrite(record.data(), 1, record.size(), f_) == record.size(),
+               "{}: write failed: {}", path_, std::strerror(errno));
   std::fflush(f_);
 }
 
@@ -128,6 +130,8 @@ void EventWriter::scalars(int64_t step, std::span<const std::pair<std::string, f
   write(tfrecord(encode_scalars_event(wall_time, step, values)));
 }
 
-void EventWriter::flush() { std::fflush(f_); }
+void EventWriter::flush() {
+  std::fflush(f_);
+}
 
 }  // namespace llama3::log

@@ -36,7 +36,8 @@ class EventWriter {
   EventWriter(const EventWriter&) = delete;
   EventWriter& operator=(const EventWriter&) = delete;
 
-  void scalars(int64_t step, std::span<const std::pair<std::string, float>> values, double wall_time);
+  void scalars(int64_t step, std::span<const std::pair<std::string, float>> values,
+               double wall_time);
   void flush();
   const std::string& path() const { return path_; }
 

@@ -12,7 +12,9 @@ namespace {
 constexpr Color kBlack{0, 0, 0}, kGrid{225, 225, 225}, kAxis{60, 60, 60};
 constexpr int kScale = 2;  // font scale: 10x14 pixel glyphs
 
-double tx(double v, bool log) { return log ? (v > 0 ? std::log10(v) : std::numeric_limits<double>::quiet_NaN()) : v; }
+double tx(double v, bool log) {
+  return log ? (v > 0 ? std::log10(v) : std::numeric_limits<double>::quiet_NaN()) : v;
+}
 
 void marker(Image& img, int x, int y, Color c, int r) {
   for (int dy = -r; dy <= r; ++dy)
@@ -22,7 +24,7 @@ void marker(Image& img, int x, int y, Color c, int r) {
 }  // namespace
 
 Color palette(int i) {
-  static constexpr Color k[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},
+  static constexpr Color k[] = {{31, 119, 180},  {255, 127, 14}, {44, 160, 44},   {214, 39, 40},
                                 {148, 103, 189}, {140, 86, 75},  {227, 119, 194}, {127, 127, 127},
                                 {188, 189, 34},  {23, 190, 207}};
   return k[((i % 10) + 10) % 10];
@@ -89,7 +91,8 @@ Image render(const Chart& c) {
     std::vector<std::pair<double, std::string>> out;  // (transformed position, label)
     if (log && hi - lo >= 1.0) {
       const double st = std::max(1.0, std::ceil((hi - lo) / target));
-      for (double e = std::ceil(lo); e <= hi; e += st) out.emplace_back(e, tick_label(std::pow(10.0, e)));
+      for (double e = std::ceil(lo); e <= hi; e += st)
+        out.emplace_back(e, tick_label(std::pow(10.0, e)));
     } else if (log) {
       for (double v : nice_ticks(std::pow(10.0, lo), std::pow(10.0, hi), target))
         if (v > 0) out.emplace_back(std::log10(v), tick_label(v));
@@ -123,7 +126,9 @@ Image render(const Chart& c) {
   img.text_vertical(14, top + (ph + text_width(yl, kScale)) / 2, yl, kBlack, kScale);
 
   // Series, clipped to the plot area by drawing into it only.
-  auto inside = [&](double x, double y) { return x >= left - 1 && x <= left + pw + 1 && y >= top - 1 && y <= top + ph + 1; };
+  auto inside = [&](double x, double y) {
+    return x >= left - 1 && x <= left + pw + 1 && y >= top - 1 && y <= top + ph + 1;
+  };
   auto draw = [&](const Series& s, int idx, bool highlight) {
     const Color col = palette(s.color >= 0 ? s.color : idx);
     double lx = NAN, ly = NAN;
@@ -143,7 +148,8 @@ Image render(const Chart& c) {
           for (double t = 0; t < seg; t += 1.0, dash_len += 1.0)
             if (std::fmod(dash_len, 16.0) < 9.0) {
               const double a0 = t / seg, a1 = std::min(1.0, (t + 1.0) / seg);
-              img.line(lx + a0 * (X - lx), ly + a0 * (Y - ly), lx + a1 * (X - lx), ly + a1 * (Y - ly), col, 2);
+              img.line(lx + a0 * (X - lx), ly + a0 * (Y - ly), lx + a1 * (X - lx),
+                       ly + a1 * (Y - ly), col, 2);
             }
         }
       }
@@ -161,7 +167,8 @@ Image render(const Chart& c) {
   std::vector<std::pair<std::string, Color>> entries;
   for (size_t i = 0; i < c.series.size(); ++i)
     if (!c.series[i].name.empty())
-      entries.emplace_back(c.series[i].name, palette(c.series[i].color >= 0 ? c.series[i].color : int(i)));
+      entries.emplace_back(c.series[i].name,
+                           palette(c.series[i].color >= 0 ? c.series[i].color : int(i)));
   if (!entries.empty()) {
     int wmax = 0;
     for (const auto& e : entries) wmax = std::max(wmax, text_width(e.first, kScale));
@@ -169,8 +176,10 @@ Image render(const Chart& c) {
     // The corner whose box covers the fewest data points.
     int bx = left + pw - bw - 8, by = top + 8;
     long best = -1;
-    for (const auto& [cx, cy] : {std::pair{left + pw - bw - 8, top + 8}, std::pair{left + 8, top + 8},
-                                 std::pair{left + pw - bw - 8, top + ph - bh - 8}, std::pair{left + 8, top + ph - bh - 8}}) {
+    for (const auto& [cx, cy] :
+         {std::pair{left + pw - bw - 8, top + 8}, std::pair{left + 8, top + 8},
+          std::pair{left + pw - bw - 8, top + ph - bh - 8},
+          std::pair{left + 8, top + ph - bh - 8}}) {
       long n = 0;
       for (const auto* ss : {&c.series, &c.highlights})
         for (const auto& s : *ss)

@@ -11,12 +11,12 @@
 namespace llama3::plot {
 
 struct Series {
-  std::string name;               // legend entry; empty: not in the legend
-  std::vector<double> x, y;       // same length; non-finite points are skipped
+  std::string name;          // legend entry; empty: not in the legend
+  std::vector<double> x, y;  // same length; non-finite points are skipped
   bool lines = true;
   bool markers = false;
   bool dashed = false;
-  int color = -1;                 // palette index; -1: the series' position
+  int color = -1;  // palette index; -1: the series' position
 };
 
 struct Chart {

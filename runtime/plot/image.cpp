@@ -62,7 +62,8 @@ void put_chunk(std::string& out, const char type[4], const std::string& data) {
   std::string body(type, 4);
   body += data;
   out += body;
-  put_be32(out, uint32_t(crc32(0L, reinterpret_cast<const Bytef*>(body.data()), uInt(body.size()))));
+  put_be32(out,
+           uint32_t(crc32(0L, reinterpret_cast<const Bytef*>(body.data()), uInt(body.size()))));
 }
 
 }  // namespace
@@ -112,8 +113,9 @@ void Image::text(int x, int y, std::string_view s, Color c, int scale) {
     const int gx = x + int(k) * kGlyphAdvance * scale;
     for (int col = 0; col < kGlyphW; ++col)
       for (int row = 0; row < kGlyphH; ++row)
-        if (g[col] >> row & 1) fill_rect(gx + col * scale, y + row * scale, gx + col * scale + scale - 1,
-                                         y + row * scale + scale - 1, c);
+        if (g[col] >> row & 1)
+          fill_rect(gx + col * scale, y + row * scale, gx + col * scale + scale - 1,
+                    y + row * scale + scale - 1, c);
   }
 }
 
@@ -142,8 +144,8 @@ std::string encode_png(const Image& img) {
   }
   uLongf zlen = compressBound(uLong(raw.size()));
   std::string z(zlen, '\0');
-  const int rc = compress2(reinterpret_cast<Bytef*>(z.data()), &zlen, reinterpret_cast<const Bytef*>(raw.data()),
-                           uLong(raw.size()), 9);
+  const int rc = compress2(reinterpret_cast<Bytef*>(z.data()), &zlen,
+                           reinterpret_cast<const Bytef*>(raw.data()), uLong(raw.size()), 9);
   LLAMA3_CHECK(rc == Z_OK, "PNG: zlib compress2 failed ({})", rc);
   z.resize(zlen);
 

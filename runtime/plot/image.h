@@ -21,7 +21,7 @@ class Image {
   int width() const { return w_; }
   int height() const { return h_; }
   Color at(int x, int y) const;
-  void set(int x, int y, Color c);  // ignores pixels outside the image
+  void set(int x, int y, Color c);                          // ignores pixels outside the image
   void fill_rect(int x0, int y0, int x1, int y1, Color c);  // inclusive corners
   // A line of the given thickness (pixels) from (x0,y0) to (x1,y1).
   void line(double x0, double y0, double x1, double y1, Color c, int thickness = 1);
@@ -38,7 +38,9 @@ class Image {
 
 // Size of rendered text in pixels.
 constexpr int kGlyphW = 5, kGlyphH = 7, kGlyphAdvance = 6;
-inline int text_width(std::string_view s, int scale = 1) { return int(s.size()) * kGlyphAdvance * scale; }
+inline int text_width(std::string_view s, int scale = 1) {
+  return int(s.size()) * kGlyphAdvance * scale;
+}
 
 // PNG bytes of an image, and writing them to a file (errors name the path).
 std::string encode_png(const Image& img);

@@ -18,7 +18,8 @@ std::array<double, 3> solve3(std::array<std::array<double, 3>, 3> m, std::array<
       if (std::abs(m[i][col]) > std::abs(m[p][col])) p = i;
     std::swap(m[col], m[p]);
     std::swap(r[col], r[p]);
-    LLAMA3_CHECK(std::abs(m[col][col]) > 1e-300, "quadratic fit: singular system (x values not distinct?)");
+    LLAMA3_CHECK(std::abs(m[col][col]) > 1e-300,
+                 "quadratic fit: singular system (x values not distinct?)");
     for (int i = col + 1; i < 3; ++i) {
       const double f = m[i][col] / m[col][col];
       for (int k = col; k < 3; ++k) m[i][k] -= f * m[col][k];
@@ -48,7 +49,8 @@ double r_squared(const std::vector<double>& x, const std::vector<double>& y, con
 }  // namespace
 
 Quadratic fit_quadratic(const std::vector<double>& x, const std::vector<double>& y) {
-  LLAMA3_CHECK(x.size() == y.size(), "quadratic fit: {} x values but {} y values", x.size(), y.size());
+  LLAMA3_CHECK(x.size() == y.size(), "quadratic fit: {} x values but {} y values", x.size(),
+               y.size());
   LLAMA3_CHECK(x.size() >= 3, "quadratic fit needs at least 3 points, got {}", x.size());
   // Centre x for conditioning, then expand back.
   double mx = 0;
@@ -75,7 +77,8 @@ Linear fit_linear(const std::vector<double>& x, const std::vector<double>& y) {
   for (size_t i = 0; i < x.size(); ++i) mx += x[i], my += y[i];
   mx /= double(x.size()), my /= double(y.size());
   double sxx = 0, sxy = 0;
-  for (size_t i = 0; i < x.size(); ++i) sxx += (x[i] - mx) * (x[i] - mx), sxy += (x[i] - mx) * (y[i] - my);
+  for (size_t i = 0; i < x.size(); ++i)
+    sxx += (x[i] - mx) * (x[i] - mx), sxy += (x[i] - mx) * (y[i] - my);
   LLAMA3_CHECK(sxx > 0, "linear fit: all {} x values are equal ({})", x.size(), x[0]);
   Linear l;
   l.slope = sxy / sxx;
@@ -84,13 +87,17 @@ Linear fit_linear(const std::vector<double>& x, const std::vector<double>& y) {
   return l;
 }
 
-double PowerLaw::operator()(double x) const { return A * std::pow(x, alpha); }
+double PowerLaw::operator()(double x) const {
+  return A * std::pow(x, alpha);
+}
 
 PowerLaw fit_power_law(const std::vector<double>& x, const std::vector<double>& y) {
-  LLAMA3_CHECK(x.size() == y.size(), "power-law fit: {} x values but {} y values", x.size(), y.size());
+  LLAMA3_CHECK(x.size() == y.size(), "power-law fit: {} x values but {} y values", x.size(),
+               y.size());
   std::vector<double> lx, ly;
   for (size_t i = 0; i < x.size(); ++i) {
-    LLAMA3_CHECK(x[i] > 0 && y[i] > 0, "power-law fit: point {} is ({}, {}); both must be positive", i, x[i], y[i]);
+    LLAMA3_CHECK(x[i] > 0 && y[i] > 0, "power-law fit: point {} is ({}, {}); both must be positive",
+                 i, x[i], y[i]);
     lx.push_back(std::log10(x[i]));
     ly.push_back(std::log10(y[i]));
   }
@@ -99,9 +106,14 @@ PowerLaw fit_power_law(const std::vector<double>& x, const std::vector<double>& 
 }
 
 nlohmann::json to_json(const SweepRun& r) {
-  nlohmann::json j = {{"budget", r.budget},   {"flops", r.flops},     {"tokens", r.tokens},
-                      {"params", r.params},   {"flops_per_token", r.flops_per_token},
-                      {"dim", r.dim},         {"n_layers", r.n_layers}, {"eval_loss", r.eval_loss},
+  nlohmann::json j = {{"budget", r.budget},
+                      {"flops", r.flops},
+                      {"tokens", r.tokens},
+                      {"params", r.params},
+                      {"flops_per_token", r.flops_per_token},
+                      {"dim", r.dim},
+                      {"n_layers", r.n_layers},
+                      {"eval_loss", r.eval_loss},
                       {"seconds", r.seconds}};
   if (std::isfinite(r.math_loss)) j["math_loss"] = r.math_loss;
   return j;
@@ -131,11 +143,13 @@ ScalingFit fit_scaling(const std::vector<SweepRun>& runs, double target_budget) 
   for (const auto& r : runs) by_budget[r.budget].push_back(r);
   ScalingFit f;
   f.target_budget = target_budget;
-  f.has_math = std::all_of(runs.begin(), runs.end(), [](const SweepRun& r) { return std::isfinite(r.math_loss); });
+  f.has_math = std::all_of(runs.begin(), runs.end(),
+                           [](const SweepRun& r) { return std::isfinite(r.math_loss); });
   std::vector<double> cs, ds, ls, ms;
   for (auto& [c, rs] : by_budget) {
     if (rs.size() < 3) {
-      f.excluded.emplace_back(c, fmt::format("{} runs; the IsoFLOPs parabola needs at least 3", rs.size()));
+      f.excluded.emplace_back(
+          c, fmt::format("{} runs; the IsoFLOPs parabola needs at least 3", rs.size()));
       continue;
     }
     std::vector<double> x, y, m;
@@ -148,13 +162,15 @@ ScalingFit fit_scaling(const std::vector<SweepRun>& runs, double target_budget) 
     mn.budget = c;
     mn.curve = fit_quadratic(x, y);
     if (!(mn.curve.a > 0)) {
-      f.excluded.emplace_back(c, fmt::format("loss vs log10(tokens) is not convex (x^2 coefficient {:.4g}): the grid "
-                                             "does not bracket the optimum; add smaller and larger models",
-                                             mn.curve.a));
+      f.excluded.emplace_back(
+          c, fmt::format("loss vs log10(tokens) is not convex (x^2 coefficient {:.4g}): the grid "
+                         "does not bracket the optimum; add smaller and larger models",
+                         mn.curve.a));
       continue;
     }
     const double xs = mn.curve.argmin();
-    mn.interior = xs >= *std::min_element(x.begin(), x.end()) && xs <= *std::max_element(x.begin(), x.end());
+    mn.interior =
+        xs >= *std::min_element(x.begin(), x.end()) && xs <= *std::max_element(x.begin(), x.end());
     mn.opt_tokens = std::pow(10.0, xs);
     mn.opt_loss = mn.curve(xs);
     mn.opt_params_6n = c / (6.0 * mn.opt_tokens);
@@ -168,7 +184,8 @@ ScalingFit fit_scaling(const std::vector<SweepRun>& runs, double target_budget) 
   if (cs.size() < 2) {
     std::string why;
     for (const auto& [c, r] : f.excluded) why += fmt::format("\n  budget {:.3g} FLOPs: {}", c, r);
-    fail("scaling fit needs at least 2 usable compute budgets, got {} of {}{}", cs.size(), by_budget.size(), why);
+    fail("scaling fit needs at least 2 usable compute budgets, got {} of {}{}", cs.size(),
+         by_budget.size(), why);
   }
   f.tokens_vs_compute = fit_power_law(cs, ds);
   f.loss_vs_compute = fit_power_law(cs, ls);
@@ -200,10 +217,14 @@ nlohmann::json to_json(const ScalingFit& f) {
       {"isoflops", mins},
       {"excluded_budgets", excl},
       {"tokens_vs_compute",
-       {{"form", "D*(C) = A * C^alpha"}, {"A", f.tokens_vs_compute.A}, {"alpha", f.tokens_vs_compute.alpha},
+       {{"form", "D*(C) = A * C^alpha"},
+        {"A", f.tokens_vs_compute.A},
+        {"alpha", f.tokens_vs_compute.alpha},
         {"r2", f.tokens_vs_compute.r2}}},
       {"loss_vs_compute",
-       {{"form", "L*(C) = B * C^beta"}, {"B", f.loss_vs_compute.A}, {"beta", f.loss_vs_compute.alpha},
+       {{"form", "L*(C) = B * C^beta"},
+        {"B", f.loss_vs_compute.A},
+        {"beta", f.loss_vs_compute.alpha},
         {"r2", f.loss_vs_compute.r2}}},
   };
   if (f.has_math)

@@ -6,10 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace llama3::scaling {
 
@@ -37,10 +36,10 @@ PowerLaw fit_power_law(const std::vector<double>& x, const std::vector<double>& 
 
 // One training run of a sweep.
 struct SweepRun {
-  double budget = 0;       // the nominal compute budget C (FLOPs)
-  double flops = 0;        // FLOPs actually spent (steps are whole)
-  double tokens = 0;       // training tokens D
-  double params = 0;       // all parameters
+  double budget = 0;  // the nominal compute budget C (FLOPs)
+  double flops = 0;   // FLOPs actually spent (steps are whole)
+  double tokens = 0;  // training tokens D
+  double params = 0;  // all parameters
   double flops_per_token = 0;
   int64_t dim = 0, n_layers = 0;
   double eval_loss = 0;    // held-out loss on the manifest's eval shard
@@ -53,12 +52,12 @@ SweepRun sweep_run_from_json(const nlohmann::json& j, const std::string& where);
 // The IsoFLOPs minimum of one budget.
 struct IsoflopsMin {
   double budget = 0;
-  Quadratic curve;              // eval loss vs log10(tokens)
-  double opt_tokens = 0;        // 10^argmin
-  double opt_loss = 0;          // the curve's value there
-  double opt_params_6n = 0;     // C / (6 D*): the compute-optimal size in 6ND accounting
-  double opt_math_loss = NAN;   // the math-loss curve at the same log10(tokens)
-  bool interior = false;        // argmin inside the sampled token range (else extrapolated)
+  Quadratic curve;             // eval loss vs log10(tokens)
+  double opt_tokens = 0;       // 10^argmin
+  double opt_loss = 0;         // the curve's value there
+  double opt_params_6n = 0;    // C / (6 D*): the compute-optimal size in 6ND accounting
+  double opt_math_loss = NAN;  // the math-loss curve at the same log10(tokens)
+  bool interior = false;       // argmin inside the sampled token range (else extrapolated)
 };
 
 struct ScalingFit {
@@ -66,11 +65,11 @@ struct ScalingFit {
   // Budgets left out of the power-law fit, with the reason (too few runs, not convex: the
   // grid does not bracket the optimum there).
   std::vector<std::pair<double, std::string>> excluded;
-  PowerLaw tokens_vs_compute;   // D*(C) = A C^alpha
+  PowerLaw tokens_vs_compute;  // D*(C) = A C^alpha
   // L*(C) = B C^beta and the math NLL at the optimum likewise: power laws (beta < 0) stay
   // positive when extrapolated, unlike a line in log C.
   PowerLaw loss_vs_compute;
-  PowerLaw math_vs_compute;     // only if every run has a math loss
+  PowerLaw math_vs_compute;  // only if every run has a math loss
   bool has_math = false;
   double target_budget = 0;
   double pred_tokens = 0, pred_params_6n = 0, pred_loss = 0, pred_math_loss = NAN;

@@ -21,14 +21,16 @@ namespace llama3::scaling {
 
 SweepConfig SweepConfig::from_json(const json& j, const std::string& where) {
   LLAMA3_CHECK(j.is_object(), "{}: expected a JSON object", where);
-  static const std::vector<std::string> known = {"data", "budgets", "models", "seq_len", "batch", "lr",
-                                                 "min_lr_ratio", "warmup_frac", "weight_decay",
-                                                 "eval_batches", "min_steps", "seed", "target_budget", "comment"};
+  static const std::vector<std::string> known = {
+      "data",      "budgets",      "models",        "seq_len",      "batch",
+      "lr",        "min_lr_ratio", "warmup_frac",   "weight_decay", "eval_batches",
+      "min_steps", "seed",         "target_budget", "comment"};
   for (auto it = j.begin(); it != j.end(); ++it)
-    LLAMA3_CHECK(std::find(known.begin(), known.end(), it.key()) != known.end(),
-                 "{}: unknown field '{}' (known: data, budgets, models, seq_len, batch, lr, min_lr_ratio, "
-                 "warmup_frac, weight_decay, eval_batches, min_steps, seed, target_budget)",
-                 where, it.key());
+    LLAMA3_CHECK(
+        std::find(known.begin(), known.end(), it.key()) != known.end(),
+        "{}: unknown field '{}' (known: data, budgets, models, seq_len, batch, lr, min_lr_ratio, "
+        "warmup_frac, weight_decay, eval_batches, min_steps, seed, target_budget)",
+        where, it.key());
   SweepConfig c;
   auto get = [&](const char* k, auto& v) {
     if (!j.contains(k)) return;
@@ -50,11 +52,14 @@ SweepConfig SweepConfig::from_json(const json& j, const std::string& where) {
   get("min_steps", c.min_steps);
   get("seed", c.seed);
   get("target_budget", c.target_budget);
-  LLAMA3_CHECK(!c.data_dir.empty(), "{}: missing field 'data' (a directory with manifest.json)", where);
-  LLAMA3_CHECK(!c.budgets.empty(), "{}: 'budgets' must list at least one compute budget in FLOPs", where);
+  LLAMA3_CHECK(!c.data_dir.empty(), "{}: missing field 'data' (a directory with manifest.json)",
+               where);
+  LLAMA3_CHECK(!c.budgets.empty(), "{}: 'budgets' must list at least one compute budget in FLOPs",
+               where);
   for (double b : c.budgets) LLAMA3_CHECK(b > 0, "{}: budget {} must be positive", where, b);
   LLAMA3_CHECK(j.contains("models") && j["models"].is_array() && !j["models"].empty(),
-               "{}: 'models' must be a non-empty list of {{dim, n_layers, n_heads, n_kv_heads}}", where);
+               "{}: 'models' must be a non-empty list of {{dim, n_layers, n_heads, n_kv_heads}}",
+               where);
   for (size_t i = 0; i < j["models"].size(); ++i) {
     const json& m = j["models"][i];
     ModelShape s;
@@ -62,25 +67,38 @@ SweepConfig SweepConfig::from_json(const json& j, const std::string& where) {
     s.n_layers = m.value("n_layers", s.n_layers);
     s.n_heads = m.value("n_heads", s.n_heads);
     s.n_kv_heads = m.value("n_kv_heads", s.n_kv_heads);
-    LLAMA3_CHECK(s.dim > 0 && s.n_layers > 0 && s.n_heads > 0 && s.dim % s.n_heads == 0 &&
-                     s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
-                 "{}: models[{}]: dim {} / n_heads {} / n_kv_heads {} must be positive and divide evenly", where,
-                 i, s.dim, s.n_heads, s.n_kv_heads);
+    LLAMA3_CHECK(
+        s.dim > 0 && s.n_layers > 0 && s.n_heads > 0 && s.dim % s.n_heads == 0 &&
+            s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
+        "{}: models[{}]: dim {} / n_heads {} / n_kv_heads {} must be positive and divide evenly",
+        where, i, s.dim, s.n_heads, s.n_kv_heads);
     c.models.push_back(s);
   }
-  LLAMA3_CHECK(c.seq_len > 0 && c.batch > 0 && c.eval_batches > 0, "{}: seq_len {}, batch {}, eval_batches {} must be positive",
-               where, c.seq_len, c.batch, c.eval_batches);
+  LLAMA3_CHECK(c.seq_len > 0 && c.batch > 0 && c.eval_batches > 0,
+               "{}: seq_len {}, batch {}, eval_batches {} must be positive", where, c.seq_len,
+               c.batch, c.eval_batches);
   return c;
 }
 
 json SweepConfig::to_json() const {
   json ms = json::array();
   for (const auto& m : models)
-    ms.push_back({{"dim", m.dim}, {"n_layers", m.n_layers}, {"n_heads", m.n_heads}, {"n_kv_heads", m.n_kv_heads}});
-  return {{"data", data_dir},         {"budgets", budgets},           {"models", ms},
-          {"seq_len", seq_len},       {"batch", batch},               {"lr", lr},
-          {"min_lr_ratio", min_lr_ratio}, {"warmup_frac", warmup_frac}, {"weight_decay", weight_decay},
-          {"eval_batches", eval_batches}, {"min_steps", min_steps},   {"seed", seed},
+    ms.push_back({{"dim", m.dim},
+                  {"n_layers", m.n_layers},
+                  {"n_heads", m.n_heads},
+                  {"n_kv_heads", m.n_kv_heads}});
+  return {{"data", data_dir},
+          {"budgets", budgets},
+          {"models", ms},
+          {"seq_len", seq_len},
+          {"batch", batch},
+          {"lr", lr},
+          {"min_lr_ratio", min_lr_ratio},
+          {"warmup_frac", warmup_frac},
+          {"weight_decay", weight_decay},
+          {"eval_batches", eval_batches},
+          {"min_steps", min_steps},
+          {"seed", seed},
           {"target_budget", target_budget}};
 }
 
@@ -102,7 +120,8 @@ std::string resolve(const std::string& p, const std::string& base) {
 
 // The math documents of the demo's held-out eval split (text/eval.jsonl lines with
 // "source": "math"), tokenised once into out_dir/math_eval.shard. Empty if unavailable.
-std::string held_out_math_shard(const std::string& data_dir, const json& manifest, const std::string& out_dir) {
+std::string held_out_math_shard(const std::string& data_dir, const json& manifest,
+                                const std::string& out_dir) {
   const fs::path eval_jsonl = fs::path(data_dir) / "text" / "eval.jsonl";
   if (!fs::exists(eval_jsonl) || !manifest.contains("tokenizer")) return "";
   const std::string shard = (fs::path(out_dir) / "math_eval.shard").string();
@@ -119,7 +138,8 @@ std::string held_out_math_shard(const std::string& data_dir, const json& manifes
     }
   }
   if (n == 0) return "";
-  const auto tok = text::Tokenizer::load(resolve(manifest["tokenizer"].get<std::string>(), data_dir));
+  const auto tok =
+      text::Tokenizer::load(resolve(manifest["tokenizer"].get<std::string>(), data_dir));
   data::tokenize_jsonl(tok, jl, shard);
   return shard;
 }
@@ -138,8 +158,8 @@ std::vector<SweepRun> run_sweep(const SweepConfig& cfg, const SweepOptions& opts
   const std::string manifest_path = (fs::path(cfg.data_dir) / "manifest.json").string();
   const json manifest = io::read_json(manifest_path);
   LLAMA3_CHECK(manifest.contains("vocab_size"), "{}: missing field 'vocab_size'", manifest_path);
-  LLAMA3_CHECK(manifest.contains("eval"), "{}: missing field 'eval' (the held-out shard the sweep scores on)",
-               manifest_path);
+  LLAMA3_CHECK(manifest.contains("eval"),
+               "{}: missing field 'eval' (the held-out shard the sweep scores on)", manifest_path);
 
   data::LoaderConfig lc;
   lc.sources = data::read_manifest_sources(manifest_path);
@@ -152,7 +172,8 @@ std::vector<SweepRun> run_sweep(const SweepConfig& cfg, const SweepOptions& opts
     ec.seed = 12345;
     return ec;
   };
-  const data::LoaderConfig eval_lc = eval_cfg(manifest["eval"]["shards"].get<std::vector<std::string>>());
+  const data::LoaderConfig eval_lc =
+      eval_cfg(manifest["eval"]["shards"].get<std::vector<std::string>>());
   const std::string math_shard = held_out_math_shard(cfg.data_dir, manifest, opts.out_dir);
   if (math_shard.empty()) say("no held-out math documents found; math_loss is not recorded");
 
@@ -176,7 +197,8 @@ std::vector<SweepRun> run_sweep(const SweepConfig& cfg, const SweepOptions& opts
       const std::string key = run_key(budget, shape);
       if (std::find(keys.begin(), keys.end(), key) != keys.end()) continue;
       text::LlamaConfig mc;
-      mc.dim = shape.dim, mc.n_layers = shape.n_layers, mc.n_heads = shape.n_heads, mc.n_kv_heads = shape.n_kv_heads;
+      mc.dim = shape.dim, mc.n_layers = shape.n_layers, mc.n_heads = shape.n_heads,
+      mc.n_kv_heads = shape.n_kv_heads;
       mc.vocab_size = manifest["vocab_size"].get<int64_t>();
       mc.multiple_of = 16;
       mc.max_seq_len = cfg.seq_len;
@@ -185,8 +207,8 @@ std::vector<SweepRun> run_sweep(const SweepConfig& cfg, const SweepOptions& opts
       const double tokens_per_step = double(cfg.batch * cfg.seq_len);
       const int64_t steps = int64_t(std::llround(budget / fpt / tokens_per_step));
       if (steps < cfg.min_steps) {
-        say(fmt::format("skip C={:.3g} dim {} layers {}: {} steps < min_steps {}", budget, shape.dim, shape.n_layers,
-                        steps, cfg.min_steps));
+        say(fmt::format("skip C={:.3g} dim {} layers {}: {} steps < min_steps {}", budget,
+                        shape.dim, shape.n_layers, steps, cfg.min_steps));
         continue;
       }
       text::LlamaModel model(mc, cfg.seed);
@@ -224,10 +246,12 @@ std::vector<SweepRun> run_sweep(const SweepConfig& cfg, const SweepOptions& opts
         r.math_loss = scorer.evaluate();
       }
       r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      say(fmt::format("C={:.3g} dim {:>4} layers {}  params {:.3f}M  tokens {:.3g} ({} steps)  train {:.4f}  eval "
+      say(
+          fmt::format("C={:.3g} dim {:>4} layers {}  params {:.3f}M  tokens {:.3g} ({} steps)  "
+                      "train {:.4f}  eval "
                       "{:.4f}  math {:.4f}  {:.1f} s",
-                      budget, mc.dim, mc.n_layers, r.params / 1e6, r.tokens, steps, last_loss, r.eval_loss,
-                      r.math_loss, r.seconds));
+                      budget, mc.dim, mc.n_layers, r.params / 1e6, r.tokens, steps, last_loss,
+                      r.eval_loss, r.math_loss, r.seconds));
       runs.push_back(r);
       keys.push_back(key);
       json rj = to_json(r);

@@ -7,10 +7,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "text/scaling/fit.h"
 
@@ -21,15 +20,15 @@ struct ModelShape {
 };
 
 struct SweepConfig {
-  std::string data_dir;               // holds manifest.json (from `llama3 data demo`)
-  std::vector<double> budgets;        // FLOPs
-  std::vector<ModelShape> models;     // the same grid at every budget
+  std::string data_dir;            // holds manifest.json (from `llama3 data demo`)
+  std::vector<double> budgets;     // FLOPs
+  std::vector<ModelShape> models;  // the same grid at every budget
   int64_t seq_len = 64, batch = 8;
   double lr = 3e-3, min_lr_ratio = 0.1, warmup_frac = 0.05, weight_decay = 0.1;
   int64_t eval_batches = 16;
-  int64_t min_steps = 5;              // shapes whose budget gives fewer steps are skipped
+  int64_t min_steps = 5;  // shapes whose budget gives fewer steps are skipped
   uint64_t seed = 0;
-  double target_budget = 0;           // budget to extrapolate to in `scaling fit`
+  double target_budget = 0;  // budget to extrapolate to in `scaling fit`
 
   // Errors name the file and field.
   static SweepConfig from_json(const nlohmann::json& j, const std::string& where);
@@ -37,7 +36,7 @@ struct SweepConfig {
 };
 
 struct SweepOptions {
-  std::string out_dir;   // sweep.json (rewritten after every run) and math_eval.shard go here
+  std::string out_dir;  // sweep.json (rewritten after every run) and math_eval.shard go here
   std::function<void(const std::string&)> log;  // progress messages; may be empty
 };
 

@@ -20,7 +20,8 @@ using namespace llama3;
 
 namespace {
 fs::path temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("llama3_log_test_" + name + "_" + std::to_string(::getpid()));
+  fs::path p =
+      fs::temp_directory_path() / ("llama3_log_test_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
@@ -73,7 +74,9 @@ TEST(EventProto, ScalarEventHasTheExpectedWireBytes) {
   want.append(reinterpret_cast<const char*>(&f), 4);
   EXPECT_EQ(e, want);
   const std::string fv = log::encode_file_version_event(0.0);
-  EXPECT_NE(fv.find("\x1a\x0d" "brain.Event:2"), std::string::npos);
+  EXPECT_NE(fv.find("\x1a\x0d"
+                    "brain.Event:2"),
+            std::string::npos);
 }
 
 TEST(MetricsWriter, AppendsLinesAndReadersTakeTheLastValuePerStep) {
@@ -88,7 +91,8 @@ TEST(MetricsWriter, AppendsLinesAndReadersTakeTheLastValuePerStep) {
     w.log(2, {{"loss", 3.5}});
     w.log(3, {{"loss", 3.0}, {"eval_loss", 3.2}});
   }
-  std::ofstream(d / "metrics.jsonl", std::ios::app) << "{\"stage\":\"pretrain\",\"step\":4,\"lo";  // killed mid-line
+  std::ofstream(d / "metrics.jsonl", std::ios::app)
+      << "{\"stage\":\"pretrain\",\"step\":4,\"lo";  // killed mid-line
   const auto s = log::read_metrics_jsonl((d / "metrics.jsonl").string());
   const log::Series want_loss = {{1, 5.0}, {2, 3.5}, {3, 3.0}};
   EXPECT_EQ(s.at("loss"), want_loss);
@@ -104,7 +108,8 @@ TEST(MetricsWriter, AppendsLinesAndReadersTakeTheLastValuePerStep) {
 
 TEST(MetricsReader, AnInvalidMiddleLineNamesFileAndLine) {
   const fs::path d = temp_dir("bad");
-  std::ofstream(d / "metrics.jsonl") << "{\"step\":1,\"loss\":2}\nnot json\n{\"step\":2,\"loss\":1}\n";
+  std::ofstream(d / "metrics.jsonl")
+      << "{\"step\":1,\"loss\":2}\nnot json\n{\"step\":2,\"loss\":1}\n";
   try {
     log::read_metrics_jsonl((d / "metrics.jsonl").string());
     FAIL() << "expected an error";
@@ -149,8 +154,8 @@ TEST(Png, EncodesRgbRowsThatZlibDecodesBack) {
   EXPECT_EQ(png.substr(idat + 4, 4), "IDAT");
   std::string raw(2 * (1 + 9), '\0');
   uLongf n = raw.size();
-  ASSERT_EQ(uncompress(reinterpret_cast<Bytef*>(raw.data()), &n, reinterpret_cast<const Bytef*>(png.data() + idat + 8),
-                       len),
+  ASSERT_EQ(uncompress(reinterpret_cast<Bytef*>(raw.data()), &n,
+                       reinterpret_cast<const Bytef*>(png.data() + idat + 8), len),
             Z_OK);
   ASSERT_EQ(n, raw.size());
   EXPECT_EQ(raw[0], 0);  // filter none
@@ -158,7 +163,8 @@ TEST(Png, EncodesRgbRowsThatZlibDecodesBack) {
   EXPECT_EQ(uint8_t(raw[1 + 5]), 30);
   EXPECT_EQ(uint8_t(raw[1 + 0]), 255);
   // Every chunk's CRC covers type + data.
-  const uint32_t crc = uint32_t(crc32(0, reinterpret_cast<const Bytef*>(png.data() + idat + 4), len + 4));
+  const uint32_t crc =
+      uint32_t(crc32(0, reinterpret_cast<const Bytef*>(png.data() + idat + 4), len + 4));
   const size_t at = idat + 8 + len;
   const uint32_t got = uint32_t(uint8_t(png[at])) << 24 | uint32_t(uint8_t(png[at + 1])) << 16 |
                        uint32_t(uint8_t(png[at + 2])) << 8 | uint8_t(png[at + 3]);
@@ -167,7 +173,8 @@ TEST(Png, EncodesRgbRowsThatZlibDecodesBack) {
 }
 
 TEST(Chart, TicksAreRoundAndLabelsCompact) {
-  EXPECT_EQ(plot::nice_ticks(0.0, 1.0, 5), (std::vector<double>{0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0}));
+  EXPECT_EQ(plot::nice_ticks(0.0, 1.0, 5),
+            (std::vector<double>{0, 0.2, 0.4, 0.6000000000000001, 0.8, 1.0}));
   const auto t = plot::nice_ticks(2.31, 7.9, 6);
   EXPECT_DOUBLE_EQ(t.front(), 3.0);
   EXPECT_DOUBLE_EQ(t.back(), 7.0);
@@ -200,9 +207,15 @@ TEST(ProgressLine, ShowsStageStepLossThroughputPeakAndEta) {
   o.tty = 0;
   o.plain_interval_s = 1e9;
   log::ProgressLine p(o);
-  p.update({.step = 10, .loss = 3.25, .lr = 1e-3, .tokens_per_s = 2048, .flops_per_s = 2.5e10, .step_seconds = 2});
-  EXPECT_EQ(p.format({.step = 10, .loss = 3.25, .lr = 1e-3, .tokens_per_s = 2048, .flops_per_s = 2.5e10}),
-            "pretrain  step 10/100  loss 3.2500  lr 1.00e-03  2048 tok/s  25.0% GEMM peak  ETA 3m00s");
+  p.update({.step = 10,
+            .loss = 3.25,
+            .lr = 1e-3,
+            .tokens_per_s = 2048,
+            .flops_per_s = 2.5e10,
+            .step_seconds = 2});
+  EXPECT_EQ(
+      p.format({.step = 10, .loss = 3.25, .lr = 1e-3, .tokens_per_s = 2048, .flops_per_s = 2.5e10}),
+      "pretrain  step 10/100  loss 3.2500  lr 1.00e-03  2048 tok/s  25.0% GEMM peak  ETA 3m00s");
   EXPECT_EQ(log::format_eta(3725), "1h02m");
   EXPECT_EQ(log::format_eta(-1), "?");
 }

@@ -1,11 +1,12 @@
 // Scaling-law fits recover known curves exactly: a parabola, a line, a power law, and a
 // synthetic IsoFLOPs sweep whose optimal token counts follow D* = A C^alpha.
+#include "text/scaling/fit.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 
 #include "runtime/core/error.h"
-#include "text/scaling/fit.h"
 
 using namespace llama3::scaling;
 
@@ -84,7 +85,7 @@ TEST(FitScaling, ANonConvexBudgetIsExcludedWithItsReason) {
     r.budget = c, r.tokens = std::pow(10.0, x), r.eval_loss = loss;
     runs.push_back(r);
   };
-  for (double x : {5.0, 6.0, 7.0}) add(1e11, x, -(x - 6) * (x - 6));   // concave: not bracketed
+  for (double x : {5.0, 6.0, 7.0}) add(1e11, x, -(x - 6) * (x - 6));     // concave: not bracketed
   for (double x : {5.0, 6.0, 7.0}) add(1e12, x, (x - 6) * (x - 6) + 3);  // minimum at 1e6 tokens
   for (double x : {5.5, 6.5, 7.5}) add(1e13, x, (x - 7) * (x - 7) + 2);  // minimum at 1e7 tokens
   const ScalingFit f = fit_scaling(runs, 0);
@@ -113,6 +114,7 @@ TEST(FitScaling, FewerThanTwoUsableBudgetsIsAnErrorThatSaysWhy) {
 
 TEST(FitScaling, NeedsTwoBudgets) {
   std::vector<SweepRun> runs(3);
-  for (int i = 0; i < 3; ++i) runs[i].budget = 1e12, runs[i].tokens = 1e5 * (i + 1), runs[i].eval_loss = 3;
+  for (int i = 0; i < 3; ++i)
+    runs[i].budget = 1e12, runs[i].tokens = 1e5 * (i + 1), runs[i].eval_loss = 3;
   EXPECT_THROW(fit_scaling(runs, 0), llama3::Error);
 }
