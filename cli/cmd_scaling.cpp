@@ -30,8 +30,8 @@ constexpr const char* kUsage =
     "         writing DIR/sweep.json (default runs/scaling); re-running resumes.\n"
     "  fit:   writes fit.json, isoflops.png and compute_optimal.png next to SWEEP.json (or in "
     "DIR).\n"
-    "  The default grid is text/scaling/default_sweep.json (data: runs/demo from `llama3 data "
-    "demo`).";
+    "  The default grid is text/scaling/default_sweep.json; build its data first with\n"
+    "  `llama3 data demo --out runs/demo512 --vocab-size 512`.";
 
 int sweep(const Flags& f) {
   LLAMA3_CHECK(f.positional().size() == 2, "scaling sweep: expected CONFIG.json\n{}", kUsage);

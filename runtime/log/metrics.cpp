@@ -15,12 +15,13 @@ namespace fs = std::filesystem;
 namespace llama3::log {
 
 MetricsWriter::MetricsWriter(const std::string& stage_dir, const std::string& stage_name,
-                             bool tensorboard)
+                             const MetricsOptions& opts)
     : stage_(stage_name), path_((fs::path(stage_dir) / "metrics.jsonl").string()) {
   fs::create_directories(stage_dir);
   f_ = std::fopen(path_.c_str(), "ab");
   LLAMA3_CHECK(f_, "cannot open {} for appending: {}", path_, std::strerror(errno));
-  if (tensorboard) events_ = std::make_unique<EventWriter>((fs::path(stage_dir) / "tb").string());
+  if (opts.tensorboard)
+    events_ = std::make_unique<EventWriter>((fs::path(stage_dir) / "tb").string());
 }
 
 MetricsWriter::~MetricsWriter() {

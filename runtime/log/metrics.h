@@ -19,11 +19,15 @@ namespace llama3::log {
 
 class EventWriter;
 
+struct MetricsOptions {
+  bool tensorboard = true;  // also write STAGE_DIR/tb/events.out.tfevents.*
+};
+
 class MetricsWriter {
  public:
-  // Creates stage_dir if needed. `tensorboard = false` writes metrics.jsonl only.
+  // Creates stage_dir if needed and appends to its metrics.jsonl.
   MetricsWriter(const std::string& stage_dir, const std::string& stage_name,
-                bool tensorboard = true);
+                const MetricsOptions& opts = {});
   ~MetricsWriter();
   MetricsWriter(const MetricsWriter&) = delete;
   MetricsWriter& operator=(const MetricsWriter&) = delete;

@@ -10,7 +10,7 @@ LLAMA3="$BUILD/llama3"
 PY=/usr/bin/python3
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS=1
 
 "$LLAMA3" data demo --out "$OUT/demo" --vocab-size 512 > "$OUT/demo.log"
 cat > "$OUT/cfg.json" <<JSON

@@ -19,6 +19,12 @@ using nlohmann::json;
 
 namespace llama3::scaling {
 
+bool ModelShape::runs_at(double budget) const {
+  return budgets.empty() || std::any_of(budgets.begin(), budgets.end(), [&](double b) {
+           return std::abs(b - budget) <= 1e-9 * budget;
+         });
+}
+
 SweepConfig SweepConfig::from_json(const json& j, const std::string& where) {
   LLAMA3_CHECK(j.is_object(), "{}: expected a JSON object", where);
   static const std::vector<std::string> known = {
@@ -67,6 +73,18 @@ SweepConfig SweepConfig::from_json(const json& j, const std::string& where) {
     s.n_layers = m.value("n_layers", s.n_layers);
     s.n_heads = m.value("n_heads", s.n_heads);
     s.n_kv_heads = m.value("n_kv_heads", s.n_kv_heads);
+    if (m.contains("budgets")) {
+      try {
+        s.budgets = m["budgets"].get<std::vector<double>>();
+      } catch (const std::exception& e) {
+        fail("{}: models[{}].budgets: {}", where, i, e.what());
+      }
+      for (double b : s.budgets)
+        LLAMA3_CHECK(std::any_of(c.budgets.begin(), c.budgets.end(),
+                                 [&](double x) { return std::abs(x - b) <= 1e-9 * x; }),
+                     "{}: models[{}].budgets lists {:.6g}, which is not one of 'budgets'", where, i,
+                     b);
+    }
     LLAMA3_CHECK(
         s.dim > 0 && s.n_layers > 0 && s.n_heads > 0 && s.dim % s.n_heads == 0 &&
             s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
@@ -82,11 +100,13 @@ SweepConfig SweepConfig::from_json(const json& j, const std::string& where) {
 
 json SweepConfig::to_json() const {
   json ms = json::array();
-  for (const auto& m : models)
+  for (const auto& m : models) {
     ms.push_back({{"dim", m.dim},
                   {"n_layers", m.n_layers},
                   {"n_heads", m.n_heads},
                   {"n_kv_heads", m.n_kv_heads}});
+    if (!m.budgets.empty()) ms.back()["budgets"] = m.budgets;
+  }
   return {{"data", data_dir},
           {"budgets", budgets},
           {"models", ms},
@@ -194,6 +214,7 @@ std::vector<SweepRun> run_sweep(const SweepConfig& cfg, const SweepOptions& opts
 
   for (double budget : cfg.budgets) {
     for (const auto& shape : cfg.models) {
+      if (!shape.runs_at(budget)) continue;
       const std::string key = run_key(budget, shape);
       if (std::find(keys.begin(), keys.end(), key) != keys.end()) continue;
       text::LlamaConfig mc;

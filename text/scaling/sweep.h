@@ -17,6 +17,10 @@ namespace llama3::scaling {
 
 struct ModelShape {
   int64_t dim = 64, n_layers = 1, n_heads = 4, n_kv_heads = 2;
+  // The budgets this shape runs at; empty: all. Lets a grid shift with the budget, as the
+  // paper's does, instead of spending time on shapes far from every optimum.
+  std::vector<double> budgets;
+  bool runs_at(double budget) const;
 };
 
 struct SweepConfig {

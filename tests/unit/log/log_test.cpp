@@ -123,7 +123,7 @@ TEST(ReadRun, FinishedStagesInOrderThenStagesInProgressWithFinalFallback) {
   const fs::path d = temp_dir("run");
   std::ofstream(d / "state.json") << R"({"finished": ["pretrain", "anneal"]})";
   for (const char* s : {"pretrain", "anneal", "sft"}) {
-    log::MetricsWriter w((d / s).string(), s, /*tensorboard=*/false);
+    log::MetricsWriter w((d / s).string(), s, {.tensorboard = false});
     w.log(10, {{"loss", 2.0}});
   }
   std::ofstream(d / "anneal" / "final.json") << R"({"eval_loss": 1.5})";
