@@ -105,7 +105,13 @@ int cmd_train(const Args& args) {
   po.total_steps = tc.steps;
   po.peak_flops = peak;
   log::ProgressLine progress(po);
-  double elapsed = 0;
+  double elapsed = 0;  // training seconds so far, continued across resumes
+  if (trainer.steps_done() > 0 && fs::exists(metrics.jsonl_path())) {
+    const auto logged = log::read_metrics_jsonl(metrics.jsonl_path());
+    if (auto it = logged.find("time"); it != logged.end())
+      for (const auto& [step, t] : it->second)
+        if (step <= trainer.steps_done()) elapsed = t;
+  }
   double last_loss = NAN, last_eval = NAN;
   trainer.on_step = [&](const text::StepStats& s) {
     elapsed += s.seconds;

@@ -119,4 +119,25 @@ assert row["status"] == "in progress" and row["source"].startswith("metrics.json
 assert row["loss"] == "4.125" and row["eval_loss"] == "4.75" and row["niah_accuracy"] == "0.5", row
 print("report ok")
 PY
+# Resuming the stage appends to metrics.jsonl and opens a second event file; TensorBoard
+# merges both and the plot/report readers see the continued steps.
+"$LLAMA3" train --data "$OUT/demo" --flavour debug --steps 16 --batch 4 --seq 64 --eval-every 4 \
+  --eval-batches 2 --out "$RUN/pretrain" --stage pretrain --resume > "$OUT/resume.log"
+grep -q "resumed from .* at step 12" "$OUT/resume.log" || { cat "$OUT/resume.log"; echo "FAIL: no resume"; exit 1; }
+"$PY" - "$RUN/pretrain" <<'PY'
+import glob, json, os, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+d = sys.argv[1]
+assert len(glob.glob(os.path.join(d, "tb", "events.out.tfevents.*"))) == 2
+acc = EventAccumulator(os.path.join(d, "tb"), size_guidance={"scalars": 0})
+acc.Reload()
+assert [e.step for e in acc.Scalars("loss")] == list(range(1, 17)), [e.step for e in acc.Scalars("loss")]
+steps = [json.loads(l)["step"] for l in open(os.path.join(d, "metrics.jsonl"))]
+assert max(steps) == 16 and steps.count(12) == 2, steps  # step 12: train line + eval line
+times = {json.loads(l)["step"]: json.loads(l)["time"] for l in open(os.path.join(d, "metrics.jsonl")) if "time" in l}
+assert times[13] > times[12] and all(times[s] < times[s + 1] for s in range(1, 16)), times  # time continues
+print("resume ok: metrics.jsonl and TensorBoard continue to step 16")
+PY
+"$LLAMA3" report "$RUN" > /dev/null
+grep -q "^| pretrain | finished | final.json | .* | 4096 |" "$RUN/report.md" || { cat "$RUN/report.md"; echo "FAIL: report after resume"; exit 1; }
 echo "test_observability: ok"
