@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include "runtime/core/error.h"
 #include "runtime/log/tfevents.h"
@@ -14,10 +15,26 @@ namespace fs = std::filesystem;
 
 namespace llama3::log {
 
+namespace {
+// A run killed mid-write leaves a last line without its newline; appending after it would
+// glue the next line onto it. Cut the file back to its last complete line.
+void drop_torn_last_line(const std::string& path) {
+  if (!fs::exists(path)) return;
+  const auto size = fs::file_size(path);
+  if (size == 0) return;
+  std::ifstream in(path, std::ios::binary);
+  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (data.back() == '\n') return;
+  const size_t nl = data.rfind('\n');
+  fs::resize_file(path, nl == std::string::npos ? 0 : nl + 1);
+}
+}  // namespace
+
 MetricsWriter::MetricsWriter(const std::string& stage_dir, const std::string& stage_name,
                              const MetricsOptions& opts)
     : stage_(stage_name), path_((fs::path(stage_dir) / "metrics.jsonl").string()) {
   fs::create_directories(stage_dir);
+  drop_torn_last_line(path_);
   f_ = std::fopen(path_.c_str(), "ab");
   LLAMA3_CHECK(f_, "cannot open {} for appending: {}", path_, std::strerror(errno));
   if (opts.tensorboard)

@@ -5,7 +5,8 @@
 // metrics.jsonl is append-only and flushed after each line, so a killed run keeps what it
 // logged. A resumed stage appends again, so a step can appear twice (the steps between the
 // last checkpoint and the kill are redone): readers take, per field, the LAST value logged
-// for a step. A line cut short by a kill (the file's last line only) is ignored.
+// for a step. A line cut short by a kill (the file's last line only) is ignored by readers
+// and cut off by the next MetricsWriter before it appends.
 #pragma once
 
 #include <cstdint>

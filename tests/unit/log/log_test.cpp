@@ -99,6 +99,12 @@ TEST(MetricsWriter, AppendsLinesAndReadersTakeTheLastValuePerStep) {
   EXPECT_EQ(s.at("eval_loss"), (log::Series{{3, 3.2}}));
   EXPECT_EQ(s.at("lr"), (log::Series{{1, 1e-3}}));
   EXPECT_EQ(s.count("stage"), 0u);
+  {  // the next writer cuts the torn line off before appending
+    log::MetricsWriter w(d.string(), "pretrain", {.tensorboard = false});
+    w.log(4, {{"loss", 2.5}});
+  }
+  EXPECT_EQ(log::read_metrics_jsonl((d / "metrics.jsonl").string()).at("loss").back(),
+            (std::pair<int64_t, double>{4, 2.5}));
   int tb_files = 0;
   for (const auto& e : fs::directory_iterator(d / "tb"))
     tb_files += e.path().filename().string().rfind("events.out.tfevents.", 0) == 0;
