@@ -103,6 +103,7 @@ struct StageStats {
   int64_t in = 0, kept = 0, changed = 0, dropped = 0, skipped = 0;  // skipped: not applicable
   std::map<std::string, int64_t> dropped_by;                        // reason -> documents
   std::map<std::string, int64_t> found;  // e.g. "email" -> occurrences redacted
+  std::map<std::string, double> sums, maxes;  // summed / maximum measurements (e.g. KL)
   nlohmann::json info = nlohmann::json::object();
 };
 
