@@ -15,6 +15,7 @@
 #include "runtime/log/metrics.h"
 #include "runtime/log/progress.h"
 #include "text/data/build.h"
+#include "text/data/shard.h"
 #include "text/train/loader_source.h"
 
 namespace fs = std::filesystem;
@@ -29,6 +30,23 @@ constexpr const char* kUsage =
     "                    [--checkpointing] [--eval-every 50] [--eval-batches 4] [--ckpt-every 0]\n"
     "                    [--seed 0] [--out runs/train] [--stage train] [--resume]\n"
     "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.";
+
+// Entropy (nats/token) of the unigram distribution of the shards' tokens: the loss a model
+// that ignores context entirely would reach on that text.
+double unigram_entropy(const std::vector<std::string>& shards) {
+  std::vector<double> counts;
+  double n = 0;
+  for (const auto& path : shards) {
+    data::Shard s = data::Shard::load(path);
+    if (counts.size() < s.vocab_size()) counts.resize(s.vocab_size(), 0.0);
+    for (int64_t d = 0; d < s.n_docs(); ++d)
+      for (int32_t t : s.doc(d)) counts[size_t(t)] += 1, n += 1;
+  }
+  double h = 0;
+  for (double c : counts)
+    if (c > 0) h -= c / n * std::log(c / n);
+  return h;
+}
 
 }  // namespace
 
@@ -112,19 +130,18 @@ int cmd_train(const Args& args) {
       for (const auto& [step, t] : it->second)
         if (step <= trainer.steps_done()) elapsed = t;
   }
-  double last_loss = NAN, last_eval = NAN;
+  double last_loss = std::nan(""), last_eval = std::nan("");
   trainer.on_step = [&](const text::StepStats& s) {
     elapsed += s.seconds;
     last_loss = s.loss;
     if (s.skipped) progress.message(fmt::format("step {}: update skipped (non-finite loss or gradient)", s.step));
-    if (tc.log_every <= 1 || s.step % tc.log_every == 0 || s.step == s.total)
-      metrics.log(s.step, {{"tokens", s.tokens},
-                           {"time", elapsed},
-                           {"loss", s.loss},
-                           {"lr", s.lr},
-                           {"grad_norm", s.grad_norm},
-                           {"tokens_per_s", s.tokens_per_s},
-                           {"pct_gemm_peak", 100.0 * s.flops_per_s / peak}});
+    metrics.log(s.step, {{"tokens", s.tokens},
+                         {"time", elapsed},
+                         {"loss", s.loss},
+                         {"lr", s.lr},
+                         {"grad_norm", s.grad_norm},
+                         {"tokens_per_s", s.tokens_per_s},
+                         {"pct_gemm_peak", 100.0 * s.flops_per_s / peak}});
     progress.update({.step = s.step, .loss = s.loss, .lr = s.lr, .tokens_per_s = s.tokens_per_s,
                      .flops_per_s = s.flops_per_s, .step_seconds = s.seconds});
   };
@@ -134,12 +151,18 @@ int cmd_train(const Args& args) {
     progress.message(fmt::format("eval step {}: loss {:.4f} (ppl {:.1f})", step, loss, std::exp(loss)));
   };
   trainer.run();
-  nlohmann::json fin = {{"steps", trainer.steps_done()}, {"tokens", trainer.tokens_seen()}, {"time", elapsed},
-                        {"skipped_steps", trainer.skipped_steps()}};
-  if (std::isfinite(last_loss)) fin["loss"] = last_loss;
-  if (std::isfinite(last_eval)) fin["eval_loss"] = last_eval;
-  std::ofstream(out + "/final.json", std::ios::trunc) << fin.dump(2) << '\n';
   spdlog::info("saved {}; metrics in {}/metrics.jsonl, TensorBoard events in {}/tb", ckpt, out, out);
+  nlohmann::json final_metrics = {{"steps", trainer.steps_done()}, {"tokens", trainer.tokens_seen()},
+                                  {"time", elapsed}, {"skipped_steps", trainer.skipped_steps()}};
+  if (!std::isnan(last_loss)) final_metrics["loss"] = last_loss;
+  if (eval) {
+    if (std::isnan(last_eval)) last_eval = trainer.evaluate();
+    const double h = unigram_entropy(eval->loader_config().sources[0].shards);
+    final_metrics["eval_loss"] = last_eval;
+    final_metrics["eval_unigram_entropy"] = h;
+    spdlog::info("held-out loss {:.4f} nats/token vs unigram entropy {:.4f} of the same text", last_eval, h);
+  }
+  std::ofstream(out + "/final.json") << final_metrics.dump(2) << "\n";
   return 0;
 }
 
