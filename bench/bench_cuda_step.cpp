@@ -2,7 +2,8 @@
 // layer rmsnorm / q,k,v linears / RoPE / causal GQA attention / o linear / residual /
 // rmsnorm / w1,w3 / SwiGLU / w2 / residual, final rmsnorm, chunked linear cross-entropy,
 // backward, AdamW over every parameter) in bf16 mixed precision (bf16 GEMM inputs, f32
-// accumulation, f32 activations and master weights). Prints tokens/s and MFU against the
+// accumulation, f32 activations and master weights; attention with compute = bf16, i.e. on
+// tensor cores with f32 softmax and accumulation). Prints tokens/s and MFU against the
 // H100 SXM dense bf16 peak (989 TFLOP/s).
 //
 //   bench_cuda_step [--seq 4096] [--batch 1] [--layers 16] [--dim 2048] [--heads 32]
