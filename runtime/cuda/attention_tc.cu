@@ -84,7 +84,8 @@ __device__ __forceinline__ float4 load4(const bf16* p) {
 }
 
 // Rows [r0, r0 + 64) of a (B, T, nh, D) tensor at (b, head) -> s[64][DP] bf16, zero outside
-// [0, T) x [0, D). vec: D == DMAX and 16-byte aligned base pointers (4 elements a thread).
+// [0, T) x [0, D). vec: D == DMAX and 16-byte aligned base pointers (4 elements a thread;
+// in the backward also float4 atomics into dq_acc).
 template <typename T, int DMAX>
 __device__ __forceinline__ void load_tile_bf16(bf16* s, const T* x, int64_t b, int64_t head,
                                                int64_t nh, int64_t r0, int64_t Tn, int64_t D,
@@ -110,6 +111,15 @@ __device__ __forceinline__ void load_tile_bf16(bf16* s, const T* x, int64_t b, i
     if (row < Tn && c < D) v = to_f32(x[((b * Tn + row) * nh + head) * D + c]);
     s[r * DP + c] = __float2bfloat16_rn(v);
   }
+}
+
+// p[0..3] += v atomically (one vector atomic on Hopper; p 16-byte aligned).
+__device__ __forceinline__ void add4(float* p, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), v);
+#else
+  atomicAdd(p + 0, v.x), atomicAdd(p + 1, v.y), atomicAdd(p + 2, v.z), atomicAdd(p + 3, v.w);
+#endif
 }
 
 using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -362,11 +372,22 @@ __global__ void __launch_bounds__(kTcThreads)
         wmma::store_matrix_sync(Xs + r0 * OP + n * 16, acc, OP, wmma::mem_row_major);
       }
       __syncwarp();
-      for (int rr = 0; rr < 16; ++rr) {
-        const int64_t i = i0 + r0 + rr;
-        if (i >= a.T) break;
-        float* dqr = dq_acc + ((b * a.T + i) * a.H + h) * a.D;
-        for (int d = lane; d < a.D; d += 32) atomicAdd(dqr + d, Xs[(r0 + rr) * OP + d]);
+      if (vec) {  // D == DMAX, dq_acc 16-byte aligned: 4 columns per atomic
+        constexpr int D4 = DMAX / 4;
+        for (int idx = lane; idx < 16 * D4; idx += 32) {
+          const int rr = idx / D4, d = (idx % D4) * 4;
+          const int64_t i = i0 + r0 + rr;
+          if (i >= a.T) break;  // rr only grows with idx
+          add4(dq_acc + ((b * a.T + i) * a.H + h) * a.D + d,
+               *reinterpret_cast<const float4*>(Xs + (r0 + rr) * OP + d));
+        }
+      } else {
+        for (int rr = 0; rr < 16; ++rr) {
+          const int64_t i = i0 + r0 + rr;
+          if (i >= a.T) break;
+          float* dqr = dq_acc + ((b * a.T + i) * a.H + h) * a.D;
+          for (int d = lane; d < a.D; d += 32) atomicAdd(dqr + d, Xs[(r0 + rr) * OP + d]);
+        }
       }
     }
   }
@@ -443,7 +464,7 @@ cudaError_t attention_backward_tc(const void* dout, const void* q, const void* k
       cudaError_t e =
           cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
       if (e != cudaSuccess) return e;
-      const bool vec = a.D == DMAX && aligned16({dout, q, k, v});
+      const bool vec = a.D == DMAX && aligned16({dout, q, k, v, dq_acc});
       dim3 grid(unsigned((a.T + kBc - 1) / kBc), unsigned(a.Hkv), unsigned(a.B));
       kern<<<grid, kTcThreads, sm, s>>>(
           static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
