@@ -8,7 +8,8 @@
 // rows 16 w .. 16 w + 15 of the tile: S = Q K^T (wmma bf16 16x16x16, f32 accumulate) goes to
 // a shared f32 tile, the warp runs the online softmax on its own rows in f32 (P rounded to
 // bf16 for the product, row sums from the f32 values), rescales its rows of the f32 output
-// tile O (shared memory) and adds P V with wmma. lse = m ln2 + ln l is saved per row.
+// tile O (shared memory) only when a row's reference max moves by more than 2^8 (lazy
+// rescaling), and adds P V with wmma. lse = m ln2 + ln l is saved per row (m the reference).
 //
 // Backward (FA2): one block of 4 warps per (batch, kv head, 64-key tile), looping over the
 // query heads of its group and the query tiles that can see its keys. Per query tile: warp w
@@ -220,8 +221,12 @@ __global__ void __launch_bounds__(kTcThreads)
         mx = fmaxf(mx, s[c]);
       }
       mx = warp_max(mx);
-      const float ms = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m[rr] - ms);  // 0 when m was -inf
+      // Lazy rescaling: the reference max only moves when the row max grows by more than
+      // 2^8 (then p <= 256 here, harmless in f32 and bf16), so O is rarely rescaled. The
+      // result is the same softmax: l and O always refer to the same reference mref.
+      const float mref = mx > m[rr] + 8.f ? mx : m[rr];  // -inf + 8 = -inf: first finite max
+      const float ms = mref == -INFINITY ? 0.f : mref;
+      const float alpha = exp2f(m[rr] - ms);  // 1 when mref did not move, 0 when m was -inf
       float sum = 0.f;
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
@@ -231,9 +236,11 @@ __global__ void __launch_bounds__(kTcThreads)
       }
       sum = warp_sum(sum);
       l[rr] = l[rr] * alpha + sum;
-      m[rr] = mx;
+      m[rr] = mref;
+      if (alpha != 1.f) {  // warp-uniform: every lane holds the same m, mx
 #pragma unroll
-      for (int d = lane; d < DMAX; d += 32) Os[r * OP + d] *= alpha;
+        for (int d = lane; d < DMAX; d += 32) Os[r * OP + d] *= alpha;
+      }
     }
     __syncwarp();
     // O[16 rows] += P[16][64] V[64][DMAX]
