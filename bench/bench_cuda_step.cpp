@@ -2,14 +2,16 @@
 // layer rmsnorm / q,k,v linears / RoPE / causal GQA attention / o linear / residual /
 // rmsnorm / w1,w3 / SwiGLU / w2 / residual, final rmsnorm, chunked linear cross-entropy,
 // backward, AdamW over every parameter) in bf16 mixed precision (bf16 GEMM inputs, f32
-// accumulation, f32 activations and master weights). Prints tokens/s and MFU against the
+// accumulation, f32 activations and master weights; attention with compute = bf16, i.e. on
+// tensor cores with f32 softmax and accumulation). Prints tokens/s and MFU against the
 // H100 SXM dense bf16 peak (989 TFLOP/s).
 //
 //   bench_cuda_step [--seq 4096] [--batch 1] [--layers 16] [--dim 2048] [--heads 32]
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu]
 //
-// --attn-only times attention forward+backward alone (f32 and bf16 inputs) for the same
+// --attn-only times attention forward+backward alone (f32 inputs exact, f32 inputs with
+// compute = bf16 on tensor cores, bf16 inputs on tensor cores) for the same
 // shapes, to compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py).
 // Exits 77 when there is no CUDA device.
 #include <fmt/format.h>
@@ -106,8 +108,19 @@ int attn_only(const Config& c) {
   Backend& be = backend_for(dev);
   const int64_t B = c.batch, T = c.seq, H = c.heads, Hk = c.kv_heads, Dh = c.head_dim();
   const double flops = 3.5 * 4.0 * double(B) * double(T) * double(T) * double(H) * double(Dh) / 2;
-  for (DType dt : {DType::f32, DType::bf16}) {
-    if (dev.is_cpu() && dt == DType::bf16) continue;  // the CPU attention is f32/f64
+  // (f32 inputs, exact f32 kernel), (f32 inputs, compute = bf16: tensor cores, as in the bf16
+  // mixed-precision step), (bf16 inputs: tensor cores).
+  struct Variant {
+    DType dt;
+    AttnCompute compute;
+    const char* result;  // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16)
+  };
+  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
+                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
+                      Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
+    const DType dt = var.dt;
+    if (dev.is_cpu() && (dt == DType::bf16 || var.compute != AttnCompute::exact))
+      continue;  // the CPU attention is f32/f64 and ignores `compute`
     std::vector<float> pool(size_t(1) << 22);
     std::mt19937 g(1);
     std::normal_distribution<float> nd(0.f, 1.f);
@@ -125,6 +138,7 @@ int attn_only(const Config& c) {
     Tensor dv = Tensor::empty(v.shape(), dt, dev);
     AttentionParams p;
     p.causal = true;
+    p.compute = var.compute;
     double tf = 0, tb = 0;
     const int reps = 5;
     for (int r = -1; r < reps; ++r) {
@@ -139,11 +153,13 @@ int attn_only(const Config& c) {
       if (r >= 0) tf += t1 - t0, tb += t2 - t1;
     }
     tf /= reps, tb /= reps;
-    fmt::print("attention {} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, bwd {:.2f} ms, "
-               "fwd+bwd {:.2f} ms ({:.1f} TFLOP/s)\n",
-               dtype_name(dt), B, T, H, Hk, Dh, tf * 1e3, tb * 1e3, (tf + tb) * 1e3,
-               flops / (tf + tb) / 1e12);
-    fmt::print("RESULT attn_ms_{} {:.3f}\n", dtype_name(dt), (tf + tb) * 1e3);
+    fmt::print("attention {} inputs, {} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, "
+               "bwd {:.2f} ms, fwd+bwd {:.2f} ms ({:.1f} TFLOP/s)\n",
+               dtype_name(dt),
+               dt == DType::bf16 || var.compute == AttnCompute::bf16 ? "tensor cores (bf16 products)"
+                                                                     : "exact f32",
+               B, T, H, Hk, Dh, tf * 1e3, tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
+    fmt::print("RESULT {} {:.3f}\n", var.result, (tf + tb) * 1e3);
   }
   return 0;
 }
@@ -212,6 +228,9 @@ int run(const Config& c) {
   const auto pr = c.precision;
   AttentionParams ap;
   ap.causal = true;
+  // As the model (text/model/llama.cpp): bf16 mixed precision lets attention multiply in bf16
+  // on tensor cores (f32 accumulation, f32 activations).
+  if (pr == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
   auto step = [&](int64_t step_no) {
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)
     for (auto& l : layers) {

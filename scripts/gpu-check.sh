@@ -170,11 +170,16 @@ for dt in f32 bf16; do
   b=$(result "torch_attn_ms_$dt" | awk '{print $3}')
   note "attention fwd+bwd $dt T=$SEQ" "" "llama3 ${a:-n/a} ms, torch sdpa ${b:-n/a} ms"
 done
+# f32 activations with compute = bf16 (tensor cores): the path of the bf16 mixed-precision step.
+a=$(result attn_tc_ms_f32 | awk '{print $3}')
+b=$(result torch_attn_ms_bf16 | awk '{print $3}')
+note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
 
 # ---- compute-sanitizer on the kernels with shared memory and atomics (small shapes)
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [[ -n $BIN && -n $SAN ]]; then
-  FILTER='*CudaMatchesCpu/attn*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
+  # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
+  FILTER='*CudaMatchesCpu/attn*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*-*t1024*'
   for tool in memcheck racecheck; do
     step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
       "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"

@@ -16,6 +16,12 @@ namespace llama3 {
 
 enum class Trans : uint8_t { N, T };
 
+// How attention may compute its products (QK^T, PV and the backward's).
+//   exact: in the input dtype's precision with f32 accumulation (f32 inputs: f32 throughout).
+//   bf16:  the backend may compute the products in bf16 with f32 accumulation (tensor
+//          cores on CUDA); softmax, lse and the outputs stay f32 for f32 inputs. CPU ignores it.
+enum class AttnCompute : uint8_t { exact, bf16 };
+
 struct AttentionParams {
   float scale = 0.f;     // softmax scale (1/sqrt(head_dim) when 0)
   bool causal = true;
@@ -26,6 +32,9 @@ struct AttentionParams {
   // context-parallel chunks). Causal then means key j <= q_pos[i], and a query's document
   // is doc_ids[q_pos[i]]. Undefined: Tq == Tk and query i sits at position i.
   Tensor q_pos;
+  // bf16: the backend may compute the products in bf16 with f32 accumulation; CPU ignores it.
+  // Set by the model in bf16 mixed precision (ops::Precision::bf16).
+  AttnCompute compute = AttnCompute::exact;
 };
 
 struct AdamWParams {

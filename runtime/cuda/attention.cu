@@ -439,6 +439,7 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
                               const int32_t* dend, void* out, void* lse, KT t, const AttnShape& a,
                               cudaStream_t s) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
+  if (a.tc) return attention_forward_tc(q, k, v, dstart, dend, out, lse, t, a, s);
   return dispatch_ft(t, [&]<typename T>() {
     return dispatch_d(a.D, [&]<int DMAX>() {
       auto kern = attn_fwd_kernel<T, DMAX>;
@@ -465,7 +466,9 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
   return dispatch_ft(t, [&]<typename T>() {
     attn_dsum_kernel<T><<<grid_for(a.B * a.T * a.H * 32, 256), 256, 0, s>>>(
         static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
-    cudaError_t e2 = dispatch_d(a.D, [&]<int DMAX>() {
+    cudaError_t e2 = a.tc ? attention_backward_tc(dout, q, k, v, lse, dsum, dstart, dend, dk, dv,
+                                                  dq_acc, t, a, s)
+                          : dispatch_d(a.D, [&]<int DMAX>() {
       auto kern = attn_bwd_kernel<T, DMAX>;
       const size_t sm = bwd_smem(DMAX);
       cudaError_t e3 = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));

@@ -530,7 +530,11 @@ class CudaBackend final : public Backend {
                  "attention: q_pos (queries at explicit key positions: KV-cache decoding, context "
                  "parallelism) is implemented on cpu only in this build");
     a.scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(a.D));
-    const size_t need = cuda::attention_smem_bytes(a.D, /*backward=*/true);
+    // Tensor cores (bf16 products, f32 accumulation) when asked for or when the inputs are
+    // bf16 anyway; the exact f32 SIMT kernels otherwise.
+    a.tc = p.compute == AttnCompute::bf16 || q.dtype() == DType::bf16;
+    const size_t need = a.tc ? cuda::attention_tc_smem_bytes(a.D, /*backward=*/true)
+                             : cuda::attention_smem_bytes(a.D, /*backward=*/true);
     LLAMA3_CHECK(need <= smem_optin_,
                  "attention: head dim {} needs {} bytes of shared memory per block, {} allows {} "
                  "(H100/H200: 227 KB; A100: head dims up to 64)",

@@ -76,9 +76,13 @@ struct AttnShape {
   int64_t B, T, H, Hkv, D;
   float scale;
   bool causal;
+  // true: the tensor-core kernels of attention_tc.cu (bf16 products, f32 accumulation);
+  // false: the exact f32 SIMT kernels of attention.cu.
+  bool tc = false;
 };
 // Dynamic shared memory the attention kernels need for head dim D (at most 128).
 size_t attention_smem_bytes(int64_t D, bool backward);
+size_t attention_tc_smem_bytes(int64_t D, bool backward);
 // doc_start/doc_end (B*T) int32 from doc_runs, or null for one document per row.
 cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, int32_t* end,
                      cudaStream_t s);
@@ -90,5 +94,14 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                                const void* out, const void* lse, const int32_t* dstart,
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
                                float* dq_acc, KT t, const AttnShape& a, cudaStream_t s);
+// The tensor-core kernels (attention_tc.cu); attention_forward/backward route to them when
+// a.tc. attention_backward_tc expects dsum computed and dq_acc zeroed (it only adds).
+cudaError_t attention_forward_tc(const void* q, const void* k, const void* v,
+                                 const int32_t* dstart, const int32_t* dend, void* out, void* lse,
+                                 KT t, const AttnShape& a, cudaStream_t s);
+cudaError_t attention_backward_tc(const void* dout, const void* q, const void* k, const void* v,
+                                  const void* lse, const float* dsum, const int32_t* dstart,
+                                  const int32_t* dend, void* dk, void* dv, float* dq_acc, KT t,
+                                  const AttnShape& a, cudaStream_t s);
 
 }  // namespace llama3::cuda

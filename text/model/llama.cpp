@@ -101,6 +101,9 @@ Tensor LlamaModel::hidden(const Tensor& tokens, const Tensor& doc_ids) const {
   Tensor pos = Tensor::from_vector(pv, {T}, dev);
   AttentionParams ap;
   ap.causal = true;
+  // Mixed precision: attention may use bf16 products with f32 accumulation (tensor cores
+  // on CUDA); the CPU backend ignores it.
+  if (opts_.precision == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
   if (doc_ids.defined()) ap.doc_ids = doc_ids.to(dev);
   Tensor h = (*embed_)(tokens.to(dev));  // (B, T, D)
   const ops::Precision prec = opts_.precision;

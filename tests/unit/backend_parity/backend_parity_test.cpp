@@ -1,7 +1,7 @@
 // Every Backend kernel on CUDA against the CPU reference, on random inputs (the idea of
 // llama.cpp's test-backend-ops): each case runs once on cpu and once on cuda:0 and compares
 // every output by normalised error ||cuda - cpu|| / ||cpu||, which must stay below 1e-5 in
-// f32 and 1e-2 in bf16 (bf16 cases feed both backends the same bf16-rounded inputs; the CPU
+// f32 and 1e-2 in bf16 (2e-2 for attention backward and the tensor-core attention cases) (bf16 cases feed both backends the same bf16-rounded inputs; the CPU
 // computes in f32 where it has no bf16 kernel). Without a CUDA device every case skips.
 #include <gtest/gtest.h>
 
@@ -218,6 +218,50 @@ std::vector<Case> make_cases() {
     }, 0, 2e-2);
   }
 
+  // ---- tensor-core attention (AttentionParams::compute = bf16): f32 inputs and outputs on
+  // both devices, the CPU computes exactly (it ignores `compute`), CUDA multiplies in bf16
+  // with f32 accumulation, so a bf16 tolerance. T not a multiple of the 64-row tiles, T =
+  // 1024 (many tiles, causal skipping), documents crossing tile boundaries, GQA, D 64 / 128
+  // and odd head dims (zero padded).
+  struct TcCfg {
+    const char* name;
+    int64_t B, T, H, Hkv, D;
+    bool causal, docs;
+  };
+  for (TcCfg a : {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
+                  TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
+                  TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
+                  TcCfg{"attn_tc_doc_noncausal_d48_t70", 2, 70, 3, 1, 48, false, true},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t1024", 1, 1024, 2, 1, 64, true, true},
+                  TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
+    cs.push_back({a.name, DType::f32, true, 2e-2, [a](const Ctx& c) {
+      Backend& be = backend_for(c.dev);
+      Tensor q = input(c, {a.B, a.T, a.H, a.D}, 90), k = input(c, {a.B, a.T, a.Hkv, a.D}, 91);
+      Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 92);
+      AttentionParams p;
+      p.causal = a.causal;
+      p.compute = AttnCompute::bf16;
+      if (a.docs) {
+        // Document boundaries at 23, 63, 150, 300, 700 (row b shifted by 37 b): runs that
+        // start and end inside 64-row tiles and runs spanning several tiles.
+        std::vector<int32_t> d(size_t(a.B * a.T));
+        for (int64_t b = 0; b < a.B; ++b)
+          for (int64_t t = 0; t < a.T; ++t) {
+            int32_t id = 0;
+            for (int64_t e : {23, 63, 150, 300, 700}) id += (t + 37 * b) >= e;
+            d[b * a.T + t] = id;
+          }
+        p.doc_ids = ints(c, d, {a.B, a.T});
+      }
+      Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
+      be.attention_forward(q, k, v, p, out, lse);
+      Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
+      Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
+      be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+      return std::vector<Tensor>{out, lse, dq, dk, dv};
+    }});
+  }
+
   // ---- cross-entropy with the classifier, chunked, ignored targets
   both("linear_cross_entropy", true, [](const Ctx& c) {
     Backend& be = backend_for(c.dev);
@@ -248,13 +292,17 @@ std::vector<Case> make_cases() {
                 }});
 
   // ---- a whole model step through runtime/ops (forward + backward)
-  for (bool mixed : {false, true}) {
+  // Third variant: bf16 mixed precision with the tensor-core attention (as the model does).
+  for (int variant : {0, 1, 2}) {
+    const bool mixed = variant > 0, tc_attn = variant == 2;
     Case mc;
-    mc.name = mixed ? "model_step_bf16_mixed" : "model_step_f32";
+    mc.name = variant == 0 ? "model_step_f32"
+              : variant == 1 ? "model_step_bf16_mixed"
+                             : "model_step_bf16_mixed_tc_attention";
     mc.dtype = DType::f32;  // activations and master weights f32; bf16 only in GEMM inputs
     mc.cpu_has_dtype = true;
-    mc.tol = mixed ? 1e-2 : 1e-5;
-    mc.run = [mixed](const Ctx& c) {
+    mc.tol = tc_attn ? 2e-2 : mixed ? 1e-2 : 1e-5;
+    mc.run = [mixed, tc_attn](const Ctx& c) {
       const int64_t B = 2, T = 40, D = 64, H = 4, Hkv = 2, Dh = 16, F = 96, V = 97;
       const ops::Precision pr = mixed ? ops::Precision::bf16 : ops::Precision::f32;
       auto param = [&](const Shape& s, uint64_t seed, float sc) {
@@ -285,6 +333,7 @@ std::vector<Case> make_cases() {
       AttentionParams ap;
       ap.causal = true;
       ap.doc_ids = ints(c, doc, {B, T});
+      if (tc_attn) ap.compute = AttnCompute::bf16;
 
       Tensor x = ops::embedding(emb, ints(c, ids, {B, T}));  // (B, T, D)
       Tensor h = ops::rmsnorm(x, n1, 1e-5f);
