@@ -14,5 +14,6 @@ int cmd_train(const Args& args);
 int cmd_tokenizer(const Args& args);
 int cmd_data(const Args& args);
 int cmd_run(const Args& args);
+int cmd_parallel(const Args& args);
 
 }  // namespace llama3::cli

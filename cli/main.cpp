@@ -4,6 +4,7 @@
 #include <string_view>
 
 #include "cli/commands.h"
+#include "runtime/dist/communicator.h"
 #include "runtime/core/error.h"
 
 namespace {
@@ -19,6 +20,7 @@ constexpr Command kCommands[] = {
     {"tokenizer", llama3::cli::cmd_tokenizer, "train|encode|decode|stats a BPE tokenizer"},
     {"data", llama3::cli::cmd_data, "curate|tokenize|demo: build and curate training data"},
     {"run", llama3::cli::cmd_run, "run a staged recipe (recipes/*.textproto)"},
+    {"parallel", llama3::cli::cmd_parallel, "train under a 4D layout (mpirun) and check it against one process"},
 };
 
 void usage() {
@@ -43,6 +45,11 @@ int main(int argc, char** argv) {
       return c.fn(args);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "llama3 %s: error: %s\n", argv[1], e.what());
+      // Under mpirun a failed rank takes the job down instead of leaving peers waiting.
+      if (llama3::dist::mpi_active()) {
+        std::fflush(nullptr);
+        llama3::dist::abort_all(1);
+      }
       return 1;
     }
   }
