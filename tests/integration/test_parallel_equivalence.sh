@@ -40,12 +40,15 @@ check 2 4 --dp-shard 2
 check 2 4 --dp-replicate 2
 check 2 4 --tp 2
 check 2 4 --pp 2 --microbatches 4
+check 2 4 --cp 2                                  # document mask across chunks (--docs)
 check 2 5 --pp 2 --microbatches 2                 # stages of 3 and 2 layers
 check 4 4 --dp-replicate 2 --dp-shard 2           # HSDP
 check 4 4 --tp 2 --pp 2 --microbatches 2
 check 4 4 --tp 2 --dp-shard 2 --checkpointing
 check 8 4 --dp-replicate 2 --tp 2 --pp 2 --microbatches 2
 check 8 5 --dp-shard 2 --tp 2 --pp 2 --microbatches 2
+check 8 4 --tp 2 --dp-shard 2 --cp 2
+check 4 4 --cp 2 --pp 2 --microbatches 2 --checkpointing
 
 # Negative control: the comparison must notice a 1% change of the learning rate.
 if timeout -k 5 120 "${MPI[@]}" -np 2 "$BIN" parallel "${COMMON[@]}" --layers 4 --lr 1.01e-2 --dp-shard 2 \

@@ -38,6 +38,7 @@ Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tens
   Tensor v = ops::reshape(v_proj(x, prec), {B, T, hkv, head_dim});
   q = ops::rope(q, inv_freq, pos);
   k = ops::rope(k, inv_freq, pos);
+  if (kv_hook) k = kv_hook(k), v = kv_hook(v);
   Tensor o = ops::attention(q, k, v, p);
   return o_proj(ops::reshape(o, {B, T, hq * head_dim}), prec);
 }

@@ -73,7 +73,6 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
   dist::validate_for_model(d, ms);
   LLAMA3_CHECK(opt.virtual_stages == 1, "parallelize: interleaved 1F1B (virtual stages {}) is not implemented",
                opt.virtual_stages);
-  LLAMA3_CHECK(d.cp == 1, "parallelize: context parallelism (cp {}) is not implemented yet", d.cp);
 
   const int stage = g_.coords.pp, stages = d.pp;
   std::tie(first_layer_, end_layer_) = stage_layers(c.n_layers, stage, stages);
@@ -92,6 +91,13 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
         lin->input_hook = copy_in;
       for (nn::Linear* lin : {&b.self_attn.o_proj, &b.mlp.down_proj}) lin->output_hook = reduce_out;
     }
+  }
+
+  // CP: every block's keys and values are gathered over the cp group (queries stay local).
+  if (d.cp > 1) {
+    auto cp = g_.cp;
+    for (int64_t l = first_layer_; l < end_layer_; ++l)
+      model.blocks()[size_t(l)]->self_attn.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
   }
 
   for (auto& np : model.named_parameters()) {
@@ -209,25 +215,37 @@ Tensor ParallelLlama::run_blocks(Tensor h, const Tensor& pos, const AttentionPar
 double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids) {
   LLAMA3_CHECK(tokens.dim() == 2 && targets.shape() == tokens.shape(), "parallel step: tokens {} / targets {}",
                tokens.str(), targets.str());
-  const int64_t B = tokens.size(0), T = tokens.size(1), M = opt_.microbatches, D = model_.config().dim;
+  const int64_t B = tokens.size(0), Tfull = tokens.size(1), M = opt_.microbatches, D = model_.config().dim;
   LLAMA3_CHECK(B % M == 0, "parallel step: local batch {} is not divisible by micro-batches {}", B, M);
   const int64_t Bm = B / M;
-  const int S = g_.dims.pp, s = g_.coords.pp;
+  const int S = g_.dims.pp, s = g_.coords.pp, cp = g_.dims.cp;
   const bool first = s == 0, last = s == S - 1;
+  LLAMA3_CHECK(Tfull % (2 * cp) == 0, "parallel step: seq {} is not divisible by 2 x cp {} = {}", Tfull, cp, 2 * cp);
+
+  // CP: this rank's tokens are its two load-balanced chunks; keys keep global positions.
+  const std::vector<int32_t> pv = dist::cp_positions(Tfull, cp, g_.coords.cp);
+  const int64_t T = int64_t(pv.size());
+  auto take_columns = [&](const Tensor& t) {
+    if (cp == 1) return t.contiguous();
+    std::vector<int32_t> all = t.contiguous().to_vector<int32_t>(), out(size_t(B * T));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < T; ++i) out[size_t(b * T + i)] = all[size_t(b * Tfull + pv[size_t(i)])];
+    return Tensor::from_vector(out, {B, T});
+  };
+  const Tensor tokens_l = take_columns(tokens), targets_l = take_columns(targets);
 
   // Valid targets per micro-batch and over the global batch (the loss normaliser).
-  std::vector<int32_t> tv = targets.contiguous().to_vector<int32_t>();
+  std::vector<int32_t> tv = targets_l.to_vector<int32_t>();
   std::vector<double> mb_valid(static_cast<size_t>(M), 0.0);
   for (int64_t i = 0; i < int64_t(tv.size()); ++i)
     if (tv[size_t(i)] >= 0) mb_valid[size_t(i / (Bm * T))] += 1;
   Tensor cnt = tensor_f64(std::accumulate(mb_valid.begin(), mb_valid.end(), 0.0));
   g_.dp->all_reduce(cnt, ReduceOp::sum);
+  g_.cp->all_reduce(cnt, ReduceOp::sum);
   const double n_global = cnt.item();
   LLAMA3_CHECK(n_global > 0, "parallel step: the global batch has no valid targets");
 
   for (Param* p : root_params_) gather(*p);
-  std::vector<int32_t> pv(static_cast<size_t>(T));
-  for (int64_t i = 0; i < T; ++i) pv[size_t(i)] = int32_t(i);
   const Tensor pos = Tensor::from_vector(pv, {T});
 
   struct Mb {
@@ -241,10 +259,11 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
     Mb& mb = mbs[size_t(i)];
     AttentionParams ap;
     ap.causal = true;
-    if (doc_ids.defined()) ap.doc_ids = doc_ids.narrow(0, i * Bm, Bm).contiguous();
+    if (doc_ids.defined()) ap.doc_ids = doc_ids.narrow(0, i * Bm, Bm).contiguous();  // keys: all T
+    if (cp > 1) ap.q_pos = pos;
     Tensor h;
     if (first) {
-      h = model_.embed_tokens()(tokens.narrow(0, i * Bm, Bm).contiguous());
+      h = model_.embed_tokens()(tokens_l.narrow(0, i * Bm, Bm).contiguous());
     } else {
       Tensor buf = Tensor::empty({Bm, T, D}, DType::f32);
       g_.pp->irecv(buf, s - 1, int(2 * i))->wait();
@@ -261,7 +280,7 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
       const double nv = mb_valid[size_t(i)];
       if (nv > 0) {
         Tensor l = ops::linear_cross_entropy(hn, model_.lm_head().weight,
-                                             targets.narrow(0, i * Bm, Bm).contiguous().view({-1}), o);
+                                             targets_l.narrow(0, i * Bm, Bm).contiguous().view({-1}), o);
         mb.loss = ops::scale(l, float(nv / n_global));
         loss_sum += l.item() * nv / n_global;
       }
@@ -317,14 +336,14 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
   for (auto& p : params_) {
     if (!p->info.trainable) continue;
     if (!p->shard.grad().defined()) p->shard.set_grad(Tensor::zeros(p->shard.shape(), DType::f32));
-    if (g_.dims.dp_replicate > 1) {
-      Tensor gr = p->shard.grad();
-      g_.dp_replicate->all_reduce(gr, ReduceOp::sum);
-    }
+    Tensor gr = p->shard.grad();
+    if (g_.dims.dp_replicate > 1) g_.dp_replicate->all_reduce(gr, ReduceOp::sum);
+    if (cp > 1) g_.cp->all_reduce(gr, ReduceOp::sum);
   }
   Tensor l = tensor_f64(last ? loss_sum : 0.0);
   g_.dp->all_reduce(l, ReduceOp::sum);
   g_.pp->all_reduce(l, ReduceOp::sum);
+  g_.cp->all_reduce(l, ReduceOp::sum);
   return l.item();
 }
 

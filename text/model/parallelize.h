@@ -9,6 +9,10 @@
 //   2. PP  - the layers are cut into pp contiguous stages (first and last may hold one
 //            layer fewer); stage 0 keeps the embedding, the last the final norm, lm_head
 //            and the loss; other parameters are dropped from this rank.
+//      CP  - tokens are split over cp in 2*cp load-balanced causal chunks (rank r: chunks r
+//            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook) and
+//            queries carry their global positions (AttentionParams::q_pos), so the causal
+//            and document masks are exact. Parameter gradients are summed over cp.
 //   3. AC  - each block may be recomputed in backward (autograd::checkpoint).
 //   4. FSDP- every parameter this rank keeps is flattened, padded to a multiple of dp_shard
 //            and sharded; the optimizer sees only shards. A block's parameters are
