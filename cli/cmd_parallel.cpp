@@ -23,8 +23,11 @@ constexpr const char* kUsage =
     "          [--microbatches 1] [--virtual-stages 1] [--checkpointing] [--flavour debug] [--layers L]\n"
     "          [--batch 8] [--seq 32] [--steps 5] [--lr 1e-2] [--clip 1.0] [--eps 1e-8] [--docs] [--seed 0]\n"
     "          [--plain] [--dump FILE] [--reference FILE] [--tol 1e-5] [--timeout 60]\n"
+    "          [--save DIR] [--load DIR]\n"
     "          [--inject-hang RANK] [--inject-abort RANK]\n"
-    "  --batch is the global batch; every data-parallel rank takes batch / dp rows.";
+    "  --batch is the global batch; every data-parallel rank takes batch / dp rows. --steps is the\n"
+    "  last step: a run that --load's a checkpoint of step k continues with step k + 1. --save\n"
+    "  writes a distributed checkpoint (one file per rank with slice metadata) after the last step.";
 
 struct Batch {
   Tensor tokens, targets, docs;  // (B, T) int32
@@ -67,7 +70,7 @@ int cmd_parallel(const Args& args) {
   Flags f(args,
           {"--dp-replicate", "--dp-shard", "--cp", "--tp", "--pp", "--microbatches", "--virtual-stages",
            "--flavour", "--layers", "--batch", "--seq", "--steps", "--lr", "--clip", "--eps", "--seed", "--dump",
-           "--reference", "--tol", "--timeout", "--inject-hang", "--inject-abort"},
+           "--reference", "--tol", "--timeout", "--save", "--load", "--inject-hang", "--inject-abort"},
           {"--checkpointing", "--docs", "--plain"}, kUsage);
   dist::ParallelDims dims;
   dims.dp_replicate = int(f.integer("--dp-replicate", 1));
@@ -122,10 +125,29 @@ int cmd_parallel(const Args& args) {
     spdlog::info("layout {} on {} ranks ({}), global batch {} x seq {}", plain ? "plain" : dims.str(),
                  world->size(), world->backend(), B, T);
 
+  int64_t first_step = 1;
+  if (f.has("--load")) {
+    std::map<std::string, std::string> info;
+    std::map<std::string, Tensor> full = dist::load_full(f.str("--load"), &info);
+    const int64_t step = std::stoll(info.at("step"));
+    if (plain) {
+      std::map<std::string, Tensor> moments;
+      for (auto& np : model.named_parameters()) {
+        LLAMA3_CHECK(full.count(np.name), "checkpoint has no '{}'", np.name);
+        np.tensor->detach().copy_(full.at(np.name));
+        for (const char* pre : {"exp_avg.", "exp_avg_sq."}) moments[pre + np.name] = full.at(pre + np.name);
+      }
+      opt->load_state(moments, step);
+    } else {
+      par->load_full(full, opt.get(), step);
+    }
+    first_step = step + 1;
+    if (rank == 0) spdlog::info("loaded {} at step {} (written by {})", f.str("--load"), step, info["layout"]);
+  }
   const int hang_rank = int(f.integer("--inject-hang", -1)), abort_rank = int(f.integer("--inject-abort", -1));
   std::vector<double> losses;
   const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t step = 1; step <= steps; ++step) {
+  for (int64_t step = first_step; step <= steps; ++step) {
     if (step == 2 && rank == hang_rank) {
       std::fprintf(stderr, "rank %d: injected hang\n", rank);
       std::this_thread::sleep_for(std::chrono::hours(1));
@@ -153,7 +175,27 @@ int cmd_parallel(const Args& args) {
     if (rank == 0) std::printf("step %lld loss %.8f grad_norm %.6f\n", (long long)step, loss, norm);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (rank == 0) std::printf("tokens/s %.1f\n", double(B * T * steps) / secs);
+  if (rank == 0) std::printf("tokens/s %.1f\n", double(B * T * (steps - first_step + 1)) / secs);
+  if (f.has("--save")) {
+    std::vector<dist::Piece> pieces;
+    if (plain) {
+      auto st = opt->state_tensors();
+      for (auto& np : model.named_parameters())
+        for (const std::string& n : {np.name, "exp_avg." + np.name, "exp_avg_sq." + np.name}) {
+          dist::Piece pc;
+          pc.name = n;
+          pc.full_shape = np.tensor->shape();
+          pc.data = (n == np.name ? np.tensor->detach() : st.at(n)).contiguous().view({-1});
+          pieces.push_back(pc);
+        }
+    } else {
+      pieces = par->checkpoint_pieces(opt.get());
+    }
+    dist::save_pieces(f.str("--save"), rank, pieces,
+                      {{"step", std::to_string(steps)}, {"layout", plain ? "plain" : dims.str()}});
+    if (!plain) groups.world->barrier();
+    if (rank == 0) spdlog::info("saved {} pieces of rank 0 to {}", pieces.size(), f.str("--save"));
+  }
   std::fflush(stdout);
 
   std::map<std::string, Tensor> weights;
@@ -176,6 +218,8 @@ int cmd_parallel(const Args& args) {
     std::string worst_name;
     for (auto& [name, t] : ref) {
       Tensor mine = name == "__losses__" ? Tensor::from_vector(lv, {int64_t(lv.size())}) : weights.at(name);
+      // A resumed run compares the losses of the steps it ran.
+      if (name == "__losses__") t = t.narrow(0, first_step - 1, int64_t(lv.size())).contiguous();
       LLAMA3_CHECK(mine.shape() == t.shape(), "{}: shape {} vs reference {}", name, shape_str(mine.shape()),
                    shape_str(t.shape()));
       const double r = max_rel_diff(mine, t);

@@ -347,6 +347,71 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
   return l.item();
 }
 
+Tensor ParallelLlama::shard_of(const Param& p, const Tensor& full) const {
+  LLAMA3_CHECK(full.shape() == p.full_shape, "parallelize: {} has shape {}, expected {}", p.name,
+               shape_str(full.shape()), shape_str(p.full_shape));
+  Tensor local = full;
+  if (p.split_dim >= 0) {
+    const int64_t n = full.size(p.split_dim) / g_.dims.tp;
+    local = full.narrow(p.split_dim, g_.coords.tp * n, n);
+  }
+  local = local.contiguous().to(DType::f32);
+  if (!p.fsdp) return local.clone();
+  const int ds = g_.dims.dp_shard;
+  const int64_t n = p.padded / ds;
+  Tensor flat = Tensor::zeros({p.padded}, DType::f32);
+  flat.narrow(0, 0, p.local_numel).copy_(local.view({p.local_numel}));
+  return flat.narrow(0, g_.coords.dp_shard * n, n).contiguous().clone();
+}
+
+std::vector<dist::Piece> ParallelLlama::checkpoint_pieces(const optim::AdamW* opt) const {
+  // One copy of every element: replicas over dp_replicate and cp, and tp-replicated
+  // tensors on tp ranks > 0, write nothing.
+  std::vector<dist::Piece> out;
+  if (g_.coords.dp_replicate != 0 || g_.coords.cp != 0) return out;
+  std::map<std::string, Tensor> state;
+  if (opt) state = opt->state_tensors();
+  for (auto& p : params_) {
+    if (p->split_dim < 0 && g_.coords.tp != 0) continue;
+    const int64_t n = p->fsdp ? p->padded / g_.dims.dp_shard : p->local_numel;
+    const int64_t off = p->fsdp ? g_.coords.dp_shard * n : 0;
+    const int64_t valid = std::max<int64_t>(0, std::min(n, p->local_numel - off));
+    auto piece = [&](const std::string& name, const Tensor& t) {
+      if (valid == 0) return;
+      dist::Piece pc;
+      pc.name = name;
+      pc.full_shape = p->full_shape;
+      pc.split_dim = p->split_dim;
+      pc.tp_index = p->split_dim >= 0 ? g_.coords.tp : 0;
+      pc.tp_size = p->split_dim >= 0 ? g_.dims.tp : 1;
+      pc.offset = off;
+      pc.data = t.detach().contiguous().view({n}).narrow(0, 0, valid).clone();
+      out.push_back(pc);
+    };
+    piece(p->name, p->shard);
+    for (const char* pre : {"exp_avg.", "exp_avg_sq."}) {
+      auto it = state.find(pre + p->name);
+      if (it != state.end()) piece(pre + p->name, it->second);
+    }
+  }
+  return out;
+}
+
+void ParallelLlama::load_full(const std::map<std::string, Tensor>& full, optim::AdamW* opt, int64_t step) {
+  std::map<std::string, Tensor> moments;
+  for (auto& p : params_) {
+    auto it = full.find(p->name);
+    LLAMA3_CHECK(it != full.end(), "parallelize: checkpoint has no '{}'", p->name);
+    autograd::NoGradGuard ng;
+    p->shard.detach().copy_(shard_of(*p, it->second));
+    for (const char* pre : {"exp_avg.", "exp_avg_sq."}) {
+      auto m = full.find(pre + p->name);
+      if (m != full.end()) moments[pre + p->name] = shard_of(*p, m->second);
+    }
+  }
+  if (opt && !moments.empty()) opt->load_state(moments, step);
+}
+
 std::vector<nn::NamedParam> ParallelLlama::optimizer_params() const {
   std::vector<nn::NamedParam> out;
   for (auto& p : params_) out.push_back({p->name, &p->shard, p->info});

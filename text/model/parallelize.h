@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/dist/dist_checkpoint.h"
 #include "runtime/dist/parallel_dims.h"
 #include "runtime/optim/adamw.h"
 #include "text/model/llama.h"
@@ -66,6 +67,12 @@ class ParallelLlama {
   // Full parameters by HF name, reassembled from every rank (collective; tests/checkpoints).
   std::map<std::string, Tensor> full_state_dict() const;
 
+  // Distributed checkpoints (runtime/dist/dist_checkpoint.h): this rank's pieces of the
+  // weights and, with `opt`, of its AdamW moments (one copy of every element over all
+  // ranks); and loading from full tensors written under any layout.
+  std::vector<dist::Piece> checkpoint_pieces(const optim::AdamW* opt) const;
+  void load_full(const std::map<std::string, Tensor>& full, optim::AdamW* opt, int64_t step);
+
   const dist::ProcessGroups& groups() const { return g_; }
   int64_t first_layer() const { return first_layer_; }
   int64_t end_layer() const { return end_layer_; }
@@ -74,6 +81,7 @@ class ParallelLlama {
  private:
   struct Param;
   void gather(Param& p);
+  Tensor shard_of(const Param& p, const Tensor& full) const;
   void reshard(Param& p);
   Tensor run_blocks(Tensor h, const Tensor& pos, const AttentionParams& ap);
 
