@@ -24,6 +24,8 @@ COMMON=(--flavour debug --batch 8 --seq 32 --steps 5 --lr 1e-2 --eps 1e-3 --docs
 
 "$BIN" parallel --plain "${COMMON[@]}" --layers 4 --dump "$OUT/ref4.st" | tail -2
 "$BIN" parallel --plain "${COMMON[@]}" --layers 5 --dump "$OUT/ref5.st" | tail -1
+"$BIN" parallel --plain "${COMMON[@]}" --layers 6 --dump "$OUT/ref6.st" | tail -1
+"$BIN" parallel --plain "${COMMON[@]}" --layers 8 --dump "$OUT/ref8.st" | tail -1
 
 fails=0
 check() {  # check NP LAYERS ARGS...
@@ -42,10 +44,14 @@ check 2 4 --tp 2
 check 2 4 --pp 2 --microbatches 4
 check 2 4 --cp 2                                  # document mask across chunks (--docs)
 check 2 5 --pp 2 --microbatches 2                 # stages of 3 and 2 layers
+check 2 4 --pp 2 --virtual-stages 2 --microbatches 4   # interleaved 1F1B
+check 2 6 --pp 2 --virtual-stages 2 --microbatches 4   # interleaved, stages of 1 2 2 1 layers
+check 4 8 --pp 4 --virtual-stages 2 --microbatches 4
 check 4 4 --dp-replicate 2 --dp-shard 2           # HSDP
 check 4 4 --tp 2 --pp 2 --microbatches 2
 check 4 4 --tp 2 --dp-shard 2 --checkpointing
 check 8 4 --dp-replicate 2 --tp 2 --pp 2 --microbatches 2
+check 8 4 --dp-shard 2 --tp 2 --pp 2 --virtual-stages 2 --microbatches 2
 check 8 5 --dp-shard 2 --tp 2 --pp 2 --microbatches 2
 check 8 4 --tp 2 --dp-shard 2 --cp 2
 check 4 4 --cp 2 --pp 2 --microbatches 2 --checkpointing

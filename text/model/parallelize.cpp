@@ -71,12 +71,15 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
   ms.n_heads = c.n_heads, ms.n_kv_heads = c.n_kv_heads, ms.n_layers = c.n_layers, ms.ffn_hidden = c.ffn_hidden();
   ms.vocab = c.vocab_size, ms.microbatches = opt.microbatches, ms.virtual_stages = opt.virtual_stages;
   dist::validate_for_model(d, ms);
-  LLAMA3_CHECK(opt.virtual_stages == 1, "parallelize: interleaved 1F1B (virtual stages {}) is not implemented",
-               opt.virtual_stages);
 
-  const int stage = g_.coords.pp, stages = d.pp;
-  std::tie(first_layer_, end_layer_) = stage_layers(c.n_layers, stage, stages);
-  block_params_.resize(size_t(end_layer_ - first_layer_));
+  const int stage = g_.coords.pp, stages = d.pp, V = opt.virtual_stages;
+  for (int k = 0; k < V; ++k) chunks_.push_back(stage_layers(c.n_layers, k * stages + stage, stages * V));
+  block_params_.resize(size_t(c.n_layers));
+  auto owns_layer = [&](int64_t l) {
+    for (auto [a, b] : chunks_)
+      if (l >= a && l < b) return true;
+    return false;
+  };
   const int tp_r = g_.coords.tp, ds = d.dp_shard, ds_r = g_.coords.dp_shard;
 
   // 1. TP: communication around the column/row-parallel projections of this stage's blocks.
@@ -84,7 +87,8 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
     auto tp = g_.tp;
     auto copy_in = [tp](const Tensor& x) { return dist::copy_to_group(x, *tp); };
     auto reduce_out = [tp](const Tensor& y) { return dist::reduce_from_group(y, *tp); };
-    for (int64_t l = first_layer_; l < end_layer_; ++l) {
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      if (!owns_layer(l)) continue;
       Block& b = *model.blocks()[size_t(l)];
       for (nn::Linear* lin : {&b.self_attn.q_proj, &b.self_attn.k_proj, &b.self_attn.v_proj, &b.mlp.gate_proj,
                               &b.mlp.up_proj})
@@ -96,8 +100,8 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
   // CP: every block's keys and values are gathered over the cp group (queries stay local).
   if (d.cp > 1) {
     auto cp = g_.cp;
-    for (int64_t l = first_layer_; l < end_layer_; ++l)
-      model.blocks()[size_t(l)]->self_attn.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
+    for (int64_t l = 0; l < c.n_layers; ++l)
+      if (owns_layer(l)) model.blocks()[size_t(l)]->self_attn.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
   }
 
   for (auto& np : model.named_parameters()) {
@@ -110,7 +114,7 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
     // 2. PP: keep only this stage's parameters.
     bool owned;
     if (p->layer >= 0)
-      owned = p->layer >= first_layer_ && p->layer < end_layer_;
+      owned = owns_layer(p->layer);
     else if (np.name.find("embed_tokens") != std::string::npos)
       owned = stage == 0;
     else
@@ -147,14 +151,14 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
     p->shard.set_requires_grad(np.info.trainable);
     if (!p->fsdp) *np.tensor = p->shard;
     if (p->layer >= 0)
-      block_params_[size_t(p->layer - first_layer_)].push_back(p.get());
+      block_params_[size_t(p->layer)].push_back(p.get());
     else
       root_params_.push_back(p.get());
     params_.push_back(std::move(p));
   }
   if (opt_.verbose && g_.world->rank() == 0 && d.pp > 1)
-    spdlog::info("pipeline: 1F1B, {} stages x {} micro-batches, bubble fraction (S-1)/(M+S-1) = {:.3f}", d.pp,
-                 opt_.microbatches, bubble_fraction());
+    spdlog::info("pipeline: {}, {} ranks x {} chunks, {} micro-batches, bubble fraction (S-1)/(V*M+S-1) = {:.3f}",
+                 V > 1 ? "interleaved 1F1B" : "1F1B", d.pp, V, opt_.microbatches, bubble_fraction());
 }
 
 ParallelLlama::~ParallelLlama() = default;
@@ -189,13 +193,13 @@ void ParallelLlama::reshard(Param& p) {
   if (p.fsdp) *p.slot = Tensor();
 }
 
-Tensor ParallelLlama::run_blocks(Tensor h, const Tensor& pos, const AttentionParams& ap) {
+Tensor ParallelLlama::run_blocks(int chunk, Tensor h, const Tensor& pos, const AttentionParams& ap) {
   const ops::Precision prec = model_.options().precision;
   const Tensor inv = model_.inv_freq();
   const bool fsdp = g_.dims.fsdp_enabled();
-  for (int64_t l = first_layer_; l < end_layer_; ++l) {
+  for (int64_t l = chunks_[size_t(chunk)].first; l < chunks_[size_t(chunk)].second; ++l) {
     Block* b = model_.blocks()[size_t(l)];
-    auto* ps = &block_params_[size_t(l - first_layer_)];
+    auto* ps = &block_params_[size_t(l)];
     auto fn = [this, b, ps, inv, pos, ap, prec, fsdp](const std::vector<Tensor>& in) {
       if (fsdp)
         for (Param* p : *ps) gather(*p);
@@ -218,8 +222,8 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
   const int64_t B = tokens.size(0), Tfull = tokens.size(1), M = opt_.microbatches, D = model_.config().dim;
   LLAMA3_CHECK(B % M == 0, "parallel step: local batch {} is not divisible by micro-batches {}", B, M);
   const int64_t Bm = B / M;
-  const int S = g_.dims.pp, s = g_.coords.pp, cp = g_.dims.cp;
-  const bool first = s == 0, last = s == S - 1;
+  const int S = g_.dims.pp, s = g_.coords.pp, cp = g_.dims.cp, V = opt_.virtual_stages;
+  const int next_rank = (s + 1) % S, prev_rank = (s + S - 1) % S;
   LLAMA3_CHECK(Tfull % (2 * cp) == 0, "parallel step: seq {} is not divisible by 2 x cp {} = {}", Tfull, cp, 2 * cp);
 
   // CP: this rank's tokens are its two load-balanced chunks; keys keep global positions.
@@ -251,12 +255,16 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
   struct Mb {
     Tensor input, output, loss, send_buf;
   };
-  std::vector<Mb> mbs(static_cast<size_t>(M));
+  std::vector<Mb> mbs(static_cast<size_t>(M * V));  // by (chunk, micro-batch)
   std::vector<std::unique_ptr<dist::Work>> sends;
   double loss_sum = 0;
 
-  auto forward = [&](int64_t i) {
-    Mb& mb = mbs[size_t(i)];
+  // Global stage of local chunk k is k*S + s; tags name (receiving stage, micro-batch, dir).
+  auto tag = [&](int64_t stage, int64_t i, int dir) { return int((stage * M + i) * 2 + dir); };
+  auto forward = [&](int k, int64_t i) {
+    Mb& mb = mbs[size_t(k * M + i)];
+    const int64_t stage = int64_t(k) * S + s;
+    const bool first = stage == 0, last = stage == int64_t(S) * V - 1;
     AttentionParams ap;
     ap.causal = true;
     if (doc_ids.defined()) ap.doc_ids = doc_ids.narrow(0, i * Bm, Bm).contiguous();  // keys: all T
@@ -266,12 +274,12 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
       h = model_.embed_tokens()(tokens_l.narrow(0, i * Bm, Bm).contiguous());
     } else {
       Tensor buf = Tensor::empty({Bm, T, D}, DType::f32);
-      g_.pp->irecv(buf, s - 1, int(2 * i))->wait();
+      g_.pp->irecv(buf, prev_rank, tag(stage, i, 0))->wait();
       buf.set_requires_grad(true);
       mb.input = buf;
       h = buf;
     }
-    h = run_blocks(h, pos, ap);
+    h = run_blocks(k, h, pos, ap);
     if (last) {
       Tensor hn = ops::reshape(model_.norm()(h), {Bm * T, D});
       ops::CrossEntropyOptions o;
@@ -287,36 +295,45 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
     } else {
       mb.output = h;
       mb.send_buf = h.detach().contiguous();
-      sends.push_back(g_.pp->isend(mb.send_buf, s + 1, int(2 * i)));
+      sends.push_back(g_.pp->isend(mb.send_buf, next_rank, tag(stage + 1, i, 0)));
     }
   };
-  auto backward = [&](int64_t i) {
-    Mb& mb = mbs[size_t(i)];
+  auto backward = [&](int k, int64_t i) {
+    Mb& mb = mbs[size_t(k * M + i)];
+    const int64_t stage = int64_t(k) * S + s;
+    const bool first = stage == 0, last = stage == int64_t(S) * V - 1;
     if (last) {
       if (mb.loss.defined()) mb.loss.backward();
     } else {
       Tensor g = Tensor::empty({Bm, T, D}, DType::f32);
-      g_.pp->irecv(g, s + 1, int(2 * i + 1))->wait();
+      g_.pp->irecv(g, next_rank, tag(stage, i, 1))->wait();
       mb.output.backward(g);
     }
     if (!first) {
       Tensor gi = mb.input.grad();
       if (!gi.defined()) gi = Tensor::zeros({Bm, T, D}, DType::f32);
       mb.send_buf = gi.contiguous();
-      sends.push_back(g_.pp->isend(mb.send_buf, s - 1, int(2 * i + 1)));
+      sends.push_back(g_.pp->isend(mb.send_buf, prev_rank, tag(stage - 1, i, 1)));
     }
     // Activations of this micro-batch are released here (send_buf stays until sent).
     mb.input = mb.output = mb.loss = Tensor();
   };
 
   // 1F1B: (S - s - 1) warm-up forwards, then one forward / one backward, then cool-down.
-  const int64_t warmup = std::min<int64_t>(S - s - 1, M);
-  for (int64_t i = 0; i < warmup; ++i) forward(i);
-  for (int64_t i = 0; i < M - warmup; ++i) {
-    forward(warmup + i);
-    backward(i);
+  // Interleaved (Megatron): the n-th forward runs chunk (n / S) % V on micro-batch
+  // (n / (S V)) S + n % S, backwards walk the chunks in reverse; warm-up 2(S - s - 1) + (V - 1) S.
+  const int64_t total = M * V;
+  const int64_t warmup =
+      std::min<int64_t>(total, V == 1 ? S - s - 1 : int64_t(2) * (S - s - 1) + int64_t(V - 1) * S);
+  auto fwd_k = [&](int64_t n) { return int((n / S) % V); };
+  auto bwd_k = [&](int64_t n) { return V - 1 - int((n / S) % V); };
+  auto mb_of = [&](int64_t n) { return (n / (int64_t(S) * V)) * S + n % S; };
+  for (int64_t n = 0; n < warmup; ++n) forward(fwd_k(n), mb_of(n));
+  for (int64_t n = 0; n < total - warmup; ++n) {
+    forward(fwd_k(warmup + n), mb_of(warmup + n));
+    backward(bwd_k(n), mb_of(n));
   }
-  for (int64_t i = M - warmup; i < M; ++i) backward(i);
+  for (int64_t n = total - warmup; n < total; ++n) backward(bwd_k(n), mb_of(n));
   for (auto& w : sends) w->wait();
   sends.clear();
 
@@ -340,7 +357,7 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
     if (g_.dims.dp_replicate > 1) g_.dp_replicate->all_reduce(gr, ReduceOp::sum);
     if (cp > 1) g_.cp->all_reduce(gr, ReduceOp::sum);
   }
-  Tensor l = tensor_f64(last ? loss_sum : 0.0);
+  Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
   g_.dp->all_reduce(l, ReduceOp::sum);
   g_.pp->all_reduce(l, ReduceOp::sum);
   g_.cp->all_reduce(l, ReduceOp::sum);
@@ -453,9 +470,10 @@ std::map<std::string, Tensor> ParallelLlama::full_state_dict() const {
     int owner;
     if (layer >= 0) {
       owner = 0;
-      for (int s = 0; s < d.pp; ++s) {
-        auto [a, b] = stage_layers(c.n_layers, s, d.pp);
-        if (layer >= a && layer < b) owner = s;
+      const int stages = d.pp * opt_.virtual_stages;
+      for (int st = 0; st < stages; ++st) {
+        auto [a, b] = stage_layers(c.n_layers, st, stages);
+        if (layer >= a && layer < b) owner = st % d.pp;
       }
     } else {
       owner = np.name.find("embed_tokens") != std::string::npos ? 0 : d.pp - 1;

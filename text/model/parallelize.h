@@ -6,9 +6,12 @@
 //            columns); communication enters through nn::Linear's input/output hooks
 //            (copy_to_group before column-parallel layers, reduce_from_group after
 //            row-parallel ones). Embedding, norms and lm_head stay replicated over tp.
-//   2. PP  - the layers are cut into pp contiguous stages (first and last may hold one
-//            layer fewer); stage 0 keeps the embedding, the last the final norm, lm_head
-//            and the loss; other parameters are dropped from this rank.
+//   2. PP  - the layers are cut into pp x V contiguous stages (first and last may hold one
+//            layer fewer); pipeline rank r runs stages r, r + pp, ... (V model chunks;
+//            V = 1: 1F1B, V > 1: interleaved 1F1B, Megatron's order). Global stage 0 keeps
+//            the embedding, the last the final norm, lm_head and the loss; other parameters
+//            are dropped from this rank. Point-to-point transfers are asynchronous sends
+//            and receives; a micro-batch's activations are freed after its backward.
 //      CP  - tokens are split over cp in 2*cp load-balanced causal chunks (rank r: chunks r
 //            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook) and
 //            queries carry their global positions (AttentionParams::q_pos), so the causal
@@ -41,7 +44,7 @@ namespace llama3::text {
 
 struct ParallelizeOptions {
   int64_t microbatches = 1;     // per step and data-parallel rank (pipeline micro-batches)
-  int virtual_stages = 1;       // per pipeline rank; 1 = 1F1B (interleaved is not implemented)
+  int virtual_stages = 1;       // model chunks per pipeline rank: 1 = 1F1B, V > 1 = interleaved 1F1B
   bool activation_checkpointing = false;
   bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
 };
@@ -74,8 +77,8 @@ class ParallelLlama {
   void load_full(const std::map<std::string, Tensor>& full, optim::AdamW* opt, int64_t step);
 
   const dist::ProcessGroups& groups() const { return g_; }
-  int64_t first_layer() const { return first_layer_; }
-  int64_t end_layer() const { return end_layer_; }
+  // Layer ranges [first, end) of this rank's model chunks (chunk k is global stage k*pp + rank).
+  const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
   double bubble_fraction() const;
 
  private:
@@ -83,15 +86,15 @@ class ParallelLlama {
   void gather(Param& p);
   Tensor shard_of(const Param& p, const Tensor& full) const;
   void reshard(Param& p);
-  Tensor run_blocks(Tensor h, const Tensor& pos, const AttentionParams& ap);
+  Tensor run_blocks(int chunk, Tensor h, const Tensor& pos, const AttentionParams& ap);
 
   LlamaModel& model_;
   dist::ProcessGroups g_;
   ParallelizeOptions opt_;
   std::vector<std::unique_ptr<Param>> params_;
-  std::vector<std::vector<Param*>> block_params_;  // by layer (this stage's only)
+  std::vector<std::vector<Param*>> block_params_;  // by layer (empty for other ranks' layers)
   std::vector<Param*> root_params_;                // embedding, norm, lm_head held here
-  int64_t first_layer_ = 0, end_layer_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> chunks_;
 };
 
 // Layer range [first, end) of pipeline stage `stage` of `stages` for n_layers layers.
