@@ -11,7 +11,9 @@
 //   FSDP   per block and micro-batch: (R gathers + 1 reduce-scatter) x g(ds) x padded block
 //          params; root (embedding / norm / head): 1 gather + 1 reduce-scatter per step
 //   HSDP   a(dr) x this rank's shard params (gradient all-reduce)
-//   TP     per block and micro-batch: 2R forward all-reduces + 5 backward all-reduces of A
+//   TP     per block and micro-batch: 2R forward all-reduces + 5 backward all-reduces of A;
+//          vocabulary parallel: embedding all-reduce of A (first stage), and in the loss the
+//          row max (4 bytes/row), sum-exp and target logit (16 bytes/row) and dh (A) (last stage)
 //   CP     per block and micro-batch: K and V gathers (R times) and their reduce-scatters,
 //          each g(cp) x Bm x T x Hkv_local x Dh; plus a(cp) x shard params
 //   PP     A per micro-batch forward (not the last stage) and backward (not the first)
@@ -115,6 +117,11 @@ int main(int argc, char** argv) try {
   analytic += layers * M * (2 * R + 5) * a(d.tp) * A;
   const double kv = double(Bm * T * (cfg.n_kv_heads / d.tp) * Dh) * 4;
   analytic += layers * M * 2 * (R + 1) * g(d.cp) * kv + a(d.cp) * shard_params * 4;
+  if (d.tp > 1) {
+    const double rows = double(Bm * Tl);
+    if (groups.coords.pp == 0) analytic += M * a(d.tp) * A;
+    if (groups.coords.pp == d.pp - 1) analytic += M * a(d.tp) * (A + rows * 4 + rows * 16);
+  }
   if (d.pp > 1) {
     if (groups.coords.pp != d.pp - 1) analytic += M * A;
     if (groups.coords.pp != 0) analytic += M * A;

@@ -6,6 +6,7 @@
 
 #include "runtime/autograd/autograd.h"
 #include "runtime/dist/comm_ops.h"
+#include "text/model/vocab_parallel.h"
 
 namespace llama3::text {
 
@@ -42,6 +43,8 @@ int tp_split_dim(const std::string& name) {
     if (name.find(std::string(".") + col + ".") != std::string::npos) return 0;
   for (const char* row : {"o_proj", "down_proj"})
     if (name.find(std::string(".") + row + ".") != std::string::npos) return 1;
+  // Vocabulary parallel: rows of the embedding and of the output head.
+  if (name.find("embed_tokens.") != std::string::npos || name.rfind("lm_head.", 0) == 0) return 0;
   return -1;
 }
 
@@ -271,7 +274,9 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
     if (cp > 1) ap.q_pos = pos;
     Tensor h;
     if (first) {
-      h = model_.embed_tokens()(tokens_l.narrow(0, i * Bm, Bm).contiguous());
+      const Tensor ids = tokens_l.narrow(0, i * Bm, Bm).contiguous();
+      h = g_.dims.tp > 1 ? vocab_parallel_embedding(model_.embed_tokens().weight, ids, *g_.tp)
+                         : model_.embed_tokens()(ids);
     } else {
       Tensor buf = Tensor::empty({Bm, T, D}, DType::f32);
       g_.pp->irecv(buf, prev_rank, tag(stage, i, 0))->wait();
@@ -287,8 +292,9 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
       o.precision = model_.options().precision;
       const double nv = mb_valid[size_t(i)];
       if (nv > 0) {
-        Tensor l = ops::linear_cross_entropy(hn, model_.lm_head().weight,
-                                             targets_l.narrow(0, i * Bm, Bm).contiguous().view({-1}), o);
+        const Tensor tg = targets_l.narrow(0, i * Bm, Bm).contiguous().view({-1});
+        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg, *g_.tp)
+                                  : ops::linear_cross_entropy(hn, model_.lm_head().weight, tg, o);
         mb.loss = ops::scale(l, float(nv / n_global));
         loss_sum += l.item() * nv / n_global;
       }

@@ -5,7 +5,9 @@
 //            rows: whole heads / FFN columns), o/down row-parallel (a slice of the input
 //            columns); communication enters through nn::Linear's input/output hooks
 //            (copy_to_group before column-parallel layers, reduce_from_group after
-//            row-parallel ones). Embedding, norms and lm_head stay replicated over tp.
+//            row-parallel ones). The embedding and lm_head are vocabulary-parallel (rows
+//            split; text/model/vocab_parallel.h: no full-vocabulary logits on any rank);
+//            norms stay replicated.
 //   2. PP  - the layers are cut into pp x V contiguous stages (first and last may hold one
 //            layer fewer); pipeline rank r runs stages r, r + pp, ... (V model chunks;
 //            V = 1: 1F1B, V > 1: interleaved 1F1B, Megatron's order). Global stage 0 keeps
