@@ -18,7 +18,7 @@ namespace llama3::dist {
 
 namespace {
 
-int64_t ring_bytes(int n, int64_t full_bytes) { return n <= 1 ? 0 : full_bytes * (n - 1) / n; }
+[[maybe_unused]] int64_t ring_bytes(int n, int64_t full_bytes) { return n <= 1 ? 0 : full_bytes * (n - 1) / n; }
 
 class SingleRank final : public Communicator {
  public:

@@ -5,6 +5,7 @@
 
 #include <functional>
 
+#include "runtime/dist/comm_ops.h"
 #include "runtime/dist/parallel_dims.h"
 #include "text/model/parallelize.h"
 
@@ -92,4 +93,10 @@ TEST(Communicator, SingleRankCollectivesAreIdentities) {
   EXPECT_EQ(c->split(0, 0, "tp")->size(), 1);
   EXPECT_THAT(error_of([&] { c->isend(t, 1, 0); }), testing::HasSubstr("isend to rank 1"));
   EXPECT_EQ(c->stats().bytes_sent, 0);
+}
+
+TEST(ContextParallel, RankRHoldsChunksRAnd2cpMinus1MinusR) {
+  // T 16, cp 2: four chunks of 4; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
+  EXPECT_EQ(cp_positions(16, 2, 0), (std::vector<int32_t>{0, 1, 2, 3, 12, 13, 14, 15}));
+  EXPECT_EQ(cp_positions(16, 2, 1), (std::vector<int32_t>{4, 5, 6, 7, 8, 9, 10, 11}));
 }
