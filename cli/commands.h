@@ -17,5 +17,6 @@ int cmd_run(const Args& args);
 int cmd_plot(const Args& args);
 int cmd_report(const Args& args);
 int cmd_scaling(const Args& args);
+int cmd_parallel(const Args& args);
 
 }  // namespace llama3::cli

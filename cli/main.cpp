@@ -4,6 +4,7 @@
 #include <string_view>
 
 #include "cli/commands.h"
+#include "runtime/dist/communicator.h"
 #include "runtime/core/error.h"
 
 namespace {
@@ -22,6 +23,7 @@ constexpr Command kCommands[] = {
     {"plot", llama3::cli::cmd_plot, "PNG charts of a run's metrics into RUN_DIR/plots"},
     {"report", llama3::cli::cmd_report, "Markdown table of each stage's final metrics (RUN_DIR/report.md)"},
     {"scaling", llama3::cli::cmd_scaling, "sweep|fit: IsoFLOPs scaling-law sweeps and fits"},
+    {"parallel", llama3::cli::cmd_parallel, "train under a 4D layout (mpirun) and check it against one process"},
 };
 
 void usage() {
@@ -46,6 +48,11 @@ int main(int argc, char** argv) {
       return c.fn(args);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "llama3 %s: error: %s\n", argv[1], e.what());
+      // Under mpirun a failed rank takes the job down instead of leaving peers waiting.
+      if (llama3::dist::mpi_active()) {
+        std::fflush(nullptr);
+        llama3::dist::abort_all(1);
+      }
       return 1;
     }
   }

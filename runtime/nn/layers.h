@@ -2,6 +2,8 @@
 // Embedding and RMSNorm. Each is a Module so its parameter names follow the tree.
 #pragma once
 
+#include <functional>
+
 #include "runtime/nn/module.h"
 #include "runtime/ops/ops.h"
 
@@ -11,9 +13,14 @@ class Linear : public Module {
  public:
   Linear(int64_t in, int64_t out, double init_std, Rng& rng);
   Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32) const {
-    return ops::linear(x, weight, p);
+    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p);
+    return output_hook ? output_hook(y) : y;
   }
   Tensor& weight;  // (out, in)
+  // Optional differentiable transforms of the input and output (unset: identity). A
+  // parallelize step uses them to insert communication (tensor parallelism) without the
+  // model knowing; the layer itself attaches no meaning to them.
+  std::function<Tensor(const Tensor&)> input_hook, output_hook;
 };
 
 class Embedding : public Module {

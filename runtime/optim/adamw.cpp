@@ -21,11 +21,19 @@ AdamW::AdamW(std::vector<nn::NamedParam> params, const AdamWConfig& cfg) : cfg_(
 
 double AdamW::grad_norm() const {
   double ss = 0;
-  for (auto& p : params_) {
-    Tensor g = p.tensor->grad();
-    if (g.defined()) ss += backend_for(g.device()).sum_squares(g);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor g = params_[i].tensor->grad();
+    const double w = norm_reduction_.weights.empty() ? 1.0 : norm_reduction_.weights[i];
+    if (g.defined()) ss += w * backend_for(g.device()).sum_squares(g);
   }
+  if (norm_reduction_.sum_all) ss = norm_reduction_.sum_all(ss);
   return std::sqrt(ss);
+}
+
+void AdamW::set_norm_reduction(NormReduction r) {
+  LLAMA3_CHECK(r.weights.empty() || r.weights.size() == params_.size(),
+               "AdamW: {} norm weights for {} parameters", r.weights.size(), params_.size());
+  norm_reduction_ = std::move(r);
 }
 
 double AdamW::step(float lr) {

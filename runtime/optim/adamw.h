@@ -3,6 +3,7 @@
 // factor is folded into the update instead of rewriting every gradient.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -24,6 +25,14 @@ class AdamW {
 
   // Global L2 norm of all gradients (missing gradients count as zero).
   double grad_norm() const;
+  // Distributed training: each parameter's squared norm is weighted (1 / the number of
+  // ranks holding an identical copy of that tensor) and summed over all ranks by sum_all,
+  // so the norm - and the clip factor - is the single-process one across shards/replicas.
+  struct NormReduction {
+    std::vector<double> weights;                 // one per trainable parameter, in order
+    std::function<double(double)> sum_all;       // all-reduce of one double
+  };
+  void set_norm_reduction(NormReduction r);
   // One update at learning rate lr; returns the gradient norm before clipping.
   double step(float lr);
   void zero_grad();
@@ -40,6 +49,7 @@ class AdamW {
   std::vector<Tensor> m_, v_;
   AdamWConfig cfg_;
   int64_t step_ = 0;
+  NormReduction norm_reduction_;
 };
 
 }  // namespace llama3::optim

@@ -30,13 +30,17 @@ Attention::Attention(const LlamaConfig& c, Rng& rng)
 Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& pos,
                              const AttentionParams& p, ops::Precision prec) const {
   const int64_t B = x.size(0), T = x.size(1);
-  Tensor q = ops::reshape(q_proj(x, prec), {B, T, n_heads, head_dim});
-  Tensor k = ops::reshape(k_proj(x, prec), {B, T, n_kv_heads, head_dim});
-  Tensor v = ops::reshape(v_proj(x, prec), {B, T, n_kv_heads, head_dim});
+  // Head counts come from the projections' shapes, so a layer holding a slice of the heads
+  // (a tensor-parallel shard) runs unchanged.
+  const int64_t hq = q_proj.weight.size(0) / head_dim, hkv = k_proj.weight.size(0) / head_dim;
+  Tensor q = ops::reshape(q_proj(x, prec), {B, T, hq, head_dim});
+  Tensor k = ops::reshape(k_proj(x, prec), {B, T, hkv, head_dim});
+  Tensor v = ops::reshape(v_proj(x, prec), {B, T, hkv, head_dim});
   q = ops::rope(q, inv_freq, pos);
   k = ops::rope(k, inv_freq, pos);
+  if (kv_hook) k = kv_hook(k), v = kv_hook(v);
   Tensor o = ops::attention(q, k, v, p);
-  return o_proj(ops::reshape(o, {B, T, n_heads * head_dim}), prec);
+  return o_proj(ops::reshape(o, {B, T, hq * head_dim}), prec);
 }
 
 Mlp::Mlp(const LlamaConfig& c, Rng& rng)

@@ -5,6 +5,7 @@
 // HF transformers. The model knows nothing of parallelism or devices.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -28,6 +29,10 @@ class Attention : public nn::Module {
                     const AttentionParams& p, ops::Precision prec) const;
   nn::Linear &q_proj, &k_proj, &v_proj, &o_proj;
   int64_t n_heads, n_kv_heads, head_dim;
+  // Optional differentiable transform of the rotated keys and of the values (B, T, Hkv, Dh)
+  // before attention (unset: identity). A parallelize step uses it (e.g. to gather keys of
+  // other sequence chunks, with AttentionParams::q_pos); the model attaches no meaning to it.
+  std::function<Tensor(const Tensor&)> kv_hook;
 };
 
 class Mlp : public nn::Module {

@@ -1,0 +1,144 @@
+// bench_parallel: one training step of a Llama 3 flavour under a 4D layout (run it with
+// `mpirun -np N`), reporting tokens/s and the bytes each rank sent per step - counted by the
+// Communicators (ring-algorithm bytes, see runtime/dist/communicator.h) - against the
+// analytic volume of that layout computed here from the shapes alone. bench/bench_parallel.sh
+// runs the layouts and divides by the single-process tokens/s on the same cores.
+//
+// Analytic bytes per rank and step (4-byte elements; ring factors a(n) = 2(n-1)/n for an
+// all-reduce, g(n) = (n-1)/n for all-gather / reduce-scatter of the full size; M
+// micro-batches; A = activation elements Bm * T_local * D; R = 2 when blocks are recomputed
+// (FSDP or --checkpointing), else 1):
+//   FSDP   per block and micro-batch: (R gathers + 1 reduce-scatter) x g(ds) x padded block
+//          params; root (embedding / norm / head): 1 gather + 1 reduce-scatter per step
+//   HSDP   a(dr) x this rank's shard params (gradient all-reduce)
+//   TP     per block and micro-batch: 2R forward all-reduces + 5 backward all-reduces of A;
+//          vocabulary parallel: embedding all-reduce of A (first stage), and in the loss the
+//          row max (4 bytes/row), sum-exp and target logit (16 bytes/row) and dh (A) (last stage)
+//   CP     per block and micro-batch: K and V gathers (R times) and their reduce-scatters,
+//          each g(cp) x Bm x T x Hkv_local x Dh; plus a(cp) x shard params
+//   PP     A per micro-batch forward (not the last stage) and backward (not the first)
+//   scalars (token counts, loss, gradient norm) are left out: 8-byte all-reduces.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+
+#include "runtime/dist/parallel_dims.h"
+#include "runtime/optim/adamw.h"
+#include "text/model/parallelize.h"
+
+using namespace llama3;
+
+namespace {
+int64_t arg(int argc, char** argv, const std::string& name, int64_t def) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (argv[i] == name) return std::stoll(argv[i + 1]);
+  return def;
+}
+bool flag(int argc, char** argv, const std::string& name) {
+  for (int i = 1; i < argc; ++i)
+    if (argv[i] == name) return true;
+  return false;
+}
+double g(int n) { return n <= 1 ? 0.0 : double(n - 1) / n; }
+double a(int n) { return 2 * g(n); }
+}  // namespace
+
+int main(int argc, char** argv) try {
+  dist::ParallelDims d;
+  d.dp_replicate = int(arg(argc, argv, "--dp-replicate", 1));
+  d.dp_shard = int(arg(argc, argv, "--dp-shard", 1));
+  d.cp = int(arg(argc, argv, "--cp", 1));
+  d.tp = int(arg(argc, argv, "--tp", 1));
+  d.pp = int(arg(argc, argv, "--pp", 1));
+  text::LlamaConfig cfg = text::llama3_flavour("debug");
+  cfg.dim = arg(argc, argv, "--dim", 128);
+  cfg.n_heads = arg(argc, argv, "--heads", 8);
+  cfg.n_kv_heads = arg(argc, argv, "--kv-heads", 4);
+  cfg.n_layers = arg(argc, argv, "--layers", 4);
+  cfg.vocab_size = arg(argc, argv, "--vocab", 2048);
+  const int64_t B = arg(argc, argv, "--batch", 8), T = arg(argc, argv, "--seq", 128);
+  const int64_t steps = arg(argc, argv, "--steps", 3);
+  cfg.max_seq_len = std::max(cfg.max_seq_len, T);
+  text::ParallelizeOptions po;
+  po.microbatches = arg(argc, argv, "--microbatches", 1);
+  po.activation_checkpointing = flag(argc, argv, "--checkpointing");
+  po.verbose = false;
+
+  auto world = dist::world_communicator();
+  auto groups = dist::make_process_groups(d, world);
+  text::LlamaModel model(cfg, 0);
+  text::ParallelLlama par(model, groups, po);
+  optim::AdamW opt(par.optimizer_params(), {});
+  opt.set_norm_reduction(par.norm_reduction());
+
+  std::vector<std::shared_ptr<dist::Communicator>> comms = {groups.world, groups.tp, groups.cp, groups.dp_shard,
+                                                            groups.dp_replicate, groups.pp, groups.dp};
+  const int dp_r = groups.dp->rank(), dp = groups.dp->size();
+  const int64_t bl = B / dp;
+  Rng rng(1);
+  std::vector<int32_t> tok(size_t(B * T));
+  for (auto& x : tok) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+  Tensor tokens = Tensor::from_vector(tok, {B, T}).narrow(0, dp_r * bl, bl).contiguous();
+  auto step = [&] {
+    par.forward_backward(tokens, tokens, Tensor());
+    opt.step(1e-3f);
+    opt.zero_grad();
+  };
+  step();  // warm-up
+  for (auto& c : comms) c->reset_stats();
+  world->barrier();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t s = 0; s < steps; ++s) step();
+  world->barrier();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  int64_t measured = 0;
+  for (auto& c : comms) measured += c->stats().bytes_sent;
+  const double per_step = double(measured) / double(steps);
+
+  // Analytic volume of this rank.
+  const int64_t M = po.microbatches, Bm = bl / M, Tl = T / d.cp, D = cfg.dim, Dh = cfg.head_dim();
+  const double A = double(Bm * Tl * D) * 4;
+  const bool fsdp = d.dp_shard > 1;
+  const double R = (fsdp || po.activation_checkpointing) ? 2 : 1;
+  const auto [l0, l1] = text::stage_layers(cfg.n_layers, groups.coords.pp, d.pp);
+  const int64_t layers = l1 - l0;
+  double shard_params = 0, block_padded = 0, root_padded = 0;
+  for (auto& p : par.optimizer_params()) shard_params += double(p.tensor->numel());
+  for (auto& p : par.optimizer_params()) {
+    const double padded = double(p.tensor->numel()) * d.dp_shard;
+    if (p.name.rfind("model.layers.", 0) == 0)
+      block_padded += padded;
+    else
+      root_padded += padded;
+  }
+  double analytic = 0;
+  if (fsdp) analytic += (M * (R + 1) * g(d.dp_shard) * block_padded + 2 * g(d.dp_shard) * root_padded) * 4;
+  analytic += a(d.dp_replicate) * shard_params * 4;
+  analytic += layers * M * (2 * R + 5) * a(d.tp) * A;
+  const double kv = double(Bm * T * (cfg.n_kv_heads / d.tp) * Dh) * 4;
+  analytic += layers * M * 2 * (R + 1) * g(d.cp) * kv + a(d.cp) * shard_params * 4;
+  if (d.tp > 1) {
+    const double rows = double(Bm * Tl);
+    if (groups.coords.pp == 0) analytic += M * a(d.tp) * A;
+    if (groups.coords.pp == d.pp - 1) analytic += M * a(d.tp) * (A + rows * 4 + rows * 16);
+  }
+  if (d.pp > 1) {
+    if (groups.coords.pp != d.pp - 1) analytic += M * A;
+    if (groups.coords.pp != 0) analytic += M * A;
+  }
+
+  // Worst rank's deviation from its analytic volume.
+  const double dev = analytic > 0 ? std::fabs(per_step - analytic) / analytic : (per_step > 0 ? 1.0 : 0.0);
+  Tensor w = Tensor::from_vector(std::vector<double>{dev, per_step, analytic}, {3});
+  Tensor worst = w.clone();
+  world->all_reduce(worst, dist::ReduceOp::max);
+  if (world->rank() == 0)
+    std::printf("RESULT layout=\"%s\" ranks=%d tokens_per_s=%.1f bytes_per_rank_step=%.0f analytic=%.0f "
+                "max_rank_deviation=%.4f\n",
+                d.str().c_str(), world->size(), double(B * T * steps) / secs, per_step, analytic, worst.to_vector<double>()[0]);
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_parallel: error: %s\n", e.what());
+  if (dist::mpi_active()) dist::abort_all(1);
+  return 1;
+}

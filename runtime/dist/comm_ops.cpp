@@ -1,0 +1,113 @@
+#include "runtime/dist/comm_ops.h"
+
+#include "runtime/autograd/autograd.h"
+
+namespace llama3::dist {
+
+namespace {
+struct CopyToGroup final : Node {
+  Communicator* comm;
+  const char* name() const override { return "copy_to_group"; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    Tensor r = g.contiguous().clone();
+    comm->all_reduce(r, ReduceOp::sum);
+    return {r};
+  }
+};
+struct ReduceFromGroup final : Node {
+  const char* name() const override { return "reduce_from_group"; }
+  std::vector<Tensor> backward(const Tensor& g) override { return {g}; }
+};
+}  // namespace
+
+Tensor copy_to_group(const Tensor& x, Communicator& comm) {
+  if (comm.size() == 1) return x;
+  Tensor out = x.detach();
+  if (autograd::any_requires_grad({&x})) {
+    auto n = std::make_shared<CopyToGroup>();
+    n->comm = &comm;
+    n->next = {autograd::edge(x)};
+    autograd::set_history(out, n);
+  }
+  return out;
+}
+
+Tensor reduce_from_group(const Tensor& x, Communicator& comm) {
+  if (comm.size() == 1) return x;
+  Tensor out = x.contiguous().clone();
+  comm.all_reduce(out, ReduceOp::sum);
+  if (autograd::any_requires_grad({&x})) {
+    auto n = std::make_shared<ReduceFromGroup>();
+    n->next = {autograd::edge(x)};
+    autograd::set_history(out, n);
+  }
+  return out;
+}
+
+std::vector<int32_t> cp_positions(int64_t T, int cp, int rank) {
+  const int64_t c = T / (2 * cp);
+  std::vector<int32_t> pos;
+  for (int64_t chunk : {int64_t(rank), int64_t(2 * cp - 1 - rank)})
+    for (int64_t i = 0; i < c; ++i) pos.push_back(int32_t(chunk * c + i));
+  return pos;
+}
+
+namespace {
+// Copies between the gathered buffer (cp, B, T_local, R) and global order (B, T, R), where
+// rank j's local halves are global chunks j and 2cp-1-j. to_global: buf -> out, else out -> buf.
+void permute_chunks(Tensor& buf, Tensor& glob, int cp, bool to_global) {
+  const int64_t Tl = buf.size(2), c = Tl / 2;
+  for (int j = 0; j < cp; ++j) {
+    Tensor bj = buf.narrow(0, j, 1).view({buf.size(1), Tl, buf.size(3)});
+    const int64_t chunks[2] = {j, 2 * cp - 1 - j};
+    for (int h = 0; h < 2; ++h) {
+      Tensor b = bj.narrow(1, h * c, c);
+      Tensor g = glob.narrow(1, chunks[h] * c, c);
+      if (to_global)
+        g.copy_(b);
+      else
+        b.copy_(g);
+    }
+  }
+}
+
+struct GatherSequence final : Node {
+  Communicator* comm;
+  Shape local_shape;
+  const char* name() const override { return "gather_sequence"; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    const int cp = comm->size();
+    const int64_t B = local_shape[0], Tl = local_shape[1], R = shape_numel(local_shape) / (B * Tl);
+    Tensor glob = g.contiguous().view({B, Tl * cp, R});
+    Tensor buf = Tensor::empty({cp, B, Tl, R}, g.dtype(), g.device());
+    permute_chunks(buf, glob, cp, false);
+    Tensor out = Tensor::empty(local_shape, g.dtype(), g.device());
+    comm->reduce_scatter(buf, out, ReduceOp::sum);
+    return {out};
+  }
+};
+}  // namespace
+
+Tensor gather_sequence(const Tensor& x, Communicator& comm) {
+  const int cp = comm.size();
+  if (cp == 1) return x;
+  const int64_t B = x.size(0), Tl = x.size(1), R = x.numel() / (B * Tl);
+  LLAMA3_CHECK(Tl % 2 == 0, "gather_sequence: local length {} must hold two equal chunks", Tl);
+  Tensor buf = Tensor::empty({cp, B, Tl, R}, x.dtype(), x.device());
+  comm.all_gather(x.contiguous(), buf);
+  Shape gs = x.shape();
+  gs[1] = Tl * cp;
+  Tensor out = Tensor::empty(gs, x.dtype(), x.device());
+  Tensor glob = out.view({B, Tl * cp, R});
+  permute_chunks(buf, glob, cp, true);
+  if (autograd::any_requires_grad({&x})) {
+    auto n = std::make_shared<GatherSequence>();
+    n->comm = &comm;
+    n->local_shape = x.shape();
+    n->next = {autograd::edge(x)};
+    autograd::set_history(out, n);
+  }
+  return out;
+}
+
+}  // namespace llama3::dist

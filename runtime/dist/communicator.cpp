@@ -1,0 +1,276 @@
+#include "runtime/dist/communicator.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "runtime/backend/backend.h"
+
+#if defined(LLAMA3_WITH_MPI)
+// C API only (OpenMPI otherwise pulls in its deprecated C++ bindings).
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+#endif
+
+namespace llama3::dist {
+
+namespace {
+
+[[maybe_unused]] int64_t ring_bytes(int n, int64_t full_bytes) { return n <= 1 ? 0 : full_bytes * (n - 1) / n; }
+
+class SingleRank final : public Communicator {
+ public:
+  explicit SingleRank(std::string n) { name_ = std::move(n); }
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string backend() const override { return "single"; }
+  void all_reduce(Tensor&, ReduceOp) override {}
+  void all_gather(const Tensor& in, Tensor& out) override {
+    LLAMA3_CHECK(out.numel() == in.numel(), "all_gather on {}: out has {} elements, in {}", name_, out.numel(),
+                 in.numel());
+    out.view({in.numel()}).copy_(in.contiguous().view({in.numel()}));
+  }
+  void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp) override {
+    LLAMA3_CHECK(out.numel() == in.numel(), "reduce_scatter on {}: out has {} elements, in {}", name_,
+                 out.numel(), in.numel());
+    out.view({in.numel()}).copy_(in.contiguous().view({in.numel()}));
+  }
+  void broadcast(Tensor&, int) override {}
+  std::unique_ptr<Work> isend(const Tensor&, int dst, int) override {
+    fail("isend to rank {} on the single-rank group {}", dst, name_);
+  }
+  std::unique_ptr<Work> irecv(Tensor&, int src, int) override {
+    fail("irecv from rank {} on the single-rank group {}", src, name_);
+  }
+  void barrier() override {}
+  std::shared_ptr<Communicator> split(int, int, const std::string& name) override {
+    return std::make_shared<SingleRank>(name);
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<Communicator> single_rank_communicator(const std::string& name) {
+  return std::make_shared<SingleRank>(name);
+}
+
+#if defined(LLAMA3_WITH_MPI)
+namespace {
+
+struct MpiRuntime {
+  bool owns = false;
+  ~MpiRuntime() {
+    int init = 0, fin = 0;
+    MPI_Initialized(&init);
+    MPI_Finalized(&fin);
+    if (owns && init && !fin) MPI_Finalize();
+  }
+};
+MpiRuntime g_mpi_runtime;
+
+void ensure_mpi() {
+  int init = 0;
+  MPI_Initialized(&init);
+  if (init) return;
+  int provided = 0;
+  MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  g_mpi_runtime.owns = true;
+}
+
+std::string mpi_error(int code) {
+  char buf[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(code, buf, &len);
+  return std::string(buf, size_t(len));
+}
+
+MPI_Datatype mpi_type(DType t, const std::string& op) {
+  switch (t) {
+    case DType::f32: return MPI_FLOAT;
+    case DType::f64: return MPI_DOUBLE;
+    case DType::i32: return MPI_INT;
+    default: fail("{}: dtype {} is not reducible (supported: f32, f64, i32)", op, dtype_name(t));
+  }
+}
+
+// Host-resident contiguous tensors only: MPI reads raw pointers.
+void check_host(const Tensor& t, const std::string& op) {
+  LLAMA3_CHECK(t.defined() && t.device().is_cpu(), "{}: MPI communicator needs CPU tensors, got {}", op,
+               t.defined() ? t.str() : "undefined");
+  LLAMA3_CHECK(t.is_contiguous(), "{}: tensor {} must be contiguous", op, t.str());
+}
+
+class MpiWork final : public Work {
+ public:
+  MpiWork(MPI_Request r, std::string what, double timeout) : req_(r), what_(std::move(what)), timeout_(timeout) {}
+  // An abandoned request (its wait threw) is leaked on purpose: MPI cannot free an active
+  // collective request, and the process is about to end with the error.
+  ~MpiWork() override = default;
+  void wait() override {
+    if (req_ == MPI_REQUEST_NULL) return;
+    const auto start = std::chrono::steady_clock::now();
+    int spins = 0;
+    for (;;) {
+      int done = 0;
+      int rc = MPI_Test(&req_, &done, MPI_STATUS_IGNORE);
+      if (rc != MPI_SUCCESS) fail("{} failed: {}", what_, mpi_error(rc));
+      if (done) return;
+      if (++spins > 200) {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+        double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (s > timeout_)
+          fail("{} did not complete within {:.0f} s: a peer rank died or hangs (CommOptions::timeout_s)",
+               what_, timeout_);
+      }
+    }
+  }
+
+ private:
+  MPI_Request req_;
+  std::string what_;
+  double timeout_;
+};
+
+class Mpi final : public Communicator {
+ public:
+  Mpi(MPI_Comm c, std::string name, CommOptions opt) : comm_(c), opt_(opt) {
+    name_ = std::move(name);
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~Mpi() override {
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (!fin) MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "mpi"; }
+
+  void all_reduce(Tensor& t, ReduceOp op) override {
+    check_host(t, what("all_reduce"));
+    MPI_Request r;
+    check(MPI_Iallreduce(MPI_IN_PLACE, t.data_ptr(), int(t.numel()), mpi_type(t.dtype(), what("all_reduce")),
+                         op == ReduceOp::max ? MPI_MAX : MPI_SUM, comm_, &r),
+          "all_reduce");
+    MpiWork(r, what("all_reduce"), opt_.timeout_s).wait();
+    if (op == ReduceOp::avg) backend_for(t.device()).scale(t, 1.f / float(size_));
+    count(2 * ring_bytes(size_, int64_t(t.nbytes())));
+  }
+  void all_gather(const Tensor& in, Tensor& out) override {
+    check_host(in, what("all_gather"));
+    check_host(out, what("all_gather"));
+    LLAMA3_CHECK(out.numel() == in.numel() * size_ && out.dtype() == in.dtype(),
+                 "{}: out {} must hold {} x {}", what("all_gather"), out.str(), size_, in.str());
+    MPI_Request r;
+    check(MPI_Iallgather(in.data_ptr(), int(in.nbytes()), MPI_BYTE, out.data_ptr(), int(in.nbytes()), MPI_BYTE,
+                         comm_, &r),
+          "all_gather");
+    MpiWork(r, what("all_gather"), opt_.timeout_s).wait();
+    count(ring_bytes(size_, int64_t(out.nbytes())));
+  }
+  void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op) override {
+    check_host(in, what("reduce_scatter"));
+    check_host(out, what("reduce_scatter"));
+    LLAMA3_CHECK(in.numel() == out.numel() * size_ && out.dtype() == in.dtype(),
+                 "{}: in {} must hold {} x {}", what("reduce_scatter"), in.str(), size_, out.str());
+    MPI_Request r;
+    check(MPI_Ireduce_scatter_block(in.data_ptr(), out.data_ptr(), int(out.numel()),
+                                    mpi_type(in.dtype(), what("reduce_scatter")),
+                                    op == ReduceOp::max ? MPI_MAX : MPI_SUM, comm_, &r),
+          "reduce_scatter");
+    MpiWork(r, what("reduce_scatter"), opt_.timeout_s).wait();
+    if (op == ReduceOp::avg) backend_for(out.device()).scale(out, 1.f / float(size_));
+    count(ring_bytes(size_, int64_t(in.nbytes())));
+  }
+  void broadcast(Tensor& t, int root) override {
+    check_host(t, what("broadcast"));
+    MPI_Request r;
+    check(MPI_Ibcast(t.data_ptr(), int(t.nbytes()), MPI_BYTE, root, comm_, &r), "broadcast");
+    MpiWork(r, what("broadcast"), opt_.timeout_s).wait();
+    if (rank_ == root) count(int64_t(t.nbytes()));
+  }
+  std::unique_ptr<Work> isend(const Tensor& t, int dst, int tag) override {
+    check_host(t, what("isend"));
+    MPI_Request r;
+    check(MPI_Isend(t.data_ptr(), int(t.nbytes()), MPI_BYTE, dst, tag, comm_, &r), "isend");
+    count(int64_t(t.nbytes()));
+    return std::make_unique<MpiWork>(r, fmt::format("{} to rank {}", what("send"), dst), opt_.timeout_s);
+  }
+  std::unique_ptr<Work> irecv(Tensor& t, int src, int tag) override {
+    check_host(t, what("irecv"));
+    MPI_Request r;
+    check(MPI_Irecv(t.data_ptr(), int(t.nbytes()), MPI_BYTE, src, tag, comm_, &r), "irecv");
+    return std::make_unique<MpiWork>(r, fmt::format("{} from rank {}", what("recv"), src), opt_.timeout_s);
+  }
+  void barrier() override {
+    MPI_Request r;
+    check(MPI_Ibarrier(comm_, &r), "barrier");
+    MpiWork(r, what("barrier"), opt_.timeout_s).wait();
+  }
+  std::shared_ptr<Communicator> split(int color, int key, const std::string& name) override {
+    MPI_Comm c;
+    check(MPI_Comm_split(comm_, color, key, &c), "split");
+    return std::make_shared<Mpi>(c, name, opt_);
+  }
+
+ private:
+  std::string what(const char* op) const {
+    return fmt::format("{} on group '{}' (rank {} of {})", op, name_, rank_, size_);
+  }
+  void check(int rc, const char* op) const {
+    if (rc != MPI_SUCCESS) fail("{} failed: {}", what(op), mpi_error(rc));
+  }
+  MPI_Comm comm_;
+  CommOptions opt_;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+bool mpi_available() { return true; }
+
+std::shared_ptr<Communicator> mpi_world(const CommOptions& opt) {
+  ensure_mpi();
+  MPI_Comm c;
+  MPI_Comm_dup(MPI_COMM_WORLD, &c);
+  return std::make_shared<Mpi>(c, "world", opt);
+}
+
+bool mpi_active() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  return init && !fin;
+}
+
+void abort_all(int code) {
+  // Not MPI_Abort: concurrent aborts from several ranks left OpenMPI 4.1's mpirun hanging
+  // here. A rank that exits non-zero without MPI_Finalize makes mpirun kill the job.
+  std::fflush(nullptr);
+  std::_Exit(code);
+}
+
+#else
+
+bool mpi_available() { return false; }
+std::shared_ptr<Communicator> mpi_world(const CommOptions&) {
+  fail("this build has no MPI (configure with LLAMA3_MPI=ON and an MPI installation)");
+}
+void abort_all(int code) { std::_Exit(code); }
+bool mpi_active() { return false; }
+
+#endif
+
+std::shared_ptr<Communicator> world_communicator(const CommOptions& opt) {
+  // Launched by mpirun/srun (they set these): MPI; a plain process: one rank, no MPI init.
+  const bool launched = std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") ||
+                        std::getenv("PMIX_RANK") || std::getenv("SLURM_NTASKS");
+  if (launched && mpi_available()) return mpi_world(opt);
+  return single_rank_communicator("world");
+}
+
+}  // namespace llama3::dist

@@ -1,0 +1,97 @@
+// Communicator: collectives and point-to-point transfers over one process group, behind one
+// interface with three backends - MPI (CPU tensors; also bootstraps NCCL), NCCL (CUDA
+// tensors, compiled when CUDA is on) and a single-rank one (no communication). Groups are
+// values passed explicitly (ProcessGroups in parallel_dims.h); there is no global group.
+//
+// Failure model: every blocking wait polls with a deadline (CommOptions::timeout_s). A peer
+// that died or hangs makes the wait throw llama3::Error naming the operation, the group and
+// the timeout, so ranks exit with a clear message instead of hanging (MPI errors are set to
+// MPI_ERRORS_RETURN and turned into exceptions as well).
+//
+// Byte accounting: each call adds the bytes this rank sends under the standard ring
+// algorithms (nccl-tests "bus bytes"): all_reduce 2(n-1)/n * S, all_gather and
+// reduce_scatter (n-1)/n * S (S = the full, gathered size), broadcast S on the root,
+// send S. bench_parallel compares these counters with the analytic volume of a layout.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "runtime/core/tensor.h"
+
+namespace llama3::dist {
+
+enum class ReduceOp : uint8_t { sum, avg, max };
+
+struct CommStats {
+  int64_t bytes_sent = 0;  // ring-algorithm bytes this rank sent
+  int64_t calls = 0;
+};
+
+struct CommOptions {
+  double timeout_s = 60.0;  // a wait longer than this throws (peer died or hangs)
+};
+
+// Handle of an asynchronous transfer; wait() blocks (with the deadline) until done.
+class Work {
+ public:
+  virtual ~Work() = default;
+  virtual void wait() = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string backend() const = 0;
+  const std::string& name() const { return name_; }  // e.g. "tp", "dp_shard", "world"
+
+  // In place over all ranks (f32, f64 or i32; avg divides after summing).
+  virtual void all_reduce(Tensor& t, ReduceOp op = ReduceOp::sum) = 0;
+  // out (size * in.numel() elements, contiguous) = concatenation of every rank's in, in rank order.
+  virtual void all_gather(const Tensor& in, Tensor& out) = 0;
+  // out (in.numel() / size elements) = this rank's slice of the reduction of every rank's in.
+  virtual void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op = ReduceOp::sum) = 0;
+  virtual void broadcast(Tensor& t, int root) = 0;
+  virtual std::unique_ptr<Work> isend(const Tensor& t, int dst, int tag) = 0;
+  virtual std::unique_ptr<Work> irecv(Tensor& t, int src, int tag) = 0;
+  virtual void barrier() = 0;
+  // Sub-group of the ranks passing the same color, ordered by key (MPI_Comm_split).
+  virtual std::shared_ptr<Communicator> split(int color, int key, const std::string& name) = 0;
+
+  const CommStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = {}; }
+
+ protected:
+  void count(int64_t bytes) {
+    stats_.bytes_sent += bytes;
+    ++stats_.calls;
+  }
+  std::string name_ = "world";
+  CommStats stats_;
+};
+
+// The one-rank group: collectives are identities (avg of one value is itself).
+std::shared_ptr<Communicator> single_rank_communicator(const std::string& name = "world");
+
+// MPI_COMM_WORLD (initialising MPI on first use; finalised at exit). Throws when the
+// library was built without MPI. Under a launcher with one rank it is a 1-rank MPI group.
+std::shared_ptr<Communicator> mpi_world(const CommOptions& opt = {});
+bool mpi_available();
+// The world communicator for this process: MPI when launched by mpirun/srun with more than
+// one rank (or MPI is available), else the single-rank one.
+std::shared_ptr<Communicator> world_communicator(const CommOptions& opt = {});
+
+// NCCL communicator over the same ranks as `bootstrap` (its unique id broadcast over it),
+// for CUDA tensors on `device`. Throws when built without CUDA/NCCL.
+// Ends this rank after an error without MPI_Finalize (which would wait for peers stuck in a
+// collective); the launcher then terminates the other ranks.
+[[noreturn]] void abort_all(int code);
+// True between MPI initialisation (by mpi_world) and finalisation.
+bool mpi_active();
+
+std::shared_ptr<Communicator> nccl_communicator(Communicator& bootstrap, int device);
+
+}  // namespace llama3::dist

@@ -1,0 +1,518 @@
+#include "text/model/parallelize.h"
+
+#include <spdlog/spdlog.h>
+
+#include <numeric>
+
+#include "runtime/autograd/autograd.h"
+#include "runtime/dist/comm_ops.h"
+#include "text/model/vocab_parallel.h"
+
+namespace llama3::text {
+
+using dist::ReduceOp;
+
+std::pair<int64_t, int64_t> stage_layers(int64_t n_layers, int stage, int stages) {
+  // ceil(L / S) per stage; the deficit (<= 2, checked by validate_for_model) is taken first
+  // from the last stage (it also runs the head and loss), then from the first (embedding).
+  const int64_t per = (n_layers + stages - 1) / stages;
+  const int64_t deficit = per * stages - n_layers;
+  std::vector<int64_t> count(size_t(stages), per);
+  if (deficit >= 1) count.back() -= 1;
+  if (deficit >= 2) count.front() -= 1;
+  int64_t first = 0;
+  for (int s = 0; s < stage; ++s) first += count[size_t(s)];
+  return {first, first + count[size_t(stage)]};
+}
+
+struct ParallelLlama::Param {
+  std::string name;
+  Tensor* slot = nullptr;  // the module's tensor: the tp-local weight while materialised
+  nn::ParamInfo info;
+  Shape full_shape, local_shape;
+  int split_dim = -1;  // tp split (0: column-parallel rows, 1: row-parallel columns)
+  int64_t layer = -1;  // -1: root unit (embedding, final norm, lm_head)
+  bool fsdp = false;
+  int64_t local_numel = 0, padded = 0;
+  Tensor shard;  // FSDP: (padded / dp_shard) flat slice; else the tp-local tensor itself
+};
+
+namespace {
+int tp_split_dim(const std::string& name) {
+  for (const char* col : {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
+    if (name.find(std::string(".") + col + ".") != std::string::npos) return 0;
+  for (const char* row : {"o_proj", "down_proj"})
+    if (name.find(std::string(".") + row + ".") != std::string::npos) return 1;
+  // Vocabulary parallel: rows of the embedding and of the output head.
+  if (name.find("embed_tokens.") != std::string::npos || name.rfind("lm_head.", 0) == 0) return 0;
+  return -1;
+}
+
+int64_t layer_of(const std::string& name) {
+  const std::string key = "model.layers.";
+  if (name.rfind(key, 0) != 0) return -1;
+  return std::stoll(name.substr(key.size()));
+}
+
+void accumulate(Tensor& leaf, const Tensor& g) {
+  Tensor cur = leaf.grad();
+  if (!cur.defined())
+    leaf.set_grad(g);
+  else
+    backend_for(g.device()).axpy(1.f, g, cur);
+}
+
+Tensor tensor_f64(double v) { return Tensor::from_vector(std::vector<double>{v}, {1}); }
+}  // namespace
+
+
+ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, ParallelizeOptions opt)
+    : model_(model), g_(std::move(groups)), opt_(opt) {
+  const auto& d = g_.dims;
+  const LlamaConfig& c = model.config();
+  dist::ModelShape ms;
+  ms.n_heads = c.n_heads, ms.n_kv_heads = c.n_kv_heads, ms.n_layers = c.n_layers, ms.ffn_hidden = c.ffn_hidden();
+  ms.vocab = c.vocab_size, ms.microbatches = opt.microbatches, ms.virtual_stages = opt.virtual_stages;
+  dist::validate_for_model(d, ms);
+
+  const int stage = g_.coords.pp, stages = d.pp, V = opt.virtual_stages;
+  for (int k = 0; k < V; ++k) chunks_.push_back(stage_layers(c.n_layers, k * stages + stage, stages * V));
+  block_params_.resize(size_t(c.n_layers));
+  auto owns_layer = [&](int64_t l) {
+    for (auto [a, b] : chunks_)
+      if (l >= a && l < b) return true;
+    return false;
+  };
+  const int tp_r = g_.coords.tp, ds = d.dp_shard, ds_r = g_.coords.dp_shard;
+
+  // 1. TP: communication around the column/row-parallel projections of this stage's blocks.
+  if (d.tp > 1) {
+    auto tp = g_.tp;
+    auto copy_in = [tp](const Tensor& x) { return dist::copy_to_group(x, *tp); };
+    auto reduce_out = [tp](const Tensor& y) { return dist::reduce_from_group(y, *tp); };
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      if (!owns_layer(l)) continue;
+      Block& b = *model.blocks()[size_t(l)];
+      for (nn::Linear* lin : {&b.self_attn.q_proj, &b.self_attn.k_proj, &b.self_attn.v_proj, &b.mlp.gate_proj,
+                              &b.mlp.up_proj})
+        lin->input_hook = copy_in;
+      for (nn::Linear* lin : {&b.self_attn.o_proj, &b.mlp.down_proj}) lin->output_hook = reduce_out;
+    }
+  }
+
+  // CP: every block's keys and values are gathered over the cp group (queries stay local).
+  if (d.cp > 1) {
+    auto cp = g_.cp;
+    for (int64_t l = 0; l < c.n_layers; ++l)
+      if (owns_layer(l)) model.blocks()[size_t(l)]->self_attn.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
+  }
+
+  for (auto& np : model.named_parameters()) {
+    auto p = std::make_unique<Param>();
+    p->name = np.name;
+    p->slot = np.tensor;
+    p->info = np.info;
+    p->full_shape = np.tensor->shape();
+    p->layer = layer_of(np.name);
+    // 2. PP: keep only this stage's parameters.
+    bool owned;
+    if (p->layer >= 0)
+      owned = owns_layer(p->layer);
+    else if (np.name.find("embed_tokens") != std::string::npos)
+      owned = stage == 0;
+    else
+      owned = stage == stages - 1;  // final norm, lm_head
+    if (!owned) {
+      *np.tensor = Tensor();
+      continue;
+    }
+    // 1. TP slice.
+    Tensor local = np.tensor->detach();
+    if (d.tp > 1) {
+      p->split_dim = tp_split_dim(np.name);
+      if (p->split_dim >= 0) {
+        const int64_t n = local.size(p->split_dim) / d.tp;
+        local = local.narrow(p->split_dim, tp_r * n, n);
+      }
+    }
+    local = local.contiguous().clone();
+    p->local_shape = local.shape();
+    p->local_numel = local.numel();
+    // 4. FSDP shard (3. activation checkpointing is applied per block in run_blocks).
+    p->fsdp = ds > 1;
+    if (p->fsdp) {
+      p->padded = (p->local_numel + ds - 1) / ds * ds;
+      const int64_t n = p->padded / ds;
+      Tensor flat = Tensor::zeros({p->padded}, local.dtype(), local.device());
+      flat.narrow(0, 0, p->local_numel).copy_(local.view({p->local_numel}));
+      p->shard = flat.narrow(0, ds_r * n, n).contiguous().clone();
+      *np.tensor = Tensor();  // resharded until gathered
+    } else {
+      p->shard = local;
+      *np.tensor = p->shard;  // shares the autograd meta: gradients land on the shard
+    }
+    p->shard.set_requires_grad(np.info.trainable);
+    if (!p->fsdp) *np.tensor = p->shard;
+    if (p->layer >= 0)
+      block_params_[size_t(p->layer)].push_back(p.get());
+    else
+      root_params_.push_back(p.get());
+    params_.push_back(std::move(p));
+  }
+  if (opt_.verbose && g_.world->rank() == 0 && d.pp > 1)
+    spdlog::info("pipeline: {}, {} ranks x {} chunks, {} micro-batches, bubble fraction (S-1)/(V*M+S-1) = {:.3f}",
+                 V > 1 ? "interleaved 1F1B" : "1F1B", d.pp, V, opt_.microbatches, bubble_fraction());
+}
+
+ParallelLlama::~ParallelLlama() = default;
+
+double ParallelLlama::bubble_fraction() const {
+  const double S = g_.dims.pp, M = double(opt_.microbatches), V = opt_.virtual_stages;
+  return (S - 1) / (V * M + S - 1);
+}
+
+void ParallelLlama::gather(Param& p) {
+  if (!p.fsdp) return;
+  Tensor full = Tensor::empty({p.padded}, p.shard.dtype(), p.shard.device());
+  g_.dp_shard->all_gather(p.shard.detach(), full);
+  Tensor t = full.narrow(0, 0, p.local_numel).view(p.local_shape).detach();
+  t.set_requires_grad(p.info.trainable);
+  if (p.info.trainable && p.layer >= 0) {
+    // Reduce-scatter the full gradient as soon as it is accumulated, then drop it.
+    Param* pp = &p;
+    t.mutable_meta()->post_accumulate_hooks.push_back([this, pp](Tensor& g) {
+      Tensor flat = Tensor::zeros({pp->padded}, g.dtype(), g.device());
+      flat.narrow(0, 0, pp->local_numel).copy_(g.contiguous().view({pp->local_numel}));
+      Tensor part = Tensor::empty({pp->padded / g_.dims.dp_shard}, g.dtype(), g.device());
+      g_.dp_shard->reduce_scatter(flat, part, ReduceOp::sum);
+      accumulate(pp->shard, part);
+      g = Tensor();
+    });
+  }
+  *p.slot = t;
+}
+
+void ParallelLlama::reshard(Param& p) {
+  if (p.fsdp) *p.slot = Tensor();
+}
+
+Tensor ParallelLlama::run_blocks(int chunk, Tensor h, const Tensor& pos, const AttentionParams& ap) {
+  const ops::Precision prec = model_.options().precision;
+  const Tensor inv = model_.inv_freq();
+  const bool fsdp = g_.dims.fsdp_enabled();
+  for (int64_t l = chunks_[size_t(chunk)].first; l < chunks_[size_t(chunk)].second; ++l) {
+    Block* b = model_.blocks()[size_t(l)];
+    auto* ps = &block_params_[size_t(l)];
+    auto fn = [this, b, ps, inv, pos, ap, prec, fsdp](const std::vector<Tensor>& in) {
+      if (fsdp)
+        for (Param* p : *ps) gather(*p);
+      Tensor y = (*b)(in[0], inv, pos, ap, prec);
+      if (fsdp)
+        for (Param* p : *ps) reshard(*p);
+      return y;
+    };
+    if (fsdp || opt_.activation_checkpointing)
+      h = autograd::checkpoint(fn, {h});
+    else
+      h = fn({h});
+  }
+  return h;
+}
+
+double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids) {
+  LLAMA3_CHECK(tokens.dim() == 2 && targets.shape() == tokens.shape(), "parallel step: tokens {} / targets {}",
+               tokens.str(), targets.str());
+  const int64_t B = tokens.size(0), Tfull = tokens.size(1), M = opt_.microbatches, D = model_.config().dim;
+  LLAMA3_CHECK(B % M == 0, "parallel step: local batch {} is not divisible by micro-batches {}", B, M);
+  const int64_t Bm = B / M;
+  const int S = g_.dims.pp, s = g_.coords.pp, cp = g_.dims.cp, V = opt_.virtual_stages;
+  const int next_rank = (s + 1) % S, prev_rank = (s + S - 1) % S;
+  LLAMA3_CHECK(Tfull % (2 * cp) == 0, "parallel step: seq {} is not divisible by 2 x cp {} = {}", Tfull, cp, 2 * cp);
+
+  // CP: this rank's tokens are its two load-balanced chunks; keys keep global positions.
+  const std::vector<int32_t> pv = dist::cp_positions(Tfull, cp, g_.coords.cp);
+  const int64_t T = int64_t(pv.size());
+  auto take_columns = [&](const Tensor& t) {
+    if (cp == 1) return t.contiguous();
+    std::vector<int32_t> all = t.contiguous().to_vector<int32_t>(), out(size_t(B * T));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < T; ++i) out[size_t(b * T + i)] = all[size_t(b * Tfull + pv[size_t(i)])];
+    return Tensor::from_vector(out, {B, T});
+  };
+  const Tensor tokens_l = take_columns(tokens), targets_l = take_columns(targets);
+
+  // Valid targets per micro-batch and over the global batch (the loss normaliser).
+  std::vector<int32_t> tv = targets_l.to_vector<int32_t>();
+  std::vector<double> mb_valid(static_cast<size_t>(M), 0.0);
+  for (int64_t i = 0; i < int64_t(tv.size()); ++i)
+    if (tv[size_t(i)] >= 0) mb_valid[size_t(i / (Bm * T))] += 1;
+  Tensor cnt = tensor_f64(std::accumulate(mb_valid.begin(), mb_valid.end(), 0.0));
+  g_.dp->all_reduce(cnt, ReduceOp::sum);
+  g_.cp->all_reduce(cnt, ReduceOp::sum);
+  const double n_global = cnt.item();
+  LLAMA3_CHECK(n_global > 0, "parallel step: the global batch has no valid targets");
+
+  for (Param* p : root_params_) gather(*p);
+  const Tensor pos = Tensor::from_vector(pv, {T});
+
+  struct Mb {
+    Tensor input, output, loss, send_buf;
+  };
+  std::vector<Mb> mbs(static_cast<size_t>(M * V));  // by (chunk, micro-batch)
+  std::vector<std::unique_ptr<dist::Work>> sends;
+  double loss_sum = 0;
+
+  // Global stage of local chunk k is k*S + s; tags name (receiving stage, micro-batch, dir).
+  auto tag = [&](int64_t stage, int64_t i, int dir) { return int((stage * M + i) * 2 + dir); };
+  auto forward = [&](int k, int64_t i) {
+    Mb& mb = mbs[size_t(k * M + i)];
+    const int64_t stage = int64_t(k) * S + s;
+    const bool first = stage == 0, last = stage == int64_t(S) * V - 1;
+    AttentionParams ap;
+    ap.causal = true;
+    if (doc_ids.defined()) ap.doc_ids = doc_ids.narrow(0, i * Bm, Bm).contiguous();  // keys: all T
+    if (cp > 1) ap.q_pos = pos;
+    Tensor h;
+    if (first) {
+      const Tensor ids = tokens_l.narrow(0, i * Bm, Bm).contiguous();
+      h = g_.dims.tp > 1 ? vocab_parallel_embedding(model_.embed_tokens().weight, ids, *g_.tp)
+                         : model_.embed_tokens()(ids);
+    } else {
+      Tensor buf = Tensor::empty({Bm, T, D}, DType::f32);
+      g_.pp->irecv(buf, prev_rank, tag(stage, i, 0))->wait();
+      buf.set_requires_grad(true);
+      mb.input = buf;
+      h = buf;
+    }
+    h = run_blocks(k, h, pos, ap);
+    if (last) {
+      Tensor hn = ops::reshape(model_.norm()(h), {Bm * T, D});
+      ops::CrossEntropyOptions o;
+      o.chunk = model_.options().ce_chunk;
+      o.precision = model_.options().precision;
+      const double nv = mb_valid[size_t(i)];
+      if (nv > 0) {
+        const Tensor tg = targets_l.narrow(0, i * Bm, Bm).contiguous().view({-1});
+        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg, *g_.tp)
+                                  : ops::linear_cross_entropy(hn, model_.lm_head().weight, tg, o);
+        mb.loss = ops::scale(l, float(nv / n_global));
+        loss_sum += l.item() * nv / n_global;
+      }
+    } else {
+      mb.output = h;
+      mb.send_buf = h.detach().contiguous();
+      sends.push_back(g_.pp->isend(mb.send_buf, next_rank, tag(stage + 1, i, 0)));
+    }
+  };
+  auto backward = [&](int k, int64_t i) {
+    Mb& mb = mbs[size_t(k * M + i)];
+    const int64_t stage = int64_t(k) * S + s;
+    const bool first = stage == 0, last = stage == int64_t(S) * V - 1;
+    if (last) {
+      if (mb.loss.defined()) mb.loss.backward();
+    } else {
+      Tensor g = Tensor::empty({Bm, T, D}, DType::f32);
+      g_.pp->irecv(g, next_rank, tag(stage, i, 1))->wait();
+      mb.output.backward(g);
+    }
+    if (!first) {
+      Tensor gi = mb.input.grad();
+      if (!gi.defined()) gi = Tensor::zeros({Bm, T, D}, DType::f32);
+      mb.send_buf = gi.contiguous();
+      sends.push_back(g_.pp->isend(mb.send_buf, prev_rank, tag(stage - 1, i, 1)));
+    }
+    // Activations of this micro-batch are released here (send_buf stays until sent).
+    mb.input = mb.output = mb.loss = Tensor();
+  };
+
+  // 1F1B: (S - s - 1) warm-up forwards, then one forward / one backward, then cool-down.
+  // Interleaved (Megatron): the n-th forward runs chunk (n / S) % V on micro-batch
+  // (n / (S V)) S + n % S, backwards walk the chunks in reverse; warm-up 2(S - s - 1) + (V - 1) S.
+  const int64_t total = M * V;
+  const int64_t warmup =
+      std::min<int64_t>(total, V == 1 ? S - s - 1 : int64_t(2) * (S - s - 1) + int64_t(V - 1) * S);
+  auto fwd_k = [&](int64_t n) { return int((n / S) % V); };
+  auto bwd_k = [&](int64_t n) { return V - 1 - int((n / S) % V); };
+  auto mb_of = [&](int64_t n) { return (n / (int64_t(S) * V)) * S + n % S; };
+  for (int64_t n = 0; n < warmup; ++n) forward(fwd_k(n), mb_of(n));
+  for (int64_t n = 0; n < total - warmup; ++n) {
+    forward(fwd_k(warmup + n), mb_of(warmup + n));
+    backward(bwd_k(n), mb_of(n));
+  }
+  for (int64_t n = total - warmup; n < total; ++n) backward(bwd_k(n), mb_of(n));
+  for (auto& w : sends) w->wait();
+  sends.clear();
+
+  // Root unit under FSDP: one reduce-scatter of its accumulated gradients per step.
+  for (Param* p : root_params_) {
+    if (p->fsdp && p->info.trainable) {
+      Tensor g = p->slot->grad();
+      Tensor flat = Tensor::zeros({p->padded}, DType::f32);
+      if (g.defined()) flat.narrow(0, 0, p->local_numel).copy_(g.contiguous().view({p->local_numel}));
+      Tensor part = Tensor::empty({p->padded / g_.dims.dp_shard}, DType::f32);
+      g_.dp_shard->reduce_scatter(flat, part, ReduceOp::sum);
+      accumulate(p->shard, part);
+    }
+    reshard(*p);
+  }
+  // Replicas (HSDP / plain DP): sum the shard gradients.
+  for (auto& p : params_) {
+    if (!p->info.trainable) continue;
+    if (!p->shard.grad().defined()) p->shard.set_grad(Tensor::zeros(p->shard.shape(), DType::f32));
+    Tensor gr = p->shard.grad();
+    if (g_.dims.dp_replicate > 1) g_.dp_replicate->all_reduce(gr, ReduceOp::sum);
+    if (cp > 1) g_.cp->all_reduce(gr, ReduceOp::sum);
+  }
+  Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
+  g_.dp->all_reduce(l, ReduceOp::sum);
+  g_.pp->all_reduce(l, ReduceOp::sum);
+  g_.cp->all_reduce(l, ReduceOp::sum);
+  return l.item();
+}
+
+Tensor ParallelLlama::shard_of(const Param& p, const Tensor& full) const {
+  LLAMA3_CHECK(full.shape() == p.full_shape, "parallelize: {} has shape {}, expected {}", p.name,
+               shape_str(full.shape()), shape_str(p.full_shape));
+  Tensor local = full;
+  if (p.split_dim >= 0) {
+    const int64_t n = full.size(p.split_dim) / g_.dims.tp;
+    local = full.narrow(p.split_dim, g_.coords.tp * n, n);
+  }
+  local = local.contiguous().to(DType::f32);
+  if (!p.fsdp) return local.clone();
+  const int ds = g_.dims.dp_shard;
+  const int64_t n = p.padded / ds;
+  Tensor flat = Tensor::zeros({p.padded}, DType::f32);
+  flat.narrow(0, 0, p.local_numel).copy_(local.view({p.local_numel}));
+  return flat.narrow(0, g_.coords.dp_shard * n, n).contiguous().clone();
+}
+
+std::vector<dist::Piece> ParallelLlama::checkpoint_pieces(const optim::AdamW* opt) const {
+  // One copy of every element: replicas over dp_replicate and cp, and tp-replicated
+  // tensors on tp ranks > 0, write nothing.
+  std::vector<dist::Piece> out;
+  if (g_.coords.dp_replicate != 0 || g_.coords.cp != 0) return out;
+  std::map<std::string, Tensor> state;
+  if (opt) state = opt->state_tensors();
+  for (auto& p : params_) {
+    if (p->split_dim < 0 && g_.coords.tp != 0) continue;
+    const int64_t n = p->fsdp ? p->padded / g_.dims.dp_shard : p->local_numel;
+    const int64_t off = p->fsdp ? g_.coords.dp_shard * n : 0;
+    const int64_t valid = std::max<int64_t>(0, std::min(n, p->local_numel - off));
+    auto piece = [&](const std::string& name, const Tensor& t) {
+      if (valid == 0) return;
+      dist::Piece pc;
+      pc.name = name;
+      pc.full_shape = p->full_shape;
+      pc.split_dim = p->split_dim;
+      pc.tp_index = p->split_dim >= 0 ? g_.coords.tp : 0;
+      pc.tp_size = p->split_dim >= 0 ? g_.dims.tp : 1;
+      pc.offset = off;
+      pc.data = t.detach().contiguous().view({n}).narrow(0, 0, valid).clone();
+      out.push_back(pc);
+    };
+    piece(p->name, p->shard);
+    for (const char* pre : {"exp_avg.", "exp_avg_sq."}) {
+      auto it = state.find(pre + p->name);
+      if (it != state.end()) piece(pre + p->name, it->second);
+    }
+  }
+  return out;
+}
+
+void ParallelLlama::load_full(const std::map<std::string, Tensor>& full, optim::AdamW* opt, int64_t step) {
+  std::map<std::string, Tensor> moments;
+  for (auto& p : params_) {
+    auto it = full.find(p->name);
+    LLAMA3_CHECK(it != full.end(), "parallelize: checkpoint has no '{}'", p->name);
+    autograd::NoGradGuard ng;
+    p->shard.detach().copy_(shard_of(*p, it->second));
+    for (const char* pre : {"exp_avg.", "exp_avg_sq."}) {
+      auto m = full.find(pre + p->name);
+      if (m != full.end()) moments[pre + p->name] = shard_of(*p, m->second);
+    }
+  }
+  if (opt && !moments.empty()) opt->load_state(moments, step);
+}
+
+std::vector<nn::NamedParam> ParallelLlama::optimizer_params() const {
+  std::vector<nn::NamedParam> out;
+  for (auto& p : params_) out.push_back({p->name, &p->shard, p->info});
+  return out;
+}
+
+optim::AdamW::NormReduction ParallelLlama::norm_reduction() const {
+  optim::AdamW::NormReduction r;
+  const auto& d = g_.dims;
+  for (auto& p : params_) {
+    if (!p->info.trainable) continue;
+    const double copies = double(d.dp_replicate) * d.cp * (p->split_dim < 0 ? d.tp : 1);
+    r.weights.push_back(1.0 / copies);
+  }
+  auto world = g_.world;
+  r.sum_all = [world](double x) {
+    Tensor t = tensor_f64(x);
+    world->all_reduce(t, ReduceOp::sum);
+    return t.item();
+  };
+  return r;
+}
+
+void ParallelLlama::zero_grad() {
+  for (auto& p : params_) p->shard.zero_grad();
+}
+
+std::map<std::string, Tensor> ParallelLlama::full_state_dict() const {
+  std::map<std::string, Tensor> out;
+  const auto& d = g_.dims;
+  const LlamaConfig& c = model_.config();
+  // Every rank walks every parameter name in model order (a fresh tree gives names/shapes).
+  std::map<std::string, const Param*> mine;
+  for (auto& p : params_) mine[p->name] = p.get();
+  LlamaModel shape_model(LlamaConfig(c), 0);
+  for (auto& np : shape_model.named_parameters()) {
+    const Shape full_shape = np.tensor->shape();
+    const int64_t layer = layer_of(np.name);
+    int owner;
+    if (layer >= 0) {
+      owner = 0;
+      const int stages = d.pp * opt_.virtual_stages;
+      for (int st = 0; st < stages; ++st) {
+        auto [a, b] = stage_layers(c.n_layers, st, stages);
+        if (layer >= a && layer < b) owner = st % d.pp;
+      }
+    } else {
+      owner = np.name.find("embed_tokens") != std::string::npos ? 0 : d.pp - 1;
+    }
+    Tensor full = Tensor::zeros(full_shape, DType::f32);
+    auto it = mine.find(np.name);
+    if (it != mine.end()) {
+      const Param& p = *it->second;
+      Tensor local;
+      if (p.fsdp) {
+        Tensor all = Tensor::empty({p.padded}, DType::f32);
+        g_.dp_shard->all_gather(p.shard.detach(), all);
+        local = all.narrow(0, 0, p.local_numel).view(p.local_shape);
+      } else {
+        local = p.shard.detach();
+      }
+      if (p.split_dim >= 0 && d.tp > 1) {
+        Shape gs = p.local_shape;
+        gs.insert(gs.begin(), d.tp);
+        Tensor all = Tensor::empty(gs, DType::f32);
+        g_.tp->all_gather(local.contiguous(), all);
+        if (p.split_dim == 0)
+          full = all.view(full_shape).clone();
+        else
+          full = all.transpose(0, 1).contiguous().view(full_shape);
+      } else {
+        full = local.contiguous().clone();
+      }
+    }
+    if (d.pp > 1) g_.pp->broadcast(full, owner);
+    out[np.name] = full;
+  }
+  return out;
+}
+
+}  // namespace llama3::text

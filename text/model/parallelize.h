@@ -1,0 +1,105 @@
+// The parallelize step of the Llama 3 text model and the distributed training step that
+// runs it. The model code is unchanged; this file applies, in this order:
+//
+//   1. TP  - q/k/v and gate/up projections become column-parallel (a slice of the output
+//            rows: whole heads / FFN columns), o/down row-parallel (a slice of the input
+//            columns); communication enters through nn::Linear's input/output hooks
+//            (copy_to_group before column-parallel layers, reduce_from_group after
+//            row-parallel ones). The embedding and lm_head are vocabulary-parallel (rows
+//            split; text/model/vocab_parallel.h: no full-vocabulary logits on any rank);
+//            norms stay replicated.
+//   2. PP  - the layers are cut into pp x V contiguous stages (first and last may hold one
+//            layer fewer); pipeline rank r runs stages r, r + pp, ... (V model chunks;
+//            V = 1: 1F1B, V > 1: interleaved 1F1B, Megatron's order). Global stage 0 keeps
+//            the embedding, the last the final norm, lm_head and the loss; other parameters
+//            are dropped from this rank. Point-to-point transfers are asynchronous sends
+//            and receives; a micro-batch's activations are freed after its backward.
+//      CP  - tokens are split over cp in 2*cp load-balanced causal chunks (rank r: chunks r
+//            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook) and
+//            queries carry their global positions (AttentionParams::q_pos), so the causal
+//            and document masks are exact. Parameter gradients are summed over cp.
+//   3. AC  - each block may be recomputed in backward (autograd::checkpoint).
+//   4. FSDP- every parameter this rank keeps is flattened, padded to a multiple of dp_shard
+//            and sharded; the optimizer sees only shards. A block's parameters are
+//            all-gathered right before its forward and again before its recompute in
+//            backward (FSDP implies per-block recompute here: the gathered weights are not
+//            kept between forward and backward), and each gradient is reduce-scattered as
+//            soon as it is complete (AutogradMeta::post_accumulate_hooks). The embedding,
+//            final norm and lm_head (the root unit) are gathered once per step.
+//
+// After backward, shard gradients are all-reduced over dp_replicate (HSDP) and the loss is
+// the global mean over all valid targets of the global batch: every micro-batch loss is
+// scaled by its valid-target count / the global count, and gradients are summed.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/dist/dist_checkpoint.h"
+#include "runtime/dist/parallel_dims.h"
+#include "runtime/optim/adamw.h"
+#include "text/model/llama.h"
+
+namespace llama3::text {
+
+struct ParallelizeOptions {
+  int64_t microbatches = 1;     // per step and data-parallel rank (pipeline micro-batches)
+  int virtual_stages = 1;       // model chunks per pipeline rank: 1 = 1F1B, V > 1 = interleaved 1F1B
+  bool activation_checkpointing = false;
+  bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
+};
+
+class ParallelLlama {
+ public:
+  // Applies the layout to `model` in place (it keeps only this rank's slices afterwards).
+  // Collective over groups.world.
+  ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, ParallelizeOptions opt);
+  ~ParallelLlama();
+
+  // One forward/backward over this rank's data-parallel slice (B_local, T) of the global
+  // batch (rows [dp_rank * B_local, (dp_rank + 1) * B_local)). Gradients end up on the
+  // shards returned by optimizer_params(). Returns the global mean loss (all ranks).
+  double forward_backward(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids = Tensor());
+
+  // The parameters this rank updates (shards under FSDP) and the norm reduction that makes
+  // AdamW's gradient clipping global.
+  std::vector<nn::NamedParam> optimizer_params() const;
+  optim::AdamW::NormReduction norm_reduction() const;
+  void zero_grad();
+
+  // Full parameters by HF name, reassembled from every rank (collective; tests/checkpoints).
+  std::map<std::string, Tensor> full_state_dict() const;
+
+  // Distributed checkpoints (runtime/dist/dist_checkpoint.h): this rank's pieces of the
+  // weights and, with `opt`, of its AdamW moments (one copy of every element over all
+  // ranks); and loading from full tensors written under any layout.
+  std::vector<dist::Piece> checkpoint_pieces(const optim::AdamW* opt) const;
+  void load_full(const std::map<std::string, Tensor>& full, optim::AdamW* opt, int64_t step);
+
+  const dist::ProcessGroups& groups() const { return g_; }
+  // Layer ranges [first, end) of this rank's model chunks (chunk k is global stage k*pp + rank).
+  const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
+  double bubble_fraction() const;
+
+ private:
+  struct Param;
+  void gather(Param& p);
+  Tensor shard_of(const Param& p, const Tensor& full) const;
+  void reshard(Param& p);
+  Tensor run_blocks(int chunk, Tensor h, const Tensor& pos, const AttentionParams& ap);
+
+  LlamaModel& model_;
+  dist::ProcessGroups g_;
+  ParallelizeOptions opt_;
+  std::vector<std::unique_ptr<Param>> params_;
+  std::vector<std::vector<Param*>> block_params_;  // by layer (empty for other ranks' layers)
+  std::vector<Param*> root_params_;                // embedding, norm, lm_head held here
+  std::vector<std::pair<int64_t, int64_t>> chunks_;
+};
+
+// Layer range [first, end) of pipeline stage `stage` of `stages` for n_layers layers.
+std::pair<int64_t, int64_t> stage_layers(int64_t n_layers, int stage, int stages);
+
+}  // namespace llama3::text

@@ -1,0 +1,21 @@
+// Vocabulary-parallel embedding and cross-entropy (tensor parallelism of the vocabulary):
+// each tp rank holds rows [rank * V/tp, (rank + 1) * V/tp) of the embedding and of lm_head.
+// No rank ever holds full-vocabulary logits. CPU, f32.
+#pragma once
+
+#include "runtime/dist/communicator.h"
+
+namespace llama3::text {
+
+// ids (B, T) int32 global token ids -> (B, T, D): rows of ids outside this rank's range are
+// zero, then summed over tp (forward all-reduce; the backward is local).
+Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::Communicator& tp);
+
+// Mean cross-entropy over targets >= 0 of logits = h @ W^T with W split by rows over tp:
+// per-row max, sum of exponentials and the target logit are all-reduced over tp. The
+// backward writes dW_local and all-reduces dh over tp (h is replicated). h (N, D), w_local
+// (V/tp, D), targets (N) global ids.
+Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, const Tensor& targets,
+                                    dist::Communicator& tp);
+
+}  // namespace llama3::text
