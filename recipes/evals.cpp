@@ -175,11 +175,7 @@ void average_checkpoints(const std::vector<std::string>& inputs, std::vector<dou
     const std::string& dir = inputs[i];
     io::verify_checkpoint(dir);
     nlohmann::json cfg = io::read_json(dir + "/config.json");
-    if (i == 0) {
-      config = cfg;
-    } else if (cfg != config) {
-      fail("average: {}/config.json differs from {}/config.json (architectures must match)", dir, inputs[0]);
-    }
+    if (i == 0) config = cfg;
     const std::string path = dir + "/model.safetensors";
     io::TensorMap t = io::load_safetensors(path);
     if (i == 0) {
@@ -196,6 +192,9 @@ void average_checkpoints(const std::vector<std::string>& inputs, std::vector<dou
                      shape_str(it->second.shape()), inputs[0]);
       }
     }
+    // Same tensors but another config (e.g. rope_theta) is a different model too.
+    if (cfg != config)
+      fail("average: {}/config.json differs from {}/config.json (architectures must match)", dir, inputs[0]);
     const double w = weights[i] / sum;
     for (auto& [name, ten] : t) {
       std::vector<double> v = ten.to_vector<double>();

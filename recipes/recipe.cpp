@@ -69,6 +69,14 @@ bool produces_model(StageKind k) {
   return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL || k == AVERAGE;
 }
 
+// TextFormat's value parser, with its error log silenced (the caller reports the error).
+bool parse_value(const std::string& value, const pb::FieldDescriptor* f, pb::Message* m) {
+  Collector quiet("--set");
+  pb::TextFormat::Parser p;
+  p.RecordErrorsTo(&quiet);
+  return p.ParseFieldValueFromString(value, f, m);
+}
+
 }  // namespace
 
 bool is_training(StageKind k) { return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL; }
@@ -187,7 +195,7 @@ void LoadedRecipe::apply_override(const std::string& assignment) {
       LLAMA3_CHECK(last, "--set {}: '{}' is not a message", path, name);
       // Parse into a scratch copy, then splice the one element in.
       std::unique_ptr<pb::Message> tmp(msg->New());
-      if (!pb::TextFormat::ParseFieldValueFromString(value, f, tmp.get()))
+      if (!parse_value(value, f, tmp.get()))
         fail("--set {}: '{}' is not a valid {} for '{}'", path, value, f->type_name(), name);
       const pb::Reflection* tr = tmp->GetReflection();
       if (idx == size) {
@@ -214,7 +222,7 @@ void LoadedRecipe::apply_override(const std::string& assignment) {
       continue;
     }
     LLAMA3_CHECK(last, "--set {}: '{}' is a {}, it has no field '{}'", path, name, f->type_name(), parts[k + 1]);
-    if (!pb::TextFormat::ParseFieldValueFromString(value, f, msg)) {
+    if (!parse_value(value, f, msg)) {
       std::string hint;
       if (f->enum_type()) {
         hint = " (one of:";
