@@ -613,7 +613,8 @@ void print_plan(const LoadedRecipe& lr, std::ostream& out) {
         }
         toks = s.total_tokens();
         const BatchAt b0 = batch_at(s, 0);
-        notes += fmt::format("batch {}x{} (accum {})", b0.batch_tokens / b0.seq_len, b0.seq_len, b0.grad_accum());
+        notes += fmt::format("batch {}x{} ({} micro-batches of {} tokens per rank)", b0.batch_tokens / b0.seq_len,
+                             b0.seq_len, b0.grad_accum() / L.dp(), b0.micro_batch_tokens);
         if (s.batch().ramp_size()) {
           const BatchAt bl = batch_at(s, s.total_tokens());
           notes += fmt::format(" -> {}x{} via {} ramp points", bl.batch_tokens / bl.seq_len, bl.seq_len,
