@@ -142,6 +142,8 @@ std::string LoadedRecipe::where(int stage, const std::string& path) const {
     t = t->GetTreeForNested(f, index);
     d = f->message_type();
   }
+  const std::string set_path = (stage >= 0 ? recipe_.stage(stage).name() + "." : "") + path;
+  if (overridden_.count(set_path)) return best + " (value from --set " + set_path + ")";
   if (best == file_) {
     const std::string stage_name = stage >= 0 ? recipe_.stage(stage).name() : "";
     return file_ + " (" + (stage >= 0 ? "stage '" + stage_name + "'" : "recipe") +

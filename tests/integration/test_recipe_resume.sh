@@ -9,14 +9,19 @@ LLAMA3="$BUILD/llama3"
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
-SETS=(--set pretrain.total_tokens=12288 --set pretrain.batch.ramp[0].at_tokens=6144
-      --set pretrain.lr.warmup_tokens=2048 --set pretrain.eval.every_tokens=6144 --set pretrain.checkpoint_every_steps=2
-      --set long_context.long_context.min_tokens_per_increment=4096
-      --set long_context.long_context.check_every_tokens=4096
-      --set long_context.long_context.max_tokens_per_increment=4096 --set long_context.eval.niah.samples=4
+# A 2-layer, dim-64 model and a few thousand tokens per stage: the point is the mechanics.
+SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain.model.n_heads=4
+      --set pretrain.model.n_kv_heads=2
+      --set pretrain.total_tokens=12288 --set pretrain.batch.ramp[0].at_tokens=4096
+      --set pretrain.lr.warmup_tokens=2048 --set pretrain.eval.every_tokens=4096 --set pretrain.checkpoint_every_steps=2
+      --set long_context.batch.batch_tokens=2048 --set long_context.batch.micro_batch_tokens=2048
+      --set long_context.long_context.min_tokens_per_increment=2048
+      --set long_context.long_context.check_every_tokens=2048
+      --set long_context.long_context.max_tokens_per_increment=4096 --set long_context.eval.niah.samples=2
       --set long_context.checkpoint_every_steps=1
-      --set anneal.total_tokens=8192 --set anneal.anneal.average_every_tokens=4096
-      --set eval.eval.batches=4 --set eval.eval.niah.samples=4)
+      --set anneal.batch.batch_tokens=2048 --set anneal.batch.micro_batch_tokens=2048
+      --set anneal.total_tokens=6144 --set anneal.anneal.average_every_tokens=2048
+      --set eval.eval.batches=2 --set eval.eval.niah.samples=2)
 
 start=$(date +%s)
 "$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/a" "${SETS[@]}" > "$OUT/a.log" 2>&1 || { cat "$OUT/a.log"; exit 1; }
