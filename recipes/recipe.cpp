@@ -65,6 +65,8 @@ std::string field_names(const pb::Descriptor* d) {
 
 const char* kImplemented = "DATA, PRETRAIN, LONG_CONTEXT, ANNEAL, AVERAGE, EVAL";
 
+double lc_weight(const Stage& s) { return s.long_context().synthetic_niah_weight(); }
+
 bool produces_model(StageKind k) {
   return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL || k == AVERAGE;
 }
@@ -419,6 +421,14 @@ void LoadedRecipe::validate(bool runnable) const {
           c.error("long_context.niah_threshold", "{} must lie in [0, 1]", lc.niah_threshold());
         if (b.ramp_size() > 0) c.error("batch.ramp", "long-context stages change seq_len via long_context.seq_lens");
       }
+      const auto& sn = s.synthetic_niah();
+      if (sn.weight() < 0 || sn.weight() >= 1) c.error("synthetic_niah.weight", "{} must lie in [0, 1)", sn.weight());
+      if (sn.weight() > 0 && k != PRETRAIN)
+        c.error("synthetic_niah", "only PRETRAIN stages take it (long context: long_context.synthetic_niah_weight)");
+      if (sn.min_len() < 0 || sn.max_len() < sn.min_len() || (sn.min_len() > 0 && sn.min_len() < 32))
+        c.error("synthetic_niah", "lengths must satisfy 32 <= min_len <= max_len (got {}, {})", sn.min_len(), sn.max_len());
+      if (k == LONG_CONTEXT && (lc_weight(s) < 0 || lc_weight(s) >= 1))
+        c.error("long_context.synthetic_niah_weight", "{} must lie in [0, 1)", lc_weight(s));
       if (k == ANNEAL && s.anneal().average_every_tokens() < 0)
         c.error("anneal.average_every_tokens", "must be >= 0");
     }

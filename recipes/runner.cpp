@@ -341,16 +341,28 @@ json StageRunner::run_train() {
   std::vector<std::string> eval_shards;
   for (auto& sp : ds.eval) eval_shards.insert(eval_shards.end(), sp.shards.begin(), sp.shards.end());
   const double syn_w = lc ? s_.long_context().synthetic_niah_weight() : 0.0;
-  if (s_.eval().niah().samples() > 0 || syn_w > 0) {
+  const double pre_w = s_.kind() == PRETRAIN ? s_.synthetic_niah().weight() : 0.0;
+  if (s_.eval().niah().samples() > 0 || syn_w > 0 || pre_w > 0) {
     tok = std::make_unique<text::Tokenizer>(text::Tokenizer::load(tokenizer_path(ds)));
     eval_needles = std::make_unique<Needles>(*tok, eval_shards);
   }
-  if (syn_w > 0) {
+  if (syn_w > 0 || pre_w > 0) {
     std::vector<std::string> filler;
     for (auto& sp : ds.sources)
       if (sp.name == "general") filler = sp.shards;
     if (filler.empty()) filler = ds.sources[0].shards;
     train_needles = std::make_unique<Needles>(*tok, filler);
+  }
+  if (pre_w > 0) {
+    const int64_t seq = s_.batch().seq_len();
+    const int64_t lo = s_.synthetic_niah().min_len() > 0 ? s_.synthetic_niah().min_len() : std::max<int64_t>(64, seq / 4);
+    const int64_t hi = s_.synthetic_niah().max_len() > 0 ? s_.synthetic_niah().max_len() : std::max(lo, seq);
+    const std::string path = fmt::format("{}/niah_train.shard", dir_);
+    if (!fs::exists(path)) train_needles->write_training_shard(path, 4000, lo, hi, seed * 31);
+    sources.push_back({"niah", {path}, 0.0});
+    base.push_back(0.0);
+  }
+  if (syn_w > 0) {
     for (int64_t L : s_.long_context().seq_lens()) {
       const std::string path = fmt::format("{}/niah_train_{}.shard", dir_, L);
       if (!fs::exists(path)) train_needles->write_training_shard(path, 2000, L / 4, L, seed * 31 + uint64_t(L));
@@ -383,6 +395,12 @@ json StageRunner::run_train() {
     std::vector<double> w = base;
     for (int j = 0; j < s_.mix_size(); ++j)
       if (tokens >= s_.mix(j).at_tokens()) w = mix_w[size_t(j)];
+    if (pre_w > 0) {
+      double sum = 0;
+      for (double x : w) sum += x;
+      for (double& x : w) x *= (1.0 - pre_w) / sum;
+      w[size_t(index_of("niah"))] = pre_w;
+    }
     if (syn_w > 0 && increment >= 0) {
       double sum = 0;
       for (double x : w) sum += x;
