@@ -52,6 +52,12 @@ grep -q "stage pretrain: resumed from" "$OUT/b2.log" || { echo "FAIL: pretrain d
 "$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/b" "${SETS[@]}" > "$OUT/b3.log" 2>&1
 test "$(grep -c 'finished earlier, skipped' "$OUT/b3.log")" = 5 || { echo "FAIL: rerun did not skip all stages"; exit 1; }
 
+# --only reruns one stage from scratch (same result: stages are deterministic).
+cp "$OUT/b/eval/final.json" "$OUT/eval_before.json"
+"$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/b" "${SETS[@]}" --only eval > "$OUT/b4.log" 2>&1
+grep -q "stage eval (EVAL): starting" "$OUT/b4.log" || { echo "FAIL: --only eval did not rerun eval"; exit 1; }
+cmp "$OUT/b/eval/final.json" "$OUT/eval_before.json" || { echo "FAIL: --only eval changed its metrics"; exit 1; }
+
 python3 - "$OUT/a" "$OUT/b" <<'PY'
 import json, sys
 a, b = sys.argv[1], sys.argv[2]
