@@ -24,7 +24,7 @@ constexpr const char* kUsage =
 }  // namespace
 
 int cmd_run(const Args& args) {
-  Flags f(args, {"--out", "--set", "--only", "--from"}, {"--dry-run", "--test-stop-after-checkpoint"}, kUsage);
+  Flags f(args, {"--out", "--set", "--only", "--from"}, {"--dry-run"}, kUsage);
   LLAMA3_CHECK(f.positional().size() == 1, "expected one RECIPE file\n{}", kUsage);
   LLAMA3_CHECK(!(f.has("--only") && f.has("--from")), "give --only or --from, not both");
   recipes::LoadedRecipe recipe = recipes::LoadedRecipe::load(f.positional()[0]);
@@ -41,7 +41,6 @@ int cmd_run(const Args& args) {
   o.run_dir = std::filesystem::absolute(out).lexically_normal().string();
   o.only = f.str("--only");
   o.from = f.str("--from");
-  o.stop_after_first_checkpoint = f.has("--test-stop-after-checkpoint");
   recipes::run_recipe(recipe, o);
   return 0;
 }

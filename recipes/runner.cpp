@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -289,7 +288,6 @@ class StageRunner {
 };
 
 json StageRunner::run_train() {
-  const auto t0 = clock_type::now();
   DataSet ds = data();
   const uint64_t seed = seed_of(r_, s_);
   const bool lc = s_.kind() == LONG_CONTEXT, anneal = s_.kind() == ANNEAL;
@@ -471,7 +469,6 @@ json StageRunner::run_train() {
   const double peak = cpu_gemm_peak_flops(prec == "bf16", 1024);
   const int64_t every = s_.eval().every_tokens();
   const int64_t ckpt_every = s_.checkpoint_every_steps();
-  bool stopped_for_test = false;
   const auto& lcs = s_.long_context();
   for (;;) {
     const int64_t t = trainer.tokens_seen();
@@ -541,13 +538,7 @@ json StageRunner::run_train() {
         }
       }
     }
-    if (ckpt_every > 0 && st.step % ckpt_every == 0) {
-      trainer.save(ckpt);
-      if (opts_.stop_after_first_checkpoint && !stopped_for_test) {
-        spdlog::warn("stopping after the first checkpoint (test hook)");
-        std::raise(SIGKILL);
-      }
-    }
+    if (ckpt_every > 0 && st.step % ckpt_every == 0) trainer.save(ckpt);
   }
   trainer.save(ckpt);
 
@@ -572,12 +563,11 @@ json StageRunner::run_train() {
   f["tokens"] = trainer.tokens_seen();
   f["steps"] = trainer.steps_done();
   f["params"] = model->config().num_params();
-  f["lr_last"] = token_lr(s_, trainer.tokens_seen());
+  if (!lc) f["lr_last"] = token_lr(s_, trainer.tokens_seen());
   write_metrics(dir_, s_.name(), trainer.steps_done(), [&] {
     json e = {{"tokens", trainer.tokens_seen()}, {"eval_loss", f["eval_loss"]}};
     return e;
   }());
-  (void)t0;
   return f;
 }
 

@@ -21,8 +21,6 @@ struct RunOptions {
   std::string only;  // run just this stage (its inputs must be finished)
   std::string from;  // rerun this stage and every later one from scratch
   bool quiet = false;
-  // Stop the process (as if killed) right after a stage's first checkpoint; tests only.
-  bool stop_after_first_checkpoint = false;
 };
 
 // The --dry-run plan: per stage kind, parameters, tokens, FLOPs and estimated time on this
