@@ -470,6 +470,7 @@ json StageRunner::run_train() {
   const int64_t every = s_.eval().every_tokens();
   const int64_t ckpt_every = s_.checkpoint_every_steps();
   const auto& lcs = s_.long_context();
+  int64_t last_eval_step = -1;
   for (;;) {
     const int64_t t = trainer.tokens_seen();
     const int inc = lc ? x["increment"].get<int>() : -1;
@@ -493,6 +494,7 @@ json StageRunner::run_train() {
     if (every > 0 && t / every != t1 / every) {
       const double el = eval_loss(*model, ds.eval, b.seq_len, eval_rows(b.seq_len), eval_batches);
       write_metrics(dir_, s_.name(), st.step, {{"tokens", t1}, {"eval_loss", el}});
+      last_eval_step = st.step;
       if (!opts_.quiet) spdlog::info("{} eval at {} tokens: loss {:.4f}", s_.name(), t1, el);
     }
     if (anneal && s_.anneal().average_every_tokens() > 0) {
@@ -564,10 +566,10 @@ json StageRunner::run_train() {
   f["steps"] = trainer.steps_done();
   f["params"] = model->config().num_params();
   if (!lc) f["lr_last"] = token_lr(s_, trainer.tokens_seen());
-  write_metrics(dir_, s_.name(), trainer.steps_done(), [&] {
-    json e = {{"tokens", trainer.tokens_seen()}, {"eval_loss", f["eval_loss"]}};
-    return e;
-  }());
+  // The final eval line, unless the last step already logged the same eval.
+  if (last_eval_step != trainer.steps_done() || f.contains("averaged_checkpoints") || lc)
+    write_metrics(dir_, s_.name(), trainer.steps_done(),
+                  json{{"tokens", trainer.tokens_seen()}, {"eval_loss", f["eval_loss"]}});
   return f;
 }
 
