@@ -33,11 +33,16 @@ Trainer::Trainer(LlamaModel& model, const TrainerConfig& cfg, BatchSource& train
   if (eval_) eval_start_ = eval_->state();
 }
 
+void Trainer::set_grad_accum(int64_t n) {
+  LLAMA3_CHECK(n >= 1, "trainer: grad_accum {} must be >= 1", n);
+  cfg_.grad_accum = n;
+}
+
 StepStats Trainer::step() {
   using clock = std::chrono::steady_clock;
   auto t0 = clock::now();
   StepStats st;
-  const float lr = cfg_.schedule.at(step_);
+  const float lr = cfg_.lr_fn ? cfg_.lr_fn(step_, tokens_) : cfg_.schedule.at(step_);
   double loss_sum = 0;
   int64_t tokens = 0, seq_len = 0;
   bool finite = true;
@@ -136,6 +141,7 @@ void Trainer::save(const std::string& dir) {
                           {"tokens", tokens_},
                           {"skipped_steps", skipped_},
                           {"data", train_.state()},
+                          {"extra", extra_state},
                           {"format_version", 1}};
   w.json("trainer_state.json", state);
   w.commit();
@@ -173,6 +179,7 @@ void Trainer::load(const std::string& dir) {
     tokens_ = state.at("tokens").get<int64_t>();
     skipped_ = state.value("skipped_steps", int64_t(0));
     train_.restore(state.at("data"));
+    extra_state = state.value("extra", nlohmann::json::object());
   } catch (const nlohmann::json::exception& e) {
     fail("{}/trainer_state.json: {}", dir, e.what());
   }

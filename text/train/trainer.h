@@ -36,6 +36,9 @@ struct TrainerConfig {
   int64_t ckpt_every = 0;      // 0: only at the end
   std::string out_dir;         // checkpoints go to out_dir/checkpoint
   int64_t log_every = 1;
+  // When set, the LR of the next update (given steps and tokens done) instead of `schedule`:
+  // the recipe runner schedules in tokens while the batch size ramps.
+  std::function<float(int64_t steps_done, int64_t tokens_done)> lr_fn;
 };
 
 struct StepStats {
@@ -70,6 +73,11 @@ class Trainer {
   int64_t tokens_seen() const { return tokens_; }
   int64_t skipped_steps() const { return skipped_; }
   optim::AdamW& optimizer() { return opt_; }
+  // Micro-batches per step from the next step on (a batch-size ramp).
+  void set_grad_accum(int64_t n);
+  // Caller state saved in and restored from trainer_state.json ("extra"), so a caller's
+  // position (e.g. the recipe runner's increment) is as atomic as the checkpoint.
+  nlohmann::json extra_state = nlohmann::json::object();
 
   std::function<void(const StepStats&)> on_step;
   std::function<void(int64_t step, double eval_loss)> on_eval;

@@ -1,0 +1,48 @@
+// `llama3 run RECIPE`: validates a recipe (with --set overrides) and runs its stages into a
+// run directory, or prints the plan with --dry-run. See docs/recipes.md.
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <iostream>
+
+#include "cli/flags.h"
+#include "recipes/runner.h"
+
+namespace llama3::cli {
+
+namespace {
+constexpr const char* kUsage =
+    "usage: llama3 run RECIPE [--out DIR] [--set stage.field=value]... [--only STAGE] [--from STAGE]\n"
+    "                  [--dry-run]\n"
+    "  Runs the recipe's stages in order into DIR (default: the recipe's out_dir), skipping finished\n"
+    "  stages and resuming an interrupted one from its latest checkpoint.\n"
+    "  --set      overrides a field: pretrain.total_tokens=1000000, pretrain.optimizer.lr=1e-3,\n"
+    "             pretrain.batch.ramp[0].at_tokens=5000, seed=3 (repeatable)\n"
+    "  --only     runs just STAGE (again, from scratch); its inputs must have finished\n"
+    "  --from     runs STAGE and every later stage again from scratch\n"
+    "  --dry-run  validates and prints the plan: params, tokens, FLOPs, estimated time";
+}  // namespace
+
+int cmd_run(const Args& args) {
+  Flags f(args, {"--out", "--set", "--only", "--from"}, {"--dry-run"}, kUsage);
+  LLAMA3_CHECK(f.positional().size() == 1, "expected one RECIPE file\n{}", kUsage);
+  LLAMA3_CHECK(!(f.has("--only") && f.has("--from")), "give --only or --from, not both");
+  recipes::LoadedRecipe recipe = recipes::LoadedRecipe::load(f.positional()[0]);
+  for (const auto& s : f.all("--set")) recipe.apply_override(s);
+  const bool dry = f.has("--dry-run");
+  recipe.validate(/*runnable=*/!dry);
+  if (dry) {
+    recipes::print_plan(recipe, std::cout);
+    return 0;
+  }
+  recipes::RunOptions o;
+  std::string out = f.str("--out", recipe.recipe().out_dir());
+  LLAMA3_CHECK(!out.empty(), "no run directory: give --out DIR or set out_dir in {}", recipe.file());
+  o.run_dir = std::filesystem::absolute(out).lexically_normal().string();
+  o.only = f.str("--only");
+  o.from = f.str("--from");
+  recipes::run_recipe(recipe, o);
+  return 0;
+}
+
+}  // namespace llama3::cli

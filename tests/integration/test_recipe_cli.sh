@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `llama3 run` front end: every shipped recipe passes --dry-run (the paper's recipes print
+# their layouts); bad recipes and --set paths fail before any work with file:line and field;
+# multi-rank layouts are refused for real runs in this build.
+set -euo pipefail
+BUILD=${1:?build dir}
+SRC=${2:?source dir}
+LLAMA3="$BUILD/llama3"
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+
+for r in tiny llama3_8b llama3_70b llama3_405b; do
+  "$LLAMA3" run "$SRC/recipes/$r.textproto" --dry-run > "$OUT/$r.plan" || { echo "FAIL: $r dry run"; exit 1; }
+done
+cat "$OUT/llama3_405b.plan"
+grep -q "dp_shard 64 x tp 8 x pp 16 x cp 1 x dp_replicate 1 = 8192 ranks" "$OUT/llama3_405b.plan"
+grep -q "6 increments to 131072" "$OUT/llama3_405b.plan"
+# The paper's 405B pre-training budget is 3.8e25 FLOPs; ours integrates the ramp's seq lengths.
+python3 - "$OUT/llama3_405b.plan" <<'PY'
+import sys
+for line in open(sys.argv[1]):
+    f = line.split()
+    if f and f[0] == "pretrain":
+        flops = float(f[4]); assert 3.5e25 < flops < 4.2e25, flops; print("405B pretrain FLOPs", flops)
+PY
+
+expect_fail() {  # expect_fail PATTERN llama3-args...
+  local pat=$1; shift
+  if "$LLAMA3" "$@" > "$OUT/out.txt" 2> "$OUT/err.txt"; then echo "FAIL: accepted: $*"; exit 1; fi
+  grep -qF -- "$pat" "$OUT/err.txt" || { echo "FAIL: '$pat' not in:"; cat "$OUT/err.txt"; exit 1; }
+  test ! -e "$OUT/run" || { echo "FAIL: work was done before the error"; exit 1; }
+}
+sed 's/total_tokens: 393216/total_tokens: 393216 totl: 1/' "$SRC/recipes/tiny.textproto" > "$OUT/bad1.textproto"
+line=$(grep -n "totl" "$OUT/bad1.textproto" | cut -d: -f1)
+expect_fail "bad1.textproto:$line:" run "$OUT/bad1.textproto" --out "$OUT/run"
+sed 's/batch_tokens: 2048/batch_tokens: 2000/' "$SRC/recipes/tiny.textproto" > "$OUT/bad2.textproto"
+line=$(grep -n "batch_tokens: 2000" "$OUT/bad2.textproto" | head -1 | cut -d: -f1)
+expect_fail "bad2.textproto:$line:" run "$OUT/bad2.textproto" --out "$OUT/run"
+expect_fail "field batch.batch_tokens: batch of 2000 tokens is not a multiple of seq_len 128" run "$OUT/bad2.textproto" --out "$OUT/run"
+sed 's/init_from: "pretrain"/init_from: "anneal"/' "$SRC/recipes/tiny.textproto" > "$OUT/bad3.textproto"
+expect_fail "stage 'long_context' field init_from: 'anneal' is a later stage" run "$OUT/bad3.textproto" --out "$OUT/run"
+expect_fail "--set pretrain.optimizer.lrr: Optimizer has no field 'lrr' (fields: lr," run "$SRC/recipes/tiny.textproto" --out "$OUT/run" --set pretrain.optimizer.lrr=1
+expect_fail "needs 8192 ranks" run "$SRC/recipes/llama3_405b.textproto" --out "$OUT/run"
+expect_fail "field kind: SFT is not implemented in this build" run "$SRC/recipes/tiny.textproto" --out "$OUT/run" --set eval.kind=SFT
+echo "test_recipe_cli: ok"

@@ -1,0 +1,265 @@
+// Recipes: validation errors name file:line and field, --set paths, token schedules (batch
+// ramp arithmetic, annealing to exactly zero) and checkpoint averaging.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "recipes/evals.h"
+#include "recipes/recipe.h"
+#include "recipes/runner.h"
+#include "runtime/io/checkpoint.h"
+#include "text/train/trainer.h"
+
+using namespace llama3;
+using namespace llama3::recipes;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A valid two-stage recipe; line numbers below refer to this text.
+const char* kRecipe = R"(name: "t"
+stage { name: "data" kind: DATA }
+stage {
+  name: "pretrain"
+  kind: PRETRAIN
+  data_from: "data"
+  model { flavour: "debug" }
+  optimizer { lr: 1e-3 }
+  batch { seq_len: 128 batch_tokens: 1024 micro_batch_tokens: 512
+          ramp { at_tokens: 4096 batch_tokens: 2048 } }
+  total_tokens: 8192
+}
+)";
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+std::string replace(std::string s, const std::string& from, const std::string& to) {
+  auto p = s.find(from);
+  EXPECT_NE(p, std::string::npos) << from;
+  return s.replace(p, from.size(), to);
+}
+
+struct TmpDir {
+  fs::path p;
+  TmpDir() {
+    p = fs::temp_directory_path() / ("recipes_test_" + std::to_string(::getpid()));
+    fs::remove_all(p);
+    fs::create_directories(p);
+  }
+  ~TmpDir() { fs::remove_all(p); }
+};
+
+}  // namespace
+
+TEST(RecipeValidation, AValidRecipePasses) {
+  auto r = LoadedRecipe::parse(kRecipe, "t.textproto");
+  EXPECT_NO_THROW(r.validate(true));
+}
+
+TEST(RecipeValidation, UnknownFieldNamesFileLineAndField) {
+  const std::string e = error_of([] {
+    LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokenz: 8192"), "t.textproto");
+  });
+  EXPECT_NE(e.find("t.textproto:11:"), std::string::npos) << e;
+  EXPECT_NE(e.find("total_tokenz"), std::string::npos) << e;
+}
+
+TEST(RecipeValidation, WrongTypeNamesFileLineAndColumn) {
+  const std::string e = error_of([] {
+    LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokens: \"lots\""), "t.textproto");
+  });
+  EXPECT_NE(e.find("t.textproto:11:17"), std::string::npos) << e;
+}
+
+TEST(RecipeValidation, InputFromALaterStageIsRejectedWithItsLine) {
+  auto r = LoadedRecipe::parse(replace(replace(kRecipe, "data_from: \"data\"", "data_from: \"data\"\n  init_from: \"later\""),
+                                       "total_tokens: 8192\n}", "total_tokens: 8192\n}\nstage { name: \"later\" kind: AVERAGE average { stages: \"pretrain\" } }"),
+                               "t.textproto");
+  const std::string e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("t.textproto:7:3: stage 'pretrain' field init_from: 'later' is a later stage"), std::string::npos) << e;
+}
+
+TEST(RecipeValidation, UnknownInputIsRejected) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "data_from: \"data\"", "data_from: \"dta\""), "t.textproto");
+  const std::string e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("t.textproto:6:3: stage 'pretrain' field data_from: no stage named 'dta'"), std::string::npos) << e;
+}
+
+TEST(RecipeValidation, BatchNotAMultipleOfSeqLenShowsTheArithmetic) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "batch_tokens: 2048", "batch_tokens: 2000"), "t.textproto");
+  const std::string e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("t.textproto:10:34: stage 'pretrain' field batch.ramp[0].batch_tokens: batch of 2000 tokens is "
+                   "not a multiple of seq_len 128"),
+            std::string::npos)
+      << e;
+}
+
+TEST(RecipeValidation, BatchNotDivisibleByDpTimesMicroBatch) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokens: 8192 parallel { dp_shard: 4 }"),
+                               "t.textproto");
+  const std::string e = error_of([&] { r.validate(false); });
+  EXPECT_NE(e.find("batch of 1024 tokens is not divisible by dp 4 x micro-batch 512 tokens = 2048"), std::string::npos)
+      << e;
+  EXPECT_NE(e.find("t.textproto:9:"), std::string::npos) << e;
+}
+
+TEST(RecipeValidation, MultiRankLayoutsPassDryRunButAreNotRunnableHere) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokens: 8192 parallel { tp: 2 }"),
+                               "t.textproto");
+  EXPECT_NO_THROW(r.validate(false));
+  const std::string e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("needs 2 ranks"), std::string::npos) << e;
+}
+
+TEST(RecipeValidation, ReservedKindsAreNotImplementedInThisBuild) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "kind: PRETRAIN", "kind: DPO"), "t.textproto");
+  const std::string e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("t.textproto:5:3: stage 'pretrain' field kind: DPO is not implemented in this build"),
+            std::string::npos)
+      << e;
+}
+
+TEST(RecipeValidation, RampPointsMustIncreaseAndPrecedeTheEnd) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "at_tokens: 4096", "at_tokens: 9000"), "t.textproto");
+  const std::string e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("batch.ramp[0].at_tokens: 9000 is not before total_tokens 8192"), std::string::npos) << e;
+}
+
+TEST(RecipeOverrides, SetAddressesFieldsByPath) {
+  auto r = LoadedRecipe::parse(kRecipe, "t.textproto");
+  r.apply_override("pretrain.total_tokens=16384");
+  r.apply_override("pretrain.optimizer.lr=2.5e-4");
+  r.apply_override("pretrain.batch.ramp[0].at_tokens=2048");
+  r.apply_override("pretrain.batch.ramp[1].at_tokens=6144");  // index == size appends
+  r.apply_override("pretrain.batch.ramp[1].batch_tokens=4096");
+  r.apply_override("pretrain.lr.decay=LINEAR");
+  r.apply_override("seed=7");
+  const Stage& s = r.recipe().stage(1);
+  EXPECT_EQ(s.total_tokens(), 16384);
+  EXPECT_EQ(s.optimizer().lr(), 2.5e-4);
+  ASSERT_EQ(s.batch().ramp_size(), 2);
+  EXPECT_EQ(s.batch().ramp(0).at_tokens(), 2048);
+  EXPECT_EQ(s.batch().ramp(1).batch_tokens(), 4096);
+  EXPECT_EQ(s.lr().decay(), LINEAR);
+  EXPECT_EQ(r.recipe().seed(), 7u);
+  EXPECT_NO_THROW(r.validate(true));
+}
+
+TEST(RecipeOverrides, BadPathsSayWhatIsValid) {
+  auto r = LoadedRecipe::parse(kRecipe, "t.textproto");
+  std::string e = error_of([&] { r.apply_override("pretrain.optimizer.lrr=1"); });
+  EXPECT_NE(e.find("--set pretrain.optimizer.lrr: Optimizer has no field 'lrr' (fields: lr, beta1"), std::string::npos) << e;
+  e = error_of([&] { r.apply_override("pretrian.total_tokens=1"); });
+  EXPECT_NE(e.find("no stage 'pretrian' (stages: data, pretrain"), std::string::npos) << e;
+  e = error_of([&] { r.apply_override("pretrain.total_tokens=many"); });
+  EXPECT_NE(e.find("'many' is not a valid int64 for 'total_tokens'"), std::string::npos) << e;
+  e = error_of([&] { r.apply_override("pretrain.kind=FINETUNE"); });
+  EXPECT_NE(e.find("(one of: KIND_UNSPECIFIED DATA PRETRAIN"), std::string::npos) << e;
+  e = error_of([&] { r.apply_override("pretrain.batch.ramp[3].at_tokens=1"); });
+  EXPECT_NE(e.find("index 3 of 'ramp' is out of range (size 1; 1 appends)"), std::string::npos) << e;
+  e = error_of([&] { r.apply_override("pretrain.total_tokens"); });
+  EXPECT_NE(e.find("expected stage.field=value"), std::string::npos) << e;
+}
+
+TEST(TokenSchedules, BatchRampArithmetic) {
+  auto r = LoadedRecipe::parse(kRecipe, "t.textproto");
+  r.apply_override("pretrain.batch.ramp[1].at_tokens=6144");
+  r.apply_override("pretrain.batch.ramp[1].batch_tokens=4096");
+  r.apply_override("pretrain.batch.ramp[1].seq_len=256");
+  r.validate(true);
+  const Stage& s = r.recipe().stage(1);
+  BatchAt b = batch_at(s, 0);
+  EXPECT_EQ(b.batch_tokens, 1024);
+  EXPECT_EQ(b.seq_len, 128);
+  EXPECT_EQ(b.micro_batch_size(), 4);  // 512 tokens / 128
+  EXPECT_EQ(b.grad_accum(), 2);        // 1024 / 512
+  b = batch_at(s, 4095);
+  EXPECT_EQ(b.batch_tokens, 1024);
+  b = batch_at(s, 4096);
+  EXPECT_EQ(b.batch_tokens, 2048);
+  EXPECT_EQ(b.grad_accum(), 4);
+  b = batch_at(s, 6144);
+  EXPECT_EQ(b.batch_tokens, 4096);
+  EXPECT_EQ(b.seq_len, 256);
+  EXPECT_EQ(b.micro_batch_size(), 2);
+  EXPECT_EQ(b.grad_accum(), 8);
+}
+
+TEST(TokenSchedules, WarmupAndCosineAreInTokens) {
+  Stage s;
+  s.set_kind(PRETRAIN);
+  s.set_total_tokens(10000);
+  s.mutable_optimizer()->set_lr(1e-3);
+  s.mutable_lr()->set_warmup_tokens(1000);
+  s.mutable_lr()->set_min_lr(1e-4);
+  EXPECT_FLOAT_EQ(token_lr(s, 500), 5e-4f);
+  EXPECT_FLOAT_EQ(token_lr(s, 1000), 1e-3f);
+  EXPECT_FLOAT_EQ(token_lr(s, 5500), 5.5e-4f);  // cosine midpoint
+  EXPECT_FLOAT_EQ(token_lr(s, 10000), 1e-4f);
+}
+
+TEST(TokenSchedules, AnnealingLrReachesExactlyZero) {
+  Stage s;
+  s.set_kind(ANNEAL);
+  s.set_total_tokens(40000);
+  s.mutable_optimizer()->set_lr(8e-5);
+  float prev = 1;
+  for (int64_t t = 4000; t <= 40000; t += 4000) {
+    const float lr = token_lr(s, t);
+    EXPECT_LT(lr, prev) << t;
+    prev = lr;
+  }
+  EXPECT_FLOAT_EQ(token_lr(s, 20000), 4e-5f);
+  EXPECT_EQ(token_lr(s, 40000), 0.0f);  // exactly: the last update of the stage has LR 0
+  EXPECT_EQ(token_lr(s, 40001), 0.0f);
+}
+
+TEST(Averaging, AverageIsTheElementwiseWeightedMean) {
+  TmpDir tmp;
+  text::LlamaConfig c = text::llama3_flavour("debug");
+  text::LlamaModel a(c, 1), b(c, 2), m3(c, 3);
+  const std::string da = (tmp.p / "a").string(), db = (tmp.p / "b").string(), dc = (tmp.p / "c").string();
+  text::save_model(a, da);
+  text::save_model(b, db);
+  text::save_model(m3, dc);
+  average_checkpoints({da, db, dc}, {1, 2, 1}, (tmp.p / "avg").string());
+  average_checkpoints({da, db}, {}, (tmp.p / "uni").string());
+  auto avg = text::load_model((tmp.p / "avg").string());
+  auto uni = text::load_model((tmp.p / "uni").string());
+  auto pa = a.named_parameters(), pb = b.named_parameters(), pc = m3.named_parameters();
+  auto pv = avg->named_parameters(), pu = uni->named_parameters();
+  ASSERT_EQ(pv.size(), pa.size());
+  for (size_t i = 0; i < pa.size(); ++i) {
+    auto va = pa[i].tensor->to_vector<float>(), vb = pb[i].tensor->to_vector<float>();
+    auto vc = pc[i].tensor->to_vector<float>();
+    auto vv = pv[i].tensor->to_vector<float>(), vu = pu[i].tensor->to_vector<float>();
+    for (size_t k = 0; k < va.size(); ++k) {
+      // Accumulated in double, rounded once: exact against the same arithmetic.
+      ASSERT_EQ(vv[k], float(0.0 + 0.25 * double(va[k]) + 0.5 * double(vb[k]) + 0.25 * double(vc[k])))
+          << pa[i].name << "[" << k << "]";
+      ASSERT_EQ(vu[k], float(0.0 + 0.5 * double(va[k]) + 0.5 * double(vb[k]))) << pa[i].name;
+    }
+  }
+  EXPECT_NE(pv[0].tensor->to_vector<float>(), pa[0].tensor->to_vector<float>());
+}
+
+TEST(Averaging, MismatchedArchitecturesNameTheTensor) {
+  TmpDir tmp;
+  text::LlamaConfig c = text::llama3_flavour("debug");
+  text::LlamaConfig wide = c;
+  wide.dim = 128;
+  text::LlamaModel a(c, 1), b(wide, 1);
+  text::save_model(a, (tmp.p / "a").string());
+  text::save_model(b, (tmp.p / "b").string());
+  const std::string e = error_of(
+      [&] { average_checkpoints({(tmp.p / "a").string(), (tmp.p / "b").string()}, {}, (tmp.p / "o").string()); });
+  EXPECT_NE(e.find("average: tensor 'lm_head.weight' has shape [512, 128]"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(tmp.p / "o"));
+}
