@@ -14,5 +14,8 @@ int cmd_train(const Args& args);
 int cmd_tokenizer(const Args& args);
 int cmd_data(const Args& args);
 int cmd_run(const Args& args);
+int cmd_generate(const Args& args);
+int cmd_chat(const Args& args);
+int cmd_post(const Args& args);
 
 }  // namespace llama3::cli

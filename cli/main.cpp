@@ -18,6 +18,9 @@ constexpr Command kCommands[] = {
     {"train", llama3::cli::cmd_train, "pre-train a text model on a corpus (single process)"},
     {"tokenizer", llama3::cli::cmd_tokenizer, "train|encode|decode|stats a BPE tokenizer"},
     {"data", llama3::cli::cmd_data, "curate|tokenize|demo: build and curate training data"},
+    {"generate", llama3::cli::cmd_generate, "sample a continuation of a prompt from a checkpoint (KV cache)"},
+    {"chat", llama3::cli::cmd_chat, "interactive chat with a checkpoint (stdin lines)"},
+    {"post", llama3::cli::cmd_post, "data|sft|rm|rs|dpo|average|rounds: post-training steps"},
     {"run", llama3::cli::cmd_run, "run a staged recipe (recipes/*.textproto)"},
 };
 
