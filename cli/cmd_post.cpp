@@ -13,7 +13,7 @@ using namespace text::post;
 
 const char* kUsage =
     "usage: llama3 post <step> [flags]\n"
-    "  data    --out DIR [--train 600] [--eval 60] [--prefs 600] [--tokenizer FILE] [--seed 0]\n"
+    "  data    --out DIR [--train 600] [--eval 60] [--prefs 600] [--prompts 100] [--tokenizer FILE] [--seed 0]\n"
     "  sft     --data FILE [--data ...] --out DIR [--eval FILE] MODEL TRAIN\n"
     "  rm      --prefs FILE [--prefs ...] --out DIR [--eval FILE] MODEL TRAIN\n"
     "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p 0.95]\n"
@@ -66,12 +66,13 @@ int cmd_post(const Args& all) {
   const std::string step = all[0];
   const Args args(all.begin() + 1, all.end());
   if (step == "data") {
-    Flags f(args, {"--out", "--train", "--eval", "--prefs", "--tokenizer", "--seed", "--bpe-vocab"}, {}, kUsage);
+    Flags f(args, {"--out", "--train", "--eval", "--prefs", "--prompts", "--tokenizer", "--seed", "--bpe-vocab"}, {}, kUsage);
     DefaultDataOptions o;
     o.out_dir = f.required("--out");
     o.n_train = f.integer("--train", o.n_train);
     o.n_eval = f.integer("--eval", o.n_eval);
     o.n_pref = f.integer("--prefs", o.n_pref);
+    o.n_prompts = f.integer("--prompts", o.n_prompts);
     o.tokenizer = f.str("--tokenizer");
     o.seed = uint64_t(f.integer("--seed", 0));
     o.bpe_vocab = f.integer("--bpe-vocab", o.bpe_vocab);

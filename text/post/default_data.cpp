@@ -46,7 +46,8 @@ Task make_task(Rng& rng) {
     }
     t.answer = std::to_string(a + b);
     t.near_miss = std::to_string(a + b + (rng.below(2) ? 1 : -1));
-    t.wrong = std::to_string(a * b == a + b ? a + b + 5 : a * b);
+    t.wrong = std::to_string(a * b);
+    if (t.wrong == t.answer || t.wrong == t.near_miss) t.wrong = std::to_string(a + b + 10);
     return t;
   }
   const std::string w = kWords[rng.below(kNWords)];
@@ -110,6 +111,8 @@ PostStageResult make_default_data(const DefaultDataOptions& o) {
     full.push_back({{"role", "assistant"}, {"content", t.answer}});
     sft << nlohmann::json({{"messages", full}, {"answer", t.answer}}).dump() << "\n";
     corpus << t.system << "\n" << t.prompt << "\n" << t.answer << "\n" << t.wrong << "\n";
+  }
+  for (int64_t i = 0; i < o.n_prompts; ++i) {
     Task u = fresh();
     prompts << nlohmann::json({{"prompt", prompt_json(u)}, {"answer", u.answer}}).dump() << "\n";
   }
@@ -139,7 +142,7 @@ PostStageResult make_default_data(const DefaultDataOptions& o) {
     std::vector<std::string> files = {o.out_dir + "/corpus.txt"};
     train_bpe(files, bo, o.out_dir + "/tokenizer.model");
   }
-  nlohmann::json metrics = {{"sft_dialogs", o.n_train}, {"prompts", o.n_train}, {"prefs", o.n_pref},
+  nlohmann::json metrics = {{"sft_dialogs", o.n_train}, {"prompts", o.n_prompts}, {"prefs", o.n_pref},
                             {"eval_prompts", o.n_eval}, {"eval_prefs", o.n_eval}};
   write_final(o.out_dir, metrics);
   return {o.out_dir, metrics};

@@ -87,7 +87,7 @@ PostStageResult run_dpo(const DpoOptions& o) {
   LlamaModel& m = *p.model;
   LoadOptions lo = o.load;
   lo.max_tokens = m.config().max_seq_len + 1;
-  nlohmann::json metrics;
+  nlohmann::json metrics = nlohmann::json::object();
   std::vector<Preference> prefs, eval;
   int64_t skipped = 0;
   for (auto& f : o.prefs) {

@@ -82,7 +82,7 @@ PostStageResult run_reward_model(const RewardOptions& o) {
   LoadOptions lo = o.load;
   lo.max_tokens = rm.policy.model->config().max_seq_len;
   std::vector<Preference> prefs, eval;
-  nlohmann::json metrics;
+  nlohmann::json metrics = nlohmann::json::object();
   int64_t skipped = 0;
   for (auto& f : o.prefs) {
     LoadReport rep;

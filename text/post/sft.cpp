@@ -77,7 +77,7 @@ PostStageResult run_sft(const SftOptions& o) {
   LoadOptions lo = o.load;
   lo.max_tokens = T + 1;
   std::vector<Rendered> dialogs;
-  nlohmann::json metrics;
+  nlohmann::json metrics = nlohmann::json::object();
   int64_t skipped = 0, read = 0;
   for (const std::string& f : o.data) {
     LoadReport rep;

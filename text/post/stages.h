@@ -137,7 +137,7 @@ PostStageResult run_average(const AverageOptions& o);
 
 struct DefaultDataOptions {
   std::string out_dir;
-  int64_t n_train = 600, n_eval = 60, n_pref = 600;
+  int64_t n_train = 600, n_eval = 60, n_pref = 600, n_prompts = 100;
   uint64_t seed = 0;
   std::string tokenizer;       // copy this tokenizer; empty: train a small BPE on the data
   int64_t bpe_vocab = 512;
