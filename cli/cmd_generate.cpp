@@ -70,7 +70,7 @@ int cmd_chat(const Args& args) {
     d.push_back({Role::kUser, line, false});
     so.seed += uint64_t(turn++);
     auto g = text::generate(*p.model, {render(p.tok, d, true).ids}, so);
-    const std::string reply = p.tok.decode(g[0].tokens);
+    const std::string reply = decode_text(p.tok, g[0].tokens);
     std::printf("%s\n", reply.c_str());
     std::fflush(stdout);
     d.push_back({Role::kAssistant, reply, false});

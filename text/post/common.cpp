@@ -89,6 +89,12 @@ std::string trim(const std::string& s) {
   return a == std::string::npos ? "" : s.substr(a, b - a + 1);
 }
 
+std::string decode_text(const Tokenizer& tok, const std::vector<int32_t>& ids) {
+  EncodeOptions eo;
+  eo.invalid_utf8 = InvalidUtf8::kReplace;
+  return tok.decode(tok.encode(tok.decode(ids), eo));
+}
+
 std::vector<std::string> respond(const LlamaModel& m, const Tokenizer& tok, const std::vector<DialogRecord>& prompts,
                                  const SamplingOptions& opt) {
   std::vector<std::string> out;
@@ -98,7 +104,7 @@ std::vector<std::string> respond(const LlamaModel& m, const Tokenizer& tok, cons
     for (size_t j = i; j < std::min(prompts.size(), i + bs); ++j) ps.push_back(render(tok, prompts[j].messages, true).ids);
     SamplingOptions o = opt;
     o.seed = opt.seed + i;
-    for (auto& g : generate(m, ps, o)) out.push_back(tok.decode(g.tokens));
+    for (auto& g : generate(m, ps, o)) out.push_back(decode_text(tok, g.tokens));
   }
   return out;
 }

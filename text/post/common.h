@@ -67,4 +67,8 @@ double exact_match(const std::vector<std::string>& responses, const std::vector<
 
 std::string trim(const std::string& s);
 
+// Decodes generated ids to valid UTF-8 (a model may emit byte tokens that do not form
+// characters; those become U+FFFD), so responses can be stored as JSON and re-encoded.
+std::string decode_text(const Tokenizer& tok, const std::vector<int32_t>& ids);
+
 }  // namespace llama3::text::post

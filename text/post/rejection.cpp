@@ -38,7 +38,7 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     so.seed = o.sampling.seed * 1000003 + i;
     auto gens = generate(*p.model, ps, so);
     std::vector<std::string> resp;
-    for (auto& g : gens) resp.push_back(p.tok.decode(g.tokens));
+    for (auto& g : gens) resp.push_back(decode_text(p.tok, g.tokens));
     auto sc = rm.score_responses(prompts[i].messages, resp);
     const size_t best = size_t(std::max_element(sc.begin(), sc.end()) - sc.begin());
     const size_t worst = size_t(std::min_element(sc.begin(), sc.end()) - sc.begin());

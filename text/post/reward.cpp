@@ -43,7 +43,13 @@ Tensor RewardModel::scores(const std::vector<std::vector<int32_t>>& seqs) const 
 std::vector<double> RewardModel::score_responses(const Dialog& prompt, const std::vector<std::string>& responses) const {
   autograd::NoGradGuard ng;
   std::vector<std::vector<int32_t>> seqs;
-  for (auto& r : responses) seqs.push_back(render_response(policy.tok, prompt, r).ids);
+  const size_t ctx = size_t(policy.model->config().max_seq_len);
+  for (auto& r : responses) {
+    // A sampled response may re-encode longer than it was generated (U+FFFD for broken
+    // UTF-8); the RM then scores what fits in its context.
+    seqs.push_back(render_response(policy.tok, prompt, r).ids);
+    if (seqs.back().size() > ctx) seqs.back().resize(ctx);
+  }
   return scores(seqs).to_vector<double>();
 }
 
