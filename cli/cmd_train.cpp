@@ -3,12 +3,15 @@
 // % of this machine's GEMM peak, ETA), periodic eval loss and resumable checkpoints.
 #include <spdlog/spdlog.h>
 
+#include <cmath>
 #include <filesystem>
+#include <fstream>
 
 #include "cli/flags.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/io/checkpoint.h"
 #include "text/data/build.h"
+#include "text/data/shard.h"
 #include "text/train/loader_source.h"
 
 namespace fs = std::filesystem;
@@ -23,6 +26,23 @@ constexpr const char* kUsage =
     "                    [--checkpointing] [--eval-every 50] [--eval-batches 4] [--ckpt-every 0]\n"
     "                    [--seed 0] [--out runs/train] [--resume]\n"
     "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.";
+
+// Entropy (nats/token) of the unigram distribution of the shards' tokens: the loss a model
+// that ignores context entirely would reach on that text.
+double unigram_entropy(const std::vector<std::string>& shards) {
+  std::vector<double> counts;
+  double n = 0;
+  for (const auto& path : shards) {
+    data::Shard s = data::Shard::load(path);
+    if (counts.size() < s.vocab_size()) counts.resize(s.vocab_size(), 0.0);
+    for (int64_t d = 0; d < s.n_docs(); ++d)
+      for (int32_t t : s.doc(d)) counts[size_t(t)] += 1, n += 1;
+  }
+  double h = 0;
+  for (double c : counts)
+    if (c > 0) h -= c / n * std::log(c / n);
+  return h;
+}
 
 std::string eta(double s) {
   if (!(s >= 0) || s > 1e7) return "?";
@@ -110,8 +130,24 @@ int cmd_train(const Args& args) {
   trainer.on_eval = [&](int64_t step, double loss) {
     spdlog::info("eval step {}: loss {:.4f} (ppl {:.1f})", step, loss, std::exp(loss));
   };
+  double last_eval = std::nan("");
+  auto log_eval = trainer.on_eval;
+  trainer.on_eval = [&](int64_t step, double loss) {
+    last_eval = loss;
+    log_eval(step, loss);
+  };
   trainer.run();
   spdlog::info("saved {}", ckpt);
+  nlohmann::json final_metrics = {{"steps", trainer.steps_done()}, {"tokens", trainer.tokens_seen()},
+                                  {"skipped_steps", trainer.skipped_steps()}};
+  if (eval) {
+    if (std::isnan(last_eval)) last_eval = trainer.evaluate();
+    const double h = unigram_entropy(eval->loader_config().sources[0].shards);
+    final_metrics["eval_loss"] = last_eval;
+    final_metrics["eval_unigram_entropy"] = h;
+    spdlog::info("held-out loss {:.4f} nats/token vs unigram entropy {:.4f} of the same text", last_eval, h);
+  }
+  std::ofstream(out + "/final.json") << final_metrics.dump(2) << "\n";
   return 0;
 }
 

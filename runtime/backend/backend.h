@@ -19,9 +19,13 @@ enum class Trans : uint8_t { N, T };
 struct AttentionParams {
   float scale = 0.f;     // softmax scale (1/sqrt(head_dim) when 0)
   bool causal = true;
-  // (B, T) int32 document ids; a query attends only to keys with the same id. May be
-  // undefined (one document per row).
+  // (B, Tk) int32 document ids of the keys; a query attends only to keys of its own
+  // document (ids form contiguous non-decreasing runs). Undefined: one document per row.
   Tensor doc_ids;
+  // (Tq) int32: each query's position among the keys, for Tq != Tk (KV-cache decoding,
+  // context-parallel chunks). Causal then means key j <= q_pos[i], and a query's document
+  // is doc_ids[q_pos[i]]. Undefined: Tq == Tk and query i sits at position i.
+  Tensor q_pos;
 };
 
 struct AdamWParams {
@@ -77,7 +81,8 @@ class Backend {
   virtual void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,
                     Tensor& out) = 0;
 
-  // q (B, T, H, Dh), k/v (B, T, Hkv, Dh) -> out (B, T, H, Dh), lse (B, H, T) f32.
+  // q (B, Tq, H, Dh), k/v (B, Tk, Hkv, Dh) -> out (B, Tq, H, Dh), lse (B, H, Tq) in q's
+  // dtype (f32 for bf16 inputs on CUDA). Tq == Tk unless p.q_pos is given.
   // Computed tile by tile (online softmax); no (T, T) matrix is materialised.
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const AttentionParams& p, Tensor& out, Tensor& lse) = 0;

@@ -526,6 +526,9 @@ class CudaBackend final : public Backend {
                  q.str(), k.str(), a.H, a.Hkv);
     LLAMA3_CHECK(a.D >= 1 && a.D <= 128,
                  "attention: head dim {} unsupported on cuda (supported: 1..128)", a.D);
+    LLAMA3_CHECK(!p.q_pos.defined(),
+                 "attention: q_pos (queries at explicit key positions: KV-cache decoding, context "
+                 "parallelism) is implemented on cpu only in this build");
     a.scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(a.D));
     const size_t need = cuda::attention_smem_bytes(a.D, /*backward=*/true);
     LLAMA3_CHECK(need <= smem_optin_,

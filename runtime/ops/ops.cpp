@@ -233,15 +233,25 @@ void check_doc_ids(const Tensor& doc, int64_t B, int64_t T) {
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionParams& p) {
   LLAMA3_CHECK(q.dim() == 4 && k.dim() == 4 && v.shape() == k.shape() && q.size(0) == k.size(0) &&
-                   q.size(1) == k.size(1) && q.size(3) == k.size(3) && k.size(2) > 0 &&
-                   q.size(2) % k.size(2) == 0,
-               "attention: q {}, k {}, v {} must be (B, T, H, Dh) / (B, T, Hkv, Dh) with H a "
+                   q.size(3) == k.size(3) && k.size(2) > 0 && q.size(2) % k.size(2) == 0,
+               "attention: q {}, k {}, v {} must be (B, Tq, H, Dh) / (B, Tk, Hkv, Dh) with H a "
                "multiple of Hkv",
                q.str(), k.str(), v.str());
   AttentionParams pc = p;
+  if (pc.q_pos.defined()) {
+    pc.q_pos = pc.q_pos.contiguous();
+    LLAMA3_CHECK(pc.q_pos.dtype() == DType::i32 && pc.q_pos.numel() == q.size(1),
+                 "attention: q_pos {} must be int32 with one position per query ({})", pc.q_pos.str(),
+                 q.size(1));
+    if (pc.q_pos.device().is_cpu())
+      for (int32_t x : pc.q_pos.to_vector<int32_t>())
+        LLAMA3_CHECK(x >= 0 && x < k.size(1), "attention: query position {} outside the {} keys", x, k.size(1));
+  } else {
+    LLAMA3_CHECK(q.size(1) == k.size(1), "attention: {} queries and {} keys need q_pos", q.size(1), k.size(1));
+  }
   if (pc.doc_ids.defined()) {
     pc.doc_ids = pc.doc_ids.contiguous();
-    check_doc_ids(pc.doc_ids, q.size(0), q.size(1));
+    check_doc_ids(pc.doc_ids, k.size(0), k.size(1));
   }
   Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   Tensor out = empty_like(qc);

@@ -1,6 +1,7 @@
 #include "text/data/curate.h"
 
 #include <fmt/format.h>
+#include <omp.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -83,6 +84,7 @@ struct Doc {
   std::string origin;          // "file:line" for messages
   int64_t index = 0;           // position in the input stream
   bool html = false;
+  std::vector<uint32_t> sig;  // MinHash signature, computed in parallel before the serial check
 };
 
 // Reads lines or whole files, gunzipping when needed (zlib reads plain files as they are).
@@ -227,57 +229,82 @@ class Reader {
 
 enum class Outcome { kKeep, kChange, kDrop };
 
+// Where a stage records one document's findings: the (thread-local) stats and the reason
+// when it drops the document.
+struct Ctx {
+  StageStats& st;
+  std::string reason;
+  Outcome drop(std::string r) {
+    reason = std::move(r);
+    return Outcome::kDrop;
+  }
+};
+
+// Adds b's counts into a (counters and maps are sums, so merge order does not matter).
+void merge(StageStats& a, const StageStats& b) {
+  a.in += b.in, a.kept += b.kept, a.changed += b.changed, a.dropped += b.dropped;
+  a.skipped += b.skipped;
+  for (const auto& [k, v] : b.dropped_by) a.dropped_by[k] += v;
+  for (const auto& [k, v] : b.found) a.found[k] += v;
+  for (const auto& [k, v] : b.sums) a.sums[k] += v;
+  for (const auto& [k, v] : b.maxes) a.maxes[k] = std::max(a.maxes[k], v);
+}
+
 class Stage {
  public:
   Stage(std::string name, std::vector<std::string> only = {}) : only_(std::move(only)) {
     st.name = std::move(name);
   }
   virtual ~Stage() = default;
-  // Runs the stage on d and counts the outcome; false when d is dropped.
-  bool run(Doc& d) {
-    st.in++;
+  // Stages without cross-document state run on many documents at once (OpenMP); the
+  // others (URL and MinHash de-duplication) see documents one by one in input order.
+  virtual bool parallel() const { return true; }
+  // Runs the stage on d, counting into `stats`; false (and *reason set) when d is dropped.
+  bool run(Doc& d, StageStats& stats, std::string* reason) const {
+    stats.in++;
     if (!only_.empty() && std::find(only_.begin(), only_.end(), d.source) == only_.end()) {
-      st.skipped++;
+      stats.skipped++;
       return true;
     }
-    reason_.clear();
-    switch (apply(d)) {
+    Ctx c{stats, {}};
+    switch (apply(d, c)) {
       case Outcome::kKeep:
-        st.kept++;
+        stats.kept++;
         return true;
       case Outcome::kChange:
-        st.changed++;
+        stats.changed++;
         return true;
       case Outcome::kDrop:
-        st.dropped++;
-        st.dropped_by[reason_]++;
+        stats.dropped++;
+        stats.dropped_by[c.reason]++;
+        if (reason) *reason = std::move(c.reason);
         return false;
     }
     return true;
   }
+  // Per-document work of a serial stage that needs no shared state; runs in parallel first.
+  virtual void prepare(Doc& d) const {}
+  bool applies_to(const Doc& d) const {
+    return only_.empty() || std::find(only_.begin(), only_.end(), d.source) != only_.end();
+  }
   virtual void finish() {}
-  const std::string& last_reason() const { return reason_; }
-  StageStats st;
+  StageStats st;  // totals
 
  protected:
-  virtual Outcome apply(Doc& d) = 0;
-  Outcome drop(std::string reason) {
-    reason_ = std::move(reason);
-    return Outcome::kDrop;
-  }
+  // const: parallel stages must not change shared state; serial ones use mutable members.
+  virtual Outcome apply(Doc& d, Ctx& c) const = 0;
   std::vector<std::string> only_;
-  std::string reason_;
 };
 
 class ExtractStage : public Stage {
  public:
   explicit ExtractStage(const CurateConfig& c)
       : Stage("extract"), o_{c.extract.keep_code, c.extract.keep_math} {}
-  Outcome apply(Doc& d) override {
+  Outcome apply(Doc& d, Ctx& c) const override {
     if (!d.html && !looks_like_html(d.text)) return Outcome::kKeep;
     d.text = html_to_text(d.text, o_);
-    st.found["html_documents"]++;
-    if (d.text.empty()) return drop("no_text_in_html");
+    c.st.found["html_documents"]++;
+    if (d.text.empty()) return c.drop("no_text_in_html");
     return Outcome::kChange;
   }
 
@@ -288,12 +315,12 @@ class ExtractStage : public Stage {
 class NormalizeStage : public Stage {
  public:
   NormalizeStage() : Stage("normalize") {}
-  Outcome apply(Doc& d) override {
+  Outcome apply(Doc& d, Ctx& c) const override {
     NormalizeStats ns;
     std::string t = normalize_text(d.text, &ns);
-    st.found["chars_mapped"] += int64_t(ns.chars_mapped);
-    st.found["chars_removed"] += int64_t(ns.chars_removed);
-    if (t.empty()) return drop("empty");
+    c.st.found["chars_mapped"] += int64_t(ns.chars_mapped);
+    c.st.found["chars_removed"] += int64_t(ns.chars_removed);
+    if (t.empty()) return c.drop("empty");
     bool changed = t != d.text;
     d.text = std::move(t);
     return changed ? Outcome::kChange : Outcome::kKeep;
@@ -321,12 +348,12 @@ class BlocklistStage : public Stage {
     for (auto& d : c.blocklist.domains) domains_.push_back(lower(d));
     for (auto& k : c.blocklist.keywords) keywords_.push_back(lower(k));
   }
-  Outcome apply(Doc& d) override {
+  Outcome apply(Doc& d, Ctx& c) const override {
     if (!d.url.empty() && !domains_.empty()) {
       std::string host = url_host(d.url);
       for (const auto& dom : domains_) {
         if (host == dom || (host.size() > dom.size() && host.ends_with("." + dom)))
-          return drop("blocked_domain");
+          return c.drop("blocked_domain");
       }
     }
     if (!keywords_.empty()) {
@@ -336,7 +363,7 @@ class BlocklistStage : public Stage {
           auto word = [&](size_t i) { return std::isalnum(static_cast<unsigned char>(t[i])) != 0; };
           bool left = p == 0 || !word(p - 1),
                right = p + k.size() >= t.size() || !word(p + k.size());
-          if (left && right) return drop("blocked_keyword");
+          if (left && right) return c.drop("blocked_keyword");
         }
       }
     }
@@ -350,15 +377,16 @@ class BlocklistStage : public Stage {
 class UrlDedupStage : public Stage {
  public:
   UrlDedupStage() : Stage("url_dedup") {}
-  Outcome apply(Doc& d) override {
+  bool parallel() const override { return false; }
+  Outcome apply(Doc& d, Ctx& c) const override {
     if (d.url.empty()) return Outcome::kKeep;
-    if (!seen_.insert(hash64(d.url)).second) return drop("duplicate_url");
+    if (!seen_.insert(hash64(d.url)).second) return c.drop("duplicate_url");
     return Outcome::kKeep;
   }
   void finish() override { st.info["urls_seen"] = seen_.size(); }
 
  private:
-  std::unordered_set<uint64_t> seen_;
+  mutable std::unordered_set<uint64_t> seen_;
 };
 
 template <typename F>
@@ -393,7 +421,7 @@ class LineDedupStage : public Stage {
         bucket_docs_(c.line_dedup.bucket_docs),
         min_chars_(c.line_dedup.min_chars),
         cs_(cs) {}
-  Outcome apply(Doc& d) override {
+  Outcome apply(Doc& d, Ctx& c) const override {
     size_t b = size_t(d.index / bucket_docs_);
     if (b >= cs_.frequent_lines.size() || cs_.frequent_lines[b].empty()) return Outcome::kKeep;
     const auto& freq = cs_.frequent_lines[b];
@@ -409,9 +437,9 @@ class LineDedupStage : public Stage {
       }
     });
     if (!removed) return Outcome::kKeep;
-    st.found["lines_removed"] += removed;
+    c.st.found["lines_removed"] += removed;
     out = normalize_text(out);
-    if (out.empty()) return drop("all_lines_duplicated");
+    if (out.empty()) return c.drop("all_lines_duplicated");
     d.text = std::move(out);
     return Outcome::kChange;
   }
@@ -425,15 +453,15 @@ class PiiStage : public Stage {
  public:
   explicit PiiStage(const CurateConfig& c)
       : Stage("pii"), scan_(c.pii.kinds), drop_(c.pii.action == "drop") {}
-  Outcome apply(Doc& d) override {
+  Outcome apply(Doc& d, Ctx& c) const override {
     std::string t = d.text;
     PiiCounts n = scan_.redact(t);
     if (!n.total()) return Outcome::kKeep;
-    st.found["email"] += n.email;
-    st.found["phone"] += n.phone;
-    st.found["ip"] += n.ip;
-    st.found["credit_card"] += n.credit_card;
-    if (drop_) return drop("pii");
+    c.st.found["email"] += n.email;
+    c.st.found["phone"] += n.phone;
+    c.st.found["ip"] += n.ip;
+    c.st.found["credit_card"] += n.credit_card;
+    if (drop_) return c.drop("pii");
     d.text = std::move(t);
     return Outcome::kChange;
   }
@@ -446,16 +474,19 @@ class PiiStage : public Stage {
 class MinHashStage : public Stage {
  public:
   explicit MinHashStage(const CurateConfig& c) : Stage("minhash"), mh_(c.minhash.opts) {}
-  Outcome apply(Doc& d) override {
+  bool parallel() const override { return false; }
+  void prepare(Doc& d) const override { d.sig = mh_.signature(d.text); }
+  Outcome apply(Doc& d, Ctx& c) const override {
     bool kept = false;
-    double sim = mh_.check_and_insert(d.text, &kept);
-    if (!kept) return drop(sim >= 1.0 ? "exact_duplicate" : "near_duplicate");
+    double sim = mh_.check_and_insert(d.sig, &kept);
+    d.sig = {};
+    if (!kept) return c.drop(sim >= 1.0 ? "exact_duplicate" : "near_duplicate");
     return Outcome::kKeep;
   }
   void finish() override { st.info["signatures_kept"] = mh_.size(); }
 
  private:
-  MinHashDedup mh_;
+  mutable MinHashDedup mh_;
 };
 
 class HeuristicStage : public Stage {
@@ -464,31 +495,32 @@ class HeuristicStage : public Stage {
       : Stage("heuristics", c.heuristics.only_sources), h_(c.heuristics), cs_(cs) {
     for (auto& w : h_.dirty_words) dirty_.insert(lower(w));
   }
-  Outcome apply(Doc& d) override {
+  Outcome apply(Doc& d, Ctx& c) const override {
     int64_t chars = int64_t(d.text.size());
-    if (chars < h_.min_chars) return drop("too_short");
-    if (chars > h_.max_chars) return drop("too_long");
+    if (chars < h_.min_chars) return c.drop("too_short");
+    if (chars > h_.max_chars) return c.drop("too_long");
     std::vector<uint64_t> words;
     int64_t dirty = 0;
     for_each_word(d.text, [&](std::string_view w) {
       words.push_back(hash64(w));
       if (!dirty_.empty() && dirty_.count(std::string(w))) ++dirty;
     });
-    if (int64_t(words.size()) < h_.min_words) return drop("too_few_words");
-    if (dirty > h_.max_dirty_words) return drop("dirty_words");
-    if (dup_ngram_fraction(words) > h_.max_dup_ngram_fraction) return drop("duplicated_ngrams");
+    if (int64_t(words.size()) < h_.min_words) return c.drop("too_few_words");
+    if (dirty > h_.max_dirty_words) return c.drop("dirty_words");
+    if (dup_ngram_fraction(words) > h_.max_dup_ngram_fraction) return c.drop("duplicated_ngrams");
     if (h_.max_kl > 0 && int64_t(words.size()) >= h_.kl_min_words && cs_.total_words > 0) {
       double kl = kl_divergence(words);
-      kl_sum_ += kl;
-      kl_max_ = std::max(kl_max_, kl);
-      ++kl_n_;
-      if (kl > h_.max_kl) return drop("kl_outlier");
+      c.st.sums["kl"] += kl;
+      c.st.sums["kl_tested"] += 1;
+      c.st.maxes["kl"] = std::max(c.st.maxes["kl"], kl);
+      if (kl > h_.max_kl) return c.drop("kl_outlier");
     }
     return Outcome::kKeep;
   }
   void finish() override {
-    if (kl_n_)
-      st.info["kl"] = {{"tested", kl_n_}, {"mean", kl_sum_ / double(kl_n_)}, {"max", kl_max_}};
+    double n = st.sums["kl_tested"];
+    if (n > 0)
+      st.info["kl"] = {{"tested", n}, {"mean", st.sums["kl"] / n}, {"max", st.maxes["kl"]}};
   }
 
  private:
@@ -526,8 +558,6 @@ class HeuristicStage : public Stage {
   decltype(CurateConfig::heuristics) h_;
   const CorpusStats& cs_;
   std::unordered_set<std::string> dirty_;
-  double kl_sum_ = 0, kl_max_ = 0;
-  int64_t kl_n_ = 0;
 };
 
 HashedClassifier make_classifier(const ClassifierSpec& s) {
@@ -552,25 +582,23 @@ class ClassifierStage : public Stage {
         fail("quality classifier: label '{}' is not one of the model's labels", s.label);
     }
   }
-  Outcome apply(Doc& d) override {
+  Outcome apply(Doc& d, Ctx& c) const override {
     if (kind_ == "quality") {
       double p = clf_.predict(d.text)[size_t(label_)];
       d.meta["quality"] = std::round(p * 1000) / 1000;
-      if (p < spec_.min_score) return drop("low_quality");
+      if (p < spec_.min_score) return c.drop("low_quality");
       return Outcome::kChange;
     }
     auto [label, p] = clf_.top(d.text);
-    auto& counts = st.info["labels"];
-    if (!counts.is_object()) counts = json::object();
-    counts[label] = counts.value(label, 0) + 1;
+    c.st.found["label:" + label]++;
     if (kind_ == "language") {
       d.meta["lang"] = label;
       if (!spec_.keep.empty() &&
           std::find(spec_.keep.begin(), spec_.keep.end(), label) == spec_.keep.end())
-        return drop("language_not_kept");
+        return c.drop("language_not_kept");
     } else {
       d.meta["domain"] = label;
-      if (label == d.source) st.found["label_matches_source"]++;
+      if (label == d.source) c.st.found["label_matches_source"]++;
     }
     return Outcome::kChange;
   }
@@ -760,9 +788,6 @@ std::string CurateReport::table() const {
       why += fmt::format("{}{}={}", why.empty() ? "" : " ", k, v);
     for (const auto& [k, v] : s.found)
       if (v) why += fmt::format("{}{}:{}", why.empty() ? "" : " ", k, v);
-    if (s.info.contains("labels"))
-      for (auto it = s.info["labels"].begin(); it != s.info["labels"].end(); ++it)
-        why += fmt::format("{}{}:{}", why.empty() ? "" : " ", it.key(), it.value().get<int64_t>());
     t += fmt::format("{:<11} {:>8} {:>8} {:>8} {:>8} {:>8}  {}\n", s.name, s.in, s.kept, s.changed,
                      s.dropped, s.skipped, why);
   }
@@ -772,6 +797,63 @@ std::string CurateReport::table() const {
 }
 
 // ---------------------------------------------------------------- the run
+
+namespace {
+
+constexpr size_t kBatchDocs = 1024;  // documents in flight: bounds memory, feeds the threads
+
+// Runs stages [first, last) over a batch's live documents. Runs of stateless stages go
+// through the batch in one OpenMP loop (each document passes through the run of stages on
+// one thread, with thread-local stats merged afterwards); a serial stage first has its
+// per-document preparation done in that loop, then checks the documents in input order.
+// The result equals running the documents one by one; fusing keeps parallel regions few,
+// which matters on busy machines.
+void run_stages(const std::vector<std::unique_ptr<Stage>>& stages, std::vector<Doc>& docs,
+                std::vector<char>& alive, std::vector<std::string>& why,
+                std::vector<int>& dead_at) {
+  const int64_t n = int64_t(docs.size());
+  const size_t threads = static_cast<size_t>(omp_get_max_threads());
+  for (size_t k = 0; k < stages.size();) {
+    size_t j = k;
+    while (j < stages.size() && stages[j]->parallel()) ++j;
+    Stage* serial = j < stages.size() ? stages[j].get() : nullptr;
+    std::vector<std::vector<StageStats>> local(j - k, std::vector<StageStats>(threads));
+    std::exception_ptr err;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t i = 0; i < n; ++i) {
+      if (!alive[i]) continue;
+      try {
+        const size_t t = static_cast<size_t>(omp_get_thread_num());
+        for (size_t m = k; m < j; ++m) {
+          if (!stages[m]->run(docs[i], local[m - k][t], &why[i])) {
+            alive[i] = 0;
+            dead_at[i] = int(m);
+            break;
+          }
+        }
+        if (alive[i] && serial && serial->applies_to(docs[i])) serial->prepare(docs[i]);
+      } catch (...) {
+#pragma omp critical(llama3_curate_error)
+        if (!err) err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
+    for (size_t m = k; m < j; ++m)
+      for (const auto& l : local[m - k]) merge(stages[m]->st, l);
+    if (serial) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (alive[i] && !serial->run(docs[i], serial->st, &why[i])) {
+          alive[i] = 0;
+          dead_at[i] = int(j);
+        }
+      }
+      ++j;
+    }
+    k = j;
+  }
+}
+
+}  // namespace
 
 CurateReport curate(const CurateConfig& cfg) {
   auto t0 = std::chrono::steady_clock::now();
@@ -785,8 +867,9 @@ CurateReport curate(const CurateConfig& cfg) {
 
   if (need_stats) {
     // Pass 1: clean text as pass 2 will see it at line_dedup, and count.
-    ExtractStage ex(cfg);
-    NormalizeStage norm;
+    std::vector<std::unique_ptr<Stage>> clean;  // the stages before line_dedup that change text
+    if (cfg.extract.enabled) clean.push_back(std::make_unique<ExtractStage>(cfg));
+    if (cfg.normalize.enabled) clean.push_back(std::make_unique<NormalizeStage>());
     std::unordered_map<uint64_t, int64_t> counts;  // current bucket's line counts
     int64_t bucket = 0;
     auto close_bucket = [&] {
@@ -795,10 +878,7 @@ CurateReport curate(const CurateConfig& cfg) {
         if (n > ld.max_count) cs.frequent_lines[size_t(bucket)].insert(h);
       counts.clear();
     };
-    Reader reader(cfg, nullptr);
-    reader.for_each([&](Doc& d) {
-      if (cfg.extract.enabled && !ex.run(d)) return;
-      if (cfg.normalize.enabled && !norm.run(d)) return;
+    auto count = [&](const Doc& d) {
       if (ld.enabled && applies(ld.only_sources, d.source)) {
         if (d.index / ld.bucket_docs != bucket) {
           close_bucket();
@@ -806,9 +886,9 @@ CurateReport curate(const CurateConfig& cfg) {
         }
         std::unordered_set<uint64_t> in_doc;  // a line repeated inside one document counts once
         for_each_line(d.text, [&](std::string_view line) {
-          if (int64_t(line.size()) >= ld.min_chars && line_key(line) &&
-              in_doc.insert(line_key(line)).second)
-            counts[line_key(line)]++;
+          if (int64_t(line.size()) < ld.min_chars) return;
+          uint64_t key = line_key(line);
+          if (key && in_doc.insert(key).second) counts[key]++;
         });
       }
       if (applies(cfg.heuristics.only_sources, d.source)) {
@@ -817,7 +897,23 @@ CurateReport curate(const CurateConfig& cfg) {
           cs.total_words += 1;
         });
       }
+    };
+    std::vector<Doc> batch;
+    auto flush = [&] {
+      std::vector<char> alive(batch.size(), 1);
+      std::vector<std::string> why(batch.size());
+      std::vector<int> dead_at(batch.size(), -1);
+      run_stages(clean, batch, alive, why, dead_at);
+      for (size_t i = 0; i < batch.size(); ++i)
+        if (alive[i]) count(batch[i]);
+      batch.clear();
+    };
+    Reader reader(cfg, nullptr);
+    reader.for_each([&](Doc& d) {
+      batch.push_back(std::move(d));
+      if (batch.size() == kBatchDocs) flush();
     });
+    flush();
     close_bucket();
   }
 
@@ -851,29 +947,42 @@ CurateReport curate(const CurateConfig& cfg) {
       rejected.open(cfg.rejected, std::ios::trunc);
       LLAMA3_CHECK(rejected.good(), "curate: cannot write {}", cfg.rejected);
     }
-    reader.for_each([&](Doc& d) {
-      for (auto& s : stages) {
-        if (s->run(d)) continue;
-        if (rejected.is_open())
-          rejected << json({{"stage", s->st.name},
-                            {"reason", s->last_reason()},
-                            {"origin", d.origin},
-                            {"url", d.url},
-                            {"source", d.source},
-                            {"text", d.text}})
-                          .dump()
-                   << '\n';
-        return;
+    std::vector<Doc> batch;
+    auto flush = [&] {
+      const size_t n = batch.size();
+      std::vector<char> alive(n, 1);
+      std::vector<std::string> why(n);
+      std::vector<int> dead_at(n, -1);  // stage that dropped the document
+      run_stages(stages, batch, alive, why, dead_at);
+      for (size_t i = 0; i < n; ++i) {
+        const Doc& d = batch[i];
+        if (!alive[i]) {
+          if (rejected.is_open())
+            rejected << json({{"stage", stages[size_t(dead_at[i])]->st.name},
+                              {"reason", why[i]},
+                              {"origin", d.origin},
+                              {"url", d.url},
+                              {"source", d.source},
+                              {"text", d.text}})
+                            .dump()
+                     << '\n';
+          continue;
+        }
+        json j = d.meta;
+        j["text"] = d.text;
+        if (!d.url.empty()) j["url"] = d.url;
+        if (!d.source.empty()) j["source"] = d.source;
+        out << j.dump() << '\n';
+        rep.docs_out++;
+        rep.bytes_out += int64_t(d.text.size());
       }
-      json j = d.meta;
-      j["text"] = d.text;
-      if (!d.url.empty()) j["url"] = d.url;
-      if (!d.source.empty()) j["source"] = d.source;
-      std::string line = j.dump();
-      out << line << '\n';
-      rep.docs_out++;
-      rep.bytes_out += int64_t(d.text.size());
+      batch.clear();
+    };
+    reader.for_each([&](Doc& d) {
+      batch.push_back(std::move(d));
+      if (batch.size() == kBatchDocs) flush();
     });
+    flush();
     out.flush();
     LLAMA3_CHECK(out.good(), "curate: write to {} failed (disk full?)", tmp);
     rep.bytes_in = reader.bytes();

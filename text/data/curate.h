@@ -6,12 +6,13 @@
 // outliers), quality / language / domain classifiers. Each stage counts what it kept,
 // changed and dropped and why; the counts go to a JSON report and a summary table.
 //
-// Memory is bounded by the corpus' hashes, not its text: documents stream through one at a
-// time; kept state is MinHash signatures, URL hashes, line-hash counts of one bucket and the
-// frequent-line hashes of each bucket, and a hashed word histogram. Output is written to
-// OUTPUT.tmp and renamed when the run completes, so an interrupted run leaves no partial
-// output and a rerun (curation is deterministic) produces exactly the same file.
-// The configuration's JSON fields are documented in docs/data.md.
+// Memory is bounded by the corpus' hashes, not its text: documents stream through in batches
+// (stateless stages run on OpenMP threads, de-duplication checks in input order, so the output
+// does not depend on the thread count); kept state is MinHash signatures, URL hashes, line-hash
+// counts of one bucket and the frequent-line hashes of each bucket, and a hashed word histogram.
+// Output is written to OUTPUT.tmp and renamed when the run completes, so an interrupted run leaves
+// no partial output and a rerun (curation is deterministic) produces exactly the same file. The
+// configuration's JSON fields are documented in docs/data.md.
 #pragma once
 
 #include <cstdint>
@@ -102,7 +103,8 @@ struct StageStats {
   std::string name;
   int64_t in = 0, kept = 0, changed = 0, dropped = 0, skipped = 0;  // skipped: not applicable
   std::map<std::string, int64_t> dropped_by;                        // reason -> documents
-  std::map<std::string, int64_t> found;  // e.g. "email" -> occurrences redacted
+  std::map<std::string, int64_t> found;       // e.g. "email" -> occurrences redacted
+  std::map<std::string, double> sums, maxes;  // summed / maximum measurements (e.g. KL)
   nlohmann::json info = nlohmann::json::object();
 };
 

@@ -56,7 +56,12 @@ double MinHashDedup::similarity(const std::vector<uint32_t>& a, const uint32_t* 
 }
 
 double MinHashDedup::check_and_insert(std::string_view text, bool* kept) {
-  auto sig = signature(text);
+  return check_and_insert(signature(text), kept);
+}
+
+double MinHashDedup::check_and_insert(const std::vector<uint32_t>& sig, bool* kept) {
+  LLAMA3_CHECK(sig.size() == salts_.size(), "minhash: signature has {} rows, expected {}",
+               sig.size(), salts_.size());
   std::vector<uint64_t> keys(o_.bands);
   double best = 0;
   for (int b = 0; b < o_.bands; ++b) {

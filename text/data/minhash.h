@@ -28,6 +28,9 @@ class MinHashDedup {
   // Jaccard of an LSH candidate (0 if none). If it is below the threshold, the document is
   // inserted (it is kept) and `kept` is true.
   double check_and_insert(std::string_view text, bool* kept);
+  // The same with a signature computed beforehand (signatures can be computed in parallel;
+  // insertion must go in order).
+  double check_and_insert(const std::vector<uint32_t>& sig, bool* kept);
   size_t size() const { return n_docs_; }
 
  private:

@@ -1,5 +1,6 @@
 // Curation: text cleaning, PII, MinHash, the hashed classifier and the pipeline end to end.
 #include <gtest/gtest.h>
+#include <omp.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -473,4 +474,30 @@ TEST(Curate, HtmlAndTextFilesAreOneDocumentEach) {
   EXPECT_EQ(out[0]["source"], "web");
   EXPECT_EQ(out[0]["url"], "file://" + h);
   EXPECT_EQ(out[1]["source"], "books");
+}
+
+TEST(Curate, ThreadCountDoesNotChangeOutputOrReport) {
+  CurateConfig cfg = small_corpus("threads");
+  // More documents than one batch, so batches and threads both come into play.
+  std::string big;
+  for (int i = 0; i < 700; ++i) {
+    json d = {{"text", prose(80, i % 500) + (i % 3 ? "\nShared footer line for many pages" : "")},
+              {"url", "https://t.test/" + std::to_string(i % 650)}};
+    big += d.dump() + "\n";
+  }
+  cfg.inputs.push_back({{write_file("threads_big.jsonl", big)}, "jsonl", "general"});
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  CurateReport one = curate(cfg);
+  std::string out1 = read_file(cfg.output);
+  omp_set_num_threads(2);
+  CurateReport two = curate(cfg);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(read_file(cfg.output), out1);
+  json a = one.to_json(), b = two.to_json();
+  a.erase("seconds");
+  b.erase("seconds");
+  EXPECT_EQ(a, b);
+  EXPECT_GT(one.stage("url_dedup")->dropped, 0);
+  EXPECT_GT(one.stage("minhash")->dropped, 0);
 }

@@ -163,3 +163,37 @@ TEST(CrossEntropy, IgnoresNegativeTargetsAndMatchesDirectSoftmax) {
   }
   EXPECT_NEAR(loss, ref / 2, 1e-12);
 }
+
+// Queries at explicit key positions (KV-cache decoding, context-parallel chunks): the
+// backward against finite differences, and the forward equal to the matching rows of the
+// full attention.
+TEST(GradCheck, AttentionWithQueryPositions) {
+  const int64_t B = 2, Tk = 9, H = 2, Hkv = 1, D = 4;
+  std::vector<int32_t> docs(B * Tk);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < Tk; ++t) docs[b * Tk + t] = int32_t(t >= 4 + b);
+  AttentionParams p;
+  p.doc_ids = Tensor::from_vector(docs, {B, Tk});
+  p.q_pos = Tensor::from_vector<int32_t>({1, 2, 7, 8}, {4});  // two chunks, as in context parallelism
+  gradcheck([&](const std::vector<Tensor>& in) { return ops::attention(in[0], in[1], in[2], p); },
+            {param({B, 4, H, D}, 30), param({B, Tk, Hkv, D}, 31), param({B, Tk, Hkv, D}, 32)});
+}
+
+TEST(Attention, QueryPositionsMatchRowsOfTheFullAttention) {
+  const int64_t B = 1, T = 70, H = 4, Hkv = 2, D = 8;
+  Tensor q = randn({B, T, H, D}, 40), k = randn({B, T, Hkv, D}, 41), v = randn({B, T, Hkv, D}, 42);
+  std::vector<int32_t> docs(T);
+  for (int64_t t = 0; t < T; ++t) docs[t] = int32_t(t / 30);
+  AttentionParams full;
+  full.doc_ids = Tensor::from_vector(docs, {B, T});
+  std::vector<double> ref = ops::attention(q, k, v, full).to_vector<double>();
+  for (int64_t start : {0, 33, 69}) {
+    const int64_t n = std::min<int64_t>(5, T - start);
+    std::vector<int32_t> pos(n);
+    for (int64_t i = 0; i < n; ++i) pos[i] = int32_t(start + i);
+    AttentionParams p = full;
+    p.q_pos = Tensor::from_vector(pos, {n});
+    std::vector<double> got = ops::attention(q.narrow(1, start, n), k, v, p).to_vector<double>();
+    for (int64_t i = 0; i < n * H * D; ++i) EXPECT_NEAR(got[i], ref[start * H * D + i], 1e-12) << start;
+  }
+}
