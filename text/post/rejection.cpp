@@ -21,7 +21,7 @@ nlohmann::json messages_json(const Dialog& d) {
 PostStageResult run_rejection_sampling(const RejectionOptions& o) {
   LLAMA3_CHECK(o.k >= 1, "rejection sampling: k must be >= 1, got {}", o.k);
   Policy p = load_policy(o.policy);
-  RewardModel rm(load_policy(ModelSource{.dir = o.reward_model}));
+  RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = ""}));
   LoadOptions lo = o.load;
   lo.max_tokens = p.model->config().max_seq_len - o.sampling.max_new_tokens;
   LoadReport rep;

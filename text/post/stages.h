@@ -80,7 +80,7 @@ struct RejectionOptions {
   std::string out_dir;       // writes sft.jsonl (best responses with scores), prefs.jsonl (best vs worst)
   int64_t k = 8;
   double min_score = -1e30;  // keep a prompt's best only if it scores at least this
-  SamplingOptions sampling{.greedy = false, .temperature = 1.0f, .top_k = 0, .top_p = 0.95f, .max_new_tokens = 24};
+  SamplingOptions sampling{.greedy = false, .temperature = 1.0f, .top_k = 0, .top_p = 0.95f, .max_new_tokens = 24, .seed = 0, .stop_ids = {}};
   LoadOptions load;
 };
 PostStageResult run_rejection_sampling(const RejectionOptions& o);
