@@ -18,5 +18,8 @@ int cmd_plot(const Args& args);
 int cmd_report(const Args& args);
 int cmd_scaling(const Args& args);
 int cmd_parallel(const Args& args);
+int cmd_generate(const Args& args);
+int cmd_chat(const Args& args);
+int cmd_post(const Args& args);
 
 }  // namespace llama3::cli

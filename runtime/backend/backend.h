@@ -114,6 +114,16 @@ class Backend {
                                       int64_t chunk, float grad_scale, Tensor* dh,
                                       Tensor* dw) = 0;
 
+  // Per-row log-probability log_softmax(h @ w^T)[target] of rows with target >= 0 (0 for
+  // the others) into logp (N), in chunks of `chunk` rows so full-vocabulary logits exist
+  // for one chunk only. When row_grad (N) is defined it also writes dh (N, D) (=) and
+  // accumulates dw (V, D) (+=) for the objective sum_r row_grad[r] * logp[r].
+  // The base implementation runs the GEMMs through gemm() on the device and the softmax on
+  // the host, so every backend has it; a backend may override it with a fused kernel.
+  virtual void token_logprobs(const Tensor& h, const Tensor& w, const Tensor& targets,
+                              int64_t chunk, Tensor& logp, const Tensor& row_grad, Tensor* dh,
+                              Tensor* dw);
+
   // Fused AdamW on f32 params/moments; grad f32. Decoupled weight decay.
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                           const AdamWParams& p) = 0;

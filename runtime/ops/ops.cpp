@@ -1,5 +1,7 @@
 #include "runtime/ops/ops.h"
 
+#include <cmath>
+
 #include "runtime/autograd/autograd.h"
 
 namespace llama3::ops {
@@ -408,6 +410,136 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
     auto n = std::make_shared<CrossEntropyNode>();
     n->dh = dh, n->dw = dw;
     n->next = {autograd::edge(h), autograd::edge(w)};
+    autograd::set_history(out, n);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- sequence log-prob
+namespace {
+struct SequenceLogprobNode : Node {
+  Tensor h, w, targets;
+  int64_t n_seq = 0, chunk = 0;
+  const char* name() const override { return "sequence_logprob"; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    const int64_t N = h.size(0), per = N / n_seq;
+    std::vector<double> gs = g.to_vector<double>(), rg(N);
+    for (int64_t r = 0; r < N; ++r) rg[r] = gs[r / per];
+    Tensor rgt = Tensor::from_vector(rg, {N});
+    Tensor dh = Tensor::empty(h.shape(), h.dtype(), h.device()), dw, logp;
+    if (next[1]) dw = Tensor::zeros(w.shape(), w.dtype(), w.device());
+    be(h).token_logprobs(h, w, targets, chunk, logp, rgt, &dh, dw.defined() ? &dw : nullptr);
+    return {next[0] ? dh : Tensor(), dw};
+  }
+  void release() override { h = w = targets = Tensor(); }
+};
+}  // namespace
+
+Tensor sequence_logprob(const Tensor& h, const Tensor& w, const Tensor& targets, int64_t n_seq,
+                        int64_t chunk) {
+  LLAMA3_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1) &&
+                   targets.numel() == h.size(0) && targets.dtype() == DType::i32,
+               "sequence_logprob: h {} (N, D), w {} (V, D), targets {} (N) int32", h.str(), w.str(),
+               targets.str());
+  LLAMA3_CHECK(n_seq > 0 && h.size(0) % n_seq == 0,
+               "sequence_logprob: {} rows do not split into {} sequences", h.size(0), n_seq);
+  check_same_device(h, w, "sequence_logprob");
+  Tensor hc = h.contiguous(), wc = w.contiguous(), tg = targets.contiguous().view({-1});
+  Tensor logp;
+  be(h).token_logprobs(hc, wc, tg, chunk, logp, Tensor(), nullptr, nullptr);
+  const int64_t N = h.size(0), per = N / n_seq;
+  std::vector<double> lp = logp.to_vector<double>(), seq(n_seq, 0.0);
+  for (int64_t r = 0; r < N; ++r) seq[r / per] += lp[r];
+  Tensor out = Tensor::from_vector(seq, {n_seq}).to(logp.dtype()).to(h.device());
+  if (autograd::any_requires_grad({&h, &w})) {
+    auto n = std::make_shared<SequenceLogprobNode>();
+    n->h = hc, n->w = wc, n->targets = tg, n->n_seq = n_seq, n->chunk = chunk;
+    n->next = {autograd::edge(h), autograd::edge(w)};
+    autograd::set_history(out, n);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- pairwise logistic loss
+namespace {
+double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+struct PairwiseNode : Node {
+  std::vector<double> z;  // scale * (a - b) - offset
+  float scale = 1.f;
+  DType dt = DType::f32;
+  Device dev;
+  const char* name() const override { return "pairwise_logistic_loss"; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    const double go = g.item(), n = double(z.size());
+    std::vector<double> da(z.size()), db(z.size());
+    for (size_t i = 0; i < z.size(); ++i) {
+      // d softplus(-z) / dz = -sigmoid(-z)
+      da[i] = -go * sigmoid(-z[i]) * scale / n;
+      db[i] = -da[i];
+    }
+    const int64_t m = int64_t(z.size());
+    return {Tensor::from_vector(da, {m}).to(dt).to(dev), Tensor::from_vector(db, {m}).to(dt).to(dev)};
+  }
+};
+}  // namespace
+
+Tensor pairwise_logistic_loss(const Tensor& a, const Tensor& b, float scale, const Tensor& offset) {
+  LLAMA3_CHECK(a.dim() == 1 && a.shape() == b.shape() && a.numel() > 0 &&
+                   (!offset.defined() || offset.shape() == a.shape()),
+               "pairwise_logistic_loss: a {}, b {}, offset {} must be (n), n > 0", a.str(), b.str(),
+               offset.defined() ? offset.str() : "none");
+  std::vector<double> av = a.to_vector<double>(), bv = b.to_vector<double>(), ov(av.size(), 0.0);
+  if (offset.defined()) ov = offset.to_vector<double>();
+  std::vector<double> z(av.size());
+  double loss = 0;
+  for (size_t i = 0; i < av.size(); ++i) {
+    z[i] = double(scale) * (av[i] - bv[i]) - ov[i];
+    loss += softplus(-z[i]);
+  }
+  loss /= double(av.size());
+  const DType dt = a.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  Tensor out = Tensor::full({1}, loss, dt, a.device());
+  if (autograd::any_requires_grad({&a, &b})) {
+    auto n = std::make_shared<PairwiseNode>();
+    n->z = std::move(z), n->scale = scale, n->dt = dt, n->dev = a.device();
+    n->next = {autograd::edge(a), autograd::edge(b)};
+    autograd::set_history(out, n);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- gather rows
+namespace {
+struct GatherRowsNode : Node {
+  std::vector<int64_t> idx;
+  Shape x_shape;
+  DType dt = DType::f32;
+  const char* name() const override { return "gather_rows"; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    const int64_t D = x_shape[1];
+    std::vector<double> gv = g.to_vector<double>(), dx(size_t(x_shape[0] * D), 0.0);
+    for (size_t m = 0; m < idx.size(); ++m)
+      for (int64_t d = 0; d < D; ++d) dx[size_t(idx[m] * D + d)] += gv[m * D + d];
+    return {Tensor::from_vector(dx, x_shape).to(dt).to(g.device())};
+  }
+};
+}  // namespace
+
+Tensor gather_rows(const Tensor& x, const std::vector<int64_t>& idx) {
+  LLAMA3_CHECK(x.dim() == 2, "gather_rows: x {} must be (N, D)", x.str());
+  Tensor out = Tensor::empty({int64_t(idx.size()), x.size(1)}, x.dtype(), x.device());
+  for (size_t m = 0; m < idx.size(); ++m) {
+    LLAMA3_CHECK(idx[m] >= 0 && idx[m] < x.size(0), "gather_rows: row {} outside [0, {})", idx[m],
+                 x.size(0));
+    Tensor dst = out.narrow(0, int64_t(m), 1);
+    dst.copy_(x.narrow(0, idx[m], 1));
+  }
+  if (autograd::any_requires_grad({&x})) {
+    auto n = std::make_shared<GatherRowsNode>();
+    n->idx = idx, n->x_shape = x.shape(), n->dt = x.dtype();
+    n->next = {autograd::edge(x)};
     autograd::set_history(out, n);
   }
   return out;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "runtime/backend/backend.h"
 
@@ -50,6 +51,22 @@ struct CrossEntropyOptions {
 };
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             const CrossEntropyOptions& opt = {});
+
+// Summed log-probability of each sequence's targets: h (N, D) holds n_seq sequences of
+// N / n_seq rows each, targets (N) int32 (rows with target < 0 contribute nothing);
+// returns (n_seq) sum_r log_softmax(h_r @ w^T)[target_r], computed in chunks of `chunk`
+// rows (logits are recomputed in backward, never stored). Used by DPO.
+Tensor sequence_logprob(const Tensor& h, const Tensor& w, const Tensor& targets, int64_t n_seq,
+                        int64_t chunk = 1024);
+
+// mean_i softplus(-(scale * (a_i - b_i) - offset_i)) = mean_i -log sigmoid(...), for a, b
+// (n) and an optional constant offset (n): the pairwise (Bradley-Terry) loss of reward
+// models (scale 1, no offset) and DPO (scale beta, offset = beta * reference margin).
+Tensor pairwise_logistic_loss(const Tensor& a, const Tensor& b, float scale,
+                              const Tensor& offset = Tensor());
+
+// Rows idx of x (N, D) -> (M, D); the backward scatters (adds) into those rows.
+Tensor gather_rows(const Tensor& x, const std::vector<int64_t>& idx);
 
 // Full logits h @ w^T (inference / generation / tests).
 Tensor logits(const Tensor& h, const Tensor& w, Precision p = Precision::f32);

@@ -1,0 +1,151 @@
+// The embedded default post-training data: generated tasks with verifiable answers
+// (arithmetic word problems, formatting instructions), as SFT dialogs, prompts and
+// preference pairs (correct vs incorrect answer, followed vs ignored instruction).
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "runtime/core/rng.h"
+#include "text/post/stages.h"
+
+namespace llama3::text::post {
+
+namespace {
+
+const char* kWords[] = {"apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "house", "bread",
+                        "chair", "light", "music", "ocean", "plant", "smile", "train", "water", "zebra", "candle",
+                        "forest", "garden", "window", "yellow", "silver", "dragon", "rocket", "planet", "winter", "summer"};
+const char* kNames[] = {"Sam", "Ana", "Tom", "Mia", "Leo", "Eva", "Max", "Zoe"};
+const char* kThings[] = {"apples", "books", "coins", "shells", "pens", "cards"};
+constexpr int kNWords = sizeof(kWords) / sizeof(kWords[0]);
+
+struct Task {
+  std::string system, prompt, answer;
+  std::string near_miss, wrong;  // a slightly and a clearly wrong response
+};
+
+std::string upper(std::string s) {
+  for (auto& c : s) c = char(std::toupper(static_cast<unsigned char>(c)));
+  return s;
+}
+
+Task make_task(Rng& rng) {
+  Task t;
+  if (rng.below(3) == 0) t.system = "You are a concise assistant.";
+  const uint64_t kind = rng.below(5);
+  if (kind <= 1) {  // arithmetic
+    const int a = int(rng.below(9)) + 1, b = int(rng.below(9)) + 1;
+    if (kind == 0) {
+      t.prompt = fmt::format("What is {} + {}?", a, b);
+    } else {
+      const char* n = kNames[rng.below(8)];
+      const char* th = kThings[rng.below(6)];
+      t.prompt = fmt::format("{} has {} {} and gets {} more. How many {} does {} have?", n, a, th, b, th, n);
+    }
+    t.answer = std::to_string(a + b);
+    t.near_miss = std::to_string(a + b + (rng.below(2) ? 1 : -1));
+    t.wrong = std::to_string(a * b);
+    if (t.wrong == t.answer || t.wrong == t.near_miss) t.wrong = std::to_string(a + b + 10);
+    return t;
+  }
+  const std::string w = kWords[rng.below(kNWords)];
+  std::string other = kWords[rng.below(kNWords)];
+  if (other == w) other = kWords[(rng.below(kNWords - 1) + 1) % kNWords];
+  if (kind == 2) {
+    t.prompt = fmt::format("Write the word {} in uppercase.", w);
+    t.answer = upper(w);
+    t.near_miss = std::string(1, char(std::toupper(static_cast<unsigned char>(w[0])))) + w.substr(1);
+    t.wrong = w;
+  } else if (kind == 3) {
+    t.prompt = fmt::format("Write the word {} and end with a period.", w);
+    t.answer = w + ".";
+    t.near_miss = w;
+    t.wrong = other;
+  } else {
+    t.prompt = fmt::format("Repeat the word {}.", w);
+    t.answer = w;
+    t.near_miss = upper(w);
+    t.wrong = other;
+  }
+  return t;
+}
+
+nlohmann::json prompt_json(const Task& t) {
+  nlohmann::json m = nlohmann::json::array();
+  if (!t.system.empty()) m.push_back({{"role", "system"}, {"content", t.system}});
+  m.push_back({{"role", "user"}, {"content", t.prompt}});
+  return m;
+}
+
+}  // namespace
+
+bool verify(const DialogRecord& prompt, const std::string& response) {
+  return !prompt.answer.empty() && trim(response) == trim(prompt.answer);
+}
+
+PostStageResult make_default_data(const DefaultDataOptions& o) {
+  namespace fs = std::filesystem;
+  fs::create_directories(o.out_dir);
+  Rng rng(o.seed * 7919 + 17);
+  std::ofstream sft(o.out_dir + "/sft.jsonl"), prompts(o.out_dir + "/prompts.jsonl"),
+      evalf(o.out_dir + "/eval.jsonl"), prefs(o.out_dir + "/prefs.jsonl"), eprefs(o.out_dir + "/eval_prefs.jsonl"),
+      corpus(o.out_dir + "/corpus.txt");
+  std::set<std::string> eval_prompts;
+  std::vector<Task> ev;
+  while (int64_t(ev.size()) < o.n_eval) {  // held-out prompts never appear in training files
+    Task t = make_task(rng);
+    if (eval_prompts.insert(t.prompt).second) ev.push_back(t);
+  }
+  auto fresh = [&]() {
+    for (;;) {
+      Task t = make_task(rng);
+      if (!eval_prompts.count(t.prompt)) return t;
+    }
+  };
+  for (int64_t i = 0; i < o.n_train; ++i) {
+    Task t = fresh();
+    nlohmann::json m = prompt_json(t);
+    nlohmann::json full = m;
+    full.push_back({{"role", "assistant"}, {"content", t.answer}});
+    sft << nlohmann::json({{"messages", full}, {"answer", t.answer}}).dump() << "\n";
+    corpus << t.system << "\n" << t.prompt << "\n" << t.answer << "\n" << t.wrong << "\n";
+  }
+  for (int64_t i = 0; i < o.n_prompts; ++i) {
+    Task u = fresh();
+    prompts << nlohmann::json({{"prompt", prompt_json(u)}, {"answer", u.answer}}).dump() << "\n";
+  }
+  auto pref = [&](const Task& t, uint64_t r) {
+    nlohmann::json j = {{"prompt", prompt_json(t)}};
+    if (r % 4 == 0) {  // an edited response above a near miss above a clear miss
+      j["edited"] = t.answer, j["chosen"] = t.near_miss, j["rejected"] = t.wrong;
+    } else {
+      j["chosen"] = t.answer, j["rejected"] = r % 2 ? t.wrong : t.near_miss;
+    }
+    return j;
+  };
+  for (int64_t i = 0; i < o.n_pref; ++i) prefs << pref(fresh(), rng.below(1000)).dump() << "\n";
+  for (const Task& t : ev) {
+    evalf << nlohmann::json({{"prompt", prompt_json(t)}, {"answer", t.answer}}).dump() << "\n";
+    nlohmann::json j = {{"prompt", prompt_json(t)}, {"chosen", t.answer}, {"rejected", t.wrong}};
+    eprefs << j.dump() << "\n";
+  }
+  for (const char* w : kWords) corpus << w << " " << upper(w) << " " << w << ".\n";
+  corpus.close();
+  sft.close(), prompts.close(), evalf.close(), prefs.close(), eprefs.close();
+  if (!o.tokenizer.empty()) {
+    fs::copy_file(o.tokenizer, o.out_dir + "/tokenizer.model", fs::copy_options::overwrite_existing);
+  } else {
+    BpeTrainOptions bo;
+    bo.vocab_size = int32_t(o.bpe_vocab);
+    std::vector<std::string> files = {o.out_dir + "/corpus.txt"};
+    train_bpe(files, bo, o.out_dir + "/tokenizer.model");
+  }
+  nlohmann::json metrics = {{"sft_dialogs", o.n_train}, {"prompts", o.n_prompts}, {"prefs", o.n_pref},
+                            {"eval_prompts", o.n_eval}, {"eval_prefs", o.n_eval}};
+  write_final(o.out_dir, metrics);
+  return {o.out_dir, metrics};
+}
+
+}  // namespace llama3::text::post

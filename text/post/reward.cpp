@@ -1,0 +1,160 @@
+// Reward model: the LM's final hidden state at the last token through a (1, dim) head,
+// trained with the pairwise loss -log sigmoid(r_better - r_worse) (no margin term).
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <random>
+
+#include "runtime/autograd/autograd.h"
+#include "text/post/stages.h"
+
+namespace llama3::text::post {
+
+RewardModel::RewardModel(Policy p) : policy(std::move(p)) {
+  auto it = policy.extra.find("score.weight");
+  const int64_t D = policy.model->config().dim;
+  if (it != policy.extra.end()) {
+    LLAMA3_CHECK(it->second.shape() == Shape({1, D}), "score.weight has shape {}, expected (1, {})",
+                 shape_str(it->second.shape()), D);
+    score = it->second.to(DType::f32).contiguous().clone();
+    policy.extra.erase(it);
+  } else {
+    score = Tensor::zeros({1, D}, DType::f32);
+  }
+  score.set_requires_grad(true);
+}
+
+Tensor RewardModel::scores(const std::vector<std::vector<int32_t>>& seqs) const {
+  const int64_t n = int64_t(seqs.size());
+  int64_t T = 0;
+  for (auto& s : seqs) T = std::max(T, int64_t(s.size()));
+  const int32_t pad = policy.tok.eos_id();
+  std::vector<int32_t> tok(size_t(n * T), pad);
+  std::vector<int64_t> last(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(seqs[size_t(i)].begin(), seqs[size_t(i)].end(), tok.begin() + i * T);
+    last[size_t(i)] = i * T + int64_t(seqs[size_t(i)].size()) - 1;  // padding comes after: causal, unseen
+  }
+  Tensor h = policy.model->hidden(Tensor::from_vector(tok, {n, T}));
+  Tensor hl = ops::gather_rows(h, last);                     // (n, D)
+  return ops::reshape(ops::linear(hl, score), {n});          // (n)
+}
+
+std::vector<double> RewardModel::score_responses(const Dialog& prompt, const std::vector<std::string>& responses) const {
+  autograd::NoGradGuard ng;
+  std::vector<std::vector<int32_t>> seqs;
+  const size_t ctx = size_t(policy.model->config().max_seq_len);
+  for (auto& r : responses) {
+    // A sampled response may re-encode longer than it was generated (U+FFFD for broken
+    // UTF-8); the RM then scores what fits in its context.
+    seqs.push_back(render_response(policy.tok, prompt, r).ids);
+    if (seqs.back().size() > ctx) seqs.back().resize(ctx);
+  }
+  return scores(seqs).to_vector<double>();
+}
+
+std::vector<nn::NamedParam> RewardModel::parameters() {
+  auto ps = policy.model->named_parameters();
+  // The LM head does not influence the score: keep it out of the update.
+  std::vector<nn::NamedParam> out;
+  for (auto& p : ps)
+    if (p.name != "lm_head.weight") out.push_back(p);
+  out.push_back({"score.weight", &score, {true, false}});
+  return out;
+}
+
+void RewardModel::save(const std::string& dir) const {
+  io::TensorMap extra = policy.extra;
+  extra["score.weight"] = score.detach();
+  save_policy(*policy.model, policy.tokenizer_path, dir, extra);
+}
+
+namespace {
+struct Pair {
+  std::vector<int32_t> better, worse;
+};
+std::vector<Pair> to_pairs(const Tokenizer& tok, const std::vector<Preference>& prefs) {
+  std::vector<Pair> out;
+  for (auto& p : prefs)
+    for (auto& [b, w] : ranked_pairs(p))
+      out.push_back({render_response(tok, p.prompt, b).ids, render_response(tok, p.prompt, w).ids});
+  return out;
+}
+}  // namespace
+
+PostStageResult run_reward_model(const RewardOptions& o) {
+  LLAMA3_CHECK(!o.prefs.empty(), "reward model: no preference files");
+  RewardModel rm(load_policy(o.model));
+  LoadOptions lo = o.load;
+  lo.max_tokens = rm.policy.model->config().max_seq_len;
+  std::vector<Preference> prefs, eval;
+  nlohmann::json metrics = nlohmann::json::object();
+  int64_t skipped = 0;
+  for (auto& f : o.prefs) {
+    LoadReport rep;
+    auto v = load_preferences(f, rm.policy.tok, lo, &rep);
+    prefs.insert(prefs.end(), v.begin(), v.end());
+    skipped += rep.skipped_total();
+    for (auto& [k, n] : rep.skipped) metrics["skipped_" + k] = metrics.value("skipped_" + k, int64_t(0)) + n;
+  }
+  std::mt19937_64 g(o.seed);
+  std::shuffle(prefs.begin(), prefs.end(), g);
+  if (!o.eval_prefs.empty()) {
+    eval = load_preferences(o.eval_prefs, rm.policy.tok, lo, nullptr);
+  } else {
+    const size_t ne = size_t(double(prefs.size()) * o.eval_fraction);
+    eval.assign(prefs.end() - ne, prefs.end());
+    prefs.resize(prefs.size() - ne);
+  }
+  LLAMA3_CHECK(!prefs.empty(), "reward model: no usable preference pairs ({} skipped)", skipped);
+  auto train = to_pairs(rm.policy.tok, prefs), held = to_pairs(rm.policy.tok, eval);
+  spdlog::info("reward model: {} training pairs from {} prompts, {} held-out pairs", train.size(), prefs.size(),
+               held.size());
+  auto accuracy = [&](const std::vector<Pair>& ps) {
+    autograd::NoGradGuard ng;
+    int64_t ok = 0;
+    for (size_t i = 0; i < ps.size(); i += 16) {
+      std::vector<std::vector<int32_t>> seqs;
+      const size_t e = std::min(ps.size(), i + 16);
+      for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].better);
+      for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].worse);
+      auto s = rm.scores(seqs).to_vector<double>();
+      const size_t n = e - i;
+      for (size_t j = 0; j < n; ++j) ok += s[j] > s[n + j];
+    }
+    return ps.empty() ? 0.0 : double(ok) / double(ps.size());
+  };
+  TrainLoopOptions to = o.train;
+  to.steps = o.steps;
+  to.tag = "reward_model";
+  std::vector<size_t> order(train.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  size_t cursor = order.size();
+  const double loss = train_loop(rm.parameters(), to, [&](int64_t) {
+    std::vector<std::vector<int32_t>> seqs;
+    std::vector<size_t> pick;
+    for (int64_t j = 0; j < o.batch; ++j) {
+      if (cursor >= order.size()) std::shuffle(order.begin(), order.end(), g), cursor = 0;
+      pick.push_back(order[cursor++]);
+    }
+    for (size_t i : pick) seqs.push_back(train[i].better);
+    for (size_t i : pick) seqs.push_back(train[i].worse);
+    Tensor s = ops::reshape(rm.scores(seqs), {2 * o.batch, 1});
+    std::vector<int64_t> a(static_cast<size_t>(o.batch)), b(static_cast<size_t>(o.batch));
+    for (int64_t j = 0; j < o.batch; ++j) a[size_t(j)] = j, b[size_t(j)] = o.batch + j;
+    return ops::pairwise_logistic_loss(ops::reshape(ops::gather_rows(s, a), {o.batch}),
+                                       ops::reshape(ops::gather_rows(s, b), {o.batch}), 1.f);
+  });
+  metrics["train_loss"] = loss;
+  metrics["train_pairs"] = int64_t(train.size());
+  metrics["eval_pairs"] = int64_t(held.size());
+  metrics["eval_accuracy"] = accuracy(held);
+  metrics["skipped"] = skipped;
+  spdlog::info("reward model: held-out pairwise accuracy {:.3f} on {} pairs", metrics["eval_accuracy"].get<double>(),
+               held.size());
+  rm.save(o.out_dir);
+  write_final(o.out_dir, metrics);
+  return {o.out_dir, metrics};
+}
+
+}  // namespace llama3::text::post

@@ -1,0 +1,167 @@
+// The post-training stages as library functions (one options struct each), called by the
+// `llama3 post ...` commands and by the recipe runner's stage kinds: reward model, SFT,
+// rejection sampling, DPO, checkpoint averaging, and the iterative-rounds driver. Each
+// writes its checkpoint or data plus a flat final.json of metrics into its out_dir.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "text/post/common.h"
+
+namespace llama3::text::post {
+
+// ---- SFT: cross-entropy on assistant tokens only, several dialogs packed per row ----
+
+// A packed batch: inputs, next-token labels, and which labels count (assistant content and,
+// optionally, the assistant's terminator); doc_ids keep packed dialogs apart.
+struct PackedBatch {
+  int64_t B = 0, T = 0;
+  std::vector<int32_t> tokens, labels, doc_ids;
+  std::vector<uint8_t> loss_mask;
+  Tensor tokens_t() const;
+  Tensor targets_t() const;  // labels where loss_mask, else -1
+  Tensor doc_ids_t() const;
+};
+// Which rendered tokens SFT trains on: assistant content, plus its terminator when asked
+// (the model must learn to stop).
+bool sft_target(TokenKind k, bool with_termination);
+// Packs dialogs (greedy first-fit in order) into rows of T positions.
+std::vector<PackedBatch> pack_dialogs(const std::vector<Rendered>& dialogs, int64_t T, int64_t rows_per_batch,
+                                      bool with_termination, int32_t pad_id);
+
+struct SftOptions {
+  ModelSource model;
+  std::vector<std::string> data;  // dialog JSONL files
+  std::string eval_prompts;       // prompts with answers (exact match); optional
+  std::string out_dir;
+  int64_t steps = 200, batch = 8, seq = 128;
+  TrainLoopOptions train;  // steps/lr/... (steps overrides train.steps)
+  bool train_on_termination = true;
+  LoadOptions load;
+  int64_t max_new_tokens = 24;
+  uint64_t seed = 0;
+};
+PostStageResult run_sft(const SftOptions& o);
+
+// ---- Reward model: the LM with a scalar head on the final token ----
+
+class RewardModel {
+ public:
+  RewardModel(Policy p);  // score.weight from p.extra, or zero-initialised
+  // Scores of full rendered sequences (each scored at its last token).
+  Tensor scores(const std::vector<std::vector<int32_t>>& seqs) const;  // (n)
+  std::vector<double> score_responses(const Dialog& prompt, const std::vector<std::string>& responses) const;
+  std::vector<nn::NamedParam> parameters();
+  void save(const std::string& dir) const;
+  Policy policy;
+  Tensor score;  // (1, dim) "score.weight"
+};
+
+struct RewardOptions {
+  ModelSource model;
+  std::vector<std::string> prefs;  // preference JSONL files
+  std::string eval_prefs;          // held-out file; else eval_fraction of prefs
+  double eval_fraction = 0.1;
+  std::string out_dir;
+  int64_t steps = 100, batch = 8;
+  TrainLoopOptions train;
+  LoadOptions load;
+  uint64_t seed = 0;
+};
+PostStageResult run_reward_model(const RewardOptions& o);
+
+// ---- Rejection sampling: K samples per prompt, the RM keeps the best ----
+
+struct RejectionOptions {
+  ModelSource policy;
+  std::string reward_model;  // RM checkpoint dir
+  std::string prompts;       // prompt JSONL
+  std::string out_dir;       // writes sft.jsonl (best responses with scores), prefs.jsonl (best vs worst)
+  int64_t k = 8;
+  double min_score = -1e30;  // keep a prompt's best only if it scores at least this
+  SamplingOptions sampling{.greedy = false, .temperature = 1.0f, .top_k = 0, .top_p = 0.95f, .max_new_tokens = 24, .seed = 0, .stop_ids = {}};
+  LoadOptions load;
+};
+PostStageResult run_rejection_sampling(const RejectionOptions& o);
+
+// ---- DPO ----
+
+// A preference pair rendered for DPO: per response, inputs/labels with the loss mask over
+// assistant content only (headers and the terminator masked out).
+struct DpoRows {
+  int64_t n = 0, T = 0;  // n pairs; rows 0..n-1 chosen, n..2n-1 rejected
+  std::vector<int32_t> tokens, labels;
+  std::vector<uint8_t> loss_mask;
+  std::vector<int64_t> chosen_tokens;  // counted tokens per chosen response (NLL normaliser)
+  Tensor targets_t() const;
+};
+DpoRows build_dpo_rows(const Tokenizer& tok, const std::vector<Preference>& pairs, int32_t pad_id);
+struct DpoLossParts {
+  Tensor loss;                // dpo + alpha * nll
+  std::vector<double> margins;  // (lc - refc) - (lr - refr) per pair
+};
+// policy log-probs vs reference log-probs (2n: chosen then rejected).
+DpoLossParts dpo_loss(const LlamaModel& m, const DpoRows& rows, const std::vector<double>& ref_logps, float beta,
+                      float alpha);
+// Summed log-probs of the 2n rows under m (no grad).
+std::vector<double> sequence_logps(const LlamaModel& m, const DpoRows& rows);
+
+struct DpoOptions {
+  ModelSource model;  // the starting (and reference) policy
+  std::vector<std::string> prefs;
+  std::string eval_prefs;
+  double eval_fraction = 0.1;
+  std::string reward_model;  // optional: win rate vs the starting model, judged by this RM
+  std::string eval_prompts;  // prompts for the win rate / exact match
+  std::string out_dir;
+  float beta = 0.1f, alpha = 0.2f;
+  int64_t steps = 100, batch = 8;
+  TrainLoopOptions train;
+  LoadOptions load;
+  int64_t max_new_tokens = 24;
+  uint64_t seed = 0;
+};
+PostStageResult run_dpo(const DpoOptions& o);
+
+// ---- Model averaging ----
+
+struct AverageOptions {
+  std::vector<std::string> models;  // checkpoint dirs of one architecture
+  std::vector<double> weights;      // empty: uniform; else one per model (normalised)
+  std::string out_dir;
+};
+PostStageResult run_average(const AverageOptions& o);
+
+// ---- Default data: verifiable tasks ----
+
+struct DefaultDataOptions {
+  std::string out_dir;
+  int64_t n_train = 600, n_eval = 60, n_pref = 600, n_prompts = 100;
+  uint64_t seed = 0;
+  std::string tokenizer;       // copy this tokenizer; empty: train a small BPE on the data
+  int64_t bpe_vocab = 512;
+};
+// Writes sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl (prompts with answers),
+// eval_prefs.jsonl and tokenizer.model.
+PostStageResult make_default_data(const DefaultDataOptions& o);
+// The verifier of the default tasks: is `response` right for the prompt's answer.
+bool verify(const DialogRecord& prompt, const std::string& response);
+
+// ---- Iterative rounds: RM -> RS -> SFT -> DPO, N times ----
+
+struct RoundsOptions {
+  std::string data_dir;  // from make_default_data
+  ModelSource init;      // the pre-trained (or fresh) starting model
+  std::string out_dir;
+  int64_t rounds = 2;
+  int64_t rm_steps = 150, sft_steps = 200, dpo_steps = 60, k = 8;
+  int64_t batch = 8, seq = 128;
+  float rm_lr = 1e-3f, sft_lr = 2e-3f, dpo_lr = 2e-4f;
+  uint64_t seed = 0;
+};
+// Returns per-round metrics ("round1.rm.eval_accuracy", ...); writes out_dir/final.json.
+PostStageResult run_rounds(const RoundsOptions& o);
+RoundsOptions rounds_from_json(const nlohmann::json& j, const std::string& source);
+
+}  // namespace llama3::text::post
