@@ -1,23 +1,27 @@
 #include "recipes/metrics_sink.h"
 
 #include <chrono>
-#include <filesystem>
-#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
 
-#include "runtime/core/error.h"
+#include "runtime/log/metrics.h"
 
 namespace llama3::recipes {
 
+// One MetricsWriter (metrics.jsonl + TensorBoard events) per stage directory for the
+// process's lifetime, so a stage's events go to one event file per run attempt.
 void write_metrics(const std::string& stage_dir, const std::string& stage, int64_t step,
                    const nlohmann::json& fields) {
-  std::filesystem::create_directories(stage_dir);
-  nlohmann::json j = {{"stage", stage}, {"step", step}};
-  j["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  for (auto& [k, v] : fields.items()) j[k] = v;
-  const std::string path = stage_dir + "/metrics.jsonl";
-  std::ofstream f(path, std::ios::app);
-  if (!f) fail("metrics: cannot open {}", path);
-  f << j.dump() << '\n';
+  static std::mutex mu;
+  static auto* writers = new std::map<std::string, std::unique_ptr<log::MetricsWriter>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto& w = (*writers)[stage_dir];
+  if (!w) w = std::make_unique<log::MetricsWriter>(stage_dir, stage);
+  nlohmann::json j = fields;
+  if (!j.contains("time"))
+    j["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  w->log(step, j);
 }
 
 }  // namespace llama3::recipes
