@@ -3,9 +3,10 @@
 # already present are skipped, so a second run takes a second.
 set -euo pipefail
 
+# ocl-icd-opencl-dev: oneDNN's CMake package requires OpenCL (only a Recommends of libdnnl-dev).
 APT_PACKAGES=(
   build-essential cmake ninja-build pkg-config git
-  libdnnl-dev libpcre2-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
+  libdnnl-dev ocl-icd-opencl-dev libpcre2-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
   libprotobuf-dev protobuf-compiler zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   openmpi-bin libopenmpi-dev
