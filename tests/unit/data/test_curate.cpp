@@ -14,31 +14,18 @@
 #include "text/data/pii.h"
 #include "text/data/text_clean.h"
 
+#include "scratch.h"
+
 namespace fs = std::filesystem;
 using namespace llama3::data;
 using json = nlohmann::json;
 
 namespace {
 
-// A per-process scratch directory, removed when the test binary exits.
-struct ScratchDir {
-  fs::path path = fs::temp_directory_path() / ("llama3_unit_curate_" + std::to_string(::getpid()));
-  ScratchDir() { fs::create_directories(path); }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-fs::path tmpdir() {
-  static ScratchDir d;
-  return d.path;
-}
+fs::path tmpdir() { return llama3::testing::scratch_dir("curate"); }
 
 std::string write_file(const std::string& name, const std::string& content) {
-  std::string p = (tmpdir() / name).string();
-  std::ofstream(p, std::ios::binary | std::ios::trunc) << content;
-  return p;
+  return llama3::testing::write_scratch_file("curate", name, content);
 }
 
 std::string read_file(const std::string& p) {

@@ -12,25 +12,14 @@
 #include "text/data/loader.h"
 #include "text/data/shard.h"
 
+#include "scratch.h"
+
 namespace fs = std::filesystem;
 using namespace llama3::data;
 
 namespace {
 
-// A per-process scratch directory, removed when the test binary exits.
-struct ScratchDir {
-  fs::path path = fs::temp_directory_path() / ("llama3_unit_data_" + std::to_string(::getpid()));
-  ScratchDir() { fs::create_directories(path); }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-fs::path tmpdir() {
-  static ScratchDir d;
-  return d.path;
-}
+fs::path tmpdir() { return llama3::testing::scratch_dir("data"); }
 
 constexpr int32_t kBos = 4000, kEos = 4001;
 

@@ -10,31 +10,17 @@
 #include "text/data/build.h"
 #include "text/data/shard.h"
 
+#include "scratch.h"
+
 namespace fs = std::filesystem;
 using namespace llama3::data;
 
 namespace {
 
-// A per-process scratch directory, removed when the test binary exits.
-struct ScratchDir {
-  fs::path path =
-      fs::temp_directory_path() / ("llama3_unit_tokenize_" + std::to_string(::getpid()));
-  ScratchDir() { fs::create_directories(path); }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-fs::path dir() {
-  static ScratchDir d;
-  return d.path;
-}
+fs::path dir() { return llama3::testing::scratch_dir("tokenize"); }
 
 std::string file(const std::string& name, const std::string& content) {
-  std::string p = (dir() / name).string();
-  std::ofstream(p, std::ios::binary | std::ios::trunc) << content;
-  return p;
+  return llama3::testing::write_scratch_file("tokenize", name, content);
 }
 
 // Bytes are ids; BOS = 256, EOS = 257; text containing "BOOM" fails to encode.
