@@ -69,6 +69,51 @@ void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t D, T* dst) 
     for (int64_t c = 0; c < D; ++c) dst[c * kBc + r] = T(0);
 }
 
+// One key tile's online-softmax step for one query row: sr holds the tile's kBc scores, valid
+// in [a, e). On return sr holds the unnormalised probabilities exp(s - max) (zero outside
+// [a, e)), m and l the running max and sum, and the row's output accumulator is rescaled.
+template <typename T>
+void softmax_tile_row(T* sr, int64_t a, int64_t e, T& m, T& l, T* acc_row, int64_t D) {
+  if (a >= e) {
+    std::fill(sr, sr + kBc, T(0));
+    return;
+  }
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T mx = m;
+  for (int64_t jj = a; jj < e; ++jj) mx = std::max(mx, sr[jj]);
+  const T alpha = m == neg_inf ? T(0) : fast_exp(m - mx);
+  T sum = 0;
+  for (int64_t jj = 0; jj < a; ++jj) sr[jj] = T(0);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t jj = a; jj < e; ++jj) {
+    sr[jj] = fast_exp(sr[jj] - mx);
+    sum += sr[jj];
+  }
+  for (int64_t jj = e; jj < kBc; ++jj) sr[jj] = T(0);
+  l = l * alpha + sum;
+  m = mx;
+  if (alpha != T(1)) {
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) acc_row[c] *= alpha;
+  }
+}
+
+// Backward, one query row of a tile: pr holds unscaled scores q.k, dr holds dO.v (kBc each,
+// valid in [a, e)). On return pr = P (recomputed from the row's log-sum-exp li) and dr = dS =
+// P (dP - D_i) scale, both zero outside [a, e).
+template <typename T>
+void grad_tile_row(T* pr, T* dr, int64_t a, int64_t e, T li, T di, T scale) {
+  e = std::max<int64_t>(e, 0), a = std::min(a, e);  // an empty [a, e) may come in reversed
+  std::fill(pr, pr + a, T(0)), std::fill(dr, dr + a, T(0));
+#pragma omp simd
+  for (int64_t jj = a; jj < e; ++jj) {
+    const T pj = fast_exp(pr[jj] * scale - li);
+    pr[jj] = pj;
+    dr[jj] = pj * (dr[jj] - di) * scale;
+  }
+  std::fill(pr + e, pr + kBc, T(0)), std::fill(dr + e, dr + kBc, T(0));
+}
+
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T scale, T* out, T* lse) {
   const int64_t n_qt = (d.Tq + kBr - 1) / kBr;
@@ -103,30 +148,8 @@ void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T sc
             pack_transposed(k + (b * d.Tk + j0) * ldk + kvh * d.D, ldk, nc, d.D, kt.data());
             small_gemm(Accumulate::no, nr, kBc, d.D, qs.data(), d.D, kt.data(), kBc, s.data(), kBc);
             for (int64_t ii = 0; ii < nr; ++ii) {
-              T* sr = &s[ii * kBc];
               const int64_t a = std::max<int64_t>(0, rlo[ii] - j0), e = std::min<int64_t>(nc, rhi[ii] - j0);
-              if (a >= e) {
-                std::fill(sr, sr + kBc, T(0));
-                continue;
-              }
-              T mx = m[ii];
-              for (int64_t jj = a; jj < e; ++jj) mx = std::max(mx, sr[jj]);
-              const T alpha = m[ii] == neg_inf ? T(0) : fast_exp(m[ii] - mx);
-              T sum = 0;
-              for (int64_t jj = 0; jj < a; ++jj) sr[jj] = T(0);
-#pragma omp simd reduction(+ : sum)
-              for (int64_t jj = a; jj < e; ++jj) {
-                sr[jj] = fast_exp(sr[jj] - mx);
-                sum += sr[jj];
-              }
-              for (int64_t jj = e; jj < kBc; ++jj) sr[jj] = T(0);
-              l[ii] = l[ii] * alpha + sum;
-              m[ii] = mx;
-              if (alpha != T(1)) {
-                T* ar = &acc[ii * d.D];
-#pragma omp simd
-                for (int64_t c = 0; c < d.D; ++c) ar[c] *= alpha;
-              }
+              softmax_tile_row(&s[ii * kBc], a, e, m[ii], l[ii], &acc[ii * d.D], d.D);
             }
             small_gemm(Accumulate::yes, nr, d.D, nc, s.data(), kBc, v + (b * d.Tk + j0) * ldk + kvh * d.D,
                        ldk, acc.data(), d.D);
@@ -202,15 +225,7 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
               for (int64_t ii = 0; ii < nr; ++ii) {
                 const int64_t i = i0 + ii;
                 const int64_t a = std::max<int64_t>(0, rlo[i] - j0), e = std::min<int64_t>(nc, rhi[i] - j0);
-                T* pr = &p[ii * kBc];
-                T* dr = &dp[ii * kBc];
-                const T li = lse_h[i], di = dsum[i];
-                for (int64_t jj = 0; jj < kBc; ++jj) {
-                  const bool valid = jj >= a && jj < e;
-                  const T pj = valid ? fast_exp(pr[jj] * scale - li) : T(0);
-                  pr[jj] = pj;
-                  dr[jj] = pj * (dr[jj] - di) * scale;
-                }
+                grad_tile_row(&p[ii * kBc], &dp[ii * kBc], a, e, lse_h[i], dsum[i], scale);
               }
               // dV += P^T dO ; dK += dS^T Q ; dQ += dS K
               transpose_tile(p.data(), nr, nc, kBc, tt.data(), Br);
@@ -232,6 +247,172 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
       }
   }
 }
+
+#if defined(__AVX512BF16__)
+// ---- bf16-compute path (AttentionParams::compute == bf16, f32 tensors) ----
+// The same tiles, masks and online softmax, but the five tile products run on bf16 operands
+// with f32 accumulation (vdpbf16ps), as autocast SDPA does: Q/K/V/dO and P/dS are rounded to
+// bf16, scores, softmax statistics and all accumulators stay f32. K and V are packed once per
+// (batch, kv head) instead of once per tile, since the packed operands are reused by every
+// query tile of the group's heads.
+
+constexpr int64_t kBr16 = 64;  // query rows per forward work item
+
+int64_t even(int64_t n) { return n + (n & 1); }
+
+void forward_bf16(const float* q, const float* k, const float* v, const Masking& mk, Dims d,
+                  float scale, float* out, float* lse) {
+  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D, Dp = even(d.D), Tkp = even(d.Tk);
+  const int64_t ldb_kt = vnni_ld(d.Tk), ldb_v = vnni_ld(d.D);  // pairs per packed row
+  const size_t kt_sz = size_t(Dp) * ldb_kt, v_sz = size_t(Tkp) * ldb_v;
+  std::vector<uint16_t> kt(kt_sz * d.B * d.Hkv), vp(v_sz * d.B * d.Hkv);
+#pragma omp parallel for collapse(2)
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t kvh = 0; kvh < d.Hkv; ++kvh) {
+      const size_t i = size_t(b * d.Hkv + kvh);
+      pack_vnni_cols(k + b * d.Tk * ldk + kvh * d.D, ldk, d.D, d.Tk, Dp, &kt[i * kt_sz]);
+      pack_vnni_rows(v + b * d.Tk * ldk + kvh * d.D, ldk, d.Tk, d.D, Tkp, &vp[i * v_sz]);
+    }
+  const int64_t n_qt = (d.Tq + kBr16 - 1) / kBr16;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel
+  {
+    std::vector<uint16_t> qs(size_t(kBr16) * Dp, 0), ps(size_t(kBr16) * kBc);
+    std::vector<float> s(size_t(kBr16) * kBc), acc(size_t(kBr16) * d.D), m(kBr16), l(kBr16);
+    std::vector<int64_t> rlo(kBr16), rhi(kBr16);
+#pragma omp for collapse(3) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t h = 0; h < d.H; ++h)
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const int64_t kvh = h / d.group;
+          const uint16_t* ktb = &kt[size_t(b * d.Hkv + kvh) * kt_sz];
+          const uint16_t* vb = &vp[size_t(b * d.Hkv + kvh) * v_sz];
+          const int64_t i0 = qt * kBr16, nr = std::min(d.Tq, i0 + kBr16) - i0;
+          int64_t lo = d.Tk, hi = 0;
+          for (int64_t ii = 0; ii < nr; ++ii) {
+            mk.interval(b, i0 + ii, d.Tk, rlo[ii], rhi[ii]);
+            lo = std::min(lo, rlo[ii]), hi = std::max(hi, rhi[ii]);
+          }
+          for (int64_t ii = 0; ii < nr; ++ii)
+            to_bf16_row(q + (b * d.Tq + i0 + ii) * ldq + h * d.D, d.D, scale, &qs[ii * Dp]);
+          std::fill(acc.begin(), acc.begin() + nr * d.D, 0.f);
+          std::fill(m.begin(), m.end(), neg_inf);
+          std::fill(l.begin(), l.end(), 0.f);
+          for (int64_t j0 = lo - lo % kBc; j0 < hi; j0 += kBc) {
+            const int64_t nc = std::min(d.Tk, j0 + kBc) - j0;
+            small_gemm_bf16(Accumulate::no, nr, nc, Dp, qs.data(), Dp / 2, 1, ktb + 2 * j0, ldb_kt, s.data(), kBc);
+            for (int64_t ii = 0; ii < nr; ++ii) {
+              const int64_t a = std::max<int64_t>(0, rlo[ii] - j0), e = std::min<int64_t>(nc, rhi[ii] - j0);
+              softmax_tile_row(&s[ii * kBc], a, e, m[ii], l[ii], &acc[ii * d.D], d.D);
+              to_bf16_row(&s[ii * kBc], kBc, 1.f, &ps[ii * kBc]);
+            }
+            small_gemm_bf16(Accumulate::yes, nr, d.D, even(nc), ps.data(), kBc / 2, 1, vb + j0 * ldb_v, ldb_v,
+                            acc.data(), d.D);
+          }
+          for (int64_t ii = 0; ii < nr; ++ii) {
+            const int64_t i = i0 + ii;
+            float* orow = out + (b * d.Tq + i) * ldq + h * d.D;
+            const float inv = l[ii] > 0.f ? 1.f / l[ii] : 0.f;
+            for (int64_t c = 0; c < d.D; ++c) orow[c] = acc[ii * d.D + c] * inv;
+            lse[(b * d.H + h) * d.Tq + i] = l[ii] > 0.f ? m[ii] + std::log(l[ii]) : neg_inf;
+          }
+        }
+  }
+}
+
+void backward_bf16(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                   const float* lse, const Masking& mk, Dims d, float scale, float* dq, float* dk, float* dv) {
+  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D, Dp = even(d.D), Tkp = even(d.Tk), Tqp = even(d.Tq);
+  const int64_t ldb_t = vnni_ld(d.Tk), ldb_d = vnni_ld(d.D);
+  const int64_t Br = kBc;  // query rows per backward tile
+#pragma omp parallel
+  {
+    // Per (batch, kv head): K^T and V^T (D x Tk) for S = Q K^T and dP = dO V^T; K (Tk x D)
+    // for dQ = dS K. Per query head: Q and dO as bf16 rows (A operands) and packed by rows
+    // (B operands of dK = dS^T Q and dV = P^T dO).
+    std::vector<uint16_t> ktp(size_t(Dp) * ldb_t), vtp(size_t(Dp) * ldb_t), kp(size_t(Tkp) * ldb_d),
+        q16(size_t(d.Tq) * Dp, 0), do16(size_t(d.Tq) * Dp, 0), qp(size_t(Tqp) * ldb_d),
+        dop(size_t(Tqp) * ldb_d), pt(size_t(kBc) * Br), dst(size_t(kBc) * Br), ds16(size_t(Br) * kBc);
+    std::vector<float> dka(size_t(kBc) * d.D), dva(size_t(kBc) * d.D), p(size_t(Br) * kBc),
+        dp(size_t(Br) * kBc), dsum(d.Tq);
+    std::vector<int64_t> rlo(d.Tq), rhi(d.Tq);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t kvh = 0; kvh < d.Hkv; ++kvh) {
+        for (int64_t i = 0; i < d.Tq; ++i) mk.interval(b, i, d.Tk, rlo[i], rhi[i]);
+        const float* kb = k + b * d.Tk * ldk + kvh * d.D;
+        const float* vb = v + b * d.Tk * ldk + kvh * d.D;
+        pack_vnni_cols(kb, ldk, d.D, d.Tk, Dp, ktp.data());
+        pack_vnni_cols(vb, ldk, d.D, d.Tk, Dp, vtp.data());
+        pack_vnni_rows(kb, ldk, d.Tk, d.D, Tkp, kp.data());
+        for (int64_t j = 0; j < d.Tk; ++j) {
+          std::fill_n(dk + (b * d.Tk + j) * ldk + kvh * d.D, d.D, 0.f);
+          std::fill_n(dv + (b * d.Tk + j) * ldk + kvh * d.D, d.D, 0.f);
+        }
+        for (int64_t h = kvh * d.group; h < (kvh + 1) * d.group; ++h) {
+          const float* qh = q + b * d.Tq * ldq + h * d.D;
+          const float* gh = dout + b * d.Tq * ldq + h * d.D;
+          for (int64_t i = 0; i < d.Tq; ++i) {
+            const float* gr = gh + i * ldq;
+            const float* orow = out + (b * d.Tq + i) * ldq + h * d.D;
+            float s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < d.D; ++c) s += gr[c] * orow[c];
+            dsum[i] = s;
+            std::fill_n(dq + (b * d.Tq + i) * ldq + h * d.D, d.D, 0.f);
+            to_bf16_row(qh + i * ldq, d.D, 1.f, &q16[i * Dp]);
+            to_bf16_row(gr, d.D, 1.f, &do16[i * Dp]);
+          }
+          pack_vnni_rows(qh, ldq, d.Tq, d.D, Tqp, qp.data());
+          pack_vnni_rows(gh, ldq, d.Tq, d.D, Tqp, dop.data());
+          const float* lse_h = lse + (b * d.H + h) * d.Tq;
+          for (int64_t j0 = 0; j0 < d.Tk; j0 += kBc) {
+            const int64_t nc = std::min(d.Tk, j0 + kBc) - j0;
+            bool touched = false;
+            for (int64_t i0 = 0; i0 < d.Tq; i0 += Br) {
+              const int64_t nr = std::min(Br, d.Tq - i0);
+              bool any = false;
+              for (int64_t ii = 0; ii < nr && !any; ++ii) any = rlo[i0 + ii] < j0 + nc && rhi[i0 + ii] > j0;
+              if (!any) continue;
+              if (!touched) {
+                std::fill(dka.begin(), dka.end(), 0.f);
+                std::fill(dva.begin(), dva.end(), 0.f);
+                touched = true;
+              }
+              small_gemm_bf16(Accumulate::no, nr, nc, Dp, &q16[i0 * Dp], Dp / 2, 1, ktp.data() + 2 * j0, ldb_t, p.data(), kBc);
+              small_gemm_bf16(Accumulate::no, nr, nc, Dp, &do16[i0 * Dp], Dp / 2, 1, vtp.data() + 2 * j0, ldb_t, dp.data(), kBc);
+              for (int64_t ii = 0; ii < nr; ++ii) {
+                const int64_t i = i0 + ii;
+                const int64_t a = std::max<int64_t>(0, rlo[i] - j0), e = std::min<int64_t>(nc, rhi[i] - j0);
+                grad_tile_row(&p[ii * kBc], &dp[ii * kBc], a, e, lse_h[i], dsum[i], scale);
+                to_bf16_row(&dp[ii * kBc], kBc, 1.f, &ds16[ii * kBc]);
+              }
+              // dV += P^T dO ; dK += dS^T Q ; dQ += dS K
+              // P^T and dS^T as A operands: the rows of P / dS packed in pairs are exactly
+              // the bf16 pairs of their transposes' rows.
+              const int64_t nrp = even(nr);
+              pack_vnni_rows(p.data(), kBc, nr, nc, nrp, pt.data());
+              small_gemm_bf16(Accumulate::yes, nc, d.D, nrp, pt.data(), 1, kBc, dop.data() + i0 * ldb_d, ldb_d,
+                              dva.data(), d.D);
+              pack_vnni_rows(dp.data(), kBc, nr, nc, nrp, dst.data());
+              small_gemm_bf16(Accumulate::yes, nc, d.D, nrp, dst.data(), 1, kBc, qp.data() + i0 * ldb_d, ldb_d,
+                              dka.data(), d.D);
+              small_gemm_bf16(Accumulate::yes, nr, d.D, even(nc), ds16.data(), kBc / 2, 1, kp.data() + j0 * ldb_d,
+                              ldb_d, dq + (b * d.Tq + i0) * ldq + h * d.D, ldq);
+            }
+            if (!touched) continue;
+            for (int64_t jj = 0; jj < nc; ++jj) {
+              float* dkr = dk + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
+              float* dvr = dv + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
+#pragma omp simd
+              for (int64_t c = 0; c < d.D; ++c) dkr[c] += dka[jj * d.D + c], dvr[c] += dva[jj * d.D + c];
+            }
+          }
+        }
+      }
+  }
+}
+#endif
 
 Dims dims_of(const Tensor& q, const Tensor& k, const AttentionParams& p) {
   LLAMA3_CHECK(q.dim() == 4 && k.dim() == 4, "attention: q {} and k {} must be (B, T, H, Dh)",
@@ -259,6 +440,13 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        Tensor& out, Tensor& lse) {
   Dims d = dims_of(q, k, p);
   Masking mk = make_masking(p, d);
+#if defined(__AVX512BF16__)
+  if (p.compute == AttnCompute::bf16 && q.dtype() == DType::f32) {
+    const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(d.D));
+    return forward_bf16(q.data<float>(), k.data<float>(), v.data<float>(), mk, d, scale, out.data<float>(),
+                        lse.data<float>());
+  }
+#endif
   dispatch(q.dtype(), [&]<typename T>() {
     T scale = p.scale != 0.f ? T(p.scale) : T(1) / std::sqrt(T(d.D));
     forward<T>(q.data<T>(), k.data<T>(), v.data<T>(), mk, d, scale, out.data<T>(), lse.data<T>());
@@ -270,6 +458,13 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
                         Tensor& dk, Tensor& dv) {
   Dims d = dims_of(q, k, p);
   Masking mk = make_masking(p, d);
+#if defined(__AVX512BF16__)
+  if (p.compute == AttnCompute::bf16 && q.dtype() == DType::f32) {
+    const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(d.D));
+    return backward_bf16(dout.data<float>(), q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(),
+                         lse.data<float>(), mk, d, scale, dq.data<float>(), dk.data<float>(), dv.data<float>());
+  }
+#endif
   dispatch(q.dtype(), [&]<typename T>() {
     T scale = p.scale != 0.f ? T(p.scale) : T(1) / std::sqrt(T(d.D));
     backward<T>(dout.data<T>(), q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(), lse.data<T>(), mk, d,

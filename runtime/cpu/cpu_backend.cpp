@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -305,14 +306,28 @@ class CpuBackend final : public Backend {
     const int32_t* ps = pos.data<int32_t>();
     dispatch_float(x.dtype(), "rope", [&]<typename T>() {
       const T* f = inv_freq.data<T>();
-      // cos/sin table (T, half): angle computed in T like the HF reference.
-      std::vector<T> cs(size_t(t) * half), sn(size_t(t) * half);
-      for (int64_t i = 0; i < t; ++i)
-        for (int64_t j = 0; j < half; ++j) {
-          T a = T(ps[i]) * f[j];
-          cs[i * half + j] = std::cos(a);
-          sn[i * half + j] = inverse ? -std::sin(a) : std::sin(a);
-        }
+      // cos/sin table (T, half): angle computed in T like the HF reference. A step applies
+      // RoPE to q and k of every layer, forward and backward, with the same positions, so
+      // the last table is kept (per thread) and reused while positions and frequencies match.
+      struct Table {
+        std::vector<int32_t> pos;
+        std::vector<T> freq, cs, sn;
+      };
+      static thread_local Table tab;
+      if (tab.pos.size() != size_t(t) || tab.freq.size() != size_t(half) ||
+          !std::equal(ps, ps + t, tab.pos.begin()) || !std::equal(f, f + half, tab.freq.begin())) {
+        tab.pos.assign(ps, ps + t), tab.freq.assign(f, f + half);
+        tab.cs.resize(size_t(t) * half), tab.sn.resize(size_t(t) * half);
+        for (int64_t i = 0; i < t; ++i)
+          for (int64_t j = 0; j < half; ++j) {
+            T a = T(ps[i]) * f[j];
+            tab.cs[i * half + j] = std::cos(a);
+            tab.sn[i * half + j] = std::sin(a);
+          }
+      }
+      const std::vector<T>& cs = tab.cs;
+      const std::vector<T>& sn = tab.sn;
+      const T sign = inverse ? T(-1) : T(1);
       const T* xs = x.data<T>();
       T* os = out.data<T>();
 #pragma omp parallel for collapse(2) if (b * t * h * dh > 32768)
@@ -325,8 +340,9 @@ class CpuBackend final : public Backend {
 #pragma omp simd
             for (int64_t j = 0; j < half; ++j) {
               T x1 = xr[j], x2 = xr[j + half];
-              orow[j] = x1 * c[j] - x2 * s[j];
-              orow[j + half] = x2 * c[j] + x1 * s[j];
+              const T sj = sign * s[j];
+              orow[j] = x1 * c[j] - x2 * sj;
+              orow[j + half] = x2 * c[j] + x1 * sj;
             }
           }
         }
