@@ -166,12 +166,6 @@ void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T sc
 }
 
 template <typename T>
-void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-}
-
-template <typename T>
 void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
               const Masking& mk, Dims d, T scale, T* dq, T* dk, T* dv) {
   const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D;
@@ -179,7 +173,7 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
 #pragma omp parallel
   {
     std::vector<T> kt(size_t(d.D) * kBc), vt(size_t(d.D) * kBc), dka(size_t(kBc) * d.D),
-        dva(size_t(kBc) * d.D), p(size_t(Br) * kBc), dp(size_t(Br) * kBc), tt(size_t(kBc) * Br),
+        dva(size_t(kBc) * d.D), p(size_t(Br) * kBc), dp(size_t(Br) * kBc),
         dsum(d.Tq);
     std::vector<int64_t> rlo(d.Tq), rhi(d.Tq);
 #pragma omp for collapse(2) schedule(dynamic)
@@ -227,11 +221,9 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
                 const int64_t a = std::max<int64_t>(0, rlo[i] - j0), e = std::min<int64_t>(nc, rhi[i] - j0);
                 grad_tile_row(&p[ii * kBc], &dp[ii * kBc], a, e, lse_h[i], dsum[i], scale);
               }
-              // dV += P^T dO ; dK += dS^T Q ; dQ += dS K
-              transpose_tile(p.data(), nr, nc, kBc, tt.data(), Br);
-              small_gemm(Accumulate::yes, nc, d.D, nr, tt.data(), Br, gi, ldq, dva.data(), d.D);
-              transpose_tile(dp.data(), nr, nc, kBc, tt.data(), Br);
-              small_gemm(Accumulate::yes, nc, d.D, nr, tt.data(), Br, qi, ldq, dka.data(), d.D);
+              // dV += P^T dO ; dK += dS^T Q ; dQ += dS K (P^T and dS^T read through strides)
+              small_gemm_strided(Accumulate::yes, nc, d.D, nr, p.data(), int64_t(1), kBc, gi, ldq, dva.data(), d.D);
+              small_gemm_strided(Accumulate::yes, nc, d.D, nr, dp.data(), int64_t(1), kBc, qi, ldq, dka.data(), d.D);
               small_gemm(Accumulate::yes, nr, d.D, nc, dp.data(), kBc, kj, ldk,
                          dq + (b * d.Tq + i0) * ldq + h * d.D, ldq);
             }

@@ -17,15 +17,17 @@ namespace llama3::cpu {
 
 enum class Accumulate : bool { no, yes };
 
+// A addressed with strides: A(r, p) = a[r * a_rs + p * a_ps] (row-major: a_rs = lda, a_ps = 1;
+// a transposed operand: a_rs = 1, a_ps = its leading dim), so no tile is ever transposed.
 template <typename T>
-inline void small_gemm(Accumulate acc, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
-                       const T* b, int64_t ldb, T* c, int64_t ldc) {
+inline void small_gemm_strided(Accumulate acc, int64_t m, int64_t n, int64_t k, const T* a, int64_t a_rs,
+                               int64_t a_ps, const T* b, int64_t ldb, T* c, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i) {
     T* cr = c + i * ldc;
     if (acc == Accumulate::no)
       for (int64_t j = 0; j < n; ++j) cr[j] = T(0);
     for (int64_t p = 0; p < k; ++p) {
-      const T av = a[i * lda + p];
+      const T av = a[i * a_rs + p * a_ps];
       const T* br = b + p * ldb;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) cr[j] += av * br[j];
@@ -37,8 +39,8 @@ inline void small_gemm(Accumulate acc, int64_t m, int64_t n, int64_t k, const T*
 namespace detail {
 
 template <int R>
-inline void block(Accumulate acc, int64_t n0, int64_t ncols, int64_t k, const float* a, int64_t lda,
-                  const float* b, int64_t ldb, float* c, int64_t ldc) {
+inline void block(Accumulate acc, int64_t n0, int64_t ncols, int64_t k, const float* a, int64_t a_rs,
+                  int64_t a_ps, const float* b, int64_t ldb, float* c, int64_t ldc) {
   __mmask16 mk[4];
   for (int q = 0; q < 4; ++q) {
     int64_t left = ncols - 16 * q;
@@ -58,7 +60,7 @@ inline void block(Accumulate acc, int64_t n0, int64_t ncols, int64_t k, const fl
     for (int q = 0; q < 4; ++q) bv[q] = _mm512_maskz_loadu_ps(mk[q], br + 16 * q);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + p]);
+      const __m512 av = _mm512_set1_ps(a[r * a_rs + p * a_ps]);
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) s[r][q] = _mm512_fmadd_ps(av, bv[q], s[r][q]);
     }
@@ -72,21 +74,31 @@ inline void block(Accumulate acc, int64_t n0, int64_t ncols, int64_t k, const fl
 }  // namespace detail
 
 template <>
-inline void small_gemm<float>(Accumulate acc, int64_t m, int64_t n, int64_t k, const float* a,
-                              int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+inline void small_gemm_strided<float>(Accumulate acc, int64_t m, int64_t n, int64_t k, const float* a,
+                                      int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float* c,
+                                      int64_t ldc) {
   for (int64_t n0 = 0; n0 < n; n0 += 64) {
     const int64_t nc = n - n0 < 64 ? n - n0 : 64;
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) detail::block<4>(acc, n0, nc, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+    for (; i + 4 <= m; i += 4)
+      detail::block<4>(acc, n0, nc, k, a + i * a_rs, a_rs, a_ps, b, ldb, c + i * ldc, ldc);
+    const float* ai = a + i * a_rs;
     switch (m - i) {
-      case 3: detail::block<3>(acc, n0, nc, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc); break;
-      case 2: detail::block<2>(acc, n0, nc, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc); break;
-      case 1: detail::block<1>(acc, n0, nc, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc); break;
+      case 3: detail::block<3>(acc, n0, nc, k, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
+      case 2: detail::block<2>(acc, n0, nc, k, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
+      case 1: detail::block<1>(acc, n0, nc, k, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
       default: break;
     }
   }
 }
 #endif
+
+// C (m x n) = or += A (m x k, row-major, lda) B (k x n, row-major, ldb).
+template <typename T>
+inline void small_gemm(Accumulate acc, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+                       const T* b, int64_t ldb, T* c, int64_t ldc) {
+  small_gemm_strided(acc, m, n, k, a, lda, int64_t(1), b, ldb, c, ldc);
+}
 
 #if defined(__AVX512BF16__)
 // bf16 bits of an f32, rounded to nearest even (the values here are finite).
