@@ -80,6 +80,7 @@ void softmax_tile_row(T* sr, int64_t a, int64_t e, T& m, T& l, T* acc_row, int64
   }
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T mx = m;
+#pragma omp simd reduction(max : mx)
   for (int64_t jj = a; jj < e; ++jj) mx = std::max(mx, sr[jj]);
   const T alpha = m == neg_inf ? T(0) : fast_exp(m - mx);
   T sum = 0;

@@ -18,6 +18,8 @@ namespace {
 template <typename T>
 double row_loss(T* row, int64_t V, int32_t target, bool grad, T scale) {
   T mx = row[0];
+  // (The simd clause matters: a plain max loop is a serial dependency chain over V.)
+#pragma omp simd reduction(max : mx)
   for (int64_t j = 1; j < V; ++j) mx = std::max(mx, row[j]);
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
