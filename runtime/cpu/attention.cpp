@@ -60,13 +60,19 @@ Masking make_masking(const AttentionParams& p, const Dims& d) {
   return m;
 }
 
+// Keys padded to whole tiles: packed K^T / V^T rows are this long, so a tile never reads
+// past its row.
+int64_t padded_keys(int64_t Tk) { return (Tk + kBc - 1) / kBc * kBc; }
+
+// dst (D x ldt) = src (rows x D, leading dim ld)^T, columns rows..ldt zero. Done once per
+// (batch, kv head): every query tile of the group's heads reuses it.
 template <typename T>
-void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t D, T* dst) {
-  // dst (D x kBc) = src (rows x D)^T, zero-padded to kBc columns.
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < D; ++c) dst[c * kBc + r] = src[r * ld + c];
-  for (int64_t r = rows; r < kBc; ++r)
-    for (int64_t c = 0; c < D; ++c) dst[c * kBc + r] = T(0);
+void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t D, int64_t ldt, T* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)  // 16-row blocks keep the writes within cache lines
+    for (int64_t c = 0; c < D; ++c)
+      for (int64_t r = r0; r < std::min(rows, r0 + 16); ++r) dst[c * ldt + r] = src[r * ld + c];
+  for (int64_t c = 0; c < D; ++c)
+    for (int64_t r = rows; r < ldt; ++r) dst[c * ldt + r] = T(0);
 }
 
 // One key tile's online-softmax step for one query row: sr holds the tile's kBc scores, valid
@@ -119,10 +125,16 @@ template <typename T>
 void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T scale, T* out, T* lse) {
   const int64_t n_qt = (d.Tq + kBr - 1) / kBr;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D;
+  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D, ldt = padded_keys(d.Tk);
+  const size_t kt_sz = size_t(d.D) * ldt;
+  std::vector<T> kt(kt_sz * d.B * d.Hkv);
+#pragma omp parallel for collapse(2)
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t kvh = 0; kvh < d.Hkv; ++kvh)
+      pack_transposed(k + b * d.Tk * ldk + kvh * d.D, ldk, d.Tk, d.D, ldt, &kt[size_t(b * d.Hkv + kvh) * kt_sz]);
 #pragma omp parallel
   {
-    std::vector<T> kt(size_t(d.D) * kBc), qs(size_t(kBr) * d.D), s(size_t(kBr) * kBc),
+    std::vector<T> qs(size_t(kBr) * d.D), s(size_t(kBr) * kBc),
         acc(size_t(kBr) * d.D), m(kBr), l(kBr);
     std::vector<int64_t> rlo(kBr), rhi(kBr);
 #pragma omp for collapse(3) schedule(dynamic)
@@ -146,8 +158,8 @@ void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T sc
           std::fill(l.begin(), l.end(), T(0));
           for (int64_t j0 = lo - lo % kBc; j0 < hi; j0 += kBc) {
             const int64_t j1 = std::min(d.Tk, j0 + kBc), nc = j1 - j0;
-            pack_transposed(k + (b * d.Tk + j0) * ldk + kvh * d.D, ldk, nc, d.D, kt.data());
-            small_gemm(Accumulate::no, nr, kBc, d.D, qs.data(), d.D, kt.data(), kBc, s.data(), kBc);
+            small_gemm(Accumulate::no, nr, kBc, d.D, qs.data(), d.D, &kt[size_t(b * d.Hkv + kvh) * kt_sz + j0], ldt,
+                       s.data(), kBc);
             for (int64_t ii = 0; ii < nr; ++ii) {
               const int64_t a = std::max<int64_t>(0, rlo[ii] - j0), e = std::min<int64_t>(nc, rhi[ii] - j0);
               softmax_tile_row(&s[ii * kBc], a, e, m[ii], l[ii], &acc[ii * d.D], d.D);
@@ -169,11 +181,11 @@ void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T sc
 template <typename T>
 void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
               const Masking& mk, Dims d, T scale, T* dq, T* dk, T* dv) {
-  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D;
+  const int64_t ldq = d.H * d.D, ldk = d.Hkv * d.D, ldt = padded_keys(d.Tk);
   const int64_t Br = kBc;  // query rows per backward tile
 #pragma omp parallel
   {
-    std::vector<T> kt(size_t(d.D) * kBc), vt(size_t(d.D) * kBc), dka(size_t(kBc) * d.D),
+    std::vector<T> kt(size_t(d.D) * ldt), vt(size_t(d.D) * ldt), dka(size_t(kBc) * d.D),
         dva(size_t(kBc) * d.D), p(size_t(Br) * kBc), dp(size_t(Br) * kBc),
         dsum(d.Tq);
     std::vector<int64_t> rlo(d.Tq), rhi(d.Tq);
@@ -181,6 +193,8 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
     for (int64_t b = 0; b < d.B; ++b)
       for (int64_t kvh = 0; kvh < d.Hkv; ++kvh) {
         for (int64_t i = 0; i < d.Tq; ++i) mk.interval(b, i, d.Tk, rlo[i], rhi[i]);
+        pack_transposed(k + b * d.Tk * ldk + kvh * d.D, ldk, d.Tk, d.D, ldt, kt.data());
+        pack_transposed(v + b * d.Tk * ldk + kvh * d.D, ldk, d.Tk, d.D, ldt, vt.data());
         for (int64_t j = 0; j < d.Tk; ++j) {
           std::fill_n(dk + (b * d.Tk + j) * ldk + kvh * d.D, d.D, T(0));
           std::fill_n(dv + (b * d.Tk + j) * ldk + kvh * d.D, d.D, T(0));
@@ -199,24 +213,21 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
           for (int64_t j0 = 0; j0 < d.Tk; j0 += kBc) {
             const int64_t j1 = std::min(d.Tk, j0 + kBc), nc = j1 - j0;
             const T* kj = k + (b * d.Tk + j0) * ldk + kvh * d.D;
-            const T* vj = v + (b * d.Tk + j0) * ldk + kvh * d.D;
-            bool packed = false;
+            bool touched = false;
             for (int64_t i0 = 0; i0 < d.Tq; i0 += Br) {
               const int64_t nr = std::min(Br, d.Tq - i0);
               bool any = false;
               for (int64_t ii = 0; ii < nr && !any; ++ii) any = rlo[i0 + ii] < j1 && rhi[i0 + ii] > j0;
               if (!any) continue;
-              if (!packed) {
-                pack_transposed(kj, ldk, nc, d.D, kt.data());
-                pack_transposed(vj, ldk, nc, d.D, vt.data());
+              if (!touched) {
                 std::fill(dka.begin(), dka.end(), T(0));
                 std::fill(dva.begin(), dva.end(), T(0));
-                packed = true;
+                touched = true;
               }
               const T* qi = q + (b * d.Tq + i0) * ldq + h * d.D;
               const T* gi = dout + (b * d.Tq + i0) * ldq + h * d.D;
-              small_gemm(Accumulate::no, nr, kBc, d.D, qi, ldq, kt.data(), kBc, p.data(), kBc);
-              small_gemm(Accumulate::no, nr, kBc, d.D, gi, ldq, vt.data(), kBc, dp.data(), kBc);
+              small_gemm(Accumulate::no, nr, kBc, d.D, qi, ldq, kt.data() + j0, ldt, p.data(), kBc);
+              small_gemm(Accumulate::no, nr, kBc, d.D, gi, ldq, vt.data() + j0, ldt, dp.data(), kBc);
               for (int64_t ii = 0; ii < nr; ++ii) {
                 const int64_t i = i0 + ii;
                 const int64_t a = std::max<int64_t>(0, rlo[i] - j0), e = std::min<int64_t>(nc, rhi[i] - j0);
@@ -228,7 +239,7 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
               small_gemm(Accumulate::yes, nr, d.D, nc, dp.data(), kBc, kj, ldk,
                          dq + (b * d.Tq + i0) * ldq + h * d.D, ldq);
             }
-            if (!packed) continue;
+            if (!touched) continue;
             for (int64_t jj = 0; jj < nc; ++jj) {
               T* dkr = dk + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
               T* dvr = dv + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
