@@ -25,6 +25,22 @@ auto dispatch_float(DType t, const char* op, F&& f) {
   }
 }
 
+// Runs f(lo, hi) over [0, bytes) split across the OpenMP threads (boundaries aligned to
+// `align` bytes), or inline below 1 MiB. Fills and same-type copies are memory-bound, and
+// leaving them to one thread keeps the other spinning idle (zeroing gradients, contiguous()).
+template <typename F>
+void parallel_chunks(int64_t bytes, F&& f, int64_t align = 64) {
+  if (bytes < (int64_t(1) << 20)) return f(int64_t(0), bytes);
+#pragma omp parallel
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (bytes / nt + 63) / 64 * 64;
+    int64_t lo = std::min(bytes, t * per), hi = std::min(bytes, lo + per);
+    lo = lo / align * align, hi = t == nt - 1 ? bytes : hi / align * align;
+    if (hi > lo) f(lo, hi);
+  }
+}
+
 void check_contig(const Tensor& t, const char* op, const char* name) {
   LLAMA3_CHECK(t.defined() && t.is_contiguous(), "{}: {} must be a defined contiguous tensor, got {}",
                op, name, t.str());
@@ -67,7 +83,9 @@ class CpuBackend final : public Backend {
     if (n == 0) return;
     if (src.is_contiguous() && dst.is_contiguous()) {
       if (src.dtype() == dst.dtype()) {
-        std::memcpy(dst.data_ptr(), src.data_ptr(), src.nbytes());
+        const char* sp = static_cast<const char*>(src.data_ptr());
+        char* dp = static_cast<char*>(dst.data_ptr());
+        parallel_chunks(int64_t(src.nbytes()), [&](int64_t lo, int64_t hi) { std::memcpy(dp + lo, sp + lo, hi - lo); });
         return;
       }
       if (src.dtype() == DType::f32 && dst.dtype() == DType::bf16) {
@@ -119,13 +137,19 @@ class CpuBackend final : public Backend {
       return;
     }
     char* p = static_cast<char*>(t.data_ptr());
+    auto fill_as = [&]<typename T>(T v) {
+      T* d = reinterpret_cast<T*>(p);
+      parallel_chunks(n * int64_t(sizeof(T)), [&](int64_t lo, int64_t hi) {
+        std::fill(d + lo / int64_t(sizeof(T)), d + hi / int64_t(sizeof(T)), v);
+      }, sizeof(T));
+    };
     switch (t.dtype()) {
-      case DType::f32: std::fill_n(reinterpret_cast<float*>(p), n, float(value)); return;
-      case DType::f64: std::fill_n(reinterpret_cast<double*>(p), n, value); return;
-      case DType::bf16: std::fill_n(reinterpret_cast<uint16_t*>(p), n, f32_to_bf16_bits(float(value))); return;
-      case DType::i32: std::fill_n(reinterpret_cast<int32_t*>(p), n, int32_t(value)); return;
-      case DType::i64: std::fill_n(reinterpret_cast<int64_t*>(p), n, int64_t(value)); return;
-      case DType::u8: std::fill_n(reinterpret_cast<uint8_t*>(p), n, uint8_t(value)); return;
+      case DType::f32: return fill_as(float(value));
+      case DType::f64: return fill_as(value);
+      case DType::bf16: return fill_as(f32_to_bf16_bits(float(value)));
+      case DType::i32: return fill_as(int32_t(value));
+      case DType::i64: return fill_as(int64_t(value));
+      case DType::u8: return fill_as(uint8_t(value));
       case DType::f16: break;
     }
     fail("fill: dtype {} unsupported on cpu", dtype_name(t.dtype()));
