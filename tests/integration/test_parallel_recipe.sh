@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `mpirun -np 4 llama3 run` of a small recipe whose PRETRAIN stage has `parallel { tp: 2
-# dp_shard: 2 }`: the data and eval stages run on rank 0, pretrain on all four ranks with
-# distributed checkpoints. Its step and eval losses equal the same recipe run in one
-# process (1e-5 relative), the eval stage loads the stage's model single-process, and the
-# pretrain stage, reopened with more tokens in one plain process, resumes from the 4-rank
-# distributed checkpoint.
+# dp_shard: 2 }` and whose ANNEAL stage (Polyak average of 2 snapshots) has `parallel { pp: 2
+# dp_shard: 2 }`: the data and eval stages run on rank 0, the training stages on all four
+# ranks with distributed checkpoints. Step and eval losses and final metrics equal the same
+# recipe run in one process (1e-5 relative), the eval stage loads the annealed model
+# single-process, and the pretrain stage, reopened with more tokens in one plain process,
+# resumes from its 4-rank distributed checkpoint.
 set -euo pipefail
 BUILD=${1:?build dir}
 BIN="$BUILD/llama3"
@@ -33,9 +34,22 @@ stage {
   eval { every_tokens: 1024 batches: 2 }
   checkpoint_every_steps: 2
 }
-stage { name: "eval" kind: EVAL init_from: "pretrain" data_from: "data" eval { seq_len: 32 batches: 2 } }
+stage {
+  name: "anneal"
+  kind: ANNEAL
+  init_from: "pretrain"
+  data_from: "data"
+  optimizer { lr: 5e-3 }
+  batch { seq_len: 32 batch_tokens: 512 micro_batch_tokens: 128 }
+  total_tokens: 1536
+  parallel { pp: 2 dp_shard: 2 }
+  anneal { average_every_tokens: 512 average_last: 2 }
+  eval { batches: 2 }
+}
+stage { name: "eval" kind: EVAL init_from: "anneal" data_from: "data" eval { seq_len: 32 batches: 2 } }
 R
-PLAIN=(--set pretrain.parallel.tp=1 --set pretrain.parallel.dp_shard=1)
+PLAIN=(--set pretrain.parallel.tp=1 --set pretrain.parallel.dp_shard=1 --set anneal.parallel.pp=1
+       --set anneal.parallel.dp_shard=1)
 
 "${MPI[@]}" -np 4 "$BIN" run "$OUT/par.textproto" --out "$OUT/par" --timeout 120 > "$OUT/par.log" 2>&1 \
   || { cat "$OUT/par.log"; exit 1; }
@@ -46,20 +60,29 @@ test -f "$OUT/par/eval/final.json"
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-def metrics(run):
-    by = {}
-    for line in open(f"{out}/{run}/pretrain/metrics.jsonl"):
+def metrics(run, stage):
+    by, lines = {}, 0
+    for line in open(f"{out}/{run}/{stage}/metrics.jsonl"):
         j = json.loads(line)
+        lines += 1
         for k in ("loss", "eval_loss"):
             if k in j:
                 by[(k, j["step"])] = j[k]
-    return by
-ref, got = metrics("one"), metrics("par")
-assert set(ref) == set(got), (sorted(ref), sorted(got))  # rank 0 alone wrote: no duplicates
-assert len([k for k in ref if k[0] == "loss"]) == 5, ref
-worst = max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
-print(f"pretrain: {len(ref)} losses, max relative difference to one process {worst:.3g}")
-assert worst <= 1e-5, worst
+    return by, lines
+for stage, steps in (("pretrain", 5), ("anneal", 3)):
+    (ref, n1), (got, n4) = metrics("one", stage), metrics("par", stage)
+    assert set(ref) == set(got) and n1 == n4, (sorted(ref), sorted(got))  # rank 0 alone wrote
+    assert len([k for k in ref if k[0] == "loss"]) == steps, ref
+    worst = max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
+    print(f"{stage}: {len(ref)} losses, max relative difference to one process {worst:.3g}")
+    assert worst <= 1e-5, worst
+for stage in ("pretrain", "anneal"):
+    a = json.load(open(f"{out}/one/{stage}/final.json"))
+    b = json.load(open(f"{out}/par/{stage}/final.json"))
+    for k in ("eval_loss", "eval_loss_last", "averaged_checkpoints", "tokens", "steps"):
+        if k in a:
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (stage, k, a[k], b[k])
+assert json.load(open(f"{out}/par/anneal/final.json"))["averaged_checkpoints"] == 2
 e1 = json.load(open(f"{out}/one/eval/final.json"))["eval_loss"]
 e4 = json.load(open(f"{out}/par/eval/final.json"))["eval_loss"]
 print(f"eval stage (single process, model of the 4-rank stage): {e4:.6f} vs {e1:.6f}")
@@ -71,7 +94,7 @@ PY
 python3 - "$OUT/par/state.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-s["finished"] = ["data"]
+s["finished"] = ["data"]  # pretrain runs again (resuming); anneal and eval follow
 json.dump(s, open(sys.argv[1], "w"))
 PY
 "$BIN" run "$OUT/par.textproto" --out "$OUT/par" "${PLAIN[@]}" --set pretrain.total_tokens=3072 \
@@ -85,4 +108,4 @@ if "${MPI[@]}" -np 2 "$BIN" run "$OUT/par.textproto" --out "$OUT/bad" > "$OUT/ba
 fi
 grep -q "needs 4 ranks; this run has 2" "$OUT/bad.log"
 test ! -d "$OUT/bad/data"
-echo "PASS parallel PRETRAIN stage under mpirun -np 4 equals one process; resumes single-process"
+echo "PASS parallel PRETRAIN (tp2 x dp_shard2) and ANNEAL (pp2 x dp_shard2) stages under mpirun -np 4 equal one process; resume single-process"
