@@ -257,14 +257,14 @@ void Trainer::save(const std::string& dir) {
   if (r == 0) {
     io::CheckpointWriter& w = *wp;
     w.json("config.json", model_.config().to_hf_json());
-  nlohmann::json state = {{"step", step_},
-                          {"optimizer_step", opt_->steps()},
-                          {"tokens", tokens_},
-                          {"skipped_steps", skipped_},
-                          {"data", train_.state()},
-                          {"extra", extra_state},
-                          {"layout", par_ ? cfg_.parallel.dims.str() : "single process"},
-                          {"format_version", 1}};
+    nlohmann::json state = {{"step", step_},
+                            {"optimizer_step", opt_->steps()},
+                            {"tokens", tokens_},
+                            {"skipped_steps", skipped_},
+                            {"data", train_.state()},
+                            {"extra", extra_state},
+                            {"layout", par_ ? cfg_.parallel.dims.str() : "single process"},
+                            {"format_version", 1}};
     w.json("trainer_state.json", state);
     w.commit();
   }
