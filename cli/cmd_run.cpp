@@ -7,30 +7,38 @@
 
 #include "cli/flags.h"
 #include "recipes/runner.h"
+#include "runtime/dist/communicator.h"
 
 namespace llama3::cli {
 
 namespace {
 constexpr const char* kUsage =
     "usage: llama3 run RECIPE [--out DIR] [--set stage.field=value]... [--only STAGE] [--from STAGE]\n"
-    "                  [--dry-run]\n"
+    "                  [--dry-run] [--timeout 3600]\n"
     "  Runs the recipe's stages in order into DIR (default: the recipe's out_dir), skipping finished\n"
     "  stages and resuming an interrupted one from its latest checkpoint.\n"
     "  --set      overrides a field: pretrain.total_tokens=1000000, pretrain.optimizer.lr=1e-3,\n"
     "             pretrain.batch.ramp[0].at_tokens=5000, seed=3 (repeatable)\n"
     "  --only     runs just STAGE (again, from scratch); its inputs must have finished\n"
     "  --from     runs STAGE and every later stage again from scratch\n"
-    "  --dry-run  validates and prints the plan: params, tokens, FLOPs, estimated time";
+    "  --dry-run  validates and prints the plan: params, tokens, FLOPs, estimated time\n"
+    "  Under mpirun -np N, training stages whose parallel { ... } layout has N ranks run on all\n"
+    "  ranks, every other stage on rank 0; --timeout is how long a rank waits for its peers\n"
+    "  (e.g. while rank 0 alone runs a data stage) before the run fails.";
 }  // namespace
 
 int cmd_run(const Args& args) {
-  Flags f(args, {"--out", "--set", "--only", "--from"}, {"--dry-run"}, kUsage);
+  Flags f(args, {"--out", "--set", "--only", "--from", "--timeout"}, {"--dry-run"}, kUsage);
   LLAMA3_CHECK(f.positional().size() == 1, "expected one RECIPE file\n{}", kUsage);
   LLAMA3_CHECK(!(f.has("--only") && f.has("--from")), "give --only or --from, not both");
   recipes::LoadedRecipe recipe = recipes::LoadedRecipe::load(f.positional()[0]);
   for (const auto& s : f.all("--set")) recipe.apply_override(s);
   const bool dry = f.has("--dry-run");
-  recipe.validate(/*runnable=*/!dry);
+  dist::CommOptions co;
+  co.timeout_s = f.real("--timeout", 3600.0);
+  auto world = dry ? dist::single_rank_communicator() : dist::world_communicator(co);
+  if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
+  recipe.validate(/*runnable=*/!dry, world->size());
   if (dry) {
     recipes::print_plan(recipe, std::cout);
     return 0;
@@ -41,6 +49,7 @@ int cmd_run(const Args& args) {
   o.run_dir = std::filesystem::absolute(out).lexically_normal().string();
   o.only = f.str("--only");
   o.from = f.str("--from");
+  if (world->size() > 1) o.world = world;
   recipes::run_recipe(recipe, o);
   return 0;
 }

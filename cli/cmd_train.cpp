@@ -1,8 +1,10 @@
-// `llama3 train`: single-process pre-training of a Llama 3 flavour on token shards built by
+// `llama3 train`: pre-training of a Llama 3 flavour on token shards built by
 // `llama3 data demo|tokenize` (a manifest.json), with a progress line (step, loss, tokens/s,
 // % of this machine's GEMM peak, ETA), periodic eval loss and resumable checkpoints. OUT is a
 // stage directory of the run-directory contract (docs/observability.md): metrics.jsonl,
-// TensorBoard events in tb/, final.json and checkpoint/.
+// TensorBoard events in tb/, final.json and checkpoint/. Under `mpirun -np N` with
+// --parallel LAYOUT the same trainer runs the 4D layout (docs/parallelism.md); rank 0 alone
+// logs and writes metrics, checkpoints are distributed.
 #include <spdlog/spdlog.h>
 
 #include <cmath>
@@ -10,6 +12,7 @@
 #include <fstream>
 
 #include "cli/flags.h"
+#include "runtime/dist/communicator.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/io/checkpoint.h"
 #include "runtime/log/metrics.h"
@@ -29,7 +32,12 @@ constexpr const char* kUsage =
     "                    [--weight-decay 0.1] [--clip 1.0] [--precision f32|bf16]\n"
     "                    [--checkpointing] [--eval-every 50] [--eval-batches 4] [--ckpt-every 0]\n"
     "                    [--seed 0] [--out runs/train] [--stage train] [--resume]\n"
-    "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.";
+    "                    [--parallel tp=2,pp=2,... [--microbatches 1] [--virtual-stages 1] [--timeout 300]]\n"
+    "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.\n"
+    "  --batch is the global batch of one micro-batch; --accum micro-batches make a step.\n"
+    "  --parallel (under mpirun -np N): degrees of dp_replicate, dp_shard, cp, tp, pp (product N);\n"
+    "  --microbatches: pipeline micro-batches per micro-batch; --timeout: seconds a collective may\n"
+    "  wait for a peer before the run fails.";
 
 // Entropy (nats/token) of the unigram distribution of the shards' tokens: the loss a model
 // that ignores context entirely would reach on that text.
@@ -54,8 +62,17 @@ int cmd_train(const Args& args) {
   Flags f(args,
           {"--data", "--flavour", "--steps", "--batch", "--seq", "--accum", "--lr", "--min-lr", "--warmup",
            "--decay", "--weight-decay", "--clip", "--precision", "--eval-every", "--eval-batches",
-           "--ckpt-every", "--seed", "--out", "--stage"},
+           "--ckpt-every", "--seed", "--out", "--stage", "--parallel", "--microbatches", "--virtual-stages",
+           "--timeout"},
           {"--checkpointing", "--resume"}, kUsage);
+  dist::CommOptions co;
+  co.timeout_s = f.real("--timeout", 300.0);
+  auto world = dist::world_communicator(co);
+  LLAMA3_CHECK(world->size() == 1 || f.has("--parallel"),
+               "launched with {} ranks: give --parallel with a layout of {} ranks (e.g. dp_shard={})", world->size(),
+               world->size(), world->size());
+  const bool rank0 = world->rank() == 0;
+  if (!rank0) spdlog::set_level(spdlog::level::warn);
   const std::string data_dir = f.required("--data");
   const std::string out = f.str("--out", "runs/train");
   const std::string manifest_path = data_dir + "/manifest.json";
@@ -104,6 +121,21 @@ int cmd_train(const Args& args) {
   tc.eval_batches = f.integer("--eval-batches", 4);
   tc.ckpt_every = f.integer("--ckpt-every", 0);
   tc.out_dir = out;
+  if (f.has("--parallel")) {
+    tc.parallel.world = world;
+    tc.parallel.dims = dist::ParallelDims::parse(f.str("--parallel"));
+    tc.parallel.microbatches = f.integer("--microbatches", 1);
+    tc.parallel.virtual_stages = int(f.integer("--virtual-stages", 1));
+    tc.parallel.dims.validate(world->size());
+    dist::ModelShape ms;
+    ms.n_heads = cfg.n_heads, ms.n_kv_heads = cfg.n_kv_heads, ms.n_layers = cfg.n_layers;
+    ms.ffn_hidden = cfg.ffn_hidden(), ms.vocab = cfg.vocab_size, ms.seq_len = seq;
+    ms.global_batch = lc.batch_size, ms.microbatches = tc.parallel.microbatches;
+    ms.virtual_stages = tc.parallel.virtual_stages;
+    // Bad layouts fail here, before any work, with the numbers in the message.
+    dist::validate_for_model(tc.parallel.dims, ms);
+    if (rank0) spdlog::info("layout {} on {} ranks", tc.parallel.dims.str(), world->size());
+  }
   fs::create_directories(out);
 
   text::Trainer trainer(model, tc, train, eval.get());
@@ -112,20 +144,25 @@ int cmd_train(const Args& args) {
     trainer.load(ckpt);
     spdlog::info("resumed from {} at step {}", ckpt, trainer.steps_done());
   }
-  const double peak = cpu_gemm_peak_flops(precision == "bf16", 2048);
+  const double peak = rank0 ? cpu_gemm_peak_flops(precision == "bf16", 2048) : 1.0;  // a benchmark: rank 0 only
   spdlog::info("model {} ({:.1f}M params), {} steps of {} x {} x {} tokens, {} , GEMM peak {:.0f} GFLOP/s",
                f.str("--flavour", "tiny"), double(cfg.num_params()) / 1e6, tc.steps, lc.batch_size, seq,
                tc.grad_accum, precision, peak / 1e9);
   const std::string stage = f.str("--stage", "train");
-  log::MetricsWriter metrics(out, stage);
-  log::ProgressOptions po;
-  po.stage = stage;
-  po.total_steps = tc.steps;
-  po.peak_flops = peak;
-  log::ProgressLine progress(po);
+  // Rank 0 alone writes metrics and draws the progress line.
+  std::unique_ptr<log::MetricsWriter> metrics_w;
+  std::unique_ptr<log::ProgressLine> progress_w;
+  if (rank0) {
+    metrics_w = std::make_unique<log::MetricsWriter>(out, stage);
+    log::ProgressOptions po;
+    po.stage = stage;
+    po.total_steps = tc.steps;
+    po.peak_flops = peak;
+    progress_w = std::make_unique<log::ProgressLine>(po);
+  }
   double elapsed = 0;  // training seconds so far, continued across resumes
-  if (trainer.steps_done() > 0 && fs::exists(metrics.jsonl_path())) {
-    const auto logged = log::read_metrics_jsonl(metrics.jsonl_path());
+  if (rank0 && trainer.steps_done() > 0 && fs::exists(metrics_w->jsonl_path())) {
+    const auto logged = log::read_metrics_jsonl(metrics_w->jsonl_path());
     if (auto it = logged.find("time"); it != logged.end())
       for (const auto& [step, t] : it->second)
         if (step <= trainer.steps_done()) elapsed = t;
@@ -134,6 +171,9 @@ int cmd_train(const Args& args) {
   trainer.on_step = [&](const text::StepStats& s) {
     elapsed += s.seconds;
     last_loss = s.loss;
+    if (!rank0) return;
+    auto& metrics = *metrics_w;
+    auto& progress = *progress_w;
     if (s.skipped) progress.message(fmt::format("step {}: update skipped (non-finite loss or gradient)", s.step));
     metrics.log(s.step, {{"tokens", s.tokens},
                          {"time", elapsed},
@@ -147,6 +187,9 @@ int cmd_train(const Args& args) {
   };
   trainer.on_eval = [&](int64_t step, double loss) {
     last_eval = loss;
+    if (!rank0) return;
+    auto& metrics = *metrics_w;
+    auto& progress = *progress_w;
     metrics.log(step, {{"eval_loss", loss}, {"eval_ppl", std::exp(loss)}});
     progress.message(fmt::format("eval step {}: loss {:.4f} (ppl {:.1f})", step, loss, std::exp(loss)));
   };
@@ -156,13 +199,14 @@ int cmd_train(const Args& args) {
                                   {"time", elapsed}, {"skipped_steps", trainer.skipped_steps()}};
   if (!std::isnan(last_loss)) final_metrics["loss"] = last_loss;
   if (eval) {
-    if (std::isnan(last_eval)) last_eval = trainer.evaluate();
+    if (std::isnan(last_eval)) last_eval = trainer.evaluate();  // collective under a layout
+    if (!rank0) return 0;
     const double h = unigram_entropy(eval->loader_config().sources[0].shards);
     final_metrics["eval_loss"] = last_eval;
     final_metrics["eval_unigram_entropy"] = h;
     spdlog::info("held-out loss {:.4f} nats/token vs unigram entropy {:.4f} of the same text", last_eval, h);
   }
-  std::ofstream(out + "/final.json") << final_metrics.dump(2) << "\n";
+  if (rank0) std::ofstream(out + "/final.json") << final_metrics.dump(2) << "\n";
   return 0;
 }
 

@@ -253,7 +253,7 @@ struct Checker {
 };
 }  // namespace
 
-void LoadedRecipe::validate(bool runnable) const {
+void LoadedRecipe::validate(bool runnable, int world_size) const {
   const Recipe& r = recipe_;
   LLAMA3_CHECK(r.stage_size() > 0, "{}: recipe has no stages", file_);
   std::map<std::string, int> seen;
@@ -394,10 +394,10 @@ void LoadedRecipe::validate(bool runnable) const {
                   cfg.n_kv_heads);
         if (cfg.n_layers < L.pp) c.error("parallel.pp", "pp {} exceeds n_layers {}", L.pp, cfg.n_layers);
       }
-      if (runnable && L.world() != 1)
-        c.error("parallel", "layout dp_shard {} x tp {} x pp {} x cp {} x dp_replicate {} needs {} ranks; this build "
-                "runs stages single-process (use --dry-run to check the plan)",
-                L.dp_shard, L.tp, L.pp, L.cp, L.dp_replicate, L.world());
+      if (runnable && L.world() != 1 && L.world() != world_size)
+        c.error("parallel", "layout dp_shard {} x tp {} x pp {} x cp {} x dp_replicate {} needs {} ranks; this run has "
+                "{} (launch it with mpirun -np {}; --dry-run checks the plan)",
+                L.dp_shard, L.tp, L.pp, L.cp, L.dp_replicate, L.world(), world_size, L.world());
 
       if (k == LONG_CONTEXT) {
         const auto& lc = s.long_context();

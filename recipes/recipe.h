@@ -25,9 +25,10 @@ class LoadedRecipe {
   void apply_override(const std::string& assignment);
 
   // Throws on the first problem: "file:line:col: stage 'x' field y: what is wrong".
-  // `runnable` additionally rejects what this build cannot execute (parallel layouts with
-  // more than one rank); dry runs validate without it.
-  void validate(bool runnable) const;
+  // `runnable` additionally rejects what this run cannot execute (a training stage whose
+  // layout needs more than one rank but not `world_size`, the ranks this run was launched
+  // with); dry runs validate without it.
+  void validate(bool runnable, int world_size = 1) const;
 
   // "file:line:col" of a field of stage `stage` (path "batch.ramp[1].at_tokens"); falls back
   // to the nearest enclosing field found in the file, or "file (set by --set)".

@@ -12,6 +12,7 @@
 
 #include "recipes/evals.h"
 #include "recipes/metrics_sink.h"
+#include "recipes/stage_comm.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/io/checkpoint.h"
 #include "text/data/build.h"
@@ -182,7 +183,8 @@ class RecipeSource : public text::BatchSource {
 class StageRunner {
  public:
   StageRunner(const LoadedRecipe& lr, int index, const RunOptions& o)
-      : lr_(lr), r_(lr.recipe()), s_(r_.stage(index)), index_(index), opts_(o) {
+      : lr_(lr), r_(lr.recipe()), s_(r_.stage(index)), index_(index), opts_(o),
+        comm_(o.world, is_training(s_.kind()) && layout_of(s_).world() > 1) {
     dir_ = (fs::path(o.run_dir) / s_.name()).string();
   }
 
@@ -200,6 +202,10 @@ class StageRunner {
   }
 
  private:
+  // Shadows recipes::write_metrics inside the stage: rank 0 alone writes (recipes/stage_comm.h).
+  void write_metrics(const std::string& dir, const std::string& stage, int64_t step, const json& f) const {
+    if (comm_.lead()) recipes::write_metrics(dir, stage, step, f);
+  }
   std::string stage_dir(const std::string& name) const { return (fs::path(opts_.run_dir) / name).string(); }
   std::string model_dir(const std::string& name) const { return stage_dir(name) + "/model"; }
 
@@ -284,6 +290,7 @@ class StageRunner {
   const Stage& s_;
   int index_;
   const RunOptions& opts_;
+  StageComm comm_;
   std::string dir_;
 };
 
@@ -356,14 +363,17 @@ json StageRunner::run_train() {
     const int64_t lo = s_.synthetic_niah().min_len() > 0 ? s_.synthetic_niah().min_len() : std::max<int64_t>(64, seq / 4);
     const int64_t hi = s_.synthetic_niah().max_len() > 0 ? s_.synthetic_niah().max_len() : std::max(lo, seq);
     const std::string path = fmt::format("{}/niah_train.shard", dir_);
-    if (!fs::exists(path)) train_needles->write_training_shard(path, 4000, lo, hi, seed * 31);
+    if (comm_.lead() && !fs::exists(path)) train_needles->write_training_shard(path, 4000, lo, hi, seed * 31);
+    comm_.sync();
     sources.push_back({"niah", {path}, 0.0});
     base.push_back(0.0);
   }
   if (syn_w > 0) {
     for (int64_t L : s_.long_context().seq_lens()) {
       const std::string path = fmt::format("{}/niah_train_{}.shard", dir_, L);
-      if (!fs::exists(path)) train_needles->write_training_shard(path, 2000, L / 4, L, seed * 31 + uint64_t(L));
+      if (comm_.lead() && !fs::exists(path))
+        train_needles->write_training_shard(path, 2000, L / 4, L, seed * 31 + uint64_t(L));
+      comm_.sync();
       sources.push_back({fmt::format("niah_{}", L), {path}, 0.0});
       base.push_back(0.0);
     }
@@ -427,25 +437,37 @@ json StageRunner::run_train() {
     }
     return token_lr(s_, tokens + cur_batch);
   };
+  // Under a layout each trainer micro-batch is the global one (dp x the per-rank micro-batch).
+  const int64_t dpn = comm_.group() ? layout_of(s_).dp() : 1;
+  tc.parallel = trainer_parallel(s_, model->config(), batch_at(s_, 0).seq_len, batch_at(s_, 0).micro_batch_size() * dpn,
+                                 comm_.group());
   text::Trainer trainer(*model, tc, source);
+  // The whole model for evals and outputs: gathered from the ranks under a layout
+  // (collective), until annealing replaces it with the average.
+  bool averaged = false;
+  auto whole = [&]() -> text::LlamaModel& { return averaged ? *model : trainer.full_model(); };
   const std::string ckpt = dir_ + "/checkpoint";
   json& x = trainer.extra_state;
   const int64_t eval_batches = s_.eval().batches() > 0 ? s_.eval().batches() : 4;
   const int niah_c = candidates();
   const int64_t niah_n = s_.eval().niah().samples();
 
-  auto short_loss = [&](int64_t seq) { return eval_loss(*model, ds.eval, seq, eval_rows(seq), eval_batches); };
+  auto short_loss = [&](int64_t seq) {
+    auto& m = whole();
+    return comm_.shared([&] { return eval_loss(m, ds.eval, seq, eval_rows(seq), eval_batches); });
+  };
   auto niah = [&](int64_t L) {
-    return niah_eval(*model, *eval_needles, L, niah_n, niah_c, niah_seed()).accuracy();
+    auto& m = whole();
+    return comm_.shared([&] { return niah_eval(m, *eval_needles, L, niah_n, niah_c, niah_seed()).accuracy(); });
   };
 
   if (fs::exists(ckpt)) {
     trainer.load(ckpt);
-    truncate_metrics(dir_, trainer.steps_done());
+    if (comm_.lead()) truncate_metrics(dir_, trainer.steps_done());
     spdlog::info("stage {}: resumed from {} at step {} ({} tokens)", s_.name(), ckpt, trainer.steps_done(),
                  trainer.tokens_seen());
   } else {
-    fs::remove(dir_ + "/metrics.jsonl");
+    if (comm_.lead()) fs::remove(dir_ + "/metrics.jsonl");
     x = json::object();
     x["increment"] = 0;
     x["increment_start"] = 0;
@@ -478,8 +500,10 @@ json StageRunner::run_train() {
     BatchAt b = batch_at(s_, t);
     if (lc) b.seq_len = lcs.seq_lens(inc);
     cur_batch = b.batch_tokens;
-    source.configure(b.seq_len, b.micro_batch_size(), weights_at(t, inc));
-    trainer.set_grad_accum(b.grad_accum());
+    LLAMA3_CHECK(b.grad_accum() % dpn == 0, "stage '{}': {} micro-batches per step are not divisible by dp {}",
+                 s_.name(), b.grad_accum(), dpn);
+    source.configure(b.seq_len, b.micro_batch_size() * dpn, weights_at(t, inc));
+    trainer.set_grad_accum(b.grad_accum() / dpn);
     text::StepStats st = trainer.step();
     const int64_t t1 = trainer.tokens_seen();
     json m = {{"tokens", t1},          {"loss", st.loss},
@@ -492,7 +516,7 @@ json StageRunner::run_train() {
                    s_.name(), st.step, t1, b.seq_len, b.batch_tokens, st.loss, st.lr, st.tokens_per_s,
                    100.0 * st.flops_per_s / peak);
     if (every > 0 && t / every != t1 / every) {
-      const double el = eval_loss(*model, ds.eval, b.seq_len, eval_rows(b.seq_len), eval_batches);
+      const double el = short_loss(b.seq_len);
       write_metrics(dir_, s_.name(), st.step, {{"tokens", t1}, {"eval_loss", el}});
       last_eval_step = st.step;
       if (!opts_.quiet) spdlog::info("{} eval at {} tokens: loss {:.4f}", s_.name(), t1, el);
@@ -502,7 +526,8 @@ json StageRunner::run_train() {
       if (t / ae != t1 / ae || t1 >= s_.total_tokens()) {
         const std::string snap = fmt::format("{}/snapshots/tokens_{:012}", dir_, t1);
         fs::create_directories(dir_ + "/snapshots");
-        text::save_model(*model, snap);
+        auto& m = whole();
+        if (comm_.lead()) text::save_model(m, snap);
         bool known = false;
         for (auto& e : x["snapshots"]) known = known || e == snap;
         if (!known) x["snapshots"].push_back(snap);
@@ -550,16 +575,18 @@ json StageRunner::run_train() {
     std::vector<std::string> snaps = x["snapshots"].get<std::vector<std::string>>();
     const int64_t last = s_.anneal().average_last();
     if (last > 0 && int64_t(snaps.size()) > last) snaps.erase(snaps.begin(), snaps.end() - last);
-    f["eval_loss_last"] = eval_loss(*model, ds.eval, batch_at(s_, 0).seq_len, eval_rows(batch_at(s_, 0).seq_len),
-                                    eval_batches);
-    average_checkpoints(snaps, {}, dir_ + "/model");
+    f["eval_loss_last"] = short_loss(batch_at(s_, 0).seq_len);
+    if (comm_.lead()) average_checkpoints(snaps, {}, dir_ + "/model");
+    comm_.sync();
     model = text::load_model(dir_ + "/model");
+    averaged = true;
     f["averaged_checkpoints"] = int64_t(snaps.size());
   } else {
-    text::save_model(*model, dir_ + "/model");
+    auto& m = whole();
+    if (comm_.lead()) text::save_model(m, dir_ + "/model");
   }
   const int64_t final_seq = lc ? lcs.seq_lens(lcs.seq_lens_size() - 1) : batch_at(s_, s_.total_tokens()).seq_len;
-  f["eval_loss"] = eval_loss(*model, ds.eval, final_seq, eval_rows(final_seq), eval_batches);
+  f["eval_loss"] = short_loss(final_seq);
   if (niah_n > 0 && !lc)
     for (int64_t L : niah_lengths(s_.batch().seq_len())) f[fmt::format("niah_{}_after", L)] = niah(L);
   f["tokens"] = trainer.tokens_seen();
@@ -684,17 +711,20 @@ std::string final_table(const LoadedRecipe& lr, const std::string& run_dir) {
 void run_recipe(const LoadedRecipe& lr, const RunOptions& opts) {
   const Recipe& r = lr.recipe();
   const std::string run = opts.run_dir;
+  // Under mpirun every rank runs this loop; rank 0 alone writes the run's records.
+  const StageComm all(opts.world, true);
+  const bool lead = all.lead();
   fs::create_directories(run);
   const std::string text = to_text(r);
   const std::string rpath = run + "/recipe.textproto";
-  if (fs::exists(rpath)) {
+  if (lead && fs::exists(rpath)) {
     std::ifstream in(rpath);
     std::stringstream ss;
     ss << in.rdbuf();
     if (ss.str() != text)
       spdlog::warn("{} differs from the recipe being run (changed file or --set); finished stages are kept", rpath);
   }
-  std::ofstream(rpath, std::ios::trunc) << text;
+  if (lead) std::ofstream(rpath, std::ios::trunc) << text;
 
   const std::string spath = run + "/state.json";
   json state = fs::exists(spath) ? io::read_json(spath) : json{{"finished", json::array()}};
@@ -722,9 +752,12 @@ void run_recipe(const LoadedRecipe& lr, const RunOptions& opts) {
       if (k < first || k > last) keep.push_back(e);
     }
     state["finished"] = keep;
-    for (int k = first; k <= last; ++k) fs::remove_all(run + "/" + r.stage(k).name());
-    write_json_atomic(spath, state);
+    if (lead) {
+      for (int k = first; k <= last; ++k) fs::remove_all(run + "/" + r.stage(k).name());
+      write_json_atomic(spath, state);
+    }
   }
+  all.sync();
   for (int i = first; i <= last; ++i) {
     const Stage& s = r.stage(i);
     if (finished(s.name())) {
@@ -740,17 +773,22 @@ void run_recipe(const LoadedRecipe& lr, const RunOptions& opts) {
       if (!finished(d)) fail("stage '{}' needs stage '{}', which has not finished in {}", s.name(), d, run);
     spdlog::info("stage {} ({}): starting", s.name(), StageKind_Name(s.kind()));
     const auto t0 = clock_type::now();
-    if (s.kind() == DATA) fs::remove_all(run + "/" + s.name());  // the builder is not resumable
-    StageRunner sr(lr, i, opts);
-    json f = sr.run();
+    if (lead && s.kind() == DATA) fs::remove_all(run + "/" + s.name());  // the builder is not resumable
+    // A stage with a multi-rank layout runs on every rank; any other on rank 0 alone.
+    const bool on_all = is_training(s.kind()) && layout_of(s).world() > 1;
+    json f;
+    if (on_all || lead) f = StageRunner(lr, i, opts).run();
     const double secs = std::chrono::duration<double>(clock_type::now() - t0).count();
-    write_json_atomic(run + "/" + s.name() + "/final.json", f);
     state["finished"].push_back(s.name());
     state["seconds"][s.name()] = state["seconds"].value(s.name(), 0.0) + secs;
-    write_json_atomic(spath, state);
-    spdlog::info("stage {} ({}): finished in {:.1f} s: {}", s.name(), StageKind_Name(s.kind()), secs, f.dump());
+    if (lead) {
+      write_json_atomic(run + "/" + s.name() + "/final.json", f);
+      write_json_atomic(spath, state);
+    }
+    all.sync();  // the next stage reads this one's outputs
+    if (lead) spdlog::info("stage {} ({}): finished in {:.1f} s: {}", s.name(), StageKind_Name(s.kind()), secs, f.dump());
   }
-  std::cout << final_table(lr, run) << std::flush;
+  if (lead) std::cout << final_table(lr, run) << std::flush;
 }
 
 }  // namespace llama3::recipes

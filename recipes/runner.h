@@ -10,9 +10,14 @@
 #pragma once
 
 #include <iosfwd>
+#include <memory>
 #include <string>
 
 #include "recipes/recipe.h"
+
+namespace llama3::dist {
+class Communicator;
+}
 
 namespace llama3::recipes {
 
@@ -21,6 +26,9 @@ struct RunOptions {
   std::string only;  // run just this stage (its inputs must be finished)
   std::string from;  // rerun this stage and every later one from scratch
   bool quiet = false;
+  // The ranks of `mpirun -np N llama3 run` (null: one process); recipes/stage_comm.h says
+  // which stages run on which ranks.
+  std::shared_ptr<dist::Communicator> world;
 };
 
 // The --dry-run plan: per stage kind, parameters, tokens, FLOPs and estimated time on this

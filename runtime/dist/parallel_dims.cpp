@@ -6,6 +6,40 @@ std::string ParallelDims::str() const {
   return fmt::format("dp_replicate {} x dp_shard {} x cp {} x tp {} x pp {}", dp_replicate, dp_shard, cp, tp, pp);
 }
 
+ParallelDims ParallelDims::parse(const std::string& spec) {
+  ParallelDims d;
+  size_t start = 0;
+  while (start <= spec.size()) {
+    size_t end = spec.find(',', start);
+    if (end == std::string::npos) end = spec.size();
+    const std::string item = spec.substr(start, end - start);
+    start = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    LLAMA3_CHECK(eq != std::string::npos, "parallel layout '{}': item '{}' is not key=degree", spec, item);
+    const std::string key = item.substr(0, eq), val = item.substr(eq + 1);
+    int v = 0;
+    try {
+      size_t used = 0;
+      v = std::stoi(val, &used);
+      LLAMA3_CHECK(used == val.size(), "trailing characters");
+    } catch (const std::exception&) {
+      fail("parallel layout '{}': degree '{}' of {} is not an integer", spec, val, key);
+    }
+    int* slot = key == "dp_replicate" ? &d.dp_replicate
+                : key == "dp_shard"   ? &d.dp_shard
+                : key == "cp"         ? &d.cp
+                : key == "tp"         ? &d.tp
+                : key == "pp"         ? &d.pp
+                                      : nullptr;
+    LLAMA3_CHECK(slot, "parallel layout '{}': unknown key '{}' (keys: dp_replicate, dp_shard, cp, tp, pp)", spec,
+                 key);
+    LLAMA3_CHECK(v >= 1, "parallel layout '{}': {} must be >= 1, got {}", spec, key, v);
+    *slot = v;
+  }
+  return d;
+}
+
 void ParallelDims::validate(int world) const {
   for (auto [name, v] : {std::pair{"dp_replicate", dp_replicate}, std::pair{"dp_shard", dp_shard},
                          std::pair{"cp", cp}, std::pair{"tp", tp}, std::pair{"pp", pp}})

@@ -42,6 +42,9 @@ struct ParallelDims {
 
   // Every degree >= 1 and the product equals world_size; the message shows the product.
   void validate(int world_size) const;
+  // "tp=2,pp=2,dp_shard=2" (keys dp_replicate, dp_shard, cp, tp, pp; unnamed degrees are 1),
+  // the syntax of `llama3 train --parallel`. Throws naming the bad item.
+  static ParallelDims parse(const std::string& spec);
 };
 
 // What the layout needs from a model (checked before any work).

@@ -21,6 +21,10 @@ class CheckpointWriter {
   void tensors(const std::string& file, const TensorMap& t,
                const std::map<std::string, std::string>& metadata = {});
   void json(const std::string& file, const nlohmann::json& j);
+  // A file another writer (another rank of a distributed checkpoint) put into tmp_dir():
+  // checksummed and fsynced like the others.
+  void add_file(const std::string& file) { add_checksum(file); }
+  const std::string& tmp_dir() const { return tmp_; }
   // Writes checksums.json, fsyncs, replaces <dir> atomically.
   void commit();
 

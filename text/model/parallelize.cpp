@@ -219,7 +219,25 @@ Tensor ParallelLlama::run_blocks(int chunk, Tensor h, const Tensor& pos, const A
   return h;
 }
 
+void ParallelLlama::set_microbatches(int64_t m) {
+  const LlamaConfig& c = model_.config();
+  dist::ModelShape ms;
+  ms.n_heads = c.n_heads, ms.n_kv_heads = c.n_kv_heads, ms.n_layers = c.n_layers, ms.ffn_hidden = c.ffn_hidden();
+  ms.vocab = c.vocab_size, ms.microbatches = m, ms.virtual_stages = opt_.virtual_stages;
+  dist::validate_for_model(g_.dims, ms);
+  opt_.microbatches = m;
+}
+
 double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids) {
+  return run_step(tokens, targets, doc_ids, true);
+}
+
+double ParallelLlama::forward_loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids) {
+  autograd::NoGradGuard ng;
+  return run_step(tokens, targets, doc_ids, false);
+}
+
+double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids, bool train) {
   LLAMA3_CHECK(tokens.dim() == 2 && targets.shape() == tokens.shape(), "parallel step: tokens {} / targets {}",
                tokens.str(), targets.str());
   const int64_t B = tokens.size(0), Tfull = tokens.size(1), M = opt_.microbatches, D = model_.config().dim;
@@ -299,10 +317,11 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
         loss_sum += l.item() * nv / n_global;
       }
     } else {
-      mb.output = h;
+      if (train) mb.output = h;
       mb.send_buf = h.detach().contiguous();
       sends.push_back(g_.pp->isend(mb.send_buf, next_rank, tag(stage + 1, i, 0)));
     }
+    if (!train) mb.input = mb.loss = Tensor();  // evaluation: nothing is kept for backward
   };
   auto backward = [&](int k, int64_t i) {
     Mb& mb = mbs[size_t(k * M + i)];
@@ -329,11 +348,23 @@ double ParallelLlama::forward_backward(const Tensor& tokens, const Tensor& targe
   // Interleaved (Megatron): the n-th forward runs chunk (n / S) % V on micro-batch
   // (n / (S V)) S + n % S, backwards walk the chunks in reverse; warm-up 2(S - s - 1) + (V - 1) S.
   const int64_t total = M * V;
-  const int64_t warmup =
-      std::min<int64_t>(total, V == 1 ? S - s - 1 : int64_t(2) * (S - s - 1) + int64_t(V - 1) * S);
   auto fwd_k = [&](int64_t n) { return int((n / S) % V); };
   auto bwd_k = [&](int64_t n) { return V - 1 - int((n / S) % V); };
   auto mb_of = [&](int64_t n) { return (n / (int64_t(S) * V)) * S + n % S; };
+  if (!train) {
+    // Forward only, in the schedule's forward order on every rank: a stage's input was sent
+    // by a forward that comes earlier in the same order, so the chain cannot deadlock.
+    for (int64_t n = 0; n < total; ++n) forward(fwd_k(n), mb_of(n));
+    for (auto& w : sends) w->wait();
+    for (Param* p : root_params_) reshard(*p);
+    Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
+    g_.dp->all_reduce(l, ReduceOp::sum);
+    g_.pp->all_reduce(l, ReduceOp::sum);
+    g_.cp->all_reduce(l, ReduceOp::sum);
+    return l.item();
+  }
+  const int64_t warmup =
+      std::min<int64_t>(total, V == 1 ? S - s - 1 : int64_t(2) * (S - s - 1) + int64_t(V - 1) * S);
   for (int64_t n = 0; n < warmup; ++n) forward(fwd_k(n), mb_of(n));
   for (int64_t n = 0; n < total - warmup; ++n) {
     forward(fwd_k(warmup + n), mb_of(warmup + n));

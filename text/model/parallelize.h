@@ -62,6 +62,13 @@ class ParallelLlama {
   // batch (rows [dp_rank * B_local, (dp_rank + 1) * B_local)). Gradients end up on the
   // shards returned by optimizer_params(). Returns the global mean loss (all ranks).
   double forward_backward(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids = Tensor());
+  // The same global mean loss without backward (evaluation): every rank runs its forwards
+  // in the schedule's forward order, activations are dropped as soon as they are sent.
+  double forward_loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids = Tensor());
+  // Pipeline micro-batches per call from the next call on (the trainer's gradient
+  // accumulation changes with a batch-size ramp); validated like the constructor's.
+  void set_microbatches(int64_t m);
+  int64_t microbatches() const { return opt_.microbatches; }
 
   // The parameters this rank updates (shards under FSDP) and the norm reduction that makes
   // AdamW's gradient clipping global.
@@ -89,6 +96,7 @@ class ParallelLlama {
   Tensor shard_of(const Param& p, const Tensor& full) const;
   void reshard(Param& p);
   Tensor run_blocks(int chunk, Tensor h, const Tensor& pos, const AttentionParams& ap);
+  double run_step(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids, bool backward);
 
   LlamaModel& model_;
   dist::ProcessGroups g_;

@@ -8,7 +8,9 @@
 
 #include "runtime/autograd/autograd.h"
 #include "runtime/backend/backend.h"
+#include "runtime/dist/dist_checkpoint.h"
 #include "runtime/io/checkpoint.h"
+#include "text/model/parallelize.h"
 
 namespace fs = std::filesystem;
 
@@ -28,14 +30,102 @@ BatchTensors to_tensors(const data::Batch& b) {
 }
 
 Trainer::Trainer(LlamaModel& model, const TrainerConfig& cfg, BatchSource& train, BatchSource* eval)
-    : model_(model), cfg_(cfg), train_(train), eval_(eval), opt_(model.named_parameters(), cfg.adamw) {
+    : model_(model), cfg_(cfg), train_(train), eval_(eval) {
   LLAMA3_CHECK(cfg_.grad_accum >= 1, "trainer: grad_accum {} must be >= 1", cfg_.grad_accum);
   if (eval_) eval_start_ = eval_->state();
+  const TrainerParallel& tp = cfg_.parallel;
+  if (!tp.enabled()) {
+    opt_ = std::make_unique<optim::AdamW>(model.named_parameters(), cfg.adamw);
+    return;
+  }
+  LLAMA3_CHECK(tp.microbatches >= 1, "trainer: pipeline micro-batches {} must be >= 1", tp.microbatches);
+  tp.dims.validate(tp.world->size());
+  ParallelizeOptions po;
+  po.microbatches = cfg_.grad_accum * tp.microbatches;
+  po.virtual_stages = tp.virtual_stages;
+  po.activation_checkpointing = model.options().activation_checkpointing;
+  par_ = std::make_unique<ParallelLlama>(model, dist::make_process_groups(tp.dims, tp.world), po);
+  opt_ = std::make_unique<optim::AdamW>(par_->optimizer_params(), cfg.adamw);
+  opt_->set_norm_reduction(par_->norm_reduction());
 }
+
+Trainer::~Trainer() = default;
+
+int Trainer::rank() const { return par_ ? par_->groups().world->rank() : 0; }
 
 void Trainer::set_grad_accum(int64_t n) {
   LLAMA3_CHECK(n >= 1, "trainer: grad_accum {} must be >= 1", n);
   cfg_.grad_accum = n;
+}
+
+BatchTensors Trainer::local_rows(const std::vector<data::Batch>& batches) const {
+  const int dp = par_->groups().dp->size(), dp_r = par_->groups().dp->rank();
+  const int64_t k = cfg_.parallel.microbatches;
+  const int64_t B = batches.front().batch_size, T = batches.front().seq_len;
+  LLAMA3_CHECK(B % (int64_t(dp) * k) == 0,
+               "trainer: a micro-batch of {} rows is not divisible by dp {} x pipeline micro-batches {} = {}", B, dp,
+               k, int64_t(dp) * k);
+  const int64_t rows = B / dp;
+  std::vector<int32_t> tok, tgt, doc;
+  const bool docs = !batches.front().doc_ids.empty();
+  for (const data::Batch& b : batches) {
+    LLAMA3_CHECK(b.batch_size == B && b.seq_len == T, "trainer: micro-batches of one step differ: ({}, {}) vs ({}, {})",
+                 b.batch_size, b.seq_len, B, T);
+    const size_t from = size_t(dp_r * rows * T), n = size_t(rows * T);
+    tok.insert(tok.end(), b.tokens.begin() + from, b.tokens.begin() + from + n);
+    tgt.insert(tgt.end(), b.targets.begin() + from, b.targets.begin() + from + n);
+    if (docs) doc.insert(doc.end(), b.doc_ids.begin() + from, b.doc_ids.begin() + from + n);
+  }
+  const Shape s{rows * int64_t(batches.size()), T};
+  BatchTensors out;
+  out.tokens = Tensor::from_vector(tok, s);
+  out.targets = Tensor::from_vector(tgt, s);
+  if (docs) out.doc_ids = Tensor::from_vector(doc, s);
+  return out;
+}
+
+StepStats Trainer::parallel_step(float lr) {
+  // The step's global batch is grad_accum micro-batches; this rank takes its dp rows of
+  // each, and ParallelLlama runs them as grad_accum x k pipeline micro-batches. The loss
+  // is the mean over all targets of the global batch, which equals the single-process mean
+  // of micro-batch means because the loader's rows have no ignored targets.
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<data::Batch> batches;
+  for (int64_t m = 0; m < cfg_.grad_accum; ++m) batches.push_back(train_.next());
+  const BatchTensors bt = local_rows(batches);
+  const int64_t want = cfg_.grad_accum * cfg_.parallel.microbatches;
+  if (par_->microbatches() != want) par_->set_microbatches(want);
+  StepStats st;
+  st.loss = par_->forward_backward(bt.tokens, bt.targets, bt.doc_ids);
+  // Skip or step on every rank alike: a rank whose shard is non-finite tells the others.
+  double bad = std::isfinite(st.loss) ? 0.0 : 1.0;
+  for (auto& p : opt_->params()) {
+    Tensor gr = p.tensor->grad();
+    if (bad == 0 && gr.defined() && !backend_for(gr.device()).all_finite(gr)) bad = 1;
+  }
+  Tensor flag = Tensor::from_vector(std::vector<double>{bad}, {1});
+  par_->groups().world->all_reduce(flag, dist::ReduceOp::max);
+  st.lr = lr;
+  if (flag.item() == 0) {
+    st.grad_norm = opt_->step(lr);
+  } else {
+    st.skipped = true;
+    ++skipped_;
+    if (rank() == 0)
+      spdlog::warn("step {}: non-finite loss or gradient (loss {}); update skipped ({} so far)", step_ + 1, st.loss,
+                   skipped_);
+  }
+  opt_->zero_grad();
+  const int64_t tokens = cfg_.grad_accum * batches.front().batch_size * batches.front().seq_len;
+  ++step_;
+  tokens_ += tokens;
+  st.step = step_;
+  st.total = cfg_.steps;
+  st.tokens = tokens_;
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  st.tokens_per_s = double(tokens) / st.seconds;
+  st.flops_per_s = model_.config().flops_per_token(batches.front().seq_len) * double(tokens) / st.seconds;
+  return st;
 }
 
 StepStats Trainer::step() {
@@ -43,6 +133,7 @@ StepStats Trainer::step() {
   auto t0 = clock::now();
   StepStats st;
   const float lr = cfg_.lr_fn ? cfg_.lr_fn(step_, tokens_) : cfg_.schedule.at(step_);
+  if (par_) return parallel_step(lr);
   double loss_sum = 0;
   int64_t tokens = 0, seq_len = 0;
   bool finite = true;
@@ -59,7 +150,7 @@ StepStats Trainer::step() {
     loss.backward(g);
   }
   if (finite) {
-    for (auto& p : opt_.params()) {
+    for (auto& p : opt_->params()) {
       Tensor gr = p.tensor->grad();
       if (gr.defined() && !backend_for(gr.device()).all_finite(gr)) {
         finite = false;
@@ -70,14 +161,14 @@ StepStats Trainer::step() {
   st.loss = loss_sum / double(cfg_.grad_accum);
   st.lr = lr;
   if (finite) {
-    st.grad_norm = opt_.step(lr);
+    st.grad_norm = opt_->step(lr);
   } else {
     st.skipped = true;
     ++skipped_;
     spdlog::warn("step {}: non-finite loss or gradient (loss {}); update skipped ({} so far)", step_ + 1,
                  st.loss, skipped_);
   }
-  opt_.zero_grad();
+  opt_->zero_grad();
   ++step_;
   tokens_ += tokens;
   st.step = step_;
@@ -95,6 +186,13 @@ double Trainer::evaluate() {
   eval_->restore(eval_start_);
   double sum = 0;
   for (int64_t i = 0; i < cfg_.eval_batches; ++i) {
+    if (par_) {
+      // Per eval batch the global mean (as the single-process loss of that batch).
+      const BatchTensors bt = local_rows({eval_->next()});
+      if (par_->microbatches() != cfg_.parallel.microbatches) par_->set_microbatches(cfg_.parallel.microbatches);
+      sum += par_->forward_loss(bt.tokens, bt.targets, bt.doc_ids);
+      continue;
+    }
     BatchTensors bt = to_tensors(eval_->next());
     sum += model_.loss(bt.tokens, bt.targets, bt.doc_ids).item();
   }
@@ -131,20 +229,46 @@ void save_model(const LlamaModel& model, const std::string& dir) {
 }
 
 void Trainer::save(const std::string& dir) {
-  fs::create_directories(fs::path(dir).parent_path());
-  io::CheckpointWriter w(dir);
-  w.tensors("model.safetensors", model_tensors(model_), {{"format", "pt"}});
-  w.json("config.json", model_.config().to_hf_json());
-  w.tensors("optimizer.safetensors", opt_.state_tensors());
-  nlohmann::json state = {{"step", step_},
-                          {"optimizer_step", opt_.steps()},
-                          {"tokens", tokens_},
-                          {"skipped_steps", skipped_},
-                          {"data", train_.state()},
-                          {"extra", extra_state},
-                          {"format_version", 1}};
-  w.json("trainer_state.json", state);
-  w.commit();
+  std::unique_ptr<io::CheckpointWriter> wp;
+  const int r = rank();
+  if (r == 0) {
+    fs::create_directories(fs::path(dir).parent_path());
+    wp = std::make_unique<io::CheckpointWriter>(dir);
+  }
+  if (par_) {
+    // Every rank writes its pieces into rank 0's temporary directory; rank 0 then adds the
+    // state, checksums every file and renames the directory into place.
+    auto world = par_->groups().world;
+    world->barrier();
+    const std::string tmp = dir + ".tmp";
+    dist::save_pieces(tmp, r, par_->checkpoint_pieces(opt_.get()),
+                      {{"step", std::to_string(opt_->steps())}, {"layout", cfg_.parallel.dims.str()}});
+    world->barrier();
+    if (r == 0) {
+      for (int k = 0; k < world->size(); ++k) {
+        const std::string f = fmt::format("rank-{:05}.safetensors", k);
+        if (fs::exists(tmp + "/" + f)) wp->add_file(f);
+      }
+    }
+  } else {
+    wp->tensors("model.safetensors", model_tensors(model_), {{"format", "pt"}});
+    wp->tensors("optimizer.safetensors", opt_->state_tensors());
+  }
+  if (r == 0) {
+    io::CheckpointWriter& w = *wp;
+    w.json("config.json", model_.config().to_hf_json());
+    nlohmann::json state = {{"step", step_},
+                            {"optimizer_step", opt_->steps()},
+                            {"tokens", tokens_},
+                            {"skipped_steps", skipped_},
+                            {"data", train_.state()},
+                            {"extra", extra_state},
+                            {"layout", par_ ? cfg_.parallel.dims.str() : "single process"},
+                            {"format_version", 1}};
+    w.json("trainer_state.json", state);
+    w.commit();
+  }
+  if (par_) par_->groups().world->barrier();
 }
 
 namespace {
@@ -171,10 +295,39 @@ std::unique_ptr<LlamaModel> load_model(const std::string& dir) {
 
 void Trainer::load(const std::string& dir) {
   io::verify_checkpoint(dir);
-  load_weights(model_, dir);
   const auto state = io::read_json(dir + "/trainer_state.json");
   try {
-    opt_.load_state(io::load_safetensors(dir + "/optimizer.safetensors"), state.at("optimizer_step").get<int64_t>());
+    const int64_t opt_step = state.at("optimizer_step").get<int64_t>();
+    const bool distributed = !fs::exists(dir + "/model.safetensors");
+    if (!distributed && !par_) {
+      load_weights(model_, dir);
+      opt_->load_state(io::load_safetensors(dir + "/optimizer.safetensors"), opt_step);
+    } else {
+      // Full tensors by name (weights and "exp_avg." / "exp_avg_sq." moments), whichever
+      // layout wrote them, resliced for this one.
+      std::map<std::string, Tensor> full;
+      if (distributed) {
+        full = dist::load_full(dir);
+      } else {
+        for (const char* f : {"/model.safetensors", "/optimizer.safetensors"})
+          for (auto& [name, t] : io::load_safetensors(dir + f)) full[name] = t;
+      }
+      if (par_) {
+        par_->load_full(full, opt_.get(), opt_step);
+      } else {
+        std::map<std::string, Tensor> moments;
+        for (auto& p : model_.named_parameters()) {
+          auto it = full.find(p.name);
+          LLAMA3_CHECK(it != full.end(), "{}: missing tensor '{}'", dir, p.name);
+          LLAMA3_CHECK(it->second.shape() == p.tensor->shape(), "{}: tensor '{}' has shape {}, the model expects {}",
+                       dir, p.name, shape_str(it->second.shape()), shape_str(p.tensor->shape()));
+          p.tensor->detach().copy_(it->second);
+          for (const std::string pre : {"exp_avg.", "exp_avg_sq."})
+            if (full.count(pre + p.name)) moments[pre + p.name] = full.at(pre + p.name);
+        }
+        opt_->load_state(moments, opt_step);
+      }
+    }
     step_ = state.at("step").get<int64_t>();
     tokens_ = state.at("tokens").get<int64_t>();
     skipped_ = state.value("skipped_steps", int64_t(0));
@@ -183,6 +336,19 @@ void Trainer::load(const std::string& dir) {
   } catch (const nlohmann::json::exception& e) {
     fail("{}/trainer_state.json: {}", dir, e.what());
   }
+}
+
+LlamaModel& Trainer::full_model() {
+  if (!par_) return model_;
+  if (full_ && full_step_ == step_) return *full_;
+  std::map<std::string, Tensor> w = par_->full_state_dict();
+  if (!full_) {
+    full_ = std::make_unique<LlamaModel>(model_.config(), 0);
+    full_->options() = model_.options();
+  }
+  for (auto& p : full_->named_parameters()) p.tensor->detach().copy_(w.at(p.name));
+  full_step_ = step_;
+  return *full_;
 }
 
 }  // namespace llama3::text

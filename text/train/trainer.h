@@ -1,7 +1,13 @@
-// The single-process pre-training loop: micro-batches with gradient accumulation, AdamW
-// with an LR schedule and clipping, periodic eval loss, atomic checkpoints (weights with HF
-// names + config.json + optimizer + step/tokens/data position), exact resume, and NaN/inf
+// The pre-training loop: micro-batches with gradient accumulation, AdamW with an LR
+// schedule and clipping, periodic eval loss, atomic checkpoints (weights with HF names +
+// config.json + optimizer + step/tokens/data position), exact resume, and NaN/inf
 // detection that skips the update and reports it.
+//
+// With a parallel layout (TrainerConfig::parallel, every rank of the world constructing
+// its Trainer alike) the same loop drives text::ParallelLlama: every rank reads the same
+// global batches from its own copy of the source and keeps its data-parallel rows, the
+// step is ParallelLlama::forward_backward, evaluation its forward_loss, checkpoints are
+// distributed (one piece file per rank, docs/parallelism.md) and load under any layout.
 #pragma once
 
 #include <functional>
@@ -10,10 +16,15 @@
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/dist/parallel_dims.h"
 #include "runtime/optim/adamw.h"
 #include "runtime/optim/lr_schedule.h"
 #include "text/data/loader.h"
 #include "text/model/llama.h"
+
+namespace llama3::text {
+class ParallelLlama;
+}
 
 namespace llama3::text {
 
@@ -24,6 +35,16 @@ class BatchSource {
   virtual data::Batch next() = 0;
   virtual nlohmann::json state() const = 0;
   virtual void restore(const nlohmann::json& state) = 0;
+};
+
+// The layout a Trainer trains under. No world, or a world of one rank: the plain
+// single-process step (LlamaModel::loss + AdamW).
+struct TrainerParallel {
+  std::shared_ptr<dist::Communicator> world;
+  dist::ParallelDims dims;      // must multiply to world->size()
+  int64_t microbatches = 1;     // pipeline micro-batches per trainer micro-batch
+  int virtual_stages = 1;       // 1: 1F1B, V > 1: interleaved 1F1B
+  bool enabled() const { return world && world->size() > 1; }
 };
 
 struct TrainerConfig {
@@ -39,6 +60,7 @@ struct TrainerConfig {
   // When set, the LR of the next update (given steps and tokens done) instead of `schedule`:
   // the recipe runner schedules in tokens while the batch size ramps.
   std::function<float(int64_t steps_done, int64_t tokens_done)> lr_fn;
+  TrainerParallel parallel;
 };
 
 struct StepStats {
@@ -54,10 +76,15 @@ struct StepStats {
   bool skipped = false;    // update skipped: non-finite loss or gradient
 };
 
+struct BatchTensors;
+
 class Trainer {
  public:
+  // Under a parallel layout this applies it to `model` (collective over the world): the
+  // model keeps only this rank's slices afterwards; use full_model() for a whole copy.
   Trainer(LlamaModel& model, const TrainerConfig& cfg, BatchSource& train,
           BatchSource* eval = nullptr);
+  ~Trainer();
 
   StepStats step();
   // Mean loss over cfg.eval_batches batches of the eval source, always the same batches.
@@ -65,14 +92,26 @@ class Trainer {
   // Runs until cfg.steps, calling on_step / on_eval, checkpointing as configured.
   void run();
 
+  // Collective under a layout: every rank writes its pieces (rank-NNNNN.safetensors),
+  // rank 0 config.json, trainer_state.json and the checksums of all files.
   void save(const std::string& dir);
-  // Restores weights, optimizer, step counters and the data position from a checkpoint.
+  // Restores weights, optimizer, step counters and the data position from a checkpoint,
+  // single-process (model.safetensors) or distributed (rank-*.safetensors) - written under
+  // any layout: the tensors are reassembled and resliced for this one.
   void load(const std::string& dir);
+
+  // The whole model with the current weights: the model itself in a single process; under
+  // a layout a copy gathered from every rank (collective: every rank must call it at the
+  // same point; cached until the next step).
+  LlamaModel& full_model();
+  bool parallel() const { return par_ != nullptr; }
+  // Rank in the world (0 in a single process): callers write files and logs on rank 0 only.
+  int rank() const;
 
   int64_t steps_done() const { return step_; }
   int64_t tokens_seen() const { return tokens_; }
   int64_t skipped_steps() const { return skipped_; }
-  optim::AdamW& optimizer() { return opt_; }
+  optim::AdamW& optimizer() { return *opt_; }
   // Micro-batches per step from the next step on (a batch-size ramp).
   void set_grad_accum(int64_t n);
   // Caller state saved in and restored from trainer_state.json ("extra"), so a caller's
@@ -88,8 +127,15 @@ class Trainer {
   BatchSource& train_;
   BatchSource* eval_;
   nlohmann::json eval_start_;
-  optim::AdamW opt_;
+  std::unique_ptr<ParallelLlama> par_;
+  std::unique_ptr<optim::AdamW> opt_;
+  std::unique_ptr<LlamaModel> full_;  // full_model() under a layout
+  int64_t full_step_ = -1;
   int64_t step_ = 0, tokens_ = 0, skipped_ = 0;
+
+  StepStats parallel_step(float lr);
+  // This rank's data-parallel rows of `batches` (each (B, T)), in micro-batch order.
+  BatchTensors local_rows(const std::vector<data::Batch>& batches) const;
 };
 
 // Writes weights (HF names) + config.json of a model into an existing checkpoint writer

@@ -55,6 +55,20 @@ TEST(ParallelDims, ModelShapeErrorsShowTheNumbers) {
               testing::HasSubstr("global batch 6 is not divisible by dp 4 (dp_replicate 2 x dp_shard 2)"));
 }
 
+TEST(ParallelDims, ParseTakesKeyDegreeItems) {
+  const ParallelDims d = ParallelDims::parse("tp=2,pp=2,dp_shard=3");
+  EXPECT_EQ(d.tp, 2);
+  EXPECT_EQ(d.pp, 2);
+  EXPECT_EQ(d.dp_shard, 3);
+  EXPECT_EQ(d.dp_replicate, 1);
+  EXPECT_EQ(d.cp, 1);
+  EXPECT_EQ(ParallelDims::parse("cp=2,dp_replicate=2").world_size(), 4);
+  EXPECT_THAT(error_of([] { ParallelDims::parse("tp=2,fsdp=2"); }), testing::HasSubstr("unknown key 'fsdp'"));
+  EXPECT_THAT(error_of([] { ParallelDims::parse("tp=x"); }), testing::HasSubstr("degree 'x' of tp is not an integer"));
+  EXPECT_THAT(error_of([] { ParallelDims::parse("tp2"); }), testing::HasSubstr("item 'tp2' is not key=degree"));
+  EXPECT_THAT(error_of([] { ParallelDims::parse("pp=0"); }), testing::HasSubstr("pp must be >= 1, got 0"));
+}
+
 TEST(ParallelDims, RankOrderIsTpFastestThenCpDpShardDpReplicatePp) {
   ParallelDims d{.dp_replicate = 2, .dp_shard = 2, .cp = 1, .tp = 2, .pp = 2};
   // The worked example of parallel_dims.h (there with dp_replicate 1): rank 5.

@@ -110,12 +110,15 @@ TEST(RecipeValidation, BatchNotDivisibleByDpTimesMicroBatch) {
   EXPECT_NE(e.find("t.textproto:9:"), std::string::npos) << e;
 }
 
-TEST(RecipeValidation, MultiRankLayoutsPassDryRunButAreNotRunnableHere) {
+TEST(RecipeValidation, MultiRankLayoutsRunOnlyWithTheirWorldSize) {
   auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokens: 8192 parallel { tp: 2 }"),
                                "t.textproto");
   EXPECT_NO_THROW(r.validate(false));
+  EXPECT_NO_THROW(r.validate(true, 2));
   const std::string e = error_of([&] { r.validate(true); });
-  EXPECT_NE(e.find("needs 2 ranks"), std::string::npos) << e;
+  EXPECT_NE(e.find("needs 2 ranks; this run has 1"), std::string::npos) << e;
+  const std::string e4 = error_of([&] { r.validate(true, 4); });
+  EXPECT_NE(e4.find("needs 2 ranks; this run has 4"), std::string::npos) << e4;
 }
 
 TEST(RecipeValidation, ReservedKindsAreNotImplementedInThisBuild) {
