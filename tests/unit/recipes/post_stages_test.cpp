@@ -7,6 +7,7 @@
 #include "recipes/post_stages.h"
 #include "recipes/recipe.h"
 #include "recipes/runner.h"
+#include "runtime/core/error.h"
 
 using namespace llama3;
 using namespace llama3::recipes;
