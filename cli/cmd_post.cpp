@@ -16,7 +16,7 @@ const char* kUsage =
     "  data    --out DIR [--train 600] [--eval 60] [--prefs 600] [--prompts 100] [--tokenizer FILE] [--seed 0]\n"
     "  sft     --data FILE [--data ...] --out DIR [--eval FILE] MODEL TRAIN\n"
     "  rm      --prefs FILE [--prefs ...] --out DIR [--eval FILE] MODEL TRAIN\n"
-    "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p 0.95]\n"
+    "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p 0.95] [--require-correct]\n"
     "          [--max-new 24] [--min-score X]\n"
     "  dpo     --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--rm DIR] [--eval-prompts FILE]\n"
     "          [--beta 0.1] [--alpha 0.2] MODEL TRAIN\n"
@@ -112,7 +112,7 @@ int cmd_post(const Args& all) {
   if (step == "rs") {
     Flags f(args, {"--model", "--rm", "--prompts", "--out", "--k", "--temperature", "--top-p", "--top-k", "--max-new",
                    "--min-score", "--seed", "--bad-input"},
-            {}, kUsage);
+            {"--require-correct"}, kUsage);
     RejectionOptions o;
     o.policy.dir = f.required("--model");
     o.reward_model = f.required("--rm");
@@ -125,6 +125,7 @@ int cmd_post(const Args& all) {
     o.sampling.max_new_tokens = f.integer("--max-new", o.sampling.max_new_tokens);
     o.sampling.seed = uint64_t(f.integer("--seed", 0));
     o.min_score = f.real("--min-score", o.min_score);
+    o.require_correct = f.has("--require-correct");
     o.load = load_opts(f);
     return print(run_rejection_sampling(o));
   }

@@ -1,12 +1,13 @@
 // `llama3 report RUN_DIR`: a Markdown table of every stage's final metrics (final.json, or
 // the last value of each metrics.jsonl field when a stage has none), printed and written to
-// RUN_DIR/report.md.
+// RUN_DIR/report.md; runs with post-training stages also get a per-round table.
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
 
 #include "cli/flags.h"
+#include "recipes/post_stages.h"
 #include "runtime/log/metrics.h"
 
 namespace llama3::cli {
@@ -62,7 +63,7 @@ std::string run_report_markdown(const std::string& run_dir) {
     }
     md += "\n";
   }
-  return md;
+  return md + recipes::post_rounds_markdown(run_dir);
 }
 
 int cmd_report(const Args& args) {

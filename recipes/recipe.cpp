@@ -8,6 +8,7 @@
 #include <regex>
 #include <sstream>
 
+#include "recipes/post_stages.h"
 #include "runtime/core/error.h"
 #include "text/model/config.h"
 
@@ -63,12 +64,13 @@ std::string field_names(const pb::Descriptor* d) {
   return s;
 }
 
-const char* kImplemented = "DATA, PRETRAIN, LONG_CONTEXT, ANNEAL, AVERAGE, EVAL";
+const char* kImplemented =
+    "DATA, PRETRAIN, LONG_CONTEXT, ANNEAL, AVERAGE, EVAL, POST_DATA, SFT, REWARD_MODEL, REJECTION_SAMPLING, DPO";
 
 double lc_weight(const Stage& s) { return s.long_context().synthetic_niah_weight(); }
 
 bool produces_model(StageKind k) {
-  return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL || k == AVERAGE;
+  return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL || k == AVERAGE || post_produces_model(k);
 }
 
 // TextFormat's value parser, with its error log silenced (the caller reports the error).
@@ -266,8 +268,12 @@ void LoadedRecipe::validate(bool runnable, int world_size) const {
     seen[s.name()] = i;
     const StageKind k = s.kind();
     if (k == KIND_UNSPECIFIED) c.error("kind", "missing (implemented: {})", kImplemented);
-    if (k > EVAL)
+    if (k > EVAL && !is_post_kind(k))
       c.error("kind", "{} is not implemented in this build (implemented: {})", StageKind_Name(k), kImplemented);
+    if (is_post_kind(k)) {  // their own inputs and options (recipes/post_stages.cpp)
+      validate_post_stage(*this, i);
+      continue;
+    }
 
     auto earlier = [&](const std::string& field, const std::string& ref, bool want_model) {
       auto it = seen.find(ref);

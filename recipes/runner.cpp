@@ -12,6 +12,7 @@
 
 #include "recipes/evals.h"
 #include "recipes/metrics_sink.h"
+#include "recipes/post_stages.h"
 #include "recipes/stage_comm.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/io/checkpoint.h"
@@ -197,6 +198,11 @@ class StageRunner {
       case ANNEAL: return run_train();
       case AVERAGE: return run_average();
       case EVAL: return run_eval();
+      case POST_DATA:
+      case SFT:
+      case REWARD_MODEL:
+      case REJECTION_SAMPLING:
+      case DPO: return run_post_stage(lr_, index_, opts_.run_dir, opts_.quiet);
       default: fail("stage '{}': kind {} is not implemented in this build", s_.name(), StageKind_Name(s_.kind()));
     }
   }
@@ -673,6 +679,18 @@ void print_plan(const LoadedRecipe& lr, std::ostream& out) {
       notes = "builds the demo corpus + tokenizer";
     } else if (s.kind() == EVAL) {
       notes = "held-out loss, unigram entropy, NIAH";
+    } else if (is_post_kind(s.kind())) {
+      const PostPlan p = plan_post_stage(lr, lr.stage_index(s.name()), cfgs.count(s.init_from()) ? &cfgs[s.init_from()] : nullptr);
+      notes = p.notes;
+      if (p.config && post_produces_model(s.kind())) cfgs[s.name()] = *p.config;
+      if (p.config) params = fmt::format("{:.3g}", double(p.config->num_params()));
+      if (p.flops > 0) {
+        const double secs = p.flops / (peak * kEfficiency);
+        total_s += secs;
+        tokens = fmt::format("{:.3g}", p.tokens);
+        flops_s = fmt::format("{:.3g}", p.flops);
+        time_s = fmt::format("{:.1f} s", secs);
+      }
     }
     out << fmt::format("{:<14} {:<13} {:>10} {:>12} {:>11} {:>10} {:>14}  {}\n", s.name(), StageKind_Name(s.kind()),
                        params, tokens, flops_s, L.world() > 1 ? fmt::format("{}", L.world()) : "1", time_s, notes);
@@ -769,6 +787,7 @@ void run_recipe(const LoadedRecipe& lr, const RunOptions& opts) {
     if (!s.init_from().empty()) deps.push_back(s.init_from());
     if (!s.data_from().empty()) deps.push_back(s.data_from());
     for (auto& d : s.average().stages()) deps.push_back(d);
+    for (auto& d : post_stage_inputs(s)) deps.push_back(d);
     for (auto& d : deps)
       if (!finished(d)) fail("stage '{}' needs stage '{}', which has not finished in {}", s.name(), d, run);
     spdlog::info("stage {} ({}): starting", s.name(), StageKind_Name(s.kind()));

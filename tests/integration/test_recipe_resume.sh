@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `llama3 run`: the tiny recipe on a small budget runs end to end; a second run SIGKILLed
 # mid-stage (after the pretrain stage's first checkpoint) and rerun gives exactly the same
-# final metrics (every stage's final.json) and the same per-step losses.
+# final metrics (every stage's final.json, the post-training stages included) and the same per-step losses.
 set -euo pipefail
 BUILD=${1:?build dir}
 SRC=${2:?source dir}
@@ -21,12 +21,22 @@ SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain
       --set long_context.checkpoint_every_steps=1
       --set anneal.batch.batch_tokens=2048 --set anneal.batch.micro_batch_tokens=2048
       --set anneal.total_tokens=6144 --set anneal.anneal.average_every_tokens=2048
-      --set eval.eval.batches=2 --set eval.eval.niah.samples=2)
+      --set eval.eval.batches=2 --set eval.eval.niah.samples=2
+      # post-training: a few steps each, few prompts
+      --set post_data.post_data.sft_dialogs=64 --set post_data.post_data.prefs=64
+      --set post_data.post_data.prompts=6 --set post_data.post_data.eval_prompts=6
+      --set sft.sft.steps=3 --set r1_rm.reward_model.steps=3 --set r1_rs.rejection_sampling.k=2
+      --set r1_sft.sft.steps=3 --set r1_dpo.dpo.steps=2 --set r2_rm.reward_model.steps=2
+      --set r2_rs.rejection_sampling.k=2 --set r2_sft.sft.steps=3 --set r2_dpo.dpo.steps=2
+      --set r1_rs.rejection_sampling.max_new_tokens=8 --set r2_rs.rejection_sampling.max_new_tokens=8
+      --set sft.sft.max_new_tokens=8 --set r1_sft.sft.max_new_tokens=8 --set r2_sft.sft.max_new_tokens=8
+      --set r1_dpo.dpo.max_new_tokens=8 --set r2_dpo.dpo.max_new_tokens=8)
+STAGES=(data pretrain long_context anneal eval post_data sft r1_rm r1_rs r1_sft r1_dpo r2_rm r2_rs r2_sft r2_dpo)
 
 start=$(date +%s)
 "$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/a" "${SETS[@]}" > "$OUT/a.log" 2>&1 || { cat "$OUT/a.log"; exit 1; }
 echo "uninterrupted run: $(( $(date +%s) - start )) s"
-for s in data pretrain long_context anneal eval; do
+for s in "${STAGES[@]}"; do
   test -f "$OUT/a/$s/final.json" || { echo "FAIL: no $s/final.json"; exit 1; }
 done
 grep -q "unigram_entropy" "$OUT/a.log" || { echo "FAIL: no final table"; cat "$OUT/a.log"; exit 1; }
@@ -50,7 +60,7 @@ grep -q "stage pretrain: resumed from" "$OUT/b2.log" || { echo "FAIL: pretrain d
 
 # A third invocation has nothing left to do.
 "$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/b" "${SETS[@]}" > "$OUT/b3.log" 2>&1
-test "$(grep -c 'finished earlier, skipped' "$OUT/b3.log")" = 5 || { echo "FAIL: rerun did not skip all stages"; exit 1; }
+test "$(grep -c 'finished earlier, skipped' "$OUT/b3.log")" = ${#STAGES[@]} || { echo "FAIL: rerun did not skip all stages"; exit 1; }
 
 # --only reruns one stage from scratch (same result: stages are deterministic).
 cp "$OUT/b/eval/final.json" "$OUT/eval_before.json"
@@ -58,10 +68,10 @@ cp "$OUT/b/eval/final.json" "$OUT/eval_before.json"
 grep -q "stage eval (EVAL): starting" "$OUT/b4.log" || { echo "FAIL: --only eval did not rerun eval"; exit 1; }
 cmp "$OUT/b/eval/final.json" "$OUT/eval_before.json" || { echo "FAIL: --only eval changed its metrics"; exit 1; }
 
-python3 - "$OUT/a" "$OUT/b" <<'PY'
+python3 - "$OUT/a" "$OUT/b" "${STAGES[@]}" <<'PY'
 import json, sys
-a, b = sys.argv[1], sys.argv[2]
-for s in ["data", "pretrain", "long_context", "anneal", "eval"]:
+a, b, stages = sys.argv[1], sys.argv[2], sys.argv[3:]
+for s in stages:
     fa = json.load(open(f"{a}/{s}/final.json")); fb = json.load(open(f"{b}/{s}/final.json"))
     assert fa == fb, f"{s}: final metrics differ after resume:\n{fa}\n{fb}"
 def losses(d, s):
@@ -70,11 +80,11 @@ def losses(d, s):
         j = json.loads(line)
         out.append((j["step"], j.get("loss"), j.get("eval_loss"), j.get("lr"), j.get("tokens")))
     return out
-for s in ["pretrain", "long_context", "anneal"]:
+for s in ["pretrain", "long_context", "anneal", "sft", "r1_rm", "r1_dpo", "r2_sft"]:
     la, lb = losses(a, s), losses(b, s)
     assert la == lb, f"{s}: metrics.jsonl differs:\n{la}\n{lb}"
 st = json.load(open(f"{b}/state.json"))
-assert st["finished"] == ["data", "pretrain", "long_context", "anneal", "eval"], st
+assert sorted(st["finished"]) == sorted(stages), st  # --only eval moved eval last
 an = json.load(open(f"{a}/anneal/metrics.jsonl".replace("metrics.jsonl", "final.json")))
 lrs = [json.loads(l)["lr"] for l in open(f"{a}/anneal/metrics.jsonl") if '"loss"' in l]
 assert lrs[-1] == 0.0 and all(x > y for x, y in zip(lrs, lrs[1:])), lrs

@@ -76,6 +76,7 @@ double train_loop(const std::vector<nn::NamedParam>& params, const TrainLoopOpti
     adam.step(lr);
     adam.zero_grad();
     if (s >= tail_from) tail += l, ++tail_n;
+    if (opt.on_step) opt.on_step(s + 1, l, lr);
     if (opt.log_every > 0 && ((s + 1) % opt.log_every == 0 || s + 1 == opt.steps)) {
       double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       spdlog::info("{} step {}/{} loss {:.4f} ({:.1f}s)", opt.tag, s + 1, opt.steps, l, el);

@@ -54,6 +54,9 @@ struct TrainLoopOptions {
   float max_grad_norm = 1.f;
   int64_t log_every = 20;
   std::string tag = "train";
+  // Called after every update (1-based step, the step's loss, its LR): the recipe runner
+  // writes these to the stage's metrics.jsonl.
+  std::function<void(int64_t step, double loss, float lr)> on_step;
 };
 // AdamW over params; loss_fn(step) returns the scalar loss of one step. Returns the mean
 // loss of the last 10% of steps.

@@ -163,7 +163,7 @@ PostStageResult run_dpo(const DpoOptions& o) {
     auto after = respond(m, p.tok, prompts, so);
     metrics["eval_exact_match"] = exact_match(after, prompts);
     if (!o.reward_model.empty()) {
-      RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = ""}));
+      RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
       double wins = 0;
       for (size_t i = 0; i < prompts.size(); ++i) {
         auto s = rm.score_responses(prompts[i].messages, {after[i], before[i]});

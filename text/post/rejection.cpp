@@ -21,17 +21,19 @@ nlohmann::json messages_json(const Dialog& d) {
 PostStageResult run_rejection_sampling(const RejectionOptions& o) {
   LLAMA3_CHECK(o.k >= 1, "rejection sampling: k must be >= 1, got {}", o.k);
   Policy p = load_policy(o.policy);
-  RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = ""}));
+  RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
   LoadOptions lo = o.load;
   lo.max_tokens = p.model->config().max_seq_len - o.sampling.max_new_tokens;
   LoadReport rep;
   auto prompts = load_prompts(o.prompts, p.tok, lo, &rep);
   LLAMA3_CHECK(!prompts.empty(), "rejection sampling: no usable prompts in {}", o.prompts);
   std::filesystem::create_directories(o.out_dir);
-  std::ofstream sft(o.out_dir + "/sft.jsonl"), prefs(o.out_dir + "/prefs.jsonl");
+  std::ofstream sft(o.out_dir + "/sft.jsonl"), prefs(o.out_dir + "/prefs.jsonl"),
+      vprefs(o.out_dir + "/verified_prefs.jsonl");
   SamplingOptions so = o.sampling;
   so.stop_ids = stop_ids(p.tok);
-  int64_t kept = 0, verified = 0, best_correct = 0, sample_correct = 0, samples = 0, pairs = 0;
+  int64_t kept = 0, verified = 0, best_correct = 0, sample_correct = 0, samples = 0, pairs = 0, vpairs = 0,
+          any_correct = 0;
   double sum_best = 0, sum_mean = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     std::vector<std::vector<int32_t>> ps(size_t(o.k), render(p.tok, prompts[i].messages, true).ids);
@@ -46,17 +48,40 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     for (double s : sc) mean += s;
     mean /= double(sc.size());
     sum_best += sc[best], sum_mean += mean;
-    if (!prompts[i].answer.empty()) {
+    const bool has_answer = !prompts[i].answer.empty();
+    std::vector<uint8_t> ok(resp.size(), 0);
+    size_t pick = best;
+    if (has_answer) {
       ++verified;
       best_correct += verify(prompts[i], resp[best]);
-      for (auto& r : resp) sample_correct += verify(prompts[i], r), ++samples;
+      for (size_t j = 0; j < resp.size(); ++j) ok[j] = verify(prompts[i], resp[j]), sample_correct += ok[j], ++samples;
+      // The verifier's pair: the RM's favourite among the correct samples vs its favourite
+      // among the wrong ones (the hardest negative), when the K samples hold both.
+      int64_t good = -1, bad = -1;
+      for (size_t j = 0; j < resp.size(); ++j) {
+        if (ok[j] && (good < 0 || sc[j] > sc[size_t(good)])) good = int64_t(j);
+        if (!ok[j] && !trim(resp[j]).empty() && (bad < 0 || sc[j] > sc[size_t(bad)])) bad = int64_t(j);
+      }
+      any_correct += good >= 0;
+      if (good >= 0 && bad >= 0 && resp[size_t(good)] != resp[size_t(bad)]) {
+        vprefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)},
+                                  {"chosen", resp[size_t(good)]},
+                                  {"rejected", resp[size_t(bad)]}})
+                      .dump()
+               << "\n";
+        ++vpairs;
+      }
+      if (o.require_correct) {
+        if (good < 0) continue;
+        pick = size_t(good);
+      }
     }
-    if (sc[best] < o.min_score || trim(resp[best]).empty()) continue;
+    if (sc[pick] < o.min_score || trim(resp[pick]).empty()) continue;
     ++kept;
     Dialog d = prompts[i].messages;
-    d.push_back(Message{Role::kAssistant, resp[best], false});
-    nlohmann::json rec = {{"messages", messages_json(d)}, {"score", sc[best]}, {"mean_score", mean}};
-    if (!prompts[i].answer.empty()) rec["answer"] = prompts[i].answer;
+    d.push_back(Message{Role::kAssistant, resp[pick], false});
+    nlohmann::json rec = {{"messages", messages_json(d)}, {"score", sc[pick]}, {"mean_score", mean}};
+    if (has_answer) rec["answer"] = prompts[i].answer;
     sft << rec.dump() << "\n";
     if (resp[best] != resp[worst] && !trim(resp[worst]).empty()) {
       prefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)},
@@ -77,10 +102,15 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
                             {"mean_best_score", sum_best / n},
                             {"best_of_k_gain", (sum_best - sum_mean) / n},
                             {"pairs", pairs},
+                            {"verified_pairs", vpairs},
                             {"skipped", rep.skipped_total()}};
   if (verified) {
     metrics["best_correct_rate"] = double(best_correct) / double(verified);
     metrics["sample_correct_rate"] = double(sample_correct) / double(samples);
+    metrics["any_correct_rate"] = double(any_correct) / double(verified);
+    // Best-of-K gain as the verifier sees it: the RM's pick vs a random sample.
+    metrics["verified_best_of_k_gain"] = metrics["best_correct_rate"].get<double>() -
+                                         metrics["sample_correct_rate"].get<double>();
   }
   spdlog::info("rejection sampling: {}", metrics.dump());
   write_final(o.out_dir, metrics);

@@ -76,10 +76,15 @@ PostStageResult run_reward_model(const RewardOptions& o);
 struct RejectionOptions {
   ModelSource policy;
   std::string reward_model;  // RM checkpoint dir
+  std::string reward_model_tokenizer;  // default: <reward_model>/tokenizer.model
   std::string prompts;       // prompt JSONL
-  std::string out_dir;       // writes sft.jsonl (best responses with scores), prefs.jsonl (best vs worst)
+  // Writes sft.jsonl (best responses with scores), prefs.jsonl (RM best vs RM worst) and
+  // verified_prefs.jsonl (for prompts with answers: a sample the verifier accepts vs one it
+  // rejects; the verifier plays the paper's human annotator of the latest model's samples).
+  std::string out_dir;
   int64_t k = 8;
   double min_score = -1e30;  // keep a prompt's best only if it scores at least this
+  bool require_correct = false;  // choose the best among verified-correct samples only (prompts with answers)
   SamplingOptions sampling{.greedy = false, .temperature = 1.0f, .top_k = 0, .top_p = 0.95f, .max_new_tokens = 24, .seed = 0, .stop_ids = {}};
   LoadOptions load;
 };
@@ -113,6 +118,7 @@ struct DpoOptions {
   std::string eval_prefs;
   double eval_fraction = 0.1;
   std::string reward_model;  // optional: win rate vs the starting model, judged by this RM
+  std::string reward_model_tokenizer;  // default: <reward_model>/tokenizer.model
   std::string eval_prompts;  // prompts for the win rate / exact match
   std::string out_dir;
   float beta = 0.1f, alpha = 0.2f;

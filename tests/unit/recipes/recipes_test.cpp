@@ -122,9 +122,9 @@ TEST(RecipeValidation, MultiRankLayoutsRunOnlyWithTheirWorldSize) {
 }
 
 TEST(RecipeValidation, ReservedKindsAreNotImplementedInThisBuild) {
-  auto r = LoadedRecipe::parse(replace(kRecipe, "kind: PRETRAIN", "kind: DPO"), "t.textproto");
+  auto r = LoadedRecipe::parse(replace(kRecipe, "kind: PRETRAIN", "kind: VISION_ENCODER"), "t.textproto");
   const std::string e = error_of([&] { r.validate(true); });
-  EXPECT_NE(e.find("t.textproto:5:3: stage 'pretrain' field kind: DPO is not implemented in this build"),
+  EXPECT_NE(e.find("t.textproto:5:3: stage 'pretrain' field kind: VISION_ENCODER is not implemented in this build"),
             std::string::npos)
       << e;
 }

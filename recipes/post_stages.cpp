@@ -1,0 +1,496 @@
+#include "recipes/post_stages.h"
+
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "recipes/metrics_sink.h"
+#include "runtime/core/error.h"
+#include "runtime/io/checkpoint.h"
+#include "text/post/stages.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace llama3::recipes {
+
+namespace post = text::post;
+
+bool is_post_kind(StageKind k) {
+  return k == POST_DATA || k == SFT || k == REWARD_MODEL || k == REJECTION_SAMPLING || k == DPO;
+}
+bool post_produces_model(StageKind k) { return k == SFT || k == REWARD_MODEL || k == DPO; }
+
+namespace {
+
+// Defaults of the option messages (0 fields mean these).
+int64_t or_default(int64_t v, int64_t d) { return v > 0 ? v : d; }
+double or_default(double v, double d) { return v > 0 ? v : d; }
+
+bool makes_model(StageKind k) {
+  return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL || k == AVERAGE || post_produces_model(k);
+}
+
+// A REWARD_MODEL stage, or an AVERAGE of REWARD_MODEL stages (the paper averages RMs).
+bool is_reward_model(const Recipe& r, const LoadedRecipe& lr, int i) {
+  const Stage& s = r.stage(i);
+  if (s.kind() == REWARD_MODEL) return true;
+  if (s.kind() != AVERAGE || s.average().stages_size() == 0 || s.average().checkpoints_size() > 0) return false;
+  for (auto& n : s.average().stages()) {
+    const int j = lr.stage_index(n);
+    if (j < 0 || j >= i || !is_reward_model(r, lr, j)) return false;
+  }
+  return true;
+}
+
+struct PostChecker {
+  const LoadedRecipe& lr;
+  int stage;
+  template <typename... Args>
+  [[noreturn]] void error(const std::string& field, fmt::format_string<Args...> f, Args&&... args) const {
+    throw Error(fmt::format("{}: stage '{}' field {}: {}", lr.where(stage, field), lr.recipe().stage(stage).name(),
+                            field, fmt::format(f, std::forward<Args>(args)...)));
+  }
+  // The index of `ref`, an earlier stage.
+  int earlier(const std::string& field, const std::string& ref) const {
+    const int j = lr.stage_index(ref);
+    if (j > stage) error(field, "'{}' is a later stage (stage {}); inputs must come from earlier stages", ref, j);
+    if (j < 0 || j == stage) error(field, "no stage named '{}' before this one", ref);
+    return j;
+  }
+};
+
+std::string tokenizer_of_data_stage(const std::string& dir) {
+  std::string p = dir + "/tokenizer.model";
+  const std::string m = dir + "/manifest.json";
+  if (fs::exists(m)) {
+    json j = io::read_json(m);
+    if (j.contains("tokenizer") && fs::exists(j["tokenizer"].get<std::string>())) p = j["tokenizer"].get<std::string>();
+  }
+  return p;
+}
+
+bool non_empty_file(const std::string& p) { return fs::exists(p) && fs::file_size(p) > 0; }
+
+uint64_t seed_of(const Recipe& r, const Stage& s) { return s.seed() ? s.seed() : r.seed(); }
+
+}  // namespace
+
+void validate_post_stage(const LoadedRecipe& lr, int i) {
+  const Recipe& r = lr.recipe();
+  const Stage& s = r.stage(i);
+  const StageKind k = s.kind();
+  PostChecker c{lr, i};
+  const std::string kind = StageKind_Name(k);
+
+  // Option messages belong to their kind.
+  if (s.has_post_data() && k != POST_DATA) c.error("post_data", "only POST_DATA stages take it");
+  if (s.has_sft() && k != SFT) c.error("sft", "only SFT stages take it");
+  if (s.has_reward_model() && k != REWARD_MODEL) c.error("reward_model", "only REWARD_MODEL stages take it");
+  if (s.has_rejection_sampling() && k != REJECTION_SAMPLING)
+    c.error("rejection_sampling", "only REJECTION_SAMPLING stages take it");
+  if (s.has_dpo() && k != DPO) c.error("dpo", "only DPO stages take it");
+  if (s.round() < 0) c.error("round", "must be >= 0 (got {})", s.round());
+  if (!s.data_dir().empty()) c.error("data_dir", "post-training stages read data_from (a POST_DATA stage)");
+  const Layout L = layout_of(s);
+  if (L.world() != 1) c.error("parallel", "post-training stages run single-process (layout needs {} ranks)", L.world());
+
+  if (k == POST_DATA) {
+    if (!s.init_from().empty()) c.error("init_from", "a POST_DATA stage takes no model");
+    if (!s.reward_model_from().empty()) c.error("reward_model_from", "a POST_DATA stage takes no reward model");
+    if (s.samples_from_size()) c.error("samples_from", "a POST_DATA stage takes no samples");
+    if (!s.data_from().empty()) {
+      const int j = c.earlier("data_from", s.data_from());
+      if (r.stage(j).kind() != DATA)
+        c.error("data_from", "stage '{}' is a {} stage, not DATA (its tokenizer is used)", s.data_from(),
+                StageKind_Name(r.stage(j).kind()));
+      if (s.post_data().bpe_vocab() != 0)
+        c.error("post_data.bpe_vocab", "the tokenizer comes from data_from '{}'; drop bpe_vocab", s.data_from());
+    }
+    const auto& d = s.post_data();
+    if (d.sft_dialogs() < 0 || d.prefs() < 0 || d.prompts() < 0 || d.eval_prompts() < 0)
+      c.error("post_data", "counts must be >= 0");
+    if (d.bpe_vocab() != 0 && d.bpe_vocab() < 300)
+      c.error("post_data.bpe_vocab", "{} is below 300 (256 byte tokens + merges)", d.bpe_vocab());
+    return;
+  }
+
+  // Inputs.
+  if (s.data_from().empty()) c.error("data_from", "a {} stage needs data_from: a POST_DATA stage", kind);
+  {
+    const int j = c.earlier("data_from", s.data_from());
+    if (r.stage(j).kind() != POST_DATA)
+      c.error("data_from", "stage '{}' is a {} stage, not POST_DATA", s.data_from(), StageKind_Name(r.stage(j).kind()));
+  }
+  if (!s.init_from().empty()) {
+    const int j = c.earlier("init_from", s.init_from());
+    if (!makes_model(r.stage(j).kind()))
+      c.error("init_from", "stage '{}' is a {} stage and produces no model", s.init_from(),
+              StageKind_Name(r.stage(j).kind()));
+    if (!s.model().flavour().empty())
+      c.error("model.flavour", "the model comes from init_from '{}'; drop the flavour", s.init_from());
+  } else {
+    if (s.model().flavour().empty())
+      c.error("init_from", "a {} stage starts from init_from (an earlier model) or a fresh model.flavour", kind);
+    try {
+      text::llama3_flavour(s.model().flavour());
+    } catch (const Error& e) {
+      c.error("model.flavour", "{}", e.what());
+    }
+  }
+  if (s.model().dim() || s.model().n_layers() || s.model().n_heads() || s.model().n_kv_heads() ||
+      s.model().vocab_size() || s.model().rope_theta() != 0 || !s.model().precision().empty())
+    c.error("model", "post-training stages take the model's shape from init_from or the flavour (vocabulary: the "
+                     "tokenizer); only model.flavour is read");
+  if (k == REJECTION_SAMPLING && s.reward_model_from().empty())
+    c.error("reward_model_from", "a REJECTION_SAMPLING stage needs a reward model to score its samples");
+  if (!s.reward_model_from().empty()) {
+    if (k == SFT || k == REWARD_MODEL) c.error("reward_model_from", "a {} stage uses no reward model", kind);
+    const int j = c.earlier("reward_model_from", s.reward_model_from());
+    if (!is_reward_model(r, lr, j))
+      c.error("reward_model_from", "stage '{}' is a {} stage, not REWARD_MODEL (or an AVERAGE of them)",
+              s.reward_model_from(), StageKind_Name(r.stage(j).kind()));
+  }
+  for (int n = 0; n < s.samples_from_size(); ++n) {
+    const std::string f = fmt::format("samples_from[{}]", n);
+    if (k == REJECTION_SAMPLING) c.error(f, "a REJECTION_SAMPLING stage samples its own data");
+    const int j = c.earlier(f, s.samples_from(n));
+    if (r.stage(j).kind() != REJECTION_SAMPLING)
+      c.error(f, "stage '{}' is a {} stage, not REJECTION_SAMPLING", s.samples_from(n),
+              StageKind_Name(r.stage(j).kind()));
+  }
+
+  // Optimisation (the sampling stage trains nothing).
+  const auto& o = s.optimizer();
+  if (k != REJECTION_SAMPLING) {
+    if (!(o.lr() > 0)) c.error("optimizer.lr", "must be > 0 (got {})", o.lr());
+    if (o.weight_decay() < 0) c.error("optimizer.weight_decay", "must be >= 0 (got {})", o.weight_decay());
+    if (o.max_grad_norm() < 0) c.error("optimizer.max_grad_norm", "must be >= 0 (got {})", o.max_grad_norm());
+  } else if (s.has_optimizer()) {
+    c.error("optimizer", "a REJECTION_SAMPLING stage trains nothing");
+  }
+  const std::pair<const char*, bool> foreign[] = {
+      {"lr", s.has_lr()},           {"batch", s.has_batch()},       {"total_tokens", s.total_tokens() != 0},
+      {"mix", s.mix_size() > 0},    {"long_context", s.has_long_context()}, {"anneal", s.has_anneal()},
+      {"average", s.has_average()}, {"data", s.has_data()},         {"synthetic_niah", s.has_synthetic_niah()},
+      {"eval", s.has_eval()}};
+  for (auto& [f, set] : foreign)
+    if (set)
+      c.error(f, "a {} stage takes its budget from its own options (sft, reward_model, rejection_sampling, dpo)",
+              kind);
+  auto non_negative = [&](const std::string& f, double v) {
+    if (v < 0) c.error(f, "must be >= 0 (got {})", v);
+  };
+  if (k == SFT) {
+    const auto& p = s.sft();
+    non_negative("sft.steps", double(p.steps()));
+    non_negative("sft.batch", double(p.batch()));
+    non_negative("sft.warmup_steps", double(p.warmup_steps()));
+    non_negative("sft.max_new_tokens", double(p.max_new_tokens()));
+    if (p.seq_len() != 0 && p.seq_len() < 16) c.error("sft.seq_len", "{} is below 16", p.seq_len());
+    if (p.only_samples() && s.samples_from_size() == 0)
+      c.error("sft.only_samples", "needs samples_from (REJECTION_SAMPLING stages)");
+  } else if (k == REWARD_MODEL) {
+    non_negative("reward_model.steps", double(s.reward_model().steps()));
+    non_negative("reward_model.batch", double(s.reward_model().batch()));
+    non_negative("reward_model.warmup_steps", double(s.reward_model().warmup_steps()));
+  } else if (k == REJECTION_SAMPLING) {
+    const auto& p = s.rejection_sampling();
+    non_negative("rejection_sampling.k", double(p.k()));
+    non_negative("rejection_sampling.temperature", p.temperature());
+    non_negative("rejection_sampling.top_k", double(p.top_k()));
+    non_negative("rejection_sampling.max_new_tokens", double(p.max_new_tokens()));
+    if (p.top_p() < 0 || p.top_p() > 1) c.error("rejection_sampling.top_p", "{} must lie in [0, 1]", p.top_p());
+    if (!p.has_min_score() && p.min_score() != 0)
+      c.error("rejection_sampling.min_score", "set has_min_score: true to use it");
+  } else if (k == DPO) {
+    const auto& p = s.dpo();
+    non_negative("dpo.steps", double(p.steps()));
+    non_negative("dpo.batch", double(p.batch()));
+    non_negative("dpo.beta", p.beta());
+    non_negative("dpo.warmup_steps", double(p.warmup_steps()));
+    non_negative("dpo.max_new_tokens", double(p.max_new_tokens()));
+  }
+}
+
+std::vector<std::string> post_stage_inputs(const Stage& s) {
+  std::vector<std::string> v;
+  if (!is_post_kind(s.kind())) return v;
+  if (!s.reward_model_from().empty()) v.push_back(s.reward_model_from());
+  for (auto& n : s.samples_from()) v.push_back(n);
+  return v;
+}
+
+json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_dir, bool quiet) {
+  const Recipe& r = lr.recipe();
+  const Stage& s = r.stage(index);
+  const std::string dir = (fs::path(run_dir) / s.name()).string();
+  // Post stages are short and not resumable mid-way: an interrupted one starts over.
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const uint64_t seed = seed_of(r, s);
+  auto stage_dir = [&](const std::string& n) { return (fs::path(run_dir) / n).string(); };
+
+  if (s.kind() == POST_DATA) {
+    post::DefaultDataOptions o;
+    o.out_dir = dir;
+    const auto& d = s.post_data();
+    o.n_train = or_default(d.sft_dialogs(), o.n_train);
+    o.n_pref = or_default(d.prefs(), o.n_pref);
+    o.n_prompts = or_default(d.prompts(), o.n_prompts);
+    o.n_eval = or_default(d.eval_prompts(), o.n_eval);
+    o.bpe_vocab = or_default(d.bpe_vocab(), o.bpe_vocab);
+    o.seed = seed;
+    if (!s.data_from().empty()) {
+      o.tokenizer = tokenizer_of_data_stage(stage_dir(s.data_from()));
+      // The chat format needs these specials; a tokenizer without them cannot render dialogs.
+      auto tok = text::Tokenizer::load(o.tokenizer);
+      for (const char* sp : {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"})
+        tok.special_id(sp);
+    }
+    json f = post::make_default_data(o).metrics;
+    if (s.round()) f["round"] = s.round();
+    return f;
+  }
+
+  const std::string data = stage_dir(s.data_from());
+  post::ModelSource src;
+  src.tokenizer = data + "/tokenizer.model";
+  if (!s.init_from().empty()) {
+    src.dir = stage_dir(s.init_from()) + "/model";
+  } else {
+    src.flavour = s.model().flavour();
+    src.seed = seed;
+  }
+  post::TrainLoopOptions t;
+  t.lr = float(s.optimizer().lr());
+  t.weight_decay = float(s.optimizer().weight_decay());
+  t.max_grad_norm = float(s.optimizer().max_grad_norm() > 0 ? s.optimizer().max_grad_norm() : 1.0);
+  t.log_every = quiet ? 0 : 25;
+  const std::string name = s.name();
+  t.on_step = [dir, name](int64_t step, double loss, float lr) {
+    write_metrics(dir, name, step, {{"loss", loss}, {"lr", lr}});
+  };
+  auto samples = [&](const char* file) {
+    std::vector<std::string> v;
+    for (auto& n : s.samples_from()) {
+      const std::string p = stage_dir(n) + "/" + file;
+      if (non_empty_file(p)) v.push_back(p);
+      else spdlog::warn("stage {}: {} is empty (no samples of that kind from stage {})", name, p, n);
+    }
+    return v;
+  };
+
+  json f;
+  int64_t steps = 0;
+  switch (s.kind()) {
+    case SFT: {
+      const auto& p = s.sft();
+      post::SftOptions o;
+      o.model = src;
+      if (!p.only_samples()) o.data.push_back(data + "/sft.jsonl");
+      for (auto& x : samples("sft.jsonl")) o.data.push_back(x);
+      LLAMA3_CHECK(!o.data.empty(), "stage '{}': no SFT data (samples_from produced no kept samples)", name);
+      o.eval_prompts = data + "/eval.jsonl";
+      o.out_dir = dir + "/model";
+      o.steps = steps = or_default(p.steps(), o.steps);
+      o.batch = or_default(p.batch(), o.batch);
+      o.seq = or_default(p.seq_len(), o.seq);
+      o.max_new_tokens = or_default(p.max_new_tokens(), o.max_new_tokens);
+      o.train_on_termination = !p.no_termination_target();
+      if (s.init_from().empty()) src.max_seq_len = o.seq, o.model = src;
+      o.train = t;
+      o.train.warmup = or_default(p.warmup_steps(), o.train.warmup);
+      o.seed = seed;
+      f = post::run_sft(o).metrics;
+      break;
+    }
+    case REWARD_MODEL: {
+      const auto& p = s.reward_model();
+      post::RewardOptions o;
+      o.model = src;
+      o.prefs = {data + "/prefs.jsonl"};
+      for (auto& x : samples("verified_prefs.jsonl")) o.prefs.push_back(x);
+      o.eval_prefs = data + "/eval_prefs.jsonl";
+      o.out_dir = dir + "/model";
+      o.steps = steps = or_default(p.steps(), o.steps);
+      o.batch = or_default(p.batch(), o.batch);
+      o.train = t;
+      o.train.warmup = or_default(p.warmup_steps(), o.train.warmup);
+      o.seed = seed;
+      f = post::run_reward_model(o).metrics;
+      break;
+    }
+    case REJECTION_SAMPLING: {
+      const auto& p = s.rejection_sampling();
+      post::RejectionOptions o;
+      o.policy = src;
+      o.reward_model = stage_dir(s.reward_model_from()) + "/model";
+      o.reward_model_tokenizer = src.tokenizer;
+      o.prompts = data + "/prompts.jsonl";
+      o.out_dir = dir;
+      o.k = or_default(p.k(), o.k);
+      if (p.has_min_score()) o.min_score = p.min_score();
+      o.require_correct = p.require_correct();
+      o.sampling.temperature = float(or_default(p.temperature(), double(o.sampling.temperature)));
+      o.sampling.top_p = float(or_default(p.top_p(), double(o.sampling.top_p)));
+      o.sampling.top_k = p.top_k();
+      o.sampling.max_new_tokens = or_default(p.max_new_tokens(), o.sampling.max_new_tokens);
+      o.sampling.seed = seed;
+      f = post::run_rejection_sampling(o).metrics;
+      break;
+    }
+    case DPO: {
+      const auto& p = s.dpo();
+      post::DpoOptions o;
+      o.model = src;
+      o.prefs = {data + "/prefs.jsonl"};
+      for (auto& x : samples("verified_prefs.jsonl")) o.prefs.push_back(x);
+      o.eval_prefs = data + "/eval_prefs.jsonl";
+      if (!s.reward_model_from().empty()) {
+        o.reward_model = stage_dir(s.reward_model_from()) + "/model";
+        o.reward_model_tokenizer = src.tokenizer;
+      }
+      o.eval_prompts = data + "/eval.jsonl";
+      o.out_dir = dir + "/model";
+      o.beta = float(or_default(p.beta(), double(o.beta)));
+      o.alpha = p.alpha() < 0 ? 0.f : float(or_default(p.alpha(), double(o.alpha)));
+      o.steps = steps = or_default(p.steps(), int64_t(60));
+      o.batch = or_default(p.batch(), o.batch);
+      o.max_new_tokens = or_default(p.max_new_tokens(), o.max_new_tokens);
+      o.train = t;
+      o.train.warmup = or_default(p.warmup_steps(), o.train.warmup);
+      o.seed = seed;
+      f = post::run_dpo(o).metrics;
+      break;
+    }
+    default: fail("stage '{}': {} is not a post-training kind", name, StageKind_Name(s.kind()));
+  }
+  // The stage's evaluation as the last metrics line (numbers only, like the step lines).
+  json last = json::object();
+  for (auto& [key, v] : f.items())
+    if (v.is_number()) last[key] = v;
+  write_metrics(dir, name, steps, last);
+  if (s.round()) f["round"] = s.round();
+  return f;
+}
+
+PostPlan plan_post_stage(const LoadedRecipe& lr, int index, const text::LlamaConfig* init) {
+  const Recipe& r = lr.recipe();
+  const Stage& s = r.stage(index);
+  PostPlan p;
+  const std::string rnd = s.round() ? fmt::format("round {}: ", s.round()) : "";
+  if (s.kind() == POST_DATA) {
+    const auto& d = s.post_data();
+    p.notes = fmt::format("{}generated tasks: {} dialogs, {} preference prompts, {} RS prompts, {} held out; tokenizer {}",
+                          rnd, or_default(d.sft_dialogs(), int64_t(600)), or_default(d.prefs(), int64_t(600)),
+                          or_default(d.prompts(), int64_t(100)), or_default(d.eval_prompts(), int64_t(60)),
+                          s.data_from().empty() ? "trained (BPE)" : "of stage " + s.data_from());
+    return p;
+  }
+  if (init) {
+    p.config = *init;
+  } else if (s.init_from().empty() && !s.model().flavour().empty()) {
+    p.config = text::llama3_flavour(s.model().flavour());
+  }
+  // RS prompts: the POST_DATA stage's count.
+  int64_t prompts = 100, eval = 60;
+  const int di = lr.stage_index(s.data_from());
+  if (di >= 0) {
+    prompts = or_default(r.stage(di).post_data().prompts(), prompts);
+    eval = or_default(r.stage(di).post_data().eval_prompts(), eval);
+  }
+  constexpr int64_t kPairLen = 48;  // typical rendered prompt + response of the default tasks
+  double train_tokens = 0, gen_tokens = 0;
+  int64_t seq = kPairLen;
+  switch (s.kind()) {
+    case SFT: {
+      const int64_t steps = or_default(s.sft().steps(), int64_t(200)), b = or_default(s.sft().batch(), int64_t(8));
+      seq = or_default(s.sft().seq_len(), int64_t(128));
+      train_tokens = double(steps * b * seq);
+      gen_tokens = double(eval * or_default(s.sft().max_new_tokens(), int64_t(24)));
+      std::string from;
+      for (auto& n : s.samples_from()) from += (from.empty() ? ", + samples of " : ", ") + n;
+      p.notes = fmt::format("{}{} steps x {} rows x {} (assistant tokens only){}", rnd, steps, b, seq, from);
+      break;
+    }
+    case REWARD_MODEL: {
+      const int64_t steps = or_default(s.reward_model().steps(), int64_t(100)),
+                    b = or_default(s.reward_model().batch(), int64_t(8));
+      train_tokens = double(steps * 2 * b * kPairLen);
+      p.notes = fmt::format("{}{} steps x {} pairs, pairwise loss", rnd, steps, b);
+      break;
+    }
+    case REJECTION_SAMPLING: {
+      const int64_t k = or_default(s.rejection_sampling().k(), int64_t(8));
+      gen_tokens = double(prompts * k * or_default(s.rejection_sampling().max_new_tokens(), int64_t(24)));
+      p.notes = fmt::format("{}{} prompts x K={} samples of {}, scored by {}", rnd, prompts, k,
+                            s.init_from().empty() ? "a fresh model" : s.init_from(), s.reward_model_from());
+      p.config.reset();  // produces data, not a model
+      if (init) p.flops = gen_tokens * init->flops_per_token(kPairLen) / 3.0;
+      p.tokens = gen_tokens;
+      return p;
+    }
+    case DPO: {
+      const int64_t steps = or_default(s.dpo().steps(), int64_t(60)), b = or_default(s.dpo().batch(), int64_t(8));
+      train_tokens = double(steps * 2 * b * kPairLen);
+      gen_tokens = double(2 * eval * or_default(s.dpo().max_new_tokens(), int64_t(24)));
+      p.notes = fmt::format("{}{} steps x {} pairs, beta {}, alpha {}", rnd, steps, b,
+                            or_default(s.dpo().beta(), 0.1), s.dpo().alpha() < 0 ? 0.0 : or_default(s.dpo().alpha(), 0.2));
+      break;
+    }
+    default: break;
+  }
+  p.tokens = train_tokens;
+  if (p.config) p.flops = train_tokens * p.config->flops_per_token(seq) + gen_tokens * p.config->flops_per_token(seq) / 3.0;
+  return p;
+}
+
+std::string post_rounds_markdown(const std::string& run_dir) {
+  const std::string rpath = run_dir + "/recipe.textproto";
+  if (!fs::exists(rpath)) return "";
+  LoadedRecipe lr;
+  try {
+    lr = LoadedRecipe::load(rpath);
+  } catch (const Error&) {
+    return "";  // a recipe from another build; the main table still shows every stage
+  }
+  // round -> kind -> final metrics of the round's last stage of that kind.
+  std::map<int, std::map<StageKind, json>> rounds;
+  std::map<int, std::map<StageKind, std::string>> names;
+  for (const Stage& s : lr.recipe().stage()) {
+    if (!is_post_kind(s.kind()) || s.kind() == POST_DATA) continue;
+    const std::string p = run_dir + "/" + s.name() + "/final.json";
+    json f = fs::exists(p) ? io::read_json(p) : json::object();
+    rounds[s.round()][s.kind()] = f;
+    names[s.round()][s.kind()] = s.name();
+  }
+  if (rounds.empty()) return "";
+  auto num = [](const json& f, const char* k) -> std::string {
+    if (!f.contains(k) || !f[k].is_number()) return "-";
+    return fmt::format("{:.3f}", f[k].get<double>());
+  };
+  std::string md =
+      "\n## Post-training rounds\n\n"
+      "RM acc: reward model's held-out pairwise accuracy. RS: acceptance, best-of-K gain in RM score "
+      "(mean best - mean), and the verifier's view (RM pick correct / random sample correct). SFT EM and DPO EM: "
+      "greedy exact match on held-out prompts. DPO acc: held-out preference accuracy (implicit reward). Win rate: "
+      "DPO model vs its starting (SFT) model, judged by the round's RM (ties half).\n\n"
+      "| round | RM acc | RS acceptance | RS best-of-K gain | RS RM pick / sample correct | SFT EM | DPO acc | DPO EM "
+      "| DPO win rate vs SFT | stages |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+  for (auto& [round, kinds] : rounds) {
+    auto get = [&](StageKind k) { return kinds.count(k) ? kinds.at(k) : json::object(); };
+    const json rm = get(REWARD_MODEL), rs = get(REJECTION_SAMPLING), sft = get(SFT), dpo = get(DPO);
+    std::string st;
+    for (auto& [k, n] : names[round]) st += (st.empty() ? "" : ", ") + n;
+    md += fmt::format("| {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n", round ? std::to_string(round) : "-",
+                      num(rm, "eval_accuracy"), num(rs, "acceptance"), num(rs, "best_of_k_gain"),
+                      num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"), num(sft, "eval_exact_match"),
+                      num(dpo, "eval_accuracy"), num(dpo, "eval_exact_match"), num(dpo, "win_rate_vs_start"), st);
+  }
+  return md;
+}
+
+}  // namespace llama3::recipes

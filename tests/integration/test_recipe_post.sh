@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Post-training stage kinds in the recipe runner at toy scale (fresh debug model, own BPE):
+# POST_DATA -> SFT -> REWARD_MODEL -> REJECTION_SAMPLING -> SFT on samples -> DPO judged by
+# the RM -> AVERAGE of two post-trained models. Checks the plan, every stage's outputs and
+# metrics (metrics.jsonl lines, final.json values in range), the per-round report table,
+# that a rerun skips finished stages, and that bad post-training fields fail before any
+# work with file:line and the field.
+set -euo pipefail
+BUILD=${1:?build dir}
+SRC=${2:?source dir}
+L="$BUILD/llama3"
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+start=$(date +%s)
+
+cat > "$OUT/post.textproto" <<'R'
+name: "post_toy"
+seed: 3
+stage { name: "post_data" kind: POST_DATA post_data { sft_dialogs: 160 prefs: 160 prompts: 12 eval_prompts: 12 bpe_vocab: 400 } }
+stage {
+  name: "sft0" kind: SFT data_from: "post_data" model { flavour: "debug" }
+  optimizer { lr: 3e-3 } sft { steps: 30 batch: 4 seq_len: 96 }
+}
+stage {
+  name: "r1_rm" kind: REWARD_MODEL round: 1 data_from: "post_data" init_from: "sft0"
+  optimizer { lr: 1e-3 } reward_model { steps: 12 batch: 4 }
+}
+stage {
+  name: "r1_rs" kind: REJECTION_SAMPLING round: 1 data_from: "post_data" init_from: "sft0"
+  reward_model_from: "r1_rm" rejection_sampling { k: 4 max_new_tokens: 12 }
+}
+stage {
+  name: "r1_sft" kind: SFT round: 1 data_from: "post_data" init_from: "sft0" samples_from: "r1_rs"
+  optimizer { lr: 1e-3 } sft { steps: 10 batch: 4 seq_len: 96 }
+}
+stage {
+  name: "r1_dpo" kind: DPO round: 1 data_from: "post_data" init_from: "r1_sft" samples_from: "r1_rs"
+  reward_model_from: "r1_rm" optimizer { lr: 2e-4 } dpo { steps: 6 batch: 4 max_new_tokens: 12 }
+}
+stage { name: "avg" kind: AVERAGE average { stages: "r1_sft" stages: "r1_dpo" } }
+R
+
+"$L" run "$OUT/post.textproto" --dry-run > "$OUT/plan.txt" || { cat "$OUT/plan.txt"; exit 1; }
+for s in post_data sft0 r1_rm r1_rs r1_sft r1_dpo avg; do
+  grep -q "^$s " "$OUT/plan.txt" || { echo "FAIL: $s not planned"; cat "$OUT/plan.txt"; exit 1; }
+done
+grep -q "K=4 samples" "$OUT/plan.txt" || { echo "FAIL: RS plan row"; cat "$OUT/plan.txt"; exit 1; }
+
+"$L" run "$OUT/post.textproto" --out "$OUT/run" > "$OUT/run.log" 2>&1 || { tail -40 "$OUT/run.log"; exit 1; }
+
+/usr/bin/python3 - "$OUT/run" <<'PY'
+import json, os, sys
+run = sys.argv[1]
+fin = lambda s: json.load(open(os.path.join(run, s, "final.json")))
+lines = lambda s: [json.loads(l) for l in open(os.path.join(run, s, "metrics.jsonl")) if l.strip()]
+st = json.load(open(os.path.join(run, "state.json")))
+assert st["finished"] == ["post_data", "sft0", "r1_rm", "r1_rs", "r1_sft", "r1_dpo", "avg"], st
+for f in ["sft.jsonl", "prefs.jsonl", "prompts.jsonl", "eval.jsonl", "eval_prefs.jsonl", "tokenizer.model"]:
+    assert os.path.getsize(os.path.join(run, "post_data", f)) > 0, f
+for s, steps in [("sft0", 30), ("r1_rm", 12), ("r1_sft", 10), ("r1_dpo", 6)]:
+    for f in ["model.safetensors", "config.json", "tokenizer.model"]:
+        assert os.path.exists(os.path.join(run, s, "model", f)), (s, f)
+    ms = lines(s)
+    train = [m for m in ms if "lr" in m]
+    assert [m["step"] for m in train] == list(range(1, steps + 1)), (s, [m["step"] for m in train])
+    assert all(m["loss"] == m["loss"] and m["loss"] >= 0 for m in train), s  # finite, non-negative
+    assert all(m["stage"] == s for m in ms)
+sft0, rm, rs, sft1, dpo = fin("sft0"), fin("r1_rm"), fin("r1_rs"), fin("r1_sft"), fin("r1_dpo")
+l = lines("sft0")
+assert l[-1]["step"] == 30 and "eval_exact_match" in l[-1], l[-1]  # the stage's eval as the last line
+assert l[0]["loss"] > l[-2]["loss"], ("SFT loss did not fall", l[0]["loss"], l[-2]["loss"])
+for k, v in [("sft0.eval_exact_match", sft0["eval_exact_match"]), ("rm.eval_accuracy", rm["eval_accuracy"]),
+             ("rs.acceptance", rs["acceptance"]), ("rs.sample_correct_rate", rs["sample_correct_rate"]),
+             ("sft.eval_exact_match", sft1["eval_exact_match"]), ("dpo.eval_accuracy", dpo["eval_accuracy"]),
+             ("dpo.win_rate_vs_start", dpo["win_rate_vs_start"])]:
+    assert 0.0 <= v <= 1.0, (k, v)
+assert rm["eval_pairs"] == 12 and rm["round"] == 1 and "round" not in sft0
+assert rs["prompts"] == 12 and rs["k"] == 4 and rs["best_of_k_gain"] >= 0, rs
+kept = [json.loads(x) for x in open(os.path.join(run, "r1_rs", "sft.jsonl"))]
+assert len(kept) == rs["kept"], (len(kept), rs["kept"])
+# The RS samples join the SFT data: 160 dialogs + the kept samples (some may be skipped as too long).
+assert sft1["dialogs"] + sft1["skipped"] == 160 + rs["kept"], (sft1, rs["kept"])
+assert os.path.exists(os.path.join(run, "r1_dpo", "model", "reference_logps.json"))
+assert dpo["train_pairs"] + dpo["skipped"] == 160 + rs["verified_pairs"], (dpo, rs["verified_pairs"])
+assert fin("avg")["inputs"] == 2
+print("post stages ok: sft0 EM", sft0["eval_exact_match"], "rm acc", rm["eval_accuracy"], "rs acc", rs["acceptance"],
+      "sft EM", sft1["eval_exact_match"], "dpo EM", dpo["eval_exact_match"], "win", dpo["win_rate_vs_start"])
+PY
+
+"$L" report "$OUT/run" > "$OUT/report.txt"
+grep -q "## Post-training rounds" "$OUT/report.txt" || { echo "FAIL: no rounds table"; cat "$OUT/report.txt"; exit 1; }
+grep -q "^| 1 | " "$OUT/report.txt" || { echo "FAIL: no round 1 row"; cat "$OUT/report.txt"; exit 1; }
+grep -q "^| - | .*sft0" "$OUT/report.txt" || { echo "FAIL: no row for the untagged SFT"; cat "$OUT/report.txt"; exit 1; }
+
+# A rerun skips every finished stage.
+"$L" run "$OUT/post.textproto" --out "$OUT/run" > "$OUT/rerun.log" 2>&1
+test "$(grep -c "finished earlier, skipped" "$OUT/rerun.log")" = 7 || { cat "$OUT/rerun.log"; exit 1; }
+
+# Validation: bad post-training fields fail before any work, naming file:line and the field.
+expect_fail() {  # expect_fail PATTERN FILE
+  rm -rf "$OUT/bad_run"
+  if "$L" run "$2" --out "$OUT/bad_run" > "$OUT/out.txt" 2> "$OUT/err.txt"; then echo "FAIL: accepted $2"; exit 1; fi
+  grep -qF -- "$1" "$OUT/err.txt" || { echo "FAIL: '$1' not in:"; cat "$OUT/err.txt"; exit 1; }
+  test ! -e "$OUT/bad_run/post_data" || { echo "FAIL: work was done before the error"; exit 1; }
+}
+bad() {  # bad N SED-EXPR: writes bad_N.textproto, the toy recipe edited
+  sed "$2" "$OUT/post.textproto" > "$OUT/bad_$1.textproto"
+}
+bad 1 's/  reward_model_from: "r1_rm" rejection_sampling/  rejection_sampling/'
+line=$(( $(grep -n 'name: "r1_rs"' "$OUT/bad_1.textproto" | cut -d: -f1) - 1 ))  # the stage's opening line
+expect_fail "bad_1.textproto:$line:" "$OUT/bad_1.textproto"
+expect_fail "stage 'r1_rs' field reward_model_from: a REJECTION_SAMPLING stage needs a reward model" "$OUT/bad_1.textproto"
+bad 2 's/init_from: "sft0" samples_from: "r1_rs"/init_from: "sft0" samples_from: "nope"/'
+line=$(grep -n 'samples_from: "nope"' "$OUT/bad_2.textproto" | cut -d: -f1)
+expect_fail "bad_2.textproto:$line:" "$OUT/bad_2.textproto"
+expect_fail "field samples_from[0]: no stage named 'nope' before this one" "$OUT/bad_2.textproto"
+bad 3 's/reward_model_from: "r1_rm" optimizer/reward_model_from: "sft0" optimizer/'
+expect_fail "field reward_model_from: stage 'sft0' is a SFT stage, not REWARD_MODEL" "$OUT/bad_3.textproto"
+bad 4 's/init_from: "sft0" samples_from: "r1_rs"/init_from: "r1_dpo" samples_from: "r1_rs"/'
+expect_fail "field init_from: 'r1_dpo' is a later stage" "$OUT/bad_4.textproto"
+bad 5 's/reward_model { steps: 12 batch: 4 }/reward_model { steps: 12 batch: 4 } dpo { beta: 0.1 }/'
+expect_fail "stage 'r1_rm' field dpo: only DPO stages take it" "$OUT/bad_5.textproto"
+bad 6 's/data_from: "post_data" model { flavour: "debug" }/data_from: "post_data"/'
+expect_fail "stage 'sft0' field init_from: a SFT stage starts from init_from (an earlier model) or a fresh model.flavour" "$OUT/bad_6.textproto"
+bad 7 's/optimizer { lr: 2e-4 } dpo/dpo/'
+expect_fail "stage 'r1_dpo' field optimizer.lr: must be > 0" "$OUT/bad_7.textproto"
+bad 8 's/kind: REWARD_MODEL round: 1 data_from: "post_data"/kind: REWARD_MODEL round: 1 data_from: "sft0"/'
+expect_fail "stage 'r1_rm' field data_from: stage 'sft0' is a SFT stage, not POST_DATA" "$OUT/bad_8.textproto"
+bad 9 's/rejection_sampling { k: 4 max_new_tokens: 12 }/rejection_sampling { k: 4 top_p: 1.5 }/'
+expect_fail "field rejection_sampling.top_p: 1.5 must lie in [0, 1]" "$OUT/bad_9.textproto"
+
+echo "test_recipe_post: ok in $(( $(date +%s) - start )) s"

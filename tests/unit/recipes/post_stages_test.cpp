@@ -1,0 +1,125 @@
+// Post-training stage kinds in recipes: validation of their inputs and options (file:line
+// and field in every error), the dependencies the runner waits for, and the plan rows.
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include "recipes/post_stages.h"
+#include "recipes/recipe.h"
+#include "recipes/runner.h"
+#include "runtime/core/error.h"
+
+using namespace llama3;
+using namespace llama3::recipes;
+
+namespace {
+
+// A valid post-training recipe; line numbers below refer to this text.
+const char* kPost = R"(name: "p"
+stage { name: "pd" kind: POST_DATA post_data { sft_dialogs: 10 bpe_vocab: 400 } }
+stage { name: "sft" kind: SFT data_from: "pd" model { flavour: "debug" } optimizer { lr: 1e-3 } }
+stage { name: "rm" kind: REWARD_MODEL round: 1 data_from: "pd" init_from: "sft" optimizer { lr: 1e-3 } }
+stage { name: "rm_avg" kind: AVERAGE average { stages: "rm" stages: "rm" } }
+stage { name: "rs" kind: REJECTION_SAMPLING round: 1 data_from: "pd" init_from: "sft"
+        reward_model_from: "rm_avg" rejection_sampling { k: 4 } }
+stage { name: "dpo" kind: DPO round: 1 data_from: "pd" init_from: "sft" samples_from: "rs"
+        reward_model_from: "rm" optimizer { lr: 1e-4 } dpo { steps: 5 } }
+)";
+
+std::string error_of(const std::string& text) {
+  try {
+    LoadedRecipe::parse(text, "p.textproto").validate(true);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+std::string replace(std::string s, const std::string& from, const std::string& to) {
+  auto p = s.find(from);
+  EXPECT_NE(p, std::string::npos) << from;
+  return s.replace(p, from.size(), to);
+}
+
+}  // namespace
+
+TEST(PostStages, ValidRecipePassesAndPlansEveryStage) {
+  auto r = LoadedRecipe::parse(kPost, "p.textproto");
+  EXPECT_NO_THROW(r.validate(true));
+  std::ostringstream plan;
+  print_plan(r, plan);
+  for (const char* s : {"pd ", "sft ", "rm ", "rm_avg ", "rs ", "dpo "})
+    EXPECT_NE(plan.str().find(std::string("\n") + s), std::string::npos) << s << "\n" << plan.str();
+  EXPECT_NE(plan.str().find("K=4 samples of sft, scored by rm_avg"), std::string::npos) << plan.str();
+  EXPECT_NE(plan.str().find("round 1: 5 steps x 8 pairs"), std::string::npos) << plan.str();
+}
+
+TEST(PostStages, RunnerWaitsForRewardModelAndSamples) {
+  auto r = LoadedRecipe::parse(kPost, "p.textproto");
+  EXPECT_EQ(post_stage_inputs(r.recipe().stage(5)), (std::vector<std::string>{"rm", "rs"}));
+  EXPECT_EQ(post_stage_inputs(r.recipe().stage(4)), (std::vector<std::string>{"rm_avg"}));
+  EXPECT_TRUE(post_stage_inputs(r.recipe().stage(3)).empty());  // AVERAGE: not a post kind
+}
+
+TEST(PostStages, RejectionSamplingNeedsARewardModel) {
+  const std::string e = error_of(replace(kPost, "reward_model_from: \"rm_avg\" ", ""));
+  EXPECT_NE(e.find("p.textproto:6:1: stage 'rs' field reward_model_from: a REJECTION_SAMPLING stage needs a reward "
+                   "model"),
+            std::string::npos)
+      << e;
+}
+
+TEST(PostStages, RewardModelFromMustBeARewardModel) {
+  const std::string e = error_of(replace(kPost, "reward_model_from: \"rm\"", "reward_model_from: \"sft\""));
+  EXPECT_NE(e.find("p.textproto:9:9: stage 'dpo' field reward_model_from: stage 'sft' is a SFT stage, not "
+                   "REWARD_MODEL (or an AVERAGE of them)"),
+            std::string::npos)
+      << e;
+}
+
+TEST(PostStages, UnknownAndLaterStagesAreRejected) {
+  std::string e = error_of(replace(kPost, "samples_from: \"rs\"", "samples_from: \"rz\""));
+  EXPECT_NE(e.find("p.textproto:8:73: stage 'dpo' field samples_from[0]: no stage named 'rz' before this one"),
+            std::string::npos)
+      << e;
+  e = error_of(replace(kPost, "init_from: \"sft\" optimizer", "init_from: \"dpo\" optimizer"));
+  EXPECT_NE(e.find("stage 'rm' field init_from: 'dpo' is a later stage (stage 5)"), std::string::npos) << e;
+  e = error_of(replace(kPost, "samples_from: \"rs\"", "samples_from: \"rm\""));
+  EXPECT_NE(e.find("field samples_from[0]: stage 'rm' is a REWARD_MODEL stage, not REJECTION_SAMPLING"),
+            std::string::npos)
+      << e;
+}
+
+TEST(PostStages, DataMustComeFromPostData) {
+  std::string e = error_of(replace(kPost, "name: \"sft\" kind: SFT data_from: \"pd\" ", "name: \"sft\" kind: SFT "));
+  EXPECT_NE(e.find("p.textproto:3:1: stage 'sft' field data_from: a SFT stage needs data_from: a POST_DATA stage"),
+            std::string::npos)
+      << e;
+  e = error_of(replace(kPost, "kind: REWARD_MODEL round: 1 data_from: \"pd\"", "kind: REWARD_MODEL round: 1 data_from: \"sft\""));
+  EXPECT_NE(e.find("p.textproto:4:"), std::string::npos) << e;
+  EXPECT_NE(e.find("field data_from: stage 'sft' is a SFT stage, not POST_DATA"), std::string::npos) << e;
+}
+
+TEST(PostStages, OptionsBelongToTheirKindAndPretrainingFieldsAreRejected) {
+  std::string e = error_of(replace(kPost, "dpo { steps: 5 }", "sft { steps: 5 }"));
+  EXPECT_NE(e.find("p.textproto:9:56: stage 'dpo' field sft: only SFT stages take it"), std::string::npos) << e;
+  e = error_of(replace(kPost, "dpo { steps: 5 }", "dpo { steps: 5 } total_tokens: 100"));
+  EXPECT_NE(e.find("stage 'dpo' field total_tokens: a DPO stage takes its budget from its own options"),
+            std::string::npos)
+      << e;
+  e = error_of(replace(kPost, "optimizer { lr: 1e-4 } ", ""));
+  EXPECT_NE(e.find("stage 'dpo' field optimizer.lr: must be > 0 (got 0)"), std::string::npos) << e;
+  e = error_of(replace(kPost, "rejection_sampling { k: 4 }", "rejection_sampling { k: 4 min_score: 1 }"));
+  EXPECT_NE(e.find("field rejection_sampling.min_score: set has_min_score: true to use it"), std::string::npos) << e;
+  e = error_of(replace(kPost, "model { flavour: \"debug\" }", "model { flavour: \"huge\" }"));
+  EXPECT_NE(e.find("p.textproto:3:55: stage 'sft' field model.flavour:"), std::string::npos) << e;
+}
+
+TEST(PostStages, ModelStagesFeedAverageAndLaterInitFrom) {
+  // An AVERAGE of post-trained models, and a PRETRAIN stage is not a reward model.
+  std::string ok = replace(kPost, "stages: \"rm\" stages: \"rm\"", "stages: \"rm\" stages: \"sft\"");
+  const std::string e = error_of(ok);
+  EXPECT_NE(e.find("stage 'rs' field reward_model_from: stage 'rm_avg' is a AVERAGE stage, not REWARD_MODEL"),
+            std::string::npos)
+      << e;
+}
