@@ -17,7 +17,8 @@ constexpr const char* kUsage =
     "  Runs the recipe's stages in order into DIR (default: the recipe's out_dir), skipping finished\n"
     "  stages and resuming an interrupted one from its latest checkpoint.\n"
     "  --set      overrides a field: pretrain.total_tokens=1000000, pretrain.optimizer.lr=1e-3,\n"
-    "             pretrain.batch.ramp[0].at_tokens=5000, seed=3 (repeatable)\n"
+    "             pretrain.batch.ramp[0].at_tokens=5000, pretrain.mix[0].weights.math=0.3, seed=3\n"
+    "             (repeatable; an index equal to the size appends, a new map key adds an entry)\n"
     "  --only     runs just STAGE (again, from scratch); its inputs must have finished\n"
     "  --from     runs STAGE and every later stage again from scratch\n"
     "  --dry-run  validates and prints the plan: params, tokens, FLOPs, estimated time";

@@ -168,6 +168,53 @@ TEST(RecipeOverrides, BadPathsSayWhatIsValid) {
   EXPECT_NE(e.find("expected stage.field=value"), std::string::npos) << e;
 }
 
+TEST(RecipeOverrides, SetEditsAndAddsMapEntriesByKey) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192",
+                                       "total_tokens: 8192\n  mix { at_tokens: 0 weights { key: \"general\" value: 0.5 }"
+                                       " weights { key: \"math\" value: 0.5 } }"),
+                               "t.textproto");
+  r.apply_override("pretrain.mix[0].weights.math=0.3");  // an existing key
+  r.apply_override("pretrain.mix[0].weights.code=0.2");  // a new key
+  r.apply_override("pretrain.mix[1].at_tokens=4096");    // a new mix point ...
+  r.apply_override("pretrain.mix[1].weights.general=1");  // ... with its first entry
+  const Stage& s = r.recipe().stage(1);
+  ASSERT_EQ(s.mix_size(), 2);
+  const auto& w0 = s.mix(0).weights();
+  EXPECT_EQ(w0.size(), 3u);
+  EXPECT_EQ(w0.at("general"), 0.5);
+  EXPECT_EQ(w0.at("math"), 0.3);
+  EXPECT_EQ(w0.at("code"), 0.2);
+  EXPECT_EQ(s.mix(1).at_tokens(), 4096);
+  ASSERT_EQ(s.mix(1).weights().size(), 1u);
+  EXPECT_EQ(s.mix(1).weights().at("general"), 1.0);
+  // The edited map prints back (the resolved recipe.textproto of a run) with the new value.
+  const std::string text = to_text(r.recipe());
+  EXPECT_NE(text.find("key: \"code\"\n      value: 0.2"), std::string::npos) << text;
+  EXPECT_NO_THROW(r.validate(true));
+}
+
+TEST(RecipeOverrides, BadMapPathsNameThePath) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192",
+                                       "total_tokens: 8192\n  mix { weights { key: \"math\" value: 0.5 } }"),
+                               "t.textproto");
+  std::string e = error_of([&] { r.apply_override("pretrain.mix[0].weights.math=lots"); });
+  EXPECT_NE(e.find("--set pretrain.mix[0].weights.math: 'lots' is not a valid double for 'weights.math'"),
+            std::string::npos)
+      << e;
+  EXPECT_EQ(r.recipe().stage(1).mix(0).weights().at("math"), 0.5);  // left untouched
+  e = error_of([&] { r.apply_override("pretrain.mix[0].weights=0.5"); });
+  EXPECT_NE(e.find("--set pretrain.mix[0].weights: 'weights' is a map; address an entry by its key as weights.KEY"),
+            std::string::npos)
+      << e;
+  e = error_of([&] { r.apply_override("pretrain.mix[0].weights[0]=0.5"); });
+  EXPECT_NE(e.find("'weights' is a map; address an entry by its key"), std::string::npos) << e;
+  e = error_of([&] { r.apply_override("pretrain.mix[0].weights.math.x=0.5"); });
+  EXPECT_NE(e.find("--set pretrain.mix[0].weights.math.x: 'weights.math' is a double, it has no field 'x'"),
+            std::string::npos)
+      << e;
+  EXPECT_EQ(r.recipe().stage(1).mix(0).weights().size(), 1u);
+}
+
 TEST(TokenSchedules, BatchRampArithmetic) {
   auto r = LoadedRecipe::parse(kRecipe, "t.textproto");
   r.apply_override("pretrain.batch.ramp[1].at_tokens=6144");
