@@ -3,11 +3,16 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <set>
+#include <span>
 
 #include "recipes/evals.h"
 #include "recipes/recipe.h"
 #include "recipes/runner.h"
 #include "runtime/io/checkpoint.h"
+#include "text/data/shard.h"
+#include "text/tokenizer/tokenizer.h"
 #include "text/train/trainer.h"
 
 using namespace llama3;
@@ -309,4 +314,53 @@ TEST(Averaging, MismatchedArchitecturesNameTheTensor) {
       [&] { average_checkpoints({(tmp.p / "a").string(), (tmp.p / "b").string()}, {}, (tmp.p / "o").string()); });
   EXPECT_NE(e.find("average: tensor 'lm_head.weight' has shape [512, 128]"), std::string::npos) << e;
   EXPECT_FALSE(fs::exists(tmp.p / "o"));
+}
+
+TEST(Needles, DistractorsHaveTheKeysTokenShape) {
+  // A BPE trained on numbers splits 4-digit keys unevenly ([80][6][4] vs [6][70][0]); were the
+  // candidates' splits to differ, the model's prior over splits would pick among them.
+  TmpDir d;
+  {
+    std::ofstream c(d.p / "corpus.txt");
+    for (int i = 0; i < 400; ++i)
+      c << "The pass key is " << (1000 + i * 37 % 9000) << ". Remember it. In " << (1900 + i % 120) << " there were "
+        << (i * 13 % 1000) << " ships and " << (i % 97) << " ports; what is the pass key? The pass key is\n";
+  }
+  text::BpeTrainOptions bo;
+  bo.vocab_size = 400;
+  std::vector<std::string> files = {(d.p / "corpus.txt").string()};
+  text::train_bpe(files, bo, (d.p / "tok.model").string());
+  auto tok = text::Tokenizer::load((d.p / "tok.model").string());
+  const std::string shard = (d.p / "filler.shard").string();
+  {
+    data::ShardWriter w(shard, uint32_t(tok.vocab_size()));
+    std::ifstream in(d.p / "corpus.txt");
+    std::string line;
+    while (std::getline(in, line)) w.add(tok.encode(line + "\n"));
+    w.finish();
+  }
+  Needles needles(tok, {shard});
+  auto shape = [&](const std::vector<int32_t>& v) {
+    std::vector<size_t> sh;
+    for (int32_t t : v) sh.push_back(tok.decode(std::span<const int32_t>(&t, 1)).size());
+    return sh;
+  };
+  std::set<std::vector<size_t>> shapes;
+  for (uint64_t seed = 0; seed < 40; ++seed) {
+    Needles::Prompt p = needles.prompt(96, 4, seed);
+    ASSERT_EQ(p.candidates.size(), 4u);
+    const auto& ans = p.candidates[size_t(p.answer)];
+    EXPECT_EQ(int64_t(p.context.size() + ans.size()), 96);
+    // The answer is the key written in the needle.
+    const std::string key = tok.decode(ans);
+    EXPECT_NE(tok.decode(p.context).find("The pass key is" + key + ". Remember it."), std::string::npos) << key;
+    shapes.insert(shape(ans));
+    std::set<std::string> texts;
+    for (const auto& c : p.candidates) {
+      EXPECT_EQ(shape(c), shape(ans)) << tok.decode(c) << " vs " << key;
+      texts.insert(tok.decode(c));
+    }
+    EXPECT_EQ(texts.size(), 4u);  // distinct keys
+  }
+  EXPECT_GT(shapes.size(), 1u) << "the tokenizer should split keys in more than one way";
 }
