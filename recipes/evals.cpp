@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <random>
 #include <set>
+#include <span>
 #include <unordered_map>
 
 #include "runtime/autograd/autograd.h"
@@ -69,6 +70,15 @@ Needles::Prompt Needles::prompt(int64_t length, int candidates, uint64_t seed) c
   Prompt p;
   const std::vector<int32_t> ans = tok_.encode(key_text(key));
   std::set<int> used{key};
+  // BPE splits 4-digit numbers unevenly ([80][6][4] vs [6][70][0]); a model's prior over
+  // those splits would decide between candidates of different shapes whatever the context
+  // says, so distractors take the key's shape (characters per token) where one exists.
+  auto shape = [&](const std::vector<int32_t>& v) {
+    std::vector<size_t> sh;
+    for (int32_t t : v) sh.push_back(tok_.decode(std::span<const int32_t>(&t, 1)).size());
+    return sh;
+  };
+  const std::vector<size_t> ans_shape = shape(ans);
   p.answer = int(rng() % uint64_t(candidates));
   for (int c = 0; c < candidates; ++c) {
     if (c == p.answer) {
@@ -78,7 +88,8 @@ Needles::Prompt Needles::prompt(int64_t length, int candidates, uint64_t seed) c
     for (int tries = 0;; ++tries) {
       const int k = 1000 + int(rng() % 9000);
       auto enc = tok_.encode(key_text(k));
-      if (used.count(k) || (enc.size() != ans.size() && tries < 1000)) continue;
+      if (used.count(k) || (enc.size() != ans.size() && tries < 2000) || (shape(enc) != ans_shape && tries < 1000))
+        continue;
       LLAMA3_CHECK(enc.size() == ans.size(), "needles: no distractor with {} tokens", ans.size());
       used.insert(k);
       p.candidates.push_back(enc);

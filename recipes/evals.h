@@ -2,8 +2,8 @@
 //  - held-out loss over an eval shard at a given sequence length (always the same batches);
 //  - unigram entropy of a shard (the loss of the best context-free model, a floor to beat);
 //  - needle-in-a-haystack: a "The pass key is NNNN." line at a random depth of filler text,
-//    a question at the end, and the candidates (the key + distractors with the same token
-//    count) scored by likelihood; accuracy = share of prompts where the key wins (chance =
+//    a question at the end, and the candidates (the key + distractors split into tokens the
+//    same way, e.g. [80][6][4] vs [57][9][5]) scored by likelihood; accuracy = share of prompts where the key wins (chance =
 //    1/candidates). The same generator writes synthetic training documents so a tiny model
 //    can learn retrieval during long-context training;
 //  - checkpoint averaging (uniform or weighted element-wise mean).

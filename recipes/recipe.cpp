@@ -184,8 +184,49 @@ void LoadedRecipe::apply_override(const std::string& assignment) {
     const pb::FieldDescriptor* f = d->FindFieldByName(name);
     if (!f)
       fail("--set {}: {} has no field '{}' (fields: {})", path, d->name(), name, field_names(d));
-    LLAMA3_CHECK(!f->is_map(), "--set {}: '{}' is a map; edit the recipe file instead", path, name);
     const bool last = k + 1 == parts.size();
+    if (f->is_map()) {
+      // A map entry is addressed by its key as the next path component: mix[0].weights.math.
+      LLAMA3_CHECK(idx < 0 && !last, "--set {}: '{}' is a map; address an entry by its key as {}.KEY", path, name,
+                   name);
+      const pb::FieldDescriptor* kf = f->message_type()->map_key();
+      const pb::FieldDescriptor* vf = f->message_type()->map_value();
+      const std::string& key = parts[++k];
+      const bool value_is_msg = vf->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE;
+      LLAMA3_CHECK(value_is_msg || k + 1 == parts.size(), "--set {}: '{}.{}' is a {}, it has no field '{}'", path,
+                   name, key, vf->type_name(), k + 1 < parts.size() ? parts[k + 1] : "");
+      LLAMA3_CHECK(!value_is_msg || k + 1 < parts.size(), "--set {}: '{}.{}' is a message; set one of its fields ({})",
+                   path, name, key, field_names(vf->message_type()));
+      // Build the entry in a scratch message first, so a bad key or value leaves the map untouched.
+      std::unique_ptr<pb::Message> entry(r->GetMessageFactory()->GetPrototype(f->message_type())->New());
+      if (kf->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING)
+        entry->GetReflection()->SetString(entry.get(), kf, key);  // unquoted in the path
+      else if (!parse_value(key, kf, entry.get()))
+        fail("--set {}: '{}' is not a valid {} key for map '{}'", path, key, kf->type_name(), name);
+      if (!value_is_msg && !parse_value(value, vf, entry.get()))
+        fail("--set {}: '{}' is not a valid {} for '{}.{}'", path, value, vf->type_name(), name, key);
+      std::string want, have;
+      pb::TextFormat::PrintFieldValueToString(*entry, kf, -1, &want);
+      pb::Message* slot = nullptr;
+      for (int i = 0; i < r->FieldSize(*msg, f) && !slot; ++i) {
+        pb::Message* e = r->MutableRepeatedMessage(msg, f, i);
+        have.clear();
+        pb::TextFormat::PrintFieldValueToString(*e, kf, -1, &have);
+        if (have == want) slot = e;
+      }
+      if (!slot) {
+        slot = r->AddMessage(msg, f);  // a new key
+        slot->CopyFrom(*entry);
+      } else if (!value_is_msg) {
+        slot->CopyFrom(*entry);
+      }
+      if (!value_is_msg) {
+        overridden_.insert(path);
+        return;
+      }
+      msg = slot->GetReflection()->MutableMessage(slot, vf);
+      continue;
+    }
     if (f->is_repeated()) {
       LLAMA3_CHECK(idx >= 0, "--set {}: '{}' is repeated; address an element as {}[N]", path, name, name);
       const int size = r->FieldSize(*msg, f);

@@ -16,6 +16,7 @@
 #include "recipes/stage_comm.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/io/checkpoint.h"
+#include "runtime/log/progress.h"
 #include "text/data/build.h"
 #include "text/train/trainer.h"
 
@@ -291,6 +292,27 @@ class StageRunner {
   // ---- PRETRAIN / LONG_CONTEXT / ANNEAL
   json run_train();
 
+  // A progress line from `step0` (steps done) to the stage's last step (`tokens`: stage tokens
+  // done), or for long-context increment `inc` to its max_tokens_per_increment cap (`tokens`:
+  // the increment's tokens done).
+  std::unique_ptr<log::ProgressLine> progress_line(int inc, int64_t step0, int64_t tokens, int64_t batch,
+                                                   double peak) const {
+    log::ProgressOptions po;
+    po.stage = s_.name();
+    po.peak_flops = peak;
+    int64_t steps = step0;
+    if (inc >= 0) {
+      const auto& lcs = s_.long_context();
+      po.stage += fmt::format(" seq {}", lcs.seq_lens(inc));
+      const int64_t left = std::max<int64_t>(0, lcs.max_tokens_per_increment() - tokens);
+      steps += (left + batch - 1) / batch;  // at most; fewer once adapted
+    } else {
+      for (int64_t t = tokens; t < s_.total_tokens(); ++steps) t += batch_at(s_, t).batch_tokens;
+    }
+    po.total_steps = steps;
+    return std::make_unique<log::ProgressLine>(po);
+  }
+
   const LoadedRecipe& lr_;
   const Recipe& r_;
   const Stage& s_;
@@ -499,6 +521,14 @@ json StageRunner::run_train() {
   const int64_t ckpt_every = s_.checkpoint_every_steps();
   const auto& lcs = s_.long_context();
   int64_t last_eval_step = -1;
+  // The live progress line (plain log lines when stdout is not a terminal): one per stage,
+  // or per long-context increment with its token cap as the total.
+  std::unique_ptr<log::ProgressLine> progress;
+  int progress_inc = -2;
+  auto say = [&](const std::string& text) {
+    if (progress) progress->message(text);
+    else spdlog::info("{}", text);
+  };
   for (;;) {
     const int64_t t = trainer.tokens_seen();
     const int inc = lc ? x["increment"].get<int>() : -1;
@@ -517,15 +547,19 @@ json StageRunner::run_train() {
               {"tokens_per_s", st.tokens_per_s}, {"pct_gemm_peak", 100.0 * st.flops_per_s / peak},
               {"seq_len", b.seq_len},  {"batch_tokens", b.batch_tokens}};
     write_metrics(dir_, s_.name(), st.step, m);
-    if (!opts_.quiet && (st.step % 10 == 0 || st.step == 1))
-      spdlog::info("{} step {} tokens {} seq {} batch {} loss {:.4f} lr {:.3e} {:.0f} tok/s {:.0f}% GEMM peak",
-                   s_.name(), st.step, t1, b.seq_len, b.batch_tokens, st.loss, st.lr, st.tokens_per_s,
-                   100.0 * st.flops_per_s / peak);
+    if (!opts_.quiet) {
+      if (!progress || inc != progress_inc)
+        progress = progress_line(inc, st.step - 1, lc ? t - x["increment_start"].get<int64_t>() : t, b.batch_tokens,
+                                 peak);
+      progress_inc = inc;
+      progress->update({.step = st.step, .loss = st.loss, .lr = st.lr, .tokens_per_s = st.tokens_per_s,
+                        .flops_per_s = st.flops_per_s, .step_seconds = st.seconds});
+    }
     if (every > 0 && t / every != t1 / every) {
       const double el = short_loss(b.seq_len);
       write_metrics(dir_, s_.name(), st.step, {{"tokens", t1}, {"eval_loss", el}});
       last_eval_step = st.step;
-      if (!opts_.quiet) spdlog::info("{} eval at {} tokens: loss {:.4f}", s_.name(), t1, el);
+      if (!opts_.quiet) say(fmt::format("{} eval at {} tokens: loss {:.4f}", s_.name(), t1, el));
     }
     if (anneal && s_.anneal().average_every_tokens() > 0) {
       const int64_t ae = s_.anneal().average_every_tokens();
@@ -552,10 +586,10 @@ json StageRunner::run_train() {
         const bool solved = nacc >= lcs.niah_threshold();
         write_metrics(dir_, s_.name(), st.step,
                       {{"tokens", t1}, {"eval_short_loss", sl}, {fmt::format("niah_{}_acc", L), nacc}});
-        spdlog::info("{} increment {} (seq {}): {} tokens, short-context loss {:.4f} (before {:.4f}, tol {}), "
-                     "NIAH {:.2f} (threshold {}){}",
-                     s_.name(), inc, L, done, sl, res["short_loss_before"].get<double>(), lcs.short_loss_tolerance(),
-                     nacc, lcs.niah_threshold(), recovered && solved ? ": adapted" : "");
+        say(fmt::format("{} increment {} (seq {}): {} tokens, short-context loss {:.4f} (before {:.4f}, tol {}), "
+                        "NIAH {:.2f} (threshold {}){}",
+                        s_.name(), inc, L, done, sl, res["short_loss_before"].get<double>(),
+                        lcs.short_loss_tolerance(), nacc, lcs.niah_threshold(), recovered && solved ? ": adapted" : ""));
         if ((recovered && solved) || done >= lcs.max_tokens_per_increment()) {
           if (!(recovered && solved) && lcs.require_adapted())
             fail("stage '{}': increment to seq_len {} not adapted after {} tokens (short loss {:.4f} vs {:.4f}+{}, "
@@ -573,6 +607,7 @@ json StageRunner::run_train() {
     }
     if (ckpt_every > 0 && st.step % ckpt_every == 0) trainer.save(ckpt);
   }
+  progress.reset();  // ends the in-place line before the stage's closing log lines
   trainer.save(ckpt);
 
   // Output model: the trained weights, or for annealing the Polyak average of its snapshots.

@@ -40,6 +40,13 @@ for s in "${STAGES[@]}"; do
   test -f "$OUT/a/$s/final.json" || { echo "FAIL: no $s/final.json"; exit 1; }
 done
 grep -q "unigram_entropy" "$OUT/a.log" || { echo "FAIL: no final table"; cat "$OUT/a.log"; exit 1; }
+# stdout is not a terminal: the progress line comes as plain log lines (stage, step/total, loss,
+# tok/s, % of GEMM peak, ETA; the first and last step of a stretch always print), never redrawn.
+grep -qE "\] pretrain  step 1/4  loss [0-9.]+  lr [0-9.e+-]+  [0-9]+ tok/s  [0-9.]+% GEMM peak  ETA [0-9]+m[0-9]{2}s" \
+  "$OUT/a.log" || { echo "FAIL: no plain progress line for pretrain step 1/4"; cat "$OUT/a.log"; exit 1; }
+grep -q "\] pretrain  step 4/4  loss" "$OUT/a.log" || { echo "FAIL: no progress line for the last step"; exit 1; }
+grep -q "\] long_context seq 256  step 1/2  loss" "$OUT/a.log" || { echo "FAIL: no long-context progress line"; cat "$OUT/a.log"; exit 1; }
+if grep -q $'\r' "$OUT/a.log"; then echo "FAIL: carriage returns in a non-terminal log"; exit 1; fi
 
 # Interrupted run: SIGKILL once the pretrain stage's first checkpoint exists.
 "$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/b" "${SETS[@]}" > "$OUT/b1.log" 2>&1 &

@@ -3,11 +3,16 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <set>
+#include <span>
 
 #include "recipes/evals.h"
 #include "recipes/recipe.h"
 #include "recipes/runner.h"
 #include "runtime/io/checkpoint.h"
+#include "text/data/shard.h"
+#include "text/tokenizer/tokenizer.h"
 #include "text/train/trainer.h"
 
 using namespace llama3;
@@ -171,6 +176,53 @@ TEST(RecipeOverrides, BadPathsSayWhatIsValid) {
   EXPECT_NE(e.find("expected stage.field=value"), std::string::npos) << e;
 }
 
+TEST(RecipeOverrides, SetEditsAndAddsMapEntriesByKey) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192",
+                                       "total_tokens: 8192\n  mix { at_tokens: 0 weights { key: \"general\" value: 0.5 }"
+                                       " weights { key: \"math\" value: 0.5 } }"),
+                               "t.textproto");
+  r.apply_override("pretrain.mix[0].weights.math=0.3");  // an existing key
+  r.apply_override("pretrain.mix[0].weights.code=0.2");  // a new key
+  r.apply_override("pretrain.mix[1].at_tokens=4096");    // a new mix point ...
+  r.apply_override("pretrain.mix[1].weights.general=1");  // ... with its first entry
+  const Stage& s = r.recipe().stage(1);
+  ASSERT_EQ(s.mix_size(), 2);
+  const auto& w0 = s.mix(0).weights();
+  EXPECT_EQ(w0.size(), 3u);
+  EXPECT_EQ(w0.at("general"), 0.5);
+  EXPECT_EQ(w0.at("math"), 0.3);
+  EXPECT_EQ(w0.at("code"), 0.2);
+  EXPECT_EQ(s.mix(1).at_tokens(), 4096);
+  ASSERT_EQ(s.mix(1).weights().size(), 1u);
+  EXPECT_EQ(s.mix(1).weights().at("general"), 1.0);
+  // The edited map prints back (the resolved recipe.textproto of a run) with the new value.
+  const std::string text = to_text(r.recipe());
+  EXPECT_NE(text.find("key: \"code\"\n      value: 0.2"), std::string::npos) << text;
+  EXPECT_NO_THROW(r.validate(true));
+}
+
+TEST(RecipeOverrides, BadMapPathsNameThePath) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192",
+                                       "total_tokens: 8192\n  mix { weights { key: \"math\" value: 0.5 } }"),
+                               "t.textproto");
+  std::string e = error_of([&] { r.apply_override("pretrain.mix[0].weights.math=lots"); });
+  EXPECT_NE(e.find("--set pretrain.mix[0].weights.math: 'lots' is not a valid double for 'weights.math'"),
+            std::string::npos)
+      << e;
+  EXPECT_EQ(r.recipe().stage(1).mix(0).weights().at("math"), 0.5);  // left untouched
+  e = error_of([&] { r.apply_override("pretrain.mix[0].weights=0.5"); });
+  EXPECT_NE(e.find("--set pretrain.mix[0].weights: 'weights' is a map; address an entry by its key as weights.KEY"),
+            std::string::npos)
+      << e;
+  e = error_of([&] { r.apply_override("pretrain.mix[0].weights[0]=0.5"); });
+  EXPECT_NE(e.find("'weights' is a map; address an entry by its key"), std::string::npos) << e;
+  e = error_of([&] { r.apply_override("pretrain.mix[0].weights.math.x=0.5"); });
+  EXPECT_NE(e.find("--set pretrain.mix[0].weights.math.x: 'weights.math' is a double, it has no field 'x'"),
+            std::string::npos)
+      << e;
+  EXPECT_EQ(r.recipe().stage(1).mix(0).weights().size(), 1u);
+}
+
 TEST(TokenSchedules, BatchRampArithmetic) {
   auto r = LoadedRecipe::parse(kRecipe, "t.textproto");
   r.apply_override("pretrain.batch.ramp[1].at_tokens=6144");
@@ -265,4 +317,53 @@ TEST(Averaging, MismatchedArchitecturesNameTheTensor) {
       [&] { average_checkpoints({(tmp.p / "a").string(), (tmp.p / "b").string()}, {}, (tmp.p / "o").string()); });
   EXPECT_NE(e.find("average: tensor 'lm_head.weight' has shape [512, 128]"), std::string::npos) << e;
   EXPECT_FALSE(fs::exists(tmp.p / "o"));
+}
+
+TEST(Needles, DistractorsHaveTheKeysTokenShape) {
+  // A BPE trained on numbers splits 4-digit keys unevenly ([80][6][4] vs [6][70][0]); were the
+  // candidates' splits to differ, the model's prior over splits would pick among them.
+  TmpDir d;
+  {
+    std::ofstream c(d.p / "corpus.txt");
+    for (int i = 0; i < 400; ++i)
+      c << "The pass key is " << (1000 + i * 37 % 9000) << ". Remember it. In " << (1900 + i % 120) << " there were "
+        << (i * 13 % 1000) << " ships and " << (i % 97) << " ports; what is the pass key? The pass key is\n";
+  }
+  text::BpeTrainOptions bo;
+  bo.vocab_size = 400;
+  std::vector<std::string> files = {(d.p / "corpus.txt").string()};
+  text::train_bpe(files, bo, (d.p / "tok.model").string());
+  auto tok = text::Tokenizer::load((d.p / "tok.model").string());
+  const std::string shard = (d.p / "filler.shard").string();
+  {
+    data::ShardWriter w(shard, uint32_t(tok.vocab_size()));
+    std::ifstream in(d.p / "corpus.txt");
+    std::string line;
+    while (std::getline(in, line)) w.add(tok.encode(line + "\n"));
+    w.finish();
+  }
+  Needles needles(tok, {shard});
+  auto shape = [&](const std::vector<int32_t>& v) {
+    std::vector<size_t> sh;
+    for (int32_t t : v) sh.push_back(tok.decode(std::span<const int32_t>(&t, 1)).size());
+    return sh;
+  };
+  std::set<std::vector<size_t>> shapes;
+  for (uint64_t seed = 0; seed < 40; ++seed) {
+    Needles::Prompt p = needles.prompt(96, 4, seed);
+    ASSERT_EQ(p.candidates.size(), 4u);
+    const auto& ans = p.candidates[size_t(p.answer)];
+    EXPECT_EQ(int64_t(p.context.size() + ans.size()), 96);
+    // The answer is the key written in the needle.
+    const std::string key = tok.decode(ans);
+    EXPECT_NE(tok.decode(p.context).find("The pass key is" + key + ". Remember it."), std::string::npos) << key;
+    shapes.insert(shape(ans));
+    std::set<std::string> texts;
+    for (const auto& c : p.candidates) {
+      EXPECT_EQ(shape(c), shape(ans)) << tok.decode(c) << " vs " << key;
+      texts.insert(tok.decode(c));
+    }
+    EXPECT_EQ(texts.size(), 4u);  // distinct keys
+  }
+  EXPECT_GT(shapes.size(), 1u) << "the tokenizer should split keys in more than one way";
 }
