@@ -14,6 +14,7 @@ SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain
       --set pretrain.model.n_kv_heads=2
       --set pretrain.total_tokens=12288 --set pretrain.batch.ramp[0].at_tokens=4096
       --set pretrain.lr.warmup_tokens=2048 --set pretrain.eval.every_tokens=4096 --set pretrain.checkpoint_every_steps=2
+      --set pretrain.eval.niah.samples=2
       --set long_context.batch.batch_tokens=2048 --set long_context.batch.micro_batch_tokens=2048
       --set long_context.long_context.min_tokens_per_increment=2048
       --set long_context.long_context.check_every_tokens=2048
