@@ -63,7 +63,10 @@ Needles::Needles(const text::Tokenizer& tok, const std::vector<std::string>& fil
 
 Needles::Prompt Needles::prompt(int64_t length, int candidates, uint64_t seed) const {
   std::mt19937_64 rng(seed);
-  auto key_text = [&](int k) { return " " + std::to_string(k); };
+  auto key_text = [&](int k) {
+    std::string s = " ";  // (appending, not " " + to_string: GCC 12 warns -Wrestrict there)
+    return s += std::to_string(k);
+  };
   const int key = 1000 + int(rng() % 9000);
   const std::vector<int32_t> needle = tok_.encode("\nThe pass key is" + key_text(key) + ". Remember it.\n");
   const std::vector<int32_t> question = tok_.encode("\nWhat is the pass key? The pass key is");

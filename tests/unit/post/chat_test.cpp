@@ -27,8 +27,9 @@ TEST_F(PostTest, TokenKindsSeparateAssistantContentFromFormatting) {
   std::vector<int32_t> asst_ids;
   for (size_t i = 0; i < r.ids.size(); ++i) {
     if (r.kinds[i] == TokenKind::kAssistant) asst_ids.push_back(r.ids[i]);
-    if (tok->is_special(r.ids[i]) && r.ids[i] != tok->special_id("<|eot_id|>"))
+    if (tok->is_special(r.ids[i]) && r.ids[i] != tok->special_id("<|eot_id|>")) {
       EXPECT_EQ(r.kinds[i], TokenKind::kFormat) << "special token at " << i;
+    }
   }
   EXPECT_EQ(tok->decode(asst_ids), "hello world");
   EXPECT_EQ(r.kinds.back(), TokenKind::kAssistantEnd);
