@@ -24,7 +24,7 @@ SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain
       --set anneal.total_tokens=6144 --set anneal.anneal.average_every_tokens=2048
       --set eval.eval.batches=2 --set eval.eval.niah.samples=2
       # post-training: a few steps each, few prompts
-      --set post_data.post_data.sft_dialogs=64 --set post_data.post_data.prefs=64
+      --set post_data.post_data.sft_dialogs=32 --set post_data.post_data.prefs=32
       --set post_data.post_data.prompts=6 --set post_data.post_data.eval_prompts=6
       --set sft.sft.steps=3 --set r1_rm.reward_model.steps=3 --set r1_rs.rejection_sampling.k=2
       --set r1_sft.sft.steps=3 --set r1_dpo.dpo.steps=2 --set r2_rm.reward_model.steps=2
