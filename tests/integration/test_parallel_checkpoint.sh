@@ -7,14 +7,8 @@
 # be rejected, naming the uncovered tensor.
 set -euo pipefail
 BUILD=${1:?build dir}
-BIN="$BUILD/llama3"
-if ! command -v mpirun >/dev/null || ! { "$BIN" parallel --help 2>&1 || true; } | grep -q mpirun; then
-  echo "no mpirun or llama3 parallel: nothing to check"; exit 0
-fi
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
-export OMP_NUM_THREADS=1
-MPI=(timeout -k 5 120 mpirun --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
+MPI_TIMEOUT=120
+source "$(dirname "$0")/mpi_common.sh"
 C=(--flavour debug --layers 4 --batch 8 --seq 32 --lr 1e-2 --eps 1e-3 --docs --timeout 60)
 
 "$BIN" parallel --plain "${C[@]}" --steps 5 --dump "$OUT/ref.st" | tail -1

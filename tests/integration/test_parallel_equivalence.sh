@@ -15,14 +15,7 @@
 # A negative control (a 1% different learning rate) must fail the same comparison.
 set -euo pipefail
 BUILD=${1:?build dir}
-BIN="$BUILD/llama3"
-if ! command -v mpirun >/dev/null || ! { "$BIN" parallel --help 2>&1 || true; } | grep -q mpirun; then
-  echo "no mpirun or llama3 parallel: nothing to check"; exit 0
-fi
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
-export OMP_NUM_THREADS=1
-MPI=(mpirun --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
+source "$(dirname "$0")/mpi_common.sh"
 COMMON=(--flavour debug --batch 8 --seq 32 --steps 5 --lr 1e-2 --eps 1e-3 --docs --timeout 60)
 
 "$BIN" parallel --plain "${COMMON[@]}" --layers 4 --dump "$OUT/ref4.st" | tail -2

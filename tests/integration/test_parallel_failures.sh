@@ -4,14 +4,7 @@
 # error; a rank killed with SIGKILL or aborting ends the job - all within bounded time.
 set -uo pipefail
 BUILD=${1:?build dir}
-BIN="$BUILD/llama3"
-if ! command -v mpirun >/dev/null || ! { "$BIN" parallel --help 2>&1 || true; } | grep -q mpirun; then
-  echo "no mpirun or llama3 parallel: nothing to check"; exit 0
-fi
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
-export OMP_NUM_THREADS=1
-MPI=(mpirun --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
+source "$(dirname "$0")/mpi_common.sh"
 fails=0
 expect_fail() {  # expect_fail NAME MAX_SECONDS PATTERN CMD...
   local name=$1 max=$2 pat=$3; shift 3

@@ -8,14 +8,8 @@
 # resumes from its 4-rank distributed checkpoint.
 set -euo pipefail
 BUILD=${1:?build dir}
-BIN="$BUILD/llama3"
-if ! command -v mpirun >/dev/null || ! { "$BIN" parallel --help 2>&1 || true; } | grep -q mpirun; then
-  echo "no mpirun or llama3 parallel: nothing to check"; exit 0
-fi
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
-export OMP_NUM_THREADS=1
-MPI=(timeout -k 5 150 mpirun --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
+MPI_TIMEOUT=150
+source "$(dirname "$0")/mpi_common.sh"
 cat > "$OUT/par.textproto" <<'R'
 name: "par"
 seed: 1

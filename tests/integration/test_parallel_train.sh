@@ -8,14 +8,8 @@
 # test_parallel_train_exact.sh holds the bitwise and NaN-skip checks.
 set -euo pipefail
 BUILD=${1:?build dir}
-BIN="$BUILD/llama3"
-if ! command -v mpirun >/dev/null || ! { "$BIN" parallel --help 2>&1 || true; } | grep -q mpirun; then
-  echo "no mpirun or llama3 parallel: nothing to check"; exit 0
-fi
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
-export OMP_NUM_THREADS=1
-MPI=(timeout -k 5 120 mpirun --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
+MPI_TIMEOUT=120
+source "$(dirname "$0")/mpi_common.sh"
 "$BIN" data demo --out "$OUT/demo" --vocab-size 512 >/dev/null
 T=(--data "$OUT/demo" --flavour debug --seq 32 --batch 8 --accum 2 --lr 1e-2 --warmup 0 --decay constant
    --eval-every 2 --eval-batches 2 --timeout 60)

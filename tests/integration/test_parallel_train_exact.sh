@@ -5,14 +5,8 @@
 # gradients overflow (lr 1e4), every rank skips the update together, as one process does.
 set -euo pipefail
 BUILD=${1:?build dir}
-BIN="$BUILD/llama3"
-if ! command -v mpirun >/dev/null || ! { "$BIN" parallel --help 2>&1 || true; } | grep -q mpirun; then
-  echo "no mpirun or llama3 parallel: nothing to check"; exit 0
-fi
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
-export OMP_NUM_THREADS=1
-MPI=(timeout -k 5 120 mpirun --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1)
+MPI_TIMEOUT=120
+source "$(dirname "$0")/mpi_common.sh"
 "$BIN" data demo --out "$OUT/demo" --vocab-size 512 >/dev/null
 # Exactness at AdamW eps 1e-8 (docs/parallelism.md): without clipping, dp_shard 2 on a
 # batch of 8 sums the same two 4-row gradients as one process accumulating 2 micro-batches

@@ -8,6 +8,7 @@
 #include "recipes/recipe.h"
 #include "recipes/runner.h"
 #include "runtime/core/error.h"
+#include "test_util.h"
 
 using namespace llama3;
 using namespace llama3::recipes;
@@ -26,19 +27,10 @@ stage { name: "dpo" kind: DPO round: 1 data_from: "pd" init_from: "sft" samples_
         reward_model_from: "rm" optimizer { lr: 1e-4 } dpo { steps: 5 } }
 )";
 
-std::string error_of(const std::string& text) {
-  try {
-    LoadedRecipe::parse(text, "p.textproto").validate(true);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test_util::replace;
 
-std::string replace(std::string s, const std::string& from, const std::string& to) {
-  auto p = s.find(from);
-  EXPECT_NE(p, std::string::npos) << from;
-  return s.replace(p, from.size(), to);
+std::string error_of(const std::string& text) {
+  return test_util::error_of([&] { LoadedRecipe::parse(text, "p.textproto").validate(true); });
 }
 
 }  // namespace

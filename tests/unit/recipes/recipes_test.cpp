@@ -14,6 +14,7 @@
 #include "text/data/shard.h"
 #include "text/tokenizer/tokenizer.h"
 #include "text/train/trainer.h"
+#include "test_util.h"
 
 using namespace llama3;
 using namespace llama3::recipes;
@@ -36,20 +37,8 @@ stage {
 }
 )";
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-std::string replace(std::string s, const std::string& from, const std::string& to) {
-  auto p = s.find(from);
-  EXPECT_NE(p, std::string::npos) << from;
-  return s.replace(p, from.size(), to);
-}
+using test_util::error_of;
+using test_util::replace;
 
 struct TmpDir {
   fs::path p;
