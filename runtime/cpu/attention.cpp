@@ -121,6 +121,46 @@ void grad_tile_row(T* pr, T* dr, int64_t a, int64_t e, T li, T di, T scale) {
   std::fill(pr + e, pr + kBc, T(0)), std::fill(dr + e, dr + kBc, T(0));
 }
 
+// The key intervals of query rows i0 .. i0 + nr (into rlo / rhi) and their union [lo, hi).
+void tile_intervals(const Masking& mk, int64_t b, int64_t i0, int64_t nr, int64_t Tk, int64_t* rlo, int64_t* rhi,
+                    int64_t& lo, int64_t& hi) {
+  lo = Tk, hi = 0;
+  for (int64_t ii = 0; ii < nr; ++ii) {
+    mk.interval(b, i0 + ii, Tk, rlo[ii], rhi[ii]);
+    lo = std::min(lo, rlo[ii]), hi = std::max(hi, rhi[ii]);
+  }
+}
+
+// A finished forward query tile: output rows acc / l (ldo apart) and their log-sum-exps.
+template <typename T>
+void finish_rows(const T* acc, const T* m, const T* l, int64_t nr, int64_t D, T* out, int64_t ldo, T* lse) {
+  for (int64_t ii = 0; ii < nr; ++ii) {
+    const T inv = l[ii] > T(0) ? T(1) / l[ii] : T(0);
+    for (int64_t c = 0; c < D; ++c) out[ii * ldo + c] = acc[ii * D + c] * inv;
+    lse[ii] = l[ii] > T(0) ? m[ii] + std::log(l[ii]) : -std::numeric_limits<T>::infinity();
+  }
+}
+
+// D_i = dO_i . O_i for rows 0 .. n (ld apart), the softmax backward's row term.
+template <typename T>
+void row_dots(const T* dout, const T* out, int64_t n, int64_t D, int64_t ld, T* dsum) {
+  for (int64_t i = 0; i < n; ++i) {
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < D; ++c) s += dout[i * ld + c] * out[i * ld + c];
+    dsum[i] = s;
+  }
+}
+
+// dK / dV rows j0 .. j0 + nc (ld apart) += one key tile's accumulated dka / dva.
+template <typename T>
+void add_key_grads(const T* dka, const T* dva, int64_t nc, int64_t D, T* dk, T* dv, int64_t ld) {
+  for (int64_t jj = 0; jj < nc; ++jj) {
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) dk[jj * ld + c] += dka[jj * D + c], dv[jj * ld + c] += dva[jj * D + c];
+  }
+}
+
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T scale, T* out, T* lse) {
   const int64_t n_qt = (d.Tq + kBr - 1) / kBr;
@@ -143,11 +183,8 @@ void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T sc
         for (int64_t qt = 0; qt < n_qt; ++qt) {
           const int64_t kvh = h / d.group;
           const int64_t i0 = qt * kBr, i1 = std::min(d.Tq, i0 + kBr), nr = i1 - i0;
-          int64_t lo = d.Tk, hi = 0;
-          for (int64_t ii = 0; ii < nr; ++ii) {
-            mk.interval(b, i0 + ii, d.Tk, rlo[ii], rhi[ii]);
-            lo = std::min(lo, rlo[ii]), hi = std::max(hi, rhi[ii]);
-          }
+          int64_t lo, hi;
+          tile_intervals(mk, b, i0, nr, d.Tk, rlo.data(), rhi.data(), lo, hi);
           // Scaled copy of the query tile.
           for (int64_t ii = 0; ii < nr; ++ii) {
             const T* qr = q + (b * d.Tq + i0 + ii) * ldq + h * d.D;
@@ -167,13 +204,8 @@ void forward(const T* q, const T* k, const T* v, const Masking& mk, Dims d, T sc
             small_gemm(Accumulate::yes, nr, d.D, nc, s.data(), kBc, v + (b * d.Tk + j0) * ldk + kvh * d.D,
                        ldk, acc.data(), d.D);
           }
-          for (int64_t ii = 0; ii < nr; ++ii) {
-            const int64_t i = i0 + ii;
-            T* orow = out + (b * d.Tq + i) * ldq + h * d.D;
-            const T inv = l[ii] > T(0) ? T(1) / l[ii] : T(0);
-            for (int64_t c = 0; c < d.D; ++c) orow[c] = acc[ii * d.D + c] * inv;
-            lse[(b * d.H + h) * d.Tq + i] = l[ii] > T(0) ? m[ii] + std::log(l[ii]) : neg_inf;
-          }
+          finish_rows(acc.data(), m.data(), l.data(), nr, d.D, out + (b * d.Tq + i0) * ldq + h * d.D, ldq,
+                      lse + (b * d.H + h) * d.Tq + i0);
         }
   }
 }
@@ -200,15 +232,8 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
           std::fill_n(dv + (b * d.Tk + j) * ldk + kvh * d.D, d.D, T(0));
         }
         for (int64_t h = kvh * d.group; h < (kvh + 1) * d.group; ++h) {
-          for (int64_t i = 0; i < d.Tq; ++i) {
-            const T* gr = dout + (b * d.Tq + i) * ldq + h * d.D;
-            const T* orow = out + (b * d.Tq + i) * ldq + h * d.D;
-            T s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t c = 0; c < d.D; ++c) s += gr[c] * orow[c];
-            dsum[i] = s;
-            std::fill_n(dq + (b * d.Tq + i) * ldq + h * d.D, d.D, T(0));
-          }
+          row_dots(dout + b * d.Tq * ldq + h * d.D, out + b * d.Tq * ldq + h * d.D, d.Tq, d.D, ldq, dsum.data());
+          for (int64_t i = 0; i < d.Tq; ++i) std::fill_n(dq + (b * d.Tq + i) * ldq + h * d.D, d.D, T(0));
           const T* lse_h = lse + (b * d.H + h) * d.Tq;
           for (int64_t j0 = 0; j0 < d.Tk; j0 += kBc) {
             const int64_t j1 = std::min(d.Tk, j0 + kBc), nc = j1 - j0;
@@ -240,12 +265,8 @@ void backward(const T* dout, const T* q, const T* k, const T* v, const T* out, c
                          dq + (b * d.Tq + i0) * ldq + h * d.D, ldq);
             }
             if (!touched) continue;
-            for (int64_t jj = 0; jj < nc; ++jj) {
-              T* dkr = dk + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
-              T* dvr = dv + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
-#pragma omp simd
-              for (int64_t c = 0; c < d.D; ++c) dkr[c] += dka[jj * d.D + c], dvr[c] += dva[jj * d.D + c];
-            }
+            add_key_grads(dka.data(), dva.data(), nc, d.D, dk + (b * d.Tk + j0) * ldk + kvh * d.D,
+                          dv + (b * d.Tk + j0) * ldk + kvh * d.D, ldk);
           }
         }
       }
@@ -292,11 +313,8 @@ void forward_bf16(const float* q, const float* k, const float* v, const Masking&
           const uint16_t* ktb = &kt[size_t(b * d.Hkv + kvh) * kt_sz];
           const uint16_t* vb = &vp[size_t(b * d.Hkv + kvh) * v_sz];
           const int64_t i0 = qt * kBr16, nr = std::min(d.Tq, i0 + kBr16) - i0;
-          int64_t lo = d.Tk, hi = 0;
-          for (int64_t ii = 0; ii < nr; ++ii) {
-            mk.interval(b, i0 + ii, d.Tk, rlo[ii], rhi[ii]);
-            lo = std::min(lo, rlo[ii]), hi = std::max(hi, rhi[ii]);
-          }
+          int64_t lo, hi;
+          tile_intervals(mk, b, i0, nr, d.Tk, rlo.data(), rhi.data(), lo, hi);
           for (int64_t ii = 0; ii < nr; ++ii)
             to_bf16_row(q + (b * d.Tq + i0 + ii) * ldq + h * d.D, d.D, scale, &qs[ii * Dp]);
           std::fill(acc.begin(), acc.begin() + nr * d.D, 0.f);
@@ -313,13 +331,8 @@ void forward_bf16(const float* q, const float* k, const float* v, const Masking&
             small_gemm_bf16(Accumulate::yes, nr, d.D, even(nc), ps.data(), kBc / 2, 1, vb + j0 * ldb_v, ldb_v,
                             acc.data(), d.D);
           }
-          for (int64_t ii = 0; ii < nr; ++ii) {
-            const int64_t i = i0 + ii;
-            float* orow = out + (b * d.Tq + i) * ldq + h * d.D;
-            const float inv = l[ii] > 0.f ? 1.f / l[ii] : 0.f;
-            for (int64_t c = 0; c < d.D; ++c) orow[c] = acc[ii * d.D + c] * inv;
-            lse[(b * d.H + h) * d.Tq + i] = l[ii] > 0.f ? m[ii] + std::log(l[ii]) : neg_inf;
-          }
+          finish_rows(acc.data(), m.data(), l.data(), nr, d.D, out + (b * d.Tq + i0) * ldq + h * d.D, ldq,
+                      lse + (b * d.H + h) * d.Tq + i0);
         }
   }
 }
@@ -356,16 +369,11 @@ void backward_bf16(const float* dout, const float* q, const float* k, const floa
         for (int64_t h = kvh * d.group; h < (kvh + 1) * d.group; ++h) {
           const float* qh = q + b * d.Tq * ldq + h * d.D;
           const float* gh = dout + b * d.Tq * ldq + h * d.D;
+          row_dots(gh, out + b * d.Tq * ldq + h * d.D, d.Tq, d.D, ldq, dsum.data());
           for (int64_t i = 0; i < d.Tq; ++i) {
-            const float* gr = gh + i * ldq;
-            const float* orow = out + (b * d.Tq + i) * ldq + h * d.D;
-            float s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t c = 0; c < d.D; ++c) s += gr[c] * orow[c];
-            dsum[i] = s;
             std::fill_n(dq + (b * d.Tq + i) * ldq + h * d.D, d.D, 0.f);
             to_bf16_row(qh + i * ldq, d.D, 1.f, &q16[i * Dp]);
-            to_bf16_row(gr, d.D, 1.f, &do16[i * Dp]);
+            to_bf16_row(gh + i * ldq, d.D, 1.f, &do16[i * Dp]);
           }
           pack_vnni_rows(qh, ldq, d.Tq, d.D, Tqp, qp.data());
           pack_vnni_rows(gh, ldq, d.Tq, d.D, Tqp, dop.data());
@@ -405,12 +413,8 @@ void backward_bf16(const float* dout, const float* q, const float* k, const floa
                               ldb_d, dq + (b * d.Tq + i0) * ldq + h * d.D, ldq);
             }
             if (!touched) continue;
-            for (int64_t jj = 0; jj < nc; ++jj) {
-              float* dkr = dk + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
-              float* dvr = dv + (b * d.Tk + j0 + jj) * ldk + kvh * d.D;
-#pragma omp simd
-              for (int64_t c = 0; c < d.D; ++c) dkr[c] += dka[jj * d.D + c], dvr[c] += dva[jj * d.D + c];
-            }
+            add_key_grads(dka.data(), dva.data(), nc, d.D, dk + (b * d.Tk + j0) * ldk + kvh * d.D,
+                          dv + (b * d.Tk + j0) * ldk + kvh * d.D, ldk);
           }
         }
       }
