@@ -38,6 +38,23 @@ inline void small_gemm_strided(Accumulate acc, int64_t m, int64_t n, int64_t k, 
 #if defined(__AVX512F__)
 namespace detail {
 
+// Calls f.template operator()<R>(i, n0, ncols) over C in 64-column panels, 4 rows at a time
+// (R = 1..3 for the last rows): the blocking both micro-kernels share.
+template <typename F>
+inline void for_blocks(int64_t m, int64_t n, F&& f) {
+  for (int64_t n0 = 0; n0 < n; n0 += 64) {
+    const int64_t nc = n - n0 < 64 ? n - n0 : 64;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) f.template operator()<4>(i, n0, nc);
+    switch (m - i) {
+      case 3: f.template operator()<3>(i, n0, nc); break;
+      case 2: f.template operator()<2>(i, n0, nc); break;
+      case 1: f.template operator()<1>(i, n0, nc); break;
+      default: break;
+    }
+  }
+}
+
 template <int R>
 inline void block(Accumulate acc, int64_t n0, int64_t ncols, int64_t k, const float* a, int64_t a_rs,
                   int64_t a_ps, const float* b, int64_t ldb, float* c, int64_t ldc) {
@@ -82,19 +99,9 @@ template <>
 inline void small_gemm_strided<float>(Accumulate acc, int64_t m, int64_t n, int64_t k, const float* a,
                                       int64_t a_rs, int64_t a_ps, const float* b, int64_t ldb, float* c,
                                       int64_t ldc) {
-  for (int64_t n0 = 0; n0 < n; n0 += 64) {
-    const int64_t nc = n - n0 < 64 ? n - n0 : 64;
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4)
-      detail::block<4>(acc, n0, nc, k, a + i * a_rs, a_rs, a_ps, b, ldb, c + i * ldc, ldc);
-    const float* ai = a + i * a_rs;
-    switch (m - i) {
-      case 3: detail::block<3>(acc, n0, nc, k, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
-      case 2: detail::block<2>(acc, n0, nc, k, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
-      case 1: detail::block<1>(acc, n0, nc, k, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
-      default: break;
-    }
-  }
+  detail::for_blocks(m, n, [&]<int R>(int64_t i, int64_t n0, int64_t nc) {
+    detail::block<R>(acc, n0, nc, k, a + i * a_rs, a_rs, a_ps, b, ldb, c + i * ldc, ldc);
+  });
 }
 #endif
 
@@ -220,19 +227,9 @@ inline void small_gemm_bf16(Accumulate acc, int64_t m, int64_t n, int64_t kpad, 
                             int64_t ldc) {
   const int64_t k2 = kpad / 2;
   const uint32_t* a32 = reinterpret_cast<const uint32_t*>(a);
-  for (int64_t n0 = 0; n0 < n; n0 += 64) {
-    const int64_t nc = n - n0 < 64 ? n - n0 : 64;
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4)
-      detail::block_bf16<4>(acc, n0, nc, k2, a32 + i * a_rs, a_rs, a_ps, b, ldb, c + i * ldc, ldc);
-    const uint32_t* ai = a32 + i * a_rs;
-    switch (m - i) {
-      case 3: detail::block_bf16<3>(acc, n0, nc, k2, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
-      case 2: detail::block_bf16<2>(acc, n0, nc, k2, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
-      case 1: detail::block_bf16<1>(acc, n0, nc, k2, ai, a_rs, a_ps, b, ldb, c + i * ldc, ldc); break;
-      default: break;
-    }
-  }
+  detail::for_blocks(m, n, [&]<int R>(int64_t i, int64_t n0, int64_t nc) {
+    detail::block_bf16<R>(acc, n0, nc, k2, a32 + i * a_rs, a_rs, a_ps, b, ldb, c + i * ldc, ldc);
+  });
 }
 #endif
 
