@@ -72,10 +72,14 @@ __global__ void doc_runs_kernel(const int32_t* doc, int64_t T, int32_t* start, i
 // Shared-memory row strides: a multiple of 4 floats keeps float4 accesses aligned, and the
 // extra 4 spreads the 16 rows a quarter-warp reads over all 32 banks.
 template <int DMAX>
-constexpr int row_stride() { return DMAX + 4; }
+constexpr int row_stride() {
+  return DMAX + 4;
+}
 constexpr int kPS = kTile + 4;  // stride of the P / dS tiles
 
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 ld4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
 __device__ __forceinline__ float comp(const float4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;  // i is a compile-time constant
 }
@@ -149,19 +153,21 @@ __device__ __forceinline__ void tile_pv(const float* P, const float* V, int tr, 
 }
 
 // Output column of accumulator slot c (c < DMAX/16) for thread column tc.
-__device__ __forceinline__ int out_col(int tc, int c) { return 4 * tc + 64 * (c / 4) + (c % 4); }
+__device__ __forceinline__ int out_col(int tc, int c) {
+  return 4 * tc + 64 * (c / 4) + (c % 4);
+}
 
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(kThreads)
-    attn_fwd_kernel(const T* q, const T* k, const T* v, const int32_t* dstart,
-                    const int32_t* dend, T* out, T* lse, AttnShape a) {
+    attn_fwd_kernel(const T* q, const T* k, const T* v, const int32_t* dstart, const int32_t* dend,
+                    T* out, T* lse, AttnShape a) {
   constexpr int S = row_stride<DMAX>(), NC = DMAX / 16;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
-  float* Qs = smem;               // [64][S]
-  float* Ks = Qs + kTile * S;     // [64][S]
-  float* Vs = Ks + kTile * S;     // [64][S]
-  float* Ps = Vs + kTile * S;     // [64][kPS]
+  float* Qs = smem;            // [64][S]
+  float* Ks = Qs + kTile * S;  // [64][S]
+  float* Vs = Ks + kTile * S;  // [64][S]
+  float* Ps = Vs + kTile * S;  // [64][kPS]
 
   // Heaviest (latest, for causal) query tiles first.
   const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -263,7 +269,8 @@ __global__ void attn_dsum_kernel(const T* dout, const T* out, float* dsum, AttnS
   for (int64_t r = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; r < rows;
        r += int64_t(gridDim.x) * blockDim.x / 32) {
     float s = 0.f;
-    for (int64_t d = lane; d < a.D; d += 32) s += to_f32(dout[r * a.D + d]) * to_f32(out[r * a.D + d]);
+    for (int64_t d = lane; d < a.D; d += 32)
+      s += to_f32(dout[r * a.D + d]) * to_f32(out[r * a.D + d]);
     s = warp_sum(s);
     if (lane == 0) {  // r = (b*T + i)*H + h
       const int64_t h = r % a.H, bi = r / a.H, i = bi % a.T, b = bi / a.T;
@@ -280,14 +287,14 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int S = row_stride<DMAX>(), NC = DMAX / 16, NQ = DMAX / 64;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
-  float* Ks = smem;             // [64][S] keys of this block
-  float* Vs = Ks + kTile * S;   // [64][S]
-  float* Qs = Vs + kTile * S;   // [64][S] current query tile (unscaled)
-  float* Gs = Qs + kTile * S;   // [64][S] dout tile
-  float* Ps = Gs + kTile * S;   // [64][kPS] probabilities (query row, key col)
-  float* Ds = Ps + kTile * kPS; // [64][kPS] dS
-  float* Ls = Ds + kTile * kPS; // [64] lse * log2e
-  float* Dd = Ls + kTile;       // [64] dsum
+  float* Ks = smem;              // [64][S] keys of this block
+  float* Vs = Ks + kTile * S;    // [64][S]
+  float* Qs = Vs + kTile * S;    // [64][S] current query tile (unscaled)
+  float* Gs = Qs + kTile * S;    // [64][S] dout tile
+  float* Ps = Gs + kTile * S;    // [64][kPS] probabilities (query row, key col)
+  float* Ds = Ps + kTile * kPS;  // [64][kPS] dS
+  float* Ls = Ds + kTile * kPS;  // [64] lse * log2e
+  float* Dd = Ls + kTile;        // [64] dsum
 
   const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int64_t group = a.H / a.Hkv;
@@ -410,8 +417,12 @@ __global__ void f32_to_kernel(const float* s, T* d, int64_t n) {
     d[i] = from_f32<T>(s[i]);
 }
 
-size_t fwd_smem(int dmax) { return size_t(3 * kTile * (dmax + 4) + kTile * kPS) * 4; }
-size_t bwd_smem(int dmax) { return size_t(4 * kTile * (dmax + 4) + 2 * kTile * kPS + 2 * kTile) * 4; }
+size_t fwd_smem(int dmax) {
+  return size_t(3 * kTile * (dmax + 4) + kTile * kPS) * 4;
+}
+size_t bwd_smem(int dmax) {
+  return size_t(4 * kTile * (dmax + 4) + 2 * kTile * kPS + 2 * kTile) * 4;
+}
 
 // Runs f.template operator()<DMAX>() for the smallest supported DMAX >= D.
 template <typename F>
@@ -444,7 +455,8 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
     return dispatch_d(a.D, [&]<int DMAX>() {
       auto kern = attn_fwd_kernel<T, DMAX>;
       const size_t sm = fwd_smem(DMAX);
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
+      cudaError_t e =
+          cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
       if (e != cudaSuccess) return e;
       dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.H), unsigned(a.B));
       kern<<<grid, kThreads, sm, s>>>(static_cast<const T*>(q), static_cast<const T*>(k),
@@ -466,20 +478,22 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
   return dispatch_ft(t, [&]<typename T>() {
     attn_dsum_kernel<T><<<grid_for(a.B * a.T * a.H * 32, 256), 256, 0, s>>>(
         static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
-    cudaError_t e2 = a.tc ? attention_backward_tc(dout, q, k, v, lse, dsum, dstart, dend, dk, dv,
-                                                  dq_acc, t, a, s)
-                          : dispatch_d(a.D, [&]<int DMAX>() {
-      auto kern = attn_bwd_kernel<T, DMAX>;
-      const size_t sm = bwd_smem(DMAX);
-      cudaError_t e3 = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
-      if (e3 != cudaSuccess) return e3;
-      dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.Hkv), unsigned(a.B));
-      kern<<<grid, kThreads, sm, s>>>(static_cast<const T*>(dout), static_cast<const T*>(q),
-                                      static_cast<const T*>(k), static_cast<const T*>(v),
-                                      static_cast<const T*>(lse), dsum, dstart, dend,
-                                      static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a);
-      return cudaGetLastError();
-    });
+    cudaError_t e2 =
+        a.tc
+            ? attention_backward_tc(dout, q, k, v, lse, dsum, dstart, dend, dk, dv, dq_acc, t, a, s)
+            : dispatch_d(a.D, [&]<int DMAX>() {
+                auto kern = attn_bwd_kernel<T, DMAX>;
+                const size_t sm = bwd_smem(DMAX);
+                cudaError_t e3 = cudaFuncSetAttribute(
+                    kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
+                if (e3 != cudaSuccess) return e3;
+                dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.Hkv), unsigned(a.B));
+                kern<<<grid, kThreads, sm, s>>>(
+                    static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
+                    static_cast<const T*>(v), static_cast<const T*>(lse), dsum, dstart, dend,
+                    static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a);
+                return cudaGetLastError();
+              });
     if (e2 != cudaSuccess) return e2;
     if (static_cast<void*>(dq_acc) != dq)
       f32_to_kernel<T><<<grid_for(nq, 256), 256, 0, s>>>(dq_acc, static_cast<T*>(dq), nq);

@@ -36,8 +36,8 @@ namespace {
 using namespace nvcuda;
 using bf16 = __nv_bfloat16;
 
-constexpr int kBr = 64;  // query rows per tile
-constexpr int kBc = 64;  // key rows per tile
+constexpr int kBr = 64;          // query rows per tile
+constexpr int kBc = 64;          // key rows per tile
 constexpr int kTcThreads = 128;  // 4 warps, 16 tile rows each
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -279,8 +279,8 @@ __global__ void __launch_bounds__(kTcThreads)
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(kTcThreads)
     attn_bwd_tc_kernel(const T* dout, const T* q, const T* k, const T* v, const T* lse,
-                       const float* dsum, const int32_t* dstart, const int32_t* dend, T* dk,
-                       T* dv, float* dq_acc, AttnShape a, bool vec) {
+                       const float* dsum, const int32_t* dstart, const int32_t* dend, T* dk, T* dv,
+                       float* dq_acc, AttnShape a, bool vec) {
   using L = TcLayout<DMAX>;
   constexpr int DP = L::DP, SP = L::SP, PP = L::PP, OP = L::OP, NDT = DMAX / 16;
   extern __shared__ float4 smem4[];
@@ -438,9 +438,9 @@ size_t attention_tc_smem_bytes(int64_t D, bool backward) {
   return backward ? TcLayout<128>::bwd : TcLayout<128>::fwd;
 }
 
-cudaError_t attention_forward_tc(const void* q, const void* k, const void* v,
-                                 const int32_t* dstart, const int32_t* dend, void* out, void* lse,
-                                 KT t, const AttnShape& a, cudaStream_t s) {
+cudaError_t attention_forward_tc(const void* q, const void* k, const void* v, const int32_t* dstart,
+                                 const int32_t* dend, void* out, void* lse, KT t,
+                                 const AttnShape& a, cudaStream_t s) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
@@ -473,10 +473,10 @@ cudaError_t attention_backward_tc(const void* dout, const void* q, const void* k
       if (e != cudaSuccess) return e;
       const bool vec = a.D == DMAX && aligned16({dout, q, k, v, dq_acc});
       dim3 grid(unsigned((a.T + kBc - 1) / kBc), unsigned(a.Hkv), unsigned(a.B));
-      kern<<<grid, kTcThreads, sm, s>>>(
-          static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
-          static_cast<const T*>(v), static_cast<const T*>(lse), dsum, dstart, dend,
-          static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a, vec);
+      kern<<<grid, kTcThreads, sm, s>>>(static_cast<const T*>(dout), static_cast<const T*>(q),
+                                        static_cast<const T*>(k), static_cast<const T*>(v),
+                                        static_cast<const T*>(lse), dsum, dstart, dend,
+                                        static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a, vec);
       return cudaGetLastError();
     });
   });

@@ -50,20 +50,27 @@ void raw_free(void* p) {
 }
 template <size_t... I>
 constexpr auto alloc_table(std::index_sequence<I...>) {
-  return std::array<std::pair<CachingAllocator::RawAlloc, CachingAllocator::RawFree>,
-                    sizeof...(I)>{{{&raw_alloc<int(I)>, &raw_free<int(I)>}...}};
+  return std::array<std::pair<CachingAllocator::RawAlloc, CachingAllocator::RawFree>, sizeof...(I)>{
+      {{&raw_alloc<int(I)>, &raw_free<int(I)>}...}};
 }
 constexpr auto kAllocs = alloc_table(std::make_index_sequence<kMaxDevices>{});
 
 KT kt_of(DType t, const char* op) {
   switch (t) {
-    case DType::f32: return KT::f32;
-    case DType::bf16: return KT::bf16;
-    case DType::f16: return KT::f16;
-    case DType::i32: return KT::i32;
-    case DType::i64: return KT::i64;
-    case DType::u8: return KT::u8;
-    case DType::f64: break;
+    case DType::f32:
+      return KT::f32;
+    case DType::bf16:
+      return KT::bf16;
+    case DType::f16:
+      return KT::f16;
+    case DType::i32:
+      return KT::i32;
+    case DType::i64:
+      return KT::i64;
+    case DType::u8:
+      return KT::u8;
+    case DType::f64:
+      break;
   }
   fail("{}: dtype {} is not supported on cuda (supported: f32, bf16, f16, i32, i64, u8)", op,
        dtype_name(t));
@@ -138,7 +145,8 @@ class CudaBackend final : public Backend {
     const KT st = kt_of(src.dtype(), "copy"), dt = kt_of(dst.dtype(), "copy");
     activate();
     if (src.is_contiguous() && dst.is_contiguous()) {
-      LLAMA3_CUDA_CHECK(cuda::convert_contiguous(src.data_ptr(), st, dst.data_ptr(), dt, n, stream_));
+      LLAMA3_CUDA_CHECK(
+          cuda::convert_contiguous(src.data_ptr(), st, dst.data_ptr(), dt, n, stream_));
       return;
     }
     LLAMA3_CHECK(src.dim() <= cuda::kMaxDims && src.shape() == dst.shape(),
@@ -213,7 +221,8 @@ class CudaBackend final : public Backend {
     const int64_t lda = ld(a, "a"), ldb = ld(b, "b"), ldc = ld(c, "c");
     activate();
     if (k == 0) {  // c = beta * c
-      if (beta == 0.f) fill(c, 0.0);
+      if (beta == 0.f)
+        fill(c, 0.0);
       else if (beta != 1.f) {
         LLAMA3_CHECK(c.is_contiguous(), "gemm: k == 0 with beta {} needs a contiguous c", beta);
         scale(c, beta);
@@ -221,16 +230,31 @@ class CudaBackend final : public Backend {
       return;
     }
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's "A" is our b.
-    GemmKey key{int(a.dtype()), int(c.dtype()), int(ta), int(tb), m, n, k, lda, ldb, ldc, batch,
-                sa, sb, sc, align_of(a.data_ptr()), align_of(b.data_ptr()), align_of(c.data_ptr())};
+    GemmKey key{int(a.dtype()),
+                int(c.dtype()),
+                int(ta),
+                int(tb),
+                m,
+                n,
+                k,
+                lda,
+                ldb,
+                ldc,
+                batch,
+                sa,
+                sb,
+                sc,
+                align_of(a.data_ptr()),
+                align_of(b.data_ptr()),
+                align_of(c.data_ptr())};
     GemmPlan& plan = gemm_plan(key);
     if (plan.legacy) {
       const cudaDataType_t in_t = a.dtype() == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
       LLAMA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-          legacy_, tb == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T, ta == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T,
-          int(n), int(m), int(k), &alpha, b.data_ptr(), in_t, int(ldb), sb, a.data_ptr(), in_t,
-          int(lda), sa, &beta, c.data_ptr(), CUDA_R_32F, int(ldc), sc, int(batch),
-          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          legacy_, tb == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T,
+          ta == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T, int(n), int(m), int(k), &alpha, b.data_ptr(),
+          in_t, int(ldb), sb, a.data_ptr(), in_t, int(lda), sa, &beta, c.data_ptr(), CUDA_R_32F,
+          int(ldc), sc, int(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       return;
     }
     LLAMA3_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(),
@@ -259,7 +283,8 @@ class CudaBackend final : public Backend {
   void scale(Tensor& x, float alpha) override {
     contig(x, "scale", "x");
     activate();
-    LLAMA3_CUDA_CHECK(cuda::scale(x.data_ptr(), alpha, ft_of(x.dtype(), "scale"), x.numel(), stream_));
+    LLAMA3_CUDA_CHECK(
+        cuda::scale(x.data_ptr(), alpha, ft_of(x.dtype(), "scale"), x.numel(), stream_));
   }
   double sum_squares(const Tensor& x) override { return reduce(x, true, "sum_squares"); }
   double sum(const Tensor& x) override { return reduce(x, false, "sum"); }
@@ -282,9 +307,9 @@ class CudaBackend final : public Backend {
     const KT t = ft_of(weight.dtype(), "embedding");
     activate();
     LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
-    LLAMA3_CUDA_CHECK(cuda::embedding_forward(weight.data_ptr(), ids.data<int32_t>(), out.data_ptr(),
-                                              t, ids.numel(), weight.size(1), weight.size(0),
-                                              flag(), stream_));
+    LLAMA3_CUDA_CHECK(cuda::embedding_forward(weight.data_ptr(), ids.data<int32_t>(),
+                                              out.data_ptr(), t, ids.numel(), weight.size(1),
+                                              weight.size(0), flag(), stream_));
     // One small synchronising read per call (once per step): bad ids are an error, as on cpu.
     LLAMA3_CHECK(read_flag() == 0, "embedding: a token id is outside the vocabulary of {}",
                  weight.size(0));
@@ -296,10 +321,9 @@ class CudaBackend final : public Backend {
                  "embedding_backward: dout {}, ids {}, dweight {}", dout.str(), ids.str(),
                  dweight.str());
     activate();
-    LLAMA3_CUDA_CHECK(cuda::embedding_backward(dout.data_ptr(), ids.data<int32_t>(),
-                                               dweight.data_ptr(),
-                                               ft_of(dweight.dtype(), "embedding_backward"),
-                                               ids.numel(), dweight.size(1), stream_));
+    LLAMA3_CUDA_CHECK(cuda::embedding_backward(
+        dout.data_ptr(), ids.data<int32_t>(), dweight.data_ptr(),
+        ft_of(dweight.dtype(), "embedding_backward"), ids.numel(), dweight.size(1), stream_));
   }
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y,
@@ -315,17 +339,16 @@ class CudaBackend final : public Backend {
   }
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                         Tensor& dx, Tensor& dw) override {
-    for (auto [t, nm] : {std::pair{&dy, "dy"}, {&x, "x"}, {&w, "w"}, {&rstd, "rstd"}, {&dx, "dx"},
-                         {&dw, "dw"}})
+    for (auto [t, nm] :
+         {std::pair{&dy, "dy"}, {&x, "x"}, {&w, "w"}, {&rstd, "rstd"}, {&dx, "dx"}, {&dw, "dw"}})
       contig(*t, "rmsnorm_backward", nm);
     same_float(x, {&dy, &w, &rstd, &dx, &dw}, "rmsnorm_backward");
     const int64_t d = x.size(-1), n = x.numel() / std::max<int64_t>(d, 1);
     activate();
     Tensor partial = Tensor::empty({cuda::rmsnorm_partial_rows(n), d}, DType::f32, device());
-    LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(),
-                                             rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-                                             partial.data<float>(),
-                                             ft_of(x.dtype(), "rmsnorm_backward"), n, d, stream_));
+    LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(
+        dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
+        partial.data<float>(), ft_of(x.dtype(), "rmsnorm_backward"), n, d, stream_));
   }
 
   void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,
@@ -359,8 +382,15 @@ class CudaBackend final : public Backend {
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                           const Tensor& out, const Tensor& lse, const AttentionParams& p,
                           Tensor& dq, Tensor& dk, Tensor& dv) override {
-    for (auto [t, nm] : {std::pair{&dout, "dout"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"},
-                         {&lse, "lse"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
+    for (auto [t, nm] : {std::pair{&dout, "dout"},
+                         {&q, "q"},
+                         {&k, "k"},
+                         {&v, "v"},
+                         {&out, "out"},
+                         {&lse, "lse"},
+                         {&dq, "dq"},
+                         {&dk, "dk"},
+                         {&dv, "dv"}})
       contig(*t, "attention_backward", nm);
     same_float(q, {&dout, &k, &v, &out, &lse, &dq, &dk, &dv}, "attention_backward");
     cuda::AttnShape a = attn_shape(q, k, p);
@@ -387,15 +417,14 @@ class CudaBackend final : public Backend {
   }
   void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, Tensor& dgate,
                        Tensor& dup) override {
-    for (auto [t, nm] : {std::pair{&dout, "dout"}, {&gate, "gate"}, {&up, "up"}, {&dgate, "dgate"},
-                         {&dup, "dup"}})
+    for (auto [t, nm] :
+         {std::pair{&dout, "dout"}, {&gate, "gate"}, {&up, "up"}, {&dgate, "dgate"}, {&dup, "dup"}})
       contig(*t, "swiglu_backward", nm);
     same_float(gate, {&dout, &up, &dgate, &dup}, "swiglu_backward");
     activate();
-    LLAMA3_CUDA_CHECK(cuda::swiglu_backward(dout.data_ptr(), gate.data_ptr(), up.data_ptr(),
-                                            dgate.data_ptr(), dup.data_ptr(),
-                                            ft_of(gate.dtype(), "swiglu_backward"), gate.numel(),
-                                            stream_));
+    LLAMA3_CUDA_CHECK(cuda::swiglu_backward(
+        dout.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
+        ft_of(gate.dtype(), "swiglu_backward"), gate.numel(), stream_));
   }
 
   double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
@@ -404,7 +433,8 @@ class CudaBackend final : public Backend {
     contig(targets, "linear_cross_entropy", "targets");
     LLAMA3_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1) &&
                      targets.dtype() == DType::i32 && targets.numel() == h.size(0) &&
-                     h.dtype() == w.dtype() && (h.dtype() == DType::f32 || h.dtype() == DType::bf16),
+                     h.dtype() == w.dtype() &&
+                     (h.dtype() == DType::f32 || h.dtype() == DType::bf16),
                  "linear_cross_entropy: h {} and w {} must be (N, D) and (V, D) of f32 or bf16, "
                  "targets {} (N) int32",
                  h.str(), w.str(), targets.str());
@@ -434,9 +464,8 @@ class CudaBackend final : public Backend {
       gemm(hc, Trans::N, w, Trans::T, lc, 1.f, 0.f);
       Tensor g = low && grad ? dlow.narrow(0, 0, nr) : lc;
       LLAMA3_CUDA_CHECK(cuda::cross_entropy_rows(
-          lc.data<float>(), targets.data<int32_t>() + r0, nr, V, grad, grad_scale,
-          lc.data<float>(), low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, flag(),
-          stream_));
+          lc.data<float>(), targets.data<int32_t>() + r0, nr, V, grad, grad_scale, lc.data<float>(),
+          low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, flag(), stream_));
       if (grad) {
         Tensor dhc = dh->narrow(0, r0, nr);
         gemm(g, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
@@ -450,7 +479,10 @@ class CudaBackend final : public Backend {
 
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                   const AdamWParams& p) override {
-    for (auto [t, nm] : {std::pair<const Tensor*, const char*>{&param, "param"}, {&grad, "grad"}, {&m, "m"}, {&v, "v"}}) {
+    for (auto [t, nm] : {std::pair<const Tensor*, const char*>{&param, "param"},
+                         {&grad, "grad"},
+                         {&m, "m"},
+                         {&v, "v"}}) {
       contig(*t, "adamw", nm);
       LLAMA3_CHECK(t->dtype() == DType::f32 && t->numel() == param.numel(),
                    "adamw: {} {} must be f32 with {} elements (supported: f32)", nm, t->str(),
@@ -511,7 +543,8 @@ class CudaBackend final : public Backend {
     activate();
     LLAMA3_CUDA_CHECK(cuda::reduce_sum(x.data_ptr(), t, x.numel(), squares, result(), stream_));
     double v = 0;
-    LLAMA3_CUDA_CHECK(cudaMemcpyAsync(&v, result(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    LLAMA3_CUDA_CHECK(
+        cudaMemcpyAsync(&v, result(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
     LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return v;
   }
@@ -520,10 +553,10 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(q.dim() == 4 && k.dim() == 4, "attention: q {} and k {} must be (B, T, H, Dh)",
                  q.str(), k.str());
     cuda::AttnShape a{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0.f, p.causal};
-    LLAMA3_CHECK(k.size(0) == a.B && k.size(1) == a.T && k.size(3) == a.D && a.Hkv > 0 &&
-                     a.H % a.Hkv == 0,
-                 "attention: q {} and k {} disagree (heads {} must be a multiple of kv heads {})",
-                 q.str(), k.str(), a.H, a.Hkv);
+    LLAMA3_CHECK(
+        k.size(0) == a.B && k.size(1) == a.T && k.size(3) == a.D && a.Hkv > 0 && a.H % a.Hkv == 0,
+        "attention: q {} and k {} disagree (heads {} must be a multiple of kv heads {})", q.str(),
+        k.str(), a.H, a.Hkv);
     LLAMA3_CHECK(a.D >= 1 && a.D <= 128,
                  "attention: head dim {} unsupported on cuda (supported: 1..128)", a.D);
     LLAMA3_CHECK(!p.q_pos.defined(),
@@ -562,13 +595,15 @@ class CudaBackend final : public Backend {
     LLAMA3_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t opa = key.tb == int(Trans::N) ? CUBLAS_OP_N : CUBLAS_OP_T;  // our b
     const cublasOperation_t opb = key.ta == int(Trans::N) ? CUBLAS_OP_N : CUBLAS_OP_T;  // our a
-    LLAMA3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa,
-                                                       sizeof(opa)));
-    LLAMA3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb,
-                                                       sizeof(opb)));
+    LLAMA3_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
+    LLAMA3_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
     // Stored (column-major) shapes: our b viewed column-major, our a, and c^T (n x m).
-    const uint64_t la_rows = opa == CUBLAS_OP_N ? key.n : key.k, la_cols = opa == CUBLAS_OP_N ? key.k : key.n;
-    const uint64_t lb_rows = opb == CUBLAS_OP_N ? key.k : key.m, lb_cols = opb == CUBLAS_OP_N ? key.m : key.k;
+    const uint64_t la_rows = opa == CUBLAS_OP_N ? key.n : key.k,
+                   la_cols = opa == CUBLAS_OP_N ? key.k : key.n;
+    const uint64_t lb_rows = opb == CUBLAS_OP_N ? key.k : key.m,
+                   lb_cols = opb == CUBLAS_OP_N ? key.m : key.k;
     LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->la, in_t, la_rows, la_cols, key.ldb));
     LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->lb, in_t, lb_rows, lb_cols, key.lda));
     LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->lc, CUDA_R_32F, key.n, key.m, key.ldc));
@@ -586,15 +621,20 @@ class CudaBackend final : public Backend {
     LLAMA3_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t ws = kWorkspace;
     const uint32_t al_a = uint32_t(key.al_b), al_b = uint32_t(key.al_a), al_c = uint32_t(key.al_c);
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a));
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b));
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c));
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                         sizeof(ws));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+                                         sizeof(al_a));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+                                         sizeof(al_b));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c,
+                                         sizeof(al_c));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
+                                         sizeof(al_c));
     cublasLtMatmulHeuristicResult_t res{};
     int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, plan->op, plan->la, plan->lb,
-                                                             plan->lc, plan->lc, pref, 1, &res, &found);
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+        lt_, plan->op, plan->la, plan->lb, plan->lc, plan->lc, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
       plan->algo = res.algo;
@@ -645,7 +685,9 @@ bool cuda_init() {
   return g_count > 0;
 }
 
-int cuda_device_count() { return g_count < 0 ? 0 : g_count; }
+int cuda_device_count() {
+  return g_count < 0 ? 0 : g_count;
+}
 
 }  // namespace llama3
 #endif  // LLAMA3_WITH_CUDA

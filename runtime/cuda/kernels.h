@@ -68,8 +68,8 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
 // grad, writes d(loss*scale)/dlogits into dlogits_f32 (may alias logits) or, when
 // dlogits_bf16 is set, into that bf16 buffer instead. *bad |= 1 for a target >= V.
 cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr, int64_t V,
-                               bool grad, float scale, float* dlogits_f32,
-                               void* dlogits_bf16, float* loss, int* bad, cudaStream_t s);
+                               bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
+                               float* loss, int* bad, cudaStream_t s);
 
 // ---- attention (attention.cu) ----
 struct AttnShape {
@@ -87,8 +87,8 @@ size_t attention_tc_smem_bytes(int64_t D, bool backward);
 cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, int32_t* end,
                      cudaStream_t s);
 cudaError_t attention_forward(const void* q, const void* k, const void* v, const int32_t* dstart,
-                              const int32_t* dend, void* out, void* lse, KT t,
-                              const AttnShape& a, cudaStream_t s);
+                              const int32_t* dend, void* out, void* lse, KT t, const AttnShape& a,
+                              cudaStream_t s);
 // dsum: f32 workspace (B*H*T); dq_acc: f32 (B,T,H,D) accumulator, zeroed by the launcher.
 cudaError_t attention_backward(const void* dout, const void* q, const void* k, const void* v,
                                const void* out, const void* lse, const int32_t* dstart,
@@ -96,9 +96,9 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                                float* dq_acc, KT t, const AttnShape& a, cudaStream_t s);
 // The tensor-core kernels (attention_tc.cu); attention_forward/backward route to them when
 // a.tc. attention_backward_tc expects dsum computed and dq_acc zeroed (it only adds).
-cudaError_t attention_forward_tc(const void* q, const void* k, const void* v,
-                                 const int32_t* dstart, const int32_t* dend, void* out, void* lse,
-                                 KT t, const AttnShape& a, cudaStream_t s);
+cudaError_t attention_forward_tc(const void* q, const void* k, const void* v, const int32_t* dstart,
+                                 const int32_t* dend, void* out, void* lse, KT t,
+                                 const AttnShape& a, cudaStream_t s);
 cudaError_t attention_backward_tc(const void* dout, const void* q, const void* k, const void* v,
                                   const void* lse, const float* dsum, const int32_t* dstart,
                                   const int32_t* dend, void* dk, void* dv, float* dq_acc, KT t,
