@@ -8,12 +8,14 @@
 //
 //   bench_cuda_step [--seq 4096] [--batch 1] [--layers 16] [--dim 2048] [--heads 32]
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
-//                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu]
+//                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //
-// --attn-only times attention forward+backward alone (f32 inputs exact, f32 inputs with
-// compute = bf16 on tensor cores, bf16 inputs on tensor cores) for the same
-// shapes, to compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py).
-// Exits 77 when there is no CUDA device.
+// --attn-only times attention forward+backward alone (f32 inputs exact; f32 inputs with
+// compute = bf16 on tensor cores through the mma.sync kernels (registers capped, the
+// default), the same uncapped, and the older wmma kernels; bf16 inputs on tensor cores) for
+// the same shapes, to
+// compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py). Exits 77 when there
+// is no CUDA device.
 #include <fmt/format.h>
 
 #include <chrono>
@@ -39,6 +41,7 @@ struct Config {
           vocab = 128256, steps = 3, warmup = 1;
   ops::Precision precision = ops::Precision::bf16;
   bool attn_only = false;
+  bool profile = false;             // one more step after the timed ones, with per-op GPU times
   Device device = Device::cuda(0);  // --device cpu: smoke test of this benchmark on tiny configs
   int64_t head_dim() const { return dim / heads; }
 };
@@ -51,24 +54,36 @@ Config parse(int argc, char** argv) {
       LLAMA3_CHECK(i + 1 < argc, "{} needs a value", a);
       return std::atoll(argv[++i]);
     };
-    if (a == "--seq") c.seq = next();
-    else if (a == "--batch") c.batch = next();
-    else if (a == "--layers") c.layers = next();
-    else if (a == "--dim") c.dim = next();
-    else if (a == "--heads") c.heads = next();
-    else if (a == "--kv-heads") c.kv_heads = next();
-    else if (a == "--ffn") c.ffn = next();
-    else if (a == "--vocab") c.vocab = next();
-    else if (a == "--steps") c.steps = next();
-    else if (a == "--warmup") c.warmup = next();
-    else if (a == "--attn-only") c.attn_only = true;
+    if (a == "--seq")
+      c.seq = next();
+    else if (a == "--batch")
+      c.batch = next();
+    else if (a == "--layers")
+      c.layers = next();
+    else if (a == "--dim")
+      c.dim = next();
+    else if (a == "--heads")
+      c.heads = next();
+    else if (a == "--kv-heads")
+      c.kv_heads = next();
+    else if (a == "--ffn")
+      c.ffn = next();
+    else if (a == "--vocab")
+      c.vocab = next();
+    else if (a == "--steps")
+      c.steps = next();
+    else if (a == "--warmup")
+      c.warmup = next();
+    else if (a == "--attn-only")
+      c.attn_only = true;
+    else if (a == "--profile")
+      c.profile = true;
     else if (a == "--device") {
       LLAMA3_CHECK(i + 1 < argc, "--device needs cuda or cpu");
       std::string d = argv[++i];
       LLAMA3_CHECK(d == "cuda" || d == "cpu", "--device {} (supported: cuda, cpu)", d);
       c.device = d == "cuda" ? Device::cuda(0) : Device::cpu();
-    }
-    else if (a == "--precision") {
+    } else if (a == "--precision") {
       LLAMA3_CHECK(i + 1 < argc, "--precision needs bf16 or f32");
       std::string p = argv[++i];
       LLAMA3_CHECK(p == "bf16" || p == "f32", "--precision {} (supported: bf16, f32)", p);
@@ -113,11 +128,19 @@ int attn_only(const Config& c) {
   struct Variant {
     DType dt;
     AttnCompute compute;
-    const char* result;  // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16)
+    const char* impl;    // LLAMA3_CUDA_ATTN: "" (mma.sync, capped registers), "mma", "wmma"
+    const char* result;  // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16 ...)
   };
-  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
-                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
-                      Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
+  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "", "attn_ms_f32"},
+                      Variant{DType::f32, AttnCompute::bf16, "", "attn_tc_ms_f32"},
+                      Variant{DType::f32, AttnCompute::bf16, "mma", "attn_tc_mma_ms_f32"},
+                      Variant{DType::f32, AttnCompute::bf16, "wmma", "attn_tc_wmma_ms_f32"},
+                      Variant{DType::bf16, AttnCompute::bf16, "", "attn_ms_bf16"},
+                      Variant{DType::bf16, AttnCompute::bf16, "mma", "attn_mma_ms_bf16"}}) {
+    if (*var.impl)
+      setenv("LLAMA3_CUDA_ATTN", var.impl, 1);
+    else
+      unsetenv("LLAMA3_CUDA_ATTN");
     const DType dt = var.dt;
     if (dev.is_cpu() && (dt == DType::bf16 || var.compute != AttnCompute::exact))
       continue;  // the CPU attention is f32/f64 and ignores `compute`
@@ -153,26 +176,30 @@ int attn_only(const Config& c) {
       if (r >= 0) tf += t1 - t0, tb += t2 - t1;
     }
     tf /= reps, tb /= reps;
-    fmt::print("attention {} inputs, {} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, "
-               "bwd {:.2f} ms, fwd+bwd {:.2f} ms ({:.1f} TFLOP/s)\n",
-               dtype_name(dt),
-               dt == DType::bf16 || var.compute == AttnCompute::bf16 ? "tensor cores (bf16 products)"
-                                                                     : "exact f32",
-               B, T, H, Hk, Dh, tf * 1e3, tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
+    fmt::print(
+        "attention {} inputs, {}{} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, "
+        "bwd {:.2f} ms, fwd+bwd {:.2f} ms ({:.1f} TFLOP/s)\n",
+        dtype_name(dt),
+        dt == DType::bf16 || var.compute == AttnCompute::bf16 ? "tensor cores (bf16 products)"
+                                                              : "exact f32",
+        *var.impl ? fmt::format(" [{}]", var.impl) : std::string(), B, T, H, Hk, Dh, tf * 1e3,
+        tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
     fmt::print("RESULT {} {:.3f}\n", var.result, (tf + tb) * 1e3);
   }
+  unsetenv("LLAMA3_CUDA_ATTN");
   return 0;
 }
 
 int run(const Config& c) {
   const Device dev = c.device;
   Backend& be = backend_for(dev);
-  const int64_t B = c.batch, T = c.seq, D = c.dim, H = c.heads, Hk = c.kv_heads,
-                Dh = c.head_dim(), F = c.ffn, V = c.vocab;
-  fmt::print("device {}\nconfig: dim {} layers {} heads {} kv heads {} ffn {} vocab {} seq {} "
-             "batch {} precision {}\n",
-             be.name(), D, c.layers, H, Hk, F, V, T, B,
-             c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32");
+  const int64_t B = c.batch, T = c.seq, D = c.dim, H = c.heads, Hk = c.kv_heads, Dh = c.head_dim(),
+                F = c.ffn, V = c.vocab;
+  fmt::print(
+      "device {}\nconfig: dim {} layers {} heads {} kv heads {} ffn {} vocab {} seq {} "
+      "batch {} precision {}\n",
+      be.name(), D, c.layers, H, Hk, F, V, T, B,
+      c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32");
 
   double t0 = now();
   std::vector<float> pool(size_t(1) << 24);
@@ -212,15 +239,19 @@ int run(const Config& c) {
   }
   const int64_t n_embed = V * D;
   const int64_t n_matmul = n_params - n_embed;  // every parameter but the lookup table
-  std::vector<int32_t> ids(static_cast<size_t>(B * T)), tg(static_cast<size_t>(B * T)), pos(static_cast<size_t>(T));
+  std::vector<int32_t> ids(static_cast<size_t>(B * T)), tg(static_cast<size_t>(B * T)),
+      pos(static_cast<size_t>(T));
   std::mt19937 g(7);
   for (auto& x : ids) x = int32_t(g() % uint32_t(V));
   for (size_t i = 0; i < tg.size(); ++i) tg[i] = ids[(i + 1) % ids.size()];
   for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(t);
   std::vector<float> inv(size_t(Dh / 2));
-  for (int64_t j = 0; j < Dh / 2; ++j) inv[size_t(j)] = float(std::pow(500000.0, -2.0 * double(j) / double(Dh)));
-  Tensor ids_t = Tensor::from_vector(ids, {B, T}, dev), tg_t = Tensor::from_vector(tg, {B * T}, dev);
-  Tensor pos_t = Tensor::from_vector(pos, {T}, dev), inv_t = Tensor::from_vector(inv, {Dh / 2}, dev);
+  for (int64_t j = 0; j < Dh / 2; ++j)
+    inv[size_t(j)] = float(std::pow(500000.0, -2.0 * double(j) / double(Dh)));
+  Tensor ids_t = Tensor::from_vector(ids, {B, T}, dev),
+         tg_t = Tensor::from_vector(tg, {B * T}, dev);
+  Tensor pos_t = Tensor::from_vector(pos, {T}, dev),
+         inv_t = Tensor::from_vector(inv, {Dh / 2}, dev);
   be.synchronize();
   fmt::print("parameters: {:.3f} B ({:.3f} B without the embedding table); init {:.1f} s\n",
              double(n_params) / 1e9, double(n_matmul) / 1e9, now() - t0);
@@ -286,12 +317,22 @@ int run(const Config& c) {
   const double tps = tokens / per;
   const double mfu = (model_flops + attn_flops) / per / 989e12;
   auto st = be.allocator().stats();
-  fmt::print("step {:.1f} ms, {:.0f} tokens/s, {:.1f} TFLOP/s (6N {:.2f} TF + attention {:.2f} TF "
-             "per step), MFU {:.1f}% of 989 TFLOP/s; peak device memory {:.1f} GiB\n",
-             per * 1e3, tps, (model_flops + attn_flops) / per / 1e12, model_flops / 1e12,
-             attn_flops / 1e12, mfu * 100, double(st.peak_in_use) / double(1ull << 30));
-  fmt::print("RESULT llama3_cuda seq={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n",
-             T, tps, mfu, per * 1e3, loss);
+  fmt::print(
+      "step {:.1f} ms, {:.0f} tokens/s, {:.1f} TFLOP/s (6N {:.2f} TF + attention {:.2f} TF "
+      "per step), MFU {:.1f}% of 989 TFLOP/s; peak device memory {:.1f} GiB\n",
+      per * 1e3, tps, (model_flops + attn_flops) / per / 1e12, model_flops / 1e12,
+      attn_flops / 1e12, mfu * 100, double(st.peak_in_use) / double(1ull << 30));
+  fmt::print(
+      "RESULT llama3_cuda seq={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n", T,
+      tps, mfu, per * 1e3, loss);
+  if (c.profile && !dev.is_cpu()) {
+    cuda_profile_start(dev.index);
+    const double ts = now();
+    step(c.warmup + c.steps + 1);
+    const double dt = now() - ts;
+    fmt::print("profile of one more step ({:.1f} ms wall, events around every backend call):\n{}",
+               dt * 1e3, cuda_profile_report(dev.index));
+  }
   return std::isfinite(loss) ? 0 : 1;
 }
 

@@ -448,9 +448,12 @@ cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, i
 
 cudaError_t attention_forward(const void* q, const void* k, const void* v, const int32_t* dstart,
                               const int32_t* dend, void* out, void* lse, KT t, const AttnShape& a,
-                              cudaStream_t s) {
+                              cudaStream_t s, const AttnBf16Inputs& in16) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
-  if (a.tc) return attention_forward_tc(q, k, v, dstart, dend, out, lse, t, a, s);
+  if (a.tc)
+    return a.tc_wmma ? attention_forward_tc(q, k, v, dstart, dend, out, lse, t, a, s)
+                     : attention_forward_mma(in16.q ? in16.q : q, in16.k ? in16.k : k,
+                                             in16.v ? in16.v : v, dstart, dend, out, lse, t, a, s);
   return dispatch_ft(t, [&]<typename T>() {
     return dispatch_d(a.D, [&]<int DMAX>() {
       auto kern = attn_fwd_kernel<T, DMAX>;
@@ -470,7 +473,8 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
 cudaError_t attention_backward(const void* dout, const void* q, const void* k, const void* v,
                                const void* out, const void* lse, const int32_t* dstart,
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
-                               float* dq_acc, KT t, const AttnShape& a, cudaStream_t s) {
+                               float* dq_acc, KT t, const AttnShape& a, cudaStream_t s,
+                               const AttnBf16Inputs& in16) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   const int64_t nq = a.B * a.T * a.H * a.D;
   cudaError_t e = cudaMemsetAsync(dq_acc, 0, size_t(nq) * 4, s);
@@ -479,8 +483,12 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
     attn_dsum_kernel<T><<<grid_for(a.B * a.T * a.H * 32, 256), 256, 0, s>>>(
         static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
     cudaError_t e2 =
-        a.tc
+        a.tc && a.tc_wmma
             ? attention_backward_tc(dout, q, k, v, lse, dsum, dstart, dend, dk, dv, dq_acc, t, a, s)
+        : a.tc
+            ? attention_backward_mma(in16.dout ? in16.dout : dout, in16.q ? in16.q : q,
+                                     in16.k ? in16.k : k, in16.v ? in16.v : v, lse, dsum, dstart,
+                                     dend, dk, dv, dq_acc, t, a, s)
             : dispatch_d(a.D, [&]<int DMAX>() {
                 auto kern = attn_bwd_kernel<T, DMAX>;
                 const size_t sm = bwd_smem(DMAX);

@@ -27,6 +27,7 @@
 
 #include <cfloat>
 
+#include "runtime/cuda/attention_tile.cuh"
 #include "runtime/cuda/common.cuh"
 
 namespace llama3::cuda {
@@ -74,54 +75,15 @@ struct TcLayout {
                 "fits an A100 (163 KB) and a Hopper (227 KB) block with the static arrays");
 };
 
-__device__ __forceinline__ float4 load4(const float* p) {
-  return *reinterpret_cast<const float4*>(p);
-}
-__device__ __forceinline__ float4 load4(const bf16* p) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-
-// Rows [r0, r0 + 64) of a (B, T, nh, D) tensor at (b, head) -> s[64][DP] bf16, zero outside
-// [0, T) x [0, D). vec: D == DMAX and 16-byte aligned base pointers (4 elements a thread;
-// in the backward also float4 atomics into dq_acc).
+// Rows [r0, r0 + 64) of a (B, T, nh, D) tensor at (b, head) -> s[64][DP] bf16.
 template <typename T, int DMAX>
 __device__ __forceinline__ void load_tile_bf16(bf16* s, const T* x, int64_t b, int64_t head,
                                                int64_t nh, int64_t r0, int64_t Tn, int64_t D,
                                                bool vec) {
-  constexpr int DP = TcLayout<DMAX>::DP;
-  if (vec) {
-    constexpr int C4 = DMAX / 4;
-    for (int idx = threadIdx.x; idx < kBr * C4; idx += kTcThreads) {
-      const int r = idx / C4, c = (idx % C4) * 4;
-      const int64_t row = r0 + r;
-      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row < Tn) f = load4(x + ((b * Tn + row) * nh + head) * D + c);
-      __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(s + r * DP + c);
-      d[0] = __floats2bfloat162_rn(f.x, f.y);
-      d[1] = __floats2bfloat162_rn(f.z, f.w);
-    }
-    return;
-  }
-  for (int idx = threadIdx.x; idx < kBr * DMAX; idx += kTcThreads) {
-    const int r = idx / DMAX, c = idx % DMAX;
-    const int64_t row = r0 + r;
-    float v = 0.f;
-    if (row < Tn && c < D) v = to_f32(x[((b * Tn + row) * nh + head) * D + c]);
-    s[r * DP + c] = __float2bfloat16_rn(v);
-  }
+  attn_tile::load_tile_bf16<T, DMAX, TcLayout<DMAX>::DP, kBr, kTcThreads>(s, x, b, head, nh, r0, Tn,
+                                                                          D, vec);
 }
-
-// p[0..3] += v atomically (one vector atomic on Hopper; p 16-byte aligned).
-__device__ __forceinline__ void add4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(p), v);
-#else
-  atomicAdd(p + 0, v.x), atomicAdd(p + 1, v.y), atomicAdd(p + 2, v.z), atomicAdd(p + 3, v.w);
-#endif
-}
+using attn_tile::add4;
 
 using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 using FragARow = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;

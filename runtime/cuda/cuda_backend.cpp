@@ -3,12 +3,16 @@
 #ifdef LLAMA3_WITH_CUDA
 #include "runtime/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -144,6 +148,7 @@ class CudaBackend final : public Backend {
     if (n == 0) return;
     const KT st = kt_of(src.dtype(), "copy"), dt = kt_of(dst.dtype(), "copy");
     activate();
+    auto prof_scope = prof("copy");
     if (src.is_contiguous() && dst.is_contiguous()) {
       LLAMA3_CUDA_CHECK(
           cuda::convert_contiguous(src.data_ptr(), st, dst.data_ptr(), dt, n, stream_));
@@ -164,6 +169,7 @@ class CudaBackend final : public Backend {
     contig(src, "copy_to_host", "src");
     LLAMA3_CHECK(bytes <= src.nbytes(), "copy_to_host: {} bytes from {}", bytes, src.str());
     activate();
+    auto prof_scope = prof("copy_to_host");
     LLAMA3_CUDA_CHECK(cudaMemcpyAsync(dst, src.data_ptr(), bytes, cudaMemcpyDeviceToHost, stream_));
     LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -172,6 +178,7 @@ class CudaBackend final : public Backend {
     contig(dst, "copy_from_host", "dst");
     LLAMA3_CHECK(bytes <= dst.nbytes(), "copy_from_host: {} bytes into {}", bytes, dst.str());
     activate();
+    auto prof_scope = prof("copy_from_host");
     // Pageable source: cudaMemcpyAsync returns once the source has been staged, so the
     // caller may free it; a synchronous copy keeps that true for pinned memory as well.
     LLAMA3_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src, bytes, cudaMemcpyHostToDevice, stream_));
@@ -182,6 +189,7 @@ class CudaBackend final : public Backend {
     on_device(t, "fill", "t");
     const KT k = kt_of(t.dtype(), "fill");
     activate();
+    auto prof_scope = prof("fill");
     if (t.is_contiguous()) {
       LLAMA3_CUDA_CHECK(cuda::fill(t.data_ptr(), k, t.numel(), value, stream_));
       return;
@@ -220,6 +228,10 @@ class CudaBackend final : public Backend {
     if (m == 0 || n == 0 || batch == 0) return;
     const int64_t lda = ld(a, "a"), ldb = ld(b, "b"), ldc = ld(c, "c");
     activate();
+    auto prof_scope = prof("gemm", [&] {
+      return fmt::format(" {}x{}x{}{} {}", m, n, k, batch > 1 ? fmt::format(" x{}", batch) : "",
+                         bf ? "bf16" : "f32");
+    });
     if (k == 0) {  // c = beta * c
       if (beta == 0.f)
         fill(c, 0.0);
@@ -269,6 +281,7 @@ class CudaBackend final : public Backend {
                      a.dtype() == out.dtype(),
                  "add: {} + {} -> {}", a.str(), b.str(), out.str());
     activate();
+    auto prof_scope = prof("add");
     LLAMA3_CUDA_CHECK(cuda::add(a.data_ptr(), b.data_ptr(), out.data_ptr(), ft_of(a.dtype(), "add"),
                                 a.numel(), stream_));
   }
@@ -277,12 +290,14 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(x.numel() == y.numel() && x.dtype() == y.dtype(), "axpy: {} into {}", x.str(),
                  y.str());
     activate();
+    auto prof_scope = prof("axpy");
     LLAMA3_CUDA_CHECK(cuda::axpy(alpha, x.data_ptr(), y.data_ptr(), ft_of(y.dtype(), "axpy"),
                                  x.numel(), stream_));
   }
   void scale(Tensor& x, float alpha) override {
     contig(x, "scale", "x");
     activate();
+    auto prof_scope = prof("scale");
     LLAMA3_CUDA_CHECK(
         cuda::scale(x.data_ptr(), alpha, ft_of(x.dtype(), "scale"), x.numel(), stream_));
   }
@@ -292,6 +307,7 @@ class CudaBackend final : public Backend {
     contig(x, "all_finite", "x");
     const KT t = ft_of(x.dtype(), "all_finite");
     activate();
+    auto prof_scope = prof("all_finite");
     LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
     LLAMA3_CUDA_CHECK(cuda::any_nonfinite(x.data_ptr(), t, x.numel(), flag(), stream_));
     return read_flag() == 0;
@@ -306,6 +322,7 @@ class CudaBackend final : public Backend {
                  "embedding: weight {}, ids {}, out {}", weight.str(), ids.str(), out.str());
     const KT t = ft_of(weight.dtype(), "embedding");
     activate();
+    auto prof_scope = prof("embedding_forward");
     LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
     LLAMA3_CUDA_CHECK(cuda::embedding_forward(weight.data_ptr(), ids.data<int32_t>(),
                                               out.data_ptr(), t, ids.numel(), weight.size(1),
@@ -321,6 +338,7 @@ class CudaBackend final : public Backend {
                  "embedding_backward: dout {}, ids {}, dweight {}", dout.str(), ids.str(),
                  dweight.str());
     activate();
+    auto prof_scope = prof("embedding_backward");
     LLAMA3_CUDA_CHECK(cuda::embedding_backward(
         dout.data_ptr(), ids.data<int32_t>(), dweight.data_ptr(),
         ft_of(dweight.dtype(), "embedding_backward"), ids.numel(), dweight.size(1), stream_));
@@ -333,6 +351,7 @@ class CudaBackend final : public Backend {
     const int64_t d = x.size(-1), n = x.numel() / std::max<int64_t>(d, 1);
     same_float(x, {&w, &y, &rstd}, "rmsnorm");
     activate();
+    auto prof_scope = prof("rmsnorm_forward");
     LLAMA3_CUDA_CHECK(cuda::rmsnorm_forward(x.data_ptr(), w.data_ptr(), eps, y.data_ptr(),
                                             rstd.data_ptr(), ft_of(x.dtype(), "rmsnorm"), n, d,
                                             stream_));
@@ -345,6 +364,7 @@ class CudaBackend final : public Backend {
     same_float(x, {&dy, &w, &rstd, &dx, &dw}, "rmsnorm_backward");
     const int64_t d = x.size(-1), n = x.numel() / std::max<int64_t>(d, 1);
     activate();
+    auto prof_scope = prof("rmsnorm_backward");
     Tensor partial = Tensor::empty({cuda::rmsnorm_partial_rows(n), d}, DType::f32, device());
     LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(
         dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
@@ -360,6 +380,7 @@ class CudaBackend final : public Backend {
                  "rope: x {}, inv_freq {}, pos {}", x.str(), inv_freq.str(), pos.str());
     same_float(x, {&inv_freq, &out}, "rope");
     activate();
+    auto prof_scope = prof("rope");
     LLAMA3_CUDA_CHECK(cuda::rope(x.data_ptr(), inv_freq.data_ptr(), pos.data<int32_t>(), inverse,
                                  out.data_ptr(), ft_of(x.dtype(), "rope"), x.size(0), x.size(1),
                                  x.size(2), x.size(3), stream_));
@@ -372,12 +393,20 @@ class CudaBackend final : public Backend {
     same_float(q, {&k, &v, &out, &lse}, "attention");
     cuda::AttnShape a = attn_shape(q, k, p);
     activate();
+    auto prof_scope = prof("attention_forward");
     Tensor ds, de;
     doc_runs(p, a, ds, de);
+    // The mma.sync kernels read bf16: f32 activations are converted once here.
+    Tensor q16, k16, v16;
+    cuda::AttnBf16Inputs in16;
+    if (mma_needs_bf16(a, q)) {
+      q16 = q.to(DType::bf16), k16 = k.to(DType::bf16), v16 = v.to(DType::bf16);
+      in16 = {q16.data_ptr(), k16.data_ptr(), v16.data_ptr(), nullptr};
+    }
     LLAMA3_CUDA_CHECK(cuda::attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), ds.defined() ? ds.data<int32_t>() : nullptr,
         de.defined() ? de.data<int32_t>() : nullptr, out.data_ptr(), lse.data_ptr(),
-        ft_of(q.dtype(), "attention"), a, stream_));
+        ft_of(q.dtype(), "attention"), a, stream_, in16));
   }
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                           const Tensor& out, const Tensor& lse, const AttentionParams& p,
@@ -395,15 +424,23 @@ class CudaBackend final : public Backend {
     same_float(q, {&dout, &k, &v, &out, &lse, &dq, &dk, &dv}, "attention_backward");
     cuda::AttnShape a = attn_shape(q, k, p);
     activate();
+    auto prof_scope = prof("attention_backward");
     Tensor ds, de;
     doc_runs(p, a, ds, de);
     Tensor dsum = Tensor::empty({a.B, a.H, a.T}, DType::f32, device());
+    Tensor q16, k16, v16, g16;  // bf16 copies for the mma.sync kernels (dsum uses the f32 dout)
+    cuda::AttnBf16Inputs in16;
+    if (mma_needs_bf16(a, q)) {
+      q16 = q.to(DType::bf16), k16 = k.to(DType::bf16), v16 = v.to(DType::bf16);
+      g16 = dout.to(DType::bf16);
+      in16 = {q16.data_ptr(), k16.data_ptr(), v16.data_ptr(), g16.data_ptr()};
+    }
     Tensor acc = dq.dtype() == DType::f32 ? dq : Tensor::empty(dq.shape(), DType::f32, device());
     LLAMA3_CUDA_CHECK(cuda::attention_backward(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         ds.defined() ? ds.data<int32_t>() : nullptr, de.defined() ? de.data<int32_t>() : nullptr,
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dsum.data<float>(), acc.data<float>(),
-        ft_of(q.dtype(), "attention_backward"), a, stream_));
+        ft_of(q.dtype(), "attention_backward"), a, stream_, in16));
   }
 
   void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -412,6 +449,7 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(gate.numel() == up.numel() && gate.numel() == out.numel(), "swiglu: {} {} {}",
                  gate.str(), up.str(), out.str());
     activate();
+    auto prof_scope = prof("swiglu_forward");
     LLAMA3_CUDA_CHECK(cuda::swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(),
                                            ft_of(gate.dtype(), "swiglu"), gate.numel(), stream_));
   }
@@ -422,6 +460,7 @@ class CudaBackend final : public Backend {
       contig(*t, "swiglu_backward", nm);
     same_float(gate, {&dout, &up, &dgate, &dup}, "swiglu_backward");
     activate();
+    auto prof_scope = prof("swiglu_backward");
     LLAMA3_CUDA_CHECK(cuda::swiglu_backward(
         dout.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
         ft_of(gate.dtype(), "swiglu_backward"), gate.numel(), stream_));
@@ -452,6 +491,7 @@ class CudaBackend final : public Backend {
                    "linear_cross_entropy: dw {} must be f32 of w's shape {}", dw->str(), w.str());
     if (chunk <= 0) chunk = N;
     activate();
+    auto prof_scope = prof("linear_cross_entropy");
     const int64_t rows = std::min(chunk, N);
     Tensor logits = Tensor::empty({rows, V}, DType::f32, device());
     Tensor dlow = grad && low ? Tensor::empty({rows, V}, DType::bf16, device()) : Tensor();
@@ -497,12 +537,97 @@ class CudaBackend final : public Backend {
     s.bc2_sqrt = std::sqrt(bc2);
     s.decay = 1.f - p.lr * p.weight_decay;
     activate();
+    auto prof_scope = prof("adamw_step");
     LLAMA3_CUDA_CHECK(cuda::adamw(param.data<float>(), grad.data<float>(), m.data<float>(),
                                   v.data<float>(), param.numel(), s, stream_));
   }
 
+  // Per-op GPU time (cuda_profile_start / cuda_profile_report): while recording, every
+  // outermost backend call is bracketed by two events on the stream; the report sums the
+  // elapsed times by op name (GEMMs by shape).
+  void profile_start() {
+    std::lock_guard<std::mutex> lock(prof_mu_);
+    prof_on_ = true;
+  }
+  std::string profile_report() {
+    synchronize();
+    std::lock_guard<std::mutex> lock(prof_mu_);
+    prof_on_ = false;
+    std::map<std::string, std::pair<double, int>> by;
+    double total = 0;
+    for (auto& r : prof_recs_) {
+      float ms = 0;
+      LLAMA3_CUDA_CHECK(cudaEventElapsedTime(&ms, r.start, r.end));
+      auto& e = by[r.name];
+      e.first += ms, e.second += 1, total += ms;
+      prof_pool_.push_back(r.start), prof_pool_.push_back(r.end);
+    }
+    prof_recs_.clear();
+    std::vector<std::pair<std::string, std::pair<double, int>>> rows(by.begin(), by.end());
+    std::sort(rows.begin(), rows.end(),
+              [](const auto& x, const auto& y) { return x.second.first > y.second.first; });
+    std::string out = fmt::format("{:<44} {:>10} {:>7} {:>6}\n", "op", "ms", "calls", "%");
+    for (auto& [nm, e] : rows)
+      out += fmt::format("{:<44} {:>10.3f} {:>7} {:>5.1f}%\n", nm, e.first, e.second,
+                         total > 0 ? 100 * e.first / total : 0.0);
+    out += fmt::format("{:<44} {:>10.3f}\n", "total (sum of op times)", total);
+    return out;
+  }
+
  private:
   static constexpr size_t kWorkspace = size_t(32) << 20;
+
+  struct ProfRec {
+    std::string name;
+    cudaEvent_t start, end;
+  };
+  cudaEvent_t prof_event() {
+    if (!prof_pool_.empty()) {
+      cudaEvent_t e = prof_pool_.back();
+      prof_pool_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    LLAMA3_CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+  // Records [start, end) of one outermost backend call while profiling; a no-op otherwise.
+  class ProfScope {
+   public:
+    ProfScope() = default;
+    ProfScope(CudaBackend* be, std::string name) : be_(be), name_(std::move(name)) {
+      std::lock_guard<std::mutex> lock(be_->prof_mu_);
+      start_ = be_->prof_event();
+      LLAMA3_CUDA_CHECK(cudaEventRecord(start_, be_->stream_));
+    }
+    ProfScope(ProfScope&& o) noexcept
+        : be_(std::exchange(o.be_, nullptr)), name_(std::move(o.name_)), start_(o.start_) {}
+    ProfScope(const ProfScope&) = delete;
+    ProfScope& operator=(const ProfScope&) = delete;
+    ProfScope& operator=(ProfScope&&) = delete;
+    ~ProfScope() {
+      if (!be_) return;
+      --be_->prof_depth_;
+      std::lock_guard<std::mutex> lock(be_->prof_mu_);
+      cudaEvent_t end = be_->prof_event();
+      if (cudaEventRecord(end, be_->stream_) == cudaSuccess)
+        be_->prof_recs_.push_back({std::move(name_), start_, end});
+    }
+
+   private:
+    CudaBackend* be_ = nullptr;
+    std::string name_;
+    cudaEvent_t start_ = nullptr;
+  };
+  template <typename F = std::string (*)()>
+  ProfScope prof(const char* op, F detail = nullptr) {
+    if (!prof_on_ || prof_depth_ > 0) return {};
+    ++prof_depth_;
+    if constexpr (std::is_same_v<F, std::string (*)()>)
+      return ProfScope(this, op);
+    else
+      return ProfScope(this, op + detail());
+  }
 
   void activate() {
     if (cuda_device_count() > 1) LLAMA3_CUDA_CHECK(cudaSetDevice(index_));
@@ -541,6 +666,7 @@ class CudaBackend final : public Backend {
     contig(x, op, "x");
     const KT t = ft_of(x.dtype(), op);
     activate();
+    auto prof_scope = prof(op);
     LLAMA3_CUDA_CHECK(cuda::reduce_sum(x.data_ptr(), t, x.numel(), squares, result(), stream_));
     double v = 0;
     LLAMA3_CUDA_CHECK(
@@ -566,13 +692,25 @@ class CudaBackend final : public Backend {
     // Tensor cores (bf16 products, f32 accumulation) when asked for or when the inputs are
     // bf16 anyway; the exact f32 SIMT kernels otherwise.
     a.tc = p.compute == AttnCompute::bf16 || q.dtype() == DType::bf16;
-    const size_t need = a.tc ? cuda::attention_tc_smem_bytes(a.D, /*backward=*/true)
-                             : cuda::attention_smem_bytes(a.D, /*backward=*/true);
+    // LLAMA3_CUDA_ATTN picks among the tensor-core kernels (read on every call, so a
+    // benchmark or test can compare them in one process): unset, the mma.sync kernels with
+    // registers capped for occupancy (fastest on an H100: bench/RESULTS.md); "mma", the same
+    // kernels uncapped; "wmma", the older wmma kernels.
+    const char* env = std::getenv("LLAMA3_CUDA_ATTN");
+    const std::string_view impl = env ? env : "";
+    a.tc_wmma = a.tc && impl == "wmma";
+    a.tc_occ = a.tc && impl != "mma";
+    const size_t need = !a.tc       ? cuda::attention_smem_bytes(a.D, /*backward=*/true)
+                        : a.tc_wmma ? cuda::attention_tc_smem_bytes(a.D, /*backward=*/true)
+                                    : cuda::attention_mma_smem_bytes(a.D, /*backward=*/true);
     LLAMA3_CHECK(need <= smem_optin_,
                  "attention: head dim {} needs {} bytes of shared memory per block, {} allows {} "
                  "(H100/H200: 227 KB; A100: head dims up to 64)",
                  a.D, need, name_, smem_optin_);
     return a;
+  }
+  static bool mma_needs_bf16(const cuda::AttnShape& a, const Tensor& q) {
+    return a.tc && !a.tc_wmma && q.dtype() != DType::bf16;
   }
   void doc_runs(const AttentionParams& p, const cuda::AttnShape& a, Tensor& start, Tensor& end) {
     if (!p.doc_ids.defined()) return;
@@ -660,7 +798,14 @@ class CudaBackend final : public Backend {
   void* scratch_ = nullptr;
   std::mutex plans_mu_;
   std::map<GemmKey, std::unique_ptr<GemmPlan>> plans_;
+  std::mutex prof_mu_;
+  bool prof_on_ = false;
+  int prof_depth_ = 0;  // nesting of backend calls inside a recorded one (fill -> copy)
+  std::vector<ProfRec> prof_recs_;
+  std::vector<cudaEvent_t> prof_pool_;
 };
+
+CudaBackend* g_backends[kMaxDevices] = {};
 
 std::mutex g_init_mu;
 int g_count = -1;  // -1: not initialised yet
@@ -679,7 +824,8 @@ bool cuda_init() {
   n = std::min(n, kMaxDevices);
   for (int i = 0; i < n; ++i) {
     // Backends live for the whole process: tensors may outlive statics.
-    register_backend(new CudaBackend(i));
+    g_backends[i] = new CudaBackend(i);
+    register_backend(g_backends[i]);
     g_count = i + 1;
   }
   return g_count > 0;
@@ -687,6 +833,18 @@ bool cuda_init() {
 
 int cuda_device_count() {
   return g_count < 0 ? 0 : g_count;
+}
+
+void cuda_profile_start(int index) {
+  LLAMA3_CHECK(index >= 0 && index < cuda_device_count(), "cuda_profile_start: no device {}",
+               index);
+  g_backends[index]->profile_start();
+}
+
+std::string cuda_profile_report(int index) {
+  LLAMA3_CHECK(index >= 0 && index < cuda_device_count(), "cuda_profile_report: no device {}",
+               index);
+  return g_backends[index]->profile_report();
 }
 
 }  // namespace llama3

@@ -8,6 +8,8 @@
 // (finite-difference checks) and raises an error listing what is supported.
 #pragma once
 
+#include <string>
+
 namespace llama3 {
 
 // Registers a CUDA backend for every visible device; idempotent. Returns false, without
@@ -17,5 +19,12 @@ bool cuda_init();
 
 // Number of CUDA backends cuda_init() registered (0 without a device).
 int cuda_device_count();
+
+// Per-op GPU time of device `index` (benchmarks): after cuda_profile_start every outermost
+// backend call is bracketed by CUDA events; cuda_profile_report stops recording and returns
+// a table of the summed times by op (GEMMs by shape), largest first. Throws without that
+// device.
+void cuda_profile_start(int index);
+std::string cuda_profile_report(int index);
 
 }  // namespace llama3

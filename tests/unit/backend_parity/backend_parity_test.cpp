@@ -1,11 +1,13 @@
 // Every Backend kernel on CUDA against the CPU reference, on random inputs (the idea of
 // llama.cpp's test-backend-ops): each case runs once on cpu and once on cuda:0 and compares
 // every output by normalised error ||cuda - cpu|| / ||cpu||, which must stay below 1e-5 in
-// f32 and 1e-2 in bf16 (2e-2 for attention backward and the tensor-core attention cases) (bf16 cases feed both backends the same bf16-rounded inputs; the CPU
-// computes in f32 where it has no bf16 kernel). Without a CUDA device every case skips.
+// f32 and 1e-2 in bf16 (2e-2 for attention backward and the tensor-core attention cases) (bf16
+// cases feed both backends the same bf16-rounded inputs; the CPU computes in f32 where it has no
+// bf16 kernel). Without a CUDA device every case skips.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
@@ -19,6 +21,31 @@
 using namespace llama3;
 
 namespace {
+
+// Sets an environment variable for a scope (empty value: unset), restoring the old value.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) had_ = true, old_ = old;
+    if (*value)
+      setenv(name, value, 1);
+    else
+      unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_, old_.c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
 
 // What a case runs on: the device, the dtype of its floating inputs on that device, and
 // the dtype its values are rounded to (bf16 cases round on both devices).
@@ -48,8 +75,12 @@ Tensor input_f32(const Ctx& c, const Shape& s, uint64_t seed, float scale = 1.f)
 Tensor ints(const Ctx& c, const std::vector<int32_t>& v, const Shape& s) {
   return Tensor::from_vector(v, s, c.dev);
 }
-Tensor empty(const Ctx& c, const Shape& s) { return Tensor::empty(s, c.dt, c.dev); }
-Tensor scalar(const Ctx& c, double v) { return Tensor::full({1}, v, DType::f32, Device::cpu()); }
+Tensor empty(const Ctx& c, const Shape& s) {
+  return Tensor::empty(s, c.dt, c.dev);
+}
+Tensor scalar(const Ctx& c, double v) {
+  return Tensor::full({1}, v, DType::f32, Device::cpu());
+}
 
 struct Case {
   std::string name;
@@ -59,7 +90,9 @@ struct Case {
   std::function<std::vector<Tensor>(const Ctx&)> run;
 };
 
-std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
+std::ostream& operator<<(std::ostream& os, const Case& c) {
+  return os << c.name;
+}
 
 // ---------------------------------------------------------------- cases
 std::vector<Case> make_cases() {
@@ -94,7 +127,8 @@ std::vector<Case> make_cases() {
   // ---- GEMM (all transpose combinations, row strides, alpha/beta, batched)
   for (Trans ta : {Trans::N, Trans::T})
     for (Trans tb : {Trans::N, Trans::T}) {
-      std::string nm = std::string("gemm_") + (ta == Trans::N ? "n" : "t") + (tb == Trans::N ? "n" : "t");
+      std::string nm =
+          std::string("gemm_") + (ta == Trans::N ? "n" : "t") + (tb == Trans::N ? "n" : "t");
       both(nm, true, [ta, tb](const Ctx& c) {
         const int64_t m = 37, n = 29, k = 45;
         Tensor a = ta == Trans::N ? input(c, {m, k + 3}, 2).narrow(1, 1, k)
@@ -171,7 +205,8 @@ std::vector<Case> make_cases() {
     std::vector<int32_t> p(11);
     for (int i = 0; i < 11; ++i) p[i] = 5 + 3 * i;
     Tensor pos = ints(c, p, {11});
-    Tensor x = input(c, {2, 11, 3, dh}, 40), y = empty(c, {2, 11, 3, dh}), z = empty(c, {2, 11, 3, dh});
+    Tensor x = input(c, {2, 11, 3, dh}, 40), y = empty(c, {2, 11, 3, dh}),
+           z = empty(c, {2, 11, 3, dh});
     be.rope(x, inv, pos, false, y);
     be.rope(y, inv, pos, true, z);
     return std::vector<Tensor>{y, z};
@@ -196,26 +231,29 @@ std::vector<Case> make_cases() {
                     AttnCfg{"attn_causal_gqa4_d128", 1, 100, 8, 2, 128, true, false},
                     AttnCfg{"attn_doc_noncausal_d48", 2, 70, 3, 1, 48, false, true}}) {
     // lse is stored in the input dtype (ops contract), so bf16 backward gets 2e-2.
-    both(a.name, false, [a](const Ctx& c) {
-      Backend& be = backend_for(c.dev);
-      Tensor q = input(c, {a.B, a.T, a.H, a.D}, 60), k = input(c, {a.B, a.T, a.Hkv, a.D}, 61);
-      Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 62);
-      AttentionParams p;
-      p.causal = a.causal;
-      if (a.docs) {
-        std::vector<int32_t> d(size_t(a.B * a.T));
-        for (int64_t b = 0; b < a.B; ++b)
-          for (int64_t t = 0; t < a.T; ++t)  // documents of lengths 23, 40, rest; row 1 shifted
-            d[b * a.T + t] = int32_t((t + 11 * b) < 23 ? 0 : (t + 11 * b) < 63 ? 1 : 2);
-        p.doc_ids = ints(c, d, {a.B, a.T});
-      }
-      Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
-      be.attention_forward(q, k, v, p, out, lse);
-      Tensor g = input(c, {a.B, a.T, a.H, a.D}, 63);
-      Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
-      be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-      return std::vector<Tensor>{out, lse, dq, dk, dv};
-    }, 0, 2e-2);
+    both(
+        a.name, false,
+        [a](const Ctx& c) {
+          Backend& be = backend_for(c.dev);
+          Tensor q = input(c, {a.B, a.T, a.H, a.D}, 60), k = input(c, {a.B, a.T, a.Hkv, a.D}, 61);
+          Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 62);
+          AttentionParams p;
+          p.causal = a.causal;
+          if (a.docs) {
+            std::vector<int32_t> d(size_t(a.B * a.T));
+            for (int64_t b = 0; b < a.B; ++b)
+              for (int64_t t = 0; t < a.T; ++t)  // documents of lengths 23, 40, rest; row 1 shifted
+                d[b * a.T + t] = int32_t((t + 11 * b) < 23 ? 0 : (t + 11 * b) < 63 ? 1 : 2);
+            p.doc_ids = ints(c, d, {a.B, a.T});
+          }
+          Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
+          be.attention_forward(q, k, v, p, out, lse);
+          Tensor g = input(c, {a.B, a.T, a.H, a.D}, 63);
+          Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
+          be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+          return std::vector<Tensor>{out, lse, dq, dk, dv};
+        },
+        0, 2e-2);
   }
 
   // ---- tensor-core attention (AttentionParams::compute = bf16): f32 inputs and outputs on
@@ -233,34 +271,44 @@ std::vector<Case> make_cases() {
                   TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
                   TcCfg{"attn_tc_doc_noncausal_d48_t70", 2, 70, 3, 1, 48, false, true},
                   TcCfg{"attn_tc_causal_doc_gqa_d64_t1024", 1, 1024, 2, 1, 64, true, true},
-                  TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
-    cs.push_back({a.name, DType::f32, true, 2e-2, [a](const Ctx& c) {
-      Backend& be = backend_for(c.dev);
-      Tensor q = input(c, {a.B, a.T, a.H, a.D}, 90), k = input(c, {a.B, a.T, a.Hkv, a.D}, 91);
-      Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 92);
-      AttentionParams p;
-      p.causal = a.causal;
-      p.compute = AttnCompute::bf16;
-      if (a.docs) {
-        // Document boundaries at 23, 63, 150, 300, 700 (row b shifted by 37 b): runs that
-        // start and end inside 64-row tiles and runs spanning several tiles.
-        std::vector<int32_t> d(size_t(a.B * a.T));
-        for (int64_t b = 0; b < a.B; ++b)
-          for (int64_t t = 0; t < a.T; ++t) {
-            int32_t id = 0;
-            for (int64_t e : {23, 63, 150, 300, 700}) id += (t + 37 * b) >= e;
-            d[b * a.T + t] = id;
-          }
-        p.doc_ids = ints(c, d, {a.B, a.T});
-      }
-      Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
-      be.attention_forward(q, k, v, p, out, lse);
-      Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
-      Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
-      be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-      return std::vector<Tensor>{out, lse, dq, dk, dv};
-    }});
-  }
+                  TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}})
+    // Each shape on every tensor-core kernel set: the default (mma.sync, registers capped),
+    // "mma" (uncapped) and the older "wmma" (LLAMA3_CUDA_ATTN; the CPU ignores it).
+    for (const char* impl : {"", "mma", "wmma"}) {
+      const std::string name =
+          *impl ? std::string("attn_tc_") + impl + (a.name + std::string("attn_tc").size())
+                : std::string(a.name);
+      cs.push_back({name, DType::f32, true, 2e-2, [a, impl](const Ctx& c) {
+                      ScopedEnv env("LLAMA3_CUDA_ATTN", impl);
+                      Backend& be = backend_for(c.dev);
+                      Tensor q = input(c, {a.B, a.T, a.H, a.D}, 90),
+                             k = input(c, {a.B, a.T, a.Hkv, a.D}, 91);
+                      Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 92);
+                      AttentionParams p;
+                      p.causal = a.causal;
+                      p.compute = AttnCompute::bf16;
+                      if (a.docs) {
+                        // Document boundaries at 23, 63, 150, 300, 700 (row b shifted by 37 b):
+                        // runs that start and end inside 64-row tiles and runs spanning several
+                        // tiles.
+                        std::vector<int32_t> d(size_t(a.B * a.T));
+                        for (int64_t b = 0; b < a.B; ++b)
+                          for (int64_t t = 0; t < a.T; ++t) {
+                            int32_t id = 0;
+                            for (int64_t e : {23, 63, 150, 300, 700}) id += (t + 37 * b) >= e;
+                            d[b * a.T + t] = id;
+                          }
+                        p.doc_ids = ints(c, d, {a.B, a.T});
+                      }
+                      Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
+                      be.attention_forward(q, k, v, p, out, lse);
+                      Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
+                      Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()),
+                             dv = empty(c, v.shape());
+                      be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+                      return std::vector<Tensor>{out, lse, dq, dk, dv};
+                    }});
+    }
 
   // ---- cross-entropy with the classifier, chunked, ignored targets
   both("linear_cross_entropy", true, [](const Ctx& c) {
@@ -296,7 +344,7 @@ std::vector<Case> make_cases() {
   for (int variant : {0, 1, 2}) {
     const bool mixed = variant > 0, tc_attn = variant == 2;
     Case mc;
-    mc.name = variant == 0 ? "model_step_f32"
+    mc.name = variant == 0   ? "model_step_f32"
               : variant == 1 ? "model_step_bf16_mixed"
                              : "model_step_bf16_mixed_tc_attention";
     mc.dtype = DType::f32;  // activations and master weights f32; bf16 only in GEMM inputs

@@ -1,0 +1,580 @@
+// Flash attention on tensor cores with register-resident tiles (FlashAttention-2 layout):
+// mma.sync m16n8k16 (bf16 products, f32 accumulation) and ldmatrix, for the mixed-precision
+// path (AttentionParams::compute == bf16, or bf16 inputs). Same masks, GQA, grids and tile
+// visiting order as the wmma kernels of attention_tc.cu, which round-trip every score tile
+// through shared memory; here the scores S, the probabilities P and the dS tiles stay in the
+// accumulator registers of the warp that made them, and only the operands go through shared
+// memory.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16): lane = 4 g + t4. A (16x16, row):
+// a0 = (row g, cols 2 t4, +1), a1 = (row g + 8, same cols), a2/a3 = the same rows at cols
+// 2 t4 + 8, +9. B (16x8, col): b0 = (rows 2 t4, +1; col g), b1 = rows 2 t4 + 8, +9.
+// C (16x8, f32): c0/c1 = (row g, cols 2 t4, +1), c2/c3 = row g + 8. Two C tiles side by side
+// (cols 0-7 and 8-15) pack into one A fragment, which is how P and dS feed the next product
+// without leaving registers. B operands of row-major tiles read along k (K for Q K^T, Q and
+// dO for K Q^T and V dO^T) are plain 32-bit shared loads; B operands that must run down the
+// columns of a row-major tile (V for P V, dO and Q for P^T dO and dS^T Q, K for dS K) come
+// from ldmatrix .trans.
+//
+// Inputs are bf16 (the backend converts f32 activations once per call, which halves the
+// L2 traffic of the K/V and Q/dO tiles every block re-reads); outputs (O, lse, dK, dV) are
+// TO = f32 or bf16, dQ goes to the f32 accumulator. When the head dim equals the template's
+// DMAX and the rows are 16-byte aligned, tiles are copied with cp.async into two buffers:
+// the next K/V (forward) or Q/dO tile (backward) streams in while the current one is used.
+//
+// Forward: one block of 4 warps per (batch, head, 64-query tile); warp w owns query rows
+// 16 w .. 16 w + 15: its Q fragments stay in registers, S = Q K^T (16 x 64) and O (16 x D)
+// are accumulators, the online softmax runs on them (row max and sums over the 4 lanes of a
+// quad), P is rounded to bf16 straight into A fragments for O += P V.
+//
+// Backward: one block of 4 warps per (batch, kv head, 64-key tile), looping over the query
+// heads of its group and the query tiles that see its keys. Warp w owns key rows 16 w ..:
+// S^T = K Q^T and dP^T = V dO^T (16 x 64 accumulators), P^T = exp(S^T scale - lse) and
+// dS^T = P^T (dP^T - dsum) scale in place, dV += P^T dO and dK += dS^T Q into accumulators
+// held for the block's life. dS goes to shared memory query-major, and after a block barrier
+// warp w computes dQ = dS K for query rows 16 w .. and adds it to dq_acc with f32 atomics.
+#include <cfloat>
+#include <initializer_list>
+
+#include "runtime/cuda/attention_tile.cuh"
+#include "runtime/cuda/common.cuh"
+
+namespace llama3::cuda {
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kM = 64;            // query rows (forward) or key rows (backward) per block tile
+constexpr int kN = 64;            // keys (forward) or queries (backward) per inner tile
+constexpr int kMmaThreads = 128;  // 4 warps, 16 tile rows each
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+static_assert(kM == 16 * (kMmaThreads / 32) && kN == kM, "each warp owns 16 rows of 64");
+
+template <int DMAX>
+struct MmaLayout {
+  static constexpr int DP = DMAX + 8;  // bf16 row stride of the operand tiles: 16 B aligned
+                                       // rows, and 8 consecutive rows hit distinct banks
+  static constexpr int SP = kN + 8;    // bf16 row stride of the dS tile
+  static constexpr size_t tile_b = size_t(kM) * DP * 2;
+  static constexpr size_t ds_b = size_t(kN) * SP * 2;
+  // Forward: Q, then two buffers of (K, V). Backward: K, V, dS, lse, dsum, then two buffers
+  // of (Q, dO). (The synchronous path uses the first buffer only.)
+  static constexpr size_t fwd = 5 * tile_b;
+  static constexpr size_t bwd = 6 * tile_b + ds_b + 2 * kN * 4;
+  static_assert(DMAX % 16 == 0 && (DP * 2) % 16 == 0 && (SP * 2) % 16 == 0, "ldmatrix rows");
+  static_assert(tile_b % 16 == 0 && ds_b % 16 == 0, "regions keep 16-byte alignment");
+};
+
+__device__ __forceinline__ uint32_t ld32(const bf16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) in the low half
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+// c += a b (m16n8k16, bf16 inputs, f32 accumulators).
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Four transposed 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// B fragments for columns [16 dn, 16 dn + 16) x rows [16 kk, 16 kk + 16) of a row-major tile
+// `s` (stride DP) whose rows run along k: r[0], r[1] = b0, b1 of columns 16 dn..+7,
+// r[2], r[3] = those of columns 16 dn + 8..+15.
+template <int DP>
+__device__ __forceinline__ void ldsm_b_cols(uint32_t (&r)[4], const bf16* s, int kk, int dn,
+                                            int lane) {
+  const int mi = lane >> 3, rr = lane & 7;
+  ldsm_x4_t(r, s + (kk * 16 + rr + 8 * (mi & 1)) * DP + dn * 16 + 8 * (mi >> 1));
+}
+// A fragment of rows [row0, row0 + 16) x cols [16 kk, 16 kk + 16) of a row-major tile.
+template <int DP>
+__device__ __forceinline__ void ld_a(uint32_t (&a)[4], const bf16* s, int row0, int kk, int g,
+                                     int t4) {
+  const bf16* p = s + (row0 + g) * DP + kk * 16 + 2 * t4;
+  a[0] = ld32(p), a[1] = ld32(p + 8 * DP), a[2] = ld32(p + 8), a[3] = ld32(p + 8 * DP + 8);
+}
+// c[n] (n < 8: 16 rows x 64 columns) += A(16 x DMAX) . tile(64 rows x DMAX)^T, where
+// a[kk] holds the A fragments and tile rows run along the 64 output columns.
+template <int DMAX, int DP>
+__device__ __forceinline__ void rows_dot_tile(float (&c)[8][4], const uint32_t (&a)[DMAX / 16][4],
+                                              const bf16* tile, int g, int t4) {
+#pragma unroll
+  for (int kk = 0; kk < DMAX / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const bf16* p = tile + (n * 8 + g) * DP + kk * 16 + 2 * t4;
+      mma(c[n], a[kk], ld32(p), ld32(p + 8));
+    }
+  }
+}
+// A fragments (k = the 64 columns of c, in 16-wide steps) from two adjacent C tiles.
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kk) {
+  a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// 16 bytes global -> shared without staging in registers; zero fill when !valid.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Rows [r0, r0 + 64) of a (B, T, nh, D) bf16 tensor at (b, head) into s[64][DP], zero outside
+// [0, T) x [0, D). ASYNC (D == DMAX, 16-byte aligned rows): cp.async, to be committed and
+// waited for by the caller; else plain loads and stores.
+template <int DMAX, bool ASYNC>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* x, int64_t b, int64_t head,
+                                          int64_t nh, int64_t r0, int64_t Tn, int64_t D) {
+  constexpr int DP = MmaLayout<DMAX>::DP;
+  if constexpr (ASYNC) {
+    constexpr int C8 = DMAX / 8;  // 16-byte chunks per row
+    for (int idx = threadIdx.x; idx < kM * C8; idx += kMmaThreads) {
+      const int r = idx / C8, c = (idx % C8) * 8;
+      const int64_t row = r0 + r;
+      const bool ok = row < Tn;
+      cp_async16(s + r * DP + c, ok ? x + ((b * Tn + row) * nh + head) * DMAX + c : x, ok);
+    }
+  } else {
+    attn_tile::load_tile_bf16<bf16, DMAX, DP, kM, kMmaThreads>(s, x, b, head, nh, r0, Tn, D,
+                                                               /*vec=*/false);
+  }
+}
+
+// Row i of (b, head) in a (B, T, nh, D) tensor, columns 2 t4 + 8 n + {0, 1}, from the two
+// accumulator values of a C tile row.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* row, int64_t d, int64_t D, float x, float y) {
+  if (d < D) row[d] = from_f32<T>(x);
+  if (d + 1 < D) row[d + 1] = from_f32<T>(y);
+}
+
+// OCC: cap registers for 4 (DMAX 64) or 2 blocks per SM (small spills) instead of letting
+// the compiler take what it likes (3 blocks at DMAX 64); which is faster is measured.
+template <typename TO, int DMAX, bool OCC, bool ASYNC>
+__global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 4 : 2) : 1)
+    attn_fwd_mma_kernel(const bf16* q, const bf16* k, const bf16* v, const int32_t* dstart,
+                        const int32_t* dend, TO* out, TO* lse, AttnShape a) {
+  using L = MmaLayout<DMAX>;
+  constexpr int DP = L::DP, NK = DMAX / 16, ND = DMAX / 8;
+  extern __shared__ float4 smem4[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem4);
+  bf16* KVs = Qs + kM * DP;         // [buffer][K, V][kN][DP]: two buffers when ASYNC
+  __shared__ int Rlo[kM], Rhi[kM];  // per query row: visible keys [Rlo, Rhi)
+
+  // Heaviest (latest, for causal) query tiles first.
+  const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t kvh = h / (a.H / a.Hkv);
+  const int64_t i0 = qt * kM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+  const int r0 = warp * 16;
+  const float sl2 = a.scale * kLog2e;  // scores in log2 units
+
+  for (int r = threadIdx.x; r < kM; r += kMmaThreads) {
+    const int64_t i = i0 + r;
+    const bool in = i < a.T;
+    int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
+    int64_t hi = (in && dend) ? dend[b * a.T + i] : a.T;
+    if (a.causal) hi = min(hi, i + 1);
+    if (!in) hi = 0;  // padding rows see nothing
+    Rlo[r] = int(lo), Rhi[r] = int(hi);
+  }
+  const int64_t last = min(i0 + kM, a.T) - 1;
+  const int64_t lo = dstart ? dstart[b * a.T + i0] : 0;
+  int64_t hi = dend ? dend[b * a.T + last] : a.T;
+  if (a.causal) hi = min(hi, last + 1);
+
+  auto load_kv = [&](int buf, int64_t j0) {
+    bf16* kb = KVs + buf * 2 * kN * DP;
+    load_tile<DMAX, ASYNC>(kb, k, b, kvh, a.Hkv, j0, a.T, a.D);
+    load_tile<DMAX, ASYNC>(kb + kN * DP, v, b, kvh, a.Hkv, j0, a.T, a.D);
+  };
+  load_tile<DMAX, ASYNC>(Qs, q, b, h, a.H, i0, a.T, a.D);
+  if constexpr (ASYNC) {
+    if (lo < hi) load_kv(0, lo);
+    cp_async_commit();
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+
+  uint32_t qa[NK][4];
+#pragma unroll
+  for (int kk = 0; kk < NK; ++kk) ld_a<DP>(qa[kk], Qs, r0, kk, g, t4);
+  // This lane's two rows: g (A) and g + 8 (B) of the warp's 16.
+  const int loA = Rlo[r0 + g], hiA = Rhi[r0 + g], loB = Rlo[r0 + g + 8], hiB = Rhi[r0 + g + 8];
+  float o[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // lA/lB: this lane's columns only
+
+  int it = 0;
+  for (int64_t j0 = lo; j0 < hi; j0 += kN, ++it) {
+    const int buf = ASYNC ? (it & 1) : 0;
+    if constexpr (ASYNC) {
+      // Tile it landed (waited for at the end of the previous iteration or above); stream
+      // tile it + 1 into the other buffer while this one is used.
+      if (j0 + kN < hi) load_kv(buf ^ 1, j0 + kN);
+      cp_async_commit();
+    } else {
+      __syncthreads();  // every warp is done with the previous K/V tiles
+      load_kv(0, j0);
+      __syncthreads();
+    }
+    const bf16* Ks = KVs + buf * 2 * kN * DP;
+    const bf16* Vs = Ks + kN * DP;
+    float s[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    rows_dot_tile<DMAX, DP>(s, qa, Ks, g, t4);
+    float mxA = mA, mxB = mB;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = int(j0) + n * 8 + 2 * t4 + (e & 1);
+        const bool ok = e < 2 ? (j >= loA && j < hiA) : (j >= loB && j < hiB);
+        const float x = ok ? s[n][e] * sl2 : -INFINITY;
+        s[n][e] = x;
+        if (e < 2)
+          mxA = fmaxf(mxA, x);
+        else
+          mxB = fmaxf(mxB, x);
+      }
+    }
+    mxA = quad_max(mxA), mxB = quad_max(mxB);
+    const float msA = mxA == -INFINITY ? 0.f : mxA, msB = mxB == -INFINITY ? 0.f : mxB;
+    const float alA = exp2f(mA - msA), alB = exp2f(mB - msB);  // 0 while m was -inf
+    float sumA = 0.f, sumB = 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      s[n][0] = exp2f(s[n][0] - msA), s[n][1] = exp2f(s[n][1] - msA);
+      s[n][2] = exp2f(s[n][2] - msB), s[n][3] = exp2f(s[n][3] - msB);
+      sumA += s[n][0] + s[n][1], sumB += s[n][2] + s[n][3];
+    }
+    lA = lA * alA + sumA, lB = lB * alB + sumB;
+    mA = mxA, mB = mxB;
+#pragma unroll
+    for (int n = 0; n < ND; ++n) o[n][0] *= alA, o[n][1] *= alA, o[n][2] *= alB, o[n][3] *= alB;
+      // O += P V (k = the 64 keys of the tile).
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      uint32_t pa[4];
+      c_to_a(pa, s, kk);
+#pragma unroll
+      for (int dn = 0; dn < DMAX / 16; ++dn) {
+        uint32_t vb[4];
+        ldsm_b_cols<DP>(vb, Vs, kk, dn, lane);
+        mma(o[2 * dn], pa, vb[0], vb[1]);
+        mma(o[2 * dn + 1], pa, vb[2], vb[3]);
+      }
+    }
+    if constexpr (ASYNC) {
+      cp_async_wait<0>();  // this thread's copies of tile it + 1 landed
+      __syncthreads();     // everyone's did, and everyone is done with buffer `buf`
+    }
+  }
+  lA = quad_sum(lA), lB = quad_sum(lB);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t i = i0 + r0 + g + 8 * half;
+    if (i >= a.T) continue;
+    const float l = half ? lB : lA, m = half ? mB : mA;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    TO* orow = out + ((b * a.T + i) * a.H + h) * a.D;
+#pragma unroll
+    for (int n = 0; n < ND; ++n)
+      store_pair(orow, n * 8 + 2 * t4, a.D, o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+    if (t4 == 0)
+      lse[(b * a.H + h) * a.T + i] = from_f32<TO>(l > 0.f ? m * kLn2 + logf(l) : -INFINITY);
+  }
+}
+
+// OCC: registers capped for 3 blocks per SM at DMAX 64 (2 otherwise at about 190).
+template <typename TO, int DMAX, bool OCC, bool ASYNC>
+__global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 3 : 1) : 1)
+    attn_bwd_mma_kernel(const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
+                        const TO* lse, const float* dsum, const int32_t* dstart,
+                        const int32_t* dend, TO* dk, TO* dv, float* dq_acc, AttnShape a) {
+  using L = MmaLayout<DMAX>;
+  constexpr int DP = L::DP, SP = L::SP, NK = DMAX / 16, ND = DMAX / 8;
+  extern __shared__ float4 smem4[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem4);
+  bf16* Vs = Ks + kM * DP;
+  bf16* Ss = Vs + kM * DP;                             // dS, query-major: Ss[query][key]
+  float* Ls = reinterpret_cast<float*>(Ss + kN * SP);  // lse (log2 units) per query row
+  float* Dd = Ls + kN;                                 // dsum per query row
+  bf16* QGs = reinterpret_cast<bf16*>(Dd + kN);        // [buffer][Q, dO][kN][DP]
+  __shared__ int Rlo[kN], Rhi[kN];
+
+  const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int64_t group = a.H / a.Hkv;
+  const int64_t j0 = kt * kM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+  const int r0 = warp * 16;  // key rows (S^T, dP^T, dK, dV) and query rows (dQ) of the warp
+  const float sl2 = a.scale * kLog2e;
+  const bool vec2 = a.D % 2 == 0 && reinterpret_cast<uintptr_t>(dq_acc) % 8 == 0;
+
+  const int64_t jlast = min(j0 + kM, a.T) - 1;
+  int64_t qlo = a.causal ? j0 : 0;
+  if (dstart) qlo = max(qlo, int64_t(dstart[b * a.T + j0]));
+  const int64_t qhi = dend ? dend[b * a.T + jlast] : a.T;
+  const int jA = int(j0) + r0 + g, jB = jA + 8;  // this lane's two key rows
+  // The (query head, query tile) pairs this block visits, flattened so that the next pair's
+  // Q/dO tiles can stream in while the current ones are used.
+  const int64_t ntiles = qhi > qlo ? (qhi - qlo + kN - 1) / kN : 0;
+  const int64_t total = group * ntiles;
+  auto load_qg = [&](int buf, int64_t it) {
+    const int64_t h = kvh * group + it / ntiles, i0 = qlo + (it % ntiles) * kN;
+    bf16* qb = QGs + buf * 2 * kN * DP;
+    load_tile<DMAX, ASYNC>(qb, q, b, h, a.H, i0, a.T, a.D);
+    load_tile<DMAX, ASYNC>(qb + kN * DP, dout, b, h, a.H, i0, a.T, a.D);
+  };
+
+  load_tile<DMAX, ASYNC>(Ks, k, b, kvh, a.Hkv, j0, a.T, a.D);
+  load_tile<DMAX, ASYNC>(Vs, v, b, kvh, a.Hkv, j0, a.T, a.D);
+  if constexpr (ASYNC) {
+    if (total > 0) load_qg(0, 0);
+    cp_async_commit();
+  }
+
+  float dka[ND][4], dva[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dka[n][e] = 0.f, dva[n][e] = 0.f;
+
+  for (int64_t it = 0; it < total; ++it) {
+    const int64_t h = kvh * group + it / ntiles, i0 = qlo + (it % ntiles) * kN;
+    const int buf = ASYNC ? int(it & 1) : 0;
+    if constexpr (ASYNC) {
+      cp_async_wait<0>();  // this thread's copies of pair it (and K/V, the first time)
+      __syncthreads();     // everyone's; and everyone is done with pair it - 1
+      if (it + 1 < total) load_qg(buf ^ 1, it + 1);
+      cp_async_commit();
+    } else {
+      __syncthreads();  // previous Q/dO/dS/row reads done (and K/V loaded, the first time)
+      load_qg(0, it);
+    }
+    for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
+      const int64_t i = i0 + r;
+      const bool in = i < a.T;
+      Ls[r] = in ? to_f32(lse[(b * a.H + h) * a.T + i]) * kLog2e : 0.f;
+      Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
+      int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
+      int64_t hi = (in && dend) ? dend[b * a.T + i] : a.T;
+      if (a.causal) hi = min(hi, i + 1);
+      if (!in) hi = 0;
+      Rlo[r] = int(lo), Rhi[r] = int(hi);
+    }
+    __syncthreads();
+    const bf16* Qs = QGs + buf * 2 * kN * DP;
+    const bf16* Gs = Qs + kN * DP;  // dO
+    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 key rows x 64 queries.
+    float st[8][4], dpt[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[n][e] = 0.f, dpt[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+      uint32_t ka[4], va[4];
+      ld_a<DP>(ka, Ks, r0, kk, g, t4);
+      ld_a<DP>(va, Vs, r0, kk, g, t4);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const bf16* pq = Qs + (n * 8 + g) * DP + kk * 16 + 2 * t4;
+        mma(st[n], ka, ld32(pq), ld32(pq + 8));
+        const bf16* pg = Gs + (n * 8 + g) * DP + kk * 16 + 2 * t4;
+        mma(dpt[n], va, ld32(pg), ld32(pg + 8));
+      }
+    }
+    // P^T and dS^T in place; dS also to shared memory, query-major, for dQ.
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = n * 8 + 2 * t4 + (e & 1);
+        const int j = e < 2 ? jA : jB;
+        const bool ok = j >= Rlo[qc] && j < Rhi[qc];
+        const float p = ok ? exp2f(st[n][e] * sl2 - Ls[qc]) : 0.f;
+        const float ds = p * (dpt[n][e] - Dd[qc]) * a.scale;
+        st[n][e] = p, dpt[n][e] = ds;
+        Ss[qc * SP + r0 + g + (e < 2 ? 0 : 8)] = __float2bfloat16_rn(ds);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q (k = the 64 queries of the tile).
+#pragma unroll
+    for (int kq = 0; kq < kN / 16; ++kq) {
+      uint32_t pa[4], da[4];
+      c_to_a(pa, st, kq);
+      c_to_a(da, dpt, kq);
+#pragma unroll
+      for (int dn = 0; dn < DMAX / 16; ++dn) {
+        uint32_t gb[4], qb[4];
+        ldsm_b_cols<DP>(gb, Gs, kq, dn, lane);
+        mma(dva[2 * dn], pa, gb[0], gb[1]);
+        mma(dva[2 * dn + 1], pa, gb[2], gb[3]);
+        ldsm_b_cols<DP>(qb, Qs, kq, dn, lane);
+        mma(dka[2 * dn], da, qb[0], qb[1]);
+        mma(dka[2 * dn + 1], da, qb[2], qb[3]);
+      }
+    }
+    __syncthreads();  // every warp's dS columns are in Ss
+    // dQ (query rows r0..) = dS (16 x 64 keys) K (64 keys x DMAX), added to dq_acc.
+    float dq[ND][4];
+#pragma unroll
+    for (int n = 0; n < ND; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) {
+      uint32_t sa[4];
+      ld_a<SP>(sa, Ss, r0, kk, g, t4);
+#pragma unroll
+      for (int dn = 0; dn < DMAX / 16; ++dn) {
+        uint32_t kb[4];
+        ldsm_b_cols<DP>(kb, Ks, kk, dn, lane);
+        mma(dq[2 * dn], sa, kb[0], kb[1]);
+        mma(dq[2 * dn + 1], sa, kb[2], kb[3]);
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t i = i0 + r0 + g + 8 * half;
+      if (i >= a.T) continue;
+      float* dqr = dq_acc + ((b * a.T + i) * a.H + h) * a.D;
+#pragma unroll
+      for (int n = 0; n < ND; ++n) {
+        const int64_t d = n * 8 + 2 * t4;
+        const float x = dq[n][2 * half], y = dq[n][2 * half + 1];
+        if (vec2 && d + 1 < a.D) {
+          attn_tile::add2(dqr + d, x, y);
+        } else {
+          if (d < a.D) atomicAdd(dqr + d, x);
+          if (d + 1 < a.D) atomicAdd(dqr + d + 1, y);
+        }
+      }
+    }
+    if constexpr (!ASYNC) __syncthreads();  // (ASYNC: the barrier opens the next iteration)
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t j = half ? jB : jA;
+    if (j >= a.T) continue;
+    TO* krow = dk + ((b * a.T + j) * a.Hkv + kvh) * a.D;
+    TO* vrow = dv + ((b * a.T + j) * a.Hkv + kvh) * a.D;
+#pragma unroll
+    for (int n = 0; n < ND; ++n) {
+      store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
+      store_pair(vrow, n * 8 + 2 * t4, a.D, dva[n][2 * half], dva[n][2 * half + 1]);
+    }
+  }
+}
+
+template <typename F>
+cudaError_t dispatch_dmax(int64_t D, F&& f) {
+  if (D <= 64) return f.template operator()<64>();
+  if (D <= 128) return f.template operator()<128>();
+  return cudaErrorInvalidValue;
+}
+
+// cp.async needs D == DMAX (whole 16-byte chunks per row) and 16-byte aligned bases.
+bool async_ok(int64_t D, int dmax, std::initializer_list<const void*> ps) {
+  if (D != dmax) return false;
+  for (const void* p : ps)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// Runs f.template operator()<OCC, ASYNC>() for the runtime flags.
+template <typename F>
+cudaError_t dispatch_flags(bool occ, bool async, F&& f) {
+  if (occ)
+    return async ? f.template operator()<true, true>() : f.template operator()<true, false>();
+  return async ? f.template operator()<false, true>() : f.template operator()<false, false>();
+}
+
+}  // namespace
+
+size_t attention_mma_smem_bytes(int64_t D, bool backward) {
+  if (D <= 64) return backward ? MmaLayout<64>::bwd : MmaLayout<64>::fwd;
+  return backward ? MmaLayout<128>::bwd : MmaLayout<128>::fwd;
+}
+
+cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
+                                  const int32_t* dstart, const int32_t* dend, void* out, void* lse,
+                                  KT t, const AttnShape& a, cudaStream_t s) {
+  if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename TO>() {
+    return dispatch_dmax(a.D, [&]<int DMAX>() {
+      const bool async = async_ok(a.D, DMAX, {q, k, v});
+      return dispatch_flags(a.tc_occ, async, [&]<bool OCC, bool ASYNC>() {
+        auto kern = attn_fwd_mma_kernel<TO, DMAX, OCC, ASYNC>;
+        const size_t sm = MmaLayout<DMAX>::fwd;
+        cudaError_t e =
+            cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
+        if (e != cudaSuccess) return e;
+        dim3 grid(unsigned((a.T + kM - 1) / kM), unsigned(a.H), unsigned(a.B));
+        kern<<<grid, kMmaThreads, sm, s>>>(static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+                                           static_cast<const bf16*>(v), dstart, dend,
+                                           static_cast<TO*>(out), static_cast<TO*>(lse), a);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+cudaError_t attention_backward_mma(const void* dout, const void* q, const void* k, const void* v,
+                                   const void* lse, const float* dsum, const int32_t* dstart,
+                                   const int32_t* dend, void* dk, void* dv, float* dq_acc, KT t,
+                                   const AttnShape& a, cudaStream_t s) {
+  if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename TO>() {
+    return dispatch_dmax(a.D, [&]<int DMAX>() {
+      const bool async = async_ok(a.D, DMAX, {dout, q, k, v});
+      return dispatch_flags(a.tc_occ, async, [&]<bool OCC, bool ASYNC>() {
+        auto kern = attn_bwd_mma_kernel<TO, DMAX, OCC, ASYNC>;
+        const size_t sm = MmaLayout<DMAX>::bwd;
+        cudaError_t e =
+            cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
+        if (e != cudaSuccess) return e;
+        dim3 grid(unsigned((a.T + kM - 1) / kM), unsigned(a.Hkv), unsigned(a.B));
+        kern<<<grid, kMmaThreads, sm, s>>>(
+            static_cast<const bf16*>(dout), static_cast<const bf16*>(q),
+            static_cast<const bf16*>(k), static_cast<const bf16*>(v), static_cast<const TO*>(lse),
+            dsum, dstart, dend, static_cast<TO*>(dk), static_cast<TO*>(dv), dq_acc, a);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+}  // namespace llama3::cuda
