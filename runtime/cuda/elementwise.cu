@@ -14,23 +14,41 @@ constexpr int kThreads = 256;
 // ---------------------------------------------------------------- memory
 __device__ double load_any(const void* p, int64_t i, KT t) {
   switch (t) {
-    case KT::f32: return static_cast<const float*>(p)[i];
-    case KT::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case KT::f16: return __half2float(static_cast<const __half*>(p)[i]);
-    case KT::i32: return static_cast<const int32_t*>(p)[i];
-    case KT::i64: return double(static_cast<const int64_t*>(p)[i]);
-    case KT::u8: return static_cast<const uint8_t*>(p)[i];
+    case KT::f32:
+      return static_cast<const float*>(p)[i];
+    case KT::bf16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case KT::f16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case KT::i32:
+      return static_cast<const int32_t*>(p)[i];
+    case KT::i64:
+      return double(static_cast<const int64_t*>(p)[i]);
+    case KT::u8:
+      return static_cast<const uint8_t*>(p)[i];
   }
   return 0;
 }
 __device__ void store_any(void* p, int64_t i, KT t, double v) {
   switch (t) {
-    case KT::f32: static_cast<float*>(p)[i] = float(v); return;
-    case KT::bf16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(float(v)); return;
-    case KT::f16: static_cast<__half*>(p)[i] = __float2half_rn(float(v)); return;
-    case KT::i32: static_cast<int32_t*>(p)[i] = int32_t(v); return;
-    case KT::i64: static_cast<int64_t*>(p)[i] = int64_t(v); return;
-    case KT::u8: static_cast<uint8_t*>(p)[i] = uint8_t(v); return;
+    case KT::f32:
+      static_cast<float*>(p)[i] = float(v);
+      return;
+    case KT::bf16:
+      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(float(v));
+      return;
+    case KT::f16:
+      static_cast<__half*>(p)[i] = __float2half_rn(float(v));
+      return;
+    case KT::i32:
+      static_cast<int32_t*>(p)[i] = int32_t(v);
+      return;
+    case KT::i64:
+      static_cast<int64_t*>(p)[i] = int64_t(v);
+      return;
+    case KT::u8:
+      static_cast<uint8_t*>(p)[i] = uint8_t(v);
+      return;
   }
 }
 
@@ -251,8 +269,10 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
     if (threadIdx.x == 0) loss[i] = 0.f;
     if (grad)
       for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        if (dl16) dl16[i * V + j] = __float2bfloat16_rn(0.f);
-        else dl32[i * V + j] = 0.f;
+        if (dl16)
+          dl16[i * V + j] = __float2bfloat16_rn(0.f);
+        else
+          dl32[i * V + j] = 0.f;
       }
     return;
   }
@@ -274,7 +294,8 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
   for (int o = 16; o > 0; o >>= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
     const float mx = fmaxf(m, m2);
-    s = (m == -INFINITY ? 0.f : s * __expf(m - mx)) + (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mx));
+    s = (m == -INFINITY ? 0.f : s * __expf(m - mx)) +
+        (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mx));
     m = mx;
   }
   if (lane == 0) sm[w] = m, ss[w] = s;
@@ -300,17 +321,26 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
     float p = __expf(row[j] - m) * inv;
     if (j == tg) p -= scale;
-    if (dl16) dl16[i * V + j] = __float2bfloat16_rn(p);
-    else dl32[i * V + j] = p;
+    if (dl16)
+      dl16[i * V + j] = __float2bfloat16_rn(p);
+    else
+      dl32[i * V + j] = p;
   }
 }
 
 }  // namespace
 
 // ================================================================ launchers
-cudaError_t convert_contiguous(const void* src, KT st, void* dst, KT dt, int64_t n, cudaStream_t s) {
+cudaError_t convert_contiguous(const void* src, KT st, void* dst, KT dt, int64_t n,
+                               cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  if (st == dt) return cudaMemcpyAsync(dst, src, n * int64_t(st == KT::f32 || st == KT::i32 ? 4 : st == KT::i64 ? 8 : st == KT::u8 ? 1 : 2), cudaMemcpyDeviceToDevice, s);
+  if (st == dt)
+    return cudaMemcpyAsync(dst, src,
+                           n * int64_t(st == KT::f32 || st == KT::i32 ? 4
+                                       : st == KT::i64                ? 8
+                                       : st == KT::u8                 ? 1
+                                                                      : 2),
+                           cudaMemcpyDeviceToDevice, s);
   if (st == KT::f32 && dt == KT::bf16)
     f32_to_bf16_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(
         static_cast<const float*>(src), static_cast<__nv_bfloat16*>(dst), n);
@@ -333,15 +363,26 @@ cudaError_t fill(void* dst, KT t, int64_t n, double value, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   const int g = grid_for(n, kThreads);
   switch (t) {
-    case KT::f32: fill_kernel<float><<<g, kThreads, 0, s>>>(static_cast<float*>(dst), n, float(value)); break;
+    case KT::f32:
+      fill_kernel<float><<<g, kThreads, 0, s>>>(static_cast<float*>(dst), n, float(value));
+      break;
     case KT::bf16:
       fill_kernel<__nv_bfloat16><<<g, kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(dst), n,
-                                                       __float2bfloat16_rn(float(value)));
+                                                        __float2bfloat16_rn(float(value)));
       break;
-    case KT::f16: fill_kernel<__half><<<g, kThreads, 0, s>>>(static_cast<__half*>(dst), n, __float2half_rn(float(value))); break;
-    case KT::i32: fill_kernel<int32_t><<<g, kThreads, 0, s>>>(static_cast<int32_t*>(dst), n, int32_t(value)); break;
-    case KT::i64: fill_kernel<int64_t><<<g, kThreads, 0, s>>>(static_cast<int64_t*>(dst), n, int64_t(value)); break;
-    case KT::u8: fill_kernel<uint8_t><<<g, kThreads, 0, s>>>(static_cast<uint8_t*>(dst), n, uint8_t(value)); break;
+    case KT::f16:
+      fill_kernel<__half>
+          <<<g, kThreads, 0, s>>>(static_cast<__half*>(dst), n, __float2half_rn(float(value)));
+      break;
+    case KT::i32:
+      fill_kernel<int32_t><<<g, kThreads, 0, s>>>(static_cast<int32_t*>(dst), n, int32_t(value));
+      break;
+    case KT::i64:
+      fill_kernel<int64_t><<<g, kThreads, 0, s>>>(static_cast<int64_t*>(dst), n, int64_t(value));
+      break;
+    case KT::u8:
+      fill_kernel<uint8_t><<<g, kThreads, 0, s>>>(static_cast<uint8_t*>(dst), n, uint8_t(value));
+      break;
   }
   return cudaGetLastError();
 }
@@ -377,7 +418,7 @@ cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out
   if (e != cudaSuccess || n == 0) return e;
   return dispatch_ft(t, [&]<typename T>() {
     reduce_kernel<T><<<grid_for(n, kThreads, 132 * 4), kThreads, 0, s>>>(static_cast<const T*>(x),
-                                                                          n, squares, out);
+                                                                         n, squares, out);
     return cudaGetLastError();
   });
 }
@@ -385,8 +426,8 @@ cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out
 cudaError_t any_nonfinite(const void* x, KT t, int64_t n, int* bad, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
-    nonfinite_kernel<T><<<grid_for(n, kThreads, 132 * 4), kThreads, 0, s>>>(
-        static_cast<const T*>(x), n, bad);
+    nonfinite_kernel<T>
+        <<<grid_for(n, kThreads, 132 * 4), kThreads, 0, s>>>(static_cast<const T*>(x), n, bad);
     return cudaGetLastError();
   });
 }
@@ -396,7 +437,7 @@ cudaError_t embedding_forward(const void* w, const int32_t* ids, void* out, KT t
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
     embedding_fwd_kernel<T><<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(w), ids,
-                                                              static_cast<T*>(out), d, v, bad);
+                                                             static_cast<T*>(out), d, v, bad);
     return cudaGetLastError();
   });
 }
@@ -405,8 +446,8 @@ cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, K
                                int64_t d, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
-    embedding_bwd_kernel<T><<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(dout), ids,
-                                                              static_cast<T*>(dw), d);
+    embedding_bwd_kernel<T>
+        <<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(dout), ids, static_cast<T*>(dw), d);
     return cudaGetLastError();
   });
 }
@@ -415,14 +456,16 @@ cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, vo
                             int64_t n, int64_t d, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
-    rmsnorm_fwd_kernel<T><<<unsigned(n), kThreads, 0, s>>>(
-        static_cast<const T*>(x), static_cast<const T*>(w), eps, static_cast<T*>(y),
-        static_cast<T*>(rstd), d);
+    rmsnorm_fwd_kernel<T>
+        <<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(w), eps,
+                                          static_cast<T*>(y), static_cast<T*>(rstd), d);
     return cudaGetLastError();
   });
 }
 
-int64_t rmsnorm_partial_rows(int64_t n) { return n < 264 ? (n < 1 ? 1 : n) : 264; }
+int64_t rmsnorm_partial_rows(int64_t n) {
+  return n < 264 ? (n < 1 ? 1 : n) : 264;
+}
 
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
@@ -433,8 +476,8 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
     rmsnorm_bwd_kernel<T><<<unsigned(rows), kThreads, 0, s>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w),
         static_cast<const T*>(rstd), static_cast<T*>(dx), partial, n, d);
-    rmsnorm_dw_reduce_kernel<T><<<grid_for(d, kThreads), kThreads, 0, s>>>(partial, rows, d,
-                                                                          static_cast<T*>(dw));
+    rmsnorm_dw_reduce_kernel<T>
+        <<<grid_for(d, kThreads), kThreads, 0, s>>>(partial, rows, d, static_cast<T*>(dw));
     return cudaGetLastError();
   });
 }
