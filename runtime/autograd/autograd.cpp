@@ -28,10 +28,16 @@ void accumulate_leaf(AutogradMeta& m, const Tensor& g) {
 }
 }  // namespace
 
-bool grad_enabled() { return t_grad_enabled; }
+bool grad_enabled() {
+  return t_grad_enabled;
+}
 
-NoGradGuard::NoGradGuard() : prev_(t_grad_enabled) { t_grad_enabled = false; }
-NoGradGuard::~NoGradGuard() { t_grad_enabled = prev_; }
+NoGradGuard::NoGradGuard() : prev_(t_grad_enabled) {
+  t_grad_enabled = false;
+}
+NoGradGuard::~NoGradGuard() {
+  t_grad_enabled = prev_;
+}
 
 bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
   if (!t_grad_enabled) return false;

@@ -17,11 +17,11 @@
                                           __FILE__, __LINE__));                                \
   } while (0)
 
-#define LLAMA3_CUBLAS_CHECK(expr)                                                           \
-  do {                                                                                      \
-    const cublasStatus_t _s = (expr);                                                       \
-    if (_s != CUBLAS_STATUS_SUCCESS) [[unlikely]]                                           \
-      throw ::llama3::Error(::fmt::format("cuBLAS error {} ({}) in {} ({}:{})", int(_s),    \
-                                          cublasLtGetStatusString(_s), #expr, __FILE__,       \
-                                          __LINE__));                                       \
+#define LLAMA3_CUBLAS_CHECK(expr)                                                        \
+  do {                                                                                   \
+    const cublasStatus_t _s = (expr);                                                    \
+    if (_s != CUBLAS_STATUS_SUCCESS) [[unlikely]]                                        \
+      throw ::llama3::Error(::fmt::format("cuBLAS error {} ({}) in {} ({}:{})", int(_s), \
+                                          cublasLtGetStatusString(_s), #expr, __FILE__,  \
+                                          __LINE__));                                    \
   } while (0)

@@ -48,7 +48,8 @@ void gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f,
       max_ref = std::max(max_ref, std::abs(numeric));
     }
     EXPECT_LT(max_err, tol * std::max(1.0, max_ref))
-        << "input " << k << ": max |numeric - analytic| = " << max_err << " (max |grad| " << max_ref << ")";
+        << "input " << k << ": max |numeric - analytic| = " << max_err << " (max |grad| " << max_ref
+        << ")";
   }
 }
 
@@ -124,8 +125,11 @@ TEST(GradCheck, AddAndScale) {
 }
 
 TEST(GradCheck, Reshape) {
-  gradcheck([](const std::vector<Tensor>& in) { return ops::linear(ops::reshape(in[0], {4, 3}), in[1]); },
-            {param({2, 6}, 13), param({2, 3}, 14)});
+  gradcheck(
+      [](const std::vector<Tensor>& in) {
+        return ops::linear(ops::reshape(in[0], {4, 3}), in[1]);
+      },
+      {param({2, 6}, 13), param({2, 3}, 14)});
 }
 
 TEST(GradCheck, LinearCrossEntropyChunked) {
@@ -133,8 +137,11 @@ TEST(GradCheck, LinearCrossEntropyChunked) {
   for (int64_t chunk : {1, 3, 16}) {
     ops::CrossEntropyOptions o;
     o.chunk = chunk;
-    gradcheck([&](const std::vector<Tensor>& in) { return ops::linear_cross_entropy(in[0], in[1], targets, o); },
-              {param({7, 5}, 15), param({8, 5}, 16)});
+    gradcheck(
+        [&](const std::vector<Tensor>& in) {
+          return ops::linear_cross_entropy(in[0], in[1], targets, o);
+        },
+        {param({7, 5}, 15), param({8, 5}, 16)});
   }
 }
 
@@ -174,7 +181,8 @@ TEST(GradCheck, AttentionWithQueryPositions) {
     for (int64_t t = 0; t < Tk; ++t) docs[b * Tk + t] = int32_t(t >= 4 + b);
   AttentionParams p;
   p.doc_ids = Tensor::from_vector(docs, {B, Tk});
-  p.q_pos = Tensor::from_vector<int32_t>({1, 2, 7, 8}, {4});  // two chunks, as in context parallelism
+  p.q_pos =
+      Tensor::from_vector<int32_t>({1, 2, 7, 8}, {4});  // two chunks, as in context parallelism
   gradcheck([&](const std::vector<Tensor>& in) { return ops::attention(in[0], in[1], in[2], p); },
             {param({B, 4, H, D}, 30), param({B, Tk, Hkv, D}, 31), param({B, Tk, Hkv, D}, 32)});
 }
@@ -194,6 +202,7 @@ TEST(Attention, QueryPositionsMatchRowsOfTheFullAttention) {
     AttentionParams p = full;
     p.q_pos = Tensor::from_vector(pos, {n});
     std::vector<double> got = ops::attention(q.narrow(1, start, n), k, v, p).to_vector<double>();
-    for (int64_t i = 0; i < n * H * D; ++i) EXPECT_NEAR(got[i], ref[start * H * D + i], 1e-12) << start;
+    for (int64_t i = 0; i < n * H * D; ++i)
+      EXPECT_NEAR(got[i], ref[start * H * D + i], 1e-12) << start;
   }
 }
