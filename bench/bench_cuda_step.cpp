@@ -10,12 +10,12 @@
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //
-// --attn-only times attention forward+backward alone (f32 inputs exact; f32 inputs with
-// compute = bf16 on tensor cores through the mma.sync kernels (registers capped, the
-// default), the same uncapped, and the older wmma kernels; bf16 inputs on tensor cores) for
-// the same shapes, to
-// compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py). Exits 77 when there
-// is no CUDA device.
+// --attn-only times attention forward+backward alone for the same shapes (f32 inputs on the
+// exact f32 kernels; f32 inputs with compute = bf16 and bf16 inputs on the tensor-core
+// kernels), to compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py).
+// --profile runs one more step after the timed ones with CUDA events around every backend
+// call and prints the GPU time per op (GEMMs by shape, copies by dtypes), largest first.
+// Exits 77 when there is no CUDA device.
 #include <fmt/format.h>
 
 #include <chrono>
@@ -128,19 +128,11 @@ int attn_only(const Config& c) {
   struct Variant {
     DType dt;
     AttnCompute compute;
-    const char* impl;    // LLAMA3_CUDA_ATTN: "" (mma.sync, capped registers), "mma", "wmma"
-    const char* result;  // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16 ...)
+    const char* result;  // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16)
   };
-  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "", "attn_ms_f32"},
-                      Variant{DType::f32, AttnCompute::bf16, "", "attn_tc_ms_f32"},
-                      Variant{DType::f32, AttnCompute::bf16, "mma", "attn_tc_mma_ms_f32"},
-                      Variant{DType::f32, AttnCompute::bf16, "wmma", "attn_tc_wmma_ms_f32"},
-                      Variant{DType::bf16, AttnCompute::bf16, "", "attn_ms_bf16"},
-                      Variant{DType::bf16, AttnCompute::bf16, "mma", "attn_mma_ms_bf16"}}) {
-    if (*var.impl)
-      setenv("LLAMA3_CUDA_ATTN", var.impl, 1);
-    else
-      unsetenv("LLAMA3_CUDA_ATTN");
+  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
+                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
+                      Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
     const DType dt = var.dt;
     if (dev.is_cpu() && (dt == DType::bf16 || var.compute != AttnCompute::exact))
       continue;  // the CPU attention is f32/f64 and ignores `compute`
@@ -177,16 +169,14 @@ int attn_only(const Config& c) {
     }
     tf /= reps, tb /= reps;
     fmt::print(
-        "attention {} inputs, {}{} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, "
+        "attention {} inputs, {} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, "
         "bwd {:.2f} ms, fwd+bwd {:.2f} ms ({:.1f} TFLOP/s)\n",
         dtype_name(dt),
         dt == DType::bf16 || var.compute == AttnCompute::bf16 ? "tensor cores (bf16 products)"
                                                               : "exact f32",
-        *var.impl ? fmt::format(" [{}]", var.impl) : std::string(), B, T, H, Hk, Dh, tf * 1e3,
-        tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
+        B, T, H, Hk, Dh, tf * 1e3, tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
     fmt::print("RESULT {} {:.3f}\n", var.result, (tf + tb) * 1e3);
   }
-  unsetenv("LLAMA3_CUDA_ATTN");
   return 0;
 }
 

@@ -8,7 +8,8 @@
 # the NCCL communicator's collectives and all_reduce bandwidth, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
-#   bash scripts/gpu-check.sh        (env: DEADLINE=450 seconds, JOBS=16, SEQ=4096)
+#   bash scripts/gpu-check.sh        (env: DEADLINE=450 seconds, JOBS=16, SEQ=4096, NCU_ATTN=1
+#                                     adds an Nsight Compute report of the attention kernels)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -182,15 +183,10 @@ for dt in f32 bf16; do
   b=$(result "torch_attn_ms_$dt" | awk '{print $3}')
   note "attention fwd+bwd $dt T=$SEQ" "" "llama3 ${a:-n/a} ms, torch sdpa ${b:-n/a} ms"
 done
-# f32 activations with compute = bf16 (tensor cores): the path of the bf16 mixed-precision step,
-# through the mma.sync kernels (default), the same with capped registers, the wmma kernels.
+# f32 activations with compute = bf16 (tensor cores): the path of the bf16 mixed-precision step.
+a=$(result attn_tc_ms_f32 | awk '{print $3}')
 b=$(result torch_attn_ms_bf16 | awk '{print $3}')
-for v in tc tc_mma tc_wmma; do
-  a=$(result "attn_${v}_ms_f32" | awk '{print $3}')
-  note "attention fwd+bwd f32->$v T=$SEQ" "" "llama3 ${a:-n/a} ms, torch sdpa bf16 ${b:-n/a} ms"
-done
-a=$(result attn_mma_ms_bf16 | awk '{print $3}')
-note "attention fwd+bwd bf16 mma T=$SEQ" "" "llama3 ${a:-n/a} ms (uncapped), torch sdpa bf16 ${b:-n/a} ms"
+note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
 
 # ---- NCCL communicator (issue 5): collectives checked, all_reduce bandwidth
 if [[ -n $BIN && -x $BIN/bench_nccl ]]; then
@@ -206,7 +202,7 @@ fi
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 if [[ -n $BIN && -n $SAN ]]; then
   # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
-  # (the mma.sync attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
+  # (the tensor-core attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
   FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
   for tool in memcheck racecheck; do
     step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
@@ -215,6 +211,18 @@ if [[ -n $BIN && -n $SAN ]]; then
     errs=$(grep -m1 -o 'ERROR SUMMARY: [0-9]* error[s]*\|RACECHECK SUMMARY: [0-9]* hazard[s]*.*' "$STEPDIR/sanitizer_$tool.txt")
     note "compute-sanitizer $tool" "$([[ $rc == 0 ]] && echo PASS || echo "rc=$rc")" "${errs:-no summary} (attention, cross-entropy, rmsnorm, embedding cases)"
   done
+fi
+
+# ---- Nsight Compute on the tensor-core attention kernels (NCU_ATTN=1): where the time goes
+# (speed of light, occupancy, warp stall reasons) for one forward and one backward launch.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [[ ${NCU_ATTN:-0} == 1 && -n $BIN && -n $NCU ]]; then
+  step ncu_attention 120 env LD_LIBRARY_PATH="$LIBPATH" "$NCU" --kernel-name regex:attn_.*_mma \
+    --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    "$BIN/bench_cuda_step" --attn-only --seq "$SEQ"
+  rc=$?
+  note "ncu attention fwd+bwd" "$([[ $rc == 0 ]] && echo OK || echo "rc=$rc")" "report in gpu-check.log (ncu_attention)"
 fi
 
 # ---- torch.compile, only with time to spare

@@ -16,9 +16,18 @@ Tensor add_grads(const Tensor& a, const Tensor& b) {
   return out;
 }
 
-void accumulate_leaf(AutogradMeta& m, const Tensor& g) {
+// The first gradient of a leaf is adopted without a copy when nothing else can see it (a
+// contiguous tensor whose storage has no other owner: the engine's own result); otherwise
+// it is cloned, so that a later in-place accumulation into m.grad never writes into a tensor
+// that is also another leaf's gradient or a node's saved input.
+void accumulate_leaf(AutogradMeta& m, Tensor g) {
   if (!m.grad.defined()) {
-    m.grad = g.contiguous().clone();
+    if (g.is_contiguous() && g.storage().use_count() == 1) {
+      g.mutable_meta() = nullptr;  // a gradient carries no history (as a clone would not)
+      m.grad = std::move(g);
+    } else {
+      m.grad = g.contiguous().clone();
+    }
   } else {
     LLAMA3_CHECK(m.grad.shape() == g.shape(), "gradient shape {} for a leaf with gradient {}",
                  shape_str(g.shape()), shape_str(m.grad.shape()));
@@ -112,7 +121,7 @@ void backward(const Tensor& root, const Tensor& grad_in) {
           it->second = add_grads(it->second, grads[i]);
         if (--deps[c] == 0) ready.push_back(e->grad_fn);
       } else if (e->requires_grad) {
-        accumulate_leaf(*e, grads[i]);
+        accumulate_leaf(*e, std::move(grads[i]));
       }
     }
   }

@@ -451,9 +451,8 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
                               cudaStream_t s, const AttnBf16Inputs& in16) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   if (a.tc)
-    return a.tc_wmma ? attention_forward_tc(q, k, v, dstart, dend, out, lse, t, a, s)
-                     : attention_forward_mma(in16.q ? in16.q : q, in16.k ? in16.k : k,
-                                             in16.v ? in16.v : v, dstart, dend, out, lse, t, a, s);
+    return attention_forward_mma(in16.q ? in16.q : q, in16.k ? in16.k : k, in16.v ? in16.v : v,
+                                 dstart, dend, out, lse, t, a, s);
   return dispatch_ft(t, [&]<typename T>() {
     return dispatch_d(a.D, [&]<int DMAX>() {
       auto kern = attn_fwd_kernel<T, DMAX>;
@@ -483,25 +482,22 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
     attn_dsum_kernel<T><<<grid_for(a.B * a.T * a.H * 32, 256), 256, 0, s>>>(
         static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
     cudaError_t e2 =
-        a.tc && a.tc_wmma
-            ? attention_backward_tc(dout, q, k, v, lse, dsum, dstart, dend, dk, dv, dq_acc, t, a, s)
-        : a.tc
-            ? attention_backward_mma(in16.dout ? in16.dout : dout, in16.q ? in16.q : q,
-                                     in16.k ? in16.k : k, in16.v ? in16.v : v, lse, dsum, dstart,
-                                     dend, dk, dv, dq_acc, t, a, s)
-            : dispatch_d(a.D, [&]<int DMAX>() {
-                auto kern = attn_bwd_kernel<T, DMAX>;
-                const size_t sm = bwd_smem(DMAX);
-                cudaError_t e3 = cudaFuncSetAttribute(
-                    kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
-                if (e3 != cudaSuccess) return e3;
-                dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.Hkv), unsigned(a.B));
-                kern<<<grid, kThreads, sm, s>>>(
-                    static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
-                    static_cast<const T*>(v), static_cast<const T*>(lse), dsum, dstart, dend,
-                    static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a);
-                return cudaGetLastError();
-              });
+        a.tc ? attention_backward_mma(in16.dout ? in16.dout : dout, in16.q ? in16.q : q,
+                                      in16.k ? in16.k : k, in16.v ? in16.v : v, lse, dsum, dstart,
+                                      dend, dk, dv, dq_acc, t, a, s)
+             : dispatch_d(a.D, [&]<int DMAX>() {
+                 auto kern = attn_bwd_kernel<T, DMAX>;
+                 const size_t sm = bwd_smem(DMAX);
+                 cudaError_t e3 = cudaFuncSetAttribute(
+                     kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
+                 if (e3 != cudaSuccess) return e3;
+                 dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.Hkv), unsigned(a.B));
+                 kern<<<grid, kThreads, sm, s>>>(
+                     static_cast<const T*>(dout), static_cast<const T*>(q),
+                     static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(lse),
+                     dsum, dstart, dend, static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a);
+                 return cudaGetLastError();
+               });
     if (e2 != cudaSuccess) return e2;
     if (static_cast<void*>(dq_acc) != dq)
       f32_to_kernel<T><<<grid_for(nq, 256), 256, 0, s>>>(dq_acc, static_cast<T*>(dq), nq);

@@ -1,20 +1,21 @@
 // Flash attention on tensor cores with register-resident tiles (FlashAttention-2 layout):
 // mma.sync m16n8k16 (bf16 products, f32 accumulation) and ldmatrix, for the mixed-precision
-// path (AttentionParams::compute == bf16, or bf16 inputs). Same masks, GQA, grids and tile
-// visiting order as the wmma kernels of attention_tc.cu, which round-trip every score tile
-// through shared memory; here the scores S, the probabilities P and the dS tiles stay in the
-// accumulator registers of the warp that made them, and only the operands go through shared
-// memory.
+// path (AttentionParams::compute == bf16, or bf16 inputs). Same masks, GQA and tile visiting
+// order as the exact SIMT kernels of attention.cu. The scores S, the probabilities P and
+// the dS tiles stay in the accumulator registers of the warp that made them; only the
+// operands go through shared memory. (An earlier wmma version that round-tripped every
+// score tile through shared memory ran 3.6x slower on an H100: bench/RESULTS.md.)
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16): lane = 4 g + t4. A (16x16, row):
 // a0 = (row g, cols 2 t4, +1), a1 = (row g + 8, same cols), a2/a3 = the same rows at cols
 // 2 t4 + 8, +9. B (16x8, col): b0 = (rows 2 t4, +1; col g), b1 = rows 2 t4 + 8, +9.
 // C (16x8, f32): c0/c1 = (row g, cols 2 t4, +1), c2/c3 = row g + 8. Two C tiles side by side
 // (cols 0-7 and 8-15) pack into one A fragment, which is how P and dS feed the next product
-// without leaving registers. B operands of row-major tiles read along k (K for Q K^T, Q and
-// dO for K Q^T and V dO^T) are plain 32-bit shared loads; B operands that must run down the
-// columns of a row-major tile (V for P V, dO and Q for P^T dO and dS^T Q, K for dS K) come
-// from ldmatrix .trans.
+// without leaving registers. Operands come from shared memory by ldmatrix, four 8x8
+// matrices per instruction: A fragments and the B operands of row-major tiles read along k
+// (K for Q K^T, Q and dO for K Q^T and V dO^T) untransposed, B operands that must run down
+// the columns of a row-major tile (V for P V, dO and Q for P^T dO and dS^T Q, K for dS K)
+// with .trans. Tiles that every row of the block sees whole skip the per-element mask.
 //
 // Inputs are bf16 (the backend converts f32 activations once per call, which halves the
 // L2 traffic of the K/V and Q/dO tiles every block re-reads); outputs (O, lse, dK, dV) are
@@ -99,6 +100,31 @@ __device__ __forceinline__ void ldsm_b_cols(uint32_t (&r)[4], const bf16* s, int
   const int mi = lane >> 3, rr = lane & 7;
   ldsm_x4_t(r, s + (kk * 16 + rr + 8 * (mi & 1)) * DP + dn * 16 + 8 * (mi >> 1));
 }
+// Four 8x8 bf16 matrices (not transposed); lane l gives the address of row l % 8 of matrix
+// l / 8, and receives (row l / 4, columns 2 (l % 4), +1) of each.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// The A fragment of rows [row0, row0 + 16) x cols [16 kk, 16 kk + 16) in one ldmatrix:
+// matrices (rows +0, cols +0) = a0, (+8, +0) = a1, (+0, +8) = a2, (+8, +8) = a3.
+template <int DP>
+__device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const bf16* s, int row0, int kk,
+                                       int lane) {
+  const int mi = lane >> 3, rr = lane & 7;
+  ldsm_x4(a, s + (row0 + rr + 8 * (mi & 1)) * DP + kk * 16 + 8 * (mi >> 1));
+}
+// B fragments of two n-tiles (rows [n0, n0 + 8) and [n0 + 8, n0 + 16) of a tile whose rows
+// run along n, cols [16 kk, 16 kk + 16) along k): r[0], r[1] = b0, b1 of the first,
+// r[2], r[3] of the second.
+template <int DP>
+__device__ __forceinline__ void ldsm_b_rows(uint32_t (&r)[4], const bf16* s, int n0, int kk,
+                                            int lane) {
+  const int mi = lane >> 3, rr = lane & 7;
+  ldsm_x4(r, s + (n0 + rr + 8 * (mi >> 1)) * DP + kk * 16 + 8 * (mi & 1));
+}
 // A fragment of rows [row0, row0 + 16) x cols [16 kk, 16 kk + 16) of a row-major tile.
 template <int DP>
 __device__ __forceinline__ void ld_a(uint32_t (&a)[4], const bf16* s, int row0, int kk, int g,
@@ -107,16 +133,19 @@ __device__ __forceinline__ void ld_a(uint32_t (&a)[4], const bf16* s, int row0, 
   a[0] = ld32(p), a[1] = ld32(p + 8 * DP), a[2] = ld32(p + 8), a[3] = ld32(p + 8 * DP + 8);
 }
 // c[n] (n < 8: 16 rows x 64 columns) += A(16 x DMAX) . tile(64 rows x DMAX)^T, where
-// a[kk] holds the A fragments and tile rows run along the 64 output columns.
+// a[kk] holds the A fragments and tile rows run along the 64 output columns; the B
+// fragments of two n-tiles come from one ldmatrix.
 template <int DMAX, int DP>
 __device__ __forceinline__ void rows_dot_tile(float (&c)[8][4], const uint32_t (&a)[DMAX / 16][4],
-                                              const bf16* tile, int g, int t4) {
+                                              const bf16* tile, int lane) {
 #pragma unroll
   for (int kk = 0; kk < DMAX / 16; ++kk) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      const bf16* p = tile + (n * 8 + g) * DP + kk * 16 + 2 * t4;
-      mma(c[n], a[kk], ld32(p), ld32(p + 8));
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b[4];
+      ldsm_b_rows<DP>(b, tile, np * 16, kk, lane);
+      mma(c[2 * np], a[kk], b[0], b[1]);
+      mma(c[2 * np + 1], a[kk], b[2], b[3]);
     }
   }
 }
@@ -179,10 +208,11 @@ __device__ __forceinline__ void store_pair(T* row, int64_t d, int64_t D, float x
   if (d + 1 < D) row[d + 1] = from_f32<T>(y);
 }
 
-// OCC: cap registers for 4 (DMAX 64) or 2 blocks per SM (small spills) instead of letting
-// the compiler take what it likes (3 blocks at DMAX 64); which is faster is measured.
-template <typename TO, int DMAX, bool OCC, bool ASYNC>
-__global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 4 : 2) : 1)
+// Registers are capped for 4 blocks per SM at DMAX 64 (2 at 128): faster on an H100 than
+// the compiler's own choice (3), despite a few spilled bytes. Tiles that every row of the
+// block sees whole skip the per-element mask.
+template <typename TO, int DMAX, bool ASYNC>
+__global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
     attn_fwd_mma_kernel(const bf16* q, const bf16* k, const bf16* v, const int32_t* dstart,
                         const int32_t* dend, TO* out, TO* lse, AttnShape a) {
   using L = MmaLayout<DMAX>;
@@ -191,6 +221,7 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 4 : 2) : 1)
   bf16* Qs = reinterpret_cast<bf16*>(smem4);
   bf16* KVs = Qs + kM * DP;         // [buffer][K, V][kN][DP]: two buffers when ASYNC
   __shared__ int Rlo[kM], Rhi[kM];  // per query row: visible keys [Rlo, Rhi)
+  __shared__ int LoMax, HiMin;      // every row sees the keys [LoMax, HiMin)
 
   // Heaviest (latest, for causal) query tiles first.
   const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -209,6 +240,9 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 4 : 2) : 1)
     if (!in) hi = 0;  // padding rows see nothing
     Rlo[r] = int(lo), Rhi[r] = int(hi);
   }
+  if (threadIdx.x == 0) LoMax = 0, HiMin = int(a.T);
+  __syncthreads();
+  if (threadIdx.x < kM) atomicMax(&LoMax, Rlo[threadIdx.x]), atomicMin(&HiMin, Rhi[threadIdx.x]);
   const int64_t last = min(i0 + kM, a.T) - 1;
   const int64_t lo = dstart ? dstart[b * a.T + i0] : 0;
   int64_t hi = dend ? dend[b * a.T + last] : a.T;
@@ -255,14 +289,15 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 4 : 2) : 1)
     float s[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    rows_dot_tile<DMAX, DP>(s, qa, Ks, g, t4);
+    rows_dot_tile<DMAX, DP>(s, qa, Ks, lane);
     float mxA = mA, mxB = mB;
+    const bool full = LoMax <= j0 && j0 + kN <= HiMin;  // block-uniform
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = int(j0) + n * 8 + 2 * t4 + (e & 1);
-        const bool ok = e < 2 ? (j >= loA && j < hiA) : (j >= loB && j < hiB);
+        const bool ok = full || (e < 2 ? (j >= loA && j < hiA) : (j >= loB && j < hiB));
         const float x = ok ? s[n][e] * sl2 : -INFINITY;
         s[n][e] = x;
         if (e < 2)
@@ -319,9 +354,10 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 4 : 2) : 1)
   }
 }
 
-// OCC: registers capped for 3 blocks per SM at DMAX 64 (2 otherwise at about 190).
-template <typename TO, int DMAX, bool OCC, bool ASYNC>
-__global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 3 : 1) : 1)
+// Registers capped for 3 blocks per SM at DMAX 64 (168, no spills). (key tile, query
+// tile) pairs that are wholly visible take a mask-free path.
+template <typename TO, int DMAX, bool ASYNC>
+__global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
     attn_bwd_mma_kernel(const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                         const TO* lse, const float* dsum, const int32_t* dstart,
                         const int32_t* dend, TO* dk, TO* dv, float* dq_acc, AttnShape a) {
@@ -385,6 +421,7 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 3 : 1) : 1)
       __syncthreads();  // previous Q/dO/dS/row reads done (and K/V loaded, the first time)
       load_qg(0, it);
     }
+    bool row_full = true;  // this thread's rows see every key of the tile
     for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
       const int64_t i = i0 + r;
       const bool in = i < a.T;
@@ -395,8 +432,9 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 3 : 1) : 1)
       if (a.causal) hi = min(hi, i + 1);
       if (!in) hi = 0;
       Rlo[r] = int(lo), Rhi[r] = int(hi);
+      row_full = row_full && lo <= j0 && j0 + kM <= hi;
     }
-    __syncthreads();
+    const bool full = __syncthreads_and(row_full) != 0;  // block-uniform
     const bf16* Qs = QGs + buf * 2 * kN * DP;
     const bf16* Gs = Qs + kN * DP;  // dO
     // S^T = K Q^T and dP^T = V dO^T for the warp's 16 key rows x 64 queries.
@@ -408,31 +446,47 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 3 : 1) : 1)
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
       uint32_t ka[4], va[4];
-      ld_a<DP>(ka, Ks, r0, kk, g, t4);
-      ld_a<DP>(va, Vs, r0, kk, g, t4);
+      ldsm_a<DP>(ka, Ks, r0, kk, lane);
+      ldsm_a<DP>(va, Vs, r0, kk, lane);
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
-        const bf16* pq = Qs + (n * 8 + g) * DP + kk * 16 + 2 * t4;
-        mma(st[n], ka, ld32(pq), ld32(pq + 8));
-        const bf16* pg = Gs + (n * 8 + g) * DP + kk * 16 + 2 * t4;
-        mma(dpt[n], va, ld32(pg), ld32(pg + 8));
+      for (int np = 0; np < 4; ++np) {
+        uint32_t qb[4], gb[4];
+        ldsm_b_rows<DP>(qb, Qs, np * 16, kk, lane);
+        mma(st[2 * np], ka, qb[0], qb[1]);
+        mma(st[2 * np + 1], ka, qb[2], qb[3]);
+        ldsm_b_rows<DP>(gb, Gs, np * 16, kk, lane);
+        mma(dpt[2 * np], va, gb[0], gb[1]);
+        mma(dpt[2 * np + 1], va, gb[2], gb[3]);
       }
     }
     // P^T and dS^T in place; dS also to shared memory, query-major, for dQ.
+    // Each query column qc serves this lane's two key rows: its values are read once, and
+    // the shared-memory stores come after all the reads.
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = n * 8 + 2 * t4 + (e & 1);
-        const int j = e < 2 ? jA : jB;
-        const bool ok = j >= Rlo[qc] && j < Rhi[qc];
-        const float p = ok ? exp2f(st[n][e] * sl2 - Ls[qc]) : 0.f;
-        const float ds = p * (dpt[n][e] - Dd[qc]) * a.scale;
-        st[n][e] = p, dpt[n][e] = ds;
-        Ss[qc * SP + r0 + g + (e < 2 ? 0 : 8)] = __float2bfloat16_rn(ds);
+      for (int c = 0; c < 2; ++c) {
+        const int qc = n * 8 + 2 * t4 + c;
+        const float lq = Ls[qc], dsq = Dd[qc];
+        bool okA = true, okB = true;
+        if (!full) {
+          const int lo = Rlo[qc], hi = Rhi[qc];
+          okA = jA >= lo && jA < hi, okB = jB >= lo && jB < hi;
+        }
+        const float pA = okA ? exp2f(st[n][c] * sl2 - lq) : 0.f;
+        const float pB = okB ? exp2f(st[n][c + 2] * sl2 - lq) : 0.f;
+        st[n][c] = pA, st[n][c + 2] = pB;
+        dpt[n][c] = pA * (dpt[n][c] - dsq) * a.scale;
+        dpt[n][c + 2] = pB * (dpt[n][c + 2] - dsq) * a.scale;
       }
     }
-    // dV += P^T dO, dK += dS^T Q (k = the 64 queries of the tile).
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        Ss[(n * 8 + 2 * t4 + (e & 1)) * SP + r0 + g + (e < 2 ? 0 : 8)] =
+            __float2bfloat16_rn(dpt[n][e]);
+        // dV += P^T dO, dK += dS^T Q (k = the 64 queries of the tile).
 #pragma unroll
     for (int kq = 0; kq < kN / 16; ++kq) {
       uint32_t pa[4], da[4];
@@ -457,7 +511,7 @@ __global__ void __launch_bounds__(kMmaThreads, OCC ? (DMAX == 64 ? 3 : 1) : 1)
 #pragma unroll
     for (int kk = 0; kk < kM / 16; ++kk) {
       uint32_t sa[4];
-      ld_a<SP>(sa, Ss, r0, kk, g, t4);
+      ldsm_a<SP>(sa, Ss, r0, kk, lane);
 #pragma unroll
       for (int dn = 0; dn < DMAX / 16; ++dn) {
         uint32_t kb[4];
@@ -514,14 +568,6 @@ bool async_ok(int64_t D, int dmax, std::initializer_list<const void*> ps) {
   return true;
 }
 
-// Runs f.template operator()<OCC, ASYNC>() for the runtime flags.
-template <typename F>
-cudaError_t dispatch_flags(bool occ, bool async, F&& f) {
-  if (occ)
-    return async ? f.template operator()<true, true>() : f.template operator()<true, false>();
-  return async ? f.template operator()<false, true>() : f.template operator()<false, false>();
-}
-
 }  // namespace
 
 size_t attention_mma_smem_bytes(int64_t D, bool backward) {
@@ -536,8 +582,8 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {q, k, v});
-      return dispatch_flags(a.tc_occ, async, [&]<bool OCC, bool ASYNC>() {
-        auto kern = attn_fwd_mma_kernel<TO, DMAX, OCC, ASYNC>;
+      auto launch = [&]<bool ASYNC>() {
+        auto kern = attn_fwd_mma_kernel<TO, DMAX, ASYNC>;
         const size_t sm = MmaLayout<DMAX>::fwd;
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
@@ -547,7 +593,8 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
                                            static_cast<const bf16*>(v), dstart, dend,
                                            static_cast<TO*>(out), static_cast<TO*>(lse), a);
         return cudaGetLastError();
-      });
+      };
+      return async ? launch.template operator()<true>() : launch.template operator()<false>();
     });
   });
 }
@@ -560,8 +607,8 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {dout, q, k, v});
-      return dispatch_flags(a.tc_occ, async, [&]<bool OCC, bool ASYNC>() {
-        auto kern = attn_bwd_mma_kernel<TO, DMAX, OCC, ASYNC>;
+      auto launch = [&]<bool ASYNC>() {
+        auto kern = attn_bwd_mma_kernel<TO, DMAX, ASYNC>;
         const size_t sm = MmaLayout<DMAX>::bwd;
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
@@ -572,7 +619,8 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
             static_cast<const bf16*>(k), static_cast<const bf16*>(v), static_cast<const TO*>(lse),
             dsum, dstart, dend, static_cast<TO*>(dk), static_cast<TO*>(dv), dq_acc, a);
         return cudaGetLastError();
-      });
+      };
+      return async ? launch.template operator()<true>() : launch.template operator()<false>();
     });
   });
 }

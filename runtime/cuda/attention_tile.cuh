@@ -1,6 +1,6 @@
-// Tile staging shared by the tensor-core attention kernels (attention_tc.cu: wmma;
-// attention_mma.cu: mma.sync): rows of a (B, T, heads, D) tensor, f32 or bf16, loaded into a
-// bf16 shared-memory tile with zero padding, and the vector f32 atomics of the dQ sums.
+// Tile staging for the tensor-core attention kernels (attention_mma.cu): rows of a
+// (B, T, heads, D) tensor, f32 or bf16, loaded into a bf16 shared-memory tile with zero
+// padding, and the vector f32 atomics of the dQ sums.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,14 +52,6 @@ __device__ __forceinline__ void load_tile_bf16(bf16* s, const T* x, int64_t b, i
   }
 }
 
-// p[0..3] += v atomically (one vector atomic on Hopper; p 16-byte aligned).
-__device__ __forceinline__ void add4(float* p, float4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(p), v);
-#else
-  atomicAdd(p + 0, v.x), atomicAdd(p + 1, v.y), atomicAdd(p + 2, v.z), atomicAdd(p + 3, v.w);
-#endif
-}
 // p[0..1] += (x, y) atomically (one vector atomic on Hopper; p 8-byte aligned).
 __device__ __forceinline__ void add2(float* p, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -6,11 +6,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -148,7 +146,10 @@ class CudaBackend final : public Backend {
     if (n == 0) return;
     const KT st = kt_of(src.dtype(), "copy"), dt = kt_of(dst.dtype(), "copy");
     activate();
-    auto prof_scope = prof("copy");
+    auto prof_scope = prof("copy", [&] {
+      return fmt::format(" {}->{}{}", dtype_name(src.dtype()), dtype_name(dst.dtype()),
+                         src.is_contiguous() && dst.is_contiguous() ? "" : " strided");
+    });
     if (src.is_contiguous() && dst.is_contiguous()) {
       LLAMA3_CUDA_CHECK(
           cuda::convert_contiguous(src.data_ptr(), st, dst.data_ptr(), dt, n, stream_));
@@ -692,17 +693,8 @@ class CudaBackend final : public Backend {
     // Tensor cores (bf16 products, f32 accumulation) when asked for or when the inputs are
     // bf16 anyway; the exact f32 SIMT kernels otherwise.
     a.tc = p.compute == AttnCompute::bf16 || q.dtype() == DType::bf16;
-    // LLAMA3_CUDA_ATTN picks among the tensor-core kernels (read on every call, so a
-    // benchmark or test can compare them in one process): unset, the mma.sync kernels with
-    // registers capped for occupancy (fastest on an H100: bench/RESULTS.md); "mma", the same
-    // kernels uncapped; "wmma", the older wmma kernels.
-    const char* env = std::getenv("LLAMA3_CUDA_ATTN");
-    const std::string_view impl = env ? env : "";
-    a.tc_wmma = a.tc && impl == "wmma";
-    a.tc_occ = a.tc && impl != "mma";
-    const size_t need = !a.tc       ? cuda::attention_smem_bytes(a.D, /*backward=*/true)
-                        : a.tc_wmma ? cuda::attention_tc_smem_bytes(a.D, /*backward=*/true)
-                                    : cuda::attention_mma_smem_bytes(a.D, /*backward=*/true);
+    const size_t need = a.tc ? cuda::attention_mma_smem_bytes(a.D, /*backward=*/true)
+                             : cuda::attention_smem_bytes(a.D, /*backward=*/true);
     LLAMA3_CHECK(need <= smem_optin_,
                  "attention: head dim {} needs {} bytes of shared memory per block, {} allows {} "
                  "(H100/H200: 227 KB; A100: head dims up to 64)",
@@ -710,7 +702,7 @@ class CudaBackend final : public Backend {
     return a;
   }
   static bool mma_needs_bf16(const cuda::AttnShape& a, const Tensor& q) {
-    return a.tc && !a.tc_wmma && q.dtype() != DType::bf16;
+    return a.tc && q.dtype() != DType::bf16;
   }
   void doc_runs(const AttentionParams& p, const cuda::AttnShape& a, Tensor& start, Tensor& end) {
     if (!p.doc_ids.defined()) return;

@@ -76,18 +76,12 @@ struct AttnShape {
   int64_t B, T, H, Hkv, D;
   float scale;
   bool causal;
-  // true: tensor cores (bf16 products, f32 accumulation): the mma.sync kernels of
-  // attention_mma.cu, or with tc_wmma the older wmma kernels of attention_tc.cu (kept for
-  // comparison: LLAMA3_CUDA_ATTN=wmma); false: the exact f32 SIMT kernels of attention.cu.
+  // true: the tensor-core kernels of attention_mma.cu (bf16 products, f32 accumulation);
+  // false: the exact f32 SIMT kernels of attention.cu.
   bool tc = false;
-  bool tc_wmma = false;
-  // mma kernels with registers capped for more blocks per SM (the default; false with
-  // LLAMA3_CUDA_ATTN=mma).
-  bool tc_occ = false;
 };
 // Dynamic shared memory the attention kernels need for head dim D (at most 128).
 size_t attention_smem_bytes(int64_t D, bool backward);
-size_t attention_tc_smem_bytes(int64_t D, bool backward);
 size_t attention_mma_smem_bytes(int64_t D, bool backward);
 // doc_start/doc_end (B*T) int32 from doc_runs, or null for one document per row.
 cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, int32_t* end,
@@ -109,17 +103,9 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
                                float* dq_acc, KT t, const AttnShape& a, cudaStream_t s,
                                const AttnBf16Inputs& in16 = {});
-// The tensor-core kernels (attention_mma.cu, bf16 q/k/v/dout only; attention_tc.cu, f32 or
-// bf16, with a.tc_wmma);
-// attention_forward/backward route to them when a.tc. The backward launchers expect dsum
-// computed and dq_acc zeroed (they only add).
-cudaError_t attention_forward_tc(const void* q, const void* k, const void* v, const int32_t* dstart,
-                                 const int32_t* dend, void* out, void* lse, KT t,
-                                 const AttnShape& a, cudaStream_t s);
-cudaError_t attention_backward_tc(const void* dout, const void* q, const void* k, const void* v,
-                                  const void* lse, const float* dsum, const int32_t* dstart,
-                                  const int32_t* dend, void* dk, void* dv, float* dq_acc, KT t,
-                                  const AttnShape& a, cudaStream_t s);
+// The tensor-core kernels (attention_mma.cu, bf16 q/k/v/dout only); attention_forward /
+// attention_backward route to them when a.tc. The backward launcher expects dsum computed
+// and dq_acc zeroed (it only adds).
 cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
                                   const int32_t* dstart, const int32_t* dend, void* out, void* lse,
                                   KT t, const AttnShape& a, cudaStream_t s);

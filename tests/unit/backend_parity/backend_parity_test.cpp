@@ -7,7 +7,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
@@ -21,31 +20,6 @@
 using namespace llama3;
 
 namespace {
-
-// Sets an environment variable for a scope (empty value: unset), restoring the old value.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) had_ = true, old_ = old;
-    if (*value)
-      setenv(name, value, 1);
-    else
-      unsetenv(name);
-  }
-  ~ScopedEnv() {
-    if (had_)
-      setenv(name_, old_.c_str(), 1);
-    else
-      unsetenv(name_);
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  bool had_ = false;
-  std::string old_;
-};
 
 // What a case runs on: the device, the dtype of its floating inputs on that device, and
 // the dtype its values are rounded to (bf16 cases round on both devices).
@@ -114,6 +88,14 @@ std::vector<Case> make_cases() {
     Tensor zn = z.narrow(1, 2, 5);
     zn.copy_(x.narrow(2, 1, 1).contiguous().view({5, 7}).transpose(0, 1));
     return std::vector<Tensor>{y, z};
+  });
+  // f32 <-> bf16 casts: the vectorised kernels (16-byte aligned, 4 elements a thread) with a
+  // scalar tail (1027 elements), and the scalar kernels (a view 1 element in: misaligned).
+  both("cast_f32_bf16_vector_and_tail", true, [](const Ctx& c) {
+    Tensor x = input(c, {1027}, 3).to(DType::f32);
+    Tensor whole = x.to(DType::bf16).to(DType::f32);
+    Tensor part = x.narrow(0, 1, 1021).to(DType::bf16).to(DType::f32);
+    return std::vector<Tensor>{whole, part};
   });
   cs.push_back({"fill_and_int_copy", DType::f32, true, 0, [](const Ctx& c) {
                   Tensor a = Tensor::full({3, 5}, 2.5, DType::bf16, c.dev);
@@ -196,6 +178,21 @@ std::vector<Case> make_cases() {
     be.rmsnorm_backward(dy, x, w, rstd, dx, dw);
     return std::vector<Tensor>{y, rstd, dx, dw};
   });
+  // Wider rows: more rows than the 264 partial rows (several rows per block) at d = 2100
+  // (16 columns a thread in registers), and d = 4100 (the kernel without register rows).
+  for (int64_t d : {2100, 4100}) {
+    const int64_t rows = d == 2100 ? 300 : 5;
+    both("rmsnorm_d" + std::to_string(d), false, [d, rows](const Ctx& c) {
+      Backend& be = backend_for(c.dev);
+      Tensor x = input(c, {rows, d}, 34), w = input(c, {d}, 35);
+      Tensor y = empty(c, {rows, d}), rstd = empty(c, {rows});
+      be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+      Tensor dy = input(c, {rows, d}, 36), dx = empty(c, {rows, d});
+      Tensor dw = input(c, {d}, 37);
+      be.rmsnorm_backward(dy, x, w, rstd, dx, dw);
+      return std::vector<Tensor>{y, rstd, dx, dw};
+    });
+  }
   both("rope", false, [](const Ctx& c) {
     Backend& be = backend_for(c.dev);
     const int64_t dh = 16;
@@ -271,44 +268,36 @@ std::vector<Case> make_cases() {
                   TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
                   TcCfg{"attn_tc_doc_noncausal_d48_t70", 2, 70, 3, 1, 48, false, true},
                   TcCfg{"attn_tc_causal_doc_gqa_d64_t1024", 1, 1024, 2, 1, 64, true, true},
-                  TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}})
-    // Each shape on every tensor-core kernel set: the default (mma.sync, registers capped),
-    // "mma" (uncapped) and the older "wmma" (LLAMA3_CUDA_ATTN; the CPU ignores it).
-    for (const char* impl : {"", "mma", "wmma"}) {
-      const std::string name =
-          *impl ? std::string("attn_tc_") + impl + (a.name + std::string("attn_tc").size())
-                : std::string(a.name);
-      cs.push_back({name, DType::f32, true, 2e-2, [a, impl](const Ctx& c) {
-                      ScopedEnv env("LLAMA3_CUDA_ATTN", impl);
-                      Backend& be = backend_for(c.dev);
-                      Tensor q = input(c, {a.B, a.T, a.H, a.D}, 90),
-                             k = input(c, {a.B, a.T, a.Hkv, a.D}, 91);
-                      Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 92);
-                      AttentionParams p;
-                      p.causal = a.causal;
-                      p.compute = AttnCompute::bf16;
-                      if (a.docs) {
-                        // Document boundaries at 23, 63, 150, 300, 700 (row b shifted by 37 b):
-                        // runs that start and end inside 64-row tiles and runs spanning several
-                        // tiles.
-                        std::vector<int32_t> d(size_t(a.B * a.T));
-                        for (int64_t b = 0; b < a.B; ++b)
-                          for (int64_t t = 0; t < a.T; ++t) {
-                            int32_t id = 0;
-                            for (int64_t e : {23, 63, 150, 300, 700}) id += (t + 37 * b) >= e;
-                            d[b * a.T + t] = id;
-                          }
-                        p.doc_ids = ints(c, d, {a.B, a.T});
-                      }
-                      Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
-                      be.attention_forward(q, k, v, p, out, lse);
-                      Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
-                      Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()),
-                             dv = empty(c, v.shape());
-                      be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-                      return std::vector<Tensor>{out, lse, dq, dk, dv};
-                    }});
-    }
+                  TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
+    cs.push_back(
+        {a.name, DType::f32, true, 2e-2, [a](const Ctx& c) {
+           Backend& be = backend_for(c.dev);
+           Tensor q = input(c, {a.B, a.T, a.H, a.D}, 90), k = input(c, {a.B, a.T, a.Hkv, a.D}, 91);
+           Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 92);
+           AttentionParams p;
+           p.causal = a.causal;
+           p.compute = AttnCompute::bf16;
+           if (a.docs) {
+             // Document boundaries at 23, 63, 150, 300, 700 (row b shifted by 37 b):
+             // runs that start and end inside 64-row tiles and runs spanning several
+             // tiles.
+             std::vector<int32_t> d(size_t(a.B * a.T));
+             for (int64_t b = 0; b < a.B; ++b)
+               for (int64_t t = 0; t < a.T; ++t) {
+                 int32_t id = 0;
+                 for (int64_t e : {23, 63, 150, 300, 700}) id += (t + 37 * b) >= e;
+                 d[b * a.T + t] = id;
+               }
+             p.doc_ids = ints(c, d, {a.B, a.T});
+           }
+           Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
+           be.attention_forward(q, k, v, p, out, lse);
+           Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
+           Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
+           be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+           return std::vector<Tensor>{out, lse, dq, dk, dv};
+         }});
+  }
 
   // ---- cross-entropy with the classifier, chunked, ignored targets
   both("linear_cross_entropy", true, [](const Ctx& c) {

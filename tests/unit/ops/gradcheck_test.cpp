@@ -206,3 +206,22 @@ TEST(Attention, QueryPositionsMatchRowsOfTheFullAttention) {
       EXPECT_NEAR(got[i], ref[start * H * D + i], 1e-12) << start;
   }
 }
+
+// Leaf gradients adopt the engine's result without a copy only when nothing else holds it:
+// x + y hands the same gradient tensor to both leaves, so accumulating a second backward
+// into x must leave y's gradient alone, and each must equal the sum of its contributions.
+TEST(Autograd, LeafGradientsNeverAlias) {
+  Tensor x = randn({3, 4}, 1), y = randn({3, 4}, 2);
+  x.set_requires_grad(true), y.set_requires_grad(true);
+  Tensor r = randn({3, 4}, 3);
+  ops::dot(ops::add(x, y), r).backward();
+  EXPECT_FALSE(x.grad().same_storage(y.grad()));
+  ops::dot(ops::scale(x, 2.f), r).backward();  // x.grad += 2 r; y.grad stays r
+  const std::vector<double> gx = x.grad().to_vector<double>(), gy = y.grad().to_vector<double>();
+  const std::vector<double> rv = r.to_vector<double>();
+  for (size_t i = 0; i < rv.size(); ++i) {
+    EXPECT_DOUBLE_EQ(gx[i], 3 * rv[i]) << i;
+    EXPECT_DOUBLE_EQ(gy[i], rv[i]) << i;
+  }
+  EXPECT_FALSE(x.grad().requires_grad());
+}
