@@ -51,7 +51,9 @@ double unigram_entropy(const std::vector<std::string>& shards) {
   return h;
 }
 
-Needles::Needles(const text::Tokenizer& tok, const std::vector<std::string>& filler_shards) : tok_(tok) {
+Needles::Needles(const text::Tokenizer& tok, const std::vector<std::string>& filler_shards, int key_digits)
+    : tok_(tok), key_digits_(key_digits) {
+  LLAMA3_CHECK(key_digits >= 1 && key_digits <= 6, "needles: key_digits {} must lie in [1, 6]", key_digits);
   for (auto& p : filler_shards) {
     data::Shard s = data::Shard::load(p);
     for (int64_t d = 0; d < s.n_docs(); ++d)
@@ -67,7 +69,13 @@ Needles::Prompt Needles::prompt(int64_t length, int candidates, uint64_t seed) c
     std::string s = " ";  // (appending, not " " + to_string: GCC 12 warns -Wrestrict there)
     return s += std::to_string(k);
   };
-  const int key = 1000 + int(rng() % 9000);
+  // Keys are uniform over the key_digits-digit numbers (one digit: 0..9), distractors too.
+  int lo_k = 1;
+  for (int i = 1; i < key_digits_; ++i) lo_k *= 10;
+  if (key_digits_ == 1) lo_k = 0;
+  const int n_k = key_digits_ == 1 ? 10 : 9 * lo_k;
+  LLAMA3_CHECK(candidates <= n_k, "needles: {} candidates but only {} {}-digit keys", candidates, n_k, key_digits_);
+  const int key = lo_k + int(rng() % uint64_t(n_k));
   const std::vector<int32_t> needle = tok_.encode("\nThe pass key is" + key_text(key) + ". Remember it.\n");
   const std::vector<int32_t> question = tok_.encode("\nWhat is the pass key? The pass key is");
   Prompt p;
@@ -89,7 +97,7 @@ Needles::Prompt Needles::prompt(int64_t length, int candidates, uint64_t seed) c
       continue;
     }
     for (int tries = 0;; ++tries) {
-      const int k = 1000 + int(rng() % 9000);
+      const int k = lo_k + int(rng() % uint64_t(n_k));
       auto enc = tok_.encode(key_text(k));
       if (used.count(k) || (enc.size() != ans.size() && tries < 2000) || (shape(enc) != ans_shape && tries < 1000))
         continue;

@@ -27,8 +27,9 @@ double unigram_entropy(const std::vector<std::string>& shards);
 
 class Needles {
  public:
-  // Filler text: the shards' tokens with special tokens (BOS/EOS) removed.
-  Needles(const text::Tokenizer& tok, const std::vector<std::string>& filler_shards);
+  // Filler text: the shards' tokens with special tokens (BOS/EOS) removed. Pass keys have
+  // key_digits digits (1: one of 0..9, a single token after the space).
+  Needles(const text::Tokenizer& tok, const std::vector<std::string>& filler_shards, int key_digits = 1);
 
   struct Prompt {
     std::vector<int32_t> context;                  // BOS + filler + needle + filler + question
@@ -40,9 +41,13 @@ class Needles {
   // Writes `docs` training documents (BOS prompt answer EOS) of lengths in [min_len, max_len].
   void write_training_shard(const std::string& path, int64_t docs, int64_t min_len, int64_t max_len,
                             uint64_t seed) const;
+  // An upper bound on the answer's tokens (the space, then at most one token per digit):
+  // a training document's last answer_tokens() + 1 tokens hold its answer and EOS.
+  int64_t answer_tokens() const { return 1 + key_digits_; }
 
  private:
   const text::Tokenizer& tok_;
+  int key_digits_ = 1;
   std::vector<int32_t> filler_;
 };
 

@@ -470,10 +470,18 @@ void LoadedRecipe::validate(bool runnable, int world_size) const {
       }
       const auto& sn = s.synthetic_niah();
       if (sn.weight() < 0 || sn.weight() >= 1) c.error("synthetic_niah.weight", "{} must lie in [0, 1)", sn.weight());
-      if (sn.weight() > 0 && k != PRETRAIN)
+      if ((sn.weight() > 0 || sn.micro_batches() > 0) && k != PRETRAIN)
         c.error("synthetic_niah", "only PRETRAIN stages take it (long context: long_context.synthetic_niah_weight)");
       if (sn.min_len() < 0 || sn.max_len() < sn.min_len() || (sn.min_len() > 0 && sn.min_len() < 32))
         c.error("synthetic_niah", "lengths must satisfy 32 <= min_len <= max_len (got {}, {})", sn.min_len(), sn.max_len());
+      if (sn.only_tokens() < 0) c.error("synthetic_niah.only_tokens", "must be >= 0 (got {})", sn.only_tokens());
+      if (sn.micro_batches() < 0) c.error("synthetic_niah.micro_batches", "must be >= 0 (got {})", sn.micro_batches());
+      if (k == LONG_CONTEXT && s.long_context().synthetic_niah_micro_batches() < 0)
+        c.error("long_context.synthetic_niah_micro_batches", "must be >= 0 (got {})",
+                s.long_context().synthetic_niah_micro_batches());
+      if (sn.only_tokens() > 0 && sn.weight() <= 0 && sn.micro_batches() <= 0)
+        c.error("synthetic_niah.only_tokens",
+                "needs synthetic_niah.weight > 0 or micro_batches > 0 (the documents of the warm-up)");
       if (k == LONG_CONTEXT && (lc_weight(s) < 0 || lc_weight(s) >= 1))
         c.error("long_context.synthetic_niah_weight", "{} must lie in [0, 1)", lc_weight(s));
       if (k == ANNEAL && s.anneal().average_every_tokens() < 0)
@@ -500,6 +508,11 @@ void LoadedRecipe::validate(bool runnable, int world_size) const {
         if (e.niah().lengths(j) < 64) c.error(fmt::format("eval.niah.lengths[{}]", j), "{} is below 64 tokens", e.niah().lengths(j));
       if (e.niah().candidates() == 1 || e.niah().candidates() < 0)
         c.error("eval.niah.candidates", "needs >= 2 candidates (got {})", e.niah().candidates());
+      if (e.niah().key_digits() < 0 || e.niah().key_digits() > 6)
+        c.error("eval.niah.key_digits", "{} must lie in [0, 6] (0: 1 digit)", e.niah().key_digits());
+      else if (e.niah().key_digits() <= 1 && e.niah().candidates() > 10)
+        c.error("eval.niah.candidates", "{} candidates need more than the 10 one-digit keys (raise key_digits)",
+                e.niah().candidates());
     }
     if (s.checkpoint_every_steps() < 0) c.error("checkpoint_every_steps", "must be >= 0");
   }

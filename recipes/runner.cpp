@@ -131,55 +131,108 @@ std::string tokenizer_path(const DataSet& d) {
 
 // A BatchSource whose sequence length, batch size and mix can change mid-stage, keeping
 // the data position (the loader state does not depend on the row shape).
+//
+// Optionally a second lane: the first `task_per_step` of every `per_step` micro-batches come
+// from their own loader drawing only the task sources (generated pass-key documents), the
+// rest from the main mix. The trainer averages the micro-batches' mean losses, so the task
+// micro-batches weigh task_per_step / per_step of every update whatever their token count:
+// answer-only pass-key documents (a few answer tokens each) would otherwise be a fraction
+// of a percent of the loss.
 class RecipeSource : public text::BatchSource {
  public:
   RecipeSource(std::vector<data::SourceSpec> sources, uint64_t seed) : sources_(std::move(sources)), seed_(seed) {}
 
-  void configure(int64_t seq, int64_t batch, const std::vector<double>& weights) {
-    if (!loader_) {
-      build(seq, batch);
-      loader_->set_weights(weights);
-      weights_ = weights;
-      return;
-    }
+  // task_weights: empty or task_per_step 0: no task lane.
+  void configure(int64_t seq, int64_t batch, const std::vector<double>& weights,
+                 const std::vector<double>& task_weights = {}, int64_t task_per_step = 0, int64_t per_step = 1) {
+    LLAMA3_CHECK(task_per_step < per_step || task_per_step == 0,
+                 "{} pass-key micro-batches per step leave none of the step's {} for the mix", task_per_step,
+                 per_step);
     if (seq != seq_ || batch != batch_) {
-      json st = loader_->state();
-      st["seq_len"] = seq;
-      build(seq, batch);
-      loader_->restore(st);
+      main_.reshape(*this, seq, batch);
+      if (task_.loader) task_.reshape(*this, seq, batch);
+      seq_ = seq, batch_ = batch;
     }
-    if (weights != weights_) {
-      loader_->set_weights(weights);
-      weights_ = weights;
-    }
+    main_.set(*this, weights);
+    if (task_per_step > 0) task_.set(*this, task_weights);
+    if (task_per_step != task_per_step_ || per_step != per_step_) calls_ = 0;  // a new step pattern starts
+    task_per_step_ = task_per_step, per_step_ = per_step;
   }
-  data::Batch next() override { return loader_->next(); }
+  data::Batch next() override {
+    const bool task = task_per_step_ > 0 && calls_ % per_step_ < task_per_step_;
+    ++calls_;
+    return task ? task_.loader->next() : main_.loader->next();
+  }
   json state() const override {
-    return {{"seq_len", seq_}, {"batch", batch_}, {"weights", weights_}, {"loader", loader_->state()}};
+    json j = {{"seq_len", seq_}, {"batch", batch_}, {"weights", main_.weights}, {"loader", main_.loader->state()}};
+    if (task_.loader) {
+      j["task"] = {{"weights", task_.weights}, {"loader", task_.loader->state()}};
+      j["calls"] = calls_;
+      j["task_per_step"] = task_per_step_;
+      j["per_step"] = per_step_;
+    }
+    return j;
   }
   void restore(const json& j) override {
-    build(j.at("seq_len").get<int64_t>(), j.at("batch").get<int64_t>());
-    weights_ = j.at("weights").get<std::vector<double>>();
-    loader_->restore(j.at("loader"));
+    seq_ = j.at("seq_len").get<int64_t>(), batch_ = j.at("batch").get<int64_t>();
+    main_.restore(*this, j.at("weights"), j.at("loader"), 0);
+    task_ = Lane{1};
+    task_per_step_ = 0, per_step_ = 1, calls_ = 0;
+    if (j.contains("task")) {
+      task_.restore(*this, j["task"].at("weights"), j["task"].at("loader"), 1);
+      calls_ = j.at("calls").get<int64_t>();
+      task_per_step_ = j.at("task_per_step").get<int64_t>();
+      per_step_ = j.at("per_step").get<int64_t>();
+    }
   }
   const std::vector<data::SourceSpec>& sources() const { return sources_; }
 
  private:
-  void build(int64_t seq, int64_t batch) {
-    data::LoaderConfig c;
-    c.sources = sources_;
-    c.seq_len = seq;
-    c.batch_size = batch;
-    c.seed = seed_;
-    loader_.reset();
-    loader_ = std::make_unique<data::MixingLoader>(c);
-    seq_ = seq, batch_ = batch;
-  }
+  struct Lane {
+    explicit Lane(int which) : lane(which) {}
+    int lane = 0;  // 0: main, 1: task (its own seed)
+    std::unique_ptr<data::MixingLoader> loader;
+    std::vector<double> weights;
+
+    void build(const RecipeSource& r, int64_t seq, int64_t batch) {
+      data::LoaderConfig c;
+      c.sources = r.sources_;
+      c.seq_len = seq;
+      c.batch_size = batch;
+      c.seed = r.seed_ + uint64_t(lane) * 0x9E3779B97F4A7C15ull;
+      loader.reset();
+      loader = std::make_unique<data::MixingLoader>(c);
+    }
+    void reshape(const RecipeSource& r, int64_t seq, int64_t batch) {
+      if (!loader) return;
+      json st = loader->state();
+      st["seq_len"] = seq;
+      build(r, seq, batch);
+      loader->restore(st);
+    }
+    void set(const RecipeSource& r, const std::vector<double>& w) {
+      if (!loader) {
+        build(r, r.seq_, r.batch_);
+        loader->set_weights(w);
+        weights = w;
+      } else if (w != weights) {
+        loader->set_weights(w);
+        weights = w;
+      }
+    }
+    void restore(const RecipeSource& r, const json& w, const json& st, int which) {
+      lane = which;
+      build(r, r.seq_, r.batch_);
+      weights = w.get<std::vector<double>>();
+      loader->restore(st);
+    }
+  };
+
   std::vector<data::SourceSpec> sources_;
   uint64_t seed_;
-  std::unique_ptr<data::MixingLoader> loader_;
+  Lane main_{0}, task_{1};
   int64_t seq_ = 0, batch_ = 0;
-  std::vector<double> weights_;
+  int64_t task_per_step_ = 0, per_step_ = 1, calls_ = 0;
 };
 
 class StageRunner {
@@ -270,7 +323,7 @@ class StageRunner {
     f["params"] = model->config().num_params();
     if (e.niah().samples() > 0) {
       auto tok = text::Tokenizer::load(tokenizer_path(ds));
-      Needles needles(tok, shards);
+      Needles needles(tok, shards, key_digits());
       for (int64_t L : niah_lengths(seq)) {
         auto res = niah_eval(*model, needles, L, e.niah().samples(), candidates(), niah_seed());
         f[fmt::format("niah_{}_acc", L)] = res.accuracy();
@@ -281,6 +334,7 @@ class StageRunner {
     return f;
   }
 
+  int key_digits() const { return std::max<int>(1, int(s_.eval().niah().key_digits())); }
   int candidates() const { return s_.eval().niah().candidates() > 0 ? int(s_.eval().niah().candidates()) : 4; }
   uint64_t niah_seed() const { return s_.eval().niah().seed() ? s_.eval().niah().seed() : 777; }
   std::vector<int64_t> niah_lengths(int64_t seq) const {
@@ -375,34 +429,40 @@ json StageRunner::run_train() {
   for (auto& sp : ds.eval) eval_shards.insert(eval_shards.end(), sp.shards.begin(), sp.shards.end());
   const double syn_w = lc ? s_.long_context().synthetic_niah_weight() : 0.0;
   const double pre_w = s_.kind() == PRETRAIN ? s_.synthetic_niah().weight() : 0.0;
-  if (s_.eval().niah().samples() > 0 || syn_w > 0 || pre_w > 0) {
+  // Whole micro-batches of pass-key documents per step (RecipeSource's task lane).
+  const int64_t pre_k = s_.kind() == PRETRAIN ? s_.synthetic_niah().micro_batches() : 0;
+  const int64_t syn_k = lc ? s_.long_context().synthetic_niah_micro_batches() : 0;
+  const bool pre_on = pre_w > 0 || pre_k > 0, syn_on = syn_w > 0 || syn_k > 0;
+  if (s_.eval().niah().samples() > 0 || syn_on || pre_on) {
     tok = std::make_unique<text::Tokenizer>(text::Tokenizer::load(tokenizer_path(ds)));
-    eval_needles = std::make_unique<Needles>(*tok, eval_shards);
+    eval_needles = std::make_unique<Needles>(*tok, eval_shards, key_digits());
   }
-  if (syn_w > 0 || pre_w > 0) {
+  if (syn_on || pre_on) {
     std::vector<std::string> filler;
     for (auto& sp : ds.sources)
       if (sp.name == "general") filler = sp.shards;
     if (filler.empty()) filler = ds.sources[0].shards;
-    train_needles = std::make_unique<Needles>(*tok, filler);
+    train_needles = std::make_unique<Needles>(*tok, filler, key_digits());
   }
-  if (pre_w > 0) {
+  if (pre_on) {
     const int64_t seq = s_.batch().seq_len();
     const int64_t lo = s_.synthetic_niah().min_len() > 0 ? s_.synthetic_niah().min_len() : std::max<int64_t>(64, seq / 4);
     const int64_t hi = s_.synthetic_niah().max_len() > 0 ? s_.synthetic_niah().max_len() : std::max(lo, seq);
     const std::string path = fmt::format("{}/niah_train.shard", dir_);
     if (comm_.lead() && !fs::exists(path)) train_needles->write_training_shard(path, 4000, lo, hi, seed * 31);
     comm_.sync();
-    sources.push_back({"niah", {path}, 0.0});
+    sources.push_back({"niah", {path}, 0.0, /*no_straddle=*/true,
+                       s_.synthetic_niah().answer_only() ? train_needles->answer_tokens() + 1 : 0});
     base.push_back(0.0);
   }
-  if (syn_w > 0) {
+  if (syn_on) {
     for (int64_t L : s_.long_context().seq_lens()) {
       const std::string path = fmt::format("{}/niah_train_{}.shard", dir_, L);
       if (comm_.lead() && !fs::exists(path))
         train_needles->write_training_shard(path, 2000, L / 4, L, seed * 31 + uint64_t(L));
       comm_.sync();
-      sources.push_back({fmt::format("niah_{}", L), {path}, 0.0});
+      sources.push_back({fmt::format("niah_{}", L), {path}, 0.0, /*no_straddle=*/true,
+                         s_.long_context().synthetic_niah_answer_only() ? train_needles->answer_tokens() + 1 : 0});
       base.push_back(0.0);
     }
   }
@@ -431,7 +491,10 @@ json StageRunner::run_train() {
     std::vector<double> w = base;
     for (int j = 0; j < s_.mix_size(); ++j)
       if (tokens >= s_.mix(j).at_tokens()) w = mix_w[size_t(j)];
-    if (pre_w > 0) {
+    if (pre_on && tokens < s_.synthetic_niah().only_tokens()) {
+      std::fill(w.begin(), w.end(), 0.0);  // the retrieval warm-up: pass-key documents alone
+      w[size_t(index_of("niah"))] = 1.0;
+    } else if (pre_w > 0) {
       double sum = 0;
       for (double x : w) sum += x;
       for (double& x : w) x *= (1.0 - pre_w) / sum;
@@ -538,7 +601,17 @@ json StageRunner::run_train() {
     cur_batch = b.batch_tokens;
     LLAMA3_CHECK(b.grad_accum() % dpn == 0, "stage '{}': {} micro-batches per step are not divisible by dp {}",
                  s_.name(), b.grad_accum(), dpn);
-    source.configure(b.seq_len, b.micro_batch_size() * dpn, weights_at(t, inc));
+    {
+      // The task lane: whole micro-batches of the current pass-key source (none in a warm-up,
+      // where every row is one already).
+      const int64_t k = lc ? syn_k : (t < s_.synthetic_niah().only_tokens() ? 0 : pre_k);
+      std::vector<double> task_w;
+      if (k > 0) {
+        task_w.assign(sources.size(), 0.0);
+        task_w[size_t(index_of(lc ? fmt::format("niah_{}", lcs.seq_lens(inc)) : std::string("niah")))] = 1.0;
+      }
+      source.configure(b.seq_len, b.micro_batch_size() * dpn, weights_at(t, inc), task_w, k, b.grad_accum() / dpn);
+    }
     trainer.set_grad_accum(b.grad_accum() / dpn);
     text::StepStats st = trainer.step();
     const int64_t t1 = trainer.tokens_seen();

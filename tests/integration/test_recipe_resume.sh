@@ -15,7 +15,13 @@ SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain
       --set pretrain.total_tokens=12288 --set pretrain.batch.ramp[0].at_tokens=4096
       --set pretrain.lr.warmup_tokens=2048 --set pretrain.eval.every_tokens=4096 --set pretrain.checkpoint_every_steps=2
       --set pretrain.eval.niah.samples=2
-      --set long_context.batch.batch_tokens=2048 --set long_context.batch.micro_batch_tokens=2048
+      # pass-key documents: a one-step warm-up, answer-only loss, then one of each step's two
+      # micro-batches (RecipeSource's task lane, whose position the resume must restore too)
+      --set pretrain.batch.micro_batch_tokens=1024 --set pretrain.synthetic_niah.only_tokens=1024
+      --set pretrain.synthetic_niah.answer_only=true --set pretrain.synthetic_niah.micro_batches=1
+      --set long_context.batch.batch_tokens=2048 --set long_context.batch.micro_batch_tokens=1024
+      --set long_context.long_context.synthetic_niah_micro_batches=1
+      --set long_context.long_context.synthetic_niah_answer_only=true
       --set long_context.long_context.min_tokens_per_increment=2048
       --set long_context.long_context.check_every_tokens=2048
       --set long_context.long_context.max_tokens_per_increment=4096 --set long_context.eval.niah.samples=2

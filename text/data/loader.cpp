@@ -43,6 +43,8 @@ struct Source {
   std::vector<int64_t> first_doc;  // prefix sums of shard doc counts (size shards+1)
   int64_t n_docs = 0;
   double mean_len = 1;  // tokens per document, used to turn token weights into doc odds
+  bool no_straddle = false;
+  int64_t loss_last_tokens = 0;
 
   std::span<const int32_t> doc(int64_t d) const {
     size_t k = std::upper_bound(first_doc.begin(), first_doc.end(), d) - first_doc.begin() - 1;
@@ -77,17 +79,41 @@ class Packer {
   // Writes one row of T tokens, targets and doc ids, copying whole document runs.
   void row(int64_t T, int32_t* tok, int32_t* tgt, int32_t* ids) {
     int32_t doc_id = 0;
+    int64_t pad = T;  // first padding position (T: none)
     for (int64_t i = 0; i < T;) {
-      if (ensure_doc() && i > 0) ++doc_id;
+      if (ensure_doc() && i > 0) {
+        ++doc_id;
+        if (src_[size_t(st_.cur_src)].no_straddle && int64_t(cur_.size()) > T - i) {
+          pad = i;  // the new document starts the next row (state: its offset is still 0)
+          std::fill_n(tok + i, T - i, cur_[0]);
+          std::fill_n(ids + i, T - i, doc_id);
+          break;
+        }
+      }
       int64_t n = std::min<int64_t>(T - i, int64_t(cur_.size()) - st_.cur_off);
       std::copy_n(cur_.data() + st_.cur_off, n, tok + i);
       std::fill_n(ids + i, n, doc_id);
+      if (const int64_t last = src_[size_t(st_.cur_src)].loss_last_tokens; last > 0) {
+        // The target at document offset o is the token at o + 1: loss iff o + 1 is among
+        // the document's last `last` tokens (the last token's target is the next document).
+        const int64_t len = int64_t(cur_.size());
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t o = st_.cur_off + k;
+          if (!(o + 1 < len && o + 1 >= len - last)) masked_.push_back(i + k);
+        }
+      }
       i += n;
       st_.cur_off += n;
     }
     std::copy_n(tok + 1, T - 1, tgt);
-    ensure_doc();  // the last target is the next row's first token (peeked, not consumed)
-    tgt[T - 1] = cur_[st_.cur_off];
+    if (pad < T) {
+      std::fill_n(tgt + pad, T - pad, -1);
+    } else {
+      ensure_doc();  // the last target is the next row's first token (peeked, not consumed)
+      tgt[T - 1] = cur_[st_.cur_off];
+    }
+    for (int64_t k : masked_) tgt[k] = -1;
+    masked_.clear();
     ++st_.rows;
   }
 
@@ -143,6 +169,7 @@ class Packer {
   std::vector<std::vector<uint32_t>> perm_;
   std::vector<uint64_t> perm_epoch_;
   std::span<const int32_t> cur_;  // tokens of the current document
+  std::vector<int64_t> masked_;    // row positions whose target carries no loss
 };
 
 void check_weights(const std::vector<double>& w, size_t n) {
@@ -240,6 +267,10 @@ MixingLoader::MixingLoader(const LoaderConfig& cfg) : impl_(std::make_unique<Imp
   for (const auto& spec : cfg.sources) {
     Source s;
     s.name = spec.name;
+    s.no_straddle = spec.no_straddle;
+    s.loss_last_tokens = spec.loss_last_tokens;
+    LLAMA3_CHECK(spec.loss_last_tokens >= 0, "loader: source '{}' has loss_last_tokens {} (must be >= 0)", spec.name,
+                 spec.loss_last_tokens);
     LLAMA3_CHECK(!spec.shards.empty(), "loader: source '{}' lists no shards", spec.name);
     s.first_doc.push_back(0);
     int64_t tokens = 0;

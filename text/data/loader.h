@@ -17,6 +17,16 @@ struct SourceSpec {
   std::string name;                 // e.g. "general", "math", "code", "multilingual"
   std::vector<std::string> shards;  // paths of token shards written by `llama3 data tokenize`
   double weight = 1.0;              // relative sampling weight (normalised over sources)
+  // Documents never straddle a row boundary: one that does not fit in the rest of the
+  // current row starts the next row instead, and the rest of the row is padding (target -1,
+  // a document id of its own). For short task documents whose end depends on their start
+  // (generated pass-key documents: the answer needs the needle), which the document mask
+  // would otherwise cut apart. A document longer than a row still starts one.
+  bool no_straddle = false;
+  // > 0: only targets that are one of the last `loss_last_tokens` tokens of their document
+  // carry loss (the others are -1): task documents that end with their answer (a pass key
+  // and EOS) train the answer, not the filler around it.
+  int64_t loss_last_tokens = 0;
 };
 
 struct LoaderConfig {
@@ -30,8 +40,8 @@ struct LoaderConfig {
 };
 
 // One batch: row-major (batch_size, seq_len) arrays. targets[i] is the token after tokens[i]
-// in the packed stream; doc_ids[i] numbers the documents within each row (0, 1, 2, ...), so
-// a token attends only to earlier tokens with the same doc id.
+// in the packed stream (-1 on padding: no loss); doc_ids[i] numbers the documents within each
+// row (0, 1, 2, ...), so a token attends only to earlier tokens with the same doc id.
 struct Batch {
   int64_t batch_size = 0, seq_len = 0;
   std::vector<int32_t> tokens;   // (B, T)

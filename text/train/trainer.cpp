@@ -88,7 +88,8 @@ StepStats Trainer::parallel_step(float lr) {
   // The step's global batch is grad_accum micro-batches; this rank takes its dp rows of
   // each, and ParallelLlama runs them as grad_accum x k pipeline micro-batches. The loss
   // is the mean over all targets of the global batch, which equals the single-process mean
-  // of micro-batch means because the loader's rows have no ignored targets.
+  // of micro-batch means when every micro-batch has as many targets >= 0 (no padding or
+  // answer-only documents).
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<data::Batch> batches;
   for (int64_t m = 0; m < cfg_.grad_accum; ++m) batches.push_back(train_.next());

@@ -155,6 +155,113 @@ TEST(MixingLoader, TargetsAreTheNextTokenAndDocIdsCountDocumentsPerRow) {
   }
 }
 
+TEST(MixingLoader, NoStraddleDocumentsStartARowWhenTheyDoNotFitAndTheGapIsPadding) {
+  LoaderConfig c = four_sources();
+  c.sources[1].no_straddle = true;  // "math": ids 1000..1999, documents of 3..32 tokens
+  c.sources[2].no_straddle = true;  // "code": up to 202 tokens, longer than a 64-token row
+  c.batch_size = 1;
+  c.prefetch = 0;
+  MixingLoader L(c);
+  auto src = [](int32_t t) { return t == kBos || t == kEos ? -1 : t / 1000; };
+  int padded_rows = 0, aligned_docs = 0;
+  int32_t prev_last_target = -2;
+  for (int step = 0; step < 400; ++step) {
+    Batch b = L.next();
+    const int64_t T = b.seq_len;
+    const int32_t *tok = b.tokens.data(), *tgt = b.targets.data(), *id = b.doc_ids.data();
+    if (prev_last_target >= 0) {
+      EXPECT_EQ(tok[0], prev_last_target) << "row " << step;
+    }
+    int64_t pad = T;
+    for (int64_t i = 0; i < T; ++i)
+      if (tgt[i] == -1) {
+        pad = i;
+        break;
+      }
+    for (int64_t i = pad; i < T; ++i) {
+      EXPECT_EQ(tgt[i], -1);
+      EXPECT_EQ(id[i], id[pad]);
+    }
+    if (pad < T) {
+      ++padded_rows;
+      EXPECT_GT(pad, 0);
+      EXPECT_EQ(tok[pad - 1], kEos);  // padding follows a whole document
+      EXPECT_EQ(id[pad], id[pad - 1] + 1);
+    }
+    for (int64_t i = 0; i < pad; ++i) {
+      if (i + 1 < pad) {
+        EXPECT_EQ(tgt[i], tok[i + 1]);
+      }
+      if (tok[i] != kBos) continue;
+      // Every aligned document either starts the row or ends (EOS) inside it.
+      int64_t j = i + 1;
+      while (j < pad && tok[j] != kEos) ++j;
+      const int s = i + 1 < pad ? src(tok[i + 1]) : -1;
+      if (s == 1 || s == 2) {
+        ++aligned_docs;
+        EXPECT_TRUE(i == 0 || j < pad) << "row " << step << ": an aligned document starts at " << i
+                                       << " and runs past the row";
+      }
+    }
+    prev_last_target = pad < T ? -2 : tgt[T - 1];
+  }
+  EXPECT_GT(padded_rows, 20);
+  EXPECT_GT(aligned_docs, 100);
+}
+
+TEST(MixingLoader, NoStraddleStreamRestoresExactly) {
+  LoaderConfig c = four_sources();
+  for (auto& s : c.sources) s.no_straddle = true;
+  MixingLoader a(c);
+  for (int i = 0; i < 11; ++i) a.next();
+  nlohmann::json st = nlohmann::json::parse(a.state().dump());
+  MixingLoader b(c);
+  b.restore(st);
+  for (int i = 0; i < 30; ++i) EXPECT_TRUE(same(a.next(), b.next())) << "batch " << i;
+}
+
+TEST(MixingLoader, LossLastTokensLeavesLossOnlyOnEachDocumentsLastTokens) {
+  LoaderConfig c = four_sources();
+  c.sources[1].loss_last_tokens = 2;  // "math" (ids 1000..1999): its last token and EOS
+  c.batch_size = 1;
+  MixingLoader masked(c);
+  c.sources[1].loss_last_tokens = 0;
+  MixingLoader plain(c);
+  int kept = 0, dropped = 0;
+  for (int step = 0; step < 300; ++step) {
+    Batch a = masked.next(), b = plain.next();
+    ASSERT_EQ(a.tokens, b.tokens);
+    ASSERT_EQ(a.doc_ids, b.doc_ids);
+    for (int64_t i = 0; i < a.seq_len; ++i) {
+      const int32_t t = b.targets[size_t(i)];
+      const int32_t cur = a.tokens[size_t(i)];
+      // In a math document, the target is its last content token or its EOS iff that
+      // target is followed by EOS or is EOS itself; math content ids are 1000..1999.
+      const bool math_doc = (cur >= 1000 && cur < 2000) || (cur == kBos && t >= 1000 && t < 2000);
+      const bool math_eos = cur == kEos && i > 0 && a.tokens[size_t(i - 1)] / 1000 == 1 &&
+                            a.tokens[size_t(i - 1)] < 2000;
+      if (cur == kEos && i == 0) continue;  // its document began in the previous row
+      if (math_eos) {  // a math document's EOS predicts the next document: no loss
+        EXPECT_EQ(a.targets[size_t(i)], -1);
+        continue;
+      }
+      if (!math_doc) {
+        EXPECT_EQ(a.targets[size_t(i)], t);
+        continue;
+      }
+      // Position i + 1 (or the next row) holds t; t is among the last two tokens when it is
+      // EOS or the token after it is EOS.
+      int32_t after = i + 2 < a.seq_len ? a.tokens[size_t(i + 2)] : (i + 1 < a.seq_len ? a.targets[size_t(i + 1)] : -2);
+      if (after == -2) continue;  // the row's last target: its successor is in the next row
+      const bool last_two = t == kEos || after == kEos;
+      EXPECT_EQ(a.targets[size_t(i)], last_two ? t : -1) << "step " << step << " position " << i;
+      (last_two ? kept : dropped)++;
+    }
+  }
+  EXPECT_GT(kept, 50);
+  EXPECT_GT(dropped, 200);
+}
+
 TEST(MixingLoader, ConsecutiveRowsContinueTheStream) {
   LoaderConfig c = four_sources();
   c.batch_size = 1;

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <span>
 
@@ -127,6 +128,25 @@ TEST(RecipeValidation, RampPointsMustIncreaseAndPrecedeTheEnd) {
   auto r = LoadedRecipe::parse(replace(kRecipe, "at_tokens: 4096", "at_tokens: 9000"), "t.textproto");
   const std::string e = error_of([&] { r.validate(true); });
   EXPECT_NE(e.find("batch.ramp[0].at_tokens: 9000 is not before total_tokens 8192"), std::string::npos) << e;
+}
+
+TEST(RecipeValidation, PassKeyWarmUpNeedsPassKeyDocumentsAndKeysHaveOneToSixDigits) {
+  auto r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokens: 8192 synthetic_niah { only_tokens: 2048 }"),
+                               "t.textproto");
+  std::string e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("field synthetic_niah.only_tokens: needs synthetic_niah.weight > 0 or micro_batches > 0"), std::string::npos) << e;
+  r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192",
+                                  "total_tokens: 8192 synthetic_niah { weight: 0.1 only_tokens: 2048 answer_only: true }"),
+                          "t.textproto");
+  EXPECT_NO_THROW(r.validate(true));
+  r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokens: 8192 eval { niah { samples: 4 key_digits: 7 } }"),
+                          "t.textproto");
+  e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("field eval.niah.key_digits: 7 must lie in [0, 6] (0: 1 digit)"), std::string::npos) << e;
+  r = LoadedRecipe::parse(replace(kRecipe, "total_tokens: 8192", "total_tokens: 8192 eval { niah { samples: 4 candidates: 11 } }"),
+                          "t.textproto");
+  e = error_of([&] { r.validate(true); });
+  EXPECT_NE(e.find("11 candidates need more than the 10 one-digit keys"), std::string::npos) << e;
 }
 
 TEST(RecipeOverrides, SetAddressesFieldsByPath) {
@@ -331,7 +351,7 @@ TEST(Needles, DistractorsHaveTheKeysTokenShape) {
     while (std::getline(in, line)) w.add(tok.encode(line + "\n"));
     w.finish();
   }
-  Needles needles(tok, {shard});
+  Needles needles(tok, {shard}, /*key_digits=*/4);
   auto shape = [&](const std::vector<int32_t>& v) {
     std::vector<size_t> sh;
     for (int32_t t : v) sh.push_back(tok.decode(std::span<const int32_t>(&t, 1)).size());
@@ -355,4 +375,78 @@ TEST(Needles, DistractorsHaveTheKeysTokenShape) {
     EXPECT_EQ(texts.size(), 4u);  // distinct keys
   }
   EXPECT_GT(shapes.size(), 1u) << "the tokenizer should split keys in more than one way";
+}
+
+TEST(Needles, OneDigitKeysAreSingleTokensUniformAndOnlyInTheNeedle) {
+  TmpDir d;
+  {
+    std::ofstream c(d.p / "corpus.txt");
+    for (int i = 0; i < 400; ++i)
+      c << "In " << (1900 + i % 120) << " there were " << (i * 13 % 1000) << " ships and " << (i % 97)
+        << " ports on the coast; the pass was closed.\n";
+  }
+  text::BpeTrainOptions bo;
+  bo.vocab_size = 400;
+  std::vector<std::string> files = {(d.p / "corpus.txt").string()};
+  text::train_bpe(files, bo, (d.p / "tok.model").string());
+  auto tok = text::Tokenizer::load((d.p / "tok.model").string());
+  const std::string shard = (d.p / "filler.shard").string();
+  {
+    data::ShardWriter w(shard, uint32_t(tok.vocab_size()));
+    std::ifstream in(d.p / "corpus.txt");
+    std::string line;
+    while (std::getline(in, line)) w.add(tok.encode(line + "\n"));
+    w.finish();
+  }
+  Needles needles(tok, {shard});  // one digit
+  EXPECT_EQ(needles.answer_tokens(), 2);
+  std::map<std::string, int> keys;
+  std::vector<int> answer_at(4, 0);
+  const std::string question = "What is the pass key? The pass key is";
+  for (uint64_t seed = 0; seed < 400; ++seed) {
+    Needles::Prompt p = needles.prompt(128, 4, seed);
+    ASSERT_EQ(p.candidates.size(), 4u);
+    EXPECT_EQ(int64_t(p.context.size() + p.candidates[0].size()), 128);
+    const std::string key = tok.decode(p.candidates[size_t(p.answer)]);
+    ++keys[key];
+    ++answer_at[size_t(p.answer)];
+    std::set<std::string> texts;
+    for (const auto& c : p.candidates) {
+      ASSERT_EQ(c.size(), 2u);  // the space, then the digit
+      const std::string t = tok.decode(c);
+      ASSERT_EQ(t.size(), 2u);
+      EXPECT_EQ(t[0], ' ');
+      EXPECT_TRUE(t[1] >= '0' && t[1] <= '9') << t;
+      texts.insert(t);
+    }
+    EXPECT_EQ(texts.size(), 4u);  // distinct candidates
+    // The needle is in the context once, before the question that ends it; the answer
+    // appears nowhere else after "pass key is".
+    const std::string ctx = tok.decode(p.context);
+    const std::string needle = "The pass key is" + key + ". Remember it.";
+    const size_t at = ctx.find(needle);
+    ASSERT_NE(at, std::string::npos) << ctx;
+    EXPECT_EQ(ctx.find(needle, at + 1), std::string::npos);
+    EXPECT_EQ(ctx.size() - ctx.rfind(question), question.size());
+    EXPECT_EQ(ctx.find("pass key is"), at + 4);
+  }
+  EXPECT_EQ(keys.size(), 10u);  // every digit is a key
+  for (auto& [k, n] : keys) EXPECT_GT(n, 20) << k;
+  for (int n : answer_at) EXPECT_GT(n, 70);  // the key's slot among the candidates is uniform
+
+  // Training documents end with the answer and EOS: the last answer_tokens() + 1 tokens.
+  const std::string docs = (d.p / "docs.shard").string();
+  needles.write_training_shard(docs, 50, 96, 128, 3);
+  data::Shard sh = data::Shard::load(docs);
+  ASSERT_EQ(sh.n_docs(), 50);
+  for (int64_t i = 0; i < sh.n_docs(); ++i) {
+    auto doc = sh.doc(i);
+    ASSERT_GE(doc.size(), 97u);
+    ASSERT_LE(doc.size(), 129u);
+    EXPECT_EQ(doc.back(), tok.eos_id());
+    const std::vector<int32_t> ans(doc.end() - 3, doc.end() - 1);
+    const std::string key = tok.decode(ans);
+    const std::vector<int32_t> body(doc.begin(), doc.end() - 3);
+    EXPECT_NE(tok.decode(body).find("The pass key is" + key + ". Remember it."), std::string::npos) << key;
+  }
 }
