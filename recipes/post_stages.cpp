@@ -144,8 +144,6 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
       s.model().vocab_size() || s.model().rope_theta() != 0 || !s.model().precision().empty())
     c.error("model", "post-training stages take the model's shape from init_from or the flavour (vocabulary: the "
                      "tokenizer); only model.flavour is read");
-  if (k == REJECTION_SAMPLING && s.reward_model_from().empty())
-    c.error("reward_model_from", "a REJECTION_SAMPLING stage needs a reward model to score its samples");
   if (!s.reward_model_from().empty()) {
     if (k == SFT || k == REWARD_MODEL) c.error("reward_model_from", "a {} stage uses no reward model", kind);
     const int j = c.earlier("reward_model_from", s.reward_model_from());
@@ -327,8 +325,10 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       const auto& p = s.rejection_sampling();
       post::RejectionOptions o;
       o.policy = src;
-      o.reward_model = stage_dir(s.reward_model_from()) + "/model";
-      o.reward_model_tokenizer = src.tokenizer;
+      if (!s.reward_model_from().empty()) {
+        o.reward_model = stage_dir(s.reward_model_from()) + "/model";
+        o.reward_model_tokenizer = src.tokenizer;
+      }
       o.prompts = data + "/prompts.jsonl";
       o.out_dir = dir;
       o.k = or_default(p.k(), o.k);
@@ -338,7 +338,9 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.sampling.top_p = float(or_default(p.top_p(), double(o.sampling.top_p)));
       o.sampling.top_k = p.top_k();
       o.sampling.max_new_tokens = or_default(p.max_new_tokens(), o.sampling.max_new_tokens);
-      o.sampling.seed = seed;
+      // Two sampling stages of one policy (a round's annotation and its rejection sampling)
+      // must not draw the same samples: the stage's position joins the seed.
+      o.sampling.seed = seed * 1000 + uint64_t(index);
       f = post::run_rejection_sampling(o).metrics;
       break;
     }
@@ -426,8 +428,10 @@ PostPlan plan_post_stage(const LoadedRecipe& lr, int index, const text::LlamaCon
     case REJECTION_SAMPLING: {
       const int64_t k = or_default(s.rejection_sampling().k(), int64_t(8));
       gen_tokens = double(prompts * k * or_default(s.rejection_sampling().max_new_tokens(), int64_t(24)));
-      p.notes = fmt::format("{}{} prompts x K={} samples of {}, scored by {}", rnd, prompts, k,
-                            s.init_from().empty() ? "a fresh model" : s.init_from(), s.reward_model_from());
+      p.notes = fmt::format("{}{} prompts x K={} samples of {}, {}", rnd, prompts, k,
+                            s.init_from().empty() ? "a fresh model" : s.init_from(),
+                            s.reward_model_from().empty() ? "labelled by the verifier only (no reward model)"
+                                                           : "scored by " + s.reward_model_from());
       p.config.reset();  // produces data, not a model
       if (init) p.flops = gen_tokens * init->flops_per_token(kPairLen) / 3.0;
       p.tokens = gen_tokens;
@@ -457,15 +461,16 @@ std::string post_rounds_markdown(const std::string& run_dir) {
   } catch (const Error&) {
     return "";  // a recipe from another build; the main table still shows every stage
   }
-  // round -> kind -> final metrics of the round's last stage of that kind.
+  // round -> kind -> final metrics of the round's last stage of that kind (for sampling: the
+  // last one scored by a reward model, not an annotation-only stage).
   std::map<int, std::map<StageKind, json>> rounds;
-  std::map<int, std::map<StageKind, std::string>> names;
+  std::map<int, std::vector<std::string>> names;
   for (const Stage& s : lr.recipe().stage()) {
     if (!is_post_kind(s.kind()) || s.kind() == POST_DATA) continue;
+    names[s.round()].push_back(s.name());
+    if (s.kind() == REJECTION_SAMPLING && s.reward_model_from().empty() && rounds[s.round()].count(s.kind())) continue;
     const std::string p = run_dir + "/" + s.name() + "/final.json";
-    json f = fs::exists(p) ? io::read_json(p) : json::object();
-    rounds[s.round()][s.kind()] = f;
-    names[s.round()][s.kind()] = s.name();
+    rounds[s.round()][s.kind()] = fs::exists(p) ? io::read_json(p) : json::object();
   }
   if (rounds.empty()) return "";
   auto num = [](const json& f, const char* k) -> std::string {
@@ -474,21 +479,25 @@ std::string post_rounds_markdown(const std::string& run_dir) {
   };
   std::string md =
       "\n## Post-training rounds\n\n"
-      "RM acc: reward model's held-out pairwise accuracy. RS: acceptance, best-of-K gain in RM score "
-      "(mean best - mean), and the verifier's view (RM pick correct / random sample correct). SFT EM and DPO EM: "
-      "greedy exact match on held-out prompts. DPO acc: held-out preference accuracy (implicit reward). Win rate: "
-      "DPO model vs its starting (SFT) model, judged by the round's RM (ties half).\n\n"
-      "| round | RM acc | RS acceptance | RS best-of-K gain | RS RM pick / sample correct | SFT EM | DPO acc | DPO EM "
-      "| DPO win rate vs SFT | stages |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+      "RM acc: the reward model's held-out pairwise accuracy. RS: acceptance; best-of-K gain as the verifier "
+      "sees it (the RM's pick among the K samples is correct minus a random sample is correct: negative when the "
+      "RM prefers wrong answers) and in the RM's own score (mean best - mean, >= 0 by construction); RM pick / "
+      "sample correct. SFT EM and DPO EM: greedy exact match on held-out prompts. DPO acc: held-out preference "
+      "accuracy (implicit reward). Win rate: DPO model vs its starting (SFT) model, judged by the round's RM "
+      "(ties half).\n\n"
+      "| round | RM acc | RS acceptance | RS best-of-K gain (verifier) | RS best-of-K gain (RM score) | RS RM pick / "
+      "sample correct | SFT EM | DPO acc | DPO EM | DPO win rate vs SFT | stages |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
   for (auto& [round, kinds] : rounds) {
     auto get = [&](StageKind k) { return kinds.count(k) ? kinds.at(k) : json::object(); };
     const json rm = get(REWARD_MODEL), rs = get(REJECTION_SAMPLING), sft = get(SFT), dpo = get(DPO);
     std::string st;
-    for (auto& [k, n] : names[round]) st += (st.empty() ? "" : ", ") + n;
-    md += fmt::format("| {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n", round ? std::to_string(round) : "-",
-                      num(rm, "eval_accuracy"), num(rs, "acceptance"), num(rs, "best_of_k_gain"),
-                      num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"), num(sft, "eval_exact_match"),
-                      num(dpo, "eval_accuracy"), num(dpo, "eval_exact_match"), num(dpo, "win_rate_vs_start"), st);
+    for (auto& n : names[round]) st += (st.empty() ? "" : ", ") + n;
+    md += fmt::format("| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
+                      round ? std::to_string(round) : "-", num(rm, "eval_accuracy"), num(rs, "acceptance"),
+                      num(rs, "verified_best_of_k_gain"), num(rs, "best_of_k_gain"), num(rs, "best_correct_rate"),
+                      num(rs, "sample_correct_rate"), num(sft, "eval_exact_match"), num(dpo, "eval_accuracy"),
+                      num(dpo, "eval_exact_match"), num(dpo, "win_rate_vs_start"), st);
   }
   return md;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Post-training stage kinds in the recipe runner at toy scale (fresh debug model, own BPE):
-# POST_DATA -> SFT -> REWARD_MODEL -> REJECTION_SAMPLING -> SFT on samples -> DPO judged by
-# the RM -> AVERAGE of two post-trained models. Checks the plan, every stage's outputs and
+# POST_DATA -> SFT -> sampling labelled by the verifier only -> REWARD_MODEL on those pairs ->
+# REJECTION_SAMPLING -> SFT on samples -> DPO judged by the RM -> AVERAGE of two post-trained
+# models. Checks the plan, every stage's outputs and
 # metrics (metrics.jsonl lines, final.json values in range), the per-round report table,
 # that a rerun skips finished stages, and that bad post-training fields fail before any
 # work with file:line and the field.
@@ -22,7 +23,11 @@ stage {
   optimizer { lr: 3e-3 } sft { steps: 30 batch: 4 seq_len: 96 }
 }
 stage {
-  name: "r1_rm" kind: REWARD_MODEL round: 1 data_from: "post_data" init_from: "sft0"
+  name: "r1_samples" kind: REJECTION_SAMPLING round: 1 data_from: "post_data" init_from: "sft0"
+  rejection_sampling { k: 4 max_new_tokens: 12 }
+}
+stage {
+  name: "r1_rm" kind: REWARD_MODEL round: 1 data_from: "post_data" init_from: "sft0" samples_from: "r1_samples"
   optimizer { lr: 1e-3 } reward_model { steps: 12 batch: 4 }
 }
 stage {
@@ -41,10 +46,11 @@ stage { name: "avg" kind: AVERAGE average { stages: "r1_sft" stages: "r1_dpo" } 
 R
 
 "$L" run "$OUT/post.textproto" --dry-run > "$OUT/plan.txt" || { cat "$OUT/plan.txt"; exit 1; }
-for s in post_data sft0 r1_rm r1_rs r1_sft r1_dpo avg; do
+for s in post_data sft0 r1_samples r1_rm r1_rs r1_sft r1_dpo avg; do
   grep -q "^$s " "$OUT/plan.txt" || { echo "FAIL: $s not planned"; cat "$OUT/plan.txt"; exit 1; }
 done
-grep -q "K=4 samples" "$OUT/plan.txt" || { echo "FAIL: RS plan row"; cat "$OUT/plan.txt"; exit 1; }
+grep -q "K=4 samples of sft0, labelled by the verifier only" "$OUT/plan.txt" &&
+  grep -q "K=4 samples of sft0, scored by r1_rm" "$OUT/plan.txt" || { echo "FAIL: RS plan row"; cat "$OUT/plan.txt"; exit 1; }
 
 "$L" run "$OUT/post.textproto" --out "$OUT/run" > "$OUT/run.log" 2>&1 || { tail -40 "$OUT/run.log"; exit 1; }
 
@@ -54,7 +60,7 @@ run = sys.argv[1]
 fin = lambda s: json.load(open(os.path.join(run, s, "final.json")))
 lines = lambda s: [json.loads(l) for l in open(os.path.join(run, s, "metrics.jsonl")) if l.strip()]
 st = json.load(open(os.path.join(run, "state.json")))
-assert st["finished"] == ["post_data", "sft0", "r1_rm", "r1_rs", "r1_sft", "r1_dpo", "avg"], st
+assert st["finished"] == ["post_data", "sft0", "r1_samples", "r1_rm", "r1_rs", "r1_sft", "r1_dpo", "avg"], st
 for f in ["sft.jsonl", "prefs.jsonl", "prompts.jsonl", "eval.jsonl", "eval_prefs.jsonl", "tokenizer.model"]:
     assert os.path.getsize(os.path.join(run, "post_data", f)) > 0, f
 for s, steps in [("sft0", 30), ("r1_rm", 12), ("r1_sft", 10), ("r1_dpo", 6)]:
@@ -76,6 +82,16 @@ for k, v in [("sft0.eval_exact_match", sft0["eval_exact_match"]), ("rm.eval_accu
     assert 0.0 <= v <= 1.0, (k, v)
 assert rm["eval_pairs"] == 12 and rm["round"] == 1 and "round" not in sft0
 assert rs["prompts"] == 12 and rs["k"] == 4 and rs["best_of_k_gain"] >= 0, rs
+# Sampling without a reward model: the verifier's labels only, no RM-score statistics.
+ann = fin("r1_samples")
+assert ann["prompts"] == 12 and "best_of_k_gain" not in ann and "best_correct_rate" not in ann, ann
+assert 0.0 <= ann["sample_correct_rate"] <= ann["any_correct_rate"] <= 1.0, ann
+vp = [json.loads(x) for x in open(os.path.join(run, "r1_samples", "verified_prefs.jsonl"))]
+assert len(vp) == ann["verified_pairs"], (len(vp), ann)
+assert all(p["chosen"] != p["rejected"] for p in vp)
+# The RM trains on the synthetic pairs plus those (prefs.jsonl ranks up to 3 responses: 1-3 pairs each).
+assert rm["train_pairs"] >= 160 + len(vp) - rm["skipped"], (rm, len(vp))
+assert 0.0 <= rs["best_correct_rate"] <= 1.0 and "verified_best_of_k_gain" in rs, rs
 kept = [json.loads(x) for x in open(os.path.join(run, "r1_rs", "sft.jsonl"))]
 assert len(kept) == rs["kept"], (len(kept), rs["kept"])
 # The RS samples join the SFT data: 160 dialogs + the kept samples (some may be skipped as too long).
@@ -94,7 +110,7 @@ grep -q "^| - | .*sft0" "$OUT/report.txt" || { echo "FAIL: no row for the untagg
 
 # A rerun skips every finished stage.
 "$L" run "$OUT/post.textproto" --out "$OUT/run" > "$OUT/rerun.log" 2>&1
-test "$(grep -c "finished earlier, skipped" "$OUT/rerun.log")" = 7 || { cat "$OUT/rerun.log"; exit 1; }
+test "$(grep -c "finished earlier, skipped" "$OUT/rerun.log")" = 8 || { cat "$OUT/rerun.log"; exit 1; }
 
 # Validation: bad post-training fields fail before any work, naming file:line and the field.
 expect_fail() {  # expect_fail PATTERN FILE
@@ -106,10 +122,10 @@ expect_fail() {  # expect_fail PATTERN FILE
 bad() {  # bad N SED-EXPR: writes bad_N.textproto, the toy recipe edited
   sed "$2" "$OUT/post.textproto" > "$OUT/bad_$1.textproto"
 }
-bad 1 's/  reward_model_from: "r1_rm" rejection_sampling/  rejection_sampling/'
-line=$(( $(grep -n 'name: "r1_rs"' "$OUT/bad_1.textproto" | cut -d: -f1) - 1 ))  # the stage's opening line
+bad 1 's/init_from: "sft0" samples_from: "r1_rs"/init_from: "sft0" reward_model_from: "r1_rm" samples_from: "r1_rs"/'
+line=$(grep -n 'reward_model_from: "r1_rm" samples_from' "$OUT/bad_1.textproto" | cut -d: -f1)
 expect_fail "bad_1.textproto:$line:" "$OUT/bad_1.textproto"
-expect_fail "stage 'r1_rs' field reward_model_from: a REJECTION_SAMPLING stage needs a reward model" "$OUT/bad_1.textproto"
+expect_fail "stage 'r1_sft' field reward_model_from: a SFT stage uses no reward model" "$OUT/bad_1.textproto"
 bad 2 's/init_from: "sft0" samples_from: "r1_rs"/init_from: "sft0" samples_from: "nope"/'
 line=$(grep -n 'samples_from: "nope"' "$OUT/bad_2.textproto" | cut -d: -f1)
 expect_fail "bad_2.textproto:$line:" "$OUT/bad_2.textproto"

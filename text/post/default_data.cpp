@@ -128,7 +128,9 @@ PostStageResult make_default_data(const DefaultDataOptions& o) {
   for (int64_t i = 0; i < o.n_pref; ++i) prefs << pref(fresh(), rng.below(1000)).dump() << "\n";
   for (const Task& t : ev) {
     evalf << nlohmann::json({{"prompt", prompt_json(t)}, {"answer", t.answer}}).dump() << "\n";
-    nlohmann::json j = {{"prompt", prompt_json(t)}, {"chosen", t.answer}, {"rejected", t.wrong}};
+    // Held-out pairs alternate a clear miss and a near miss (off by one, the wrong case, no
+    // period): the near misses are the kind of mistake the policy itself makes.
+    nlohmann::json j = {{"prompt", prompt_json(t)}, {"chosen", t.answer}, {"rejected", (&t - ev.data()) % 2 ? t.near_miss : t.wrong}};
     eprefs << j.dump() << "\n";
   }
   for (const char* w : kWords) corpus << w << " " << upper(w) << " " << w << ".\n";

@@ -81,6 +81,13 @@ DpoLossParts dpo_loss(const LlamaModel& m, const DpoRows& rows, const std::vecto
   return out;
 }
 
+Preference dpo_pair(const Preference& p) {
+  Preference q = p;
+  if (!q.edited.empty() && q.edited != q.rejected) q.chosen = q.edited;
+  q.edited.clear();
+  return q;
+}
+
 PostStageResult run_dpo(const DpoOptions& o) {
   LLAMA3_CHECK(!o.prefs.empty(), "dpo: no preference files");
   Policy p = load_policy(o.model);
@@ -107,7 +114,10 @@ PostStageResult run_dpo(const DpoOptions& o) {
     prefs.resize(prefs.size() - ne);
   }
   LLAMA3_CHECK(!prefs.empty(), "dpo: no usable preference pairs ({} skipped)", skipped);
-  // DPO uses the (chosen, rejected) pair of each prompt.
+  // One pair per prompt, best vs worst: with an edit, the `chosen` response can be a near miss
+  // that the NLL term would otherwise teach the policy to say.
+  for (auto* v : {&prefs, &eval})
+    for (Preference& q : *v) q = dpo_pair(q);
   const int32_t pad = p.tok.eos_id();
   const int64_t bs = std::min<int64_t>(o.batch, int64_t(prefs.size()));
   std::vector<DpoRows> batches;

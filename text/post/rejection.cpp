@@ -1,10 +1,14 @@
 // Rejection sampling: K sampled responses per prompt from the policy, scored by the reward
-// model; the best becomes an SFT example, best vs worst a preference pair.
+// model; the best becomes an SFT example, best vs worst a preference pair, and the verifier's
+// correct-vs-wrong samples become on-policy preference pairs. Without a reward model the
+// stage only samples and labels (the annotation step before a round's reward model).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <set>
 
 #include "text/post/stages.h"
 
@@ -18,10 +22,34 @@ nlohmann::json messages_json(const Dialog& d) {
 }
 }  // namespace
 
+std::vector<std::pair<size_t, size_t>> verified_pairs(const std::vector<std::string>& responses,
+                                                      const std::vector<uint8_t>& correct, const std::vector<double>& scores) {
+  LLAMA3_CHECK(correct.size() == responses.size() && scores.size() == responses.size(),
+               "verified_pairs: {} responses, {} labels, {} scores", responses.size(), correct.size(), scores.size());
+  std::vector<size_t> good, bad;
+  for (size_t j = 0; j < responses.size(); ++j) {
+    if (correct[j]) good.push_back(j);
+    else if (!trim(responses[j]).empty()) bad.push_back(j);
+  }
+  auto by_score = [&](size_t a, size_t b) { return scores[a] > scores[b]; };
+  std::stable_sort(good.begin(), good.end(), by_score);
+  std::stable_sort(bad.begin(), bad.end(), by_score);
+  std::vector<std::pair<size_t, size_t>> out;
+  if (good.empty()) return out;
+  std::set<std::string> seen;
+  for (size_t j : bad)
+    if (seen.insert(responses[j]).second) out.emplace_back(good[out.size() % good.size()], j);
+  return out;
+}
+
 PostStageResult run_rejection_sampling(const RejectionOptions& o) {
   LLAMA3_CHECK(o.k >= 1, "rejection sampling: k must be >= 1, got {}", o.k);
   Policy p = load_policy(o.policy);
-  RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
+  // Without a reward model the stage only samples and lets the verifier label the samples
+  // (the paper's annotation of the latest model's outputs, for the next reward model).
+  std::optional<RewardModel> rm;
+  if (!o.reward_model.empty())
+    rm.emplace(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
   LoadOptions lo = o.load;
   lo.max_tokens = p.model->config().max_seq_len - o.sampling.max_new_tokens;
   LoadReport rep;
@@ -41,7 +69,8 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     auto gens = generate(*p.model, ps, so);
     std::vector<std::string> resp;
     for (auto& g : gens) resp.push_back(decode_text(p.tok, g.tokens));
-    auto sc = rm.score_responses(prompts[i].messages, resp);
+    // No RM: every sample scores 0, so "best" is the first sample (a random one).
+    const std::vector<double> sc = rm ? rm->score_responses(prompts[i].messages, resp) : std::vector<double>(resp.size(), 0.0);
     const size_t best = size_t(std::max_element(sc.begin(), sc.end()) - sc.begin());
     const size_t worst = size_t(std::min_element(sc.begin(), sc.end()) - sc.begin());
     double mean = 0;
@@ -49,41 +78,37 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     mean /= double(sc.size());
     sum_best += sc[best], sum_mean += mean;
     const bool has_answer = !prompts[i].answer.empty();
-    std::vector<uint8_t> ok(resp.size(), 0);
     size_t pick = best;
     if (has_answer) {
       ++verified;
       best_correct += verify(prompts[i], resp[best]);
+      std::vector<uint8_t> ok(resp.size());
       for (size_t j = 0; j < resp.size(); ++j) ok[j] = verify(prompts[i], resp[j]), sample_correct += ok[j], ++samples;
-      // The verifier's pair: the RM's favourite among the correct samples vs its favourite
-      // among the wrong ones (the hardest negative), when the K samples hold both.
-      int64_t good = -1, bad = -1;
-      for (size_t j = 0; j < resp.size(); ++j) {
-        if (ok[j] && (good < 0 || sc[j] > sc[size_t(good)])) good = int64_t(j);
-        if (!ok[j] && !trim(resp[j]).empty() && (bad < 0 || sc[j] > sc[size_t(bad)])) bad = int64_t(j);
-      }
-      any_correct += good >= 0;
-      if (good >= 0 && bad >= 0 && resp[size_t(good)] != resp[size_t(bad)]) {
-        vprefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)},
-                                  {"chosen", resp[size_t(good)]},
-                                  {"rejected", resp[size_t(bad)]}})
+      for (auto [c, w] : verified_pairs(resp, ok, sc)) {
+        vprefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)}, {"chosen", resp[c]}, {"rejected", resp[w]}})
                       .dump()
                << "\n";
         ++vpairs;
       }
+      std::vector<size_t> good;
+      for (size_t j = 0; j < resp.size(); ++j)
+        if (ok[j]) good.push_back(j);
+      std::stable_sort(good.begin(), good.end(), [&](size_t a, size_t b) { return sc[a] > sc[b]; });
+      any_correct += !good.empty();
       if (o.require_correct) {
-        if (good < 0) continue;
-        pick = size_t(good);
+        if (good.empty()) continue;
+        pick = good[0];
       }
     }
     if (sc[pick] < o.min_score || trim(resp[pick]).empty()) continue;
     ++kept;
     Dialog d = prompts[i].messages;
     d.push_back(Message{Role::kAssistant, resp[pick], false});
-    nlohmann::json rec = {{"messages", messages_json(d)}, {"score", sc[pick]}, {"mean_score", mean}};
+    nlohmann::json rec = {{"messages", messages_json(d)}};
+    if (rm) rec["score"] = sc[pick], rec["mean_score"] = mean;
     if (has_answer) rec["answer"] = prompts[i].answer;
     sft << rec.dump() << "\n";
-    if (resp[best] != resp[worst] && !trim(resp[worst]).empty()) {
+    if (rm && resp[best] != resp[worst] && !trim(resp[worst]).empty()) {
       prefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)},
                                {"chosen", resp[best]},
                                {"rejected", resp[worst]},
@@ -98,19 +123,25 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
                             {"k", o.k},
                             {"kept", kept},
                             {"acceptance", double(kept) / n},
-                            {"mean_score", sum_mean / n},
-                            {"mean_best_score", sum_best / n},
-                            {"best_of_k_gain", (sum_best - sum_mean) / n},
-                            {"pairs", pairs},
                             {"verified_pairs", vpairs},
                             {"skipped", rep.skipped_total()}};
+  if (rm) {
+    metrics["mean_score"] = sum_mean / n;
+    metrics["mean_best_score"] = sum_best / n;
+    // In the RM's own score: the best of K is at least the mean by construction.
+    metrics["best_of_k_gain"] = (sum_best - sum_mean) / n;
+    metrics["pairs"] = pairs;
+  }
   if (verified) {
-    metrics["best_correct_rate"] = double(best_correct) / double(verified);
     metrics["sample_correct_rate"] = double(sample_correct) / double(samples);
     metrics["any_correct_rate"] = double(any_correct) / double(verified);
-    // Best-of-K gain as the verifier sees it: the RM's pick vs a random sample.
-    metrics["verified_best_of_k_gain"] = metrics["best_correct_rate"].get<double>() -
-                                         metrics["sample_correct_rate"].get<double>();
+    if (rm) {
+      metrics["best_correct_rate"] = double(best_correct) / double(verified);
+      // Best-of-K gain as the verifier sees it: the RM's pick vs a random sample; negative
+      // when the RM prefers wrong answers.
+      metrics["verified_best_of_k_gain"] = metrics["best_correct_rate"].get<double>() -
+                                           metrics["sample_correct_rate"].get<double>();
+    }
   }
   spdlog::info("rejection sampling: {}", metrics.dump());
   write_final(o.out_dir, metrics);

@@ -75,12 +75,13 @@ PostStageResult run_reward_model(const RewardOptions& o);
 
 struct RejectionOptions {
   ModelSource policy;
-  std::string reward_model;  // RM checkpoint dir
+  std::string reward_model;  // RM checkpoint dir; empty: sample and label with the verifier only
   std::string reward_model_tokenizer;  // default: <reward_model>/tokenizer.model
   std::string prompts;       // prompt JSONL
   // Writes sft.jsonl (best responses with scores), prefs.jsonl (RM best vs RM worst) and
-  // verified_prefs.jsonl (for prompts with answers: a sample the verifier accepts vs one it
-  // rejects; the verifier plays the paper's human annotator of the latest model's samples).
+  // verified_prefs.jsonl (for prompts with answers: every distinct sample the verifier
+  // rejects, each against one it accepts; the verifier plays the paper's human annotator of
+  // the latest model's samples).
   std::string out_dir;
   int64_t k = 8;
   double min_score = -1e30;  // keep a prompt's best only if it scores at least this
@@ -89,6 +90,11 @@ struct RejectionOptions {
   LoadOptions load;
 };
 PostStageResult run_rejection_sampling(const RejectionOptions& o);
+// The verifier's pairs among one prompt's K samples, as (chosen, rejected) indices: every
+// distinct non-empty wrong sample, hardest first (highest score), each against a correct one
+// (highest-scored first, cycling); none when no sample is correct.
+std::vector<std::pair<size_t, size_t>> verified_pairs(const std::vector<std::string>& responses,
+                                                      const std::vector<uint8_t>& correct, const std::vector<double>& scores);
 
 // ---- DPO ----
 
@@ -129,6 +135,9 @@ struct DpoOptions {
   uint64_t seed = 0;
 };
 PostStageResult run_dpo(const DpoOptions& o);
+// The pair DPO trains on: the best response against the worst (edited > chosen > rejected,
+// so an edit, when present, is the chosen one).
+Preference dpo_pair(const Preference& p);
 
 // ---- Model averaging ----
 

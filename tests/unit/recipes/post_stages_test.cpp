@@ -53,11 +53,20 @@ TEST(PostStages, RunnerWaitsForRewardModelAndSamples) {
   EXPECT_TRUE(post_stage_inputs(r.recipe().stage(3)).empty());  // AVERAGE: not a post kind
 }
 
-TEST(PostStages, RejectionSamplingNeedsARewardModel) {
-  const std::string e = error_of(replace(kPost, "reward_model_from: \"rm_avg\" ", ""));
-  EXPECT_NE(e.find("p.textproto:6:1: stage 'rs' field reward_model_from: a REJECTION_SAMPLING stage needs a reward "
-                   "model"),
-            std::string::npos)
+TEST(PostStages, RejectionSamplingWithoutARewardModelOnlyLabelsWithTheVerifier) {
+  auto r = LoadedRecipe::parse(replace(kPost, "reward_model_from: \"rm_avg\" ", ""), "p.textproto");
+  EXPECT_NO_THROW(r.validate(true));
+  EXPECT_TRUE(post_stage_inputs(r.recipe().stage(4)).empty());
+  std::ostringstream plan;
+  print_plan(r, plan);
+  EXPECT_NE(plan.str().find("K=4 samples of sft, labelled by the verifier only (no reward model)"), std::string::npos)
+      << plan.str();
+}
+
+TEST(PostStages, SftAndRewardModelTakeNoRewardModel) {
+  const std::string e = error_of(replace(kPost, "init_from: \"sft\" optimizer { lr: 1e-3 }",
+                                         "init_from: \"sft\" reward_model_from: \"rm\" optimizer { lr: 1e-3 }"));
+  EXPECT_NE(e.find("stage 'rm' field reward_model_from: a REWARD_MODEL stage uses no reward model"), std::string::npos)
       << e;
 }
 

@@ -1,0 +1,48 @@
+// Which preference pairs the post-training stages build: the verifier's on-policy pairs among
+// one prompt's K samples (rejection sampling) and the pair DPO trains on.
+#include <gtest/gtest.h>
+
+#include "text/post/stages.h"
+
+using namespace llama3::text::post;
+
+namespace {
+using Pairs = std::vector<std::pair<size_t, size_t>>;
+}
+
+TEST(VerifiedPairs, EveryDistinctWrongSampleAgainstACorrectOneHardestFirst) {
+  //                                  0     1     2      3     4     5
+  std::vector<std::string> resp = {"7", "6", "7", "6", "8", " "};
+  std::vector<uint8_t> ok = {1, 0, 1, 0, 0, 0};
+  std::vector<double> score = {0.1, 0.5, 0.9, 0.2, 0.7, 3.0};
+  // Wrong and distinct: "6" (1, score 0.5; 3 repeats it) and "8" (4, score 0.7); the empty
+  // sample 5 is no answer at all. Hardest (highest-scored) wrong first, each against the
+  // correct samples in the RM's order (2, then 0).
+  EXPECT_EQ(verified_pairs(resp, ok, score), (Pairs{{2, 4}, {0, 1}}));
+}
+
+TEST(VerifiedPairs, WithoutScoresKeepSampleOrder) {
+  std::vector<std::string> resp = {"a", "b", "ok", "c"};
+  std::vector<uint8_t> ok = {0, 0, 1, 0};
+  EXPECT_EQ(verified_pairs(resp, ok, std::vector<double>(4, 0.0)), (Pairs{{2, 0}, {2, 1}, {2, 3}}));
+}
+
+TEST(VerifiedPairs, NoneWithoutACorrectOrAWrongSample) {
+  EXPECT_TRUE(verified_pairs({"a", "b"}, {0, 0}, {0.0, 1.0}).empty());
+  EXPECT_TRUE(verified_pairs({"a", "a"}, {1, 1}, {0.0, 1.0}).empty());
+}
+
+TEST(VerifiedPairs, MismatchedSizesThrow) {
+  EXPECT_THROW(verified_pairs({"a", "b"}, {1}, {0.0, 1.0}), llama3::Error);
+}
+
+TEST(DpoPair, AnEditedResponseIsTheChosenOne) {
+  Preference p{{}, "near miss", "clear miss", "edit"};
+  Preference q = dpo_pair(p);
+  EXPECT_EQ(q.chosen, "edit");
+  EXPECT_EQ(q.rejected, "clear miss");
+  EXPECT_TRUE(q.edited.empty());
+  Preference plain{{}, "right", "wrong", ""};
+  EXPECT_EQ(dpo_pair(plain).chosen, "right");
+  EXPECT_EQ(dpo_pair(plain).rejected, "wrong");
+}
