@@ -328,6 +328,22 @@ TEST(Averaging, MismatchedArchitecturesNameTheTensor) {
   EXPECT_FALSE(fs::exists(tmp.p / "o"));
 }
 
+// A 400-rank BPE trained on d/corpus.txt and the corpus written as a filler shard with it.
+std::pair<text::Tokenizer, std::string> tokenizer_and_filler(const TmpDir& d) {
+  text::BpeTrainOptions bo;
+  bo.vocab_size = 400;
+  std::vector<std::string> files = {(d.p / "corpus.txt").string()};
+  text::train_bpe(files, bo, (d.p / "tok.model").string());
+  auto tok = text::Tokenizer::load((d.p / "tok.model").string());
+  const std::string shard = (d.p / "filler.shard").string();
+  data::ShardWriter w(shard, uint32_t(tok.vocab_size()));
+  std::ifstream in(d.p / "corpus.txt");
+  std::string line;
+  while (std::getline(in, line)) w.add(tok.encode(line + "\n"));
+  w.finish();
+  return {std::move(tok), shard};
+}
+
 TEST(Needles, DistractorsHaveTheKeysTokenShape) {
   // A BPE trained on numbers splits 4-digit keys unevenly ([80][6][4] vs [6][70][0]); were the
   // candidates' splits to differ, the model's prior over splits would pick among them.
@@ -338,19 +354,7 @@ TEST(Needles, DistractorsHaveTheKeysTokenShape) {
       c << "The pass key is " << (1000 + i * 37 % 9000) << ". Remember it. In " << (1900 + i % 120) << " there were "
         << (i * 13 % 1000) << " ships and " << (i % 97) << " ports; what is the pass key? The pass key is\n";
   }
-  text::BpeTrainOptions bo;
-  bo.vocab_size = 400;
-  std::vector<std::string> files = {(d.p / "corpus.txt").string()};
-  text::train_bpe(files, bo, (d.p / "tok.model").string());
-  auto tok = text::Tokenizer::load((d.p / "tok.model").string());
-  const std::string shard = (d.p / "filler.shard").string();
-  {
-    data::ShardWriter w(shard, uint32_t(tok.vocab_size()));
-    std::ifstream in(d.p / "corpus.txt");
-    std::string line;
-    while (std::getline(in, line)) w.add(tok.encode(line + "\n"));
-    w.finish();
-  }
+  auto [tok, shard] = tokenizer_and_filler(d);
   Needles needles(tok, {shard}, /*key_digits=*/4);
   auto shape = [&](const std::vector<int32_t>& v) {
     std::vector<size_t> sh;
@@ -385,19 +389,7 @@ TEST(Needles, OneDigitKeysAreSingleTokensUniformAndOnlyInTheNeedle) {
       c << "In " << (1900 + i % 120) << " there were " << (i * 13 % 1000) << " ships and " << (i % 97)
         << " ports on the coast; the pass was closed.\n";
   }
-  text::BpeTrainOptions bo;
-  bo.vocab_size = 400;
-  std::vector<std::string> files = {(d.p / "corpus.txt").string()};
-  text::train_bpe(files, bo, (d.p / "tok.model").string());
-  auto tok = text::Tokenizer::load((d.p / "tok.model").string());
-  const std::string shard = (d.p / "filler.shard").string();
-  {
-    data::ShardWriter w(shard, uint32_t(tok.vocab_size()));
-    std::ifstream in(d.p / "corpus.txt");
-    std::string line;
-    while (std::getline(in, line)) w.add(tok.encode(line + "\n"));
-    w.finish();
-  }
+  auto [tok, shard] = tokenizer_and_filler(d);
   Needles needles(tok, {shard});  // one digit
   EXPECT_EQ(needles.answer_tokens(), 2);
   std::map<std::string, int> keys;
