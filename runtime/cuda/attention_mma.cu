@@ -37,7 +37,6 @@
 #include <cfloat>
 #include <initializer_list>
 
-#include "runtime/cuda/attention_tile.cuh"
 #include "runtime/cuda/common.cuh"
 
 namespace llama3::cuda {
@@ -165,6 +164,14 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// p[0..1] += (x, y) atomically (one vector atomic on Hopper; p 8-byte aligned).
+__device__ __forceinline__ void add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p + 0, x), atomicAdd(p + 1, y);
+#endif
+}
 // 16 bytes global -> shared without staging in registers; zero fill when !valid.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -181,7 +188,7 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Rows [r0, r0 + 64) of a (B, T, nh, D) bf16 tensor at (b, head) into s[64][DP], zero outside
 // [0, T) x [0, D). ASYNC (D == DMAX, 16-byte aligned rows): cp.async, to be committed and
-// waited for by the caller; else plain loads and stores.
+// waited for by the caller; else element by element.
 template <int DMAX, bool ASYNC>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* x, int64_t b, int64_t head,
                                           int64_t nh, int64_t r0, int64_t Tn, int64_t D) {
@@ -195,8 +202,12 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* x, int64_t b, int
       cp_async16(s + r * DP + c, ok ? x + ((b * Tn + row) * nh + head) * DMAX + c : x, ok);
     }
   } else {
-    attn_tile::load_tile_bf16<bf16, DMAX, DP, kM, kMmaThreads>(s, x, b, head, nh, r0, Tn, D,
-                                                               /*vec=*/false);
+    for (int idx = threadIdx.x; idx < kM * DMAX; idx += kMmaThreads) {
+      const int r = idx / DMAX, c = idx % DMAX;
+      const int64_t row = r0 + r;
+      s[r * DP + c] =
+          row < Tn && c < D ? x[((b * Tn + row) * nh + head) * D + c] : __float2bfloat16_rn(0.f);
+    }
   }
 }
 
@@ -530,7 +541,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
         const int64_t d = n * 8 + 2 * t4;
         const float x = dq[n][2 * half], y = dq[n][2 * half + 1];
         if (vec2 && d + 1 < a.D) {
-          attn_tile::add2(dqr + d, x, y);
+          add2(dqr + d, x, y);
         } else {
           if (d < a.D) atomicAdd(dqr + d, x);
           if (d + 1 < a.D) atomicAdd(dqr + d + 1, y);
