@@ -4,6 +4,7 @@ layer, GQA by repeat_interleave, RoPE at each new position), batch 1 and 16, pro
 tokens, 64 new tokens. Prints one JSON line per batch size like the C++ benchmark.
 
 usage: generate_peer.py [--flavour tiny|125M] [--batch 1,16] [--prompt 16] [--new 64] [--reps 2] [--threads 2]
+                        [--dtype f32|bf16]
 """
 import argparse
 import json
@@ -44,7 +45,7 @@ class Model:
     def rope(self, x, pos):  # x (B, H, T, hd), pos (T)
         f = torch.outer(pos.float(), self.inv_freq)
         e = torch.cat((f, f), -1)
-        cos, sin = e.cos(), e.sin()
+        cos, sin = e.cos().to(x.dtype), e.sin().to(x.dtype)
         h = x.shape[-1] // 2
         rot = torch.cat((-x[..., h:], x[..., :h]), -1)
         return x * cos + rot * sin
@@ -85,10 +86,14 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])  # bf16: weights and activations
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dim, layers, heads, kv, ffn, vocab = FLAVOURS[a.flavour]
     m = Model(dim, layers, heads, kv, ffn, vocab)
+    if a.dtype == "bf16":  # the usual bf16 inference: every weight converted once
+        m.emb, m.norm, m.head = m.emb.bfloat16(), m.norm.bfloat16(), m.head.bfloat16()
+        m.layers = [{n: w.bfloat16() for n, w in L.items()} for L in m.layers]
     for B in [int(b) for b in a.batch.split(",")]:
         toks = torch.randint(0, vocab, (B, a.prompt), generator=torch.Generator().manual_seed(7))
         best_d = best_t = 0.0
@@ -105,7 +110,7 @@ def main():
                 t2 = time.perf_counter()
             best_d = max(best_d, B * (a.new - 1) / (t2 - t1))
             best_t = max(best_t, B * a.new / (t2 - t0))
-        print(json.dumps({"impl": "pytorch-" + torch.__version__, "flavour": a.flavour, "batch": B,
+        print(json.dumps({"impl": "pytorch-" + torch.__version__, "flavour": a.flavour, "precision": a.dtype, "batch": B,
                           "prompt": a.prompt, "new": a.new, "decode_tokens_per_s": round(best_d, 1),
                           "total_tokens_per_s": round(best_t, 1)}), flush=True)
 

@@ -50,13 +50,30 @@ class KvCache {
   std::vector<int64_t> len_;
 };
 
+// The projection weights of a model in bf16 precision, converted once for a generation call:
+// q/k/v and gate/up fused into one matrix each (one GEMM instead of three / two), in bf16 so
+// a decode step, which reads every weight for a handful of tokens, moves half the bytes and
+// converts nothing (ops::linear would otherwise cast each f32 weight on every call). An f32
+// model decodes from its own weights instead, so generation never doubles its memory.
+struct DecodeWeights {
+  explicit DecodeWeights(const LlamaModel& m);
+  struct Layer {
+    Tensor qkv, o, gate_up, down;
+  };
+  std::vector<Layer> layers;
+  Tensor lm_head;
+};
+
 // Runs tokens (R, T) for the cache rows `rows` (each row appends T positions after its
-// current length) and returns the logits of each row's last new position (R, V).
+// current length) and returns the logits of each row's last new position (R, V). `dw`
+// (optional, from the same model) supplies pre-converted projection weights.
 Tensor forward_cached(const LlamaModel& m, KvCache& cache, const std::vector<int64_t>& rows,
-                      const std::vector<int32_t>& tokens, int64_t T);
+                      const std::vector<int32_t>& tokens, int64_t T,
+                      const DecodeWeights* dw = nullptr);
 
 // Generates a continuation of each prompt.
-std::vector<Generation> generate(const LlamaModel& m, const std::vector<std::vector<int32_t>>& prompts,
+std::vector<Generation> generate(const LlamaModel& m,
+                                 const std::vector<std::vector<int32_t>>& prompts,
                                  const SamplingOptions& opt, GenerateStats* stats = nullptr);
 
 // Picks a token from logits (V) under the options (exposed for tests).

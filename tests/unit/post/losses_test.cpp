@@ -190,6 +190,44 @@ TEST_F(PostTest, KvCacheGreedyGenerationEqualsFullRecomputation) {
   (void)l1;
 }
 
+// bf16 precision decodes from DecodeWeights (fused q/k/v and gate/up in bf16, the skinny
+// bf16 GEMM for a few rows): its logits match a full bf16 recomputation within bf16
+// tolerance, and greedy decoding picks the same tokens.
+TEST_F(PostTest, KvCacheBf16DecodeMatchesFullRecomputation) {
+  LlamaModel m(tiny_config(tok->vocab_size()), 3);
+  {
+    autograd::NoGradGuard ng;
+    backend_for(Device::cpu()).scale(m.lm_head().weight, 20.f);
+  }
+  m.options().precision = ops::Precision::bf16;
+  const std::vector<int32_t> p = render(*tok, {{Role::kUser, "What is 2 + 3?", false}}, true).ids;
+  SamplingOptions so;
+  so.greedy = true;
+  so.max_new_tokens = 12;
+  auto gens = generate(m, {p, p}, so);  // two rows: the batched decode path
+  std::vector<int32_t> seq = p, ref;
+  const int64_t V = m.config().vocab_size;
+  for (int t = 0; t < 12; ++t) {
+    auto v = m.logits(Tensor::from_vector(seq, {1, int64_t(seq.size())})).to_vector<float>();
+    const float* last = v.data() + (seq.size() - 1) * V;
+    ref.push_back(int32_t(std::max_element(last, last + V) - last));
+    seq.push_back(ref.back());
+  }
+  EXPECT_EQ(gens[0].tokens, ref);
+  EXPECT_EQ(gens[1].tokens, ref);
+  DecodeWeights dw(m);
+  KvCache cache(m.config(), 1, 64);
+  forward_cached(m, cache, {0}, {p.begin(), p.end() - 1}, int64_t(p.size()) - 1, &dw);
+  auto got = forward_cached(m, cache, {0}, {p.back()}, 1, &dw).to_vector<float>();
+  auto full = m.logits(Tensor::from_vector(p, {1, int64_t(p.size())})).to_vector<float>();
+  double err = 0, mag = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    err = std::max(err, double(std::abs(got[v] - full[(p.size() - 1) * V + v])));
+    mag = std::max(mag, double(std::abs(full[(p.size() - 1) * V + v])));
+  }
+  EXPECT_LT(err / mag, 1e-2);
+}
+
 TEST(PostSampling, TopKOneAndTinyTopPAreGreedyAndSamplingFollowsTemperature) {
   std::vector<float> l = {0.1f, 2.0f, 1.9f, -1.f};
   Rng rng(1);
