@@ -122,11 +122,13 @@ typename L::Mask lanes_left(int64_t left) {
 }
 
 // 4 rows of A x 4 rows of B. Rows past the end of A or B (a partial block) re-read the
-// block's first row; their sums are not stored. The 16 accumulators are named variables:
-// GCC keeps an accumulator array on the stack, a store per product.
+// block's first row; their sums are not stored. The first row group prefetches the next
+// block of B (the hardware prefetcher does not keep up with 4 strided streams; prefetches
+// past the end of B are harmless hints); later groups find this block in L1. The 16 accumulators
+// are named variables: GCC keeps an accumulator array on the stack, a store per product.
 template <class L, typename T = typename L::T>
 void skinny_4x4(int64_t k, const T* a, int64_t lda, int64_t ma, const T* b, int64_t ldb, int64_t nb,
-                float* c, int64_t ldc) {
+                float* c, int64_t ldc, bool prefetch) {
   const T *a0 = a, *a1 = a + (ma > 1 ? 1 : 0) * lda, *a2 = a + (ma > 2 ? 2 : 0) * lda,
           *a3 = a + (ma > 3 ? 3 : 0) * lda;
   const T *b0 = b, *b1 = b + (nb > 1 ? 1 : 0) * ldb, *b2 = b + (nb > 2 ? 2 : 0) * ldb,
@@ -136,6 +138,10 @@ void skinny_4x4(int64_t k, const T* a, int64_t lda, int64_t ma, const T* b, int6
          c32 = c00, c33 = c00;
   for (int64_t p = 0; p < k; p += L::kStep) {
     const auto m = lanes_left<L>(k - p);
+    if (prefetch) {  // the next block's rows (the next 4 x k of B), one line per row and step
+      const char* nx = reinterpret_cast<const char*>(b + 4 * ldb + p);
+      for (int q = 0; q < 4; ++q) _mm_prefetch(nx + q * ldb * int64_t(sizeof(T)), _MM_HINT_T0);
+    }
     const auto x0 = L::load(m, b0 + p), x1 = L::load(m, b1 + p), x2 = L::load(m, b2 + p),
                x3 = L::load(m, b3 + p);
     auto y = L::load(m, a0 + p);
@@ -165,6 +171,8 @@ void skinny_1x8(int64_t k, const T* a, const T* b, int64_t ldb, int64_t nb, floa
   __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
   for (int64_t p = 0; p < k; p += L::kStep) {
     const auto m = lanes_left<L>(k - p);
+    const char* nx = reinterpret_cast<const char*>(b + 8 * ldb + p);  // the next block's rows
+    for (int q = 0; q < 8; ++q) _mm_prefetch(nx + q * ldb * int64_t(sizeof(T)), _MM_HINT_T0);
     const auto y = L::load(m, a + p);
     c0 = L::dot(c0, y, L::load(m, br[0] + p)), c1 = L::dot(c1, y, L::load(m, br[1] + p));
     c2 = L::dot(c2, y, L::load(m, br[2] + p)), c3 = L::dot(c3, y, L::load(m, br[3] + p));
@@ -175,9 +183,10 @@ void skinny_1x8(int64_t k, const T* a, const T* b, int64_t ldb, int64_t nb, floa
   for (int64_t q = 0; q < nb; ++q) c[q] = hsum(acc[q]);
 }
 
-// Up to 4 rows these kernels beat oneDNN (bf16, 125M decode: 1.6x at 1 row, 1.2x at 4); at
-// 8-16 rows oneDNN's per-call costs are amortised and it is as fast or faster.
-constexpr int64_t kSkinnyRows = 4;
+// Up to 8 rows these kernels beat oneDNN (125M decode, 2 threads: bf16 1.6-1.8x at 1 row,
+// 1.2x at 4 and 8; f32 1.2-1.3x at 1 and 8 rows); at 16 rows the two are level within this
+// machine's noise, and oneDNN keeps the larger shapes.
+constexpr int64_t kSkinnyRows = 8;
 
 bool skinny_shape(Trans ta, Trans tb, int64_t m, int64_t n, float alpha, float beta) {
   return m > 0 && m <= kSkinnyRows && n > 0 && ta == Trans::N && tb == Trans::T && alpha == 1.f &&
@@ -197,7 +206,7 @@ void skinny_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
     }
     for (int64_t i = 0; i < m; i += 4)
       skinny_4x4<L>(k, a + i * lda, lda, std::min<int64_t>(4, m - i), b + n0 * ldb, ldb, nb,
-                    c + i * ldc + n0, ldc);
+                    c + i * ldc + n0, ldc, i == 0);
   }
 }
 
