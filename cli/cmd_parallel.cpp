@@ -21,7 +21,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: mpirun -np N llama3 parallel [--dp-replicate 1] [--dp-shard 1] [--cp 1] [--tp 1] [--pp 1]\n"
     "          [--microbatches 1] [--virtual-stages 1] [--checkpointing] [--no-overlap] [--flavour debug]\n"
-    "          [--layers L]\n"
+    "          [--layers L] [--ce-chunk 1024]\n"
     "          [--batch 8] [--seq 32] [--steps 5] [--lr 1e-2] [--clip 1.0] [--eps 1e-8] [--docs] [--seed 0]\n"
     "          [--plain] [--dump FILE] [--reference FILE] [--tol 1e-5] [--timeout 60]\n"
     "          [--save DIR] [--load DIR]\n"
@@ -71,7 +71,7 @@ int cmd_parallel(const Args& args) {
   Flags f(args,
           {"--dp-replicate", "--dp-shard", "--cp", "--tp", "--pp", "--microbatches", "--virtual-stages",
            "--flavour", "--layers", "--batch", "--seq", "--steps", "--lr", "--clip", "--eps", "--seed", "--dump",
-           "--reference", "--tol", "--timeout", "--save", "--load", "--inject-hang", "--inject-abort"},
+           "--reference", "--tol", "--timeout", "--save", "--load", "--inject-hang", "--inject-abort", "--ce-chunk"},
           {"--checkpointing", "--docs", "--plain", "--no-overlap"}, kUsage);
   dist::ParallelDims dims;
   dims.dp_replicate = int(f.integer("--dp-replicate", 1));
@@ -105,6 +105,8 @@ int cmd_parallel(const Args& args) {
 
   cfg.max_seq_len = std::max(cfg.max_seq_len, T);
   text::LlamaModel model(cfg, seed);
+  // Rows per cross-entropy chunk (also the vocabulary-parallel one's under tp).
+  model.options().ce_chunk = f.integer("--ce-chunk", model.options().ce_chunk);
   optim::AdamWConfig oc;
   oc.lr = float(f.real("--lr", 1e-2));
   oc.max_grad_norm = float(f.real("--clip", 1.0));

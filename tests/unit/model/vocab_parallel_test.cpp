@@ -2,13 +2,15 @@
 // the model's own fused cross-entropy (ops::linear_cross_entropy): loss and the gradients of
 // h and of the head, on a single-rank group (the tp-split arithmetic is covered by the
 // multi-rank equivalence tests), with ignored targets and a last chunk shorter than the rest.
+#include "text/model/vocab_parallel.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 
+#include "runtime/core/rng.h"
 #include "runtime/dist/communicator.h"
 #include "runtime/ops/ops.h"
-#include "text/model/vocab_parallel.h"
 
 using namespace llama3;
 
@@ -29,7 +31,8 @@ struct Result {
 };
 
 template <class F>
-Result run(const std::vector<float>& hv, const std::vector<float>& wv, int64_t N, int64_t V, int64_t D, F loss_fn) {
+Result run(const std::vector<float>& hv, const std::vector<float>& wv, int64_t N, int64_t V,
+           int64_t D, F loss_fn) {
   Tensor h = Tensor::from_vector(hv, {N, D}), w = Tensor::from_vector(wv, {V, D});
   h.set_requires_grad(true);
   w.set_requires_grad(true);
@@ -45,7 +48,7 @@ TEST(VocabParallel, ChunkedCrossEntropyEqualsUnchunkedAndFused) {
   std::vector<float> hv(size_t(N * D)), wv(size_t(V * D));
   for (auto& x : hv) x = float(rng.normal());
   for (auto& x : wv) x = float(rng.normal()) * 0.5f;
-  std::vector<int32_t> tv(size_t(N));
+  std::vector<int32_t> tv(static_cast<size_t>(N));
   for (int64_t i = 0; i < N; ++i) tv[size_t(i)] = i % 5 == 3 ? -1 : int32_t(rng.below(uint64_t(V)));
   const Tensor targets = Tensor::from_vector(tv, {N});
   auto tp = dist::single_rank_communicator("tp");
