@@ -4,6 +4,13 @@
 // analytic volume of that layout computed here from the shapes alone. bench/bench_parallel.sh
 // runs the layouts and divides by the single-process tokens/s on the same cores.
 //
+// Exposed communication: the Communicators add the wall time each rank spends blocked in
+// waits (CommStats::wait_s: every blocking collective, and Work::wait of the asynchronous
+// ones). Reported per step and as a fraction of the step time, mean and max over ranks;
+// --no-overlap makes FSDP's collectives blocking for comparison. On oversubscribed cores
+// a wait also contains the time a peer rank spends computing (it is not scheduled), so the
+// fraction is an upper bound on the communication the compute did not hide.
+//
 // Analytic bytes per rank and step (4-byte elements; ring factors a(n) = 2(n-1)/n for an
 // all-reduce, g(n) = (n-1)/n for all-gather / reduce-scatter of the full size; M
 // micro-batches; A = activation elements Bm * T_local * D; R = 2 when blocks are recomputed
@@ -62,6 +69,7 @@ int main(int argc, char** argv) try {
   text::ParallelizeOptions po;
   po.microbatches = arg(argc, argv, "--microbatches", 1);
   po.activation_checkpointing = flag(argc, argv, "--checkpointing");
+  po.overlap = !flag(argc, argv, "--no-overlap");
   po.verbose = false;
 
   auto world = dist::world_communicator();
@@ -89,6 +97,8 @@ int main(int argc, char** argv) try {
   world->barrier();
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t s = 0; s < steps; ++s) step();
+  double waited = 0;  // before the closing barrier, whose wait is only the slowest rank's lag
+  for (auto& c : comms) waited += c->stats().wait_s;
   world->barrier();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int64_t measured = 0;
@@ -132,10 +142,19 @@ int main(int argc, char** argv) try {
   Tensor w = Tensor::from_vector(std::vector<double>{dev, per_step, analytic}, {3});
   Tensor worst = w.clone();
   world->all_reduce(worst, dist::ReduceOp::max);
+  const double frac = waited / secs;
+  Tensor fmax = Tensor::from_vector(std::vector<double>{frac, waited / double(steps)}, {2});
+  Tensor fsum = fmax.clone();
+  world->all_reduce(fmax, dist::ReduceOp::max);
+  world->all_reduce(fsum, dist::ReduceOp::sum);
+  const auto wmax = fmax.to_vector<double>(), wsum = fsum.to_vector<double>();
   if (world->rank() == 0)
     std::printf("RESULT layout=\"%s\" ranks=%d tokens_per_s=%.1f bytes_per_rank_step=%.0f analytic=%.0f "
-                "max_rank_deviation=%.4f\n",
-                d.str().c_str(), world->size(), double(B * T * steps) / secs, per_step, analytic, worst.to_vector<double>()[0]);
+                "max_rank_deviation=%.4f overlap=%d step_ms=%.1f wait_ms_per_step_mean=%.1f wait_frac_mean=%.3f "
+                "wait_frac_max=%.3f\n",
+                d.str().c_str(), world->size(), double(B * T * steps) / secs, per_step, analytic,
+                worst.to_vector<double>()[0], int(po.overlap), 1e3 * secs / double(steps),
+                1e3 * wsum[1] / world->size(), wsum[0] / world->size(), wmax[0]);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_parallel: error: %s\n", e.what());

@@ -4,6 +4,9 @@
 # the analytic volume. Usage: bench/bench_parallel.sh BUILD_DIR [extra bench_parallel args]
 # The ranks share the machine's cores (mpirun --oversubscribe, OMP_NUM_THREADS = cores / ranks,
 # at least 1), so the ratio shows the parallel overhead, not a multi-node speed-up.
+# wait_ms / wait_frac / wait_max: time blocked in communication waits per step, mean rank's
+# fraction of the step and the worst rank's (bench_parallel.cpp); FSDP layouts run with
+# --no-overlap (blocking collectives) and with the default overlap.
 set -euo pipefail
 BUILD=${1:?build dir}
 shift || true
@@ -18,24 +21,30 @@ run() {  # run NP ARGS...
 EXTRA=("$@")
 base=$(run 1)
 base_tps=$(sed -n 's/.*tokens_per_s=\([0-9.]*\).*/\1/p' <<<"$base")
-printf "%-42s %5s %10s %8s %14s %14s %9s\n" layout ranks tokens/s vs_1 bytes/rank/step analytic deviation
+field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2"; }
+printf "%-46s %5s %10s %6s %14s %14s %9s %8s %8s %9s %9s\n" layout ranks tokens/s vs_1 bytes/rank/step analytic \
+  deviation step_ms wait_ms wait_frac wait_max
 while read -r np args; do
   r=$(run "$np" $args)
-  tps=$(sed -n 's/.*tokens_per_s=\([0-9.]*\).*/\1/p' <<<"$r")
-  bytes=$(sed -n 's/.*bytes_per_rank_step=\([0-9]*\).*/\1/p' <<<"$r")
-  an=$(sed -n 's/.*analytic=\([0-9]*\).*/\1/p' <<<"$r")
-  dev=$(sed -n 's/.*max_rank_deviation=\([0-9.]*\).*/\1/p' <<<"$r")
-  printf "%-42s %5s %10s %8.2f %14s %14s %9s\n" "$args" "$np" "$tps" "$(awk -v a="$tps" -v b="$base_tps" 'BEGIN{print a/b}')" \
-    "$bytes" "$an" "$dev"
+  tps=$(field tokens_per_s "$r")
+  printf "%-46s %5s %10s %6.2f %14s %14s %9s %8s %8s %9s %9s\n" "$args" "$np" "$tps" \
+    "$(awk -v a="$tps" -v b="$base_tps" 'BEGIN{print a/b}')" "$(field bytes_per_rank_step "$r")" \
+    "$(field analytic "$r")" "$(field max_rank_deviation "$r")" "$(field step_ms "$r")" \
+    "$(field wait_ms_per_step_mean "$r")" "$(field wait_frac_mean "$r")" "$(field wait_frac_max "$r")"
 done <<'LAYOUTS'
 1
+2 --dp-shard 2 --no-overlap
 2 --dp-shard 2
 2 --dp-replicate 2
 2 --tp 2
 2 --pp 2 --microbatches 4
 2 --cp 2
+4 --dp-replicate 2 --dp-shard 2 --no-overlap
 4 --dp-replicate 2 --dp-shard 2
 4 --tp 2 --pp 2 --microbatches 2
+4 --tp 2 --dp-shard 2 --no-overlap
+4 --tp 2 --dp-shard 2
+8 --tp 2 --dp-shard 2 --cp 2 --no-overlap
 8 --tp 2 --dp-shard 2 --cp 2
 8 --dp-replicate 2 --tp 2 --pp 2 --microbatches 2
 LAYOUTS

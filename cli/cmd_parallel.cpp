@@ -20,7 +20,8 @@ namespace llama3::cli {
 namespace {
 constexpr const char* kUsage =
     "usage: mpirun -np N llama3 parallel [--dp-replicate 1] [--dp-shard 1] [--cp 1] [--tp 1] [--pp 1]\n"
-    "          [--microbatches 1] [--virtual-stages 1] [--checkpointing] [--flavour debug] [--layers L]\n"
+    "          [--microbatches 1] [--virtual-stages 1] [--checkpointing] [--no-overlap] [--flavour debug]\n"
+    "          [--layers L] [--ce-chunk 1024]\n"
     "          [--batch 8] [--seq 32] [--steps 5] [--lr 1e-2] [--clip 1.0] [--eps 1e-8] [--docs] [--seed 0]\n"
     "          [--plain] [--dump FILE] [--reference FILE] [--tol 1e-5] [--timeout 60]\n"
     "          [--save DIR] [--load DIR]\n"
@@ -70,8 +71,8 @@ int cmd_parallel(const Args& args) {
   Flags f(args,
           {"--dp-replicate", "--dp-shard", "--cp", "--tp", "--pp", "--microbatches", "--virtual-stages",
            "--flavour", "--layers", "--batch", "--seq", "--steps", "--lr", "--clip", "--eps", "--seed", "--dump",
-           "--reference", "--tol", "--timeout", "--save", "--load", "--inject-hang", "--inject-abort"},
-          {"--checkpointing", "--docs", "--plain"}, kUsage);
+           "--reference", "--tol", "--timeout", "--save", "--load", "--inject-hang", "--inject-abort", "--ce-chunk"},
+          {"--checkpointing", "--docs", "--plain", "--no-overlap"}, kUsage);
   dist::ParallelDims dims;
   dims.dp_replicate = int(f.integer("--dp-replicate", 1));
   dims.dp_shard = int(f.integer("--dp-shard", 1));
@@ -87,6 +88,7 @@ int cmd_parallel(const Args& args) {
   popt.microbatches = f.integer("--microbatches", 1);
   popt.virtual_stages = int(f.integer("--virtual-stages", 1));
   popt.activation_checkpointing = f.has("--checkpointing");
+  popt.overlap = !f.has("--no-overlap");  // FSDP collectives blocking instead of overlapped
 
   dist::CommOptions co;
   co.timeout_s = f.real("--timeout", 60.0);
@@ -103,6 +105,8 @@ int cmd_parallel(const Args& args) {
 
   cfg.max_seq_len = std::max(cfg.max_seq_len, T);
   text::LlamaModel model(cfg, seed);
+  // Rows per cross-entropy chunk (also the vocabulary-parallel one's under tp).
+  model.options().ce_chunk = f.integer("--ce-chunk", model.options().ce_chunk);
   optim::AdamWConfig oc;
   oc.lr = float(f.real("--lr", 1e-2));
   oc.max_grad_norm = float(f.real("--clip", 1.0));

@@ -32,12 +32,13 @@ constexpr const char* kUsage =
     "                    [--weight-decay 0.1] [--clip 1.0] [--precision f32|bf16]\n"
     "                    [--checkpointing] [--eval-every 50] [--eval-batches 4] [--ckpt-every 0]\n"
     "                    [--seed 0] [--out runs/train] [--stage train] [--resume]\n"
-    "                    [--parallel tp=2,pp=2,... [--microbatches 1] [--virtual-stages 1] [--timeout 300]]\n"
+    "                    [--parallel tp=2,pp=2,... [--microbatches 1] [--virtual-stages 1] [--timeout 300]\n"
+    "                     [--no-overlap]]\n"
     "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.\n"
     "  --batch is the global batch of one micro-batch; --accum micro-batches make a step.\n"
     "  --parallel (under mpirun -np N): degrees of dp_replicate, dp_shard, cp, tp, pp (product N);\n"
     "  --microbatches: pipeline micro-batches per micro-batch; --timeout: seconds a collective may\n"
-    "  wait for a peer before the run fails.";
+    "  wait for a peer before the run fails; --no-overlap: blocking FSDP collectives (no overlap).";
 
 // Entropy (nats/token) of the unigram distribution of the shards' tokens: the loss a model
 // that ignores context entirely would reach on that text.
@@ -64,7 +65,7 @@ int cmd_train(const Args& args) {
            "--decay", "--weight-decay", "--clip", "--precision", "--eval-every", "--eval-batches",
            "--ckpt-every", "--seed", "--out", "--stage", "--parallel", "--microbatches", "--virtual-stages",
            "--timeout"},
-          {"--checkpointing", "--resume"}, kUsage);
+          {"--checkpointing", "--resume", "--no-overlap"}, kUsage);
   dist::CommOptions co;
   co.timeout_s = f.real("--timeout", 300.0);
   auto world = dist::world_communicator(co);
@@ -126,6 +127,7 @@ int cmd_train(const Args& args) {
     tc.parallel.dims = dist::ParallelDims::parse(f.str("--parallel"));
     tc.parallel.microbatches = f.integer("--microbatches", 1);
     tc.parallel.virtual_stages = int(f.integer("--virtual-stages", 1));
+    tc.parallel.overlap = !f.has("--no-overlap");
     tc.parallel.dims.validate(world->size());
     dist::ModelShape ms;
     ms.n_heads = cfg.n_heads, ms.n_kv_heads = cfg.n_kv_heads, ms.n_layers = cfg.n_layers;

@@ -532,6 +532,12 @@ json StageRunner::run_train() {
   const int64_t dpn = comm_.group() ? layout_of(s_).dp() : 1;
   tc.parallel = trainer_parallel(s_, model->config(), batch_at(s_, 0).seq_len, batch_at(s_, 0).micro_batch_size() * dpn,
                                  comm_.group());
+  if (lc)  // every increment's length must suit the layout too (cp splits it in 2 cp chunks)
+    for (int64_t L : s_.long_context().seq_lens()) {
+      BatchAt b = batch_at(s_, 0);
+      b.seq_len = L;
+      trainer_parallel(s_, model->config(), L, b.micro_batch_size() * dpn, comm_.group());
+    }
   text::Trainer trainer(*model, tc, source);
   // The whole model for evals and outputs: gathered from the ranks under a layout
   // (collective), until annealing replaces it with the average.

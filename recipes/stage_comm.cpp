@@ -30,6 +30,7 @@ text::TrainerParallel trainer_parallel(const Stage& s, const text::LlamaConfig& 
   tp.dims.dp_replicate = int(L.dp_replicate);
   tp.microbatches = s.parallel().microbatches() > 0 ? s.parallel().microbatches() : 1;
   tp.virtual_stages = s.parallel().virtual_stages() > 0 ? s.parallel().virtual_stages() : 1;
+  tp.overlap = !s.parallel().no_overlap();
   dist::ModelShape ms;
   ms.n_heads = c.n_heads, ms.n_kv_heads = c.n_kv_heads, ms.n_layers = c.n_layers, ms.ffn_hidden = c.ffn_hidden();
   ms.vocab = c.vocab_size, ms.seq_len = seq_len, ms.global_batch = micro_batch_rows;

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <thread>
 
 #include "runtime/backend/backend.h"
@@ -19,6 +20,13 @@ namespace llama3::dist {
 namespace {
 
 [[maybe_unused]] int64_t ring_bytes(int n, int64_t full_bytes) { return n <= 1 ? 0 : full_bytes * (n - 1) / n; }
+
+// A handle that is complete from the start (single rank; blocking fallbacks).
+class DoneWork final : public Work {
+ public:
+  void wait() override {}
+  bool test() override { return true; }
+};
 
 class SingleRank final : public Communicator {
  public:
@@ -51,6 +59,20 @@ class SingleRank final : public Communicator {
 };
 
 }  // namespace
+
+// Blocking fallbacks (the single-rank and NCCL backends): the work is done on return.
+std::unique_ptr<Work> Communicator::iall_reduce(Tensor& t, ReduceOp op) {
+  all_reduce(t, op);
+  return std::make_unique<DoneWork>();
+}
+std::unique_ptr<Work> Communicator::iall_gather(const Tensor& in, Tensor& out) {
+  all_gather(in, out);
+  return std::make_unique<DoneWork>();
+}
+std::unique_ptr<Work> Communicator::ireduce_scatter(const Tensor& in, Tensor& out, ReduceOp op) {
+  reduce_scatter(in, out, op);
+  return std::make_unique<DoneWork>();
+}
 
 std::shared_ptr<Communicator> single_rank_communicator(const std::string& name) {
   return std::make_shared<SingleRank>(name);
@@ -104,19 +126,26 @@ void check_host(const Tensor& t, const std::string& op) {
 
 class MpiWork final : public Work {
  public:
-  MpiWork(MPI_Request r, std::string what, double timeout) : req_(r), what_(std::move(what)), timeout_(timeout) {}
+  // `wait_acc` (the communicator's CommStats::wait_s) receives the time blocked in wait();
+  // `on_done` runs once after completion (e.g. the 1/n of an avg).
+  MpiWork(MPI_Request r, std::string what, double timeout, double* wait_acc = nullptr,
+          std::function<void()> on_done = {})
+      : req_(r), what_(std::move(what)), timeout_(timeout), wait_acc_(wait_acc), on_done_(std::move(on_done)) {}
   // An abandoned request (its wait threw) is leaked on purpose: MPI cannot free an active
   // collective request, and the process is about to end with the error.
   ~MpiWork() override = default;
+  bool test() override {
+    if (req_ == MPI_REQUEST_NULL) return true;
+    int done = 0;
+    int rc = MPI_Test(&req_, &done, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) fail("{} failed: {}", what_, mpi_error(rc));
+    return done != 0;
+  }
   void wait() override {
-    if (req_ == MPI_REQUEST_NULL) return;
+    if (finished_) return;
     const auto start = std::chrono::steady_clock::now();
     int spins = 0;
-    for (;;) {
-      int done = 0;
-      int rc = MPI_Test(&req_, &done, MPI_STATUS_IGNORE);
-      if (rc != MPI_SUCCESS) fail("{} failed: {}", what_, mpi_error(rc));
-      if (done) return;
+    while (!test()) {
       if (++spins > 200) {
         std::this_thread::sleep_for(std::chrono::microseconds(20));
         double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -125,12 +154,18 @@ class MpiWork final : public Work {
                what_, timeout_);
       }
     }
+    if (wait_acc_) *wait_acc_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    finished_ = true;
+    if (on_done_) on_done_();
   }
 
  private:
   MPI_Request req_;
   std::string what_;
   double timeout_;
+  double* wait_acc_;
+  std::function<void()> on_done_;
+  bool finished_ = false;
 };
 
 class Mpi final : public Communicator {
@@ -150,17 +185,22 @@ class Mpi final : public Communicator {
   int size() const override { return size_; }
   std::string backend() const override { return "mpi"; }
 
-  void all_reduce(Tensor& t, ReduceOp op) override {
+  void all_reduce(Tensor& t, ReduceOp op) override { iall_reduce(t, op)->wait(); }
+  void all_gather(const Tensor& in, Tensor& out) override { iall_gather(in, out)->wait(); }
+  void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op) override { ireduce_scatter(in, out, op)->wait(); }
+
+  std::unique_ptr<Work> iall_reduce(Tensor& t, ReduceOp op) override {
     check_host(t, what("all_reduce"));
     MPI_Request r;
     check(MPI_Iallreduce(MPI_IN_PLACE, t.data_ptr(), int(t.numel()), mpi_type(t.dtype(), what("all_reduce")),
                          op == ReduceOp::max ? MPI_MAX : MPI_SUM, comm_, &r),
           "all_reduce");
-    MpiWork(r, what("all_reduce"), opt_.timeout_s).wait();
-    if (op == ReduceOp::avg) backend_for(t.device()).scale(t, 1.f / float(size_));
     count(2 * ring_bytes(size_, int64_t(t.nbytes())));
+    std::function<void()> done;
+    if (op == ReduceOp::avg) done = [t, n = size_]() mutable { backend_for(t.device()).scale(t, 1.f / float(n)); };
+    return std::make_unique<MpiWork>(r, what("all_reduce"), opt_.timeout_s, &stats_.wait_s, std::move(done));
   }
-  void all_gather(const Tensor& in, Tensor& out) override {
+  std::unique_ptr<Work> iall_gather(const Tensor& in, Tensor& out) override {
     check_host(in, what("all_gather"));
     check_host(out, what("all_gather"));
     LLAMA3_CHECK(out.numel() == in.numel() * size_ && out.dtype() == in.dtype(),
@@ -169,10 +209,10 @@ class Mpi final : public Communicator {
     check(MPI_Iallgather(in.data_ptr(), int(in.nbytes()), MPI_BYTE, out.data_ptr(), int(in.nbytes()), MPI_BYTE,
                          comm_, &r),
           "all_gather");
-    MpiWork(r, what("all_gather"), opt_.timeout_s).wait();
     count(ring_bytes(size_, int64_t(out.nbytes())));
+    return std::make_unique<MpiWork>(r, what("all_gather"), opt_.timeout_s, &stats_.wait_s);
   }
-  void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op) override {
+  std::unique_ptr<Work> ireduce_scatter(const Tensor& in, Tensor& out, ReduceOp op) override {
     check_host(in, what("reduce_scatter"));
     check_host(out, what("reduce_scatter"));
     LLAMA3_CHECK(in.numel() == out.numel() * size_ && out.dtype() == in.dtype(),
@@ -182,15 +222,16 @@ class Mpi final : public Communicator {
                                     mpi_type(in.dtype(), what("reduce_scatter")),
                                     op == ReduceOp::max ? MPI_MAX : MPI_SUM, comm_, &r),
           "reduce_scatter");
-    MpiWork(r, what("reduce_scatter"), opt_.timeout_s).wait();
-    if (op == ReduceOp::avg) backend_for(out.device()).scale(out, 1.f / float(size_));
     count(ring_bytes(size_, int64_t(in.nbytes())));
+    std::function<void()> done;
+    if (op == ReduceOp::avg) done = [out, n = size_]() mutable { backend_for(out.device()).scale(out, 1.f / float(n)); };
+    return std::make_unique<MpiWork>(r, what("reduce_scatter"), opt_.timeout_s, &stats_.wait_s, std::move(done));
   }
   void broadcast(Tensor& t, int root) override {
     check_host(t, what("broadcast"));
     MPI_Request r;
     check(MPI_Ibcast(t.data_ptr(), int(t.nbytes()), MPI_BYTE, root, comm_, &r), "broadcast");
-    MpiWork(r, what("broadcast"), opt_.timeout_s).wait();
+    MpiWork(r, what("broadcast"), opt_.timeout_s, &stats_.wait_s).wait();
     if (rank_ == root) count(int64_t(t.nbytes()));
   }
   std::unique_ptr<Work> isend(const Tensor& t, int dst, int tag) override {
@@ -198,18 +239,20 @@ class Mpi final : public Communicator {
     MPI_Request r;
     check(MPI_Isend(t.data_ptr(), int(t.nbytes()), MPI_BYTE, dst, tag, comm_, &r), "isend");
     count(int64_t(t.nbytes()));
-    return std::make_unique<MpiWork>(r, fmt::format("{} to rank {}", what("send"), dst), opt_.timeout_s);
+    return std::make_unique<MpiWork>(r, fmt::format("{} to rank {}", what("send"), dst), opt_.timeout_s,
+                                     &stats_.wait_s);
   }
   std::unique_ptr<Work> irecv(Tensor& t, int src, int tag) override {
     check_host(t, what("irecv"));
     MPI_Request r;
     check(MPI_Irecv(t.data_ptr(), int(t.nbytes()), MPI_BYTE, src, tag, comm_, &r), "irecv");
-    return std::make_unique<MpiWork>(r, fmt::format("{} from rank {}", what("recv"), src), opt_.timeout_s);
+    return std::make_unique<MpiWork>(r, fmt::format("{} from rank {}", what("recv"), src), opt_.timeout_s,
+                                     &stats_.wait_s);
   }
   void barrier() override {
     MPI_Request r;
     check(MPI_Ibarrier(comm_, &r), "barrier");
-    MpiWork(r, what("barrier"), opt_.timeout_s).wait();
+    MpiWork(r, what("barrier"), opt_.timeout_s, &stats_.wait_s).wait();
   }
   std::shared_ptr<Communicator> split(int color, int key, const std::string& name) override {
     MPI_Comm c;

@@ -12,6 +12,16 @@
 // algorithms (nccl-tests "bus bytes"): all_reduce 2(n-1)/n * S, all_gather and
 // reduce_scatter (n-1)/n * S (S = the full, gathered size), broadcast S on the root,
 // send S. bench_parallel compares these counters with the analytic volume of a layout.
+//
+// Asynchronous collectives (iall_reduce / iall_gather / ireduce_scatter) return a Work whose
+// wait() completes them; FSDP uses them to overlap weight gathers and gradient
+// reduce-scatters with compute. The base class implements them as the blocking call plus a
+// completed handle (the NCCL backend uses that fallback: its stream already orders the
+// work); MPI issues MPI_Iallgather / MPI_Ireduce_scatter_block / MPI_Iallreduce. OpenMPI
+// progresses a nonblocking collective only inside MPI calls, so callers poll Work::test() at
+// convenient points (ParallelLlama: at every block boundary). CommStats::wait_s adds the
+// wall time this rank spent blocked in waits (every blocking collective is one) - the
+// communication the compute did not hide, plus any time spent waiting for slower peers.
 #pragma once
 
 #include <cstdint>
@@ -27,17 +37,21 @@ enum class ReduceOp : uint8_t { sum, avg, max };
 struct CommStats {
   int64_t bytes_sent = 0;  // ring-algorithm bytes this rank sent
   int64_t calls = 0;
+  double wait_s = 0;  // wall time blocked in waits (blocking calls and Work::wait)
 };
 
 struct CommOptions {
   double timeout_s = 60.0;  // a wait longer than this throws (peer died or hangs)
 };
 
-// Handle of an asynchronous transfer; wait() blocks (with the deadline) until done.
+// Handle of an asynchronous transfer; wait() blocks (with the deadline) until done and then
+// finishes the operation (e.g. the division of an avg). test() progresses it without
+// blocking and says whether it is done (its completion still needs wait()).
 class Work {
  public:
   virtual ~Work() = default;
   virtual void wait() = 0;
+  virtual bool test() { return false; }
 };
 
 class Communicator {
@@ -55,6 +69,11 @@ class Communicator {
   // out (in.numel() / size elements) = this rank's slice of the reduction of every rank's in.
   virtual void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op = ReduceOp::sum) = 0;
   virtual void broadcast(Tensor& t, int root) = 0;
+  // Asynchronous forms of the three above: the tensors must stay alive and untouched until
+  // wait() returns; every rank of the group must issue the same collectives in the same order.
+  virtual std::unique_ptr<Work> iall_reduce(Tensor& t, ReduceOp op = ReduceOp::sum);
+  virtual std::unique_ptr<Work> iall_gather(const Tensor& in, Tensor& out);
+  virtual std::unique_ptr<Work> ireduce_scatter(const Tensor& in, Tensor& out, ReduceOp op = ReduceOp::sum);
   virtual std::unique_ptr<Work> isend(const Tensor& t, int dst, int tag) = 0;
   virtual std::unique_ptr<Work> irecv(Tensor& t, int src, int tag) = 0;
   virtual void barrier() = 0;
@@ -69,6 +88,7 @@ class Communicator {
     stats_.bytes_sent += bytes;
     ++stats_.calls;
   }
+  void add_wait(double s) { stats_.wait_s += s; }
   std::string name_ = "world";
   CommStats stats_;
 };

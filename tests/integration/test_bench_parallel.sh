@@ -14,6 +14,7 @@ while read -r np args; do
   if awk -v d="$dev" 'BEGIN { exit !(d != "" && d <= 0.10) }'; then echo "PASS $r"; else echo "FAIL $r"; fails=$((fails + 1)); fi
 done <<'LAYOUTS'
 2 --dp-shard 2
+2 --dp-shard 2 --no-overlap
 2 --tp 2 --checkpointing
 2 --pp 2 --microbatches 2
 4 --dp-replicate 2 --cp 2

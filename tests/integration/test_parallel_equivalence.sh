@@ -37,6 +37,7 @@ check() {  # check NP LAYERS ARGS...
 check 2 4 --dp-shard 2
 check 2 4 --dp-replicate 2
 check 2 4 --tp 2
+check 2 4 --tp 2 --ce-chunk 48                    # vocabulary-parallel loss in 6 row chunks (last 16)
 check 2 4 --pp 2 --microbatches 4
 check 2 4 --cp 2                                  # document mask across chunks (--docs)
 check 2 5 --pp 2 --microbatches 2                 # stages of 3 and 2 layers

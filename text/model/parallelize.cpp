@@ -171,25 +171,118 @@ double ParallelLlama::bubble_fraction() const {
   return (S - 1) / (V * M + S - 1);
 }
 
-void ParallelLlama::gather(Param& p) {
-  if (!p.fsdp) return;
-  Tensor full = Tensor::empty({p.padded}, p.shard.dtype(), p.shard.device());
-  g_.dp_shard->all_gather(p.shard.detach(), full);
+void ParallelLlama::install(Param& p, const Tensor& full) {
   Tensor t = full.narrow(0, 0, p.local_numel).view(p.local_shape).detach();
   t.set_requires_grad(p.info.trainable);
   if (p.info.trainable && p.layer >= 0) {
     // Reduce-scatter the full gradient as soon as it is accumulated, then drop it.
     Param* pp = &p;
-    t.mutable_meta()->post_accumulate_hooks.push_back([this, pp](Tensor& g) {
-      Tensor flat = Tensor::zeros({pp->padded}, g.dtype(), g.device());
-      flat.narrow(0, 0, pp->local_numel).copy_(g.contiguous().view({pp->local_numel}));
-      Tensor part = Tensor::empty({pp->padded / g_.dims.dp_shard}, g.dtype(), g.device());
-      g_.dp_shard->reduce_scatter(flat, part, ReduceOp::sum);
-      accumulate(pp->shard, part);
-      g = Tensor();
-    });
+    t.mutable_meta()->post_accumulate_hooks.push_back([this, pp](Tensor& g) { reduce_scatter_grad(*pp, g); });
   }
   *p.slot = t;
+}
+
+void ParallelLlama::gather(Param& p) {
+  if (!p.fsdp) return;
+  Tensor full = Tensor::empty({p.padded}, p.shard.dtype(), p.shard.device());
+  g_.dp_shard->all_gather(p.shard.detach(), full);
+  install(p, full);
+}
+
+ParallelLlama::Gathering ParallelLlama::issue_gather(const std::vector<Param*>& ps, int64_t layer) {
+  Gathering gt;
+  gt.layer = layer;
+  for (Param* p : ps) {
+    if (!p->fsdp) continue;
+    Tensor full = Tensor::empty({p->padded}, p->shard.dtype(), p->shard.device());
+    gt.works.push_back(g_.dp_shard->iall_gather(p->shard.detach(), full));
+    gt.params.push_back(p);
+    gt.full.push_back(full);
+  }
+  return gt;
+}
+
+void ParallelLlama::complete(Gathering& gt) {
+  for (size_t i = 0; i < gt.params.size(); ++i) {
+    gt.works[i]->wait();
+    install(*gt.params[i], gt.full[i]);
+  }
+  gt = Gathering();
+}
+
+void ParallelLlama::prefetch(int64_t layer) {
+  // One block ahead at most: with the running block that bounds the gathered weights to two
+  // blocks. The shards do not change within a step, so a prefetch used later is still valid.
+  if (!prefetched_.empty()) return;
+  prefetched_.push_back(issue_gather(block_params_[size_t(layer)], layer));
+}
+
+void ParallelLlama::materialize(int64_t layer) {
+  for (auto it = prefetched_.begin(); it != prefetched_.end(); ++it)
+    if (it->layer == layer) {
+      Gathering gt = std::move(*it);
+      prefetched_.erase(it);
+      complete(gt);
+      return;
+    }
+  for (Param* p : block_params_[size_t(layer)]) gather(*p);
+}
+
+void ParallelLlama::reduce_scatter_grad(Param& p, Tensor& g) {
+  PendingGrad pg;
+  pg.layer = p.layer;
+  pg.param = &p;
+  pg.flat = Tensor::zeros({p.padded}, g.dtype(), g.device());
+  pg.flat.narrow(0, 0, p.local_numel).copy_(g.contiguous().view({p.local_numel}));
+  pg.part = Tensor::empty({p.padded / g_.dims.dp_shard}, g.dtype(), g.device());
+  g = Tensor();
+  if (!opt_.overlap) {
+    g_.dp_shard->reduce_scatter(pg.flat, pg.part, ReduceOp::sum);
+    accumulate(p.shard, pg.part);
+    return;
+  }
+  // Bound the memory in flight: this block's and one earlier block's reduce-scatters.
+  if (!pending_grads_.empty() && pending_grads_.back().layer != p.layer) {
+    std::vector<int64_t> layers;
+    for (auto& q : pending_grads_)
+      if (layers.empty() || layers.back() != q.layer) layers.push_back(q.layer);
+    if (layers.size() >= 2) finish_grads(1);
+  }
+  pg.work = g_.dp_shard->ireduce_scatter(pg.flat, pg.part, ReduceOp::sum);
+  pending_grads_.push_back(std::move(pg));
+}
+
+void ParallelLlama::finish_grads(size_t keep_layers) {
+  // Complete the oldest reduce-scatters in issue order (so each shard gradient is summed in
+  // the blocking path's order) until at most `keep_layers` blocks remain in flight.
+  auto layers_in_flight = [&] {
+    size_t n = 0;
+    int64_t last = -2;
+    for (auto& q : pending_grads_)
+      if (q.layer != last) ++n, last = q.layer;
+    return n;
+  };
+  while (!pending_grads_.empty() && layers_in_flight() > keep_layers) {
+    PendingGrad pg = std::move(pending_grads_.front());
+    pending_grads_.pop_front();
+    pg.work->wait();
+    accumulate(pg.param->shard, pg.part);
+  }
+}
+
+void ParallelLlama::progress() {
+  // OpenMPI advances nonblocking collectives only inside MPI calls: poke them at every block
+  // boundary so they progress while the block computes.
+  for (auto& gt : prefetched_)
+    for (auto& w : gt.works) w->test();
+  for (auto& pg : pending_grads_) pg.work->test();
+}
+
+void ParallelLlama::drain() {
+  finish_grads(0);
+  for (auto& gt : prefetched_)
+    for (auto& w : gt.works) w->wait();  // an unused prefetch: complete it, then drop it
+  prefetched_.clear();
 }
 
 void ParallelLlama::reshard(Param& p) {
@@ -200,12 +293,25 @@ Tensor ParallelLlama::run_blocks(int chunk, Tensor h, const Tensor& pos, const A
   const ops::Precision prec = model_.options().precision;
   const Tensor inv = model_.inv_freq();
   const bool fsdp = g_.dims.fsdp_enabled();
-  for (int64_t l = chunks_[size_t(chunk)].first; l < chunks_[size_t(chunk)].second; ++l) {
+  const auto [first, end] = chunks_[size_t(chunk)];
+  for (int64_t l = first; l < end; ++l) {
     Block* b = model_.blocks()[size_t(l)];
     auto* ps = &block_params_[size_t(l)];
-    auto fn = [this, b, ps, inv, pos, ap, prec, fsdp](const std::vector<Tensor>& in) {
-      if (fsdp)
-        for (Param* p : *ps) gather(*p);
+    // The first call is the forward, a second one the recompute in backward (reverse order).
+    auto calls = std::make_shared<int>(0);
+    auto fn = [this, b, ps, inv, pos, ap, prec, fsdp, l, first, end, calls](const std::vector<Tensor>& in) {
+      const bool recompute = (*calls)++ > 0;
+      if (fsdp) {
+        if (opt_.overlap) progress();
+        materialize(l);
+        if (opt_.overlap) {
+          // Next block to run: l+1 in forward; l-1 in the recompute. The last block's
+          // forward prefetches its own recompute (the loss / next stage runs meanwhile).
+          int64_t next = recompute ? l - 1 : l + 1;
+          if (!recompute && next == end && training_) next = l;
+          if (next >= first && next < end) prefetch(next);
+        }
+      }
       Tensor y = (*b)(in[0], inv, pos, ap, prec);
       if (fsdp)
         for (Param* p : *ps) reshard(*p);
@@ -270,7 +376,15 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   const double n_global = cnt.item();
   LLAMA3_CHECK(n_global > 0, "parallel step: the global batch has no valid targets");
 
-  for (Param* p : root_params_) gather(*p);
+  training_ = train;
+  if (opt_.overlap && g_.dims.fsdp_enabled()) {
+    // The root unit's gather and the first block's run together.
+    Gathering root = issue_gather(root_params_, -1);
+    if (chunks_[0].second > chunks_[0].first) prefetch(chunks_[0].first);
+    complete(root);
+  } else {
+    for (Param* p : root_params_) gather(*p);
+  }
   const Tensor pos = Tensor::from_vector(pv, {T});
 
   struct Mb {
@@ -311,7 +425,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
       const double nv = mb_valid[size_t(i)];
       if (nv > 0) {
         const Tensor tg = targets_l.narrow(0, i * Bm, Bm).contiguous().view({-1});
-        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg, *g_.tp)
+        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg, *g_.tp, o.chunk)
                                   : ops::linear_cross_entropy(hn, model_.lm_head().weight, tg, o);
         mb.loss = ops::scale(l, float(nv / n_global));
         loss_sum += l.item() * nv / n_global;
@@ -356,6 +470,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     // by a forward that comes earlier in the same order, so the chain cannot deadlock.
     for (int64_t n = 0; n < total; ++n) forward(fwd_k(n), mb_of(n));
     for (auto& w : sends) w->wait();
+    drain();
     for (Param* p : root_params_) reshard(*p);
     Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
     g_.dp->all_reduce(l, ReduceOp::sum);
@@ -373,27 +488,59 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   for (int64_t n = total - warmup; n < total; ++n) backward(bwd_k(n), mb_of(n));
   for (auto& w : sends) w->wait();
   sends.clear();
+  drain();  // every block's gradient is on its shard from here
 
   // Root unit under FSDP: one reduce-scatter of its accumulated gradients per step.
+  std::vector<std::unique_ptr<dist::Work>> works;
+  std::vector<std::pair<Param*, Tensor>> root_parts;
+  std::vector<Tensor> flats;
   for (Param* p : root_params_) {
     if (p->fsdp && p->info.trainable) {
       Tensor g = p->slot->grad();
       Tensor flat = Tensor::zeros({p->padded}, DType::f32);
       if (g.defined()) flat.narrow(0, 0, p->local_numel).copy_(g.contiguous().view({p->local_numel}));
       Tensor part = Tensor::empty({p->padded / g_.dims.dp_shard}, DType::f32);
-      g_.dp_shard->reduce_scatter(flat, part, ReduceOp::sum);
-      accumulate(p->shard, part);
+      if (opt_.overlap) {
+        works.push_back(g_.dp_shard->ireduce_scatter(flat, part, ReduceOp::sum));
+        root_parts.emplace_back(p, part);
+        flats.push_back(flat);  // the send buffer must outlive the collective
+      } else {
+        g_.dp_shard->reduce_scatter(flat, part, ReduceOp::sum);
+        accumulate(p->shard, part);
+      }
     }
-    reshard(*p);
   }
-  // Replicas (HSDP / plain DP): sum the shard gradients.
+  for (size_t i = 0; i < works.size(); ++i) {
+    works[i]->wait();
+    accumulate(root_parts[i].first->shard, root_parts[i].second);
+  }
+  works.clear();
+  for (Param* p : root_params_) reshard(*p);
+  // Replicas (HSDP / plain DP) and cp: sum the shard gradients (issued together when
+  // overlapping, so the all-reduces pipeline instead of running one by one).
   for (auto& p : params_) {
     if (!p->info.trainable) continue;
     if (!p->shard.grad().defined()) p->shard.set_grad(Tensor::zeros(p->shard.shape(), DType::f32));
     Tensor gr = p->shard.grad();
-    if (g_.dims.dp_replicate > 1) g_.dp_replicate->all_reduce(gr, ReduceOp::sum);
-    if (cp > 1) g_.cp->all_reduce(gr, ReduceOp::sum);
+    if (g_.dims.dp_replicate > 1) {
+      if (opt_.overlap)
+        works.push_back(g_.dp_replicate->iall_reduce(gr, ReduceOp::sum));
+      else
+        g_.dp_replicate->all_reduce(gr, ReduceOp::sum);
+    }
   }
+  for (auto& w : works) w->wait();
+  works.clear();
+  if (cp > 1)
+    for (auto& p : params_) {
+      if (!p->info.trainable) continue;
+      Tensor gr = p->shard.grad();
+      if (opt_.overlap)
+        works.push_back(g_.cp->iall_reduce(gr, ReduceOp::sum));
+      else
+        g_.cp->all_reduce(gr, ReduceOp::sum);
+    }
+  for (auto& w : works) w->wait();
   Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
   g_.dp->all_reduce(l, ReduceOp::sum);
   g_.pp->all_reduce(l, ReduceOp::sum);

@@ -26,12 +26,21 @@
 //            kept between forward and backward), and each gradient is reduce-scattered as
 //            soon as it is complete (AutogradMeta::post_accumulate_hooks). The embedding,
 //            final norm and lm_head (the root unit) are gathered once per step.
+//            With ParallelizeOptions::overlap these collectives are asynchronous: the
+//            gather of the next block (forward: l+1, recompute in backward: l-1; the last
+//            block of a chunk prefetches itself for its recompute) is issued before block l
+//            computes, and block l's gradient reduce-scatters run while the backward of
+//            block l-1 computes. At most two gathered blocks exist at once (the running one
+//            and one prefetched) and the reduce-scatters of at most two blocks are in
+//            flight; all are completed, in issue order, before the step returns, so results
+//            are bitwise those of the blocking path.
 //
 // After backward, shard gradients are all-reduced over dp_replicate (HSDP) and the loss is
 // the global mean over all valid targets of the global batch: every micro-batch loss is
 // scaled by its valid-target count / the global count, and gradients are summed.
 #pragma once
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -48,6 +57,7 @@ struct ParallelizeOptions {
   int64_t microbatches = 1;     // per step and data-parallel rank (pipeline micro-batches)
   int virtual_stages = 1;       // model chunks per pipeline rank: 1 = 1F1B, V > 1 = interleaved 1F1B
   bool activation_checkpointing = false;
+  bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute
   bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
 };
 
@@ -92,7 +102,30 @@ class ParallelLlama {
 
  private:
   struct Param;
+  // FSDP all-gathers of one unit (a block, or the root unit as layer -1) in flight.
+  struct Gathering {
+    int64_t layer = -1;
+    std::vector<Param*> params;
+    std::vector<Tensor> full;
+    std::vector<std::unique_ptr<dist::Work>> works;
+  };
+  // One gradient reduce-scatter in flight; completed (accumulated into the shard) in order.
+  struct PendingGrad {
+    int64_t layer = -1;
+    Param* param = nullptr;
+    Tensor flat, part;
+    std::unique_ptr<dist::Work> work;
+  };
   void gather(Param& p);
+  void install(Param& p, const Tensor& full);
+  Gathering issue_gather(const std::vector<Param*>& ps, int64_t layer);
+  void complete(Gathering& g);
+  void prefetch(int64_t layer);
+  void materialize(int64_t layer);
+  void reduce_scatter_grad(Param& p, Tensor& g);
+  void finish_grads(size_t keep_layers);
+  void progress();
+  void drain();
   Tensor shard_of(const Param& p, const Tensor& full) const;
   void reshard(Param& p);
   Tensor run_blocks(int chunk, Tensor h, const Tensor& pos, const AttentionParams& ap);
@@ -105,6 +138,9 @@ class ParallelLlama {
   std::vector<std::vector<Param*>> block_params_;  // by layer (empty for other ranks' layers)
   std::vector<Param*> root_params_;                // embedding, norm, lm_head held here
   std::vector<std::pair<int64_t, int64_t>> chunks_;
+  bool training_ = false;                 // the current step runs backward
+  std::deque<Gathering> prefetched_;      // block gathers issued ahead (at most one)
+  std::deque<PendingGrad> pending_grads_; // reduce-scatters in flight, issue order
 };
 
 // Layer range [first, end) of pipeline stage `stage` of `stages` for n_layers layers.

@@ -1,5 +1,6 @@
 #include "text/model/vocab_parallel.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "runtime/autograd/autograd.h"
@@ -32,36 +33,50 @@ struct VocabEmbeddingNode final : Node {
   void release() override { ids_local = Tensor(); }
 };
 
+// Rows' softmax statistics (global max and sum of exponentials) are kept, not the
+// probabilities: the backward recomputes each chunk's (rows, V/tp) logits, so no more than one
+// chunk of them exists at a time in either direction.
 struct VocabCrossEntropyNode final : Node {
-  Tensor h, w, probs;  // probs (N, Vl): softmax over the full vocabulary, this rank's columns
+  Tensor h, w;
+  std::vector<float> mx;               // per row: max logit over the full vocabulary
+  std::vector<double> sum_exp;         // per row: sum of exp(logit - max) over the full vocabulary
   std::vector<int32_t> local_target;  // column of the target on this rank, or -1
   std::vector<uint8_t> valid;
   double n_valid = 0;
+  int64_t chunk = 0;
   dist::Communicator* tp = nullptr;
   const char* name() const override { return "vocab_parallel_cross_entropy"; }
   std::vector<Tensor> backward(const Tensor& g) override {
     const float scale = float(g.item() / n_valid);
-    const int64_t N = probs.size(0), Vl = probs.size(1);
-    Tensor dlogits = probs.clone();
-    float* p = dlogits.data<float>();
-    for (int64_t i = 0; i < N; ++i) {
-      float* row = p + i * Vl;
-      if (!valid[size_t(i)]) {
-        std::fill(row, row + Vl, 0.f);
-        continue;
-      }
-      if (local_target[size_t(i)] >= 0) row[local_target[size_t(i)]] -= 1.f;
-      for (int64_t j = 0; j < Vl; ++j) row[j] *= scale;
-    }
+    const int64_t N = h.size(0), Vl = w.size(0);
     Backend& be = backend_for(h.device());
     Tensor dh = Tensor::zeros(h.shape(), DType::f32);
-    be.gemm(dlogits, Trans::N, w, Trans::N, dh);  // (N, Vl) @ (Vl, D): this shard's share
-    tp->all_reduce(dh, dist::ReduceOp::sum);
     Tensor dw = Tensor::zeros(w.shape(), DType::f32);
-    be.gemm(dlogits, Trans::T, h, Trans::N, dw);  // (Vl, N) @ (N, D)
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+      const int64_t C = std::min(chunk, N - r0);
+      Tensor hc = h.narrow(0, r0, C);
+      Tensor dlogits = Tensor::empty({C, Vl}, DType::f32);
+      be.gemm(hc, Trans::N, w, Trans::T, dlogits);
+      float* p = dlogits.data<float>();
+      for (int64_t i = 0; i < C; ++i) {
+        const size_t r = size_t(r0 + i);
+        float* row = p + i * Vl;
+        if (!valid[r]) {
+          std::fill(row, row + Vl, 0.f);
+          continue;
+        }
+        for (int64_t j = 0; j < Vl; ++j) row[j] = float(std::exp(double(row[j] - mx[r])) / sum_exp[r]);
+        if (local_target[r] >= 0) row[local_target[r]] -= 1.f;
+        for (int64_t j = 0; j < Vl; ++j) row[j] *= scale;
+      }
+      Tensor dhc = dh.narrow(0, r0, C);
+      be.gemm(dlogits, Trans::N, w, Trans::N, dhc);                  // (C, Vl) @ (Vl, D): this shard's share
+      be.gemm(dlogits, Trans::T, hc, Trans::N, dw, 1.f, r0 ? 1.f : 0.f);  // dW += (Vl, C) @ (C, D)
+    }
+    tp->all_reduce(dh, dist::ReduceOp::sum);
     return {next[0] ? dh : Tensor(), next[1] ? dw : Tensor()};
   }
-  void release() override { h = w = probs = Tensor(); }
+  void release() override { h = w = Tensor(); }
 };
 }  // namespace
 
@@ -96,53 +111,60 @@ Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::
 }
 
 Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, const Tensor& targets,
-                                    dist::Communicator& tp) {
+                                    dist::Communicator& tp, int64_t chunk_rows) {
   check_cpu_f32(h, "vocab_parallel_cross_entropy");
   check_cpu_f32(w_local, "vocab_parallel_cross_entropy");
   const int64_t N = h.size(0), Vl = w_local.size(0), v0 = tp.rank() * Vl;
+  const int64_t chunk = chunk_rows > 0 ? std::min(chunk_rows, std::max<int64_t>(N, 1)) : std::max<int64_t>(N, 1);
   Tensor hc = h.contiguous(), wc = w_local.contiguous();
-  Tensor logits = Tensor::zeros({N, Vl}, DType::f32);
-  backend_for(h.device()).gemm(hc, Trans::N, wc, Trans::T, logits);
   std::vector<int32_t> tg = targets.contiguous().to_vector<int32_t>();
-  const float* L = logits.data<float>();
-  // Row max, then sum of exp and target logit, each all-reduced over the vocabulary shards.
-  Tensor mx = Tensor::empty({N}, DType::f32);
-  for (int64_t i = 0; i < N; ++i) mx.data<float>()[i] = *std::max_element(L + i * Vl, L + (i + 1) * Vl);
-  tp.all_reduce(mx, dist::ReduceOp::max);
-  Tensor st = Tensor::zeros({2, N}, DType::f64);  // row 0: sum exp, row 1: target logit
-  double* sp = st.data<double>();
+  LLAMA3_CHECK(int64_t(tg.size()) == N, "vocab_parallel_cross_entropy: {} targets for {} rows", tg.size(), N);
   auto n = std::make_shared<VocabCrossEntropyNode>();
   n->local_target.assign(size_t(N), -1);
   n->valid.assign(size_t(N), 0);
-  for (int64_t i = 0; i < N; ++i) {
-    const float m = mx.data<float>()[i];
-    double s = 0;
-    for (int64_t j = 0; j < Vl; ++j) s += std::exp(double(L[i * Vl + j] - m));
-    sp[i] = s;
-    n->valid[size_t(i)] = tg[size_t(i)] >= 0;
-    if (tg[size_t(i)] >= v0 && tg[size_t(i)] < v0 + Vl) {
-      n->local_target[size_t(i)] = int32_t(tg[size_t(i)] - v0);
-      sp[N + i] = L[i * Vl + (tg[size_t(i)] - v0)];
+  n->mx.assign(size_t(N), 0.f);
+  n->chunk = chunk;
+  // Row max (all-reduced per chunk: the sum of exponentials needs it), then sum of exp and
+  // target logit of every row, all-reduced once over the vocabulary shards.
+  Tensor st = Tensor::zeros({2, N}, DType::f64);  // row 0: sum exp, row 1: target logit
+  double* sp = st.data<double>();
+  Backend& be = backend_for(h.device());
+  Tensor logits = Tensor::empty({chunk, Vl}, DType::f32);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t C = std::min(chunk, N - r0);
+    Tensor lc = logits.narrow(0, 0, C);
+    be.gemm(hc.narrow(0, r0, C), Trans::N, wc, Trans::T, lc);
+    const float* L = lc.data<float>();
+    Tensor mx = Tensor::empty({C}, DType::f32);
+    for (int64_t i = 0; i < C; ++i) mx.data<float>()[i] = *std::max_element(L + i * Vl, L + (i + 1) * Vl);
+    tp.all_reduce(mx, dist::ReduceOp::max);
+    for (int64_t i = 0; i < C; ++i) {
+      const int64_t r = r0 + i;
+      const float m = mx.data<float>()[i];
+      n->mx[size_t(r)] = m;
+      double s = 0;
+      for (int64_t j = 0; j < Vl; ++j) s += std::exp(double(L[i * Vl + j] - m));
+      sp[r] = s;
+      n->valid[size_t(r)] = tg[size_t(r)] >= 0;
+      if (tg[size_t(r)] >= v0 && tg[size_t(r)] < v0 + Vl) {
+        n->local_target[size_t(r)] = int32_t(tg[size_t(r)] - v0);
+        sp[N + r] = L[i * Vl + (tg[size_t(r)] - v0)];
+      }
     }
   }
   tp.all_reduce(st, dist::ReduceOp::sum);
   double loss = 0;
   for (int64_t i = 0; i < N; ++i)
     if (n->valid[size_t(i)]) {
-      loss += std::log(sp[i]) + mx.data<float>()[i] - sp[N + i];
+      loss += std::log(sp[i]) + n->mx[size_t(i)] - sp[N + i];
       n->n_valid += 1;
     }
   LLAMA3_CHECK(n->n_valid > 0, "vocab_parallel_cross_entropy: no valid targets");
   Tensor out = Tensor::from_vector(std::vector<float>{float(loss / n->n_valid)}, {1});
   if (autograd::any_requires_grad({&h, &w_local})) {
-    // Softmax of this rank's columns with the global normaliser, kept for the backward.
-    float* P = logits.data<float>();
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < Vl; ++j)
-        P[i * Vl + j] = float(std::exp(double(P[i * Vl + j] - mx.data<float>()[i])) / sp[i]);
+    n->sum_exp.assign(sp, sp + N);
     n->h = hc;
     n->w = wc;
-    n->probs = logits;
     n->tp = &tp;
     n->next = {autograd::edge(h), autograd::edge(w_local)};
     autograd::set_history(out, n);

@@ -14,8 +14,11 @@ Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::
 // Mean cross-entropy over targets >= 0 of logits = h @ W^T with W split by rows over tp:
 // per-row max, sum of exponentials and the target logit are all-reduced over tp. The
 // backward writes dW_local and all-reduces dh over tp (h is replicated). h (N, D), w_local
-// (V/tp, D), targets (N) global ids.
+// (V/tp, D), targets (N) global ids. Rows are processed in chunks of `chunk_rows` (0: all at
+// once): at most (chunk_rows, V/tp) logits exist at a time; the backward recomputes them per
+// chunk from the kept row max and sum of exponentials. One max all-reduce per chunk, one
+// all-reduce of the sums and target logits, one of dh: the bytes do not depend on the chunk.
 Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, const Tensor& targets,
-                                    dist::Communicator& tp);
+                                    dist::Communicator& tp, int64_t chunk_rows = 0);
 
 }  // namespace llama3::text

@@ -43,6 +43,7 @@ Trainer::Trainer(LlamaModel& model, const TrainerConfig& cfg, BatchSource& train
   ParallelizeOptions po;
   po.microbatches = cfg_.grad_accum * tp.microbatches;
   po.virtual_stages = tp.virtual_stages;
+  po.overlap = tp.overlap;
   po.activation_checkpointing = model.options().activation_checkpointing;
   par_ = std::make_unique<ParallelLlama>(model, dist::make_process_groups(tp.dims, tp.world), po);
   opt_ = std::make_unique<optim::AdamW>(par_->optimizer_params(), cfg.adamw);

@@ -44,6 +44,7 @@ struct TrainerParallel {
   dist::ParallelDims dims;      // must multiply to world->size()
   int64_t microbatches = 1;     // pipeline micro-batches per trainer micro-batch
   int virtual_stages = 1;       // 1: 1F1B, V > 1: interleaved 1F1B
+  bool overlap = true;          // FSDP collectives overlap compute (ParallelizeOptions::overlap)
   bool enabled() const { return world && world->size() > 1; }
 };
 

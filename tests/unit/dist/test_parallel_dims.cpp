@@ -109,6 +109,29 @@ TEST(Communicator, SingleRankCollectivesAreIdentities) {
   EXPECT_EQ(c->stats().bytes_sent, 0);
 }
 
+TEST(Communicator, SingleRankAsyncCollectivesAreCompleteOnReturn) {
+  auto c = single_rank_communicator();
+  Tensor t = Tensor::from_vector(std::vector<float>{1, 2, 3, 4}, {4});
+  auto w = c->iall_reduce(t, ReduceOp::avg);
+  EXPECT_TRUE(w->test());
+  w->wait();
+  w->wait();  // a second wait is harmless
+  EXPECT_EQ(t.to_vector<float>(), (std::vector<float>{1, 2, 3, 4}));
+  Tensor gathered = Tensor::zeros({4}, DType::f32), scattered = Tensor::zeros({4}, DType::f32);
+  auto g = c->iall_gather(t, gathered);
+  auto r = c->ireduce_scatter(t, scattered);
+  EXPECT_TRUE(g->test() && r->test());
+  g->wait();
+  r->wait();
+  EXPECT_EQ(gathered.to_vector<float>(), (std::vector<float>{1, 2, 3, 4}));
+  EXPECT_EQ(scattered.to_vector<float>(), (std::vector<float>{1, 2, 3, 4}));
+  // Shapes are checked as in the blocking calls.
+  Tensor small = Tensor::zeros({2}, DType::f32);
+  EXPECT_THAT(error_of([&] { c->iall_gather(t, small); }), testing::HasSubstr("all_gather"));
+  EXPECT_EQ(c->stats().bytes_sent, 0);
+  EXPECT_EQ(c->stats().wait_s, 0.0);
+}
+
 TEST(ContextParallel, RankRHoldsChunksRAnd2cpMinus1MinusR) {
   // T 16, cp 2: four chunks of 4; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
   EXPECT_EQ(cp_positions(16, 2, 0), (std::vector<int32_t>{0, 1, 2, 3, 12, 13, 14, 15}));
