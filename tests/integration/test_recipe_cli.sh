@@ -30,13 +30,13 @@ expect_fail() {  # expect_fail PATTERN llama3-args...
   grep -qF -- "$pat" "$OUT/err.txt" || { echo "FAIL: '$pat' not in:"; cat "$OUT/err.txt"; exit 1; }
   test ! -e "$OUT/run" || { echo "FAIL: work was done before the error"; exit 1; }
 }
-sed 's/total_tokens: 393216/total_tokens: 393216 totl: 1/' "$SRC/recipes/tiny.textproto" > "$OUT/bad1.textproto"
+sed 's/total_tokens: 589824/total_tokens: 589824 totl: 1/' "$SRC/recipes/tiny.textproto" > "$OUT/bad1.textproto"
 line=$(grep -n "totl" "$OUT/bad1.textproto" | cut -d: -f1)
 expect_fail "bad1.textproto:$line:" run "$OUT/bad1.textproto" --out "$OUT/run"
-sed 's/batch_tokens: 2048/batch_tokens: 2000/' "$SRC/recipes/tiny.textproto" > "$OUT/bad2.textproto"
-line=$(grep -n "batch_tokens: 2000" "$OUT/bad2.textproto" | head -1 | cut -d: -f1)
+sed 's/^    batch_tokens: 1024$/    batch_tokens: 1000/' "$SRC/recipes/tiny.textproto" > "$OUT/bad2.textproto"
+line=$(grep -n "batch_tokens: 1000" "$OUT/bad2.textproto" | head -1 | cut -d: -f1)
 expect_fail "bad2.textproto:$line:" run "$OUT/bad2.textproto" --out "$OUT/run"
-expect_fail "field batch.batch_tokens: batch of 2000 tokens is not a multiple of seq_len 128" run "$OUT/bad2.textproto" --out "$OUT/run"
+expect_fail "field batch.batch_tokens: batch of 1000 tokens is not a multiple of seq_len 128" run "$OUT/bad2.textproto" --out "$OUT/run"
 sed 's/init_from: "pretrain"/init_from: "anneal"/' "$SRC/recipes/tiny.textproto" > "$OUT/bad3.textproto"
 expect_fail "stage 'long_context' field init_from: 'anneal' is a later stage" run "$OUT/bad3.textproto" --out "$OUT/run"
 expect_fail "--set pretrain.optimizer.lrr: Optimizer has no field 'lrr' (fields: lr," run "$SRC/recipes/tiny.textproto" --out "$OUT/run" --set pretrain.optimizer.lrr=1

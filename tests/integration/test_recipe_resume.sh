@@ -12,7 +12,8 @@ trap 'rm -rf "$OUT"' EXIT
 # A 2-layer, dim-64 model and a few thousand tokens per stage: the point is the mechanics.
 SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain.model.n_heads=4
       --set pretrain.model.n_kv_heads=2
-      --set pretrain.total_tokens=12288 --set pretrain.batch.ramp[0].at_tokens=4096
+      --set pretrain.batch.batch_tokens=2048 --set pretrain.total_tokens=12288 --set pretrain.batch.ramp[0].at_tokens=4096
+      --set pretrain.batch.ramp[0].batch_tokens=4096
       --set pretrain.lr.warmup_tokens=2048 --set pretrain.eval.every_tokens=4096 --set pretrain.checkpoint_every_steps=2
       --set pretrain.eval.niah.samples=2
       # pass-key documents: a one-step warm-up, answer-only loss, then one of each step's two
