@@ -103,6 +103,10 @@ def losses(d, s):
 for s in ["pretrain", "long_context", "anneal", "sft", "r1_rm", "r1_dpo", "r2_sft"]:
     la, lb = losses(a, s), losses(b, s)
     assert la == lb, f"{s}: metrics.jsonl differs:\n{la}\n{lb}"
+# Averages of post-trained models are evaluated like their inputs (docs/recipes.md).
+ra, sa = json.load(open(f"{a}/r1_rm_avg/final.json")), json.load(open(f"{a}/r1_sft_avg/final.json"))
+assert ra["average_of"] == "REWARD_MODEL" and ra["eval_pairs"] == 6 and 0 <= ra["eval_accuracy"] <= 1, ra
+assert sa["average_of"] == "SFT" and sa["eval_prompts"] == 6 and 0 <= sa["eval_exact_match"] <= 1, sa
 st = json.load(open(f"{b}/state.json"))
 assert sorted(st["finished"]) == sorted(stages), st  # --only eval moved eval last
 an = json.load(open(f"{a}/anneal/metrics.jsonl".replace("metrics.jsonl", "final.json")))
