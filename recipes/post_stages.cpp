@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -210,6 +211,8 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
     non_negative("dpo.beta", p.beta());
     non_negative("dpo.warmup_steps", double(p.warmup_steps()));
     non_negative("dpo.max_new_tokens", double(p.max_new_tokens()));
+    if (p.only_samples() && s.samples_from_size() == 0)
+      c.error("dpo.only_samples", "needs samples_from (REJECTION_SAMPLING stages)");
   }
 }
 
@@ -348,8 +351,10 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       const auto& p = s.dpo();
       post::DpoOptions o;
       o.model = src;
-      o.prefs = {data + "/prefs.jsonl"};
+      if (!p.only_samples()) o.prefs.push_back(data + "/prefs.jsonl");
       for (auto& x : samples("verified_prefs.jsonl")) o.prefs.push_back(x);
+      LLAMA3_CHECK(!o.prefs.empty(),
+                   "stage '{}': no DPO pairs (samples_from produced no verified pairs)", name);
       o.eval_prefs = data + "/eval_prefs.jsonl";
       if (!s.reward_model_from().empty()) {
         o.reward_model = stage_dir(s.reward_model_from()) + "/model";
@@ -452,6 +457,83 @@ PostPlan plan_post_stage(const LoadedRecipe& lr, int index, const text::LlamaCon
   return p;
 }
 
+namespace {
+
+// The post-training kind an AVERAGE stage stands for: its inputs' kind when every input is a
+// post-training model of one kind (an AVERAGE of such averages counts as that kind too);
+// else KIND_UNSPECIFIED (not a post model).
+StageKind averaged_kind(const LoadedRecipe& lr, int i) {
+  const Stage& s = lr.recipe().stage(i);
+  if (s.kind() != AVERAGE) return post_produces_model(s.kind()) ? s.kind() : KIND_UNSPECIFIED;
+  if (s.average().stages_size() == 0 || s.average().checkpoints_size() > 0) return KIND_UNSPECIFIED;
+  StageKind k = KIND_UNSPECIFIED;
+  for (auto& n : s.average().stages()) {
+    const int j = lr.stage_index(n);
+    if (j < 0 || j >= i) return KIND_UNSPECIFIED;
+    const StageKind kj = averaged_kind(lr, j);
+    if (kj == KIND_UNSPECIFIED || (k != KIND_UNSPECIFIED && kj != k)) return KIND_UNSPECIFIED;
+    k = kj;
+  }
+  return k;
+}
+
+// The POST_DATA stage behind a post model (following AVERAGE inputs); empty if none.
+std::string post_data_of(const LoadedRecipe& lr, int i) {
+  const Stage& s = lr.recipe().stage(i);
+  if (s.kind() != AVERAGE) return s.data_from();
+  for (auto& n : s.average().stages()) {
+    const int j = lr.stage_index(n);
+    if (j >= 0 && j < i) return post_data_of(lr, j);
+  }
+  return "";
+}
+
+int64_t max_new_tokens_of(const LoadedRecipe& lr, int i) {
+  const Stage& s = lr.recipe().stage(i);
+  if (s.kind() == SFT) return or_default(s.sft().max_new_tokens(), int64_t(24));
+  if (s.kind() == DPO) return or_default(s.dpo().max_new_tokens(), int64_t(24));
+  if (s.kind() == AVERAGE && s.average().stages_size()) {
+    const int j = lr.stage_index(s.average().stages(0));
+    if (j >= 0 && j < i) return max_new_tokens_of(lr, j);
+  }
+  return 24;
+}
+
+}  // namespace
+
+json evaluate_post_average(const LoadedRecipe& lr, int index, const std::string& run_dir) {
+  const StageKind k = averaged_kind(lr, index);
+  const std::string data = post_data_of(lr, index);
+  if (lr.recipe().stage(index).kind() != AVERAGE || k == KIND_UNSPECIFIED || data.empty())
+    return json::object();
+  const std::string dd = (fs::path(run_dir) / data).string();
+  post::ModelSource src;
+  src.dir = (fs::path(run_dir) / lr.recipe().stage(index).name() / "model").string();
+  src.tokenizer = dd + "/tokenizer.model";
+  json f = k == REWARD_MODEL
+               ? post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl")
+               : post::evaluate_policy(src, dd + "/eval.jsonl", max_new_tokens_of(lr, index));
+  f["average_of"] = StageKind_Name(k);
+  if (lr.recipe().stage(index).round()) f["round"] = lr.recipe().stage(index).round();
+  return f;
+}
+
+namespace {
+
+// "p ± h": h the half-width of the normal-approximation 95% interval of a proportion p
+// measured on n items (1.96 sqrt(p (1 - p) / n)), so a stage-to-stage difference can be judged
+// against the noise of the eval set's size.
+std::string with_interval(const json& f, const char* key, const char* n_key) {
+  if (!f.contains(key) || !f[key].is_number()) return "-";
+  const double p = f[key].get<double>();
+  if (!f.contains(n_key) || !f[n_key].is_number() || f[n_key].get<double>() <= 0)
+    return fmt::format("{:.3f}", p);
+  const double n = f[n_key].get<double>();
+  return fmt::format("{:.3f} ± {:.3f}", p, 1.96 * std::sqrt(std::max(0.0, p * (1 - p)) / n));
+}
+
+}  // namespace
+
 std::string post_rounds_markdown(const std::string& run_dir) {
   const std::string rpath = run_dir + "/recipe.textproto";
   if (!fs::exists(rpath)) return "";
@@ -461,16 +543,33 @@ std::string post_rounds_markdown(const std::string& run_dir) {
   } catch (const Error&) {
     return "";  // a recipe from another build; the main table still shows every stage
   }
-  // round -> kind -> final metrics of the round's last stage of that kind (for sampling: the
-  // last one scored by a reward model, not an annotation-only stage).
+  // round -> kind -> final metrics of the round's last stage of that kind (an AVERAGE of RMs
+  // or of SFT policies counts as that kind: it is what the round goes on with; for sampling:
+  // the last one scored by a reward model, not an annotation-only stage).
   std::map<int, std::map<StageKind, json>> rounds;
   std::map<int, std::vector<std::string>> names;
-  for (const Stage& s : lr.recipe().stage()) {
-    if (!is_post_kind(s.kind()) || s.kind() == POST_DATA) continue;
-    names[s.round()].push_back(s.name());
-    if (s.kind() == REJECTION_SAMPLING && s.reward_model_from().empty() && rounds[s.round()].count(s.kind())) continue;
-    const std::string p = run_dir + "/" + s.name() + "/final.json";
-    rounds[s.round()][s.kind()] = fs::exists(p) ? io::read_json(p) : json::object();
+  std::vector<int> averages;
+  auto final_of = [&](const std::string& name) {
+    const std::string p = run_dir + "/" + name + "/final.json";
+    return fs::exists(p) ? io::read_json(p) : json::object();
+  };
+  const auto& stages = lr.recipe().stage();
+  for (int i = 0; i < stages.size(); ++i) {
+    const Stage& s = stages[i];
+    StageKind k = s.kind();
+    if (k == AVERAGE) {
+      k = averaged_kind(lr, i);
+      if (k == KIND_UNSPECIFIED) continue;
+      averages.push_back(i);
+      names[s.round()].push_back(s.name());
+      if (k == DPO) continue;  // a DPO average has no preference accuracy or win rate of its own
+    } else {
+      if (!is_post_kind(k) || k == POST_DATA) continue;
+      names[s.round()].push_back(s.name());
+    }
+    if (k == REJECTION_SAMPLING && s.reward_model_from().empty() && rounds[s.round()].count(k))
+      continue;
+    rounds[s.round()][k] = final_of(s.name());
   }
   if (rounds.empty()) return "";
   auto num = [](const json& f, const char* k) -> std::string {
@@ -479,13 +578,17 @@ std::string post_rounds_markdown(const std::string& run_dir) {
   };
   std::string md =
       "\n## Post-training rounds\n\n"
-      "RM acc: the reward model's held-out pairwise accuracy. RS: acceptance; best-of-K gain as the verifier "
-      "sees it (the RM's pick among the K samples is correct minus a random sample is correct: negative when the "
-      "RM prefers wrong answers) and in the RM's own score (mean best - mean, >= 0 by construction); RM pick / "
-      "sample correct. SFT EM and DPO EM: greedy exact match on held-out prompts. DPO acc: held-out preference "
-      "accuracy (implicit reward). Win rate: DPO model vs its starting (SFT) model, judged by the round's RM "
-      "(ties half).\n\n"
-      "| round | RM acc | RS acceptance | RS best-of-K gain (verifier) | RS best-of-K gain (RM score) | RS RM pick / "
+      "RM acc: the reward model's held-out pairwise accuracy. RS: acceptance; best-of-K gain as "
+      "the verifier sees it (the RM's pick among the K samples is correct minus a random sample "
+      "is correct: negative when the RM prefers wrong answers) and in the RM's own score (mean "
+      "best - mean, >= 0 by construction); RM pick / sample correct. SFT EM and DPO EM: greedy "
+      "exact match on held-out prompts. DPO acc: held-out preference accuracy (implicit reward). "
+      "Win rate: DPO model vs its starting (SFT) model, judged by the round's RM (ties half). An "
+      "AVERAGE of reward models or SFT policies stands for its kind in its round. `p ± h`: h is "
+      "the half-width of the 95% interval of a proportion over the eval set (1.96 "
+      "sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
+      "| round | RM acc | RS acceptance | RS best-of-K gain (verifier) | RS best-of-K gain (RM "
+      "score) | RS RM pick / "
       "sample correct | SFT EM | DPO acc | DPO EM | DPO win rate vs SFT | stages |\n"
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
   for (auto& [round, kinds] : rounds) {
@@ -493,11 +596,37 @@ std::string post_rounds_markdown(const std::string& run_dir) {
     const json rm = get(REWARD_MODEL), rs = get(REJECTION_SAMPLING), sft = get(SFT), dpo = get(DPO);
     std::string st;
     for (auto& n : names[round]) st += (st.empty() ? "" : ", ") + n;
-    md += fmt::format("| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
-                      round ? std::to_string(round) : "-", num(rm, "eval_accuracy"), num(rs, "acceptance"),
-                      num(rs, "verified_best_of_k_gain"), num(rs, "best_of_k_gain"), num(rs, "best_correct_rate"),
-                      num(rs, "sample_correct_rate"), num(sft, "eval_exact_match"), num(dpo, "eval_accuracy"),
-                      num(dpo, "eval_exact_match"), num(dpo, "win_rate_vs_start"), st);
+    md += fmt::format(
+        "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
+        round ? std::to_string(round) : "-", with_interval(rm, "eval_accuracy", "eval_pairs"),
+        with_interval(rs, "acceptance", "prompts"), num(rs, "verified_best_of_k_gain"),
+        num(rs, "best_of_k_gain"), num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"),
+        with_interval(sft, "eval_exact_match", "eval_prompts"),
+        with_interval(dpo, "eval_accuracy", "eval_pairs"),
+        with_interval(dpo, "eval_exact_match", "eval_prompts"),
+        with_interval(dpo, "win_rate_vs_start", "eval_prompts"), st);
+  }
+  if (!averages.empty()) {
+    md +=
+        "\n### Model averages\n\n"
+        "Each AVERAGE of post-training models evaluated like its inputs (RM: held-out pairwise "
+        "accuracy; SFT and DPO: greedy exact match), beside each input's own figure: whether the "
+        "average helped.\n\n"
+        "| stage | round | of | metric | inputs | average |\n|---|---|---|---|---|---:|\n";
+    for (int i : averages) {
+      const Stage& s = stages[i];
+      const bool rm = averaged_kind(lr, i) == REWARD_MODEL;
+      const char* key = rm ? "eval_accuracy" : "eval_exact_match";
+      const char* n_key = rm ? "eval_pairs" : "eval_prompts";
+      std::string in;
+      for (auto& n : s.average().stages())
+        in += fmt::format("{}{} {}", in.empty() ? "" : ", ", n,
+                          with_interval(final_of(n), key, n_key));
+      md += fmt::format("| {} | {} | {} | {} | {} | {} |\n", s.name(),
+                        s.round() ? std::to_string(s.round()) : "-",
+                        StageKind_Name(averaged_kind(lr, i)), rm ? "RM acc" : "exact match", in,
+                        with_interval(final_of(s.name()), key, n_key));
+    }
   }
   return md;
 }

@@ -29,6 +29,12 @@ std::vector<std::string> post_stage_inputs(const Stage& s);
 // Runs the stage into run_dir/<name>; returns its final metrics (flat name -> number).
 nlohmann::json run_post_stage(const LoadedRecipe& lr, int stage, const std::string& run_dir, bool quiet);
 
+// An AVERAGE stage whose inputs are all post-training models of one kind (REWARD_MODEL; SFT;
+// DPO) is evaluated like them on their POST_DATA stage's held-out data (RM: pairwise accuracy;
+// policies: greedy exact match), so the report can show whether averaging helped. Returns
+// those metrics plus "average_of"; empty for any other AVERAGE.
+nlohmann::json evaluate_post_average(const LoadedRecipe& lr, int stage, const std::string& run_dir);
+
 // A --dry-run row: the model (from init_from's config, or the stage's flavour), a rough
 // FLOP count (training tokens x 6N plus generated tokens x 2N) and notes.
 struct PostPlan {
@@ -40,7 +46,8 @@ PostPlan plan_post_stage(const LoadedRecipe& lr, int stage, const text::LlamaCon
 
 // Markdown: one row per round with the headline metric of each post stage (RM held-out
 // accuracy, RS acceptance and best-of-K gain, SFT exact match, DPO accuracy/exact match/win
-// rate). Empty when the run has no post stages (or no readable recipe.textproto).
+// rate, each with its 95% interval), then a table of the post-training model averages. Empty when
+// the run has no post stages (or no readable recipe.textproto).
 std::string post_rounds_markdown(const std::string& run_dir);
 
 }  // namespace llama3::recipes

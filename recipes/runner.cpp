@@ -305,7 +305,10 @@ class StageRunner {
     for (auto& st : a.stages()) in.push_back(model_dir(st));
     for (auto& c : a.checkpoints()) in.push_back(c);
     average_checkpoints(in, {a.weights().begin(), a.weights().end()}, dir_ + "/model");
-    return {{"inputs", int64_t(in.size())}};
+    json f =
+        evaluate_post_average(lr_, index_, opts_.run_dir);  // empty unless post-training models
+    f["inputs"] = int64_t(in.size());
+    return f;
   }
 
   // ---- EVAL

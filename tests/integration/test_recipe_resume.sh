@@ -40,8 +40,12 @@ SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain
       --set r1_samples.rejection_sampling.k=2 --set r2_samples.rejection_sampling.k=2
       --set r1_samples.rejection_sampling.max_new_tokens=8 --set r2_samples.rejection_sampling.max_new_tokens=8
       --set sft.sft.max_new_tokens=8 --set r1_sft.sft.max_new_tokens=8 --set r2_sft.sft.max_new_tokens=8
-      --set r1_dpo.dpo.max_new_tokens=8 --set r2_dpo.dpo.max_new_tokens=8)
-STAGES=(data pretrain long_context anneal eval post_data sft r1_samples r1_rm r1_rs r1_sft r1_dpo r2_samples r2_rm r2_rs r2_sft r2_dpo)
+      --set r1_dpo.dpo.max_new_tokens=8 --set r2_dpo.dpo.max_new_tokens=8
+      --set r1_rm_b.reward_model.steps=2 --set r1_sft_b.sft.steps=2 --set r1_sft_b.sft.max_new_tokens=8
+      --set r1_pairs.rejection_sampling.k=2 --set r2_pairs.rejection_sampling.k=2
+      --set r1_pairs.rejection_sampling.max_new_tokens=8 --set r2_pairs.rejection_sampling.max_new_tokens=8)
+STAGES=(data pretrain long_context anneal eval post_data sft r1_samples r1_rm r1_rm_b r1_rm_avg r1_rs r1_sft r1_sft_b
+        r1_sft_avg r1_pairs r1_dpo r2_samples r2_rm r2_rs r2_sft r2_pairs r2_dpo)
 
 start=$(date +%s)
 "$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/a" "${SETS[@]}" > "$OUT/a.log" 2>&1 || { cat "$OUT/a.log"; exit 1; }
@@ -100,6 +104,10 @@ def losses(d, s):
 for s in ["pretrain", "long_context", "anneal", "sft", "r1_rm", "r1_dpo", "r2_sft"]:
     la, lb = losses(a, s), losses(b, s)
     assert la == lb, f"{s}: metrics.jsonl differs:\n{la}\n{lb}"
+# Averages of post-trained models are evaluated like their inputs (docs/recipes.md).
+ra, sa = json.load(open(f"{a}/r1_rm_avg/final.json")), json.load(open(f"{a}/r1_sft_avg/final.json"))
+assert ra["average_of"] == "REWARD_MODEL" and ra["eval_pairs"] == 6 and 0 <= ra["eval_accuracy"] <= 1, ra
+assert sa["average_of"] == "SFT" and sa["eval_prompts"] == 6 and 0 <= sa["eval_exact_match"] <= 1, sa
 st = json.load(open(f"{b}/state.json"))
 assert sorted(st["finished"]) == sorted(stages), st  # --only eval moved eval last
 an = json.load(open(f"{a}/anneal/metrics.jsonl".replace("metrics.jsonl", "final.json")))

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <set>
 
+#include "runtime/core/error.h"
 #include "runtime/core/rng.h"
 #include "text/post/stages.h"
 
@@ -14,9 +15,17 @@ namespace llama3::text::post {
 
 namespace {
 
-const char* kWords[] = {"apple", "river", "stone", "cloud", "green", "tiger", "piano", "lemon", "house", "bread",
-                        "chair", "light", "music", "ocean", "plant", "smile", "train", "water", "zebra", "candle",
-                        "forest", "garden", "window", "yellow", "silver", "dragon", "rocket", "planet", "winter", "summer"};
+// 60 words, and two phrasings of each formatting instruction: 360 distinct formatting prompts,
+// so a few hundred held-out prompts leave most of them (and every word in some phrasing) for
+// training.
+const char* kWords[] = {
+    "apple",  "river",  "stone",  "cloud",  "green",  "tiger",  "piano",  "lemon",  "house",
+    "bread",  "chair",  "light",  "music",  "ocean",  "plant",  "smile",  "train",  "water",
+    "zebra",  "candle", "forest", "garden", "window", "yellow", "silver", "dragon", "rocket",
+    "planet", "winter", "summer", "orange", "purple", "castle", "bridge", "market", "pencil",
+    "basket", "butter", "circle", "doctor", "engine", "flower", "friend", "guitar", "island",
+    "jacket", "letter", "mirror", "monkey", "number", "pepper", "pocket", "rabbit", "shadow",
+    "spring", "sugar",  "table",  "tomato", "turtle", "valley"};
 const char* kNames[] = {"Sam", "Ana", "Tom", "Mia", "Leo", "Eva", "Max", "Zoe"};
 const char* kThings[] = {"apples", "books", "coins", "shells", "pens", "cards"};
 constexpr int kNWords = sizeof(kWords) / sizeof(kWords[0]);
@@ -50,21 +59,25 @@ Task make_task(Rng& rng) {
     if (t.wrong == t.answer || t.wrong == t.near_miss) t.wrong = std::to_string(a + b + 10);
     return t;
   }
-  const std::string w = kWords[rng.below(kNWords)];
-  std::string other = kWords[rng.below(kNWords)];
-  if (other == w) other = kWords[(rng.below(kNWords - 1) + 1) % kNWords];
+  const uint64_t wi = rng.below(kNWords);
+  const std::string w = kWords[wi];
+  const std::string other = kWords[(wi + 1 + rng.below(kNWords - 1)) % kNWords];  // never w
+  const bool alt = rng.below(2) == 1;  // the second phrasing
   if (kind == 2) {
-    t.prompt = fmt::format("Write the word {} in uppercase.", w);
+    t.prompt = fmt::format(
+        fmt::runtime(alt ? "Write {} in capital letters." : "Write the word {} in uppercase."), w);
     t.answer = upper(w);
     t.near_miss = std::string(1, char(std::toupper(static_cast<unsigned char>(w[0])))) + w.substr(1);
     t.wrong = w;
   } else if (kind == 3) {
-    t.prompt = fmt::format("Write the word {} and end with a period.", w);
+    t.prompt = fmt::format(fmt::runtime(alt ? "Say {} and finish with a period."
+                                            : "Write the word {} and end with a period."),
+                           w);
     t.answer = w + ".";
     t.near_miss = w;
     t.wrong = other;
   } else {
-    t.prompt = fmt::format("Repeat the word {}.", w);
+    t.prompt = fmt::format(fmt::runtime(alt ? "Say the word {} again." : "Repeat the word {}."), w);
     t.answer = w;
     t.near_miss = upper(w);
     t.wrong = other;
@@ -94,7 +107,12 @@ PostStageResult make_default_data(const DefaultDataOptions& o) {
       corpus(o.out_dir + "/corpus.txt");
   std::set<std::string> eval_prompts;
   std::vector<Task> ev;
+  int64_t draws = 0;
   while (int64_t(ev.size()) < o.n_eval) {  // held-out prompts never appear in training files
+    LLAMA3_CHECK(++draws < 100 * o.n_eval + 1000,
+                 "post data: cannot draw {} distinct held-out prompts (eval_prompts too large for "
+                 "the task space)",
+                 o.n_eval);
     Task t = make_task(rng);
     if (eval_prompts.insert(t.prompt).second) ev.push_back(t);
   }

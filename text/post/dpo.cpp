@@ -172,6 +172,7 @@ PostStageResult run_dpo(const DpoOptions& o) {
   if (!prompts.empty()) {
     auto after = respond(m, p.tok, prompts, so);
     metrics["eval_exact_match"] = exact_match(after, prompts);
+    metrics["eval_prompts"] = int64_t(prompts.size());
     if (!o.reward_model.empty()) {
       RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
       double wins = 0;

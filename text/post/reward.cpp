@@ -80,7 +80,30 @@ std::vector<Pair> to_pairs(const Tokenizer& tok, const std::vector<Preference>& 
       out.push_back({render_response(tok, p.prompt, b).ids, render_response(tok, p.prompt, w).ids});
   return out;
 }
+// The fraction of pairs whose better response the RM scores strictly higher.
+double pair_accuracy(const RewardModel& rm, const std::vector<Pair>& ps) {
+  autograd::NoGradGuard ng;
+  int64_t ok = 0;
+  for (size_t i = 0; i < ps.size(); i += 16) {
+    std::vector<std::vector<int32_t>> seqs;
+    const size_t e = std::min(ps.size(), i + 16);
+    for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].better);
+    for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].worse);
+    auto s = rm.scores(seqs).to_vector<double>();
+    const size_t n = e - i;
+    for (size_t j = 0; j < n; ++j) ok += s[j] > s[n + j];
+  }
+  return ps.empty() ? 0.0 : double(ok) / double(ps.size());
+}
 }  // namespace
+
+nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs) {
+  RewardModel rm(load_policy(model));
+  LoadOptions lo;
+  lo.max_tokens = rm.policy.model->config().max_seq_len;
+  auto held = to_pairs(rm.policy.tok, load_preferences(eval_prefs, rm.policy.tok, lo, nullptr));
+  return {{"eval_accuracy", pair_accuracy(rm, held)}, {"eval_pairs", int64_t(held.size())}};
+}
 
 PostStageResult run_reward_model(const RewardOptions& o) {
   LLAMA3_CHECK(!o.prefs.empty(), "reward model: no preference files");
@@ -108,22 +131,9 @@ PostStageResult run_reward_model(const RewardOptions& o) {
   }
   LLAMA3_CHECK(!prefs.empty(), "reward model: no usable preference pairs ({} skipped)", skipped);
   auto train = to_pairs(rm.policy.tok, prefs), held = to_pairs(rm.policy.tok, eval);
-  spdlog::info("reward model: {} training pairs from {} prompts, {} held-out pairs", train.size(), prefs.size(),
-               held.size());
-  auto accuracy = [&](const std::vector<Pair>& ps) {
-    autograd::NoGradGuard ng;
-    int64_t ok = 0;
-    for (size_t i = 0; i < ps.size(); i += 16) {
-      std::vector<std::vector<int32_t>> seqs;
-      const size_t e = std::min(ps.size(), i + 16);
-      for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].better);
-      for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].worse);
-      auto s = rm.scores(seqs).to_vector<double>();
-      const size_t n = e - i;
-      for (size_t j = 0; j < n; ++j) ok += s[j] > s[n + j];
-    }
-    return ps.empty() ? 0.0 : double(ok) / double(ps.size());
-  };
+  spdlog::info("reward model: {} training pairs from {} prompts, {} held-out pairs", train.size(),
+               prefs.size(), held.size());
+  auto accuracy = [&](const std::vector<Pair>& ps) { return pair_accuracy(rm, ps); };
   TrainLoopOptions to = o.train;
   to.steps = o.steps;
   to.tag = "reward_model";

@@ -68,6 +68,24 @@ std::vector<PackedBatch> pack_dialogs(const std::vector<Rendered>& dialogs, int6
   return out;
 }
 
+nlohmann::json exact_match_eval(const LlamaModel& m, const Tokenizer& tok,
+                                const std::string& eval_prompts, int64_t max_new_tokens,
+                                const LoadOptions& load) {
+  LoadOptions el = load;
+  el.max_tokens = m.config().max_seq_len - max_new_tokens;
+  auto prompts = load_prompts(eval_prompts, tok, el, nullptr);
+  SamplingOptions so{.greedy = true, .max_new_tokens = max_new_tokens, .stop_ids = stop_ids(tok)};
+  auto resp = respond(m, tok, prompts, so);
+  return {{"eval_exact_match", exact_match(resp, prompts)},
+          {"eval_prompts", int64_t(prompts.size())}};
+}
+
+nlohmann::json evaluate_policy(const ModelSource& model, const std::string& eval_prompts,
+                               int64_t max_new_tokens) {
+  Policy p = load_policy(model);
+  return exact_match_eval(*p.model, p.tok, eval_prompts, max_new_tokens, LoadOptions{});
+}
+
 PostStageResult run_sft(const SftOptions& o) {
   LLAMA3_CHECK(!o.data.empty(), "sft: no data files");
   LLAMA3_CHECK(!o.out_dir.empty(), "sft: no output directory");
@@ -106,15 +124,8 @@ PostStageResult run_sft(const SftOptions& o) {
   metrics["dialogs"] = int64_t(dialogs.size());
   metrics["skipped"] = skipped;
   metrics["steps"] = o.steps;
-  if (!o.eval_prompts.empty()) {
-    LoadOptions el = o.load;
-    el.max_tokens = m.config().max_seq_len - o.max_new_tokens;
-    auto prompts = load_prompts(o.eval_prompts, p.tok, el, nullptr);
-    SamplingOptions so{.greedy = true, .max_new_tokens = o.max_new_tokens, .stop_ids = stop_ids(p.tok)};
-    auto resp = respond(m, p.tok, prompts, so);
-    metrics["eval_exact_match"] = exact_match(resp, prompts);
-    metrics["eval_prompts"] = int64_t(prompts.size());
-  }
+  if (!o.eval_prompts.empty())
+    metrics.update(exact_match_eval(m, p.tok, o.eval_prompts, o.max_new_tokens, o.load));
   save_policy(m, p.tokenizer_path, o.out_dir, p.extra);
   write_final(o.out_dir, metrics);
   return {o.out_dir, metrics};

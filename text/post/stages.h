@@ -43,6 +43,12 @@ struct SftOptions {
   uint64_t seed = 0;
 };
 PostStageResult run_sft(const SftOptions& o);
+// Greedy exact match of a policy on prompts with answers: eval_exact_match, eval_prompts.
+nlohmann::json exact_match_eval(const LlamaModel& m, const Tokenizer& tok,
+                                const std::string& eval_prompts, int64_t max_new_tokens,
+                                const LoadOptions& load);
+nlohmann::json evaluate_policy(const ModelSource& model, const std::string& eval_prompts,
+                               int64_t max_new_tokens);
 
 // ---- Reward model: the LM with a scalar head on the final token ----
 
@@ -70,6 +76,9 @@ struct RewardOptions {
   uint64_t seed = 0;
 };
 PostStageResult run_reward_model(const RewardOptions& o);
+// Held-out pairwise accuracy of a reward-model checkpoint (e.g. an average of RMs):
+// eval_accuracy, eval_pairs.
+nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs);
 
 // ---- Rejection sampling: K samples per prompt, the RM keeps the best ----
 

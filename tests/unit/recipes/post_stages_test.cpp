@@ -1,7 +1,10 @@
 // Post-training stage kinds in recipes: validation of their inputs and options (file:line
 // and field in every error), the dependencies the runner waits for, and the plan rows.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
 #include <sstream>
 
 #include "recipes/post_stages.h"
@@ -123,4 +126,51 @@ TEST(PostStages, ModelStagesFeedAverageAndLaterInitFrom) {
   EXPECT_NE(e.find("stage 'rs' field reward_model_from: stage 'rm_avg' is a AVERAGE stage, not REWARD_MODEL"),
             std::string::npos)
       << e;
+}
+
+TEST(PostStages, DpoOnlySamplesNeedsSamplesFrom) {
+  const std::string e =
+      error_of(replace(replace(kPost, "samples_from: \"rs\"", ""), "dpo { steps: 5 }",
+                       "dpo { steps: 5 only_samples: true }"));
+  EXPECT_NE(e.find("stage 'dpo' field dpo.only_samples: needs samples_from"), std::string::npos)
+      << e;
+}
+
+TEST(PostStages, ReportShowsIntervalsAndWhetherAnAverageHelped) {
+  namespace fs = std::filesystem;
+  const fs::path run = fs::temp_directory_path() / fmt::format("post_report_{}", ::getpid());
+  fs::remove_all(run);
+  // Two RM runs averaged in round 1; the round goes on with the average.
+  const std::string recipe = replace(
+      kPost, "stage { name: \"rm_avg\" kind: AVERAGE average { stages: \"rm\" stages: \"rm\" } }",
+      "stage { name: \"rm_b\" kind: REWARD_MODEL round: 1 data_from: \"pd\" init_from: "
+      "\"sft\" optimizer { lr: 1e-3 } }\n"
+      "stage { name: \"rm_avg\" kind: AVERAGE round: 1 average { stages: \"rm\" "
+      "stages: \"rm_b\" } }");
+  auto write = [&](const std::string& stage, const std::string& text) {
+    fs::create_directories(run / stage);
+    std::ofstream(run / stage / "final.json") << text;
+  };
+  fs::create_directories(run);
+  std::ofstream(run / "recipe.textproto") << recipe;
+  write("sft", R"({"eval_exact_match": 0.4, "eval_prompts": 200})");
+  write("rm", R"({"eval_accuracy": 0.7, "eval_pairs": 200})");
+  write("rm_b", R"({"eval_accuracy": 0.65, "eval_pairs": 200})");
+  write("rm_avg", R"({"eval_accuracy": 0.75, "eval_pairs": 200, "average_of": "REWARD_MODEL"})");
+  write("rs", R"({"acceptance": 0.5, "prompts": 100})");
+  write("dpo",
+        R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.45, "eval_prompts": 200,
+                   "win_rate_vs_start": 0.55})");
+  const std::string md = post_rounds_markdown(run.string());
+  fs::remove_all(run);
+  // 1.96 sqrt(p (1 - p) / n): 0.4 over 200 -> 0.068; 0.75 over 200 -> 0.060; 0.5 over 100 -> 0.098.
+  EXPECT_NE(md.find("| 0.400 ± 0.068 |"), std::string::npos) << md;  // round-0 SFT EM
+  EXPECT_NE(md.find("| 1 | 0.750 ± 0.060 | 0.500 ± 0.098 |"), std::string::npos)
+      << md;  // the average's RM acc
+  EXPECT_NE(md.find("| 0.450 ± 0.069 | 0.550 ± 0.069 |"), std::string::npos)
+      << md;  // DPO EM, win rate
+  EXPECT_NE(md.find("| rm_avg | 1 | REWARD_MODEL | RM acc | rm 0.700 ± 0.064, rm_b 0.650 ± 0.066 | "
+                    "0.750 ± 0.060 |"),
+            std::string::npos)
+      << md;
 }
