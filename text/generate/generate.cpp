@@ -251,9 +251,16 @@ std::vector<Generation> generate(const LlamaModel& m,
                longest, ctx);
   const int64_t max_len = std::min(ctx, longest + opt.max_new_tokens);
   KvCache cache(m.config(), B, max_len);
-  // bf16 precision decodes from weights converted once here (see DecodeWeights).
+  // bf16 precision decodes from weights converted once here (see DecodeWeights), unless a
+  // parallelize step hooked the projections: the fused copies would bypass the hooks.
+  bool hooked = false;
+  for (const Block* b : m.blocks())
+    for (const nn::Linear* l :
+         {&b->self_attn.q_proj, &b->self_attn.k_proj, &b->self_attn.v_proj, &b->self_attn.o_proj,
+          &b->mlp.gate_proj, &b->mlp.up_proj, &b->mlp.down_proj})
+      hooked = hooked || l->input_hook || l->output_hook;
   std::optional<DecodeWeights> dw;
-  if (m.options().precision == ops::Precision::bf16) dw.emplace(m);
+  if (m.options().precision == ops::Precision::bf16 && !hooked) dw.emplace(m);
   const DecodeWeights* dwp = dw ? &*dw : nullptr;
   const int64_t V = m.config().vocab_size;
   Rng rng(opt.seed);
