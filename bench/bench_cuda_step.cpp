@@ -128,12 +128,25 @@ int attn_only(const Config& c) {
   struct Variant {
     DType dt;
     AttnCompute compute;
-    const char* result;  // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16)
+    const char* result;     // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16)
+    bool gqa_split = true;  // false: LLAMA3_ATTN_GQA_SPLIT=0 (one backward block per kv head)
+    bool stats_prefetch = true;  // false: LLAMA3_ATTN_STATS_PREFETCH=0
   };
-  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
-                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
-                      Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
+  for (Variant var :
+       {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_nosplit_ms_f32", false},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_noprefetch_ms_f32", true, false},
+        Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
     const DType dt = var.dt;
+    if (var.gqa_split)
+      unsetenv("LLAMA3_ATTN_GQA_SPLIT");
+    else
+      setenv("LLAMA3_ATTN_GQA_SPLIT", "0", 1);
+    if (var.stats_prefetch)
+      unsetenv("LLAMA3_ATTN_STATS_PREFETCH");
+    else
+      setenv("LLAMA3_ATTN_STATS_PREFETCH", "0", 1);
     if (dev.is_cpu() && (dt == DType::bf16 || var.compute != AttnCompute::exact))
       continue;  // the CPU attention is f32/f64 and ignores `compute`
     std::vector<float> pool(size_t(1) << 22);
@@ -169,14 +182,18 @@ int attn_only(const Config& c) {
     }
     tf /= reps, tb /= reps;
     fmt::print(
-        "attention {} inputs, {} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, "
+        "attention {} inputs, {}{} B={} T={} H={} Hkv={} Dh={} causal: fwd {:.2f} ms, "
         "bwd {:.2f} ms, fwd+bwd {:.2f} ms ({:.1f} TFLOP/s)\n",
         dtype_name(dt),
         dt == DType::bf16 || var.compute == AttnCompute::bf16 ? "tensor cores (bf16 products)"
                                                               : "exact f32",
+        std::string(var.gqa_split ? "" : ", backward one block per kv head") +
+            (var.stats_prefetch ? "" : ", lse/dsum not prefetched"),
         B, T, H, Hk, Dh, tf * 1e3, tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
     fmt::print("RESULT {} {:.3f}\n", var.result, (tf + tb) * 1e3);
   }
+  unsetenv("LLAMA3_ATTN_GQA_SPLIT");
+  unsetenv("LLAMA3_ATTN_STATS_PREFETCH");
   return 0;
 }
 
@@ -262,7 +279,9 @@ int run(const Config& c) {
       Tensor a = ops::reshape(ops::attention(q, k, vv, ap), {B, T, H * Dh});
       x = ops::add(x, ops::linear(a, l.wo, pr));
       h = ops::rmsnorm(x, l.ffn_norm, 1e-5f);
-      Tensor f = ops::swiglu(ops::linear(h, l.w1, pr), ops::linear(h, l.w3, pr));
+      // As text/model/llama.cpp's Mlp: bf16 gate/up/SwiGLU where the backend prefers them.
+      const bool act16 = pr == ops::Precision::bf16 && be.bf16_mlp_activations();
+      Tensor f = ops::swiglu(ops::linear(h, l.w1, pr, act16), ops::linear(h, l.w3, pr, act16));
       x = ops::add(x, ops::linear(f, l.w2, pr));
     }
     Tensor h = ops::reshape(ops::rmsnorm(x, final_norm, 1e-5f), {B * T, D});

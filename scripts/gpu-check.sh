@@ -186,7 +186,9 @@ done
 # f32 activations with compute = bf16 (tensor cores): the path of the bf16 mixed-precision step.
 a=$(result attn_tc_ms_f32 | awk '{print $3}')
 b=$(result torch_attn_ms_bf16 | awk '{print $3}')
-note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
+c=$(result attn_tc_nosplit_ms_f32 | awk '{print $3}')
+d=$(result attn_tc_noprefetch_ms_f32 | awk '{print $3}')
+note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores; ${c:-n/a} ms with one bwd block per kv head, ${d:-n/a} ms without the lse/dsum prefetch), torch sdpa bf16 ${b:-n/a} ms"
 
 # ---- NCCL communicator (issue 5): collectives checked, all_reduce bandwidth
 if [[ -n $BIN && -x $BIN/bench_nccl ]]; then

@@ -50,6 +50,11 @@ class Backend {
   virtual std::string name() const = 0;
   virtual Allocator& allocator() = 0;
   virtual void synchronize() {}
+  // Whether bf16 mixed precision should keep the MLP's activations (gate, up, SwiGLU output
+  // and their gradients) in bf16 between GEMMs, as autocast does: true where element-wise
+  // kernels read and write bf16 natively (CUDA: half the memory traffic and no casts), false
+  // where they compute in f32 only (CPU), so the model stays one code path either way.
+  virtual bool bf16_mlp_activations() const { return false; }
 
   // ---- memory ----
   // Strided copy with dtype conversion; src and dst on this device (or host for CPU).

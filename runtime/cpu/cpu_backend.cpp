@@ -384,6 +384,12 @@ class CpuBackend final : public Backend {
   }
 
   void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    if (gate.dtype() == DType::bf16) {  // bf16 activations: computed in f32, rounded once
+      Tensor o32 = Tensor::empty(out.shape(), DType::f32, out.device());
+      swiglu_forward(gate.to(DType::f32), up.to(DType::f32), o32);
+      out.copy_(o32);
+      return;
+    }
     const int64_t n = gate.numel();
     dispatch_float(gate.dtype(), "swiglu", [&]<typename T>() {
       const T *g = gate.data<T>(), *u = up.data<T>();
@@ -398,6 +404,13 @@ class CpuBackend final : public Backend {
 
   void swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up, Tensor& dgate,
                        Tensor& dup) override {
+    if (gate.dtype() == DType::bf16) {  // as the forward: f32 math, bf16 results
+      Tensor dg32 = Tensor::empty(dgate.shape(), DType::f32, dgate.device()),
+             du32 = Tensor::empty(dup.shape(), DType::f32, dup.device());
+      swiglu_backward(dout.to(DType::f32), gate.to(DType::f32), up.to(DType::f32), dg32, du32);
+      dgate.copy_(dg32), dup.copy_(du32);
+      return;
+    }
     const int64_t n = gate.numel();
     dispatch_float(gate.dtype(), "swiglu_backward", [&]<typename T>() {
       const T *g = gate.data<T>(), *u = up.data<T>(), *d = dout.data<T>();

@@ -291,13 +291,19 @@ void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, float
   } else if (a.dtype() == DType::bf16 && b.dtype() == DType::bf16 && c.dtype() == DType::f32) {
     cpu_gemm_bf16(ta, tb, m, n, k, alpha, static_cast<const bf16*>(a.data_ptr()), lda,
                   static_cast<const bf16*>(b.data_ptr()), ldb, beta, c.data<float>(), ldc);
+  } else if (a.dtype() == DType::bf16 && b.dtype() == DType::bf16 && c.dtype() == DType::bf16) {
+    // bf16 output (f32 accumulation, rounded once): through an f32 copy of c, since the
+    // kernels accumulate in f32 rows.
+    Tensor c32 = beta == 0.f ? Tensor::empty(c.shape(), DType::f32, c.device()) : c.to(DType::f32);
+    gemm(a, ta, b, tb, c32, alpha, beta);
+    c.copy_(c32);
   } else if (a.dtype() == DType::f64 && b.dtype() == DType::f64 && c.dtype() == DType::f64) {
     gemm_reference<double>(ta, tb, m, n, k, alpha, a.data<double>(), lda, b.data<double>(), ldb,
                            beta, c.data<double>(), ldc);
   } else {
     fail(
         "gemm: dtypes a {}, b {}, c {} unsupported (supported: f32 x f32 -> f32, bf16 x bf16 -> "
-        "f32, f64 x f64 -> f64)",
+        "f32 or bf16, f64 x f64 -> f64)",
         dtype_name(a.dtype()), dtype_name(b.dtype()), dtype_name(c.dtype()));
   }
 }

@@ -473,7 +473,7 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                                const void* out, const void* lse, const int32_t* dstart,
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
                                float* dq_acc, KT t, const AttnShape& a, cudaStream_t s,
-                               const AttnBf16Inputs& in16) {
+                               const AttnBf16Inputs& in16, float* dkv_part) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   const int64_t nq = a.B * a.T * a.H * a.D;
   cudaError_t e = cudaMemsetAsync(dq_acc, 0, size_t(nq) * 4, s);
@@ -484,7 +484,7 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
     cudaError_t e2 =
         a.tc ? attention_backward_mma(in16.dout ? in16.dout : dout, in16.q ? in16.q : q,
                                       in16.k ? in16.k : k, in16.v ? in16.v : v, lse, dsum, dstart,
-                                      dend, dk, dv, dq_acc, t, a, s)
+                                      dend, dk, dv, dq_acc, dkv_part, t, a, s)
              : dispatch_d(a.D, [&]<int DMAX>() {
                  auto kern = attn_bwd_kernel<T, DMAX>;
                  const size_t sm = bwd_smem(DMAX);

@@ -28,14 +28,19 @@
 // are accumulators, the online softmax runs on them (row max and sums over the 4 lanes of a
 // quad), P is rounded to bf16 straight into A fragments for O += P V.
 //
-// Backward: one block of 4 warps per (batch, kv head, 64-key tile), looping over the query
-// heads of its group and the query tiles that see its keys. Warp w owns key rows 16 w ..:
+// Backward: one block of 4 warps per (batch, query head, 64-key tile) under GQA, writing f32
+// dK/dV partials that attn_gqa_reduce_kernel sums over the group (4x the blocks of one per kv
+// head: under a causal mask the heaviest block then does 1/4 of the work and the grid no
+// longer ends in a tail of long blocks); or, without partials, one block per (batch, kv
+// head, key tile) looping over its group's query heads. Each block loops over the query
+// tiles that see its keys. Warp w owns key rows 16 w ..:
 // S^T = K Q^T and dP^T = V dO^T (16 x 64 accumulators), P^T = exp(S^T scale - lse) and
 // dS^T = P^T (dP^T - dsum) scale in place, dV += P^T dO and dK += dS^T Q into accumulators
 // held for the block's life. dS goes to shared memory query-major, and after a block barrier
 // warp w computes dQ = dS K for query rows 16 w .. and adds it to dq_acc with f32 atomics.
 #include <cfloat>
 #include <initializer_list>
+#include <type_traits>
 
 #include "runtime/cuda/common.cuh"
 
@@ -59,10 +64,10 @@ struct MmaLayout {
   static constexpr int SP = kN + 8;    // bf16 row stride of the dS tile
   static constexpr size_t tile_b = size_t(kM) * DP * 2;
   static constexpr size_t ds_b = size_t(kN) * SP * 2;
-  // Forward: Q, then two buffers of (K, V). Backward: K, V, dS, lse, dsum, then two buffers
-  // of (Q, dO). (The synchronous path uses the first buffer only.)
+  // Forward: Q, then two buffers of (K, V). Backward: K, V, dS, two buffers of (lse, dsum),
+  // then two buffers of (Q, dO). (The synchronous path uses the first buffers only.)
   static constexpr size_t fwd = 5 * tile_b;
-  static constexpr size_t bwd = 6 * tile_b + ds_b + 2 * kN * 4;
+  static constexpr size_t bwd = 6 * tile_b + ds_b + 4 * kN * 4;
   static_assert(DMAX % 16 == 0 && (DP * 2) % 16 == 0 && (SP * 2) % 16 == 0, "ldmatrix rows");
   static_assert(tile_b % 16 == 0 && ds_b % 16 == 0, "regions keep 16-byte alignment");
 };
@@ -172,6 +177,12 @@ __device__ __forceinline__ void add2(float* p, float x, float y) {
   atomicAdd(p + 0, x), atomicAdd(p + 1, y);
 #endif
 }
+// 4 bytes global -> shared (cp.async.ca: the only form below 16 bytes); zero fill when !valid.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
 // 16 bytes global -> shared without staging in registers; zero fill when !valid.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -234,8 +245,9 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
   __shared__ int Rlo[kM], Rhi[kM];  // per query row: visible keys [Rlo, Rhi)
   __shared__ int LoMax, HiMin;      // every row sees the keys [LoMax, HiMin)
 
-  // Heaviest (latest, for causal) query tiles first.
-  const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // Grid (heads, query tiles, batch), blockIdx.x fastest: the heaviest (latest, for causal)
+  // query tile of every head is dispatched before any lighter one.
+  const int64_t qt = gridDim.y - 1 - blockIdx.y, h = blockIdx.x, b = blockIdx.z;
   const int64_t kvh = h / (a.H / a.Hkv);
   const int64_t i0 = qt * kM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
@@ -371,20 +383,37 @@ template <typename TO, int DMAX, bool ASYNC>
 __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
     attn_bwd_mma_kernel(const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                         const TO* lse, const float* dsum, const int32_t* dstart,
-                        const int32_t* dend, TO* dk, TO* dv, float* dq_acc, AttnShape a) {
+                        const int32_t* dend, TO* dk, TO* dv, float* dk_part, float* dv_part,
+                        float* dq_acc, AttnShape a) {
   using L = MmaLayout<DMAX>;
   constexpr int DP = L::DP, SP = L::SP, NK = DMAX / 16, ND = DMAX / 8;
   extern __shared__ float4 smem4[];
   bf16* Ks = reinterpret_cast<bf16*>(smem4);
   bf16* Vs = Ks + kM * DP;
-  bf16* Ss = Vs + kM * DP;                             // dS, query-major: Ss[query][key]
-  float* Ls = reinterpret_cast<float*>(Ss + kN * SP);  // lse (log2 units) per query row
-  float* Dd = Ls + kN;                                 // dsum per query row
-  bf16* QGs = reinterpret_cast<bf16*>(Dd + kN);        // [buffer][Q, dO][kN][DP]
+  bf16* Ss = Vs + kM * DP;                              // dS, query-major: Ss[query][key]
+  float* LsB = reinterpret_cast<float*>(Ss + kN * SP);  // [buffer][kN] lse (natural log)
+  float* DdB = LsB + 2 * kN;                            // [buffer][kN] dsum per query row
+  bf16* QGs = reinterpret_cast<bf16*>(DdB + 2 * kN);    // [buffer][Q, dO][kN][DP]
   __shared__ int Rlo[kN], Rhi[kN];
+  // f32 lse (f32 activations) streams in with the Q/dO tiles by cp.async; bf16 lse is
+  // converted by plain loads at the top of each iteration.
+  // (a.no_stats_prefetch: the plain loads for f32 too, to measure what the prefetch gains.)
+  const bool stats_async = ASYNC && std::is_same_v<TO, float> && !a.no_stats_prefetch;
+  // Without documents the mask is arithmetic (no per-row bounds in shared memory, no extra
+  // barrier per iteration).
+  const bool docs = dstart != nullptr || dend != nullptr;
 
-  const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  // Grid (heads, key tiles, batch): blockIdx.x runs fastest, so every head's key tile 0 (the
+  // heaviest under a causal mask) is dispatched before any tile 1, and so on. Split (dk_part
+  // set): one block per query head, writing f32 dK/dV partials (B, T, H, D) that
+  // attn_gqa_reduce_kernel sums over the group; else one block per kv head looping over
+  // its group's query heads.
+  const bool split = dk_part != nullptr;
   const int64_t group = a.H / a.Hkv;
+  const int64_t kt = blockIdx.y, b = blockIdx.z;
+  const int64_t kvh = split ? blockIdx.x / group : blockIdx.x;
+  const int64_t hq0 = split ? blockIdx.x : kvh * group;  // first query head of this block
+  const int64_t nheads = split ? 1 : group;
   const int64_t j0 = kt * kM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
   const int r0 = warp * 16;  // key rows (S^T, dP^T, dK, dV) and query rows (dQ) of the warp
@@ -399,12 +428,26 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
   // The (query head, query tile) pairs this block visits, flattened so that the next pair's
   // Q/dO tiles can stream in while the current ones are used.
   const int64_t ntiles = qhi > qlo ? (qhi - qlo + kN - 1) / kN : 0;
-  const int64_t total = group * ntiles;
+  const int64_t total = nheads * ntiles;
   auto load_qg = [&](int buf, int64_t it) {
-    const int64_t h = kvh * group + it / ntiles, i0 = qlo + (it % ntiles) * kN;
+    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * kN;
     bf16* qb = QGs + buf * 2 * kN * DP;
     load_tile<DMAX, ASYNC>(qb, q, b, h, a.H, i0, a.T, a.D);
     load_tile<DMAX, ASYNC>(qb + kN * DP, dout, b, h, a.H, i0, a.T, a.D);
+    if constexpr (std::is_same_v<TO, float>) {
+      if (stats_async) {
+        // Thread t < 64: lse of query row i0 + t; 64 <= t < 128: its dsum (zero past T).
+        static_assert(kMmaThreads == 2 * kN, "one statistic per thread");
+        const int r = threadIdx.x % kN;
+        const int64_t i = i0 + r;
+        const bool ok = i < a.T;
+        const int64_t at = (b * a.H + h) * a.T + (ok ? i : 0);
+        if (threadIdx.x < kN)
+          cp_async4(LsB + buf * kN + r, lse + at, ok);
+        else
+          cp_async4(DdB + buf * kN + r, dsum + at, ok);
+      }
+    }
   };
 
   load_tile<DMAX, ASYNC>(Ks, k, b, kvh, a.Hkv, j0, a.T, a.D);
@@ -421,7 +464,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
     for (int e = 0; e < 4; ++e) dka[n][e] = 0.f, dva[n][e] = 0.f;
 
   for (int64_t it = 0; it < total; ++it) {
-    const int64_t h = kvh * group + it / ntiles, i0 = qlo + (it % ntiles) * kN;
+    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * kN;
     const int buf = ASYNC ? int(it & 1) : 0;
     if constexpr (ASYNC) {
       cp_async_wait<0>();  // this thread's copies of pair it (and K/V, the first time)
@@ -432,20 +475,39 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
       __syncthreads();  // previous Q/dO/dS/row reads done (and K/V loaded, the first time)
       load_qg(0, it);
     }
-    bool row_full = true;  // this thread's rows see every key of the tile
-    for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
-      const int64_t i = i0 + r;
-      const bool in = i < a.T;
-      Ls[r] = in ? to_f32(lse[(b * a.H + h) * a.T + i]) * kLog2e : 0.f;
-      Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
-      int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
-      int64_t hi = (in && dend) ? dend[b * a.T + i] : a.T;
-      if (a.causal) hi = min(hi, i + 1);
-      if (!in) hi = 0;
-      Rlo[r] = int(lo), Rhi[r] = int(hi);
-      row_full = row_full && lo <= j0 && j0 + kM <= hi;
+    float* Ls = LsB + buf * kN;
+    float* Dd = DdB + buf * kN;
+    bool full;  // block-uniform: every (query, key) pair of the tile pair is visible
+    if (!docs) {
+      // Rows see keys [0, T) (causal: [0, i + 1)); rows past T see nothing.
+      full = i0 + kN <= a.T && (a.causal ? i0 + 1 >= j0 + kM : j0 + kM <= a.T);
+      if (!stats_async) {
+        for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
+          const int64_t i = i0 + r;
+          const bool in = i < a.T;
+          Ls[r] = in ? to_f32(lse[(b * a.H + h) * a.T + i]) : 0.f;
+          Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
+        }
+        __syncthreads();
+      }
+    } else {
+      bool row_full = true;  // this thread's rows see every key of the tile
+      for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
+        const int64_t i = i0 + r;
+        const bool in = i < a.T;
+        if (!stats_async) {
+          Ls[r] = in ? to_f32(lse[(b * a.H + h) * a.T + i]) : 0.f;
+          Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
+        }
+        int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
+        int64_t hi = (in && dend) ? dend[b * a.T + i] : a.T;
+        if (a.causal) hi = min(hi, i + 1);
+        if (!in) hi = 0;
+        Rlo[r] = int(lo), Rhi[r] = int(hi);
+        row_full = row_full && lo <= j0 && j0 + kM <= hi;
+      }
+      full = __syncthreads_and(row_full) != 0;
     }
-    const bool full = __syncthreads_and(row_full) != 0;  // block-uniform
     const bf16* Qs = QGs + buf * 2 * kN * DP;
     const bf16* Gs = Qs + kN * DP;  // dO
     // S^T = K Q^T and dP^T = V dO^T for the warp's 16 key rows x 64 queries.
@@ -478,10 +540,16 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int qc = n * 8 + 2 * t4 + c;
-        const float lq = Ls[qc], dsq = Dd[qc];
+        const float lq = Ls[qc] * kLog2e, dsq = Dd[qc];
         bool okA = true, okB = true;
         if (!full) {
-          const int lo = Rlo[qc], hi = Rhi[qc];
+          int lo, hi;
+          if (docs) {
+            lo = Rlo[qc], hi = Rhi[qc];
+          } else {
+            const int i = int(i0) + qc;
+            lo = 0, hi = i < a.T ? (a.causal ? i + 1 : int(a.T)) : 0;
+          }
           okA = jA >= lo && jA < hi, okB = jB >= lo && jB < hi;
         }
         const float pA = okA ? exp2f(st[n][c] * sl2 - lq) : 0.f;
@@ -554,13 +622,41 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
   for (int half = 0; half < 2; ++half) {
     const int64_t j = half ? jB : jA;
     if (j >= a.T) continue;
-    TO* krow = dk + ((b * a.T + j) * a.Hkv + kvh) * a.D;
-    TO* vrow = dv + ((b * a.T + j) * a.Hkv + kvh) * a.D;
+    if (split) {
+      float* krow = dk_part + ((b * a.T + j) * a.H + hq0) * a.D;
+      float* vrow = dv_part + ((b * a.T + j) * a.H + hq0) * a.D;
 #pragma unroll
-    for (int n = 0; n < ND; ++n) {
-      store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
-      store_pair(vrow, n * 8 + 2 * t4, a.D, dva[n][2 * half], dva[n][2 * half + 1]);
+      for (int n = 0; n < ND; ++n) {
+        store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
+        store_pair(vrow, n * 8 + 2 * t4, a.D, dva[n][2 * half], dva[n][2 * half + 1]);
+      }
+    } else {
+      TO* krow = dk + ((b * a.T + j) * a.Hkv + kvh) * a.D;
+      TO* vrow = dv + ((b * a.T + j) * a.Hkv + kvh) * a.D;
+#pragma unroll
+      for (int n = 0; n < ND; ++n) {
+        store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
+        store_pair(vrow, n * 8 + 2 * t4, a.D, dva[n][2 * half], dva[n][2 * half + 1]);
+      }
     }
+  }
+}
+
+// dk[b, j, kvh, :] = sum over the group's query heads h of part[b, j, h, :] (and dv), in f32.
+template <typename TO>
+__global__ void attn_gqa_reduce_kernel(const float* dk_part, const float* dv_part, TO* dk, TO* dv,
+                                       AttnShape a) {
+  const int64_t group = a.H / a.Hkv;
+  const int64_t n = a.B * a.T * a.Hkv * a.D;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = idx % a.D, row = idx / a.D;  // row = (b * T + j) * Hkv + kvh
+    const int64_t kvh = row % a.Hkv, bj = row / a.Hkv;
+    const int64_t base = (bj * a.H + kvh * group) * a.D + d;
+    float sk = 0.f, sv = 0.f;
+    for (int64_t g = 0; g < group; ++g)
+      sk += dk_part[base + g * a.D], sv += dv_part[base + g * a.D];
+    dk[idx] = from_f32<TO>(sk), dv[idx] = from_f32<TO>(sv);
   }
 }
 
@@ -599,7 +695,7 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
         if (e != cudaSuccess) return e;
-        dim3 grid(unsigned((a.T + kM - 1) / kM), unsigned(a.H), unsigned(a.B));
+        dim3 grid(unsigned(a.H), unsigned((a.T + kM - 1) / kM), unsigned(a.B));
         kern<<<grid, kMmaThreads, sm, s>>>(static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                                            static_cast<const bf16*>(v), dstart, dend,
                                            static_cast<TO*>(out), static_cast<TO*>(lse), a);
@@ -612,9 +708,12 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
 
 cudaError_t attention_backward_mma(const void* dout, const void* q, const void* k, const void* v,
                                    const void* lse, const float* dsum, const int32_t* dstart,
-                                   const int32_t* dend, void* dk, void* dv, float* dq_acc, KT t,
-                                   const AttnShape& a, cudaStream_t s) {
+                                   const int32_t* dend, void* dk, void* dv, float* dq_acc,
+                                   float* dkv_part, KT t, const AttnShape& a, cudaStream_t s) {
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
+  // Partials only pay when a group has several query heads.
+  float* dk_part = a.H > a.Hkv ? dkv_part : nullptr;
+  float* dv_part = dk_part ? dk_part + a.B * a.T * a.H * a.D : nullptr;
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {dout, q, k, v});
@@ -624,14 +723,21 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
         if (e != cudaSuccess) return e;
-        dim3 grid(unsigned((a.T + kM - 1) / kM), unsigned(a.Hkv), unsigned(a.B));
-        kern<<<grid, kMmaThreads, sm, s>>>(
-            static_cast<const bf16*>(dout), static_cast<const bf16*>(q),
-            static_cast<const bf16*>(k), static_cast<const bf16*>(v), static_cast<const TO*>(lse),
-            dsum, dstart, dend, static_cast<TO*>(dk), static_cast<TO*>(dv), dq_acc, a);
+        dim3 grid(unsigned(dk_part ? a.H : a.Hkv), unsigned((a.T + kM - 1) / kM), unsigned(a.B));
+        kern<<<grid, kMmaThreads, sm, s>>>(static_cast<const bf16*>(dout),
+                                           static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+                                           static_cast<const bf16*>(v), static_cast<const TO*>(lse),
+                                           dsum, dstart, dend, static_cast<TO*>(dk),
+                                           static_cast<TO*>(dv), dk_part, dv_part, dq_acc, a);
         return cudaGetLastError();
       };
-      return async ? launch.template operator()<true>() : launch.template operator()<false>();
+      cudaError_t e =
+          async ? launch.template operator()<true>() : launch.template operator()<false>();
+      if (e != cudaSuccess || !dk_part) return e;
+      const int64_t n = a.B * a.T * a.Hkv * a.D;
+      attn_gqa_reduce_kernel<TO><<<grid_for(n, 256), 256, 0, s>>>(
+          dk_part, dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
+      return cudaGetLastError();
     });
   });
 }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -26,6 +27,18 @@ namespace {
 using cuda::KT;
 
 constexpr int kMaxDevices = 16;
+
+// LLAMA3_ATTN_GQA_SPLIT=0: the tensor-core attention backward keeps one block per kv head
+// (for A/B timing in bench_cuda_step); read on every call so a benchmark can switch it.
+bool gqa_split_enabled() {
+  const char* e = std::getenv("LLAMA3_ATTN_GQA_SPLIT");
+  return !(e && e[0] == '0');
+}
+// LLAMA3_ATTN_STATS_PREFETCH=0: see AttnShape::no_stats_prefetch (A/B timing).
+bool stats_prefetch_enabled() {
+  const char* e = std::getenv("LLAMA3_ATTN_STATS_PREFETCH");
+  return !(e && e[0] == '0');
+}
 
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
 // cudaMalloc returns null so that the caching allocator frees its cache and retries.
@@ -201,16 +214,19 @@ class CudaBackend final : public Backend {
   }
 
   // ---------------------------------------------------------------- GEMM
+  bool bf16_mlp_activations() const override { return true; }
+
   void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, float alpha,
             float beta) override {
     on_device(a, "gemm", "a"), on_device(b, "gemm", "b"), on_device(c, "gemm", "c");
     LLAMA3_CHECK(a.dim() == c.dim() && b.dim() == c.dim() && (c.dim() == 2 || c.dim() == 3),
                  "gemm: a {}, b {}, c {} must all be 2D or 3D", a.str(), b.str(), c.str());
     const bool f32 = a.dtype() == DType::f32 && b.dtype() == DType::f32 && c.dtype() == DType::f32;
-    const bool bf = a.dtype() == DType::bf16 && b.dtype() == DType::bf16 && c.dtype() == DType::f32;
+    const bool bf = a.dtype() == DType::bf16 && b.dtype() == DType::bf16 &&
+                    (c.dtype() == DType::f32 || c.dtype() == DType::bf16);
     LLAMA3_CHECK(f32 || bf,
                  "gemm: dtypes a {}, b {}, c {} unsupported on cuda (supported: f32 x f32 -> f32, "
-                 "bf16 x bf16 -> f32)",
+                 "bf16 x bf16 -> f32 or bf16)",
                  dtype_name(a.dtype()), dtype_name(b.dtype()), dtype_name(c.dtype()));
     const int r = c.dim() - 2;  // index of the row dim
     const int64_t m = ta == Trans::N ? a.size(r) : a.size(r + 1);
@@ -231,7 +247,7 @@ class CudaBackend final : public Backend {
     activate();
     auto prof_scope = prof("gemm", [&] {
       return fmt::format(" {}x{}x{}{} {}", m, n, k, batch > 1 ? fmt::format(" x{}", batch) : "",
-                         bf ? "bf16" : "f32");
+                         bf ? (c.dtype() == DType::bf16 ? "bf16->bf16" : "bf16") : "f32");
     });
     if (k == 0) {  // c = beta * c
       if (beta == 0.f)
@@ -266,8 +282,9 @@ class CudaBackend final : public Backend {
       LLAMA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
           legacy_, tb == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T,
           ta == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T, int(n), int(m), int(k), &alpha, b.data_ptr(),
-          in_t, int(ldb), sb, a.data_ptr(), in_t, int(lda), sa, &beta, c.data_ptr(), CUDA_R_32F,
-          int(ldc), sc, int(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          in_t, int(ldb), sb, a.data_ptr(), in_t, int(lda), sa, &beta, c.data_ptr(),
+          c.dtype() == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F, int(ldc), sc, int(batch),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       return;
     }
     LLAMA3_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(),
@@ -437,11 +454,18 @@ class CudaBackend final : public Backend {
       in16 = {q16.data_ptr(), k16.data_ptr(), v16.data_ptr(), g16.data_ptr()};
     }
     Tensor acc = dq.dtype() == DType::f32 ? dq : Tensor::empty(dq.shape(), DType::f32, device());
+    // Per-query-head dK/dV partials for the tensor-core backward under GQA (see kernels.h);
+    // LLAMA3_ATTN_GQA_SPLIT=0 keeps one block per kv head (bench comparison).
+    Tensor part;
+    a.no_stats_prefetch = !stats_prefetch_enabled();
+    if (a.tc && a.H > a.Hkv && gqa_split_enabled())
+      part = Tensor::empty({2, a.B, a.T, a.H, a.D}, DType::f32, device());
     LLAMA3_CUDA_CHECK(cuda::attention_backward(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         ds.defined() ? ds.data<int32_t>() : nullptr, de.defined() ? de.data<int32_t>() : nullptr,
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dsum.data<float>(), acc.data<float>(),
-        ft_of(q.dtype(), "attention_backward"), a, stream_, in16));
+        ft_of(q.dtype(), "attention_backward"), a, stream_, in16,
+        part.defined() ? part.data<float>() : nullptr));
   }
 
   void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -736,7 +760,8 @@ class CudaBackend final : public Backend {
                    lb_cols = opb == CUBLAS_OP_N ? key.m : key.k;
     LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->la, in_t, la_rows, la_cols, key.ldb));
     LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->lb, in_t, lb_rows, lb_cols, key.lda));
-    LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->lc, CUDA_R_32F, key.n, key.m, key.ldc));
+    const cudaDataType_t out_t = key.ct == int(DType::bf16) ? CUDA_R_16BF : CUDA_R_32F;
+    LLAMA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan->lc, out_t, key.n, key.m, key.ldc));
     if (key.batch > 1) {
       const int32_t bc = int32_t(key.batch);
       for (auto [l, st] : {std::pair{plan->la, key.sb}, {plan->lb, key.sa}, {plan->lc, key.sc}}) {

@@ -79,6 +79,10 @@ struct AttnShape {
   // true: the tensor-core kernels of attention_mma.cu (bf16 products, f32 accumulation);
   // false: the exact f32 SIMT kernels of attention.cu.
   bool tc = false;
+  // Tensor-core backward with f32 lse: load lse/dsum with plain loads at the top of each
+  // iteration instead of prefetching them with the Q/dO tiles (LLAMA3_ATTN_STATS_PREFETCH=0,
+  // for A/B timing only).
+  bool no_stats_prefetch = false;
 };
 // Dynamic shared memory the attention kernels need for head dim D (at most 128).
 size_t attention_smem_bytes(int64_t D, bool backward);
@@ -98,11 +102,15 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
                               const int32_t* dend, void* out, void* lse, KT t, const AttnShape& a,
                               cudaStream_t s, const AttnBf16Inputs& in16 = {});
 // dsum: f32 workspace (B*H*T); dq_acc: f32 (B,T,H,D) accumulator, zeroed by the launcher.
+// dkv_part (tensor-core path with GQA only, else ignored; may be null): f32 workspace of
+// 2*B*T*H*D for per-query-head dK/dV partials, so that the backward runs one block per query
+// head (4x the blocks of one per kv head at group 4: better balanced under a causal mask)
+// and sums the group afterwards.
 cudaError_t attention_backward(const void* dout, const void* q, const void* k, const void* v,
                                const void* out, const void* lse, const int32_t* dstart,
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
                                float* dq_acc, KT t, const AttnShape& a, cudaStream_t s,
-                               const AttnBf16Inputs& in16 = {});
+                               const AttnBf16Inputs& in16 = {}, float* dkv_part = nullptr);
 // The tensor-core kernels (attention_mma.cu, bf16 q/k/v/dout only); attention_forward /
 // attention_backward route to them when a.tc. The backward launcher expects dsum computed
 // and dq_acc zeroed (it only adds).
@@ -111,7 +119,7 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
                                   KT t, const AttnShape& a, cudaStream_t s);
 cudaError_t attention_backward_mma(const void* dout, const void* q, const void* k, const void* v,
                                    const void* lse, const float* dsum, const int32_t* dstart,
-                                   const int32_t* dend, void* dk, void* dv, float* dq_acc, KT t,
-                                   const AttnShape& a, cudaStream_t s);
+                                   const int32_t* dend, void* dk, void* dv, float* dq_acc,
+                                   float* dkv_part, KT t, const AttnShape& a, cudaStream_t s);
 
 }  // namespace llama3::cuda

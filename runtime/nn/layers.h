@@ -12,8 +12,9 @@ namespace llama3::nn {
 class Linear : public Module {
  public:
   Linear(int64_t in, int64_t out, double init_std, Rng& rng);
-  Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32) const {
-    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p);
+  Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32,
+                    bool bf16_out = false) const {
+    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p, bf16_out);
     return output_hook ? output_hook(y) : y;
   }
   Tensor& weight;  // (out, in)

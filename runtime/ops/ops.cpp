@@ -107,7 +107,7 @@ struct LinearNode : Node {
 };
 }  // namespace
 
-Tensor linear(const Tensor& x, const Tensor& w, Precision p) {
+Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out) {
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
                "linear: x {} has {} features, weight {} expects {}", x.str(), x.size(-1), w.str(),
                w.dim() == 2 ? w.size(1) : -1);
@@ -115,7 +115,11 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p) {
   Tensor x2 = as_rows(x.contiguous());
   Tensor wc = w.contiguous();
   if (p == Precision::bf16) x2 = to_bf16(x2), wc = to_bf16(wc);
-  const DType out_t = x.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  LLAMA3_CHECK(!bf16_out || p == Precision::bf16,
+               "linear: a bf16 output needs bf16 precision (x {}, weight {})", x.str(), w.str());
+  const DType out_t = bf16_out                  ? DType::bf16
+                      : x.dtype() == DType::f64 ? DType::f64
+                                                : DType::f32;
   Shape os = x.shape();
   os.back() = w.size(0);
   Tensor out = Tensor::empty(os, out_t, x.device());
@@ -126,7 +130,10 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p) {
     n->x = x2;
     n->w = wc;
     n->x_shape = x.shape();
-    n->x_dtype = out_t;
+    // dx has x's dtype: bf16 activations (a bf16_out producer upstream) get bf16 gradients.
+    n->x_dtype = x.dtype() == DType::bf16 && p == Precision::bf16 ? DType::bf16
+                 : x.dtype() == DType::f64                         ? DType::f64
+                                                                   : DType::f32;
     n->w_dtype = w.dtype();
     n->p = p;
     n->next = {autograd::edge(x), autograd::edge(w)};

@@ -21,8 +21,12 @@ Tensor reshape(const Tensor& x, const Shape& shape);
 // ids (any shape) int32 -> (..., D) rows of weight (V, D).
 Tensor embedding(const Tensor& weight, const Tensor& ids);
 
-// x (..., in) @ w(out, in)^T -> (..., out).
-Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32);
+// x (..., in) @ w(out, in)^T -> (..., out). bf16_out (Precision::bf16 only): the output is
+// bf16 (f32 accumulation rounded once, as under autocast), for activations that stay bf16
+// until the next GEMM (the SwiGLU gate and up projections) so neither direction casts them;
+// a bf16 x gets a bf16 gradient.
+Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32,
+              bool bf16_out = false);
 
 // y = x / rms(x) * w over the last dim.
 Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps);

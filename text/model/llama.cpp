@@ -50,7 +50,10 @@ Mlp::Mlp(const LlamaConfig& c, Rng& rng)
                                                                           0.02 / std::sqrt(2.0 * c.n_layers), rng))) {}
 
 Tensor Mlp::operator()(const Tensor& x, ops::Precision prec) const {
-  return down_proj(ops::swiglu(gate_proj(x, prec), up_proj(x, prec)), prec);
+  // bf16 gate/up/SwiGLU activations where the backend prefers them (see Backend).
+  const bool act16 =
+      prec == ops::Precision::bf16 && backend_for(x.device()).bf16_mlp_activations();
+  return down_proj(ops::swiglu(gate_proj(x, prec, act16), up_proj(x, prec, act16)), prec);
 }
 
 Block::Block(const LlamaConfig& c, Rng& rng)

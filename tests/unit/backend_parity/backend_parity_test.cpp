@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
@@ -262,13 +263,18 @@ std::vector<Case> make_cases() {
     const char* name;
     int64_t B, T, H, Hkv, D;
     bool causal, docs;
+    bool gqa_split = true;  // false: LLAMA3_ATTN_GQA_SPLIT=0, one backward block per kv head
   };
-  for (TcCfg a : {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
-                  TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
-                  TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
-                  TcCfg{"attn_tc_doc_noncausal_d48_t70", 2, 70, 3, 1, 48, false, true},
-                  TcCfg{"attn_tc_causal_doc_gqa_d64_t1024", 1, 1024, 2, 1, 64, true, true},
-                  TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
+  // (GQA cases run the backward with one block per query head and f32 dK/dV partials summed
+  // over the group, the default; the _kvblocks case keeps one block per kv head.)
+  for (TcCfg a :
+       {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
+        TcCfg{"attn_tc_causal_doc_gqa4_d64_t200_kvblocks", 1, 200, 8, 2, 64, true, true, false},
+        TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
+        TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
+        TcCfg{"attn_tc_doc_noncausal_d48_t70", 2, 70, 3, 1, 48, false, true},
+        TcCfg{"attn_tc_causal_doc_gqa_d64_t1024", 1, 1024, 2, 1, 64, true, true},
+        TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
     cs.push_back(
         {a.name, DType::f32, true, 2e-2, [a](const Ctx& c) {
            Backend& be = backend_for(c.dev);
@@ -294,7 +300,9 @@ std::vector<Case> make_cases() {
            be.attention_forward(q, k, v, p, out, lse);
            Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
            Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
+           if (!a.gqa_split) setenv("LLAMA3_ATTN_GQA_SPLIT", "0", 1);
            be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+           unsetenv("LLAMA3_ATTN_GQA_SPLIT");
            return std::vector<Tensor>{out, lse, dq, dk, dv};
          }});
   }
@@ -327,19 +335,42 @@ std::vector<Case> make_cases() {
                   }
                   return std::vector<Tensor>{p, m, v};
                 }});
+  // 1003 elements (16-byte path and a scalar tail) and a view 4 bytes off alignment (scalar).
+  cs.push_back({"adamw_f32_tail_and_misaligned", DType::f32, true, 0, [](const Ctx& c) {
+                  Backend& be = backend_for(c.dev);
+                  std::vector<Tensor> outs;
+                  for (int64_t off : {0, 1}) {
+                    const int64_t n = 1003;
+                    Tensor p = input_f32(c, {n + off}, 90).narrow(0, off, n);
+                    Tensor m = Tensor::zeros({n + off}, DType::f32, c.dev).narrow(0, off, n);
+                    Tensor v = Tensor::zeros({n + off}, DType::f32, c.dev).narrow(0, off, n);
+                    for (int64_t s = 1; s <= 2; ++s) {
+                      Tensor g = input_f32(c, {n + off}, 90 + s).narrow(0, off, n);
+                      AdamWParams ap;
+                      ap.lr = 1e-2f, ap.weight_decay = 0.1f, ap.step = s;
+                      be.adamw_step(p, g, m, v, ap);
+                    }
+                    outs.insert(outs.end(), {p, m, v});
+                  }
+                  return outs;
+                }});
 
   // ---- a whole model step through runtime/ops (forward + backward)
-  // Third variant: bf16 mixed precision with the tensor-core attention (as the model does).
-  for (int variant : {0, 1, 2}) {
-    const bool mixed = variant > 0, tc_attn = variant == 2;
+  // Third variant: bf16 mixed precision with the tensor-core attention. Fourth: as the model
+  // does on a backend that keeps the MLP's activations in bf16 (bf16_mlp_activations: gate,
+  // up and SwiGLU outputs bf16 on CUDA; the CPU reference stays f32).
+  for (int variant : {0, 1, 2, 3}) {
+    const bool mixed = variant > 0, tc_attn = variant >= 2, mlp16 = variant == 3;
     Case mc;
     mc.name = variant == 0   ? "model_step_f32"
               : variant == 1 ? "model_step_bf16_mixed"
-                             : "model_step_bf16_mixed_tc_attention";
+              : variant == 2 ? "model_step_bf16_mixed_tc_attention"
+                             : "model_step_bf16_mlp_activations_tc_attention";
     mc.dtype = DType::f32;  // activations and master weights f32; bf16 only in GEMM inputs
     mc.cpu_has_dtype = true;
     mc.tol = tc_attn ? 2e-2 : mixed ? 1e-2 : 1e-5;
-    mc.run = [mixed, tc_attn](const Ctx& c) {
+    mc.run = [mixed, tc_attn, mlp16](const Ctx& c) {
+      const bool act16 = mlp16 && backend_for(c.dev).bf16_mlp_activations();
       const int64_t B = 2, T = 40, D = 64, H = 4, Hkv = 2, Dh = 16, F = 96, V = 97;
       const ops::Precision pr = mixed ? ops::Precision::bf16 : ops::Precision::f32;
       auto param = [&](const Shape& s, uint64_t seed, float sc) {
@@ -380,7 +411,7 @@ std::vector<Case> make_cases() {
       Tensor a = ops::reshape(ops::attention(q, k, v, ap), {B, T, H * Dh});
       x = ops::add(x, ops::linear(a, wo, pr));
       h = ops::rmsnorm(x, n2, 1e-5f);
-      Tensor ff = ops::swiglu(ops::linear(h, w1, pr), ops::linear(h, w3, pr));
+      Tensor ff = ops::swiglu(ops::linear(h, w1, pr, act16), ops::linear(h, w3, pr, act16));
       x = ops::add(x, ops::linear(ff, w2, pr));
       h = ops::reshape(ops::rmsnorm(x, nf, 1e-5f), {B * T, D});
       ops::CrossEntropyOptions co;

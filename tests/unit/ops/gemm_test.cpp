@@ -55,3 +55,55 @@ TEST(Gemm, Bf16SkinnyAndOneDnnPathsMatchExactProducts) {
 TEST(Gemm, F32SkinnyAndOneDnnPathsMatchExactProducts) {
   check_linear(ops::Precision::f32);
 }
+
+// bf16 outputs (Precision::bf16 with bf16_out, the MLP's gate/up projections where the backend
+// keeps bf16 activations): the forward is the f32-output product rounded once to bf16, a
+// bf16 activation gets a bf16 gradient, and the gradients of a small gate/up -> SwiGLU ->
+// down MLP stay within bf16 rounding of the f32-activation path.
+TEST(Gemm, Bf16OutputsRoundTheF32ResultOnceAndCarryBf16Gradients) {
+  for (int64_t m : {3, 40}) {
+    const int64_t k = 96, n = 70;
+    Tensor x = Tensor::from_vector(bf16_values(m * k, 11), {m, k}).to(DType::bf16);
+    Tensor w = Tensor::from_vector(bf16_values(n * k, 12), {n, k});
+    const auto f32 = ops::linear(x, w, ops::Precision::bf16).to_vector<float>();
+    Tensor y16 = ops::linear(x, w, ops::Precision::bf16, /*bf16_out=*/true);
+    ASSERT_EQ(y16.dtype(), DType::bf16);
+    const auto got = y16.to_vector<float>();
+    ASSERT_EQ(got.size(), f32.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_EQ(got[i], bf16_bits_to_f32(f32_to_bf16_bits(f32[i]))) << "m " << m << " at " << i;
+  }
+  EXPECT_THROW(ops::linear(Tensor::zeros({2, 3}, DType::f32), Tensor::zeros({4, 3}, DType::f32),
+                           ops::Precision::f32, true),
+               Error);
+
+  // MLP gradients, bf16 activations vs f32 activations (both with bf16 GEMM inputs).
+  const int64_t T = 24, D = 32, F = 80;
+  auto run = [&](bool act16, std::vector<std::vector<float>>& grads) {
+    Tensor h = Tensor::from_vector(bf16_values(T * D, 21), {T, D}).set_requires_grad(true);
+    Tensor w1 = Tensor::from_vector(bf16_values(F * D, 22), {F, D}).set_requires_grad(true);
+    Tensor w3 = Tensor::from_vector(bf16_values(F * D, 23), {F, D}).set_requires_grad(true);
+    Tensor w2 = Tensor::from_vector(bf16_values(D * F, 24), {D, F}).set_requires_grad(true);
+    const auto p = ops::Precision::bf16;
+    Tensor g = ops::linear(h, w1, p, act16), u = ops::linear(h, w3, p, act16);
+    Tensor f = ops::swiglu(g, u);
+    EXPECT_EQ(f.dtype(), act16 ? DType::bf16 : DType::f32);
+    Tensor y = ops::linear(f, w2, p);
+    ops::dot(y, Tensor::from_vector(bf16_values(T * D, 25), {T, D})).backward();
+    grads.clear();
+    for (Tensor* t : {&h, &w1, &w3, &w2}) {
+      ASSERT_EQ(t->grad().dtype(), DType::f32);
+      grads.push_back(t->grad().to_vector<float>());
+    }
+  };
+  std::vector<std::vector<float>> ref, got;
+  run(false, ref);
+  run(true, got);
+  for (size_t t = 0; t < ref.size(); ++t) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref[t].size(); ++i)
+      num += std::pow(double(got[t][i]) - ref[t][i], 2), den += std::pow(double(ref[t][i]), 2);
+    EXPECT_LT(std::sqrt(num / den), 1e-2) << "gradient " << t;
+    EXPECT_GT(std::sqrt(num / den), 0.0) << "gradient " << t << ": bf16 rounding should show";
+  }
+}
