@@ -1,14 +1,16 @@
 // One Llama-style training step on cuda:0 built directly from runtime/ops (embedding, per
 // layer rmsnorm / q,k,v linears / RoPE / causal GQA attention / o linear / residual /
 // rmsnorm / w1,w3 / SwiGLU / w2 / residual, final rmsnorm, chunked linear cross-entropy,
-// backward, AdamW over every parameter) in bf16 mixed precision (bf16 GEMM inputs, f32
-// accumulation, f32 activations and master weights; attention with compute = bf16, i.e. on
-// tensor cores with f32 softmax and accumulation). Prints tokens/s and MFU against the
-// H100 SXM dense bf16 peak (989 TFLOP/s).
+// backward, AdamW over every parameter) in bf16 mixed precision as the model runs it (bf16
+// GEMM inputs, f32 accumulation, f32 master weights, residual stream and norms; attention on
+// tensor cores with f32 softmax and accumulation; where the backend prefers bf16
+// activations, q/k/v/attention and gate/up/SwiGLU activations in bf16). Prints tokens/s and
+// MFU against the H100 SXM dense bf16 peak (989 TFLOP/s).
 //
 //   bench_cuda_step [--seq 4096] [--batch 1] [--layers 16] [--dim 2048] [--heads 32]
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
+//                   [--f32-attn-activations]
 //
 // --attn-only times attention forward+backward alone for the same shapes (f32 inputs on the
 // exact f32 kernels; f32 inputs with compute = bf16 and bf16 inputs on the tensor-core
@@ -42,6 +44,7 @@ struct Config {
   ops::Precision precision = ops::Precision::bf16;
   bool attn_only = false;
   bool profile = false;             // one more step after the timed ones, with per-op GPU times
+  bool f32_attn_act = false;        // keep q/k/v/attention activations f32 (A/B timing)
   Device device = Device::cuda(0);  // --device cpu: smoke test of this benchmark on tiny configs
   int64_t head_dim() const { return dim / heads; }
 };
@@ -78,6 +81,8 @@ Config parse(int argc, char** argv) {
       c.attn_only = true;
     else if (a == "--profile")
       c.profile = true;
+    else if (a == "--f32-attn-activations")
+      c.f32_attn_act = true;
     else if (a == "--device") {
       LLAMA3_CHECK(i + 1 < argc, "--device needs cuda or cpu");
       std::string d = argv[++i];
@@ -161,7 +166,8 @@ int attn_only(const Config& c) {
     };
     Tensor q = make({B, T, H, Dh}), k = make({B, T, Hk, Dh}), v = make({B, T, Hk, Dh});
     Tensor go = make({B, T, H, Dh});
-    Tensor out = Tensor::empty(q.shape(), dt, dev), lse = Tensor::empty({B, H, T}, dt, dev);
+    Tensor out = Tensor::empty(q.shape(), dt, dev);
+    Tensor lse = Tensor::empty({B, H, T}, DType::f32, dev);  // f32 as ops::attention allocates it
     Tensor dq = Tensor::empty(q.shape(), dt, dev), dk = Tensor::empty(k.shape(), dt, dev);
     Tensor dv = Tensor::empty(v.shape(), dt, dev);
     AttentionParams p;
@@ -267,20 +273,24 @@ int run(const Config& c) {
   AttentionParams ap;
   ap.causal = true;
   // As the model (text/model/llama.cpp): bf16 mixed precision lets attention multiply in bf16
-  // on tensor cores (f32 accumulation, f32 activations).
+  // on tensor cores (f32 accumulation), and where the backend prefers bf16 activations the
+  // q/k/v, attention and gate/up/SwiGLU activations are bf16 (--f32-attn-activations keeps
+  // the attention path's f32, to measure what that gains).
   if (pr == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
+  const bool act16 = pr == ops::Precision::bf16 && be.bf16_activations();
+  const bool attn16 = act16 && !c.f32_attn_act;
   auto step = [&](int64_t step_no) {
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)
     for (auto& l : layers) {
       Tensor h = ops::rmsnorm(x, l.attn_norm, 1e-5f);
-      Tensor q = ops::rope(ops::reshape(ops::linear(h, l.wq, pr), {B, T, H, Dh}), inv_t, pos_t);
-      Tensor k = ops::rope(ops::reshape(ops::linear(h, l.wk, pr), {B, T, Hk, Dh}), inv_t, pos_t);
-      Tensor vv = ops::reshape(ops::linear(h, l.wv, pr), {B, T, Hk, Dh});
+      Tensor q =
+          ops::rope(ops::reshape(ops::linear(h, l.wq, pr, attn16), {B, T, H, Dh}), inv_t, pos_t);
+      Tensor k =
+          ops::rope(ops::reshape(ops::linear(h, l.wk, pr, attn16), {B, T, Hk, Dh}), inv_t, pos_t);
+      Tensor vv = ops::reshape(ops::linear(h, l.wv, pr, attn16), {B, T, Hk, Dh});
       Tensor a = ops::reshape(ops::attention(q, k, vv, ap), {B, T, H * Dh});
       x = ops::add(x, ops::linear(a, l.wo, pr));
       h = ops::rmsnorm(x, l.ffn_norm, 1e-5f);
-      // As text/model/llama.cpp's Mlp: bf16 gate/up/SwiGLU where the backend prefers them.
-      const bool act16 = pr == ops::Precision::bf16 && be.bf16_mlp_activations();
       Tensor f = ops::swiglu(ops::linear(h, l.w1, pr, act16), ops::linear(h, l.w3, pr, act16));
       x = ops::add(x, ops::linear(f, l.w2, pr));
     }
@@ -331,9 +341,8 @@ int run(const Config& c) {
       "per step), MFU {:.1f}% of 989 TFLOP/s; peak device memory {:.1f} GiB\n",
       per * 1e3, tps, (model_flops + attn_flops) / per / 1e12, model_flops / 1e12,
       attn_flops / 1e12, mfu * 100, double(st.peak_in_use) / double(1ull << 30));
-  fmt::print(
-      "RESULT llama3_cuda seq={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n", T,
-      tps, mfu, per * 1e3, loss);
+  fmt::print("RESULT {} seq={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n",
+             c.f32_attn_act ? "f32attn_llama3_cuda" : "llama3_cuda", T, tps, mfu, per * 1e3, loss);
   if (c.profile && !dev.is_cpu()) {
     cuda_profile_start(dev.index);
     const double ts = now();

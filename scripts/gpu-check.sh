@@ -168,6 +168,11 @@ if [[ -n $BIN ]]; then
   else
     note "llama3 step" "FAIL" "see llama3_step in gpu-check.log"
   fi
+  # The same step with the attention path's activations f32 (only the MLP's bf16): what the
+  # bf16 q/k/v/attention activations gain.
+  step llama3_step_f32attn 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 --f32-attn-activations
+  r=$(result f32attn_llama3_cuda)
+  [[ -n $r ]] && note "  same, f32 attention activations" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
 fi
 step torch_eager 120 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --steps 3 --warmup 1
 r=$(result torch_eager)

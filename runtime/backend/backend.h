@@ -50,11 +50,13 @@ class Backend {
   virtual std::string name() const = 0;
   virtual Allocator& allocator() = 0;
   virtual void synchronize() {}
-  // Whether bf16 mixed precision should keep the MLP's activations (gate, up, SwiGLU output
-  // and their gradients) in bf16 between GEMMs, as autocast does: true where element-wise
-  // kernels read and write bf16 natively (CUDA: half the memory traffic and no casts), false
-  // where they compute in f32 only (CPU), so the model stays one code path either way.
-  virtual bool bf16_mlp_activations() const { return false; }
+  // Whether bf16 mixed precision should keep the activations that run from one GEMM to the
+  // next through element-wise ops and attention (q/k/v -> RoPE -> attention -> o; gate/up ->
+  // SwiGLU -> down; and their gradients) in bf16, as autocast does: true where those kernels
+  // read and write bf16 natively (CUDA: half the memory traffic and no casts), false where
+  // they compute in f32 only (CPU), so the model stays one code path either way. The
+  // residual stream, norms and losses stay f32.
+  virtual bool bf16_activations() const { return false; }
 
   // ---- memory ----
   // Strided copy with dtype conversion; src and dst on this device (or host for CPU).
@@ -95,8 +97,8 @@ class Backend {
   virtual void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,
                     Tensor& out) = 0;
 
-  // q (B, Tq, H, Dh), k/v (B, Tk, Hkv, Dh) -> out (B, Tq, H, Dh), lse (B, H, Tq) in q's
-  // dtype (f32 for bf16 inputs on CUDA). Tq == Tk unless p.q_pos is given.
+  // q (B, Tq, H, Dh), k/v (B, Tk, Hkv, Dh) -> out (B, Tq, H, Dh), lse (B, H, Tq) f32 (f64
+  // for f64 inputs; bf16 inputs may also pass a bf16 lse). Tq == Tk unless p.q_pos is given.
   // Computed tile by tile (online softmax); no (T, T) matrix is materialised.
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const AttentionParams& p, Tensor& out, Tensor& lse) = 0;

@@ -18,10 +18,11 @@
 // with .trans. Tiles that every row of the block sees whole skip the per-element mask.
 //
 // Inputs are bf16 (the backend converts f32 activations once per call, which halves the
-// L2 traffic of the K/V and Q/dO tiles every block re-reads); outputs (O, lse, dK, dV) are
-// TO = f32 or bf16, dQ goes to the f32 accumulator. When the head dim equals the template's
-// DMAX and the rows are 16-byte aligned, tiles are copied with cp.async into two buffers:
-// the next K/V (forward) or Q/dO tile (backward) streams in while the current one is used.
+// L2 traffic of the K/V and Q/dO tiles every block re-reads); outputs (O, dK, dV) are
+// TO = f32 or bf16, lse is f32 always (a bf16 lse would put an error of up to 2^-8 |lse| into
+// every recomputed probability), dQ goes to the f32 accumulator. When the head dim equals the
+// template's DMAX and the rows are 16-byte aligned, tiles are copied with cp.async into two
+// buffers: the next K/V (forward) or Q/dO tile (backward) streams in while the current one is used.
 //
 // Forward: one block of 4 warps per (batch, head, 64-query tile); warp w owns query rows
 // 16 w .. 16 w + 15: its Q fragments stay in registers, S = Q K^T (16 x 64) and O (16 x D)
@@ -236,7 +237,7 @@ __device__ __forceinline__ void store_pair(T* row, int64_t d, int64_t D, float x
 template <typename TO, int DMAX, bool ASYNC>
 __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
     attn_fwd_mma_kernel(const bf16* q, const bf16* k, const bf16* v, const int32_t* dstart,
-                        const int32_t* dend, TO* out, TO* lse, AttnShape a) {
+                        const int32_t* dend, TO* out, float* lse, AttnShape a) {
   using L = MmaLayout<DMAX>;
   constexpr int DP = L::DP, NK = DMAX / 16, ND = DMAX / 8;
   extern __shared__ float4 smem4[];
@@ -372,8 +373,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
 #pragma unroll
     for (int n = 0; n < ND; ++n)
       store_pair(orow, n * 8 + 2 * t4, a.D, o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
-    if (t4 == 0)
-      lse[(b * a.H + h) * a.T + i] = from_f32<TO>(l > 0.f ? m * kLn2 + logf(l) : -INFINITY);
+    if (t4 == 0) lse[(b * a.H + h) * a.T + i] = l > 0.f ? m * kLn2 + logf(l) : -INFINITY;
   }
 }
 
@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
 template <typename TO, int DMAX, bool ASYNC>
 __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
     attn_bwd_mma_kernel(const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
-                        const TO* lse, const float* dsum, const int32_t* dstart,
+                        const float* lse, const float* dsum, const int32_t* dstart,
                         const int32_t* dend, TO* dk, TO* dv, float* dk_part, float* dv_part,
                         float* dq_acc, AttnShape a) {
   using L = MmaLayout<DMAX>;
@@ -395,10 +395,10 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
   float* DdB = LsB + 2 * kN;                            // [buffer][kN] dsum per query row
   bf16* QGs = reinterpret_cast<bf16*>(DdB + 2 * kN);    // [buffer][Q, dO][kN][DP]
   __shared__ int Rlo[kN], Rhi[kN];
-  // f32 lse (f32 activations) streams in with the Q/dO tiles by cp.async; bf16 lse is
-  // converted by plain loads at the top of each iteration.
+  // lse and dsum stream in with the Q/dO tiles by cp.async (plain loads at the top of each
+  // iteration on the synchronous path).
   // (a.no_stats_prefetch: the plain loads for f32 too, to measure what the prefetch gains.)
-  const bool stats_async = ASYNC && std::is_same_v<TO, float> && !a.no_stats_prefetch;
+  const bool stats_async = ASYNC && !a.no_stats_prefetch;
   // Without documents the mask is arithmetic (no per-row bounds in shared memory, no extra
   // barrier per iteration).
   const bool docs = dstart != nullptr || dend != nullptr;
@@ -434,19 +434,17 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
     bf16* qb = QGs + buf * 2 * kN * DP;
     load_tile<DMAX, ASYNC>(qb, q, b, h, a.H, i0, a.T, a.D);
     load_tile<DMAX, ASYNC>(qb + kN * DP, dout, b, h, a.H, i0, a.T, a.D);
-    if constexpr (std::is_same_v<TO, float>) {
-      if (stats_async) {
-        // Thread t < 64: lse of query row i0 + t; 64 <= t < 128: its dsum (zero past T).
-        static_assert(kMmaThreads == 2 * kN, "one statistic per thread");
-        const int r = threadIdx.x % kN;
-        const int64_t i = i0 + r;
-        const bool ok = i < a.T;
-        const int64_t at = (b * a.H + h) * a.T + (ok ? i : 0);
-        if (threadIdx.x < kN)
-          cp_async4(LsB + buf * kN + r, lse + at, ok);
-        else
-          cp_async4(DdB + buf * kN + r, dsum + at, ok);
-      }
+    if (stats_async) {
+      // Thread t < 64: lse of query row i0 + t; 64 <= t < 128: its dsum (zero past T).
+      static_assert(kMmaThreads == 2 * kN, "one statistic per thread");
+      const int r = threadIdx.x % kN;
+      const int64_t i = i0 + r;
+      const bool ok = i < a.T;
+      const int64_t at = (b * a.H + h) * a.T + (ok ? i : 0);
+      if (threadIdx.x < kN)
+        cp_async4(LsB + buf * kN + r, lse + at, ok);
+      else
+        cp_async4(DdB + buf * kN + r, dsum + at, ok);
     }
   };
 
@@ -485,7 +483,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
         for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
           const int64_t i = i0 + r;
           const bool in = i < a.T;
-          Ls[r] = in ? to_f32(lse[(b * a.H + h) * a.T + i]) : 0.f;
+          Ls[r] = in ? lse[(b * a.H + h) * a.T + i] : 0.f;
           Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
         }
         __syncthreads();
@@ -496,7 +494,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
         const int64_t i = i0 + r;
         const bool in = i < a.T;
         if (!stats_async) {
-          Ls[r] = in ? to_f32(lse[(b * a.H + h) * a.T + i]) : 0.f;
+          Ls[r] = in ? lse[(b * a.H + h) * a.T + i] : 0.f;
           Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
         }
         int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
@@ -698,7 +696,7 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
         dim3 grid(unsigned(a.H), unsigned((a.T + kM - 1) / kM), unsigned(a.B));
         kern<<<grid, kMmaThreads, sm, s>>>(static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                                            static_cast<const bf16*>(v), dstart, dend,
-                                           static_cast<TO*>(out), static_cast<TO*>(lse), a);
+                                           static_cast<TO*>(out), static_cast<float*>(lse), a);
         return cudaGetLastError();
       };
       return async ? launch.template operator()<true>() : launch.template operator()<false>();
@@ -724,11 +722,11 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
         if (e != cudaSuccess) return e;
         dim3 grid(unsigned(dk_part ? a.H : a.Hkv), unsigned((a.T + kM - 1) / kM), unsigned(a.B));
-        kern<<<grid, kMmaThreads, sm, s>>>(static_cast<const bf16*>(dout),
-                                           static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-                                           static_cast<const bf16*>(v), static_cast<const TO*>(lse),
-                                           dsum, dstart, dend, static_cast<TO*>(dk),
-                                           static_cast<TO*>(dv), dk_part, dv_part, dq_acc, a);
+        kern<<<grid, kMmaThreads, sm, s>>>(
+            static_cast<const bf16*>(dout), static_cast<const bf16*>(q),
+            static_cast<const bf16*>(k), static_cast<const bf16*>(v),
+            static_cast<const float*>(lse), dsum, dstart, dend, static_cast<TO*>(dk),
+            static_cast<TO*>(dv), dk_part, dv_part, dq_acc, a);
         return cudaGetLastError();
       };
       cudaError_t e =

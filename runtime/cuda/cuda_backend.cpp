@@ -214,7 +214,7 @@ class CudaBackend final : public Backend {
   }
 
   // ---------------------------------------------------------------- GEMM
-  bool bf16_mlp_activations() const override { return true; }
+  bool bf16_activations() const override { return true; }
 
   void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, float alpha,
             float beta) override {
@@ -408,10 +408,15 @@ class CudaBackend final : public Backend {
                          const AttentionParams& p, Tensor& out, Tensor& lse) override {
     for (auto [t, nm] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}})
       contig(*t, "attention", nm);
-    same_float(q, {&k, &v, &out, &lse}, "attention");
+    same_float(q, {&k, &v, &out}, "attention");
     cuda::AttnShape a = attn_shape(q, k, p);
+    check_lse(q, lse, a, "attention");
     activate();
     auto prof_scope = prof("attention_forward");
+    // The tensor-core kernels write an f32 lse; a bf16 one (allowed for bf16 inputs) is
+    // converted after.
+    Tensor lse32 =
+        a.tc && lse.dtype() != DType::f32 ? Tensor::empty(lse.shape(), DType::f32, device()) : lse;
     Tensor ds, de;
     doc_runs(p, a, ds, de);
     // The mma.sync kernels read bf16: f32 activations are converted once here.
@@ -423,8 +428,9 @@ class CudaBackend final : public Backend {
     }
     LLAMA3_CUDA_CHECK(cuda::attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), ds.defined() ? ds.data<int32_t>() : nullptr,
-        de.defined() ? de.data<int32_t>() : nullptr, out.data_ptr(), lse.data_ptr(),
+        de.defined() ? de.data<int32_t>() : nullptr, out.data_ptr(), lse32.data_ptr(),
         ft_of(q.dtype(), "attention"), a, stream_, in16));
+    if (lse32.data_ptr() != lse.data_ptr()) copy(lse32, lse);
   }
   void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                           const Tensor& out, const Tensor& lse, const AttentionParams& p,
@@ -439,8 +445,9 @@ class CudaBackend final : public Backend {
                          {&dk, "dk"},
                          {&dv, "dv"}})
       contig(*t, "attention_backward", nm);
-    same_float(q, {&dout, &k, &v, &out, &lse, &dq, &dk, &dv}, "attention_backward");
+    same_float(q, {&dout, &k, &v, &out, &dq, &dk, &dv}, "attention_backward");
     cuda::AttnShape a = attn_shape(q, k, p);
+    check_lse(q, lse, a, "attention_backward");
     activate();
     auto prof_scope = prof("attention_backward");
     Tensor ds, de;
@@ -460,8 +467,9 @@ class CudaBackend final : public Backend {
     a.no_stats_prefetch = !stats_prefetch_enabled();
     if (a.tc && a.H > a.Hkv && gqa_split_enabled())
       part = Tensor::empty({2, a.B, a.T, a.H, a.D}, DType::f32, device());
+    const Tensor lse32 = a.tc && lse.dtype() != DType::f32 ? lse.to(DType::f32) : lse;
     LLAMA3_CUDA_CHECK(cuda::attention_backward(
-        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse32.data_ptr(),
         ds.defined() ? ds.data<int32_t>() : nullptr, de.defined() ? de.data<int32_t>() : nullptr,
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dsum.data<float>(), acc.data<float>(),
         ft_of(q.dtype(), "attention_backward"), a, stream_, in16,
@@ -724,6 +732,14 @@ class CudaBackend final : public Backend {
                  "(H100/H200: 227 KB; A100: head dims up to 64)",
                  a.D, need, name_, smem_optin_);
     return a;
+  }
+  // lse has q's dtype, or is f32 for bf16 inputs (the tensor-core kernels' own precision,
+  // what ops::attention allocates).
+  static void check_lse(const Tensor& q, const Tensor& lse, const cuda::AttnShape& a,
+                        const char* op) {
+    LLAMA3_CHECK(lse.dtype() == q.dtype() || (a.tc && lse.dtype() == DType::f32),
+                 "{}: lse {} must have q's dtype {} or be f32 (bf16 inputs)", op, lse.str(),
+                 dtype_name(q.dtype()));
   }
   static bool mma_needs_bf16(const cuda::AttnShape& a, const Tensor& q) {
     return a.tc && q.dtype() != DType::bf16;

@@ -79,9 +79,9 @@ struct AttnShape {
   // true: the tensor-core kernels of attention_mma.cu (bf16 products, f32 accumulation);
   // false: the exact f32 SIMT kernels of attention.cu.
   bool tc = false;
-  // Tensor-core backward with f32 lse: load lse/dsum with plain loads at the top of each
-  // iteration instead of prefetching them with the Q/dO tiles (LLAMA3_ATTN_STATS_PREFETCH=0,
-  // for A/B timing only).
+  // Tensor-core backward: load lse/dsum with plain loads at the top of each iteration
+  // instead of prefetching them with the Q/dO tiles (LLAMA3_ATTN_STATS_PREFETCH=0, for A/B
+  // timing only).
   bool no_stats_prefetch = false;
 };
 // Dynamic shared memory the attention kernels need for head dim D (at most 128).
@@ -111,9 +111,9 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
                                float* dq_acc, KT t, const AttnShape& a, cudaStream_t s,
                                const AttnBf16Inputs& in16 = {}, float* dkv_part = nullptr);
-// The tensor-core kernels (attention_mma.cu, bf16 q/k/v/dout only); attention_forward /
-// attention_backward route to them when a.tc. The backward launcher expects dsum computed
-// and dq_acc zeroed (it only adds).
+// The tensor-core kernels (attention_mma.cu: bf16 q/k/v/dout, f32 lse always);
+// attention_forward / attention_backward route to them when a.tc, where lse must be f32
+// too. The backward launcher expects dsum computed and dq_acc zeroed (it only adds).
 cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
                                   const int32_t* dstart, const int32_t* dend, void* out, void* lse,
                                   KT t, const AttnShape& a, cudaStream_t s);

@@ -262,7 +262,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
   }
   Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   Tensor out = empty_like(qc);
-  Tensor lse = Tensor::empty({q.size(0), q.size(2), q.size(1)}, q.dtype(), q.device());
+  // f32 lse for f32 and bf16 inputs (f64 for f64): the backward recomputes every probability
+  // from it, and a bf16 lse would put an error of up to 2^-8 |lse| into each.
+  Tensor lse = Tensor::empty({q.size(0), q.size(2), q.size(1)},
+                             q.dtype() == DType::f64 ? DType::f64 : DType::f32, q.device());
   be(q).attention_forward(qc, kc, vc, pc, out, lse);
   if (autograd::any_requires_grad({&q, &k, &v})) {
     auto n = std::make_shared<AttentionNode>();

@@ -33,9 +33,11 @@ Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tens
   // Head counts come from the projections' shapes, so a layer holding a slice of the heads
   // (a tensor-parallel shard) runs unchanged.
   const int64_t hq = q_proj.weight.size(0) / head_dim, hkv = k_proj.weight.size(0) / head_dim;
-  Tensor q = ops::reshape(q_proj(x, prec), {B, T, hq, head_dim});
-  Tensor k = ops::reshape(k_proj(x, prec), {B, T, hkv, head_dim});
-  Tensor v = ops::reshape(v_proj(x, prec), {B, T, hkv, head_dim});
+  // bf16 q/k/v/attention activations where the backend prefers them (see Backend).
+  const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
+  Tensor q = ops::reshape(q_proj(x, prec, act16), {B, T, hq, head_dim});
+  Tensor k = ops::reshape(k_proj(x, prec, act16), {B, T, hkv, head_dim});
+  Tensor v = ops::reshape(v_proj(x, prec, act16), {B, T, hkv, head_dim});
   q = ops::rope(q, inv_freq, pos);
   k = ops::rope(k, inv_freq, pos);
   if (kv_hook) k = kv_hook(k), v = kv_hook(v);
@@ -51,8 +53,7 @@ Mlp::Mlp(const LlamaConfig& c, Rng& rng)
 
 Tensor Mlp::operator()(const Tensor& x, ops::Precision prec) const {
   // bf16 gate/up/SwiGLU activations where the backend prefers them (see Backend).
-  const bool act16 =
-      prec == ops::Precision::bf16 && backend_for(x.device()).bf16_mlp_activations();
+  const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
   return down_proj(ops::swiglu(gate_proj(x, prec, act16), up_proj(x, prec, act16)), prec);
 }
 

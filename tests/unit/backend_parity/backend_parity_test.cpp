@@ -357,20 +357,21 @@ std::vector<Case> make_cases() {
 
   // ---- a whole model step through runtime/ops (forward + backward)
   // Third variant: bf16 mixed precision with the tensor-core attention. Fourth: as the model
-  // does on a backend that keeps the MLP's activations in bf16 (bf16_mlp_activations: gate,
-  // up and SwiGLU outputs bf16 on CUDA; the CPU reference stays f32).
+  // does on a backend that prefers bf16 activations (bf16_activations: q/k/v, RoPE,
+  // attention with an f32 lse, gate/up and SwiGLU in bf16 on CUDA; the CPU reference stays
+  // f32).
   for (int variant : {0, 1, 2, 3}) {
     const bool mixed = variant > 0, tc_attn = variant >= 2, mlp16 = variant == 3;
     Case mc;
     mc.name = variant == 0   ? "model_step_f32"
               : variant == 1 ? "model_step_bf16_mixed"
               : variant == 2 ? "model_step_bf16_mixed_tc_attention"
-                             : "model_step_bf16_mlp_activations_tc_attention";
+                             : "model_step_bf16_activations_tc_attention";
     mc.dtype = DType::f32;  // activations and master weights f32; bf16 only in GEMM inputs
     mc.cpu_has_dtype = true;
     mc.tol = tc_attn ? 2e-2 : mixed ? 1e-2 : 1e-5;
     mc.run = [mixed, tc_attn, mlp16](const Ctx& c) {
-      const bool act16 = mlp16 && backend_for(c.dev).bf16_mlp_activations();
+      const bool act16 = mlp16 && backend_for(c.dev).bf16_activations();
       const int64_t B = 2, T = 40, D = 64, H = 4, Hkv = 2, Dh = 16, F = 96, V = 97;
       const ops::Precision pr = mixed ? ops::Precision::bf16 : ops::Precision::f32;
       auto param = [&](const Shape& s, uint64_t seed, float sc) {
@@ -405,9 +406,9 @@ std::vector<Case> make_cases() {
 
       Tensor x = ops::embedding(emb, ints(c, ids, {B, T}));  // (B, T, D)
       Tensor h = ops::rmsnorm(x, n1, 1e-5f);
-      Tensor q = ops::rope(ops::reshape(ops::linear(h, wq, pr), {B, T, H, Dh}), inv, pt);
-      Tensor k = ops::rope(ops::reshape(ops::linear(h, wk, pr), {B, T, Hkv, Dh}), inv, pt);
-      Tensor v = ops::reshape(ops::linear(h, wv, pr), {B, T, Hkv, Dh});
+      Tensor q = ops::rope(ops::reshape(ops::linear(h, wq, pr, act16), {B, T, H, Dh}), inv, pt);
+      Tensor k = ops::rope(ops::reshape(ops::linear(h, wk, pr, act16), {B, T, Hkv, Dh}), inv, pt);
+      Tensor v = ops::reshape(ops::linear(h, wv, pr, act16), {B, T, Hkv, Dh});
       Tensor a = ops::reshape(ops::attention(q, k, v, ap), {B, T, H * Dh});
       x = ops::add(x, ops::linear(a, wo, pr));
       h = ops::rmsnorm(x, n2, 1e-5f);
