@@ -130,28 +130,32 @@ int attn_only(const Config& c) {
   const double flops = 3.5 * 4.0 * double(B) * double(T) * double(T) * double(H) * double(Dh) / 2;
   // (f32 inputs, exact f32 kernel), (f32 inputs, compute = bf16: tensor cores, as in the bf16
   // mixed-precision step), (bf16 inputs: tensor cores).
+  // The tensor-core variants with one kernel choice reverted (the backend's A/B switches,
+  // runtime/cuda/cuda_backend.cpp), to measure what each choice gains in the same run.
   struct Variant {
     DType dt;
     AttnCompute compute;
-    const char* result;     // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / attn_ms_bf16)
-    bool gqa_split = true;  // false: LLAMA3_ATTN_GQA_SPLIT=0 (one backward block per kv head)
-    bool stats_prefetch = true;  // false: LLAMA3_ATTN_STATS_PREFETCH=0
+    const char* result;         // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / ...)
+    const char* env = nullptr;  // switch set for this variant only
+    const char* what = "";      // its description
   };
-  for (Variant var :
-       {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
-        Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
-        Variant{DType::f32, AttnCompute::bf16, "attn_tc_nosplit_ms_f32", false},
-        Variant{DType::f32, AttnCompute::bf16, "attn_tc_noprefetch_ms_f32", true, false},
-        Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
+  const char* switches[] = {"LLAMA3_ATTN_GQA_SPLIT", "LLAMA3_ATTN_STATS_PREFETCH",
+                            "LLAMA3_ATTN_FWD_MT"};
+  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
+                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
+                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_nosplit_ms_f32",
+                              "LLAMA3_ATTN_GQA_SPLIT=0", ", backward one block per kv head"},
+                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_noprefetch_ms_f32",
+                              "LLAMA3_ATTN_STATS_PREFETCH=0", ", lse/dsum not prefetched"},
+                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_fwd1_ms_f32",
+                              "LLAMA3_ATTN_FWD_MT=1", ", forward one m-tile per warp"},
+                      Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
     const DType dt = var.dt;
-    if (var.gqa_split)
-      unsetenv("LLAMA3_ATTN_GQA_SPLIT");
-    else
-      setenv("LLAMA3_ATTN_GQA_SPLIT", "0", 1);
-    if (var.stats_prefetch)
-      unsetenv("LLAMA3_ATTN_STATS_PREFETCH");
-    else
-      setenv("LLAMA3_ATTN_STATS_PREFETCH", "0", 1);
+    for (const char* sw : switches) unsetenv(sw);
+    if (var.env) {
+      const std::string kv = var.env;
+      setenv(kv.substr(0, kv.find('=')).c_str(), kv.substr(kv.find('=') + 1).c_str(), 1);
+    }
     if (dev.is_cpu() && (dt == DType::bf16 || var.compute != AttnCompute::exact))
       continue;  // the CPU attention is f32/f64 and ignores `compute`
     std::vector<float> pool(size_t(1) << 22);
@@ -193,13 +197,10 @@ int attn_only(const Config& c) {
         dtype_name(dt),
         dt == DType::bf16 || var.compute == AttnCompute::bf16 ? "tensor cores (bf16 products)"
                                                               : "exact f32",
-        std::string(var.gqa_split ? "" : ", backward one block per kv head") +
-            (var.stats_prefetch ? "" : ", lse/dsum not prefetched"),
-        B, T, H, Hk, Dh, tf * 1e3, tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
+        var.what, B, T, H, Hk, Dh, tf * 1e3, tb * 1e3, (tf + tb) * 1e3, flops / (tf + tb) / 1e12);
     fmt::print("RESULT {} {:.3f}\n", var.result, (tf + tb) * 1e3);
   }
-  unsetenv("LLAMA3_ATTN_GQA_SPLIT");
-  unsetenv("LLAMA3_ATTN_STATS_PREFETCH");
+  for (const char* sw : switches) unsetenv(sw);
   return 0;
 }
 

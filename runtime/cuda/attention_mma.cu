@@ -67,7 +67,8 @@ struct MmaLayout {
   static constexpr size_t ds_b = size_t(kN) * SP * 2;
   // Forward: Q, then two buffers of (K, V). Backward: K, V, dS, two buffers of (lse, dsum),
   // then two buffers of (Q, dO). (The synchronous path uses the first buffers only.)
-  static constexpr size_t fwd = 5 * tile_b;
+  static constexpr size_t fwd = 5 * tile_b;   // MT = 1 (64 query rows)
+  static constexpr size_t fwd2 = 6 * tile_b;  // MT = 2 (128 query rows)
   static constexpr size_t bwd = 6 * tile_b + ds_b + 4 * kN * 4;
   static_assert(DMAX % 16 == 0 && (DP * 2) % 16 == 0 && (SP * 2) % 16 == 0, "ldmatrix rows");
   static_assert(tile_b % 16 == 0 && ds_b % 16 == 0, "regions keep 16-byte alignment");
@@ -231,31 +232,36 @@ __device__ __forceinline__ void store_pair(T* row, int64_t d, int64_t D, float x
   if (d + 1 < D) row[d + 1] = from_f32<T>(y);
 }
 
-// Registers are capped for 4 blocks per SM at DMAX 64 (2 at 128): faster on an H100 than
-// the compiler's own choice (3), despite a few spilled bytes. Tiles that every row of the
-// block sees whole skip the per-element mask.
-template <typename TO, int DMAX, bool ASYNC>
-__global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
+// MT m16 tiles of query rows per warp (block rows BM = 64 MT): with MT = 2 every K and V
+// fragment loaded from shared memory feeds two MMAs (the forward is bound by ldmatrix
+// bandwidth at MT = 1), at twice the accumulators per thread and half the blocks per SM.
+// Registers are capped for 4 blocks per SM at DMAX 64 with MT = 1 (2 at 128; 2 with MT = 2):
+// faster on an H100 than the compiler's own choice, despite a few spilled bytes. Tiles that
+// every row of the block sees whole skip the per-element mask.
+template <typename TO, int DMAX, bool ASYNC, int MT>
+__global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
+                                               : DMAX == 64 ? 4
+                                                            : 2)
     attn_fwd_mma_kernel(const bf16* q, const bf16* k, const bf16* v, const int32_t* dstart,
                         const int32_t* dend, TO* out, float* lse, AttnShape a) {
   using L = MmaLayout<DMAX>;
-  constexpr int DP = L::DP, NK = DMAX / 16, ND = DMAX / 8;
+  constexpr int DP = L::DP, NK = DMAX / 16, ND = DMAX / 8, BM = kM * MT;
   extern __shared__ float4 smem4[];
-  bf16* Qs = reinterpret_cast<bf16*>(smem4);
-  bf16* KVs = Qs + kM * DP;         // [buffer][K, V][kN][DP]: two buffers when ASYNC
-  __shared__ int Rlo[kM], Rhi[kM];  // per query row: visible keys [Rlo, Rhi)
-  __shared__ int LoMax, HiMin;      // every row sees the keys [LoMax, HiMin)
+  bf16* Qs = reinterpret_cast<bf16*>(smem4);  // [BM][DP]
+  bf16* KVs = Qs + BM * DP;                   // [buffer][K, V][kN][DP]: two buffers when ASYNC
+  __shared__ int Rlo[BM], Rhi[BM];            // per query row: visible keys [Rlo, Rhi)
+  __shared__ int LoMax, HiMin;                // every row sees the keys [LoMax, HiMin)
 
   // Grid (heads, query tiles, batch), blockIdx.x fastest: the heaviest (latest, for causal)
   // query tile of every head is dispatched before any lighter one.
   const int64_t qt = gridDim.y - 1 - blockIdx.y, h = blockIdx.x, b = blockIdx.z;
   const int64_t kvh = h / (a.H / a.Hkv);
-  const int64_t i0 = qt * kM;
+  const int64_t i0 = qt * BM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
-  const int r0 = warp * 16;
+  const int r0 = warp * 16 * MT;       // the warp's rows: m-tile mt is r0 + 16 mt .. + 15
   const float sl2 = a.scale * kLog2e;  // scores in log2 units
 
-  for (int r = threadIdx.x; r < kM; r += kMmaThreads) {
+  for (int r = threadIdx.x; r < BM; r += kMmaThreads) {
     const int64_t i = i0 + r;
     const bool in = i < a.T;
     int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
@@ -266,8 +272,9 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
   }
   if (threadIdx.x == 0) LoMax = 0, HiMin = int(a.T);
   __syncthreads();
-  if (threadIdx.x < kM) atomicMax(&LoMax, Rlo[threadIdx.x]), atomicMin(&HiMin, Rhi[threadIdx.x]);
-  const int64_t last = min(i0 + kM, a.T) - 1;
+  for (int r = threadIdx.x; r < BM; r += kMmaThreads)
+    atomicMax(&LoMax, Rlo[r]), atomicMin(&HiMin, Rhi[r]);
+  const int64_t last = min(i0 + BM, a.T) - 1;
   const int64_t lo = dstart ? dstart[b * a.T + i0] : 0;
   int64_t hi = dend ? dend[b * a.T + last] : a.T;
   if (a.causal) hi = min(hi, last + 1);
@@ -277,7 +284,9 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
     load_tile<DMAX, ASYNC>(kb, k, b, kvh, a.Hkv, j0, a.T, a.D);
     load_tile<DMAX, ASYNC>(kb + kN * DP, v, b, kvh, a.Hkv, j0, a.T, a.D);
   };
-  load_tile<DMAX, ASYNC>(Qs, q, b, h, a.H, i0, a.T, a.D);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    load_tile<DMAX, ASYNC>(Qs + mt * kM * DP, q, b, h, a.H, i0 + mt * kM, a.T, a.D);
   if constexpr (ASYNC) {
     if (lo < hi) load_kv(0, lo);
     cp_async_commit();
@@ -285,15 +294,26 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
   }
   __syncthreads();
 
-  uint32_t qa[NK][4];
+  uint32_t qa[MT][NK][4];
 #pragma unroll
-  for (int kk = 0; kk < NK; ++kk) ld_a<DP>(qa[kk], Qs, r0, kk, g, t4);
-  // This lane's two rows: g (A) and g + 8 (B) of the warp's 16.
-  const int loA = Rlo[r0 + g], hiA = Rhi[r0 + g], loB = Rlo[r0 + g + 8], hiB = Rhi[r0 + g + 8];
-  float o[ND][4];
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-  for (int n = 0; n < ND; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // lA/lB: this lane's columns only
+    for (int kk = 0; kk < NK; ++kk) ld_a<DP>(qa[mt][kk], Qs, r0 + 16 * mt, kk, g, t4);
+  // This lane's two rows per m-tile: g (A) and g + 8 (B).
+  int loA[MT], hiA[MT], loB[MT], hiB[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int ra = r0 + 16 * mt + g;
+    loA[mt] = Rlo[ra], hiA[mt] = Rhi[ra], loB[mt] = Rlo[ra + 8], hiB[mt] = Rhi[ra + 8];
+  }
+  float o[MT][ND][4];
+  float mA[MT], mB[MT], lA[MT], lB[MT];  // lA/lB: this lane's columns only
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int n = 0; n < ND; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+    mA[mt] = mB[mt] = -INFINITY, lA[mt] = lB[mt] = 0.f;
+  }
 
   int it = 0;
   for (int64_t j0 = lo; j0 < hi; j0 += kN, ++it) {
@@ -310,51 +330,75 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
     }
     const bf16* Ks = KVs + buf * 2 * kN * DP;
     const bf16* Vs = Ks + kN * DP;
-    float s[8][4];
+    float s[MT][8][4];
 #pragma unroll
-    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    rows_dot_tile<DMAX, DP>(s, qa, Ks, lane);
-    float mxA = mA, mxB = mB;
-    const bool full = LoMax <= j0 && j0 + kN <= HiMin;  // block-uniform
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+      for (int n = 0; n < 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+        // S = Q K^T: each pair of K B-fragments serves every m-tile.
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = int(j0) + n * 8 + 2 * t4 + (e & 1);
-        const bool ok = full || (e < 2 ? (j >= loA && j < hiA) : (j >= loB && j < hiB));
-        const float x = ok ? s[n][e] * sl2 : -INFINITY;
-        s[n][e] = x;
-        if (e < 2)
-          mxA = fmaxf(mxA, x);
-        else
-          mxB = fmaxf(mxB, x);
+    for (int kk = 0; kk < NK; ++kk) {
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t kb[4];
+        ldsm_b_rows<DP>(kb, Ks, np * 16, kk, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(s[mt][2 * np], qa[mt][kk], kb[0], kb[1]);
+          mma(s[mt][2 * np + 1], qa[mt][kk], kb[2], kb[3]);
+        }
       }
     }
-    mxA = quad_max(mxA), mxB = quad_max(mxB);
-    const float msA = mxA == -INFINITY ? 0.f : mxA, msB = mxB == -INFINITY ? 0.f : mxB;
-    const float alA = exp2f(mA - msA), alB = exp2f(mB - msB);  // 0 while m was -inf
-    float sumA = 0.f, sumB = 0.f;
+    const bool full = LoMax <= j0 && j0 + kN <= HiMin;  // block-uniform
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      s[n][0] = exp2f(s[n][0] - msA), s[n][1] = exp2f(s[n][1] - msA);
-      s[n][2] = exp2f(s[n][2] - msB), s[n][3] = exp2f(s[n][3] - msB);
-      sumA += s[n][0] + s[n][1], sumB += s[n][2] + s[n][3];
+    for (int mt = 0; mt < MT; ++mt) {
+      float mxA = mA[mt], mxB = mB[mt];
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = int(j0) + n * 8 + 2 * t4 + (e & 1);
+          const bool ok =
+              full || (e < 2 ? (j >= loA[mt] && j < hiA[mt]) : (j >= loB[mt] && j < hiB[mt]));
+          const float x = ok ? s[mt][n][e] * sl2 : -INFINITY;
+          s[mt][n][e] = x;
+          if (e < 2)
+            mxA = fmaxf(mxA, x);
+          else
+            mxB = fmaxf(mxB, x);
+        }
+      }
+      mxA = quad_max(mxA), mxB = quad_max(mxB);
+      const float msA = mxA == -INFINITY ? 0.f : mxA, msB = mxB == -INFINITY ? 0.f : mxB;
+      const float alA = exp2f(mA[mt] - msA), alB = exp2f(mB[mt] - msB);  // 0 while m was -inf
+      float sumA = 0.f, sumB = 0.f;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        s[mt][n][0] = exp2f(s[mt][n][0] - msA), s[mt][n][1] = exp2f(s[mt][n][1] - msA);
+        s[mt][n][2] = exp2f(s[mt][n][2] - msB), s[mt][n][3] = exp2f(s[mt][n][3] - msB);
+        sumA += s[mt][n][0] + s[mt][n][1], sumB += s[mt][n][2] + s[mt][n][3];
+      }
+      lA[mt] = lA[mt] * alA + sumA, lB[mt] = lB[mt] * alB + sumB;
+      mA[mt] = mxA, mB[mt] = mxB;
+#pragma unroll
+      for (int n = 0; n < ND; ++n)
+        o[mt][n][0] *= alA, o[mt][n][1] *= alA, o[mt][n][2] *= alB, o[mt][n][3] *= alB;
     }
-    lA = lA * alA + sumA, lB = lB * alB + sumB;
-    mA = mxA, mB = mxB;
-#pragma unroll
-    for (int n = 0; n < ND; ++n) o[n][0] *= alA, o[n][1] *= alA, o[n][2] *= alB, o[n][3] *= alB;
-      // O += P V (k = the 64 keys of the tile).
+    // O += P V (k = the 64 keys of the tile): each pair of V B-fragments serves every m-tile.
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
-      uint32_t pa[4];
-      c_to_a(pa, s, kk);
+      uint32_t pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) c_to_a(pa[mt], s[mt], kk);
 #pragma unroll
       for (int dn = 0; dn < DMAX / 16; ++dn) {
         uint32_t vb[4];
         ldsm_b_cols<DP>(vb, Vs, kk, dn, lane);
-        mma(o[2 * dn], pa, vb[0], vb[1]);
-        mma(o[2 * dn + 1], pa, vb[2], vb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(o[mt][2 * dn], pa[mt], vb[0], vb[1]);
+          mma(o[mt][2 * dn + 1], pa[mt], vb[2], vb[3]);
+        }
       }
     }
     if constexpr (ASYNC) {
@@ -362,18 +406,22 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 4 : 2)
       __syncthreads();     // everyone's did, and everyone is done with buffer `buf`
     }
   }
-  lA = quad_sum(lA), lB = quad_sum(lB);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t i = i0 + r0 + g + 8 * half;
-    if (i >= a.T) continue;
-    const float l = half ? lB : lA, m = half ? mB : mA;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    TO* orow = out + ((b * a.T + i) * a.H + h) * a.D;
+  for (int mt = 0; mt < MT; ++mt) {
+    const float sA = quad_sum(lA[mt]), sB = quad_sum(lB[mt]);
 #pragma unroll
-    for (int n = 0; n < ND; ++n)
-      store_pair(orow, n * 8 + 2 * t4, a.D, o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
-    if (t4 == 0) lse[(b * a.H + h) * a.T + i] = l > 0.f ? m * kLn2 + logf(l) : -INFINITY;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t i = i0 + r0 + 16 * mt + g + 8 * half;
+      if (i >= a.T) continue;
+      const float l = half ? sB : sA, m = half ? mB[mt] : mA[mt];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      TO* orow = out + ((b * a.T + i) * a.H + h) * a.D;
+#pragma unroll
+      for (int n = 0; n < ND; ++n)
+        store_pair(orow, n * 8 + 2 * t4, a.D, o[mt][n][2 * half] * inv,
+                   o[mt][n][2 * half + 1] * inv);
+      if (t4 == 0) lse[(b * a.H + h) * a.T + i] = l > 0.f ? m * kLn2 + logf(l) : -INFINITY;
+    }
   }
 }
 
@@ -676,7 +724,7 @@ bool async_ok(int64_t D, int dmax, std::initializer_list<const void*> ps) {
 }  // namespace
 
 size_t attention_mma_smem_bytes(int64_t D, bool backward) {
-  if (D <= 64) return backward ? MmaLayout<64>::bwd : MmaLayout<64>::fwd;
+  if (D <= 64) return backward ? MmaLayout<64>::bwd : MmaLayout<64>::fwd2;
   return backward ? MmaLayout<128>::bwd : MmaLayout<128>::fwd;
 }
 
@@ -687,19 +735,28 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {q, k, v});
-      auto launch = [&]<bool ASYNC>() {
-        auto kern = attn_fwd_mma_kernel<TO, DMAX, ASYNC>;
-        const size_t sm = MmaLayout<DMAX>::fwd;
+      // Two m-tiles per warp at head dim 64 (registers allow it there only), unless
+      // a.fwd_one_mtile (A/B timing).
+      const bool two = DMAX == 64 && !a.fwd_one_mtile;
+      auto launch = [&]<bool ASYNC, int MT>() {
+        auto kern = attn_fwd_mma_kernel<TO, DMAX, ASYNC, MT>;
+        const size_t sm = MT == 2 ? MmaLayout<DMAX>::fwd2 : MmaLayout<DMAX>::fwd;
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
         if (e != cudaSuccess) return e;
-        dim3 grid(unsigned(a.H), unsigned((a.T + kM - 1) / kM), unsigned(a.B));
+        const int64_t bm = kM * MT;
+        dim3 grid(unsigned(a.H), unsigned((a.T + bm - 1) / bm), unsigned(a.B));
         kern<<<grid, kMmaThreads, sm, s>>>(static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                                            static_cast<const bf16*>(v), dstart, dend,
                                            static_cast<TO*>(out), static_cast<float*>(lse), a);
         return cudaGetLastError();
       };
-      return async ? launch.template operator()<true>() : launch.template operator()<false>();
+      if constexpr (DMAX == 64) {
+        if (two)
+          return async ? launch.template operator()<true, 2>()
+                       : launch.template operator()<false, 2>();
+      }
+      return async ? launch.template operator()<true, 1>() : launch.template operator()<false, 1>();
     });
   });
 }

@@ -39,6 +39,11 @@ bool stats_prefetch_enabled() {
   const char* e = std::getenv("LLAMA3_ATTN_STATS_PREFETCH");
   return !(e && e[0] == '0');
 }
+// LLAMA3_ATTN_FWD_MT=1: see AttnShape::fwd_one_mtile (A/B timing).
+bool fwd_one_mtile() {
+  const char* e = std::getenv("LLAMA3_ATTN_FWD_MT");
+  return e && e[0] == '1';
+}
 
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
 // cudaMalloc returns null so that the caching allocator frees its cache and retries.
@@ -411,6 +416,7 @@ class CudaBackend final : public Backend {
     same_float(q, {&k, &v, &out}, "attention");
     cuda::AttnShape a = attn_shape(q, k, p);
     check_lse(q, lse, a, "attention");
+    a.fwd_one_mtile = fwd_one_mtile();
     activate();
     auto prof_scope = prof("attention_forward");
     // The tensor-core kernels write an f32 lse; a bf16 one (allowed for bf16 inputs) is

@@ -83,6 +83,9 @@ struct AttnShape {
   // instead of prefetching them with the Q/dO tiles (LLAMA3_ATTN_STATS_PREFETCH=0, for A/B
   // timing only).
   bool no_stats_prefetch = false;
+  // Tensor-core forward at head dim 64: one m16 tile of query rows per warp (64 per block)
+  // instead of two (LLAMA3_ATTN_FWD_MT=1, for A/B timing only).
+  bool fwd_one_mtile = false;
 };
 // Dynamic shared memory the attention kernels need for head dim D (at most 128).
 size_t attention_smem_bytes(int64_t D, bool backward);

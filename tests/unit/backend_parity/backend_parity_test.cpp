@@ -263,18 +263,26 @@ std::vector<Case> make_cases() {
     const char* name;
     int64_t B, T, H, Hkv, D;
     bool causal, docs;
-    bool gqa_split = true;  // false: LLAMA3_ATTN_GQA_SPLIT=0, one backward block per kv head
+    const char* env = nullptr;  // a kernel choice of the CUDA backend reverted for this case
   };
-  // (GQA cases run the backward with one block per query head and f32 dK/dV partials summed
-  // over the group, the default; the _kvblocks case keeps one block per kv head.)
-  for (TcCfg a :
-       {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
-        TcCfg{"attn_tc_causal_doc_gqa4_d64_t200_kvblocks", 1, 200, 8, 2, 64, true, true, false},
-        TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
-        TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
-        TcCfg{"attn_tc_doc_noncausal_d48_t70", 2, 70, 3, 1, 48, false, true},
-        TcCfg{"attn_tc_causal_doc_gqa_d64_t1024", 1, 1024, 2, 1, 64, true, true},
-        TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
+  // (By default GQA cases run the backward with one block per query head and f32 dK/dV
+  // partials summed over the group, and head dim <= 64 runs the forward with two m16 tiles
+  // of query rows per warp (128 per block; 64 at head dim 128). _kvblocks keeps one backward
+  // block per kv head, _fwd1 one forward m-tile per warp, _noprefetch the plain lse/dsum
+  // loads.)
+  for (TcCfg a : {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
+                  TcCfg{"attn_tc_causal_doc_gqa4_d64_t200_kvblocks", 1, 200, 8, 2, 64, true, true,
+                        "LLAMA3_ATTN_GQA_SPLIT=0"},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_fwd1", 2, 200, 4, 2, 64, true, true,
+                        "LLAMA3_ATTN_FWD_MT=1"},
+                  TcCfg{"attn_tc_causal_gqa_d64_t333_noprefetch", 1, 333, 4, 2, 64, true, false,
+                        "LLAMA3_ATTN_STATS_PREFETCH=0"},
+                  TcCfg{"attn_tc_causal_gqa_d64_t333", 1, 333, 4, 2, 64, true, false},
+                  TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
+                  TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
+                  TcCfg{"attn_tc_doc_noncausal_d48_t70", 2, 70, 3, 1, 48, false, true},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t1024", 1, 1024, 2, 1, 64, true, true},
+                  TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
     cs.push_back(
         {a.name, DType::f32, true, 2e-2, [a](const Ctx& c) {
            Backend& be = backend_for(c.dev);
@@ -296,13 +304,18 @@ std::vector<Case> make_cases() {
                }
              p.doc_ids = ints(c, d, {a.B, a.T});
            }
+           std::string sw;
+           if (a.env) {
+             const std::string kv = a.env;
+             sw = kv.substr(0, kv.find('='));
+             setenv(sw.c_str(), kv.substr(kv.find('=') + 1).c_str(), 1);
+           }
            Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
            be.attention_forward(q, k, v, p, out, lse);
            Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
            Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
-           if (!a.gqa_split) setenv("LLAMA3_ATTN_GQA_SPLIT", "0", 1);
            be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-           unsetenv("LLAMA3_ATTN_GQA_SPLIT");
+           if (!sw.empty()) unsetenv(sw.c_str());
            return std::vector<Tensor>{out, lse, dq, dk, dv};
          }});
   }
