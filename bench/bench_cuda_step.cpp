@@ -283,16 +283,18 @@ int run(const Config& c) {
   auto step = [&](int64_t step_no) {
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)
     for (auto& l : layers) {
-      Tensor h = ops::rmsnorm(x, l.attn_norm, 1e-5f);
-      Tensor q =
-          ops::rope(ops::reshape(ops::linear(h, l.wq, pr, attn16), {B, T, H, Dh}), inv_t, pos_t);
-      Tensor k =
-          ops::rope(ops::reshape(ops::linear(h, l.wk, pr, attn16), {B, T, Hk, Dh}), inv_t, pos_t);
-      Tensor vv = ops::reshape(ops::linear(h, l.wv, pr, attn16), {B, T, Hk, Dh});
+      // (As the model: bf16 norm outputs, whose gradients from q/k/v or gate/up sum in f32.)
+      Tensor h = ops::rmsnorm(x, l.attn_norm, 1e-5f, attn16);
+      Tensor q = ops::rope(ops::reshape(ops::linear(h, l.wq, pr, attn16, true), {B, T, H, Dh}),
+                           inv_t, pos_t);
+      Tensor k = ops::rope(ops::reshape(ops::linear(h, l.wk, pr, attn16, true), {B, T, Hk, Dh}),
+                           inv_t, pos_t);
+      Tensor vv = ops::reshape(ops::linear(h, l.wv, pr, attn16, true), {B, T, Hk, Dh});
       Tensor a = ops::reshape(ops::attention(q, k, vv, ap), {B, T, H * Dh});
       x = ops::add(x, ops::linear(a, l.wo, pr));
-      h = ops::rmsnorm(x, l.ffn_norm, 1e-5f);
-      Tensor f = ops::swiglu(ops::linear(h, l.w1, pr, act16), ops::linear(h, l.w3, pr, act16));
+      h = ops::rmsnorm(x, l.ffn_norm, 1e-5f, act16);
+      Tensor f =
+          ops::swiglu(ops::linear(h, l.w1, pr, act16, true), ops::linear(h, l.w3, pr, act16, true));
       x = ops::add(x, ops::linear(f, l.w2, pr));
     }
     Tensor h = ops::reshape(ops::rmsnorm(x, final_norm, 1e-5f), {B * T, D});

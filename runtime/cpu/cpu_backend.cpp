@@ -270,6 +270,15 @@ class CpuBackend final : public Backend {
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y,
                        Tensor& rstd) override {
+    if (y.dtype() != x.dtype()) {  // a bf16 output for bf16 GEMM inputs: rounded once
+      LLAMA3_CHECK(x.dtype() == DType::f32 && y.dtype() == DType::bf16,
+                   "rmsnorm: y {} must have x's dtype {} or be bf16 for f32 x", y.str(),
+                   dtype_name(x.dtype()));
+      Tensor y32 = Tensor::empty(y.shape(), DType::f32, y.device());
+      rmsnorm_forward(x, w, eps, y32, rstd);
+      y.copy_(y32);
+      return;
+    }
     const int64_t d = x.size(-1), n = x.numel() / d;
     dispatch_float(x.dtype(), "rmsnorm", [&]<typename T>() {
       const T *xs = x.data<T>(), *ws = w.data<T>();

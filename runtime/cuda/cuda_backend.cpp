@@ -372,12 +372,15 @@ class CudaBackend final : public Backend {
     contig(x, "rmsnorm", "x"), contig(w, "rmsnorm", "w"), contig(y, "rmsnorm", "y");
     contig(rstd, "rmsnorm", "rstd");
     const int64_t d = x.size(-1), n = x.numel() / std::max<int64_t>(d, 1);
-    same_float(x, {&w, &y, &rstd}, "rmsnorm");
+    same_float(x, {&w, &rstd}, "rmsnorm");
+    LLAMA3_CHECK(y.dtype() == x.dtype() || (x.dtype() == DType::f32 && y.dtype() == DType::bf16),
+                 "rmsnorm: y {} must have x's dtype {} or be bf16 for f32 x", y.str(),
+                 dtype_name(x.dtype()));
     activate();
     auto prof_scope = prof("rmsnorm_forward");
     LLAMA3_CUDA_CHECK(cuda::rmsnorm_forward(x.data_ptr(), w.data_ptr(), eps, y.data_ptr(),
                                             rstd.data_ptr(), ft_of(x.dtype(), "rmsnorm"), n, d,
-                                            stream_));
+                                            stream_, ft_of(y.dtype(), "rmsnorm")));
   }
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                         Tensor& dx, Tensor& dw) override {

@@ -173,8 +173,9 @@ __global__ void embedding_bwd_kernel(const T* g, const int32_t* ids, T* dw, int6
 }
 
 // ---------------------------------------------------------------- rmsnorm
-template <typename T>
-__global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, T* y, T* rstd, int64_t d) {
+// y may be bf16 for f32 x (a normalised input that only feeds bf16 GEMMs).
+template <typename T, typename TY>
+__global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, TY* y, T* rstd, int64_t d) {
   const int64_t i = blockIdx.x;
   const T* xr = x + i * d;
   float ss = 0;
@@ -185,9 +186,9 @@ __global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, T* y, T* r
   ss = block_sum(ss);
   const float r = 1.f / sqrtf(ss / float(d) + eps);
   if (threadIdx.x == 0) rstd[i] = from_f32<T>(r);
-  T* yr = y + i * d;
+  TY* yr = y + i * d;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
-    yr[c] = from_f32<T>(to_f32(xr[c]) * r * to_f32(w[c]));
+    yr[c] = from_f32<TY>(to_f32(xr[c]) * r * to_f32(w[c]));
 }
 // Grid-strided over rows; each block keeps its dw partial in its own row of `partial`.
 template <typename T>
@@ -626,10 +627,17 @@ cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, K
 }
 
 cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, void* rstd, KT t,
-                            int64_t n, int64_t d, cudaStream_t s) {
+                            int64_t n, int64_t d, cudaStream_t s, KT ty) {
   if (n == 0) return cudaSuccess;
+  if (t == KT::f32 && ty == KT::bf16) {
+    rmsnorm_fwd_kernel<float, __nv_bfloat16><<<unsigned(n), kThreads, 0, s>>>(
+        static_cast<const float*>(x), static_cast<const float*>(w), eps,
+        static_cast<__nv_bfloat16*>(y), static_cast<float*>(rstd), d);
+    return cudaGetLastError();
+  }
+  if (ty != t) return cudaErrorInvalidValue;
   return dispatch_ft(t, [&]<typename T>() {
-    rmsnorm_fwd_kernel<T>
+    rmsnorm_fwd_kernel<T, T>
         <<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(w), eps,
                                           static_cast<T*>(y), static_cast<T*>(rstd), d);
     return cudaGetLastError();

@@ -45,8 +45,9 @@ cudaError_t embedding_forward(const void* w, const int32_t* ids, void* out, KT t
 cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, KT t, int64_t n,
                                int64_t d, cudaStream_t s);
 // rstd stored in t like x.
+// y has type ty: t, or bf16 for f32 x.
 cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, void* rstd, KT t,
-                            int64_t n, int64_t d, cudaStream_t s);
+                            int64_t n, int64_t d, cudaStream_t s, KT ty);
 // partial: f32 workspace of rmsnorm_partial_rows(n) * d floats.
 int64_t rmsnorm_partial_rows(int64_t n);
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,

@@ -13,8 +13,8 @@ class Linear : public Module {
  public:
   Linear(int64_t in, int64_t out, double init_std, Rng& rng);
   Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32,
-                    bool bf16_out = false) const {
-    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p, bf16_out);
+                    bool bf16_out = false, bool f32_grad = false) const {
+    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p, bf16_out, f32_grad);
     return output_hook ? output_hook(y) : y;
   }
   Tensor& weight;  // (out, in)
@@ -34,7 +34,9 @@ class Embedding : public Module {
 class RMSNorm : public Module {
  public:
   RMSNorm(int64_t dim, float eps);
-  Tensor operator()(const Tensor& x) const { return ops::rmsnorm(x, weight, eps); }
+  Tensor operator()(const Tensor& x, bool bf16_out = false) const {
+    return ops::rmsnorm(x, weight, eps, bf16_out);
+  }
   Tensor& weight;  // (dim), in the no-decay group
   float eps;
 };

@@ -107,7 +107,7 @@ struct LinearNode : Node {
 };
 }  // namespace
 
-Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out) {
+Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad) {
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
                "linear: x {} has {} features, weight {} expects {}", x.str(), x.size(-1), w.str(),
                w.dim() == 2 ? w.size(1) : -1);
@@ -130,10 +130,11 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out) {
     n->x = x2;
     n->w = wc;
     n->x_shape = x.shape();
-    // dx has x's dtype: bf16 activations (a bf16_out producer upstream) get bf16 gradients.
-    n->x_dtype = x.dtype() == DType::bf16 && p == Precision::bf16 ? DType::bf16
-                 : x.dtype() == DType::f64                         ? DType::f64
-                                                                   : DType::f32;
+    // dx has x's dtype: bf16 activations (a bf16_out producer upstream) get bf16 gradients,
+    // unless f32_grad (a normalised input feeding several projections: sum in f32).
+    n->x_dtype = x.dtype() == DType::bf16 && p == Precision::bf16 && !f32_grad ? DType::bf16
+                 : x.dtype() == DType::f64                                      ? DType::f64
+                                                                                : DType::f32;
     n->w_dtype = w.dtype();
     n->p = p;
     n->next = {autograd::edge(x), autograd::edge(w)};
@@ -149,19 +150,23 @@ struct RmsNormNode : Node {
   const char* name() const override { return "rmsnorm"; }
   std::vector<Tensor> backward(const Tensor& g) override {
     Tensor dx = empty_like(x), dw = zeros_like(w);
-    be(g).rmsnorm_backward(g.contiguous(), x, w, rstd, dx, dw);
+    // (A bf16 output's gradient arrives in bf16 unless its consumers return f32.)
+    const Tensor gc = g.dtype() == x.dtype() ? g.contiguous() : g.to(x.dtype());
+    be(g).rmsnorm_backward(gc, x, w, rstd, dx, dw);
     return {dx, dw};
   }
   void release() override { x = w = rstd = Tensor(); }
 };
 }  // namespace
 
-Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps) {
+Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps, bool bf16_out) {
   LLAMA3_CHECK(w.dim() == 1 && x.size(-1) == w.size(0), "rmsnorm: x {} with weight {}", x.str(),
                w.str());
   check_same_device(x, w, "rmsnorm");
   Tensor xc = x.contiguous();
-  Tensor out = empty_like(xc);
+  LLAMA3_CHECK(!bf16_out || x.dtype() == DType::f32, "rmsnorm: a bf16 output needs f32 x, got {}",
+               x.str());
+  Tensor out = bf16_out ? Tensor::empty(xc.shape(), DType::bf16, xc.device()) : empty_like(xc);
   Tensor rstd = Tensor::empty({x.numel() / x.size(-1)}, x.dtype(), x.device());
   be(x).rmsnorm_forward(xc, w.contiguous(), eps, out, rstd);
   if (autograd::any_requires_grad({&x, &w})) {

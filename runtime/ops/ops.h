@@ -23,13 +23,15 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 
 // x (..., in) @ w(out, in)^T -> (..., out). bf16_out (Precision::bf16 only): the output is
 // bf16 (f32 accumulation rounded once, as under autocast), for activations that stay bf16
-// until the next GEMM (the SwiGLU gate and up projections) so neither direction casts them;
-// a bf16 x gets a bf16 gradient.
+// until the next GEMM (q/k/v, the SwiGLU gate and up projections) so neither direction casts
+// them. A bf16 x gets a bf16 gradient, or an f32 one with f32_grad (a bf16 normalised input
+// shared by several projections, whose gradients should sum in f32).
 Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32,
-              bool bf16_out = false);
+              bool bf16_out = false, bool f32_grad = false);
 
-// y = x / rms(x) * w over the last dim.
-Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps);
+// y = x / rms(x) * w over the last dim. bf16_out (f32 x): y rounded to bf16 once, for an
+// output that only feeds bf16 GEMMs (x, rstd and dx stay f32).
+Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps, bool bf16_out = false);
 
 // Rotary embedding (HF rotate_half layout) of x (B, T, H, Dh) at positions pos (T) int32
 // with inverse frequencies inv_freq (Dh/2).

@@ -35,9 +35,10 @@ Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tens
   const int64_t hq = q_proj.weight.size(0) / head_dim, hkv = k_proj.weight.size(0) / head_dim;
   // bf16 q/k/v/attention activations where the backend prefers them (see Backend).
   const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
-  Tensor q = ops::reshape(q_proj(x, prec, act16), {B, T, hq, head_dim});
-  Tensor k = ops::reshape(k_proj(x, prec, act16), {B, T, hkv, head_dim});
-  Tensor v = ops::reshape(v_proj(x, prec, act16), {B, T, hkv, head_dim});
+  // (x may be the bf16 output of the norm: its three gradients sum in f32.)
+  Tensor q = ops::reshape(q_proj(x, prec, act16, true), {B, T, hq, head_dim});
+  Tensor k = ops::reshape(k_proj(x, prec, act16, true), {B, T, hkv, head_dim});
+  Tensor v = ops::reshape(v_proj(x, prec, act16, true), {B, T, hkv, head_dim});
   q = ops::rope(q, inv_freq, pos);
   k = ops::rope(k, inv_freq, pos);
   if (kv_hook) k = kv_hook(k), v = kv_hook(v);
@@ -54,7 +55,8 @@ Mlp::Mlp(const LlamaConfig& c, Rng& rng)
 Tensor Mlp::operator()(const Tensor& x, ops::Precision prec) const {
   // bf16 gate/up/SwiGLU activations where the backend prefers them (see Backend).
   const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
-  return down_proj(ops::swiglu(gate_proj(x, prec, act16), up_proj(x, prec, act16)), prec);
+  return down_proj(
+      ops::swiglu(gate_proj(x, prec, act16, true), up_proj(x, prec, act16, true)), prec);
 }
 
 Block::Block(const LlamaConfig& c, Rng& rng)
@@ -66,8 +68,12 @@ Block::Block(const LlamaConfig& c, Rng& rng)
 
 Tensor Block::operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& pos,
                          const AttentionParams& p, ops::Precision prec) const {
-  Tensor h = ops::add(x, self_attn(input_layernorm(x), inv_freq, pos, p, prec));
-  return ops::add(h, mlp(post_attention_layernorm(h), prec));
+  // Where the backend prefers bf16 activations the norms write bf16: their outputs only feed
+  // bf16 GEMMs, which would otherwise each cast them (three times for q/k/v, twice for
+  // gate/up).
+  const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
+  Tensor h = ops::add(x, self_attn(input_layernorm(x, act16), inv_freq, pos, p, prec));
+  return ops::add(h, mlp(post_attention_layernorm(h, act16), prec));
 }
 
 LlamaModel::LlamaModel(const LlamaConfig& cfg, uint64_t seed) : cfg_(cfg) {

@@ -194,6 +194,15 @@ std::vector<Case> make_cases() {
       return std::vector<Tensor>{y, rstd, dx, dw};
     });
   }
+  // f32 x with a bf16 output (the model's norms where the backend prefers bf16 activations).
+  cs.push_back({"rmsnorm_f32_to_bf16", DType::f32, true, 1e-2, [](const Ctx& c) {
+                  Backend& be = backend_for(c.dev);
+                  Tensor x = input_f32(c, {13, 300}, 30), w = input_f32(c, {300}, 31);
+                  Tensor y = Tensor::empty({13, 300}, DType::bf16, c.dev);
+                  Tensor rstd = Tensor::empty({13}, DType::f32, c.dev);
+                  be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+                  return std::vector<Tensor>{y.to(DType::f32), rstd};
+                }});
   both("rope", false, [](const Ctx& c) {
     Backend& be = backend_for(c.dev);
     const int64_t dh = 16;
@@ -418,14 +427,18 @@ std::vector<Case> make_cases() {
       if (tc_attn) ap.compute = AttnCompute::bf16;
 
       Tensor x = ops::embedding(emb, ints(c, ids, {B, T}));  // (B, T, D)
-      Tensor h = ops::rmsnorm(x, n1, 1e-5f);
-      Tensor q = ops::rope(ops::reshape(ops::linear(h, wq, pr, act16), {B, T, H, Dh}), inv, pt);
-      Tensor k = ops::rope(ops::reshape(ops::linear(h, wk, pr, act16), {B, T, Hkv, Dh}), inv, pt);
-      Tensor v = ops::reshape(ops::linear(h, wv, pr, act16), {B, T, Hkv, Dh});
+      // (With act16 the norms write bf16, and their gradients from q/k/v or gate/up sum in f32.)
+      Tensor h = ops::rmsnorm(x, n1, 1e-5f, act16);
+      Tensor q =
+          ops::rope(ops::reshape(ops::linear(h, wq, pr, act16, true), {B, T, H, Dh}), inv, pt);
+      Tensor k =
+          ops::rope(ops::reshape(ops::linear(h, wk, pr, act16, true), {B, T, Hkv, Dh}), inv, pt);
+      Tensor v = ops::reshape(ops::linear(h, wv, pr, act16, true), {B, T, Hkv, Dh});
       Tensor a = ops::reshape(ops::attention(q, k, v, ap), {B, T, H * Dh});
       x = ops::add(x, ops::linear(a, wo, pr));
-      h = ops::rmsnorm(x, n2, 1e-5f);
-      Tensor ff = ops::swiglu(ops::linear(h, w1, pr, act16), ops::linear(h, w3, pr, act16));
+      h = ops::rmsnorm(x, n2, 1e-5f, act16);
+      Tensor ff =
+          ops::swiglu(ops::linear(h, w1, pr, act16, true), ops::linear(h, w3, pr, act16, true));
       x = ops::add(x, ops::linear(ff, w2, pr));
       h = ops::reshape(ops::rmsnorm(x, nf, 1e-5f), {B * T, D});
       ops::CrossEntropyOptions co;

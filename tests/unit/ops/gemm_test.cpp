@@ -107,3 +107,38 @@ TEST(Gemm, Bf16OutputsRoundTheF32ResultOnceAndCarryBf16Gradients) {
     EXPECT_GT(std::sqrt(num / den), 0.0) << "gradient " << t << ": bf16 rounding should show";
   }
 }
+
+// A bf16 norm output shared by two projections (the model where the backend prefers bf16
+// activations): the projections return f32 gradients (f32_grad), which sum in f32 into the
+// norm's backward; the gradients stay within bf16 rounding of the f32-output norm's.
+TEST(Gemm, Bf16NormOutputFeedsProjectionsWithF32Gradients) {
+  const int64_t T = 20, D = 48, F = 64;
+  auto run = [&](bool act16, std::vector<std::vector<float>>& grads) {
+    Tensor x = Tensor::from_vector(bf16_values(T * D, 31), {T, D}).set_requires_grad(true);
+    Tensor nw = Tensor::from_vector(bf16_values(D, 32), {D}).set_requires_grad(true);
+    Tensor wa = Tensor::from_vector(bf16_values(F * D, 33), {F, D}).set_requires_grad(true);
+    Tensor wb = Tensor::from_vector(bf16_values(F * D, 34), {F, D}).set_requires_grad(true);
+    const auto p = ops::Precision::bf16;
+    Tensor h = ops::rmsnorm(x, nw, 1e-5f, act16);
+    EXPECT_EQ(h.dtype(), act16 ? DType::bf16 : DType::f32);
+    Tensor y = ops::add(ops::linear(h, wa, p, false, true), ops::linear(h, wb, p, false, true));
+    ops::dot(y, Tensor::from_vector(bf16_values(T * F, 35), {T, F})).backward();
+    grads.clear();
+    for (Tensor* t : {&x, &nw, &wa, &wb}) {
+      EXPECT_EQ(t->grad().dtype(), DType::f32);
+      grads.push_back(t->grad().to_vector<float>());
+    }
+  };
+  std::vector<std::vector<float>> ref, got;
+  run(false, ref);
+  run(true, got);
+  for (size_t t = 0; t < ref.size(); ++t) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref[t].size(); ++i)
+      num += std::pow(double(got[t][i]) - ref[t][i], 2), den += std::pow(double(ref[t][i]), 2);
+    EXPECT_LT(std::sqrt(num / den), 1e-2) << "gradient " << t;
+  }
+  EXPECT_THROW(ops::rmsnorm(Tensor::zeros({2, 4}, DType::f64), Tensor::zeros({4}, DType::f64),
+                            1e-5f, true),
+               Error);
+}
