@@ -402,6 +402,8 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     const bool first = stage == 0, last = stage == int64_t(S) * V - 1;
     AttentionParams ap;
     ap.causal = true;
+    // Mixed precision as in LlamaModel::hidden (bf16 attention products; the CPU ignores it).
+    if (model_.options().precision == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
     if (doc_ids.defined()) ap.doc_ids = doc_ids.narrow(0, i * Bm, Bm).contiguous();  // keys: all T
     if (cp > 1) ap.q_pos = pos;
     Tensor h;
@@ -425,7 +427,8 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
       const double nv = mb_valid[size_t(i)];
       if (nv > 0) {
         const Tensor tg = targets_l.narrow(0, i * Bm, Bm).contiguous().view({-1});
-        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg, *g_.tp, o.chunk)
+        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg,
+                                                                 *g_.tp, o.chunk, o.precision)
                                   : ops::linear_cross_entropy(hn, model_.lm_head().weight, tg, o);
         mb.loss = ops::scale(l, float(nv / n_global));
         loss_sum += l.item() * nv / n_global;
