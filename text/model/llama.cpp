@@ -33,12 +33,23 @@ Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tens
   // Head counts come from the projections' shapes, so a layer holding a slice of the heads
   // (a tensor-parallel shard) runs unchanged.
   const int64_t hq = q_proj.weight.size(0) / head_dim, hkv = k_proj.weight.size(0) / head_dim;
-  Tensor q = ops::reshape(q_proj(x, prec), {B, T, hq, head_dim});
-  Tensor k = ops::reshape(k_proj(x, prec), {B, T, hkv, head_dim});
-  Tensor v = ops::reshape(v_proj(x, prec), {B, T, hkv, head_dim});
-  q = ops::rope(q, inv_freq, pos);
-  k = ops::rope(k, inv_freq, pos);
-  if (kv_hook) k = kv_hook(k), v = kv_hook(v);
+  Tensor q, k, v;
+  if (kv_hook_async) {
+    // Independent projections, reordered so the hook's work on V and K runs meanwhile.
+    auto v_done = kv_hook_async(ops::reshape(v_proj(x, prec), {B, T, hkv, head_dim}));
+    auto k_done = kv_hook_async(
+        ops::rope(ops::reshape(k_proj(x, prec), {B, T, hkv, head_dim}), inv_freq, pos));
+    q = ops::rope(ops::reshape(q_proj(x, prec), {B, T, hq, head_dim}), inv_freq, pos);
+    k = k_done();
+    v = v_done();
+  } else {
+    q = ops::reshape(q_proj(x, prec), {B, T, hq, head_dim});
+    k = ops::reshape(k_proj(x, prec), {B, T, hkv, head_dim});
+    v = ops::reshape(v_proj(x, prec), {B, T, hkv, head_dim});
+    q = ops::rope(q, inv_freq, pos);
+    k = ops::rope(k, inv_freq, pos);
+    if (kv_hook) k = kv_hook(k), v = kv_hook(v);
+  }
   Tensor o = ops::attention(q, k, v, p);
   return o_proj(ops::reshape(o, {B, T, hq * head_dim}), prec);
 }

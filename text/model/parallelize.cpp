@@ -106,7 +106,13 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
   if (d.cp > 1) {
     auto cp = g_.cp;
     for (int64_t l = 0; l < c.n_layers; ++l)
-      if (owns_layer(l)) model.blocks()[size_t(l)]->self_attn.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
+      if (owns_layer(l)) {
+        Attention& a = model.blocks()[size_t(l)]->self_attn;
+        if (opt.overlap)  // V's gather runs while K and Q are projected, K's while Q is
+          a.kv_hook_async = [cp](const Tensor& x) { return dist::gather_sequence_async(x, *cp); };
+        else
+          a.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
+      }
   }
 
   for (auto& np : model.named_parameters()) {

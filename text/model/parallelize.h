@@ -18,9 +18,11 @@
 //            consumed; each send owns its buffer until it completes. A micro-batch's
 //            activations are freed after its backward.
 //      CP  - tokens are split over cp in 2*cp load-balanced causal chunks (rank r: chunks r
-//            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook) and
-//            queries carry their global positions (AttentionParams::q_pos), so the causal
-//            and document masks are exact. Parameter gradients are summed over cp.
+//            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook; with
+//            ParallelizeOptions::overlap kv_hook_async: V's all-gather is issued before
+//            the K and Q projections, K's before Q's, both waited just before attention)
+//            and queries carry their global positions (AttentionParams::q_pos), so the
+//            causal and document masks are exact. Parameter gradients are summed over cp.
 //   3. AC  - each block may be recomputed in backward (autograd::checkpoint).
 //   4. FSDP- every parameter this rank keeps is flattened, padded to a multiple of dp_shard
 //            and sharded; the optimizer sees only shards. A block's parameters are
@@ -61,7 +63,8 @@ struct ParallelizeOptions {
   int virtual_stages = 1;       // model chunks per pipeline rank: 1 = 1F1B, V > 1 = interleaved 1F1B
   bool activation_checkpointing = false;
   bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute;
-                                // PP: receives posted ahead of the operations that consume them
+                                // PP: receives posted ahead of the operations that consume them;
+                                // CP: K/V all-gathers issued before the Q/K projections
   bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
 };
 
