@@ -23,12 +23,14 @@ constexpr const char* kUsage =
     "          [--microbatches 1] [--virtual-stages 1] [--checkpointing] [--no-overlap] [--flavour debug]\n"
     "          [--layers L] [--ce-chunk 1024] [--precision f32|bf16]\n"
     "          [--batch 8] [--seq 32] [--steps 5] [--lr 1e-2] [--clip 1.0] [--eps 1e-8] [--docs] [--seed 0]\n"
-    "          [--plain] [--dump FILE] [--reference FILE] [--tol 1e-5] [--timeout 60]\n"
+    "          [--plain] [--dump FILE] [--reference FILE] [--tol 1e-5] [--loss-tol TOL] [--timeout 60]\n"
     "          [--save DIR] [--load DIR]\n"
     "          [--inject-hang RANK] [--inject-abort RANK]\n"
     "  --batch is the global batch; every data-parallel rank takes batch / dp rows. --steps is the\n"
     "  last step: a run that --load's a checkpoint of step k continues with step k + 1. --save\n"
-    "  writes a distributed checkpoint (one file per rank with slice metadata) after the last step.";
+    "  writes a distributed checkpoint (one file per rank with slice metadata) after the last step.\n"
+    "  --tol bounds the weights' relative error against --reference, and the losses' unless\n"
+    "  --loss-tol is given.";
 
 struct Batch {
   Tensor tokens, targets, docs;  // (B, T) int32
