@@ -6,10 +6,14 @@
 //
 // Exposed communication: the Communicators add the wall time each rank spends blocked in
 // waits (CommStats::wait_s: every blocking collective, and Work::wait of the asynchronous
-// ones). Reported per step and as a fraction of the step time, mean and max over ranks;
-// --no-overlap makes FSDP's collectives blocking for comparison. On oversubscribed cores
-// a wait also contains the time a peer rank spends computing (it is not scheduled), so the
-// fraction is an upper bound on the communication the compute did not hide.
+// ones). Reported per step and as a fraction of the step time, mean and max over ranks, and
+// separately the part spent in the pipeline group's waits (pp_wait: receives of activations
+// and gradients, sends completed at the end) and in the context-parallel group's (cp_wait:
+// K/V gathers and their reduce-scatters, and the gradient all-reduce); --no-overlap makes
+// FSDP's collectives and the K/V gathers blocking and posts each pipeline receive only
+// where it is consumed, for comparison. On oversubscribed
+// cores a wait also contains the time a peer rank spends computing (it is not scheduled), so
+// the fraction is an upper bound on the communication the compute did not hide.
 //
 // Analytic bytes per rank and step (4-byte elements; ring factors a(n) = 2(n-1)/n for an
 // all-reduce, g(n) = (n-1)/n for all-gather / reduce-scatter of the full size; M
@@ -23,7 +27,8 @@
 //          row max (4 bytes/row), sum-exp and target logit (16 bytes/row) and dh (A) (last stage)
 //   CP     per block and micro-batch: K and V gathers (R times) and their reduce-scatters,
 //          each g(cp) x Bm x T x Hkv_local x Dh; plus a(cp) x shard params
-//   PP     A per micro-batch forward (not the last stage) and backward (not the first)
+//   PP     A per micro-batch and model chunk forward (not the last stage) and backward (not
+//          the first)
 //   scalars (token counts, loss, gradient norm) are left out: 8-byte all-reduces.
 #include <chrono>
 #include <cmath>
@@ -68,6 +73,7 @@ int main(int argc, char** argv) try {
   cfg.max_seq_len = std::max(cfg.max_seq_len, T);
   text::ParallelizeOptions po;
   po.microbatches = arg(argc, argv, "--microbatches", 1);
+  po.virtual_stages = int(arg(argc, argv, "--virtual-stages", 1));
   po.activation_checkpointing = flag(argc, argv, "--checkpointing");
   po.overlap = !flag(argc, argv, "--no-overlap");
   po.verbose = false;
@@ -99,6 +105,7 @@ int main(int argc, char** argv) try {
   for (int64_t s = 0; s < steps; ++s) step();
   double waited = 0;  // before the closing barrier, whose wait is only the slowest rank's lag
   for (auto& c : comms) waited += c->stats().wait_s;
+  const double pp_waited = groups.pp->stats().wait_s, cp_waited = groups.cp->stats().wait_s;
   world->barrier();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int64_t measured = 0;
@@ -110,8 +117,8 @@ int main(int argc, char** argv) try {
   const double A = double(Bm * Tl * D) * 4;
   const bool fsdp = d.dp_shard > 1;
   const double R = (fsdp || po.activation_checkpointing) ? 2 : 1;
-  const auto [l0, l1] = text::stage_layers(cfg.n_layers, groups.coords.pp, d.pp);
-  const int64_t layers = l1 - l0;
+  int64_t layers = 0;  // over this rank's model chunks (V of them when interleaved)
+  for (auto [l0, l1] : par.chunks()) layers += l1 - l0;
   double shard_params = 0, block_padded = 0, root_padded = 0;
   for (auto& p : par.optimizer_params()) shard_params += double(p.tensor->numel());
   for (auto& p : par.optimizer_params()) {
@@ -133,8 +140,12 @@ int main(int argc, char** argv) try {
     if (groups.coords.pp == d.pp - 1) analytic += M * a(d.tp) * (A + rows * 4 + rows * 16);
   }
   if (d.pp > 1) {
-    if (groups.coords.pp != d.pp - 1) analytic += M * A;
-    if (groups.coords.pp != 0) analytic += M * A;
+    const int64_t stages = int64_t(d.pp) * po.virtual_stages;
+    for (int k = 0; k < po.virtual_stages; ++k) {
+      const int64_t stage = int64_t(k) * d.pp + groups.coords.pp;
+      if (stage != stages - 1) analytic += M * A;  // activation to the next stage
+      if (stage != 0) analytic += M * A;           // gradient to the previous stage
+    }
   }
 
   // Worst rank's deviation from its analytic volume.
@@ -143,7 +154,9 @@ int main(int argc, char** argv) try {
   Tensor worst = w.clone();
   world->all_reduce(worst, dist::ReduceOp::max);
   const double frac = waited / secs;
-  Tensor fmax = Tensor::from_vector(std::vector<double>{frac, waited / double(steps)}, {2});
+  const double n = double(steps);
+  Tensor fmax = Tensor::from_vector(
+      std::vector<double>{frac, waited / n, pp_waited / n, cp_waited / n}, {4});
   Tensor fsum = fmax.clone();
   world->all_reduce(fmax, dist::ReduceOp::max);
   world->all_reduce(fsum, dist::ReduceOp::sum);
@@ -151,10 +164,12 @@ int main(int argc, char** argv) try {
   if (world->rank() == 0)
     std::printf("RESULT layout=\"%s\" ranks=%d tokens_per_s=%.1f bytes_per_rank_step=%.0f analytic=%.0f "
                 "max_rank_deviation=%.4f overlap=%d step_ms=%.1f wait_ms_per_step_mean=%.1f wait_frac_mean=%.3f "
-                "wait_frac_max=%.3f\n",
+                "wait_frac_max=%.3f pp_wait_ms_per_step_mean=%.1f pp_wait_ms_per_step_max=%.1f "
+                "cp_wait_ms_per_step_mean=%.1f\n",
                 d.str().c_str(), world->size(), double(B * T * steps) / secs, per_step, analytic,
                 worst.to_vector<double>()[0], int(po.overlap), 1e3 * secs / double(steps),
-                1e3 * wsum[1] / world->size(), wsum[0] / world->size(), wmax[0]);
+                1e3 * wsum[1] / world->size(), wsum[0] / world->size(), wmax[0],
+                1e3 * wsum[2] / world->size(), 1e3 * wmax[2], 1e3 * wsum[3] / world->size());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_parallel: error: %s\n", e.what());

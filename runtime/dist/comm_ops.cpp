@@ -89,25 +89,34 @@ struct GatherSequence final : Node {
 }  // namespace
 
 Tensor gather_sequence(const Tensor& x, Communicator& comm) {
+  return gather_sequence_async(x, comm)();
+}
+
+std::function<Tensor()> gather_sequence_async(const Tensor& x, Communicator& comm) {
   const int cp = comm.size();
-  if (cp == 1) return x;
+  if (cp == 1) return [x] { return x; };
   const int64_t B = x.size(0), Tl = x.size(1), R = x.numel() / (B * Tl);
   LLAMA3_CHECK(Tl % 2 == 0, "gather_sequence: local length {} must hold two equal chunks", Tl);
+  Tensor xc = x.contiguous();  // the send buffer: kept alive until the gather completes
   Tensor buf = Tensor::empty({cp, B, Tl, R}, x.dtype(), x.device());
-  comm.all_gather(x.contiguous(), buf);
-  Shape gs = x.shape();
-  gs[1] = Tl * cp;
-  Tensor out = Tensor::empty(gs, x.dtype(), x.device());
-  Tensor glob = out.view({B, Tl * cp, R});
-  permute_chunks(buf, glob, cp, true);
-  if (autograd::any_requires_grad({&x})) {
-    auto n = std::make_shared<GatherSequence>();
-    n->comm = &comm;
-    n->local_shape = x.shape();
-    n->next = {autograd::edge(x)};
-    autograd::set_history(out, n);
-  }
-  return out;
+  std::shared_ptr<Work> work = comm.iall_gather(xc, buf);
+  return [x, xc, buf, work, &comm, cp, B, Tl, R]() mutable {
+    work->wait();
+    Shape gs = x.shape();
+    gs[1] = Tl * cp;
+    Tensor out = Tensor::empty(gs, x.dtype(), x.device());
+    Tensor glob = out.view({B, Tl * cp, R});
+    permute_chunks(buf, glob, cp, true);
+    if (autograd::any_requires_grad({&x})) {
+      auto n = std::make_shared<GatherSequence>();
+      n->comm = &comm;
+      n->local_shape = x.shape();
+      n->next = {autograd::edge(x)};
+      autograd::set_history(out, n);
+    }
+    xc = buf = Tensor();
+    return out;
+  };
 }
 
 }  // namespace llama3::dist

@@ -2,6 +2,7 @@
 // inserted around unmodified layers (Megatron's f and g operators).
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "runtime/dist/communicator.h"
@@ -25,5 +26,11 @@ std::vector<int32_t> cp_positions(int64_t T, int cp, int rank);
 // `cp`. Backward: the gradient of every rank's use is summed (reduce-scatter) back to the
 // owner of each position.
 Tensor gather_sequence(const Tensor& x, Communicator& cp);
+
+// gather_sequence in two halves, to overlap the all-gather with compute: issues the
+// asynchronous all-gather of x now and returns the function that waits for it and yields
+// exactly gather_sequence(x, cp) (same values, same backward). Every rank of `cp` must issue
+// its gathers in the same order; the returned function is called once.
+std::function<Tensor()> gather_sequence_async(const Tensor& x, Communicator& cp);
 
 }  // namespace llama3::dist

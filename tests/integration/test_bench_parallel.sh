@@ -17,6 +17,7 @@ done <<'LAYOUTS'
 2 --dp-shard 2 --no-overlap
 2 --tp 2 --checkpointing
 2 --pp 2 --microbatches 2
+2 --pp 2 --virtual-stages 2 --microbatches 2
 4 --dp-replicate 2 --cp 2
 8 --tp 2 --dp-shard 2 --pp 2 --microbatches 2
 LAYOUTS

@@ -8,6 +8,13 @@
 # run are compared with a --no-overlap run at tolerance 0 (bitwise); dp_shard 2 also with the
 # plain single process within 1e-5 (test_parallel_equivalence checks every layout so, with
 # the default overlap on).
+#
+# Pipeline point-to-point with overlap posts each receive up to two schedule operations
+# before the one that consumes it (--no-overlap: where it is consumed); only the timing of the
+# transfers changes, so pp 2 (1F1B and interleaved), tp 2 x pp 2 and dp_replicate 2 x tp 2 x
+# pp 2 must be bitwise equal between the two as well. So must cp 2 and cp 2 x pp 2, whose K/V
+# all-gathers are issued asynchronously with overlap (V's before the K and Q projections,
+# K's before the Q projection) and waited just before attention.
 set -euo pipefail
 BUILD=${1:?build dir}
 source "$(dirname "$0")/mpi_common.sh"
@@ -37,4 +44,10 @@ fi
 check 4 --dp-replicate 2 --dp-shard 2
 check 4 --tp 2 --dp-shard 2
 check 8 --dp-shard 2 --tp 2 --pp 2 --microbatches 2
+check 2 --pp 2 --microbatches 4
+check 2 --pp 2 --virtual-stages 2 --microbatches 4
+check 4 --tp 2 --pp 2 --microbatches 2
+check 8 --dp-replicate 2 --tp 2 --pp 2 --microbatches 2
+check 2 --cp 2
+check 4 --cp 2 --pp 2 --microbatches 2 --checkpointing
 exit $fails

@@ -36,12 +36,23 @@ Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tens
   // bf16 q/k/v/attention activations where the backend prefers them (see Backend).
   const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
   // (x may be the bf16 output of the norm: its three gradients sum in f32.)
-  Tensor q = ops::reshape(q_proj(x, prec, act16, true), {B, T, hq, head_dim});
-  Tensor k = ops::reshape(k_proj(x, prec, act16, true), {B, T, hkv, head_dim});
-  Tensor v = ops::reshape(v_proj(x, prec, act16, true), {B, T, hkv, head_dim});
-  q = ops::rope(q, inv_freq, pos);
-  k = ops::rope(k, inv_freq, pos);
-  if (kv_hook) k = kv_hook(k), v = kv_hook(v);
+  auto proj = [&](const nn::Linear& l, int64_t heads) {
+    return ops::reshape(l(x, prec, act16, true), {B, T, heads, head_dim});
+  };
+  Tensor q, k, v;
+  if (kv_hook_async) {
+    // Independent projections, reordered so the hook's work on V and K runs meanwhile.
+    auto v_done = kv_hook_async(proj(v_proj, hkv));
+    auto k_done = kv_hook_async(ops::rope(proj(k_proj, hkv), inv_freq, pos));
+    q = ops::rope(proj(q_proj, hq), inv_freq, pos);
+    k = k_done();
+    v = v_done();
+  } else {
+    q = proj(q_proj, hq), k = proj(k_proj, hkv), v = proj(v_proj, hkv);
+    q = ops::rope(q, inv_freq, pos);
+    k = ops::rope(k, inv_freq, pos);
+    if (kv_hook) k = kv_hook(k), v = kv_hook(v);
+  }
   Tensor o = ops::attention(q, k, v, p);
   return o_proj(ops::reshape(o, {B, T, hq * head_dim}), prec);
 }

@@ -33,6 +33,11 @@ class Attention : public nn::Module {
   // before attention (unset: identity). A parallelize step uses it (e.g. to gather keys of
   // other sequence chunks, with AttentionParams::q_pos); the model attaches no meaning to it.
   std::function<Tensor(const Tensor&)> kv_hook;
+  // Optional asynchronous form of kv_hook (takes precedence; same results): called with the
+  // rotated keys or the values, it starts the transform (e.g. a transfer) and returns the
+  // function that completes it. The projections then run in the order V, K, Q, so V's
+  // transform proceeds while K and Q are computed and K's while Q is.
+  std::function<std::function<Tensor()>(const Tensor&)> kv_hook_async;
 };
 
 class Mlp : public nn::Module {

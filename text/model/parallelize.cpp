@@ -2,7 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <numeric>
+#include <utility>
 
 #include "runtime/autograd/autograd.h"
 #include "runtime/dist/comm_ops.h"
@@ -104,7 +106,13 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
   if (d.cp > 1) {
     auto cp = g_.cp;
     for (int64_t l = 0; l < c.n_layers; ++l)
-      if (owns_layer(l)) model.blocks()[size_t(l)]->self_attn.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
+      if (owns_layer(l)) {
+        Attention& a = model.blocks()[size_t(l)]->self_attn;
+        if (opt.overlap)  // V's gather runs while K and Q are projected, K's while Q is
+          a.kv_hook_async = [cp](const Tensor& x) { return dist::gather_sequence_async(x, *cp); };
+        else
+          a.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
+      }
   }
 
   for (auto& np : model.named_parameters()) {
@@ -276,6 +284,7 @@ void ParallelLlama::progress() {
   for (auto& gt : prefetched_)
     for (auto& w : gt.works) w->test();
   for (auto& pg : pending_grads_) pg.work->test();
+  for (dist::Work* w : p2p_) w->test();  // pipeline receives posted ahead, sends in flight
 }
 
 void ParallelLlama::drain() {
@@ -301,8 +310,8 @@ Tensor ParallelLlama::run_blocks(int chunk, Tensor h, const Tensor& pos, const A
     auto calls = std::make_shared<int>(0);
     auto fn = [this, b, ps, inv, pos, ap, prec, fsdp, l, first, end, calls](const std::vector<Tensor>& in) {
       const bool recompute = (*calls)++ > 0;
+      if (opt_.overlap) progress();
       if (fsdp) {
-        if (opt_.overlap) progress();
         materialize(l);
         if (opt_.overlap) {
           // Next block to run: l+1 in forward; l-1 in the recompute. The last block's
@@ -388,20 +397,112 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   const Tensor pos = Tensor::from_vector(pv, {T});
 
   struct Mb {
-    Tensor input, output, loss, send_buf;
+    Tensor input, output, loss;
   };
   std::vector<Mb> mbs(static_cast<size_t>(M * V));  // by (chunk, micro-batch)
-  std::vector<std::unique_ptr<dist::Work>> sends;
   double loss_sum = 0;
 
-  // Global stage of local chunk k is k*S + s; tags name (receiving stage, micro-batch, dir).
+  // This rank's schedule as a list of operations, so that the receive of an operation can be
+  // posted before the operations ahead of it run.
+  // 1F1B: (S - s - 1) warm-up forwards, then one forward / one backward, then cool-down.
+  // Interleaved (Megatron): the n-th forward runs chunk (n / S) % V on micro-batch
+  // (n / (S V)) S + n % S, backwards walk the chunks in reverse; warm-up 2(S - s - 1) + (V - 1) S.
+  // Evaluation: forwards only, in the schedule's forward order on every rank (a stage's
+  // input was sent by a forward that comes earlier in the same order: no deadlock).
+  struct Op {
+    bool fwd;
+    int k;
+    int64_t i;
+  };
+  const int64_t total = M * V;
+  auto fwd_k = [&](int64_t n) { return int((n / S) % V); };
+  auto bwd_k = [&](int64_t n) { return V - 1 - int((n / S) % V); };
+  auto mb_of = [&](int64_t n) { return (n / (int64_t(S) * V)) * S + n % S; };
+  std::vector<Op> ops;
+  if (!train) {
+    for (int64_t n = 0; n < total; ++n) ops.push_back({true, fwd_k(n), mb_of(n)});
+  } else {
+    const int64_t warmup = std::min<int64_t>(
+        total, V == 1 ? S - s - 1 : int64_t(2) * (S - s - 1) + int64_t(V - 1) * S);
+    for (int64_t n = 0; n < warmup; ++n) ops.push_back({true, fwd_k(n), mb_of(n)});
+    for (int64_t n = 0; n < total - warmup; ++n) {
+      ops.push_back({true, fwd_k(warmup + n), mb_of(warmup + n)});
+      ops.push_back({false, bwd_k(n), mb_of(n)});
+    }
+    for (int64_t n = total - warmup; n < total; ++n) ops.push_back({false, bwd_k(n), mb_of(n)});
+  }
+
+  // Point-to-point. Global stage of local chunk k is k*S + s; tags name (receiving stage,
+  // micro-batch, direction). A forward of a stage > 0 receives its input activation from
+  // the previous rank, a backward of a stage < last its output gradient from the next rank.
+  // With opt_.overlap the receives of the next kRecvAhead operations are posted before an
+  // operation runs (and polled at block boundaries, progress()); each is waited only where
+  // its data is consumed. Without it, each receive is posted and waited where consumed.
+  // Every isend keeps its buffer (a fresh tensor, or the detached output) until it completes;
+  // completed sends are dropped after each operation, the rest waited at the end.
+  constexpr size_t kRecvAhead = 2;
   auto tag = [&](int64_t stage, int64_t i, int dir) { return int((stage * M + i) * 2 + dir); };
-  auto forward = [&](int k, int64_t i) {
+  const int64_t last_stage = int64_t(S) * V - 1;
+  struct Recv {
+    Tensor buf;
+    std::unique_ptr<dist::Work> work;
+  };
+  std::vector<Recv> recvs(ops.size());
+  struct Send {
+    Tensor buf;
+    std::unique_ptr<dist::Work> work;
+  };
+  std::deque<Send> sends;
+  struct ClearP2p {  // progress() must not see this step's handles once they are gone
+    std::vector<dist::Work*>& v;
+    ~ClearP2p() { v.clear(); }
+  } clear_p2p{p2p_};
+  auto post_recv = [&](size_t j) {
+    if (j >= ops.size() || recvs[j].work) return;
+    const Op& op = ops[j];
+    const int64_t stage = int64_t(op.k) * S + s;
+    if (op.fwd ? stage == 0 : stage == last_stage) return;
+    Recv& r = recvs[j];
+    r.buf = Tensor::empty({Bm, T, D}, DType::f32);
+    r.work = g_.pp->irecv(r.buf, op.fwd ? prev_rank : next_rank, tag(stage, op.i, op.fwd ? 0 : 1));
+    p2p_.push_back(r.work.get());
+  };
+  auto take_recv = [&](size_t j) {
+    post_recv(j);  // no-op when posted ahead
+    Recv& r = recvs[j];
+    r.work->wait();
+    std::erase(p2p_, r.work.get());
+    r.work.reset();
+    return std::exchange(r.buf, Tensor());
+  };
+  auto send = [&](Tensor buf, int dst, int t) {
+    Send sd{std::move(buf), nullptr};
+    sd.work = g_.pp->isend(sd.buf, dst, t);
+    p2p_.push_back(sd.work.get());
+    sends.push_back(std::move(sd));
+  };
+  auto retire_sends = [&](bool all) {
+    for (auto it = sends.begin(); it != sends.end();) {
+      if (all || it->work->test()) {
+        it->work->wait();
+        std::erase(p2p_, it->work.get());
+        it = sends.erase(it);  // the buffer is released with its completed send
+      } else {
+        ++it;
+      }
+    }
+  };
+
+  auto forward = [&](size_t j) {
+    const int k = ops[j].k;
+    const int64_t i = ops[j].i;
     Mb& mb = mbs[size_t(k * M + i)];
     const int64_t stage = int64_t(k) * S + s;
-    const bool first = stage == 0, last = stage == int64_t(S) * V - 1;
+    const bool first = stage == 0, last = stage == last_stage;
     AttentionParams ap;
     ap.causal = true;
+    // Mixed precision as in LlamaModel::hidden (bf16 attention products; the CPU ignores it).
+    if (model_.options().precision == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
     if (doc_ids.defined()) ap.doc_ids = doc_ids.narrow(0, i * Bm, Bm).contiguous();  // keys: all T
     if (cp > 1) ap.q_pos = pos;
     Tensor h;
@@ -410,8 +511,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
       h = g_.dims.tp > 1 ? vocab_parallel_embedding(model_.embed_tokens().weight, ids, *g_.tp)
                          : model_.embed_tokens()(ids);
     } else {
-      Tensor buf = Tensor::empty({Bm, T, D}, DType::f32);
-      g_.pp->irecv(buf, prev_rank, tag(stage, i, 0))->wait();
+      Tensor buf = take_recv(j);
       buf.set_requires_grad(true);
       mb.input = buf;
       h = buf;
@@ -425,51 +525,50 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
       const double nv = mb_valid[size_t(i)];
       if (nv > 0) {
         const Tensor tg = targets_l.narrow(0, i * Bm, Bm).contiguous().view({-1});
-        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg, *g_.tp, o.chunk)
+        Tensor l = g_.dims.tp > 1 ? vocab_parallel_cross_entropy(hn, model_.lm_head().weight, tg,
+                                                                 *g_.tp, o.chunk, o.precision)
                                   : ops::linear_cross_entropy(hn, model_.lm_head().weight, tg, o);
         mb.loss = ops::scale(l, float(nv / n_global));
         loss_sum += l.item() * nv / n_global;
       }
     } else {
       if (train) mb.output = h;
-      mb.send_buf = h.detach().contiguous();
-      sends.push_back(g_.pp->isend(mb.send_buf, next_rank, tag(stage + 1, i, 0)));
+      send(h.detach().contiguous(), next_rank, tag(stage + 1, i, 0));
     }
     if (!train) mb.input = mb.loss = Tensor();  // evaluation: nothing is kept for backward
   };
-  auto backward = [&](int k, int64_t i) {
+  auto backward = [&](size_t j) {
+    const int k = ops[j].k;
+    const int64_t i = ops[j].i;
     Mb& mb = mbs[size_t(k * M + i)];
     const int64_t stage = int64_t(k) * S + s;
-    const bool first = stage == 0, last = stage == int64_t(S) * V - 1;
+    const bool first = stage == 0, last = stage == last_stage;
     if (last) {
       if (mb.loss.defined()) mb.loss.backward();
     } else {
-      Tensor g = Tensor::empty({Bm, T, D}, DType::f32);
-      g_.pp->irecv(g, next_rank, tag(stage, i, 1))->wait();
-      mb.output.backward(g);
+      mb.output.backward(take_recv(j));
     }
     if (!first) {
       Tensor gi = mb.input.grad();
       if (!gi.defined()) gi = Tensor::zeros({Bm, T, D}, DType::f32);
-      mb.send_buf = gi.contiguous();
-      sends.push_back(g_.pp->isend(mb.send_buf, prev_rank, tag(stage - 1, i, 1)));
+      send(gi.contiguous(), prev_rank, tag(stage - 1, i, 1));
     }
-    // Activations of this micro-batch are released here (send_buf stays until sent).
+    // Activations of this micro-batch are released here (the send keeps its own buffer).
     mb.input = mb.output = mb.loss = Tensor();
   };
 
-  // 1F1B: (S - s - 1) warm-up forwards, then one forward / one backward, then cool-down.
-  // Interleaved (Megatron): the n-th forward runs chunk (n / S) % V on micro-batch
-  // (n / (S V)) S + n % S, backwards walk the chunks in reverse; warm-up 2(S - s - 1) + (V - 1) S.
-  const int64_t total = M * V;
-  auto fwd_k = [&](int64_t n) { return int((n / S) % V); };
-  auto bwd_k = [&](int64_t n) { return V - 1 - int((n / S) % V); };
-  auto mb_of = [&](int64_t n) { return (n / (int64_t(S) * V)) * S + n % S; };
+  for (size_t j = 0; j < ops.size(); ++j) {
+    if (opt_.overlap)
+      for (size_t a = 0; a <= kRecvAhead; ++a) post_recv(j + a);
+    if (ops[j].fwd)
+      forward(j);
+    else
+      backward(j);
+    if (opt_.overlap) retire_sends(false);
+  }
+  retire_sends(true);
+  p2p_.clear();
   if (!train) {
-    // Forward only, in the schedule's forward order on every rank: a stage's input was sent
-    // by a forward that comes earlier in the same order, so the chain cannot deadlock.
-    for (int64_t n = 0; n < total; ++n) forward(fwd_k(n), mb_of(n));
-    for (auto& w : sends) w->wait();
     drain();
     for (Param* p : root_params_) reshard(*p);
     Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
@@ -478,16 +577,6 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     g_.cp->all_reduce(l, ReduceOp::sum);
     return l.item();
   }
-  const int64_t warmup =
-      std::min<int64_t>(total, V == 1 ? S - s - 1 : int64_t(2) * (S - s - 1) + int64_t(V - 1) * S);
-  for (int64_t n = 0; n < warmup; ++n) forward(fwd_k(n), mb_of(n));
-  for (int64_t n = 0; n < total - warmup; ++n) {
-    forward(fwd_k(warmup + n), mb_of(warmup + n));
-    backward(bwd_k(n), mb_of(n));
-  }
-  for (int64_t n = total - warmup; n < total; ++n) backward(bwd_k(n), mb_of(n));
-  for (auto& w : sends) w->wait();
-  sends.clear();
   drain();  // every block's gradient is on its shard from here
 
   // Root unit under FSDP: one reduce-scatter of its accumulated gradients per step.

@@ -12,12 +12,17 @@
 //            layer fewer); pipeline rank r runs stages r, r + pp, ... (V model chunks;
 //            V = 1: 1F1B, V > 1: interleaved 1F1B, Megatron's order). Global stage 0 keeps
 //            the embedding, the last the final norm, lm_head and the loss; other parameters
-//            are dropped from this rank. Point-to-point transfers are asynchronous sends
-//            and receives; a micro-batch's activations are freed after its backward.
+//            are dropped from this rank. Point-to-point transfers are asynchronous: with
+//            ParallelizeOptions::overlap the receives of the next two schedule operations
+//            are posted before an operation runs and waited only where their data is
+//            consumed; each send owns its buffer until it completes. A micro-batch's
+//            activations are freed after its backward.
 //      CP  - tokens are split over cp in 2*cp load-balanced causal chunks (rank r: chunks r
-//            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook) and
-//            queries carry their global positions (AttentionParams::q_pos), so the causal
-//            and document masks are exact. Parameter gradients are summed over cp.
+//            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook; with
+//            ParallelizeOptions::overlap kv_hook_async: V's all-gather is issued before
+//            the K and Q projections, K's before Q's, both waited just before attention)
+//            and queries carry their global positions (AttentionParams::q_pos), so the
+//            causal and document masks are exact. Parameter gradients are summed over cp.
 //   3. AC  - each block may be recomputed in backward (autograd::checkpoint).
 //   4. FSDP- every parameter this rank keeps is flattened, padded to a multiple of dp_shard
 //            and sharded; the optimizer sees only shards. A block's parameters are
@@ -57,7 +62,9 @@ struct ParallelizeOptions {
   int64_t microbatches = 1;     // per step and data-parallel rank (pipeline micro-batches)
   int virtual_stages = 1;       // model chunks per pipeline rank: 1 = 1F1B, V > 1 = interleaved 1F1B
   bool activation_checkpointing = false;
-  bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute
+  bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute;
+                                // PP: receives posted ahead of the operations that consume them;
+                                // CP: K/V all-gathers issued before the Q/K projections
   bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
 };
 
@@ -141,6 +148,7 @@ class ParallelLlama {
   bool training_ = false;                 // the current step runs backward
   std::deque<Gathering> prefetched_;      // block gathers issued ahead (at most one)
   std::deque<PendingGrad> pending_grads_; // reduce-scatters in flight, issue order
+  std::vector<dist::Work*> p2p_;          // pipeline receives / sends in flight (owned by run_step)
 };
 
 // Layer range [first, end) of pipeline stage `stage` of `stages` for n_layers layers.

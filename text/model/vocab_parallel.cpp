@@ -37,7 +37,7 @@ struct VocabEmbeddingNode final : Node {
 // probabilities: the backward recomputes each chunk's (rows, V/tp) logits, so no more than one
 // chunk of them exists at a time in either direction.
 struct VocabCrossEntropyNode final : Node {
-  Tensor h, w;
+  Tensor h, w;  // the GEMM operands: f32, or their bf16 copies under mixed precision
   std::vector<float> mx;               // per row: max logit over the full vocabulary
   std::vector<double> sum_exp;         // per row: sum of exp(logit - max) over the full vocabulary
   std::vector<int32_t> local_target;  // column of the target on this rank, or -1
@@ -50,8 +50,10 @@ struct VocabCrossEntropyNode final : Node {
     const float scale = float(g.item() / n_valid);
     const int64_t N = h.size(0), Vl = w.size(0);
     Backend& be = backend_for(h.device());
+    const bool low = h.dtype() == DType::bf16;
     Tensor dh = Tensor::zeros(h.shape(), DType::f32);
     Tensor dw = Tensor::zeros(w.shape(), DType::f32);
+    Tensor dlow;  // bf16 copy of a chunk's dlogits (mixed precision)
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
       const int64_t C = std::min(chunk, N - r0);
       Tensor hc = h.narrow(0, r0, C);
@@ -70,8 +72,14 @@ struct VocabCrossEntropyNode final : Node {
         for (int64_t j = 0; j < Vl; ++j) row[j] *= scale;
       }
       Tensor dhc = dh.narrow(0, r0, C);
-      be.gemm(dlogits, Trans::N, w, Trans::N, dhc);                  // (C, Vl) @ (Vl, D): this shard's share
-      be.gemm(dlogits, Trans::T, hc, Trans::N, dw, 1.f, r0 ? 1.f : 0.f);  // dW += (Vl, C) @ (C, D)
+      Tensor gl = dlogits;
+      if (low) {
+        if (!dlow.defined()) dlow = Tensor::empty({std::min(chunk, N), Vl}, DType::bf16);
+        gl = dlow.narrow(0, 0, C);
+        gl.copy_(dlogits);
+      }
+      be.gemm(gl, Trans::N, w, Trans::N, dhc);  // (C, Vl) @ (Vl, D): this shard's share
+      be.gemm(gl, Trans::T, hc, Trans::N, dw, 1.f, r0 ? 1.f : 0.f);  // dW += (Vl, C) @ (C, D)
     }
     tp->all_reduce(dh, dist::ReduceOp::sum);
     return {next[0] ? dh : Tensor(), next[1] ? dw : Tensor()};
@@ -111,12 +119,16 @@ Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::
 }
 
 Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, const Tensor& targets,
-                                    dist::Communicator& tp, int64_t chunk_rows) {
+                                    dist::Communicator& tp, int64_t chunk_rows,
+                                    ops::Precision precision) {
   check_cpu_f32(h, "vocab_parallel_cross_entropy");
   check_cpu_f32(w_local, "vocab_parallel_cross_entropy");
   const int64_t N = h.size(0), Vl = w_local.size(0), v0 = tp.rank() * Vl;
   const int64_t chunk = chunk_rows > 0 ? std::min(chunk_rows, std::max<int64_t>(N, 1)) : std::max<int64_t>(N, 1);
   Tensor hc = h.contiguous(), wc = w_local.contiguous();
+  // Mixed precision: bf16 GEMM operands, rounded once and kept for the backward (half the
+  // bytes of the f32 ones); the logits come out of the GEMM in f32.
+  if (precision == ops::Precision::bf16) hc = hc.to(DType::bf16), wc = wc.to(DType::bf16);
   std::vector<int32_t> tg = targets.contiguous().to_vector<int32_t>();
   LLAMA3_CHECK(int64_t(tg.size()) == N, "vocab_parallel_cross_entropy: {} targets for {} rows", tg.size(), N);
   auto n = std::make_shared<VocabCrossEntropyNode>();

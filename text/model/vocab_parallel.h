@@ -1,9 +1,11 @@
 // Vocabulary-parallel embedding and cross-entropy (tensor parallelism of the vocabulary):
 // each tp rank holds rows [rank * V/tp, (rank + 1) * V/tp) of the embedding and of lm_head.
-// No rank ever holds full-vocabulary logits. CPU, f32.
+// No rank ever holds full-vocabulary logits. CPU; f32 parameters and activations, the loss
+// optionally with bf16 GEMM inputs (mixed precision, as ops::linear_cross_entropy).
 #pragma once
 
 #include "runtime/dist/communicator.h"
+#include "runtime/ops/ops.h"
 
 namespace llama3::text {
 
@@ -18,7 +20,12 @@ Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::
 // once): at most (chunk_rows, V/tp) logits exist at a time; the backward recomputes them per
 // chunk from the kept row max and sum of exponentials. One max all-reduce per chunk, one
 // all-reduce of the sums and target logits, one of dh: the bytes do not depend on the chunk.
+// precision bf16 is the mixed-precision path of the single-process ops::linear_cross_entropy:
+// h and w_local are rounded to bf16 for the three GEMMs (logits, dh, dW; dlogits rounded to
+// bf16 too), accumulation is f32, the softmax statistics (max, sum of exponentials, target
+// logit) and everything communicated stay f32/f64; dh and dW are f32.
 Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, const Tensor& targets,
-                                    dist::Communicator& tp, int64_t chunk_rows = 0);
+                                    dist::Communicator& tp, int64_t chunk_rows = 0,
+                                    ops::Precision precision = ops::Precision::f32);
 
 }  // namespace llama3::text
