@@ -29,8 +29,7 @@ using namespace llama3;
 namespace {
 
 double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 std::vector<float> host(const Tensor& t) {
@@ -85,6 +84,38 @@ int check(dist::Communicator& c, Device dev) {
   be.synchronize();
   c.broadcast(bc, 0);
   expect("broadcast", bc, 1.f);
+  if (c.size() == 1) {
+    // Stream order without host synchronisation, on 16M elements (a scale kernel of about
+    // 0.1 ms, so an unordered NCCL copy would read or be overwritten mid-kernel): the NCCL
+    // stream waits for the compute stream (in scaled 3x before the gather), Work::wait orders
+    // the compute stream after NCCL (out scaled 2x after the wait), and test() turns true.
+    const int64_t big = int64_t(1) << 24;
+    std::vector<float> y(static_cast<size_t>(big));
+    for (int64_t i = 0; i < big; ++i) y[size_t(i)] = x[size_t(i % n)];
+    Tensor in = Tensor::from_vector(y, {big}, dev), out = Tensor::zeros({big}, DType::f32, dev);
+    be.synchronize();
+    be.scale(in, 3.f);
+    auto w = c.iall_gather(in, out);
+    w->wait();
+    be.scale(out, 2.f);
+    expect("iall_gather ordered with the compute stream", out, 6.f);
+    Tensor rs = Tensor::zeros({big}, DType::f32, dev);
+    auto w2 = c.ireduce_scatter(out, rs, dist::ReduceOp::sum);
+    w2->wait();
+    be.scale(rs, 0.5f);
+    expect("ireduce_scatter ordered with the compute stream", rs, 3.f);
+    auto w3 = c.iall_reduce(rs, dist::ReduceOp::sum);
+    const double t0 = now();
+    bool done = false;
+    while (!(done = w3->test()) && now() - t0 < 10) {
+    }
+    w3->wait();
+    if (!done) {
+      fmt::print("FAIL iall_reduce: test() still false after 10 s\n");
+      ++bad;
+    }
+    expect("iall_reduce with test()", rs, 3.f);
+  }
   c.barrier();
   fmt::print("ok   barrier\n");
   return bad;
@@ -136,8 +167,9 @@ int main(int argc, char** argv) {
     fmt::print("RESULT nccl_allreduce ranks={} algbw_gbs={:.1f} busbw_gbs={:.1f} bytes={}\n", n,
                best_alg, best_alg * 2.0 * double(n - 1) / double(n), best_bytes);
     if (n == 1)
-      fmt::print("note: one rank - the bus bandwidth of a ring is 0 by definition; the time is "
-                 "NCCL's own local all_reduce (per-call overhead plus an in-place pass)\n");
+      fmt::print(
+          "note: one rank - the bus bandwidth of a ring is 0 by definition; the time is "
+          "NCCL's own local all_reduce (per-call overhead plus an in-place pass)\n");
     return 0;
   } catch (const std::exception& e) {
     fmt::print(stderr, "bench_nccl: {}\n", e.what());

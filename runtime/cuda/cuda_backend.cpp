@@ -155,6 +155,7 @@ class CudaBackend final : public Backend {
   std::string name() const override { return name_; }
   Allocator& allocator() override { return alloc_; }
   void synchronize() override { LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  cudaStream_t stream() const { return stream_; }
 
   // ---------------------------------------------------------------- memory
   void copy(const Tensor& src, Tensor& dst) override {
@@ -887,6 +888,11 @@ std::string cuda_profile_report(int index) {
   LLAMA3_CHECK(index >= 0 && index < cuda_device_count(), "cuda_profile_report: no device {}",
                index);
   return g_backends[index]->profile_report();
+}
+
+void* cuda_stream(int index) {
+  LLAMA3_CHECK(index >= 0 && index < cuda_device_count(), "cuda_stream: no device {}", index);
+  return g_backends[index]->stream();
 }
 
 }  // namespace llama3

@@ -27,4 +27,8 @@ int cuda_device_count();
 void cuda_profile_start(int index);
 std::string cuda_profile_report(int index);
 
+// The stream every kernel of device `index` runs on (a cudaStream_t), for libraries that must
+// order their own streams with it (the NCCL communicator). Throws without that device.
+void* cuda_stream(int index);
+
 }  // namespace llama3

@@ -16,5 +16,8 @@ void cuda_profile_start(int index) {
 std::string cuda_profile_report(int index) {
   fail("cuda_profile_report: no CUDA in this build (device {})", index);
 }
+void* cuda_stream(int index) {
+  fail("cuda_stream: no CUDA in this build (device {})", index);
+}
 }  // namespace llama3
 #endif
