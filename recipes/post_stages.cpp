@@ -661,6 +661,21 @@ std::string with_interval(const json& f, const char* key, const char* n_key) {
 // The win rate (ties count half) with the 95% interval of its three-valued per-prompt outcome
 // (1, 1/2, 0): the sample variance w + t/4 - p^2 per prompt, not p(1-p), which would treat
 // every tie as a coin flip. Older runs without the counts get the proportion's interval.
+// DPO's exact match minus its starting policy's, on the same prompts, with the 95% interval of
+// that paired difference (per prompt +1 fixed, -1 broken, 0 unchanged), which is much tighter
+// than the two proportions' intervals side by side; fixed / broken in brackets.
+std::string paired_gain(const json& f) {
+  if (!f.contains("exact_match_fixed") || !f.contains("exact_match_broken") ||
+      !f.contains("eval_prompts"))
+    return "-";
+  const double fx = f["exact_match_fixed"].get<double>(),
+               br = f["exact_match_broken"].get<double>(), n = f["eval_prompts"].get<double>();
+  if (n <= 0) return "-";
+  const double d = (fx - br) / n, var = std::max(0.0, (fx + br) / n - d * d);
+  return fmt::format("{:+.3f} ± {:.3f} ({}/{})", d, 1.96 * std::sqrt(var / n), int64_t(fx),
+                     int64_t(br));
+}
+
 std::string win_rate(const json& f) {
   if (!f.contains("win_rate_wins") || !f.contains("win_rate_ties") ||
       !f.contains("win_rate_losses"))
@@ -724,37 +739,36 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       "plus, "
       "where the recipe annotates held-out prompts (eval_samples_from), the current policy's own "
       "correct-vs-wrong samples on them; RM acc (own samples): that second part alone. RS: "
-      "acceptance; best-of-K gain as "
-      "the verifier sees it (the RM's pick among the K samples is correct minus a random sample "
-      "is correct: negative when the RM prefers wrong answers) and in the RM's own score (mean "
-      "best - mean, >= 0 by construction); RM pick / sample correct. SFT EM and DPO EM: greedy "
-      "exact match on held-out prompts. DPO acc: held-out preference accuracy (implicit reward). "
-      "Win rate: DPO model vs its starting (SFT) model, judged by the round's RM (ties half; wins "
-      "/ "
-      "ties / losses in brackets, its interval from the per-prompt variance of that three-valued "
+      "acceptance; best-of-K gain as the verifier sees it (the RM's pick among the K samples is "
+      "correct minus a random sample is correct: negative when the RM prefers wrong answers) and "
+      "in the RM's own score (mean best - mean, >= 0 by construction); RM pick / sample correct. "
+      "SFT EM and DPO EM: greedy exact match on held-out prompts. DPO EM gain: DPO EM minus its "
+      "SFT model's on the same prompts (answers fixed / broken in brackets), with the interval of "
+      "that paired difference. DPO acc: held-out preference accuracy (implicit reward). Win rate: "
+      "DPO model vs its starting (SFT) model, judged by the round's RM (ties half; wins / ties / "
+      "losses in brackets, the interval from the per-prompt variance of that three-valued "
       "outcome). An AVERAGE of reward models, SFT or DPO policies stands for its kind in its "
-      "round. `p ± h`: h is "
-      "the half-width of the 95% interval of a proportion over the eval set (1.96 "
-      "sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
-      "| round | RM acc | RM acc (own samples) | RS acceptance | RS best-of-K gain (verifier) | RS "
-      "best-of-K gain (RM "
-      "score) | RS RM pick / "
-      "sample correct | SFT EM | DPO acc | DPO EM | DPO win rate vs SFT | stages |\n"
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+      "round. `p ± h`: h is the half-width of the 95% interval (for a proportion over the eval "
+      "set 1.96 sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
+      "| round | RM acc | RM acc (own samples) | RS acceptance | RS best-of-K gain (verifier) | "
+      "RS best-of-K gain (RM score) | RS RM pick / sample correct | SFT EM | DPO acc | DPO EM | "
+      "DPO EM gain | DPO win rate vs SFT | stages |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
   for (auto& [round, kinds] : rounds) {
     auto get = [&](StageKind k) { return kinds.count(k) ? kinds.at(k) : json::object(); };
     const json rm = get(REWARD_MODEL), rs = get(REJECTION_SAMPLING), sft = get(SFT), dpo = get(DPO);
     std::string st;
     for (auto& n : names[round]) st += (st.empty() ? "" : ", ") + n;
     md += fmt::format(
-        "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
         round ? std::to_string(round) : "-", with_interval(rm, "eval_accuracy", "eval_pairs"),
         with_interval(rm, "eval_accuracy_on_policy", "eval_pairs_on_policy"),
         with_interval(rs, "acceptance", "prompts"), num(rs, "verified_best_of_k_gain"),
         num(rs, "best_of_k_gain"), num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"),
         with_interval(sft, "eval_exact_match", "eval_prompts"),
         with_interval(dpo, "eval_accuracy", "eval_pairs"),
-        with_interval(dpo, "eval_exact_match", "eval_prompts"), win_rate(dpo), st);
+        with_interval(dpo, "eval_exact_match", "eval_prompts"), paired_gain(dpo), win_rate(dpo),
+        st);
   }
   if (!averages.empty()) {
     md +=

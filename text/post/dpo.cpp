@@ -110,6 +110,14 @@ nlohmann::json dpo_eval(const LlamaModel& m, const Tokenizer& tok, const DpoEval
   auto after = respond(m, tok, e.prompts, e.so);
   metrics["eval_exact_match"] = exact_match(after, e.prompts);
   metrics["eval_prompts"] = int64_t(e.prompts.size());
+  // Per prompt against the starting policy: answers DPO fixed and answers it broke (the
+  // paired difference in exact match, and its interval, follow from these).
+  int64_t fixed = 0, broken = 0;
+  for (size_t i = 0; i < e.prompts.size(); ++i) {
+    const bool was = verify(e.prompts[i], e.before[i]), is = verify(e.prompts[i], after[i]);
+    fixed += !was && is, broken += was && !is;
+  }
+  metrics["exact_match_fixed"] = fixed, metrics["exact_match_broken"] = broken;
   if (!reward_model.empty()) {
     RewardModel rm(
         load_policy(ModelSource{.dir = reward_model, .tokenizer = reward_model_tokenizer}));

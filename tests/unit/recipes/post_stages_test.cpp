@@ -191,8 +191,8 @@ TEST(PostStages, ReportShowsIntervalsAndWhetherAnAverageHelped) {
   EXPECT_NE(md.find("| 0.400 ± 0.068 |"), std::string::npos) << md;  // round-0 SFT EM
   EXPECT_NE(md.find("| 1 | 0.750 ± 0.060 | - | 0.500 ± 0.098 |"), std::string::npos)
       << md;  // the average's RM acc (no held-out on-policy part)
-  EXPECT_NE(md.find("| 0.450 ± 0.069 | 0.550 ± 0.069 |"), std::string::npos)
-      << md;  // DPO EM, win rate
+  EXPECT_NE(md.find("| 0.450 ± 0.069 | - | 0.550 ± 0.069 |"), std::string::npos)
+      << md;  // DPO EM, no paired gain (no fixed/broken counts), win rate
   EXPECT_NE(md.find("| rm_avg | 1 | REWARD_MODEL | RM acc | rm 0.700 ± 0.064, rm_b 0.650 ± 0.066 | "
                     "0.750 ± 0.060 |"),
             std::string::npos)
@@ -275,6 +275,7 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
   write("dpo_avg",
         R"({"eval_accuracy": 0.65, "eval_pairs": 200, "eval_exact_match": 0.5, "eval_prompts": 200,
                    "win_rate_vs_start": 0.6, "win_rate_wins": 50, "win_rate_ties": 140, "win_rate_losses": 10,
+                   "exact_match_fixed": 30, "exact_match_broken": 10,
                    "average_of": "DPO"})");
   const std::string md = post_rounds_markdown(run.string());
   fs::remove_all(run);
@@ -282,8 +283,11 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
   EXPECT_NE(md.find("| 1 | 0.700 ± 0.045 | 0.800 ± 0.078 |"), std::string::npos) << md;
   // The round's DPO is the average: w 50, t 140, l 10 of 200 -> p 0.6; per-prompt variance
   // (50 + 140/4)/200 - 0.36 = 0.065, so 1.96 sqrt(0.065/200) = 0.035 (p(1-p) would give 0.068).
-  EXPECT_NE(md.find("| 0.650 ± 0.066 | 0.500 ± 0.069 | 0.600 ± 0.035 (50/140/10) |"),
-            std::string::npos)
+  // Paired EM gain: 30 fixed, 10 broken of 200 -> +0.1, variance 40/200 - 0.01 = 0.19 -> 0.060.
+  EXPECT_NE(
+      md.find(
+          "| 0.650 ± 0.066 | 0.500 ± 0.069 | +0.100 ± 0.060 (30/10) | 0.600 ± 0.035 (50/140/10) |"),
+      std::string::npos)
       << md;
   EXPECT_NE(md.find("| dpo_avg | 1 | DPO | exact match | dpo 0.450 ± 0.069, dpo_b 0.400 ± 0.068 | "
                     "0.500 ± 0.069 |"),
