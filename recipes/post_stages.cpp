@@ -206,6 +206,13 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
               s.eval_samples_from(n));
   }
   if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out() &&
+      s.rejection_sampling().dialog_prompts() > 0)
+    c.error("rejection_sampling.dialog_prompts",
+            "a held_out stage samples the held-out prompts, not the dialogs'");
+  if (k == REJECTION_SAMPLING && s.rejection_sampling().dialog_prompts() < 0)
+    c.error("rejection_sampling.dialog_prompts", "must be >= 0 (got {})",
+            s.rejection_sampling().dialog_prompts());
+  if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out() &&
       s.rejection_sampling().require_correct())
     c.error("rejection_sampling.require_correct",
             "a held_out stage only annotates (its samples train nothing)");
@@ -404,7 +411,10 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
         o.reward_model = stage_dir(s.reward_model_from()) + "/model";
         o.reward_model_tokenizer = src.tokenizer;
       }
-      o.prompts = data + (p.held_out() ? "/eval.jsonl" : "/prompts.jsonl");
+      o.prompts = data + (p.held_out()             ? "/eval.jsonl"
+                          : p.dialog_prompts() > 0 ? "/sft.jsonl"
+                                                   : "/prompts.jsonl");
+      o.max_prompts = p.dialog_prompts();
       o.out_dir = dir;
       o.k = or_default(p.k(), o.k);
       if (p.has_min_score()) o.min_score = p.min_score();
@@ -511,14 +521,19 @@ PostPlan plan_post_stage(const LoadedRecipe& lr, int index, const text::LlamaCon
     case REJECTION_SAMPLING: {
       const int64_t k = or_default(s.rejection_sampling().k(), int64_t(8));
       const bool held = s.rejection_sampling().held_out();
+      const int64_t dialogs = s.rejection_sampling().dialog_prompts();
       if (held) prompts = eval;
+      if (dialogs > 0) prompts = dialogs;
       gen_tokens =
           double(prompts * k * or_default(s.rejection_sampling().max_new_tokens(), int64_t(24)));
-      p.notes = fmt::format(
-          "{}{} {}prompts x K={} samples of {}, {}", rnd, prompts, held ? "held-out " : "", k,
-          s.init_from().empty() ? "a fresh model" : s.init_from(),
-          s.reward_model_from().empty() ? "labelled by the verifier only (no reward model)"
-                                        : "scored by " + s.reward_model_from());
+      p.notes = fmt::format("{}{} {}prompts x K={} samples of {}, {}", rnd, prompts,
+                            held          ? "held-out "
+                            : dialogs > 0 ? "SFT-dialog "
+                                          : "",
+                            k, s.init_from().empty() ? "a fresh model" : s.init_from(),
+                            s.reward_model_from().empty()
+                                ? "labelled by the verifier only (no reward model)"
+                                : "scored by " + s.reward_model_from());
       p.config.reset();  // produces data, not a model
       if (init) p.flops = gen_tokens * init->flops_per_token(kPairLen) / 3.0;
       p.tokens = gen_tokens;
@@ -676,6 +691,15 @@ std::string paired_gain(const json& f) {
                      int64_t(br));
 }
 
+// The verifier's best-of-K gain with its interval when the stage recorded one.
+std::string gain(const json& f) {
+  if (!f.contains("verified_best_of_k_gain") || !f["verified_best_of_k_gain"].is_number())
+    return "-";
+  const double g = f["verified_best_of_k_gain"].get<double>();
+  if (!f.contains("verified_best_of_k_gain_h")) return fmt::format("{:+.3f}", g);
+  return fmt::format("{:+.3f} ± {:.3f}", g, f["verified_best_of_k_gain_h"].get<double>());
+}
+
 std::string win_rate(const json& f) {
   if (!f.contains("win_rate_wins") || !f.contains("win_rate_ties") ||
       !f.contains("win_rate_losses"))
@@ -728,6 +752,17 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       continue;
     rounds[s.round()][k] = final_of(s.name());
   }
+  // The round's reward model is the one its rejection sampling scored with (when that is in the
+  // round): an AVERAGE that followed it but was not used does not stand for the round.
+  std::map<int, std::string> rm_used;
+  for (int i = 0; i < stages.size(); ++i) {
+    const Stage& s = stages[i];
+    if (s.kind() == REJECTION_SAMPLING && !s.reward_model_from().empty()) {
+      const int j = lr.stage_index(s.reward_model_from());
+      if (j >= 0 && stages[j].round() == s.round()) rm_used[s.round()] = s.reward_model_from();
+    }
+  }
+  for (auto& [round, name] : rm_used) rounds[round][REWARD_MODEL] = final_of(name);
   if (rounds.empty()) return "";
   auto num = [](const json& f, const char* k) -> std::string {
     if (!f.contains(k) || !f[k].is_number()) return "-";
@@ -763,8 +798,8 @@ std::string post_rounds_markdown(const std::string& run_dir) {
         "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
         round ? std::to_string(round) : "-", with_interval(rm, "eval_accuracy", "eval_pairs"),
         with_interval(rm, "eval_accuracy_on_policy", "eval_pairs_on_policy"),
-        with_interval(rs, "acceptance", "prompts"), num(rs, "verified_best_of_k_gain"),
-        num(rs, "best_of_k_gain"), num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"),
+        with_interval(rs, "acceptance", "prompts"), gain(rs), num(rs, "best_of_k_gain"),
+        num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"),
         with_interval(sft, "eval_exact_match", "eval_prompts"),
         with_interval(dpo, "eval_accuracy", "eval_pairs"),
         with_interval(dpo, "eval_exact_match", "eval_prompts"), paired_gain(dpo), win_rate(dpo),

@@ -99,7 +99,8 @@ struct RejectionOptions {
   ModelSource policy;
   std::string reward_model;  // RM checkpoint dir; empty: sample and label with the verifier only
   std::string reward_model_tokenizer;  // default: <reward_model>/tokenizer.model
-  std::string prompts;                 // prompt JSONL
+  std::string prompts;                 // prompt JSONL (or dialogs: the assistant turn is dropped)
+  int64_t max_prompts = 0;             // > 0: only the first max_prompts usable prompts
   // Writes sft.jsonl (best responses with scores), prefs.jsonl (RM best vs RM worst) and
   // verified_prefs.jsonl (for prompts with answers: every distinct sample the verifier
   // rejects, each against one it accepts; the verifier plays the paper's human annotator of
