@@ -47,7 +47,9 @@ SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain
       --set r1_heldout.rejection_sampling.k=2 --set r2_heldout.rejection_sampling.k=2
       --set r1_heldout.rejection_sampling.max_new_tokens=8 --set r2_heldout.rejection_sampling.max_new_tokens=8
       --set r1_dpo_b.dpo.steps=2 --set r2_dpo_b.dpo.steps=2
-      --set r1_dpo_b.dpo.max_new_tokens=8 --set r2_dpo_b.dpo.max_new_tokens=8)
+      --set r1_dpo_b.dpo.max_new_tokens=8 --set r2_dpo_b.dpo.max_new_tokens=8
+      --set r1_pairs.rejection_sampling.dialog_prompts=6 --set r2_pairs.rejection_sampling.dialog_prompts=6
+      --set r1_samples.rejection_sampling.dialog_prompts=6 --set r2_samples.rejection_sampling.dialog_prompts=6)
 STAGES=(data pretrain long_context anneal eval post_data sft r1_samples r1_heldout r1_rm r1_rm_b r1_rm_avg r1_rs r1_sft
         r1_sft_b r1_sft_avg r1_pairs r1_dpo r1_dpo_b r1_dpo_avg r2_samples r2_heldout r2_rm r2_rs r2_sft r2_pairs r2_dpo
         r2_dpo_b r2_dpo_avg)
