@@ -13,21 +13,28 @@ using namespace text::post;
 
 const char* kUsage =
     "usage: llama3 post <step> [flags]\n"
-    "  data    --out DIR [--train 600] [--eval 60] [--prefs 600] [--prompts 100] [--tokenizer FILE] [--seed 0]\n"
+    "  data    --out DIR [--train 600] [--eval 60] [--prefs 600] [--prompts 100] [--tokenizer "
+    "FILE] [--seed 0]\n"
     "  sft     --data FILE [--data ...] --out DIR [--eval FILE] MODEL TRAIN\n"
-    "  rm      --prefs FILE [--prefs ...] --out DIR [--eval FILE] MODEL TRAIN\n"
-    "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p 0.95] [--require-correct]\n"
+    "  rm      --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--on-policy FILE ...] "
+    "[--on-policy-fraction 0]\n"
+    "          [--eval-on-policy FILE ...] MODEL TRAIN\n"
+    "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p "
+    "0.95] [--require-correct]\n"
     "          [--max-new 24] [--min-score X]\n"
-    "  dpo     --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--rm DIR] [--eval-prompts FILE]\n"
+    "  dpo     --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--rm DIR] [--eval-prompts "
+    "FILE]\n"
     "          [--beta 0.1] [--alpha 0.2] MODEL TRAIN\n"
     "  average --model DIR --model DIR ... [--weight W ...] --out DIR\n"
-    "  rounds  CONFIG.json   (fields: data_dir, out_dir, init_model|flavour, rounds, seq, batch, k,\n"
+    "  rounds  CONFIG.json   (fields: data_dir, out_dir, init_model|flavour, rounds, seq, batch, "
+    "k,\n"
     "          rm_steps, sft_steps, dpo_steps, rm_lr, sft_lr, dpo_lr, seed)\n"
     "  MODEL = --model DIR | --flavour debug [--tokenizer FILE] [--seq 128] [--seed 0]\n"
     "  TRAIN = [--steps N] [--batch 8] [--lr X] [--warmup 10] [--bad-input skip|fail]";
 
-const std::set<std::string> kModelTrain = {"--model", "--flavour", "--tokenizer", "--seq", "--seed", "--steps",
-                                           "--batch", "--lr", "--warmup", "--out", "--eval", "--bad-input"};
+const std::set<std::string> kModelTrain = {"--model",  "--flavour", "--tokenizer", "--seq",
+                                           "--seed",   "--steps",   "--batch",     "--lr",
+                                           "--warmup", "--out",     "--eval",      "--bad-input"};
 
 ModelSource model_source(const Flags& f) {
   ModelSource s;
@@ -36,8 +43,8 @@ ModelSource model_source(const Flags& f) {
   s.tokenizer = f.str("--tokenizer");
   s.seed = uint64_t(f.integer("--seed", 0));
   s.max_seq_len = f.integer("--seq", 0);
-  LLAMA3_CHECK(!s.dir.empty() || !s.tokenizer.empty(), "give --model DIR, or --flavour with --tokenizer FILE\n{}",
-               kUsage);
+  LLAMA3_CHECK(!s.dir.empty() || !s.tokenizer.empty(),
+               "give --model DIR, or --flavour with --tokenizer FILE\n{}", kUsage);
   return s;
 }
 TrainLoopOptions train_opts(const Flags& f, float lr) {
@@ -66,7 +73,10 @@ int cmd_post(const Args& all) {
   const std::string step = all[0];
   const Args args(all.begin() + 1, all.end());
   if (step == "data") {
-    Flags f(args, {"--out", "--train", "--eval", "--prefs", "--prompts", "--tokenizer", "--seed", "--bpe-vocab"}, {}, kUsage);
+    Flags f(args,
+            {"--out", "--train", "--eval", "--prefs", "--prompts", "--tokenizer", "--seed",
+             "--bpe-vocab"},
+            {}, kUsage);
     DefaultDataOptions o;
     o.out_dir = f.required("--out");
     o.n_train = f.integer("--train", o.n_train);
@@ -96,10 +106,16 @@ int cmd_post(const Args& all) {
     return print(run_sft(o));
   }
   if (step == "rm") {
-    Flags f(args, with(kModelTrain, {"--prefs"}), {}, kUsage);
+    Flags f(
+        args,
+        with(kModelTrain, {"--prefs", "--on-policy", "--on-policy-fraction", "--eval-on-policy"}),
+        {}, kUsage);
     RewardOptions o;
     o.model = model_source(f);
     o.prefs = f.all("--prefs");
+    o.on_policy_prefs = f.all("--on-policy");
+    o.on_policy_fraction = f.real("--on-policy-fraction", 0.0);
+    o.eval_on_policy = f.all("--eval-on-policy");
     o.eval_prefs = f.str("--eval");
     o.out_dir = f.required("--out");
     o.steps = f.integer("--steps", o.steps);
@@ -110,8 +126,9 @@ int cmd_post(const Args& all) {
     return print(run_reward_model(o));
   }
   if (step == "rs") {
-    Flags f(args, {"--model", "--rm", "--prompts", "--out", "--k", "--temperature", "--top-p", "--top-k", "--max-new",
-                   "--min-score", "--seed", "--bad-input"},
+    Flags f(args,
+            {"--model", "--rm", "--prompts", "--out", "--k", "--temperature", "--top-p", "--top-k",
+             "--max-new", "--min-score", "--seed", "--bad-input"},
             {"--require-correct"}, kUsage);
     RejectionOptions o;
     o.policy.dir = f.required("--model");
@@ -130,8 +147,10 @@ int cmd_post(const Args& all) {
     return print(run_rejection_sampling(o));
   }
   if (step == "dpo") {
-    Flags f(args, with(kModelTrain, {"--prefs", "--rm", "--eval-prompts", "--beta", "--alpha", "--max-new"}), {},
-            kUsage);
+    Flags f(
+        args,
+        with(kModelTrain, {"--prefs", "--rm", "--eval-prompts", "--beta", "--alpha", "--max-new"}),
+        {}, kUsage);
     DpoOptions o;
     o.model = model_source(f);
     o.prefs = f.all("--prefs");

@@ -22,23 +22,31 @@ namespace post = text::post;
 bool is_post_kind(StageKind k) {
   return k == POST_DATA || k == SFT || k == REWARD_MODEL || k == REJECTION_SAMPLING || k == DPO;
 }
-bool post_produces_model(StageKind k) { return k == SFT || k == REWARD_MODEL || k == DPO; }
+bool post_produces_model(StageKind k) {
+  return k == SFT || k == REWARD_MODEL || k == DPO;
+}
 
 namespace {
 
 // Defaults of the option messages (0 fields mean these).
-int64_t or_default(int64_t v, int64_t d) { return v > 0 ? v : d; }
-double or_default(double v, double d) { return v > 0 ? v : d; }
+int64_t or_default(int64_t v, int64_t d) {
+  return v > 0 ? v : d;
+}
+double or_default(double v, double d) {
+  return v > 0 ? v : d;
+}
 
 bool makes_model(StageKind k) {
-  return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL || k == AVERAGE || post_produces_model(k);
+  return k == PRETRAIN || k == LONG_CONTEXT || k == ANNEAL || k == AVERAGE ||
+         post_produces_model(k);
 }
 
 // A REWARD_MODEL stage, or an AVERAGE of REWARD_MODEL stages (the paper averages RMs).
 bool is_reward_model(const Recipe& r, const LoadedRecipe& lr, int i) {
   const Stage& s = r.stage(i);
   if (s.kind() == REWARD_MODEL) return true;
-  if (s.kind() != AVERAGE || s.average().stages_size() == 0 || s.average().checkpoints_size() > 0) return false;
+  if (s.kind() != AVERAGE || s.average().stages_size() == 0 || s.average().checkpoints_size() > 0)
+    return false;
   for (auto& n : s.average().stages()) {
     const int j = lr.stage_index(n);
     if (j < 0 || j >= i || !is_reward_model(r, lr, j)) return false;
@@ -50,14 +58,18 @@ struct PostChecker {
   const LoadedRecipe& lr;
   int stage;
   template <typename... Args>
-  [[noreturn]] void error(const std::string& field, fmt::format_string<Args...> f, Args&&... args) const {
-    throw Error(fmt::format("{}: stage '{}' field {}: {}", lr.where(stage, field), lr.recipe().stage(stage).name(),
-                            field, fmt::format(f, std::forward<Args>(args)...)));
+  [[noreturn]] void error(const std::string& field, fmt::format_string<Args...> f,
+                          Args&&... args) const {
+    throw Error(fmt::format("{}: stage '{}' field {}: {}", lr.where(stage, field),
+                            lr.recipe().stage(stage).name(), field,
+                            fmt::format(f, std::forward<Args>(args)...)));
   }
   // The index of `ref`, an earlier stage.
   int earlier(const std::string& field, const std::string& ref) const {
     const int j = lr.stage_index(ref);
-    if (j > stage) error(field, "'{}' is a later stage (stage {}); inputs must come from earlier stages", ref, j);
+    if (j > stage)
+      error(field, "'{}' is a later stage (stage {}); inputs must come from earlier stages", ref,
+            j);
     if (j < 0 || j == stage) error(field, "no stage named '{}' before this one", ref);
     return j;
   }
@@ -68,14 +80,19 @@ std::string tokenizer_of_data_stage(const std::string& dir) {
   const std::string m = dir + "/manifest.json";
   if (fs::exists(m)) {
     json j = io::read_json(m);
-    if (j.contains("tokenizer") && fs::exists(j["tokenizer"].get<std::string>())) p = j["tokenizer"].get<std::string>();
+    if (j.contains("tokenizer") && fs::exists(j["tokenizer"].get<std::string>()))
+      p = j["tokenizer"].get<std::string>();
   }
   return p;
 }
 
-bool non_empty_file(const std::string& p) { return fs::exists(p) && fs::file_size(p) > 0; }
+bool non_empty_file(const std::string& p) {
+  return fs::exists(p) && fs::file_size(p) > 0;
+}
 
-uint64_t seed_of(const Recipe& r, const Stage& s) { return s.seed() ? s.seed() : r.seed(); }
+uint64_t seed_of(const Recipe& r, const Stage& s) {
+  return s.seed() ? s.seed() : r.seed();
+}
 
 }  // namespace
 
@@ -89,26 +106,32 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
   // Option messages belong to their kind.
   if (s.has_post_data() && k != POST_DATA) c.error("post_data", "only POST_DATA stages take it");
   if (s.has_sft() && k != SFT) c.error("sft", "only SFT stages take it");
-  if (s.has_reward_model() && k != REWARD_MODEL) c.error("reward_model", "only REWARD_MODEL stages take it");
+  if (s.has_reward_model() && k != REWARD_MODEL)
+    c.error("reward_model", "only REWARD_MODEL stages take it");
   if (s.has_rejection_sampling() && k != REJECTION_SAMPLING)
     c.error("rejection_sampling", "only REJECTION_SAMPLING stages take it");
   if (s.has_dpo() && k != DPO) c.error("dpo", "only DPO stages take it");
   if (s.round() < 0) c.error("round", "must be >= 0 (got {})", s.round());
-  if (!s.data_dir().empty()) c.error("data_dir", "post-training stages read data_from (a POST_DATA stage)");
+  if (!s.data_dir().empty())
+    c.error("data_dir", "post-training stages read data_from (a POST_DATA stage)");
   const Layout L = layout_of(s);
-  if (L.world() != 1) c.error("parallel", "post-training stages run single-process (layout needs {} ranks)", L.world());
+  if (L.world() != 1)
+    c.error("parallel", "post-training stages run single-process (layout needs {} ranks)",
+            L.world());
 
   if (k == POST_DATA) {
     if (!s.init_from().empty()) c.error("init_from", "a POST_DATA stage takes no model");
-    if (!s.reward_model_from().empty()) c.error("reward_model_from", "a POST_DATA stage takes no reward model");
+    if (!s.reward_model_from().empty())
+      c.error("reward_model_from", "a POST_DATA stage takes no reward model");
     if (s.samples_from_size()) c.error("samples_from", "a POST_DATA stage takes no samples");
     if (!s.data_from().empty()) {
       const int j = c.earlier("data_from", s.data_from());
       if (r.stage(j).kind() != DATA)
-        c.error("data_from", "stage '{}' is a {} stage, not DATA (its tokenizer is used)", s.data_from(),
-                StageKind_Name(r.stage(j).kind()));
+        c.error("data_from", "stage '{}' is a {} stage, not DATA (its tokenizer is used)",
+                s.data_from(), StageKind_Name(r.stage(j).kind()));
       if (s.post_data().bpe_vocab() != 0)
-        c.error("post_data.bpe_vocab", "the tokenizer comes from data_from '{}'; drop bpe_vocab", s.data_from());
+        c.error("post_data.bpe_vocab", "the tokenizer comes from data_from '{}'; drop bpe_vocab",
+                s.data_from());
     }
     const auto& d = s.post_data();
     if (d.sft_dialogs() < 0 || d.prefs() < 0 || d.prompts() < 0 || d.eval_prompts() < 0)
@@ -119,11 +142,13 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
   }
 
   // Inputs.
-  if (s.data_from().empty()) c.error("data_from", "a {} stage needs data_from: a POST_DATA stage", kind);
+  if (s.data_from().empty())
+    c.error("data_from", "a {} stage needs data_from: a POST_DATA stage", kind);
   {
     const int j = c.earlier("data_from", s.data_from());
     if (r.stage(j).kind() != POST_DATA)
-      c.error("data_from", "stage '{}' is a {} stage, not POST_DATA", s.data_from(), StageKind_Name(r.stage(j).kind()));
+      c.error("data_from", "stage '{}' is a {} stage, not POST_DATA", s.data_from(),
+              StageKind_Name(r.stage(j).kind()));
   }
   if (!s.init_from().empty()) {
     const int j = c.earlier("init_from", s.init_from());
@@ -131,10 +156,12 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
       c.error("init_from", "stage '{}' is a {} stage and produces no model", s.init_from(),
               StageKind_Name(r.stage(j).kind()));
     if (!s.model().flavour().empty())
-      c.error("model.flavour", "the model comes from init_from '{}'; drop the flavour", s.init_from());
+      c.error("model.flavour", "the model comes from init_from '{}'; drop the flavour",
+              s.init_from());
   } else {
     if (s.model().flavour().empty())
-      c.error("init_from", "a {} stage starts from init_from (an earlier model) or a fresh model.flavour", kind);
+      c.error("init_from",
+              "a {} stage starts from init_from (an earlier model) or a fresh model.flavour", kind);
     try {
       text::llama3_flavour(s.model().flavour());
     } catch (const Error& e) {
@@ -143,13 +170,17 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
   }
   if (s.model().dim() || s.model().n_layers() || s.model().n_heads() || s.model().n_kv_heads() ||
       s.model().vocab_size() || s.model().rope_theta() != 0 || !s.model().precision().empty())
-    c.error("model", "post-training stages take the model's shape from init_from or the flavour (vocabulary: the "
-                     "tokenizer); only model.flavour is read");
+    c.error("model",
+            "post-training stages take the model's shape from init_from or the flavour "
+            "(vocabulary: the "
+            "tokenizer); only model.flavour is read");
   if (!s.reward_model_from().empty()) {
-    if (k == SFT || k == REWARD_MODEL) c.error("reward_model_from", "a {} stage uses no reward model", kind);
+    if (k == SFT || k == REWARD_MODEL)
+      c.error("reward_model_from", "a {} stage uses no reward model", kind);
     const int j = c.earlier("reward_model_from", s.reward_model_from());
     if (!is_reward_model(r, lr, j))
-      c.error("reward_model_from", "stage '{}' is a {} stage, not REWARD_MODEL (or an AVERAGE of them)",
+      c.error("reward_model_from",
+              "stage '{}' is a {} stage, not REWARD_MODEL (or an AVERAGE of them)",
               s.reward_model_from(), StageKind_Name(r.stage(j).kind()));
   }
   for (int n = 0; n < s.samples_from_size(); ++n) {
@@ -159,25 +190,59 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
     if (r.stage(j).kind() != REJECTION_SAMPLING)
       c.error(f, "stage '{}' is a {} stage, not REJECTION_SAMPLING", s.samples_from(n),
               StageKind_Name(r.stage(j).kind()));
+    // Training on samples of the held-out prompts would leak them into every later evaluation.
+    if (r.stage(j).rejection_sampling().held_out())
+      c.error(f,
+              "stage '{}' samples the held-out prompts (held_out: true); only eval_samples_from "
+              "may read it",
+              s.samples_from(n));
   }
+  for (int n = 0; n < s.eval_samples_from_size(); ++n) {
+    const std::string f = fmt::format("eval_samples_from[{}]", n);
+    if (k != REWARD_MODEL) c.error(f, "only REWARD_MODEL stages evaluate on held-out samples");
+    const int j = c.earlier(f, s.eval_samples_from(n));
+    if (r.stage(j).kind() != REJECTION_SAMPLING || !r.stage(j).rejection_sampling().held_out())
+      c.error(f, "stage '{}' is not a REJECTION_SAMPLING stage with held_out: true",
+              s.eval_samples_from(n));
+  }
+  if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out() &&
+      s.rejection_sampling().dialog_prompts() > 0)
+    c.error("rejection_sampling.dialog_prompts",
+            "a held_out stage samples the held-out prompts, not the dialogs'");
+  if (k == REJECTION_SAMPLING && s.rejection_sampling().dialog_prompts() < 0)
+    c.error("rejection_sampling.dialog_prompts", "must be >= 0 (got {})",
+            s.rejection_sampling().dialog_prompts());
+  if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out() &&
+      s.rejection_sampling().require_correct())
+    c.error("rejection_sampling.require_correct",
+            "a held_out stage only annotates (its samples train nothing)");
 
   // Optimisation (the sampling stage trains nothing).
   const auto& o = s.optimizer();
   if (k != REJECTION_SAMPLING) {
     if (!(o.lr() > 0)) c.error("optimizer.lr", "must be > 0 (got {})", o.lr());
-    if (o.weight_decay() < 0) c.error("optimizer.weight_decay", "must be >= 0 (got {})", o.weight_decay());
-    if (o.max_grad_norm() < 0) c.error("optimizer.max_grad_norm", "must be >= 0 (got {})", o.max_grad_norm());
+    if (o.weight_decay() < 0)
+      c.error("optimizer.weight_decay", "must be >= 0 (got {})", o.weight_decay());
+    if (o.max_grad_norm() < 0)
+      c.error("optimizer.max_grad_norm", "must be >= 0 (got {})", o.max_grad_norm());
   } else if (s.has_optimizer()) {
     c.error("optimizer", "a REJECTION_SAMPLING stage trains nothing");
   }
-  const std::pair<const char*, bool> foreign[] = {
-      {"lr", s.has_lr()},           {"batch", s.has_batch()},       {"total_tokens", s.total_tokens() != 0},
-      {"mix", s.mix_size() > 0},    {"long_context", s.has_long_context()}, {"anneal", s.has_anneal()},
-      {"average", s.has_average()}, {"data", s.has_data()},         {"synthetic_niah", s.has_synthetic_niah()},
-      {"eval", s.has_eval()}};
+  const std::pair<const char*, bool> foreign[] = {{"lr", s.has_lr()},
+                                                  {"batch", s.has_batch()},
+                                                  {"total_tokens", s.total_tokens() != 0},
+                                                  {"mix", s.mix_size() > 0},
+                                                  {"long_context", s.has_long_context()},
+                                                  {"anneal", s.has_anneal()},
+                                                  {"average", s.has_average()},
+                                                  {"data", s.has_data()},
+                                                  {"synthetic_niah", s.has_synthetic_niah()},
+                                                  {"eval", s.has_eval()}};
   for (auto& [f, set] : foreign)
     if (set)
-      c.error(f, "a {} stage takes its budget from its own options (sft, reward_model, rejection_sampling, dpo)",
+      c.error(f,
+              "a {} stage takes its budget from its own options (sft, reward_model, "
+              "rejection_sampling, dpo)",
               kind);
   auto non_negative = [&](const std::string& f, double v) {
     if (v < 0) c.error(f, "must be >= 0 (got {})", v);
@@ -195,13 +260,18 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
     non_negative("reward_model.steps", double(s.reward_model().steps()));
     non_negative("reward_model.batch", double(s.reward_model().batch()));
     non_negative("reward_model.warmup_steps", double(s.reward_model().warmup_steps()));
+    const double fr = s.reward_model().samples_fraction();
+    if (fr < 0 || fr >= 1) c.error("reward_model.samples_fraction", "{} must lie in [0, 1)", fr);
+    if (fr > 0 && s.samples_from_size() == 0)
+      c.error("reward_model.samples_fraction", "needs samples_from (REJECTION_SAMPLING stages)");
   } else if (k == REJECTION_SAMPLING) {
     const auto& p = s.rejection_sampling();
     non_negative("rejection_sampling.k", double(p.k()));
     non_negative("rejection_sampling.temperature", p.temperature());
     non_negative("rejection_sampling.top_k", double(p.top_k()));
     non_negative("rejection_sampling.max_new_tokens", double(p.max_new_tokens()));
-    if (p.top_p() < 0 || p.top_p() > 1) c.error("rejection_sampling.top_p", "{} must lie in [0, 1]", p.top_p());
+    if (p.top_p() < 0 || p.top_p() > 1)
+      c.error("rejection_sampling.top_p", "{} must lie in [0, 1]", p.top_p());
     if (!p.has_min_score() && p.min_score() != 0)
       c.error("rejection_sampling.min_score", "set has_min_score: true to use it");
   } else if (k == DPO) {
@@ -221,6 +291,7 @@ std::vector<std::string> post_stage_inputs(const Stage& s) {
   if (!is_post_kind(s.kind())) return v;
   if (!s.reward_model_from().empty()) v.push_back(s.reward_model_from());
   for (auto& n : s.samples_from()) v.push_back(n);
+  for (auto& n : s.eval_samples_from()) v.push_back(n);
   return v;
 }
 
@@ -248,7 +319,8 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.tokenizer = tokenizer_of_data_stage(stage_dir(s.data_from()));
       // The chat format needs these specials; a tokenizer without them cannot render dialogs.
       auto tok = text::Tokenizer::load(o.tokenizer);
-      for (const char* sp : {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"})
+      for (const char* sp : {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                             "<|eot_id|>", "<|eom_id|>"})
         tok.special_id(sp);
     }
     json f = post::make_default_data(o).metrics;
@@ -278,8 +350,10 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
     std::vector<std::string> v;
     for (auto& n : s.samples_from()) {
       const std::string p = stage_dir(n) + "/" + file;
-      if (non_empty_file(p)) v.push_back(p);
-      else spdlog::warn("stage {}: {} is empty (no samples of that kind from stage {})", name, p, n);
+      if (non_empty_file(p))
+        v.push_back(p);
+      else
+        spdlog::warn("stage {}: {} is empty (no samples of that kind from stage {})", name, p, n);
     }
     return v;
   };
@@ -293,7 +367,8 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.model = src;
       if (!p.only_samples()) o.data.push_back(data + "/sft.jsonl");
       for (auto& x : samples("sft.jsonl")) o.data.push_back(x);
-      LLAMA3_CHECK(!o.data.empty(), "stage '{}': no SFT data (samples_from produced no kept samples)", name);
+      LLAMA3_CHECK(!o.data.empty(),
+                   "stage '{}': no SFT data (samples_from produced no kept samples)", name);
       o.eval_prompts = data + "/eval.jsonl";
       o.out_dir = dir + "/model";
       o.steps = steps = or_default(p.steps(), o.steps);
@@ -313,8 +388,12 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       post::RewardOptions o;
       o.model = src;
       o.prefs = {data + "/prefs.jsonl"};
-      for (auto& x : samples("verified_prefs.jsonl")) o.prefs.push_back(x);
+      o.on_policy_prefs = samples("verified_prefs.jsonl");
+      o.on_policy_fraction = p.samples_fraction();
       o.eval_prefs = data + "/eval_prefs.jsonl";
+      for (auto& n : s.eval_samples_from())
+        if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))
+          o.eval_on_policy.push_back(stage_dir(n) + "/verified_prefs.jsonl");
       o.out_dir = dir + "/model";
       o.steps = steps = or_default(p.steps(), o.steps);
       o.batch = or_default(p.batch(), o.batch);
@@ -332,7 +411,10 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
         o.reward_model = stage_dir(s.reward_model_from()) + "/model";
         o.reward_model_tokenizer = src.tokenizer;
       }
-      o.prompts = data + "/prompts.jsonl";
+      o.prompts = data + (p.held_out()             ? "/eval.jsonl"
+                          : p.dialog_prompts() > 0 ? "/sft.jsonl"
+                                                   : "/prompts.jsonl");
+      o.max_prompts = p.dialog_prompts();
       o.out_dir = dir;
       o.k = or_default(p.k(), o.k);
       if (p.has_min_score()) o.min_score = p.min_score();
@@ -345,6 +427,7 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       // must not draw the same samples: the stage's position joins the seed.
       o.sampling.seed = seed * 1000 + uint64_t(index);
       f = post::run_rejection_sampling(o).metrics;
+      if (p.held_out()) f["held_out"] = true;
       break;
     }
     case DPO: {
@@ -373,7 +456,8 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       f = post::run_dpo(o).metrics;
       break;
     }
-    default: fail("stage '{}': {} is not a post-training kind", name, StageKind_Name(s.kind()));
+    default:
+      fail("stage '{}': {} is not a post-training kind", name, StageKind_Name(s.kind()));
   }
   // The stage's evaluation as the last metrics line (numbers only, like the step lines).
   json last = json::object();
@@ -391,10 +475,12 @@ PostPlan plan_post_stage(const LoadedRecipe& lr, int index, const text::LlamaCon
   const std::string rnd = s.round() ? fmt::format("round {}: ", s.round()) : "";
   if (s.kind() == POST_DATA) {
     const auto& d = s.post_data();
-    p.notes = fmt::format("{}generated tasks: {} dialogs, {} preference prompts, {} RS prompts, {} held out; tokenizer {}",
-                          rnd, or_default(d.sft_dialogs(), int64_t(600)), or_default(d.prefs(), int64_t(600)),
-                          or_default(d.prompts(), int64_t(100)), or_default(d.eval_prompts(), int64_t(60)),
-                          s.data_from().empty() ? "trained (BPE)" : "of stage " + s.data_from());
+    p.notes = fmt::format(
+        "{}generated tasks: {} dialogs, {} preference prompts, {} RS prompts, {} held out; "
+        "tokenizer {}",
+        rnd, or_default(d.sft_dialogs(), int64_t(600)), or_default(d.prefs(), int64_t(600)),
+        or_default(d.prompts(), int64_t(100)), or_default(d.eval_prompts(), int64_t(60)),
+        s.data_from().empty() ? "trained (BPE)" : "of stage " + s.data_from());
     return p;
   }
   if (init) {
@@ -414,13 +500,15 @@ PostPlan plan_post_stage(const LoadedRecipe& lr, int index, const text::LlamaCon
   int64_t seq = kPairLen;
   switch (s.kind()) {
     case SFT: {
-      const int64_t steps = or_default(s.sft().steps(), int64_t(200)), b = or_default(s.sft().batch(), int64_t(8));
+      const int64_t steps = or_default(s.sft().steps(), int64_t(200)),
+                    b = or_default(s.sft().batch(), int64_t(8));
       seq = or_default(s.sft().seq_len(), int64_t(128));
       train_tokens = double(steps * b * seq);
       gen_tokens = double(eval * or_default(s.sft().max_new_tokens(), int64_t(24)));
       std::string from;
       for (auto& n : s.samples_from()) from += (from.empty() ? ", + samples of " : ", ") + n;
-      p.notes = fmt::format("{}{} steps x {} rows x {} (assistant tokens only){}", rnd, steps, b, seq, from);
+      p.notes = fmt::format("{}{} steps x {} rows x {} (assistant tokens only){}", rnd, steps, b,
+                            seq, from);
       break;
     }
     case REWARD_MODEL: {
@@ -432,28 +520,42 @@ PostPlan plan_post_stage(const LoadedRecipe& lr, int index, const text::LlamaCon
     }
     case REJECTION_SAMPLING: {
       const int64_t k = or_default(s.rejection_sampling().k(), int64_t(8));
-      gen_tokens = double(prompts * k * or_default(s.rejection_sampling().max_new_tokens(), int64_t(24)));
-      p.notes = fmt::format("{}{} prompts x K={} samples of {}, {}", rnd, prompts, k,
-                            s.init_from().empty() ? "a fresh model" : s.init_from(),
-                            s.reward_model_from().empty() ? "labelled by the verifier only (no reward model)"
-                                                           : "scored by " + s.reward_model_from());
+      const bool held = s.rejection_sampling().held_out();
+      const int64_t dialogs = s.rejection_sampling().dialog_prompts();
+      if (held) prompts = eval;
+      if (dialogs > 0) prompts = dialogs;
+      gen_tokens =
+          double(prompts * k * or_default(s.rejection_sampling().max_new_tokens(), int64_t(24)));
+      p.notes = fmt::format("{}{} {}prompts x K={} samples of {}, {}", rnd, prompts,
+                            held          ? "held-out "
+                            : dialogs > 0 ? "SFT-dialog "
+                                          : "",
+                            k, s.init_from().empty() ? "a fresh model" : s.init_from(),
+                            s.reward_model_from().empty()
+                                ? "labelled by the verifier only (no reward model)"
+                                : "scored by " + s.reward_model_from());
       p.config.reset();  // produces data, not a model
       if (init) p.flops = gen_tokens * init->flops_per_token(kPairLen) / 3.0;
       p.tokens = gen_tokens;
       return p;
     }
     case DPO: {
-      const int64_t steps = or_default(s.dpo().steps(), int64_t(60)), b = or_default(s.dpo().batch(), int64_t(8));
+      const int64_t steps = or_default(s.dpo().steps(), int64_t(60)),
+                    b = or_default(s.dpo().batch(), int64_t(8));
       train_tokens = double(steps * 2 * b * kPairLen);
       gen_tokens = double(2 * eval * or_default(s.dpo().max_new_tokens(), int64_t(24)));
       p.notes = fmt::format("{}{} steps x {} pairs, beta {}, alpha {}", rnd, steps, b,
-                            or_default(s.dpo().beta(), 0.1), s.dpo().alpha() < 0 ? 0.0 : or_default(s.dpo().alpha(), 0.2));
+                            or_default(s.dpo().beta(), 0.1),
+                            s.dpo().alpha() < 0 ? 0.0 : or_default(s.dpo().alpha(), 0.2));
       break;
     }
-    default: break;
+    default:
+      break;
   }
   p.tokens = train_tokens;
-  if (p.config) p.flops = train_tokens * p.config->flops_per_token(seq) + gen_tokens * p.config->flops_per_token(seq) / 3.0;
+  if (p.config)
+    p.flops = train_tokens * p.config->flops_per_token(seq) +
+              gen_tokens * p.config->flops_per_token(seq) / 3.0;
   return p;
 }
 
@@ -488,6 +590,18 @@ std::string post_data_of(const LoadedRecipe& lr, int i) {
   return "";
 }
 
+// The first trained (non-AVERAGE) stage behind an AVERAGE, following nested averages: where
+// an average's evaluation takes the inputs' reference policy, reward model and held-out samples.
+int first_trained_input(const LoadedRecipe& lr, int i) {
+  const Stage& s = lr.recipe().stage(i);
+  if (s.kind() != AVERAGE) return i;
+  for (auto& n : s.average().stages()) {
+    const int j = lr.stage_index(n);
+    if (j >= 0 && j < i) return first_trained_input(lr, j);
+  }
+  return -1;
+}
+
 int64_t max_new_tokens_of(const LoadedRecipe& lr, int i) {
   const Stage& s = lr.recipe().stage(i);
   if (s.kind() == SFT) return or_default(s.sft().max_new_tokens(), int64_t(24));
@@ -510,9 +624,36 @@ json evaluate_post_average(const LoadedRecipe& lr, int index, const std::string&
   post::ModelSource src;
   src.dir = (fs::path(run_dir) / lr.recipe().stage(index).name() / "model").string();
   src.tokenizer = dd + "/tokenizer.model";
-  json f = k == REWARD_MODEL
-               ? post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl")
-               : post::evaluate_policy(src, dd + "/eval.jsonl", max_new_tokens_of(lr, index));
+  const int first = first_trained_input(lr, index);
+  const Stage* in = first >= 0 ? &lr.recipe().stage(first) : nullptr;
+  auto stage_dir = [&](const std::string& n) { return (fs::path(run_dir) / n).string(); };
+  json f;
+  if (k == REWARD_MODEL) {
+    // The inputs' held-out on-policy samples too, so the average is judged like its inputs.
+    std::vector<std::string> onp;
+    if (in)
+      for (auto& n : in->eval_samples_from())
+        if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))
+          onp.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+    f = post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl", onp);
+  } else if (k == DPO && in && !in->init_from().empty()) {
+    // Against the policy the DPO runs started from (reference log-probs and the win-rate
+    // opponent), judged by their reward model, with the first input's beta.
+    post::DpoEvalOptions o;
+    o.model = src;
+    o.reference = {.dir = stage_dir(in->init_from()) + "/model", .tokenizer = src.tokenizer};
+    o.eval_prefs = dd + "/eval_prefs.jsonl";
+    o.eval_prompts = dd + "/eval.jsonl";
+    if (!in->reward_model_from().empty()) {
+      o.reward_model = stage_dir(in->reward_model_from()) + "/model";
+      o.reward_model_tokenizer = src.tokenizer;
+    }
+    o.beta = float(or_default(in->dpo().beta(), double(o.beta)));
+    o.max_new_tokens = max_new_tokens_of(lr, index);
+    f = post::evaluate_dpo(o);
+  } else {
+    f = post::evaluate_policy(src, dd + "/eval.jsonl", max_new_tokens_of(lr, index));
+  }
   f["average_of"] = StageKind_Name(k);
   if (lr.recipe().stage(index).round()) f["round"] = lr.recipe().stage(index).round();
   return f;
@@ -530,6 +671,45 @@ std::string with_interval(const json& f, const char* key, const char* n_key) {
     return fmt::format("{:.3f}", p);
   const double n = f[n_key].get<double>();
   return fmt::format("{:.3f} ± {:.3f}", p, 1.96 * std::sqrt(std::max(0.0, p * (1 - p)) / n));
+}
+
+// The win rate (ties count half) with the 95% interval of its three-valued per-prompt outcome
+// (1, 1/2, 0): the sample variance w + t/4 - p^2 per prompt, not p(1-p), which would treat
+// every tie as a coin flip. Older runs without the counts get the proportion's interval.
+// DPO's exact match minus its starting policy's, on the same prompts, with the 95% interval of
+// that paired difference (per prompt +1 fixed, -1 broken, 0 unchanged), which is much tighter
+// than the two proportions' intervals side by side; fixed / broken in brackets.
+std::string paired_gain(const json& f) {
+  if (!f.contains("exact_match_fixed") || !f.contains("exact_match_broken") ||
+      !f.contains("eval_prompts"))
+    return "-";
+  const double fx = f["exact_match_fixed"].get<double>(),
+               br = f["exact_match_broken"].get<double>(), n = f["eval_prompts"].get<double>();
+  if (n <= 0) return "-";
+  const double d = (fx - br) / n, var = std::max(0.0, (fx + br) / n - d * d);
+  return fmt::format("{:+.3f} ± {:.3f} ({}/{})", d, 1.96 * std::sqrt(var / n), int64_t(fx),
+                     int64_t(br));
+}
+
+// The verifier's best-of-K gain with its interval when the stage recorded one.
+std::string gain(const json& f) {
+  if (!f.contains("verified_best_of_k_gain") || !f["verified_best_of_k_gain"].is_number())
+    return "-";
+  const double g = f["verified_best_of_k_gain"].get<double>();
+  if (!f.contains("verified_best_of_k_gain_h")) return fmt::format("{:+.3f}", g);
+  return fmt::format("{:+.3f} ± {:.3f}", g, f["verified_best_of_k_gain_h"].get<double>());
+}
+
+std::string win_rate(const json& f) {
+  if (!f.contains("win_rate_wins") || !f.contains("win_rate_ties") ||
+      !f.contains("win_rate_losses"))
+    return with_interval(f, "win_rate_vs_start", "eval_prompts");
+  const double w = f["win_rate_wins"].get<double>(), t = f["win_rate_ties"].get<double>(),
+               l = f["win_rate_losses"].get<double>(), n = w + t + l;
+  if (n <= 0) return "-";
+  const double p = (w + 0.5 * t) / n, var = std::max(0.0, (w + 0.25 * t) / n - p * p);
+  return fmt::format("{:.3f} ± {:.3f} ({}/{}/{})", p, 1.96 * std::sqrt(var / n), int64_t(w),
+                     int64_t(t), int64_t(l));
 }
 
 }  // namespace
@@ -562,15 +742,27 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       if (k == KIND_UNSPECIFIED) continue;
       averages.push_back(i);
       names[s.round()].push_back(s.name());
-      if (k == DPO) continue;  // a DPO average has no preference accuracy or win rate of its own
     } else {
       if (!is_post_kind(k) || k == POST_DATA) continue;
       names[s.round()].push_back(s.name());
     }
+    if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out())
+      continue;  // evaluation data only
     if (k == REJECTION_SAMPLING && s.reward_model_from().empty() && rounds[s.round()].count(k))
       continue;
     rounds[s.round()][k] = final_of(s.name());
   }
+  // The round's reward model is the one its rejection sampling scored with (when that is in the
+  // round): an AVERAGE that followed it but was not used does not stand for the round.
+  std::map<int, std::string> rm_used;
+  for (int i = 0; i < stages.size(); ++i) {
+    const Stage& s = stages[i];
+    if (s.kind() == REJECTION_SAMPLING && !s.reward_model_from().empty()) {
+      const int j = lr.stage_index(s.reward_model_from());
+      if (j >= 0 && stages[j].round() == s.round()) rm_used[s.round()] = s.reward_model_from();
+    }
+  }
+  for (auto& [round, name] : rm_used) rounds[round][REWARD_MODEL] = final_of(name);
   if (rounds.empty()) return "";
   auto num = [](const json& f, const char* k) -> std::string {
     if (!f.contains(k) || !f[k].is_number()) return "-";
@@ -578,33 +770,40 @@ std::string post_rounds_markdown(const std::string& run_dir) {
   };
   std::string md =
       "\n## Post-training rounds\n\n"
-      "RM acc: the reward model's held-out pairwise accuracy. RS: acceptance; best-of-K gain as "
-      "the verifier sees it (the RM's pick among the K samples is correct minus a random sample "
-      "is correct: negative when the RM prefers wrong answers) and in the RM's own score (mean "
-      "best - mean, >= 0 by construction); RM pick / sample correct. SFT EM and DPO EM: greedy "
-      "exact match on held-out prompts. DPO acc: held-out preference accuracy (implicit reward). "
-      "Win rate: DPO model vs its starting (SFT) model, judged by the round's RM (ties half). An "
-      "AVERAGE of reward models or SFT policies stands for its kind in its round. `p ± h`: h is "
-      "the half-width of the 95% interval of a proportion over the eval set (1.96 "
-      "sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
-      "| round | RM acc | RS acceptance | RS best-of-K gain (verifier) | RS best-of-K gain (RM "
-      "score) | RS RM pick / "
-      "sample correct | SFT EM | DPO acc | DPO EM | DPO win rate vs SFT | stages |\n"
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+      "RM acc: the reward model's held-out pairwise accuracy over the generated held-out pairs "
+      "plus, "
+      "where the recipe annotates held-out prompts (eval_samples_from), the current policy's own "
+      "correct-vs-wrong samples on them; RM acc (own samples): that second part alone. RS: "
+      "acceptance; best-of-K gain as the verifier sees it (the RM's pick among the K samples is "
+      "correct minus a random sample is correct: negative when the RM prefers wrong answers) and "
+      "in the RM's own score (mean best - mean, >= 0 by construction); RM pick / sample correct. "
+      "SFT EM and DPO EM: greedy exact match on held-out prompts. DPO EM gain: DPO EM minus its "
+      "SFT model's on the same prompts (answers fixed / broken in brackets), with the interval of "
+      "that paired difference. DPO acc: held-out preference accuracy (implicit reward). Win rate: "
+      "DPO model vs its starting (SFT) model, judged by the round's RM (ties half; wins / ties / "
+      "losses in brackets, the interval from the per-prompt variance of that three-valued "
+      "outcome). An AVERAGE of reward models, SFT or DPO policies stands for its kind in its "
+      "round. `p ± h`: h is the half-width of the 95% interval (for a proportion over the eval "
+      "set 1.96 sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
+      "| round | RM acc | RM acc (own samples) | RS acceptance | RS best-of-K gain (verifier) | "
+      "RS best-of-K gain (RM score) | RS RM pick / sample correct | SFT EM | DPO acc | DPO EM | "
+      "DPO EM gain | DPO win rate vs SFT | stages |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
   for (auto& [round, kinds] : rounds) {
     auto get = [&](StageKind k) { return kinds.count(k) ? kinds.at(k) : json::object(); };
     const json rm = get(REWARD_MODEL), rs = get(REJECTION_SAMPLING), sft = get(SFT), dpo = get(DPO);
     std::string st;
     for (auto& n : names[round]) st += (st.empty() ? "" : ", ") + n;
     md += fmt::format(
-        "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
         round ? std::to_string(round) : "-", with_interval(rm, "eval_accuracy", "eval_pairs"),
-        with_interval(rs, "acceptance", "prompts"), num(rs, "verified_best_of_k_gain"),
-        num(rs, "best_of_k_gain"), num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"),
+        with_interval(rm, "eval_accuracy_on_policy", "eval_pairs_on_policy"),
+        with_interval(rs, "acceptance", "prompts"), gain(rs), num(rs, "best_of_k_gain"),
+        num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"),
         with_interval(sft, "eval_exact_match", "eval_prompts"),
         with_interval(dpo, "eval_accuracy", "eval_pairs"),
-        with_interval(dpo, "eval_exact_match", "eval_prompts"),
-        with_interval(dpo, "win_rate_vs_start", "eval_prompts"), st);
+        with_interval(dpo, "eval_exact_match", "eval_prompts"), paired_gain(dpo), win_rate(dpo),
+        st);
   }
   if (!averages.empty()) {
     md +=
@@ -626,6 +825,14 @@ std::string post_rounds_markdown(const std::string& run_dir) {
                         s.round() ? std::to_string(s.round()) : "-",
                         StageKind_Name(averaged_kind(lr, i)), rm ? "RM acc" : "exact match", in,
                         with_interval(final_of(s.name()), key, n_key));
+      if (averaged_kind(lr, i) == DPO) {  // and the win rate over the SFT model, DPO's aim
+        std::string wi;
+        for (auto& n : s.average().stages())
+          wi += fmt::format("{}{} {}", wi.empty() ? "" : ", ", n, win_rate(final_of(n)));
+        md += fmt::format("| {} | {} | DPO | win rate vs SFT | {} | {} |\n", s.name(),
+                          s.round() ? std::to_string(s.round()) : "-", wi,
+                          win_rate(final_of(s.name())));
+      }
     }
   }
   return md;

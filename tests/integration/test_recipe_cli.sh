@@ -43,13 +43,15 @@ expect_fail "--set pretrain.optimizer.lrr: Optimizer has no field 'lrr' (fields:
 expect_fail "needs 8192 ranks" run "$SRC/recipes/llama3_405b.textproto" --out "$OUT/run"
 expect_fail "field kind: VISION_ENCODER is not implemented in this build" run "$SRC/recipes/tiny.textproto" --out "$OUT/run" --set eval.kind=VISION_ENCODER
 # The default's post-training stages are planned (two rounds after the bootstrap SFT, with
-# averaged reward models and SFT policies in round 1).
-for s in post_data sft r1_samples r1_rm r1_rm_b r1_rm_avg r1_rs r1_sft r1_sft_b r1_sft_avg r1_pairs r1_dpo r2_samples \
-         r2_rm r2_rs r2_sft r2_pairs r2_dpo; do
+# averaged reward models and SFT policies in round 1, DPO policies in both, and the held-out
+# annotations that the reward models are evaluated on).
+for s in post_data sft r1_samples r1_heldout r1_rm r1_rm_b r1_rm_avg r1_rs r1_sft r1_sft_b r1_sft_avg r1_pairs r1_dpo \
+         r1_dpo_b r1_dpo_avg r2_samples r2_heldout r2_rm r2_rs r2_sft r2_pairs r2_dpo r2_dpo_b r2_dpo_avg; do
   grep -qE "^$s +(POST_DATA|SFT|REWARD_MODEL|REJECTION_SAMPLING|DPO|AVERAGE) " "$OUT/tiny.plan" || { echo "FAIL: $s not planned"; cat "$OUT/tiny.plan"; exit 1; }
 done
-grep -q "round 2: 160 prompts x K=16 samples of r1_dpo, scored by r2_rm" "$OUT/tiny.plan" &&
-  grep -q "round 2: 160 prompts x K=8 samples of r1_dpo, labelled by the verifier only" "$OUT/tiny.plan" || { echo "FAIL: RS plan row"; cat "$OUT/tiny.plan"; exit 1; }
+grep -q "round 2: 160 prompts x K=16 samples of r1_dpo_avg, scored by r2_rm" "$OUT/tiny.plan" &&
+  grep -q "round 2: 960 SFT-dialog prompts x K=8 samples of r1_dpo_avg, labelled by the verifier only" "$OUT/tiny.plan" &&
+  grep -q "round 2: 200 held-out prompts x K=8 samples of r1_dpo_avg, labelled by the verifier only" "$OUT/tiny.plan" || { echo "FAIL: RS plan row"; cat "$OUT/tiny.plan"; exit 1; }
 # A post stage's inputs are checked like any other: file:line and field.
 sed 's/reward_model_from: "r2_rm"/reward_model_from: "r2_sft"/' "$SRC/recipes/tiny.textproto" > "$OUT/bad4.textproto"
 line=$(grep -n 'reward_model_from: "r2_sft"' "$OUT/bad4.textproto" | head -1 | cut -d: -f1)

@@ -43,9 +43,16 @@ SETS=(--set pretrain.model.dim=64 --set pretrain.model.n_layers=2 --set pretrain
       --set r1_dpo.dpo.max_new_tokens=8 --set r2_dpo.dpo.max_new_tokens=8
       --set r1_rm_b.reward_model.steps=2 --set r1_sft_b.sft.steps=2 --set r1_sft_b.sft.max_new_tokens=8
       --set r1_pairs.rejection_sampling.k=2 --set r2_pairs.rejection_sampling.k=2
-      --set r1_pairs.rejection_sampling.max_new_tokens=8 --set r2_pairs.rejection_sampling.max_new_tokens=8)
-STAGES=(data pretrain long_context anneal eval post_data sft r1_samples r1_rm r1_rm_b r1_rm_avg r1_rs r1_sft r1_sft_b
-        r1_sft_avg r1_pairs r1_dpo r2_samples r2_rm r2_rs r2_sft r2_pairs r2_dpo)
+      --set r1_pairs.rejection_sampling.max_new_tokens=8 --set r2_pairs.rejection_sampling.max_new_tokens=8
+      --set r1_heldout.rejection_sampling.k=2 --set r2_heldout.rejection_sampling.k=2
+      --set r1_heldout.rejection_sampling.max_new_tokens=8 --set r2_heldout.rejection_sampling.max_new_tokens=8
+      --set r1_dpo_b.dpo.steps=2 --set r2_dpo_b.dpo.steps=2
+      --set r1_dpo_b.dpo.max_new_tokens=8 --set r2_dpo_b.dpo.max_new_tokens=8
+      --set r1_pairs.rejection_sampling.dialog_prompts=6 --set r2_pairs.rejection_sampling.dialog_prompts=6
+      --set r1_samples.rejection_sampling.dialog_prompts=6 --set r2_samples.rejection_sampling.dialog_prompts=6)
+STAGES=(data pretrain long_context anneal eval post_data sft r1_samples r1_heldout r1_rm r1_rm_b r1_rm_avg r1_rs r1_sft
+        r1_sft_b r1_sft_avg r1_pairs r1_dpo r1_dpo_b r1_dpo_avg r2_samples r2_heldout r2_rm r2_rs r2_sft r2_pairs r2_dpo
+        r2_dpo_b r2_dpo_avg)
 
 start=$(date +%s)
 "$LLAMA3" run "$SRC/recipes/tiny.textproto" --out "$OUT/a" "${SETS[@]}" > "$OUT/a.log" 2>&1 || { cat "$OUT/a.log"; exit 1; }
@@ -106,8 +113,16 @@ for s in ["pretrain", "long_context", "anneal", "sft", "r1_rm", "r1_dpo", "r2_sf
     assert la == lb, f"{s}: metrics.jsonl differs:\n{la}\n{lb}"
 # Averages of post-trained models are evaluated like their inputs (docs/recipes.md).
 ra, sa = json.load(open(f"{a}/r1_rm_avg/final.json")), json.load(open(f"{a}/r1_sft_avg/final.json"))
-assert ra["average_of"] == "REWARD_MODEL" and ra["eval_pairs"] == 6 and 0 <= ra["eval_accuracy"] <= 1, ra
+da = json.load(open(f"{a}/r1_dpo_avg/final.json"))
+# The RM average's held-out set: the 6 generated pairs plus its inputs' held-out on-policy pairs.
+ho = sum(1 for _ in open(f"{a}/r1_heldout/verified_prefs.jsonl"))
+assert ra["average_of"] == "REWARD_MODEL" and ra["eval_pairs_generated"] == 6 and ra["eval_pairs"] == 6 + ho, (ra, ho)
+assert 0 <= ra["eval_accuracy"] <= 1, ra
 assert sa["average_of"] == "SFT" and sa["eval_prompts"] == 6 and 0 <= sa["eval_exact_match"] <= 1, sa
+# A DPO average is judged like a DPO run: against the SFT model it started from, by its RM.
+assert da["average_of"] == "DPO" and da["eval_pairs"] == 6 and da["eval_prompts"] == 6, da
+assert da["win_rate_wins"] + da["win_rate_ties"] + da["win_rate_losses"] == 6 and 0 <= da["eval_accuracy"] <= 1, da
+assert da["start_exact_match"] == sa["eval_exact_match"], (da, sa)
 st = json.load(open(f"{b}/state.json"))
 assert sorted(st["finished"]) == sorted(stages), st  # --only eval moved eval last
 an = json.load(open(f"{a}/anneal/metrics.jsonl".replace("metrics.jsonl", "final.json")))

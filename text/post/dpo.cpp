@@ -46,24 +46,116 @@ DpoRows build_dpo_rows(const Tokenizer& tok, const std::vector<Preference>& pair
 namespace {
 Tensor row_logps(const LlamaModel& m, const DpoRows& rows) {
   Tensor h = m.hidden(Tensor::from_vector(rows.tokens, {2 * rows.n, rows.T}));
-  return ops::sequence_logprob(h, m.lm_head().weight, rows.targets_t(), 2 * rows.n, m.options().ce_chunk);
+  return ops::sequence_logprob(h, m.lm_head().weight, rows.targets_t(), 2 * rows.n,
+                               m.options().ce_chunk);
 }
 Tensor pick(const Tensor& v, int64_t from, int64_t n) {
   std::vector<int64_t> idx(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) idx[size_t(i)] = from + i;
   return ops::reshape(ops::gather_rows(ops::reshape(v, {v.numel(), 1}), idx), {n});
 }
+
+// What a DPO policy is judged on, all from its starting (reference) policy: the held-out pairs
+// with their reference log-probs, and the held-out prompts with the starting policy's greedy
+// responses (the win-rate opponent).
+struct DpoEvalSet {
+  std::vector<DpoRows> batches;
+  std::vector<std::vector<double>> ref;
+  std::vector<DialogRecord> prompts;
+  std::vector<std::string> before;
+  SamplingOptions so;
+};
+
+DpoEvalSet make_eval_set(const LlamaModel& reference, const Tokenizer& tok,
+                         std::vector<Preference> eval, const std::string& eval_prompts,
+                         int64_t max_new_tokens, const LoadOptions& load) {
+  DpoEvalSet e;
+  for (Preference& q : eval) q = dpo_pair(q);
+  const int32_t pad = tok.eos_id();
+  for (size_t i = 0; i < eval.size(); i += 16)
+    e.batches.push_back(
+        build_dpo_rows(tok, {eval.begin() + i, eval.begin() + std::min(eval.size(), i + 16)}, pad));
+  for (auto& b : e.batches) e.ref.push_back(sequence_logps(reference, b));
+  e.so =
+      SamplingOptions{.greedy = true, .max_new_tokens = max_new_tokens, .stop_ids = stop_ids(tok)};
+  if (!eval_prompts.empty()) {
+    LoadOptions el = load;
+    el.max_tokens = reference.config().max_seq_len - max_new_tokens;
+    e.prompts = load_prompts(eval_prompts, tok, el, nullptr);
+    e.before = respond(reference, tok, e.prompts, e.so);
+  }
+  return e;
+}
+
+// Held-out preference accuracy (implicit reward margin > 0), exact match, and the win rate
+// against the starting policy's responses judged by the reward model (ties count half; the
+// counts are kept so the report can give the interval of a three-valued outcome).
+nlohmann::json dpo_eval(const LlamaModel& m, const Tokenizer& tok, const DpoEvalSet& e,
+                        const std::string& reward_model, const std::string& reward_model_tokenizer,
+                        float beta, float alpha) {
+  nlohmann::json metrics = nlohmann::json::object();
+  {
+    autograd::NoGradGuard ng;
+    int64_t ok = 0, n = 0;
+    double margin = 0;
+    for (size_t i = 0; i < e.batches.size(); ++i)
+      for (double mg : dpo_loss(m, e.batches[i], e.ref[i], beta, alpha).margins)
+        ok += mg > 0, ++n, margin += mg;
+    metrics["eval_accuracy"] = n ? double(ok) / double(n) : 0.0;
+    metrics["eval_margin"] = n ? margin / double(n) : 0.0;
+    metrics["eval_pairs"] = n;
+  }
+  if (e.prompts.empty()) return metrics;
+  metrics["start_exact_match"] = exact_match(e.before, e.prompts);
+  auto after = respond(m, tok, e.prompts, e.so);
+  metrics["eval_exact_match"] = exact_match(after, e.prompts);
+  metrics["eval_prompts"] = int64_t(e.prompts.size());
+  // Per prompt against the starting policy: answers DPO fixed and answers it broke (the
+  // paired difference in exact match, and its interval, follow from these).
+  int64_t fixed = 0, broken = 0;
+  for (size_t i = 0; i < e.prompts.size(); ++i) {
+    const bool was = verify(e.prompts[i], e.before[i]), is = verify(e.prompts[i], after[i]);
+    fixed += !was && is, broken += was && !is;
+  }
+  metrics["exact_match_fixed"] = fixed, metrics["exact_match_broken"] = broken;
+  if (!reward_model.empty()) {
+    RewardModel rm(
+        load_policy(ModelSource{.dir = reward_model, .tokenizer = reward_model_tokenizer}));
+    int64_t wins = 0, ties = 0, losses = 0;
+    for (size_t i = 0; i < e.prompts.size(); ++i) {
+      auto s = rm.score_responses(e.prompts[i].messages, {after[i], e.before[i]});
+      (s[0] > s[1] ? wins : s[0] == s[1] ? ties : losses) += 1;
+    }
+    metrics["win_rate_vs_start"] = (double(wins) + 0.5 * double(ties)) / double(e.prompts.size());
+    metrics["win_rate_wins"] = wins, metrics["win_rate_ties"] = ties,
+    metrics["win_rate_losses"] = losses;
+  }
+  return metrics;
+}
 }  // namespace
+
+nlohmann::json evaluate_dpo(const DpoEvalOptions& o) {
+  Policy ref = load_policy(o.reference);
+  LoadOptions lo;
+  lo.max_tokens = ref.model->config().max_seq_len + 1;
+  DpoEvalSet e =
+      make_eval_set(*ref.model, ref.tok, load_preferences(o.eval_prefs, ref.tok, lo, nullptr),
+                    o.eval_prompts, o.max_new_tokens, lo);
+  ref.model.reset();
+  Policy p = load_policy(o.model);
+  return dpo_eval(*p.model, p.tok, e, o.reward_model, o.reward_model_tokenizer, o.beta, o.alpha);
+}
 
 std::vector<double> sequence_logps(const LlamaModel& m, const DpoRows& rows) {
   autograd::NoGradGuard ng;
   return row_logps(m, rows).to_vector<double>();
 }
 
-DpoLossParts dpo_loss(const LlamaModel& m, const DpoRows& rows, const std::vector<double>& ref, float beta,
-                      float alpha) {
+DpoLossParts dpo_loss(const LlamaModel& m, const DpoRows& rows, const std::vector<double>& ref,
+                      float beta, float alpha) {
   const int64_t n = rows.n;
-  LLAMA3_CHECK(int64_t(ref.size()) == 2 * n, "dpo: {} reference log-probs for {} pairs", ref.size(), n);
+  LLAMA3_CHECK(int64_t(ref.size()) == 2 * n, "dpo: {} reference log-probs for {} pairs", ref.size(),
+               n);
   Tensor lp = row_logps(m, rows);
   Tensor lc = pick(lp, 0, n), lr = pick(lp, n, n);
   std::vector<double> off(static_cast<size_t>(n)), nll(static_cast<size_t>(n));
@@ -73,11 +165,13 @@ DpoLossParts dpo_loss(const LlamaModel& m, const DpoRows& rows, const std::vecto
   }
   Tensor dt = Tensor::from_vector(off, {n}).to(lc.dtype());
   Tensor loss = ops::pairwise_logistic_loss(lc, lr, beta, dt);
-  if (alpha != 0.f) loss = ops::add(loss, ops::dot(lc, Tensor::from_vector(nll, {n}).to(lc.dtype())));
+  if (alpha != 0.f)
+    loss = ops::add(loss, ops::dot(lc, Tensor::from_vector(nll, {n}).to(lc.dtype())));
   DpoLossParts out{loss, {}};
   std::vector<double> lpv = lp.to_vector<double>();
   for (int64_t i = 0; i < n; ++i)
-    out.margins.push_back((lpv[size_t(i)] - ref[size_t(i)]) - (lpv[size_t(n + i)] - ref[size_t(n + i)]));
+    out.margins.push_back((lpv[size_t(i)] - ref[size_t(i)]) -
+                          (lpv[size_t(n + i)] - ref[size_t(n + i)]));
   return out;
 }
 
@@ -102,7 +196,8 @@ PostStageResult run_dpo(const DpoOptions& o) {
     auto v = load_preferences(f, p.tok, lo, &rep);
     prefs.insert(prefs.end(), v.begin(), v.end());
     skipped += rep.skipped_total();
-    for (auto& [k, c] : rep.skipped) metrics["skipped_" + k] = metrics.value("skipped_" + k, int64_t(0)) + c;
+    for (auto& [k, c] : rep.skipped)
+      metrics["skipped_" + k] = metrics.value("skipped_" + k, int64_t(0)) + c;
   }
   std::mt19937_64 g(o.seed);
   std::shuffle(prefs.begin(), prefs.end(), g);
@@ -116,35 +211,21 @@ PostStageResult run_dpo(const DpoOptions& o) {
   LLAMA3_CHECK(!prefs.empty(), "dpo: no usable preference pairs ({} skipped)", skipped);
   // One pair per prompt, best vs worst: with an edit, the `chosen` response can be a near miss
   // that the NLL term would otherwise teach the policy to say.
-  for (auto* v : {&prefs, &eval})
-    for (Preference& q : *v) q = dpo_pair(q);
+  for (Preference& q : prefs) q = dpo_pair(q);
   const int32_t pad = p.tok.eos_id();
   const int64_t bs = std::min<int64_t>(o.batch, int64_t(prefs.size()));
   std::vector<DpoRows> batches;
   for (size_t i = 0; i + size_t(bs) <= prefs.size(); i += size_t(bs))
     batches.push_back(build_dpo_rows(p.tok, {prefs.begin() + i, prefs.begin() + i + bs}, pad));
-  std::vector<DpoRows> eval_batches;
-  for (size_t i = 0; i < eval.size(); i += 16)
-    eval_batches.push_back(build_dpo_rows(p.tok, {eval.begin() + i, eval.begin() + std::min(eval.size(), i + 16)}, pad));
-  // Reference log-probs: once, from the frozen starting policy; stored with the run.
-  std::vector<std::vector<double>> ref, ref_eval;
+  // Reference log-probs: once, from the frozen starting policy; stored with the run. The
+  // held-out set (and the starting policy's responses, for the win rate) comes from it too.
+  std::vector<std::vector<double>> ref;
   for (auto& b : batches) ref.push_back(sequence_logps(m, b));
-  for (auto& b : eval_batches) ref_eval.push_back(sequence_logps(m, b));
+  const DpoEvalSet ev = make_eval_set(m, p.tok, eval, o.eval_prompts, o.max_new_tokens, o.load);
   std::filesystem::create_directories(o.out_dir + ".ref");
   {
-    nlohmann::json rj = {{"train", ref}, {"eval", ref_eval}};
+    nlohmann::json rj = {{"train", ref}, {"eval", ev.ref}};
     std::ofstream(o.out_dir + ".ref/reference_logps.json") << rj.dump();
-  }
-  // The starting policy's greedy responses, for the win rate.
-  std::vector<DialogRecord> prompts;
-  std::vector<std::string> before;
-  SamplingOptions so{.greedy = true, .max_new_tokens = o.max_new_tokens, .stop_ids = stop_ids(p.tok)};
-  if (!o.eval_prompts.empty()) {
-    LoadOptions el = o.load;
-    el.max_tokens = m.config().max_seq_len - o.max_new_tokens;
-    prompts = load_prompts(o.eval_prompts, p.tok, el, nullptr);
-    before = respond(m, p.tok, prompts, so);
-    metrics["start_exact_match"] = exact_match(before, prompts);
   }
   TrainLoopOptions to = o.train;
   to.steps = o.steps;
@@ -159,33 +240,11 @@ PostStageResult run_dpo(const DpoOptions& o) {
   metrics["train_loss"] = loss;
   metrics["train_pairs"] = int64_t(prefs.size());
   metrics["skipped"] = skipped;
-  {
-    autograd::NoGradGuard ng;
-    int64_t ok = 0, n = 0;
-    double margin = 0;
-    for (size_t i = 0; i < eval_batches.size(); ++i)
-      for (double mg : dpo_loss(m, eval_batches[i], ref_eval[i], o.beta, o.alpha).margins) ok += mg > 0, ++n, margin += mg;
-    metrics["eval_accuracy"] = n ? double(ok) / double(n) : 0.0;
-    metrics["eval_margin"] = n ? margin / double(n) : 0.0;
-    metrics["eval_pairs"] = n;
-  }
-  if (!prompts.empty()) {
-    auto after = respond(m, p.tok, prompts, so);
-    metrics["eval_exact_match"] = exact_match(after, prompts);
-    metrics["eval_prompts"] = int64_t(prompts.size());
-    if (!o.reward_model.empty()) {
-      RewardModel rm(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
-      double wins = 0;
-      for (size_t i = 0; i < prompts.size(); ++i) {
-        auto s = rm.score_responses(prompts[i].messages, {after[i], before[i]});
-        wins += s[0] > s[1] ? 1.0 : (s[0] == s[1] ? 0.5 : 0.0);
-      }
-      metrics["win_rate_vs_start"] = wins / double(prompts.size());
-    }
-  }
+  metrics.update(dpo_eval(m, p.tok, ev, o.reward_model, o.reward_model_tokenizer, o.beta, o.alpha));
   spdlog::info("dpo: {}", metrics.dump());
   save_policy(m, p.tokenizer_path, o.out_dir, p.extra);
-  std::filesystem::rename(o.out_dir + ".ref/reference_logps.json", o.out_dir + "/reference_logps.json");
+  std::filesystem::rename(o.out_dir + ".ref/reference_logps.json",
+                          o.out_dir + "/reference_logps.json");
   std::filesystem::remove_all(o.out_dir + ".ref");
   write_final(o.out_dir, metrics);
   return {o.out_dir, metrics};

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -23,13 +24,17 @@ nlohmann::json messages_json(const Dialog& d) {
 }  // namespace
 
 std::vector<std::pair<size_t, size_t>> verified_pairs(const std::vector<std::string>& responses,
-                                                      const std::vector<uint8_t>& correct, const std::vector<double>& scores) {
+                                                      const std::vector<uint8_t>& correct,
+                                                      const std::vector<double>& scores) {
   LLAMA3_CHECK(correct.size() == responses.size() && scores.size() == responses.size(),
-               "verified_pairs: {} responses, {} labels, {} scores", responses.size(), correct.size(), scores.size());
+               "verified_pairs: {} responses, {} labels, {} scores", responses.size(),
+               correct.size(), scores.size());
   std::vector<size_t> good, bad;
   for (size_t j = 0; j < responses.size(); ++j) {
-    if (correct[j]) good.push_back(j);
-    else if (!trim(responses[j]).empty()) bad.push_back(j);
+    if (correct[j])
+      good.push_back(j);
+    else if (!trim(responses[j]).empty())
+      bad.push_back(j);
   }
   auto by_score = [&](size_t a, size_t b) { return scores[a] > scores[b]; };
   std::stable_sort(good.begin(), good.end(), by_score);
@@ -49,20 +54,26 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
   // (the paper's annotation of the latest model's outputs, for the next reward model).
   std::optional<RewardModel> rm;
   if (!o.reward_model.empty())
-    rm.emplace(load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
+    rm.emplace(
+        load_policy(ModelSource{.dir = o.reward_model, .tokenizer = o.reward_model_tokenizer}));
   LoadOptions lo = o.load;
   lo.max_tokens = p.model->config().max_seq_len - o.sampling.max_new_tokens;
   LoadReport rep;
   auto prompts = load_prompts(o.prompts, p.tok, lo, &rep);
+  if (o.max_prompts > 0 && int64_t(prompts.size()) > o.max_prompts)
+    prompts.resize(size_t(o.max_prompts));
   LLAMA3_CHECK(!prompts.empty(), "rejection sampling: no usable prompts in {}", o.prompts);
   std::filesystem::create_directories(o.out_dir);
   std::ofstream sft(o.out_dir + "/sft.jsonl"), prefs(o.out_dir + "/prefs.jsonl"),
       vprefs(o.out_dir + "/verified_prefs.jsonl");
   SamplingOptions so = o.sampling;
   so.stop_ids = stop_ids(p.tok);
-  int64_t kept = 0, verified = 0, best_correct = 0, sample_correct = 0, samples = 0, pairs = 0, vpairs = 0,
-          any_correct = 0;
+  int64_t kept = 0, verified = 0, best_correct = 0, sample_correct = 0, samples = 0, pairs = 0,
+          vpairs = 0, any_correct = 0;
   double sum_best = 0, sum_mean = 0;
+  // Per verifiable prompt: the RM's pick is correct (0/1) minus the share of correct samples;
+  // the mean is the verifier's best-of-K gain, the spread gives its interval.
+  double gain_sum = 0, gain_sq = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     std::vector<std::vector<int32_t>> ps(size_t(o.k), render(p.tok, prompts[i].messages, true).ids);
     so.seed = o.sampling.seed * 1000003 + i;
@@ -70,7 +81,8 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     std::vector<std::string> resp;
     for (auto& g : gens) resp.push_back(decode_text(p.tok, g.tokens));
     // No RM: every sample scores 0, so "best" is the first sample (a random one).
-    const std::vector<double> sc = rm ? rm->score_responses(prompts[i].messages, resp) : std::vector<double>(resp.size(), 0.0);
+    const std::vector<double> sc =
+        rm ? rm->score_responses(prompts[i].messages, resp) : std::vector<double>(resp.size(), 0.0);
     const size_t best = size_t(std::max_element(sc.begin(), sc.end()) - sc.begin());
     const size_t worst = size_t(std::min_element(sc.begin(), sc.end()) - sc.begin());
     double mean = 0;
@@ -83,9 +95,12 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
       ++verified;
       best_correct += verify(prompts[i], resp[best]);
       std::vector<uint8_t> ok(resp.size());
-      for (size_t j = 0; j < resp.size(); ++j) ok[j] = verify(prompts[i], resp[j]), sample_correct += ok[j], ++samples;
+      for (size_t j = 0; j < resp.size(); ++j)
+        ok[j] = verify(prompts[i], resp[j]), sample_correct += ok[j], ++samples;
       for (auto [c, w] : verified_pairs(resp, ok, sc)) {
-        vprefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)}, {"chosen", resp[c]}, {"rejected", resp[w]}})
+        vprefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)},
+                                  {"chosen", resp[c]},
+                                  {"rejected", resp[w]}})
                       .dump()
                << "\n";
         ++vpairs;
@@ -95,6 +110,9 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
         if (ok[j]) good.push_back(j);
       std::stable_sort(good.begin(), good.end(), [&](size_t a, size_t b) { return sc[a] > sc[b]; });
       any_correct += !good.empty();
+      const double d =
+          double(verify(prompts[i], resp[best])) - double(good.size()) / double(resp.size());
+      gain_sum += d, gain_sq += d * d;
       if (o.require_correct) {
         if (good.empty()) continue;
         pick = good[0];
@@ -139,8 +157,12 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
       metrics["best_correct_rate"] = double(best_correct) / double(verified);
       // Best-of-K gain as the verifier sees it: the RM's pick vs a random sample; negative
       // when the RM prefers wrong answers.
-      metrics["verified_best_of_k_gain"] = metrics["best_correct_rate"].get<double>() -
-                                           metrics["sample_correct_rate"].get<double>();
+      metrics["verified_best_of_k_gain"] =
+          metrics["best_correct_rate"].get<double>() - metrics["sample_correct_rate"].get<double>();
+      // Half-width of its 95% interval over the prompts (paired per prompt).
+      const double nv = double(verified), mg = gain_sum / nv;
+      metrics["verified_best_of_k_gain_h"] =
+          1.96 * std::sqrt(std::max(0.0, gain_sq / nv - mg * mg) / nv);
     }
   }
   spdlog::info("rejection sampling: {}", metrics.dump());

@@ -33,14 +33,16 @@ Tensor RewardModel::scores(const std::vector<std::vector<int32_t>>& seqs) const 
   std::vector<int64_t> last(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     std::copy(seqs[size_t(i)].begin(), seqs[size_t(i)].end(), tok.begin() + i * T);
-    last[size_t(i)] = i * T + int64_t(seqs[size_t(i)].size()) - 1;  // padding comes after: causal, unseen
+    last[size_t(i)] =
+        i * T + int64_t(seqs[size_t(i)].size()) - 1;  // padding comes after: causal, unseen
   }
   Tensor h = policy.model->hidden(Tensor::from_vector(tok, {n, T}));
-  Tensor hl = ops::gather_rows(h, last);                     // (n, D)
-  return ops::reshape(ops::linear(hl, score), {n});          // (n)
+  Tensor hl = ops::gather_rows(h, last);             // (n, D)
+  return ops::reshape(ops::linear(hl, score), {n});  // (n)
 }
 
-std::vector<double> RewardModel::score_responses(const Dialog& prompt, const std::vector<std::string>& responses) const {
+std::vector<double> RewardModel::score_responses(const Dialog& prompt,
+                                                 const std::vector<std::string>& responses) const {
   autograd::NoGradGuard ng;
   std::vector<std::vector<int32_t>> seqs;
   const size_t ctx = size_t(policy.model->config().max_seq_len);
@@ -95,31 +97,67 @@ double pair_accuracy(const RewardModel& rm, const std::vector<Pair>& ps) {
   }
   return ps.empty() ? 0.0 : double(ok) / double(ps.size());
 }
+std::vector<Preference> load_all(const std::vector<std::string>& files, const Tokenizer& tok,
+                                 const LoadOptions& lo, LoadReport* rep) {
+  std::vector<Preference> out;
+  for (auto& f : files) {
+    auto v = load_preferences(f, tok, lo, rep);
+    out.insert(out.end(), v.begin(), v.end());
+  }
+  return out;
+}
+// Held-out accuracy over generated + on-policy pairs, and each part on its own: the on-policy
+// part is what rejection sampling needs (ranking the policy's own samples).
+nlohmann::json eval_metrics(const RewardModel& rm, const std::vector<Pair>& gen,
+                            const std::vector<Pair>& onp) {
+  const double a = pair_accuracy(rm, gen), b = pair_accuracy(rm, onp);
+  const double n = double(gen.size() + onp.size());
+  nlohmann::json j = {
+      {"eval_accuracy", n > 0 ? (a * double(gen.size()) + b * double(onp.size())) / n : 0.0},
+      {"eval_pairs", int64_t(n)},
+      {"eval_accuracy_generated", a},
+      {"eval_pairs_generated", int64_t(gen.size())}};
+  if (!onp.empty())
+    j["eval_accuracy_on_policy"] = b, j["eval_pairs_on_policy"] = int64_t(onp.size());
+  return j;
+}
 }  // namespace
 
-nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs) {
+nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs,
+                                     const std::vector<std::string>& eval_on_policy) {
   RewardModel rm(load_policy(model));
   LoadOptions lo;
   lo.max_tokens = rm.policy.model->config().max_seq_len;
   auto held = to_pairs(rm.policy.tok, load_preferences(eval_prefs, rm.policy.tok, lo, nullptr));
-  return {{"eval_accuracy", pair_accuracy(rm, held)}, {"eval_pairs", int64_t(held.size())}};
+  auto onp = to_pairs(rm.policy.tok, load_all(eval_on_policy, rm.policy.tok, lo, nullptr));
+  return eval_metrics(rm, held, onp);
 }
 
 PostStageResult run_reward_model(const RewardOptions& o) {
-  LLAMA3_CHECK(!o.prefs.empty(), "reward model: no preference files");
+  LLAMA3_CHECK(!o.prefs.empty() || !o.on_policy_prefs.empty(), "reward model: no preference files");
+  LLAMA3_CHECK(o.on_policy_fraction >= 0 && o.on_policy_fraction <= 1,
+               "reward model: on_policy_fraction {} outside [0, 1]", o.on_policy_fraction);
   RewardModel rm(load_policy(o.model));
   LoadOptions lo = o.load;
   lo.max_tokens = rm.policy.model->config().max_seq_len;
-  std::vector<Preference> prefs, eval;
+  std::vector<Preference> prefs, eval, onp_prefs;
   nlohmann::json metrics = nlohmann::json::object();
   int64_t skipped = 0;
-  for (auto& f : o.prefs) {
-    LoadReport rep;
-    auto v = load_preferences(f, rm.policy.tok, lo, &rep);
-    prefs.insert(prefs.end(), v.begin(), v.end());
-    skipped += rep.skipped_total();
-    for (auto& [k, n] : rep.skipped) metrics["skipped_" + k] = metrics.value("skipped_" + k, int64_t(0)) + n;
-  }
+  auto load = [&](const std::vector<std::string>& files, std::vector<Preference>& to) {
+    for (auto& f : files) {
+      LoadReport rep;
+      auto v = load_preferences(f, rm.policy.tok, lo, &rep);
+      to.insert(to.end(), v.begin(), v.end());
+      skipped += rep.skipped_total();
+      for (auto& [k, n] : rep.skipped)
+        metrics["skipped_" + k] = metrics.value("skipped_" + k, int64_t(0)) + n;
+    }
+  };
+  load(o.prefs, prefs);
+  load(o.on_policy_prefs, onp_prefs);
+  // Without a share of their own, on-policy pairs are simply more preference data.
+  if (o.on_policy_fraction <= 0)
+    prefs.insert(prefs.end(), onp_prefs.begin(), onp_prefs.end()), onp_prefs.clear();
   std::mt19937_64 g(o.seed);
   std::shuffle(prefs.begin(), prefs.end(), g);
   if (!o.eval_prefs.empty()) {
@@ -129,26 +167,48 @@ PostStageResult run_reward_model(const RewardOptions& o) {
     eval.assign(prefs.end() - ne, prefs.end());
     prefs.resize(prefs.size() - ne);
   }
-  LLAMA3_CHECK(!prefs.empty(), "reward model: no usable preference pairs ({} skipped)", skipped);
-  auto train = to_pairs(rm.policy.tok, prefs), held = to_pairs(rm.policy.tok, eval);
-  spdlog::info("reward model: {} training pairs from {} prompts, {} held-out pairs", train.size(),
-               prefs.size(), held.size());
-  auto accuracy = [&](const std::vector<Pair>& ps) { return pair_accuracy(rm, ps); };
+  auto train = to_pairs(rm.policy.tok, prefs), held = to_pairs(rm.policy.tok, eval),
+       onp = to_pairs(rm.policy.tok, onp_prefs);
+  auto held_onp = to_pairs(rm.policy.tok, load_all(o.eval_on_policy, rm.policy.tok, lo, nullptr));
+  // With no pairs of one pool, every batch comes from the other.
+  const int64_t n_onp =
+      onp.empty() ? 0
+      : train.empty()
+          ? o.batch
+          : std::clamp<int64_t>(int64_t(std::lround(o.on_policy_fraction * double(o.batch))), 1,
+                                o.batch - 1);
+  LLAMA3_CHECK(!train.empty() || !onp.empty(),
+               "reward model: no usable preference pairs ({} skipped)", skipped);
+  spdlog::info(
+      "reward model: {} training pairs from {} prompts + {} on-policy pairs ({} of {} per batch), "
+      "{} + {} "
+      "held-out pairs",
+      train.size(), prefs.size(), onp.size(), n_onp, o.batch, held.size(), held_onp.size());
   TrainLoopOptions to = o.train;
   to.steps = o.steps;
   to.tag = "reward_model";
-  std::vector<size_t> order(train.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  size_t cursor = order.size();
+  // Two pools, each shuffled and walked in epochs.
+  struct Pool {
+    const std::vector<Pair>* pairs;
+    std::vector<size_t> order;
+    size_t cursor = 0;
+  };
+  auto make_pool = [](const std::vector<Pair>& ps) {
+    Pool p{&ps, std::vector<size_t>(ps.size()), ps.size()};
+    for (size_t i = 0; i < ps.size(); ++i) p.order[i] = i;
+    return p;
+  };
+  Pool gen_pool = make_pool(train), onp_pool = make_pool(onp);
+  auto draw = [&](Pool& p) -> const Pair& {
+    if (p.cursor >= p.order.size()) std::shuffle(p.order.begin(), p.order.end(), g), p.cursor = 0;
+    return (*p.pairs)[p.order[p.cursor++]];
+  };
   const double loss = train_loop(rm.parameters(), to, [&](int64_t) {
+    std::vector<const Pair*> pick;
+    for (int64_t j = 0; j < o.batch; ++j) pick.push_back(&draw(j < n_onp ? onp_pool : gen_pool));
     std::vector<std::vector<int32_t>> seqs;
-    std::vector<size_t> pick;
-    for (int64_t j = 0; j < o.batch; ++j) {
-      if (cursor >= order.size()) std::shuffle(order.begin(), order.end(), g), cursor = 0;
-      pick.push_back(order[cursor++]);
-    }
-    for (size_t i : pick) seqs.push_back(train[i].better);
-    for (size_t i : pick) seqs.push_back(train[i].worse);
+    for (const Pair* q : pick) seqs.push_back(q->better);
+    for (const Pair* q : pick) seqs.push_back(q->worse);
     Tensor s = ops::reshape(rm.scores(seqs), {2 * o.batch, 1});
     std::vector<int64_t> a(static_cast<size_t>(o.batch)), b(static_cast<size_t>(o.batch));
     for (int64_t j = 0; j < o.batch; ++j) a[size_t(j)] = j, b[size_t(j)] = o.batch + j;
@@ -156,12 +216,12 @@ PostStageResult run_reward_model(const RewardOptions& o) {
                                        ops::reshape(ops::gather_rows(s, b), {o.batch}), 1.f);
   });
   metrics["train_loss"] = loss;
-  metrics["train_pairs"] = int64_t(train.size());
-  metrics["eval_pairs"] = int64_t(held.size());
-  metrics["eval_accuracy"] = accuracy(held);
+  metrics["train_pairs"] = int64_t(train.size() + onp.size());
+  if (!onp.empty()) metrics["train_pairs_on_policy"] = int64_t(onp.size());
+  metrics.update(eval_metrics(rm, held, held_onp));
   metrics["skipped"] = skipped;
-  spdlog::info("reward model: held-out pairwise accuracy {:.3f} on {} pairs", metrics["eval_accuracy"].get<double>(),
-               held.size());
+  spdlog::info("reward model: held-out pairwise accuracy {:.3f} on {} pairs",
+               metrics["eval_accuracy"].get<double>(), metrics["eval_pairs"].get<int64_t>());
   rm.save(o.out_dir);
   write_final(o.out_dir, metrics);
   return {o.out_dir, metrics};

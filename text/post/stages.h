@@ -27,8 +27,9 @@ struct PackedBatch {
 // (the model must learn to stop).
 bool sft_target(TokenKind k, bool with_termination);
 // Packs dialogs (greedy first-fit in order) into rows of T positions.
-std::vector<PackedBatch> pack_dialogs(const std::vector<Rendered>& dialogs, int64_t T, int64_t rows_per_batch,
-                                      bool with_termination, int32_t pad_id);
+std::vector<PackedBatch> pack_dialogs(const std::vector<Rendered>& dialogs, int64_t T,
+                                      int64_t rows_per_batch, bool with_termination,
+                                      int32_t pad_id);
 
 struct SftOptions {
   ModelSource model;
@@ -57,7 +58,8 @@ class RewardModel {
   RewardModel(Policy p);  // score.weight from p.extra, or zero-initialised
   // Scores of full rendered sequences (each scored at its last token).
   Tensor scores(const std::vector<std::vector<int32_t>>& seqs) const;  // (n)
-  std::vector<double> score_responses(const Dialog& prompt, const std::vector<std::string>& responses) const;
+  std::vector<double> score_responses(const Dialog& prompt,
+                                      const std::vector<std::string>& responses) const;
   std::vector<nn::NamedParam> parameters();
   void save(const std::string& dir) const;
   Policy policy;
@@ -67,7 +69,16 @@ class RewardModel {
 struct RewardOptions {
   ModelSource model;
   std::vector<std::string> prefs;  // preference JSONL files
-  std::string eval_prefs;          // held-out file; else eval_fraction of prefs
+  // On-policy pairs (the policy's own correct vs wrong samples, rejection sampling's
+  // verified_prefs.jsonl): pooled with prefs, or, with on_policy_fraction > 0, that share of
+  // every batch is drawn from them (so a few hundred of them are not drowned by thousands of
+  // generated pairs).
+  std::vector<std::string> on_policy_prefs;
+  double on_policy_fraction = 0;
+  std::string eval_prefs;  // held-out file; else eval_fraction of prefs
+  // Held-out on-policy pairs (samples of the current policy on held-out prompts): they join
+  // the held-out set, reported also on their own (eval_accuracy_on_policy).
+  std::vector<std::string> eval_on_policy;
   double eval_fraction = 0.1;
   std::string out_dir;
   int64_t steps = 100, batch = 8;
@@ -77,8 +88,10 @@ struct RewardOptions {
 };
 PostStageResult run_reward_model(const RewardOptions& o);
 // Held-out pairwise accuracy of a reward-model checkpoint (e.g. an average of RMs):
-// eval_accuracy, eval_pairs.
-nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs);
+// eval_accuracy, eval_pairs over the generated held-out pairs plus the on-policy ones, and
+// each part on its own (eval_accuracy_generated, eval_accuracy_on_policy, with their counts).
+nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs,
+                                     const std::vector<std::string>& eval_on_policy = {});
 
 // ---- Rejection sampling: K samples per prompt, the RM keeps the best ----
 
@@ -86,7 +99,8 @@ struct RejectionOptions {
   ModelSource policy;
   std::string reward_model;  // RM checkpoint dir; empty: sample and label with the verifier only
   std::string reward_model_tokenizer;  // default: <reward_model>/tokenizer.model
-  std::string prompts;       // prompt JSONL
+  std::string prompts;                 // prompt JSONL (or dialogs: the assistant turn is dropped)
+  int64_t max_prompts = 0;             // > 0: only the first max_prompts usable prompts
   // Writes sft.jsonl (best responses with scores), prefs.jsonl (RM best vs RM worst) and
   // verified_prefs.jsonl (for prompts with answers: every distinct sample the verifier
   // rejects, each against one it accepts; the verifier plays the paper's human annotator of
@@ -94,8 +108,15 @@ struct RejectionOptions {
   std::string out_dir;
   int64_t k = 8;
   double min_score = -1e30;  // keep a prompt's best only if it scores at least this
-  bool require_correct = false;  // choose the best among verified-correct samples only (prompts with answers)
-  SamplingOptions sampling{.greedy = false, .temperature = 1.0f, .top_k = 0, .top_p = 0.95f, .max_new_tokens = 24, .seed = 0, .stop_ids = {}};
+  bool require_correct =
+      false;  // choose the best among verified-correct samples only (prompts with answers)
+  SamplingOptions sampling{.greedy = false,
+                           .temperature = 1.0f,
+                           .top_k = 0,
+                           .top_p = 0.95f,
+                           .max_new_tokens = 24,
+                           .seed = 0,
+                           .stop_ids = {}};
   LoadOptions load;
 };
 PostStageResult run_rejection_sampling(const RejectionOptions& o);
@@ -103,7 +124,8 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o);
 // distinct non-empty wrong sample, hardest first (highest score), each against a correct one
 // (highest-scored first, cycling); none when no sample is correct.
 std::vector<std::pair<size_t, size_t>> verified_pairs(const std::vector<std::string>& responses,
-                                                      const std::vector<uint8_t>& correct, const std::vector<double>& scores);
+                                                      const std::vector<uint8_t>& correct,
+                                                      const std::vector<double>& scores);
 
 // ---- DPO ----
 
@@ -118,12 +140,12 @@ struct DpoRows {
 };
 DpoRows build_dpo_rows(const Tokenizer& tok, const std::vector<Preference>& pairs, int32_t pad_id);
 struct DpoLossParts {
-  Tensor loss;                // dpo + alpha * nll
+  Tensor loss;                  // dpo + alpha * nll
   std::vector<double> margins;  // (lc - refc) - (lr - refr) per pair
 };
 // policy log-probs vs reference log-probs (2n: chosen then rejected).
-DpoLossParts dpo_loss(const LlamaModel& m, const DpoRows& rows, const std::vector<double>& ref_logps, float beta,
-                      float alpha);
+DpoLossParts dpo_loss(const LlamaModel& m, const DpoRows& rows,
+                      const std::vector<double>& ref_logps, float beta, float alpha);
 // Summed log-probs of the 2n rows under m (no grad).
 std::vector<double> sequence_logps(const LlamaModel& m, const DpoRows& rows);
 
@@ -134,7 +156,7 @@ struct DpoOptions {
   double eval_fraction = 0.1;
   std::string reward_model;  // optional: win rate vs the starting model, judged by this RM
   std::string reward_model_tokenizer;  // default: <reward_model>/tokenizer.model
-  std::string eval_prompts;  // prompts for the win rate / exact match
+  std::string eval_prompts;            // prompts for the win rate / exact match
   std::string out_dir;
   float beta = 0.1f, alpha = 0.2f;
   int64_t steps = 100, batch = 8;
@@ -144,6 +166,19 @@ struct DpoOptions {
   uint64_t seed = 0;
 };
 PostStageResult run_dpo(const DpoOptions& o);
+// Held-out evaluation of a DPO policy (e.g. an AVERAGE of DPO runs) against its starting
+// policy, as run_dpo reports it: eval_accuracy (implicit reward margin > 0 on eval_prefs,
+// reference log-probs from `reference`), eval_exact_match, and with a reward model
+// win_rate_vs_start (greedy responses vs the reference's, ties half) with its win, tie and
+// loss counts.
+struct DpoEvalOptions {
+  ModelSource model, reference;
+  std::string eval_prefs, eval_prompts;
+  std::string reward_model, reward_model_tokenizer;
+  float beta = 0.1f, alpha = 0.2f;
+  int64_t max_new_tokens = 24;
+};
+nlohmann::json evaluate_dpo(const DpoEvalOptions& o);
 // The pair DPO trains on: the best response against the worst (edited > chosen > rejected,
 // so an edit, when present, is the chosen one).
 Preference dpo_pair(const Preference& p);
@@ -163,7 +198,7 @@ struct DefaultDataOptions {
   std::string out_dir;
   int64_t n_train = 600, n_eval = 60, n_pref = 600, n_prompts = 100;
   uint64_t seed = 0;
-  std::string tokenizer;       // copy this tokenizer; empty: train a small BPE on the data
+  std::string tokenizer;  // copy this tokenizer; empty: train a small BPE on the data
   int64_t bpe_vocab = 512;
 };
 // Writes sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl (prompts with answers),

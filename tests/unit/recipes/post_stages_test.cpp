@@ -1,5 +1,7 @@
 // Post-training stage kinds in recipes: validation of their inputs and options (file:line
 // and field in every error), the dependencies the runner waits for, and the plan rows.
+#include "recipes/post_stages.h"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -7,7 +9,6 @@
 #include <fstream>
 #include <sstream>
 
-#include "recipes/post_stages.h"
 #include "recipes/recipe.h"
 #include "recipes/runner.h"
 #include "runtime/core/error.h"
@@ -45,7 +46,8 @@ TEST(PostStages, ValidRecipePassesAndPlansEveryStage) {
   print_plan(r, plan);
   for (const char* s : {"pd ", "sft ", "rm ", "rm_avg ", "rs ", "dpo "})
     EXPECT_NE(plan.str().find(std::string("\n") + s), std::string::npos) << s << "\n" << plan.str();
-  EXPECT_NE(plan.str().find("K=4 samples of sft, scored by rm_avg"), std::string::npos) << plan.str();
+  EXPECT_NE(plan.str().find("K=4 samples of sft, scored by rm_avg"), std::string::npos)
+      << plan.str();
   EXPECT_NE(plan.str().find("round 1: 5 steps x 8 pairs"), std::string::npos) << plan.str();
 }
 
@@ -62,68 +64,90 @@ TEST(PostStages, RejectionSamplingWithoutARewardModelOnlyLabelsWithTheVerifier) 
   EXPECT_TRUE(post_stage_inputs(r.recipe().stage(4)).empty());
   std::ostringstream plan;
   print_plan(r, plan);
-  EXPECT_NE(plan.str().find("K=4 samples of sft, labelled by the verifier only (no reward model)"), std::string::npos)
+  EXPECT_NE(plan.str().find("K=4 samples of sft, labelled by the verifier only (no reward model)"),
+            std::string::npos)
       << plan.str();
 }
 
 TEST(PostStages, SftAndRewardModelTakeNoRewardModel) {
-  const std::string e = error_of(replace(kPost, "init_from: \"sft\" optimizer { lr: 1e-3 }",
-                                         "init_from: \"sft\" reward_model_from: \"rm\" optimizer { lr: 1e-3 }"));
-  EXPECT_NE(e.find("stage 'rm' field reward_model_from: a REWARD_MODEL stage uses no reward model"), std::string::npos)
+  const std::string e =
+      error_of(replace(kPost, "init_from: \"sft\" optimizer { lr: 1e-3 }",
+                       "init_from: \"sft\" reward_model_from: \"rm\" optimizer { lr: 1e-3 }"));
+  EXPECT_NE(e.find("stage 'rm' field reward_model_from: a REWARD_MODEL stage uses no reward model"),
+            std::string::npos)
       << e;
 }
 
 TEST(PostStages, RewardModelFromMustBeARewardModel) {
-  const std::string e = error_of(replace(kPost, "reward_model_from: \"rm\"", "reward_model_from: \"sft\""));
-  EXPECT_NE(e.find("p.textproto:9:9: stage 'dpo' field reward_model_from: stage 'sft' is a SFT stage, not "
-                   "REWARD_MODEL (or an AVERAGE of them)"),
-            std::string::npos)
+  const std::string e =
+      error_of(replace(kPost, "reward_model_from: \"rm\"", "reward_model_from: \"sft\""));
+  EXPECT_NE(
+      e.find(
+          "p.textproto:9:9: stage 'dpo' field reward_model_from: stage 'sft' is a SFT stage, not "
+          "REWARD_MODEL (or an AVERAGE of them)"),
+      std::string::npos)
       << e;
 }
 
 TEST(PostStages, UnknownAndLaterStagesAreRejected) {
   std::string e = error_of(replace(kPost, "samples_from: \"rs\"", "samples_from: \"rz\""));
-  EXPECT_NE(e.find("p.textproto:8:73: stage 'dpo' field samples_from[0]: no stage named 'rz' before this one"),
+  EXPECT_NE(e.find("p.textproto:8:73: stage 'dpo' field samples_from[0]: no stage named 'rz' "
+                   "before this one"),
             std::string::npos)
       << e;
   e = error_of(replace(kPost, "init_from: \"sft\" optimizer", "init_from: \"dpo\" optimizer"));
-  EXPECT_NE(e.find("stage 'rm' field init_from: 'dpo' is a later stage (stage 5)"), std::string::npos) << e;
-  e = error_of(replace(kPost, "samples_from: \"rs\"", "samples_from: \"rm\""));
-  EXPECT_NE(e.find("field samples_from[0]: stage 'rm' is a REWARD_MODEL stage, not REJECTION_SAMPLING"),
+  EXPECT_NE(e.find("stage 'rm' field init_from: 'dpo' is a later stage (stage 5)"),
             std::string::npos)
+      << e;
+  e = error_of(replace(kPost, "samples_from: \"rs\"", "samples_from: \"rm\""));
+  EXPECT_NE(
+      e.find("field samples_from[0]: stage 'rm' is a REWARD_MODEL stage, not REJECTION_SAMPLING"),
+      std::string::npos)
       << e;
 }
 
 TEST(PostStages, DataMustComeFromPostData) {
-  std::string e = error_of(replace(kPost, "name: \"sft\" kind: SFT data_from: \"pd\" ", "name: \"sft\" kind: SFT "));
-  EXPECT_NE(e.find("p.textproto:3:1: stage 'sft' field data_from: a SFT stage needs data_from: a POST_DATA stage"),
+  std::string e = error_of(
+      replace(kPost, "name: \"sft\" kind: SFT data_from: \"pd\" ", "name: \"sft\" kind: SFT "));
+  EXPECT_NE(e.find("p.textproto:3:1: stage 'sft' field data_from: a SFT stage needs data_from: a "
+                   "POST_DATA stage"),
             std::string::npos)
       << e;
-  e = error_of(replace(kPost, "kind: REWARD_MODEL round: 1 data_from: \"pd\"", "kind: REWARD_MODEL round: 1 data_from: \"sft\""));
+  e = error_of(replace(kPost, "kind: REWARD_MODEL round: 1 data_from: \"pd\"",
+                       "kind: REWARD_MODEL round: 1 data_from: \"sft\""));
   EXPECT_NE(e.find("p.textproto:4:"), std::string::npos) << e;
-  EXPECT_NE(e.find("field data_from: stage 'sft' is a SFT stage, not POST_DATA"), std::string::npos) << e;
+  EXPECT_NE(e.find("field data_from: stage 'sft' is a SFT stage, not POST_DATA"), std::string::npos)
+      << e;
 }
 
 TEST(PostStages, OptionsBelongToTheirKindAndPretrainingFieldsAreRejected) {
   std::string e = error_of(replace(kPost, "dpo { steps: 5 }", "sft { steps: 5 }"));
-  EXPECT_NE(e.find("p.textproto:9:56: stage 'dpo' field sft: only SFT stages take it"), std::string::npos) << e;
-  e = error_of(replace(kPost, "dpo { steps: 5 }", "dpo { steps: 5 } total_tokens: 100"));
-  EXPECT_NE(e.find("stage 'dpo' field total_tokens: a DPO stage takes its budget from its own options"),
+  EXPECT_NE(e.find("p.textproto:9:56: stage 'dpo' field sft: only SFT stages take it"),
             std::string::npos)
+      << e;
+  e = error_of(replace(kPost, "dpo { steps: 5 }", "dpo { steps: 5 } total_tokens: 100"));
+  EXPECT_NE(
+      e.find("stage 'dpo' field total_tokens: a DPO stage takes its budget from its own options"),
+      std::string::npos)
       << e;
   e = error_of(replace(kPost, "optimizer { lr: 1e-4 } ", ""));
   EXPECT_NE(e.find("stage 'dpo' field optimizer.lr: must be > 0 (got 0)"), std::string::npos) << e;
-  e = error_of(replace(kPost, "rejection_sampling { k: 4 }", "rejection_sampling { k: 4 min_score: 1 }"));
-  EXPECT_NE(e.find("field rejection_sampling.min_score: set has_min_score: true to use it"), std::string::npos) << e;
+  e = error_of(
+      replace(kPost, "rejection_sampling { k: 4 }", "rejection_sampling { k: 4 min_score: 1 }"));
+  EXPECT_NE(e.find("field rejection_sampling.min_score: set has_min_score: true to use it"),
+            std::string::npos)
+      << e;
   e = error_of(replace(kPost, "model { flavour: \"debug\" }", "model { flavour: \"huge\" }"));
   EXPECT_NE(e.find("p.textproto:3:55: stage 'sft' field model.flavour:"), std::string::npos) << e;
 }
 
 TEST(PostStages, ModelStagesFeedAverageAndLaterInitFrom) {
   // An AVERAGE of post-trained models, and a PRETRAIN stage is not a reward model.
-  std::string ok = replace(kPost, "stages: \"rm\" stages: \"rm\"", "stages: \"rm\" stages: \"sft\"");
+  std::string ok =
+      replace(kPost, "stages: \"rm\" stages: \"rm\"", "stages: \"rm\" stages: \"sft\"");
   const std::string e = error_of(ok);
-  EXPECT_NE(e.find("stage 'rs' field reward_model_from: stage 'rm_avg' is a AVERAGE stage, not REWARD_MODEL"),
+  EXPECT_NE(e.find("stage 'rs' field reward_model_from: stage 'rm_avg' is a AVERAGE stage, not "
+                   "REWARD_MODEL"),
             std::string::npos)
       << e;
 }
@@ -165,12 +189,113 @@ TEST(PostStages, ReportShowsIntervalsAndWhetherAnAverageHelped) {
   fs::remove_all(run);
   // 1.96 sqrt(p (1 - p) / n): 0.4 over 200 -> 0.068; 0.75 over 200 -> 0.060; 0.5 over 100 -> 0.098.
   EXPECT_NE(md.find("| 0.400 ± 0.068 |"), std::string::npos) << md;  // round-0 SFT EM
-  EXPECT_NE(md.find("| 1 | 0.750 ± 0.060 | 0.500 ± 0.098 |"), std::string::npos)
-      << md;  // the average's RM acc
-  EXPECT_NE(md.find("| 0.450 ± 0.069 | 0.550 ± 0.069 |"), std::string::npos)
-      << md;  // DPO EM, win rate
+  EXPECT_NE(md.find("| 1 | 0.750 ± 0.060 | - | 0.500 ± 0.098 |"), std::string::npos)
+      << md;  // the average's RM acc (no held-out on-policy part)
+  EXPECT_NE(md.find("| 0.450 ± 0.069 | - | 0.550 ± 0.069 |"), std::string::npos)
+      << md;  // DPO EM, no paired gain (no fixed/broken counts), win rate
   EXPECT_NE(md.find("| rm_avg | 1 | REWARD_MODEL | RM acc | rm 0.700 ± 0.064, rm_b 0.650 ± 0.066 | "
                     "0.750 ± 0.060 |"),
+            std::string::npos)
+      << md;
+}
+
+TEST(PostStages, HeldOutSamplesOnlyEvaluateRewardModels) {
+  // A held-out annotation (the policy's samples on the held-out prompts) feeds an RM's held-out
+  // set through eval_samples_from; training on it (samples_from) is refused, as is
+  // eval_samples_from naming an ordinary sampling stage or sitting on a non-RM stage.
+  const std::string held =
+      "stage { name: \"ho\" kind: REJECTION_SAMPLING round: 1 data_from: \"pd\" init_from: \"sft\" "
+      "rejection_sampling { k: 2 held_out: true } }\n"
+      "stage { name: \"rm\" kind: REWARD_MODEL round: 1 data_from: \"pd\" init_from: \"sft\" ";
+  const std::string base = replace(
+      kPost,
+      "stage { name: \"rm\" kind: REWARD_MODEL round: 1 data_from: \"pd\" init_from: \"sft\" ",
+      held);
+  const std::string ok =
+      replace(base, "optimizer { lr: 1e-3 } }\nstage { name: \"rm_avg\"",
+              "eval_samples_from: \"ho\" optimizer { lr: 1e-3 } }\nstage { name: \"rm_avg\"");
+  auto r = LoadedRecipe::parse(ok, "p.textproto");
+  EXPECT_NO_THROW(r.validate(true)) << ok;
+  EXPECT_EQ(post_stage_inputs(r.recipe().stage(3)), (std::vector<std::string>{"ho"}));
+  std::string e = error_of(replace(ok, "samples_from: \"rs\"", "samples_from: \"ho\""));
+  EXPECT_NE(e.find("stage 'dpo' field samples_from[0]: stage 'ho' samples the held-out prompts"),
+            std::string::npos)
+      << e;
+  e = error_of(replace(ok, "eval_samples_from: \"ho\"", "eval_samples_from: \"sft\""));
+  EXPECT_NE(e.find("field eval_samples_from[0]: stage 'sft' is not a REJECTION_SAMPLING stage with "
+                   "held_out"),
+            std::string::npos)
+      << e;
+  e = error_of(replace(ok, "reward_model_from: \"rm\" optimizer",
+                       "reward_model_from: \"rm\" eval_samples_from: \"ho\" optimizer"));
+  EXPECT_NE(e.find("stage 'dpo' field eval_samples_from[0]: only REWARD_MODEL stages"),
+            std::string::npos)
+      << e;
+  // samples_fraction lies in [0, 1) and needs on-policy pairs (samples_from) to draw from.
+  e = error_of(replace(
+      ok, "eval_samples_from: \"ho\" optimizer { lr: 1e-3 }",
+      "eval_samples_from: \"ho\" optimizer { lr: 1e-3 } reward_model { samples_fraction: 1.5 }"));
+  EXPECT_NE(e.find("field reward_model.samples_fraction: 1.5 must lie in [0, 1)"),
+            std::string::npos)
+      << e;
+  e = error_of(replace(
+      ok, "eval_samples_from: \"ho\" optimizer { lr: 1e-3 }",
+      "eval_samples_from: \"ho\" optimizer { lr: 1e-3 } reward_model { samples_fraction: 0.5 }"));
+  EXPECT_NE(e.find("field reward_model.samples_fraction: needs samples_from"), std::string::npos)
+      << e;
+}
+
+TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
+  namespace fs = std::filesystem;
+  const fs::path run = fs::temp_directory_path() / fmt::format("post_report_dpo_{}", ::getpid());
+  fs::remove_all(run);
+  const std::string recipe = std::string(kPost) +
+                             "stage { name: \"dpo_b\" kind: DPO round: 1 data_from: \"pd\" "
+                             "init_from: \"sft\" reward_model_from: "
+                             "\"rm\" optimizer { lr: 1e-4 } }\n"
+                             "stage { name: \"dpo_avg\" kind: AVERAGE round: 1 average { stages: "
+                             "\"dpo\" stages: \"dpo_b\" } }\n";
+  auto write = [&](const std::string& stage, const std::string& text) {
+    fs::create_directories(run / stage);
+    std::ofstream(run / stage / "final.json") << text;
+  };
+  fs::create_directories(run);
+  std::ofstream(run / "recipe.textproto") << recipe;
+  write("sft", R"({"eval_exact_match": 0.4, "eval_prompts": 200})");
+  write(
+      "rm",
+      R"({"eval_accuracy": 0.7, "eval_pairs": 400, "eval_accuracy_on_policy": 0.8, "eval_pairs_on_policy": 100})");
+  write("rs", R"({"acceptance": 0.5, "prompts": 100})");
+  write("dpo",
+        R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.45, "eval_prompts": 200,
+                   "win_rate_vs_start": 0.55, "win_rate_wins": 30, "win_rate_ties": 160, "win_rate_losses": 10})");
+  write(
+      "dpo_b",
+      R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.4, "eval_prompts": 200})");
+  write("dpo_avg",
+        R"({"eval_accuracy": 0.65, "eval_pairs": 200, "eval_exact_match": 0.5, "eval_prompts": 200,
+                   "win_rate_vs_start": 0.6, "win_rate_wins": 50, "win_rate_ties": 140, "win_rate_losses": 10,
+                   "exact_match_fixed": 30, "exact_match_broken": 10,
+                   "average_of": "DPO"})");
+  const std::string md = post_rounds_markdown(run.string());
+  fs::remove_all(run);
+  // RM acc over all 400 held-out pairs, then its on-policy part (0.8 over 100 -> 0.078).
+  EXPECT_NE(md.find("| 1 | 0.700 ± 0.045 | 0.800 ± 0.078 |"), std::string::npos) << md;
+  // The round's DPO is the average: w 50, t 140, l 10 of 200 -> p 0.6; per-prompt variance
+  // (50 + 140/4)/200 - 0.36 = 0.065, so 1.96 sqrt(0.065/200) = 0.035 (p(1-p) would give 0.068).
+  // Paired EM gain: 30 fixed, 10 broken of 200 -> +0.1, variance 40/200 - 0.01 = 0.19 -> 0.060.
+  EXPECT_NE(
+      md.find(
+          "| 0.650 ± 0.066 | 0.500 ± 0.069 | +0.100 ± 0.060 (30/10) | 0.600 ± 0.035 (50/140/10) |"),
+      std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| dpo_avg | 1 | DPO | exact match | dpo 0.450 ± 0.069, dpo_b 0.400 ± 0.068 | "
+                    "0.500 ± 0.069 |"),
+            std::string::npos)
+      << md;
+  // dpo: (30 + 40)/200 - 0.3025 = 0.0475 -> 0.030; dpo_b has no win rate.
+  EXPECT_NE(md.find("| dpo_avg | 1 | DPO | win rate vs SFT | dpo 0.550 ± 0.030 (30/160/10), dpo_b "
+                    "- | 0.600 ± 0.035 (50/140/10) |"),
             std::string::npos)
       << md;
 }
