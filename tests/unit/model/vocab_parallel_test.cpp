@@ -40,17 +40,23 @@ Result run(const std::vector<float>& hv, const std::vector<float>& wv, int64_t N
   l.backward();
   return {l.detach(), h.grad(), w.grad()};
 }
-}  // namespace
-
-TEST(VocabParallel, ChunkedCrossEntropyEqualsUnchunkedAndFused) {
-  const int64_t N = 23, V = 37, D = 16;
-  Rng rng(7);
-  std::vector<float> hv(size_t(N * D)), wv(size_t(V * D));
+// Random h (N, D) and w (V, D) values and targets, every fifth ignored (-1).
+Tensor problem(int64_t N, int64_t V, int64_t D, uint64_t seed, std::vector<float>& hv,
+               std::vector<float>& wv) {
+  Rng rng(seed);
+  hv.assign(size_t(N * D), 0.f), wv.assign(size_t(V * D), 0.f);
   for (auto& x : hv) x = float(rng.normal());
   for (auto& x : wv) x = float(rng.normal()) * 0.5f;
   std::vector<int32_t> tv(static_cast<size_t>(N));
   for (int64_t i = 0; i < N; ++i) tv[size_t(i)] = i % 5 == 3 ? -1 : int32_t(rng.below(uint64_t(V)));
-  const Tensor targets = Tensor::from_vector(tv, {N});
+  return Tensor::from_vector(tv, {N});
+}
+}  // namespace
+
+TEST(VocabParallel, ChunkedCrossEntropyEqualsUnchunkedAndFused) {
+  const int64_t N = 23, V = 37, D = 16;
+  std::vector<float> hv, wv;
+  const Tensor targets = problem(N, V, D, 7, hv, wv);
   auto tp = dist::single_rank_communicator("tp");
 
   const Result whole = run(hv, wv, N, V, D, [&](const Tensor& h, const Tensor& w) {
@@ -80,13 +86,8 @@ TEST(VocabParallel, ChunkedCrossEntropyEqualsUnchunkedAndFused) {
 // comparison would notice a path that silently stayed f32).
 TEST(VocabParallel, Bf16CrossEntropyEqualsFusedBf16) {
   const int64_t N = 23, V = 37, D = 64;
-  Rng rng(11);
-  std::vector<float> hv(size_t(N * D)), wv(size_t(V * D));
-  for (auto& x : hv) x = float(rng.normal());
-  for (auto& x : wv) x = float(rng.normal()) * 0.5f;
-  std::vector<int32_t> tv(static_cast<size_t>(N));
-  for (int64_t i = 0; i < N; ++i) tv[size_t(i)] = i % 5 == 3 ? -1 : int32_t(rng.below(uint64_t(V)));
-  const Tensor targets = Tensor::from_vector(tv, {N});
+  std::vector<float> hv, wv;
+  const Tensor targets = problem(N, V, D, 11, hv, wv);
   auto tp = dist::single_rank_communicator("tp");
 
   ops::CrossEntropyOptions o32, o16;

@@ -23,6 +23,14 @@ std::vector<float> bf16_values(int64_t n, uint64_t seed) {
   return v;
 }
 
+// ||got - ref|| / ||ref||.
+double rel_diff(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i)
+    num += std::pow(double(got[i]) - ref[i], 2), den += std::pow(double(ref[i]), 2);
+  return std::sqrt(num / den);
+}
+
 void check_linear(ops::Precision prec) {
   for (int64_t m : {1, 2, 3, 4, 5, 9, 16, 17})
     for (int64_t n : {1, 3, 7, 9, 66})
@@ -100,11 +108,8 @@ TEST(Gemm, Bf16OutputsRoundTheF32ResultOnceAndCarryBf16Gradients) {
   run(false, ref);
   run(true, got);
   for (size_t t = 0; t < ref.size(); ++t) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < ref[t].size(); ++i)
-      num += std::pow(double(got[t][i]) - ref[t][i], 2), den += std::pow(double(ref[t][i]), 2);
-    EXPECT_LT(std::sqrt(num / den), 1e-2) << "gradient " << t;
-    EXPECT_GT(std::sqrt(num / den), 0.0) << "gradient " << t << ": bf16 rounding should show";
+    EXPECT_LT(rel_diff(got[t], ref[t]), 1e-2) << "gradient " << t;
+    EXPECT_GT(rel_diff(got[t], ref[t]), 0.0) << "gradient " << t << ": bf16 rounding should show";
   }
 }
 
@@ -132,12 +137,8 @@ TEST(Gemm, Bf16NormOutputFeedsProjectionsWithF32Gradients) {
   std::vector<std::vector<float>> ref, got;
   run(false, ref);
   run(true, got);
-  for (size_t t = 0; t < ref.size(); ++t) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < ref[t].size(); ++i)
-      num += std::pow(double(got[t][i]) - ref[t][i], 2), den += std::pow(double(ref[t][i]), 2);
-    EXPECT_LT(std::sqrt(num / den), 1e-2) << "gradient " << t;
-  }
+  for (size_t t = 0; t < ref.size(); ++t)
+    EXPECT_LT(rel_diff(got[t], ref[t]), 1e-2) << "gradient " << t;
   EXPECT_THROW(ops::rmsnorm(Tensor::zeros({2, 4}, DType::f64), Tensor::zeros({4}, DType::f64),
                             1e-5f, true),
                Error);
