@@ -278,7 +278,7 @@ int run(const Config& c) {
   // q/k/v, attention and gate/up/SwiGLU activations are bf16 (--f32-attn-activations keeps
   // the attention path's f32, to measure what that gains).
   if (pr == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
-  const bool act16 = pr == ops::Precision::bf16 && be.bf16_activations();
+  const bool act16 = ops::bf16_activations(pr, dev);
   const bool attn16 = act16 && !c.f32_attn_act;
   auto step = [&](int64_t step_no) {
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)

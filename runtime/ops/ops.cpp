@@ -107,6 +107,10 @@ struct LinearNode : Node {
 };
 }  // namespace
 
+bool bf16_activations(Precision p, const Device& d) {
+  return p == Precision::bf16 && backend_for(d).bf16_activations();
+}
+
 Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad) {
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
                "linear: x {} has {} features, weight {} expects {}", x.str(), x.size(-1), w.str(),

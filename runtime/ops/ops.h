@@ -29,6 +29,11 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32,
               bool bf16_out = false, bool f32_grad = false);
 
+// Whether precision p on device d keeps the activations between GEMMs in bf16
+// (Precision::bf16 on a backend whose Backend::bf16_activations() is true): the model asks
+// this once per block and passes bf16_out / f32_grad accordingly.
+bool bf16_activations(Precision p, const Device& d);
+
 // y = x / rms(x) * w over the last dim. bf16_out (f32 x): y rounded to bf16 once, for an
 // output that only feeds bf16 GEMMs (x, rstd and dx stay f32).
 Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps, bool bf16_out = false);

@@ -34,7 +34,7 @@ Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tens
   // (a tensor-parallel shard) runs unchanged.
   const int64_t hq = q_proj.weight.size(0) / head_dim, hkv = k_proj.weight.size(0) / head_dim;
   // bf16 q/k/v/attention activations where the backend prefers them (see Backend).
-  const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
+  const bool act16 = ops::bf16_activations(prec, x.device());
   // (x may be the bf16 output of the norm: its three gradients sum in f32.)
   auto proj = [&](const nn::Linear& l, int64_t heads) {
     return ops::reshape(l(x, prec, act16, true), {B, T, heads, head_dim});
@@ -65,7 +65,7 @@ Mlp::Mlp(const LlamaConfig& c, Rng& rng)
 
 Tensor Mlp::operator()(const Tensor& x, ops::Precision prec) const {
   // bf16 gate/up/SwiGLU activations where the backend prefers them (see Backend).
-  const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
+  const bool act16 = ops::bf16_activations(prec, x.device());
   return down_proj(
       ops::swiglu(gate_proj(x, prec, act16, true), up_proj(x, prec, act16, true)), prec);
 }
@@ -82,7 +82,7 @@ Tensor Block::operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& 
   // Where the backend prefers bf16 activations the norms write bf16: their outputs only feed
   // bf16 GEMMs, which would otherwise each cast them (three times for q/k/v, twice for
   // gate/up).
-  const bool act16 = prec == ops::Precision::bf16 && backend_for(x.device()).bf16_activations();
+  const bool act16 = ops::bf16_activations(prec, x.device());
   Tensor h = ops::add(x, self_attn(input_layernorm(x, act16), inv_freq, pos, p, prec));
   return ops::add(h, mlp(post_attention_layernorm(h, act16), prec));
 }

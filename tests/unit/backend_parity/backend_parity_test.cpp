@@ -393,7 +393,7 @@ std::vector<Case> make_cases() {
     mc.cpu_has_dtype = true;
     mc.tol = tc_attn ? 2e-2 : mixed ? 1e-2 : 1e-5;
     mc.run = [mixed, tc_attn, mlp16](const Ctx& c) {
-      const bool act16 = mlp16 && backend_for(c.dev).bf16_activations();
+      const bool act16 = mlp16 && ops::bf16_activations(ops::Precision::bf16, c.dev);
       const int64_t B = 2, T = 40, D = 64, H = 4, Hkv = 2, Dh = 16, F = 96, V = 97;
       const ops::Precision pr = mixed ? ops::Precision::bf16 : ops::Precision::f32;
       auto param = [&](const Shape& s, uint64_t seed, float sc) {
