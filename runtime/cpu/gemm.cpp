@@ -6,11 +6,13 @@
 #endif
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
 
 #include "runtime/cpu/cpu_backend.h"
+#include "runtime/cpu/vec.h"
 
 namespace llama3 {
 
@@ -80,21 +82,7 @@ namespace {
 // that dominates a handful of rows, and for bf16 it repacks all of B into pairs-of-k layout
 // on every call; here each thread streams its own rows of B once, in place, as dot products
 // along k (f32: FMA, 16 per instruction; bf16: vdpbf16ps, 32 products per instruction, f32
-// accumulation), reduced across lanes at the end.
-
-// Horizontal sum by lane shuffles. GCC 12's own headers trip -Wmaybe-uninitialized inside
-// the 512-bit shuffle/extract intrinsics (their unused mask operand); the value is defined.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-inline float hsum(__m512 v) {
-  __m512 s = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  // + the other 256-bit half
-  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0xB1));         // + the neighbouring 128 bits
-  __m128 x = _mm512_castps512_ps128(s);
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-#pragma GCC diagnostic pop
+// accumulation), reduced across lanes at the end (cpu::reduce16 / reduce8).
 
 // Element policies: how many k one register holds, a masked load, the multiply-accumulate.
 struct F32Lanes {
@@ -121,6 +109,16 @@ typename L::Mask lanes_left(int64_t left) {
   return left >= L::kStep ? typename L::Mask(~0u) : typename L::Mask((uint64_t(1) << left) - 1);
 }
 
+// How far ahead (in rows of B, a multiple of 8) the kernels also prefetch into L2: about
+// 128 KiB. One block ahead into L1 alone leaves each block's first pass waiting on DRAM; in
+// a microbenchmark of the 125M decode shapes (bf16, 16 rows, 2 threads) the far L2 prefetch
+// raised ~220 to ~260 GFLOP/s, and 1 row from ~35 to ~43 GB/s. Prefetches past the end of B
+// are harmless hints.
+template <typename T>
+int64_t far_rows(int64_t ldb) {
+  return std::max<int64_t>(8, (int64_t(128 << 10) / (ldb * int64_t(sizeof(T)))) / 8 * 8);
+}
+
 // 4 rows of A x 4 rows of B. Rows past the end of A or B (a partial block) re-read the
 // block's first row; their sums are not stored. The first row group prefetches the next
 // block of B (the hardware prefetcher does not keep up with 4 strided streams; prefetches
@@ -140,7 +138,11 @@ void skinny_4x4(int64_t k, const T* a, int64_t lda, int64_t ma, const T* b, int6
     const auto m = lanes_left<L>(k - p);
     if (prefetch) {  // the next block's rows (the next 4 x k of B), one line per row and step
       const char* nx = reinterpret_cast<const char*>(b + 4 * ldb + p);
-      for (int q = 0; q < 4; ++q) _mm_prefetch(nx + q * ldb * int64_t(sizeof(T)), _MM_HINT_T0);
+      const char* far = reinterpret_cast<const char*>(b + far_rows<T>(ldb) * ldb + p);
+      for (int q = 0; q < 4; ++q) {
+        _mm_prefetch(nx + q * ldb * int64_t(sizeof(T)), _MM_HINT_T0);
+        _mm_prefetch(far + q * ldb * int64_t(sizeof(T)), _MM_HINT_T1);
+      }
     }
     const auto x0 = L::load(m, b0 + p), x1 = L::load(m, b1 + p), x2 = L::load(m, b2 + p),
                x3 = L::load(m, b3 + p);
@@ -157,10 +159,13 @@ void skinny_4x4(int64_t k, const T* a, int64_t lda, int64_t ma, const T* b, int6
     c30 = L::dot(c30, y, x0), c31 = L::dot(c31, y, x1), c32 = L::dot(c32, y, x2),
     c33 = L::dot(c33, y, x3);
   }
-  const __m512 acc[4][4] = {
-      {c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}};
-  for (int64_t r = 0; r < ma; ++r)
-    for (int64_t q = 0; q < nb; ++q) c[r * ldc + q] = hsum(acc[r][q]);
+  // One reduction tree for all 16 sums; lane r of the result holds row r's 4 outputs.
+  const __m512 s =
+      cpu::reduce16(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33);
+  const __mmask8 cols = __mmask8((1u << nb) - 1);
+  alignas(64) float out[16];
+  _mm512_store_ps(out, s);
+  for (int64_t r = 0; r < ma; ++r) _mm_mask_storeu_ps(c + r * ldc, cols, _mm_load_ps(out + 4 * r));
 }
 
 // 1 row of A x 8 rows of B (a single decoding sequence: bandwidth-bound on B).
@@ -172,15 +177,20 @@ void skinny_1x8(int64_t k, const T* a, const T* b, int64_t ldb, int64_t nb, floa
   for (int64_t p = 0; p < k; p += L::kStep) {
     const auto m = lanes_left<L>(k - p);
     const char* nx = reinterpret_cast<const char*>(b + 8 * ldb + p);  // the next block's rows
-    for (int q = 0; q < 8; ++q) _mm_prefetch(nx + q * ldb * int64_t(sizeof(T)), _MM_HINT_T0);
+    const char* far = reinterpret_cast<const char*>(b + far_rows<T>(ldb) * ldb + p);
+    for (int q = 0; q < 8; ++q) {
+      _mm_prefetch(nx + q * ldb * int64_t(sizeof(T)), _MM_HINT_T0);
+      _mm_prefetch(far + q * ldb * int64_t(sizeof(T)), _MM_HINT_T1);
+    }
     const auto y = L::load(m, a + p);
     c0 = L::dot(c0, y, L::load(m, br[0] + p)), c1 = L::dot(c1, y, L::load(m, br[1] + p));
     c2 = L::dot(c2, y, L::load(m, br[2] + p)), c3 = L::dot(c3, y, L::load(m, br[3] + p));
     c4 = L::dot(c4, y, L::load(m, br[4] + p)), c5 = L::dot(c5, y, L::load(m, br[5] + p));
     c6 = L::dot(c6, y, L::load(m, br[6] + p)), c7 = L::dot(c7, y, L::load(m, br[7] + p));
   }
-  const __m512 acc[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
-  for (int64_t q = 0; q < nb; ++q) c[q] = hsum(acc[q]);
+  alignas(64) float out[16];
+  _mm512_store_ps(out, cpu::reduce8(c0, c1, c2, c3, c4, c5, c6, c7));
+  for (int64_t q = 0; q < nb; ++q) c[q] = out[q];
 }
 
 // Up to 16 rows (decode batches) these kernels beat oneDNN (125M decode, 2 threads: bf16
@@ -228,6 +238,173 @@ void cpu_gemm_bf16(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float al
     return skinny_gemm<Bf16Lanes>(m, n, k, a, lda, b, ldb, c, ldc);
 #endif
   run(memory::data_type::bf16, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// ---- bf16 weights packed in panels (decode steps) ----
+//
+// Panel j holds B's rows 16j..16j+15 (16 output features); within it, k runs in pairs, each
+// pair one 64-byte vector whose lane c is (B[16j + c][2p], B[16j + c][2p + 1]). A row pair of
+// A broadcast to all lanes then feeds vdpbf16ps straight into 16 outputs: no horizontal sums
+// (the dot-product kernels above spend a third of a k = 768 block reducing lanes), and each
+// panel is one contiguous stream for the hardware prefetcher. n is padded to a multiple of
+// kPackedCols, k to even, with zeros.
+
+namespace {
+constexpr int64_t kPanel = 16;       // outputs per panel (one f32 vector)
+constexpr int64_t kPackedCols = 64;  // columns per unit of work: 4 panels
+int64_t packed_pairs(int64_t k) {
+  return (k + 1) / 2;
+}
+int64_t packed_cols(int64_t n) {
+  return (n + kPackedCols - 1) / kPackedCols * kPackedCols;
+}
+}  // namespace
+
+int64_t cpu_packed_bf16_elems(int64_t n, int64_t k) {
+  return packed_cols(n) * packed_pairs(k) * 2;
+}
+
+void cpu_pack_bf16_panels(const bf16* b, int64_t n, int64_t k, int64_t ldb, bf16* out) {
+  const int64_t kp = packed_pairs(k), panels = packed_cols(n) / kPanel;
+#pragma omp parallel for schedule(static) if (n * k > 65536)
+  for (int64_t j = 0; j < panels; ++j) {
+    bf16* o = out + j * kp * 2 * kPanel;
+    for (int64_t p = 0; p < kp; ++p)
+      for (int64_t c = 0; c < kPanel; ++c)
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t row = j * kPanel + c, col = 2 * p + e;
+          o[(p * kPanel + c) * 2 + e] = row < n && col < k ? b[row * ldb + col] : bf16{0};
+        }
+  }
+}
+
+#if defined(__AVX512BF16__)
+namespace {
+// MR rows of A x NP panels. `pf` (nullable) is read with the panels' offsets and prefetched
+// into L2 one line per panel and k pair (see cpu_gemm_bf16_packed). The last k pair of an odd
+// k takes A's last element with a zero beside it (B's padding is zero too, but a NaN or Inf
+// past A's row would still poison 0 x).
+template <int MR, int NP>
+void packed_block(int64_t k, const bf16* a, int64_t lda, const bf16* pb, int64_t pstride, float* c,
+                  int64_t ldc, int64_t cols, const bf16* pf) {
+  __m512 acc[MR][NP];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t full = k / 2;
+  auto step = [&](int64_t p, auto pair_of_row) {
+    __m512bh bv[NP];
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) {
+      bv[j] = (__m512bh)_mm512_loadu_si512(pb + j * pstride + p * 2 * kPanel);
+      if (pf)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + j * pstride + p * 2 * kPanel), _MM_HINT_T1);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair_of_row(i));
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    }
+  };
+  for (int64_t p = 0; p < full; ++p)
+    step(p, [&](int i) {
+      int32_t v;
+      std::memcpy(&v, a + i * lda + 2 * p, 4);
+      return v;
+    });
+  if (k % 2) step(full, [&](int i) { return int32_t(a[i * lda + k - 1].bits); });
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; ++j) {
+      const int64_t left = cols - j * kPanel;
+      if (left >= kPanel)
+        _mm512_storeu_ps(c + i * ldc + j * kPanel, acc[i][j]);
+      else if (left > 0)
+        _mm512_mask_storeu_ps(c + i * ldc + j * kPanel, __mmask16((1u << left) - 1), acc[i][j]);
+    }
+}
+
+// MR rows of one 64-column unit: up to 4 rows take all 4 panels at once, 5-8 rows two panels
+// at a time (at most 16 accumulators either way).
+template <int MR>
+void packed_rows(int64_t k, const bf16* a, int64_t lda, const bf16* pb, int64_t pstride, float* c,
+                 int64_t ldc, int64_t cols, const bf16* pf) {
+  if constexpr (MR <= 4) {
+    packed_block<MR, 4>(k, a, lda, pb, pstride, c, ldc, cols, pf);
+  } else {
+    packed_block<MR, 2>(k, a, lda, pb, pstride, c, ldc, cols, pf);
+    if (cols > 2 * kPanel)
+      packed_block<MR, 2>(k, a, lda, pb + 2 * pstride, pstride, c + 2 * kPanel, ldc,
+                          cols - 2 * kPanel, pf ? pf + 2 * pstride : nullptr);
+  }
+}
+}  // namespace
+#endif
+
+void cpu_gemm_bf16_packed(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda,
+                          const bf16* packed, float* c, int64_t ldc) {
+  const int64_t pstride = packed_pairs(k) * 2 * kPanel, units = packed_cols(n) / kPackedCols;
+#pragma omp parallel for schedule(static) if (m * n * k > 262144)
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t col0 = u * kPackedCols, cols = std::min(kPackedCols, n - col0);
+    const bf16* pb = packed + u * (kPackedCols / kPanel) * pstride;
+#if defined(__AVX512BF16__)
+    // Row groups of 8 (then the rest): the unit's panels stay in L1/L2 across groups. With
+    // more than 4 rows a group computes long enough per line of B for DRAM latency to show,
+    // so B is prefetched into L2: the first group fetches its own panels 4 KiB (64 k pairs)
+    // ahead, and a last group, which finds its panels in L2 already, fetches the next
+    // unit's. (At 1-4 rows the prefetches did not help: the GEMM is bandwidth-bound there.)
+    for (int64_t i = 0; i < m; i += 8) {
+      const int64_t mr = std::min<int64_t>(8, m - i);
+      const bf16* ai = a + i * lda;
+      float* ci = c + i * ldc + col0;
+      const bf16* pf = mr <= 4      ? nullptr
+                       : i == 0     ? pb + 2048
+                       : i + 8 >= m ? pb + (kPackedCols / kPanel) * pstride
+                                    : nullptr;
+      switch (mr) {
+        case 1:
+          packed_rows<1>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+        case 2:
+          packed_rows<2>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+        case 3:
+          packed_rows<3>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+        case 4:
+          packed_rows<4>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+        case 5:
+          packed_rows<5>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+        case 6:
+          packed_rows<6>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+        case 7:
+          packed_rows<7>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+        default:
+          packed_rows<8>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
+          break;
+      }
+    }
+#else
+    // Portable builds: the same products in the same layout, one at a time.
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t q = 0; q < cols; ++q) {
+        const bf16* panel = pb + (q / kPanel) * pstride;
+        float s = 0;
+        for (int64_t p = 0; p < k; ++p)
+          s += bf16_bits_to_f32(a[i * lda + p].bits) *
+               bf16_bits_to_f32(panel[((p / 2) * kPanel + q % kPanel) * 2 + p % 2].bits);
+        c[i * ldc + col0 + q] = s;
+      }
+#endif
+  }
 }
 
 }  // namespace llama3

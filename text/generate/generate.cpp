@@ -11,6 +11,8 @@
 #endif
 
 #include "runtime/autograd/autograd.h"
+#include "runtime/cpu/cpu_backend.h"
+#include "runtime/cpu/vec.h"
 
 namespace llama3::text {
 
@@ -46,16 +48,121 @@ DecodeWeights::DecodeWeights(const LlamaModel& m) {
     }
     return out;
   };
+  auto prepare = [](Tensor w16) {  // (n, k) bf16 -> the decode form
+    DecodeWeight d{w16, w16.size(0), w16.size(1), false};
+    if (!w16.device().is_cpu()) return d;
+    Tensor p = Tensor::empty({cpu_packed_bf16_elems(d.n, d.k)}, DType::bf16);
+    cpu_pack_bf16_panels(w16.contiguous().data<bf16>(), d.n, d.k, d.k, p.data<bf16>());
+    return DecodeWeight{p, d.n, d.k, true};
+  };
   for (const Block* b : m.blocks()) {
     const Attention& a = b->self_attn;
     const Mlp& f = b->mlp;
-    layers.push_back({fused({&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight}),
-                      a.o_proj.weight.to(DType::bf16),
-                      fused({&f.gate_proj.weight, &f.up_proj.weight}),
-                      f.down_proj.weight.to(DType::bf16)});
+    layers.push_back({prepare(fused({&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight})),
+                      prepare(a.o_proj.weight.to(DType::bf16)),
+                      prepare(fused({&f.gate_proj.weight, &f.up_proj.weight})),
+                      prepare(f.down_proj.weight.to(DType::bf16))});
   }
-  lm_head = m.lm_head().weight.to(DType::bf16);
+  lm_head = prepare(m.lm_head().weight.to(DType::bf16));
 }
+
+Tensor decode_linear(const Tensor& x, const DecodeWeight& w, ops::Precision prec) {
+  if (!w.packed) return ops::linear(x, w.w, prec);
+  LLAMA3_CHECK(x.device().is_cpu() && x.size(-1) == w.k,
+               "decode_linear: input {} for a packed ({}, {}) weight", x.str(), w.n, w.k);
+  const Tensor a = x.to(DType::bf16).contiguous();
+  Shape shape = x.shape();
+  shape.back() = w.n;
+  Tensor out = Tensor::empty(shape, DType::f32);
+  cpu_gemm_bf16_packed(a.numel() / w.k, w.n, w.k, a.data<bf16>(), w.k, w.w.data<bf16>(),
+                       out.data<float>(), w.n);
+  return out;
+}
+
+namespace {
+// s[j] = scale * q . k_j for n cached keys k_j = k0 + j * stride (Dh floats each). 16 keys at
+// a time: each key's products summed into one vector, the 16 vectors reduced together
+// (cpu::reduce16) instead of one horizontal sum per key.
+void key_scores(const float* q, const float* k0, int64_t stride, int64_t n, int64_t Dh, float scale,
+                float* s, const float* vpf) {
+  int64_t j0 = 0;
+#if defined(__AVX512F__)
+  for (; j0 + 16 <= n; j0 += 16) {
+    __m512 d[16];
+    for (int jj = 0; jj < 16; ++jj) {
+      const float* kj = k0 + (j0 + jj) * stride;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t e = 0; e < Dh; e += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(kj + 16 * stride + e), _MM_HINT_T0);
+        if (vpf)
+          _mm_prefetch(reinterpret_cast<const char*>(vpf + (j0 + jj) * stride + e), _MM_HINT_T0);
+        const __mmask16 m = Dh - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (Dh - e)) - 1);
+        acc =
+            _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + e), _mm512_maskz_loadu_ps(m, kj + e), acc);
+      }
+      d[jj] = acc;
+    }
+    _mm512_storeu_ps(s + j0, _mm512_mul_ps(cpu::reduce16(d), _mm512_set1_ps(scale)));
+  }
+#endif
+  for (; j0 < n; ++j0) {
+    const float* kj = k0 + j0 * stride;
+    float acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t e = 0; e < Dh; ++e) acc += q[e] * kj[e];
+    s[j0] = acc * scale;
+  }
+}
+
+// The attention of `group` query heads (q: group x Dh, consecutive) sharing one kv head to n
+// cached positions (k0 / v0 + j * stride): out (group x Dh). A whole group per call, so its
+// heads after the first read the cached keys and values from this core's L1.
+void attend_group(const float* q, const float* k0, const float* v0, int64_t stride, int64_t n,
+                  int64_t Dh, int64_t group, float scale, std::vector<float>& s, float* out) {
+  s.resize(static_cast<size_t>(n));
+  float* sp = s.data();
+  for (int64_t g = 0; g < group; ++g) {
+    key_scores(q + g * Dh, k0, stride, n, Dh, scale, sp, g == 0 ? v0 : nullptr);
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sp[j]);
+    // The vectorised exp of the training kernels (std::exp is scalar: it took most of this
+    // loop's time).
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) sum += (sp[j] = cpu::fast_exp(sp[j] - mx));
+    const float inv = 1.f / sum;
+    float* ov = out + g * Dh;
+    // Output features summed over all keys in registers (summing into ov would store and
+    // reload it once per key), 64 at a time: one pass over the values.
+    int64_t e0 = 0;
+#if defined(__AVX512F__)
+    for (; e0 + 64 <= Dh; e0 += 64) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 p = _mm512_set1_ps(sp[j] * inv);
+        const float* vj = v0 + j * stride + e0;
+        a0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj), a0);
+        a1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16), a1);
+        a2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 32), a2);
+        a3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 48), a3);
+      }
+      _mm512_storeu_ps(ov + e0, a0), _mm512_storeu_ps(ov + e0 + 16, a1);
+      _mm512_storeu_ps(ov + e0 + 32, a2), _mm512_storeu_ps(ov + e0 + 48, a3);
+    }
+#endif
+    for (; e0 < Dh; e0 += 16) {
+      const int64_t w = std::min<int64_t>(16, Dh - e0);
+      float acc[16] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vj = v0 + j * stride + e0;
+        const float p = sp[j] * inv;
+        for (int64_t e = 0; e < w; ++e) acc[e] += p * vj[e];
+      }
+      std::copy_n(acc, w, ov + e0);
+    }
+  }
+}
+}  // namespace
 
 Tensor forward_cached(const LlamaModel& m, KvCache& cache, const std::vector<int64_t>& rows,
                       const std::vector<int32_t>& tokens, int64_t T, const DecodeWeights* dw) {
@@ -108,7 +215,7 @@ Tensor forward_cached(const LlamaModel& m, KvCache& cache, const std::vector<int
     Tensor xn = b.input_layernorm(x);
     Tensor q, k, v;
     if (dw) {
-      Tensor qkv = ops::linear(xn, dw->layers[li].qkv, prec);  // (R, T, (H + 2 Hkv) Dh)
+      Tensor qkv = decode_linear(xn, dw->layers[li].qkv, prec);  // (R, T, (H + 2 Hkv) Dh)
       q = ops::reshape(qkv.narrow(2, 0, H * Dh).contiguous(), {R, T, H, Dh});
       k = ops::reshape(qkv.narrow(2, H * Dh, Hkv * Dh).contiguous(), {R, T, Hkv, Dh});
       v = ops::reshape(qkv.narrow(2, (H + Hkv) * Dh, Hkv * Dh).contiguous(), {R, T, Hkv, Dh});
@@ -127,63 +234,43 @@ Tensor forward_cached(const LlamaModel& m, KvCache& cache, const std::vector<int
         std::copy_n(vh.data() + at, Hkv * Dh, cache.v(int64_t(li), rows[r], L0 + t));
       }
     }
-    // Attention of the new queries to the cache (causal: position L0 + t sees keys <= it).
+    // Attention of the new queries to the cache (causal: position L0 + t sees keys <= it),
+    // one (row, position, kv head) per task.
 #pragma omp parallel
     {
-      std::vector<float> s;  // one score buffer per thread, not per (row, head)
+      std::vector<float> s;  // one score buffer per thread, not per task
 #pragma omp for collapse(2) schedule(dynamic)
       for (int64_t r = 0; r < R; ++r)
-        for (int64_t th = 0; th < T * H; ++th) {
-          const int64_t t = th / H, h = th % H, kvh = h / group;
-          const int64_t L0 = cache.length(rows[r]), n = L0 + t + 1;
-          const float* qv = qh.data() + ((r * T + t) * H + h) * Dh;
-          s.resize(static_cast<size_t>(n));
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < n; ++j) {
-            const float* kj = cache.k(int64_t(li), rows[r], j) + kvh * Dh;
-            float d = 0;
-#pragma omp simd reduction(+ : d)
-            for (int64_t e = 0; e < Dh; ++e) d += qv[e] * kj[e];
-            s[size_t(j)] = d * scale;
-            mx = std::max(mx, s[size_t(j)]);
-          }
-          float sum = 0;
-          for (auto& z : s) sum += (z = std::exp(z - mx));
-          float* ov = o.data() + ((r * T + t) * H + h) * Dh;
-          const float inv = 1.f / sum;
-          // 16 output features at a time summed over all keys in a register; summing into
-          // ov itself would store and reload it once per key.
-          for (int64_t e0 = 0; e0 < Dh; e0 += 16) {
-            const int64_t w = std::min<int64_t>(16, Dh - e0);
-#if defined(__AVX512F__)
-            if (w == 16) {
-              __m512 acc = _mm512_setzero_ps();
-              for (int64_t j = 0; j < n; ++j)
-                acc = _mm512_fmadd_ps(
-                    _mm512_set1_ps(s[size_t(j)] * inv),
-                    _mm512_loadu_ps(cache.v(int64_t(li), rows[r], j) + kvh * Dh + e0), acc);
-              _mm512_storeu_ps(ov + e0, acc);
-              continue;
-            }
-#endif
-            float acc[16] = {};
-            for (int64_t j = 0; j < n; ++j) {
-              const float* vj = cache.v(int64_t(li), rows[r], j) + kvh * Dh + e0;
-              const float p = s[size_t(j)] * inv;
-              for (int64_t e = 0; e < w; ++e) acc[e] += p * vj[e];
-            }
-            std::copy_n(acc, w, ov + e0);
-          }
+        for (int64_t tk = 0; tk < T * Hkv; ++tk) {
+          const int64_t t = tk / Hkv, kvh = tk % Hkv, n = cache.length(rows[r]) + t + 1;
+          const int64_t at = ((r * T + t) * H + kvh * group) * Dh;
+          attend_group(qh.data() + at, cache.k(int64_t(li), rows[r], 0) + kvh * Dh,
+                       cache.v(int64_t(li), rows[r], 0) + kvh * Dh, Hkv * Dh, n, Dh, group, scale,
+                       s, o.data() + at);
         }
     }
     Tensor ot = Tensor::from_vector(o, {R, T, H * Dh}, dev);
     if (dw) {
       const DecodeWeights::Layer& w = dw->layers[li];
-      Tensor hres = ops::add(x, ops::linear(ot, w.o, prec));
-      Tensor gu = ops::linear(b.post_attention_layernorm(hres), w.gate_up, prec);
-      const int64_t F = w.gate_up.size(0) / 2;
-      Tensor act = ops::swiglu(gu.narrow(2, 0, F).contiguous(), gu.narrow(2, F, F).contiguous());
-      x = ops::add(hres, ops::linear(act, w.down, prec));
+      Tensor hres = ops::add(x, decode_linear(ot, w.o, prec));
+      Tensor gu = decode_linear(b.post_attention_layernorm(hres), w.gate_up, prec);
+      const int64_t F = w.gate_up.n / 2;
+      Tensor act;
+      if (gu.device().is_cpu() && gu.is_contiguous()) {  // SwiGLU straight from the fused rows
+        act = Tensor::empty({R, T, F}, DType::f32);
+        const float* g = gu.data<float>();
+        float* y = act.data<float>();
+#pragma omp parallel for if (R * T * F > 65536)
+        for (int64_t r = 0; r < R * T; ++r) {
+          const float* gr = g + r * 2 * F;
+#pragma omp simd
+          for (int64_t i = 0; i < F; ++i)
+            y[r * F + i] = gr[i] / (1.f + cpu::fast_exp(-gr[i])) * gr[F + i];
+        }
+      } else {
+        act = ops::swiglu(gu.narrow(2, 0, F).contiguous(), gu.narrow(2, F, F).contiguous());
+      }
+      x = ops::add(hres, decode_linear(act, w.down, prec));
     } else {
       Tensor hres = ops::add(x, b.self_attn.o_proj(ot, prec));
       x = ops::add(hres, b.mlp(b.post_attention_layernorm(hres), prec));
@@ -194,7 +281,8 @@ Tensor forward_cached(const LlamaModel& m, KvCache& cache, const std::vector<int
   std::vector<int64_t> last(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) last[size_t(r)] = r * T + T - 1;
   Tensor hl = ops::gather_rows(ops::reshape(x, {R * T, D}), last);
-  return ops::linear(m.norm()(hl), dw ? dw->lm_head : m.lm_head().weight, prec);  // (R, V)
+  Tensor hn = m.norm()(hl);
+  return dw ? decode_linear(hn, dw->lm_head, prec) : ops::linear(hn, m.lm_head().weight, prec);
 }
 
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& opt, Rng& rng) {

@@ -55,14 +55,23 @@ class KvCache {
 // a decode step, which reads every weight for a handful of tokens, moves half the bytes and
 // converts nothing (ops::linear would otherwise cast each f32 weight on every call). An f32
 // model decodes from its own weights instead, so generation never doubles its memory.
+// On the CPU each matrix is also packed in panels (cpu_pack_bf16_panels) for the decode GEMM.
+struct DecodeWeight {
+  Tensor w;  // (n, k) bf16, or the packed panels (1-D) when `packed`
+  int64_t n = 0, k = 0;
+  bool packed = false;
+};
 struct DecodeWeights {
   explicit DecodeWeights(const LlamaModel& m);
   struct Layer {
-    Tensor qkv, o, gate_up, down;
+    DecodeWeight qkv, o, gate_up, down;
   };
   std::vector<Layer> layers;
-  Tensor lm_head;
+  DecodeWeight lm_head;
 };
+
+// x (..., k) times a decode weight: (..., n) f32.
+Tensor decode_linear(const Tensor& x, const DecodeWeight& w, ops::Precision prec);
 
 // Runs tokens (R, T) for the cache rows `rows` (each row appends T positions after its
 // current length) and returns the logits of each row's last new position (R, V). `dw`

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <random>
 
+#include "runtime/cpu/cpu_backend.h"
 #include "runtime/ops/ops.h"
 
 using namespace llama3;
@@ -139,7 +140,42 @@ TEST(Gemm, Bf16NormOutputFeedsProjectionsWithF32Gradients) {
   run(true, got);
   for (size_t t = 0; t < ref.size(); ++t)
     EXPECT_LT(rel_diff(got[t], ref[t]), 1e-2) << "gradient " << t;
-  EXPECT_THROW(ops::rmsnorm(Tensor::zeros({2, 4}, DType::f64), Tensor::zeros({4}, DType::f64),
-                            1e-5f, true),
-               Error);
+  EXPECT_THROW(
+      ops::rmsnorm(Tensor::zeros({2, 4}, DType::f64), Tensor::zeros({4}, DType::f64), 1e-5f, true),
+      Error);
+}
+
+// The panel-packed decode GEMM (bf16 weights packed once per generation) against exact
+// products, over row counts on both sides of its 8-row groups, n not a multiple of a panel
+// or a 64-column unit, odd k (the zero-padded last pair); the A row past k holds NaN, which
+// must not reach the outputs, and the outputs past n must stay untouched.
+TEST(Gemm, PackedBf16PanelsMatchExactProducts) {
+  for (int64_t m : {1, 3, 5, 8, 13, 16, 40})
+    for (int64_t n : {1, 17, 70, 130})
+      for (int64_t k : {1, 7, 96, 129}) {
+        const auto a = bf16_values(m * k, uint64_t(m * 1000 + k)),
+                   w = bf16_values(n * k, uint64_t(n * 7 + k));
+        const int64_t lda = k + 1, ldc = n + 3;
+        std::vector<bf16> a16(size_t(m * lda), bf16{f32_to_bf16_bits(NAN)}), w16(size_t(n * k));
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t p = 0; p < k; ++p)
+            a16[size_t(i * lda + p)] = bf16{f32_to_bf16_bits(a[size_t(i * k + p)])};
+        for (size_t i = 0; i < w.size(); ++i) w16[i] = bf16{f32_to_bf16_bits(w[i])};
+        std::vector<bf16> packed(size_t(cpu_packed_bf16_elems(n, k)));
+        cpu_pack_bf16_panels(w16.data(), n, k, k, packed.data());
+        std::vector<float> c(size_t(m * ldc), -7.f);
+        cpu_gemm_bf16_packed(m, n, k, a16.data(), lda, packed.data(), c.data(), ldc);
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) {
+            double exact = 0, mag = 0;
+            for (int64_t p = 0; p < k; ++p) {
+              const double t = double(a[size_t(i * k + p)]) * double(w[size_t(j * k + p)]);
+              exact += t, mag += std::fabs(t);
+            }
+            ASSERT_NEAR(c[size_t(i * ldc + j)], exact, double(k + 1) * std::ldexp(mag, -24) + 1e-30)
+                << "m " << m << " n " << n << " k " << k << " at (" << i << ", " << j << ")";
+          }
+          for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(c[size_t(i * ldc + j)], -7.f) << "past n";
+        }
+      }
 }

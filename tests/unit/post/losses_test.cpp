@@ -190,8 +190,8 @@ TEST_F(PostTest, KvCacheGreedyGenerationEqualsFullRecomputation) {
   (void)l1;
 }
 
-// bf16 precision decodes from DecodeWeights (fused q/k/v and gate/up in bf16, the skinny
-// bf16 GEMM for a few rows): its logits match a full bf16 recomputation within bf16
+// bf16 precision decodes from DecodeWeights (fused q/k/v and gate/up in bf16, packed in
+// panels for the CPU decode GEMM): its logits match a full bf16 recomputation within bf16
 // tolerance, and greedy decoding picks the same tokens.
 TEST_F(PostTest, KvCacheBf16DecodeMatchesFullRecomputation) {
   LlamaModel m(tiny_config(tok->vocab_size()), 3);
