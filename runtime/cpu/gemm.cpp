@@ -365,32 +365,12 @@ void cpu_gemm_bf16_packed(int64_t m, int64_t n, int64_t k, const bf16* a, int64_
                        : i == 0     ? pb + 2048
                        : i + 8 >= m ? pb + (kPackedCols / kPanel) * pstride
                                     : nullptr;
-      switch (mr) {
-        case 1:
-          packed_rows<1>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-        case 2:
-          packed_rows<2>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-        case 3:
-          packed_rows<3>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-        case 4:
-          packed_rows<4>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-        case 5:
-          packed_rows<5>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-        case 6:
-          packed_rows<6>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-        case 7:
-          packed_rows<7>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-        default:
-          packed_rows<8>(k, ai, lda, pb, pstride, ci, ldc, cols, pf);
-          break;
-      }
+      using Rows = void (*)(int64_t, const bf16*, int64_t, const bf16*, int64_t, float*, int64_t,
+                            int64_t, const bf16*);
+      static constexpr Rows kRows[8] = {packed_rows<1>, packed_rows<2>, packed_rows<3>,
+                                        packed_rows<4>, packed_rows<5>, packed_rows<6>,
+                                        packed_rows<7>, packed_rows<8>};
+      kRows[mr - 1](k, ai, lda, pb, pstride, ci, ldc, cols, pf);
     }
 #else
     // Portable builds: the same products in the same layout, one at a time.

@@ -32,6 +32,21 @@ double rel_diff(const std::vector<float>& got, const std::vector<float>& ref) {
   return std::sqrt(num / den);
 }
 
+// got (m x n, row stride ldc) = a (m x k) w (n x k)^T within f32 accumulation error.
+void expect_exact_products(const float* got, int64_t ldc, const std::vector<float>& a,
+                           const std::vector<float>& w, int64_t m, int64_t n, int64_t k) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double exact = 0, mag = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const double t = double(a[size_t(i * k + p)]) * double(w[size_t(j * k + p)]);
+        exact += t, mag += std::fabs(t);
+      }
+      ASSERT_NEAR(got[i * ldc + j], exact, double(k + 1) * std::ldexp(mag, -24) + 1e-30)
+          << "m " << m << " n " << n << " k " << k << " at (" << i << ", " << j << ")";
+    }
+}
+
 void check_linear(ops::Precision prec) {
   for (int64_t m : {1, 2, 3, 4, 5, 9, 16, 17})
     for (int64_t n : {1, 3, 7, 9, 66})
@@ -43,16 +58,7 @@ void check_linear(ops::Precision prec) {
                wt = Tensor::from_vector(w, {n, k}).to(dt);
         const auto got = ops::linear(x, wt, prec).to_vector<float>();
         ASSERT_EQ(got.size(), size_t(m * n));
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < n; ++j) {
-            double exact = 0, mag = 0;
-            for (int64_t p = 0; p < k; ++p) {
-              const double t = double(a[size_t(i * k + p)]) * double(w[size_t(j * k + p)]);
-              exact += t, mag += std::fabs(t);
-            }
-            ASSERT_NEAR(got[size_t(i * n + j)], exact, double(k + 1) * std::ldexp(mag, -24) + 1e-30)
-                << "m " << m << " n " << n << " k " << k << " at (" << i << ", " << j << ")";
-          }
+        expect_exact_products(got.data(), n, a, w, m, n, k);
       }
 }
 
@@ -165,17 +171,8 @@ TEST(Gemm, PackedBf16PanelsMatchExactProducts) {
         cpu_pack_bf16_panels(w16.data(), n, k, k, packed.data());
         std::vector<float> c(size_t(m * ldc), -7.f);
         cpu_gemm_bf16_packed(m, n, k, a16.data(), lda, packed.data(), c.data(), ldc);
-        for (int64_t i = 0; i < m; ++i) {
-          for (int64_t j = 0; j < n; ++j) {
-            double exact = 0, mag = 0;
-            for (int64_t p = 0; p < k; ++p) {
-              const double t = double(a[size_t(i * k + p)]) * double(w[size_t(j * k + p)]);
-              exact += t, mag += std::fabs(t);
-            }
-            ASSERT_NEAR(c[size_t(i * ldc + j)], exact, double(k + 1) * std::ldexp(mag, -24) + 1e-30)
-                << "m " << m << " n " << n << " k " << k << " at (" << i << ", " << j << ")";
-          }
+        expect_exact_products(c.data(), ldc, a, w, m, n, k);
+        for (int64_t i = 0; i < m; ++i)
           for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(c[size_t(i * ldc + j)], -7.f) << "past n";
-        }
       }
 }
