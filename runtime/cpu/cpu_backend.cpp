@@ -98,7 +98,8 @@ void store(void* p, DType t, double v) {
 // A strided copy whose innermost dimension is contiguous on both sides (a narrow() of the
 // last dimension, a slice of rows: the q/k/v split of a fused projection) copies whole rows
 // - memcpy, or a converting loop for f32 <-> bf16 - instead of one element at a time
-// through the generic path (which costs ~10x more per element). False when it does not apply.
+// through the generic path's index arithmetic and dtype switches (those copies were 7% of a
+// 125M batch-16 decode). False when it does not apply.
 bool copy_rows(const Tensor& src, Tensor& dst) {
   const int nd = src.dim();
   if (nd < 1 || src.strides()[nd - 1] != 1 || dst.strides()[nd - 1] != 1) return false;
