@@ -87,23 +87,30 @@ struct LinearNode : Node {
   Shape x_shape;
   DType x_dtype, w_dtype;
   Precision p;
+  DxHook dx_hook;
   const char* name() const override { return "linear"; }
   std::vector<Tensor> backward(const Tensor& g_in) override {
     Tensor g = as_rows(g_in.contiguous());
     if (p == Precision::bf16) g = to_bf16(g);
     Tensor dx, dw;
+    std::function<void()> finish_dx;
     if (next[0]) {
       dx = Tensor::empty({g.size(0), w.size(1)}, x_dtype, g.device());
       be(g).gemm(g, Trans::N, w, Trans::N, dx, 1.f, 0.f);
+      if (dx_hook) finish_dx = dx_hook(dx);  // e.g. an all-reduce in flight during the dW GEMM
       dx = dx.view(x_shape);
     }
     if (next[1]) {
       dw = Tensor::empty(w.shape(), w_dtype, g.device());
       be(g).gemm(g, Trans::T, x, Trans::N, dw, 1.f, 0.f);
     }
+    if (finish_dx) finish_dx();
     return {dx, dw};
   }
-  void release() override { x = w = Tensor(); }
+  void release() override {
+    x = w = Tensor();
+    dx_hook = nullptr;
+  }
 };
 }  // namespace
 
@@ -111,7 +118,8 @@ bool bf16_activations(Precision p, const Device& d) {
   return p == Precision::bf16 && backend_for(d).bf16_activations();
 }
 
-Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad) {
+Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad,
+              const DxHook& dx_hook) {
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
                "linear: x {} has {} features, weight {} expects {}", x.str(), x.size(-1), w.str(),
                w.dim() == 2 ? w.size(1) : -1);
@@ -141,6 +149,7 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool
                                                                                 : DType::f32;
     n->w_dtype = w.dtype();
     n->p = p;
+    n->dx_hook = dx_hook;
     n->next = {autograd::edge(x), autograd::edge(w)};
     autograd::set_history(out, n);
   }
