@@ -12,7 +12,8 @@
 # (blocking collectives; each pipeline receive posted where it is consumed; column-parallel
 # input-gradient all-reduces after their node) and with the default overlap (receives posted
 # ahead, K/V gathers issued before the Q/K projections, input-gradient all-reduces in flight
-# during the weight-gradient GEMM).
+# during the weight-gradient GEMM); --no-tp-overlap keeps the other overlaps and turns the tp
+# one off (tp 2 x dp_shard 2 runs all three).
 # ONLY=REGEX runs only the layouts whose arguments match (the single-process base always runs).
 set -euo pipefail
 BUILD=${1:?build dir}
@@ -60,6 +61,7 @@ done <<'LAYOUTS'
 4 --tp 2 --pp 2 --microbatches 2 --no-overlap
 4 --tp 2 --pp 2 --microbatches 2
 4 --tp 2 --dp-shard 2 --no-overlap
+4 --tp 2 --dp-shard 2 --no-tp-overlap
 4 --tp 2 --dp-shard 2
 8 --tp 2 --dp-shard 2 --cp 2 --no-overlap
 8 --tp 2 --dp-shard 2 --cp 2

@@ -30,12 +30,18 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 //
 // dx_hook (optional): the backward calls it with the input gradient dx (rows, in), fresh and
 // contiguous, as soon as it is computed and before the weight-gradient GEMM; it may start an
-// asynchronous operation on dx in place and returns the function completing it, which the
-// backward calls after the dW GEMM, so the two overlap. Tensor parallelism uses it for the
-// all-reduce of a column-parallel layer's input gradient (Megatron's asynchronous
-// input-gradient all-reduce): the values are those of the same all-reduce applied after
-// the node. Not called when x needs no gradient.
-using DxHook = std::function<std::function<void()>(Tensor& dx)>;
+// asynchronous operation on dx in place and returns what completes it (`finish`, called
+// after the dW GEMM, so the two overlap) and optionally `progress`: then dW is computed in
+// a few slices of output rows with progress() between them (for a library that advances a
+// transfer only inside its own calls, as OpenMPI without a progress thread). Tensor
+// parallelism uses it for the all-reduce of a column-parallel layer's input gradient
+// (Megatron's asynchronous input-gradient all-reduce): the values are those of the same
+// all-reduce applied after the node. Not called when x needs no gradient.
+struct DxPending {
+  std::function<void()> progress;  // optional, between dW slices
+  std::function<void()> finish;    // after dW; may be empty
+};
+using DxHook = std::function<DxPending(Tensor& dx)>;
 Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32, bool bf16_out = false,
               bool f32_grad = false, const DxHook& dx_hook = {});
 

@@ -126,16 +126,21 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
     // input-gradient all-reduce). It is copy_to_group's all-reduce, of the same dX, at the
     // same point of the collective sequence (copy_to_group's node runs right after the
     // linear's), so the values are bitwise those of the blocking path.
-    ops::DxHook reduce_dx = [tp](Tensor& dx) -> std::function<void()> {
+    // OpenMPI advances the all-reduce only inside MPI calls, so the dW GEMM is run in slices
+    // with MPI_Test (Work::test) between them.
+    ops::DxHook reduce_dx = [tp](Tensor& dx) {
       std::shared_ptr<dist::Work> w = tp->iall_reduce(dx, ReduceOp::sum);
-      return [w] { w->wait(); };
+      ops::DxPending p;
+      p.progress = [w] { w->test(); };
+      p.finish = [w] { w->wait(); };
+      return p;
     };
     for (int64_t l = 0; l < c.n_layers; ++l) {
       if (!owns_layer(l)) continue;
       Block& b = *model.blocks()[size_t(l)];
       for (nn::Linear* lin : {&b.self_attn.q_proj, &b.self_attn.k_proj, &b.self_attn.v_proj,
                               &b.mlp.gate_proj, &b.mlp.up_proj}) {
-        if (opt.overlap)
+        if (opt.overlap && opt.tp_overlap)
           lin->dx_hook = reduce_dx;
         else
           lin->input_hook = copy_in;

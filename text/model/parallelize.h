@@ -71,7 +71,9 @@ struct ParallelizeOptions {
   bool activation_checkpointing = false;
   bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute;
                                 // PP: receives posted ahead of the operations that consume them;
-                                // CP: K/V all-gathers issued before the Q/K projections
+                                // CP: K/V all-gathers issued before the Q/K projections;
+                                // TP: input-gradient all-reduces during the dW GEMMs
+  bool tp_overlap = true;       // with overlap: the TP part (off: FSDP/PP/CP overlap only; benchmarks)
   bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
 };
 
