@@ -172,8 +172,8 @@ TEST_P(ParallelDeviceCuda, WorldOfOneMatchesPlainCudaAndCpu) {
   // (not bitwise reproducible), hence a tolerance rather than 0.
   expect_close(par, plain, bf ? 1e-4 : 1e-6, bf ? 2e-2 : 1e-4, "cuda parallel vs cuda plain");
   // Against the CPU: f32 GEMMs without TF32; bf16 keeps activations in bf16 on CUDA only.
-  expect_close(par, cpu, bf ? 1e-3 : 1e-5, bf ? 5e-2 : 1e-3, "cuda parallel vs cpu plain");
-  expect_close(plain, cpu, bf ? 1e-3 : 1e-5, bf ? 5e-2 : 1e-3, "cuda plain vs cpu plain");
+  expect_close(par, cpu, bf ? 1e-2 : 1e-5, bf ? 5e-2 : 1e-3, "cuda parallel vs cpu plain");
+  expect_close(plain, cpu, bf ? 1e-2 : 1e-5, bf ? 5e-2 : 1e-3, "cuda plain vs cpu plain");
   expect_trained(par);
 }
 
