@@ -9,11 +9,15 @@
 // ones). Reported per step and as a fraction of the step time, mean and max over ranks, and
 // separately the part spent in the pipeline group's waits (pp_wait: receives of activations
 // and gradients, sends completed at the end) and in the context-parallel group's (cp_wait:
-// K/V gathers and their reduce-scatters, and the gradient all-reduce); --no-overlap makes
-// FSDP's collectives and the K/V gathers blocking and posts each pipeline receive only
-// where it is consumed, for comparison. On oversubscribed
-// cores a wait also contains the time a peer rank spends computing (it is not scheduled), so
-// the fraction is an upper bound on the communication the compute did not hide.
+// K/V gathers and their reduce-scatters, and the gradient all-reduce) and in the tp group's
+// (tp_wait: the row-parallel forward all-reduces, the input-gradient all-reduces of the
+// column-parallel layers, the vocabulary-parallel embedding and loss); --no-overlap makes
+// FSDP's collectives and the K/V gathers blocking, posts each pipeline receive only where it
+// is consumed, and all-reduces the column-parallel input gradients after their node instead
+// of during the weight-gradient GEMM, for comparison; --no-tp-overlap turns off only the
+// latter. On oversubscribed cores a wait also contains the time a peer rank spends computing
+// (it is not scheduled), so the fraction is an upper bound on the communication the compute
+// did not hide.
 //
 // Analytic bytes per rank and step (4-byte elements; ring factors a(n) = 2(n-1)/n for an
 // all-reduce, g(n) = (n-1)/n for all-gather / reduce-scatter of the full size; M
@@ -76,6 +80,7 @@ int main(int argc, char** argv) try {
   po.virtual_stages = int(arg(argc, argv, "--virtual-stages", 1));
   po.activation_checkpointing = flag(argc, argv, "--checkpointing");
   po.overlap = !flag(argc, argv, "--no-overlap");
+  po.tp_overlap = !flag(argc, argv, "--no-tp-overlap");  // FSDP/PP/CP overlap without the TP part
   po.verbose = false;
 
   auto world = dist::world_communicator();
@@ -106,6 +111,7 @@ int main(int argc, char** argv) try {
   double waited = 0;  // before the closing barrier, whose wait is only the slowest rank's lag
   for (auto& c : comms) waited += c->stats().wait_s;
   const double pp_waited = groups.pp->stats().wait_s, cp_waited = groups.cp->stats().wait_s;
+  const double tp_waited = groups.tp->stats().wait_s;
   world->barrier();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int64_t measured = 0;
@@ -156,20 +162,24 @@ int main(int argc, char** argv) try {
   const double frac = waited / secs;
   const double n = double(steps);
   Tensor fmax = Tensor::from_vector(
-      std::vector<double>{frac, waited / n, pp_waited / n, cp_waited / n}, {4});
+      std::vector<double>{frac, waited / n, pp_waited / n, cp_waited / n, tp_waited / n}, {5});
   Tensor fsum = fmax.clone();
   world->all_reduce(fmax, dist::ReduceOp::max);
   world->all_reduce(fsum, dist::ReduceOp::sum);
   const auto wmax = fmax.to_vector<double>(), wsum = fsum.to_vector<double>();
   if (world->rank() == 0)
-    std::printf("RESULT layout=\"%s\" ranks=%d tokens_per_s=%.1f bytes_per_rank_step=%.0f analytic=%.0f "
-                "max_rank_deviation=%.4f overlap=%d step_ms=%.1f wait_ms_per_step_mean=%.1f wait_frac_mean=%.3f "
-                "wait_frac_max=%.3f pp_wait_ms_per_step_mean=%.1f pp_wait_ms_per_step_max=%.1f "
-                "cp_wait_ms_per_step_mean=%.1f\n",
-                d.str().c_str(), world->size(), double(B * T * steps) / secs, per_step, analytic,
-                worst.to_vector<double>()[0], int(po.overlap), 1e3 * secs / double(steps),
-                1e3 * wsum[1] / world->size(), wsum[0] / world->size(), wmax[0],
-                1e3 * wsum[2] / world->size(), 1e3 * wmax[2], 1e3 * wsum[3] / world->size());
+    std::printf(
+        "RESULT layout=\"%s\" ranks=%d tokens_per_s=%.1f bytes_per_rank_step=%.0f analytic=%.0f "
+        "max_rank_deviation=%.4f overlap=%d step_ms=%.1f wait_ms_per_step_mean=%.1f "
+        "wait_frac_mean=%.3f "
+        "wait_frac_max=%.3f pp_wait_ms_per_step_mean=%.1f pp_wait_ms_per_step_max=%.1f "
+        "cp_wait_ms_per_step_mean=%.1f tp_wait_ms_per_step_mean=%.1f "
+        "tp_wait_ms_per_step_max=%.1f\n",
+        d.str().c_str(), world->size(), double(B * T * steps) / secs, per_step, analytic,
+        worst.to_vector<double>()[0], int(po.overlap), 1e3 * secs / double(steps),
+        1e3 * wsum[1] / world->size(), wsum[0] / world->size(), wmax[0],
+        1e3 * wsum[2] / world->size(), 1e3 * wmax[2], 1e3 * wsum[3] / world->size(),
+        1e3 * wsum[4] / world->size(), 1e3 * wmax[4]);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_parallel: error: %s\n", e.what());

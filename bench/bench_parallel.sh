@@ -7,10 +7,13 @@
 # wait_ms / wait_frac / wait_max: time blocked in communication waits per step, mean rank's
 # fraction of the step and the worst rank's (bench_parallel.cpp); pp_wait_ms / pp_wait_max:
 # the part of it in the pipeline group (point-to-point receives and sends), mean and worst
-# rank; cp_wait_ms: the part in the cp group (K/V gathers etc.), mean rank. FSDP, pipeline
-# and cp layouts run with --no-overlap (blocking collectives; each pipeline receive posted
-# where it is consumed) and with the default overlap (receives posted ahead, K/V gathers
-# issued before the Q/K projections).
+# rank; cp_wait_ms: the part in the cp group (K/V gathers etc.), mean rank; tp_wait_ms: the
+# part in the tp group, mean rank. FSDP, pipeline, cp and tp layouts run with --no-overlap
+# (blocking collectives; each pipeline receive posted where it is consumed; column-parallel
+# input-gradient all-reduces after their node) and with the default overlap (receives posted
+# ahead, K/V gathers issued before the Q/K projections, input-gradient all-reduces in flight
+# during the weight-gradient GEMM); --no-tp-overlap keeps the other overlaps and turns the tp
+# one off (tp 2 x dp_shard 2 runs all three).
 # ONLY=REGEX runs only the layouts whose arguments match (the single-process base always runs).
 set -euo pipefail
 BUILD=${1:?build dir}
@@ -27,23 +30,25 @@ EXTRA=("$@")
 base=$(run 1)
 base_tps=$(sed -n 's/.*tokens_per_s=\([0-9.]*\).*/\1/p' <<<"$base")
 field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2"; }
-printf "%-62s %5s %10s %6s %14s %14s %9s %8s %8s %9s %9s %10s %10s %10s\n" layout ranks tokens/s vs_1 \
-  bytes/rank/step analytic deviation step_ms wait_ms wait_frac wait_max pp_wait_ms pp_wait_max cp_wait_ms
+printf "%-62s %5s %10s %6s %14s %14s %9s %8s %8s %9s %9s %10s %10s %10s %10s\n" layout ranks tokens/s vs_1 \
+  bytes/rank/step analytic deviation step_ms wait_ms wait_frac wait_max pp_wait_ms pp_wait_max cp_wait_ms \
+  tp_wait_ms
 while read -r np args; do
   if [[ -n ${ONLY:-} ]] && ! grep -Eq -- "$ONLY" <<<"$args"; then continue; fi
   r=$(run "$np" $args)
   tps=$(field tokens_per_s "$r")
-  printf "%-62s %5s %10s %6.2f %14s %14s %9s %8s %8s %9s %9s %10s %10s %10s\n" "$args" "$np" "$tps" \
+  printf "%-62s %5s %10s %6.2f %14s %14s %9s %8s %8s %9s %9s %10s %10s %10s %10s\n" "$args" "$np" "$tps" \
     "$(awk -v a="$tps" -v b="$base_tps" 'BEGIN{print a/b}')" "$(field bytes_per_rank_step "$r")" \
     "$(field analytic "$r")" "$(field max_rank_deviation "$r")" "$(field step_ms "$r")" \
     "$(field wait_ms_per_step_mean "$r")" "$(field wait_frac_mean "$r")" "$(field wait_frac_max "$r")" \
     "$(field pp_wait_ms_per_step_mean "$r")" "$(field pp_wait_ms_per_step_max "$r")" \
-    "$(field cp_wait_ms_per_step_mean "$r")"
+    "$(field cp_wait_ms_per_step_mean "$r")" "$(field tp_wait_ms_per_step_mean "$r")"
 done <<'LAYOUTS'
 1
 2 --dp-shard 2 --no-overlap
 2 --dp-shard 2
 2 --dp-replicate 2
+2 --tp 2 --no-overlap
 2 --tp 2
 2 --pp 2 --microbatches 4 --no-overlap
 2 --pp 2 --microbatches 4
@@ -56,6 +61,7 @@ done <<'LAYOUTS'
 4 --tp 2 --pp 2 --microbatches 2 --no-overlap
 4 --tp 2 --pp 2 --microbatches 2
 4 --tp 2 --dp-shard 2 --no-overlap
+4 --tp 2 --dp-shard 2 --no-tp-overlap
 4 --tp 2 --dp-shard 2
 8 --tp 2 --dp-shard 2 --cp 2 --no-overlap
 8 --tp 2 --dp-shard 2 --cp 2

@@ -11,6 +11,7 @@
 
 #include "cli/flags.h"
 #include "runtime/autograd/autograd.h"
+#include "runtime/cuda/cuda_backend.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/optim/adamw.h"
 #include "text/model/parallelize.h"
@@ -21,6 +22,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: mpirun -np N llama3 parallel [--dp-replicate 1] [--dp-shard 1] [--cp 1] [--tp 1] [--pp 1]\n"
     "          [--microbatches 1] [--virtual-stages 1] [--checkpointing] [--no-overlap] [--flavour debug]\n"
+    "          [--device cpu|cuda]\n"
     "          [--layers L] [--ce-chunk 1024] [--precision f32|bf16]\n"
     "          [--batch 8] [--seq 32] [--steps 5] [--lr 1e-2] [--clip 1.0] [--eps 1e-8] [--docs] [--seed 0]\n"
     "          [--plain] [--dump FILE] [--reference FILE] [--tol 1e-5] [--loss-tol TOL] [--timeout 60]\n"
@@ -30,7 +32,8 @@ constexpr const char* kUsage =
     "  last step: a run that --load's a checkpoint of step k continues with step k + 1. --save\n"
     "  writes a distributed checkpoint (one file per rank with slice metadata) after the last step.\n"
     "  --tol bounds the weights' relative error against --reference, and the losses' unless\n"
-    "  --loss-tol is given.";
+    "  --loss-tol is given. --device cuda puts the model on this rank's GPU (node-local rank\n"
+    "  modulo the visible GPUs) and runs the layout over NCCL (unique id bootstrapped over MPI).";
 
 struct Batch {
   Tensor tokens, targets, docs;  // (B, T) int32
@@ -74,7 +77,7 @@ int cmd_parallel(const Args& args) {
           {"--dp-replicate", "--dp-shard", "--cp", "--tp", "--pp", "--microbatches", "--virtual-stages",
            "--flavour", "--layers", "--batch", "--seq", "--steps", "--lr", "--clip", "--eps", "--seed", "--dump",
            "--reference", "--tol", "--loss-tol", "--timeout", "--save", "--load", "--inject-hang",
-           "--inject-abort", "--ce-chunk", "--precision"},
+           "--inject-abort", "--ce-chunk", "--precision", "--device"},
           {"--checkpointing", "--docs", "--plain", "--no-overlap"}, kUsage);
   dist::ParallelDims dims;
   dims.dp_replicate = int(f.integer("--dp-replicate", 1));
@@ -108,6 +111,16 @@ int cmd_parallel(const Args& args) {
 
   cfg.max_seq_len = std::max(cfg.max_seq_len, T);
   text::LlamaModel model(cfg, seed);
+  // The device: every tensor of the step lives there; CUDA tensors take the NCCL communicator.
+  const std::string device_name = f.str("--device", "cpu");
+  LLAMA3_CHECK(device_name == "cpu" || device_name == "cuda",
+               "--device must be cpu or cuda, got '{}'", device_name);
+  Device device = Device::cpu();
+  if (device_name == "cuda") {
+    LLAMA3_CHECK(cuda_init(), "--device cuda: no CUDA device (or this build has no CUDA)");
+    device = Device::cuda(dist::local_device_index(cuda_device_count()));
+    model.to(device);
+  }
   // Rows per cross-entropy chunk (also the vocabulary-parallel one's under tp).
   model.options().ce_chunk = f.integer("--ce-chunk", model.options().ce_chunk);
   // Mixed precision (bf16 GEMM inputs, f32 accumulation and master weights), in the plain
@@ -129,14 +142,15 @@ int cmd_parallel(const Args& args) {
     model.options().activation_checkpointing = popt.activation_checkpointing;
     opt = std::make_unique<optim::AdamW>(model.named_parameters(), oc);
   } else {
-    groups = dist::make_process_groups(dims, world);
+    groups = dist::make_process_groups(dims, dist::communicator_for_device(world, device));
     par = std::make_unique<text::ParallelLlama>(model, groups, popt);
     opt = std::make_unique<optim::AdamW>(par->optimizer_params(), oc);
     opt->set_norm_reduction(par->norm_reduction());
   }
   if (rank == 0)
-    spdlog::info("layout {} on {} ranks ({}), global batch {} x seq {}, {}", plain ? "plain" : dims.str(),
-                 world->size(), world->backend(), B, T, precision);
+    spdlog::info("layout {} on {} ranks ({}, {}), global batch {} x seq {}, {}",
+                 plain ? "plain" : dims.str(), world->size(),
+                 plain ? world->backend() : groups.world->backend(), device.str(), B, T, precision);
 
   int64_t first_step = 1;
   if (f.has("--load")) {
@@ -198,7 +212,10 @@ int cmd_parallel(const Args& args) {
           dist::Piece pc;
           pc.name = n;
           pc.full_shape = np.tensor->shape();
-          pc.data = (n == np.name ? np.tensor->detach() : st.at(n)).contiguous().view({-1});
+          pc.data = (n == np.name ? np.tensor->detach() : st.at(n))
+                        .contiguous()
+                        .view({-1})
+                        .to(Device::cpu());
           pieces.push_back(pc);
         }
     } else {
@@ -213,7 +230,8 @@ int cmd_parallel(const Args& args) {
 
   std::map<std::string, Tensor> weights;
   if (plain) {
-    for (auto& np : model.named_parameters()) weights[np.name] = np.tensor->detach();
+    for (auto& np : model.named_parameters())
+      weights[np.name] = np.tensor->detach().to(Device::cpu());
   } else {
     weights = par->full_state_dict();
   }

@@ -14,6 +14,7 @@
 #include "cli/flags.h"
 #include "runtime/dist/communicator.h"
 #include "runtime/cpu/cpu_backend.h"
+#include "runtime/cuda/cuda_backend.h"
 #include "runtime/io/checkpoint.h"
 #include "runtime/log/metrics.h"
 #include "runtime/log/progress.h"
@@ -31,14 +32,15 @@ constexpr const char* kUsage =
     "                    [--accum 1] [--lr 3e-3] [--min-lr 3e-4] [--warmup 20] [--decay cosine]\n"
     "                    [--weight-decay 0.1] [--clip 1.0] [--precision f32|bf16]\n"
     "                    [--checkpointing] [--eval-every 50] [--eval-batches 4] [--ckpt-every 0]\n"
-    "                    [--seed 0] [--out runs/train] [--stage train] [--resume]\n"
+    "                    [--seed 0] [--out runs/train] [--stage train] [--resume] [--device cpu|cuda]\n"
     "                    [--parallel tp=2,pp=2,... [--microbatches 1] [--virtual-stages 1] [--timeout 300]\n"
     "                     [--no-overlap]]\n"
     "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.\n"
     "  --batch is the global batch of one micro-batch; --accum micro-batches make a step.\n"
     "  --parallel (under mpirun -np N): degrees of dp_replicate, dp_shard, cp, tp, pp (product N);\n"
     "  --microbatches: pipeline micro-batches per micro-batch; --timeout: seconds a collective may\n"
-    "  wait for a peer before the run fails; --no-overlap: blocking FSDP collectives (no overlap).";
+    "  wait for a peer before the run fails; --no-overlap: blocking FSDP collectives (no overlap).\n"
+    "  --device cuda: the model on this rank's GPU; a layout then communicates over NCCL.";
 
 // Entropy (nats/token) of the unigram distribution of the shards' tokens: the loss a model
 // that ignores context entirely would reach on that text.
@@ -64,7 +66,7 @@ int cmd_train(const Args& args) {
           {"--data", "--flavour", "--steps", "--batch", "--seq", "--accum", "--lr", "--min-lr", "--warmup",
            "--decay", "--weight-decay", "--clip", "--precision", "--eval-every", "--eval-batches",
            "--ckpt-every", "--seed", "--out", "--stage", "--parallel", "--microbatches", "--virtual-stages",
-           "--timeout"},
+           "--timeout", "--device"},
           {"--checkpointing", "--resume", "--no-overlap"}, kUsage);
   dist::CommOptions co;
   co.timeout_s = f.real("--timeout", 300.0);
@@ -90,6 +92,17 @@ int cmd_train(const Args& args) {
   LLAMA3_CHECK(precision == "f32" || precision == "bf16", "--precision must be f32 or bf16, got '{}'", precision);
   model.options().precision = precision == "bf16" ? ops::Precision::bf16 : ops::Precision::f32;
   model.options().activation_checkpointing = f.has("--checkpointing");
+  // The device of the model; under --parallel, CUDA tensors communicate over NCCL (its unique
+  // id bootstrapped over the MPI world).
+  const std::string device_name = f.str("--device", "cpu");
+  LLAMA3_CHECK(device_name == "cpu" || device_name == "cuda", "--device must be cpu or cuda, got '{}'",
+               device_name);
+  Device device = Device::cpu();
+  if (device_name == "cuda") {
+    LLAMA3_CHECK(cuda_init(), "--device cuda: no CUDA device (or this build has no CUDA)");
+    device = Device::cuda(dist::local_device_index(cuda_device_count()));
+    model.to(device);
+  }
 
   data::LoaderConfig lc;
   lc.sources = data::read_manifest_sources(manifest_path);
@@ -136,6 +149,7 @@ int cmd_train(const Args& args) {
     ms.virtual_stages = tc.parallel.virtual_stages;
     // Bad layouts fail here, before any work, with the numbers in the message.
     dist::validate_for_model(tc.parallel.dims, ms);
+    tc.parallel.world = dist::communicator_for_device(world, device);  // NCCL for CUDA tensors
     if (rank0) spdlog::info("layout {} on {} ranks", tc.parallel.dims.str(), world->size());
   }
   fs::create_directories(out);

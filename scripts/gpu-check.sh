@@ -2,7 +2,8 @@
 # The GPU check, one run on a lent GPU machine (H100/H200, CUDA 13, PyTorch, no package
 # registry), under 8 minutes: prints versions, gets the binaries (prebuilt .gpu/ from
 # scripts/gpu-prep.sh when carried along, else a from-source sm_90 build), runs
-# unit_backend_parity and unit_ops, the attention fwd+bwd timing against torch SDPA, the
+# unit_backend_parity and unit_ops, the parallel step on CUDA tensors with a one-rank NCCL
+# communicator (unit_model ParallelDevice*), the attention fwd+bwd timing against torch SDPA, the
 # Llama 1B-class training step (bench_cuda_step, seq 4096 with a 2048 fallback) against
 # PyTorch eager (and torch.compile when time is left) with a per-op GPU profile of one step,
 # the NCCL communicator's collectives and all_reduce bandwidth, and prints a summary table last.
@@ -107,9 +108,9 @@ if [[ -z $BIN ]]; then
      step configure 120 cmake -S . -B build-gpu-src "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
        -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA3_TESTS=ON -DLLAMA3_BENCH=ON \
        -DCMAKE_CUDA_COMPILER="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" &&
-     step build 300 cmake --build build-gpu-src -j "$JOBS" --target unit_backend_parity unit_ops bench_cuda_step bench_nccl; then
+     step build 300 cmake --build build-gpu-src -j "$JOBS" --target unit_backend_parity unit_ops unit_model bench_cuda_step bench_nccl; then
     mkdir -p build-gpu-src/gpu-bin
-    cp build-gpu-src/tests/unit_backend_parity build-gpu-src/tests/unit_ops \
+    cp build-gpu-src/tests/unit_backend_parity build-gpu-src/tests/unit_ops build-gpu-src/tests/unit_model \
        build-gpu-src/bench/bench_cuda_step build-gpu-src/bench/bench_nccl build-gpu-src/gpu-bin/
     BIN=$ROOT/build-gpu-src/gpu-bin
     LIBPATH="${CUDA_LIBS}${LD_LIBRARY_PATH:-}"
@@ -151,6 +152,13 @@ if [[ -n $BIN ]]; then
   step unit_ops 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/unit_ops" --gtest_color=no
   rc=$?
   note "unit_ops (cpu)" "$([[ $rc == 0 ]] && echo PASS || echo FAIL)" "rc $rc"
+  if [[ -x $BIN/unit_model ]]; then
+    # ParallelLlama on CUDA tensors, world of one over NCCL, vs the plain CUDA and CPU runs.
+    step parallel_device 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/unit_model" --gtest_color=no --gtest_filter='*ParallelDevice*'
+    rc=$?
+    S=$(grep -c '^\[  SKIPPED \].*(' "$STEPDIR/parallel_device.txt")
+    note "parallel step on cuda" "$( ((rc == 0 && S == 0)) && echo PASS || { ((rc == 0)) && echo SKIPPED || echo FAIL; })" "rc $rc, $S skipped"
+  fi
 fi
 
 # ---- the training step (llama3 vs torch eager), same seq

@@ -316,4 +316,23 @@ std::shared_ptr<Communicator> world_communicator(const CommOptions& opt) {
   return single_rank_communicator("world");
 }
 
+std::shared_ptr<Communicator> communicator_for_device(std::shared_ptr<Communicator> world,
+                                                      Device device) {
+  if (device.is_cpu()) return world;
+  LLAMA3_CHECK(device.type == DeviceType::cuda, "communicator_for_device: no communicator for {}",
+               device.str());
+  return nccl_communicator(*world, device.index);
+}
+
+int local_device_index(int devices) {
+  LLAMA3_CHECK(devices > 0, "local_device_index: no devices");
+  int local = 0;
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+    if (const char* v = std::getenv(var)) {
+      local = std::atoi(v);
+      break;
+    }
+  return local % devices;
+}
+
 }  // namespace llama3::dist

@@ -114,4 +114,14 @@ bool mpi_active();
 
 std::shared_ptr<Communicator> nccl_communicator(Communicator& bootstrap, int device);
 
+// The communicator a model whose parameters are on `device` trains with: `world` itself for
+// CPU tensors; for CUDA tensors an NCCL communicator over the same ranks, its unique id
+// broadcast over `world` (MPI under a launcher, or the single-rank group in a plain process).
+// NCCL waits have no deadline (CommOptions::timeout_s applies to MPI only).
+std::shared_ptr<Communicator> communicator_for_device(std::shared_ptr<Communicator> world,
+                                                      Device device);
+// This rank's GPU among `devices` on its node: the node-local rank set by the launcher
+// (OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID, SLURM_LOCALID; 0 without one) modulo `devices`.
+int local_device_index(int devices);
+
 }  // namespace llama3::dist

@@ -12,9 +12,9 @@ namespace llama3::nn {
 class Linear : public Module {
  public:
   Linear(int64_t in, int64_t out, double init_std, Rng& rng);
-  Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32,
-                    bool bf16_out = false, bool f32_grad = false) const {
-    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p, bf16_out, f32_grad);
+  Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32, bool bf16_out = false,
+                    bool f32_grad = false) const {
+    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p, bf16_out, f32_grad, dx_hook);
     return output_hook ? output_hook(y) : y;
   }
   Tensor& weight;  // (out, in)
@@ -22,6 +22,10 @@ class Linear : public Module {
   // parallelize step uses them to insert communication (tensor parallelism) without the
   // model knowing; the layer itself attaches no meaning to them.
   std::function<Tensor(const Tensor&)> input_hook, output_hook;
+  // Optional operation on the input gradient, started in the backward before the weight
+  // gradient is computed and completed after it (ops::linear's dx_hook): the parallelize
+  // step's asynchronous tp all-reduce of a column-parallel layer's input gradient.
+  ops::DxHook dx_hook;
 };
 
 class Embedding : public Module {

@@ -82,28 +82,50 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
 
 // ---------------------------------------------------------------- linear
 namespace {
+constexpr int64_t kDwSlices = 4;  // dW GEMM slices when a dx_hook asks for progress calls
+
 struct LinearNode : Node {
   Tensor x, w;  // (N, in), (out, in); bf16 copies in mixed precision
   Shape x_shape;
   DType x_dtype, w_dtype;
   Precision p;
+  DxHook dx_hook;
   const char* name() const override { return "linear"; }
   std::vector<Tensor> backward(const Tensor& g_in) override {
     Tensor g = as_rows(g_in.contiguous());
     if (p == Precision::bf16) g = to_bf16(g);
     Tensor dx, dw;
+    DxPending pending;
     if (next[0]) {
       dx = Tensor::empty({g.size(0), w.size(1)}, x_dtype, g.device());
       be(g).gemm(g, Trans::N, w, Trans::N, dx, 1.f, 0.f);
+      if (dx_hook) pending = dx_hook(dx);  // e.g. an all-reduce in flight during the dW GEMM
       dx = dx.view(x_shape);
     }
     if (next[1]) {
       dw = Tensor::empty(w.shape(), w_dtype, g.device());
-      be(g).gemm(g, Trans::T, x, Trans::N, dw, 1.f, 0.f);
+      if (!pending.progress) {
+        be(g).gemm(g, Trans::T, x, Trans::N, dw, 1.f, 0.f);
+      } else {
+        // dW by slices of output rows, progressing the pending operation between them (a
+        // library that advances transfers only inside its own calls). Each row of dW is the
+        // same dot products over the same rows of g and x as in the whole GEMM.
+        const int64_t out = w.size(0), rows = (out + kDwSlices - 1) / kDwSlices;
+        for (int64_t r0 = 0; r0 < out; r0 += rows) {
+          const int64_t n = std::min(rows, out - r0);
+          Tensor dws = dw.narrow(0, r0, n);
+          be(g).gemm(g.narrow(1, r0, n), Trans::T, x, Trans::N, dws, 1.f, 0.f);
+          if (r0 + n < out) pending.progress();
+        }
+      }
     }
+    if (pending.finish) pending.finish();
     return {dx, dw};
   }
-  void release() override { x = w = Tensor(); }
+  void release() override {
+    x = w = Tensor();
+    dx_hook = nullptr;
+  }
 };
 }  // namespace
 
@@ -111,7 +133,8 @@ bool bf16_activations(Precision p, const Device& d) {
   return p == Precision::bf16 && backend_for(d).bf16_activations();
 }
 
-Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad) {
+Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad,
+              const DxHook& dx_hook) {
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
                "linear: x {} has {} features, weight {} expects {}", x.str(), x.size(-1), w.str(),
                w.dim() == 2 ? w.size(1) : -1);
@@ -141,6 +164,7 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool
                                                                                 : DType::f32;
     n->w_dtype = w.dtype();
     n->p = p;
+    n->dx_hook = dx_hook;
     n->next = {autograd::edge(x), autograd::edge(w)};
     autograd::set_history(out, n);
   }

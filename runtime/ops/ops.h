@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "runtime/backend/backend.h"
@@ -26,8 +27,23 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 // until the next GEMM (q/k/v, the SwiGLU gate and up projections) so neither direction casts
 // them. A bf16 x gets a bf16 gradient, or an f32 one with f32_grad (a bf16 normalised input
 // shared by several projections, whose gradients should sum in f32).
-Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32,
-              bool bf16_out = false, bool f32_grad = false);
+//
+// dx_hook (optional): the backward calls it with the input gradient dx (rows, in), fresh and
+// contiguous, as soon as it is computed and before the weight-gradient GEMM; it may start an
+// asynchronous operation on dx in place and returns what completes it (`finish`, called
+// after the dW GEMM, so the two overlap) and optionally `progress`: then dW is computed in
+// a few slices of output rows with progress() between them (for a library that advances a
+// transfer only inside its own calls, as OpenMPI without a progress thread). Tensor
+// parallelism uses it for the all-reduce of a column-parallel layer's input gradient
+// (Megatron's asynchronous input-gradient all-reduce): the values are those of the same
+// all-reduce applied after the node. Not called when x needs no gradient.
+struct DxPending {
+  std::function<void()> progress;  // optional, between dW slices
+  std::function<void()> finish;    // after dW; may be empty
+};
+using DxHook = std::function<DxPending(Tensor& dx)>;
+Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32, bool bf16_out = false,
+              bool f32_grad = false, const DxHook& dx_hook = {});
 
 // Whether precision p on device d keeps the activations between GEMMs in bf16
 // (Precision::bf16 on a backend whose Backend::bf16_activations() is true): the model asks

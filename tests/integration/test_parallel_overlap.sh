@@ -15,6 +15,12 @@
 # pp 2 must be bitwise equal between the two as well. So must cp 2 and cp 2 x pp 2, whose K/V
 # all-gathers are issued asynchronously with overlap (V's before the K and Q projections,
 # K's before the Q projection) and waited just before attention.
+#
+# Tensor parallelism with overlap all-reduces each column-parallel layer's input gradient
+# (q/k/v, gate/up) asynchronously inside the layer's backward, while its weight-gradient GEMM
+# runs (--no-overlap: copy_to_group's all-reduce after the node); the same all-reduce of the
+# same values at the same point of the sequence, so tp 2 (f32 and bf16), tp 2 x dp_shard 2 and
+# the other tp layouts above must be bitwise equal too.
 set -euo pipefail
 BUILD=${1:?build dir}
 source "$(dirname "$0")/mpi_common.sh"
@@ -42,6 +48,8 @@ else
   echo "FAIL np=2 --dp-shard 2 (overlap) vs one process"; cat "$OUT/log2.txt"; fails=$((fails + 1))
 fi
 check 4 --dp-replicate 2 --dp-shard 2
+check 2 --tp 2
+check 2 --tp 2 --precision bf16
 check 4 --tp 2 --dp-shard 2
 check 8 --dp-shard 2 --tp 2 --pp 2 --microbatches 2
 check 2 --pp 2 --microbatches 4

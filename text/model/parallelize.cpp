@@ -64,19 +64,48 @@ void accumulate(Tensor& leaf, const Tensor& g) {
     backend_for(g.device()).axpy(1.f, g, cur);
 }
 
-Tensor tensor_f64(double v) { return Tensor::from_vector(std::vector<double>{v}, {1}); }
+// A scalar for a collective: on the model's device, since the NCCL communicator reduces
+// device memory only (the CUDA kernels have no f64 arithmetic; these are only copied).
+Tensor tensor_f64(double v, Device d) {
+  return Tensor::from_vector(std::vector<double>{v}, {1}, d);
+}
+
+// A host copy of t that shares no storage with it (distributed checkpoints, gathered state).
+Tensor host_copy(const Tensor& t) {
+  return t.device().is_cpu() ? t.contiguous().clone() : t.to(Device::cpu());
+}
 }  // namespace
 
 
 ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, ParallelizeOptions opt)
     : model_(model), g_(std::move(groups)), opt_(opt) {
   const auto& d = g_.dims;
+  // Every buffer and transfer of the step lives on the device of the model's parameters.
+  {
+    auto nps = model.named_parameters();
+    LLAMA3_CHECK(!nps.empty() && nps.front().tensor->defined(),
+                 "parallelize: the model has no parameters");
+    dev_ = nps.front().tensor->device();
+    for (auto& np : nps)
+      LLAMA3_CHECK(np.tensor->device() == dev_,
+                   "parallelize: {} is on {}, {} on {}: move the model to one device",
+                   nps.front().name, dev_.str(), np.name, np.tensor->device().str());
+  }
   const LlamaConfig& c = model.config();
   dist::ModelShape ms;
   ms.n_heads = c.n_heads, ms.n_kv_heads = c.n_kv_heads, ms.n_layers = c.n_layers, ms.ffn_hidden = c.ffn_hidden();
   ms.vocab = c.vocab_size, ms.microbatches = opt.microbatches, ms.virtual_stages = opt.virtual_stages;
   dist::validate_for_model(d, ms);
 
+  // NCCL's point-to-point operations of one communicator run in order on its one stream, and
+  // a receive holds the stream until its data arrives: a receive posted ahead of a send (the
+  // receives posted ahead, or 1F1B's steady state: a stage sends its activation and then
+  // waits for a gradient while the next stage does the reverse) can deadlock. Megatron pairs
+  // them in grouped calls (ncclGroupStart/End); that is not implemented, so refuse it here.
+  LLAMA3_CHECK(d.pp == 1 || g_.pp->backend() != "nccl",
+               "parallelize: pipeline parallelism (pp {}) over NCCL is not supported: its send/recv "
+               "would need grouped NCCL calls; use pp 1 on CUDA, or CPU tensors with MPI",
+               d.pp);
   const int stage = g_.coords.pp, stages = d.pp, V = opt.virtual_stages;
   for (int k = 0; k < V; ++k) chunks_.push_back(stage_layers(c.n_layers, k * stages + stage, stages * V));
   block_params_.resize(size_t(c.n_layers));
@@ -92,12 +121,30 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
     auto tp = g_.tp;
     auto copy_in = [tp](const Tensor& x) { return dist::copy_to_group(x, *tp); };
     auto reduce_out = [tp](const Tensor& y) { return dist::reduce_from_group(y, *tp); };
+    // Overlap: the all-reduce of a column-parallel layer's input gradient is issued inside
+    // its backward right after dX and completed after the dW GEMM (Megatron's asynchronous
+    // input-gradient all-reduce). It is copy_to_group's all-reduce, of the same dX, at the
+    // same point of the collective sequence (copy_to_group's node runs right after the
+    // linear's), so the values are bitwise those of the blocking path.
+    // OpenMPI advances the all-reduce only inside MPI calls, so the dW GEMM is run in slices
+    // with MPI_Test (Work::test) between them.
+    ops::DxHook reduce_dx = [tp](Tensor& dx) {
+      std::shared_ptr<dist::Work> w = tp->iall_reduce(dx, ReduceOp::sum);
+      ops::DxPending p;
+      p.progress = [w] { w->test(); };
+      p.finish = [w] { w->wait(); };
+      return p;
+    };
     for (int64_t l = 0; l < c.n_layers; ++l) {
       if (!owns_layer(l)) continue;
       Block& b = *model.blocks()[size_t(l)];
-      for (nn::Linear* lin : {&b.self_attn.q_proj, &b.self_attn.k_proj, &b.self_attn.v_proj, &b.mlp.gate_proj,
-                              &b.mlp.up_proj})
-        lin->input_hook = copy_in;
+      for (nn::Linear* lin : {&b.self_attn.q_proj, &b.self_attn.k_proj, &b.self_attn.v_proj,
+                              &b.mlp.gate_proj, &b.mlp.up_proj}) {
+        if (opt.overlap && opt.tp_overlap)
+          lin->dx_hook = reduce_dx;
+        else
+          lin->input_hook = copy_in;
+      }
       for (nn::Linear* lin : {&b.self_attn.o_proj, &b.mlp.down_proj}) lin->output_hook = reduce_out;
     }
   }
@@ -372,14 +419,18 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
       for (int64_t i = 0; i < T; ++i) out[size_t(b * T + i)] = all[size_t(b * Tfull + pv[size_t(i)])];
     return Tensor::from_vector(out, {B, T});
   };
-  const Tensor tokens_l = take_columns(tokens), targets_l = take_columns(targets);
+  // The ids go to the model's device once; the valid-target counts are host arithmetic on a
+  // host copy of the targets (the one device -> host copy of the step's inputs).
+  const Tensor targets_c = take_columns(targets);
+  const Tensor tokens_l = take_columns(tokens).to(dev_), targets_l = targets_c.to(dev_);
+  const Tensor docs_d = doc_ids.defined() ? doc_ids.to(dev_) : Tensor();
 
   // Valid targets per micro-batch and over the global batch (the loss normaliser).
-  std::vector<int32_t> tv = targets_l.to_vector<int32_t>();
+  std::vector<int32_t> tv = targets_c.to_vector<int32_t>();
   std::vector<double> mb_valid(static_cast<size_t>(M), 0.0);
   for (int64_t i = 0; i < int64_t(tv.size()); ++i)
     if (tv[size_t(i)] >= 0) mb_valid[size_t(i / (Bm * T))] += 1;
-  Tensor cnt = tensor_f64(std::accumulate(mb_valid.begin(), mb_valid.end(), 0.0));
+  Tensor cnt = tensor_f64(std::accumulate(mb_valid.begin(), mb_valid.end(), 0.0), dev_);
   g_.dp->all_reduce(cnt, ReduceOp::sum);
   g_.cp->all_reduce(cnt, ReduceOp::sum);
   const double n_global = cnt.item();
@@ -394,7 +445,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   } else {
     for (Param* p : root_params_) gather(*p);
   }
-  const Tensor pos = Tensor::from_vector(pv, {T});
+  const Tensor pos = Tensor::from_vector(pv, {T}, dev_);
 
   struct Mb {
     Tensor input, output, loss;
@@ -463,7 +514,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     const int64_t stage = int64_t(op.k) * S + s;
     if (op.fwd ? stage == 0 : stage == last_stage) return;
     Recv& r = recvs[j];
-    r.buf = Tensor::empty({Bm, T, D}, DType::f32);
+    r.buf = Tensor::empty({Bm, T, D}, DType::f32, dev_);
     r.work = g_.pp->irecv(r.buf, op.fwd ? prev_rank : next_rank, tag(stage, op.i, op.fwd ? 0 : 1));
     p2p_.push_back(r.work.get());
   };
@@ -503,7 +554,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     ap.causal = true;
     // Mixed precision as in LlamaModel::hidden (bf16 attention products; the CPU ignores it).
     if (model_.options().precision == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
-    if (doc_ids.defined()) ap.doc_ids = doc_ids.narrow(0, i * Bm, Bm).contiguous();  // keys: all T
+    if (docs_d.defined()) ap.doc_ids = docs_d.narrow(0, i * Bm, Bm).contiguous();  // keys: all T
     if (cp > 1) ap.q_pos = pos;
     Tensor h;
     if (first) {
@@ -529,6 +580,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
                                                                  *g_.tp, o.chunk, o.precision)
                                   : ops::linear_cross_entropy(hn, model_.lm_head().weight, tg, o);
         mb.loss = ops::scale(l, float(nv / n_global));
+        // The micro-batch loss reaches the host here (a synchronisation on CUDA).
         loss_sum += l.item() * nv / n_global;
       }
     } else {
@@ -550,7 +602,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     }
     if (!first) {
       Tensor gi = mb.input.grad();
-      if (!gi.defined()) gi = Tensor::zeros({Bm, T, D}, DType::f32);
+      if (!gi.defined()) gi = Tensor::zeros({Bm, T, D}, DType::f32, dev_);
       send(gi.contiguous(), prev_rank, tag(stage - 1, i, 1));
     }
     // Activations of this micro-batch are released here (the send keeps its own buffer).
@@ -571,7 +623,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   if (!train) {
     drain();
     for (Param* p : root_params_) reshard(*p);
-    Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
+    Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0, dev_);
     g_.dp->all_reduce(l, ReduceOp::sum);
     g_.pp->all_reduce(l, ReduceOp::sum);
     g_.cp->all_reduce(l, ReduceOp::sum);
@@ -586,9 +638,10 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   for (Param* p : root_params_) {
     if (p->fsdp && p->info.trainable) {
       Tensor g = p->slot->grad();
-      Tensor flat = Tensor::zeros({p->padded}, DType::f32);
-      if (g.defined()) flat.narrow(0, 0, p->local_numel).copy_(g.contiguous().view({p->local_numel}));
-      Tensor part = Tensor::empty({p->padded / g_.dims.dp_shard}, DType::f32);
+      Tensor flat = Tensor::zeros({p->padded}, DType::f32, dev_);
+      if (g.defined())
+        flat.narrow(0, 0, p->local_numel).copy_(g.contiguous().view({p->local_numel}));
+      Tensor part = Tensor::empty({p->padded / g_.dims.dp_shard}, DType::f32, dev_);
       if (opt_.overlap) {
         works.push_back(g_.dp_shard->ireduce_scatter(flat, part, ReduceOp::sum));
         root_parts.emplace_back(p, part);
@@ -609,7 +662,8 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   // overlapping, so the all-reduces pipeline instead of running one by one).
   for (auto& p : params_) {
     if (!p->info.trainable) continue;
-    if (!p->shard.grad().defined()) p->shard.set_grad(Tensor::zeros(p->shard.shape(), DType::f32));
+    if (!p->shard.grad().defined())
+      p->shard.set_grad(Tensor::zeros(p->shard.shape(), DType::f32, dev_));
     Tensor gr = p->shard.grad();
     if (g_.dims.dp_replicate > 1) {
       if (opt_.overlap)
@@ -630,7 +684,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
         g_.cp->all_reduce(gr, ReduceOp::sum);
     }
   for (auto& w : works) w->wait();
-  Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0);
+  Tensor l = tensor_f64(s == S - 1 ? loss_sum : 0.0, dev_);
   g_.dp->all_reduce(l, ReduceOp::sum);
   g_.pp->all_reduce(l, ReduceOp::sum);
   g_.cp->all_reduce(l, ReduceOp::sum);
@@ -645,11 +699,13 @@ Tensor ParallelLlama::shard_of(const Param& p, const Tensor& full) const {
     const int64_t n = full.size(p.split_dim) / g_.dims.tp;
     local = full.narrow(p.split_dim, g_.coords.tp * n, n);
   }
+  // `full` is a host tensor (a checkpoint): the shard is made on the model's device.
   local = local.contiguous().to(DType::f32);
-  if (!p.fsdp) return local.clone();
+  local = local.device() == dev_ ? local.clone() : local.to(dev_);
+  if (!p.fsdp) return local;
   const int ds = g_.dims.dp_shard;
   const int64_t n = p.padded / ds;
-  Tensor flat = Tensor::zeros({p.padded}, DType::f32);
+  Tensor flat = Tensor::zeros({p.padded}, DType::f32, dev_);
   flat.narrow(0, 0, p.local_numel).copy_(local.view({p.local_numel}));
   return flat.narrow(0, g_.coords.dp_shard * n, n).contiguous().clone();
 }
@@ -675,7 +731,7 @@ std::vector<dist::Piece> ParallelLlama::checkpoint_pieces(const optim::AdamW* op
       pc.tp_index = p->split_dim >= 0 ? g_.coords.tp : 0;
       pc.tp_size = p->split_dim >= 0 ? g_.dims.tp : 1;
       pc.offset = off;
-      pc.data = t.detach().contiguous().view({n}).narrow(0, 0, valid).clone();
+      pc.data = host_copy(t.detach().contiguous().view({n}).narrow(0, 0, valid));
       out.push_back(pc);
     };
     piece(p->name, p->shard);
@@ -717,8 +773,8 @@ optim::AdamW::NormReduction ParallelLlama::norm_reduction() const {
     r.weights.push_back(1.0 / copies);
   }
   auto world = g_.world;
-  r.sum_all = [world](double x) {
-    Tensor t = tensor_f64(x);
+  r.sum_all = [world, dev = dev_](double x) {
+    Tensor t = tensor_f64(x, dev);
     world->all_reduce(t, ReduceOp::sum);
     return t.item();
   };
@@ -751,13 +807,13 @@ std::map<std::string, Tensor> ParallelLlama::full_state_dict() const {
     } else {
       owner = np.name.find("embed_tokens") != std::string::npos ? 0 : d.pp - 1;
     }
-    Tensor full = Tensor::zeros(full_shape, DType::f32);
+    Tensor full = Tensor::zeros(full_shape, DType::f32, dev_);
     auto it = mine.find(np.name);
     if (it != mine.end()) {
       const Param& p = *it->second;
       Tensor local;
       if (p.fsdp) {
-        Tensor all = Tensor::empty({p.padded}, DType::f32);
+        Tensor all = Tensor::empty({p.padded}, DType::f32, dev_);
         g_.dp_shard->all_gather(p.shard.detach(), all);
         local = all.narrow(0, 0, p.local_numel).view(p.local_shape);
       } else {
@@ -766,7 +822,7 @@ std::map<std::string, Tensor> ParallelLlama::full_state_dict() const {
       if (p.split_dim >= 0 && d.tp > 1) {
         Shape gs = p.local_shape;
         gs.insert(gs.begin(), d.tp);
-        Tensor all = Tensor::empty(gs, DType::f32);
+        Tensor all = Tensor::empty(gs, DType::f32, dev_);
         g_.tp->all_gather(local.contiguous(), all);
         if (p.split_dim == 0)
           full = all.view(full_shape).clone();
@@ -777,7 +833,7 @@ std::map<std::string, Tensor> ParallelLlama::full_state_dict() const {
       }
     }
     if (d.pp > 1) g_.pp->broadcast(full, owner);
-    out[np.name] = full;
+    out[np.name] = full.to(Device::cpu());  // collected on the host (checkpoints, comparisons)
   }
   return out;
 }

@@ -7,7 +7,10 @@
 //            (copy_to_group before column-parallel layers, reduce_from_group after
 //            row-parallel ones). The embedding and lm_head are vocabulary-parallel (rows
 //            split; text/model/vocab_parallel.h: no full-vocabulary logits on any rank);
-//            norms stay replicated.
+//            norms stay replicated. With ParallelizeOptions::overlap the column-parallel
+//            layers all-reduce their input gradient asynchronously inside their backward
+//            (nn::Linear::dx_hook), in flight while the weight-gradient GEMM runs, instead of
+//            copy_to_group's all-reduce after the node (same values, bitwise).
 //   2. PP  - the layers are cut into pp x V contiguous stages (first and last may hold one
 //            layer fewer); pipeline rank r runs stages r, r + pp, ... (V model chunks;
 //            V = 1: 1F1B, V > 1: interleaved 1F1B, Megatron's order). Global stage 0 keeps
@@ -40,6 +43,10 @@
 //            flight; all are completed, in issue order, before the step returns, so results
 //            are bitwise those of the blocking path.
 //
+// Devices: every buffer, shard and transfer is on the device of the model's parameters (CPU
+// tensors with the MPI communicator, CUDA tensors with NCCL: dist::communicator_for_device);
+// pp > 1 over NCCL is refused (its send/recv would need grouped calls).
+//
 // After backward, shard gradients are all-reduced over dp_replicate (HSDP) and the loss is
 // the global mean over all valid targets of the global batch: every micro-batch loss is
 // scaled by its valid-target count / the global count, and gradients are summed.
@@ -64,7 +71,9 @@ struct ParallelizeOptions {
   bool activation_checkpointing = false;
   bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute;
                                 // PP: receives posted ahead of the operations that consume them;
-                                // CP: K/V all-gathers issued before the Q/K projections
+                                // CP: K/V all-gathers issued before the Q/K projections;
+                                // TP: input-gradient all-reduces during the dW GEMMs
+  bool tp_overlap = true;       // with overlap: the TP part (off: FSDP/PP/CP overlap only; benchmarks)
   bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
 };
 
@@ -93,7 +102,8 @@ class ParallelLlama {
   optim::AdamW::NormReduction norm_reduction() const;
   void zero_grad();
 
-  // Full parameters by HF name, reassembled from every rank (collective; tests/checkpoints).
+  // Full parameters by HF name, reassembled from every rank (collective; tests/checkpoints),
+  // as host tensors whatever the model's device.
   std::map<std::string, Tensor> full_state_dict() const;
 
   // Distributed checkpoints (runtime/dist/dist_checkpoint.h): this rank's pieces of the
@@ -103,6 +113,9 @@ class ParallelLlama {
   void load_full(const std::map<std::string, Tensor>& full, optim::AdamW* opt, int64_t step);
 
   const dist::ProcessGroups& groups() const { return g_; }
+  // The device of the model's parameters: every buffer, shard and transfer of the step is
+  // there (CPU tensors with the MPI communicator, CUDA tensors with the NCCL one).
+  Device device() const { return dev_; }
   // Layer ranges [first, end) of this rank's model chunks (chunk k is global stage k*pp + rank).
   const std::vector<std::pair<int64_t, int64_t>>& chunks() const { return chunks_; }
   double bubble_fraction() const;
@@ -141,6 +154,7 @@ class ParallelLlama {
   LlamaModel& model_;
   dist::ProcessGroups g_;
   ParallelizeOptions opt_;
+  Device dev_;
   std::vector<std::unique_ptr<Param>> params_;
   std::vector<std::vector<Param*>> block_params_;  // by layer (empty for other ranks' layers)
   std::vector<Param*> root_params_;                // embedding, norm, lm_head held here

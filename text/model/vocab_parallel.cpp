@@ -10,9 +10,40 @@
 namespace llama3::text {
 
 namespace {
-void check_cpu_f32(const Tensor& t, const char* what) {
-  LLAMA3_CHECK(t.device().is_cpu() && t.dtype() == DType::f32, "{}: vocabulary parallelism needs CPU f32, got {}",
-               what, t.str());
+void check_f32(const Tensor& t, const Device& d, const char* what) {
+  LLAMA3_CHECK(t.dtype() == DType::f32 && t.device() == d,
+               "{}: vocabulary parallelism needs f32 on {}, got {}", what, d.str(), t.str());
+}
+
+// Zeroes the rows of t (N, D) whose id is outside this rank's range, one fill per run of
+// consecutive such rows: device-generic (a fill kernel per run on CUDA), and on the CPU the
+// same zeros std::fill wrote.
+void zero_outside_rows(Tensor& t, const std::vector<uint8_t>& inside) {
+  const int64_t N = int64_t(inside.size());
+  for (int64_t i = 0; i < N;) {
+    if (inside[size_t(i)]) {
+      ++i;
+      continue;
+    }
+    int64_t j = i;
+    while (j < N && !inside[size_t(j)]) ++j;
+    Tensor run = t.narrow(0, i, j - i);
+    run.fill_(0.0);
+    i = j;
+  }
+}
+
+// The softmax statistics are host arithmetic: a chunk's logits are read (and its dlogits
+// written) in host memory - the tensor's own on the CPU, a copy on another device (one
+// (rows, V/tp) round trip per chunk; the CUDA kernels are not changed for this).
+float* host_rows(Tensor& t, std::vector<float>& copy) {
+  if (t.device().is_cpu()) return t.data<float>();
+  copy = t.to_vector<float>();
+  return copy.data();
+}
+void write_back(Tensor& t, const std::vector<float>& copy) {
+  if (!t.device().is_cpu())
+    backend_for(t.device()).copy_from_host(copy.data(), copy.size() * sizeof(float), t);
 }
 
 struct VocabEmbeddingNode final : Node {
@@ -23,10 +54,8 @@ struct VocabEmbeddingNode final : Node {
   std::vector<Tensor> backward(const Tensor& g) override {
     const int64_t N = int64_t(inside.size()), D = w_shape[1];
     Tensor dout = g.contiguous().view({N, D}).clone();
-    float* p = dout.data<float>();
-    for (int64_t i = 0; i < N; ++i)
-      if (!inside[size_t(i)]) std::fill(p + i * D, p + (i + 1) * D, 0.f);
-    Tensor dw = Tensor::zeros(w_shape, DType::f32);
+    zero_outside_rows(dout, inside);
+    Tensor dw = Tensor::zeros(w_shape, DType::f32, g.device());
     backend_for(dw.device()).embedding_backward(dout, ids_local, dw);
     return {dw};
   }
@@ -51,15 +80,17 @@ struct VocabCrossEntropyNode final : Node {
     const int64_t N = h.size(0), Vl = w.size(0);
     Backend& be = backend_for(h.device());
     const bool low = h.dtype() == DType::bf16;
-    Tensor dh = Tensor::zeros(h.shape(), DType::f32);
-    Tensor dw = Tensor::zeros(w.shape(), DType::f32);
+    const Device dev = h.device();
+    Tensor dh = Tensor::zeros(h.shape(), DType::f32, dev);
+    Tensor dw = Tensor::zeros(w.shape(), DType::f32, dev);
     Tensor dlow;  // bf16 copy of a chunk's dlogits (mixed precision)
+    std::vector<float> host;
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
       const int64_t C = std::min(chunk, N - r0);
       Tensor hc = h.narrow(0, r0, C);
-      Tensor dlogits = Tensor::empty({C, Vl}, DType::f32);
+      Tensor dlogits = Tensor::empty({C, Vl}, DType::f32, dev);
       be.gemm(hc, Trans::N, w, Trans::T, dlogits);
-      float* p = dlogits.data<float>();
+      float* p = host_rows(dlogits, host);
       for (int64_t i = 0; i < C; ++i) {
         const size_t r = size_t(r0 + i);
         float* row = p + i * Vl;
@@ -71,10 +102,11 @@ struct VocabCrossEntropyNode final : Node {
         if (local_target[r] >= 0) row[local_target[r]] -= 1.f;
         for (int64_t j = 0; j < Vl; ++j) row[j] *= scale;
       }
+      write_back(dlogits, host);
       Tensor dhc = dh.narrow(0, r0, C);
       Tensor gl = dlogits;
       if (low) {
-        if (!dlow.defined()) dlow = Tensor::empty({std::min(chunk, N), Vl}, DType::bf16);
+        if (!dlow.defined()) dlow = Tensor::empty({std::min(chunk, N), Vl}, DType::bf16, dev);
         gl = dlow.narrow(0, 0, C);
         gl.copy_(dlogits);
       }
@@ -89,7 +121,8 @@ struct VocabCrossEntropyNode final : Node {
 }  // namespace
 
 Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::Communicator& tp) {
-  check_cpu_f32(w_local, "vocab_parallel_embedding");
+  check_f32(w_local, w_local.device(), "vocab_parallel_embedding");
+  const Device dev = w_local.device();
   const int64_t Vl = w_local.size(0), D = w_local.size(1), v0 = tp.rank() * Vl;
   std::vector<int32_t> id = ids.contiguous().to_vector<int32_t>(), local(id.size());
   std::vector<uint8_t> inside(id.size());
@@ -98,12 +131,10 @@ Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::
     local[i] = inside[i] ? int32_t(id[i] - v0) : 0;
   }
   const int64_t N = int64_t(id.size());
-  Tensor idl = Tensor::from_vector(local, {N});
-  Tensor out = Tensor::empty({N, D}, DType::f32);
-  backend_for(out.device()).embedding_forward(w_local.contiguous(), idl, out);
-  float* p = out.data<float>();
-  for (int64_t i = 0; i < N; ++i)
-    if (!inside[size_t(i)]) std::fill(p + i * D, p + (i + 1) * D, 0.f);
+  Tensor idl = Tensor::from_vector(local, {N}, dev);
+  Tensor out = Tensor::empty({N, D}, DType::f32, dev);
+  backend_for(dev).embedding_forward(w_local.contiguous(), idl, out);
+  zero_outside_rows(out, inside);
   Shape os = ids.shape();
   os.push_back(D);
   out = out.view(os);
@@ -121,8 +152,9 @@ Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::
 Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, const Tensor& targets,
                                     dist::Communicator& tp, int64_t chunk_rows,
                                     ops::Precision precision) {
-  check_cpu_f32(h, "vocab_parallel_cross_entropy");
-  check_cpu_f32(w_local, "vocab_parallel_cross_entropy");
+  const Device dev = h.device();
+  check_f32(h, dev, "vocab_parallel_cross_entropy");
+  check_f32(w_local, dev, "vocab_parallel_cross_entropy");
   const int64_t N = h.size(0), Vl = w_local.size(0), v0 = tp.rank() * Vl;
   const int64_t chunk = chunk_rows > 0 ? std::min(chunk_rows, std::max<int64_t>(N, 1)) : std::max<int64_t>(N, 1);
   Tensor hc = h.contiguous(), wc = w_local.contiguous();
@@ -138,21 +170,26 @@ Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, cons
   n->chunk = chunk;
   // Row max (all-reduced per chunk: the sum of exponentials needs it), then sum of exp and
   // target logit of every row, all-reduced once over the vocabulary shards.
+  // The statistics are host arithmetic; what is all-reduced goes through the device's memory
+  // (the communicator's: NCCL reduces device buffers) and back.
   Tensor st = Tensor::zeros({2, N}, DType::f64);  // row 0: sum exp, row 1: target logit
   double* sp = st.data<double>();
-  Backend& be = backend_for(h.device());
-  Tensor logits = Tensor::empty({chunk, Vl}, DType::f32);
+  Backend& be = backend_for(dev);
+  Tensor logits = Tensor::empty({chunk, Vl}, DType::f32, dev);
+  std::vector<float> host;
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t C = std::min(chunk, N - r0);
     Tensor lc = logits.narrow(0, 0, C);
     be.gemm(hc.narrow(0, r0, C), Trans::N, wc, Trans::T, lc);
-    const float* L = lc.data<float>();
-    Tensor mx = Tensor::empty({C}, DType::f32);
-    for (int64_t i = 0; i < C; ++i) mx.data<float>()[i] = *std::max_element(L + i * Vl, L + (i + 1) * Vl);
+    const float* L = host_rows(lc, host);
+    std::vector<float> mv(static_cast<size_t>(C));
+    for (int64_t i = 0; i < C; ++i) mv[size_t(i)] = *std::max_element(L + i * Vl, L + (i + 1) * Vl);
+    Tensor mx = Tensor::from_vector(mv, {C}, dev);
     tp.all_reduce(mx, dist::ReduceOp::max);
+    mv = mx.to_vector<float>();
     for (int64_t i = 0; i < C; ++i) {
       const int64_t r = r0 + i;
-      const float m = mx.data<float>()[i];
+      const float m = mv[size_t(i)];
       n->mx[size_t(r)] = m;
       double s = 0;
       for (int64_t j = 0; j < Vl; ++j) s += std::exp(double(L[i * Vl + j] - m));
@@ -164,7 +201,14 @@ Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, cons
       }
     }
   }
-  tp.all_reduce(st, dist::ReduceOp::sum);
+  if (dev.is_cpu()) {
+    tp.all_reduce(st, dist::ReduceOp::sum);
+  } else {
+    Tensor sd = st.to(dev);  // f64 on a device is only copied, never computed on
+    tp.all_reduce(sd, dist::ReduceOp::sum);
+    st = sd.to(Device::cpu());
+    sp = st.data<double>();
+  }
   double loss = 0;
   for (int64_t i = 0; i < N; ++i)
     if (n->valid[size_t(i)]) {
@@ -172,7 +216,7 @@ Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, cons
       n->n_valid += 1;
     }
   LLAMA3_CHECK(n->n_valid > 0, "vocab_parallel_cross_entropy: no valid targets");
-  Tensor out = Tensor::from_vector(std::vector<float>{float(loss / n->n_valid)}, {1});
+  Tensor out = Tensor::from_vector(std::vector<float>{float(loss / n->n_valid)}, {1}, dev);
   if (autograd::any_requires_grad({&h, &w_local})) {
     n->sum_exp.assign(sp, sp + N);
     n->h = hc;

@@ -1,7 +1,12 @@
 // Vocabulary-parallel embedding and cross-entropy (tensor parallelism of the vocabulary):
 // each tp rank holds rows [rank * V/tp, (rank + 1) * V/tp) of the embedding and of lm_head.
-// No rank ever holds full-vocabulary logits. CPU; f32 parameters and activations, the loss
-// optionally with bf16 GEMM inputs (mixed precision, as ops::linear_cross_entropy).
+// No rank ever holds full-vocabulary logits. f32 parameters and activations on any device
+// (CPU with the MPI communicator, CUDA with NCCL), the loss optionally with bf16 GEMM inputs
+// (mixed precision, as ops::linear_cross_entropy). GEMMs and the embedding run on the
+// tensors' device; the per-row softmax statistics are host arithmetic, so on CUDA each chunk
+// of (rows, V/tp) logits makes a device -> host round trip (dlogits back in the backward),
+// as Backend::token_logprobs does. Rows of ids outside a rank's range are zeroed one fill
+// per run of such rows.
 #pragma once
 
 #include "runtime/dist/communicator.h"

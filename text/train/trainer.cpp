@@ -105,7 +105,8 @@ StepStats Trainer::parallel_step(float lr) {
     Tensor gr = p.tensor->grad();
     if (bad == 0 && gr.defined() && !backend_for(gr.device()).all_finite(gr)) bad = 1;
   }
-  Tensor flag = Tensor::from_vector(std::vector<double>{bad}, {1});
+  Tensor flag =
+      Tensor::from_vector(std::vector<double>{bad}, {1}, par_->device());  // NCCL: device memory
   par_->groups().world->all_reduce(flag, dist::ReduceOp::max);
   st.lr = lr;
   if (flag.item() == 0) {
