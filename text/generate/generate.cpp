@@ -288,38 +288,64 @@ Tensor forward_cached(const LlamaModel& m, KvCache& cache, const std::vector<int
 int32_t sample_token(const float* logits, int64_t V, const SamplingOptions& opt, Rng& rng) {
   if (opt.greedy || opt.temperature <= 0.f)
     return int32_t(std::max_element(logits, logits + V) - logits);
+  // Candidates in order of decreasing logit (ties: lower id first). Only as much of that
+  // order is sorted as the nucleus and the walk below reach (a prefix of 64, doubled on
+  // demand): a full sort of the vocabulary per sampled token was the largest serial cost of
+  // batched sampling.
+  auto before = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
   std::vector<int32_t> idx(static_cast<size_t>(V));
   std::iota(idx.begin(), idx.end(), 0);
-  int64_t keep = V;
-  if (opt.top_k > 0 && opt.top_k < V) keep = opt.top_k;
-  std::partial_sort(idx.begin(), idx.begin() + keep, idx.end(), [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  });
-  idx.resize(static_cast<size_t>(keep));
-  std::vector<double> p(idx.size());
-  const double mx = logits[idx[0]];
+  const int64_t keep = opt.top_k > 0 && opt.top_k < V ? opt.top_k : V;
+  if (keep < V) std::nth_element(idx.begin(), idx.begin() + (keep - 1), idx.end(), before);
+  int64_t sorted = 0;
+  auto sort_to = [&](int64_t i) {  // idx[0..i] in order
+    if (i < sorted) return;
+    const int64_t upto =
+        std::min(keep, std::max<int64_t>(2 * sorted, std::max<int64_t>(i + 1, 64)));
+    std::partial_sort(idx.begin() + sorted, idx.begin() + upto, idx.begin() + keep, before);
+    sorted = upto;
+  };
+  // Unnormalised probabilities exp((logit - max) / T), in f32 with the training kernels'
+  // vectorised exp (about 2 ulp), summed in f64.
+  const float mx = logits[*std::min_element(idx.begin(), idx.begin() + keep, before)];
+  const float inv_t = 1.f / opt.temperature;
+  std::vector<float> pv(static_cast<size_t>(keep == V ? V : 0));
   double sum = 0;
-  for (size_t i = 0; i < idx.size(); ++i)
-    sum += (p[i] = std::exp((logits[idx[i]] - mx) / opt.temperature));
-  size_t n = idx.size();
+  if (keep == V) {
+    float* q = pv.data();
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < V; ++v) sum += (q[v] = cpu::fast_exp((logits[v] - mx) * inv_t));
+  } else {
+    for (int64_t i = 0; i < keep; ++i) sum += cpu::fast_exp((logits[idx[size_t(i)]] - mx) * inv_t);
+  }
+  auto prob = [&](int64_t i) {  // of the i-th candidate in order
+    const int32_t v = idx[size_t(i)];
+    return double(keep == V ? pv[size_t(v)] : cpu::fast_exp((logits[v] - mx) * inv_t));
+  };
+  int64_t n = keep;
+  double tot = sum;
   if (opt.top_p < 1.f) {  // smallest prefix whose mass reaches top_p
-    double acc = 0;
-    for (size_t i = 0; i < idx.size(); ++i) {
-      acc += p[i] / sum;
+    double acc = 0, mass = 0;
+    for (int64_t i = 0; i < keep; ++i) {
+      sort_to(i);
+      const double pi = prob(i);
+      acc += pi / sum, mass += pi;
       if (acc >= opt.top_p) {
-        n = i + 1;
+        n = i + 1, tot = mass;
         break;
       }
     }
   }
-  double tot = 0;
-  for (size_t i = 0; i < n; ++i) tot += p[i];
   double u = rng.uniform() * tot;
-  for (size_t i = 0; i < n; ++i) {
-    u -= p[i];
-    if (u <= 0) return idx[i];
+  for (int64_t i = 0; i < n; ++i) {
+    sort_to(i);
+    u -= prob(i);
+    if (u <= 0) return idx[size_t(i)];
   }
-  return idx[n - 1];
+  sort_to(n - 1);
+  return idx[size_t(n - 1)];
 }
 
 std::vector<Generation> generate(const LlamaModel& m,

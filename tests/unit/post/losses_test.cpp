@@ -1,6 +1,7 @@
 // SFT and DPO loss masks, the new ops' gradients (finite differences), KV-cache generation
 // against full recomputation, and checkpoint averaging.
 #include <cmath>
+#include <map>
 #include <random>
 
 #include "fixture.h"
@@ -24,7 +25,8 @@ Tensor randn(const Shape& s, uint64_t seed, double scale = 1.0) {
 }
 
 // Central differences of sum(f * r) against backward, in f64.
-void gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> in, double tol = 1e-6) {
+void gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f, std::vector<Tensor> in,
+               double tol = 1e-6) {
   Tensor out = f(in);
   Tensor r = randn(out.shape(), 99).detach();
   ops::dot(out, r).backward();
@@ -50,8 +52,14 @@ void gradcheck(const std::function<Tensor(const std::vector<Tensor>&)>& f, std::
 }
 
 std::vector<Preference> two_pairs() {
-  return {Preference{{{Role::kSystem, "Be brief.", false}, {Role::kUser, "What is 2 + 3?", false}}, "5", "6", ""},
-          Preference{{{Role::kUser, "Write the word apple in uppercase.", false}}, "APPLE", "apple world", ""}};
+  return {Preference{{{Role::kSystem, "Be brief.", false}, {Role::kUser, "What is 2 + 3?", false}},
+                     "5",
+                     "6",
+                     ""},
+          Preference{{{Role::kUser, "Write the word apple in uppercase.", false}},
+                     "APPLE",
+                     "apple world",
+                     ""}};
 }
 
 }  // namespace
@@ -59,8 +67,11 @@ std::vector<Preference> two_pairs() {
 TEST(PostOps, SequenceLogprobGradientMatchesFiniteDifferences) {
   Tensor h = randn({6, 5}, 1), w = randn({7, 5}, 2);
   Tensor tg = Tensor::from_vector(std::vector<int32_t>{3, -1, 0, 6, -1, 2}, {6});
-  gradcheck([&](const std::vector<Tensor>& x) { return ops::sequence_logprob(x[0], x[1], tg, 2, /*chunk=*/4); },
-            {h, w});
+  gradcheck(
+      [&](const std::vector<Tensor>& x) {
+        return ops::sequence_logprob(x[0], x[1], tg, 2, /*chunk=*/4);
+      },
+      {h, w});
 }
 
 TEST(PostOps, SequenceLogprobEqualsSummedLogSoftmax) {
@@ -86,9 +97,15 @@ TEST(PostOps, SequenceLogprobEqualsSummedLogSoftmax) {
 TEST(PostOps, PairwiseLossAndGatherRowsGradientsMatchFiniteDifferences) {
   Tensor a = randn({4}, 5), b = randn({4}, 6);
   Tensor off = randn({4}, 7).detach();
-  gradcheck([&](const std::vector<Tensor>& x) { return ops::pairwise_logistic_loss(x[0], x[1], 0.7f, off); }, {a, b});
+  gradcheck(
+      [&](const std::vector<Tensor>& x) {
+        return ops::pairwise_logistic_loss(x[0], x[1], 0.7f, off);
+      },
+      {a, b});
   a.zero_grad(), b.zero_grad();
-  gradcheck([&](const std::vector<Tensor>& x) { return ops::pairwise_logistic_loss(x[0], x[1], 1.f); }, {a, b});
+  gradcheck(
+      [&](const std::vector<Tensor>& x) { return ops::pairwise_logistic_loss(x[0], x[1], 1.f); },
+      {a, b});
   Tensor x = randn({5, 3}, 8);
   gradcheck([&](const std::vector<Tensor>& in) { return ops::gather_rows(in[0], {4, 0, 4}); }, {x});
   // -log sigmoid(0) = log 2
@@ -98,10 +115,13 @@ TEST(PostOps, PairwiseLossAndGatherRowsGradientsMatchFiniteDifferences) {
 
 TEST_F(PostTest, SftLossIgnoresLabelsOfMaskedTokens) {
   LlamaModel m(tiny_config(tok->vocab_size()), 1);
-  std::vector<Rendered> ds = {render(*tok, {{Role::kSystem, "Be brief.", false}, {Role::kUser, "hello", false},
-                                            {Role::kAssistant, "world", false}}),
-                              render(*tok, {{Role::kUser, "What is 2 + 3?", false}, {Role::kAssistant, "5", false}})};
-  const int64_t T = int64_t(ds[0].ids.size() + ds[1].ids.size()) - 2 + 3;  // both fit, 3 padding positions
+  std::vector<Rendered> ds = {
+      render(*tok, {{Role::kSystem, "Be brief.", false},
+                    {Role::kUser, "hello", false},
+                    {Role::kAssistant, "world", false}}),
+      render(*tok, {{Role::kUser, "What is 2 + 3?", false}, {Role::kAssistant, "5", false}})};
+  const int64_t T =
+      int64_t(ds[0].ids.size() + ds[1].ids.size()) - 2 + 3;  // both fit, 3 padding positions
   ASSERT_LE(T, m.config().max_seq_len);
   auto batches = pack_dialogs(ds, T, 2, /*with_termination=*/true, tok->eos_id());
   ASSERT_EQ(batches.size(), 1u);
@@ -122,7 +142,8 @@ TEST_F(PostTest, SftLossIgnoresLabelsOfMaskedTokens) {
       d.labels[i] = (d.labels[i] + 17) % int32_t(tok->vocab_size());
       break;
     }
-  EXPECT_NE(m.loss(d.tokens_t(), d.targets_t(), d.doc_ids_t()).item(), base) << "the mask must not hide everything";
+  EXPECT_NE(m.loss(d.tokens_t(), d.targets_t(), d.doc_ids_t()).item(), base)
+      << "the mask must not hide everything";
 }
 
 TEST_F(PostTest, DpoLossIgnoresLabelsOfFormattingTokens) {
@@ -131,8 +152,8 @@ TEST_F(PostTest, DpoLossIgnoresLabelsOfFormattingTokens) {
   // Content only: the terminator and headers are out of both responses.
   int64_t counted = 0;
   for (uint8_t x : rows.loss_mask) counted += x;
-  EXPECT_EQ(counted, int64_t(tok->encode("5").size() + tok->encode("APPLE").size() + tok->encode("6").size() +
-                             tok->encode("apple world").size()));
+  EXPECT_EQ(counted, int64_t(tok->encode("5").size() + tok->encode("APPLE").size() +
+                             tok->encode("6").size() + tok->encode("apple world").size()));
   auto ref = sequence_logps(m, rows);
   for (auto& r : ref) r -= 0.3;  // a reference different from the policy
   const double base = dpo_loss(m, rows, ref, 0.1f, 0.2f).loss.item();
@@ -156,8 +177,9 @@ TEST_F(PostTest, KvCacheGreedyGenerationEqualsFullRecomputation) {
     autograd::NoGradGuard ng;
     backend_for(Device::cpu()).scale(m.lm_head().weight, 20.f);
   }
-  std::vector<std::vector<int32_t>> prompts = {render(*tok, {{Role::kUser, "What is 2 + 3?", false}}, true).ids,
-                                               render(*tok, {{Role::kUser, "hello", false}}, true).ids};
+  std::vector<std::vector<int32_t>> prompts = {
+      render(*tok, {{Role::kUser, "What is 2 + 3?", false}}, true).ids,
+      render(*tok, {{Role::kUser, "hello", false}}, true).ids};
   SamplingOptions so;
   so.greedy = true;
   so.max_new_tokens = 20;
@@ -185,7 +207,8 @@ TEST_F(PostTest, KvCacheGreedyGenerationEqualsFullRecomputation) {
   auto got = l2.to_vector<float>();
   const int64_t V = m.config().vocab_size;
   double err = 0;
-  for (int64_t v = 0; v < V; ++v) err = std::max(err, double(std::abs(got[v] - full[(p.size() - 1) * V + v])));
+  for (int64_t v = 0; v < V; ++v)
+    err = std::max(err, double(std::abs(got[v] - full[(p.size() - 1) * V + v])));
   EXPECT_LT(err, 1e-4);
   (void)l1;
 }
@@ -247,6 +270,32 @@ TEST(PostSampling, TopKOneAndTinyTopPAreGreedyAndSamplingFollowsTemperature) {
   EXPECT_NEAR(c2 / 4000.0, 0.475, 0.03);
 }
 
+// A vocabulary larger than the sampler's first sorted prefix (64): the nucleus is found and
+// sampled in order of decreasing logit, and without truncation a token ranked past the first
+// prefix is drawn at its softmax probability.
+TEST(PostSampling, NucleusAndDeepCandidatesFollowTheSoftmax) {
+  const int64_t V = 1000;
+  std::vector<float> l(static_cast<size_t>(V), -30.f);
+  l[500] = std::log(0.5f), l[7] = std::log(0.3f), l[900] = std::log(0.15f);  // ~0.95 of the mass
+  Rng rng(3);
+  SamplingOptions o;
+  o.top_p = 0.9f;  // 0.5 + 0.3 < 0.9 <= 0.5 + 0.3 + 0.15: exactly these three
+  std::map<int32_t, int> seen;
+  for (int i = 0; i < 6000; ++i) ++seen[sample_token(l.data(), V, o, rng)];
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_NEAR(seen[500] / 6000.0, 0.5 / 0.95, 0.03);
+  EXPECT_NEAR(seen[900] / 6000.0, 0.15 / 0.95, 0.02);
+  // Flat logits but for one lower token: ranked last, past the first prefix.
+  const int64_t Vf = 200;
+  std::vector<float> f(static_cast<size_t>(Vf), 0.f);
+  f[123] = std::log(0.5f);  // half the weight of every other token
+  o.top_p = 1.f;
+  int hits = 0, draws = 40000;
+  for (int i = 0; i < draws; ++i) hits += sample_token(f.data(), Vf, o, rng) == 123;
+  const double p123 = 0.5 / (Vf - 1 + 0.5);
+  EXPECT_NEAR(hits / double(draws), p123, 4 * std::sqrt(p123 / draws));
+}
+
 TEST_F(PostTest, AveragingIdenticalCheckpointsIsIdentityAndTwoGiveTheirMean) {
   LlamaModel a(tiny_config(tok->vocab_size()), 4), b(tiny_config(tok->vocab_size()), 5);
   save_policy(a, tok_path, (dir / "a").string());
@@ -254,18 +303,22 @@ TEST_F(PostTest, AveragingIdenticalCheckpointsIsIdentityAndTwoGiveTheirMean) {
   std::string a_dir = (dir / "a").string(), b_dir = (dir / "b").string();
   run_average({{a_dir, a_dir, a_dir}, {}, (dir / "aaa").string()});
   auto same = io::load_safetensors((dir / "aaa/model.safetensors").string());
-  for (auto& p : a.named_parameters()) EXPECT_EQ(same.at(p.name).to_vector<float>(), p.tensor->to_vector<float>()) << p.name;
+  for (auto& p : a.named_parameters())
+    EXPECT_EQ(same.at(p.name).to_vector<float>(), p.tensor->to_vector<float>()) << p.name;
   run_average({{a_dir, b_dir}, {}, (dir / "ab").string()});
   auto mean = io::load_safetensors((dir / "ab/model.safetensors").string());
   auto pb = b.named_parameters();
   auto pa = a.named_parameters();
   for (size_t i = 0; i < pa.size(); ++i) {
-    auto x = pa[i].tensor->to_vector<float>(), y = pb[i].tensor->to_vector<float>(), z = mean.at(pa[i].name).to_vector<float>();
-    for (size_t j = 0; j < x.size(); ++j) ASSERT_NEAR(z[j], 0.5 * (double(x[j]) + double(y[j])), 1e-7) << pa[i].name;
+    auto x = pa[i].tensor->to_vector<float>(), y = pb[i].tensor->to_vector<float>(),
+         z = mean.at(pa[i].name).to_vector<float>();
+    for (size_t j = 0; j < x.size(); ++j)
+      ASSERT_NEAR(z[j], 0.5 * (double(x[j]) + double(y[j])), 1e-7) << pa[i].name;
   }
   run_average({{a_dir, b_dir}, {3.0, 1.0}, (dir / "w").string()});
   auto wm = io::load_safetensors((dir / "w/model.safetensors").string());
-  auto x = pa[1].tensor->to_vector<float>(), y = pb[1].tensor->to_vector<float>(), z = wm.at(pa[1].name).to_vector<float>();
+  auto x = pa[1].tensor->to_vector<float>(), y = pb[1].tensor->to_vector<float>(),
+       z = wm.at(pa[1].name).to_vector<float>();
   for (size_t j = 0; j < x.size(); ++j) ASSERT_NEAR(z[j], 0.75 * x[j] + 0.25 * y[j], 1e-6);
   // A checkpoint of another architecture is refused, naming the tensor.
   LlamaConfig wide = tiny_config(tok->vocab_size());
@@ -290,7 +343,9 @@ TEST_F(PostTest, AveragingIdenticalCheckpointsIsIdentityAndTwoGiveTheirMean) {
     run_average({{a_dir, (dir / "e").string()}, {}, (dir / "bad").string()});
     FAIL() << "expected a shape error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("tensor 'model.layers.1.self_attn.k_proj.weight' has shape"), std::string::npos)
+    EXPECT_NE(
+        std::string(e.what()).find("tensor 'model.layers.1.self_attn.k_proj.weight' has shape"),
+        std::string::npos)
         << e.what();
   }
   try {
