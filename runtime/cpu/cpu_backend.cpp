@@ -158,14 +158,14 @@ class CpuBackend final : public Backend {
       if (src.dtype() == DType::f32 && dst.dtype() == DType::bf16) {
         const float* s = static_cast<const float*>(src.data_ptr());
         uint16_t* d = static_cast<uint16_t*>(dst.data_ptr());
-#pragma omp parallel for simd if (n > 65536)
+#pragma omp parallel for simd if (parallel : n > 65536)
         for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16_bits(s[i]);
         return;
       }
       if (src.dtype() == DType::bf16 && dst.dtype() == DType::f32) {
         const uint16_t* s = static_cast<const uint16_t*>(src.data_ptr());
         float* d = static_cast<float*>(dst.data_ptr());
-#pragma omp parallel for simd if (n > 65536)
+#pragma omp parallel for simd if (parallel : n > 65536)
         for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits_to_f32(s[i]);
         return;
       }
@@ -247,7 +247,7 @@ class CpuBackend final : public Backend {
       const T *x = a.data<T>(), *y = b.data<T>();
       T* o = out.data<T>();
       const int64_t n = a.numel();
-#pragma omp parallel for simd if (n > 32768)
+#pragma omp parallel for simd if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) o[i] = x[i] + y[i];
     });
   }
@@ -259,7 +259,7 @@ class CpuBackend final : public Backend {
       const T* xs = x.data<T>();
       T* ys = y.data<T>();
       const int64_t n = x.numel();
-#pragma omp parallel for simd if (n > 32768)
+#pragma omp parallel for simd if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) ys[i] += T(alpha) * xs[i];
     });
   }
@@ -269,7 +269,7 @@ class CpuBackend final : public Backend {
     dispatch_float(x.dtype(), "scale", [&]<typename T>() {
       T* xs = x.data<T>();
       const int64_t n = x.numel();
-#pragma omp parallel for simd if (n > 32768)
+#pragma omp parallel for simd if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) xs[i] *= T(alpha);
     });
   }
@@ -280,7 +280,7 @@ class CpuBackend final : public Backend {
       const T* xs = x.data<T>();
       const int64_t n = x.numel();
       double s = 0;
-#pragma omp parallel for simd reduction(+ : s) if (n > 32768)
+#pragma omp parallel for simd reduction(+ : s) if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) s += double(xs[i]) * double(xs[i]);
       return s;
     });
@@ -292,7 +292,7 @@ class CpuBackend final : public Backend {
       const T* xs = x.data<T>();
       const int64_t n = x.numel();
       double s = 0;
-#pragma omp parallel for simd reduction(+ : s) if (n > 32768)
+#pragma omp parallel for simd reduction(+ : s) if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) s += double(xs[i]);
       return s;
     });
@@ -482,7 +482,7 @@ class CpuBackend final : public Backend {
     dispatch_float(gate.dtype(), "swiglu", [&]<typename T>() {
       const T *g = gate.data<T>(), *u = up.data<T>();
       T* o = out.data<T>();
-#pragma omp parallel for simd if (n > 32768)
+#pragma omp parallel for simd if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) {
         T s = T(1) / (T(1) + cpu::fast_exp(-g[i]));
         o[i] = g[i] * s * u[i];
@@ -503,7 +503,7 @@ class CpuBackend final : public Backend {
     dispatch_float(gate.dtype(), "swiglu_backward", [&]<typename T>() {
       const T *g = gate.data<T>(), *u = up.data<T>(), *d = dout.data<T>();
       T *dg = dgate.data<T>(), *du = dup.data<T>();
-#pragma omp parallel for simd if (n > 32768)
+#pragma omp parallel for simd if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) {
         T s = T(1) / (T(1) + cpu::fast_exp(-g[i]));
         T silu = g[i] * s;
@@ -532,7 +532,7 @@ class CpuBackend final : public Backend {
       const T bc2_sqrt = std::sqrt(bc2);
       const T decay = T(1) - T(p.lr) * T(p.weight_decay);
       const T b1 = p.beta1, b2 = p.beta2, eps = p.eps, gsc = p.grad_scale;
-#pragma omp parallel for simd if (n > 32768)
+#pragma omp parallel for simd if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) {
         T g = gs[i] * gsc;
         ps[i] *= decay;
