@@ -401,9 +401,9 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       for (auto& n : s.eval_samples_from())
         if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))
           o.eval_on_policy.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+      // Even an empty annotation names the common set (then the generated pairs alone).
       for (auto& n : s.common_eval_samples_from())
-        if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))
-          o.common_eval_on_policy.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+        o.common_eval_on_policy.push_back(stage_dir(n) + "/verified_prefs.jsonl");
       if (!s.reward_model_from().empty())
         o.compare_with = stage_dir(s.reward_model_from()) + "/model";
       o.out_dir = dir + "/model";
@@ -648,7 +648,11 @@ json evaluate_post_average(const LoadedRecipe& lr, int index, const std::string&
         if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))
           to.push_back(stage_dir(n) + "/verified_prefs.jsonl");
     };
-    if (in) files(in->eval_samples_from(), onp), files(in->common_eval_samples_from(), common);
+    if (in) {
+      files(in->eval_samples_from(), onp);
+      for (auto& n : in->common_eval_samples_from())
+        common.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+    }
     const std::string cmp =
         in && !in->reward_model_from().empty() ? stage_dir(in->reward_model_from()) + "/model" : "";
     f = post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl", onp, common, cmp);
