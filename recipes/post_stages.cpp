@@ -693,9 +693,6 @@ std::string with_interval(const json& f, const char* key, const char* n_key) {
   return fmt::format("{:.3f} ± {:.3f}", p, 1.96 * std::sqrt(std::max(0.0, p * (1 - p)) / n));
 }
 
-// The win rate (ties count half) with the 95% interval of its three-valued per-prompt outcome
-// (1, 1/2, 0): the sample variance w + t/4 - p^2 per prompt, not p(1-p), which would treat
-// every tie as a coin flip. Older runs without the counts get the proportion's interval.
 // DPO's exact match minus its starting policy's, on the same prompts, with the 95% interval of
 // that paired difference (per prompt +1 fixed, -1 broken, 0 unchanged), which is much tighter
 // than the two proportions' intervals side by side; fixed / broken in brackets.
@@ -722,6 +719,9 @@ std::string gain(const json& f) {
   return fmt::format("{:+.3f} ± {:.3f}", g, f["verified_best_of_k_gain_h"].get<double>());
 }
 
+// The win rate (ties count half) with the 95% interval of its three-valued per-prompt outcome
+// (1, 1/2, 0): the sample variance w + t/4 - p^2 per prompt, not p(1-p), which would treat
+// every tie as a coin flip. Older runs without the counts get the proportion's interval.
 std::string win_rate(const json& f) {
   if (!f.contains("win_rate_wins") || !f.contains("win_rate_ties") ||
       !f.contains("win_rate_losses"))
