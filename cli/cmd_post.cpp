@@ -18,7 +18,8 @@ const char* kUsage =
     "  sft     --data FILE [--data ...] --out DIR [--eval FILE] MODEL TRAIN\n"
     "  rm      --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--on-policy FILE ...] "
     "[--on-policy-fraction 0]\n"
-    "          [--eval-on-policy FILE ...] MODEL TRAIN\n"
+    "          [--eval-on-policy FILE ...] [--eval-common FILE ...] [--compare-rm DIR] MODEL "
+    "TRAIN\n"
     "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p "
     "0.95] [--require-correct]\n"
     "          [--max-new 24] [--min-score X]\n"
@@ -106,16 +107,18 @@ int cmd_post(const Args& all) {
     return print(run_sft(o));
   }
   if (step == "rm") {
-    Flags f(
-        args,
-        with(kModelTrain, {"--prefs", "--on-policy", "--on-policy-fraction", "--eval-on-policy"}),
-        {}, kUsage);
+    Flags f(args,
+            with(kModelTrain, {"--prefs", "--on-policy", "--on-policy-fraction", "--eval-on-policy",
+                               "--eval-common", "--compare-rm"}),
+            {}, kUsage);
     RewardOptions o;
     o.model = model_source(f);
     o.prefs = f.all("--prefs");
     o.on_policy_prefs = f.all("--on-policy");
     o.on_policy_fraction = f.real("--on-policy-fraction", 0.0);
     o.eval_on_policy = f.all("--eval-on-policy");
+    o.common_eval_on_policy = f.all("--eval-common");
+    o.compare_with = f.str("--compare-rm");
     o.eval_prefs = f.str("--eval");
     o.out_dir = f.required("--out");
     o.steps = f.integer("--steps", o.steps);

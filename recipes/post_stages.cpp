@@ -175,8 +175,11 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
             "(vocabulary: the "
             "tokenizer); only model.flavour is read");
   if (!s.reward_model_from().empty()) {
-    if (k == SFT || k == REWARD_MODEL)
-      c.error("reward_model_from", "a {} stage uses no reward model", kind);
+    if (k == SFT) c.error("reward_model_from", "a {} stage uses no reward model", kind);
+    if (k == REWARD_MODEL && s.common_eval_samples_from_size() == 0)
+      c.error("reward_model_from",
+              "a REWARD_MODEL stage takes an earlier RM only to compare with it on the common "
+              "held-out set; set common_eval_samples_from");
     const int j = c.earlier("reward_model_from", s.reward_model_from());
     if (!is_reward_model(r, lr, j))
       c.error("reward_model_from",
@@ -197,14 +200,17 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
               "may read it",
               s.samples_from(n));
   }
-  for (int n = 0; n < s.eval_samples_from_size(); ++n) {
-    const std::string f = fmt::format("eval_samples_from[{}]", n);
-    if (k != REWARD_MODEL) c.error(f, "only REWARD_MODEL stages evaluate on held-out samples");
-    const int j = c.earlier(f, s.eval_samples_from(n));
-    if (r.stage(j).kind() != REJECTION_SAMPLING || !r.stage(j).rejection_sampling().held_out())
-      c.error(f, "stage '{}' is not a REJECTION_SAMPLING stage with held_out: true",
-              s.eval_samples_from(n));
-  }
+  auto held_out_refs = [&](const char* field, const auto& refs) {
+    for (int n = 0; n < refs.size(); ++n) {
+      const std::string f = fmt::format("{}[{}]", field, n);
+      if (k != REWARD_MODEL) c.error(f, "only REWARD_MODEL stages evaluate on held-out samples");
+      const int j = c.earlier(f, refs[n]);
+      if (r.stage(j).kind() != REJECTION_SAMPLING || !r.stage(j).rejection_sampling().held_out())
+        c.error(f, "stage '{}' is not a REJECTION_SAMPLING stage with held_out: true", refs[n]);
+    }
+  };
+  held_out_refs("eval_samples_from", s.eval_samples_from());
+  held_out_refs("common_eval_samples_from", s.common_eval_samples_from());
   if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out() &&
       s.rejection_sampling().dialog_prompts() > 0)
     c.error("rejection_sampling.dialog_prompts",
@@ -292,6 +298,7 @@ std::vector<std::string> post_stage_inputs(const Stage& s) {
   if (!s.reward_model_from().empty()) v.push_back(s.reward_model_from());
   for (auto& n : s.samples_from()) v.push_back(n);
   for (auto& n : s.eval_samples_from()) v.push_back(n);
+  for (auto& n : s.common_eval_samples_from()) v.push_back(n);
   return v;
 }
 
@@ -394,6 +401,11 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       for (auto& n : s.eval_samples_from())
         if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))
           o.eval_on_policy.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+      // Even an empty annotation names the common set (then the generated pairs alone).
+      for (auto& n : s.common_eval_samples_from())
+        o.common_eval_on_policy.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+      if (!s.reward_model_from().empty())
+        o.compare_with = stage_dir(s.reward_model_from()) + "/model";
       o.out_dir = dir + "/model";
       o.steps = steps = or_default(p.steps(), o.steps);
       o.batch = or_default(p.batch(), o.batch);
@@ -630,12 +642,20 @@ json evaluate_post_average(const LoadedRecipe& lr, int index, const std::string&
   json f;
   if (k == REWARD_MODEL) {
     // The inputs' held-out on-policy samples too, so the average is judged like its inputs.
-    std::vector<std::string> onp;
-    if (in)
-      for (auto& n : in->eval_samples_from())
+    std::vector<std::string> onp, common;
+    auto files = [&](const auto& refs, std::vector<std::string>& to) {
+      for (auto& n : refs)
         if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))
-          onp.push_back(stage_dir(n) + "/verified_prefs.jsonl");
-    f = post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl", onp);
+          to.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+    };
+    if (in) {
+      files(in->eval_samples_from(), onp);
+      for (auto& n : in->common_eval_samples_from())
+        common.push_back(stage_dir(n) + "/verified_prefs.jsonl");
+    }
+    const std::string cmp =
+        in && !in->reward_model_from().empty() ? stage_dir(in->reward_model_from()) + "/model" : "";
+    f = post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl", onp, common, cmp);
   } else if (k == DPO && in && !in->init_from().empty()) {
     // Against the policy the DPO runs started from (reference log-probs and the win-rate
     // opponent), judged by their reward model, with the first input's beta.
@@ -673,18 +693,17 @@ std::string with_interval(const json& f, const char* key, const char* n_key) {
   return fmt::format("{:.3f} ± {:.3f}", p, 1.96 * std::sqrt(std::max(0.0, p * (1 - p)) / n));
 }
 
-// The win rate (ties count half) with the 95% interval of its three-valued per-prompt outcome
-// (1, 1/2, 0): the sample variance w + t/4 - p^2 per prompt, not p(1-p), which would treat
-// every tie as a coin flip. Older runs without the counts get the proportion's interval.
 // DPO's exact match minus its starting policy's, on the same prompts, with the 95% interval of
 // that paired difference (per prompt +1 fixed, -1 broken, 0 unchanged), which is much tighter
 // than the two proportions' intervals side by side; fixed / broken in brackets.
-std::string paired_gain(const json& f) {
-  if (!f.contains("exact_match_fixed") || !f.contains("exact_match_broken") ||
-      !f.contains("eval_prompts"))
-    return "-";
-  const double fx = f["exact_match_fixed"].get<double>(),
-               br = f["exact_match_broken"].get<double>(), n = f["eval_prompts"].get<double>();
+// The same for a reward model against the earlier one it was compared with on the common
+// held-out pairs (keys common_fixed / common_broken / eval_pairs_common).
+std::string paired_gain(const json& f, const char* fixed_key = "exact_match_fixed",
+                        const char* broken_key = "exact_match_broken",
+                        const char* n_key = "eval_prompts") {
+  if (!f.contains(fixed_key) || !f.contains(broken_key) || !f.contains(n_key)) return "-";
+  const double fx = f[fixed_key].get<double>(), br = f[broken_key].get<double>(),
+               n = f[n_key].get<double>();
   if (n <= 0) return "-";
   const double d = (fx - br) / n, var = std::max(0.0, (fx + br) / n - d * d);
   return fmt::format("{:+.3f} ± {:.3f} ({}/{})", d, 1.96 * std::sqrt(var / n), int64_t(fx),
@@ -700,6 +719,9 @@ std::string gain(const json& f) {
   return fmt::format("{:+.3f} ± {:.3f}", g, f["verified_best_of_k_gain_h"].get<double>());
 }
 
+// The win rate (ties count half) with the 95% interval of its three-valued per-prompt outcome
+// (1, 1/2, 0): the sample variance w + t/4 - p^2 per prompt, not p(1-p), which would treat
+// every tie as a coin flip. Older runs without the counts get the proportion's interval.
 std::string win_rate(const json& f) {
   if (!f.contains("win_rate_wins") || !f.contains("win_rate_ties") ||
       !f.contains("win_rate_losses"))
@@ -773,7 +795,13 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       "RM acc: the reward model's held-out pairwise accuracy over the generated held-out pairs "
       "plus, "
       "where the recipe annotates held-out prompts (eval_samples_from), the current policy's own "
-      "correct-vs-wrong samples on them; RM acc (own samples): that second part alone. RS: "
+      "correct-vs-wrong samples on them; RM acc (own samples): that second part alone (a later "
+      "round's policy is stronger and its wrong samples are harder, so these two columns do not "
+      "compare rounds). RM acc (common set): every round's RM on the same held-out pairs (the "
+      "generated ones plus an earlier policy's held-out samples, common_eval_samples_from, which "
+      "no RM trains on); RM gain (common set): that accuracy minus the previous RM's "
+      "(reward_model_from) on the same pairs, paired per pair (pairs fixed / broken), with the "
+      "interval of that paired difference. RS: "
       "acceptance; best-of-K gain as the verifier sees it (the RM's pick among the K samples is "
       "correct minus a random sample is correct: negative when the RM prefers wrong answers) and "
       "in the RM's own score (mean best - mean, >= 0 by construction); RM pick / sample correct. "
@@ -785,19 +813,22 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       "outcome). An AVERAGE of reward models, SFT or DPO policies stands for its kind in its "
       "round. `p ± h`: h is the half-width of the 95% interval (for a proportion over the eval "
       "set 1.96 sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
-      "| round | RM acc | RM acc (own samples) | RS acceptance | RS best-of-K gain (verifier) | "
+      "| round | RM acc | RM acc (own samples) | RM acc (common set) | RM gain (common set) | "
+      "RS acceptance | RS best-of-K gain (verifier) | "
       "RS best-of-K gain (RM score) | RS RM pick / sample correct | SFT EM | DPO acc | DPO EM | "
       "DPO EM gain | DPO win rate vs SFT | stages |\n"
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
   for (auto& [round, kinds] : rounds) {
     auto get = [&](StageKind k) { return kinds.count(k) ? kinds.at(k) : json::object(); };
     const json rm = get(REWARD_MODEL), rs = get(REJECTION_SAMPLING), sft = get(SFT), dpo = get(DPO);
     std::string st;
     for (auto& n : names[round]) st += (st.empty() ? "" : ", ") + n;
     md += fmt::format(
-        "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
         round ? std::to_string(round) : "-", with_interval(rm, "eval_accuracy", "eval_pairs"),
         with_interval(rm, "eval_accuracy_on_policy", "eval_pairs_on_policy"),
+        with_interval(rm, "eval_accuracy_common", "eval_pairs_common"),
+        paired_gain(rm, "common_fixed", "common_broken", "eval_pairs_common"),
         with_interval(rs, "acceptance", "prompts"), gain(rs), num(rs, "best_of_k_gain"),
         num(rs, "best_correct_rate"), num(rs, "sample_correct_rate"),
         with_interval(sft, "eval_exact_match", "eval_prompts"),

@@ -27,8 +27,12 @@ stage {
   rejection_sampling { k: 4 max_new_tokens: 12 }
 }
 stage {
+  name: "r1_heldout" kind: REJECTION_SAMPLING round: 1 data_from: "post_data" init_from: "sft0"
+  rejection_sampling { k: 4 max_new_tokens: 12 held_out: true }
+}
+stage {
   name: "r1_rm" kind: REWARD_MODEL round: 1 data_from: "post_data" init_from: "sft0" samples_from: "r1_samples"
-  optimizer { lr: 1e-3 } reward_model { steps: 12 batch: 4 }
+  common_eval_samples_from: "r1_heldout" optimizer { lr: 1e-3 } reward_model { steps: 12 batch: 4 }
 }
 stage {
   name: "r1_rs" kind: REJECTION_SAMPLING round: 1 data_from: "post_data" init_from: "sft0"
@@ -42,11 +46,15 @@ stage {
   name: "r1_dpo" kind: DPO round: 1 data_from: "post_data" init_from: "r1_sft" samples_from: "r1_rs"
   reward_model_from: "r1_rm" optimizer { lr: 2e-4 } dpo { steps: 6 batch: 4 max_new_tokens: 12 }
 }
+stage {  # round 2's RM, compared with round 1's pair by pair on the common held-out set
+  name: "r2_rm" kind: REWARD_MODEL round: 2 data_from: "post_data" init_from: "r1_rm" samples_from: "r1_samples"
+  common_eval_samples_from: "r1_heldout" reward_model_from: "r1_rm" optimizer { lr: 1e-3 } reward_model { steps: 4 batch: 4 }
+}
 stage { name: "avg" kind: AVERAGE average { stages: "r1_sft" stages: "r1_dpo" } }
 R
 
 "$L" run "$OUT/post.textproto" --dry-run > "$OUT/plan.txt" || { cat "$OUT/plan.txt"; exit 1; }
-for s in post_data sft0 r1_samples r1_rm r1_rs r1_sft r1_dpo avg; do
+for s in post_data sft0 r1_samples r1_heldout r1_rm r1_rs r1_sft r1_dpo r2_rm avg; do
   grep -q "^$s " "$OUT/plan.txt" || { echo "FAIL: $s not planned"; cat "$OUT/plan.txt"; exit 1; }
 done
 grep -q "K=4 samples of sft0, labelled by the verifier only" "$OUT/plan.txt" &&
@@ -60,7 +68,7 @@ run = sys.argv[1]
 fin = lambda s: json.load(open(os.path.join(run, s, "final.json")))
 lines = lambda s: [json.loads(l) for l in open(os.path.join(run, s, "metrics.jsonl")) if l.strip()]
 st = json.load(open(os.path.join(run, "state.json")))
-assert st["finished"] == ["post_data", "sft0", "r1_samples", "r1_rm", "r1_rs", "r1_sft", "r1_dpo", "avg"], st
+assert st["finished"] == ["post_data", "sft0", "r1_samples", "r1_heldout", "r1_rm", "r1_rs", "r1_sft", "r1_dpo", "r2_rm", "avg"], st
 for f in ["sft.jsonl", "prefs.jsonl", "prompts.jsonl", "eval.jsonl", "eval_prefs.jsonl", "tokenizer.model"]:
     assert os.path.getsize(os.path.join(run, "post_data", f)) > 0, f
 for s, steps in [("sft0", 30), ("r1_rm", 12), ("r1_sft", 10), ("r1_dpo", 6)]:
@@ -99,6 +107,15 @@ assert sft1["dialogs"] + sft1["skipped"] == 160 + rs["kept"], (sft1, rs["kept"])
 assert os.path.exists(os.path.join(run, "r1_dpo", "model", "reference_logps.json"))
 assert dpo["train_pairs"] + dpo["skipped"] == 160 + rs["verified_pairs"], (dpo, rs["verified_pairs"])
 assert fin("avg")["inputs"] == 2
+# The common held-out set: the 12 generated pairs plus round 1's held-out on-policy pairs; round 2's
+# RM scores round 1's RM on the same pairs, so its compared accuracy is round 1's own figure.
+ho = fin("r1_heldout")
+rm2 = fin("r2_rm")
+for f in (rm, rm2):
+    assert f["eval_pairs_common"] == 12 + ho["verified_pairs"], (f, ho)
+assert "common_fixed" not in rm and abs(rm2["compared_eval_accuracy_common"] - rm["eval_accuracy_common"]) < 1e-12, (rm, rm2)
+n = rm2["eval_pairs_common"]
+assert abs(rm2["eval_accuracy_common"] - rm["eval_accuracy_common"] - (rm2["common_fixed"] - rm2["common_broken"]) / n) < 1e-9, rm2
 print("post stages ok: sft0 EM", sft0["eval_exact_match"], "rm acc", rm["eval_accuracy"], "rs acc", rs["acceptance"],
       "sft EM", sft1["eval_exact_match"], "dpo EM", dpo["eval_exact_match"], "win", dpo["win_rate_vs_start"])
 PY
@@ -107,10 +124,12 @@ PY
 grep -q "## Post-training rounds" "$OUT/report.txt" || { echo "FAIL: no rounds table"; cat "$OUT/report.txt"; exit 1; }
 grep -q "^| 1 | " "$OUT/report.txt" || { echo "FAIL: no round 1 row"; cat "$OUT/report.txt"; exit 1; }
 grep -q "^| - | .*sft0" "$OUT/report.txt" || { echo "FAIL: no row for the untagged SFT"; cat "$OUT/report.txt"; exit 1; }
+# Round 2's RM gain over round 1's on the common set, with the pairs fixed / broken.
+grep -qE "^\| 2 \| .* \([0-9]+/[0-9]+\) \|" "$OUT/report.txt" || { echo "FAIL: no paired RM gain in round 2"; cat "$OUT/report.txt"; exit 1; }
 
 # A rerun skips every finished stage.
 "$L" run "$OUT/post.textproto" --out "$OUT/run" > "$OUT/rerun.log" 2>&1
-test "$(grep -c "finished earlier, skipped" "$OUT/rerun.log")" = 8 || { cat "$OUT/rerun.log"; exit 1; }
+test "$(grep -c "finished earlier, skipped" "$OUT/rerun.log")" = 10 || { cat "$OUT/rerun.log"; exit 1; }
 
 # Validation: bad post-training fields fail before any work, naming file:line and the field.
 expect_fail() {  # expect_fail PATTERN FILE

@@ -82,10 +82,11 @@ std::vector<Pair> to_pairs(const Tokenizer& tok, const std::vector<Preference>& 
       out.push_back({render_response(tok, p.prompt, b).ids, render_response(tok, p.prompt, w).ids});
   return out;
 }
-// The fraction of pairs whose better response the RM scores strictly higher.
-double pair_accuracy(const RewardModel& rm, const std::vector<Pair>& ps) {
+// Per pair: does the RM score the better response strictly higher.
+std::vector<uint8_t> pair_correct(const RewardModel& rm, const std::vector<Pair>& ps) {
   autograd::NoGradGuard ng;
-  int64_t ok = 0;
+  std::vector<uint8_t> ok;
+  ok.reserve(ps.size());
   for (size_t i = 0; i < ps.size(); i += 16) {
     std::vector<std::vector<int32_t>> seqs;
     const size_t e = std::min(ps.size(), i + 16);
@@ -93,8 +94,14 @@ double pair_accuracy(const RewardModel& rm, const std::vector<Pair>& ps) {
     for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].worse);
     auto s = rm.scores(seqs).to_vector<double>();
     const size_t n = e - i;
-    for (size_t j = 0; j < n; ++j) ok += s[j] > s[n + j];
+    for (size_t j = 0; j < n; ++j) ok.push_back(s[j] > s[n + j]);
   }
+  return ok;
+}
+// The fraction of pairs whose better response the RM scores strictly higher.
+double pair_accuracy(const RewardModel& rm, const std::vector<Pair>& ps) {
+  int64_t ok = 0;
+  for (uint8_t c : pair_correct(rm, ps)) ok += c;
   return ps.empty() ? 0.0 : double(ok) / double(ps.size());
 }
 std::vector<Preference> load_all(const std::vector<std::string>& files, const Tokenizer& tok,
@@ -121,16 +128,50 @@ nlohmann::json eval_metrics(const RewardModel& rm, const std::vector<Pair>& gen,
     j["eval_accuracy_on_policy"] = b, j["eval_pairs_on_policy"] = int64_t(onp.size());
   return j;
 }
+// Accuracy on the held-out set common to every round (the generated held-out pairs plus an
+// earlier policy's held-out samples, which no later RM trains on), so RMs of different rounds
+// are compared on the same pairs; with `compare_with`, that RM on the same pairs too, pair by
+// pair: pairs this RM ranks right and the other wrong (fixed) and the reverse (broken), whose
+// paired difference has a much tighter interval than two accuracies side by side.
+nlohmann::json common_metrics(const RewardModel& rm, const std::vector<Pair>& gen,
+                              const std::vector<Pair>& common_onp, const std::string& compare_with,
+                              const std::string& tokenizer) {
+  std::vector<Pair> common = gen;
+  common.insert(common.end(), common_onp.begin(), common_onp.end());
+  const auto ok = pair_correct(rm, common);
+  int64_t n_ok = 0;
+  for (uint8_t c : ok) n_ok += c;
+  nlohmann::json j = {
+      {"eval_accuracy_common", common.empty() ? 0.0 : double(n_ok) / double(common.size())},
+      {"eval_pairs_common", int64_t(common.size())}};
+  if (compare_with.empty()) return j;
+  RewardModel other(load_policy(ModelSource{.dir = compare_with, .tokenizer = tokenizer}));
+  const auto ok2 = pair_correct(other, common);
+  int64_t fixed = 0, broken = 0, n_ok2 = 0;
+  for (size_t i = 0; i < ok.size(); ++i)
+    fixed += ok[i] && !ok2[i], broken += !ok[i] && ok2[i], n_ok2 += ok2[i];
+  j["compared_eval_accuracy_common"] = common.empty() ? 0.0 : double(n_ok2) / double(common.size());
+  j["common_fixed"] = fixed, j["common_broken"] = broken;
+  return j;
+}
 }  // namespace
 
 nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs,
-                                     const std::vector<std::string>& eval_on_policy) {
+                                     const std::vector<std::string>& eval_on_policy,
+                                     const std::vector<std::string>& common_eval_on_policy,
+                                     const std::string& compare_with) {
   RewardModel rm(load_policy(model));
   LoadOptions lo;
   lo.max_tokens = rm.policy.model->config().max_seq_len;
   auto held = to_pairs(rm.policy.tok, load_preferences(eval_prefs, rm.policy.tok, lo, nullptr));
   auto onp = to_pairs(rm.policy.tok, load_all(eval_on_policy, rm.policy.tok, lo, nullptr));
-  return eval_metrics(rm, held, onp);
+  auto j = eval_metrics(rm, held, onp);
+  if (!common_eval_on_policy.empty() || !compare_with.empty())
+    j.update(common_metrics(
+        rm, held,
+        to_pairs(rm.policy.tok, load_all(common_eval_on_policy, rm.policy.tok, lo, nullptr)),
+        compare_with, rm.policy.tokenizer_path));
+  return j;
 }
 
 PostStageResult run_reward_model(const RewardOptions& o) {
@@ -219,6 +260,11 @@ PostStageResult run_reward_model(const RewardOptions& o) {
   metrics["train_pairs"] = int64_t(train.size() + onp.size());
   if (!onp.empty()) metrics["train_pairs_on_policy"] = int64_t(onp.size());
   metrics.update(eval_metrics(rm, held, held_onp));
+  if (!o.common_eval_on_policy.empty() || !o.compare_with.empty())
+    metrics.update(common_metrics(
+        rm, held,
+        to_pairs(rm.policy.tok, load_all(o.common_eval_on_policy, rm.policy.tok, lo, nullptr)),
+        o.compare_with, rm.policy.tokenizer_path));
   metrics["skipped"] = skipped;
   spdlog::info("reward model: held-out pairwise accuracy {:.3f} on {} pairs",
                metrics["eval_accuracy"].get<double>(), metrics["eval_pairs"].get<int64_t>());

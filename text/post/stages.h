@@ -79,6 +79,15 @@ struct RewardOptions {
   // Held-out on-policy pairs (samples of the current policy on held-out prompts): they join
   // the held-out set, reported also on their own (eval_accuracy_on_policy).
   std::vector<std::string> eval_on_policy;
+  // The held-out set common to every round: the generated held-out pairs plus these on-policy
+  // pairs (an earlier policy's held-out samples, which no later RM trains on); reported as
+  // eval_accuracy_common / eval_pairs_common, so RMs of different rounds, each evaluated above
+  // on its own policy's (harder) samples, are also compared on the same pairs.
+  std::vector<std::string> common_eval_on_policy;
+  // An earlier RM checkpoint (e.g. the previous round's) evaluated on the same common pairs:
+  // compared_eval_accuracy_common, and pair by pair common_fixed (this RM right, that one
+  // wrong) and common_broken (the reverse). Its tokenizer is this model's.
+  std::string compare_with;
   double eval_fraction = 0.1;
   std::string out_dir;
   int64_t steps = 100, batch = 8;
@@ -89,9 +98,12 @@ struct RewardOptions {
 PostStageResult run_reward_model(const RewardOptions& o);
 // Held-out pairwise accuracy of a reward-model checkpoint (e.g. an average of RMs):
 // eval_accuracy, eval_pairs over the generated held-out pairs plus the on-policy ones, and
-// each part on its own (eval_accuracy_generated, eval_accuracy_on_policy, with their counts).
+// each part on its own (eval_accuracy_generated, eval_accuracy_on_policy, with their counts);
+// with common_eval_on_policy or compare_with, the common-set figures of RewardOptions too.
 nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs,
-                                     const std::vector<std::string>& eval_on_policy = {});
+                                     const std::vector<std::string>& eval_on_policy = {},
+                                     const std::vector<std::string>& common_eval_on_policy = {},
+                                     const std::string& compare_with = "");
 
 // ---- Rejection sampling: K samples per prompt, the RM keeps the best ----
 

@@ -69,11 +69,33 @@ TEST(PostStages, RejectionSamplingWithoutARewardModelOnlyLabelsWithTheVerifier) 
       << plan.str();
 }
 
-TEST(PostStages, SftAndRewardModelTakeNoRewardModel) {
-  const std::string e =
-      error_of(replace(kPost, "init_from: \"sft\" optimizer { lr: 1e-3 }",
-                       "init_from: \"sft\" reward_model_from: \"rm\" optimizer { lr: 1e-3 }"));
-  EXPECT_NE(e.find("stage 'rm' field reward_model_from: a REWARD_MODEL stage uses no reward model"),
+TEST(PostStages, SftTakesNoRewardModelAndAnRmOneOnlyToCompareOnTheCommonSet) {
+  std::string e =
+      error_of(replace(kPost, "model { flavour: \"debug\" } optimizer",
+                       "model { flavour: \"debug\" } reward_model_from: \"pd\" optimizer"));
+  EXPECT_NE(e.find("stage 'sft' field reward_model_from: a SFT stage uses no reward model"),
+            std::string::npos)
+      << e;
+  // An RM takes an earlier RM only to compare with it on the common held-out set.
+  const std::string second =
+      std::string(kPost) +
+      "stage { name: \"ho\" kind: REJECTION_SAMPLING round: 1 data_from: \"pd\" init_from: \"sft\" "
+      "rejection_sampling { k: 2 held_out: true } }\n"
+      "stage { name: \"rm2\" kind: REWARD_MODEL round: 2 data_from: \"pd\" init_from: \"rm_avg\" "
+      "reward_model_from: \"rm_avg\" common_eval_samples_from: \"ho\" optimizer { lr: 1e-3 } }\n";
+  auto r = LoadedRecipe::parse(second, "p.textproto");
+  EXPECT_NO_THROW(r.validate(true)) << second;
+  EXPECT_EQ(post_stage_inputs(r.recipe().stage(7)), (std::vector<std::string>{"rm_avg", "ho"}));
+  e = error_of(replace(second, " common_eval_samples_from: \"ho\"", ""));
+  EXPECT_NE(e.find("stage 'rm2' field reward_model_from: a REWARD_MODEL stage takes an earlier RM "
+                   "only to compare with it on the common held-out set"),
+            std::string::npos)
+      << e;
+  // The common set comes from held-out annotations only, like eval_samples_from.
+  e = error_of(
+      replace(second, "common_eval_samples_from: \"ho\"", "common_eval_samples_from: \"rs\""));
+  EXPECT_NE(e.find("field common_eval_samples_from[0]: stage 'rs' is not a REJECTION_SAMPLING "
+                   "stage with held_out"),
             std::string::npos)
       << e;
 }
@@ -189,8 +211,8 @@ TEST(PostStages, ReportShowsIntervalsAndWhetherAnAverageHelped) {
   fs::remove_all(run);
   // 1.96 sqrt(p (1 - p) / n): 0.4 over 200 -> 0.068; 0.75 over 200 -> 0.060; 0.5 over 100 -> 0.098.
   EXPECT_NE(md.find("| 0.400 ± 0.068 |"), std::string::npos) << md;  // round-0 SFT EM
-  EXPECT_NE(md.find("| 1 | 0.750 ± 0.060 | - | 0.500 ± 0.098 |"), std::string::npos)
-      << md;  // the average's RM acc (no held-out on-policy part)
+  EXPECT_NE(md.find("| 1 | 0.750 ± 0.060 | - | - | - | 0.500 ± 0.098 |"), std::string::npos)
+      << md;  // the average's RM acc (no held-out on-policy part, no common set)
   EXPECT_NE(md.find("| 0.450 ± 0.069 | - | 0.550 ± 0.069 |"), std::string::npos)
       << md;  // DPO EM, no paired gain (no fixed/broken counts), win rate
   EXPECT_NE(md.find("| rm_avg | 1 | REWARD_MODEL | RM acc | rm 0.700 ± 0.064, rm_b 0.650 ± 0.066 | "
@@ -264,7 +286,8 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
   write("sft", R"({"eval_exact_match": 0.4, "eval_prompts": 200})");
   write(
       "rm",
-      R"({"eval_accuracy": 0.7, "eval_pairs": 400, "eval_accuracy_on_policy": 0.8, "eval_pairs_on_policy": 100})");
+      R"({"eval_accuracy": 0.7, "eval_pairs": 400, "eval_accuracy_on_policy": 0.8, "eval_pairs_on_policy": 100,
+          "eval_accuracy_common": 0.75, "eval_pairs_common": 400, "common_fixed": 40, "common_broken": 20})");
   write("rs", R"({"acceptance": 0.5, "prompts": 100})");
   write("dpo",
         R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.45, "eval_prompts": 200,
@@ -279,8 +302,13 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
                    "average_of": "DPO"})");
   const std::string md = post_rounds_markdown(run.string());
   fs::remove_all(run);
-  // RM acc over all 400 held-out pairs, then its on-policy part (0.8 over 100 -> 0.078).
-  EXPECT_NE(md.find("| 1 | 0.700 ± 0.045 | 0.800 ± 0.078 |"), std::string::npos) << md;
+  // RM acc over all 400 held-out pairs, then its on-policy part (0.8 over 100 -> 0.078), the
+  // common set (0.75 over 400 -> 0.042) and the paired gain over the earlier RM on it: 40 fixed,
+  // 20 broken of 400 -> +0.05, variance 60/400 - 0.0025 = 0.1475 -> 1.96 sqrt(0.1475/400) = 0.038.
+  EXPECT_NE(
+      md.find("| 1 | 0.700 ± 0.045 | 0.800 ± 0.078 | 0.750 ± 0.042 | +0.050 ± 0.038 (40/20) |"),
+      std::string::npos)
+      << md;
   // The round's DPO is the average: w 50, t 140, l 10 of 200 -> p 0.6; per-prompt variance
   // (50 + 140/4)/200 - 0.36 = 0.065, so 1.96 sqrt(0.065/200) = 0.035 (p(1-p) would give 0.068).
   // Paired EM gain: 30 fixed, 10 broken of 200 -> +0.1, variance 40/200 - 0.01 = 0.19 -> 0.060.
