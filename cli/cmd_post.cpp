@@ -17,7 +17,7 @@ const char* kUsage =
     "FILE] [--seed 0]\n"
     "  sft     --data FILE [--data ...] --out DIR [--eval FILE] MODEL TRAIN\n"
     "  rm      --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--on-policy FILE ...] "
-    "[--on-policy-fraction 0]\n"
+    "[--on-policy-fraction 0] [--balance-responses]\n"
     "          [--eval-on-policy FILE ...] [--eval-common FILE ...] [--compare-rm DIR] MODEL "
     "TRAIN\n"
     "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p "
@@ -110,12 +110,13 @@ int cmd_post(const Args& all) {
     Flags f(args,
             with(kModelTrain, {"--prefs", "--on-policy", "--on-policy-fraction", "--eval-on-policy",
                                "--eval-common", "--compare-rm"}),
-            {}, kUsage);
+            {"--balance-responses"}, kUsage);
     RewardOptions o;
     o.model = model_source(f);
     o.prefs = f.all("--prefs");
     o.on_policy_prefs = f.all("--on-policy");
     o.on_policy_fraction = f.real("--on-policy-fraction", 0.0);
+    o.balance_responses = f.has("--balance-responses");
     o.eval_on_policy = f.all("--eval-on-policy");
     o.common_eval_on_policy = f.all("--eval-common");
     o.compare_with = f.str("--compare-rm");

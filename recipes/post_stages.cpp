@@ -397,6 +397,7 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.prefs = {data + "/prefs.jsonl"};
       o.on_policy_prefs = samples("verified_prefs.jsonl");
       o.on_policy_fraction = p.samples_fraction();
+      o.balance_responses = p.balance_responses();
       o.eval_prefs = data + "/eval_prefs.jsonl";
       for (auto& n : s.eval_samples_from())
         if (non_empty_file(stage_dir(n) + "/verified_prefs.jsonl"))

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <random>
+#include <unordered_map>
 
 #include "runtime/autograd/autograd.h"
+
 #include "text/post/stages.h"
 
 namespace llama3::text::post {
@@ -174,6 +176,20 @@ nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string
   return j;
 }
 
+std::vector<Preference> balance_response_pairs(const std::vector<Preference>& prefs) {
+  std::unordered_map<std::string, int64_t> chosen, rejected;
+  for (const Preference& p : prefs) ++chosen[p.chosen], ++rejected[p.rejected];
+  std::unordered_map<std::string, int64_t> room_c, room_r;  // how many more of each role
+  for (const auto& [a, n] : chosen) room_c[a] = room_r[a] = std::min(n, rejected[a]);
+  for (const auto& [a, n] : rejected) room_c.emplace(a, 0), room_r.emplace(a, 0);
+  std::vector<Preference> out;
+  for (const Preference& p : prefs) {
+    int64_t &c = room_c[p.chosen], &r = room_r[p.rejected];
+    if (c > 0 && r > 0) --c, --r, out.push_back(p);
+  }
+  return out;
+}
+
 PostStageResult run_reward_model(const RewardOptions& o) {
   LLAMA3_CHECK(!o.prefs.empty() || !o.on_policy_prefs.empty(), "reward model: no preference files");
   LLAMA3_CHECK(o.on_policy_fraction >= 0 && o.on_policy_fraction <= 1,
@@ -196,6 +212,13 @@ PostStageResult run_reward_model(const RewardOptions& o) {
   };
   load(o.prefs, prefs);
   load(o.on_policy_prefs, onp_prefs);
+  if (o.balance_responses) {
+    std::mt19937_64 gb(o.seed + 1);  // which pairs of an over-represented answer are kept
+    std::shuffle(onp_prefs.begin(), onp_prefs.end(), gb);
+    const size_t before = onp_prefs.size();
+    onp_prefs = balance_response_pairs(onp_prefs);
+    metrics["balance_dropped_pairs"] = int64_t(before - onp_prefs.size());
+  }
   // Without a share of their own, on-policy pairs are simply more preference data.
   if (o.on_policy_fraction <= 0)
     prefs.insert(prefs.end(), onp_prefs.begin(), onp_prefs.end()), onp_prefs.clear();

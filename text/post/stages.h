@@ -66,6 +66,12 @@ class RewardModel {
   Tensor score;  // (1, dim) "score.weight"
 };
 
+// A subset of `prefs` (kept in order) in which no response text appears more often as the
+// chosen answer, or as the rejected one, than min(times chosen, times rejected) in `prefs`: a
+// pair is kept while both of its responses have room left in their roles. An answer that was
+// only ever right (or only wrong) is dropped. Edited responses are not counted.
+std::vector<Preference> balance_response_pairs(const std::vector<Preference>& prefs);
+
 struct RewardOptions {
   ModelSource model;
   std::vector<std::string> prefs;  // preference JSONL files
@@ -75,6 +81,9 @@ struct RewardOptions {
   // generated pairs).
   std::vector<std::string> on_policy_prefs;
   double on_policy_fraction = 0;
+  // Keep only on-policy pairs such that each response text is chosen as often as rejected
+  // (balance_response_pairs): no answer-frequency prior to learn.
+  bool balance_responses = false;
   std::string eval_prefs;  // held-out file; else eval_fraction of prefs
   // Held-out on-policy pairs (samples of the current policy on held-out prompts): they join
   // the held-out set, reported also on their own (eval_accuracy_on_policy).

@@ -1,6 +1,9 @@
 // Which preference pairs the post-training stages build: the verifier's on-policy pairs among
-// one prompt's K samples (rejection sampling) and the pair DPO trains on.
+// one prompt's K samples (rejection sampling), the pair DPO trains on, and the RM's balanced
+// on-policy pairs.
 #include <gtest/gtest.h>
+
+#include <map>
 
 #include "text/post/stages.h"
 
@@ -45,4 +48,29 @@ TEST(DpoPair, AnEditedResponseIsTheChosenOne) {
   Preference plain{{}, "right", "wrong", ""};
   EXPECT_EQ(dpo_pair(plain).chosen, "right");
   EXPECT_EQ(dpo_pair(plain).rejected, "wrong");
+}
+
+// balance_response_pairs: no answer is kept more often in one role than it occurs in the
+// other, pairs keep their order, answers only ever right (or only wrong) drop out.
+TEST(BalancedPairs, EachAnswerAsOftenChosenAsRejected) {
+  auto pref = [](std::string c, std::string r) {
+    Preference p;
+    p.chosen = std::move(c), p.rejected = std::move(r);
+    return p;
+  };
+  // "14": chosen 3 times, rejected once -> kept once per role. "13": chosen once, rejected 3
+  // times -> once per role. "9" is never rejected, "5" never chosen: their pairs go.
+  const std::vector<Preference> in = {pref("14", "13"), pref("14", "13"), pref("13", "14"),
+                                      pref("14", "5"),  pref("9", "13"),  pref("12", "11"),
+                                      pref("11", "12")};
+  const auto out = balance_response_pairs(in);
+  std::vector<std::pair<std::string, std::string>> got;
+  for (const auto& p : out) got.emplace_back(p.chosen, p.rejected);
+  const std::vector<std::pair<std::string, std::string>> want = {
+      {"14", "13"}, {"13", "14"}, {"12", "11"}, {"11", "12"}};
+  EXPECT_EQ(got, want);
+  std::map<std::string, int> chosen, rejected;
+  for (const auto& [c, r] : got) ++chosen[c], ++rejected[r];
+  EXPECT_EQ(chosen, rejected);
+  EXPECT_TRUE(balance_response_pairs({}).empty());
 }
