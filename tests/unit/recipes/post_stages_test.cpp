@@ -37,6 +37,24 @@ std::string error_of(const std::string& text) {
   return test_util::error_of([&] { LoadedRecipe::parse(text, "p.textproto").validate(true); });
 }
 
+// A finished run directory for post_rounds_markdown: the recipe and each stage's final.json,
+// removed again when the test ends.
+struct ReportRun {
+  std::filesystem::path dir;
+  ReportRun(const std::string& name, const std::string& recipe)
+      : dir(std::filesystem::temp_directory_path() / fmt::format("{}_{}", name, ::getpid())) {
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+    std::ofstream(dir / "recipe.textproto") << recipe;
+  }
+  ~ReportRun() { std::filesystem::remove_all(dir); }
+  void write(const std::string& stage, const std::string& final_json) const {
+    std::filesystem::create_directories(dir / stage);
+    std::ofstream(dir / stage / "final.json") << final_json;
+  }
+  std::string markdown() const { return post_rounds_markdown(dir.string()); }
+};
+
 }  // namespace
 
 TEST(PostStages, ValidRecipePassesAndPlansEveryStage) {
@@ -183,9 +201,6 @@ TEST(PostStages, DpoOnlySamplesNeedsSamplesFrom) {
 }
 
 TEST(PostStages, ReportShowsIntervalsAndWhetherAnAverageHelped) {
-  namespace fs = std::filesystem;
-  const fs::path run = fs::temp_directory_path() / fmt::format("post_report_{}", ::getpid());
-  fs::remove_all(run);
   // Two RM runs averaged in round 1; the round goes on with the average.
   const std::string recipe = replace(
       kPost, "stage { name: \"rm_avg\" kind: AVERAGE average { stages: \"rm\" stages: \"rm\" } }",
@@ -193,22 +208,18 @@ TEST(PostStages, ReportShowsIntervalsAndWhetherAnAverageHelped) {
       "\"sft\" optimizer { lr: 1e-3 } }\n"
       "stage { name: \"rm_avg\" kind: AVERAGE round: 1 average { stages: \"rm\" "
       "stages: \"rm_b\" } }");
-  auto write = [&](const std::string& stage, const std::string& text) {
-    fs::create_directories(run / stage);
-    std::ofstream(run / stage / "final.json") << text;
-  };
-  fs::create_directories(run);
-  std::ofstream(run / "recipe.textproto") << recipe;
-  write("sft", R"({"eval_exact_match": 0.4, "eval_prompts": 200})");
-  write("rm", R"({"eval_accuracy": 0.7, "eval_pairs": 200})");
-  write("rm_b", R"({"eval_accuracy": 0.65, "eval_pairs": 200})");
-  write("rm_avg", R"({"eval_accuracy": 0.75, "eval_pairs": 200, "average_of": "REWARD_MODEL"})");
-  write("rs", R"({"acceptance": 0.5, "prompts": 100})");
-  write("dpo",
-        R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.45, "eval_prompts": 200,
+  const ReportRun run("post_report", recipe);
+  run.write("sft", R"({"eval_exact_match": 0.4, "eval_prompts": 200})");
+  run.write("rm", R"({"eval_accuracy": 0.7, "eval_pairs": 200})");
+  run.write("rm_b", R"({"eval_accuracy": 0.65, "eval_pairs": 200})");
+  run.write("rm_avg",
+            R"({"eval_accuracy": 0.75, "eval_pairs": 200, "average_of": "REWARD_MODEL"})");
+  run.write("rs", R"({"acceptance": 0.5, "prompts": 100})");
+  run.write(
+      "dpo",
+      R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.45, "eval_prompts": 200,
                    "win_rate_vs_start": 0.55})");
-  const std::string md = post_rounds_markdown(run.string());
-  fs::remove_all(run);
+  const std::string md = run.markdown();
   // 1.96 sqrt(p (1 - p) / n): 0.4 over 200 -> 0.068; 0.75 over 200 -> 0.060; 0.5 over 100 -> 0.098.
   EXPECT_NE(md.find("| 0.400 ± 0.068 |"), std::string::npos) << md;  // round-0 SFT EM
   EXPECT_NE(md.find("| 1 | 0.750 ± 0.060 | - | - | - | 0.500 ± 0.098 |"), std::string::npos)
@@ -268,40 +279,33 @@ TEST(PostStages, HeldOutSamplesOnlyEvaluateRewardModels) {
 }
 
 TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
-  namespace fs = std::filesystem;
-  const fs::path run = fs::temp_directory_path() / fmt::format("post_report_dpo_{}", ::getpid());
-  fs::remove_all(run);
   const std::string recipe = std::string(kPost) +
                              "stage { name: \"dpo_b\" kind: DPO round: 1 data_from: \"pd\" "
                              "init_from: \"sft\" reward_model_from: "
                              "\"rm\" optimizer { lr: 1e-4 } }\n"
                              "stage { name: \"dpo_avg\" kind: AVERAGE round: 1 average { stages: "
                              "\"dpo\" stages: \"dpo_b\" } }\n";
-  auto write = [&](const std::string& stage, const std::string& text) {
-    fs::create_directories(run / stage);
-    std::ofstream(run / stage / "final.json") << text;
-  };
-  fs::create_directories(run);
-  std::ofstream(run / "recipe.textproto") << recipe;
-  write("sft", R"({"eval_exact_match": 0.4, "eval_prompts": 200})");
-  write(
+  const ReportRun run("post_report_dpo", recipe);
+  run.write("sft", R"({"eval_exact_match": 0.4, "eval_prompts": 200})");
+  run.write(
       "rm",
       R"({"eval_accuracy": 0.7, "eval_pairs": 400, "eval_accuracy_on_policy": 0.8, "eval_pairs_on_policy": 100,
           "eval_accuracy_common": 0.75, "eval_pairs_common": 400, "common_fixed": 40, "common_broken": 20})");
-  write("rs", R"({"acceptance": 0.5, "prompts": 100})");
-  write("dpo",
-        R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.45, "eval_prompts": 200,
+  run.write("rs", R"({"acceptance": 0.5, "prompts": 100})");
+  run.write(
+      "dpo",
+      R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.45, "eval_prompts": 200,
                    "win_rate_vs_start": 0.55, "win_rate_wins": 30, "win_rate_ties": 160, "win_rate_losses": 10})");
-  write(
+  run.write(
       "dpo_b",
       R"({"eval_accuracy": 0.6, "eval_pairs": 200, "eval_exact_match": 0.4, "eval_prompts": 200})");
-  write("dpo_avg",
-        R"({"eval_accuracy": 0.65, "eval_pairs": 200, "eval_exact_match": 0.5, "eval_prompts": 200,
+  run.write(
+      "dpo_avg",
+      R"({"eval_accuracy": 0.65, "eval_pairs": 200, "eval_exact_match": 0.5, "eval_prompts": 200,
                    "win_rate_vs_start": 0.6, "win_rate_wins": 50, "win_rate_ties": 140, "win_rate_losses": 10,
                    "exact_match_fixed": 30, "exact_match_broken": 10,
                    "average_of": "DPO"})");
-  const std::string md = post_rounds_markdown(run.string());
-  fs::remove_all(run);
+  const std::string md = run.markdown();
   // RM acc over all 400 held-out pairs, then its on-policy part (0.8 over 100 -> 0.078), the
   // common set (0.75 over 400 -> 0.042) and the paired gain over the earlier RM on it: 40 fixed,
   // 20 broken of 400 -> +0.05, variance 60/400 - 0.0025 = 0.1475 -> 1.96 sqrt(0.1475/400) = 0.038.
