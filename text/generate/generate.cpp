@@ -255,21 +255,7 @@ Tensor forward_cached(const LlamaModel& m, KvCache& cache, const std::vector<int
       Tensor hres = ops::add(x, decode_linear(ot, w.o, prec));
       Tensor gu = decode_linear(b.post_attention_layernorm(hres), w.gate_up, prec);
       const int64_t F = w.gate_up.n / 2;
-      Tensor act;
-      if (gu.device().is_cpu() && gu.is_contiguous()) {  // SwiGLU straight from the fused rows
-        act = Tensor::empty({R, T, F}, DType::f32);
-        const float* g = gu.data<float>();
-        float* y = act.data<float>();
-#pragma omp parallel for if (R * T * F > 65536)
-        for (int64_t r = 0; r < R * T; ++r) {
-          const float* gr = g + r * 2 * F;
-#pragma omp simd
-          for (int64_t i = 0; i < F; ++i)
-            y[r * F + i] = gr[i] / (1.f + cpu::fast_exp(-gr[i])) * gr[F + i];
-        }
-      } else {
-        act = ops::swiglu(gu.narrow(2, 0, F).contiguous(), gu.narrow(2, F, F).contiguous());
-      }
+      Tensor act = ops::swiglu(gu.narrow(2, 0, F).contiguous(), gu.narrow(2, F, F).contiguous());
       x = ops::add(hres, decode_linear(act, w.down, prec));
     } else {
       Tensor hres = ops::add(x, b.self_attn.o_proj(ot, prec));
