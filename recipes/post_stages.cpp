@@ -458,6 +458,7 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       }
       o.eval_prompts = data + "/eval.jsonl";
       o.out_dir = dir + "/model";
+      o.judged_path = dir + "/win_rate.jsonl";
       o.beta = float(or_default(p.beta(), double(o.beta)));
       o.alpha = p.alpha() < 0 ? 0.f : float(or_default(p.alpha(), double(o.alpha)));
       o.steps = steps = or_default(p.steps(), int64_t(60));
@@ -671,6 +672,7 @@ json evaluate_post_average(const LoadedRecipe& lr, int index, const std::string&
     }
     o.beta = float(or_default(in->dpo().beta(), double(o.beta)));
     o.max_new_tokens = max_new_tokens_of(lr, index);
+    o.judged_path = stage_dir(lr.recipe().stage(index).name()) + "/win_rate.jsonl";
     f = post::evaluate_dpo(o);
   } else {
     f = post::evaluate_policy(src, dd + "/eval.jsonl", max_new_tokens_of(lr, index));
@@ -731,8 +733,14 @@ std::string win_rate(const json& f) {
                l = f["win_rate_losses"].get<double>(), n = w + t + l;
   if (n <= 0) return "-";
   const double p = (w + 0.5 * t) / n, var = std::max(0.0, (w + 0.25 * t) / n - p * p);
-  return fmt::format("{:.3f} ± {:.3f} ({}/{}/{})", p, 1.96 * std::sqrt(var / n), int64_t(w),
-                     int64_t(t), int64_t(l));
+  std::string judge;
+  if (f.contains("judge_agrees_with_verifier") && f.contains("judge_disagrees_with_verifier"))
+    judge = fmt::format("; RM sides with the verifier {}/{}",
+                        f["judge_agrees_with_verifier"].get<int64_t>(),
+                        f["judge_agrees_with_verifier"].get<int64_t>() +
+                            f["judge_disagrees_with_verifier"].get<int64_t>());
+  return fmt::format("{:.3f} ± {:.3f} ({}/{}/{}{})", p, 1.96 * std::sqrt(var / n), int64_t(w),
+                     int64_t(t), int64_t(l), judge);
 }
 
 }  // namespace
@@ -811,7 +819,10 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       "that paired difference. DPO acc: held-out preference accuracy (implicit reward). Win rate: "
       "DPO model vs its starting (SFT) model, judged by the round's RM (ties half; wins / ties / "
       "losses in brackets, the interval from the per-prompt variance of that three-valued "
-      "outcome). An AVERAGE of reward models, SFT or DPO policies stands for its kind in its "
+      "outcome; then, over the prompts where exactly one of the two responses verifies, how "
+      "often the RM prefers that one: the judge's own accuracy on the only decisive outcomes a "
+      "verifier can check; the stage's win_rate.jsonl has every judged pair). An AVERAGE of reward "
+      "models, SFT or DPO policies stands for its kind in its "
       "round. `p ± h`: h is the half-width of the 95% interval (for a proportion over the eval "
       "set 1.96 sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
       "| round | RM acc | RM acc (own samples) | RM acc (common set) | RM gain (common set) | "

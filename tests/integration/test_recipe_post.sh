@@ -107,6 +107,16 @@ assert sft1["dialogs"] + sft1["skipped"] == 160 + rs["kept"], (sft1, rs["kept"])
 assert os.path.exists(os.path.join(run, "r1_dpo", "model", "reference_logps.json"))
 assert dpo["train_pairs"] + dpo["skipped"] == 160 + rs["verified_pairs"], (dpo, rs["verified_pairs"])
 assert fin("avg")["inputs"] == 2
+# Every judged pair of the win rate, per prompt; the counts in final.json follow from them.
+wr = [json.loads(x) for x in open(os.path.join(run, "r1_dpo", "win_rate.jsonl"))]
+assert len(wr) == dpo["eval_prompts"], (len(wr), dpo)
+for key, o in [("win_rate_wins", "win"), ("win_rate_ties", "tie"), ("win_rate_losses", "loss")]:
+    assert sum(r["outcome"] == o for r in wr) == dpo[key], (key, dpo)
+    assert all((r["score"] > r["start_score"]) == (r["outcome"] == "win") for r in wr)
+one = [r for r in wr if r["correct"] != r["start_correct"] and r["score"] != r["start_score"]]
+assert sum((r["score"] > r["start_score"]) == r["correct"] for r in one) == dpo["judge_agrees_with_verifier"], dpo
+assert len(one) == dpo["judge_agrees_with_verifier"] + dpo["judge_disagrees_with_verifier"], dpo
+assert sum(r["correct"] and not r["start_correct"] for r in wr) == dpo["exact_match_fixed"], dpo
 # The common held-out set: the 12 generated pairs plus round 1's held-out on-policy pairs; round 2's
 # RM scores round 1's RM on the same pairs, so its compared accuracy is round 1's own figure.
 ho = fin("r1_heldout")

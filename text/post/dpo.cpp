@@ -90,9 +90,17 @@ DpoEvalSet make_eval_set(const LlamaModel& reference, const Tokenizer& tok,
 // Held-out preference accuracy (implicit reward margin > 0), exact match, and the win rate
 // against the starting policy's responses judged by the reward model (ties count half; the
 // counts are kept so the report can give the interval of a three-valued outcome).
+void write_jsonl(const std::string& path, const std::vector<nlohmann::json>& rows) {
+  std::ofstream f(path);
+  for (const auto& r : rows) f << r.dump() << "\n";
+  LLAMA3_CHECK(f.good(), "dpo: cannot write {}", path);
+}
+
+// With `judged`, one record per prompt: both responses, whether each verifies, and the RM's
+// scores - what a reader needs to see why a win rate is what it is.
 nlohmann::json dpo_eval(const LlamaModel& m, const Tokenizer& tok, const DpoEvalSet& e,
                         const std::string& reward_model, const std::string& reward_model_tokenizer,
-                        float beta, float alpha) {
+                        float beta, float alpha, std::vector<nlohmann::json>* judged) {
   nlohmann::json metrics = nlohmann::json::object();
   {
     autograd::NoGradGuard ng;
@@ -121,14 +129,33 @@ nlohmann::json dpo_eval(const LlamaModel& m, const Tokenizer& tok, const DpoEval
   if (!reward_model.empty()) {
     RewardModel rm(
         load_policy(ModelSource{.dir = reward_model, .tokenizer = reward_model_tokenizer}));
-    int64_t wins = 0, ties = 0, losses = 0;
+    int64_t wins = 0, ties = 0, losses = 0, agree = 0, disagree = 0;
     for (size_t i = 0; i < e.prompts.size(); ++i) {
       auto s = rm.score_responses(e.prompts[i].messages, {after[i], e.before[i]});
       (s[0] > s[1] ? wins : s[0] == s[1] ? ties : losses) += 1;
+      // Where exactly one of the two responses verifies, the judge can be checked: how often
+      // the RM prefers that one. The other decisive outcomes (both wrong, or both right but
+      // different) carry no verifiable signal and are the win rate's noise.
+      const bool a = verify(e.prompts[i], after[i]), b = verify(e.prompts[i], e.before[i]);
+      if (a != b && s[0] != s[1]) ((s[0] > s[1]) == a ? agree : disagree) += 1;
+      if (judged)
+        judged->push_back({{"prompt", e.prompts[i].messages.back().content},
+                           {"answer", e.prompts[i].answer},
+                           {"response", after[i]},
+                           {"start_response", e.before[i]},
+                           {"correct", a},
+                           {"start_correct", b},
+                           {"score", s[0]},
+                           {"start_score", s[1]},
+                           {"outcome", s[0] > s[1]    ? "win"
+                                       : s[0] == s[1] ? "tie"
+                                                      : "loss"}});
     }
     metrics["win_rate_vs_start"] = (double(wins) + 0.5 * double(ties)) / double(e.prompts.size());
     metrics["win_rate_wins"] = wins, metrics["win_rate_ties"] = ties,
     metrics["win_rate_losses"] = losses;
+    metrics["judge_agrees_with_verifier"] = agree,
+    metrics["judge_disagrees_with_verifier"] = disagree;
   }
   return metrics;
 }
@@ -143,7 +170,11 @@ nlohmann::json evaluate_dpo(const DpoEvalOptions& o) {
                     o.eval_prompts, o.max_new_tokens, lo);
   ref.model.reset();
   Policy p = load_policy(o.model);
-  return dpo_eval(*p.model, p.tok, e, o.reward_model, o.reward_model_tokenizer, o.beta, o.alpha);
+  std::vector<nlohmann::json> judged;
+  nlohmann::json f = dpo_eval(*p.model, p.tok, e, o.reward_model, o.reward_model_tokenizer, o.beta,
+                              o.alpha, o.judged_path.empty() ? nullptr : &judged);
+  if (!judged.empty()) write_jsonl(o.judged_path, judged);
+  return f;
 }
 
 std::vector<double> sequence_logps(const LlamaModel& m, const DpoRows& rows) {
@@ -240,9 +271,13 @@ PostStageResult run_dpo(const DpoOptions& o) {
   metrics["train_loss"] = loss;
   metrics["train_pairs"] = int64_t(prefs.size());
   metrics["skipped"] = skipped;
-  metrics.update(dpo_eval(m, p.tok, ev, o.reward_model, o.reward_model_tokenizer, o.beta, o.alpha));
+  std::vector<nlohmann::json> judged;
+  metrics.update(
+      dpo_eval(m, p.tok, ev, o.reward_model, o.reward_model_tokenizer, o.beta, o.alpha, &judged));
   spdlog::info("dpo: {}", metrics.dump());
   save_policy(m, p.tokenizer_path, o.out_dir, p.extra);
+  if (!judged.empty())
+    write_jsonl(o.judged_path.empty() ? o.out_dir + "/win_rate.jsonl" : o.judged_path, judged);
   std::filesystem::rename(o.out_dir + ".ref/reference_logps.json",
                           o.out_dir + "/reference_logps.json");
   std::filesystem::remove_all(o.out_dir + ".ref");

@@ -185,19 +185,25 @@ struct DpoOptions {
   LoadOptions load;
   int64_t max_new_tokens = 24;
   uint64_t seed = 0;
+  // With a reward model: the per-prompt win-rate records (JSONL: both responses, whether each
+  // verifies, both scores, the outcome); empty: <out_dir>/win_rate.jsonl.
+  std::string judged_path;
 };
 PostStageResult run_dpo(const DpoOptions& o);
 // Held-out evaluation of a DPO policy (e.g. an AVERAGE of DPO runs) against its starting
 // policy, as run_dpo reports it: eval_accuracy (implicit reward margin > 0 on eval_prefs,
 // reference log-probs from `reference`), eval_exact_match, and with a reward model
 // win_rate_vs_start (greedy responses vs the reference's, ties half) with its win, tie and
-// loss counts.
+// loss counts, and how often the RM sides with the verifier where exactly one response
+// verifies (judge_agrees_with_verifier / judge_disagrees_with_verifier).
 struct DpoEvalOptions {
   ModelSource model, reference;
   std::string eval_prefs, eval_prompts;
   std::string reward_model, reward_model_tokenizer;
   float beta = 0.1f, alpha = 0.2f;
   int64_t max_new_tokens = 24;
+  std::string judged_path;  // optional: the per-prompt win-rate records (JSONL), as run_dpo
+                            // writes them to <out_dir>/win_rate.jsonl
 };
 nlohmann::json evaluate_dpo(const DpoEvalOptions& o);
 // The pair DPO trains on: the best response against the worst (edited > chosen > rejected,

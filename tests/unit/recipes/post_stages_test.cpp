@@ -303,6 +303,7 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
       "dpo_avg",
       R"({"eval_accuracy": 0.65, "eval_pairs": 200, "eval_exact_match": 0.5, "eval_prompts": 200,
                    "win_rate_vs_start": 0.6, "win_rate_wins": 50, "win_rate_ties": 140, "win_rate_losses": 10,
+                   "judge_agrees_with_verifier": 25, "judge_disagrees_with_verifier": 7,
                    "exact_match_fixed": 30, "exact_match_broken": 10,
                    "average_of": "DPO"})");
   const std::string md = run.markdown();
@@ -316,9 +317,12 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
   // The round's DPO is the average: w 50, t 140, l 10 of 200 -> p 0.6; per-prompt variance
   // (50 + 140/4)/200 - 0.36 = 0.065, so 1.96 sqrt(0.065/200) = 0.035 (p(1-p) would give 0.068).
   // Paired EM gain: 30 fixed, 10 broken of 200 -> +0.1, variance 40/200 - 0.01 = 0.19 -> 0.060.
+  // Of the 32 judged prompts where exactly one response verifies, the RM preferred that one 25
+  // times (dpo has no judge counts, so its cell has none).
   EXPECT_NE(
       md.find(
-          "| 0.650 ± 0.066 | 0.500 ± 0.069 | +0.100 ± 0.060 (30/10) | 0.600 ± 0.035 (50/140/10) |"),
+          "| 0.650 ± 0.066 | 0.500 ± 0.069 | +0.100 ± 0.060 (30/10) | 0.600 ± 0.035 (50/140/10; RM "
+          "sides with the verifier 25/32) |"),
       std::string::npos)
       << md;
   EXPECT_NE(md.find("| dpo_avg | 1 | DPO | exact match | dpo 0.450 ± 0.069, dpo_b 0.400 ± 0.068 | "
@@ -327,7 +331,7 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
       << md;
   // dpo: (30 + 40)/200 - 0.3025 = 0.0475 -> 0.030; dpo_b has no win rate.
   EXPECT_NE(md.find("| dpo_avg | 1 | DPO | win rate vs SFT | dpo 0.550 ± 0.030 (30/160/10), dpo_b "
-                    "- | 0.600 ± 0.035 (50/140/10) |"),
+                    "- | 0.600 ± 0.035 (50/140/10; RM sides with the verifier 25/32) |"),
             std::string::npos)
       << md;
 }
