@@ -25,7 +25,7 @@ const char* kUsage =
     "          [--max-new 24] [--min-score X]\n"
     "  dpo     --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--rm DIR] [--eval-prompts "
     "FILE]\n"
-    "          [--beta 0.1] [--alpha 0.2] MODEL TRAIN\n"
+    "          [--beta 0.1] [--alpha 0.2] [--win-samples K] MODEL TRAIN\n"
     "  average --model DIR --model DIR ... [--weight W ...] --out DIR\n"
     "  rounds  CONFIG.json   (fields: data_dir, out_dir, init_model|flavour, rounds, seq, batch, "
     "k,\n"
@@ -151,10 +151,10 @@ int cmd_post(const Args& all) {
     return print(run_rejection_sampling(o));
   }
   if (step == "dpo") {
-    Flags f(
-        args,
-        with(kModelTrain, {"--prefs", "--rm", "--eval-prompts", "--beta", "--alpha", "--max-new"}),
-        {}, kUsage);
+    Flags f(args,
+            with(kModelTrain, {"--prefs", "--rm", "--eval-prompts", "--beta", "--alpha",
+                               "--max-new", "--win-samples"}),
+            {}, kUsage);
     DpoOptions o;
     o.model = model_source(f);
     o.prefs = f.all("--prefs");
@@ -169,6 +169,10 @@ int cmd_post(const Args& all) {
     o.train = train_opts(f, 2e-4f);
     o.load = load_opts(f);
     o.max_new_tokens = f.integer("--max-new", o.max_new_tokens);
+    o.win_rate_samples = f.integer("--win-samples", 0);
+    LLAMA3_CHECK(o.win_rate_samples >= 0, "--win-samples must be >= 0, got {}", o.win_rate_samples);
+    LLAMA3_CHECK(o.win_rate_samples == 0 || !o.reward_model.empty(),
+                 "--win-samples {} needs --rm (the judge) and --eval-prompts", o.win_rate_samples);
     o.seed = uint64_t(f.integer("--seed", 0));
     return print(run_dpo(o));
   }

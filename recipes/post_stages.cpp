@@ -289,6 +289,10 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
     non_negative("dpo.max_new_tokens", double(p.max_new_tokens()));
     if (p.only_samples() && s.samples_from_size() == 0)
       c.error("dpo.only_samples", "needs samples_from (REJECTION_SAMPLING stages)");
+    non_negative("dpo.win_rate_samples", double(p.win_rate_samples()));
+    if (p.win_rate_samples() > 0 && s.reward_model_from().empty())
+      c.error("dpo.win_rate_samples", "{} needs reward_model_from (the RM that judges)",
+              p.win_rate_samples());
   }
 }
 
@@ -459,6 +463,7 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.eval_prompts = data + "/eval.jsonl";
       o.out_dir = dir + "/model";
       o.judged_path = dir + "/win_rate.jsonl";
+      o.win_rate_samples = p.win_rate_samples();
       o.beta = float(or_default(p.beta(), double(o.beta)));
       o.alpha = p.alpha() < 0 ? 0.f : float(or_default(p.alpha(), double(o.alpha)));
       o.steps = steps = or_default(p.steps(), int64_t(60));
@@ -671,6 +676,7 @@ json evaluate_post_average(const LoadedRecipe& lr, int index, const std::string&
       o.reward_model_tokenizer = src.tokenizer;
     }
     o.beta = float(or_default(in->dpo().beta(), double(o.beta)));
+    o.win_rate_samples = in->dpo().win_rate_samples();
     o.max_new_tokens = max_new_tokens_of(lr, index);
     o.judged_path = stage_dir(lr.recipe().stage(index).name()) + "/win_rate.jsonl";
     f = post::evaluate_dpo(o);
@@ -743,6 +749,16 @@ std::string win_rate(const json& f) {
                      int64_t(t), int64_t(l), judge);
 }
 
+// The sampled win rate with its interval (from the per-prompt mean outcome) and K.
+std::string sampled_win_rate(const json& f) {
+  if (!f.contains("win_rate_sampled") || !f.contains("win_rate_sampled_h")) return "-";
+  return fmt::format(
+      "{:.3f} ± {:.3f} (K {}: {}/{}/{})", f["win_rate_sampled"].get<double>(),
+      f["win_rate_sampled_h"].get<double>(), f.value("win_rate_sampled_k", int64_t(0)),
+      f.value("win_rate_sampled_wins", int64_t(0)), f.value("win_rate_sampled_ties", int64_t(0)),
+      f.value("win_rate_sampled_losses", int64_t(0)));
+}
+
 }  // namespace
 
 std::string post_rounds_markdown(const std::string& run_dir) {
@@ -806,9 +822,10 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       "where the recipe annotates held-out prompts (eval_samples_from), the current policy's own "
       "correct-vs-wrong samples on them; RM acc (own samples): that second part alone (a later "
       "round's policy is stronger and its wrong samples are harder, so these two columns do not "
-      "compare rounds). RM acc (common set): every round's RM on the same held-out pairs (the "
-      "generated ones plus an earlier policy's held-out samples, common_eval_samples_from, which "
-      "no RM trains on); RM gain (common set): that accuracy minus the previous RM's "
+      "compare rounds). RM acc (common set): the RM on held-out pairs no RM trains on (the "
+      "generated ones plus the held-out samples of the policies named in "
+      "common_eval_samples_from: in the default, round 1's policy for round 1, rounds 1 and 2's "
+      "for round 2); RM gain (common set): that accuracy minus the previous RM's "
       "(reward_model_from) on the same pairs, paired per pair (pairs fixed / broken), with the "
       "interval of that paired difference. RS: "
       "acceptance; best-of-K gain as the verifier sees it (the RM's pick among the K samples is "
@@ -821,22 +838,26 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       "losses in brackets, the interval from the per-prompt variance of that three-valued "
       "outcome; then, over the prompts where exactly one of the two responses verifies, how "
       "often the RM prefers that one: the judge's own accuracy on the only decisive outcomes a "
-      "verifier can check; the stage's win_rate.jsonl has every judged pair). An AVERAGE of reward "
+      "verifier can check; the stage's win_rate.jsonl has every judged pair). Win rate (sampled): "
+      "the same judge over K sampled responses of each policy per prompt (temperature 1, top-p "
+      "0.95; draw k of both policies from the same seed), ties half, the interval from the "
+      "per-prompt mean outcome; the greedy responses differ on few prompts, the samples show "
+      "the distributions DPO moved. An AVERAGE of reward "
       "models, SFT or DPO policies stands for its kind in its "
       "round. `p ± h`: h is the half-width of the 95% interval (for a proportion over the eval "
       "set 1.96 sqrt(p(1-p)/n)); differences smaller than that are noise.\n\n"
       "| round | RM acc | RM acc (own samples) | RM acc (common set) | RM gain (common set) | "
       "RS acceptance | RS best-of-K gain (verifier) | "
       "RS best-of-K gain (RM score) | RS RM pick / sample correct | SFT EM | DPO acc | DPO EM | "
-      "DPO EM gain | DPO win rate vs SFT | stages |\n"
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+      "DPO EM gain | DPO win rate vs SFT | DPO win rate vs SFT (sampled) | stages |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
   for (auto& [round, kinds] : rounds) {
     auto get = [&](StageKind k) { return kinds.count(k) ? kinds.at(k) : json::object(); };
     const json rm = get(REWARD_MODEL), rs = get(REJECTION_SAMPLING), sft = get(SFT), dpo = get(DPO);
     std::string st;
     for (auto& n : names[round]) st += (st.empty() ? "" : ", ") + n;
     md += fmt::format(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} |\n",
         round ? std::to_string(round) : "-", with_interval(rm, "eval_accuracy", "eval_pairs"),
         with_interval(rm, "eval_accuracy_on_policy", "eval_pairs_on_policy"),
         with_interval(rm, "eval_accuracy_common", "eval_pairs_common"),
@@ -846,7 +867,7 @@ std::string post_rounds_markdown(const std::string& run_dir) {
         with_interval(sft, "eval_exact_match", "eval_prompts"),
         with_interval(dpo, "eval_accuracy", "eval_pairs"),
         with_interval(dpo, "eval_exact_match", "eval_prompts"), paired_gain(dpo), win_rate(dpo),
-        st);
+        sampled_win_rate(dpo), st);
   }
   if (!averages.empty()) {
     md +=

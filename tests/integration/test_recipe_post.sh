@@ -44,7 +44,7 @@ stage {
 }
 stage {
   name: "r1_dpo" kind: DPO round: 1 data_from: "post_data" init_from: "r1_sft" samples_from: "r1_rs"
-  reward_model_from: "r1_rm" optimizer { lr: 2e-4 } dpo { steps: 6 batch: 4 max_new_tokens: 12 }
+  reward_model_from: "r1_rm" optimizer { lr: 2e-4 } dpo { steps: 6 batch: 4 max_new_tokens: 12 win_rate_samples: 2 }
 }
 stage {  # round 2's RM, compared with round 1's pair by pair on the common held-out set
   name: "r2_rm" kind: REWARD_MODEL round: 2 data_from: "post_data" init_from: "r1_rm" samples_from: "r1_samples"
@@ -117,6 +117,10 @@ one = [r for r in wr if r["correct"] != r["start_correct"] and r["score"] != r["
 assert sum((r["score"] > r["start_score"]) == r["correct"] for r in one) == dpo["judge_agrees_with_verifier"], dpo
 assert len(one) == dpo["judge_agrees_with_verifier"] + dpo["judge_disagrees_with_verifier"], dpo
 assert sum(r["correct"] and not r["start_correct"] for r in wr) == dpo["exact_match_fixed"], dpo
+# The sampled win rate: 2 draws of each policy per prompt, every draw judged once.
+assert dpo["win_rate_sampled_k"] == 2 and 0.0 <= dpo["win_rate_sampled"] <= 1.0, dpo
+assert dpo["win_rate_sampled_wins"] + dpo["win_rate_sampled_ties"] + dpo["win_rate_sampled_losses"] == 2 * dpo["eval_prompts"], dpo
+assert abs(dpo["win_rate_sampled"] - (dpo["win_rate_sampled_wins"] + 0.5 * dpo["win_rate_sampled_ties"]) / (2 * dpo["eval_prompts"])) < 1e-9, dpo
 # The common held-out set: the 12 generated pairs plus round 1's held-out on-policy pairs; round 2's
 # RM scores round 1's RM on the same pairs, so its compared accuracy is round 1's own figure.
 ho = fin("r1_heldout")

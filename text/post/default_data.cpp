@@ -3,6 +3,7 @@
 // preference pairs (correct vs incorrect answer, followed vs ignored instruction).
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -51,36 +52,53 @@ Task make_task(Rng& rng) {
     } else {
       const char* n = kNames[rng.below(8)];
       const char* th = kThings[rng.below(6)];
-      t.prompt = fmt::format("{} has {} {} and gets {} more. How many {} does {} have?", n, a, th, b, th, n);
+      t.prompt = fmt::format("{} has {} {} and gets {} more. How many {} does {} have?", n, a, th,
+                             b, th, n);
     }
-    t.answer = std::to_string(a + b);
-    t.near_miss = std::to_string(a + b + (rng.below(2) ? 1 : -1));
-    t.wrong = std::to_string(a * b);
-    if (t.wrong == t.answer || t.wrong == t.near_miss) t.wrong = std::to_string(a + b + 10);
+    const int sum = a + b, side = rng.below(2) ? 1 : -1;
+    t.answer = std::to_string(sum);
+    t.near_miss = std::to_string(sum + side);
+    // The clear miss lies on the other side of the answer from the near miss, so that across
+    // the pairs neither the smaller nor the larger number is the better one. A clear miss that
+    // was always larger (a * b, or a + b + 10) taught the reward models to prefer the smaller
+    // number, and so the policy's off-by-one-below answers over right ones (docs/recipes.md).
+    if (side < 0)
+      t.wrong = std::to_string(a * b > sum + 1 ? a * b : sum + 10);
+    else
+      t.wrong = std::to_string(std::abs(a - b));  // at most sum - 2
     return t;
   }
-  const uint64_t wi = rng.below(kNWords);
+  const uint64_t wi = rng.below(kNWords), r = rng.below(kNWords - 1);
   const std::string w = kWords[wi];
-  const std::string other = kWords[(wi + 1 + rng.below(kNWords - 1)) % kNWords];  // never w
+  const std::string other = kWords[(wi + 1 + r) % kNWords];  // never w
+  // Half the clear misses are spliced from two other words ("doc" + "ean"): the policy's own
+  // wrong answers are mostly such fragments, not real words. With real words as the only
+  // clear misses, the reward models learnt to score any real other word below fragments they
+  // had never seen, and so judged a policy that misspells less as worse (docs/recipes.md).
+  const std::string third = kWords[(wi + 1 + (r + 1) % (kNWords - 1)) % kNWords];  // not w
+  const std::string splice =
+      other.substr(0, (other.size() + 1) / 2) + third.substr(third.size() / 2);
+  const std::string miss = r % 2 && splice != w ? splice : other;
   const bool alt = rng.below(2) == 1;  // the second phrasing
   if (kind == 2) {
     t.prompt = fmt::format(
         fmt::runtime(alt ? "Write {} in capital letters." : "Write the word {} in uppercase."), w);
     t.answer = upper(w);
-    t.near_miss = std::string(1, char(std::toupper(static_cast<unsigned char>(w[0])))) + w.substr(1);
-    t.wrong = w;
+    t.near_miss =
+        std::string(1, char(std::toupper(static_cast<unsigned char>(w[0])))) + w.substr(1);
+    t.wrong = r % 2 ? upper(miss) : w;
   } else if (kind == 3) {
     t.prompt = fmt::format(fmt::runtime(alt ? "Say {} and finish with a period."
                                             : "Write the word {} and end with a period."),
                            w);
     t.answer = w + ".";
     t.near_miss = w;
-    t.wrong = other;
+    t.wrong = miss;
   } else {
     t.prompt = fmt::format(fmt::runtime(alt ? "Say the word {} again." : "Repeat the word {}."), w);
     t.answer = w;
     t.near_miss = upper(w);
-    t.wrong = other;
+    t.wrong = miss;
   }
   return t;
 }
@@ -103,8 +121,8 @@ PostStageResult make_default_data(const DefaultDataOptions& o) {
   fs::create_directories(o.out_dir);
   Rng rng(o.seed * 7919 + 17);
   std::ofstream sft(o.out_dir + "/sft.jsonl"), prompts(o.out_dir + "/prompts.jsonl"),
-      evalf(o.out_dir + "/eval.jsonl"), prefs(o.out_dir + "/prefs.jsonl"), eprefs(o.out_dir + "/eval_prefs.jsonl"),
-      corpus(o.out_dir + "/corpus.txt");
+      evalf(o.out_dir + "/eval.jsonl"), prefs(o.out_dir + "/prefs.jsonl"),
+      eprefs(o.out_dir + "/eval_prefs.jsonl"), corpus(o.out_dir + "/corpus.txt");
   std::set<std::string> eval_prompts;
   std::vector<Task> ev;
   int64_t draws = 0;
@@ -148,22 +166,28 @@ PostStageResult make_default_data(const DefaultDataOptions& o) {
     evalf << nlohmann::json({{"prompt", prompt_json(t)}, {"answer", t.answer}}).dump() << "\n";
     // Held-out pairs alternate a clear miss and a near miss (off by one, the wrong case, no
     // period): the near misses are the kind of mistake the policy itself makes.
-    nlohmann::json j = {{"prompt", prompt_json(t)}, {"chosen", t.answer}, {"rejected", (&t - ev.data()) % 2 ? t.near_miss : t.wrong}};
+    nlohmann::json j = {{"prompt", prompt_json(t)},
+                        {"chosen", t.answer},
+                        {"rejected", (&t - ev.data()) % 2 ? t.near_miss : t.wrong}};
     eprefs << j.dump() << "\n";
   }
   for (const char* w : kWords) corpus << w << " " << upper(w) << " " << w << ".\n";
   corpus.close();
   sft.close(), prompts.close(), evalf.close(), prefs.close(), eprefs.close();
   if (!o.tokenizer.empty()) {
-    fs::copy_file(o.tokenizer, o.out_dir + "/tokenizer.model", fs::copy_options::overwrite_existing);
+    fs::copy_file(o.tokenizer, o.out_dir + "/tokenizer.model",
+                  fs::copy_options::overwrite_existing);
   } else {
     BpeTrainOptions bo;
     bo.vocab_size = int32_t(o.bpe_vocab);
     std::vector<std::string> files = {o.out_dir + "/corpus.txt"};
     train_bpe(files, bo, o.out_dir + "/tokenizer.model");
   }
-  nlohmann::json metrics = {{"sft_dialogs", o.n_train}, {"prompts", o.n_prompts}, {"prefs", o.n_pref},
-                            {"eval_prompts", o.n_eval}, {"eval_prefs", o.n_eval}};
+  nlohmann::json metrics = {{"sft_dialogs", o.n_train},
+                            {"prompts", o.n_prompts},
+                            {"prefs", o.n_pref},
+                            {"eval_prompts", o.n_eval},
+                            {"eval_prefs", o.n_eval}};
   write_final(o.out_dir, metrics);
   return {o.out_dir, metrics};
 }

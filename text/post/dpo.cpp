@@ -57,18 +57,29 @@ Tensor pick(const Tensor& v, int64_t from, int64_t n) {
 
 // What a DPO policy is judged on, all from its starting (reference) policy: the held-out pairs
 // with their reference log-probs, and the held-out prompts with the starting policy's greedy
-// responses (the win-rate opponent).
+// responses (the win-rate opponent) and, for the sampled win rate, its K sampled responses.
 struct DpoEvalSet {
   std::vector<DpoRows> batches;
   std::vector<std::vector<double>> ref;
   std::vector<DialogRecord> prompts;
   std::vector<std::string> before;
+  std::vector<std::vector<std::string>> before_samples;  // [k][prompt]
   SamplingOptions so;
 };
 
+// The sampled win rate's draws: as rejection sampling samples (temperature 1, top-p 0.95).
+// Draw k of both policies uses the same seed, so where the two policies agree their samples
+// agree too and the comparison is a tie, not noise.
+SamplingOptions win_rate_sampling(const SamplingOptions& greedy, int64_t k) {
+  SamplingOptions so = greedy;
+  so.greedy = false, so.temperature = 1.f, so.top_p = 0.95f;
+  so.seed = 7919 * uint64_t(k + 1);
+  return so;
+}
+
 DpoEvalSet make_eval_set(const LlamaModel& reference, const Tokenizer& tok,
                          std::vector<Preference> eval, const std::string& eval_prompts,
-                         int64_t max_new_tokens, const LoadOptions& load) {
+                         int64_t max_new_tokens, const LoadOptions& load, int64_t win_samples) {
   DpoEvalSet e;
   for (Preference& q : eval) q = dpo_pair(q);
   const int32_t pad = tok.eos_id();
@@ -83,6 +94,8 @@ DpoEvalSet make_eval_set(const LlamaModel& reference, const Tokenizer& tok,
     el.max_tokens = reference.config().max_seq_len - max_new_tokens;
     e.prompts = load_prompts(eval_prompts, tok, el, nullptr);
     e.before = respond(reference, tok, e.prompts, e.so);
+    for (int64_t k = 0; k < win_samples; ++k)
+      e.before_samples.push_back(respond(reference, tok, e.prompts, win_rate_sampling(e.so, k)));
   }
   return e;
 }
@@ -156,6 +169,36 @@ nlohmann::json dpo_eval(const LlamaModel& m, const Tokenizer& tok, const DpoEval
     metrics["win_rate_losses"] = losses;
     metrics["judge_agrees_with_verifier"] = agree,
     metrics["judge_disagrees_with_verifier"] = disagree;
+    // The sampled win rate: K sampled responses of each policy per prompt, draw k against
+    // draw k. A greedy response changes on few prompts (most comparisons are ties), so the
+    // greedy win rate sees little of what DPO moved; the samples see the distributions. The
+    // interval comes from the per-prompt mean outcome (the K draws of one prompt are not
+    // independent of each other).
+    const int64_t K = int64_t(e.before_samples.size());
+    if (K > 0) {
+      std::vector<std::vector<std::string>> after_s;
+      for (int64_t k = 0; k < K; ++k)
+        after_s.push_back(respond(m, tok, e.prompts, win_rate_sampling(e.so, k)));
+      int64_t sw = 0, st = 0, sl = 0;
+      double sum = 0, sum2 = 0;
+      for (size_t i = 0; i < e.prompts.size(); ++i) {
+        double per = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          auto s = rm.score_responses(e.prompts[i].messages,
+                                      {after_s[size_t(k)][i], e.before_samples[size_t(k)][i]});
+          const double o = s[0] > s[1] ? 1.0 : s[0] == s[1] ? 0.5 : 0.0;
+          (o == 1.0 ? sw : o == 0.5 ? st : sl) += 1;
+          per += o / double(K);
+        }
+        sum += per, sum2 += per * per;
+      }
+      const double n = double(e.prompts.size()), mean = sum / n;
+      metrics["win_rate_sampled"] = mean;
+      metrics["win_rate_sampled_h"] = 1.96 * std::sqrt(std::max(0.0, sum2 / n - mean * mean) / n);
+      metrics["win_rate_sampled_k"] = K;
+      metrics["win_rate_sampled_wins"] = sw, metrics["win_rate_sampled_ties"] = st,
+      metrics["win_rate_sampled_losses"] = sl;
+    }
   }
   return metrics;
 }
@@ -165,9 +208,9 @@ nlohmann::json evaluate_dpo(const DpoEvalOptions& o) {
   Policy ref = load_policy(o.reference);
   LoadOptions lo;
   lo.max_tokens = ref.model->config().max_seq_len + 1;
-  DpoEvalSet e =
-      make_eval_set(*ref.model, ref.tok, load_preferences(o.eval_prefs, ref.tok, lo, nullptr),
-                    o.eval_prompts, o.max_new_tokens, lo);
+  DpoEvalSet e = make_eval_set(
+      *ref.model, ref.tok, load_preferences(o.eval_prefs, ref.tok, lo, nullptr), o.eval_prompts,
+      o.max_new_tokens, lo, o.reward_model.empty() ? 0 : o.win_rate_samples);
   ref.model.reset();
   Policy p = load_policy(o.model);
   std::vector<nlohmann::json> judged;
@@ -252,7 +295,8 @@ PostStageResult run_dpo(const DpoOptions& o) {
   // held-out set (and the starting policy's responses, for the win rate) comes from it too.
   std::vector<std::vector<double>> ref;
   for (auto& b : batches) ref.push_back(sequence_logps(m, b));
-  const DpoEvalSet ev = make_eval_set(m, p.tok, eval, o.eval_prompts, o.max_new_tokens, o.load);
+  const DpoEvalSet ev = make_eval_set(m, p.tok, eval, o.eval_prompts, o.max_new_tokens, o.load,
+                                      o.reward_model.empty() ? 0 : o.win_rate_samples);
   std::filesystem::create_directories(o.out_dir + ".ref");
   {
     nlohmann::json rj = {{"train", ref}, {"eval", ev.ref}};

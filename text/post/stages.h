@@ -188,14 +188,18 @@ struct DpoOptions {
   // With a reward model: the per-prompt win-rate records (JSONL: both responses, whether each
   // verifies, both scores, the outcome); empty: <out_dir>/win_rate.jsonl.
   std::string judged_path;
+  // With a reward model, also the sampled win rate: K responses of each policy per prompt
+  // (temperature 1, top-p 0.95), draw k against draw k (0: greedy only).
+  int64_t win_rate_samples = 0;
 };
 PostStageResult run_dpo(const DpoOptions& o);
 // Held-out evaluation of a DPO policy (e.g. an AVERAGE of DPO runs) against its starting
 // policy, as run_dpo reports it: eval_accuracy (implicit reward margin > 0 on eval_prefs,
 // reference log-probs from `reference`), eval_exact_match, and with a reward model
 // win_rate_vs_start (greedy responses vs the reference's, ties half) with its win, tie and
-// loss counts, and how often the RM sides with the verifier where exactly one response
-// verifies (judge_agrees_with_verifier / judge_disagrees_with_verifier).
+// loss counts, how often the RM sides with the verifier where exactly one response verifies
+// (judge_agrees_with_verifier / judge_disagrees_with_verifier), and with win_rate_samples the
+// sampled win rate (win_rate_sampled, its interval win_rate_sampled_h, its counts).
 struct DpoEvalOptions {
   ModelSource model, reference;
   std::string eval_prefs, eval_prompts;
@@ -204,6 +208,7 @@ struct DpoEvalOptions {
   int64_t max_new_tokens = 24;
   std::string judged_path;  // optional: the per-prompt win-rate records (JSONL), as run_dpo
                             // writes them to <out_dir>/win_rate.jsonl
+  int64_t win_rate_samples = 0;  // as DpoOptions
 };
 nlohmann::json evaluate_dpo(const DpoEvalOptions& o);
 // The pair DPO trains on: the best response against the worst (edited > chosen > rejected,

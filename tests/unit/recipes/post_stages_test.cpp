@@ -200,6 +200,18 @@ TEST(PostStages, DpoOnlySamplesNeedsSamplesFrom) {
       << e;
 }
 
+TEST(PostStages, DpoSampledWinRateNeedsAJudge) {
+  const std::string with =
+      replace(kPost, "dpo { steps: 5 }", "dpo { steps: 5 win_rate_samples: 4 }");
+  std::string e = error_of(replace(with, "reward_model_from: \"rm\" optimizer { lr: 1e-4 } dpo",
+                                   "optimizer { lr: 1e-4 } dpo"));
+  EXPECT_NE(e.find("stage 'dpo' field dpo.win_rate_samples: 4 needs reward_model_from"),
+            std::string::npos)
+      << e;
+  e = error_of(replace(kPost, "dpo { steps: 5 }", "dpo { steps: 5 win_rate_samples: -1 }"));
+  EXPECT_NE(e.find("dpo.win_rate_samples"), std::string::npos) << e;
+}
+
 TEST(PostStages, ReportShowsIntervalsAndWhetherAnAverageHelped) {
   // Two RM runs averaged in round 1; the round goes on with the average.
   const std::string recipe = replace(
@@ -304,6 +316,8 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
       R"({"eval_accuracy": 0.65, "eval_pairs": 200, "eval_exact_match": 0.5, "eval_prompts": 200,
                    "win_rate_vs_start": 0.6, "win_rate_wins": 50, "win_rate_ties": 140, "win_rate_losses": 10,
                    "judge_agrees_with_verifier": 25, "judge_disagrees_with_verifier": 7,
+                   "win_rate_sampled": 0.58, "win_rate_sampled_h": 0.04, "win_rate_sampled_k": 4,
+                   "win_rate_sampled_wins": 300, "win_rate_sampled_ties": 330, "win_rate_sampled_losses": 170,
                    "exact_match_fixed": 30, "exact_match_broken": 10,
                    "average_of": "DPO"})");
   const std::string md = run.markdown();
@@ -322,7 +336,8 @@ TEST(PostStages, ReportTakesDpoAveragesAndWinRateIntervalFromTheOutcomes) {
   EXPECT_NE(
       md.find(
           "| 0.650 ± 0.066 | 0.500 ± 0.069 | +0.100 ± 0.060 (30/10) | 0.600 ± 0.035 (50/140/10; RM "
-          "sides with the verifier 25/32) |"),
+          "sides with the verifier 25/32) | 0.580 ± 0.040 (K 4: 300/330/170) | rm, rs, dpo, dpo_b, "
+          "dpo_avg |"),
       std::string::npos)
       << md;
   EXPECT_NE(md.find("| dpo_avg | 1 | DPO | exact match | dpo 0.450 ± 0.069, dpo_b 0.400 ± 0.068 | "
