@@ -14,10 +14,13 @@
 // column-parallel layers, the vocabulary-parallel embedding and loss); --no-overlap makes
 // FSDP's collectives and the K/V gathers blocking, posts each pipeline receive only where it
 // is consumed, and all-reduces the column-parallel input gradients after their node instead
-// of during the weight-gradient GEMM, for comparison; --no-tp-overlap turns off only the
-// latter. On oversubscribed cores a wait also contains the time a peer rank spends computing
-// (it is not scheduled), so the fraction is an upper bound on the communication the compute
-// did not hide.
+// of during the weight-gradient GEMM, and all-reduces the row-parallel outputs whole after
+// their GEMM instead of slice by slice during it, for comparison; --no-tp-overlap turns off
+// only the two tp parts, --no-tp-forward-overlap only the row-parallel one, and
+// --no-cp-backward-overlap issues the dK/dV reduce-scatters in their own node (blocking)
+// instead of as soon as the attention backward has produced them. On oversubscribed cores a wait
+// also contains the time a peer rank spends computing (it is not scheduled), so the fraction is an
+// upper bound on the communication the compute did not hide.
 //
 // Analytic bytes per rank and step (4-byte elements; ring factors a(n) = 2(n-1)/n for an
 // all-reduce, g(n) = (n-1)/n for all-gather / reduce-scatter of the full size; M
@@ -81,6 +84,9 @@ int main(int argc, char** argv) try {
   po.activation_checkpointing = flag(argc, argv, "--checkpointing");
   po.overlap = !flag(argc, argv, "--no-overlap");
   po.tp_overlap = !flag(argc, argv, "--no-tp-overlap");  // FSDP/PP/CP overlap without the TP part
+  // Without the row-parallel forward part / with the dK/dV reduce-scatters in their node.
+  po.tp_forward_overlap = !flag(argc, argv, "--no-tp-forward-overlap");
+  po.cp_backward_overlap = !flag(argc, argv, "--no-cp-backward-overlap");
   po.verbose = false;
 
   auto world = dist::world_communicator();

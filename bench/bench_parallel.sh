@@ -10,10 +10,14 @@
 # rank; cp_wait_ms: the part in the cp group (K/V gathers etc.), mean rank; tp_wait_ms: the
 # part in the tp group, mean rank. FSDP, pipeline, cp and tp layouts run with --no-overlap
 # (blocking collectives; each pipeline receive posted where it is consumed; column-parallel
-# input-gradient all-reduces after their node) and with the default overlap (receives posted
-# ahead, K/V gathers issued before the Q/K projections, input-gradient all-reduces in flight
-# during the weight-gradient GEMM); --no-tp-overlap keeps the other overlaps and turns the tp
-# one off (tp 2 x dp_shard 2 runs all three).
+# input-gradient all-reduces after their node; row-parallel outputs all-reduced whole; dK/dV
+# reduce-scatters in their node) and with the default overlap (receives posted ahead, K/V
+# gathers issued before the Q/K projections, input-gradient all-reduces in flight during the
+# weight-gradient GEMM, row-parallel outputs all-reduced by row slices during the GEMM, dK/dV
+# reduce-scatters issued as soon as the attention backward produced them); --no-tp-overlap
+# keeps the other overlaps and turns the tp ones off (tp 2 x dp_shard 2 runs all three);
+# --no-tp-forward-overlap turns off only the row-parallel one, --no-cp-backward-overlap only
+# the dK/dV one.
 # ONLY=REGEX runs only the layouts whose arguments match (the single-process base always runs).
 set -euo pipefail
 BUILD=${1:?build dir}
@@ -49,13 +53,17 @@ done <<'LAYOUTS'
 2 --dp-shard 2
 2 --dp-replicate 2
 2 --tp 2 --no-overlap
+2 --tp 2 --no-tp-forward-overlap
 2 --tp 2
 2 --pp 2 --microbatches 4 --no-overlap
 2 --pp 2 --microbatches 4
 2 --pp 2 --virtual-stages 2 --microbatches 4 --no-overlap
 2 --pp 2 --virtual-stages 2 --microbatches 4
 2 --cp 2 --no-overlap
+2 --cp 2 --no-cp-backward-overlap
 2 --cp 2
+4 --tp 2 --cp 2 --no-overlap
+4 --tp 2 --cp 2
 4 --dp-replicate 2 --dp-shard 2 --no-overlap
 4 --dp-replicate 2 --dp-shard 2
 4 --tp 2 --pp 2 --microbatches 2 --no-overlap

@@ -99,6 +99,7 @@ void backward(const Tensor& root, const Tensor& grad_in) {
   // frees as it goes.
   std::vector<std::shared_ptr<Node>> ready{root_meta->grad_fn};
   pending[root_meta->grad_fn.get()] = grad;
+  root_meta->grad_fn->prepare(grad);
   while (!ready.empty()) {
     std::shared_ptr<Node> n = std::move(ready.back());
     ready.pop_back();
@@ -109,6 +110,7 @@ void backward(const Tensor& root, const Tensor& grad_in) {
     n->release();
     LLAMA3_CHECK(grads.size() == n->next.size(), "{} returned {} gradients for {} inputs",
                  n->name(), grads.size(), n->next.size());
+    const size_t ready_before = ready.size();
     for (size_t i = 0; i < grads.size(); ++i) {
       auto& e = n->next[i];
       if (!e || !grads[i].defined()) continue;
@@ -124,6 +126,8 @@ void backward(const Tensor& root, const Tensor& grad_in) {
         accumulate_leaf(*e, std::move(grads[i]));
       }
     }
+    // The nodes just made ready run last-pushed first: prepare them in that order.
+    for (size_t j = ready.size(); j-- > ready_before;) ready[j]->prepare(pending[ready[j].get()]);
   }
 }
 

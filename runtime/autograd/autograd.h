@@ -32,6 +32,14 @@ struct Node {
   virtual const char* name() const = 0;
   // Returns one gradient per `next` entry (undefined where not needed).
   virtual std::vector<Tensor> backward(const Tensor& grad_out) = 0;
+  // Called once the node's incoming gradient is complete (every contribution summed), as
+  // soon as the node is ready to run and before the engine runs any other node; backward()
+  // follows later with the same gradient. A node may start asynchronous work on it here that
+  // its backward() completes, so the work is in flight while the nodes the engine runs in
+  // between compute (context parallelism: the reduce-scatter of dK during V's backward).
+  // The engine's order is unchanged; nodes made ready together are prepared in the order
+  // they will run.
+  virtual void prepare(const Tensor& grad_out) { (void)grad_out; }
   // Drops saved tensors once backward has run.
   virtual void release() {}
 };

@@ -44,6 +44,24 @@ Tensor reduce_from_group(const Tensor& x, Communicator& comm) {
   return out;
 }
 
+namespace {
+struct ReducedFromGroup final : Node {
+  const char* name() const override { return "reduce_from_group"; }
+  std::vector<Tensor> backward(const Tensor& g) override { return {g}; }
+};
+}  // namespace
+
+Tensor reduced_from_group(const Tensor& x, Communicator& comm) {
+  if (comm.size() == 1) return x;
+  Tensor out = x.detach();
+  if (autograd::any_requires_grad({&x})) {
+    auto n = std::make_shared<ReducedFromGroup>();
+    n->next = {autograd::edge(x)};
+    autograd::set_history(out, n);
+  }
+  return out;
+}
+
 std::vector<int32_t> cp_positions(int64_t T, int cp, int rank) {
   const int64_t c = T / (2 * cp);
   std::vector<int32_t> pos;
@@ -74,25 +92,51 @@ void permute_chunks(Tensor& buf, Tensor& glob, int cp, bool to_global) {
 struct GatherSequence final : Node {
   Communicator* comm;
   Shape local_shape;
+  // Overlap: the reduce-scatter is issued in prepare() (as soon as the gradient is complete)
+  // and waited in backward(), so it is in flight while the engine runs the nodes between.
+  bool early = false;
+  Tensor buf, out;
+  std::shared_ptr<Work> work;
   const char* name() const override { return "gather_sequence"; }
-  std::vector<Tensor> backward(const Tensor& g) override {
+  // Global-order gradient -> the (cp, B, T_local, R) send buffer of the reduce-scatter.
+  void pack(const Tensor& g) {
     const int cp = comm->size();
     const int64_t B = local_shape[0], Tl = local_shape[1], R = shape_numel(local_shape) / (B * Tl);
     Tensor glob = g.contiguous().view({B, Tl * cp, R});
-    Tensor buf = Tensor::empty({cp, B, Tl, R}, g.dtype(), g.device());
+    buf = Tensor::empty({cp, B, Tl, R}, g.dtype(), g.device());
     permute_chunks(buf, glob, cp, false);
-    Tensor out = Tensor::empty(local_shape, g.dtype(), g.device());
+    out = Tensor::empty(local_shape, g.dtype(), g.device());
+  }
+  void issue_blocking(const Tensor& g) {
+    pack(g);
     comm->reduce_scatter(buf, out, ReduceOp::sum);
-    return {out};
+  }
+  void prepare(const Tensor& g) override {
+    if (!early) return;
+    pack(g);
+    work = comm->ireduce_scatter(buf, out, ReduceOp::sum);
+  }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    if (!early) {  // the blocking path, as before the overlap existed
+      issue_blocking(g);
+      Tensor r = out;
+      buf = out = Tensor();
+      return {r};
+    }
+    work->wait();
+    Tensor r = out;
+    buf = out = Tensor();
+    work.reset();
+    return {r};
+  }
+  void release() override {
+    buf = out = Tensor();
+    work.reset();
   }
 };
-}  // namespace
 
-Tensor gather_sequence(const Tensor& x, Communicator& comm) {
-  return gather_sequence_async(x, comm)();
-}
-
-std::function<Tensor()> gather_sequence_async(const Tensor& x, Communicator& comm) {
+// The all-gather of gather_sequence(_async); early_backward: GatherSequence::early.
+std::function<Tensor()> gather(const Tensor& x, Communicator& comm, bool early_backward) {
   const int cp = comm.size();
   if (cp == 1) return [x] { return x; };
   const int64_t B = x.size(0), Tl = x.size(1), R = x.numel() / (B * Tl);
@@ -100,7 +144,7 @@ std::function<Tensor()> gather_sequence_async(const Tensor& x, Communicator& com
   Tensor xc = x.contiguous();  // the send buffer: kept alive until the gather completes
   Tensor buf = Tensor::empty({cp, B, Tl, R}, x.dtype(), x.device());
   std::shared_ptr<Work> work = comm.iall_gather(xc, buf);
-  return [x, xc, buf, work, &comm, cp, B, Tl, R]() mutable {
+  return [x, xc, buf, work, &comm, cp, B, Tl, R, early_backward]() mutable {
     work->wait();
     Shape gs = x.shape();
     gs[1] = Tl * cp;
@@ -111,12 +155,23 @@ std::function<Tensor()> gather_sequence_async(const Tensor& x, Communicator& com
       auto n = std::make_shared<GatherSequence>();
       n->comm = &comm;
       n->local_shape = x.shape();
+      n->early = early_backward;
       n->next = {autograd::edge(x)};
       autograd::set_history(out, n);
     }
     xc = buf = Tensor();
     return out;
   };
+}
+}  // namespace
+
+Tensor gather_sequence(const Tensor& x, Communicator& comm) {
+  return gather(x, comm, false)();
+}
+
+std::function<Tensor()> gather_sequence_async(const Tensor& x, Communicator& comm,
+                                              bool early_backward) {
+  return gather(x, comm, early_backward);
 }
 
 }  // namespace llama3::dist

@@ -14,7 +14,8 @@ class Linear : public Module {
   Linear(int64_t in, int64_t out, double init_std, Rng& rng);
   Tensor operator()(const Tensor& x, ops::Precision p = ops::Precision::f32, bool bf16_out = false,
                     bool f32_grad = false) const {
-    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p, bf16_out, f32_grad, dx_hook);
+    Tensor y = ops::linear(input_hook ? input_hook(x) : x, weight, p, bf16_out, f32_grad, dx_hook,
+                           out_hook);
     return output_hook ? output_hook(y) : y;
   }
   Tensor& weight;  // (out, in)
@@ -26,6 +27,10 @@ class Linear : public Module {
   // gradient is computed and completed after it (ops::linear's dx_hook): the parallelize
   // step's asynchronous tp all-reduce of a column-parallel layer's input gradient.
   ops::DxHook dx_hook;
+  // Optional operation on slices of the output rows, started as each slice of the forward GEMM
+  // is computed and completed before the layer returns (ops::linear's out_hook): the
+  // parallelize step's chunked tp all-reduce of a row-parallel layer's partial output.
+  ops::OutHook out_hook;
 };
 
 class Embedding : public Module {

@@ -1,6 +1,8 @@
 #include "runtime/ops/ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "runtime/autograd/autograd.h"
 
@@ -83,6 +85,10 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
 // ---------------------------------------------------------------- linear
 namespace {
 constexpr int64_t kDwSlices = 4;  // dW GEMM slices when a dx_hook asks for progress calls
+// Forward GEMM slices (of rows) under an out_hook, each of at least kOutSliceRows rows: a
+// backend may run small-m products on another kernel (CPU: m <= 16, the decode kernels),
+// whose rounding could differ from the whole GEMM's.
+constexpr int64_t kOutSlices = 4, kOutSliceRows = 32;
 
 struct LinearNode : Node {
   Tensor x, w;  // (N, in), (out, in); bf16 copies in mixed precision
@@ -134,7 +140,7 @@ bool bf16_activations(Precision p, const Device& d) {
 }
 
 Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad,
-              const DxHook& dx_hook) {
+              const DxHook& dx_hook, const OutHook& out_hook) {
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
                "linear: x {} has {} features, weight {} expects {}", x.str(), x.size(-1), w.str(),
                w.dim() == 2 ? w.size(1) : -1);
@@ -151,7 +157,26 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool
   os.back() = w.size(0);
   Tensor out = Tensor::empty(os, out_t, x.device());
   Tensor o2 = out.view({-1, w.size(0)});
-  be(x).gemm(x2, Trans::N, wc, Trans::T, o2, 1.f, 0.f);
+  if (!out_hook) {
+    be(x).gemm(x2, Trans::N, wc, Trans::T, o2, 1.f, 0.f);
+  } else {
+    // Slice i's operation (e.g. its all-reduce) is in flight while slice i+1 is computed; the
+    // earlier ones are progressed between slices and all are completed, in order, at the end.
+    const int64_t N = o2.size(0);
+    const int64_t slices = std::clamp<int64_t>(N / kOutSliceRows, 1, kOutSlices);
+    const int64_t rows = std::max<int64_t>(1, (N + slices - 1) / slices);
+    std::vector<DxPending> pending;
+    for (int64_t r0 = 0; r0 < N; r0 += rows) {
+      const int64_t n = std::min(rows, N - r0);
+      Tensor part = o2.narrow(0, r0, n);
+      be(x).gemm(x2.narrow(0, r0, n), Trans::N, wc, Trans::T, part, 1.f, 0.f);
+      for (auto& q : pending)
+        if (q.progress) q.progress();
+      pending.push_back(out_hook(part));
+    }
+    for (auto& q : pending)
+      if (q.finish) q.finish();
+  }
   if (autograd::any_requires_grad({&x, &w})) {
     auto n = std::make_shared<LinearNode>();
     n->x = x2;

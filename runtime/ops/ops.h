@@ -37,13 +37,24 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 // parallelism uses it for the all-reduce of a column-parallel layer's input gradient
 // (Megatron's asynchronous input-gradient all-reduce): the values are those of the same
 // all-reduce applied after the node. Not called when x needs no gradient.
+//
+// out_hook (optional): the forward GEMM runs in up to 4 slices of output rows (tokens), of at
+// least 32 rows each (fewer rows: one slice, so no slice takes a small-m kernel), and
+// out_hook is called on each slice (rows, out), fresh and contiguous, as soon as it is
+// computed; it may start an asynchronous operation on the slice in place. The progress() of
+// the operations in flight is called between later slices, and every finish(), in slice
+// order, after the last slice, before linear returns (so the output holds the completed
+// results). Tensor parallelism uses it for the all-reduce of a row-parallel layer's partial
+// output (Megatron-style chunked overlap of the forward all-reduce with the GEMM). Each
+// output row is the same dot products as in the whole GEMM; the backward is unchanged.
 struct DxPending {
-  std::function<void()> progress;  // optional, between dW slices
-  std::function<void()> finish;    // after dW; may be empty
+  std::function<void()> progress;  // optional, between dW (dx_hook) / output (out_hook) slices
+  std::function<void()> finish;    // after dW / the last output slice; may be empty
 };
 using DxHook = std::function<DxPending(Tensor& dx)>;
+using OutHook = std::function<DxPending(Tensor& rows)>;
 Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32, bool bf16_out = false,
-              bool f32_grad = false, const DxHook& dx_hook = {});
+              bool f32_grad = false, const DxHook& dx_hook = {}, const OutHook& out_hook = {});
 
 // Whether precision p on device d keeps the activations between GEMMs in bf16
 // (Precision::bf16 on a backend whose Backend::bf16_activations() is true): the model asks

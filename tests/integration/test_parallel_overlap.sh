@@ -20,7 +20,15 @@
 # (q/k/v, gate/up) asynchronously inside the layer's backward, while its weight-gradient GEMM
 # runs (--no-overlap: copy_to_group's all-reduce after the node); the same all-reduce of the
 # same values at the same point of the sequence, so tp 2 (f32 and bf16), tp 2 x dp_shard 2 and
-# the other tp layouts above must be bitwise equal too.
+# the other tp layouts above must be bitwise equal too. With overlap the row-parallel layers
+# (o, down) also compute their output in row slices and all-reduce each slice while the next
+# is computed (--no-overlap: one all-reduce of the whole output after the GEMM): every output
+# row is the same dot products and every element the same sum over the tp ranks (in-place
+# MPI_Iallreduce: OpenMPI's libnbc binomial tree, whatever the length), so bitwise again -
+# tp 2, tp 2 x cp 2, tp 2 x dp_shard 2 x cp 2 (slices of 32 rows there) and every tp layout.
+# And the cp backward's dK/dV reduce-scatters are issued as soon as the attention backward has
+# produced them and waited where consumed (--no-overlap: issued and waited in their node):
+# cp 2, cp 2 x pp 2, tp 2 x cp 2, tp 2 x dp_shard 2 x cp 2.
 set -euo pipefail
 BUILD=${1:?build dir}
 source "$(dirname "$0")/mpi_common.sh"
@@ -58,4 +66,6 @@ check 4 --tp 2 --pp 2 --microbatches 2
 check 8 --dp-replicate 2 --tp 2 --pp 2 --microbatches 2
 check 2 --cp 2
 check 4 --cp 2 --pp 2 --microbatches 2 --checkpointing
+check 4 --tp 2 --cp 2
+check 8 --tp 2 --dp-shard 2 --cp 2
 exit $fails

@@ -135,6 +135,23 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
       p.finish = [w] { w->wait(); };
       return p;
     };
+    // Overlap of the row-parallel layers' forward all-reduce (o, down): their GEMM runs in
+    // slices of rows (tokens) and each slice's partial output is all-reduced in place while
+    // the next slice is computed (ops::linear's out_hook), then all are waited before the
+    // layer returns; reduced_from_group adds reduce_from_group's identity-backward node
+    // without communicating. Per element it is the same sum over the same tp ranks: MPI
+    // issues every all-reduce as MPI_Iallreduce in place, for which OpenMPI 4.1's libnbc
+    // always takes its binomial tree (in place or < 4 ranks), whose per-element order does
+    // not depend on the message length; for 2 ranks a + b = b + a anyway. So the values are
+    // bitwise those of the blocking path. The backward has no collective (identity).
+    ops::OutHook reduce_rows = [tp](Tensor& rows) {
+      std::shared_ptr<dist::Work> w = tp->iall_reduce(rows, ReduceOp::sum);
+      ops::DxPending p;
+      p.progress = [w] { w->test(); };
+      p.finish = [w] { w->wait(); };
+      return p;
+    };
+    auto reduced_out = [tp](const Tensor& y) { return dist::reduced_from_group(y, *tp); };
     for (int64_t l = 0; l < c.n_layers; ++l) {
       if (!owns_layer(l)) continue;
       Block& b = *model.blocks()[size_t(l)];
@@ -145,7 +162,14 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
         else
           lin->input_hook = copy_in;
       }
-      for (nn::Linear* lin : {&b.self_attn.o_proj, &b.mlp.down_proj}) lin->output_hook = reduce_out;
+      for (nn::Linear* lin : {&b.self_attn.o_proj, &b.mlp.down_proj}) {
+        if (opt.overlap && opt.tp_overlap && opt.tp_forward_overlap) {
+          lin->out_hook = reduce_rows;
+          lin->output_hook = reduced_out;
+        } else {
+          lin->output_hook = reduce_out;
+        }
+      }
     }
   }
 
@@ -156,7 +180,9 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
       if (owns_layer(l)) {
         Attention& a = model.blocks()[size_t(l)]->self_attn;
         if (opt.overlap)  // V's gather runs while K and Q are projected, K's while Q is
-          a.kv_hook_async = [cp](const Tensor& x) { return dist::gather_sequence_async(x, *cp); };
+          a.kv_hook_async = [cp, early = opt.cp_backward_overlap](const Tensor& x) {
+            return dist::gather_sequence_async(x, *cp, early);
+          };
         else
           a.kv_hook = [cp](const Tensor& x) { return dist::gather_sequence(x, *cp); };
       }

@@ -10,7 +10,9 @@
 //            norms stay replicated. With ParallelizeOptions::overlap the column-parallel
 //            layers all-reduce their input gradient asynchronously inside their backward
 //            (nn::Linear::dx_hook), in flight while the weight-gradient GEMM runs, instead of
-//            copy_to_group's all-reduce after the node (same values, bitwise).
+//            copy_to_group's all-reduce after the node (same values, bitwise), and the
+//            row-parallel layers compute their output in row slices whose all-reduces are
+//            in flight while the next slice is computed (nn::Linear::out_hook; bitwise too).
 //   2. PP  - the layers are cut into pp x V contiguous stages (first and last may hold one
 //            layer fewer); pipeline rank r runs stages r, r + pp, ... (V model chunks;
 //            V = 1: 1F1B, V > 1: interleaved 1F1B, Megatron's order). Global stage 0 keeps
@@ -26,6 +28,9 @@
 //            the K and Q projections, K's before Q's, both waited just before attention)
 //            and queries carry their global positions (AttentionParams::q_pos), so the
 //            causal and document masks are exact. Parameter gradients are summed over cp.
+//            With overlap the backward's reduce-scatters of dK and dV are issued as soon as
+//            the attention's backward has produced them (autograd Node::prepare) and waited
+//            where the engine consumes them: dK's runs during V's projection backward.
 //   3. AC  - each block may be recomputed in backward (autograd::checkpoint).
 //   4. FSDP- every parameter this rank keeps is flattened, padded to a multiple of dp_shard
 //            and sharded; the optimizer sees only shards. A block's parameters are
@@ -72,8 +77,15 @@ struct ParallelizeOptions {
   bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute;
                                 // PP: receives posted ahead of the operations that consume them;
                                 // CP: K/V all-gathers issued before the Q/K projections;
-                                // TP: input-gradient all-reduces during the dW GEMMs
+                                // CP: dK/dV reduce-scatters issued before V's backward;
+                                // TP: input-gradient all-reduces during the dW GEMMs,
+                                // row-parallel output all-reduces during the next row slice
   bool tp_overlap = true;       // with overlap: the TP part (off: FSDP/PP/CP overlap only; benchmarks)
+  // With overlap, to isolate two parts in benchmarks (off: that part's blocking form): with
+  // tp_overlap the row-parallel forward all-reduces by row slices; the dK/dV reduce-scatters
+  // issued as soon as their gradient is complete.
+  bool tp_forward_overlap = true;
+  bool cp_backward_overlap = true;
   bool verbose = true;          // print the pipeline schedule and bubble fraction on rank 0
 };
 
