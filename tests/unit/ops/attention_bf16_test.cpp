@@ -7,25 +7,21 @@
 #include <cmath>
 #include <random>
 
+#include "random_tensor.h"
 #include "runtime/cpu/cpu_backend.h"
 
 using namespace llama3;
 
 namespace {
 
-Tensor randn(const Shape& s, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> n(0.f, 1.f);
-  std::vector<float> v(shape_numel(s));
-  for (auto& x : v) x = n(g);
-  return Tensor::from_vector(v, s);
-}
+using optest::randn;
 
 // max |a - b| / max |b|: the normalised error the backend parity tests use.
 double rel_err(const Tensor& a, const Tensor& b) {
   auto x = a.to_vector<float>(), y = b.to_vector<float>();
   double e = 0, m = 0;
-  for (size_t i = 0; i < x.size(); ++i) e = std::max(e, double(std::fabs(x[i] - y[i]))), m = std::max(m, double(std::fabs(y[i])));
+  for (size_t i = 0; i < x.size(); ++i)
+    e = std::max(e, double(std::fabs(x[i] - y[i]))), m = std::max(m, double(std::fabs(y[i])));
   return e / std::max(m, 1e-30);
 }
 

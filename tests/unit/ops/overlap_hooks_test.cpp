@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "random_tensor.h"
 #include "runtime/autograd/autograd.h"
 #include "runtime/backend/backend.h"
 #include "runtime/ops/ops.h"
@@ -18,13 +19,7 @@ using namespace llama3;
 
 namespace {
 
-Tensor randn(const Shape& s, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> n(0.f, 1.f);
-  std::vector<float> v(shape_numel(s));
-  for (auto& x : v) x = n(g);
-  return Tensor::from_vector(v, s);
-}
+using optest::randn;
 
 bool bitwise_equal(const Tensor& a, const Tensor& b) {
   if (a.shape() != b.shape()) return false;
