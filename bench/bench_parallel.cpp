@@ -31,7 +31,8 @@
 //   HSDP   a(dr) x this rank's shard params (gradient all-reduce)
 //   TP     per block and micro-batch: 2R forward all-reduces + 5 backward all-reduces of A;
 //          vocabulary parallel: embedding all-reduce of A (first stage), and in the loss the
-//          row max (4 bytes/row), sum-exp and target logit (16 bytes/row) and dh (A) (last stage)
+//          row max (4 bytes/row), sum-exp and target logit (8 bytes/row: f32) and dh (A)
+//          (last stage)
 //   CP     per block and micro-batch: K and V gathers (R times) and their reduce-scatters,
 //          each g(cp) x Bm x T x Hkv_local x Dh; plus a(cp) x shard params
 //   PP     A per micro-batch and model chunk forward (not the last stage) and backward (not
@@ -149,7 +150,7 @@ int main(int argc, char** argv) try {
   if (d.tp > 1) {
     const double rows = double(Bm * Tl);
     if (groups.coords.pp == 0) analytic += M * a(d.tp) * A;
-    if (groups.coords.pp == d.pp - 1) analytic += M * a(d.tp) * (A + rows * 4 + rows * 16);
+    if (groups.coords.pp == d.pp - 1) analytic += M * a(d.tp) * (A + rows * 4 + rows * 8);
   }
   if (d.pp > 1) {
     const int64_t stages = int64_t(d.pp) * po.virtual_stages;

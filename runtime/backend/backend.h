@@ -131,6 +131,27 @@ class Backend {
                               int64_t chunk, Tensor& logp, const Tensor& row_grad, Tensor* dh,
                               Tensor* dw);
 
+  // The softmax statistics of a vocabulary-parallel cross-entropy (text/model/vocab_parallel.cpp),
+  // where this rank holds logits columns [v0, v0 + V) of each row and the statistics are
+  // all-reduced over the shards between the calls, so none leaves the device. logits (C, V)
+  // f32; targets (C) int32 global ids (< 0: the row has no target); the vectors (C) f32; all
+  // contiguous.
+  //   vocab_shard_max: mx[i] = max_j logits[i, j].
+  //   vocab_shard_stats: sum_exp[i] = sum_j exp(logits[i, j] - mx[i]) (mx: the global row
+  //     max), target_logit[i] = logits[i, targets[i] - v0] when the target is in the shard,
+  //     else 0.
+  //   vocab_shard_dlogits (in place): logits[i, j] = scale * (exp(logits[i, j] - mx[i]) /
+  //     sum_exp[i] - [j == targets[i] - v0]); rows with targets[i] < 0 become 0.
+  //   vocab_row_loss: loss[i] = log(sum_exp[i]) + mx[i] - target_logit[i] and valid[i] = 1
+  //     for targets[i] >= 0; both 0 for the other rows.
+  virtual void vocab_shard_max(const Tensor& logits, Tensor& mx) = 0;
+  virtual void vocab_shard_stats(const Tensor& logits, const Tensor& mx, const Tensor& targets,
+                                 int64_t v0, Tensor& sum_exp, Tensor& target_logit) = 0;
+  virtual void vocab_shard_dlogits(Tensor& logits, const Tensor& mx, const Tensor& sum_exp,
+                                   const Tensor& targets, int64_t v0, float scale) = 0;
+  virtual void vocab_row_loss(const Tensor& mx, const Tensor& sum_exp, const Tensor& target_logit,
+                              const Tensor& targets, Tensor& loss, Tensor& valid) = 0;
+
   // Fused AdamW on f32 params/moments; grad f32. Decoupled weight decay.
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                           const AdamWParams& p) = 0;

@@ -517,6 +517,21 @@ class CpuBackend final : public Backend {
                               int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw) override {
     return cpu::linear_cross_entropy(h, w, targets, chunk, grad_scale, dh, dw);
   }
+  void vocab_shard_max(const Tensor& logits, Tensor& mx) override {
+    cpu::vocab_shard_max(logits, mx);
+  }
+  void vocab_shard_stats(const Tensor& logits, const Tensor& mx, const Tensor& targets, int64_t v0,
+                         Tensor& sum_exp, Tensor& target_logit) override {
+    cpu::vocab_shard_stats(logits, mx, targets, v0, sum_exp, target_logit);
+  }
+  void vocab_shard_dlogits(Tensor& logits, const Tensor& mx, const Tensor& sum_exp,
+                           const Tensor& targets, int64_t v0, float scale) override {
+    cpu::vocab_shard_dlogits(logits, mx, sum_exp, targets, v0, scale);
+  }
+  void vocab_row_loss(const Tensor& mx, const Tensor& sum_exp, const Tensor& target_logit,
+                      const Tensor& targets, Tensor& loss, Tensor& valid) override {
+    cpu::vocab_row_loss(mx, sum_exp, target_logit, targets, loss, valid);
+  }
 
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                   const AdamWParams& p) override {

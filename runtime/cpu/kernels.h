@@ -14,5 +14,12 @@ void attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, co
                         Tensor& dk, Tensor& dv);
 double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw);
+void vocab_shard_max(const Tensor& logits, Tensor& mx);
+void vocab_shard_stats(const Tensor& logits, const Tensor& mx, const Tensor& targets, int64_t v0,
+                       Tensor& sum_exp, Tensor& target_logit);
+void vocab_shard_dlogits(Tensor& logits, const Tensor& mx, const Tensor& sum_exp,
+                         const Tensor& targets, int64_t v0, float scale);
+void vocab_row_loss(const Tensor& mx, const Tensor& sum_exp, const Tensor& target_logit,
+                    const Tensor& targets, Tensor& loss, Tensor& valid);
 
 }  // namespace llama3::cpu

@@ -560,6 +560,51 @@ class CudaBackend final : public Backend {
     return total;
   }
 
+  void vocab_shard_max(const Tensor& logits, Tensor& mx) override {
+    const int64_t C = vocab_rows("vocab_shard_max", logits, Tensor(), {&mx});
+    activate();
+    auto prof_scope = prof("vocab_shard_max");
+    LLAMA3_CUDA_CHECK(
+        cuda::vocab_shard_max(logits.data<float>(), C, logits.size(1), mx.data<float>(), stream_));
+  }
+  void vocab_shard_stats(const Tensor& logits, const Tensor& mx, const Tensor& targets, int64_t v0,
+                         Tensor& sum_exp, Tensor& target_logit) override {
+    const int64_t C =
+        vocab_rows("vocab_shard_stats", logits, targets, {&mx, &sum_exp, &target_logit});
+    activate();
+    auto prof_scope = prof("vocab_shard_stats");
+    LLAMA3_CUDA_CHECK(cuda::vocab_shard_stats(
+        logits.data<float>(), mx.data<float>(), targets.data<int32_t>(), C, logits.size(1), v0,
+        sum_exp.data<float>(), target_logit.data<float>(), stream_));
+  }
+  void vocab_shard_dlogits(Tensor& logits, const Tensor& mx, const Tensor& sum_exp,
+                           const Tensor& targets, int64_t v0, float scale) override {
+    const int64_t C = vocab_rows("vocab_shard_dlogits", logits, targets, {&mx, &sum_exp});
+    activate();
+    auto prof_scope = prof("vocab_shard_dlogits");
+    LLAMA3_CUDA_CHECK(cuda::vocab_shard_dlogits(logits.data<float>(), mx.data<float>(),
+                                                sum_exp.data<float>(), targets.data<int32_t>(), C,
+                                                logits.size(1), v0, scale, stream_));
+  }
+  void vocab_row_loss(const Tensor& mx, const Tensor& sum_exp, const Tensor& target_logit,
+                      const Tensor& targets, Tensor& loss, Tensor& valid) override {
+    const int64_t C = mx.numel();
+    for (const Tensor* v :
+         std::initializer_list<const Tensor*>{&mx, &sum_exp, &target_logit, &loss, &valid}) {
+      contig(*v, "vocab_row_loss", "vector");
+      LLAMA3_CHECK(v->dtype() == DType::f32 && v->numel() == C, "vocab_row_loss: {} must be {} f32",
+                   v->str(), C);
+    }
+    contig(targets, "vocab_row_loss", "targets");
+    LLAMA3_CHECK(targets.dtype() == DType::i32 && targets.numel() == C,
+                 "vocab_row_loss: targets {} must be {} int32", targets.str(), C);
+    activate();
+    auto prof_scope = prof("vocab_row_loss");
+    LLAMA3_CUDA_CHECK(cuda::vocab_row_loss(mx.data<float>(), sum_exp.data<float>(),
+                                           target_logit.data<float>(), targets.data<int32_t>(), C,
+                                           loss.data<float>(), valid.data<float>(), stream_));
+  }
+
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                   const AdamWParams& p) override {
     for (auto [t, nm] : {std::pair<const Tensor*, const char*>{&param, "param"},
@@ -704,6 +749,25 @@ class CudaBackend final : public Backend {
     LLAMA3_CUDA_CHECK(cudaMemcpyAsync(&v, flag(), sizeof(int), cudaMemcpyDeviceToHost, stream_));
     LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return v;
+  }
+  // The shapes every vocab_* kernel expects (backend.h): logits (C, V) f32, vectors (C).
+  int64_t vocab_rows(const char* op, const Tensor& logits, const Tensor& targets,
+                     std::initializer_list<const Tensor*> vecs) {
+    contig(logits, op, "logits");
+    LLAMA3_CHECK(logits.dim() == 2 && logits.dtype() == DType::f32,
+                 "{}: logits {} must be (C, V) f32", op, logits.str());
+    const int64_t C = logits.size(0);
+    if (targets.defined()) {
+      contig(targets, op, "targets");
+      LLAMA3_CHECK(targets.dtype() == DType::i32 && targets.numel() == C,
+                   "{}: targets {} must be {} int32", op, targets.str(), C);
+    }
+    for (const Tensor* v : vecs) {
+      contig(*v, op, "vector");
+      LLAMA3_CHECK(v->dtype() == DType::f32 && v->numel() == C, "{}: {} must be {} f32", op,
+                   v->str(), C);
+    }
+    return C;
   }
   double reduce(const Tensor& x, bool squares, const char* op) {
     contig(x, op, "x");

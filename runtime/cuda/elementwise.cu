@@ -1,5 +1,6 @@
 // Memory, element-wise, reduction and fused Llama kernels (everything but attention).
 // All floating kernels compute in f32 whatever the storage type (f32 or bf16).
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <initializer_list>
@@ -747,6 +748,120 @@ cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr
   if (nr == 0) return cudaSuccess;
   ce_rows_kernel<<<unsigned(nr), 512, 0, s>>>(logits, targets, V, grad, scale, dlogits_f32,
                                               static_cast<__nv_bfloat16*>(dlogits_bf16), loss, bad);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------- vocabulary-parallel CE
+// One block per row for the row reductions (max, then sum of exponentials with the global
+// max); dlogits and the row losses are elementwise.
+namespace {
+constexpr int kVocabThreads = 256;
+
+// The reduction of v over the block (op: max or sum); every thread gets the result.
+template <bool kMax>
+__device__ float vocab_block_reduce(float v) {
+  __shared__ float part[kVocabThreads / 32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, u) : v + u;
+  }
+  if (lane == 0) part[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    v = lane < kVocabThreads / 32 ? part[lane] : (kMax ? -INFINITY : 0.f);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float u = __shfl_xor_sync(0xffffffffu, v, o);
+      v = kMax ? fmaxf(v, u) : v + u;
+    }
+    if (lane == 0) part[0] = v;
+  }
+  __syncthreads();
+  return part[0];
+}
+
+__global__ void vocab_max_kernel(const float* logits, int64_t V, float* mx) {
+  const float* row = logits + int64_t(blockIdx.x) * V;
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, row[j]);
+  m = vocab_block_reduce<true>(m);
+  if (threadIdx.x == 0) mx[blockIdx.x] = m;
+}
+
+__global__ void vocab_stats_kernel(const float* logits, const float* mx, const int32_t* targets,
+                                   int64_t V, int64_t v0, float* sum_exp, float* target_logit) {
+  const int64_t i = blockIdx.x;
+  const float* row = logits + i * V;
+  const float m = mx[i];
+  float s = 0.f;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) s += __expf(row[j] - m);
+  s = vocab_block_reduce<false>(s);
+  if (threadIdx.x == 0) {
+    sum_exp[i] = s;
+    const int64_t t = int64_t(targets[i]) - v0;
+    target_logit[i] = targets[i] >= 0 && t >= 0 && t < V ? row[t] : 0.f;
+  }
+}
+
+__global__ void vocab_dlogits_kernel(float* logits, const float* mx, const float* sum_exp,
+                                     const int32_t* targets, int64_t nr, int64_t V, int64_t v0,
+                                     float scale) {
+  const int64_t n = nr * V;
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = k / V, j = k % V;
+    const int32_t tg = targets[i];
+    if (tg < 0) {
+      logits[k] = 0.f;
+      continue;
+    }
+    float g = __expf(logits[k] - mx[i]) * (scale / sum_exp[i]);
+    if (int64_t(tg) - v0 == j) g -= scale;
+    logits[k] = g;
+  }
+}
+
+__global__ void vocab_loss_kernel(const float* mx, const float* sum_exp, const float* target_logit,
+                                  const int32_t* targets, int64_t nr, float* loss, float* valid) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= nr) return;
+  const bool ok = targets[i] >= 0;
+  loss[i] = ok ? logf(sum_exp[i]) + mx[i] - target_logit[i] : 0.f;
+  valid[i] = ok ? 1.f : 0.f;
+}
+}  // namespace
+
+cudaError_t vocab_shard_max(const float* logits, int64_t nr, int64_t V, float* mx, cudaStream_t s) {
+  if (nr == 0) return cudaSuccess;
+  vocab_max_kernel<<<unsigned(nr), kVocabThreads, 0, s>>>(logits, V, mx);
+  return cudaGetLastError();
+}
+cudaError_t vocab_shard_stats(const float* logits, const float* mx, const int32_t* targets,
+                              int64_t nr, int64_t V, int64_t v0, float* sum_exp,
+                              float* target_logit, cudaStream_t s) {
+  if (nr == 0) return cudaSuccess;
+  vocab_stats_kernel<<<unsigned(nr), kVocabThreads, 0, s>>>(logits, mx, targets, V, v0, sum_exp,
+                                                            target_logit);
+  return cudaGetLastError();
+}
+cudaError_t vocab_shard_dlogits(float* logits, const float* mx, const float* sum_exp,
+                                const int32_t* targets, int64_t nr, int64_t V, int64_t v0,
+                                float scale, cudaStream_t s) {
+  const int64_t n = nr * V;
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
+  vocab_dlogits_kernel<<<unsigned(blocks), 256, 0, s>>>(logits, mx, sum_exp, targets, nr, V, v0,
+                                                        scale);
+  return cudaGetLastError();
+}
+cudaError_t vocab_row_loss(const float* mx, const float* sum_exp, const float* target_logit,
+                           const int32_t* targets, int64_t nr, float* loss, float* valid,
+                           cudaStream_t s) {
+  if (nr == 0) return cudaSuccess;
+  vocab_loss_kernel<<<unsigned((nr + 255) / 256), 256, 0, s>>>(mx, sum_exp, target_logit, targets,
+                                                               nr, loss, valid);
   return cudaGetLastError();
 }
 

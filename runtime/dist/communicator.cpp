@@ -1,5 +1,7 @@
 #include "runtime/dist/communicator.h"
 
+#include <spdlog/spdlog.h>
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -72,6 +74,15 @@ std::unique_ptr<Work> Communicator::iall_gather(const Tensor& in, Tensor& out) {
 std::unique_ptr<Work> Communicator::ireduce_scatter(const Tensor& in, Tensor& out, ReduceOp op) {
   reduce_scatter(in, out, op);
   return std::make_unique<DoneWork>();
+}
+
+std::vector<std::unique_ptr<Work>> Communicator::batch_p2p(std::span<P2POp> ops) {
+  std::vector<std::unique_ptr<Work>> works;
+  works.reserve(ops.size());
+  for (P2POp& op : ops)
+    works.push_back(op.kind == P2POp::Kind::send ? isend(op.tensor, op.peer, op.tag)
+                                                 : irecv(op.tensor, op.peer, op.tag));
+  return works;
 }
 
 std::shared_ptr<Communicator> single_rank_communicator(const std::string& name) {
@@ -235,20 +246,33 @@ class Mpi final : public Communicator {
     if (rank_ == root) count(int64_t(t.nbytes()));
   }
   std::unique_ptr<Work> isend(const Tensor& t, int dst, int tag) override {
-    check_host(t, what("isend"));
-    MPI_Request r;
-    check(MPI_Isend(t.data_ptr(), int(t.nbytes()), MPI_BYTE, dst, tag, comm_, &r), "isend");
-    count(int64_t(t.nbytes()));
-    return std::make_unique<MpiWork>(r, fmt::format("{} to rank {}", what("send"), dst), opt_.timeout_s,
-                                     &stats_.wait_s);
+    std::unique_ptr<Work> w = post_send(t, dst, tag);
+    if (!opt_.emulate_nccl_p2p) return w;
+    w->wait();  // NCCL: a send outside a group holds the stream until the peer receives it
+    return std::make_unique<DoneWork>();
   }
   std::unique_ptr<Work> irecv(Tensor& t, int src, int tag) override {
-    check_host(t, what("irecv"));
-    MPI_Request r;
-    check(MPI_Irecv(t.data_ptr(), int(t.nbytes()), MPI_BYTE, src, tag, comm_, &r), "irecv");
-    return std::make_unique<MpiWork>(r, fmt::format("{} from rank {}", what("recv"), src), opt_.timeout_s,
-                                     &stats_.wait_s);
+    std::unique_ptr<Work> w = post_recv(t, src, tag);
+    if (!opt_.emulate_nccl_p2p) return w;
+    w->wait();
+    return std::make_unique<DoneWork>();
   }
+  std::vector<std::unique_ptr<Work>> batch_p2p(std::span<P2POp> ops) override {
+    std::vector<std::unique_ptr<Work>> works;
+    works.reserve(ops.size());
+    for (P2POp& op : ops)
+      works.push_back(op.kind == P2POp::Kind::send ? post_send(op.tensor, op.peer, op.tag)
+                                                   : post_recv(op.tensor, op.peer, op.tag));
+    if (!opt_.emulate_nccl_p2p) return works;
+    // NCCL: the group's transfers complete together, on a stream that runs nothing else
+    // meanwhile; completing them here, before anything later is issued, is that order.
+    for (auto& w : works) {
+      w->wait();
+      w = std::make_unique<DoneWork>();
+    }
+    return works;
+  }
+  bool p2p_in_order() const override { return opt_.emulate_nccl_p2p; }
   void barrier() override {
     MPI_Request r;
     check(MPI_Ibarrier(comm_, &r), "barrier");
@@ -267,6 +291,28 @@ class Mpi final : public Communicator {
   void check(int rc, const char* op) const {
     if (rc != MPI_SUCCESS) fail("{} failed: {}", what(op), mpi_error(rc));
   }
+  // Posted, not waited. Emulating NCCL: synchronous-mode sends (complete only once matched)
+  // and one tag (NCCL matches by issue order only).
+  std::unique_ptr<Work> post_send(const Tensor& t, int dst, int tag) {
+    check_host(t, what("isend"));
+    MPI_Request r;
+    if (opt_.emulate_nccl_p2p)
+      check(MPI_Issend(t.data_ptr(), int(t.nbytes()), MPI_BYTE, dst, 0, comm_, &r), "issend");
+    else
+      check(MPI_Isend(t.data_ptr(), int(t.nbytes()), MPI_BYTE, dst, tag, comm_, &r), "isend");
+    count(int64_t(t.nbytes()));
+    return std::make_unique<MpiWork>(r, fmt::format("{} to rank {}", what("send"), dst),
+                                     opt_.timeout_s, &stats_.wait_s);
+  }
+  std::unique_ptr<Work> post_recv(const Tensor& t, int src, int tag) {
+    check_host(t, what("irecv"));
+    MPI_Request r;
+    check(MPI_Irecv(t.data_ptr(), int(t.nbytes()), MPI_BYTE, src, opt_.emulate_nccl_p2p ? 0 : tag,
+                    comm_, &r),
+          "irecv");
+    return std::make_unique<MpiWork>(r, fmt::format("{} from rank {}", what("recv"), src),
+                                     opt_.timeout_s, &stats_.wait_s);
+  }
   MPI_Comm comm_;
   CommOptions opt_;
   int rank_ = 0, size_ = 1;
@@ -280,7 +326,14 @@ std::shared_ptr<Communicator> mpi_world(const CommOptions& opt) {
   ensure_mpi();
   MPI_Comm c;
   MPI_Comm_dup(MPI_COMM_WORLD, &c);
-  return std::make_shared<Mpi>(c, "world", opt);
+  CommOptions o = opt;
+  if (const char* e = std::getenv("LLAMA3_P2P_EMULATE_NCCL"); e && std::string(e) == "1")
+    o.emulate_nccl_p2p = true;
+  auto world = std::make_shared<Mpi>(c, "world", o);
+  if (o.emulate_nccl_p2p && world->rank() == 0)
+    spdlog::info(
+        "LLAMA3_P2P_EMULATE_NCCL=1: NCCL's point-to-point ordering emulated on MPI (tests)");
+  return world;
 }
 
 bool mpi_active() {

@@ -22,11 +22,26 @@
 // convenient points (ParallelLlama: at every block boundary). CommStats::wait_s adds the
 // wall time this rank spent blocked in waits (every blocking collective is one) - the
 // communication the compute did not hide, plus any time spent waiting for slower peers.
+//
+// Point-to-point: isend / irecv, and batch_p2p, which issues several transfers as one group
+// (NCCL: inside ncclGroupStart/End, as PyTorch's batch_isend_irecv and Megatron do). NCCL
+// matches a peer's transfers in issue order (it has no tags) and runs them in order on one
+// stream, where a transfer outside a group holds the stream until its peer posts the match;
+// the transfers of one group progress together. p2p_in_order() says a communicator has these
+// semantics, so that a caller pairs its sends and receives in batches that every peer posts
+// in a matching order (the pipeline schedule, text/model/parallelize.cpp). The MPI backend
+// emulates them for tests when LLAMA3_P2P_EMULATE_NCCL=1 (CommOptions::emulate_nccl_p2p): a
+// transfer outside a batch completes at issue (MPI_Issend / MPI_Irecv waited at once), a batch
+// posts all its transfers (sends synchronous-mode) and completes them together before it
+// returns, and every transfer uses one tag, so a schedule that could deadlock or mismatch
+// under NCCL does so on CPUs too.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "runtime/core/tensor.h"
 
@@ -42,6 +57,19 @@ struct CommStats {
 
 struct CommOptions {
   double timeout_s = 60.0;  // a wait longer than this throws (peer died or hangs)
+  // MPI only, for tests: point-to-point with NCCL's ordering (see above). mpi_world() sets it
+  // when the environment has LLAMA3_P2P_EMULATE_NCCL=1; split() passes it on.
+  bool emulate_nccl_p2p = false;
+};
+
+// One transfer of a batch_p2p call: send `tensor` to `peer`, or receive into it from `peer`.
+// The tag matches transfers on MPI; NCCL ignores it (matching is by issue order).
+struct P2POp {
+  enum class Kind : uint8_t { send, recv };
+  Kind kind = Kind::send;
+  Tensor tensor;  // a handle: a receive writes into its storage
+  int peer = 0;
+  int tag = 0;
 };
 
 // Handle of an asynchronous transfer; wait() blocks (with the deadline) until done and then
@@ -76,6 +104,12 @@ class Communicator {
   virtual std::unique_ptr<Work> ireduce_scatter(const Tensor& in, Tensor& out, ReduceOp op = ReduceOp::sum);
   virtual std::unique_ptr<Work> isend(const Tensor& t, int dst, int tag) = 0;
   virtual std::unique_ptr<Work> irecv(Tensor& t, int src, int tag) = 0;
+  // The transfers of `ops` issued as one group; one Work per op, in order (the tensors must
+  // stay alive until their Work's wait() returns). Default: isend / irecv one after another.
+  virtual std::vector<std::unique_ptr<Work>> batch_p2p(std::span<P2POp> ops);
+  // True when point-to-point transfers follow NCCL's semantics (see the top of this file):
+  // a receive must not be posted ahead of the batch that pairs it with the peer's send.
+  virtual bool p2p_in_order() const { return false; }
   virtual void barrier() = 0;
   // Sub-group of the ranks passing the same color, ordered by key (MPI_Comm_split).
   virtual std::shared_ptr<Communicator> split(int color, int key, const std::string& name) = 0;

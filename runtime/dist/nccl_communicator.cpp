@@ -13,6 +13,8 @@
 #include <nccl.h>
 
 #include <cstring>
+#include <span>
+#include <vector>
 
 #include "runtime/backend/backend.h"
 #include "runtime/cuda/cuda_backend.h"
@@ -139,6 +141,32 @@ class Nccl final : public Communicator {
     nccl_check(ncclRecv(t.data_ptr(), t.nbytes(), ncclUint8, src, comm_, stream_), "ncclRecv");
     return queued();
   }
+  // One group: the sends and receives progress together and complete together, so a batch
+  // that pairs a stage's send with the receive it needs next cannot wait on a peer that posts
+  // the matching receive later on the same stream (see communicator.h).
+  std::vector<std::unique_ptr<Work>> batch_p2p(std::span<P2POp> ops) override {
+    std::vector<std::unique_ptr<Work>> works;
+    if (ops.empty()) return works;
+    after_compute();
+    nccl_check(ncclGroupStart(), "ncclGroupStart");
+    for (P2POp& op : ops) {
+      if (op.kind == P2POp::Kind::send) {
+        nccl_check(
+            ncclSend(op.tensor.data_ptr(), op.tensor.nbytes(), ncclUint8, op.peer, comm_, stream_),
+            fmt::format("ncclSend to rank {} on {}", op.peer, name_));
+        count(int64_t(op.tensor.nbytes()));
+      } else {
+        nccl_check(
+            ncclRecv(op.tensor.data_ptr(), op.tensor.nbytes(), ncclUint8, op.peer, comm_, stream_),
+            fmt::format("ncclRecv from rank {} on {}", op.peer, name_));
+      }
+    }
+    nccl_check(ncclGroupEnd(), "ncclGroupEnd");
+    works.reserve(ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) works.push_back(queued());
+    return works;
+  }
+  bool p2p_in_order() const override { return true; }
   void barrier() override {
     Tensor one = Tensor::zeros({1}, DType::f32, Device::cuda(device_));
     all_reduce(one, ReduceOp::sum);

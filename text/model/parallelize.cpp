@@ -97,15 +97,6 @@ ParallelLlama::ParallelLlama(LlamaModel& model, dist::ProcessGroups groups, Para
   ms.vocab = c.vocab_size, ms.microbatches = opt.microbatches, ms.virtual_stages = opt.virtual_stages;
   dist::validate_for_model(d, ms);
 
-  // NCCL's point-to-point operations of one communicator run in order on its one stream, and
-  // a receive holds the stream until its data arrives: a receive posted ahead of a send (the
-  // receives posted ahead, or 1F1B's steady state: a stage sends its activation and then
-  // waits for a gradient while the next stage does the reverse) can deadlock. Megatron pairs
-  // them in grouped calls (ncclGroupStart/End); that is not implemented, so refuse it here.
-  LLAMA3_CHECK(d.pp == 1 || g_.pp->backend() != "nccl",
-               "parallelize: pipeline parallelism (pp {}) over NCCL is not supported: its send/recv "
-               "would need grouped NCCL calls; use pp 1 on CUDA, or CPU tensors with MPI",
-               d.pp);
   const int stage = g_.coords.pp, stages = d.pp, V = opt.virtual_stages;
   for (int k = 0; k < V; ++k) chunks_.push_back(stage_layers(c.n_layers, k * stages + stage, stages * V));
   block_params_.resize(size_t(c.n_layers));
@@ -479,8 +470,8 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   std::vector<Mb> mbs(static_cast<size_t>(M * V));  // by (chunk, micro-batch)
   double loss_sum = 0;
 
-  // This rank's schedule as a list of operations, so that the receive of an operation can be
-  // posted before the operations ahead of it run.
+  // This rank's schedule as a list of operations cut into units (the operations between two
+  // communication points), so that the transfers of each point can be issued together.
   // 1F1B: (S - s - 1) warm-up forwards, then one forward / one backward, then cool-down.
   // Interleaved (Megatron): the n-th forward runs chunk (n / S) % V on micro-batch
   // (n / (S V)) S + n % S, backwards walk the chunks in reverse; warm-up 2(S - s - 1) + (V - 1) S.
@@ -496,28 +487,51 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
   auto bwd_k = [&](int64_t n) { return V - 1 - int((n / S) % V); };
   auto mb_of = [&](int64_t n) { return (n / (int64_t(S) * V)) * S + n % S; };
   std::vector<Op> ops;
+  std::vector<size_t> unit_start;  // first operation of each unit; ops.size() closes the last
+  const bool pair_steady = V > 1 && g_.pp->p2p_in_order();
   if (!train) {
-    for (int64_t n = 0; n < total; ++n) ops.push_back({true, fwd_k(n), mb_of(n)});
+    for (int64_t n = 0; n < total; ++n)
+      unit_start.push_back(ops.size()), ops.push_back({true, fwd_k(n), mb_of(n)});
   } else {
     const int64_t warmup = std::min<int64_t>(
         total, V == 1 ? S - s - 1 : int64_t(2) * (S - s - 1) + int64_t(V - 1) * S);
-    for (int64_t n = 0; n < warmup; ++n) ops.push_back({true, fwd_k(n), mb_of(n)});
+    for (int64_t n = 0; n < warmup; ++n)
+      unit_start.push_back(ops.size()), ops.push_back({true, fwd_k(n), mb_of(n)});
     for (int64_t n = 0; n < total - warmup; ++n) {
+      // Interleaved steady state under NCCL's semantics: the forward and backward of one step
+      // form one unit (as in Megatron): with a communication point between them, ranks wait
+      // on one another in a cycle. 1F1B communicates after each (Megatron's
+      // send_forward_recv_backward / send_backward_recv_forward), and so does MPI, whose
+      // transfers do not wait for one another (a forward's send is not held back).
+      unit_start.push_back(ops.size());
       ops.push_back({true, fwd_k(warmup + n), mb_of(warmup + n)});
+      if (!pair_steady) unit_start.push_back(ops.size());
       ops.push_back({false, bwd_k(n), mb_of(n)});
     }
-    for (int64_t n = total - warmup; n < total; ++n) ops.push_back({false, bwd_k(n), mb_of(n)});
+    for (int64_t n = total - warmup; n < total; ++n)
+      unit_start.push_back(ops.size()), ops.push_back({false, bwd_k(n), mb_of(n)});
   }
+  unit_start.push_back(ops.size());
 
   // Point-to-point. Global stage of local chunk k is k*S + s; tags name (receiving stage,
   // micro-batch, direction). A forward of a stage > 0 receives its input activation from
   // the previous rank, a backward of a stage < last its output gradient from the next rank.
-  // With opt_.overlap the receives of the next kRecvAhead operations are posted before an
-  // operation runs (and polled at block boundaries, progress()); each is waited only where
-  // its data is consumed. Without it, each receive is posted and waited where consumed.
-  // Every isend keeps its buffer (a fresh tensor, or the detached output) until it completes;
-  // completed sends are dropped after each operation, the rest waited at the end.
+  // Before each unit one batch_p2p call issues the sends of the previous unit and the
+  // receives of this one. Under NCCL's semantics (Communicator::p2p_in_order: transfers
+  // matched in issue order, each batch completing only when its peers have posted the
+  // matching transfers) this order is free of deadlock: every rank issues its transfers to a
+  // peer in the order the peer receives them, and no batch waits for a transfer that its peer
+  // issues only after a batch that waits for this rank (checked for S 2..8, V 1..4, M 1..16 by
+  // a model of these semantics, tests/integration/pp_nccl_schedule_model.py, and on MPI under
+  // LLAMA3_P2P_EMULATE_NCCL by tests/integration/test_parallel_nccl_order.sh).
+  // A batch's receives are waited where their data is consumed, its sends once completed
+  // (NCCL: the batch runs on the communicator's stream while the compute stream goes on).
+  // With opt_.overlap on other communicators (MPI) the batch also posts the receives of the
+  // next kRecvAhead operations (polled at block boundaries, progress()), so that their data
+  // arrives while this unit computes. Every send keeps its buffer (a fresh tensor, or the
+  // detached output) until it completes.
   constexpr size_t kRecvAhead = 2;
+  const bool recv_ahead = opt_.overlap && !g_.pp->p2p_in_order();
   auto tag = [&](int64_t stage, int64_t i, int dir) { return int((stage * M + i) * 2 + dir); };
   const int64_t last_stage = int64_t(S) * V - 1;
   struct Recv {
@@ -530,33 +544,53 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     std::unique_ptr<dist::Work> work;
   };
   std::deque<Send> sends;
+  std::vector<dist::P2POp> to_send;  // produced by the current unit, issued with the next batch
   struct ClearP2p {  // progress() must not see this step's handles once they are gone
     std::vector<dist::Work*>& v;
     ~ClearP2p() { v.clear(); }
   } clear_p2p{p2p_};
-  auto post_recv = [&](size_t j) {
-    if (j >= ops.size() || recvs[j].work) return;
+  // The receive of operation j, unless it has none or it is posted already.
+  auto recv_op = [&](size_t j, std::vector<dist::P2POp>& batch, std::vector<size_t>& slots) {
+    if (j >= ops.size() || recvs[j].buf.defined()) return;
     const Op& op = ops[j];
     const int64_t stage = int64_t(op.k) * S + s;
     if (op.fwd ? stage == 0 : stage == last_stage) return;
-    Recv& r = recvs[j];
-    r.buf = Tensor::empty({Bm, T, D}, DType::f32, dev_);
-    r.work = g_.pp->irecv(r.buf, op.fwd ? prev_rank : next_rank, tag(stage, op.i, op.fwd ? 0 : 1));
-    p2p_.push_back(r.work.get());
+    recvs[j].buf = Tensor::empty({Bm, T, D}, DType::f32, dev_);
+    batch.push_back({dist::P2POp::Kind::recv, recvs[j].buf, op.fwd ? prev_rank : next_rank,
+                     tag(stage, op.i, op.fwd ? 0 : 1)});
+    slots.push_back(j);
+  };
+  auto issue_batch = [&](size_t unit) {
+    std::vector<dist::P2POp> batch = std::move(to_send);
+    to_send.clear();
+    const size_t n_sends = batch.size();
+    std::vector<size_t> slots;  // the operation of each receive in the batch
+    if (unit + 1 < unit_start.size()) {
+      const size_t first = unit_start[unit], end = unit_start[unit + 1];
+      for (size_t j = first; j < end; ++j) recv_op(j, batch, slots);
+      if (recv_ahead)
+        for (size_t j = end; j <= first + kRecvAhead; ++j) recv_op(j, batch, slots);
+    }
+    if (batch.empty()) return;
+    std::vector<std::unique_ptr<dist::Work>> works = g_.pp->batch_p2p(batch);
+    for (size_t b = 0; b < batch.size(); ++b) {
+      p2p_.push_back(works[b].get());
+      if (b < n_sends)
+        sends.push_back({batch[b].tensor, std::move(works[b])});
+      else
+        recvs[slots[b - n_sends]].work = std::move(works[b]);
+    }
   };
   auto take_recv = [&](size_t j) {
-    post_recv(j);  // no-op when posted ahead
     Recv& r = recvs[j];
+    LLAMA3_CHECK(r.work, "pipeline: the receive of operation {} was not issued", j);
     r.work->wait();
     std::erase(p2p_, r.work.get());
     r.work.reset();
     return std::exchange(r.buf, Tensor());
   };
   auto send = [&](Tensor buf, int dst, int t) {
-    Send sd{std::move(buf), nullptr};
-    sd.work = g_.pp->isend(sd.buf, dst, t);
-    p2p_.push_back(sd.work.get());
-    sends.push_back(std::move(sd));
+    to_send.push_back({dist::P2POp::Kind::send, std::move(buf), dst, t});
   };
   auto retire_sends = [&](bool all) {
     for (auto it = sends.begin(); it != sends.end();) {
@@ -635,15 +669,17 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     mb.input = mb.output = mb.loss = Tensor();
   };
 
-  for (size_t j = 0; j < ops.size(); ++j) {
-    if (opt_.overlap)
-      for (size_t a = 0; a <= kRecvAhead; ++a) post_recv(j + a);
-    if (ops[j].fwd)
-      forward(j);
-    else
-      backward(j);
+  for (size_t u = 0; u + 1 < unit_start.size(); ++u) {
+    issue_batch(u);
+    for (size_t j = unit_start[u]; j < unit_start[u + 1]; ++j) {
+      if (ops[j].fwd)
+        forward(j);
+      else
+        backward(j);
+    }
     if (opt_.overlap) retire_sends(false);
   }
+  issue_batch(unit_start.size() - 1);  // the last unit's sends
   retire_sends(true);
   p2p_.clear();
   if (!train) {

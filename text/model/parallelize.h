@@ -17,11 +17,15 @@
 //            layer fewer); pipeline rank r runs stages r, r + pp, ... (V model chunks;
 //            V = 1: 1F1B, V > 1: interleaved 1F1B, Megatron's order). Global stage 0 keeps
 //            the embedding, the last the final norm, lm_head and the loss; other parameters
-//            are dropped from this rank. Point-to-point transfers are asynchronous: with
-//            ParallelizeOptions::overlap the receives of the next two schedule operations
-//            are posted before an operation runs and waited only where their data is
-//            consumed; each send owns its buffer until it completes. A micro-batch's
-//            activations are freed after its backward.
+//            are dropped from this rank. Point-to-point transfers go in batches
+//            (Communicator::batch_p2p; NCCL: grouped calls): before each unit of the
+//            schedule (one operation; in interleaved steady state a forward and a backward)
+//            one batch carries the previous unit's sends and this unit's receives, an order
+//            that cannot deadlock under NCCL's in-order matching. A batch is waited only
+//            where its data is consumed; with ParallelizeOptions::overlap on MPI it also posts
+//            the receives of the next two operations; each send owns its buffer until it
+//            completes. A micro-batch's activations are freed after its
+//            backward.
 //      CP  - tokens are split over cp in 2*cp load-balanced causal chunks (rank r: chunks r
 //            and 2cp-1-r); each attention gathers K/V over cp (Attention::kv_hook; with
 //            ParallelizeOptions::overlap kv_hook_async: V's all-gather is issued before
@@ -49,8 +53,7 @@
 //            are bitwise those of the blocking path.
 //
 // Devices: every buffer, shard and transfer is on the device of the model's parameters (CPU
-// tensors with the MPI communicator, CUDA tensors with NCCL: dist::communicator_for_device);
-// pp > 1 over NCCL is refused (its send/recv would need grouped calls).
+// tensors with the MPI communicator, CUDA tensors with NCCL: dist::communicator_for_device).
 //
 // After backward, shard gradients are all-reduced over dp_replicate (HSDP) and the loss is
 // the global mean over all valid targets of the global batch: every micro-batch loss is
@@ -75,7 +78,7 @@ struct ParallelizeOptions {
   int virtual_stages = 1;       // model chunks per pipeline rank: 1 = 1F1B, V > 1 = interleaved 1F1B
   bool activation_checkpointing = false;
   bool overlap = true;          // FSDP: asynchronous gathers / reduce-scatters overlapping compute;
-                                // PP: receives posted ahead of the operations that consume them;
+                                // PP: batches waited where consumed, receives posted ahead (MPI);
                                 // CP: K/V all-gathers issued before the Q/K projections;
                                 // CP: dK/dV reduce-scatters issued before V's backward;
                                 // TP: input-gradient all-reduces during the dW GEMMs,

@@ -33,19 +33,6 @@ void zero_outside_rows(Tensor& t, const std::vector<uint8_t>& inside) {
   }
 }
 
-// The softmax statistics are host arithmetic: a chunk's logits are read (and its dlogits
-// written) in host memory - the tensor's own on the CPU, a copy on another device (one
-// (rows, V/tp) round trip per chunk; the CUDA kernels are not changed for this).
-float* host_rows(Tensor& t, std::vector<float>& copy) {
-  if (t.device().is_cpu()) return t.data<float>();
-  copy = t.to_vector<float>();
-  return copy.data();
-}
-void write_back(Tensor& t, const std::vector<float>& copy) {
-  if (!t.device().is_cpu())
-    backend_for(t.device()).copy_from_host(copy.data(), copy.size() * sizeof(float), t);
-}
-
 struct VocabEmbeddingNode final : Node {
   Tensor ids_local;            // (N) clamped local ids
   std::vector<uint8_t> inside;  // row i's id is in this rank's range
@@ -64,18 +51,18 @@ struct VocabEmbeddingNode final : Node {
 
 // Rows' softmax statistics (global max and sum of exponentials) are kept, not the
 // probabilities: the backward recomputes each chunk's (rows, V/tp) logits, so no more than one
-// chunk of them exists at a time in either direction.
+// chunk of them exists at a time in either direction. Everything stays on the device.
 struct VocabCrossEntropyNode final : Node {
-  Tensor h, w;  // the GEMM operands: f32, or their bf16 copies under mixed precision
-  std::vector<float> mx;               // per row: max logit over the full vocabulary
-  std::vector<double> sum_exp;         // per row: sum of exp(logit - max) over the full vocabulary
-  std::vector<int32_t> local_target;  // column of the target on this rank, or -1
-  std::vector<uint8_t> valid;
+  Tensor h, w;         // the GEMM operands: f32, or their bf16 copies under mixed precision
+  Tensor mx, sum_exp;  // (N) f32: global row max, sum of exp(logit - max) over the full vocabulary
+  Tensor targets;      // (N) int32 global ids on the device
+  int64_t v0 = 0;      // first vocabulary row of this rank
   double n_valid = 0;
   int64_t chunk = 0;
   dist::Communicator* tp = nullptr;
   const char* name() const override { return "vocab_parallel_cross_entropy"; }
   std::vector<Tensor> backward(const Tensor& g) override {
+    // The incoming gradient is the one host read of the backward (a synchronisation on CUDA).
     const float scale = float(g.item() / n_valid);
     const int64_t N = h.size(0), Vl = w.size(0);
     Backend& be = backend_for(h.device());
@@ -84,25 +71,14 @@ struct VocabCrossEntropyNode final : Node {
     Tensor dh = Tensor::zeros(h.shape(), DType::f32, dev);
     Tensor dw = Tensor::zeros(w.shape(), DType::f32, dev);
     Tensor dlow;  // bf16 copy of a chunk's dlogits (mixed precision)
-    std::vector<float> host;
+    Tensor buf = Tensor::empty({std::min(chunk, N), Vl}, DType::f32, dev);
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
       const int64_t C = std::min(chunk, N - r0);
       Tensor hc = h.narrow(0, r0, C);
-      Tensor dlogits = Tensor::empty({C, Vl}, DType::f32, dev);
+      Tensor dlogits = buf.narrow(0, 0, C);
       be.gemm(hc, Trans::N, w, Trans::T, dlogits);
-      float* p = host_rows(dlogits, host);
-      for (int64_t i = 0; i < C; ++i) {
-        const size_t r = size_t(r0 + i);
-        float* row = p + i * Vl;
-        if (!valid[r]) {
-          std::fill(row, row + Vl, 0.f);
-          continue;
-        }
-        for (int64_t j = 0; j < Vl; ++j) row[j] = float(std::exp(double(row[j] - mx[r])) / sum_exp[r]);
-        if (local_target[r] >= 0) row[local_target[r]] -= 1.f;
-        for (int64_t j = 0; j < Vl; ++j) row[j] *= scale;
-      }
-      write_back(dlogits, host);
+      be.vocab_shard_dlogits(dlogits, mx.narrow(0, r0, C), sum_exp.narrow(0, r0, C),
+                             targets.narrow(0, r0, C), v0, scale);
       Tensor dhc = dh.narrow(0, r0, C);
       Tensor gl = dlogits;
       if (low) {
@@ -116,7 +92,7 @@ struct VocabCrossEntropyNode final : Node {
     tp->all_reduce(dh, dist::ReduceOp::sum);
     return {next[0] ? dh : Tensor(), next[1] ? dw : Tensor()};
   }
-  void release() override { h = w = Tensor(); }
+  void release() override { h = w = mx = sum_exp = targets = Tensor(); }
 };
 }  // namespace
 
@@ -161,64 +137,43 @@ Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, cons
   // Mixed precision: bf16 GEMM operands, rounded once and kept for the backward (half the
   // bytes of the f32 ones); the logits come out of the GEMM in f32.
   if (precision == ops::Precision::bf16) hc = hc.to(DType::bf16), wc = wc.to(DType::bf16);
-  std::vector<int32_t> tg = targets.contiguous().to_vector<int32_t>();
-  LLAMA3_CHECK(int64_t(tg.size()) == N, "vocab_parallel_cross_entropy: {} targets for {} rows", tg.size(), N);
+  LLAMA3_CHECK(targets.numel() == N && targets.dtype() == DType::i32,
+               "vocab_parallel_cross_entropy: targets {} for {} rows (int32)", targets.str(), N);
+  const Tensor tg = targets.contiguous().view({N}).to(dev);
   auto n = std::make_shared<VocabCrossEntropyNode>();
-  n->local_target.assign(size_t(N), -1);
-  n->valid.assign(size_t(N), 0);
-  n->mx.assign(size_t(N), 0.f);
   n->chunk = chunk;
   // Row max (all-reduced per chunk: the sum of exponentials needs it), then sum of exp and
-  // target logit of every row, all-reduced once over the vocabulary shards.
-  // The statistics are host arithmetic; what is all-reduced goes through the device's memory
-  // (the communicator's: NCCL reduces device buffers) and back.
-  Tensor st = Tensor::zeros({2, N}, DType::f64);  // row 0: sum exp, row 1: target logit
-  double* sp = st.data<double>();
+  // target logit of every row, all-reduced once over the vocabulary shards. All of it is
+  // backend kernels on the device; the loss reaches the host as one scalar (and the count of
+  // valid rows as another).
   Backend& be = backend_for(dev);
+  Tensor mx = Tensor::empty({N}, DType::f32, dev);
+  Tensor st = Tensor::zeros({2 * N}, DType::f32, dev);  // [0, N): sum exp, [N, 2N): target logit
+  Tensor sum_exp = st.narrow(0, 0, N), tlogit = st.narrow(0, N, N);
   Tensor logits = Tensor::empty({chunk, Vl}, DType::f32, dev);
-  std::vector<float> host;
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t C = std::min(chunk, N - r0);
     Tensor lc = logits.narrow(0, 0, C);
     be.gemm(hc.narrow(0, r0, C), Trans::N, wc, Trans::T, lc);
-    const float* L = host_rows(lc, host);
-    std::vector<float> mv(static_cast<size_t>(C));
-    for (int64_t i = 0; i < C; ++i) mv[size_t(i)] = *std::max_element(L + i * Vl, L + (i + 1) * Vl);
-    Tensor mx = Tensor::from_vector(mv, {C}, dev);
-    tp.all_reduce(mx, dist::ReduceOp::max);
-    mv = mx.to_vector<float>();
-    for (int64_t i = 0; i < C; ++i) {
-      const int64_t r = r0 + i;
-      const float m = mv[size_t(i)];
-      n->mx[size_t(r)] = m;
-      double s = 0;
-      for (int64_t j = 0; j < Vl; ++j) s += std::exp(double(L[i * Vl + j] - m));
-      sp[r] = s;
-      n->valid[size_t(r)] = tg[size_t(r)] >= 0;
-      if (tg[size_t(r)] >= v0 && tg[size_t(r)] < v0 + Vl) {
-        n->local_target[size_t(r)] = int32_t(tg[size_t(r)] - v0);
-        sp[N + r] = L[i * Vl + (tg[size_t(r)] - v0)];
-      }
-    }
+    Tensor mc = mx.narrow(0, r0, C);
+    be.vocab_shard_max(lc, mc);
+    tp.all_reduce(mc, dist::ReduceOp::max);
+    Tensor sc = sum_exp.narrow(0, r0, C), tc = tlogit.narrow(0, r0, C);
+    be.vocab_shard_stats(lc, mc, tg.narrow(0, r0, C), v0, sc, tc);
   }
-  if (dev.is_cpu()) {
-    tp.all_reduce(st, dist::ReduceOp::sum);
-  } else {
-    Tensor sd = st.to(dev);  // f64 on a device is only copied, never computed on
-    tp.all_reduce(sd, dist::ReduceOp::sum);
-    st = sd.to(Device::cpu());
-    sp = st.data<double>();
-  }
-  double loss = 0;
-  for (int64_t i = 0; i < N; ++i)
-    if (n->valid[size_t(i)]) {
-      loss += std::log(sp[i]) + n->mx[size_t(i)] - sp[N + i];
-      n->n_valid += 1;
-    }
+  tp.all_reduce(st, dist::ReduceOp::sum);
+  Tensor rows = Tensor::empty({2 * N}, DType::f32, dev);  // [0, N): row losses, [N, 2N): valid
+  Tensor row_loss = rows.narrow(0, 0, N), row_valid = rows.narrow(0, N, N);
+  be.vocab_row_loss(mx, sum_exp, tlogit, tg, row_loss, row_valid);
+  n->n_valid = be.sum(row_valid);
   LLAMA3_CHECK(n->n_valid > 0, "vocab_parallel_cross_entropy: no valid targets");
+  const double loss = be.sum(row_loss);
   Tensor out = Tensor::from_vector(std::vector<float>{float(loss / n->n_valid)}, {1}, dev);
   if (autograd::any_requires_grad({&h, &w_local})) {
-    n->sum_exp.assign(sp, sp + N);
+    n->mx = mx;
+    n->sum_exp = sum_exp;
+    n->targets = tg;
+    n->v0 = v0;
     n->h = hc;
     n->w = wc;
     n->tp = &tp;

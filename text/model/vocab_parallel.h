@@ -2,11 +2,12 @@
 // each tp rank holds rows [rank * V/tp, (rank + 1) * V/tp) of the embedding and of lm_head.
 // No rank ever holds full-vocabulary logits. f32 parameters and activations on any device
 // (CPU with the MPI communicator, CUDA with NCCL), the loss optionally with bf16 GEMM inputs
-// (mixed precision, as ops::linear_cross_entropy). GEMMs and the embedding run on the
-// tensors' device; the per-row softmax statistics are host arithmetic, so on CUDA each chunk
-// of (rows, V/tp) logits makes a device -> host round trip (dlogits back in the backward),
-// as Backend::token_logprobs does. Rows of ids outside a rank's range are zeroed one fill
-// per run of such rows.
+// (mixed precision, as ops::linear_cross_entropy). The loss runs on the tensors' device:
+// GEMMs and the softmax statistics (row max, sum of exponentials, target logit, dlogits:
+// Backend::vocab_* kernels, f32) stay there and are all-reduced there; only the loss and the
+// count of valid rows reach the host (and the incoming gradient in the backward). The
+// embedding reads the ids on the host: rows of ids outside a rank's range are zeroed one
+// fill per run of such rows.
 #pragma once
 
 #include "runtime/dist/communicator.h"
@@ -28,7 +29,7 @@ Tensor vocab_parallel_embedding(const Tensor& w_local, const Tensor& ids, dist::
 // precision bf16 is the mixed-precision path of the single-process ops::linear_cross_entropy:
 // h and w_local are rounded to bf16 for the three GEMMs (logits, dh, dW; dlogits rounded to
 // bf16 too), accumulation is f32, the softmax statistics (max, sum of exponentials, target
-// logit) and everything communicated stay f32/f64; dh and dW are f32.
+// logit) and everything communicated stay f32; dh and dW are f32.
 Tensor vocab_parallel_cross_entropy(const Tensor& h, const Tensor& w_local, const Tensor& targets,
                                     dist::Communicator& tp, int64_t chunk_rows = 0,
                                     ops::Precision precision = ops::Precision::f32);

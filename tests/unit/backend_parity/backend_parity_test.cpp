@@ -377,6 +377,31 @@ std::vector<Case> make_cases() {
                   return outs;
                 }});
 
+  // ---- vocabulary-parallel cross-entropy statistics (Backend::vocab_*): a shard holding
+  // columns [40, 40 + 300) of 13 rows, targets inside the shard, outside it and ignored (-1).
+  cs.push_back({"vocab_shard_stats_loss_dlogits", DType::f32, true, 0, [](const Ctx& c) {
+                  Backend& be = backend_for(c.dev);
+                  const int64_t C = 13, V = 300, v0 = 40;
+                  Tensor logits = input_f32(c, {C, V}, 120, 3.f);
+                  std::vector<int32_t> tv(static_cast<size_t>(C));
+                  for (int64_t i = 0; i < C; ++i)
+                    tv[size_t(i)] = i % 4 == 1   ? -1
+                                    : i % 4 == 2 ? int32_t(v0 + V + i)
+                                                 : int32_t(v0 + (i * 37) % V);
+                  Tensor tg = ints(c, tv, {C});
+                  Tensor mx = Tensor::empty({C}, DType::f32, c.dev),
+                         se = Tensor::empty({C}, DType::f32, c.dev);
+                  Tensor tl = Tensor::empty({C}, DType::f32, c.dev),
+                         loss = Tensor::empty({C}, DType::f32, c.dev);
+                  Tensor valid = Tensor::empty({C}, DType::f32, c.dev);
+                  be.vocab_shard_max(logits, mx);
+                  be.vocab_shard_stats(logits, mx, tg, v0, se, tl);
+                  be.vocab_row_loss(mx, se, tl, tg, loss, valid);
+                  Tensor dl = logits.clone();
+                  be.vocab_shard_dlogits(dl, mx, se, tg, v0, 0.25f);
+                  return std::vector<Tensor>{mx, se, tl, loss, valid, dl};
+                }});
+
   // ---- a whole model step through runtime/ops (forward + backward)
   // Third variant: bf16 mixed precision with the tensor-core attention. Fourth: as the model
   // does on a backend that prefers bf16 activations (bf16_activations: q/k/v, RoPE,
