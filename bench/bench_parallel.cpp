@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "bench/args.h"
 #include "runtime/dist/parallel_dims.h"
 #include "runtime/optim/adamw.h"
 #include "text/model/parallelize.h"
@@ -49,18 +50,14 @@
 using namespace llama3;
 
 namespace {
-int64_t arg(int argc, char** argv, const std::string& name, int64_t def) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return std::stoll(argv[i + 1]);
-  return def;
+using bench::arg;
+using bench::flag;
+double g(int n) {
+  return n <= 1 ? 0.0 : double(n - 1) / n;
 }
-bool flag(int argc, char** argv, const std::string& name) {
-  for (int i = 1; i < argc; ++i)
-    if (argv[i] == name) return true;
-  return false;
+double a(int n) {
+  return 2 * g(n);
 }
-double g(int n) { return n <= 1 ? 0.0 : double(n - 1) / n; }
-double a(int n) { return 2 * g(n); }
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -97,8 +94,9 @@ int main(int argc, char** argv) try {
   optim::AdamW opt(par.optimizer_params(), {});
   opt.set_norm_reduction(par.norm_reduction());
 
-  std::vector<std::shared_ptr<dist::Communicator>> comms = {groups.world, groups.tp, groups.cp, groups.dp_shard,
-                                                            groups.dp_replicate, groups.pp, groups.dp};
+  std::vector<std::shared_ptr<dist::Communicator>> comms = {
+      groups.world,        groups.tp, groups.cp, groups.dp_shard,
+      groups.dp_replicate, groups.pp, groups.dp};
   const int dp_r = groups.dp->rank(), dp = groups.dp->size();
   const int64_t bl = B / dp;
   Rng rng(1);
@@ -142,7 +140,8 @@ int main(int argc, char** argv) try {
       root_padded += padded;
   }
   double analytic = 0;
-  if (fsdp) analytic += (M * (R + 1) * g(d.dp_shard) * block_padded + 2 * g(d.dp_shard) * root_padded) * 4;
+  if (fsdp)
+    analytic += (M * (R + 1) * g(d.dp_shard) * block_padded + 2 * g(d.dp_shard) * root_padded) * 4;
   analytic += a(d.dp_replicate) * shard_params * 4;
   analytic += layers * M * (2 * R + 5) * a(d.tp) * A;
   const double kv = double(Bm * T * (cfg.n_kv_heads / d.tp) * Dh) * 4;
@@ -162,7 +161,8 @@ int main(int argc, char** argv) try {
   }
 
   // Worst rank's deviation from its analytic volume.
-  const double dev = analytic > 0 ? std::fabs(per_step - analytic) / analytic : (per_step > 0 ? 1.0 : 0.0);
+  const double dev =
+      analytic > 0 ? std::fabs(per_step - analytic) / analytic : (per_step > 0 ? 1.0 : 0.0);
   Tensor w = Tensor::from_vector(std::vector<double>{dev, per_step, analytic}, {3});
   Tensor worst = w.clone();
   world->all_reduce(worst, dist::ReduceOp::max);

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/args.h"
 #include "runtime/core/rng.h"
 #include "runtime/dist/communicator.h"
 #include "text/model/vocab_parallel.h"
@@ -18,11 +19,7 @@
 using namespace llama3;
 
 namespace {
-int64_t arg(int argc, char** argv, const std::string& name, int64_t def) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (argv[i] == name) return std::stoll(argv[i + 1]);
-  return def;
-}
+using bench::arg;
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
