@@ -1,5 +1,7 @@
 #include "runtime/dist/comm_ops.h"
 
+#include <utility>
+
 #include "runtime/autograd/autograd.h"
 
 namespace llama3::dist {
@@ -107,27 +109,21 @@ struct GatherSequence final : Node {
     permute_chunks(buf, glob, cp, false);
     out = Tensor::empty(local_shape, g.dtype(), g.device());
   }
-  void issue_blocking(const Tensor& g) {
-    pack(g);
-    comm->reduce_scatter(buf, out, ReduceOp::sum);
-  }
   void prepare(const Tensor& g) override {
     if (!early) return;
     pack(g);
     work = comm->ireduce_scatter(buf, out, ReduceOp::sum);
   }
   std::vector<Tensor> backward(const Tensor& g) override {
-    if (!early) {  // the blocking path, as before the overlap existed
-      issue_blocking(g);
-      Tensor r = out;
-      buf = out = Tensor();
-      return {r};
+    if (early) {
+      work->wait();
+      work.reset();
+    } else {  // the blocking path, as before the overlap existed
+      pack(g);
+      comm->reduce_scatter(buf, out, ReduceOp::sum);
     }
-    work->wait();
-    Tensor r = out;
-    buf = out = Tensor();
-    work.reset();
-    return {r};
+    buf = Tensor();
+    return {std::exchange(out, Tensor())};
   }
   void release() override {
     buf = out = Tensor();
