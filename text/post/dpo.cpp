@@ -182,11 +182,16 @@ nlohmann::json dpo_eval(const LlamaModel& m, const Tokenizer& tok, const DpoEval
       int64_t sw = 0, st = 0, sl = 0;
       double sum = 0, sum2 = 0;
       for (size_t i = 0; i < e.prompts.size(); ++i) {
+        // All 2K responses of the prompt in one RM forward: DPO's draws, then the start's.
+        std::vector<std::string> both;
+        for (int64_t k = 0; k < K; ++k) both.push_back(after_s[size_t(k)][i]);
+        for (int64_t k = 0; k < K; ++k) both.push_back(e.before_samples[size_t(k)][i]);
+        const std::vector<double> s = rm.score_responses(e.prompts[i].messages, both);
         double per = 0;
         for (int64_t k = 0; k < K; ++k) {
-          auto s = rm.score_responses(e.prompts[i].messages,
-                                      {after_s[size_t(k)][i], e.before_samples[size_t(k)][i]});
-          const double o = s[0] > s[1] ? 1.0 : s[0] == s[1] ? 0.5 : 0.0;
+          // The same text is a tie whatever rounding its row position gets in the batch.
+          const size_t a = size_t(k), b = size_t(K + k);
+          const double o = both[a] == both[b] ? 0.5 : s[a] > s[b] ? 1.0 : s[a] == s[b] ? 0.5 : 0.0;
           (o == 1.0 ? sw : o == 0.5 ? st : sl) += 1;
           per += o / double(K);
         }
