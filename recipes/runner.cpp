@@ -887,6 +887,9 @@ void run_recipe(const LoadedRecipe& lr, const RunOptions& opts) {
       if (k < first || k > last) keep.push_back(e);
     }
     state["finished"] = keep;
+    // Their time starts again too (a resumed stage adds to its time; one run from scratch
+    // does not add to the discarded run's).
+    for (int k = first; k <= last; ++k) state["seconds"].erase(r.stage(k).name());
     if (lead) {
       for (int k = first; k <= last; ++k) fs::remove_all(run + "/" + r.stage(k).name());
       write_json_atomic(spath, state);

@@ -96,9 +96,9 @@ cp "$OUT/b/eval/final.json" "$OUT/eval_before.json"
 grep -q "stage eval (EVAL): starting" "$OUT/b4.log" || { echo "FAIL: --only eval did not rerun eval"; exit 1; }
 cmp "$OUT/b/eval/final.json" "$OUT/eval_before.json" || { echo "FAIL: --only eval changed its metrics"; exit 1; }
 
-python3 - "$OUT/a" "$OUT/b" "${STAGES[@]}" <<'PY'
-import json, sys
-a, b, stages = sys.argv[1], sys.argv[2], sys.argv[3:]
+python3 - "$OUT/a" "$OUT/b" "$OUT/b4.log" "${STAGES[@]}" <<'PY'
+import json, re, sys
+a, b, log, stages = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 for s in stages:
     fa = json.load(open(f"{a}/{s}/final.json")); fb = json.load(open(f"{b}/{s}/final.json"))
     assert fa == fb, f"{s}: final metrics differ after resume:\n{fa}\n{fb}"
@@ -125,6 +125,9 @@ assert da["win_rate_wins"] + da["win_rate_ties"] + da["win_rate_losses"] == 6 an
 assert da["start_exact_match"] == sa["eval_exact_match"], (da, sa)
 st = json.load(open(f"{b}/state.json"))
 assert sorted(st["finished"]) == sorted(stages), st  # --only eval moved eval last
+# The rerun's time replaces the discarded run's (it is not added to it).
+secs = float(re.search(r"stage eval \(EVAL\): finished in ([0-9.]+) s", open(log).read()).group(1))
+assert abs(st["seconds"]["eval"] - secs) < 0.051, (st["seconds"]["eval"], secs)
 an = json.load(open(f"{a}/anneal/metrics.jsonl".replace("metrics.jsonl", "final.json")))
 lrs = [json.loads(l)["lr"] for l in open(f"{a}/anneal/metrics.jsonl") if '"loss"' in l]
 assert lrs[-1] == 0.0 and all(x > y for x, y in zip(lrs, lrs[1:])), lrs
