@@ -412,6 +412,7 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       if (!s.reward_model_from().empty())
         o.compare_with = stage_dir(s.reward_model_from()) + "/model";
       o.out_dir = dir + "/model";
+      o.pairs_path = dir + "/eval_pairs.jsonl";
       o.steps = steps = or_default(p.steps(), o.steps);
       o.batch = or_default(p.batch(), o.batch);
       o.train = t;
@@ -662,7 +663,8 @@ json evaluate_post_average(const LoadedRecipe& lr, int index, const std::string&
     }
     const std::string cmp =
         in && !in->reward_model_from().empty() ? stage_dir(in->reward_model_from()) + "/model" : "";
-    f = post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl", onp, common, cmp);
+    const std::string rows = stage_dir(lr.recipe().stage(index).name()) + "/eval_pairs.jsonl";
+    f = post::evaluate_reward_model(src, dd + "/eval_prefs.jsonl", onp, common, cmp, rows);
   } else if (k == DPO && in && !in->init_from().empty()) {
     // Against the policy the DPO runs started from (reference log-probs and the win-rate
     // opponent), judged by their reward model, with the first input's beta.

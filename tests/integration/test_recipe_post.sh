@@ -130,6 +130,16 @@ for f in (rm, rm2):
 assert "common_fixed" not in rm and abs(rm2["compared_eval_accuracy_common"] - rm["eval_accuracy_common"]) < 1e-12, (rm, rm2)
 n = rm2["eval_pairs_common"]
 assert abs(rm2["eval_accuracy_common"] - rm["eval_accuracy_common"] - (rm2["common_fixed"] - rm2["common_broken"]) / n) < 1e-9, rm2
+# Every held-out pair an RM stage scored, with both scores: the figures follow from them.
+ep = [json.loads(x) for x in open(os.path.join(run, "r2_rm", "eval_pairs.jsonl"))]
+gen = [r for r in ep if r["set"] == "generated"]
+own = [r for r in ep if r["set"] == "on_policy"]
+common = gen + [r for r in ep if r["set"] == "common_on_policy"]
+assert len(gen) + len(own) == rm2["eval_pairs"] and len(common) == n, (len(gen), len(own), len(common), rm2)
+assert all(r["correct"] == (r["better_score"] > r["worse_score"]) for r in ep)
+assert abs(sum(r["correct"] for r in gen + own) / rm2["eval_pairs"] - rm2["eval_accuracy"]) < 1e-9, rm2
+assert sum(r["correct"] and not r["compared_correct"] for r in common) == rm2["common_fixed"], rm2
+assert sum(r["compared_correct"] and not r["correct"] for r in common) == rm2["common_broken"], rm2
 print("post stages ok: sft0 EM", sft0["eval_exact_match"], "rm acc", rm["eval_accuracy"], "rs acc", rs["acceptance"],
       "sft EM", sft1["eval_exact_match"], "dpo EM", dpo["eval_exact_match"], "win", dpo["win_rate_vs_start"])
 PY

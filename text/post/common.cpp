@@ -56,6 +56,12 @@ void write_final(const std::string& dir, const nlohmann::json& metrics) {
   std::ofstream(dir + "/final.json") << metrics.dump(2) << "\n";
 }
 
+void write_jsonl(const std::string& path, const std::vector<nlohmann::json>& rows) {
+  std::ofstream f(path);
+  for (const auto& r : rows) f << r.dump() << "\n";
+  LLAMA3_CHECK(f.good(), "cannot write {}", path);
+}
+
 double train_loop(const std::vector<nn::NamedParam>& params, const TrainLoopOptions& opt,
                   const std::function<Tensor(int64_t)>& loss_fn) {
   optim::AdamWConfig c;

@@ -46,6 +46,10 @@ void save_policy(const LlamaModel& m, const std::string& tokenizer_path, const s
 // Writes metrics as flat JSON to dir/final.json.
 void write_final(const std::string& dir, const nlohmann::json& metrics);
 
+// One JSON object per line (per-pair or per-prompt records a reader can inspect); throws naming
+// the path when it cannot be written.
+void write_jsonl(const std::string& path, const std::vector<nlohmann::json>& rows);
+
 struct TrainLoopOptions {
   int64_t steps = 100;
   float lr = 1e-3f;

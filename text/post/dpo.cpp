@@ -103,12 +103,6 @@ DpoEvalSet make_eval_set(const LlamaModel& reference, const Tokenizer& tok,
 // Held-out preference accuracy (implicit reward margin > 0), exact match, and the win rate
 // against the starting policy's responses judged by the reward model (ties count half; the
 // counts are kept so the report can give the interval of a three-valued outcome).
-void write_jsonl(const std::string& path, const std::vector<nlohmann::json>& rows) {
-  std::ofstream f(path);
-  for (const auto& r : rows) f << r.dump() << "\n";
-  LLAMA3_CHECK(f.good(), "dpo: cannot write {}", path);
-}
-
 // With `judged`, one record per prompt: both responses, whether each verifies, and the RM's
 // scores - what a reader needs to see why a win rate is what it is.
 nlohmann::json dpo_eval(const LlamaModel& m, const Tokenizer& tok, const DpoEvalSet& e,

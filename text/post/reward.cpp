@@ -7,7 +7,6 @@
 #include <unordered_map>
 
 #include "runtime/autograd/autograd.h"
-
 #include "text/post/stages.h"
 
 namespace llama3::text::post {
@@ -76,16 +75,21 @@ void RewardModel::save(const std::string& dir) const {
 namespace {
 struct Pair {
   std::vector<int32_t> better, worse;
+  std::string prompt, better_text, worse_text;  // for the per-pair records (eval_pairs.jsonl)
 };
 std::vector<Pair> to_pairs(const Tokenizer& tok, const std::vector<Preference>& prefs) {
   std::vector<Pair> out;
   for (auto& p : prefs)
     for (auto& [b, w] : ranked_pairs(p))
-      out.push_back({render_response(tok, p.prompt, b).ids, render_response(tok, p.prompt, w).ids});
+      out.push_back({render_response(tok, p.prompt, b).ids, render_response(tok, p.prompt, w).ids,
+                     p.prompt.empty() ? std::string() : p.prompt.back().content, b, w});
   return out;
 }
-// Per pair: does the RM score the better response strictly higher.
-std::vector<uint8_t> pair_correct(const RewardModel& rm, const std::vector<Pair>& ps) {
+// Per pair: does the RM score the better response strictly higher. With `rows`, one record per
+// pair (its held-out set, prompt, both responses and scores) is appended.
+std::vector<uint8_t> pair_correct(const RewardModel& rm, const std::vector<Pair>& ps,
+                                  std::vector<nlohmann::json>* rows = nullptr,
+                                  const char* set = "") {
   autograd::NoGradGuard ng;
   std::vector<uint8_t> ok;
   ok.reserve(ps.size());
@@ -96,15 +100,24 @@ std::vector<uint8_t> pair_correct(const RewardModel& rm, const std::vector<Pair>
     for (size_t j = i; j < e; ++j) seqs.push_back(ps[j].worse);
     auto s = rm.scores(seqs).to_vector<double>();
     const size_t n = e - i;
-    for (size_t j = 0; j < n; ++j) ok.push_back(s[j] > s[n + j]);
+    for (size_t j = 0; j < n; ++j) {
+      ok.push_back(s[j] > s[n + j]);
+      if (rows)
+        rows->push_back({{"set", set},
+                         {"prompt", ps[i + j].prompt},
+                         {"better", ps[i + j].better_text},
+                         {"worse", ps[i + j].worse_text},
+                         {"better_score", s[j]},
+                         {"worse_score", s[n + j]},
+                         {"correct", bool(ok.back())}});
+    }
   }
   return ok;
 }
-// The fraction of pairs whose better response the RM scores strictly higher.
-double pair_accuracy(const RewardModel& rm, const std::vector<Pair>& ps) {
-  int64_t ok = 0;
-  for (uint8_t c : pair_correct(rm, ps)) ok += c;
-  return ps.empty() ? 0.0 : double(ok) / double(ps.size());
+double fraction(const std::vector<uint8_t>& ok) {
+  int64_t n = 0;
+  for (uint8_t c : ok) n += c;
+  return ok.empty() ? 0.0 : double(n) / double(ok.size());
 }
 std::vector<Preference> load_all(const std::vector<std::string>& files, const Tokenizer& tok,
                                  const LoadOptions& lo, LoadReport* rep) {
@@ -115,44 +128,57 @@ std::vector<Preference> load_all(const std::vector<std::string>& files, const To
   }
   return out;
 }
-// Held-out accuracy over generated + on-policy pairs, and each part on its own: the on-policy
-// part is what rejection sampling needs (ranking the policy's own samples).
-nlohmann::json eval_metrics(const RewardModel& rm, const std::vector<Pair>& gen,
-                            const std::vector<Pair>& onp) {
-  const double a = pair_accuracy(rm, gen), b = pair_accuracy(rm, onp);
-  const double n = double(gen.size() + onp.size());
+
+// The held-out sets an RM is judged on.
+struct HeldOut {
+  std::vector<Pair> generated;  // the generated held-out pairs
+  std::vector<Pair> on_policy;  // the current policy's held-out samples (right vs wrong)
+  // With `common`: the set every round's RM is compared on (the generated pairs plus earlier
+  // policies' held-out samples, which no later RM trains on), and optionally an earlier RM to
+  // compare with on it, pair by pair.
+  bool common = false;
+  std::vector<Pair> common_on_policy;
+  std::string compare_with, tokenizer;
+};
+
+// Held-out accuracy over generated + on-policy pairs, and each part on its own (the on-policy
+// part is what rejection sampling needs: ranking the policy's own samples); with h.common, the
+// accuracy on the common set, and with h.compare_with that RM on the same pairs too: pairs
+// this RM ranks right and the other wrong (fixed) and the reverse (broken), whose paired
+// difference has a much tighter interval than two accuracies side by side. Each scored pair
+// lands in `rows` (the generated ones once, though they are in two sets).
+nlohmann::json held_out_metrics(const RewardModel& rm, const HeldOut& h,
+                                std::vector<nlohmann::json>& rows) {
+  const auto ok_gen = pair_correct(rm, h.generated, &rows, "generated");
+  const auto ok_onp = pair_correct(rm, h.on_policy, &rows, "on_policy");
+  const double n = double(ok_gen.size() + ok_onp.size());
+  const double a = fraction(ok_gen), b = fraction(ok_onp);
   nlohmann::json j = {
-      {"eval_accuracy", n > 0 ? (a * double(gen.size()) + b * double(onp.size())) / n : 0.0},
+      {"eval_accuracy", n > 0 ? (a * double(ok_gen.size()) + b * double(ok_onp.size())) / n : 0.0},
       {"eval_pairs", int64_t(n)},
       {"eval_accuracy_generated", a},
-      {"eval_pairs_generated", int64_t(gen.size())}};
-  if (!onp.empty())
-    j["eval_accuracy_on_policy"] = b, j["eval_pairs_on_policy"] = int64_t(onp.size());
-  return j;
-}
-// Accuracy on the held-out set common to every round (the generated held-out pairs plus an
-// earlier policy's held-out samples, which no later RM trains on), so RMs of different rounds
-// are compared on the same pairs; with `compare_with`, that RM on the same pairs too, pair by
-// pair: pairs this RM ranks right and the other wrong (fixed) and the reverse (broken), whose
-// paired difference has a much tighter interval than two accuracies side by side.
-nlohmann::json common_metrics(const RewardModel& rm, const std::vector<Pair>& gen,
-                              const std::vector<Pair>& common_onp, const std::string& compare_with,
-                              const std::string& tokenizer) {
-  std::vector<Pair> common = gen;
-  common.insert(common.end(), common_onp.begin(), common_onp.end());
-  const auto ok = pair_correct(rm, common);
-  int64_t n_ok = 0;
-  for (uint8_t c : ok) n_ok += c;
-  nlohmann::json j = {
-      {"eval_accuracy_common", common.empty() ? 0.0 : double(n_ok) / double(common.size())},
-      {"eval_pairs_common", int64_t(common.size())}};
-  if (compare_with.empty()) return j;
-  RewardModel other(load_policy(ModelSource{.dir = compare_with, .tokenizer = tokenizer}));
+      {"eval_pairs_generated", int64_t(ok_gen.size())}};
+  if (!ok_onp.empty())
+    j["eval_accuracy_on_policy"] = b, j["eval_pairs_on_policy"] = int64_t(ok_onp.size());
+  if (!h.common) return j;
+  const size_t first_common = rows.size();
+  std::vector<uint8_t> ok = ok_gen;
+  const auto ok_c = pair_correct(rm, h.common_on_policy, &rows, "common_on_policy");
+  ok.insert(ok.end(), ok_c.begin(), ok_c.end());
+  j["eval_accuracy_common"] = fraction(ok), j["eval_pairs_common"] = int64_t(ok.size());
+  if (h.compare_with.empty()) return j;
+  RewardModel other(load_policy(ModelSource{.dir = h.compare_with, .tokenizer = h.tokenizer}));
+  std::vector<Pair> common = h.generated;
+  common.insert(common.end(), h.common_on_policy.begin(), h.common_on_policy.end());
   const auto ok2 = pair_correct(other, common);
-  int64_t fixed = 0, broken = 0, n_ok2 = 0;
-  for (size_t i = 0; i < ok.size(); ++i)
-    fixed += ok[i] && !ok2[i], broken += !ok[i] && ok2[i], n_ok2 += ok2[i];
-  j["compared_eval_accuracy_common"] = common.empty() ? 0.0 : double(n_ok2) / double(common.size());
+  int64_t fixed = 0, broken = 0;
+  for (size_t i = 0; i < ok.size(); ++i) {
+    fixed += ok[i] && !ok2[i], broken += !ok[i] && ok2[i];
+    // The common set's rows: the generated ones first, then its own on-policy ones.
+    rows[i < ok_gen.size() ? i : first_common + i - ok_gen.size()]["compared_correct"] =
+        bool(ok2[i]);
+  }
+  j["compared_eval_accuracy_common"] = fraction(ok2);
   j["common_fixed"] = fixed, j["common_broken"] = broken;
   return j;
 }
@@ -161,18 +187,21 @@ nlohmann::json common_metrics(const RewardModel& rm, const std::vector<Pair>& ge
 nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs,
                                      const std::vector<std::string>& eval_on_policy,
                                      const std::vector<std::string>& common_eval_on_policy,
-                                     const std::string& compare_with) {
+                                     const std::string& compare_with,
+                                     const std::string& pairs_path) {
   RewardModel rm(load_policy(model));
   LoadOptions lo;
   lo.max_tokens = rm.policy.model->config().max_seq_len;
-  auto held = to_pairs(rm.policy.tok, load_preferences(eval_prefs, rm.policy.tok, lo, nullptr));
-  auto onp = to_pairs(rm.policy.tok, load_all(eval_on_policy, rm.policy.tok, lo, nullptr));
-  auto j = eval_metrics(rm, held, onp);
-  if (!common_eval_on_policy.empty() || !compare_with.empty())
-    j.update(common_metrics(
-        rm, held,
-        to_pairs(rm.policy.tok, load_all(common_eval_on_policy, rm.policy.tok, lo, nullptr)),
-        compare_with, rm.policy.tokenizer_path));
+  const Tokenizer& tok = rm.policy.tok;
+  HeldOut h{.generated = to_pairs(tok, load_preferences(eval_prefs, tok, lo, nullptr)),
+            .on_policy = to_pairs(tok, load_all(eval_on_policy, tok, lo, nullptr)),
+            .common = !common_eval_on_policy.empty() || !compare_with.empty(),
+            .common_on_policy = to_pairs(tok, load_all(common_eval_on_policy, tok, lo, nullptr)),
+            .compare_with = compare_with,
+            .tokenizer = rm.policy.tokenizer_path};
+  std::vector<nlohmann::json> rows;
+  auto j = held_out_metrics(rm, h, rows);
+  if (!pairs_path.empty()) write_jsonl(pairs_path, rows);
   return j;
 }
 
@@ -282,16 +311,20 @@ PostStageResult run_reward_model(const RewardOptions& o) {
   metrics["train_loss"] = loss;
   metrics["train_pairs"] = int64_t(train.size() + onp.size());
   if (!onp.empty()) metrics["train_pairs_on_policy"] = int64_t(onp.size());
-  metrics.update(eval_metrics(rm, held, held_onp));
-  if (!o.common_eval_on_policy.empty() || !o.compare_with.empty())
-    metrics.update(common_metrics(
-        rm, held,
-        to_pairs(rm.policy.tok, load_all(o.common_eval_on_policy, rm.policy.tok, lo, nullptr)),
-        o.compare_with, rm.policy.tokenizer_path));
+  HeldOut h{.generated = std::move(held),
+            .on_policy = std::move(held_onp),
+            .common = !o.common_eval_on_policy.empty() || !o.compare_with.empty(),
+            .common_on_policy = to_pairs(
+                rm.policy.tok, load_all(o.common_eval_on_policy, rm.policy.tok, lo, nullptr)),
+            .compare_with = o.compare_with,
+            .tokenizer = rm.policy.tokenizer_path};
+  std::vector<nlohmann::json> rows;
+  metrics.update(held_out_metrics(rm, h, rows));
   metrics["skipped"] = skipped;
   spdlog::info("reward model: held-out pairwise accuracy {:.3f} on {} pairs",
                metrics["eval_accuracy"].get<double>(), metrics["eval_pairs"].get<int64_t>());
   rm.save(o.out_dir);
+  write_jsonl(o.pairs_path.empty() ? o.out_dir + "/eval_pairs.jsonl" : o.pairs_path, rows);
   write_final(o.out_dir, metrics);
   return {o.out_dir, metrics};
 }

@@ -99,6 +99,10 @@ struct RewardOptions {
   std::string compare_with;
   double eval_fraction = 0.1;
   std::string out_dir;
+  // Every held-out pair scored, one JSONL record each (set: generated / on_policy /
+  // common_on_policy, prompt, better, worse, both scores, correct, and compared_correct for the
+  // compare_with RM); empty: <out_dir>/eval_pairs.jsonl.
+  std::string pairs_path;
   int64_t steps = 100, batch = 8;
   TrainLoopOptions train;
   LoadOptions load;
@@ -109,10 +113,12 @@ PostStageResult run_reward_model(const RewardOptions& o);
 // eval_accuracy, eval_pairs over the generated held-out pairs plus the on-policy ones, and
 // each part on its own (eval_accuracy_generated, eval_accuracy_on_policy, with their counts);
 // with common_eval_on_policy or compare_with, the common-set figures of RewardOptions too.
+// With pairs_path, every scored pair is written there as run_reward_model's eval_pairs.jsonl.
 nlohmann::json evaluate_reward_model(const ModelSource& model, const std::string& eval_prefs,
                                      const std::vector<std::string>& eval_on_policy = {},
                                      const std::vector<std::string>& common_eval_on_policy = {},
-                                     const std::string& compare_with = "");
+                                     const std::string& compare_with = "",
+                                     const std::string& pairs_path = "");
 
 // ---- Rejection sampling: K samples per prompt, the RM keeps the best ----
 

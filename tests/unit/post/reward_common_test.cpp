@@ -1,6 +1,8 @@
 // The reward model's held-out set common to every round (generated held-out pairs plus an
 // earlier policy's held-out samples) and its pair-by-pair comparison with an earlier RM.
 #include <cmath>
+#include <fstream>
+#include <map>
 
 #include "fixture.h"
 
@@ -65,4 +67,48 @@ TEST_F(PostTest, CommonHeldOutSetComparesRewardModelsPairByPair) {
       evaluate_reward_model({.dir = zero_dir, .tokenizer = tok_path}, gen, {}, {earlier}, rm_dir);
   EXPECT_EQ(r["common_fixed"].get<int64_t>(), 0);
   EXPECT_EQ(r["common_broken"].get<int64_t>(), int64_t(std::lround(acc * 19)));
+}
+
+TEST_F(PostTest, EveryHeldOutPairIsWrittenWithItsScores) {
+  LlamaModel m(tiny_config(tok->vocab_size()), 7);
+  const std::string rm_dir = (dir / "rm").string(), zero_dir = (dir / "zero").string();
+  std::vector<float> h(size_t(m.config().dim));
+  for (size_t i = 0; i < h.size(); ++i) h[i] = float((i * 37) % 11) / 5.f - 1.f;
+  save_policy(m, tok_path, rm_dir, {{"score.weight", Tensor::from_vector(h, {1, m.config().dim})}});
+  save_policy(m, tok_path, zero_dir,
+              {{"score.weight", Tensor::zeros({1, m.config().dim}, DType::f32)}});
+  const std::string gen = write("gen.jsonl", prefs_jsonl(12, 0)),
+                    own = write("own.jsonl", prefs_jsonl(9, 4)),
+                    earlier = write("earlier.jsonl", prefs_jsonl(7, 2));
+  const std::string rows_path = (dir / "pairs.jsonl").string();
+  auto j = evaluate_reward_model({.dir = rm_dir, .tokenizer = tok_path}, gen, {own}, {earlier},
+                                 zero_dir, rows_path);
+  std::ifstream in(rows_path);
+  std::map<std::string, int64_t> n, right;
+  int64_t compared = 0, compared_right = 0;
+  for (std::string line; std::getline(in, line);) {
+    auto r = nlohmann::json::parse(line);
+    const std::string set = r["set"];
+    n[set] += 1, right[set] += r["correct"].get<bool>();
+    // The flag is the scores' comparison, and the texts are the pair's.
+    EXPECT_EQ(r["correct"].get<bool>(),
+              r["better_score"].get<double>() > r["worse_score"].get<double>());
+    EXPECT_EQ(r["prompt"].get<std::string>().rfind("What is ", 0), 0u) << line;
+    EXPECT_NE(r["better"], r["worse"]);
+    // Only the common set (generated + the earlier policy's samples) has the other RM's verdict.
+    EXPECT_EQ(r.contains("compared_correct"), set != "on_policy") << line;
+    if (r.contains("compared_correct"))
+      compared += 1, compared_right += r["compared_correct"].get<bool>();
+  }
+  // The generated pairs once, though they belong to two sets.
+  EXPECT_EQ(n["generated"], 12);
+  EXPECT_EQ(n["on_policy"], 9);
+  EXPECT_EQ(n["common_on_policy"], 7);
+  EXPECT_EQ(right["generated"] + right["on_policy"],
+            std::lround(j["eval_accuracy"].get<double>() * 21));
+  EXPECT_EQ(right["generated"] + right["common_on_policy"],
+            std::lround(j["eval_accuracy_common"].get<double>() * 19));
+  EXPECT_EQ(right["generated"] + right["common_on_policy"], j["common_fixed"].get<int64_t>());
+  EXPECT_EQ(compared, 19);
+  EXPECT_EQ(compared_right, 0);  // the zero head ties every pair
 }
