@@ -98,7 +98,10 @@ Task make_task(Rng& rng) {
     t.prompt = fmt::format(fmt::runtime(alt ? "Say the word {} again." : "Repeat the word {}."), w);
     t.answer = w;
     t.near_miss = upper(w);
-    t.wrong = miss;
+    // Half these clear misses in capitals, mirroring the uppercase task's lower-case ones: with
+    // lower-case misses only, an all-capitals response was the better one in 64% of the pairs
+    // where exactly one response was, and the RMs preferred SPRING to spring (docs/recipes.md).
+    t.wrong = (r / 2) % 2 ? upper(miss) : miss;
   }
   return t;
 }
