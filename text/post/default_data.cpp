@@ -61,7 +61,8 @@ Task make_task(Rng& rng) {
     // The clear miss lies on the other side of the answer from the near miss, so that across
     // the pairs neither the smaller nor the larger number is the better one. A clear miss that
     // was always larger (a * b, or a + b + 10) taught the reward models to prefer the smaller
-    // number, and so the policy's off-by-one-below answers over right ones (docs/recipes.md).
+    // number, and so the policy's off-by-one-below answers over right ones
+    // (docs/post-training-history.md).
     if (side < 0)
       t.wrong = std::to_string(a * b > sum + 1 ? a * b : sum + 10);
     else
@@ -74,7 +75,8 @@ Task make_task(Rng& rng) {
   // Half the clear misses are spliced from two other words ("doc" + "ean"): the policy's own
   // wrong answers are mostly such fragments, not real words. With real words as the only
   // clear misses, the reward models learnt to score any real other word below fragments they
-  // had never seen, and so judged a policy that misspells less as worse (docs/recipes.md).
+  // had never seen, and so judged a policy that misspells less as worse
+  // (docs/post-training-history.md).
   const std::string third = kWords[(wi + 1 + (r + 1) % (kNWords - 1)) % kNWords];  // not w
   const std::string splice =
       other.substr(0, (other.size() + 1) / 2) + third.substr(third.size() / 2);
