@@ -66,10 +66,11 @@ class RewardModel {
   Tensor score;  // (1, dim) "score.weight"
 };
 
-// A subset of `prefs` (kept in order) in which no response text appears more often as the
-// chosen answer, or as the rejected one, than min(times chosen, times rejected) in `prefs`: a
-// pair is kept while both of its responses have room left in their roles. An answer that was
-// only ever right (or only wrong) is dropped. Edited responses are not counted.
+// A subset of `prefs` (kept in order) in which no response text seen in both roles appears
+// more often as the chosen answer, or as the rejected one, than min(times chosen, times
+// rejected) in `prefs`: a pair is kept while both of its responses have room left in their
+// roles. A response only ever chosen (or only rejected) has no limit: it belongs to its own
+// prompts, so no frequency across prompts is there to learn. Edited responses are not counted.
 std::vector<Preference> balance_response_pairs(const std::vector<Preference>& prefs);
 
 struct RewardOptions {

@@ -50,8 +50,9 @@ TEST(DpoPair, AnEditedResponseIsTheChosenOne) {
   EXPECT_EQ(dpo_pair(plain).rejected, "wrong");
 }
 
-// balance_response_pairs: no answer is kept more often in one role than it occurs in the
-// other, pairs keep their order, answers only ever right (or only wrong) drop out.
+// balance_response_pairs: no answer seen in both roles is kept more often in one role than it
+// occurs in the other, pairs keep their order, and answers only ever in one role (a word task's
+// answer, the policy's made-up fragments) are not limited.
 TEST(BalancedPairs, EachAnswerAsOftenChosenAsRejected) {
   auto pref = [](std::string c, std::string r) {
     Preference p;
@@ -59,18 +60,22 @@ TEST(BalancedPairs, EachAnswerAsOftenChosenAsRejected) {
     return p;
   };
   // "14": chosen 3 times, rejected once -> kept once per role. "13": chosen once, rejected 3
-  // times -> once per role. "9" is never rejected, "5" never chosen: their pairs go.
-  const std::vector<Preference> in = {pref("14", "13"), pref("14", "13"), pref("13", "14"),
-                                      pref("14", "5"),  pref("9", "13"),  pref("12", "11"),
-                                      pref("11", "12")};
+  // times -> once per role. "9" is never rejected and "5" never chosen, but their pairs go with
+  // "14" and "13" out of room; "river." vs "rivand." (each in one role only) stay, twice.
+  const std::vector<Preference> in = {
+      pref("14", "13"), pref("14", "13"), pref("13", "14"),
+      pref("14", "5"),  pref("9", "13"),  pref("river.", "rivand."),
+      pref("12", "11"), pref("11", "12"), pref("river.", "rivand.")};
   const auto out = balance_response_pairs(in);
   std::vector<std::pair<std::string, std::string>> got;
   for (const auto& p : out) got.emplace_back(p.chosen, p.rejected);
   const std::vector<std::pair<std::string, std::string>> want = {
-      {"14", "13"}, {"13", "14"}, {"12", "11"}, {"11", "12"}};
+      {"14", "13"}, {"13", "14"}, {"river.", "rivand."},
+      {"12", "11"}, {"11", "12"}, {"river.", "rivand."}};
   EXPECT_EQ(got, want);
+  // Every answer seen in both roles of `in` is kept as often in each.
   std::map<std::string, int> chosen, rejected;
   for (const auto& [c, r] : got) ++chosen[c], ++rejected[r];
-  EXPECT_EQ(chosen, rejected);
+  for (const char* a : {"14", "13", "12", "11"}) EXPECT_EQ(chosen[a], rejected[a]) << a;
   EXPECT_TRUE(balance_response_pairs({}).empty());
 }
