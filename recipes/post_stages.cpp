@@ -10,6 +10,7 @@
 #include "recipes/metrics_sink.h"
 #include "runtime/core/error.h"
 #include "runtime/io/checkpoint.h"
+#include "text/data/text_clean.h"
 #include "text/post/stages.h"
 
 namespace fs = std::filesystem;
@@ -442,8 +443,9 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.sampling.top_k = p.top_k();
       o.sampling.max_new_tokens = or_default(p.max_new_tokens(), o.sampling.max_new_tokens);
       // Two sampling stages of one policy (a round's annotation and its rejection sampling)
-      // must not draw the same samples: the stage's position joins the seed.
-      o.sampling.seed = seed * 1000 + uint64_t(index);
+      // must not draw the same samples: the stage's name joins the seed. Its position did
+      // before, so inserting a stage re-drew every sampler after it (docs/recipes.md).
+      o.sampling.seed = llama3::data::hash64(name, seed);
       f = post::run_rejection_sampling(o).metrics;
       if (p.held_out()) f["held_out"] = true;
       break;
