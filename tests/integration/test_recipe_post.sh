@@ -4,8 +4,9 @@
 # REJECTION_SAMPLING -> SFT on samples -> DPO judged by the RM -> AVERAGE of two post-trained
 # models. Checks the plan, every stage's outputs and
 # metrics (metrics.jsonl lines, final.json values in range), the per-round report table,
-# that a rerun skips finished stages, and that bad post-training fields fail before any
-# work with file:line and the field.
+# that a rerun skips finished stages, that a stage inserted before the samplers leaves their
+# draws unchanged, and that bad post-training fields fail before any work with file:line and
+# the field.
 set -euo pipefail
 BUILD=${1:?build dir}
 SRC=${2:?source dir}
@@ -154,6 +155,22 @@ grep -qE "^\| 2 \| .* \([0-9]+/[0-9]+\) \|" "$OUT/report.txt" || { echo "FAIL: n
 # A rerun skips every finished stage.
 "$L" run "$OUT/post.textproto" --out "$OUT/run" > "$OUT/rerun.log" 2>&1
 test "$(grep -c "finished earlier, skipped" "$OUT/rerun.log")" = 10 || { cat "$OUT/rerun.log"; exit 1; }
+
+# A sampler's draws depend on its stage's name, not its position: with an extra sampling stage
+# inserted before them, the samplers after it draw exactly the same responses as above.
+/usr/bin/python3 - "$OUT/post.textproto" "$OUT/moved.textproto" <<'PY'
+import sys
+s = open(sys.argv[1]).read()
+extra = ('stage {\n  name: "extra" kind: REJECTION_SAMPLING round: 1 data_from: "post_data" init_from: "sft0"\n'
+         '  rejection_sampling { k: 2 max_new_tokens: 4 }\n}\n')
+at = s.index('stage {\n  name: "r1_samples"')
+open(sys.argv[2], "w").write(s[:at] + extra + s[at:])
+PY
+"$L" run "$OUT/moved.textproto" --out "$OUT/moved" > "$OUT/moved.log" 2>&1 || { tail -20 "$OUT/moved.log"; exit 1; }
+for f in r1_samples/sft.jsonl r1_heldout/sft.jsonl r1_rs/sft.jsonl r1_rs/prefs.jsonl; do
+  test -s "$OUT/run/$f" || { echo "FAIL: $f is empty"; exit 1; }
+  cmp -s "$OUT/run/$f" "$OUT/moved/$f" || { echo "FAIL: $f differs once a stage is inserted before it"; exit 1; }
+done
 
 # Validation: bad post-training fields fail before any work, naming file:line and the field.
 expect_fail() {  # expect_fail PATTERN FILE
