@@ -102,7 +102,8 @@ Task make_task(Rng& rng) {
     t.near_miss = upper(w);
     // Half these clear misses in capitals, mirroring the uppercase task's lower-case ones: with
     // lower-case misses only, an all-capitals response was the better one in 64% of the pairs
-    // where exactly one response was, and the RMs preferred SPRING to spring (docs/recipes.md).
+    // where exactly one response was, and the RMs preferred SPRING to spring
+    // (docs/post-training-history.md).
     t.wrong = (r / 2) % 2 ? upper(miss) : miss;
   }
   return t;
