@@ -10,8 +10,16 @@
 //   bench_cuda_step [--seq 4096] [--batch 1] [--layers 16] [--dim 2048] [--heads 32]
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
-//                   [--f32-attn-activations]
+//                   [--f32-attn-activations] [--ce-chunk ROWS] [--gemm-autotune]
+//                   [--separate-sums]
 //
+// --separate-sums turns off the in-place gradient sums (autograd::set_in_place_accumulation):
+// every sum of two gradients is then a separate add pass, as before they existed (A/B).
+// --gemm-autotune sets LLAMA3_GEMM_AUTOTUNE=1 (each GEMM shape times cuBLASLt's best few
+// algorithms on its first call, in the warm-up step, and keeps the fastest).
+// --ce-chunk sets the cross-entropy's rows per chunk (default: every row in one chunk, as
+// PyTorch eager materialises the whole (tokens, vocab) logits; the model's CPU-sized default
+// is 1024, whose four dW GEMMs each read and rewrite the 1 GB f32 classifier gradient).
 // --attn-only times attention forward+backward alone for the same shapes (f32 inputs on the
 // exact f32 kernels; f32 inputs with compute = bf16 and bf16 inputs on the tensor-core
 // kernels), to compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py).
@@ -40,7 +48,7 @@ namespace {
 
 struct Config {
   int64_t seq = 4096, batch = 1, layers = 16, dim = 2048, heads = 32, kv_heads = 8, ffn = 8192,
-          vocab = 128256, steps = 3, warmup = 1;
+          vocab = 128256, steps = 3, warmup = 1, ce_chunk = 0;  // 0: one chunk of every row
   ops::Precision precision = ops::Precision::bf16;
   bool attn_only = false;
   bool profile = false;             // one more step after the timed ones, with per-op GPU times
@@ -81,6 +89,12 @@ Config parse(int argc, char** argv) {
       c.attn_only = true;
     else if (a == "--profile")
       c.profile = true;
+    else if (a == "--separate-sums")
+      autograd::set_in_place_accumulation(false);
+    else if (a == "--gemm-autotune")
+      setenv("LLAMA3_GEMM_AUTOTUNE", "1", 1);  // read when the CUDA backend is created
+    else if (a == "--ce-chunk")
+      c.ce_chunk = next();
     else if (a == "--f32-attn-activations")
       c.f32_attn_act = true;
     else if (a == "--device") {
@@ -211,9 +225,10 @@ int run(const Config& c) {
                 F = c.ffn, V = c.vocab;
   fmt::print(
       "device {}\nconfig: dim {} layers {} heads {} kv heads {} ffn {} vocab {} seq {} "
-      "batch {} precision {}\n",
+      "batch {} precision {} cross-entropy chunk {} rows{}\n",
       be.name(), D, c.layers, H, Hk, F, V, T, B,
-      c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32");
+      c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32", c.ce_chunk > 0 ? c.ce_chunk : B * T,
+      std::getenv("LLAMA3_GEMM_AUTOTUNE") ? " gemm autotune" : "");
 
   double t0 = now();
   std::vector<float> pool(size_t(1) << 24);
@@ -299,7 +314,7 @@ int run(const Config& c) {
     }
     Tensor h = ops::reshape(ops::rmsnorm(x, final_norm, 1e-5f), {B * T, D});
     ops::CrossEntropyOptions co;
-    co.chunk = 1024;
+    co.chunk = c.ce_chunk > 0 ? c.ce_chunk : B * T;
     co.precision = pr;
     Tensor loss = ops::linear_cross_entropy(h, head, tg_t, co);
     x = h = Tensor();

@@ -181,10 +181,32 @@ if [[ -n $BIN ]]; then
   step llama3_step_f32attn 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 --f32-attn-activations
   r=$(result f32attn_llama3_cuda)
   [[ -n $r ]] && note "  same, f32 attention activations" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
+  # A/B of this session's choices, each one reverted alone (same run, same card), and the
+  # GEMM autotuning (opt-in) on top.
+  for v in "ce1024:--ce-chunk 1024:cross-entropy chunk 1024 rows" \
+           "sums:--separate-sums:separate gradient-sum adds" \
+           "autotune:--gemm-autotune:+ GEMM autotuning (opt-in)"; do
+    IFS=: read -r tag flags what <<<"$v"
+    # shellcheck disable=SC2086
+    step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
+    r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_$tag.txt" 2>/dev/null | tail -1)
+    [[ -n $r ]] && note "  $what" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
+  done
 fi
 step torch_eager 120 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --steps 3 --warmup 1
 r=$(result torch_eager)
 [[ -n $r ]] && note "torch eager step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r")" || note "torch eager step" "FAIL" "see torch_eager in gpu-check.log"
+
+# Two sequences per optimizer step (8192 tokens): the optimizer's fixed cost (AdamW is
+# memory-bound, ~15 ms) spread over twice the tokens, on both sides.
+if [[ -n $BIN ]] && (($(left) > 60)); then
+  step llama3_step_b2 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --batch 2 --steps 3 --warmup 1
+  r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_b2.txt" 2>/dev/null | tail -1)
+  [[ -n $r ]] && note "llama3 step batch 2" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+  step torch_eager_b2 50 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --batch 2 --steps 3 --warmup 1
+  r=$(grep -h "^RESULT torch_eager" "$STEPDIR/torch_eager_b2.txt" 2>/dev/null | tail -1)
+  [[ -n $r ]] && note "torch eager step batch 2" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+fi
 
 # ---- attention fwd+bwd, same shapes
 if [[ -n $BIN ]]; then

@@ -8,6 +8,8 @@ namespace llama3::autograd {
 
 namespace {
 thread_local bool t_grad_enabled = true;
+thread_local bool t_in_place = true;
+thread_local int64_t t_in_place_count = 0;
 
 // Sum of two gradients without mutating either (either may be aliased elsewhere).
 Tensor add_grads(const Tensor& a, const Tensor& b) {
@@ -35,10 +37,35 @@ void accumulate_leaf(AutogradMeta& m, Tensor g) {
   }
   for (auto& hook : m.post_accumulate_hooks) hook(m.grad);
 }
+// Offers `n` the pending gradients it may accumulate into (Node::accumulate_into): those of
+// inputs whose producer has a pending sum that only the engine holds (storage without other
+// owners, so no other node's input or saved tensor changes under an in-place add) and that
+// appear once among n's inputs.
+void offer_pending(Node& n, std::unordered_map<Node*, Tensor>& pending) {
+  n.accumulate_into.assign(n.next.size(), Tensor());
+  for (size_t i = 0; i < n.next.size(); ++i) {
+    const auto& e = n.next[i];
+    if (!e || !e->grad_fn) continue;
+    Node* c = e->grad_fn.get();
+    bool once = true;
+    for (size_t j = 0; j < n.next.size(); ++j)
+      if (j != i && n.next[j] && n.next[j]->grad_fn.get() == c) once = false;
+    auto it = pending.find(c);
+    if (!once || it == pending.end()) continue;
+    const Tensor& t = it->second;
+    if (t.is_contiguous() && t.storage().use_count() == 1) n.accumulate_into[i] = t;
+  }
+}
 }  // namespace
 
 bool grad_enabled() {
   return t_grad_enabled;
+}
+void set_in_place_accumulation(bool on) {
+  t_in_place = on;
+}
+int64_t in_place_accumulations() {
+  return t_in_place_count;
 }
 
 NoGradGuard::NoGradGuard() : prev_(t_grad_enabled) {
@@ -105,7 +132,9 @@ void backward(const Tensor& root, const Tensor& grad_in) {
     ready.pop_back();
     Tensor g = std::move(pending[n.get()]);
     pending.erase(n.get());
+    if (t_in_place && n->accumulates()) offer_pending(*n, pending);
     std::vector<Tensor> grads = n->backward(g);
+    n->accumulate_into.clear();
     g = Tensor();
     n->release();
     LLAMA3_CHECK(grads.size() == n->next.size(), "{} returned {} gradients for {} inputs",
@@ -119,6 +148,9 @@ void backward(const Tensor& root, const Tensor& grad_in) {
         auto it = pending.find(c);
         if (it == pending.end())
           pending.emplace(c, std::move(grads[i]));
+        else if (grads[i].data_ptr() == it->second.data_ptr() &&
+                 grads[i].storage() == it->second.storage())
+          it->second = std::move(grads[i]), ++t_in_place_count;  // the node added in place
         else
           it->second = add_grads(it->second, grads[i]);
         if (--deps[c] == 0) ready.push_back(e->grad_fn);

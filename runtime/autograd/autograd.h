@@ -40,6 +40,14 @@ struct Node {
   // The engine's order is unchanged; nodes made ready together are prepared in the order
   // they will run.
   virtual void prepare(const Tensor& grad_out) { (void)grad_out; }
+  // Whether backward() may add its gradient for an input into `accumulate_into` (below).
+  virtual bool accumulates() const { return false; }
+  // Set by the engine just before backward() of a node that accumulates(), one entry per
+  // `next`: where another node's gradient for that input is already pending and nothing else
+  // holds it, that tensor, which backward() may add its own gradient into in place (a GEMM
+  // with beta 1 instead of a separate add pass: one read and write of the sum fewer) and
+  // return as that input's gradient; undefined elsewhere. Cleared after backward().
+  std::vector<Tensor> accumulate_into;
   // Drops saved tensors once backward has run.
   virtual void release() {}
 };
@@ -47,6 +55,13 @@ struct Node {
 namespace autograd {
 
 bool grad_enabled();
+
+// Whether backward offers nodes the pending sums they may add into in place
+// (Node::accumulate_into); on by default, per thread. Off, every sum is a separate add: the
+// same gradients (tests compare the two) at one more pass over each summed gradient.
+void set_in_place_accumulation(bool on);
+// How many gradient sums this thread's backward passes did in place (statistics, tests).
+int64_t in_place_accumulations();
 
 // Disables history recording in its scope (inference, optimizer updates, recompute).
 class NoGradGuard {

@@ -88,8 +88,11 @@ class Backend {
   // x (N, D), w (D) -> y (N, D), rstd (N) f32
   virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y,
                                Tensor& rstd) = 0;
+  // dw accumulates (+=); dx is written, or added to (+=) when accumulate_dx (the residual
+  // stream's gradient summed in place: one pass fewer than a separate add).
   virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
-                                const Tensor& rstd, Tensor& dx, Tensor& dw) = 0;
+                                const Tensor& rstd, Tensor& dx, Tensor& dw,
+                                bool accumulate_dx) = 0;
 
   // x (B, T, H, Dh) rotated in the HF "rotate_half" layout with inv_freq (Dh/2) at
   // positions pos (T) int32: out = x*cos + rotate_half(x)*sin. inverse=true applies the
@@ -114,8 +117,9 @@ class Backend {
 
   // Cross-entropy of logits = h @ w^T over rows with targets >= 0, processed in chunks of
   // `chunk` rows so full-vocabulary logits exist for one chunk only. Returns the summed
-  // loss over valid rows. When dh/dw are defined it also writes dh (N, D) (=) and
-  // accumulates dw (V, D) (+=) for the loss scaled by grad_scale (e.g. 1/n_valid).
+  // loss over valid rows. When dh/dw are defined it also writes dh (N, D) and dw (V, D)
+  // (both =, not +=: the first chunk's dW GEMM overwrites, so dw needs no zero fill and no
+  // read-back of zeros) for the loss scaled by grad_scale (e.g. 1/n_valid).
   // h and w may be bf16 (mixed precision); dh/dw are f32.
   virtual double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                                       int64_t chunk, float grad_scale, Tensor* dh,

@@ -379,7 +379,7 @@ class CpuBackend final : public Backend {
   }
 
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                        Tensor& dx, Tensor& dw) override {
+                        Tensor& dx, Tensor& dw, bool accumulate_dx) override {
     const int64_t d = x.size(-1), n = x.numel() / d;
     dispatch_float(x.dtype(), "rmsnorm_backward", [&]<typename T>() {
       const T *xs = x.data<T>(), *ws = w.data<T>(), *g = dy.data<T>(), *rs = rstd.data<T>();
@@ -388,6 +388,7 @@ class CpuBackend final : public Backend {
       const int nt = cpu_threads();
       // dw is reduced over rows: per-thread partial sums, then added.
       std::vector<T> partial(size_t(nt) * d, T(0));
+      std::vector<T> rowbuf(accumulate_dx ? size_t(nt) * d : 0);
 #pragma omp parallel num_threads(nt) if (n * d > 32768)
       {
         T* acc = partial.data() + size_t(omp_get_thread_num()) * d;
@@ -400,10 +401,22 @@ class CpuBackend final : public Backend {
           for (int64_t c = 0; c < d; ++c) dot += gr[c] * ws[c] * xr[c];
           const T k = dot * r * r / T(d);
           T* dr = dxs + i * d;
+          if (accumulate_dx) {
+            // The row's dx through a scratch row, then added: each term rounded to T first,
+            // as a separate add would (no multiply-add contraction into the sum).
+            T* tmp = rowbuf.data() + size_t(omp_get_thread_num()) * d;
 #pragma omp simd
-          for (int64_t c = 0; c < d; ++c) {
-            dr[c] = r * (gr[c] * ws[c] - xr[c] * k);
-            acc[c] += gr[c] * xr[c] * r;
+            for (int64_t c = 0; c < d; ++c) {
+              tmp[c] = r * (gr[c] * ws[c] - xr[c] * k);
+              acc[c] += gr[c] * xr[c] * r;
+            }
+            for (int64_t c = 0; c < d; ++c) dr[c] += tmp[c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) {
+              dr[c] = r * (gr[c] * ws[c] - xr[c] * k);
+              acc[c] += gr[c] * xr[c] * r;
+            }
           }
         }
       }

@@ -91,7 +91,7 @@ double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
         g.copy_(lc);
       }
       gemm(g, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
-      if (dw) gemm(g, Trans::T, hc, Trans::N, *dw, 1.f, 1.f);
+      if (dw) gemm(g, Trans::T, hc, Trans::N, *dw, 1.f, r0 == 0 ? 0.f : 1.f);
     }
   }
   (void)D;

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "runtime/cuda/common.cuh"
 
@@ -191,10 +193,16 @@ __global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, TY* y, T* 
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
     yr[c] = from_f32<TY>(to_f32(xr[c]) * r * to_f32(w[c]));
 }
+// dx's new value: v, or (acc_dx) the old dx plus v with the add rounded on its own (no
+// multiply-add contraction), as a separate add of the two gradients would round it.
+template <typename T>
+__device__ __forceinline__ T dx_out(T old, float v, bool acc_dx) {
+  return from_f32<T>(acc_dx ? __fadd_rn(to_f32(old), v) : v);
+}
 // Grid-strided over rows; each block keeps its dw partial in its own row of `partial`.
 template <typename T>
 __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
-                                   float* partial, int64_t n, int64_t d) {
+                                   float* partial, int64_t n, int64_t d, bool acc_dx) {
   float* acc = partial + int64_t(blockIdx.x) * d;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) acc[c] = 0.f;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
@@ -208,7 +216,7 @@ __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T*
     T* dr = dx + i * d;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
       const float g = to_f32(gr[c]), xv = to_f32(xr[c]);
-      dr[c] = from_f32<T>(r * (g * to_f32(w[c]) - xv * k));
+      dr[c] = dx_out<T>(dr[c], r * (g * to_f32(w[c]) - xv * k), acc_dx);
       acc[c] += g * xv * r;
     }
   }
@@ -219,7 +227,7 @@ __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T*
 // read-modify-writes the partial for every row).
 template <typename T, int CPT>
 __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
-                                       float* partial, int64_t n, int64_t d) {
+                                       float* partial, int64_t n, int64_t d, bool acc_dx) {
   float wv[CPT], acc[CPT];
 #pragma unroll
   for (int k = 0; k < CPT; ++k) {
@@ -229,23 +237,27 @@ __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, cons
   }
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const T *xr = x + i * d, *gr = dy + i * d;
+    T* dr = dx + i * d;
     const float r = to_f32(rstd[i]);
-    float gv[CPT], xv[CPT];
+    float gv[CPT], xv[CPT], ov[CPT];
     float dot = 0;
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
       gv[k] = c < d ? to_f32(gr[c]) : 0.f;
       xv[k] = c < d ? to_f32(xr[c]) : 0.f;
+      // (the sum's old dx loaded with the row, before the block reduction: loaded after it,
+      // its latency was exposed on every row and the accumulating pass ran 1.7x slower)
+      ov[k] = acc_dx && c < d ? to_f32(dr[c]) : 0.f;
       dot += gv[k] * wv[k] * xv[k];
     }
     dot = block_sum(dot);
     const float kk = dot * r * r / float(d);
-    T* dr = dx + i * d;
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
-      if (c < d) dr[c] = from_f32<T>(r * (gv[k] * wv[k] - xv[k] * kk));
+      const float v = r * (gv[k] * wv[k] - xv[k] * kk);
+      if (c < d) dr[c] = from_f32<T>(acc_dx ? __fadd_rn(ov[k], v) : v);
       acc[k] += gv[k] * xv[k] * r;
     }
   }
@@ -256,13 +268,24 @@ __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, cons
     if (c < d) out[c] = acc[k];
   }
 }
+// dw += the column sums of partial (rows, d). Blocks of 32 columns x 8 row phases: each
+// thread sums every 8th row of its column, then the 8 phases are added in shared memory (one
+// thread a column over every row kept d / 256 blocks busy and ran 500+ dependent loads each).
+constexpr int kReduceCols = 32, kReducePhases = 8;
 template <typename T>
 __global__ void rmsnorm_dw_reduce_kernel(const float* partial, int64_t rows, int64_t d, T* dw) {
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < d;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0;
-    for (int64_t r = 0; r < rows; ++r) s += partial[r * d + c];
-    dw[c] = from_f32<T>(to_f32(dw[c]) + s);
+  __shared__ float sh[kReducePhases][kReduceCols + 1];
+  const int64_t c = int64_t(blockIdx.x) * kReduceCols + threadIdx.x;
+  float s = 0;
+  if (c < d)
+    for (int64_t r = threadIdx.y; r < rows; r += kReducePhases) s += partial[r * d + c];
+  sh[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < d) {
+    float t = 0;
+#pragma unroll
+    for (int k = 0; k < kReducePhases; ++k) t += sh[k][threadIdx.x];
+    dw[c] = from_f32<T>(to_f32(dw[c]) + t);
   }
 }
 
@@ -284,6 +307,55 @@ __global__ void rope_kernel(const T* x, const T* inv_freq, const int32_t* pos, b
     const float x1 = to_f32(xr[j]), x2 = to_f32(xr[j + half]);
     orow[j] = from_f32<T>(x1 * cs - x2 * sn);
     orow[j + half] = from_f32<T>(x2 * cs + x1 * sn);
+  }
+}
+
+// Four rotation pairs a thread (half % 4 == 0; x and out aligned to 4 elements): 8- or
+// 16-byte accesses and 32-bit index arithmetic (the kernel above does 64-bit divisions and
+// 2-byte accesses per element). The same per-element arithmetic as rope_kernel.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float (&f)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    f[0] = a.x, f[1] = a.y, f[2] = c.x, f[3] = c.y;
+  }
+}
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+  } else {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(f[0], f[1]), c = __floats2bfloat162_rn(f[2], f[3]);
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&c));
+  }
+}
+template <typename T>
+__global__ void rope4_kernel(const T* x, const T* inv_freq, const int32_t* pos, bool inverse,
+                             T* out, uint32_t n4, uint32_t tt, uint32_t h, uint32_t dh) {
+  const uint32_t half = dh / 2, q = half / 4;  // groups of four pairs per row
+  for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < n4; e += gridDim.x * blockDim.x) {
+    const uint32_t j = (e % q) * 4, row = e / q;  // row = (bi * tt + ti) * h + hi
+    const uint32_t ti = (row / h) % tt;
+    const float p = float(pos[ti]);
+    const T* xr = x + size_t(row) * dh;
+    T* orow = out + size_t(row) * dh;
+    float x1[4], x2[4], o1[4], o2[4];
+    load4(xr + j, x1), load4(xr + j + half, x2);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float sn, cs;
+      sincosf(p * to_f32(inv_freq[j + k]), &sn, &cs);
+      if (inverse) sn = -sn;
+      o1[k] = x1[k] * cs - x2[k] * sn;
+      o2[k] = x2[k] * cs + x1[k] * sn;
+    }
+    store4(orow + j, o1), store4(orow + j + half, o2);
   }
 }
 
@@ -361,6 +433,68 @@ __global__ void swiglu_bwd_f32x4_kernel(const float4* d, const float4* g, const 
     dg[i] = make_float4(rg[0], rg[1], rg[2], rg[3]);
   }
 }
+// bf16 over 8 elements (one 16-byte access of each operand; the scalar bf16 kernels move
+// 2 bytes per access and ran the bf16 SwiGLU of the mixed-precision step at about half the
+// bandwidth of the f32 ones). The same per-element arithmetic as the kernels above.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 t = __bfloat1622float2(h[k]);
+    f[2 * k] = t.x, f[2 * k + 1] = t.y;
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+  return u;
+}
+__global__ void swiglu_fwd_bf16x8_kernel(const uint4* g, const uint4* u, uint4* o, int64_t n8) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float gg[8], uu[8], r[8];
+    unpack8(g[i], gg), unpack8(u[i], uu);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float s;
+      r[k] = silu_gate(gg[k], s) * uu[k];
+    }
+    o[i] = pack8(r);
+  }
+}
+__global__ void swiglu_bwd_bf16x8_kernel(const uint4* d, const uint4* g, const uint4* u,
+                                         uint4* dg, uint4* du, int64_t n8) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float dd[8], gg[8], uu[8], rg[8], ru[8];
+    unpack8(d[i], dd), unpack8(g[i], gg), unpack8(u[i], uu);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float s = 1.f / (1.f + expf(-gg[k]));
+      ru[k] = dd[k] * gg[k] * s;
+      rg[k] = dd[k] * uu[k] * s * (1.f + gg[k] * (1.f - s));
+    }
+    du[i] = pack8(ru);
+    dg[i] = pack8(rg);
+  }
+}
+// Runs launch(nv) over the first nv = n / width groups of `width` elements (when there are
+// any) and returns how many elements that covers; the caller finishes the tail.
+template <typename Launch>
+int64_t vector_head(int64_t n, int64_t width, Launch&& launch) {
+  const int64_t nv = n / width;
+  if (nv > 0) launch(nv);
+  return nv * width;
+}
+bool bf16x8_ok(KT t, std::initializer_list<const void*> ps) {
+  if (t != KT::bf16) return false;
+  for (const void* p : ps)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
 bool f32x4_ok(KT t, std::initializer_list<const void*> ps) {
   if (t != KT::f32) return false;
   for (const void* p : ps)
@@ -645,20 +779,23 @@ cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, vo
   });
 }
 
+// Blocks (and dw partial rows) of the backward: 4 per SM of a 132-SM H100, each streaming
+// its rows one after the other (with 2 per SM, 264, the pass moved 1.3 TB/s: too few loads
+// in flight).
 int64_t rmsnorm_partial_rows(int64_t n) {
-  return n < 264 ? (n < 1 ? 1 : n) : 264;
+  return n < 528 ? (n < 1 ? 1 : n) : 528;
 }
 
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
-                             cudaStream_t s) {
+                             bool accumulate_dx, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   const int64_t rows = rmsnorm_partial_rows(n);
   return dispatch_ft(t, [&]<typename T>() {
     auto args = [&](auto kern) {
       kern<<<unsigned(rows), kThreads, 0, s>>>(
           static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w),
-          static_cast<const T*>(rstd), static_cast<T*>(dx), partial, n, d);
+          static_cast<const T*>(rstd), static_cast<T*>(dx), partial, n, d, accumulate_dx);
     };
     if (d <= 8 * kThreads)
       args(rmsnorm_bwd_reg_kernel<T, 8>);
@@ -667,7 +804,8 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
     else
       args(rmsnorm_bwd_kernel<T>);
     rmsnorm_dw_reduce_kernel<T>
-        <<<grid_for(d, kThreads), kThreads, 0, s>>>(partial, rows, d, static_cast<T*>(dw));
+        <<<unsigned((d + kReduceCols - 1) / kReduceCols), dim3(kReduceCols, kReducePhases), 0, s>>>(
+            partial, rows, d, static_cast<T*>(dw));
     return cudaGetLastError();
   });
 }
@@ -676,6 +814,22 @@ cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool i
                  KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s) {
   const int64_t n = b * tt * h * (dh / 2);
   if (n == 0) return cudaSuccess;
+  const size_t esz = t == KT::bf16 ? 2 : 4;
+  if ((t == KT::bf16 || t == KT::f32) && (dh / 2) % 4 == 0 && n / 4 <= INT32_MAX &&
+      b * tt * h <= INT32_MAX && reinterpret_cast<uintptr_t>(x) % (4 * esz) == 0 &&
+      reinterpret_cast<uintptr_t>(out) % (4 * esz) == 0) {
+    const int64_t n4 = n / 4;
+    const unsigned grid = unsigned(grid_for(n4, kThreads));
+    if (t == KT::bf16)
+      rope4_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
+          static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(inv_freq), pos,
+          inverse, static_cast<__nv_bfloat16*>(out), uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
+    else
+      rope4_kernel<float><<<grid, kThreads, 0, s>>>(
+          static_cast<const float*>(x), static_cast<const float*>(inv_freq), pos, inverse,
+          static_cast<float*>(out), uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
+    return cudaGetLastError();
+  }
   return dispatch_ft(t, [&]<typename T>() {
     rope_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(
         static_cast<const T*>(x), static_cast<const T*>(inv_freq), pos, inverse,
@@ -688,14 +842,19 @@ cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, in
                            cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   int64_t done = 0;
-  if (f32x4_ok(t, {gate, up, out}) && n >= 4) {
-    const int64_t n4 = n / 4;
-    swiglu_fwd_f32x4_kernel<<<grid_for(n4, kThreads), kThreads, 0, s>>>(
-        static_cast<const float4*>(gate), static_cast<const float4*>(up), static_cast<float4*>(out),
-        n4);
-    done = n4 * 4;
-    if (done == n) return cudaGetLastError();
-  }
+  if (f32x4_ok(t, {gate, up, out}))
+    done = vector_head(n, 4, [&](int64_t nv) {
+      swiglu_fwd_f32x4_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
+          static_cast<const float4*>(gate), static_cast<const float4*>(up),
+          static_cast<float4*>(out), nv);
+    });
+  else if (bf16x8_ok(t, {gate, up, out}))
+    done = vector_head(n, 8, [&](int64_t nv) {
+      swiglu_fwd_bf16x8_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
+          static_cast<const uint4*>(gate), static_cast<const uint4*>(up), static_cast<uint4*>(out),
+          nv);
+    });
+  if (done == n) return cudaGetLastError();
   return dispatch_ft(t, [&]<typename T>() {
     swiglu_fwd_kernel<T><<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
         static_cast<const T*>(gate) + done, static_cast<const T*>(up) + done,
@@ -708,14 +867,20 @@ cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, 
                             void* dup, KT t, int64_t n, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   int64_t done = 0;
-  if (f32x4_ok(t, {dout, gate, up, dgate, dup}) && n >= 4) {
-    const int64_t n4 = n / 4;
-    swiglu_bwd_f32x4_kernel<<<grid_for(n4, kThreads), kThreads, 0, s>>>(
-        static_cast<const float4*>(dout), static_cast<const float4*>(gate),
-        static_cast<const float4*>(up), static_cast<float4*>(dgate), static_cast<float4*>(dup), n4);
-    done = n4 * 4;
-    if (done == n) return cudaGetLastError();
-  }
+  if (f32x4_ok(t, {dout, gate, up, dgate, dup}))
+    done = vector_head(n, 4, [&](int64_t nv) {
+      swiglu_bwd_f32x4_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
+          static_cast<const float4*>(dout), static_cast<const float4*>(gate),
+          static_cast<const float4*>(up), static_cast<float4*>(dgate), static_cast<float4*>(dup),
+          nv);
+    });
+  else if (bf16x8_ok(t, {dout, gate, up, dgate, dup}))
+    done = vector_head(n, 8, [&](int64_t nv) {
+      swiglu_bwd_bf16x8_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
+          static_cast<const uint4*>(dout), static_cast<const uint4*>(gate),
+          static_cast<const uint4*>(up), static_cast<uint4*>(dgate), static_cast<uint4*>(dup), nv);
+    });
+  if (done == n) return cudaGetLastError();
   return dispatch_ft(t, [&]<typename T>() {
     swiglu_bwd_kernel<T><<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
         static_cast<const T*>(dout) + done, static_cast<const T*>(gate) + done,

@@ -52,7 +52,7 @@ cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, vo
 int64_t rmsnorm_partial_rows(int64_t n);
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
-                             cudaStream_t s);
+                             bool accumulate_dx, cudaStream_t s);
 cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
                  KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s);
 cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, int64_t n,

@@ -97,16 +97,27 @@ struct LinearNode : Node {
   Precision p;
   DxHook dx_hook;
   const char* name() const override { return "linear"; }
+  // dx into another consumer's pending gradient of x (q/k/v or gate/up reading one norm
+  // output): the GEMM adds with beta 1, saving the engine's separate add. Not under a
+  // dx_hook, which must see this node's dx alone.
+  bool accumulates() const override { return !dx_hook; }
   std::vector<Tensor> backward(const Tensor& g_in) override {
     Tensor g = as_rows(g_in.contiguous());
     if (p == Precision::bf16) g = to_bf16(g);
     Tensor dx, dw;
     DxPending pending;
     if (next[0]) {
-      dx = Tensor::empty({g.size(0), w.size(1)}, x_dtype, g.device());
-      be(g).gemm(g, Trans::N, w, Trans::N, dx, 1.f, 0.f);
-      if (dx_hook) pending = dx_hook(dx);  // e.g. an all-reduce in flight during the dW GEMM
-      dx = dx.view(x_shape);
+      const Tensor acc = accumulate_into.empty() ? Tensor() : accumulate_into[0];
+      if (acc.defined() && !dx_hook && acc.dtype() == x_dtype && acc.shape() == x_shape) {
+        Tensor a2 = acc.view({g.size(0), w.size(1)});
+        be(g).gemm(g, Trans::N, w, Trans::N, a2, 1.f, 1.f);
+        dx = acc;
+      } else {
+        dx = Tensor::empty({g.size(0), w.size(1)}, x_dtype, g.device());
+        be(g).gemm(g, Trans::N, w, Trans::N, dx, 1.f, 0.f);
+        if (dx_hook) pending = dx_hook(dx);  // e.g. an all-reduce in flight during the dW GEMM
+        dx = dx.view(x_shape);
+      }
     }
     if (next[1]) {
       dw = Tensor::empty(w.shape(), w_dtype, g.device());
@@ -201,11 +212,15 @@ namespace {
 struct RmsNormNode : Node {
   Tensor x, w, rstd;
   const char* name() const override { return "rmsnorm"; }
+  // dx into the residual stream's pending gradient (the residual add's share), in place.
+  bool accumulates() const override { return true; }
   std::vector<Tensor> backward(const Tensor& g) override {
-    Tensor dx = empty_like(x), dw = zeros_like(w);
+    const Tensor acc = accumulate_into.empty() ? Tensor() : accumulate_into[0];
+    const bool in_place = acc.defined() && acc.dtype() == x.dtype() && acc.shape() == x.shape();
+    Tensor dx = in_place ? acc : empty_like(x), dw = zeros_like(w);
     // (A bf16 output's gradient arrives in bf16 unless its consumers return f32.)
     const Tensor gc = g.dtype() == x.dtype() ? g.contiguous() : g.to(x.dtype());
-    be(g).rmsnorm_backward(gc, x, w, rstd, dx, dw);
+    be(g).rmsnorm_backward(gc, x, w, rstd, dx, dw, in_place);
     return {dx, dw};
   }
   void release() override { x = w = rstd = Tensor(); }
@@ -468,7 +483,7 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
   Tensor dh, dw;
   if (need) {
     dh = Tensor::empty(h.shape(), gt, h.device());
-    if (w.requires_grad()) dw = Tensor::zeros(w.shape(), gt, w.device());
+    if (w.requires_grad()) dw = Tensor::empty(w.shape(), gt, w.device());  // written, not +=
   }
   const float gs = float(1.0 / double(n_valid));
   double total = be(h).linear_cross_entropy(hc, wc, tg, opt.chunk, gs, need ? &dh : nullptr,

@@ -176,13 +176,16 @@ std::vector<Case> make_cases() {
     be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
     Tensor dy = input(c, {13, 300}, 32), dx = empty(c, {13, 300});
     Tensor dw = input(c, {300}, 33);  // accumulated into (+=)
-    be.rmsnorm_backward(dy, x, w, rstd, dx, dw);
-    return std::vector<Tensor>{y, rstd, dx, dw};
+    be.rmsnorm_backward(dy, x, w, rstd, dx, dw, false);
+    // dx added to (the in-place sum of the residual stream's gradient)
+    Tensor dx2 = input(c, {13, 300}, 38);
+    be.rmsnorm_backward(dy, x, w, rstd, dx2, dw, true);
+    return std::vector<Tensor>{y, rstd, dx, dw, dx2};
   });
-  // Wider rows: more rows than the 264 partial rows (several rows per block) at d = 2100
+  // Wider rows: more rows than the 528 partial rows (several rows per block) at d = 2100
   // (16 columns a thread in registers), and d = 4100 (the kernel without register rows).
   for (int64_t d : {2100, 4100}) {
-    const int64_t rows = d == 2100 ? 300 : 5;
+    const int64_t rows = d == 2100 ? 600 : 5;
     both("rmsnorm_d" + std::to_string(d), false, [d, rows](const Ctx& c) {
       Backend& be = backend_for(c.dev);
       Tensor x = input(c, {rows, d}, 34), w = input(c, {d}, 35);
@@ -190,8 +193,10 @@ std::vector<Case> make_cases() {
       be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
       Tensor dy = input(c, {rows, d}, 36), dx = empty(c, {rows, d});
       Tensor dw = input(c, {d}, 37);
-      be.rmsnorm_backward(dy, x, w, rstd, dx, dw);
-      return std::vector<Tensor>{y, rstd, dx, dw};
+      be.rmsnorm_backward(dy, x, w, rstd, dx, dw, false);
+      Tensor dx2 = input(c, {rows, d}, 39);
+      be.rmsnorm_backward(dy, x, w, rstd, dx2, dw, true);
+      return std::vector<Tensor>{y, rstd, dx, dw, dx2};
     });
   }
   // f32 x with a bf16 output (the model's norms where the backend prefers bf16 activations).
@@ -203,21 +208,24 @@ std::vector<Case> make_cases() {
                   be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
                   return std::vector<Tensor>{y.to(DType::f32), rstd};
                 }});
-  both("rope", false, [](const Ctx& c) {
-    Backend& be = backend_for(c.dev);
-    const int64_t dh = 16;
-    std::vector<float> f(dh / 2);
-    for (int64_t j = 0; j < dh / 2; ++j) f[j] = float(std::pow(500000.0, -2.0 * j / dh));
-    Tensor inv = Tensor::from_vector(f, {dh / 2}, c.dev).to(c.round).to(c.dt);
-    std::vector<int32_t> p(11);
-    for (int i = 0; i < 11; ++i) p[i] = 5 + 3 * i;
-    Tensor pos = ints(c, p, {11});
-    Tensor x = input(c, {2, 11, 3, dh}, 40), y = empty(c, {2, 11, 3, dh}),
-           z = empty(c, {2, 11, 3, dh});
-    be.rope(x, inv, pos, false, y);
-    be.rope(y, inv, pos, true, z);
-    return std::vector<Tensor>{y, z};
-  });
+  // Head dims 16 and 64 (the CUDA kernel's four-pairs-a-thread path; 64 at positions up to
+  // 4000, as in a 4096-token step) and 12 (half 6: the one-pair-a-thread kernel).
+  for (int64_t dh : {16, 12, 64}) {
+    both(dh == 16 ? std::string("rope") : "rope_d" + std::to_string(dh), false, [dh](const Ctx& c) {
+      Backend& be = backend_for(c.dev);
+      std::vector<float> f(dh / 2);
+      for (int64_t j = 0; j < dh / 2; ++j) f[j] = float(std::pow(500000.0, -2.0 * j / dh));
+      Tensor inv = Tensor::from_vector(f, {dh / 2}, c.dev).to(c.round).to(c.dt);
+      std::vector<int32_t> p(11);
+      for (int i = 0; i < 11; ++i) p[i] = dh == 64 ? 4000 - 397 * i : 5 + 3 * i;
+      Tensor pos = ints(c, p, {11});
+      Tensor x = input(c, {2, 11, 3, dh}, 40), y = empty(c, {2, 11, 3, dh}),
+             z = empty(c, {2, 11, 3, dh});
+      be.rope(x, inv, pos, false, y);
+      be.rope(y, inv, pos, true, z);
+      return std::vector<Tensor>{y, z};
+    });
+  }
   both("swiglu", false, [](const Ctx& c) {
     Backend& be = backend_for(c.dev);
     Tensor g = input(c, {7, 130}, 50, 2.f), u = input(c, {7, 130}, 51), o = empty(c, {7, 130});
@@ -338,7 +346,7 @@ std::vector<Case> make_cases() {
     for (int64_t i = 0; i < N; ++i) tg[i] = i % 5 == 3 ? -1 : int32_t((i * 37) % V);
     Tensor t = ints(c, tg, {N});
     Tensor dh = Tensor::empty({N, D}, DType::f32, c.dev);
-    Tensor dw = input_f32(c, {V, D}, 72);  // accumulated into (+=)
+    Tensor dw = input_f32(c, {V, D}, 72);  // overwritten (=): its old values must not leak in
     const double loss = be.linear_cross_entropy(h, w, t, 16, 0.1f, &dh, &dw);
     const double loss_only = be.linear_cross_entropy(h, w, t, 64, 1.f, nullptr, nullptr);
     return std::vector<Tensor>{scalar(c, loss), scalar(c, loss_only), dh, dw};

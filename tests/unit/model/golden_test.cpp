@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "runtime/autograd/autograd.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/optim/adamw.h"
 #include "text/model/llama.h"
@@ -115,6 +116,29 @@ TEST_F(Golden, ActivationCheckpointingGivesIdenticalGradients) {
   auto pa = a.named_parameters(), pb = b.named_parameters();
   for (size_t i = 0; i < pa.size(); ++i)
     EXPECT_EQ(pa[i].tensor->grad().to_vector<float>(), pb[i].tensor->grad().to_vector<float>()) << pa[i].name;
+}
+
+// Gradient sums done in place (the q/k/v and gate/up projections' dx GEMMs adding into one
+// another's pending sum, the norms' dx into the residual stream's) give the very gradients of
+// separate adds, in f32 and in bf16 mixed precision, and do happen.
+TEST_F(Golden, InPlaceGradientSumsEqualSeparateAdds) {
+  for (auto prec : {ops::Precision::f32, ops::Precision::bf16}) {
+    SCOPED_TRACE(prec == ops::Precision::f32 ? "f32" : "bf16");
+    text::LlamaModel a(cfg, 3), b(cfg, 3);
+    a.options().precision = b.options().precision = prec;
+    autograd::set_in_place_accumulation(false);
+    const int64_t n0 = autograd::in_place_accumulations();
+    a.loss(tokens, targets, doc_ids).backward();
+    EXPECT_EQ(autograd::in_place_accumulations(), n0);
+    autograd::set_in_place_accumulation(true);
+    b.loss(tokens, targets, doc_ids).backward();
+    // per layer: q/k/v (2 sums), gate/up (1), both norms' dx into the residual stream (2)
+    EXPECT_GE(autograd::in_place_accumulations() - n0, 5 * cfg.n_layers);
+    auto pa = a.named_parameters(), pb = b.named_parameters();
+    for (size_t i = 0; i < pa.size(); ++i)
+      EXPECT_EQ(pa[i].tensor->grad().to_vector<float>(), pb[i].tensor->grad().to_vector<float>())
+          << pa[i].name;
+  }
 }
 
 TEST(ModelConfig, FlavoursHaveThePapersShapes) {

@@ -171,6 +171,30 @@ TEST(CrossEntropy, IgnoresNegativeTargetsAndMatchesDirectSoftmax) {
   EXPECT_NEAR(loss, ref / 2, 1e-12);
 }
 
+// The backend writes dw (=) over every chunk: what the buffer held before must not leak into
+// it (the first chunk's dW GEMM runs with beta 0), and a chunked dw equals the one-chunk dw.
+TEST(CrossEntropy, BackendOverwritesDwWhateverItHeld) {
+  Tensor h = randn({7, 4}, 22), w = randn({5, 4}, 23);
+  Tensor t = Tensor::from_vector<int32_t>({1, -1, 4, 0, 2, 3, 1}, {7});
+  Backend& be = backend_for(h.device());
+  auto run = [&](double fill, int64_t chunk) {
+    Tensor dh = Tensor::empty({7, 4}, DType::f64, h.device());
+    Tensor dw = Tensor::full({5, 4}, fill, DType::f64, h.device());
+    be.linear_cross_entropy(h, w, t, chunk, 0.5f, &dh, &dw);
+    return dw.to_vector<double>();
+  };
+  const auto ref = run(0.0, 7);
+  for (auto [fill, chunk] : {std::pair{123.0, int64_t(7)}, {-9.5, int64_t(2)}, {0.0, int64_t(3)}}) {
+    const auto got = run(fill, chunk);
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < ref.size(); ++i)
+      EXPECT_NEAR(got[i], ref[i], 1e-12) << "fill " << fill << " chunk " << chunk << " at " << i;
+  }
+  double norm = 0;
+  for (double x : ref) norm += x * x;
+  EXPECT_GT(norm, 1e-6);  // a real gradient, not zeros
+}
+
 // Queries at explicit key positions (KV-cache decoding, context-parallel chunks): the
 // backward against finite differences, and the forward equal to the matching rows of the
 // full attention.
