@@ -17,9 +17,11 @@
 // every sum of two gradients is then a separate add pass, as before they existed (A/B).
 // --gemm-autotune sets LLAMA3_GEMM_AUTOTUNE=1 (each GEMM shape times cuBLASLt's best few
 // algorithms on its first call, in the warm-up step, and keeps the fastest).
-// --ce-chunk sets the cross-entropy's rows per chunk (default: every row in one chunk, as
-// PyTorch eager materialises the whole (tokens, vocab) logits; the model's CPU-sized default
-// is 1024, whose four dW GEMMs each read and rewrite the 1 GB f32 classifier gradient).
+// --ce-chunk sets the cross-entropy's rows per chunk (default: the backend's choice, as the
+// model's ce_chunk of 0: on CUDA rows of up to 4 GiB of f32 logits, so every row of a 4096- or
+// 8192-token step in one chunk, as PyTorch eager materialises the whole (tokens, vocab)
+// logits; --ce-chunk 1024, the CPU's choice, gives four dW GEMMs that each read and rewrite
+// the 1 GB f32 classifier gradient).
 // --attn-only times attention forward+backward alone for the same shapes (f32 inputs on the
 // exact f32 kernels; f32 inputs with compute = bf16 and bf16 inputs on the tensor-core
 // kernels), to compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py).
@@ -28,6 +30,7 @@
 // Exits 77 when there is no CUDA device.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -48,7 +51,7 @@ namespace {
 
 struct Config {
   int64_t seq = 4096, batch = 1, layers = 16, dim = 2048, heads = 32, kv_heads = 8, ffn = 8192,
-          vocab = 128256, steps = 3, warmup = 1, ce_chunk = 0;  // 0: one chunk of every row
+          vocab = 128256, steps = 3, warmup = 1, ce_chunk = 0;  // 0: the backend's choice
   ops::Precision precision = ops::Precision::bf16;
   bool attn_only = false;
   bool profile = false;             // one more step after the timed ones, with per-op GPU times
@@ -227,7 +230,8 @@ int run(const Config& c) {
       "device {}\nconfig: dim {} layers {} heads {} kv heads {} ffn {} vocab {} seq {} "
       "batch {} precision {} cross-entropy chunk {} rows{}\n",
       be.name(), D, c.layers, H, Hk, F, V, T, B,
-      c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32", c.ce_chunk > 0 ? c.ce_chunk : B * T,
+      c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32",
+      std::min(B * T, c.ce_chunk > 0 ? c.ce_chunk : be.cross_entropy_chunk(V)),
       std::getenv("LLAMA3_GEMM_AUTOTUNE") ? " gemm autotune" : "");
 
   double t0 = now();
@@ -314,7 +318,7 @@ int run(const Config& c) {
     }
     Tensor h = ops::reshape(ops::rmsnorm(x, final_norm, 1e-5f), {B * T, D});
     ops::CrossEntropyOptions co;
-    co.chunk = c.ce_chunk > 0 ? c.ce_chunk : B * T;
+    co.chunk = c.ce_chunk > 0 ? c.ce_chunk : be.cross_entropy_chunk(V);
     co.precision = pr;
     Tensor loss = ops::linear_cross_entropy(h, head, tg_t, co);
     x = h = Tensor();

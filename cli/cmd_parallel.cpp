@@ -23,7 +23,7 @@ constexpr const char* kUsage =
     "usage: mpirun -np N llama3 parallel [--dp-replicate 1] [--dp-shard 1] [--cp 1] [--tp 1] [--pp 1]\n"
     "          [--microbatches 1] [--virtual-stages 1] [--checkpointing] [--no-overlap] [--flavour debug]\n"
     "          [--device cpu|cuda]\n"
-    "          [--layers L] [--ce-chunk 1024] [--precision f32|bf16]\n"
+    "          [--layers L] [--ce-chunk ROWS] [--precision f32|bf16]\n"
     "          [--batch 8] [--seq 32] [--steps 5] [--lr 1e-2] [--clip 1.0] [--eps 1e-8] [--docs] [--seed 0]\n"
     "          [--plain] [--dump FILE] [--reference FILE] [--tol 1e-5] [--loss-tol TOL] [--timeout 60]\n"
     "          [--save DIR] [--load DIR]\n"

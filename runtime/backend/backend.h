@@ -57,6 +57,13 @@ class Backend {
   // they compute in f32 only (CPU), so the model stays one code path either way. The
   // residual stream, norms and losses stay f32.
   virtual bool bf16_activations() const { return false; }
+  // Rows per cross-entropy chunk when the caller leaves the choice to the backend (a model's
+  // ce_chunk of 0): CPU 1024, which keeps a chunk's logits in cache-friendly pieces; CUDA
+  // more (cuda_backend.cpp).
+  virtual int64_t cross_entropy_chunk(int64_t vocab) const {
+    (void)vocab;
+    return 1024;
+  }
 
   // ---- memory ----
   // Strided copy with dtype conversion; src and dst on this device (or host for CPU).

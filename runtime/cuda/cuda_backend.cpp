@@ -226,6 +226,12 @@ class CudaBackend final : public Backend {
 
   // ---------------------------------------------------------------- GEMM
   bool bf16_activations() const override { return true; }
+  // Rows whose f32 logits take up to 4 GiB (at least 1024): a 4096-token step at vocabulary
+  // 128256 in one chunk, whose dW GEMM writes the classifier gradient once (1024-row chunks
+  // each read and rewrite it: 1.5-1.9 ms of a 99 ms step on an H100).
+  int64_t cross_entropy_chunk(int64_t vocab) const override {
+    return std::max<int64_t>(1024, (int64_t(4) << 30) / (std::max<int64_t>(vocab, 1) * 4));
+  }
 
   void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, float alpha,
             float beta) override {

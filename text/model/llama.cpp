@@ -145,10 +145,14 @@ Tensor LlamaModel::hidden(const Tensor& tokens, const Tensor& doc_ids) const {
   return ops::reshape(h, {B * T, cfg_.dim});
 }
 
+int64_t LlamaModel::ce_chunk_rows(const Device& device) const {
+  return opts_.ce_chunk > 0 ? opts_.ce_chunk : backend_for(device).cross_entropy_chunk(cfg_.vocab_size);
+}
+
 Tensor LlamaModel::loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids) const {
   Tensor h = hidden(tokens, doc_ids);
   ops::CrossEntropyOptions o;
-  o.chunk = opts_.ce_chunk;
+  o.chunk = ce_chunk_rows(h.device());
   o.precision = opts_.precision;
   return ops::linear_cross_entropy(h, head_->weight, targets.to(h.device()).view({-1}), o);
 }

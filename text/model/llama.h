@@ -18,7 +18,7 @@ namespace llama3::text {
 struct ModelOptions {
   ops::Precision precision = ops::Precision::f32;  // GEMM inputs (mixed precision: bf16)
   bool activation_checkpointing = false;            // recompute each block in backward
-  int64_t ce_chunk = 1024;                          // rows per cross-entropy chunk
+  int64_t ce_chunk = 0;  // rows per cross-entropy chunk; 0: Backend::cross_entropy_chunk
 };
 
 class Attention : public nn::Module {
@@ -75,6 +75,9 @@ class LlamaModel : public nn::Module {
   const LlamaConfig& config() const { return cfg_; }
   ModelOptions& options() { return opts_; }
   const ModelOptions& options() const { return opts_; }
+  // Rows per cross-entropy chunk on `device`: options().ce_chunk when set, else the backend's
+  // choice for this vocabulary.
+  int64_t ce_chunk_rows(const Device& device) const;
   const Tensor& inv_freq() const { return inv_freq_; }
   // Blocks and heads, for the parallelize step and generation.
   std::vector<Block*> blocks() const;

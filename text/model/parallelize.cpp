@@ -631,7 +631,7 @@ double ParallelLlama::run_step(const Tensor& tokens, const Tensor& targets, cons
     if (last) {
       Tensor hn = ops::reshape(model_.norm()(h), {Bm * T, D});
       ops::CrossEntropyOptions o;
-      o.chunk = model_.options().ce_chunk;
+      o.chunk = model_.ce_chunk_rows(hn.device());
       o.precision = model_.options().precision;
       const double nv = mb_valid[size_t(i)];
       if (nv > 0) {

@@ -47,7 +47,7 @@ namespace {
 Tensor row_logps(const LlamaModel& m, const DpoRows& rows) {
   Tensor h = m.hidden(Tensor::from_vector(rows.tokens, {2 * rows.n, rows.T}));
   return ops::sequence_logprob(h, m.lm_head().weight, rows.targets_t(), 2 * rows.n,
-                               m.options().ce_chunk);
+                               m.ce_chunk_rows(h.device()));
 }
 Tensor pick(const Tensor& v, int64_t from, int64_t n) {
   std::vector<int64_t> idx(static_cast<size_t>(n));

@@ -141,6 +141,16 @@ TEST_F(Golden, InPlaceGradientSumsEqualSeparateAdds) {
   }
 }
 
+// ce_chunk 0 leaves the rows per cross-entropy chunk to the backend (CPU: 1024); a set value
+// is used as given.
+TEST(ModelOptions, CrossEntropyChunkIsTheBackendsUnlessSet) {
+  text::LlamaModel m(golden_config(), 1);
+  EXPECT_EQ(m.options().ce_chunk, 0);
+  EXPECT_EQ(m.ce_chunk_rows(Device::cpu()), 1024);
+  m.options().ce_chunk = 48;
+  EXPECT_EQ(m.ce_chunk_rows(Device::cpu()), 48);
+}
+
 TEST(ModelConfig, FlavoursHaveThePapersShapes) {
   auto c = text::llama3_flavour("8B");
   EXPECT_EQ(c.dim, 4096);
