@@ -4,6 +4,8 @@
 // two words is the one in capitals.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -25,8 +27,14 @@ bool all_capitals(const std::string& s) {
 // data's training and held-out pairs (edited > chosen > rejected).
 template <class F>
 void for_each_default_pair(F f) {
+  // One directory per test and process: ctest runs the tests of this file in parallel, and a
+  // shared path let one test remove the other's tokenizer file mid-run.
   const std::string dir =
-      (std::filesystem::temp_directory_path() / "llama3_default_data_test").string();
+      (std::filesystem::temp_directory_path() /
+       ("llama3_default_data_test_" +
+        std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) + "_" +
+        std::to_string(::getpid())))
+          .string();
   std::filesystem::remove_all(dir);
   // A tokenizer file is only copied; the data itself does not need a real one.
   const std::string tok = dir + ".tok";
