@@ -14,3 +14,16 @@ echo "$out"
 first=$(sed -n 's/^step 1 loss \([0-9.]*\).*/\1/p' <<<"$out")
 last=$(sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p' <<<"$out")
 awk -v f="$first" -v l="$last" 'BEGIN { ok = (f > 4.3 && f < 4.9 && l < f); if (!ok) print "loss " f " -> " l " (want ~4.62 falling)"; exit !ok }'
+
+# The A/B switches scripts/gpu-check.sh uses must parse and run here too. Separate gradient-sum
+# adds give the same printed loss (the in-place sums change no rounding on CPU: bitwise in
+# Golden.InPlaceGradientSumsEqualSeparateAdds); 16-row cross-entropy chunks sum dW in another
+# order, so within 1e-3.
+args=(--device cpu --seq 64 --layers 2 --dim 64 --heads 4 --kv-heads 2 --ffn 96 --vocab 101
+  --steps 3 --warmup 1)
+sep=$("$bin" "${args[@]}" --separate-sums | sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p')
+[[ $sep == "$last" ]] || { echo "--separate-sums: loss $sep, in-place sums $last"; exit 1; }
+chunk=$("$bin" "${args[@]}" --ce-chunk 16 --gemm-autotune | sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p')
+awk -v a="$chunk" -v b="$last" 'BEGIN { d = a - b; if (d < 0) d = -d; ok = a != "" && d < 1e-3;
+  if (!ok) print "--ce-chunk 16: loss " a ", one chunk " b; exit !ok }'
+echo "switches ok: separate sums $sep, 16-row chunks $chunk"
