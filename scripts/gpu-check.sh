@@ -6,6 +6,9 @@
 # communicator (unit_model ParallelDevice*), the attention fwd+bwd timing against torch SDPA, the
 # Llama 1B-class training step (bench_cuda_step, seq 4096 with a 2048 fallback) against
 # PyTorch eager (and torch.compile when time is left) with a per-op GPU profile of one step,
+# the step again with single choices reverted (f32 attention activations, 1024-row
+# cross-entropy chunks, separate gradient-sum adds) and with GEMM autotuning, both sides at
+# two sequences per step,
 # the NCCL communicator's collectives and all_reduce bandwidth, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
