@@ -488,19 +488,15 @@ int64_t vector_head(int64_t n, int64_t width, Launch&& launch) {
   if (nv > 0) launch(nv);
   return nv * width;
 }
-bool bf16x8_ok(KT t, std::initializer_list<const void*> ps) {
-  if (t != KT::bf16) return false;
+// Whether the 16-byte kernels (float4 of f32, 8 bf16) apply: storage type `want`, every
+// pointer 16-byte aligned.
+bool vec16_ok(KT t, KT want, std::initializer_list<const void*> ps) {
+  if (t != want) return false;
   for (const void* p : ps)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
 }
-
-bool f32x4_ok(KT t, std::initializer_list<const void*> ps) {
-  if (t != KT::f32) return false;
-  for (const void* p : ps)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  return true;
-}
+bool f32x4_ok(KT t, std::initializer_list<const void*> ps) { return vec16_ok(t, KT::f32, ps); }
 
 // ---------------------------------------------------------------- adamw
 // One element (same arithmetic order as the CPU backend and torch's single-tensor AdamW).
@@ -848,7 +844,7 @@ cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, in
           static_cast<const float4*>(gate), static_cast<const float4*>(up),
           static_cast<float4*>(out), nv);
     });
-  else if (bf16x8_ok(t, {gate, up, out}))
+  else if (vec16_ok(t, KT::bf16, {gate, up, out}))
     done = vector_head(n, 8, [&](int64_t nv) {
       swiglu_fwd_bf16x8_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
           static_cast<const uint4*>(gate), static_cast<const uint4*>(up), static_cast<uint4*>(out),
@@ -874,7 +870,7 @@ cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, 
           static_cast<const float4*>(up), static_cast<float4*>(dgate), static_cast<float4*>(dup),
           nv);
     });
-  else if (bf16x8_ok(t, {dout, gate, up, dgate, dup}))
+  else if (vec16_ok(t, KT::bf16, {dout, gate, up, dgate, dup}))
     done = vector_head(n, 8, [&](int64_t nv) {
       swiglu_bwd_bf16x8_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
           static_cast<const uint4*>(dout), static_cast<const uint4*>(gate),
