@@ -10,13 +10,10 @@
 //   bench_cuda_step [--seq 4096] [--batch 1] [--layers 16] [--dim 2048] [--heads 32]
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
-//                   [--f32-attn-activations] [--ce-chunk ROWS] [--gemm-autotune]
-//                   [--separate-sums]
+//                   [--f32-attn-activations] [--ce-chunk ROWS] [--separate-sums]
 //
 // --separate-sums turns off the in-place gradient sums (autograd::set_in_place_accumulation):
 // every sum of two gradients is then a separate add pass, as before they existed (A/B).
-// --gemm-autotune sets LLAMA3_GEMM_AUTOTUNE=1 (each GEMM shape times cuBLASLt's best few
-// algorithms on its first call, in the warm-up step, and keeps the fastest).
 // --ce-chunk sets the cross-entropy's rows per chunk (default: the backend's choice, as the
 // model's ce_chunk of 0: on CUDA rows of up to 4 GiB of f32 logits, so every row of a 4096- or
 // 8192-token step in one chunk, as PyTorch eager materialises the whole (tokens, vocab)
@@ -94,8 +91,6 @@ Config parse(int argc, char** argv) {
       c.profile = true;
     else if (a == "--separate-sums")
       autograd::set_in_place_accumulation(false);
-    else if (a == "--gemm-autotune")
-      setenv("LLAMA3_GEMM_AUTOTUNE", "1", 1);  // read when the CUDA backend is created
     else if (a == "--ce-chunk")
       c.ce_chunk = next();
     else if (a == "--f32-attn-activations")
@@ -228,11 +223,10 @@ int run(const Config& c) {
                 F = c.ffn, V = c.vocab;
   fmt::print(
       "device {}\nconfig: dim {} layers {} heads {} kv heads {} ffn {} vocab {} seq {} "
-      "batch {} precision {} cross-entropy chunk {} rows{}\n",
+      "batch {} precision {} cross-entropy chunk {} rows\n",
       be.name(), D, c.layers, H, Hk, F, V, T, B,
       c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32",
-      std::min(B * T, c.ce_chunk > 0 ? c.ce_chunk : be.cross_entropy_chunk(V)),
-      std::getenv("LLAMA3_GEMM_AUTOTUNE") ? " gemm autotune" : "");
+      std::min(B * T, c.ce_chunk > 0 ? c.ce_chunk : be.cross_entropy_chunk(V)));
 
   double t0 = now();
   std::vector<float> pool(size_t(1) << 24);

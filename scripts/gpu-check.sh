@@ -7,8 +7,7 @@
 # Llama 1B-class training step (bench_cuda_step, seq 4096 with a 2048 fallback) against
 # PyTorch eager (and torch.compile when time is left) with a per-op GPU profile of one step,
 # the step again with single choices reverted (f32 attention activations, 1024-row
-# cross-entropy chunks, separate gradient-sum adds) and with GEMM autotuning, both sides at
-# two sequences per step,
+# cross-entropy chunks, separate gradient-sum adds), both sides at two sequences per step,
 # the NCCL communicator's collectives and all_reduce bandwidth, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
@@ -184,11 +183,9 @@ if [[ -n $BIN ]]; then
   step llama3_step_f32attn 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 --f32-attn-activations
   r=$(result f32attn_llama3_cuda)
   [[ -n $r ]] && note "  same, f32 attention activations" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
-  # A/B of this session's choices, each one reverted alone (same run, same card), and the
-  # GEMM autotuning (opt-in) on top.
+  # A/B: choices of the step, each one reverted alone (same run, same card).
   for v in "ce1024:--ce-chunk 1024:cross-entropy chunk 1024 rows" \
-           "sums:--separate-sums:separate gradient-sum adds" \
-           "autotune:--gemm-autotune:+ GEMM autotuning (opt-in)"; do
+           "sums:--separate-sums:separate gradient-sum adds"; do
     IFS=: read -r tag flags what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags

@@ -7,11 +7,9 @@
 #include <array>
 #include <cmath>
 #include <cstdlib>
-#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -127,9 +125,6 @@ struct GemmPlan {
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulAlgo_t algo{};
   bool legacy = false;  // cuBLASLt had no algorithm (odd alignment): cublasGemmStridedBatchedEx
-  // LLAMA3_GEMM_AUTOTUNE=1: the heuristic's best few algorithms, timed on the first call.
-  std::vector<cublasLtMatmulAlgo_t> candidates;
-  bool tuned = false;
   ~GemmPlan() {
     if (la) cublasLtMatrixLayoutDestroy(la);
     if (lb) cublasLtMatrixLayoutDestroy(lb);
@@ -294,7 +289,6 @@ class CudaBackend final : public Backend {
                 align_of(b.data_ptr()),
                 align_of(c.data_ptr())};
     GemmPlan& plan = gemm_plan(key);
-    if (!plan.tuned && !plan.legacy) autotune(plan, key, a, b, c, alpha, beta);
     if (plan.legacy) {
       const cudaDataType_t in_t = a.dtype() == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
       LLAMA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
@@ -677,11 +671,6 @@ class CudaBackend final : public Backend {
 
  private:
   static constexpr size_t kWorkspace = size_t(32) << 20;
-  static constexpr int kAutotuneCandidates = 8, kAutotuneReps = 3;
-  const bool autotune_ = [] {
-    const char* e = std::getenv("LLAMA3_GEMM_AUTOTUNE");
-    return e != nullptr && std::string(e) == "1";
-  }();
 
   struct ProfRec {
     std::string name;
@@ -847,43 +836,6 @@ class CudaBackend final : public Backend {
                                      end.data<int32_t>(), stream_));
   }
 
-  // LLAMA3_GEMM_AUTOTUNE=1 (as torch.backends.cudnn.benchmark): the first call of each GEMM
-  // plan times the heuristic's best kAutotuneCandidates algorithms on its own operands (into a
-  // scratch output, so c is untouched when beta != 0) and keeps the fastest. Off by default:
-  // algorithms may round differently, and timing noise can pick a different one per process,
-  // so tuned runs are not bitwise reproducible across processes.
-  void autotune(GemmPlan& plan, const GemmKey& key, const Tensor& a, const Tensor& b,
-                const Tensor& c, float alpha, float beta) {
-    plan.tuned = true;
-    if (plan.candidates.size() < 2) return;
-    const int64_t extent = (key.batch - 1) * key.sc + (key.m - 1) * key.ldc + key.n;
-    Tensor d = Tensor::empty({extent}, c.dtype(), device());
-    cudaEvent_t e0 = nullptr, e1 = nullptr;
-    LLAMA3_CUDA_CHECK(cudaEventCreate(&e0));
-    LLAMA3_CUDA_CHECK(cudaEventCreate(&e1));
-    float best = std::numeric_limits<float>::infinity();
-    cublasLtMatmulAlgo_t chosen = plan.algo;
-    for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
-      auto launch = [&] {
-        return cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(), plan.lb,
-                              &beta, c.data_ptr(), plan.lc, d.data_ptr(), plan.lc, &algo,
-                              workspace_, kWorkspace, stream_);
-      };
-      if (launch() != CUBLAS_STATUS_SUCCESS) continue;  // (warm-up) this one cannot run here
-      LLAMA3_CUDA_CHECK(cudaEventRecord(e0, stream_));
-      bool ok = true;
-      for (int r = 0; r < kAutotuneReps && ok; ++r) ok = launch() == CUBLAS_STATUS_SUCCESS;
-      LLAMA3_CUDA_CHECK(cudaEventRecord(e1, stream_));
-      LLAMA3_CUDA_CHECK(cudaEventSynchronize(e1));
-      float ms = 0;
-      LLAMA3_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      if (ok && ms < best) best = ms, chosen = algo;
-    }
-    cudaEventDestroy(e0), cudaEventDestroy(e1);
-    plan.algo = chosen;
-    plan.candidates.clear();
-  }
-
   GemmPlan& gemm_plan(const GemmKey& key) {
     std::lock_guard<std::mutex> lock(plans_mu_);
     auto it = plans_.find(key);
@@ -931,17 +883,13 @@ class CudaBackend final : public Backend {
                                          sizeof(al_c));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
                                          sizeof(al_c));
-    cublasLtMatmulHeuristicResult_t res[kAutotuneCandidates]{};
+    cublasLtMatmulHeuristicResult_t res{};
     int found = 0;
-    const int want = autotune_ ? kAutotuneCandidates : 1;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-        lt_, plan->op, plan->la, plan->lb, plan->lc, plan->lc, pref, want, res, &found);
+        lt_, plan->op, plan->la, plan->lb, plan->lc, plan->lc, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-      plan->algo = res[0].algo;
-      plan->tuned = !autotune_ || found < 2;
-      for (int i = 0; i < found && !plan->tuned; ++i)
-        if (res[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(res[i].algo);
+      plan->algo = res.algo;
     } else {
       // Misaligned views (e.g. a narrowed bf16 matrix): the classic API handles any alignment.
       LLAMA3_CHECK(key.m <= INT32_MAX && key.n <= INT32_MAX && key.k <= INT32_MAX &&

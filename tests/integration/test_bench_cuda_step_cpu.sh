@@ -23,7 +23,7 @@ args=(--device cpu --seq 64 --layers 2 --dim 64 --heads 4 --kv-heads 2 --ffn 96 
   --steps 3 --warmup 1)
 sep=$("$bin" "${args[@]}" --separate-sums | sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p')
 [[ $sep == "$last" ]] || { echo "--separate-sums: loss $sep, in-place sums $last"; exit 1; }
-chunk=$("$bin" "${args[@]}" --ce-chunk 16 --gemm-autotune | sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p')
+chunk=$("$bin" "${args[@]}" --ce-chunk 16 | sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p')
 awk -v a="$chunk" -v b="$last" 'BEGIN { d = a - b; if (d < 0) d = -d; ok = a != "" && d < 1e-3;
   if (!ok) print "--ce-chunk 16: loss " a ", one chunk " b; exit !ok }'
 echo "switches ok: separate sums $sep, 16-row chunks $chunk"
