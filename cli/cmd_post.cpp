@@ -22,7 +22,7 @@ const char* kUsage =
     "TRAIN\n"
     "  rs      --model DIR --rm DIR --prompts FILE --out DIR [--k 8] [--temperature 1] [--top-p "
     "0.95] [--require-correct]\n"
-    "          [--max-new 24] [--min-score X]\n"
+    "          [--max-new 24] [--min-score X] [--rank-wrong-pairs]\n"
     "  dpo     --prefs FILE [--prefs ...] --out DIR [--eval FILE] [--rm DIR] [--eval-prompts "
     "FILE]\n"
     "          [--beta 0.1] [--alpha 0.2] [--win-samples K] MODEL TRAIN\n"
@@ -133,7 +133,7 @@ int cmd_post(const Args& all) {
     Flags f(args,
             {"--model", "--rm", "--prompts", "--out", "--k", "--temperature", "--top-p", "--top-k",
              "--max-new", "--min-score", "--seed", "--bad-input"},
-            {"--require-correct"}, kUsage);
+            {"--require-correct", "--rank-wrong-pairs"}, kUsage);
     RejectionOptions o;
     o.policy.dir = f.required("--model");
     o.reward_model = f.required("--rm");
@@ -147,6 +147,7 @@ int cmd_post(const Args& all) {
     o.sampling.seed = uint64_t(f.integer("--seed", 0));
     o.min_score = f.real("--min-score", o.min_score);
     o.require_correct = f.has("--require-correct");
+    o.rank_wrong_pairs = f.has("--rank-wrong-pairs");
     o.load = load_opts(f);
     return print(run_rejection_sampling(o));
   }

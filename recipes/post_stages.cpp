@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 
 #include "recipes/metrics_sink.h"
 #include "runtime/core/error.h"
@@ -223,6 +224,9 @@ void validate_post_stage(const LoadedRecipe& lr, int i) {
       s.rejection_sampling().require_correct())
     c.error("rejection_sampling.require_correct",
             "a held_out stage only annotates (its samples train nothing)");
+  if (k == REJECTION_SAMPLING && s.rejection_sampling().rank_wrong_pairs() &&
+      s.reward_model_from().empty())
+    c.error("rejection_sampling.rank_wrong_pairs", "needs reward_model_from (the RM that ranks)");
 
   // Optimisation (the sampling stage trains nothing).
   const auto& o = s.optimizer();
@@ -437,6 +441,7 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.out_dir = dir;
       o.k = or_default(p.k(), o.k);
       if (p.has_min_score()) o.min_score = p.min_score();
+      o.rank_wrong_pairs = p.rank_wrong_pairs();
       o.require_correct = p.require_correct();
       o.sampling.temperature = float(or_default(p.temperature(), double(o.sampling.temperature)));
       o.sampling.top_p = float(or_default(p.top_p(), double(o.sampling.top_p)));
@@ -456,6 +461,10 @@ json run_post_stage(const LoadedRecipe& lr, int index, const std::string& run_di
       o.model = src;
       if (!p.only_samples()) o.prefs.push_back(data + "/prefs.jsonl");
       for (auto& x : samples("verified_prefs.jsonl")) o.prefs.push_back(x);
+      // The RM-ranked wrong-vs-wrong pairs of annotations with rank_wrong_pairs.
+      for (auto& n : s.samples_from())
+        if (non_empty_file(stage_dir(n) + "/ranked_prefs.jsonl"))
+          o.prefs.push_back(stage_dir(n) + "/ranked_prefs.jsonl");
       LLAMA3_CHECK(!o.prefs.empty(),
                    "stage '{}': no DPO pairs (samples_from produced no verified pairs)", name);
       o.eval_prefs = data + "/eval_prefs.jsonl";
@@ -776,7 +785,8 @@ std::string post_rounds_markdown(const std::string& run_dir) {
   }
   // round -> kind -> final metrics of the round's last stage of that kind (an AVERAGE of RMs
   // or of SFT policies counts as that kind: it is what the round goes on with; for sampling:
-  // the last one scored by a reward model, not an annotation-only stage).
+  // the one the round's SFT trains on, else the last one scored by a reward model, not an
+  // annotation).
   std::map<int, std::map<StageKind, json>> rounds;
   std::map<int, std::vector<std::string>> names;
   std::vector<int> averages;
@@ -785,6 +795,13 @@ std::string post_rounds_markdown(const std::string& run_dir) {
     return fs::exists(p) ? io::read_json(p) : json::object();
   };
   const auto& stages = lr.recipe().stage();
+  // The round's rejection sampling is the one its SFT trains on; annotations (also sampling
+  // stages, some scored by an RM to rank their pairs) do not stand for it.
+  std::set<std::string> sft_samples;
+  for (const Stage& s : stages)
+    if (s.kind() == SFT)
+      for (auto& n : s.samples_from()) sft_samples.insert(n);
+  std::map<int, bool> rs_is_sfts;
   for (int i = 0; i < stages.size(); ++i) {
     const Stage& s = stages[i];
     StageKind k = s.kind();
@@ -799,18 +816,27 @@ std::string post_rounds_markdown(const std::string& run_dir) {
     }
     if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out())
       continue;  // evaluation data only
-    if (k == REJECTION_SAMPLING && s.reward_model_from().empty() && rounds[s.round()].count(k))
-      continue;
+    if (k == REJECTION_SAMPLING) {
+      const bool sfts = sft_samples.count(s.name()) > 0;
+      if (rs_is_sfts[s.round()] && !sfts) continue;  // the round's RS is already in
+      if (!sfts && s.reward_model_from().empty() && rounds[s.round()].count(k)) continue;
+      rs_is_sfts[s.round()] = rs_is_sfts[s.round()] || sfts;
+    }
     rounds[s.round()][k] = final_of(s.name());
   }
   // The round's reward model is the one its rejection sampling scored with (when that is in the
   // round): an AVERAGE that followed it but was not used does not stand for the round.
   std::map<int, std::string> rm_used;
+  std::set<int> rm_from_sfts;  // rounds whose RM came from the RS stage their SFT trains on
   for (int i = 0; i < stages.size(); ++i) {
     const Stage& s = stages[i];
     if (s.kind() == REJECTION_SAMPLING && !s.reward_model_from().empty()) {
       const int j = lr.stage_index(s.reward_model_from());
-      if (j >= 0 && stages[j].round() == s.round()) rm_used[s.round()] = s.reward_model_from();
+      const bool sfts = sft_samples.count(s.name()) > 0;
+      if (j >= 0 && stages[j].round() == s.round() && (sfts || !rm_from_sfts.count(s.round()))) {
+        rm_used[s.round()] = s.reward_model_from();
+        if (sfts) rm_from_sfts.insert(s.round());
+      }
     }
   }
   for (auto& [round, name] : rm_used) rounds[round][REWARD_MODEL] = final_of(name);

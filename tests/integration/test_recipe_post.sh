@@ -37,7 +37,7 @@ stage {
 }
 stage {
   name: "r1_rs" kind: REJECTION_SAMPLING round: 1 data_from: "post_data" init_from: "sft0"
-  reward_model_from: "r1_rm" rejection_sampling { k: 4 max_new_tokens: 12 }
+  reward_model_from: "r1_rm" rejection_sampling { k: 4 max_new_tokens: 12 rank_wrong_pairs: true }
 }
 stage {
   name: "r1_sft" kind: SFT round: 1 data_from: "post_data" init_from: "sft0" samples_from: "r1_rs"
@@ -106,7 +106,21 @@ assert len(kept) == rs["kept"], (len(kept), rs["kept"])
 # The RS samples join the SFT data: 160 dialogs + the kept samples (some may be skipped as too long).
 assert sft1["dialogs"] + sft1["skipped"] == 160 + rs["kept"], (sft1, rs["kept"])
 assert os.path.exists(os.path.join(run, "r1_dpo", "model", "reference_logps.json"))
-assert dpo["train_pairs"] + dpo["skipped"] == 160 + rs["verified_pairs"], (dpo, rs["verified_pairs"])
+# Every sample with its score and verdict; the RM-ranked pairs only where no sample verifies,
+# the RM's best answer against each distinct one it scores lower.
+smp = [json.loads(x) for x in open(os.path.join(run, "r1_rs", "samples.jsonl"))]
+assert len(smp) == rs["prompts"] and all(len(r["samples"]) == 4 for r in smp), len(smp)
+assert all(r["samples"][r["best"]]["score"] == max(x["score"] for x in r["samples"]) for r in smp)
+assert sum(r["samples"][r["best"]]["correct"] for r in smp) == round(rs["best_correct_rate"] * rs["prompts"]), rs
+rp = [json.loads(x) for x in open(os.path.join(run, "r1_rs", "ranked_prefs.jsonl"))]
+assert len(rp) == rs["ranked_wrong_pairs"] > 0, (len(rp), rs)
+def ranks(p, r):  # p is one of r's RM-ranked pairs
+    ok = not any(x["correct"] for x in r["samples"])
+    top = max(x["score"] for x in r["samples"] if x["response"].strip())
+    return ok and p["scores"][0] == top > p["scores"][1] and p["chosen"] in [x["response"] for x in r["samples"]]
+for p in rp:
+    assert any(ranks(p, r) for r in smp if r["prompt"] == p["prompt"]), p
+assert dpo["train_pairs"] + dpo["skipped"] == 160 + rs["verified_pairs"] + rs["ranked_wrong_pairs"], (dpo, rs)
 assert fin("avg")["inputs"] == 2
 # Every judged pair of the win rate, per prompt; the counts in final.json follow from them.
 wr = [json.loads(x) for x in open(os.path.join(run, "r1_dpo", "win_rate.jsonl"))]
@@ -204,5 +218,7 @@ bad 8 's/kind: REWARD_MODEL round: 1 data_from: "post_data"/kind: REWARD_MODEL r
 expect_fail "stage 'r1_rm' field data_from: stage 'sft0' is a SFT stage, not POST_DATA" "$OUT/bad_8.textproto"
 bad 9 's/rejection_sampling { k: 4 max_new_tokens: 12 }/rejection_sampling { k: 4 top_p: 1.5 }/'
 expect_fail "field rejection_sampling.top_p: 1.5 must lie in [0, 1]" "$OUT/bad_9.textproto"
+bad 10 's/rejection_sampling { k: 4 max_new_tokens: 12 }/rejection_sampling { k: 4 rank_wrong_pairs: true }/'
+expect_fail "stage 'r1_samples' field rejection_sampling.rank_wrong_pairs: needs reward_model_from" "$OUT/bad_10.textproto"
 
 echo "test_recipe_post: ok in $(( $(date +%s) - start )) s"

@@ -1,7 +1,8 @@
 // Rejection sampling: K sampled responses per prompt from the policy, scored by the reward
 // model; the best becomes an SFT example, best vs worst a preference pair, and the verifier's
-// correct-vs-wrong samples become on-policy preference pairs. Without a reward model the
-// stage only samples and labels (the annotation step before a round's reward model).
+// correct-vs-wrong samples become on-policy preference pairs; optionally the RM also ranks the
+// samples of prompts none of whose samples verifies. Without a reward model the stage only samples and
+// labels (the annotation step before a round's reward model).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -21,14 +22,18 @@ nlohmann::json messages_json(const Dialog& d) {
   for (auto& m : d) a.push_back({{"role", role_name(m.role)}, {"content", m.content}});
   return a;
 }
+void check_sample_sizes(const char* what, const std::vector<std::string>& responses,
+                        const std::vector<uint8_t>& correct, const std::vector<double>& scores) {
+  LLAMA3_CHECK(correct.size() == responses.size() && scores.size() == responses.size(),
+               "{}: {} responses, {} labels, {} scores", what, responses.size(), correct.size(),
+               scores.size());
+}
 }  // namespace
 
 std::vector<std::pair<size_t, size_t>> verified_pairs(const std::vector<std::string>& responses,
                                                       const std::vector<uint8_t>& correct,
                                                       const std::vector<double>& scores) {
-  LLAMA3_CHECK(correct.size() == responses.size() && scores.size() == responses.size(),
-               "verified_pairs: {} responses, {} labels, {} scores", responses.size(),
-               correct.size(), scores.size());
+  check_sample_sizes("verified_pairs", responses, correct, scores);
   std::vector<size_t> good, bad;
   for (size_t j = 0; j < responses.size(); ++j) {
     if (correct[j])
@@ -47,8 +52,32 @@ std::vector<std::pair<size_t, size_t>> verified_pairs(const std::vector<std::str
   return out;
 }
 
+std::vector<std::pair<size_t, size_t>> ranked_wrong_pairs(const std::vector<std::string>& responses,
+                                                          const std::vector<uint8_t>& correct,
+                                                          const std::vector<double>& scores) {
+  check_sample_sizes("ranked_wrong_pairs", responses, correct, scores);
+  std::vector<std::pair<size_t, size_t>> out;
+  std::vector<size_t> wrong;
+  for (size_t j = 0; j < responses.size(); ++j) {
+    if (correct[j]) return out;
+    if (!trim(responses[j]).empty()) wrong.push_back(j);
+  }
+  if (wrong.empty()) return out;
+  size_t best = wrong[0];  // the first of equal bests
+  for (size_t j : wrong)
+    if (scores[j] > scores[best]) best = j;
+  std::stable_sort(wrong.begin(), wrong.end(),
+                   [&](size_t a, size_t b) { return scores[a] < scores[b]; });
+  std::set<std::string> seen{responses[best]};
+  for (size_t j : wrong)
+    if (scores[j] < scores[best] && seen.insert(responses[j]).second) out.emplace_back(best, j);
+  return out;
+}
+
 PostStageResult run_rejection_sampling(const RejectionOptions& o) {
   LLAMA3_CHECK(o.k >= 1, "rejection sampling: k must be >= 1, got {}", o.k);
+  LLAMA3_CHECK(!o.rank_wrong_pairs || !o.reward_model.empty(),
+               "rejection sampling: rank_wrong_pairs needs a reward model to rank with");
   Policy p = load_policy(o.policy);
   // Without a reward model the stage only samples and lets the verifier label the samples
   // (the paper's annotation of the latest model's outputs, for the next reward model).
@@ -66,10 +95,15 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
   std::filesystem::create_directories(o.out_dir);
   std::ofstream sft(o.out_dir + "/sft.jsonl"), prefs(o.out_dir + "/prefs.jsonl"),
       vprefs(o.out_dir + "/verified_prefs.jsonl");
+  // Every sample with its score and verdict: what a reader needs to see why the RM picked
+  // what it picked (the best-of-K gain is one number over all of them).
+  std::ofstream all(o.out_dir + "/samples.jsonl");
+  std::optional<std::ofstream> rprefs;
+  if (o.rank_wrong_pairs) rprefs.emplace(o.out_dir + "/ranked_prefs.jsonl");
   SamplingOptions so = o.sampling;
   so.stop_ids = stop_ids(p.tok);
   int64_t kept = 0, verified = 0, best_correct = 0, sample_correct = 0, samples = 0, pairs = 0,
-          vpairs = 0, any_correct = 0;
+          vpairs = 0, any_correct = 0, rpairs = 0;
   double sum_best = 0, sum_mean = 0;
   // Per verifiable prompt: the RM's pick is correct (0/1) minus the share of correct samples;
   // the mean is the verifier's best-of-K gain, the spread gives its interval.
@@ -89,29 +123,52 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     for (double s : sc) mean += s;
     mean /= double(sc.size());
     sum_best += sc[best], sum_mean += mean;
+    // One preference pair as a JSONL line (the RM's scores with it where they rank it).
+    auto write_pair = [&](std::ostream& f, size_t c, size_t w, bool with_scores) {
+      nlohmann::json j = {{"prompt", messages_json(prompts[i].messages)},
+                          {"chosen", resp[c]},
+                          {"rejected", resp[w]}};
+      if (with_scores) j["scores"] = {sc[c], sc[w]};
+      f << j.dump() << "\n";
+    };
     const bool has_answer = !prompts[i].answer.empty();
+    std::vector<uint8_t> ok;
+    if (has_answer)
+      for (auto& r : resp) ok.push_back(verify(prompts[i], r));
+    {
+      nlohmann::json rec = {{"prompt", messages_json(prompts[i].messages)}};
+      if (rm) rec["best"] = best;  // the RM's pick
+      if (has_answer) rec["answer"] = prompts[i].answer;
+      nlohmann::json ss = nlohmann::json::array();
+      for (size_t j = 0; j < resp.size(); ++j) {
+        nlohmann::json x = {{"response", resp[j]}};
+        if (rm) x["score"] = sc[j];
+        if (has_answer) x["correct"] = bool(ok[j]);
+        ss.push_back(std::move(x));
+      }
+      rec["samples"] = std::move(ss);
+      all << rec.dump() << "\n";
+    }
     size_t pick = best;
     if (has_answer) {
       ++verified;
-      best_correct += verify(prompts[i], resp[best]);
-      std::vector<uint8_t> ok(resp.size());
-      for (size_t j = 0; j < resp.size(); ++j)
-        ok[j] = verify(prompts[i], resp[j]), sample_correct += ok[j], ++samples;
+      best_correct += ok[best];
+      for (uint8_t x : ok) sample_correct += x, ++samples;
       for (auto [c, w] : verified_pairs(resp, ok, sc)) {
-        vprefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)},
-                                  {"chosen", resp[c]},
-                                  {"rejected", resp[w]}})
-                      .dump()
-               << "\n";
+        write_pair(vprefs, c, w, false);
         ++vpairs;
       }
+      if (rprefs)
+        for (auto [c, w] : ranked_wrong_pairs(resp, ok, sc)) {
+          write_pair(*rprefs, c, w, true);
+          ++rpairs;
+        }
       std::vector<size_t> good;
       for (size_t j = 0; j < resp.size(); ++j)
         if (ok[j]) good.push_back(j);
       std::stable_sort(good.begin(), good.end(), [&](size_t a, size_t b) { return sc[a] > sc[b]; });
       any_correct += !good.empty();
-      const double d =
-          double(verify(prompts[i], resp[best])) - double(good.size()) / double(resp.size());
+      const double d = double(ok[best]) - double(good.size()) / double(resp.size());
       gain_sum += d, gain_sq += d * d;
       if (o.require_correct) {
         if (good.empty()) continue;
@@ -127,12 +184,7 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     if (has_answer) rec["answer"] = prompts[i].answer;
     sft << rec.dump() << "\n";
     if (rm && resp[best] != resp[worst] && !trim(resp[worst]).empty()) {
-      prefs << nlohmann::json({{"prompt", messages_json(prompts[i].messages)},
-                               {"chosen", resp[best]},
-                               {"rejected", resp[worst]},
-                               {"scores", {sc[best], sc[worst]}}})
-                   .dump()
-            << "\n";
+      write_pair(prefs, best, worst, true);
       ++pairs;
     }
   }
@@ -149,6 +201,7 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o) {
     // In the RM's own score: the best of K is at least the mean by construction.
     metrics["best_of_k_gain"] = (sum_best - sum_mean) / n;
     metrics["pairs"] = pairs;
+    if (o.rank_wrong_pairs) metrics["ranked_wrong_pairs"] = rpairs;
   }
   if (verified) {
     metrics["sample_correct_rate"] = double(sample_correct) / double(samples);

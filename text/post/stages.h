@@ -129,12 +129,18 @@ struct RejectionOptions {
   std::string reward_model_tokenizer;  // default: <reward_model>/tokenizer.model
   std::string prompts;                 // prompt JSONL (or dialogs: the assistant turn is dropped)
   int64_t max_prompts = 0;             // > 0: only the first max_prompts usable prompts
-  // Writes sft.jsonl (best responses with scores), prefs.jsonl (RM best vs RM worst) and
+  // Writes sft.jsonl (best responses with scores), prefs.jsonl (RM best vs RM worst),
   // verified_prefs.jsonl (for prompts with answers: every distinct sample the verifier
   // rejects, each against one it accepts; the verifier plays the paper's human annotator of
-  // the latest model's samples).
+  // the latest model's samples) and samples.jsonl (per prompt every sample with its score
+  // and verdict).
   std::string out_dir;
   int64_t k = 8;
+  // With a reward model: also write ranked_prefs.jsonl, the RM's pairs on the prompts where
+  // no sample verifies (ranked_wrong_pairs below). Where one does, the verifier ranks right
+  // against wrong; where none does, only the RM can rank, as the paper's annotators rank every
+  // response and not only the correct one first.
+  bool rank_wrong_pairs = false;
   double min_score = -1e30;  // keep a prompt's best only if it scores at least this
   bool require_correct =
       false;  // choose the best among verified-correct samples only (prompts with answers)
@@ -154,6 +160,13 @@ PostStageResult run_rejection_sampling(const RejectionOptions& o);
 std::vector<std::pair<size_t, size_t>> verified_pairs(const std::vector<std::string>& responses,
                                                       const std::vector<uint8_t>& correct,
                                                       const std::vector<double>& scores);
+// The RM's pairs on a prompt none of whose samples verifies, as (chosen, rejected) indices: the
+// RM's highest-scored non-empty response against every distinct response it scores lower
+// (the lowest first). None when a sample verifies (the verifier's pairs decide there) or no
+// two distinct responses score apart.
+std::vector<std::pair<size_t, size_t>> ranked_wrong_pairs(const std::vector<std::string>& responses,
+                                                          const std::vector<uint8_t>& correct,
+                                                          const std::vector<double>& scores);
 
 // ---- DPO ----
 
@@ -164,6 +177,7 @@ struct DpoRows {
   std::vector<int32_t> tokens, labels;
   std::vector<uint8_t> loss_mask;
   std::vector<int64_t> chosen_tokens;  // counted tokens per chosen response (NLL normaliser)
+  std::vector<uint8_t> imitate;        // per pair: the NLL term applies to its chosen response
   Tensor targets_t() const;
 };
 DpoRows build_dpo_rows(const Tokenizer& tok, const std::vector<Preference>& pairs, int32_t pad_id);

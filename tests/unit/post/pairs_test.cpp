@@ -1,6 +1,6 @@
 // Which preference pairs the post-training stages build: the verifier's on-policy pairs among
-// one prompt's K samples (rejection sampling), the pair DPO trains on, and the RM's balanced
-// on-policy pairs.
+// one prompt's K samples (rejection sampling), the RM's ranking of its wrong samples, the pair
+// DPO trains on, and the RM's balanced on-policy pairs.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -37,6 +37,26 @@ TEST(VerifiedPairs, NoneWithoutACorrectOrAWrongSample) {
 
 TEST(VerifiedPairs, MismatchedSizesThrow) {
   EXPECT_THROW(verified_pairs({"a", "b"}, {1}, {0.0, 1.0}), llama3::Error);
+}
+
+TEST(RankedWrongPairs, TheRmsBestAgainstEveryDistinctLowerScoredAnswer) {
+  //                                  0     1     2     3     4      5
+  std::vector<std::string> resp = {"8", "6", "9", "6", "10", " "};
+  std::vector<uint8_t> ok(6, 0);
+  std::vector<double> score = {0.7, 0.5, -1.0, 0.5, 0.7, 3.0};
+  // The empty sample 5 is no answer, whatever it scores; "8" is the RM's best (the first of the
+  // two at 0.7) against "9" (lowest first), "6" once, and "10", which only ties it, never.
+  EXPECT_EQ(ranked_wrong_pairs(resp, ok, score), (Pairs{{0, 2}, {0, 1}}));
+}
+
+TEST(RankedWrongPairs, NoneWhereASampleVerifiesOrNothingScoresApart) {
+  // A correct sample: the verifier's pairs decide this prompt.
+  EXPECT_TRUE(ranked_wrong_pairs({"7", "6", "5"}, {1, 0, 0}, {0.0, 1.0, 2.0}).empty());
+  EXPECT_TRUE(ranked_wrong_pairs({"6", "6"}, {0, 0}, {1.0, 1.0}).empty());  // one answer
+  EXPECT_TRUE(ranked_wrong_pairs({"5", "6"}, {0, 0}, {1.0, 1.0}).empty());  // a tie
+  EXPECT_TRUE(ranked_wrong_pairs({" ", ""}, {0, 0}, {1.0, 2.0}).empty());   // no answers
+  EXPECT_EQ(ranked_wrong_pairs({"5", "6"}, {0, 0}, {1.0, 1.5}), (Pairs{{1, 0}}));
+  EXPECT_THROW(ranked_wrong_pairs({"a", "b"}, {0}, {0.0, 1.0}), llama3::Error);
 }
 
 TEST(DpoPair, AnEditedResponseIsTheChosenOne) {
