@@ -1,8 +1,8 @@
 // Rejection sampling: K sampled responses per prompt from the policy, scored by the reward
 // model; the best becomes an SFT example, best vs worst a preference pair, and the verifier's
 // correct-vs-wrong samples become on-policy preference pairs; optionally the RM also ranks the
-// samples of prompts none of whose samples verifies. Without a reward model the stage only samples and
-// labels (the annotation step before a round's reward model).
+// samples of prompts none of whose samples verifies. Without a reward model the stage only
+// samples and labels (the annotation step before a round's reward model).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
