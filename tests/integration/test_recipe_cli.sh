@@ -49,7 +49,7 @@ for s in post_data sft r1_samples r1_heldout r1_rm r1_rm_b r1_rm_avg r1_rs r1_sf
          r1_dpo_b r1_dpo_avg r2_samples r2_heldout r2_rm r2_rs r2_sft r2_pairs r2_dpo r2_dpo_b r2_dpo_avg; do
   grep -qE "^$s +(POST_DATA|SFT|REWARD_MODEL|REJECTION_SAMPLING|DPO|AVERAGE) " "$OUT/tiny.plan" || { echo "FAIL: $s not planned"; cat "$OUT/tiny.plan"; exit 1; }
 done
-grep -q "round 2: 160 prompts x K=16 samples of r1_dpo_avg, scored by r2_rm" "$OUT/tiny.plan" &&
+grep -q "round 2: 400 prompts x K=16 samples of r1_dpo_avg, scored by r2_rm" "$OUT/tiny.plan" &&
   grep -q "round 2: 960 SFT-dialog prompts x K=8 samples of r1_dpo_avg, labelled by the verifier only" "$OUT/tiny.plan" &&
   grep -q "round 2: 200 held-out prompts x K=8 samples of r1_dpo_avg, labelled by the verifier only" "$OUT/tiny.plan" || { echo "FAIL: RS plan row"; cat "$OUT/tiny.plan"; exit 1; }
 # A post stage's inputs are checked like any other: file:line and field.
