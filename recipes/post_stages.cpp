@@ -795,13 +795,20 @@ std::string post_rounds_markdown(const std::string& run_dir) {
     return fs::exists(p) ? io::read_json(p) : json::object();
   };
   const auto& stages = lr.recipe().stage();
-  // The round's rejection sampling is the one its SFT trains on; annotations (also sampling
-  // stages, some scored by an RM to rank their pairs) do not stand for it.
+  // The round's rejection sampling: the one its SFT trains on, else its last one scored by an
+  // RM, else its first. Annotations (sampling stages too, some scored by an RM only to rank
+  // their pairs) do not stand for it.
   std::set<std::string> sft_samples;
   for (const Stage& s : stages)
     if (s.kind() == SFT)
       for (auto& n : s.samples_from()) sft_samples.insert(n);
-  std::map<int, bool> rs_is_sfts;
+  std::map<int, const Stage*> round_rs;
+  for (const Stage& s : stages) {
+    if (s.kind() != REJECTION_SAMPLING || s.rejection_sampling().held_out()) continue;
+    const Stage*& cur = round_rs[s.round()];
+    if (cur && sft_samples.count(cur->name())) continue;
+    if (!cur || sft_samples.count(s.name()) || !s.reward_model_from().empty()) cur = &s;
+  }
   for (int i = 0; i < stages.size(); ++i) {
     const Stage& s = stages[i];
     StageKind k = s.kind();
@@ -814,32 +821,16 @@ std::string post_rounds_markdown(const std::string& run_dir) {
       if (!is_post_kind(k) || k == POST_DATA) continue;
       names[s.round()].push_back(s.name());
     }
-    if (k == REJECTION_SAMPLING && s.rejection_sampling().held_out())
-      continue;  // evaluation data only
-    if (k == REJECTION_SAMPLING) {
-      const bool sfts = sft_samples.count(s.name()) > 0;
-      if (rs_is_sfts[s.round()] && !sfts) continue;  // the round's RS is already in
-      if (!sfts && s.reward_model_from().empty() && rounds[s.round()].count(k)) continue;
-      rs_is_sfts[s.round()] = rs_is_sfts[s.round()] || sfts;
-    }
+    if (k == REJECTION_SAMPLING && round_rs[s.round()] != &s) continue;
     rounds[s.round()][k] = final_of(s.name());
   }
   // The round's reward model is the one its rejection sampling scored with (when that is in the
   // round): an AVERAGE that followed it but was not used does not stand for the round.
-  std::map<int, std::string> rm_used;
-  std::set<int> rm_from_sfts;  // rounds whose RM came from the RS stage their SFT trains on
-  for (int i = 0; i < stages.size(); ++i) {
-    const Stage& s = stages[i];
-    if (s.kind() == REJECTION_SAMPLING && !s.reward_model_from().empty()) {
-      const int j = lr.stage_index(s.reward_model_from());
-      const bool sfts = sft_samples.count(s.name()) > 0;
-      if (j >= 0 && stages[j].round() == s.round() && (sfts || !rm_from_sfts.count(s.round()))) {
-        rm_used[s.round()] = s.reward_model_from();
-        if (sfts) rm_from_sfts.insert(s.round());
-      }
-    }
+  for (auto& [round, rs] : round_rs) {
+    const int j = lr.stage_index(rs->reward_model_from());
+    if (!rs->reward_model_from().empty() && j >= 0 && stages[j].round() == round)
+      rounds[round][REWARD_MODEL] = final_of(rs->reward_model_from());
   }
-  for (auto& [round, name] : rm_used) rounds[round][REWARD_MODEL] = final_of(name);
   if (rounds.empty()) return "";
   auto num = [](const json& f, const char* k) -> std::string {
     if (!f.contains(k) || !f[k].is_number()) return "-";

@@ -177,7 +177,6 @@ struct DpoRows {
   std::vector<int32_t> tokens, labels;
   std::vector<uint8_t> loss_mask;
   std::vector<int64_t> chosen_tokens;  // counted tokens per chosen response (NLL normaliser)
-  std::vector<uint8_t> imitate;        // per pair: the NLL term applies to its chosen response
   Tensor targets_t() const;
 };
 DpoRows build_dpo_rows(const Tokenizer& tok, const std::vector<Preference>& pairs, int32_t pad_id);
