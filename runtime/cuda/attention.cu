@@ -15,11 +15,13 @@
 // (e < 4, q < DMAX/64) so that shared-memory reads are float4. Row reductions stay inside
 // 16-lane halves of a warp. Head dims are padded with zeros to DMAX = 64 or 128.
 #include <cfloat>
+#ifndef LLAMA3_CUDA_EMU
 #include <cub/block/block_scan.cuh>
+#endif
 
 #include "runtime/cuda/common.cuh"
 
-namespace llama3::cuda {
+LLAMA3_CUDA_NS_BEGIN
 
 namespace {
 
@@ -162,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
     attn_fwd_kernel(const T* q, const T* k, const T* v, const int32_t* dstart, const int32_t* dend,
                     T* out, T* lse, AttnShape a) {
   constexpr int S = row_stride<DMAX>(), NC = DMAX / 16;
-  extern __shared__ float4 smem4[];
+  LLAMA3_DYNAMIC_SMEM(float4, smem4);
   float* smem = reinterpret_cast<float*>(smem4);
   float* Qs = smem;            // [64][S]
   float* Ks = Qs + kTile * S;  // [64][S]
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(kThreads)
                     const float* dsum, const int32_t* dstart, const int32_t* dend, T* dk, T* dv,
                     float* dq_acc, AttnShape a) {
   constexpr int S = row_stride<DMAX>(), NC = DMAX / 16, NQ = DMAX / 64;
-  extern __shared__ float4 smem4[];
+  LLAMA3_DYNAMIC_SMEM(float4, smem4);
   float* smem = reinterpret_cast<float*>(smem4);
   float* Ks = smem;              // [64][S] keys of this block
   float* Vs = Ks + kTile * S;    // [64][S]
@@ -442,7 +444,7 @@ size_t attention_smem_bytes(int64_t D, bool backward) {
 cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, int32_t* end,
                      cudaStream_t s) {
   if (B == 0 || T == 0) return cudaSuccess;
-  doc_runs_kernel<<<unsigned(B), 1024, 0, s>>>(doc, T, start, end);
+  launch_kernel(doc_runs_kernel, unsigned(B), 1024, 0, s, doc, T, start, end);
   return cudaGetLastError();
 }
 
@@ -461,9 +463,9 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
           cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
       if (e != cudaSuccess) return e;
       dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.H), unsigned(a.B));
-      kern<<<grid, kThreads, sm, s>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                      static_cast<const T*>(v), dstart, dend, static_cast<T*>(out),
-                                      static_cast<T*>(lse), a);
+      launch_kernel(kern, grid, kThreads, sm, s, static_cast<const T*>(q), static_cast<const T*>(k),
+                    static_cast<const T*>(v), dstart, dend, static_cast<T*>(out),
+                    static_cast<T*>(lse), a);
       return cudaGetLastError();
     });
   });
@@ -479,8 +481,8 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
   cudaError_t e = cudaMemsetAsync(dq_acc, 0, size_t(nq) * 4, s);
   if (e != cudaSuccess) return e;
   return dispatch_ft(t, [&]<typename T>() {
-    attn_dsum_kernel<T><<<grid_for(a.B * a.T * a.H * 32, 256), 256, 0, s>>>(
-        static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
+    launch_kernel(attn_dsum_kernel<T>, grid_for(a.B * a.T * a.H * 32, 256), 256, 0, s,
+                  static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
     cudaError_t e2 =
         a.tc ? attention_backward_mma(in16.dout ? in16.dout : dout, in16.q ? in16.q : q,
                                       in16.k ? in16.k : k, in16.v ? in16.v : v, lse, dsum, dstart,
@@ -492,17 +494,18 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                      kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
                  if (e3 != cudaSuccess) return e3;
                  dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.Hkv), unsigned(a.B));
-                 kern<<<grid, kThreads, sm, s>>>(
-                     static_cast<const T*>(dout), static_cast<const T*>(q),
-                     static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(lse),
-                     dsum, dstart, dend, static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a);
+                 launch_kernel(kern, grid, kThreads, sm, s, static_cast<const T*>(dout),
+                               static_cast<const T*>(q), static_cast<const T*>(k),
+                               static_cast<const T*>(v), static_cast<const T*>(lse), dsum, dstart,
+                               dend, static_cast<T*>(dk), static_cast<T*>(dv), dq_acc, a);
                  return cudaGetLastError();
                });
     if (e2 != cudaSuccess) return e2;
     if (static_cast<void*>(dq_acc) != dq)
-      f32_to_kernel<T><<<grid_for(nq, 256), 256, 0, s>>>(dq_acc, static_cast<T*>(dq), nq);
+      launch_kernel(f32_to_kernel<T>, grid_for(nq, 256), 256, 0, s, dq_acc, static_cast<T*>(dq),
+                    nq);
     return cudaGetLastError();
   });
 }
 
-}  // namespace llama3::cuda
+LLAMA3_CUDA_NS_END  // llama3::cuda

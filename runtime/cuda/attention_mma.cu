@@ -45,7 +45,7 @@
 
 #include "runtime/cuda/common.cuh"
 
-namespace llama3::cuda {
+LLAMA3_CUDA_NS_BEGIN
 
 namespace {
 
@@ -84,18 +84,26 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // c += a b (m16n8k16, bf16 inputs, f32 accumulators).
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                     uint32_t b1) {
+#ifdef LLAMA3_CUDA_EMU
+  ::llama3::emu::mma_m16n8k16_bf16(c, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 // Four transposed 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
 __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
+#ifdef LLAMA3_CUDA_EMU
+  ::llama3::emu::ldmatrix_x4(r, p, /*trans=*/true);
+#else
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 // B fragments for columns [16 dn, 16 dn + 16) x rows [16 kk, 16 kk + 16) of a row-major tile
 // `s` (stride DP) whose rows run along k: r[0], r[1] = b0, b1 of columns 16 dn..+7,
@@ -109,10 +117,14 @@ __device__ __forceinline__ void ldsm_b_cols(uint32_t (&r)[4], const bf16* s, int
 // Four 8x8 bf16 matrices (not transposed); lane l gives the address of row l % 8 of matrix
 // l / 8, and receives (row l / 4, columns 2 (l % 4), +1) of each.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+#ifdef LLAMA3_CUDA_EMU
+  ::llama3::emu::ldmatrix_x4(r, p, /*trans=*/false);
+#else
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 // The A fragment of rows [row0, row0 + 16) x cols [16 kk, 16 kk + 16) in one ldmatrix:
 // matrices (rows +0, cols +0) = a0, (+8, +0) = a1, (+0, +8) = a2, (+8, +8) = a3.
@@ -181,22 +193,34 @@ __device__ __forceinline__ void add2(float* p, float x, float y) {
 }
 // 4 bytes global -> shared (cp.async.ca: the only form below 16 bytes); zero fill when !valid.
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+#ifdef LLAMA3_CUDA_EMU
+  ::llama3::emu::cp_async(smem, gmem, 4, valid);
+#else
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem),
                "r"(valid ? 4 : 0));
+#endif
 }
 // 16 bytes global -> shared without staging in registers; zero fill when !valid.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#ifdef LLAMA3_CUDA_EMU
+  ::llama3::emu::cp_async(smem, gmem, 16, valid);
+#else
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                "r"(valid ? 16 : 0));
+#endif
 }
 __device__ __forceinline__ void cp_async_commit() {
+#ifndef LLAMA3_CUDA_EMU
   asm volatile("cp.async.commit_group;\n" ::);
+#endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifndef LLAMA3_CUDA_EMU
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // Rows [r0, r0 + 64) of a (B, T, nh, D) bf16 tensor at (b, head) into s[64][DP], zero outside
@@ -246,7 +270,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
                         const int32_t* dend, TO* out, float* lse, AttnShape a) {
   using L = MmaLayout<DMAX>;
   constexpr int DP = L::DP, NK = DMAX / 16, ND = DMAX / 8, BM = kM * MT;
-  extern __shared__ float4 smem4[];
+  LLAMA3_DYNAMIC_SMEM(float4, smem4);
   bf16* Qs = reinterpret_cast<bf16*>(smem4);  // [BM][DP]
   bf16* KVs = Qs + BM * DP;                   // [buffer][K, V][kN][DP]: two buffers when ASYNC
   __shared__ int Rlo[BM], Rhi[BM];            // per query row: visible keys [Rlo, Rhi)
@@ -436,7 +460,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
                         float* dq_acc, AttnShape a) {
   using L = MmaLayout<DMAX>;
   constexpr int DP = L::DP, SP = L::SP, NK = DMAX / 16, ND = DMAX / 8;
-  extern __shared__ float4 smem4[];
+  LLAMA3_DYNAMIC_SMEM(float4, smem4);
   bf16* Ks = reinterpret_cast<bf16*>(smem4);
   bf16* Vs = Ks + kM * DP;
   bf16* Ss = Vs + kM * DP;                              // dS, query-major: Ss[query][key]
@@ -747,9 +771,9 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
         if (e != cudaSuccess) return e;
         const int64_t bm = kM * MT;
         dim3 grid(unsigned(a.H), unsigned((a.T + bm - 1) / bm), unsigned(a.B));
-        kern<<<grid, kMmaThreads, sm, s>>>(static_cast<const bf16*>(q), static_cast<const bf16*>(k),
-                                           static_cast<const bf16*>(v), dstart, dend,
-                                           static_cast<TO*>(out), static_cast<float*>(lse), a);
+        launch_kernel(kern, grid, kMmaThreads, sm, s, static_cast<const bf16*>(q),
+                      static_cast<const bf16*>(k), static_cast<const bf16*>(v), dstart, dend,
+                      static_cast<TO*>(out), static_cast<float*>(lse), a);
         return cudaGetLastError();
       };
       if constexpr (DMAX == 64) {
@@ -780,22 +804,22 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
         if (e != cudaSuccess) return e;
         dim3 grid(unsigned(dk_part ? a.H : a.Hkv), unsigned((a.T + kM - 1) / kM), unsigned(a.B));
-        kern<<<grid, kMmaThreads, sm, s>>>(
-            static_cast<const bf16*>(dout), static_cast<const bf16*>(q),
-            static_cast<const bf16*>(k), static_cast<const bf16*>(v),
-            static_cast<const float*>(lse), dsum, dstart, dend, static_cast<TO*>(dk),
-            static_cast<TO*>(dv), dk_part, dv_part, dq_acc, a);
+        launch_kernel(kern, grid, kMmaThreads, sm, s, static_cast<const bf16*>(dout),
+                      static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+                      static_cast<const bf16*>(v), static_cast<const float*>(lse), dsum, dstart,
+                      dend, static_cast<TO*>(dk), static_cast<TO*>(dv), dk_part, dv_part, dq_acc,
+                      a);
         return cudaGetLastError();
       };
       cudaError_t e =
           async ? launch.template operator()<true>() : launch.template operator()<false>();
       if (e != cudaSuccess || !dk_part) return e;
       const int64_t n = a.B * a.T * a.Hkv * a.D;
-      attn_gqa_reduce_kernel<TO><<<grid_for(n, 256), 256, 0, s>>>(
-          dk_part, dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
+      launch_kernel(attn_gqa_reduce_kernel<TO>, grid_for(n, 256), 256, 0, s, dk_part, dv_part,
+                    static_cast<TO*>(dk), static_cast<TO*>(dv), a);
       return cudaGetLastError();
     });
   });
 }
 
-}  // namespace llama3::cuda
+LLAMA3_CUDA_NS_END  // llama3::cuda

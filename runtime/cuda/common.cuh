@@ -2,15 +2,17 @@
 // warp/block reductions, launch geometry.
 #pragma once
 
+#ifndef LLAMA3_CUDA_EMU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
 #include "runtime/cuda/kernels.h"
 
-namespace llama3::cuda {
+LLAMA3_CUDA_NS_BEGIN
 
 __device__ __forceinline__ float to_f32(float x) {
   return x;
@@ -54,6 +56,20 @@ __device__ T block_sum(T v) {
   return warp_sum(r);
 }
 
+// k<<<grid, block, smem, s>>>(args...), in the one spelling the SIMT emulator replaces
+// (emu/cuda_emu.h runs the blocks on the CPU).
+#ifdef LLAMA3_CUDA_EMU
+using ::llama3::emu::launch_kernel;
+#else
+template <typename... P, typename... A>
+void launch_kernel(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                   A&&... args) {
+  // clang-format off (it takes .cuh for C++ and splits the chevrons)
+  k<<<grid, block, smem, s>>>(static_cast<A&&>(args)...);
+  // clang-format on
+}
+#endif
+
 inline int grid_for(int64_t n, int threads, int max_blocks = 132 * 16) {
   int64_t b = (n + threads - 1) / threads;
   if (b < 1) b = 1;
@@ -68,4 +84,4 @@ cudaError_t dispatch_ft(KT t, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-}  // namespace llama3::cuda
+LLAMA3_CUDA_NS_END  // llama3::cuda

@@ -9,7 +9,7 @@
 
 #include "runtime/cuda/common.cuh"
 
-namespace llama3::cuda {
+LLAMA3_CUDA_NS_BEGIN
 
 namespace {
 
@@ -330,7 +330,8 @@ __device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
   if constexpr (std::is_same_v<T, float>) {
     *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
   } else {
-    const __nv_bfloat162 a = __floats2bfloat162_rn(f[0], f[1]), c = __floats2bfloat162_rn(f[2], f[3]);
+    const __nv_bfloat162 a = __floats2bfloat162_rn(f[0], f[1]),
+                         c = __floats2bfloat162_rn(f[2], f[3]);
     *reinterpret_cast<uint2*>(p) =
         make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&c));
   }
@@ -464,8 +465,8 @@ __global__ void swiglu_fwd_bf16x8_kernel(const uint4* g, const uint4* u, uint4* 
     o[i] = pack8(r);
   }
 }
-__global__ void swiglu_bwd_bf16x8_kernel(const uint4* d, const uint4* g, const uint4* u,
-                                         uint4* dg, uint4* du, int64_t n8) {
+__global__ void swiglu_bwd_bf16x8_kernel(const uint4* d, const uint4* g, const uint4* u, uint4* dg,
+                                         uint4* du, int64_t n8) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8;
        i += int64_t(gridDim.x) * blockDim.x) {
     float dd[8], gg[8], uu[8], rg[8], ru[8];
@@ -496,7 +497,9 @@ bool vec16_ok(KT t, KT want, std::initializer_list<const void*> ps) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
 }
-bool f32x4_ok(KT t, std::initializer_list<const void*> ps) { return vec16_ok(t, KT::f32, ps); }
+bool f32x4_ok(KT t, std::initializer_list<const void*> ps) {
+  return vec16_ok(t, KT::f32, ps);
+}
 
 // ---------------------------------------------------------------- adamw
 // One element (same arithmetic order as the CPU backend and torch's single-tensor AdamW).
@@ -622,27 +625,29 @@ cudaError_t convert_contiguous(const void* src, KT st, void* dst, KT dt, int64_t
   const int64_t n4 = a16 ? n / 4 : 0, done = n4 * 4;  // vectorised head, scalar tail
   if (st == KT::f32 && dt == KT::bf16) {
     if (n4 > 0)
-      f32_to_bf16_x4_kernel<<<grid_for(n4, kThreads), kThreads, 0, s>>>(
-          static_cast<const float4*>(src), static_cast<uint2*>(dst), n4);
+      launch_kernel(f32_to_bf16_x4_kernel, grid_for(n4, kThreads), kThreads, 0, s,
+                    static_cast<const float4*>(src), static_cast<uint2*>(dst), n4);
     if (n > done)
-      f32_to_bf16_kernel<<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
-          static_cast<const float*>(src) + done, static_cast<__nv_bfloat16*>(dst) + done, n - done);
+      launch_kernel(f32_to_bf16_kernel, grid_for(n - done, kThreads), kThreads, 0, s,
+                    static_cast<const float*>(src) + done, static_cast<__nv_bfloat16*>(dst) + done,
+                    n - done);
   } else if (st == KT::bf16 && dt == KT::f32) {
     if (n4 > 0)
-      bf16_to_f32_x4_kernel<<<grid_for(n4, kThreads), kThreads, 0, s>>>(
-          static_cast<const uint2*>(src), static_cast<float4*>(dst), n4);
+      launch_kernel(bf16_to_f32_x4_kernel, grid_for(n4, kThreads), kThreads, 0, s,
+                    static_cast<const uint2*>(src), static_cast<float4*>(dst), n4);
     if (n > done)
-      bf16_to_f32_kernel<<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(src) + done, static_cast<float*>(dst) + done, n - done);
+      launch_kernel(bf16_to_f32_kernel, grid_for(n - done, kThreads), kThreads, 0, s,
+                    static_cast<const __nv_bfloat16*>(src) + done, static_cast<float*>(dst) + done,
+                    n - done);
   } else
-    convert_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(src, st, dst, dt, n);
+    launch_kernel(convert_kernel, grid_for(n, kThreads), kThreads, 0, s, src, st, dst, dt, n);
   return cudaGetLastError();
 }
 
 cudaError_t copy_strided(const void* src, KT st, void* dst, KT dt, const Strided& d, int64_t n,
                          cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  strided_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(src, st, dst, dt, d, n);
+  launch_kernel(strided_kernel, grid_for(n, kThreads), kThreads, 0, s, src, st, dst, dt, d, n);
   return cudaGetLastError();
 }
 
@@ -651,24 +656,28 @@ cudaError_t fill(void* dst, KT t, int64_t n, double value, cudaStream_t s) {
   const int g = grid_for(n, kThreads);
   switch (t) {
     case KT::f32:
-      fill_kernel<float><<<g, kThreads, 0, s>>>(static_cast<float*>(dst), n, float(value));
+      launch_kernel(fill_kernel<float>, g, kThreads, 0, s, static_cast<float*>(dst), n,
+                    float(value));
       break;
     case KT::bf16:
-      fill_kernel<__nv_bfloat16><<<g, kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(dst), n,
-                                                        __float2bfloat16_rn(float(value)));
+      launch_kernel(fill_kernel<__nv_bfloat16>, g, kThreads, 0, s, static_cast<__nv_bfloat16*>(dst),
+                    n, __float2bfloat16_rn(float(value)));
       break;
     case KT::f16:
-      fill_kernel<__half>
-          <<<g, kThreads, 0, s>>>(static_cast<__half*>(dst), n, __float2half_rn(float(value)));
+      launch_kernel(fill_kernel<__half>, g, kThreads, 0, s, static_cast<__half*>(dst), n,
+                    __float2half_rn(float(value)));
       break;
     case KT::i32:
-      fill_kernel<int32_t><<<g, kThreads, 0, s>>>(static_cast<int32_t*>(dst), n, int32_t(value));
+      launch_kernel(fill_kernel<int32_t>, g, kThreads, 0, s, static_cast<int32_t*>(dst), n,
+                    int32_t(value));
       break;
     case KT::i64:
-      fill_kernel<int64_t><<<g, kThreads, 0, s>>>(static_cast<int64_t*>(dst), n, int64_t(value));
+      launch_kernel(fill_kernel<int64_t>, g, kThreads, 0, s, static_cast<int64_t*>(dst), n,
+                    int64_t(value));
       break;
     case KT::u8:
-      fill_kernel<uint8_t><<<g, kThreads, 0, s>>>(static_cast<uint8_t*>(dst), n, uint8_t(value));
+      launch_kernel(fill_kernel<uint8_t>, g, kThreads, 0, s, static_cast<uint8_t*>(dst), n,
+                    uint8_t(value));
       break;
   }
   return cudaGetLastError();
@@ -679,16 +688,16 @@ cudaError_t add(const void* a, const void* b, void* out, KT t, int64_t n, cudaSt
   int64_t done = 0;
   if (f32x4_ok(t, {a, b, out}) && n >= 4) {
     const int64_t n4 = n / 4;
-    add_f32x4_kernel<<<grid_for(n4, kThreads), kThreads, 0, s>>>(static_cast<const float4*>(a),
-                                                                 static_cast<const float4*>(b),
-                                                                 static_cast<float4*>(out), n4);
+    launch_kernel(add_f32x4_kernel, grid_for(n4, kThreads), kThreads, 0, s,
+                  static_cast<const float4*>(a), static_cast<const float4*>(b),
+                  static_cast<float4*>(out), n4);
     done = n4 * 4;
     if (done == n) return cudaGetLastError();
   }
   return dispatch_ft(t, [&]<typename T>() {
-    add_kernel<T><<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
-        static_cast<const T*>(a) + done, static_cast<const T*>(b) + done,
-        static_cast<T*>(out) + done, n - done);
+    launch_kernel(add_kernel<T>, grid_for(n - done, kThreads), kThreads, 0, s,
+                  static_cast<const T*>(a) + done, static_cast<const T*>(b) + done,
+                  static_cast<T*>(out) + done, n - done);
     return cudaGetLastError();
   });
 }
@@ -698,14 +707,14 @@ cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStrea
   int64_t done = 0;
   if (f32x4_ok(t, {x, y}) && n >= 4) {
     const int64_t n4 = n / 4;
-    axpy_f32x4_kernel<<<grid_for(n4, kThreads), kThreads, 0, s>>>(
-        alpha, static_cast<const float4*>(x), static_cast<float4*>(y), n4);
+    launch_kernel(axpy_f32x4_kernel, grid_for(n4, kThreads), kThreads, 0, s, alpha,
+                  static_cast<const float4*>(x), static_cast<float4*>(y), n4);
     done = n4 * 4;
     if (done == n) return cudaGetLastError();
   }
   return dispatch_ft(t, [&]<typename T>() {
-    axpy_kernel<T><<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
-        alpha, static_cast<const T*>(x) + done, static_cast<T*>(y) + done, n - done);
+    launch_kernel(axpy_kernel<T>, grid_for(n - done, kThreads), kThreads, 0, s, alpha,
+                  static_cast<const T*>(x) + done, static_cast<T*>(y) + done, n - done);
     return cudaGetLastError();
   });
 }
@@ -713,7 +722,8 @@ cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStrea
 cudaError_t scale(void* x, float alpha, KT t, int64_t n, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
-    scale_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(static_cast<T*>(x), alpha, n);
+    launch_kernel(scale_kernel<T>, grid_for(n, kThreads), kThreads, 0, s, static_cast<T*>(x), alpha,
+                  n);
     return cudaGetLastError();
   });
 }
@@ -722,8 +732,8 @@ cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out
   cudaError_t e = cudaMemsetAsync(out, 0, sizeof(double), s);
   if (e != cudaSuccess || n == 0) return e;
   return dispatch_ft(t, [&]<typename T>() {
-    reduce_kernel<T><<<grid_for(n, kThreads, 132 * 4), kThreads, 0, s>>>(static_cast<const T*>(x),
-                                                                         n, squares, out);
+    launch_kernel(reduce_kernel<T>, grid_for(n, kThreads, 132 * 4), kThreads, 0, s,
+                  static_cast<const T*>(x), n, squares, out);
     return cudaGetLastError();
   });
 }
@@ -731,8 +741,8 @@ cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out
 cudaError_t any_nonfinite(const void* x, KT t, int64_t n, int* bad, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
-    nonfinite_kernel<T>
-        <<<grid_for(n, kThreads, 132 * 4), kThreads, 0, s>>>(static_cast<const T*>(x), n, bad);
+    launch_kernel(nonfinite_kernel<T>, grid_for(n, kThreads, 132 * 4), kThreads, 0, s,
+                  static_cast<const T*>(x), n, bad);
     return cudaGetLastError();
   });
 }
@@ -741,8 +751,8 @@ cudaError_t embedding_forward(const void* w, const int32_t* ids, void* out, KT t
                               int64_t d, int64_t v, int* bad, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
-    embedding_fwd_kernel<T><<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(w), ids,
-                                                             static_cast<T*>(out), d, v, bad);
+    launch_kernel(embedding_fwd_kernel<T>, unsigned(n), kThreads, 0, s, static_cast<const T*>(w),
+                  ids, static_cast<T*>(out), d, v, bad);
     return cudaGetLastError();
   });
 }
@@ -751,8 +761,8 @@ cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, K
                                int64_t d, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename T>() {
-    embedding_bwd_kernel<T>
-        <<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(dout), ids, static_cast<T*>(dw), d);
+    launch_kernel(embedding_bwd_kernel<T>, unsigned(n), kThreads, 0, s, static_cast<const T*>(dout),
+                  ids, static_cast<T*>(dw), d);
     return cudaGetLastError();
   });
 }
@@ -761,16 +771,15 @@ cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, vo
                             int64_t n, int64_t d, cudaStream_t s, KT ty) {
   if (n == 0) return cudaSuccess;
   if (t == KT::f32 && ty == KT::bf16) {
-    rmsnorm_fwd_kernel<float, __nv_bfloat16><<<unsigned(n), kThreads, 0, s>>>(
-        static_cast<const float*>(x), static_cast<const float*>(w), eps,
-        static_cast<__nv_bfloat16*>(y), static_cast<float*>(rstd), d);
+    launch_kernel(rmsnorm_fwd_kernel<float, __nv_bfloat16>, unsigned(n), kThreads, 0, s,
+                  static_cast<const float*>(x), static_cast<const float*>(w), eps,
+                  static_cast<__nv_bfloat16*>(y), static_cast<float*>(rstd), d);
     return cudaGetLastError();
   }
   if (ty != t) return cudaErrorInvalidValue;
   return dispatch_ft(t, [&]<typename T>() {
-    rmsnorm_fwd_kernel<T, T>
-        <<<unsigned(n), kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(w), eps,
-                                          static_cast<T*>(y), static_cast<T*>(rstd), d);
+    launch_kernel(rmsnorm_fwd_kernel<T, T>, unsigned(n), kThreads, 0, s, static_cast<const T*>(x),
+                  static_cast<const T*>(w), eps, static_cast<T*>(y), static_cast<T*>(rstd), d);
     return cudaGetLastError();
   });
 }
@@ -789,9 +798,9 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
   const int64_t rows = rmsnorm_partial_rows(n);
   return dispatch_ft(t, [&]<typename T>() {
     auto args = [&](auto kern) {
-      kern<<<unsigned(rows), kThreads, 0, s>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w),
-          static_cast<const T*>(rstd), static_cast<T*>(dx), partial, n, d, accumulate_dx);
+      launch_kernel(kern, unsigned(rows), kThreads, 0, s, static_cast<const T*>(dy),
+                    static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(rstd),
+                    static_cast<T*>(dx), partial, n, d, accumulate_dx);
     };
     if (d <= 8 * kThreads)
       args(rmsnorm_bwd_reg_kernel<T, 8>);
@@ -799,9 +808,8 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
       args(rmsnorm_bwd_reg_kernel<T, 16>);
     else
       args(rmsnorm_bwd_kernel<T>);
-    rmsnorm_dw_reduce_kernel<T>
-        <<<unsigned((d + kReduceCols - 1) / kReduceCols), dim3(kReduceCols, kReducePhases), 0, s>>>(
-            partial, rows, d, static_cast<T*>(dw));
+    launch_kernel(rmsnorm_dw_reduce_kernel<T>, unsigned((d + kReduceCols - 1) / kReduceCols),
+                  dim3(kReduceCols, kReducePhases), 0, s, partial, rows, d, static_cast<T*>(dw));
     return cudaGetLastError();
   });
 }
@@ -817,19 +825,20 @@ cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool i
     const int64_t n4 = n / 4;
     const unsigned grid = unsigned(grid_for(n4, kThreads));
     if (t == KT::bf16)
-      rope4_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(inv_freq), pos,
-          inverse, static_cast<__nv_bfloat16*>(out), uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
+      launch_kernel(
+          rope4_kernel<__nv_bfloat16>, grid, kThreads, 0, s, static_cast<const __nv_bfloat16*>(x),
+          static_cast<const __nv_bfloat16*>(inv_freq), pos, inverse,
+          static_cast<__nv_bfloat16*>(out), uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
     else
-      rope4_kernel<float><<<grid, kThreads, 0, s>>>(
-          static_cast<const float*>(x), static_cast<const float*>(inv_freq), pos, inverse,
-          static_cast<float*>(out), uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
+      launch_kernel(rope4_kernel<float>, grid, kThreads, 0, s, static_cast<const float*>(x),
+                    static_cast<const float*>(inv_freq), pos, inverse, static_cast<float*>(out),
+                    uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
     return cudaGetLastError();
   }
   return dispatch_ft(t, [&]<typename T>() {
-    rope_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(
-        static_cast<const T*>(x), static_cast<const T*>(inv_freq), pos, inverse,
-        static_cast<T*>(out), b, tt, h, dh);
+    launch_kernel(rope_kernel<T>, grid_for(n, kThreads), kThreads, 0, s, static_cast<const T*>(x),
+                  static_cast<const T*>(inv_freq), pos, inverse, static_cast<T*>(out), b, tt, h,
+                  dh);
     return cudaGetLastError();
   });
 }
@@ -840,21 +849,21 @@ cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, in
   int64_t done = 0;
   if (f32x4_ok(t, {gate, up, out}))
     done = vector_head(n, 4, [&](int64_t nv) {
-      swiglu_fwd_f32x4_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
-          static_cast<const float4*>(gate), static_cast<const float4*>(up),
-          static_cast<float4*>(out), nv);
+      launch_kernel(swiglu_fwd_f32x4_kernel, grid_for(nv, kThreads), kThreads, 0, s,
+                    static_cast<const float4*>(gate), static_cast<const float4*>(up),
+                    static_cast<float4*>(out), nv);
     });
   else if (vec16_ok(t, KT::bf16, {gate, up, out}))
     done = vector_head(n, 8, [&](int64_t nv) {
-      swiglu_fwd_bf16x8_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
-          static_cast<const uint4*>(gate), static_cast<const uint4*>(up), static_cast<uint4*>(out),
-          nv);
+      launch_kernel(swiglu_fwd_bf16x8_kernel, grid_for(nv, kThreads), kThreads, 0, s,
+                    static_cast<const uint4*>(gate), static_cast<const uint4*>(up),
+                    static_cast<uint4*>(out), nv);
     });
   if (done == n) return cudaGetLastError();
   return dispatch_ft(t, [&]<typename T>() {
-    swiglu_fwd_kernel<T><<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
-        static_cast<const T*>(gate) + done, static_cast<const T*>(up) + done,
-        static_cast<T*>(out) + done, n - done);
+    launch_kernel(swiglu_fwd_kernel<T>, grid_for(n - done, kThreads), kThreads, 0, s,
+                  static_cast<const T*>(gate) + done, static_cast<const T*>(up) + done,
+                  static_cast<T*>(out) + done, n - done);
     return cudaGetLastError();
   });
 }
@@ -865,23 +874,24 @@ cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, 
   int64_t done = 0;
   if (f32x4_ok(t, {dout, gate, up, dgate, dup}))
     done = vector_head(n, 4, [&](int64_t nv) {
-      swiglu_bwd_f32x4_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
-          static_cast<const float4*>(dout), static_cast<const float4*>(gate),
-          static_cast<const float4*>(up), static_cast<float4*>(dgate), static_cast<float4*>(dup),
-          nv);
+      launch_kernel(swiglu_bwd_f32x4_kernel, grid_for(nv, kThreads), kThreads, 0, s,
+                    static_cast<const float4*>(dout), static_cast<const float4*>(gate),
+                    static_cast<const float4*>(up), static_cast<float4*>(dgate),
+                    static_cast<float4*>(dup), nv);
     });
   else if (vec16_ok(t, KT::bf16, {dout, gate, up, dgate, dup}))
     done = vector_head(n, 8, [&](int64_t nv) {
-      swiglu_bwd_bf16x8_kernel<<<grid_for(nv, kThreads), kThreads, 0, s>>>(
-          static_cast<const uint4*>(dout), static_cast<const uint4*>(gate),
-          static_cast<const uint4*>(up), static_cast<uint4*>(dgate), static_cast<uint4*>(dup), nv);
+      launch_kernel(swiglu_bwd_bf16x8_kernel, grid_for(nv, kThreads), kThreads, 0, s,
+                    static_cast<const uint4*>(dout), static_cast<const uint4*>(gate),
+                    static_cast<const uint4*>(up), static_cast<uint4*>(dgate),
+                    static_cast<uint4*>(dup), nv);
     });
   if (done == n) return cudaGetLastError();
   return dispatch_ft(t, [&]<typename T>() {
-    swiglu_bwd_kernel<T><<<grid_for(n - done, kThreads), kThreads, 0, s>>>(
-        static_cast<const T*>(dout) + done, static_cast<const T*>(gate) + done,
-        static_cast<const T*>(up) + done, static_cast<T*>(dgate) + done,
-        static_cast<T*>(dup) + done, n - done);
+    launch_kernel(swiglu_bwd_kernel<T>, grid_for(n - done, kThreads), kThreads, 0, s,
+                  static_cast<const T*>(dout) + done, static_cast<const T*>(gate) + done,
+                  static_cast<const T*>(up) + done, static_cast<T*>(dgate) + done,
+                  static_cast<T*>(dup) + done, n - done);
     return cudaGetLastError();
   });
 }
@@ -893,13 +903,13 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
   const auto al16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   if (al16(p) && al16(g) && al16(m) && al16(v) && n >= 4) {
     head = n / 4 * 4;
-    adamw4_kernel<<<grid_for(head / 4, kThreads), kThreads, 0, s>>>(
-        reinterpret_cast<float4*>(p), reinterpret_cast<const float4*>(g),
-        reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), head / 4, a);
+    launch_kernel(adamw4_kernel, grid_for(head / 4, kThreads), kThreads, 0, s,
+                  reinterpret_cast<float4*>(p), reinterpret_cast<const float4*>(g),
+                  reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), head / 4, a);
   }
   if (head < n)
-    adamw_kernel<<<grid_for(n - head, kThreads), kThreads, 0, s>>>(p + head, g + head, m + head,
-                                                                   v + head, n - head, a);
+    launch_kernel(adamw_kernel, grid_for(n - head, kThreads), kThreads, 0, s, p + head, g + head,
+                  m + head, v + head, n - head, a);
   return cudaGetLastError();
 }
 
@@ -907,8 +917,8 @@ cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr
                                bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
                                float* loss, int* bad, cudaStream_t s) {
   if (nr == 0) return cudaSuccess;
-  ce_rows_kernel<<<unsigned(nr), 512, 0, s>>>(logits, targets, V, grad, scale, dlogits_f32,
-                                              static_cast<__nv_bfloat16*>(dlogits_bf16), loss, bad);
+  launch_kernel(ce_rows_kernel, unsigned(nr), 512, 0, s, logits, targets, V, grad, scale,
+                dlogits_f32, static_cast<__nv_bfloat16*>(dlogits_bf16), loss, bad);
   return cudaGetLastError();
 }
 
@@ -996,15 +1006,15 @@ __global__ void vocab_loss_kernel(const float* mx, const float* sum_exp, const f
 
 cudaError_t vocab_shard_max(const float* logits, int64_t nr, int64_t V, float* mx, cudaStream_t s) {
   if (nr == 0) return cudaSuccess;
-  vocab_max_kernel<<<unsigned(nr), kVocabThreads, 0, s>>>(logits, V, mx);
+  launch_kernel(vocab_max_kernel, unsigned(nr), kVocabThreads, 0, s, logits, V, mx);
   return cudaGetLastError();
 }
 cudaError_t vocab_shard_stats(const float* logits, const float* mx, const int32_t* targets,
                               int64_t nr, int64_t V, int64_t v0, float* sum_exp,
                               float* target_logit, cudaStream_t s) {
   if (nr == 0) return cudaSuccess;
-  vocab_stats_kernel<<<unsigned(nr), kVocabThreads, 0, s>>>(logits, mx, targets, V, v0, sum_exp,
-                                                            target_logit);
+  launch_kernel(vocab_stats_kernel, unsigned(nr), kVocabThreads, 0, s, logits, mx, targets, V, v0,
+                sum_exp, target_logit);
   return cudaGetLastError();
 }
 cudaError_t vocab_shard_dlogits(float* logits, const float* mx, const float* sum_exp,
@@ -1013,17 +1023,17 @@ cudaError_t vocab_shard_dlogits(float* logits, const float* mx, const float* sum
   const int64_t n = nr * V;
   if (n == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
-  vocab_dlogits_kernel<<<unsigned(blocks), 256, 0, s>>>(logits, mx, sum_exp, targets, nr, V, v0,
-                                                        scale);
+  launch_kernel(vocab_dlogits_kernel, unsigned(blocks), 256, 0, s, logits, mx, sum_exp, targets, nr,
+                V, v0, scale);
   return cudaGetLastError();
 }
 cudaError_t vocab_row_loss(const float* mx, const float* sum_exp, const float* target_logit,
                            const int32_t* targets, int64_t nr, float* loss, float* valid,
                            cudaStream_t s) {
   if (nr == 0) return cudaSuccess;
-  vocab_loss_kernel<<<unsigned((nr + 255) / 256), 256, 0, s>>>(mx, sum_exp, target_logit, targets,
-                                                               nr, loss, valid);
+  launch_kernel(vocab_loss_kernel, unsigned((nr + 255) / 256), 256, 0, s, mx, sum_exp, target_logit,
+                targets, nr, loss, valid);
   return cudaGetLastError();
 }
 
-}  // namespace llama3::cuda
+LLAMA3_CUDA_NS_END  // llama3::cuda

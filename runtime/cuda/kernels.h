@@ -5,11 +5,28 @@
 // Gradient convention (as backend.h): parameter gradients `+=`, activation gradients `=`.
 #pragma once
 
+#ifdef LLAMA3_CUDA_EMU
+// Compiled as C++ against the SIMT emulator (tests of the kernels without a GPU); the
+// launchers then live in an inline namespace, so they never collide with the real ones.
+#include "runtime/cuda/emu/cuda_emu.h"
+#define LLAMA3_CUDA_NS_BEGIN \
+  namespace llama3::cuda {   \
+  inline namespace emulated {
+#define LLAMA3_CUDA_NS_END \
+  }                        \
+  }
+#else
 #include <cuda_runtime.h>
+#define LLAMA3_CUDA_NS_BEGIN namespace llama3::cuda {
+#define LLAMA3_CUDA_NS_END }
+// Dynamic shared memory is declared through a macro the emulator replaces (as it does
+// launch_kernel, common.cuh).
+#define LLAMA3_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
 
 #include <cstdint>
 
-namespace llama3::cuda {
+LLAMA3_CUDA_NS_BEGIN
 
 // Element types the kernels understand (a subset of DType, numbered independently).
 enum class KT : uint8_t { f32, bf16, f16, i32, i64, u8 };
@@ -139,4 +156,4 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
                                    const int32_t* dend, void* dk, void* dv, float* dq_acc,
                                    float* dkv_part, KT t, const AttnShape& a, cudaStream_t s);
 
-}  // namespace llama3::cuda
+LLAMA3_CUDA_NS_END  // llama3::cuda

@@ -1,0 +1,3 @@
+// runtime/cuda/elementwise.cu compiled as C++ against the SIMT emulator (runtime/cuda/emu).
+#define LLAMA3_CUDA_EMU 1
+#include "runtime/cuda/elementwise.cu"
