@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <stdexcept>
@@ -40,6 +41,7 @@ struct Sim {
   Dim3 grid, bdim;
   int nthreads = 0;
   bool active = false;
+  Schedule order = Schedule::forward;
 };
 
 thread_local Sim g;
@@ -94,51 +96,62 @@ void run_block(size_t smem_bytes) {
     f.ctx.uc_link = &g.sched;
     makecontext(&f.ctx, trampoline, 0);
   }
+  // Warps run one at a time from one block barrier to the next (their warp collectives
+  // opening as they go), so a warp reads what another wrote only if a block barrier lies in
+  // between: a missing __syncthreads shows as a stale or NaN read. The order of the warps,
+  // and of the lanes of a warp between collectives, follows the schedule.
+  const bool fwd = g.order == Schedule::forward;
   for (;;) {
-    bool ran = false;
-    for (int i = 0; i < n; ++i) {
-      Fiber& f = g.fibers[size_t(i)];
-      if (f.state != State::runnable) continue;
-      g.cur = &f;
-      swapcontext(&g.sched, &f.ctx);
-      g.cur = nullptr;
-      ran = true;
-      if (g.error) std::rethrow_exception(g.error);
-    }
-    // Open the barriers every live thread (warp, block) has reached.
-    bool opened = false;
-    int live = 0, at_block = 0, all_and = 1, any_or = 0;
-    for (int w = 0; w < warps; ++w) {
-      int wl = 0, wat = 0;
-      for (int i = 32 * w; i < n && i < 32 * w + 32; ++i) {
-        const State s = g.fibers[size_t(i)].state;
-        if (s == State::done) continue;
-        ++wl, ++live;
-        if (s == State::at_warp) ++wat;
-        if (s == State::at_block) {
-          ++at_block;
-          all_and &= g.fibers[size_t(i)].pred != 0;
-          any_or |= g.fibers[size_t(i)].pred != 0;
+    bool progressed = false;
+    for (int wi = 0; wi < warps; ++wi) {
+      const int w = fwd ? wi : warps - 1 - wi;
+      const int lo = 32 * w, hi = std::min(n, 32 * w + 32);
+      for (;;) {
+        bool ran = false;
+        for (int s = lo; s < hi; ++s) {
+          Fiber& f = g.fibers[size_t(fwd ? s : lo + hi - 1 - s)];
+          if (f.state != State::runnable) continue;
+          g.cur = &f;
+          swapcontext(&g.sched, &f.ctx);
+          g.cur = nullptr;
+          ran = true;
+          if (g.error) std::rethrow_exception(g.error);
         }
-      }
-      if (wl > 0 && wat == wl) {
-        for (int i = 32 * w; i < n && i < 32 * w + 32; ++i)
+        progressed = progressed || ran;
+        int wl = 0, wat = 0;
+        for (int i = lo; i < hi; ++i) {
+          const State st = g.fibers[size_t(i)].state;
+          wl += st != State::done;
+          wat += st == State::at_warp;
+        }
+        if (wl == 0 || wat != wl) break;  // done, or (some lanes) at the block barrier
+        for (int i = lo; i < hi; ++i)
           if (g.fibers[size_t(i)].state == State::at_warp)
             g.fibers[size_t(i)].state = State::runnable;
-        opened = true;
+      }
+    }
+    int live = 0, at_block = 0, all_and = 1, any_or = 0;
+    for (int i = 0; i < n; ++i) {
+      const Fiber& f = g.fibers[size_t(i)];
+      if (f.state == State::done) continue;
+      ++live;
+      if (f.state == State::at_block) {
+        ++at_block;
+        all_and &= f.pred != 0;
+        any_or |= f.pred != 0;
       }
     }
     if (live == 0) return;
-    if (!opened && at_block == live) {
+    if (at_block == live) {
       for (int i = 0; i < n; ++i) {
         Fiber& f = g.fibers[size_t(i)];
         if (f.state != State::at_block) continue;
         f.state = State::runnable;
         f.pred = f.mode == 1 ? all_and : f.mode == 2 ? any_or : 0;
       }
-      opened = true;
+      continue;
     }
-    if (!opened && !ran) {
+    if (!progressed) {
       std::string msg = "emu: barrier deadlock in block (" + std::to_string(g.block.x) + "," +
                         std::to_string(g.block.y) + "," + std::to_string(g.block.z) + "):";
       for (int i = 0; i < n; i += 32)
@@ -170,17 +183,26 @@ void run_grid(Dim3 grid, Dim3 block, size_t smem_bytes, const std::function<void
   g.error = nullptr;
   g.active = true;
   try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          g.block = {x, y, z};
-          run_block(smem_bytes);
-        }
+    const uint64_t nb = uint64_t(grid.x) * grid.y * grid.z;
+    for (uint64_t s = 0; s < nb; ++s) {
+      const uint64_t i = g.order == Schedule::forward ? s : nb - 1 - s;  // x fastest
+      g.block = {unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
+                 unsigned(i / (uint64_t(grid.x) * grid.y))};
+      run_block(smem_bytes);
+    }
   } catch (...) {
     g.active = false, g.cur = nullptr, g.error = nullptr;
     throw;
   }
   g.active = false;
+}
+
+void set_schedule(Schedule s) {
+  if (g.active) throw std::logic_error("emu: set_schedule inside a kernel");
+  g.order = s;
+}
+Schedule schedule() {
+  return g.order;
 }
 
 const Idx3& thread_idx() {

@@ -31,6 +31,14 @@ struct Dim3 {
 // block waiting at different barriers) and rethrows an exception thrown by a thread.
 void run_grid(Dim3 grid, Dim3 block, size_t smem_bytes, const std::function<void()>& body);
 
+// The order in which blocks, and the threads of a block between two barriers, run. A kernel
+// whose result changes with the order has a race: a thread reading shared or global memory
+// that another thread writes without a barrier (or a block depending on another block).
+// The emulated tests run both orders. Per OS thread; forward by default.
+enum class Schedule : uint8_t { forward, reverse };
+void set_schedule(Schedule s);
+Schedule schedule();
+
 // The calling thread's coordinates (valid inside run_grid's body).
 const Idx3& thread_idx();
 const Idx3& block_idx();

@@ -2,8 +2,9 @@
 // the CPU backend's attention, so their tiling, masks, GQA paths and mma.sync/ldmatrix
 // fragment layouts are checked on every machine, GPU or not. Same tolerances as the GPU
 // parity suite (tests/unit/backend_parity): normalised error below 2e-2 for the tensor-core
-// kernels (bf16 products), 1e-5 for the exact f32 kernels. Shapes are small: an emulated
-// warp collective costs about 64 fiber switches.
+// kernels (bf16 products), 1e-5 for the exact f32 kernels, under both emulator schedules
+// (blocks and threads forward, then reversed: a race shows as a difference). Shapes are
+// small: an emulated warp collective costs about 64 fiber switches.
 #define LLAMA3_CUDA_EMU 1
 #include <gtest/gtest.h>
 
@@ -69,50 +70,52 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
   Tensor dv = Tensor::empty(v.shape(), DType::f32);
   cpu.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
 
-  // The emulated device: host memory, the launchers of kernels.h.
-  cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, float(1.0 / std::sqrt(double(c.D))), c.causal};
-  a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
-  const DType io = c.bf16_io ? DType::bf16 : DType::f32;
-  const cu::KT kt = c.bf16_io ? cu::KT::bf16 : cu::KT::f32;
-  Tensor qe = q.to(io), ke = k.to(io), ve = v.to(io), ge = g.to(io);
-  Tensor q16 = q.to(DType::bf16), k16 = k.to(DType::bf16), v16 = v.to(DType::bf16);
-  Tensor g16 = g.to(DType::bf16);
-  cu::AttnBf16Inputs in16;
-  if (c.tc && !c.bf16_io) in16 = {q16.data_ptr(), k16.data_ptr(), v16.data_ptr(), g16.data_ptr()};
-  Tensor ds, de;
-  if (c.docs) {
-    ds = Tensor::empty({c.B, c.T}, DType::i32), de = Tensor::empty({c.B, c.T}, DType::i32);
-    ASSERT_EQ(cu::doc_runs(doc.data<int32_t>(), c.B, c.T, ds.data<int32_t>(), de.data<int32_t>(),
-                           nullptr),
+  // The emulated device: host memory, the launchers of kernels.h; both schedules.
+  emu_test::each_schedule([&] {
+    cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, float(1.0 / std::sqrt(double(c.D))), c.causal};
+    a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
+    const DType io = c.bf16_io ? DType::bf16 : DType::f32;
+    const cu::KT kt = c.bf16_io ? cu::KT::bf16 : cu::KT::f32;
+    Tensor qe = q.to(io), ke = k.to(io), ve = v.to(io), ge = g.to(io);
+    Tensor q16 = q.to(DType::bf16), k16 = k.to(DType::bf16), v16 = v.to(DType::bf16);
+    Tensor g16 = g.to(DType::bf16);
+    cu::AttnBf16Inputs in16;
+    if (c.tc && !c.bf16_io) in16 = {q16.data_ptr(), k16.data_ptr(), v16.data_ptr(), g16.data_ptr()};
+    Tensor ds, de;
+    if (c.docs) {
+      ds = Tensor::empty({c.B, c.T}, DType::i32), de = Tensor::empty({c.B, c.T}, DType::i32);
+      ASSERT_EQ(cu::doc_runs(doc.data<int32_t>(), c.B, c.T, ds.data<int32_t>(), de.data<int32_t>(),
+                             nullptr),
+                cudaSuccess);
+    }
+    const int32_t* dsp = c.docs ? ds.data<int32_t>() : nullptr;
+    const int32_t* dep = c.docs ? de.data<int32_t>() : nullptr;
+    // The tensor-core kernels write an f32 lse always; the SIMT ones the input dtype.
+    const DType lse_t = c.tc ? DType::f32 : io;
+    Tensor oe = Tensor::empty(q.shape(), io), le = Tensor::empty({c.B, c.H, c.T}, lse_t);
+    ASSERT_EQ(cu::attention_forward(qe.data_ptr(), ke.data_ptr(), ve.data_ptr(), dsp, dep,
+                                    oe.data_ptr(), le.data_ptr(), kt, a, nullptr, in16),
               cudaSuccess);
-  }
-  const int32_t* dsp = c.docs ? ds.data<int32_t>() : nullptr;
-  const int32_t* dep = c.docs ? de.data<int32_t>() : nullptr;
-  // The tensor-core kernels write an f32 lse always; the SIMT ones the input dtype.
-  const DType lse_t = c.tc ? DType::f32 : io;
-  Tensor oe = Tensor::empty(q.shape(), io), le = Tensor::empty({c.B, c.H, c.T}, lse_t);
-  ASSERT_EQ(cu::attention_forward(qe.data_ptr(), ke.data_ptr(), ve.data_ptr(), dsp, dep,
-                                  oe.data_ptr(), le.data_ptr(), kt, a, nullptr, in16),
-            cudaSuccess);
-  Tensor dqe = Tensor::empty(q.shape(), io), dke = Tensor::empty(k.shape(), io);
-  Tensor dve = Tensor::empty(v.shape(), io);
-  Tensor dsum = Tensor::empty({c.B, c.H, c.T}, DType::f32);
-  Tensor acc = Tensor::empty(q.shape(), DType::f32);
-  Tensor part;
-  if (c.tc && c.split && c.H > c.Hkv) part = Tensor::empty({2, c.B, c.T, c.H, c.D}, DType::f32);
-  ASSERT_EQ(
-      cu::attention_backward(ge.data_ptr(), qe.data_ptr(), ke.data_ptr(), ve.data_ptr(),
-                             oe.data_ptr(), le.data_ptr(), dsp, dep, dqe.data_ptr(), dke.data_ptr(),
-                             dve.data_ptr(), dsum.data<float>(), acc.data<float>(), kt, a, nullptr,
-                             in16, part.defined() ? part.data<float>() : nullptr),
-      cudaSuccess);
+    Tensor dqe = Tensor::empty(q.shape(), io), dke = Tensor::empty(k.shape(), io);
+    Tensor dve = Tensor::empty(v.shape(), io);
+    Tensor dsum = Tensor::empty({c.B, c.H, c.T}, DType::f32);
+    Tensor acc = Tensor::empty(q.shape(), DType::f32);
+    Tensor part;
+    if (c.tc && c.split && c.H > c.Hkv) part = Tensor::empty({2, c.B, c.T, c.H, c.D}, DType::f32);
+    ASSERT_EQ(cu::attention_backward(ge.data_ptr(), qe.data_ptr(), ke.data_ptr(), ve.data_ptr(),
+                                     oe.data_ptr(), le.data_ptr(), dsp, dep, dqe.data_ptr(),
+                                     dke.data_ptr(), dve.data_ptr(), dsum.data<float>(),
+                                     acc.data<float>(), kt, a, nullptr, in16,
+                                     part.defined() ? part.data<float>() : nullptr),
+              cudaSuccess);
 
-  const double tol = c.tc || c.bf16_io ? 2e-2 : 1e-5;
-  EXPECT_LT(rel_err(oe, out), tol) << "out";
-  EXPECT_LT(rel_err(le, lse), c.tc ? 1e-3 : tol) << "lse";
-  EXPECT_LT(rel_err(dqe, dq), tol) << "dq";
-  EXPECT_LT(rel_err(dke, dk), tol) << "dk";
-  EXPECT_LT(rel_err(dve, dv), tol) << "dv";
+    const double tol = c.tc || c.bf16_io ? 2e-2 : 1e-5;
+    EXPECT_LT(rel_err(oe, out), tol) << "out";
+    EXPECT_LT(rel_err(le, lse), c.tc ? 1e-3 : tol) << "lse";
+    EXPECT_LT(rel_err(dqe, dq), tol) << "dq";
+    EXPECT_LT(rel_err(dke, dk), tol) << "dk";
+    EXPECT_LT(rel_err(dve, dv), tol) << "dv";
+  });
 }
 
 // As the GPU parity suite's tensor-core cases: T not a multiple of the 64-row tiles,

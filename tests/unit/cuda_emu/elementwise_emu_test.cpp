@@ -2,7 +2,8 @@
 // emulator against the CPU backend (or, for the cross-entropy row kernels, which the CPU
 // backend only runs behind its classifier GEMM, a double-precision reference here). Sizes
 // leave tails after the vectorised bodies and pointers start misaligned, so both the
-// float4 / bf16x8 paths and their scalar remainders run.
+// float4 / bf16x8 paths and their scalar remainders run. Every case runs under both emulator
+// schedules (emu_util.h).
 #define LLAMA3_CUDA_EMU 1
 #include <gtest/gtest.h>
 
@@ -42,276 +43,293 @@ Tensor shifted(const Tensor& t) {
 class ElementwiseEmu : public ::testing::TestWithParam<DType> {};
 
 TEST_P(ElementwiseEmu, AddAxpySwiglu) {
-  const DType dt = GetParam();
-  for (bool misalign : {false, true}) {
-    Tensor a = randn({7, 130}, 1).to(dt), b = randn({7, 130}, 2).to(dt);
-    if (misalign) a = shifted(a), b = shifted(b);
-    Tensor want = Tensor::empty({a.numel()}, DType::f32), got = Tensor::empty({a.numel()}, dt);
-    cpu().add(f32(a).view({a.numel()}), f32(b).view({b.numel()}), want);
-    ASSERT_EQ(cu::add(a.data_ptr(), b.data_ptr(), got.data_ptr(), kt(dt), a.numel(), nullptr),
-              cudaSuccess);
-    EXPECT_LT(rel_err(got, want), dt == DType::bf16 ? 4e-3 : 1e-6) << "add " << misalign;
-    Tensor y1 = f32(b).view({b.numel()}), y2 = b.clone().view({b.numel()});
-    cpu().axpy(-0.75f, f32(a).view({a.numel()}), y1);
-    ASSERT_EQ(cu::axpy(-0.75f, a.data_ptr(), y2.data_ptr(), kt(dt), a.numel(), nullptr),
-              cudaSuccess);
-    EXPECT_LT(rel_err(y2, y1), dt == DType::bf16 ? 4e-3 : 1e-6) << "axpy " << misalign;
+  emu_test::each_schedule([&] {
+    const DType dt = GetParam();
+    for (bool misalign : {false, true}) {
+      Tensor a = randn({7, 130}, 1).to(dt), b = randn({7, 130}, 2).to(dt);
+      if (misalign) a = shifted(a), b = shifted(b);
+      Tensor want = Tensor::empty({a.numel()}, DType::f32), got = Tensor::empty({a.numel()}, dt);
+      cpu().add(f32(a).view({a.numel()}), f32(b).view({b.numel()}), want);
+      ASSERT_EQ(cu::add(a.data_ptr(), b.data_ptr(), got.data_ptr(), kt(dt), a.numel(), nullptr),
+                cudaSuccess);
+      EXPECT_LT(rel_err(got, want), dt == DType::bf16 ? 4e-3 : 1e-6) << "add " << misalign;
+      Tensor y1 = f32(b).view({b.numel()}), y2 = b.clone().view({b.numel()});
+      cpu().axpy(-0.75f, f32(a).view({a.numel()}), y1);
+      ASSERT_EQ(cu::axpy(-0.75f, a.data_ptr(), y2.data_ptr(), kt(dt), a.numel(), nullptr),
+                cudaSuccess);
+      EXPECT_LT(rel_err(y2, y1), dt == DType::bf16 ? 4e-3 : 1e-6) << "axpy " << misalign;
 
-    Tensor g = a.view({a.numel()}), u = b.view({b.numel()});
-    Tensor o1 = Tensor::empty({g.numel()}, DType::f32), o2 = Tensor::empty({g.numel()}, dt);
-    cpu().swiglu_forward(f32(g), f32(u), o1);
-    ASSERT_EQ(
-        cu::swiglu_forward(g.data_ptr(), u.data_ptr(), o2.data_ptr(), kt(dt), g.numel(), nullptr),
-        cudaSuccess);
-    EXPECT_LT(rel_err(o2, o1), dt == DType::bf16 ? 4e-3 : 1e-6) << "swiglu " << misalign;
-    Tensor d = randn({g.numel()}, 3).to(dt);
-    Tensor dg1 = Tensor::empty({g.numel()}, DType::f32),
-           du1 = Tensor::empty({g.numel()}, DType::f32);
-    Tensor dg2 = Tensor::empty({g.numel()}, dt), du2 = Tensor::empty({g.numel()}, dt);
-    cpu().swiglu_backward(f32(d), f32(g), f32(u), dg1, du1);
-    ASSERT_EQ(cu::swiglu_backward(d.data_ptr(), g.data_ptr(), u.data_ptr(), dg2.data_ptr(),
-                                  du2.data_ptr(), kt(dt), g.numel(), nullptr),
-              cudaSuccess);
-    EXPECT_LT(rel_err(dg2, dg1), dt == DType::bf16 ? 4e-3 : 1e-6) << "swiglu dgate " << misalign;
-    EXPECT_LT(rel_err(du2, du1), dt == DType::bf16 ? 4e-3 : 1e-6) << "swiglu dup " << misalign;
-  }
+      Tensor g = a.view({a.numel()}), u = b.view({b.numel()});
+      Tensor o1 = Tensor::empty({g.numel()}, DType::f32), o2 = Tensor::empty({g.numel()}, dt);
+      cpu().swiglu_forward(f32(g), f32(u), o1);
+      ASSERT_EQ(
+          cu::swiglu_forward(g.data_ptr(), u.data_ptr(), o2.data_ptr(), kt(dt), g.numel(), nullptr),
+          cudaSuccess);
+      EXPECT_LT(rel_err(o2, o1), dt == DType::bf16 ? 4e-3 : 1e-6) << "swiglu " << misalign;
+      Tensor d = randn({g.numel()}, 3).to(dt);
+      Tensor dg1 = Tensor::empty({g.numel()}, DType::f32),
+             du1 = Tensor::empty({g.numel()}, DType::f32);
+      Tensor dg2 = Tensor::empty({g.numel()}, dt), du2 = Tensor::empty({g.numel()}, dt);
+      cpu().swiglu_backward(f32(d), f32(g), f32(u), dg1, du1);
+      ASSERT_EQ(cu::swiglu_backward(d.data_ptr(), g.data_ptr(), u.data_ptr(), dg2.data_ptr(),
+                                    du2.data_ptr(), kt(dt), g.numel(), nullptr),
+                cudaSuccess);
+      EXPECT_LT(rel_err(dg2, dg1), dt == DType::bf16 ? 4e-3 : 1e-6) << "swiglu dgate " << misalign;
+      EXPECT_LT(rel_err(du2, du1), dt == DType::bf16 ? 4e-3 : 1e-6) << "swiglu dup " << misalign;
+    }
+  });
 }
 
 TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
-  const DType dt = GetParam();
-  const int64_t n = 37, d = 130;
-  Tensor x = randn({n, d}, 4).to(dt), w = randn({d}, 5, 0.5f).to(dt);
-  // f32 x may write a bf16 y (the norms that feed bf16 GEMMs).
-  for (DType yt : dt == DType::f32 ? std::vector<DType>{DType::f32, DType::bf16}
-                                   : std::vector<DType>{DType::bf16}) {
-    Tensor y1 = Tensor::empty({n, d}, DType::f32), r1 = Tensor::empty({n}, DType::f32);
-    cpu().rmsnorm_forward(f32(x), f32(w), 1e-5f, y1, r1);
-    Tensor y2 = Tensor::empty({n, d}, yt), r2 = Tensor::empty({n}, dt);
-    ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y2.data_ptr(), r2.data_ptr(),
-                                  kt(dt), n, d, nullptr, kt(yt)),
+  emu_test::each_schedule([&] {
+    const DType dt = GetParam();
+    const int64_t n = 37, d = 130;
+    Tensor x = randn({n, d}, 4).to(dt), w = randn({d}, 5, 0.5f).to(dt);
+    // f32 x may write a bf16 y (the norms that feed bf16 GEMMs).
+    for (DType yt : dt == DType::f32 ? std::vector<DType>{DType::f32, DType::bf16}
+                                     : std::vector<DType>{DType::bf16}) {
+      Tensor y1 = Tensor::empty({n, d}, DType::f32), r1 = Tensor::empty({n}, DType::f32);
+      cpu().rmsnorm_forward(f32(x), f32(w), 1e-5f, y1, r1);
+      Tensor y2 = Tensor::empty({n, d}, yt), r2 = Tensor::empty({n}, dt);
+      ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y2.data_ptr(), r2.data_ptr(),
+                                    kt(dt), n, d, nullptr, kt(yt)),
+                cudaSuccess);
+      EXPECT_LT(rel_err(y2, y1), yt == DType::bf16 ? 4e-3 : 1e-6);
+      EXPECT_LT(rel_err(r2, r1), dt == DType::bf16 ? 4e-3 : 1e-6);
+    }
+    // Both sides get the same rstd (the emulated kernel's, in dt).
+    Tensor rstd = Tensor::empty({n}, dt), y = Tensor::empty({n, d}, dt);
+    ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y.data_ptr(), rstd.data_ptr(),
+                                  kt(dt), n, d, nullptr, kt(dt)),
               cudaSuccess);
-    EXPECT_LT(rel_err(y2, y1), yt == DType::bf16 ? 4e-3 : 1e-6);
-    EXPECT_LT(rel_err(r2, r1), dt == DType::bf16 ? 4e-3 : 1e-6);
-  }
-  // Both sides get the same rstd (the emulated kernel's, in dt).
-  Tensor rstd = Tensor::empty({n}, dt), y = Tensor::empty({n, d}, dt);
-  ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y.data_ptr(), rstd.data_ptr(),
-                                kt(dt), n, d, nullptr, kt(dt)),
-            cudaSuccess);
-  Tensor dy = randn({n, d}, 6).to(dt);
-  for (bool acc : {false, true}) {
-    Tensor dx0 = randn({n, d}, 7).to(dt), dw0 = randn({d}, 8).to(dt);
-    Tensor dx1 = f32(dx0), dw1 = f32(dw0), dx2 = dx0.clone(), dw2 = dw0.clone();
-    cpu().rmsnorm_backward(f32(dy), f32(x), f32(w), f32(rstd), dx1, dw1, acc);
-    Tensor part = Tensor::empty({cu::rmsnorm_partial_rows(n), d}, DType::f32);
-    ASSERT_EQ(cu::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
-                                   dx2.data_ptr(), dw2.data_ptr(), part.data<float>(), kt(dt), n, d,
-                                   acc, nullptr),
-              cudaSuccess);
-    EXPECT_LT(rel_err(dx2, dx1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dx, accumulate " << acc;
-    EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dw, accumulate " << acc;
-  }
+    Tensor dy = randn({n, d}, 6).to(dt);
+    for (bool acc : {false, true}) {
+      Tensor dx0 = randn({n, d}, 7).to(dt), dw0 = randn({d}, 8).to(dt);
+      Tensor dx1 = f32(dx0), dw1 = f32(dw0), dx2 = dx0.clone(), dw2 = dw0.clone();
+      cpu().rmsnorm_backward(f32(dy), f32(x), f32(w), f32(rstd), dx1, dw1, acc);
+      Tensor part = Tensor::empty({cu::rmsnorm_partial_rows(n), d}, DType::f32);
+      ASSERT_EQ(cu::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                                     dx2.data_ptr(), dw2.data_ptr(), part.data<float>(), kt(dt), n,
+                                     d, acc, nullptr),
+                cudaSuccess);
+      EXPECT_LT(rel_err(dx2, dx1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dx, accumulate " << acc;
+      EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dw, accumulate " << acc;
+    }
+  });
 }
 
 TEST_P(ElementwiseEmu, Rope) {
-  const DType dt = GetParam();
-  // Head dim 64 takes the 4-pairs-a-thread kernel, 20 the generic one.
-  for (int64_t dh : {64, 20}) {
-    const int64_t B = 2, T = 5, H = 3;
-    Tensor x = randn({B, T, H, dh}, 9).to(dt);
-    std::vector<float> f(size_t(dh / 2));
-    for (int64_t i = 0; i < dh / 2; ++i) f[size_t(i)] = std::pow(10000.f, -2.f * i / dh);
-    Tensor inv = Tensor::from_vector(f, {dh / 2}).to(dt);
-    Tensor pos = Tensor::from_vector(std::vector<int32_t>{3, 0, 7, 1, 100}, {T});
-    for (bool inverse : {false, true}) {
-      Tensor o1 = Tensor::empty(x.shape(), DType::f32), o2 = Tensor::empty(x.shape(), dt);
-      cpu().rope(f32(x), f32(inv), pos, inverse, o1);
-      ASSERT_EQ(cu::rope(x.data_ptr(), inv.data_ptr(), pos.data<int32_t>(), inverse, o2.data_ptr(),
-                         kt(dt), B, T, H, dh, nullptr),
-                cudaSuccess);
-      EXPECT_LT(rel_err(o2, o1), dt == DType::bf16 ? 4e-3 : 1e-6)
-          << "dh " << dh << " inverse " << inverse;
+  emu_test::each_schedule([&] {
+    const DType dt = GetParam();
+    // Head dim 64 takes the 4-pairs-a-thread kernel, 20 the generic one.
+    for (int64_t dh : {64, 20}) {
+      const int64_t B = 2, T = 5, H = 3;
+      Tensor x = randn({B, T, H, dh}, 9).to(dt);
+      std::vector<float> f(size_t(dh / 2));
+      for (int64_t i = 0; i < dh / 2; ++i) f[size_t(i)] = std::pow(10000.f, -2.f * i / dh);
+      Tensor inv = Tensor::from_vector(f, {dh / 2}).to(dt);
+      Tensor pos = Tensor::from_vector(std::vector<int32_t>{3, 0, 7, 1, 100}, {T});
+      for (bool inverse : {false, true}) {
+        Tensor o1 = Tensor::empty(x.shape(), DType::f32), o2 = Tensor::empty(x.shape(), dt);
+        cpu().rope(f32(x), f32(inv), pos, inverse, o1);
+        ASSERT_EQ(cu::rope(x.data_ptr(), inv.data_ptr(), pos.data<int32_t>(), inverse,
+                           o2.data_ptr(), kt(dt), B, T, H, dh, nullptr),
+                  cudaSuccess);
+        EXPECT_LT(rel_err(o2, o1), dt == DType::bf16 ? 4e-3 : 1e-6)
+            << "dh " << dh << " inverse " << inverse;
+      }
     }
-  }
+  });
 }
 
 TEST_P(ElementwiseEmu, EmbeddingConvertReduce) {
-  const DType dt = GetParam();
-  const int64_t V = 11, d = 40;
-  Tensor w = randn({V, d}, 10).to(dt);
-  Tensor ids = Tensor::from_vector(std::vector<int32_t>{3, 10, 0, 3, 7}, {5});
-  Tensor o1 = Tensor::empty({5, d}, DType::f32), o2 = Tensor::empty({5, d}, dt);
-  cpu().embedding_forward(f32(w), ids, o1);
-  int bad = 0;
-  ASSERT_EQ(cu::embedding_forward(w.data_ptr(), ids.data<int32_t>(), o2.data_ptr(), kt(dt), 5, d, V,
-                                  &bad, nullptr),
-            cudaSuccess);
-  EXPECT_EQ(bad, 0);
-  EXPECT_EQ(rel_err(o2, o1), 0.0);
-  Tensor bad_ids = Tensor::from_vector(std::vector<int32_t>{3, 11}, {2});
-  ASSERT_EQ(cu::embedding_forward(w.data_ptr(), bad_ids.data<int32_t>(), o2.data_ptr(), kt(dt), 2,
-                                  d, V, &bad, nullptr),
-            cudaSuccess);
-  EXPECT_EQ(bad, 1) << "id 11 of a vocabulary of 11";
-  Tensor dout = randn({5, d}, 11).to(dt);
-  Tensor dw2 = randn({V, d}, 12).to(dt), dw1 = f32(dw2);
-  cpu().embedding_backward(f32(dout), ids, dw1);
-  ASSERT_EQ(cu::embedding_backward(dout.data_ptr(), ids.data<int32_t>(), dw2.data_ptr(), kt(dt), 5,
-                                   d, nullptr),
-            cudaSuccess);
-  EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 4e-3 : 1e-6);
-
-  // Conversions round to nearest even exactly as the host does, misaligned or not.
-  for (bool misalign : {false, true}) {
-    Tensor src = randn({1003}, 13, 3.f);
-    std::vector<float> raw = src.to_vector<float>();
-    for (size_t i = 0; i < raw.size(); ++i) raw[i] *= 1.f + 1e-3f * float(i % 7);  // not bf16-exact
-    src = Tensor::from_vector(raw, {1003});
-    if (misalign) src = shifted(src);
-    Tensor want = src.to(DType::bf16), got = Tensor::empty({1003}, DType::bf16);
-    ASSERT_EQ(cu::convert_contiguous(src.data_ptr(), cu::KT::f32, got.data_ptr(), cu::KT::bf16,
-                                     1003, nullptr),
+  emu_test::each_schedule([&] {
+    const DType dt = GetParam();
+    const int64_t V = 11, d = 40;
+    Tensor w = randn({V, d}, 10).to(dt);
+    Tensor ids = Tensor::from_vector(std::vector<int32_t>{3, 10, 0, 3, 7}, {5});
+    Tensor o1 = Tensor::empty({5, d}, DType::f32), o2 = Tensor::empty({5, d}, dt);
+    cpu().embedding_forward(f32(w), ids, o1);
+    int bad = 0;
+    ASSERT_EQ(cu::embedding_forward(w.data_ptr(), ids.data<int32_t>(), o2.data_ptr(), kt(dt), 5, d,
+                                    V, &bad, nullptr),
               cudaSuccess);
-    EXPECT_EQ(rel_err(got, want), 0.0) << "f32 -> bf16, misaligned " << misalign;
-    Tensor back = Tensor::empty({1003}, DType::f32);
-    ASSERT_EQ(cu::convert_contiguous(got.data_ptr(), cu::KT::bf16, back.data_ptr(), cu::KT::f32,
-                                     1003, nullptr),
+    EXPECT_EQ(bad, 0);
+    EXPECT_EQ(rel_err(o2, o1), 0.0);
+    Tensor bad_ids = Tensor::from_vector(std::vector<int32_t>{3, 11}, {2});
+    ASSERT_EQ(cu::embedding_forward(w.data_ptr(), bad_ids.data<int32_t>(), o2.data_ptr(), kt(dt), 2,
+                                    d, V, &bad, nullptr),
               cudaSuccess);
-    EXPECT_EQ(rel_err(back, want.to(DType::f32)), 0.0) << "bf16 -> f32, misaligned " << misalign;
-  }
+    EXPECT_EQ(bad, 1) << "id 11 of a vocabulary of 11";
+    Tensor dout = randn({5, d}, 11).to(dt);
+    Tensor dw2 = randn({V, d}, 12).to(dt), dw1 = f32(dw2);
+    cpu().embedding_backward(f32(dout), ids, dw1);
+    ASSERT_EQ(cu::embedding_backward(dout.data_ptr(), ids.data<int32_t>(), dw2.data_ptr(), kt(dt),
+                                     5, d, nullptr),
+              cudaSuccess);
+    EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 4e-3 : 1e-6);
 
-  Tensor x = randn({1003}, 14).to(dt);
-  double s = 0, ss = 0;
-  for (float f : x.to(DType::f32).to_vector<float>()) s += f, ss += double(f) * f;
-  double out = 0;
-  ASSERT_EQ(cu::reduce_sum(x.data_ptr(), kt(dt), 1003, false, &out, nullptr), cudaSuccess);
-  EXPECT_NEAR(out, s, 1e-9 * std::abs(ss));
-  ASSERT_EQ(cu::reduce_sum(x.data_ptr(), kt(dt), 1003, true, &out, nullptr), cudaSuccess);
-  EXPECT_NEAR(out, ss, 1e-9 * ss);
-  int nonfinite = 0;
-  ASSERT_EQ(cu::any_nonfinite(x.data_ptr(), kt(dt), 1003, &nonfinite, nullptr), cudaSuccess);
-  EXPECT_EQ(nonfinite, 0);
-  Tensor y = x.to(DType::f32);
-  std::vector<float> yv = y.to_vector<float>();
-  yv[1001] = NAN;  // in the tail
-  y = Tensor::from_vector(yv, {1003}).to(dt);
-  ASSERT_EQ(cu::any_nonfinite(y.data_ptr(), kt(dt), 1003, &nonfinite, nullptr), cudaSuccess);
-  EXPECT_EQ(nonfinite, 1);
+    // Conversions round to nearest even exactly as the host does, misaligned or not.
+    for (bool misalign : {false, true}) {
+      Tensor src = randn({1003}, 13, 3.f);
+      std::vector<float> raw = src.to_vector<float>();
+      for (size_t i = 0; i < raw.size(); ++i)
+        raw[i] *= 1.f + 1e-3f * float(i % 7);  // not bf16-exact
+      src = Tensor::from_vector(raw, {1003});
+      if (misalign) src = shifted(src);
+      Tensor want = src.to(DType::bf16), got = Tensor::empty({1003}, DType::bf16);
+      ASSERT_EQ(cu::convert_contiguous(src.data_ptr(), cu::KT::f32, got.data_ptr(), cu::KT::bf16,
+                                       1003, nullptr),
+                cudaSuccess);
+      EXPECT_EQ(rel_err(got, want), 0.0) << "f32 -> bf16, misaligned " << misalign;
+      Tensor back = Tensor::empty({1003}, DType::f32);
+      ASSERT_EQ(cu::convert_contiguous(got.data_ptr(), cu::KT::bf16, back.data_ptr(), cu::KT::f32,
+                                       1003, nullptr),
+                cudaSuccess);
+      EXPECT_EQ(rel_err(back, want.to(DType::f32)), 0.0) << "bf16 -> f32, misaligned " << misalign;
+    }
+
+    Tensor x = randn({1003}, 14).to(dt);
+    double s = 0, ss = 0;
+    for (float f : x.to(DType::f32).to_vector<float>()) s += f, ss += double(f) * f;
+    double out = 0;
+    ASSERT_EQ(cu::reduce_sum(x.data_ptr(), kt(dt), 1003, false, &out, nullptr), cudaSuccess);
+    EXPECT_NEAR(out, s, 1e-9 * std::abs(ss));
+    ASSERT_EQ(cu::reduce_sum(x.data_ptr(), kt(dt), 1003, true, &out, nullptr), cudaSuccess);
+    EXPECT_NEAR(out, ss, 1e-9 * ss);
+    int nonfinite = 0;
+    ASSERT_EQ(cu::any_nonfinite(x.data_ptr(), kt(dt), 1003, &nonfinite, nullptr), cudaSuccess);
+    EXPECT_EQ(nonfinite, 0);
+    Tensor y = x.to(DType::f32);
+    std::vector<float> yv = y.to_vector<float>();
+    yv[1001] = NAN;  // in the tail
+    y = Tensor::from_vector(yv, {1003}).to(dt);
+    ASSERT_EQ(cu::any_nonfinite(y.data_ptr(), kt(dt), 1003, &nonfinite, nullptr), cudaSuccess);
+    EXPECT_EQ(nonfinite, 1);
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, ElementwiseEmu, ::testing::Values(DType::f32, DType::bf16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 TEST(ElementwiseEmuF32, AdamW) {
-  for (bool misalign : {false, true}) {
-    const int64_t n = 1003;
-    Tensor p = randn({n}, 20), g = randn({n}, 21), m = randn({n}, 22, 0.1f);
-    Tensor v = randn({n}, 23, 0.1f);
-    std::vector<float> vv = v.to_vector<float>();
-    for (auto& x : vv) x = x * x;  // second moments are non-negative
-    v = Tensor::from_vector(vv, {n});
-    if (misalign) p = shifted(p), g = shifted(g), m = shifted(m), v = shifted(v);
-    AdamWParams hp;
-    hp.lr = 3e-3f, hp.weight_decay = 0.1f, hp.step = 7, hp.grad_scale = 0.6f;
-    Tensor p1 = p.clone(), m1 = m.clone(), v1 = v.clone();
-    cpu().adamw_step(p1, g, m1, v1, hp);
-    // The CUDA backend's scalar set-up (cuda_backend.cpp adamw_step).
-    cu::AdamWScalars s{};
-    const float bc1 = 1.f - std::pow(hp.beta1, float(hp.step));
-    const float bc2 = 1.f - std::pow(hp.beta2, float(hp.step));
-    s.b1 = hp.beta1, s.b2 = hp.beta2, s.eps = hp.eps, s.grad_scale = hp.grad_scale;
-    s.step_size = hp.lr / bc1, s.bc2_sqrt = std::sqrt(bc2), s.decay = 1.f - hp.lr * hp.weight_decay;
-    ASSERT_EQ(cu::adamw(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), n, s,
-                        nullptr),
-              cudaSuccess);
-    EXPECT_LT(rel_err(p, p1), 1e-7) << "param, misaligned " << misalign;
-    EXPECT_LT(rel_err(m, m1), 1e-7) << "m, misaligned " << misalign;
-    EXPECT_LT(rel_err(v, v1), 1e-7) << "v, misaligned " << misalign;
-  }
+  emu_test::each_schedule([&] {
+    for (bool misalign : {false, true}) {
+      const int64_t n = 1003;
+      Tensor p = randn({n}, 20), g = randn({n}, 21), m = randn({n}, 22, 0.1f);
+      Tensor v = randn({n}, 23, 0.1f);
+      std::vector<float> vv = v.to_vector<float>();
+      for (auto& x : vv) x = x * x;  // second moments are non-negative
+      v = Tensor::from_vector(vv, {n});
+      if (misalign) p = shifted(p), g = shifted(g), m = shifted(m), v = shifted(v);
+      AdamWParams hp;
+      hp.lr = 3e-3f, hp.weight_decay = 0.1f, hp.step = 7, hp.grad_scale = 0.6f;
+      Tensor p1 = p.clone(), m1 = m.clone(), v1 = v.clone();
+      cpu().adamw_step(p1, g, m1, v1, hp);
+      // The CUDA backend's scalar set-up (cuda_backend.cpp adamw_step).
+      cu::AdamWScalars s{};
+      const float bc1 = 1.f - std::pow(hp.beta1, float(hp.step));
+      const float bc2 = 1.f - std::pow(hp.beta2, float(hp.step));
+      s.b1 = hp.beta1, s.b2 = hp.beta2, s.eps = hp.eps, s.grad_scale = hp.grad_scale;
+      s.step_size = hp.lr / bc1, s.bc2_sqrt = std::sqrt(bc2),
+      s.decay = 1.f - hp.lr * hp.weight_decay;
+      ASSERT_EQ(cu::adamw(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), n, s,
+                          nullptr),
+                cudaSuccess);
+      EXPECT_LT(rel_err(p, p1), 1e-7) << "param, misaligned " << misalign;
+      EXPECT_LT(rel_err(m, m1), 1e-7) << "m, misaligned " << misalign;
+      EXPECT_LT(rel_err(v, v1), 1e-7) << "v, misaligned " << misalign;
+    }
+  });
 }
 
 // Cross-entropy rows: losses and d(loss * scale)/dlogits = scale (softmax - onehot), rows
 // with target -1 give 0 and no gradient.
 TEST(ElementwiseEmuF32, CrossEntropyRows) {
-  const int64_t nr = 5, V = 300;
-  const std::vector<int32_t> tg{3, -1, 299, 0, 150};
-  Tensor targets = Tensor::from_vector(tg, {nr});
-  Tensor logits0 = randn({nr, V}, 30, 2.f);
-  const std::vector<float> lv = logits0.to_vector<float>();
-  std::vector<double> loss_ref(nr, 0.0), grad_ref(size_t(nr * V), 0.0);
-  const float scale = 0.25f;
-  for (int64_t r = 0; r < nr; ++r) {
-    if (tg[size_t(r)] < 0) continue;
-    double mx = -INFINITY, se = 0;
-    for (int64_t j = 0; j < V; ++j) mx = std::max(mx, double(lv[size_t(r * V + j)]));
-    for (int64_t j = 0; j < V; ++j) se += std::exp(lv[size_t(r * V + j)] - mx);
-    loss_ref[size_t(r)] = mx + std::log(se) - lv[size_t(r * V + tg[size_t(r)])];
-    for (int64_t j = 0; j < V; ++j)
-      grad_ref[size_t(r * V + j)] =
-          scale * (std::exp(lv[size_t(r * V + j)] - mx) / se - (j == tg[size_t(r)] ? 1.0 : 0.0));
-  }
-  for (bool bf16_grad : {false, true}) {
-    Tensor logits = logits0.clone();
-    Tensor g16 = Tensor::empty({nr, V}, DType::bf16);
-    std::vector<float> loss(nr, -1.f);
+  emu_test::each_schedule([&] {
+    const int64_t nr = 5, V = 300;
+    const std::vector<int32_t> tg{3, -1, 299, 0, 150};
+    Tensor targets = Tensor::from_vector(tg, {nr});
+    Tensor logits0 = randn({nr, V}, 30, 2.f);
+    const std::vector<float> lv = logits0.to_vector<float>();
+    std::vector<double> loss_ref(nr, 0.0), grad_ref(size_t(nr * V), 0.0);
+    const float scale = 0.25f;
+    for (int64_t r = 0; r < nr; ++r) {
+      if (tg[size_t(r)] < 0) continue;
+      double mx = -INFINITY, se = 0;
+      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, double(lv[size_t(r * V + j)]));
+      for (int64_t j = 0; j < V; ++j) se += std::exp(lv[size_t(r * V + j)] - mx);
+      loss_ref[size_t(r)] = mx + std::log(se) - lv[size_t(r * V + tg[size_t(r)])];
+      for (int64_t j = 0; j < V; ++j)
+        grad_ref[size_t(r * V + j)] =
+            scale * (std::exp(lv[size_t(r * V + j)] - mx) / se - (j == tg[size_t(r)] ? 1.0 : 0.0));
+    }
+    for (bool bf16_grad : {false, true}) {
+      Tensor logits = logits0.clone();
+      Tensor g16 = Tensor::empty({nr, V}, DType::bf16);
+      std::vector<float> loss(nr, -1.f);
+      int bad = 0;
+      ASSERT_EQ(
+          cu::cross_entropy_rows(logits.data<float>(), targets.data<int32_t>(), nr, V, true, scale,
+                                 logits.data<float>(), bf16_grad ? g16.data_ptr() : nullptr,
+                                 loss.data(), &bad, nullptr),
+          cudaSuccess);
+      EXPECT_EQ(bad, 0);
+      for (int64_t r = 0; r < nr; ++r) EXPECT_NEAR(loss[size_t(r)], loss_ref[size_t(r)], 1e-5) << r;
+      const std::vector<float> gv = (bf16_grad ? g16 : logits).to(DType::f32).to_vector<float>();
+      double num = 0, den = 0;
+      for (size_t i = 0; i < gv.size(); ++i)
+        num += (gv[i] - grad_ref[i]) * (gv[i] - grad_ref[i]), den += grad_ref[i] * grad_ref[i];
+      EXPECT_LT(std::sqrt(num / den), bf16_grad ? 4e-3 : 1e-5) << "bf16 grad " << bf16_grad;
+    }
+    Tensor over = Tensor::from_vector(std::vector<int32_t>{300}, {1});
+    Tensor l1 = logits0.clone();
+    float loss1 = 0;
     int bad = 0;
-    ASSERT_EQ(
-        cu::cross_entropy_rows(logits.data<float>(), targets.data<int32_t>(), nr, V, true, scale,
-                               logits.data<float>(), bf16_grad ? g16.data_ptr() : nullptr,
-                               loss.data(), &bad, nullptr),
-        cudaSuccess);
-    EXPECT_EQ(bad, 0);
-    for (int64_t r = 0; r < nr; ++r) EXPECT_NEAR(loss[size_t(r)], loss_ref[size_t(r)], 1e-5) << r;
-    const std::vector<float> gv = (bf16_grad ? g16 : logits).to(DType::f32).to_vector<float>();
-    double num = 0, den = 0;
-    for (size_t i = 0; i < gv.size(); ++i)
-      num += (gv[i] - grad_ref[i]) * (gv[i] - grad_ref[i]), den += grad_ref[i] * grad_ref[i];
-    EXPECT_LT(std::sqrt(num / den), bf16_grad ? 4e-3 : 1e-5) << "bf16 grad " << bf16_grad;
-  }
-  Tensor over = Tensor::from_vector(std::vector<int32_t>{300}, {1});
-  Tensor l1 = logits0.clone();
-  float loss1 = 0;
-  int bad = 0;
-  ASSERT_EQ(cu::cross_entropy_rows(l1.data<float>(), over.data<int32_t>(), 1, V, false, 1.f,
-                                   nullptr, nullptr, &loss1, &bad, nullptr),
-            cudaSuccess);
-  EXPECT_EQ(bad, 1) << "target 300 of a vocabulary of 300";
+    ASSERT_EQ(cu::cross_entropy_rows(l1.data<float>(), over.data<int32_t>(), 1, V, false, 1.f,
+                                     nullptr, nullptr, &loss1, &bad, nullptr),
+              cudaSuccess);
+    EXPECT_EQ(bad, 1) << "target 300 of a vocabulary of 300";
+  });
 }
 
 // The vocabulary-parallel statistics on one shard holding columns [v0, v0 + V) against the
 // CPU backend's.
 TEST(ElementwiseEmuF32, VocabShardKernels) {
-  const int64_t nr = 4, V = 260, v0 = 100;
-  Tensor logits = randn({nr, V}, 40, 2.f);
-  Tensor targets = Tensor::from_vector(std::vector<int32_t>{150, 7, -1, 359}, {nr});
-  Tensor mx1 = Tensor::empty({nr}, DType::f32), mx2 = Tensor::empty({nr}, DType::f32);
-  cpu().vocab_shard_max(logits, mx1);
-  ASSERT_EQ(cu::vocab_shard_max(logits.data<float>(), nr, V, mx2.data<float>(), nullptr),
-            cudaSuccess);
-  EXPECT_EQ(rel_err(mx2, mx1), 0.0);
-  Tensor se1 = Tensor::empty({nr}, DType::f32), tl1 = Tensor::empty({nr}, DType::f32);
-  Tensor se2 = Tensor::empty({nr}, DType::f32), tl2 = Tensor::empty({nr}, DType::f32);
-  cpu().vocab_shard_stats(logits, mx1, targets, v0, se1, tl1);
-  ASSERT_EQ(cu::vocab_shard_stats(logits.data<float>(), mx1.data<float>(), targets.data<int32_t>(),
-                                  nr, V, v0, se2.data<float>(), tl2.data<float>(), nullptr),
-            cudaSuccess);
-  EXPECT_LT(rel_err(se2, se1), 1e-6);
-  EXPECT_LT(rel_err(tl2, tl1), 1e-6);
-  Tensor d1 = logits.clone(), d2 = logits.clone();
-  cpu().vocab_shard_dlogits(d1, mx1, se1, targets, v0, 0.5f);
-  ASSERT_EQ(cu::vocab_shard_dlogits(d2.data<float>(), mx1.data<float>(), se1.data<float>(),
-                                    targets.data<int32_t>(), nr, V, v0, 0.5f, nullptr),
-            cudaSuccess);
-  EXPECT_LT(rel_err(d2, d1), 1e-6);
-  Tensor lo1 = Tensor::empty({nr}, DType::f32), va1 = Tensor::empty({nr}, DType::f32);
-  Tensor lo2 = Tensor::empty({nr}, DType::f32), va2 = Tensor::empty({nr}, DType::f32);
-  cpu().vocab_row_loss(mx1, se1, tl1, targets, lo1, va1);
-  ASSERT_EQ(cu::vocab_row_loss(mx1.data<float>(), se1.data<float>(), tl1.data<float>(),
-                               targets.data<int32_t>(), nr, lo2.data<float>(), va2.data<float>(),
-                               nullptr),
-            cudaSuccess);
-  EXPECT_LT(rel_err(lo2, lo1), 1e-6);
-  EXPECT_EQ(rel_err(va2, va1), 0.0);
+  emu_test::each_schedule([&] {
+    const int64_t nr = 4, V = 260, v0 = 100;
+    Tensor logits = randn({nr, V}, 40, 2.f);
+    Tensor targets = Tensor::from_vector(std::vector<int32_t>{150, 7, -1, 359}, {nr});
+    Tensor mx1 = Tensor::empty({nr}, DType::f32), mx2 = Tensor::empty({nr}, DType::f32);
+    cpu().vocab_shard_max(logits, mx1);
+    ASSERT_EQ(cu::vocab_shard_max(logits.data<float>(), nr, V, mx2.data<float>(), nullptr),
+              cudaSuccess);
+    EXPECT_EQ(rel_err(mx2, mx1), 0.0);
+    Tensor se1 = Tensor::empty({nr}, DType::f32), tl1 = Tensor::empty({nr}, DType::f32);
+    Tensor se2 = Tensor::empty({nr}, DType::f32), tl2 = Tensor::empty({nr}, DType::f32);
+    cpu().vocab_shard_stats(logits, mx1, targets, v0, se1, tl1);
+    ASSERT_EQ(
+        cu::vocab_shard_stats(logits.data<float>(), mx1.data<float>(), targets.data<int32_t>(), nr,
+                              V, v0, se2.data<float>(), tl2.data<float>(), nullptr),
+        cudaSuccess);
+    EXPECT_LT(rel_err(se2, se1), 1e-6);
+    EXPECT_LT(rel_err(tl2, tl1), 1e-6);
+    Tensor d1 = logits.clone(), d2 = logits.clone();
+    cpu().vocab_shard_dlogits(d1, mx1, se1, targets, v0, 0.5f);
+    ASSERT_EQ(cu::vocab_shard_dlogits(d2.data<float>(), mx1.data<float>(), se1.data<float>(),
+                                      targets.data<int32_t>(), nr, V, v0, 0.5f, nullptr),
+              cudaSuccess);
+    EXPECT_LT(rel_err(d2, d1), 1e-6);
+    Tensor lo1 = Tensor::empty({nr}, DType::f32), va1 = Tensor::empty({nr}, DType::f32);
+    Tensor lo2 = Tensor::empty({nr}, DType::f32), va2 = Tensor::empty({nr}, DType::f32);
+    cpu().vocab_row_loss(mx1, se1, tl1, targets, lo1, va1);
+    ASSERT_EQ(cu::vocab_row_loss(mx1.data<float>(), se1.data<float>(), tl1.data<float>(),
+                                 targets.data<int32_t>(), nr, lo2.data<float>(), va2.data<float>(),
+                                 nullptr),
+              cudaSuccess);
+    EXPECT_LT(rel_err(lo2, lo1), 1e-6);
+    EXPECT_EQ(rel_err(va2, va1), 0.0);
+  });
 }
 
 }  // namespace

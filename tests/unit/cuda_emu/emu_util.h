@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/core/tensor.h"
+#include "runtime/cuda/emu/simt.h"
 
 namespace llama3::emu_test {
 
@@ -33,6 +34,20 @@ inline double rel_err(const Tensor& got, const Tensor& want) {
     den += double(b[i]) * b[i];
   }
   return std::sqrt(num / (den > 0 ? den : 1));
+}
+
+// Runs body() once with the emulator's forward schedule and once with the reverse one (a
+// kernel that depends on the order has a race; simt.h), restoring forward after.
+template <typename F>
+void each_schedule(F&& body) {
+  struct Restore {
+    ~Restore() { emu::set_schedule(emu::Schedule::forward); }
+  } restore;
+  for (emu::Schedule s : {emu::Schedule::forward, emu::Schedule::reverse}) {
+    SCOPED_TRACE(s == emu::Schedule::forward ? "forward schedule" : "reverse schedule");
+    emu::set_schedule(s);
+    body();
+  }
 }
 
 }  // namespace llama3::emu_test
