@@ -104,37 +104,21 @@ inline float __half2float(__half h) {
   return static_cast<float>(h.v);
 }
 
-// ---- CUDA's global min/max/isfinite overloads
-inline int min(int a, int b) {
-  return a < b ? a : b;
-}
-inline int max(int a, int b) {
-  return a > b ? a : b;
-}
-inline unsigned min(unsigned a, unsigned b) {
-  return a < b ? a : b;
-}
-inline unsigned max(unsigned a, unsigned b) {
-  return a > b ? a : b;
-}
-inline long long min(long long a, long long b) {
-  return a < b ? a : b;
-}
-inline long long max(long long a, long long b) {
-  return a > b ? a : b;
-}
-inline long min(long a, long b) {
-  return a < b ? a : b;
-}
-inline long max(long a, long b) {
-  return a > b ? a : b;
-}
-inline unsigned long min(unsigned long a, unsigned long b) {
-  return a < b ? a : b;
-}
-inline unsigned long max(unsigned long a, unsigned long b) {
-  return a > b ? a : b;
-}
+// ---- CUDA's global min/max/isfinite overloads (one per integer width, so mixed calls
+// convert as they do under nvcc)
+#define LLAMA3_EMU_MINMAX(T) \
+  inline T min(T a, T b) {   \
+    return a < b ? a : b;    \
+  }                          \
+  inline T max(T a, T b) {   \
+    return a > b ? a : b;    \
+  }
+LLAMA3_EMU_MINMAX(int)
+LLAMA3_EMU_MINMAX(unsigned)
+LLAMA3_EMU_MINMAX(long)
+LLAMA3_EMU_MINMAX(unsigned long)
+LLAMA3_EMU_MINMAX(long long)
+#undef LLAMA3_EMU_MINMAX
 inline float min(float a, float b) {
   return std::fmin(a, b);
 }
@@ -171,28 +155,9 @@ inline T __ldg(const T* p) {
 }
 
 // ---- atomics (one OS thread runs every emulated thread: plain read-modify-write)
-inline float atomicAdd(float* p, float v) {
-  const float o = *p;
-  *p = o + v;
-  return o;
-}
-inline double atomicAdd(double* p, double v) {
-  const double o = *p;
-  *p = o + v;
-  return o;
-}
-inline int atomicAdd(int* p, int v) {
-  const int o = *p;
-  *p = o + v;
-  return o;
-}
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  const unsigned o = *p;
-  *p = o + v;
-  return o;
-}
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-  const unsigned long long o = *p;
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+  const T o = *p;
   *p = o + v;
   return o;
 }
@@ -202,19 +167,13 @@ inline __nv_bfloat16 atomicAdd(__nv_bfloat16* p, __nv_bfloat16 v) {
   return o;
 }
 inline int atomicMax(int* p, int v) {
-  const int o = *p;
-  *p = o > v ? o : v;
-  return o;
+  return std::exchange(*p, *p > v ? *p : v);
 }
 inline int atomicMin(int* p, int v) {
-  const int o = *p;
-  *p = o < v ? o : v;
-  return o;
+  return std::exchange(*p, *p < v ? *p : v);
 }
 inline int atomicOr(int* p, int v) {
-  const int o = *p;
-  *p = o | v;
-  return o;
+  return std::exchange(*p, *p | v);
 }
 
 // ---- barriers and shuffles
