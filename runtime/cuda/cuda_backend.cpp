@@ -1,6 +1,6 @@
 // CudaBackend: validates tensors, owns the stream, the cuBLASLt handle and workspaces, and
 // launches the kernels of runtime/cuda/*.cu. See cuda_backend.h for what is supported.
-#ifdef LLAMA3_WITH_CUDA
+#if defined(LLAMA3_WITH_CUDA) || defined(LLAMA3_CUDA_EMU)
 #include "runtime/cuda/cuda_backend.h"
 
 #include <algorithm>
@@ -21,6 +21,9 @@
 #include "runtime/cuda/kernels.h"
 
 namespace llama3 {
+#ifdef LLAMA3_CUDA_EMU
+inline namespace emulated {  // as cuda_backend.h declares it for the emulator
+#endif
 
 namespace {
 
@@ -401,8 +404,7 @@ class CudaBackend final : public Backend {
     Tensor partial = Tensor::empty({cuda::rmsnorm_partial_rows(n), d}, DType::f32, device());
     LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(
         dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-        partial.data<float>(), ft_of(x.dtype(), "rmsnorm_backward"), n, d, accumulate_dx,
-        stream_));
+        partial.data<float>(), ft_of(x.dtype(), "rmsnorm_backward"), n, d, accumulate_dx, stream_));
   }
 
   void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,
@@ -966,5 +968,8 @@ void* cuda_stream(int index) {
   return g_backends[index]->stream();
 }
 
+#ifdef LLAMA3_CUDA_EMU
+}  // namespace emulated
+#endif
 }  // namespace llama3
-#endif  // LLAMA3_WITH_CUDA
+#endif  // LLAMA3_WITH_CUDA || LLAMA3_CUDA_EMU

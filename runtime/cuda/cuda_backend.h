@@ -11,6 +11,11 @@
 #include <string>
 
 namespace llama3 {
+#ifdef LLAMA3_CUDA_EMU
+// cuda_backend.cpp compiled for the SIMT emulator (tests/unit/cuda_emu) registers an
+// emulated device through its own copies of these functions.
+inline namespace emulated {
+#endif
 
 // Registers a CUDA backend for every visible device; idempotent. Returns false, without
 // throwing, when the build has no CUDA or no device/driver is usable (any CUDA error from
@@ -31,4 +36,7 @@ std::string cuda_profile_report(int index);
 // order their own streams with it (the NCCL communicator). Throws without that device.
 void* cuda_stream(int index);
 
+#ifdef LLAMA3_CUDA_EMU
+}  // namespace emulated
+#endif
 }  // namespace llama3

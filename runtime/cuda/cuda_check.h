@@ -2,9 +2,13 @@
 // the call, the error and the source line.
 #pragma once
 
+#ifdef LLAMA3_CUDA_EMU
+#include "runtime/cuda/emu/host_emu.h"  // the emulated device (tests/unit/cuda_emu)
+#else
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#endif
 
 #include "runtime/core/error.h"
 
