@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "runtime/core/tensor.h"
 
@@ -86,6 +87,13 @@ class Backend {
   virtual double sum_squares(const Tensor& x) = 0;                                // f64 accumulation
   virtual double sum(const Tensor& x) = 0;
   virtual bool all_finite(const Tensor& x) = 0;
+  // sum over i of weights[i] * sum_squares(xs[i]) (weights empty: all 1), for the global
+  // gradient norm; non-finite when any element is (the f64 squares of f32/bf16 values cannot
+  // overflow), so the norm doubles as the finiteness check. The default calls sum_squares per
+  // tensor, in order; CUDA reduces every tensor into its own slot of a device buffer and reads
+  // the slots back at once (one synchronisation instead of one per tensor).
+  virtual double sum_squares_many(const std::vector<Tensor>& xs,
+                                  const std::vector<double>& weights);
 
   // ---- fused Llama kernels ----
   // ids (N) int32, weight (V, D) -> out (N, D)

@@ -336,6 +336,28 @@ class CudaBackend final : public Backend {
   }
   double sum_squares(const Tensor& x) override { return reduce(x, true, "sum_squares"); }
   double sum(const Tensor& x) override { return reduce(x, false, "sum"); }
+  double sum_squares_many(const std::vector<Tensor>& xs,
+                          const std::vector<double>& weights) override {
+    LLAMA3_CHECK(weights.empty() || weights.size() == xs.size(),
+                 "sum_squares_many: {} weights for {} tensors", weights.size(), xs.size());
+    if (xs.empty()) return 0.0;
+    for (const Tensor& x : xs) contig(x, "sum_squares_many", "x");
+    activate();
+    auto prof_scope = prof("sum_squares_many");
+    // One f64 slot per tensor (8-byte elements; the kernels write doubles).
+    Tensor slots = Tensor::empty({int64_t(xs.size())}, DType::i64, device());
+    double* d = static_cast<double*>(slots.data_ptr());
+    for (size_t i = 0; i < xs.size(); ++i)
+      LLAMA3_CUDA_CHECK(cuda::reduce_sum(xs[i].data_ptr(), ft_of(xs[i].dtype(), "sum_squares_many"),
+                                         xs[i].numel(), true, d + i, stream_));
+    std::vector<double> h(xs.size());
+    LLAMA3_CUDA_CHECK(
+        cudaMemcpyAsync(h.data(), d, h.size() * sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    double s = 0;
+    for (size_t i = 0; i < h.size(); ++i) s += (weights.empty() ? 1.0 : weights[i]) * h[i];
+    return s;
+  }
   bool all_finite(const Tensor& x) override {
     contig(x, "all_finite", "x");
     const KT t = ft_of(x.dtype(), "all_finite");

@@ -1,6 +1,7 @@
 #include "runtime/optim/adamw.h"
 
 #include <cmath>
+#include <vector>
 
 #include "runtime/autograd/autograd.h"
 #include "runtime/backend/backend.h"
@@ -20,12 +21,23 @@ AdamW::AdamW(std::vector<nn::NamedParam> params, const AdamWConfig& cfg) : cfg_(
 }
 
 double AdamW::grad_norm() const {
-  double ss = 0;
+  // One multi-tensor reduction per device (on CUDA one synchronisation, not one per tensor);
+  // devices in order of first appearance, tensors in parameter order.
+  std::vector<Device> devs;
+  std::vector<std::vector<Tensor>> gs;
+  std::vector<std::vector<double>> ws;
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor g = params_[i].tensor->grad();
-    const double w = norm_reduction_.weights.empty() ? 1.0 : norm_reduction_.weights[i];
-    if (g.defined()) ss += w * backend_for(g.device()).sum_squares(g);
+    if (!g.defined()) continue;
+    size_t d = 0;
+    while (d < devs.size() && !(devs[d] == g.device())) ++d;
+    if (d == devs.size()) devs.push_back(g.device()), gs.emplace_back(), ws.emplace_back();
+    gs[d].push_back(g);
+    ws[d].push_back(norm_reduction_.weights.empty() ? 1.0 : norm_reduction_.weights[i]);
   }
+  double ss = 0;
+  for (size_t d = 0; d < devs.size(); ++d)
+    ss += backend_for(devs[d]).sum_squares_many(gs[d], ws[d]);
   if (norm_reduction_.sum_all) ss = norm_reduction_.sum_all(ss);
   return std::sqrt(ss);
 }
@@ -37,8 +49,11 @@ void AdamW::set_norm_reduction(NormReduction r) {
 }
 
 double AdamW::step(float lr) {
+  return step(lr, grad_norm());
+}
+
+double AdamW::step(float lr, double norm) {
   autograd::NoGradGuard ng;
-  const double norm = grad_norm();
   float scale = 1.f;
   // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
   if (cfg_.max_grad_norm > 0) scale = float(std::min(1.0, cfg_.max_grad_norm / (norm + 1e-6)));
@@ -77,8 +92,9 @@ void AdamW::load_state(const std::map<std::string, Tensor>& tensors, int64_t ste
     for (auto [prefix, dst] : {std::pair{"exp_avg.", &m_[i]}, std::pair{"exp_avg_sq.", &v_[i]}}) {
       auto it = tensors.find(prefix + params_[i].name);
       LLAMA3_CHECK(it != tensors.end(), "optimizer state has no '{}{}'", prefix, params_[i].name);
-      LLAMA3_CHECK(it->second.shape() == dst->shape(), "optimizer state '{}{}' has shape {}, parameter {}",
-                   prefix, params_[i].name, shape_str(it->second.shape()), shape_str(dst->shape()));
+      LLAMA3_CHECK(it->second.shape() == dst->shape(),
+                   "optimizer state '{}{}' has shape {}, parameter {}", prefix, params_[i].name,
+                   shape_str(it->second.shape()), shape_str(dst->shape()));
       dst->copy_(it->second);
     }
   }

@@ -23,7 +23,9 @@ class AdamW {
  public:
   AdamW(std::vector<nn::NamedParam> params, const AdamWConfig& cfg);
 
-  // Global L2 norm of all gradients (missing gradients count as zero).
+  // Global L2 norm of all gradients (missing gradients count as zero); non-finite when any
+  // gradient element is, so it doubles as the trainer's finiteness check. Under a
+  // NormReduction it is a collective: every rank must call it.
   double grad_norm() const;
   // Distributed training: each parameter's squared norm is weighted (1 / the number of
   // ranks holding an identical copy of that tensor) and summed over all ranks by sum_all,
@@ -35,6 +37,8 @@ class AdamW {
   void set_norm_reduction(NormReduction r);
   // One update at learning rate lr; returns the gradient norm before clipping.
   double step(float lr);
+  // The same with the norm grad_norm() returned for these gradients (not recomputed).
+  double step(float lr, double norm);
   void zero_grad();
   int64_t steps() const { return step_; }
 

@@ -100,17 +100,16 @@ StepStats Trainer::parallel_step(float lr) {
   StepStats st;
   st.loss = par_->forward_backward(bt.tokens, bt.targets, bt.doc_ids);
   // Skip or step on every rank alike: a rank whose shard is non-finite tells the others.
-  double bad = std::isfinite(st.loss) ? 0.0 : 1.0;
-  for (auto& p : opt_->params()) {
-    Tensor gr = p.tensor->grad();
-    if (bad == 0 && gr.defined() && !backend_for(gr.device()).all_finite(gr)) bad = 1;
-  }
+  // The global gradient norm (a collective over every rank's shards) is non-finite when any
+  // gradient element is, so it is the gradient check; the flag carries the loss's.
+  const double norm = opt_->grad_norm();
+  double bad = std::isfinite(st.loss) && std::isfinite(norm) ? 0.0 : 1.0;
   Tensor flag =
       Tensor::from_vector(std::vector<double>{bad}, {1}, par_->device());  // NCCL: device memory
   par_->groups().world->all_reduce(flag, dist::ReduceOp::max);
   st.lr = lr;
   if (flag.item() == 0) {
-    st.grad_norm = opt_->step(lr);
+    st.grad_norm = opt_->step(lr, norm);
   } else {
     st.skipped = true;
     ++skipped_;
@@ -152,19 +151,14 @@ StepStats Trainer::step() {
     Tensor g = Tensor::full(loss.shape(), 1.0 / double(cfg_.grad_accum), loss.dtype(), loss.device());
     loss.backward(g);
   }
-  if (finite) {
-    for (auto& p : opt_->params()) {
-      Tensor gr = p.tensor->grad();
-      if (gr.defined() && !backend_for(gr.device()).all_finite(gr)) {
-        finite = false;
-        break;
-      }
-    }
-  }
+  // The gradient norm is non-finite when any gradient element is: one pass over the
+  // gradients (one device synchronisation on CUDA) checks them and feeds the clipping.
+  const double norm = finite ? opt_->grad_norm() : 0.0;
+  finite = finite && std::isfinite(norm);
   st.loss = loss_sum / double(cfg_.grad_accum);
   st.lr = lr;
   if (finite) {
-    st.grad_norm = opt_->step(lr);
+    st.grad_norm = opt_->step(lr, norm);
   } else {
     st.skipped = true;
     ++skipped_;

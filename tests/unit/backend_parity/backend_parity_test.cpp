@@ -152,9 +152,16 @@ std::vector<Case> make_cases() {
     Tensor bad = input(c, {517}, 14);
     Tensor nanv = Tensor::full({1}, NAN, c.dt, c.dev);
     bad.narrow(0, 300, 1).copy_(nanv);
+    // The multi-tensor form of the gradient norm: weighted, and non-finite with a NaN in
+    // any tensor.
+    Tensor b = input(c, {7, 130}, 15), e = input(c, {1}, 16);
+    const double many = be.sum_squares_many({a, b, e}, {1.0, 0.5, 2.0});
+    const double many_bad = be.sum_squares_many({a, bad}, {});
     return std::vector<Tensor>{scalar(c, be.sum(a)), scalar(c, be.sum_squares(a)),
                                scalar(c, be.all_finite(a) ? 1 : 0),
-                               scalar(c, be.all_finite(bad) ? 1 : 0)};
+                               scalar(c, be.all_finite(bad) ? 1 : 0), scalar(c, many),
+                               scalar(c, std::isfinite(many_bad) ? 1 : 0),
+                               scalar(c, be.sum_squares_many({}, {}))};
   });
 
   // ---- fused kernels

@@ -1,4 +1,6 @@
 // Trainer behaviour: exact resume, NaN/inf skipping, damaged checkpoints.
+#include "text/train/trainer.h"
+
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -7,7 +9,6 @@
 
 #include "runtime/autograd/autograd.h"
 #include "runtime/io/checkpoint.h"
-#include "text/train/trainer.h"
 
 using namespace llama3;
 namespace fs = std::filesystem;
@@ -24,7 +25,8 @@ class SyntheticSource : public text::BatchSource {
     b.batch_size = B_, b.seq_len = T_;
     std::vector<int32_t> stream(B_ * T_ + 1);
     int32_t x = int32_t(rng.below(V_));
-    for (auto& s : stream) s = x = int32_t((x * 3 + 1 + (rng.uniform() < 0.1 ? rng.below(V_) : 0)) % V_);
+    for (auto& s : stream)
+      s = x = int32_t((x * 3 + 1 + (rng.uniform() < 0.1 ? rng.below(V_) : 0)) % V_);
     for (int64_t i = 0; i < B_ * T_; ++i) {
       b.tokens.push_back(stream[i]);
       b.targets.push_back(stream[i + 1]);
@@ -52,8 +54,8 @@ text::TrainerConfig small_cfg(int64_t steps) {
 }
 
 struct TmpDir {
-  fs::path p = fs::temp_directory_path() / ("llama3_train_" + std::to_string(::getpid()) + "_" +
-                                            std::to_string(rand()));
+  fs::path p = fs::temp_directory_path() /
+               ("llama3_train_" + std::to_string(::getpid()) + "_" + std::to_string(rand()));
   TmpDir() { fs::create_directories(p); }
   ~TmpDir() { fs::remove_all(p); }
 };
@@ -85,7 +87,8 @@ TEST(Trainer, ResumeIsBitExact) {
     EXPECT_EQ(t.steps_done(), 10);
     for (int i = 0; i < 10; ++i) resumed_losses.push_back(t.step().loss);
   }
-  for (int i = 0; i < 10; ++i) EXPECT_EQ(straight_losses[10 + i], resumed_losses[i]) << "step " << 11 + i;
+  for (int i = 0; i < 10; ++i)
+    EXPECT_EQ(straight_losses[10 + i], resumed_losses[i]) << "step " << 11 + i;
   auto pa = a.named_parameters(), pc = c.named_parameters();
   for (size_t i = 0; i < pa.size(); ++i)
     EXPECT_EQ(pa[i].tensor->to_vector<float>(), pc[i].tensor->to_vector<float>()) << pa[i].name;
@@ -100,20 +103,29 @@ TEST(Trainer, NonFiniteGradientSkipsTheUpdateAndReportsIt) {
   t.step();
   // Poison one gradient during the next backward only.
   bool poison = true;
+  float poison_value = std::numeric_limits<float>::quiet_NaN();
   Tensor& w = m.parameter("model.layers.1.mlp.up_proj.weight");
   w.meta()->post_accumulate_hooks.push_back([&](Tensor& g) {
-    if (poison) g.data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
+    if (poison) g.data<float>()[0] = poison_value;
   });
   std::vector<float> before = m.parameter("lm_head.weight").to_vector<float>();
   text::StepStats st = t.step();
   EXPECT_TRUE(st.skipped);
   EXPECT_EQ(t.skipped_steps(), 1);
-  EXPECT_EQ(m.parameter("lm_head.weight").to_vector<float>(), before) << "weights changed on a skipped step";
+  EXPECT_EQ(m.parameter("lm_head.weight").to_vector<float>(), before)
+      << "weights changed on a skipped step";
   poison = false;
   st = t.step();
   EXPECT_FALSE(st.skipped);
   EXPECT_NE(m.parameter("lm_head.weight").to_vector<float>(), before);
   EXPECT_EQ(t.optimizer().steps(), 2);
+  // An infinite element is caught as well (the gradient norm is the check).
+  poison = true, poison_value = std::numeric_limits<float>::infinity();
+  before = m.parameter("lm_head.weight").to_vector<float>();
+  st = t.step();
+  EXPECT_TRUE(st.skipped);
+  EXPECT_EQ(t.skipped_steps(), 2);
+  EXPECT_EQ(m.parameter("lm_head.weight").to_vector<float>(), before);
 }
 
 TEST(Checkpoint, TruncatedOrMissingFilesAreReportedByName) {
@@ -128,7 +140,8 @@ TEST(Checkpoint, TruncatedOrMissingFilesAreReportedByName) {
     text::load_model(dir);
     FAIL() << "truncated checkpoint loaded";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("model.safetensors is damaged"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("model.safetensors is damaged"), std::string::npos)
+        << e.what();
   }
   try {
     text::load_model((tmp.p / "nope").string());
@@ -138,7 +151,8 @@ TEST(Checkpoint, TruncatedOrMissingFilesAreReportedByName) {
   }
   // Without checksums (e.g. a file from elsewhere), the safetensors reader still names
   // the truncated tensor.
-  io::save_safetensors((tmp.p / "x.safetensors").string(), {{"w", Tensor::zeros({64, 64}, DType::f32)}});
+  io::save_safetensors((tmp.p / "x.safetensors").string(),
+                       {{"w", Tensor::zeros({64, 64}, DType::f32)}});
   fs::resize_file(tmp.p / "x.safetensors", 200);
   try {
     io::load_safetensors((tmp.p / "x.safetensors").string());
@@ -156,16 +170,19 @@ TEST(Checkpoint, SavedModelRoundTripsExactly) {
   auto back = text::load_model((tmp.p / "m").string());
   auto pa = m.named_parameters(), pb = back->named_parameters();
   ASSERT_EQ(pa.size(), pb.size());
-  for (size_t i = 0; i < pa.size(); ++i) EXPECT_EQ(pa[i].tensor->to_vector<float>(), pb[i].tensor->to_vector<float>());
+  for (size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(pa[i].tensor->to_vector<float>(), pb[i].tensor->to_vector<float>());
 }
 
 TEST(LrSchedule, WarmupCosineAndLinearToZero) {
-  optim::LrSchedule s{.peak = 1.f, .min_lr = 0.1f, .warmup = 10, .total = 110, .decay = optim::Decay::cosine};
+  optim::LrSchedule s{
+      .peak = 1.f, .min_lr = 0.1f, .warmup = 10, .total = 110, .decay = optim::Decay::cosine};
   EXPECT_FLOAT_EQ(s.at(0), 0.1f);
   EXPECT_FLOAT_EQ(s.at(9), 1.f);
   EXPECT_FLOAT_EQ(s.at(60), 0.55f);
   EXPECT_FLOAT_EQ(s.at(110), 0.1f);
-  optim::LrSchedule l{.peak = 2.f, .min_lr = 0.f, .warmup = 0, .total = 100, .decay = optim::Decay::linear};
+  optim::LrSchedule l{
+      .peak = 2.f, .min_lr = 0.f, .warmup = 0, .total = 100, .decay = optim::Decay::linear};
   EXPECT_FLOAT_EQ(l.at(50), 1.f);
   EXPECT_EQ(l.at(100), 0.f);
 }
