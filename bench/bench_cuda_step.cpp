@@ -11,7 +11,11 @@
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //                   [--f32-attn-activations] [--ce-chunk ROWS] [--separate-sums]
+//                   [--cast-weights]
 //
+// In bf16 mixed precision AdamW writes bf16 copies of the weight matrices with each update
+// and the GEMMs use them (ops::WeightCopyTable, as the trainer does); --cast-weights casts
+// every weight to bf16 each step instead, as before the copies existed (A/B).
 // --separate-sums turns off the in-place gradient sums (autograd::set_in_place_accumulation):
 // every sum of two gradients is then a separate add pass, as before they existed (A/B).
 // --ce-chunk sets the cross-entropy's rows per chunk (default: the backend's choice, as the
@@ -32,6 +36,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -53,6 +58,7 @@ struct Config {
   bool attn_only = false;
   bool profile = false;             // one more step after the timed ones, with per-op GPU times
   bool f32_attn_act = false;        // keep q/k/v/attention activations f32 (A/B timing)
+  bool cast_weights = false;        // no bf16 weight copies: cast each step (A/B timing)
   Device device = Device::cuda(0);  // --device cpu: smoke test of this benchmark on tiny configs
   int64_t head_dim() const { return dim / heads; }
 };
@@ -95,6 +101,8 @@ Config parse(int argc, char** argv) {
       c.ce_chunk = next();
     else if (a == "--f32-attn-activations")
       c.f32_attn_act = true;
+    else if (a == "--cast-weights")
+      c.cast_weights = true;
     else if (a == "--device") {
       LLAMA3_CHECK(i + 1 < argc, "--device needs cuda or cpu");
       std::string d = argv[++i];
@@ -264,6 +272,12 @@ int run(const Config& c) {
     v.push_back(Tensor::zeros(p->shape(), DType::f32, dev));
     n_params += p->numel();
   }
+  // bf16 copies of the weight matrices, written by AdamW (the trainer's bf16 path).
+  ops::WeightCopyTable copies;
+  std::vector<int64_t> copy_of(params.size(), -1);
+  if (c.precision == ops::Precision::bf16 && !c.cast_weights)
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i]->dim() == 2) copy_of[i] = int64_t(copies.add(*params[i]));
   const int64_t n_embed = V * D;
   const int64_t n_matmul = n_params - n_embed;  // every parameter but the lookup table
   std::vector<int32_t> ids(static_cast<size_t>(B * T)), tg(static_cast<size_t>(B * T)),
@@ -294,6 +308,7 @@ int run(const Config& c) {
   const bool act16 = ops::bf16_activations(pr, dev);
   const bool attn16 = act16 && !c.f32_attn_act;
   auto step = [&](int64_t step_no) {
+    std::optional<ops::WeightCopiesScope> scope(std::in_place, &copies);
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)
     for (auto& l : layers) {
       // (As the model: bf16 norm outputs, whose gradients from q/k/v or gate/up sum in f32.)
@@ -317,6 +332,7 @@ int run(const Config& c) {
     Tensor loss = ops::linear_cross_entropy(h, head, tg_t, co);
     x = h = Tensor();
     loss.backward();
+    scope.reset();
     AdamWParams opt;
     opt.lr = 3e-4f, opt.weight_decay = 0.1f, opt.step = step_no;
     {
@@ -324,7 +340,10 @@ int run(const Config& c) {
       for (size_t i = 0; i < params.size(); ++i) {
         Tensor gp = params[i]->grad();
         LLAMA3_CHECK(gp.defined(), "parameter {} got no gradient", i);
-        be.adamw_step(*params[i], gp, m[i], v[i], opt);
+        const int64_t ci = copy_of[i];
+        be.adamw_step(*params[i], gp, m[i], v[i], opt,
+                      ci >= 0 ? &copies.copy(size_t(ci)) : nullptr);
+        if (ci >= 0) copies.mark_written(size_t(ci));
         params[i]->zero_grad();
       }
     }

@@ -7,7 +7,8 @@
 # Llama 1B-class training step (bench_cuda_step, seq 4096 with a 2048 fallback) against
 # PyTorch eager (and torch.compile when time is left) with a per-op GPU profile of one step,
 # the step again with single choices reverted (f32 attention activations, 1024-row
-# cross-entropy chunks, separate gradient-sum adds), both sides at two sequences per step,
+# cross-entropy chunks, separate gradient-sum adds, weights cast each step instead of AdamW's
+# bf16 copies), both sides at two sequences per step,
 # the NCCL communicator's collectives and all_reduce bandwidth, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
@@ -185,7 +186,8 @@ if [[ -n $BIN ]]; then
   [[ -n $r ]] && note "  same, f32 attention activations" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
   # A/B: choices of the step, each one reverted alone (same run, same card).
   for v in "ce1024:--ce-chunk 1024:cross-entropy chunk 1024 rows" \
-           "sums:--separate-sums:separate gradient-sum adds"; do
+           "sums:--separate-sums:separate gradient-sum adds" \
+           "cast:--cast-weights:weights cast each step (no AdamW bf16 copies)"; do
     IFS=: read -r tag flags what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags

@@ -171,9 +171,12 @@ class Backend {
   virtual void vocab_row_loss(const Tensor& mx, const Tensor& sum_exp, const Tensor& target_logit,
                               const Tensor& targets, Tensor& loss, Tensor& valid) = 0;
 
-  // Fused AdamW on f32 params/moments; grad f32. Decoupled weight decay.
+  // Fused AdamW on f32 params/moments; grad f32. Decoupled weight decay. param_bf16 (bf16,
+  // param's shape, contiguous; optional): also written with the updated param rounded to
+  // bf16, the copy the bf16 GEMMs of mixed precision use instead of casting the weight each
+  // step (ops::WeightCopyTable); it equals param.to(bf16) bit for bit.
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                          const AdamWParams& p) = 0;
+                          const AdamWParams& p, Tensor* param_bf16 = nullptr) = 0;
 };
 
 // The backend for a device; throws listing the available devices if there is none.

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "runtime/core/allocator.h"
@@ -546,9 +547,15 @@ class CpuBackend final : public Backend {
     cpu::vocab_row_loss(mx, sum_exp, target_logit, targets, loss, valid);
   }
 
-  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                  const AdamWParams& p) override {
+  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& p,
+                  Tensor* param_bf16 = nullptr) override {
     const int64_t n = param.numel();
+    if (param_bf16)
+      LLAMA3_CHECK(
+          param_bf16->dtype() == DType::bf16 && param_bf16->numel() == n &&
+              param_bf16->is_contiguous() && param.dtype() == DType::f32,
+          "adamw: the bf16 copy {} of param {} must be contiguous bf16 of f32 param's size",
+          param_bf16->str(), param.str());
     dispatch_float(param.dtype(), "adamw", [&]<typename T>() {
       T *ps = param.data<T>(), *ms = m.data<T>(), *vs = v.data<T>();
       const T* gs = grad.data<T>();
@@ -568,6 +575,13 @@ class CpuBackend final : public Backend {
         vs[i] = vs[i] * b2 + (T(1) - b2) * g * g;
         T denom = std::sqrt(vs[i]) / bc2_sqrt + eps;
         ps[i] -= step_size * ms[i] / denom;
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (param_bf16) {
+          uint16_t* c = static_cast<uint16_t*>(param_bf16->data_ptr());
+#pragma omp parallel for simd if (parallel : n > 32768)
+          for (int64_t i = 0; i < n; ++i) c[i] = f32_to_bf16_bits(ps[i]);
+        }
       }
     });
   }

@@ -636,8 +636,8 @@ class CudaBackend final : public Backend {
                                            loss.data<float>(), valid.data<float>(), stream_));
   }
 
-  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
-                  const AdamWParams& p) override {
+  void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& p,
+                  Tensor* param_bf16 = nullptr) override {
     for (auto [t, nm] : {std::pair<const Tensor*, const char*>{&param, "param"},
                          {&grad, "grad"},
                          {&m, "m"},
@@ -657,8 +657,15 @@ class CudaBackend final : public Backend {
     s.decay = 1.f - p.lr * p.weight_decay;
     activate();
     auto prof_scope = prof("adamw_step");
+    if (param_bf16) {
+      contig(*param_bf16, "adamw", "param_bf16");
+      LLAMA3_CHECK(param_bf16->dtype() == DType::bf16 && param_bf16->numel() == param.numel(),
+                   "adamw: the bf16 copy {} of param {} must be bf16 of the param's size",
+                   param_bf16->str(), param.str());
+    }
     LLAMA3_CUDA_CHECK(cuda::adamw(param.data<float>(), grad.data<float>(), m.data<float>(),
-                                  v.data<float>(), param.numel(), s, stream_));
+                                  v.data<float>(), param.numel(), s, stream_,
+                                  param_bf16 ? param_bf16->data_ptr() : nullptr));
   }
 
   // Per-op GPU time (cuda_profile_start / cuda_profile_report): while recording, every

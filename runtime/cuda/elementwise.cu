@@ -514,15 +514,18 @@ __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v,
   p = pi, m = mi, v = vi;
 }
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n,
-                             AdamWScalars a) {
+                             AdamWScalars a, __nv_bfloat16* p16) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
+       i += int64_t(gridDim.x) * blockDim.x) {
     adamw_one(p[i], g[i], m[i], v[i], a);
+    if (p16) p16[i] = __float2bfloat16_rn(p[i]);
+  }
 }
 // 16-byte accesses (all four arrays 16-byte aligned): the step is a pure stream of 28 bytes
 // per parameter, and wide loads keep more of it in flight per thread.
+// p16 (optional, 8-byte aligned): the four updated values rounded to bf16, one 8-byte store.
 __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, int64_t n4,
-                              AdamWScalars a) {
+                              AdamWScalars a, uint2* p16) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n4;
        i += int64_t(gridDim.x) * blockDim.x) {
     float4 pp = p[i], mm = m[i], vv = v[i];
@@ -532,6 +535,12 @@ __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, 
     adamw_one(pp.z, gg.z, mm.z, vv.z, a);
     adamw_one(pp.w, gg.w, mm.w, vv.w, a);
     p[i] = pp, m[i] = mm, v[i] = vv;
+    if (p16) {
+      const __nv_bfloat162 lo = __floats2bfloat162_rn(pp.x, pp.y),
+                           hi = __floats2bfloat162_rn(pp.z, pp.w);
+      p16[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                          *reinterpret_cast<const uint32_t*>(&hi));
+    }
   }
 }
 
@@ -897,19 +906,22 @@ cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, 
 }
 
 cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& a,
-                  cudaStream_t s) {
+                  cudaStream_t s, void* p16) {
   if (n == 0) return cudaSuccess;
   int64_t head = 0;
   const auto al16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  if (al16(p) && al16(g) && al16(m) && al16(v) && n >= 4) {
+  __nv_bfloat16* c = static_cast<__nv_bfloat16*>(p16);
+  if (al16(p) && al16(g) && al16(m) && al16(v) && reinterpret_cast<uintptr_t>(c) % 8 == 0 &&
+      n >= 4) {
     head = n / 4 * 4;
     launch_kernel(adamw4_kernel, grid_for(head / 4, kThreads), kThreads, 0, s,
                   reinterpret_cast<float4*>(p), reinterpret_cast<const float4*>(g),
-                  reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), head / 4, a);
+                  reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), head / 4, a,
+                  reinterpret_cast<uint2*>(c));
   }
   if (head < n)
     launch_kernel(adamw_kernel, grid_for(n - head, kThreads), kThreads, 0, s, p + head, g + head,
-                  m + head, v + head, n - head, a);
+                  m + head, v + head, n - head, a, c ? c + head : nullptr);
   return cudaGetLastError();
 }
 

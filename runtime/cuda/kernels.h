@@ -79,8 +79,9 @@ cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, 
 struct AdamWScalars {
   float b1, b2, eps, grad_scale, step_size, bc2_sqrt, decay;
 };
+// p16 (optional): also the updated p rounded to bf16 (the weight copy of mixed precision).
 cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& a,
-                  cudaStream_t s);
+                  cudaStream_t s, void* p16 = nullptr);
 
 // Cross-entropy rows: logits (nr, V) f32. Writes loss[i] (f32; 0 for target < 0). With
 // grad, writes d(loss*scale)/dlogits into dlogits_f32 (may alias logits) or, when

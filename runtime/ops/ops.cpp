@@ -150,6 +150,42 @@ bool bf16_activations(Precision p, const Device& d) {
   return p == Precision::bf16 && backend_for(d).bf16_activations();
 }
 
+// ---------------------------------------------------------------- weight copies
+namespace {
+thread_local const WeightCopyTable* g_weight_copies = nullptr;
+}  // namespace
+
+size_t WeightCopyTable::add(const Tensor& w) {
+  LLAMA3_CHECK(w.dtype() == DType::f32 && w.is_contiguous(),
+               "weight copies: {} must be a contiguous f32 weight", w.str());
+  weights_.push_back(w.detach());
+  copies_.push_back(Tensor::empty(w.shape(), DType::bf16, w.device()));
+  written_.push_back(false);
+  return copies_.size() - 1;
+}
+
+Tensor WeightCopyTable::find(const Tensor& w) const {
+  for (size_t i = 0; i < weights_.size(); ++i)
+    if (written_[i] && weights_[i].same_storage(w) && weights_[i].offset() == w.offset() &&
+        weights_[i].shape() == w.shape() && weights_[i].strides() == w.strides())
+      return copies_[i];
+  return {};
+}
+
+WeightCopiesScope::WeightCopiesScope(const WeightCopyTable* t) : prev_(g_weight_copies) {
+  g_weight_copies = t;
+}
+WeightCopiesScope::~WeightCopiesScope() { g_weight_copies = prev_; }
+
+Tensor weight_bf16(const Tensor& w) {
+  if (w.dtype() == DType::bf16) return w;
+  if (g_weight_copies) {
+    Tensor c = g_weight_copies->find(w);
+    if (c.defined()) return c;
+  }
+  return w.to(DType::bf16);
+}
+
 Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad,
               const DxHook& dx_hook, const OutHook& out_hook) {
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
@@ -158,7 +194,7 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool
   check_same_device(x, w, "linear");
   Tensor x2 = as_rows(x.contiguous());
   Tensor wc = w.contiguous();
-  if (p == Precision::bf16) x2 = to_bf16(x2), wc = to_bf16(wc);
+  if (p == Precision::bf16) x2 = to_bf16(x2), wc = weight_bf16(wc);
   LLAMA3_CHECK(!bf16_out || p == Precision::bf16,
                "linear: a bf16 output needs bf16 precision (x {}, weight {})", x.str(), w.str());
   const DType out_t = bf16_out                  ? DType::bf16
@@ -477,7 +513,7 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
   for (int32_t t : tg.to_vector<int32_t>()) n_valid += t >= 0;
   LLAMA3_CHECK(n_valid > 0, "linear_cross_entropy: no target >= 0 among {} rows", h.size(0));
   Tensor hc = h.contiguous(), wc = w.contiguous();
-  if (opt.precision == Precision::bf16) hc = to_bf16(hc), wc = to_bf16(wc);
+  if (opt.precision == Precision::bf16) hc = to_bf16(hc), wc = weight_bf16(wc);
   const bool need = autograd::any_requires_grad({&h, &w});
   const DType gt = h.dtype() == DType::f64 ? DType::f64 : DType::f32;
   Tensor dh, dw;

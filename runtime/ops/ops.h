@@ -56,6 +56,44 @@ using OutHook = std::function<DxPending(Tensor& rows)>;
 Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32, bool bf16_out = false,
               bool f32_grad = false, const DxHook& dx_hook = {}, const OutHook& out_hook = {});
 
+// bf16 copies of weights for the bf16 GEMMs of mixed precision, kept up to date by the
+// optimizer that updates the weights (optim::AdamW::enable_bf16_copies writes each copy in the
+// same pass as its update), so that linear and linear_cross_entropy do not cast every weight
+// to bf16 on every step. A table maps a weight (same storage, offset and shape) to its copy;
+// a copy counts only once it has been written (mark_written) and until invalidate(). Tables are
+// consulted only inside a WeightCopiesScope on the calling thread: the loop that owns both the
+// optimizer and the forward installs it, and inside it nothing but the optimizer writes the
+// weights (anything else that writes them must invalidate the table). Bit-exact: a copy is
+// the weight rounded to bf16, as the cast would make it.
+class WeightCopyTable {
+ public:
+  // Adds a bf16 copy for weight w (f32, contiguous; not yet written); returns its index.
+  size_t add(const Tensor& w);
+  Tensor& copy(size_t i) { return copies_[i]; }
+  void mark_written(size_t i) { written_[i] = true; }
+  void invalidate() { written_.assign(written_.size(), false); }
+  size_t size() const { return copies_.size(); }
+  // The written copy of exactly w, or an undefined tensor.
+  Tensor find(const Tensor& w) const;
+
+ private:
+  std::vector<Tensor> weights_, copies_;
+  std::vector<bool> written_;
+};
+class WeightCopiesScope {
+ public:
+  explicit WeightCopiesScope(const WeightCopyTable* t);  // null: no copies
+  ~WeightCopiesScope();
+  WeightCopiesScope(const WeightCopiesScope&) = delete;
+  WeightCopiesScope& operator=(const WeightCopiesScope&) = delete;
+
+ private:
+  const WeightCopyTable* prev_;
+};
+// The bf16 form of weight w for a bf16 GEMM: w itself if bf16, its written copy in the
+// table of the active scope, else w.to(bf16).
+Tensor weight_bf16(const Tensor& w);
+
 // Whether precision p on device d keeps the activations between GEMMs in bf16
 // (Precision::bf16 on a backend whose Backend::bf16_activations() is true): the model asks
 // this once per block and passes bf16_out / f32_grad accordingly.

@@ -69,9 +69,23 @@ double AdamW::step(float lr, double norm) {
     hp.step = step_;
     hp.grad_scale = scale;
     Tensor pd = p.detach();
-    backend_for(p.device()).adamw_step(pd, g, m_[i], v_[i], hp);
+    const int64_t c = copy_of_.empty() ? -1 : copy_of_[i];
+    backend_for(p.device())
+        .adamw_step(pd, g, m_[i], v_[i], hp, c >= 0 ? &copies_->copy(size_t(c)) : nullptr);
+    if (c >= 0) copies_->mark_written(size_t(c));
   }
   return norm;
+}
+
+void AdamW::enable_bf16_copies() {
+  if (copies_) return;
+  copies_.emplace();
+  copy_of_.assign(params_.size(), -1);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Tensor& p = *params_[i].tensor;
+    if (p.dim() == 2 && p.dtype() == DType::f32 && p.is_contiguous())
+      copy_of_[i] = int64_t(copies_->add(p));
+  }
 }
 
 void AdamW::zero_grad() {
@@ -99,6 +113,7 @@ void AdamW::load_state(const std::map<std::string, Tensor>& tensors, int64_t ste
     }
   }
   step_ = step;
+  invalidate_bf16_copies();  // the parameters were loaded beside this state
 }
 
 }  // namespace llama3::optim

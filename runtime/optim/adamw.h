@@ -5,10 +5,12 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "runtime/nn/module.h"
+#include "runtime/ops/ops.h"
 
 namespace llama3::optim {
 
@@ -31,8 +33,8 @@ class AdamW {
   // ranks holding an identical copy of that tensor) and summed over all ranks by sum_all,
   // so the norm - and the clip factor - is the single-process one across shards/replicas.
   struct NormReduction {
-    std::vector<double> weights;                 // one per trainable parameter, in order
-    std::function<double(double)> sum_all;       // all-reduce of one double
+    std::vector<double> weights;            // one per trainable parameter, in order
+    std::function<double(double)> sum_all;  // all-reduce of one double
   };
   void set_norm_reduction(NormReduction r);
   // One update at learning rate lr; returns the gradient norm before clipping.
@@ -41,6 +43,18 @@ class AdamW {
   double step(float lr, double norm);
   void zero_grad();
   int64_t steps() const { return step_; }
+
+  // bf16 mixed precision: keep a bf16 copy of every matrix parameter (2-D, f32), written by
+  // each step() in the same pass as the update, for the bf16 GEMMs to use instead of casting
+  // the weights every step (ops::WeightCopyTable; install bf16_copies() with an
+  // ops::WeightCopiesScope around the forward and backward). A copy counts once a step has
+  // written it; load_state() and invalidate_bf16_copies() (for anything else that writes the
+  // parameters) drop them all until the next step. Costs 2 bytes per parameter.
+  void enable_bf16_copies();
+  const ops::WeightCopyTable* bf16_copies() const { return copies_ ? &*copies_ : nullptr; }
+  void invalidate_bf16_copies() {
+    if (copies_) copies_->invalidate();
+  }
 
   // Optimizer state by name: "exp_avg.<param>", "exp_avg_sq.<param>".
   std::map<std::string, Tensor> state_tensors() const;
@@ -51,6 +65,8 @@ class AdamW {
  private:
   std::vector<nn::NamedParam> params_;  // trainable only
   std::vector<Tensor> m_, v_;
+  std::optional<ops::WeightCopyTable> copies_;
+  std::vector<int64_t> copy_of_;  // per parameter: its index in copies_, or -1
   AdamWConfig cfg_;
   int64_t step_ = 0;
   NormReduction norm_reduction_;

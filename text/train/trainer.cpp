@@ -139,6 +139,11 @@ StepStats Trainer::step() {
   double loss_sum = 0;
   int64_t tokens = 0, seq_len = 0;
   bool finite = true;
+  // bf16 weight copies: written by the previous step's AdamW; nothing else writes the weights
+  // between it and this forward (Trainer::load invalidates them through load_state).
+  if (cfg_.bf16_weight_copies && model_.options().precision == ops::Precision::bf16)
+    opt_->enable_bf16_copies();
+  const ops::WeightCopiesScope copies(opt_->bf16_copies());
   for (int64_t m = 0; m < cfg_.grad_accum; ++m) {
     data::Batch b = train_.next();
     BatchTensors bt = to_tensors(b);

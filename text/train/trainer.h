@@ -62,6 +62,10 @@ struct TrainerConfig {
   // the recipe runner schedules in tokens while the batch size ramps.
   std::function<float(int64_t steps_done, int64_t tokens_done)> lr_fn;
   TrainerParallel parallel;
+  // bf16 mixed precision in one process: AdamW writes bf16 copies of the weight matrices
+  // with each update and the step's GEMMs use them instead of casting every weight
+  // (optim::AdamW::enable_bf16_copies; bit-identical results). false: cast each step.
+  bool bf16_weight_copies = true;
 };
 
 struct StepStats {

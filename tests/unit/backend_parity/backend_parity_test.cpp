@@ -359,18 +359,23 @@ std::vector<Case> make_cases() {
     return std::vector<Tensor>{scalar(c, loss), scalar(c, loss_only), dh, dw};
   });
 
-  // ---- AdamW (f32 master weights), three steps
+  // ---- AdamW (f32 master weights), three steps; the last also writes the bf16 copy of the
+  // weights (mixed precision's weight copies), which must equal the cast of the result.
   cs.push_back({"adamw_f32", DType::f32, true, 0, [](const Ctx& c) {
                   Backend& be = backend_for(c.dev);
                   Tensor p = input_f32(c, {1000}, 80), m = Tensor::zeros({1000}, DType::f32, c.dev);
                   Tensor v = Tensor::zeros({1000}, DType::f32, c.dev);
+                  Tensor p16 = Tensor::empty({1000}, DType::bf16, c.dev);
                   for (int64_t s = 1; s <= 3; ++s) {
                     Tensor g = input_f32(c, {1000}, 80 + s);
                     AdamWParams ap;
                     ap.lr = 1e-2f, ap.weight_decay = 0.1f, ap.step = s, ap.grad_scale = 0.5f;
-                    be.adamw_step(p, g, m, v, ap);
+                    be.adamw_step(p, g, m, v, ap, s == 3 ? &p16 : nullptr);
                   }
-                  return std::vector<Tensor>{p, m, v};
+                  const std::vector<float> a = p.to(DType::bf16).to(DType::f32).to_vector<float>();
+                  const std::vector<float> b = p16.to(DType::f32).to_vector<float>();
+                  LLAMA3_CHECK(a == b, "adamw: the bf16 copy differs from the cast of the weights");
+                  return std::vector<Tensor>{p, m, v, p16};
                 }});
   // 1003 elements (16-byte path and a scalar tail) and a view 4 bytes off alignment (scalar).
   cs.push_back({"adamw_f32_tail_and_misaligned", DType::f32, true, 0, [](const Ctx& c) {
@@ -381,13 +386,14 @@ std::vector<Case> make_cases() {
                     Tensor p = input_f32(c, {n + off}, 90).narrow(0, off, n);
                     Tensor m = Tensor::zeros({n + off}, DType::f32, c.dev).narrow(0, off, n);
                     Tensor v = Tensor::zeros({n + off}, DType::f32, c.dev).narrow(0, off, n);
+                    Tensor p16 = Tensor::empty({n + off}, DType::bf16, c.dev).narrow(0, off, n);
                     for (int64_t s = 1; s <= 2; ++s) {
                       Tensor g = input_f32(c, {n + off}, 90 + s).narrow(0, off, n);
                       AdamWParams ap;
                       ap.lr = 1e-2f, ap.weight_decay = 0.1f, ap.step = s;
-                      be.adamw_step(p, g, m, v, ap);
+                      be.adamw_step(p, g, m, v, ap, &p16);
                     }
-                    outs.insert(outs.end(), {p, m, v});
+                    outs.insert(outs.end(), {p, m, v, p16});
                   }
                   return outs;
                 }});

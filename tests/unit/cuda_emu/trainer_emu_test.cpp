@@ -1,6 +1,7 @@
 // The Trainer on the emulated cuda:0 (cuda_backend_emu.cpp) against the same Trainer on the
 // CPU: a few AdamW steps of the debug model with gradient accumulation, document masks,
-// clipping and the multi-tensor gradient norm, in f32 and in bf16 mixed precision, give the
+// clipping, the multi-tensor gradient norm and (bf16) AdamW's bf16 weight copies, in f32 and
+// in bf16 mixed precision, give the
 // same losses and gradient norms at every step (within each precision's parity tolerance)
 // and close weights. (AdamW normalises each update by its own gradient's size, so elements
 // with near-zero gradients move by about lr either way on a rounding difference: the
@@ -62,6 +63,22 @@ TEST_P(TrainerEmu, CudaStepsMatchCpu) {
     EXPECT_FALSE(b.skipped) << "step " << s;
     EXPECT_NEAR(b.loss, a.loss, (bf16 ? 1e-2 : 1e-5) * std::abs(a.loss)) << "step " << s;
     EXPECT_NEAR(b.grad_norm, a.grad_norm, (bf16 ? 3e-2 : 1e-4) * a.grad_norm) << "step " << s;
+  }
+  // bf16: the GEMMs read AdamW's bf16 weight copies, written by the CUDA kernel; each equals
+  // the cast of its weight bit for bit.
+  if (bf16) {
+    const ops::WeightCopyTable* copies = cuda_t.optimizer().bf16_copies();
+    ASSERT_NE(copies, nullptr);
+    size_t found = 0;
+    for (auto& p : cuda_model.named_parameters()) {
+      Tensor c = copies->find(*p.tensor);
+      if (!c.defined()) continue;
+      ++found;
+      EXPECT_EQ(c.to(Device::cpu()).to_vector<float>(),
+                p.tensor->to(DType::bf16).to(Device::cpu()).to_vector<float>())
+          << p.name;
+    }
+    EXPECT_EQ(found, copies->size());
   }
   auto pa = cpu_model.named_parameters(), pb = cuda_model.named_parameters();
   ASSERT_EQ(pa.size(), pb.size());

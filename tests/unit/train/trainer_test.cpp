@@ -128,6 +128,43 @@ TEST(Trainer, NonFiniteGradientSkipsTheUpdateAndReportsIt) {
   EXPECT_EQ(m.parameter("lm_head.weight").to_vector<float>(), before);
 }
 
+// bf16 mixed precision: AdamW's bf16 weight copies change nothing (the copy is the cast), are
+// really what the GEMMs read (corrupting them changes the loss), and invalidation puts the
+// cast back.
+TEST(Trainer, Bf16WeightCopiesAreBitIdenticalAndUsed) {
+  auto cfg = text::llama3_flavour("debug");
+  text::LlamaModel a(cfg, 3), b(cfg, 3);
+  a.options().precision = b.options().precision = ops::Precision::bf16;
+  SyntheticSource sa(2, 16, cfg.vocab_size), sb(2, 16, cfg.vocab_size);
+  text::TrainerConfig ca = small_cfg(8), cb = small_cfg(8);
+  cb.bf16_weight_copies = false;
+  text::Trainer ta(a, ca, sa), tb(b, cb, sb);
+  for (int s = 0; s < 3; ++s) EXPECT_EQ(ta.step().loss, tb.step().loss) << "step " << s + 1;
+  ASSERT_EQ(tb.optimizer().bf16_copies(), nullptr);
+  auto* copies = const_cast<ops::WeightCopyTable*>(ta.optimizer().bf16_copies());
+  ASSERT_NE(copies, nullptr);
+  size_t found = 0;
+  for (auto& p : a.named_parameters()) {
+    Tensor c = copies->find(*p.tensor);
+    if (!c.defined()) continue;
+    ++found;
+    EXPECT_EQ(c.to_vector<float>(), p.tensor->to(DType::bf16).to_vector<float>()) << p.name;
+  }
+  EXPECT_EQ(found, copies->size()) << "every matrix has a written copy";
+  EXPECT_GT(found, 5u);
+  auto pa = a.named_parameters(), pb = b.named_parameters();
+  for (size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(pa[i].tensor->to_vector<float>(), pb[i].tensor->to_vector<float>()) << pa[i].name;
+
+  // Invalidated copies are not used: corrupt them, invalidate, and the step is unchanged.
+  for (size_t i = 0; i < copies->size(); ++i) copies->copy(i).zero_();
+  ta.optimizer().invalidate_bf16_copies();
+  EXPECT_EQ(ta.step().loss, tb.step().loss) << "invalidated copies were used";
+  // Written copies are used: corrupted after the step, they change the next loss.
+  for (size_t i = 0; i < copies->size(); ++i) copies->copy(i).zero_();
+  EXPECT_NE(ta.step().loss, tb.step().loss) << "the copies were not used";
+}
+
 TEST(Checkpoint, TruncatedOrMissingFilesAreReportedByName) {
   auto cfg = text::llama3_flavour("debug");
   text::LlamaModel m(cfg, 3);
