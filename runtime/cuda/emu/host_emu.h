@@ -126,6 +126,18 @@ using cublasLtMatmulDesc_t = cublasLtMatmulDescOpaque*;
 using cublasLtMatrixLayout_t = cublasLtMatrixLayoutOpaque*;
 using cublasLtMatmulPreference_t = cublasLtMatmulPreferenceOpaque*;
 
+// Descriptors are plain heap objects.
+template <typename T>
+inline cublasStatus_t emu_create(T** p, T v = {}) {
+  *p = new T(v);
+  return CUBLAS_STATUS_SUCCESS;
+}
+template <typename T>
+inline cublasStatus_t emu_destroy(T* p) {
+  delete p;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 inline cublasStatus_t cublasLtCreate(cublasLtHandle_t* h) {
   static cublasLtContext ctx;
   *h = &ctx;
@@ -144,12 +156,10 @@ inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) {
 }
 inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t,
                                                cudaDataType_t) {
-  *d = new cublasLtMatmulDescOpaque;
-  return CUBLAS_STATUS_SUCCESS;
+  return emu_create(d);
 }
 inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
-  delete d;
-  return CUBLAS_STATUS_SUCCESS;
+  return emu_destroy(d);
 }
 inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
                                                      cublasLtMatmulDescAttributes_t a,
@@ -160,12 +170,10 @@ inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
 }
 inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* l, cudaDataType_t t,
                                                  uint64_t rows, uint64_t cols, int64_t ld) {
-  *l = new cublasLtMatrixLayoutOpaque{t, rows, cols, ld};
-  return CUBLAS_STATUS_SUCCESS;
+  return emu_create(l, {t, rows, cols, ld});
 }
 inline cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
-  delete l;
-  return CUBLAS_STATUS_SUCCESS;
+  return emu_destroy(l);
 }
 inline cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l,
                                                        cublasLtMatrixLayoutAttribute_t a,
@@ -182,12 +190,10 @@ inline cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l,
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* p) {
-  *p = new cublasLtMatmulPreferenceOpaque;
-  return CUBLAS_STATUS_SUCCESS;
+  return emu_create(p);
 }
 inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
-  delete p;
-  return CUBLAS_STATUS_SUCCESS;
+  return emu_destroy(p);
 }
 inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
                                                            cublasLtMatmulPreferenceAttributes_t a,
