@@ -181,19 +181,16 @@ __global__ void __launch_bounds__(kThreads)
   load_tile<T, DMAX>(Qs, q, b, h, a.H, i0, a.T, a.D);
 
   const int64_t last = min(i0 + kTile, a.T) - 1;
-  int64_t lo = dstart ? dstart[b * a.T + i0] : 0;
-  int64_t hi = dend ? dend[b * a.T + last] : a.T;
+  int64_t lo = dstart ? dstart[b * a.Tk + i0] : 0;
+  int64_t hi = dend ? dend[b * a.Tk + last] : a.Tk;
   if (a.causal) hi = min(hi, last + 1);
+  if (a.q_pos) visible_keys_of_rows(a, dstart, dend, b, i0, kTile, lo, hi);
 
   int64_t qi[4], qlo[4], qhi[4];
 #pragma unroll
   for (int ii = 0; ii < 4; ++ii) {
     qi[ii] = i0 + tr * 4 + ii;
-    const bool in = qi[ii] < a.T;
-    qlo[ii] = (in && dstart) ? dstart[b * a.T + qi[ii]] : 0;
-    qhi[ii] = (in && dend) ? dend[b * a.T + qi[ii]] : a.T;
-    if (a.causal) qhi[ii] = min(qhi[ii], qi[ii] + 1);
-    if (!in) qhi[ii] = 0;  // padding rows see nothing
+    visible_keys(a, dstart, dend, b, qi[ii], qlo[ii], qhi[ii]);  // padding rows see nothing
   }
   float m[4], l[4], acc[4][NC];
 #pragma unroll
@@ -205,8 +202,8 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     __syncthreads();  // previous tile's Ks/Vs/Ps fully consumed
-    load_tile<T, DMAX>(Ks, k, b, kvh, a.Hkv, j0, a.T, a.D);
-    load_tile<T, DMAX>(Vs, v, b, kvh, a.Hkv, j0, a.T, a.D);
+    load_tile<T, DMAX>(Ks, k, b, kvh, a.Hkv, j0, a.Tk, a.D);
+    load_tile<T, DMAX>(Vs, v, b, kvh, a.Hkv, j0, a.Tk, a.D);
     __syncthreads();
     float s[4][4];
 #pragma unroll
@@ -304,13 +301,14 @@ __global__ void __launch_bounds__(kThreads)
   const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
   const float sl2 = a.scale * kLog2e;
 
-  load_tile<T, DMAX>(Ks, k, b, kvh, a.Hkv, j0, a.T, a.D);
-  load_tile<T, DMAX>(Vs, v, b, kvh, a.Hkv, j0, a.T, a.D);
+  load_tile<T, DMAX>(Ks, k, b, kvh, a.Hkv, j0, a.Tk, a.D);
+  load_tile<T, DMAX>(Vs, v, b, kvh, a.Hkv, j0, a.Tk, a.D);
 
-  const int64_t jlast = min(j0 + kTile, a.T) - 1;
+  const int64_t jlast = min(j0 + kTile, a.Tk) - 1;
   int64_t qlo = a.causal ? j0 : 0;
-  if (dstart) qlo = max(qlo, int64_t(dstart[b * a.T + j0]));
-  const int64_t qhi = dend ? dend[b * a.T + jlast] : a.T;
+  if (dstart) qlo = max(qlo, int64_t(dstart[b * a.Tk + j0]));
+  int64_t qhi = dend ? dend[b * a.Tk + jlast] : a.T;
+  if (a.q_pos) qlo = 0, qhi = a.T;  // (positions need not be monotonic: visit every tile)
 
   float dka[4][NC], dva[4][NC];  // key rows 4 tr + jj, columns out_col(tc, c)
 #pragma unroll
@@ -342,14 +340,12 @@ __global__ void __launch_bounds__(kThreads)
       for (int ii = 0; ii < 4; ++ii) {
         const int r = tr * 4 + ii;
         const int64_t i = i0 + r;
-        int64_t lo = 0, hi = a.T;
-        if (dstart && i < a.T) lo = dstart[b * a.T + i], hi = dend[b * a.T + i];
-        if (a.causal) hi = min(hi, i + 1);
-        if (i >= a.T) hi = 0;
+        int64_t lo, hi;
+        visible_keys(a, dstart, dend, b, i, lo, hi);
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) {
           const int64_t j = j0 + tc + 16 * jj;
-          const bool valid = j >= lo && j < hi && j < a.T;
+          const bool valid = j >= lo && j < hi && j < a.Tk;
           const float p = valid ? exp2f(s[ii][jj] * sl2 - Ls[r]) : 0.f;
           Ps[r * kPS + tc + 16 * jj] = p;
           Ds[r * kPS + tc + 16 * jj] = p * (dp[ii][jj] - Dd[r]) * a.scale;
@@ -401,9 +397,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int jj = 0; jj < 4; ++jj) {
     const int64_t j = j0 + tr * 4 + jj;
-    if (j >= a.T) continue;
-    T* dkr = dk + ((b * a.T + j) * a.Hkv + kvh) * a.D;
-    T* dvr = dv + ((b * a.T + j) * a.Hkv + kvh) * a.D;
+    if (j >= a.Tk) continue;
+    T* dkr = dk + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
+    T* dvr = dv + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
       const int d = out_col(tc, c);
@@ -449,8 +445,10 @@ cudaError_t doc_runs(const int32_t* doc, int64_t B, int64_t T, int32_t* start, i
 }
 
 cudaError_t attention_forward(const void* q, const void* k, const void* v, const int32_t* dstart,
-                              const int32_t* dend, void* out, void* lse, KT t, const AttnShape& a,
-                              cudaStream_t s, const AttnBf16Inputs& in16) {
+                              const int32_t* dend, void* out, void* lse, KT t,
+                              const AttnShape& shape, cudaStream_t s, const AttnBf16Inputs& in16) {
+  AttnShape a = shape;
+  if (a.Tk == 0) a.Tk = a.T;
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   if (a.tc)
     return attention_forward_mma(in16.q ? in16.q : q, in16.k ? in16.k : k, in16.v ? in16.v : v,
@@ -474,8 +472,10 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
 cudaError_t attention_backward(const void* dout, const void* q, const void* k, const void* v,
                                const void* out, const void* lse, const int32_t* dstart,
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
-                               float* dq_acc, KT t, const AttnShape& a, cudaStream_t s,
+                               float* dq_acc, KT t, const AttnShape& shape, cudaStream_t s,
                                const AttnBf16Inputs& in16, float* dkv_part) {
+  AttnShape a = shape;
+  if (a.Tk == 0) a.Tk = a.T;
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   const int64_t nq = a.B * a.T * a.H * a.D;
   cudaError_t e = cudaMemsetAsync(dq_acc, 0, size_t(nq) * 4, s);
@@ -493,7 +493,7 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                  cudaError_t e3 = cudaFuncSetAttribute(
                      kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
                  if (e3 != cudaSuccess) return e3;
-                 dim3 grid(unsigned((a.T + kTile - 1) / kTile), unsigned(a.Hkv), unsigned(a.B));
+                 dim3 grid(unsigned((a.Tk + kTile - 1) / kTile), unsigned(a.Hkv), unsigned(a.B));
                  launch_kernel(kern, grid, kThreads, sm, s, static_cast<const T*>(dout),
                                static_cast<const T*>(q), static_cast<const T*>(k),
                                static_cast<const T*>(v), static_cast<const T*>(lse), dsum, dstart,

@@ -286,27 +286,24 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   const float sl2 = a.scale * kLog2e;  // scores in log2 units
 
   for (int r = threadIdx.x; r < BM; r += kMmaThreads) {
-    const int64_t i = i0 + r;
-    const bool in = i < a.T;
-    int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
-    int64_t hi = (in && dend) ? dend[b * a.T + i] : a.T;
-    if (a.causal) hi = min(hi, i + 1);
-    if (!in) hi = 0;  // padding rows see nothing
+    int64_t lo, hi;
+    visible_keys(a, dstart, dend, b, i0 + r, lo, hi);  // padding rows see nothing
     Rlo[r] = int(lo), Rhi[r] = int(hi);
   }
-  if (threadIdx.x == 0) LoMax = 0, HiMin = int(a.T);
+  if (threadIdx.x == 0) LoMax = 0, HiMin = int(a.Tk);
   __syncthreads();
   for (int r = threadIdx.x; r < BM; r += kMmaThreads)
     atomicMax(&LoMax, Rlo[r]), atomicMin(&HiMin, Rhi[r]);
   const int64_t last = min(i0 + BM, a.T) - 1;
-  const int64_t lo = dstart ? dstart[b * a.T + i0] : 0;
-  int64_t hi = dend ? dend[b * a.T + last] : a.T;
+  int64_t lo = dstart ? dstart[b * a.Tk + i0] : 0;
+  int64_t hi = dend ? dend[b * a.Tk + last] : a.Tk;
   if (a.causal) hi = min(hi, last + 1);
+  if (a.q_pos) visible_keys_of_rows(a, dstart, dend, b, i0, BM, lo, hi);
 
   auto load_kv = [&](int buf, int64_t j0) {
     bf16* kb = KVs + buf * 2 * kN * DP;
-    load_tile<DMAX, ASYNC>(kb, k, b, kvh, a.Hkv, j0, a.T, a.D);
-    load_tile<DMAX, ASYNC>(kb + kN * DP, v, b, kvh, a.Hkv, j0, a.T, a.D);
+    load_tile<DMAX, ASYNC>(kb, k, b, kvh, a.Hkv, j0, a.Tk, a.D);
+    load_tile<DMAX, ASYNC>(kb + kN * DP, v, b, kvh, a.Hkv, j0, a.Tk, a.D);
   };
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -474,7 +471,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
   const bool stats_async = ASYNC && !a.no_stats_prefetch;
   // Without documents the mask is arithmetic (no per-row bounds in shared memory, no extra
   // barrier per iteration).
-  const bool docs = dstart != nullptr || dend != nullptr;
+  const bool docs = dstart != nullptr || dend != nullptr || a.q_pos != nullptr;
 
   // Grid (heads, key tiles, batch): blockIdx.x runs fastest, so every head's key tile 0 (the
   // heaviest under a causal mask) is dispatched before any tile 1, and so on. Split (dk_part
@@ -493,10 +490,11 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
   const float sl2 = a.scale * kLog2e;
   const bool vec2 = a.D % 2 == 0 && reinterpret_cast<uintptr_t>(dq_acc) % 8 == 0;
 
-  const int64_t jlast = min(j0 + kM, a.T) - 1;
+  const int64_t jlast = min(j0 + kM, a.Tk) - 1;
   int64_t qlo = a.causal ? j0 : 0;
-  if (dstart) qlo = max(qlo, int64_t(dstart[b * a.T + j0]));
-  const int64_t qhi = dend ? dend[b * a.T + jlast] : a.T;
+  if (dstart) qlo = max(qlo, int64_t(dstart[b * a.Tk + j0]));
+  int64_t qhi = dend ? dend[b * a.Tk + jlast] : a.T;
+  if (a.q_pos) qlo = 0, qhi = a.T;  // (positions need not be monotonic: visit every tile)
   const int jA = int(j0) + r0 + g, jB = jA + 8;  // this lane's two key rows
   // The (query head, query tile) pairs this block visits, flattened so that the next pair's
   // Q/dO tiles can stream in while the current ones are used.
@@ -521,8 +519,8 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
     }
   };
 
-  load_tile<DMAX, ASYNC>(Ks, k, b, kvh, a.Hkv, j0, a.T, a.D);
-  load_tile<DMAX, ASYNC>(Vs, v, b, kvh, a.Hkv, j0, a.T, a.D);
+  load_tile<DMAX, ASYNC>(Ks, k, b, kvh, a.Hkv, j0, a.Tk, a.D);
+  load_tile<DMAX, ASYNC>(Vs, v, b, kvh, a.Hkv, j0, a.Tk, a.D);
   if constexpr (ASYNC) {
     if (total > 0) load_qg(0, 0);
     cp_async_commit();
@@ -570,10 +568,8 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
           Ls[r] = in ? lse[(b * a.H + h) * a.T + i] : 0.f;
           Dd[r] = in ? dsum[(b * a.H + h) * a.T + i] : 0.f;
         }
-        int64_t lo = (in && dstart) ? dstart[b * a.T + i] : 0;
-        int64_t hi = (in && dend) ? dend[b * a.T + i] : a.T;
-        if (a.causal) hi = min(hi, i + 1);
-        if (!in) hi = 0;
+        int64_t lo, hi;
+        visible_keys(a, dstart, dend, b, i, lo, hi);
         Rlo[r] = int(lo), Rhi[r] = int(hi);
         row_full = row_full && lo <= j0 && j0 + kM <= hi;
       }
@@ -692,18 +688,18 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t j = half ? jB : jA;
-    if (j >= a.T) continue;
+    if (j >= a.Tk) continue;
     if (split) {
-      float* krow = dk_part + ((b * a.T + j) * a.H + hq0) * a.D;
-      float* vrow = dv_part + ((b * a.T + j) * a.H + hq0) * a.D;
+      float* krow = dk_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
+      float* vrow = dv_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
 #pragma unroll
       for (int n = 0; n < ND; ++n) {
         store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
         store_pair(vrow, n * 8 + 2 * t4, a.D, dva[n][2 * half], dva[n][2 * half + 1]);
       }
     } else {
-      TO* krow = dk + ((b * a.T + j) * a.Hkv + kvh) * a.D;
-      TO* vrow = dv + ((b * a.T + j) * a.Hkv + kvh) * a.D;
+      TO* krow = dk + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
+      TO* vrow = dv + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
 #pragma unroll
       for (int n = 0; n < ND; ++n) {
         store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
@@ -718,10 +714,10 @@ template <typename TO>
 __global__ void attn_gqa_reduce_kernel(const float* dk_part, const float* dv_part, TO* dk, TO* dv,
                                        AttnShape a) {
   const int64_t group = a.H / a.Hkv;
-  const int64_t n = a.B * a.T * a.Hkv * a.D;
+  const int64_t n = a.B * a.Tk * a.Hkv * a.D;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = idx % a.D, row = idx / a.D;  // row = (b * T + j) * Hkv + kvh
+    const int64_t d = idx % a.D, row = idx / a.D;  // row = (b * Tk + j) * Hkv + kvh
     const int64_t kvh = row % a.Hkv, bj = row / a.Hkv;
     const int64_t base = (bj * a.H + kvh * group) * a.D + d;
     float sk = 0.f, sv = 0.f;
@@ -755,7 +751,9 @@ size_t attention_mma_smem_bytes(int64_t D, bool backward) {
 
 cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
                                   const int32_t* dstart, const int32_t* dend, void* out, void* lse,
-                                  KT t, const AttnShape& a, cudaStream_t s) {
+                                  KT t, const AttnShape& shape, cudaStream_t s) {
+  AttnShape a = shape;
+  if (a.Tk == 0) a.Tk = a.T;
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
@@ -789,11 +787,13 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
 cudaError_t attention_backward_mma(const void* dout, const void* q, const void* k, const void* v,
                                    const void* lse, const float* dsum, const int32_t* dstart,
                                    const int32_t* dend, void* dk, void* dv, float* dq_acc,
-                                   float* dkv_part, KT t, const AttnShape& a, cudaStream_t s) {
+                                   float* dkv_part, KT t, const AttnShape& shape, cudaStream_t s) {
+  AttnShape a = shape;
+  if (a.Tk == 0) a.Tk = a.T;
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   // Partials only pay when a group has several query heads.
   float* dk_part = a.H > a.Hkv ? dkv_part : nullptr;
-  float* dv_part = dk_part ? dk_part + a.B * a.T * a.H * a.D : nullptr;
+  float* dv_part = dk_part ? dk_part + a.B * a.Tk * a.H * a.D : nullptr;
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {dout, q, k, v});
@@ -803,7 +803,7 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
         if (e != cudaSuccess) return e;
-        dim3 grid(unsigned(dk_part ? a.H : a.Hkv), unsigned((a.T + kM - 1) / kM), unsigned(a.B));
+        dim3 grid(unsigned(dk_part ? a.H : a.Hkv), unsigned((a.Tk + kM - 1) / kM), unsigned(a.B));
         launch_kernel(kern, grid, kMmaThreads, sm, s, static_cast<const bf16*>(dout),
                       static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                       static_cast<const bf16*>(v), static_cast<const float*>(lse), dsum, dstart,
@@ -814,7 +814,7 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
       cudaError_t e =
           async ? launch.template operator()<true>() : launch.template operator()<false>();
       if (e != cudaSuccess || !dk_part) return e;
-      const int64_t n = a.B * a.T * a.Hkv * a.D;
+      const int64_t n = a.B * a.Tk * a.Hkv * a.D;
       launch_kernel(attn_gqa_reduce_kernel<TO>, grid_for(n, 256), 256, 0, s, dk_part, dv_part,
                     static_cast<TO*>(dk), static_cast<TO*>(dv), a);
       return cudaGetLastError();

@@ -64,11 +64,43 @@ using ::llama3::emu::launch_kernel;
 template <typename... P, typename... A>
 void launch_kernel(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
                    A&&... args) {
-  // clang-format off (it takes .cuh for C++ and splits the chevrons)
+  // (clang-format takes .cuh for C++ and would split the chevrons.)
+  // clang-format off
   k<<<grid, block, smem, s>>>(static_cast<A&&>(args)...);
   // clang-format on
 }
 #endif
+
+// Keys [lo, hi) that query row i of batch row b sees (AttnShape: its key position q_pos[i]
+// or i, the document run of that key, the causal bound); rows past T see nothing.
+__device__ __forceinline__ void visible_keys(const AttnShape& a, const int32_t* dstart,
+                                             const int32_t* dend, int64_t b, int64_t i, int64_t& lo,
+                                             int64_t& hi) {
+  if (i >= a.T) {
+    lo = hi = 0;
+    return;
+  }
+  const int64_t p = a.q_pos ? a.q_pos[i] : i;
+  if (p < 0 || p >= a.Tk) {  // (a bad q_pos sees nothing rather than reading past the keys)
+    lo = hi = 0;
+    return;
+  }
+  lo = dstart ? dstart[b * a.Tk + p] : 0;
+  hi = dend ? dend[b * a.Tk + p] : a.Tk;
+  if (a.causal) hi = min(hi, p + 1);
+}
+// The keys [lo, hi) that any of query rows [i0, i0 + n) sees (empty rows ignored), each thread
+// computing it alone: for q_pos, whose rows need not be monotonic.
+__device__ __forceinline__ void visible_keys_of_rows(const AttnShape& a, const int32_t* dstart,
+                                                     const int32_t* dend, int64_t b, int64_t i0,
+                                                     int64_t n, int64_t& lo, int64_t& hi) {
+  lo = a.Tk, hi = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    int64_t l, h;
+    visible_keys(a, dstart, dend, b, i0 + r, l, h);
+    if (l < h) lo = min(lo, l), hi = max(hi, h);
+  }
+}
 
 inline int grid_for(int64_t n, int threads, int max_blocks = 132 * 16) {
   int64_t b = (n + threads - 1) / threads;

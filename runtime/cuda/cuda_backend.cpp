@@ -507,7 +507,7 @@ class CudaBackend final : public Backend {
     Tensor part;
     a.no_stats_prefetch = !stats_prefetch_enabled();
     if (a.tc && a.H > a.Hkv && gqa_split_enabled())
-      part = Tensor::empty({2, a.B, a.T, a.H, a.D}, DType::f32, device());
+      part = Tensor::empty({2, a.B, a.Tk, a.H, a.D}, DType::f32, device());
     const Tensor lse32 = a.tc && lse.dtype() != DType::f32 ? lse.to(DType::f32) : lse;
     LLAMA3_CUDA_CHECK(cuda::attention_backward(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse32.data_ptr(),
@@ -824,15 +824,25 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(q.dim() == 4 && k.dim() == 4, "attention: q {} and k {} must be (B, T, H, Dh)",
                  q.str(), k.str());
     cuda::AttnShape a{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0.f, p.causal};
-    LLAMA3_CHECK(
-        k.size(0) == a.B && k.size(1) == a.T && k.size(3) == a.D && a.Hkv > 0 && a.H % a.Hkv == 0,
-        "attention: q {} and k {} disagree (heads {} must be a multiple of kv heads {})", q.str(),
-        k.str(), a.H, a.Hkv);
+    a.Tk = k.size(1);
+    LLAMA3_CHECK(k.size(0) == a.B && k.size(3) == a.D && a.Hkv > 0 && a.H % a.Hkv == 0,
+                 "attention: q {} and k {} disagree (heads {} must be a multiple of kv heads {})",
+                 q.str(), k.str(), a.H, a.Hkv);
     LLAMA3_CHECK(a.D >= 1 && a.D <= 128,
                  "attention: head dim {} unsupported on cuda (supported: 1..128)", a.D);
-    LLAMA3_CHECK(!p.q_pos.defined(),
-                 "attention: q_pos (queries at explicit key positions: KV-cache decoding, context "
-                 "parallelism) is implemented on cpu only in this build");
+    if (p.q_pos.defined()) {
+      // Queries at explicit key positions (KV-cache decoding, context-parallel chunks). A
+      // position outside [0, Tk) sees no key (the kernels do not read past the keys).
+      contig(p.q_pos, "attention", "q_pos");
+      LLAMA3_CHECK(p.q_pos.dtype() == DType::i32 && p.q_pos.numel() == a.T,
+                   "attention: q_pos {} must be int32 with one position per query ({})",
+                   p.q_pos.str(), a.T);
+      a.q_pos = p.q_pos.data<int32_t>();
+    } else {
+      LLAMA3_CHECK(a.Tk == a.T,
+                   "attention: {} queries and {} keys need q_pos (the queries' key positions)",
+                   a.T, a.Tk);
+    }
     a.scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(a.D));
     // Tensor cores (bf16 products, f32 accumulation) when asked for or when the inputs are
     // bf16 anyway; the exact f32 SIMT kernels otherwise.
@@ -859,11 +869,12 @@ class CudaBackend final : public Backend {
   void doc_runs(const AttentionParams& p, const cuda::AttnShape& a, Tensor& start, Tensor& end) {
     if (!p.doc_ids.defined()) return;
     contig(p.doc_ids, "attention", "doc_ids");
-    LLAMA3_CHECK(p.doc_ids.dtype() == DType::i32 && p.doc_ids.numel() == a.B * a.T,
-                 "attention: doc_ids {} must be int32 (B={}, T={})", p.doc_ids.str(), a.B, a.T);
-    start = Tensor::empty({a.B, a.T}, DType::i32, device());
-    end = Tensor::empty({a.B, a.T}, DType::i32, device());
-    LLAMA3_CUDA_CHECK(cuda::doc_runs(p.doc_ids.data<int32_t>(), a.B, a.T, start.data<int32_t>(),
+    LLAMA3_CHECK(p.doc_ids.dtype() == DType::i32 && p.doc_ids.numel() == a.B * a.Tk,
+                 "attention: doc_ids {} must be int32 (B={}, keys={})", p.doc_ids.str(), a.B,
+                 a.Tk);
+    start = Tensor::empty({a.B, a.Tk}, DType::i32, device());
+    end = Tensor::empty({a.B, a.Tk}, DType::i32, device());
+    LLAMA3_CUDA_CHECK(cuda::doc_runs(p.doc_ids.data<int32_t>(), a.B, a.Tk, start.data<int32_t>(),
                                      end.data<int32_t>(), stream_));
   }
 

@@ -118,6 +118,14 @@ struct AttnShape {
   // Tensor-core forward at head dim 64: one m16 tile of query rows per warp (64 per block)
   // instead of two (LLAMA3_ATTN_FWD_MT=1, for A/B timing only).
   bool fwd_one_mtile = false;
+  // Keys (k, v, dk, dv and the document runs) have Tk rows, queries (q, out, lse, dq) T; 0
+  // means T. q_pos (T int32, device; optional): each query's position among the keys
+  // (AttentionParams::q_pos: KV-cache decoding, context-parallel chunks); causal then means
+  // key <= q_pos[i] and the query's document is that of key q_pos[i]. Without it query i
+  // sits at key i. With q_pos no query tile is skipped in the backward (every tile is
+  // visited and masked), since its positions need not be monotonic.
+  int64_t Tk = 0;
+  const int32_t* q_pos = nullptr;
 };
 // Dynamic shared memory the attention kernels need for head dim D (at most 128).
 size_t attention_smem_bytes(int64_t D, bool backward);

@@ -157,9 +157,11 @@ std::vector<Case> make_cases() {
     Tensor b = input(c, {7, 130}, 15), e = input(c, {1}, 16);
     const double many = be.sum_squares_many({a, b, e}, {1.0, 0.5, 2.0});
     const double many_bad = be.sum_squares_many({a, bad}, {});
-    return std::vector<Tensor>{scalar(c, be.sum(a)), scalar(c, be.sum_squares(a)),
+    return std::vector<Tensor>{scalar(c, be.sum(a)),
+                               scalar(c, be.sum_squares(a)),
                                scalar(c, be.all_finite(a) ? 1 : 0),
-                               scalar(c, be.all_finite(bad) ? 1 : 0), scalar(c, many),
+                               scalar(c, be.all_finite(bad) ? 1 : 0),
+                               scalar(c, many),
                                scalar(c, std::isfinite(many_bad) ? 1 : 0),
                                scalar(c, be.sum_squares_many({}, {}))};
   });
@@ -342,6 +344,41 @@ std::vector<Case> make_cases() {
            if (!sw.empty()) unsetenv(sw.c_str());
            return std::vector<Tensor>{out, lse, dq, dk, dv};
          }});
+  }
+
+  // ---- queries at explicit key positions (AttentionParams::q_pos): a decoding chunk of 5
+  // queries at the end of 150 keys, and a context-parallel load-balanced chunk (half the
+  // queries at the start, half at the end of 200 keys), with documents and GQA; exact f32 and
+  // tensor-core kernels.
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool tc = variant >= 2, decode = variant % 2 == 0;
+    const std::string name =
+        std::string("attn_qpos_") + (decode ? "decode" : "cp_balanced") + (tc ? "_tc" : "_exact");
+    cs.push_back({name, DType::f32, true, tc ? 2e-2 : 0, [tc, decode](const Ctx& c) {
+                    Backend& be = backend_for(c.dev);
+                    const int64_t B = 2, T = decode ? 5 : 64, Tk = decode ? 150 : 200, H = 4,
+                                  Hkv = 2, D = 64;
+                    Tensor q = input(c, {B, T, H, D}, 130), k = input(c, {B, Tk, Hkv, D}, 131);
+                    Tensor v = input(c, {B, Tk, Hkv, D}, 132);
+                    std::vector<int32_t> qp(static_cast<size_t>(T)), d(static_cast<size_t>(B * Tk));
+                    for (int64_t i = 0; i < T; ++i)
+                      qp[size_t(i)] = int32_t(decode ? Tk - T + i : i < T / 2 ? i : Tk - (T - i));
+                    for (int64_t b = 0; b < B; ++b)
+                      for (int64_t t = 0; t < Tk; ++t)
+                        d[size_t(b * Tk + t)] = int32_t((t + 29 * b) / 70);
+                    AttentionParams p;
+                    p.causal = true;
+                    p.q_pos = ints(c, qp, {T});
+                    p.doc_ids = ints(c, d, {B, Tk});
+                    if (tc) p.compute = AttnCompute::bf16;
+                    Tensor out = empty(c, {B, T, H, D}), lse = empty(c, {B, H, T});
+                    be.attention_forward(q, k, v, p, out, lse);
+                    Tensor g = input(c, {B, T, H, D}, 133);
+                    Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()),
+                           dv = empty(c, v.shape());
+                    be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+                    return std::vector<Tensor>{out, lse, dq, dk, dv};
+                  }});
   }
 
   // ---- cross-entropy with the classifier, chunked, ignored targets

@@ -34,6 +34,12 @@ struct AttnCase {
   bool split = true;     // GQA backward with per-query-head partials
   bool fwd_one_mtile = false;
   bool no_prefetch = false;
+  // Queries at explicit key positions (AttentionParams::q_pos) among Tk keys: 1 = the last T
+  // positions (KV-cache decoding), 2 = a chunk starting at key Tk / 3 (context parallelism),
+  // 3 = half the queries at the start and half at the end (load-balanced context
+  // parallelism), 4 = positions in decreasing order (not monotonic).
+  int qpos = 0;
+  int64_t Tk = 0;  // 0: T
 };
 
 std::ostream& operator<<(std::ostream& os, const AttnCase& c) {
@@ -44,23 +50,33 @@ class AttentionEmu : public ::testing::TestWithParam<AttnCase> {};
 
 TEST_P(AttentionEmu, MatchesCpuBackend) {
   const AttnCase c = GetParam();
-  Tensor q = randn({c.B, c.T, c.H, c.D}, 1), k = randn({c.B, c.T, c.Hkv, c.D}, 2);
-  Tensor v = randn({c.B, c.T, c.Hkv, c.D}, 3), g = randn({c.B, c.T, c.H, c.D}, 4);
+  const int64_t Tk = c.Tk > 0 ? c.Tk : c.T;
+  Tensor q = randn({c.B, c.T, c.H, c.D}, 1), k = randn({c.B, Tk, c.Hkv, c.D}, 2);
+  Tensor v = randn({c.B, Tk, c.Hkv, c.D}, 3), g = randn({c.B, c.T, c.H, c.D}, 4);
   AttentionParams p;
   p.causal = c.causal;
   Tensor doc;
   if (c.docs) {
     // Boundaries at 23, 63, 150, 300 (row b shifted by 37 b): runs inside a 64-row tile and
     // runs across tiles.
-    std::vector<int32_t> d(size_t(c.B * c.T));
+    std::vector<int32_t> d(size_t(c.B * Tk));
     for (int64_t b = 0; b < c.B; ++b)
-      for (int64_t t = 0; t < c.T; ++t) {
+      for (int64_t t = 0; t < Tk; ++t) {
         int32_t id = 0;
         for (int64_t e : {23, 63, 150, 300}) id += (t + 37 * b) >= e;
-        d[size_t(b * c.T + t)] = id;
+        d[size_t(b * Tk + t)] = id;
       }
-    doc = Tensor::from_vector(d, {c.B, c.T});
+    doc = Tensor::from_vector(d, {c.B, Tk});
     p.doc_ids = doc;
+  }
+  if (c.qpos) {
+    std::vector<int32_t> pos(size_t(c.T));
+    for (int64_t i = 0; i < c.T; ++i)
+      pos[size_t(i)] = int32_t(c.qpos == 1   ? Tk - c.T + i
+                               : c.qpos == 2 ? Tk / 3 + i
+                               : c.qpos == 3 ? (i < c.T / 2 ? i : Tk - (c.T - i))
+                                             : Tk - 1 - 2 * i);
+    p.q_pos = Tensor::from_vector(pos, {c.T});
   }
   Backend& cpu = backend_for(Device::cpu());
   Tensor out = Tensor::empty(q.shape(), DType::f32),
@@ -74,6 +90,8 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
   emu_test::each_schedule([&] {
     cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, float(1.0 / std::sqrt(double(c.D))), c.causal};
     a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
+    a.Tk = Tk;
+    if (c.qpos) a.q_pos = p.q_pos.data<int32_t>();
     const DType io = c.bf16_io ? DType::bf16 : DType::f32;
     const cu::KT kt = c.bf16_io ? cu::KT::bf16 : cu::KT::f32;
     Tensor qe = q.to(io), ke = k.to(io), ve = v.to(io), ge = g.to(io);
@@ -83,8 +101,8 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
     if (c.tc && !c.bf16_io) in16 = {q16.data_ptr(), k16.data_ptr(), v16.data_ptr(), g16.data_ptr()};
     Tensor ds, de;
     if (c.docs) {
-      ds = Tensor::empty({c.B, c.T}, DType::i32), de = Tensor::empty({c.B, c.T}, DType::i32);
-      ASSERT_EQ(cu::doc_runs(doc.data<int32_t>(), c.B, c.T, ds.data<int32_t>(), de.data<int32_t>(),
+      ds = Tensor::empty({c.B, Tk}, DType::i32), de = Tensor::empty({c.B, Tk}, DType::i32);
+      ASSERT_EQ(cu::doc_runs(doc.data<int32_t>(), c.B, Tk, ds.data<int32_t>(), de.data<int32_t>(),
                              nullptr),
                 cudaSuccess);
     }
@@ -101,7 +119,7 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
     Tensor dsum = Tensor::empty({c.B, c.H, c.T}, DType::f32);
     Tensor acc = Tensor::empty(q.shape(), DType::f32);
     Tensor part;
-    if (c.tc && c.split && c.H > c.Hkv) part = Tensor::empty({2, c.B, c.T, c.H, c.D}, DType::f32);
+    if (c.tc && c.split && c.H > c.Hkv) part = Tensor::empty({2, c.B, Tk, c.H, c.D}, DType::f32);
     ASSERT_EQ(cu::attention_backward(ge.data_ptr(), qe.data_ptr(), ke.data_ptr(), ve.data_ptr(),
                                      oe.data_ptr(), le.data_ptr(), dsp, dep, dqe.data_ptr(),
                                      dke.data_ptr(), dve.data_ptr(), dsum.data<float>(),
@@ -137,7 +155,20 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{"tc_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false,
                                true, true},
                       AttnCase{"simt_causal_doc_gqa_d64_t100", 1, 100, 4, 2, 64, true, true, false},
-                      AttnCase{"simt_full_d32_t70", 1, 70, 2, 2, 32, false, false, false}),
+                      AttnCase{"simt_full_d32_t70", 1, 70, 2, 2, 32, false, false, false},
+                      // Queries at explicit key positions (q_pos), both kernel families.
+                      AttnCase{"tc_qpos_decode_causal_doc_gqa_d64", 2, 5, 4, 2, 64, true, true,
+                               true, false, true, false, false, 1, 170},
+                      AttnCase{"tc_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true, true,
+                               true, false, true, false, false, 2, 260},
+                      AttnCase{"tc_qpos_cp_balanced_causal_d128", 1, 64, 2, 1, 128, true, false,
+                               true, false, true, false, false, 3, 200},
+                      AttnCase{"tc_qpos_reversed_noncausal_doc_d48", 1, 40, 2, 1, 48, false, true,
+                               true, false, true, false, false, 4, 90},
+                      AttnCase{"simt_qpos_decode_causal_doc_gqa_d64", 1, 3, 4, 2, 64, true, true,
+                               false, false, true, false, false, 1, 150},
+                      AttnCase{"simt_qpos_cp_balanced_causal_d32", 1, 50, 2, 2, 32, true, false,
+                               false, false, true, false, false, 3, 140}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The emulator itself: a barrier some threads of a block never reach with the others is
