@@ -58,9 +58,6 @@ inline float2 make_float2(float x, float y) {
 inline uint2 make_uint2(unsigned x, unsigned y) {
   return {x, y};
 }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
-  return {x, y, z, w};
-}
 inline float4 make_float4(float x, float y, float z, float w) {
   return {x, y, z, w};
 }
@@ -78,9 +75,6 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return {uint16_t(u >> 16)};
-}
-inline __nv_bfloat16 __float2bfloat16(float f) {
-  return __float2bfloat16_rn(f);
 }
 inline float __bfloat162float(__nv_bfloat16 h) {
   const uint32_t u = uint32_t(h.x) << 16;
@@ -126,31 +120,16 @@ inline float max(float a, float b) {
   return std::fmax(a, b);
 }
 using std::isfinite;
-using std::isinf;
-using std::isnan;
 
 // ---- math intrinsics (the fast forms compute exactly here)
 inline float __expf(float x) {
   return std::exp(x);
 }
-inline float __logf(float x) {
-  return std::log(x);
-}
-inline float __fdividef(float a, float b) {
-  return a / b;
-}
 inline float __fadd_rn(float a, float b) {
   return a + b;
 }
-inline float rsqrtf(float x) {
-  return 1.f / std::sqrt(x);
-}
 template <typename T>
 inline T __ldcs(const T* p) {
-  return *p;
-}
-template <typename T>
-inline T __ldg(const T* p) {
   return *p;
 }
 
@@ -186,31 +165,12 @@ inline int __syncthreads_and(int p) {
 inline int __syncthreads_or(int p) {
   return ::llama3::emu::sync_block(2, p);
 }
-inline void __syncwarp(unsigned = 0xffffffffu) {
-  ::llama3::emu::warp_exchange(nullptr, 0);
-}
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {
   static_assert(sizeof(T) <= ::llama3::emu::kSlotBytes && std::is_trivially_copyable_v<T>);
   const unsigned char* s = ::llama3::emu::warp_exchange(&v, sizeof(T));
   T r;
   std::memcpy(&r, s + ((::llama3::emu::lane_id() ^ mask) & 31) * ::llama3::emu::kSlotBytes,
-              sizeof(T));
-  return r;
-}
-template <typename T>
-inline T __shfl_sync(unsigned, T v, int src) {
-  const unsigned char* s = ::llama3::emu::warp_exchange(&v, sizeof(T));
-  T r;
-  std::memcpy(&r, s + (src & 31) * ::llama3::emu::kSlotBytes, sizeof(T));
-  return r;
-}
-template <typename T>
-inline T __shfl_down_sync(unsigned, T v, unsigned d) {
-  const unsigned char* s = ::llama3::emu::warp_exchange(&v, sizeof(T));
-  const int src = ::llama3::emu::lane_id() + int(d);
-  T r;
-  std::memcpy(&r, s + (src < 32 ? src : ::llama3::emu::lane_id()) * ::llama3::emu::kSlotBytes,
               sizeof(T));
   return r;
 }
