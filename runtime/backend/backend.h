@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -42,6 +44,37 @@ struct AdamWParams {
   float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.f;
   int64_t step = 1;  // 1-based step for bias correction
   float grad_scale = 1.f;  // multiplies the gradient first (clipping)
+  // Captured steps (CUDA graphs): a graph replays its kernels with the arguments they had at
+  // capture, so what changes from step to step is read from device memory instead. When
+  // defined, an f32 tensor of AdamWDynamic::size elements on the param's device, whose
+  // values the update reads when it runs in place of grad_scale and of the scalars derived
+  // from lr and step (adamw_step_scalars); weight_decay then only says whether the
+  // parameter decays (decay from the tensor) or not (decay 1). Non-zero skip: the update
+  // leaves param, moments and copy unchanged (a non-finite step).
+  Tensor dynamic;
+};
+
+// The per-step scalars of an update, computed alike by every backend (torch's single-tensor
+// AdamW): step_size = lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step) and
+// decay = 1 - lr * weight_decay, in f32.
+struct AdamWStepScalars {
+  float step_size, bc2_sqrt, decay;
+};
+AdamWStepScalars adamw_step_scalars(const AdamWParams& p);
+
+// Layout of AdamWParams::dynamic: norm, grad_scale and skip are written on the device by
+// Backend::grad_clip_state, the rest by the host before each replay.
+struct AdamWDynamic {
+  enum : int64_t { norm, grad_scale, skip, step_size, bc2_sqrt, decay, size };
+};
+
+// A recorded sequence of one backend's device work (Backend::capture), run again by
+// replay() with one launch and no host code.
+class DeviceGraph {
+ public:
+  virtual ~DeviceGraph() = default;
+  // Enqueues the recorded work on the backend's stream (asynchronous, like a kernel).
+  virtual void replay() = 0;
 };
 
 class Backend {
@@ -94,6 +127,18 @@ class Backend {
   // the slots back at once (one synchronisation instead of one per tensor).
   virtual double sum_squares_many(const std::vector<Tensor>& xs,
                                   const std::vector<double>& weights);
+  // The clipping state of a step, without reading anything back to the host: from the
+  // gradients xs (as sum_squares_many, all weights 1), writes into state (f32, on this
+  // device; AdamWDynamic) norm = sqrt of the f64 sum of squares (summed in tensor order),
+  // grad_scale = min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_ (1 when
+  // max_norm <= 0), and skip = 1 when the norm or loss (f32, one element; may be undefined)
+  // is non-finite, or a check deferred by a capture has failed (check_deferred() will
+  // throw), else 0. The default computes them on the host (synchronising).
+  virtual void grad_clip_state(const std::vector<Tensor>& xs, const Tensor& loss, float max_norm,
+                               Tensor& state);
+  // x *= s[0], s a one-element f32 tensor on this device read when the kernel runs (an
+  // upstream gradient inside a captured step). The default reads s on the host.
+  virtual void scale_by(Tensor& x, const Tensor& s);
 
   // ---- fused Llama kernels ----
   // ids (N) int32, weight (V, D) -> out (N, D)
@@ -136,9 +181,12 @@ class Backend {
   // (both =, not +=: the first chunk's dW GEMM overwrites, so dw needs no zero fill and no
   // read-back of zeros) for the loss scaled by grad_scale (e.g. 1/n_valid).
   // h and w may be bf16 (mixed precision); dh/dw are f32.
+  // loss_out (optional; one-element f32 on this device): float(summed loss / loss_div) is
+  // written there instead and the call returns 0 without synchronising (a captured step); a
+  // target outside the vocabulary is then reported by check_deferred().
   virtual double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
-                                      int64_t chunk, float grad_scale, Tensor* dh,
-                                      Tensor* dw) = 0;
+                                      int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw,
+                                      Tensor* loss_out = nullptr, double loss_div = 1.0) = 0;
 
   // Per-row log-probability log_softmax(h @ w^T)[target] of rows with target >= 0 (0 for
   // the others) into logp (N), in chunks of `chunk` rows so full-vocabulary logits exist
@@ -177,6 +225,22 @@ class Backend {
   // step (ops::WeightCopyTable); it equals param.to(bf16) bit for bit.
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                           const AdamWParams& p, Tensor* param_bf16 = nullptr) = 0;
+
+  // ---- graph capture (CUDA graphs) ----
+  // Runs work() once with this backend's stream capturing: the device work it enqueues is
+  // recorded, not run, into the returned graph, and every block it allocates belongs to the
+  // graph (CachingAllocator private pool) until the graph is destroyed, so replays find
+  // their buffers intact. work() must not synchronise (no reads back to the host: the
+  // capture fails naming the call) and its host decisions must not depend on device data.
+  // Throws where graphs are not supported (CPU).
+  virtual std::unique_ptr<DeviceGraph> capture(const std::function<void()>& work);
+  // True while capture() runs work(): ops then keep results on the device and defer checks
+  // that would read back to the host (check_deferred).
+  virtual bool capturing() const { return false; }
+  // Reads and clears the checks kernels recorded during captured work instead of reading
+  // them back at once (a token id or a target outside the vocabulary), and throws naming
+  // the first that failed. Synchronises; call it after a replay.
+  virtual void check_deferred() {}
 };
 
 // The backend for a device; throws listing the available devices if there is none.

@@ -44,12 +44,31 @@ class CachingAllocator : public Allocator {
   void empty_cache() override;
   static size_t size_class(size_t bytes);
 
+  // Private pools, for CUDA graph capture. A graph replays its kernels on the addresses they
+  // had at capture, so the blocks a captured step allocates must stay its own for as long as
+  // the graph lives, even those its host code freed during the capture (their contents are
+  // rewritten by every replay). Between begin_pool() and end_pool() every allocation is
+  // taken from the new pool's free blocks, else from the shared cache or the system, and
+  // becomes the pool's; a pool block freed at any time returns to its pool, which only
+  // allocations under that pool reuse. release_pool(id) returns the pool's free blocks to
+  // the shared cache, and its blocks still in use return there when freed.
+  int begin_pool();
+  void end_pool();
+  void release_pool(int id);
+  // The pool allocations currently go to (0: the shared cache).
+  int active_pool() const;
+
  private:
+  using FreeLists = std::map<size_t, std::vector<void*>>;  // size class -> cached blocks
   RawAlloc raw_alloc_;
   RawFree raw_free_;
   mutable std::mutex mu_;
-  std::map<size_t, std::vector<void*>> free_;  // size class -> cached blocks
+  FreeLists free_;
   AllocatorStats stats_;
+  int active_ = 0, next_pool_ = 1;
+  std::map<int, FreeLists> pools_;       // live private pools: their free blocks
+  std::map<void*, int> pool_of_;         // block -> the private pool it belongs to
+  void* take(FreeLists& f, size_t cls);  // a cached block of class cls, or null
 };
 
 // The CPU caching allocator (64-byte aligned blocks).

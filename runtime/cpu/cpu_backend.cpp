@@ -528,8 +528,14 @@ class CpuBackend final : public Backend {
   }
 
   double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
-                              int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw) override {
-    return cpu::linear_cross_entropy(h, w, targets, chunk, grad_scale, dh, dw);
+                              int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw,
+                              Tensor* loss_out = nullptr, double loss_div = 1.0) override {
+    const double total = cpu::linear_cross_entropy(h, w, targets, chunk, grad_scale, dh, dw);
+    if (!loss_out) return total;
+    LLAMA3_CHECK(loss_out->numel() == 1 && loss_out->dtype() == DType::f32,
+                 "linear_cross_entropy: loss_out {} must be one f32 element", loss_out->str());
+    fill(*loss_out, total / loss_div);
+    return 0.0;
   }
   void vocab_shard_max(const Tensor& logits, Tensor& mx) override {
     cpu::vocab_shard_max(logits, mx);
@@ -563,10 +569,22 @@ class CpuBackend final : public Backend {
       const T bc1 =
           T(1) - std::pow(T(p.beta1), T(p.step));  // as torch 1.13 / 2.x single-tensor AdamW
       const T bc2 = T(1) - std::pow(T(p.beta2), T(p.step));
-      const T step_size = T(p.lr) / bc1;
-      const T bc2_sqrt = std::sqrt(bc2);
-      const T decay = T(1) - T(p.lr) * T(p.weight_decay);
-      const T b1 = p.beta1, b2 = p.beta2, eps = p.eps, gsc = p.grad_scale;
+      T step_size = T(p.lr) / bc1;
+      T bc2_sqrt = std::sqrt(bc2);
+      T decay = T(1) - T(p.lr) * T(p.weight_decay);
+      const T b1 = p.beta1, b2 = p.beta2, eps = p.eps;
+      T gsc = p.grad_scale;
+      if (p.dynamic.defined()) {  // the values a captured step reads when it runs
+        LLAMA3_CHECK(p.dynamic.dtype() == DType::f32 && p.dynamic.numel() == AdamWDynamic::size &&
+                         p.dynamic.is_contiguous(),
+                     "adamw: dynamic {} must be {} contiguous f32", p.dynamic.str(),
+                     int64_t(AdamWDynamic::size));
+        const float* d = p.dynamic.data<float>();
+        if (d[AdamWDynamic::skip] != 0.f) return;
+        gsc = d[AdamWDynamic::grad_scale];
+        step_size = d[AdamWDynamic::step_size], bc2_sqrt = d[AdamWDynamic::bc2_sqrt];
+        decay = p.weight_decay != 0.f ? T(d[AdamWDynamic::decay]) : T(1);
+      }
 #pragma omp parallel for simd if (parallel : n > 32768)
       for (int64_t i = 0; i < n; ++i) {
         T g = gs[i] * gsc;

@@ -56,7 +56,14 @@ void* raw_alloc(size_t n) {
   cudaGetDevice(&prev);
   if (prev != D) cudaSetDevice(D);
   void* p = nullptr;
-  if (cudaMalloc(&p, n) != cudaSuccess) {
+  // Relaxed for this call: during a graph capture cudaMalloc is "unsafe" (not recorded), which
+  // is what the caching allocator wants - the block then belongs to the graph's private pool
+  // for as long as the graph lives (Backend::capture).
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  const cudaError_t e = cudaMalloc(&p, n);
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (e != cudaSuccess) {
     (void)cudaGetLastError();  // clear the sticky-free allocation error
     p = nullptr;
   }
@@ -147,7 +154,13 @@ class CudaBackend final : public Backend {
     LLAMA3_CUBLAS_CHECK(cublasSetStream(legacy_, stream_));
     LLAMA3_CUBLAS_CHECK(cublasSetMathMode(legacy_, CUBLAS_DEFAULT_MATH));  // no TF32
     LLAMA3_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspace));
-    LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, 64));  // [0]: double result, [8]: int flag
+    // The legacy GEMM's workspace is ours too: cuBLAS then allocates nothing itself, which a
+    // graph capture requires (the workspace is shared with cuBLASLt: one stream, in order).
+    LLAMA3_CUBLAS_CHECK(cublasSetWorkspace(legacy_, workspace_, kWorkspace));
+    // [0]: double result, [8]: int flag, [16]: the deferred flags (embedding, cross-entropy)
+    LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, 64));
+    LLAMA3_CUDA_CHECK(cudaMemsetAsync(scratch_, 0, 64, stream_));
+    LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
     cudaDeviceProp prop{};
     LLAMA3_CUDA_CHECK(cudaGetDeviceProperties(&prop, index_));
     smem_optin_ = prop.sharedMemPerBlockOptin;
@@ -368,6 +381,60 @@ class CudaBackend final : public Backend {
     return read_flag() == 0;
   }
 
+  void grad_clip_state(const std::vector<Tensor>& xs, const Tensor& loss, float max_norm,
+                       Tensor& state) override {
+    contig(state, "grad_clip_state", "state");
+    LLAMA3_CHECK(state.dtype() == DType::f32 && state.numel() == AdamWDynamic::size,
+                 "grad_clip_state: state {} must be {} f32", state.str(),
+                 int64_t(AdamWDynamic::size));
+    if (loss.defined()) {
+      contig(loss, "grad_clip_state", "loss");
+      LLAMA3_CHECK(loss.dtype() == DType::f32 && loss.numel() == 1,
+                   "grad_clip_state: loss {} must be one f32 element", loss.str());
+    }
+    for (const Tensor& x : xs) contig(x, "grad_clip_state", "x");
+    activate();
+    auto prof_scope = prof("grad_clip_state");
+    // One f64 slot per tensor, summed in order by one thread (as sum_squares_many on the host).
+    Tensor slots = Tensor::empty({std::max<int64_t>(int64_t(xs.size()), 1)}, DType::i64, device());
+    double* d = static_cast<double*>(slots.data_ptr());
+    for (size_t i = 0; i < xs.size(); ++i)
+      LLAMA3_CUDA_CHECK(cuda::reduce_sum(xs[i].data_ptr(), ft_of(xs[i].dtype(), "grad_clip_state"),
+                                         xs[i].numel(), true, d + i, stream_));
+    // A deferred check that failed (bad ids or targets in this step's inputs) skips the update
+    // too: check_deferred() then throws after the replay with the weights unchanged, as the
+    // eager step throws before updating them.
+    LLAMA3_CUDA_CHECK(cuda::clip_state(d, int64_t(xs.size()),
+                                       loss.defined() ? loss.data<float>() : nullptr, max_norm,
+                                       state.data<float>(), stream_, deferred(0, 0), 2));
+  }
+  void scale_by(Tensor& x, const Tensor& s) override {
+    contig(x, "scale_by", "x"), contig(s, "scale_by", "s");
+    LLAMA3_CHECK(s.dtype() == DType::f32 && s.numel() == 1, "scale_by: s {} must be one f32",
+                 s.str());
+    activate();
+    auto prof_scope = prof("scale_by");
+    LLAMA3_CUDA_CHECK(cuda::scale_by(x.data_ptr(), s.data<float>(), ft_of(x.dtype(), "scale_by"),
+                                     x.numel(), stream_));
+  }
+
+  // ---------------------------------------------------------------- graph capture
+  std::unique_ptr<DeviceGraph> capture(const std::function<void()>& work) override;
+  bool capturing() const override { return capturing_; }
+  void check_deferred() override {
+    activate();
+    int h[2] = {0, 0};
+    LLAMA3_CUDA_CHECK(
+        cudaMemcpyAsync(h, deferred(0, 0), sizeof h, cudaMemcpyDeviceToHost, stream_));
+    LLAMA3_CUDA_CHECK(cudaMemsetAsync(deferred(0, 0), 0, sizeof h, stream_));
+    LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    LLAMA3_CHECK(h[0] == 0, "embedding: a token id is outside the vocabulary of {} (captured step)",
+                 deferred_vocab_[0]);
+    LLAMA3_CHECK(h[1] == 0,
+                 "cross_entropy: a target is outside the vocabulary of {} (captured step)",
+                 deferred_vocab_[1]);
+  }
+
   // ---------------------------------------------------------------- fused kernels
   void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out) override {
     contig(weight, "embedding", "weight"), contig(ids, "embedding", "ids");
@@ -378,13 +445,16 @@ class CudaBackend final : public Backend {
     const KT t = ft_of(weight.dtype(), "embedding");
     activate();
     auto prof_scope = prof("embedding_forward");
-    LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
+    // Captured: the check waits for check_deferred() (no read back inside a graph).
+    int* bad = capturing_ ? deferred(0, weight.size(0)) : flag();
+    if (!capturing_) LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
     LLAMA3_CUDA_CHECK(cuda::embedding_forward(weight.data_ptr(), ids.data<int32_t>(),
                                               out.data_ptr(), t, ids.numel(), weight.size(1),
-                                              weight.size(0), flag(), stream_));
+                                              weight.size(0), bad, stream_));
     // One small synchronising read per call (once per step): bad ids are an error, as on cpu.
-    LLAMA3_CHECK(read_flag() == 0, "embedding: a token id is outside the vocabulary of {}",
-                 weight.size(0));
+    if (!capturing_)
+      LLAMA3_CHECK(read_flag() == 0, "embedding: a token id is outside the vocabulary of {}",
+                   weight.size(0));
   }
   void embedding_backward(const Tensor& dout, const Tensor& ids, Tensor& dweight) override {
     contig(dout, "embedding_backward", "dout"), contig(ids, "embedding_backward", "ids");
@@ -541,7 +611,8 @@ class CudaBackend final : public Backend {
   }
 
   double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
-                              int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw) override {
+                              int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw,
+                              Tensor* loss_out = nullptr, double loss_div = 1.0) override {
     contig(h, "linear_cross_entropy", "h"), contig(w, "linear_cross_entropy", "w");
     contig(targets, "linear_cross_entropy", "targets");
     LLAMA3_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1) &&
@@ -570,7 +641,14 @@ class CudaBackend final : public Backend {
     Tensor logits = Tensor::empty({rows, V}, DType::f32, device());
     Tensor dlow = grad && low ? Tensor::empty({rows, V}, DType::bf16, device()) : Tensor();
     Tensor losses = Tensor::empty({N}, DType::f32, device());
-    LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
+    if (loss_out) {
+      contig(*loss_out, "linear_cross_entropy", "loss_out");
+      LLAMA3_CHECK(loss_out->dtype() == DType::f32 && loss_out->numel() == 1,
+                   "linear_cross_entropy: loss_out {} must be one f32 element", loss_out->str());
+    }
+    // With loss_out nothing is read back: the target check waits for check_deferred().
+    int* bad = loss_out ? deferred(1, V) : flag();
+    if (!loss_out) LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
       const int64_t nr = std::min(chunk, N - r0);
       Tensor hc = h.narrow(0, r0, nr);
@@ -579,12 +657,19 @@ class CudaBackend final : public Backend {
       Tensor g = low && grad ? dlow.narrow(0, 0, nr) : lc;
       LLAMA3_CUDA_CHECK(cuda::cross_entropy_rows(
           lc.data<float>(), targets.data<int32_t>() + r0, nr, V, grad, grad_scale, lc.data<float>(),
-          low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, flag(), stream_));
+          low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, bad, stream_));
       if (grad) {
         Tensor dhc = dh->narrow(0, r0, nr);
         gemm(g, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
         if (want_dw) gemm(g, Trans::T, hc, Trans::N, *dw, 1.f, r0 == 0 ? 0.f : 1.f);
       }
+    }
+    if (loss_out) {
+      Tensor total = Tensor::empty({1}, DType::i64, device());  // an f64 slot
+      double* d = static_cast<double*>(total.data_ptr());
+      LLAMA3_CUDA_CHECK(cuda::reduce_sum(losses.data<float>(), KT::f32, N, false, d, stream_));
+      LLAMA3_CUDA_CHECK(cuda::f64_div_to_f32(d, loss_div, loss_out->data<float>(), stream_));
+      return 0.0;
     }
     const double total = reduce(losses, false, "linear_cross_entropy");  // synchronises
     LLAMA3_CHECK(read_flag() == 0, "cross_entropy: a target is outside the vocabulary of {}", V);
@@ -649,12 +734,15 @@ class CudaBackend final : public Backend {
     }
     // Same scalar arithmetic as the CPU backend (torch.optim.AdamW, single-tensor path).
     cuda::AdamWScalars s{};
-    const float bc1 = 1.f - std::pow(p.beta1, float(p.step));
-    const float bc2 = 1.f - std::pow(p.beta2, float(p.step));
+    const AdamWStepScalars d = adamw_step_scalars(p);
     s.b1 = p.beta1, s.b2 = p.beta2, s.eps = p.eps, s.grad_scale = p.grad_scale;
-    s.step_size = p.lr / bc1;
-    s.bc2_sqrt = std::sqrt(bc2);
-    s.decay = 1.f - p.lr * p.weight_decay;
+    s.step_size = d.step_size, s.bc2_sqrt = d.bc2_sqrt;
+    s.decay = p.dynamic.defined() ? 1.f : d.decay;  // dynamic: decay from the tensor, or none
+    if (p.dynamic.defined()) {
+      contig(p.dynamic, "adamw", "dynamic");
+      LLAMA3_CHECK(p.dynamic.dtype() == DType::f32 && p.dynamic.numel() == AdamWDynamic::size,
+                   "adamw: dynamic {} must be {} f32", p.dynamic.str(), int64_t(AdamWDynamic::size));
+    }
     activate();
     auto prof_scope = prof("adamw_step");
     if (param_bf16) {
@@ -665,7 +753,9 @@ class CudaBackend final : public Backend {
     }
     LLAMA3_CUDA_CHECK(cuda::adamw(param.data<float>(), grad.data<float>(), m.data<float>(),
                                   v.data<float>(), param.numel(), s, stream_,
-                                  param_bf16 ? param_bf16->data_ptr() : nullptr));
+                                  param_bf16 ? param_bf16->data_ptr() : nullptr,
+                                  p.dynamic.defined() ? p.dynamic.data<float>() : nullptr,
+                                  p.weight_decay != 0.f));
   }
 
   // Per-op GPU time (cuda_profile_start / cuda_profile_report): while recording, every
@@ -782,6 +872,12 @@ class CudaBackend final : public Backend {
 
   double* result() { return static_cast<double*>(scratch_); }
   int* flag() { return reinterpret_cast<int*>(static_cast<char*>(scratch_) + 8); }
+  // Deferred check i (0: embedding ids, 1: cross-entropy targets): a sticky device flag that
+  // captured kernels set and check_deferred() reads; vocab is remembered for its message.
+  int* deferred(int i, int64_t vocab) {
+    if (vocab > 0) deferred_vocab_[i] = vocab;
+    return reinterpret_cast<int*>(static_cast<char*>(scratch_) + 16) + i;
+  }
   int read_flag() {
     int v = 0;
     LLAMA3_CUDA_CHECK(cudaMemcpyAsync(&v, flag(), sizeof(int), cudaMemcpyDeviceToHost, stream_));
@@ -952,6 +1048,8 @@ class CudaBackend final : public Backend {
   cublasHandle_t legacy_ = nullptr;
   void* workspace_ = nullptr;
   void* scratch_ = nullptr;
+  bool capturing_ = false;
+  int64_t deferred_vocab_[2] = {0, 0};
   std::mutex plans_mu_;
   std::map<GemmKey, std::unique_ptr<GemmPlan>> plans_;
   std::mutex prof_mu_;
@@ -960,6 +1058,80 @@ class CudaBackend final : public Backend {
   std::vector<ProfRec> prof_recs_;
   std::vector<cudaEvent_t> prof_pool_;
 };
+
+// A captured graph: its executable and the allocator pool that holds its buffers.
+class CudaGraph final : public DeviceGraph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, CachingAllocator& alloc, int pool,
+            int index)
+      : exec_(exec), stream_(stream), alloc_(alloc), pool_(pool), index_(index) {}
+  ~CudaGraph() override {
+    // A replay may still run: its blocks go back to the shared cache only once it is done.
+    if (cuda_device_count() > 1) cudaSetDevice(index_);
+    cudaStreamSynchronize(stream_);
+    cudaGraphExecDestroy(exec_);
+    alloc_.release_pool(pool_);
+  }
+  void replay() override {
+    if (cuda_device_count() > 1) LLAMA3_CUDA_CHECK(cudaSetDevice(index_));
+    LLAMA3_CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+  }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+  CachingAllocator& alloc_;
+  int pool_, index_;
+};
+
+std::unique_ptr<DeviceGraph> CudaBackend::capture(const std::function<void()>& work) {
+  LLAMA3_CHECK(!capturing_, "capture: {} is already capturing (captures do not nest)", name_);
+  LLAMA3_CHECK(!prof_on_, "capture: per-op profiling (cuda_profile_start) is on for {}; its "
+                          "events time eager calls only",
+               name_);
+  activate();
+  synchronize();  // errors of earlier work surface here, not inside the capture
+  const int pool = alloc_.begin_pool();
+  const auto abandon = [&] {
+    capturing_ = false;
+    alloc_.end_pool();
+    alloc_.release_pool(pool);
+  };
+  const cudaError_t began = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal);
+  if (began != cudaSuccess) {
+    abandon();
+    LLAMA3_CUDA_CHECK(began);
+  }
+  capturing_ = true;
+  cudaGraph_t graph = nullptr;
+  try {
+    work();
+  } catch (...) {
+    // A synchronising call inside work() failed (and invalidated the capture), or work threw.
+    (void)cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    abandon();
+    throw;
+  }
+  capturing_ = false;
+  alloc_.end_pool();
+  const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+  if (ended != cudaSuccess) {
+    alloc_.release_pool(pool);
+    fail("capture on {}: the capture failed ({}): the captured work made a call that cannot be "
+         "captured",
+         name_, cudaGetErrorName(ended));
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (inst != cudaSuccess) {
+    alloc_.release_pool(pool);
+    fail("capture on {}: cudaGraphInstantiate failed ({})", name_, cudaGetErrorName(inst));
+  }
+  return std::make_unique<CudaGraph>(exec, stream_, alloc_, pool, index_);
+}
 
 CudaBackend* g_backends[kMaxDevices] = {};
 

@@ -131,6 +131,32 @@ __global__ void scale_kernel(T* x, float alpha, int64_t n) {
        i += int64_t(gridDim.x) * blockDim.x)
     x[i] = from_f32<T>(to_f32(x[i]) * alpha);
 }
+// x *= s[0], read when the kernel runs (a captured upstream gradient); s == 1 leaves x as is.
+template <typename T>
+__global__ void scale_by_kernel(T* x, const float* s, int64_t n) {
+  const float alpha = *s;
+  if (alpha == 1.f) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = from_f32<T>(to_f32(x[i]) * alpha);
+}
+// One thread: the slots summed in order (as the host sums sum_squares_many's slots, so the
+// norm and clip factor have the same bits), then the clipping state (AdamWDynamic layout:
+// [0] norm, [1] grad_scale, [2] skip).
+__global__ void clip_state_kernel(const double* slots, int64_t n, const float* loss, float max_norm,
+                                  float* state, const int* bad, int n_bad) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += slots[i];
+  const double norm = sqrt(ss);
+  state[0] = float(norm);
+  state[1] = max_norm > 0.f ? float(fmin(1.0, double(max_norm) / (norm + 1e-6))) : 1.f;
+  bool ok = isfinite(norm) && (!loss || isfinite(*loss));
+  for (int i = 0; i < n_bad; ++i) ok = ok && bad[i] == 0;
+  state[2] = ok ? 0.f : 1.f;
+}
+__global__ void f64_div_to_f32_kernel(const double* x, double div, float* out) {
+  *out = float(*x / div);
+}
 template <typename T>
 __global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out) {
   double acc = 0;
@@ -513,8 +539,17 @@ __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v,
   pi -= a.step_size * mi / denom;
   p = pi, m = mi, v = vi;
 }
+// dyn (optional): the AdamWDynamic values of a captured step, read when the kernel runs.
+__device__ __forceinline__ bool adamw_dynamic(AdamWScalars& a, const float* dyn, bool dyn_decay) {
+  if (!dyn) return true;
+  if (dyn[2] != 0.f) return false;  // skip: a non-finite step
+  a.grad_scale = dyn[1], a.step_size = dyn[3], a.bc2_sqrt = dyn[4];
+  if (dyn_decay) a.decay = dyn[5];
+  return true;
+}
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n,
-                             AdamWScalars a, __nv_bfloat16* p16) {
+                             AdamWScalars a, __nv_bfloat16* p16, const float* dyn, bool dyn_decay) {
+  if (!adamw_dynamic(a, dyn, dyn_decay)) return;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     adamw_one(p[i], g[i], m[i], v[i], a);
@@ -525,7 +560,8 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
 // per parameter, and wide loads keep more of it in flight per thread.
 // p16 (optional, 8-byte aligned): the four updated values rounded to bf16, one 8-byte store.
 __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, int64_t n4,
-                              AdamWScalars a, uint2* p16) {
+                              AdamWScalars a, uint2* p16, const float* dyn, bool dyn_decay) {
+  if (!adamw_dynamic(a, dyn, dyn_decay)) return;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n4;
        i += int64_t(gridDim.x) * blockDim.x) {
     float4 pp = p[i], mm = m[i], vv = v[i];
@@ -737,6 +773,26 @@ cudaError_t scale(void* x, float alpha, KT t, int64_t n, cudaStream_t s) {
   });
 }
 
+cudaError_t scale_by(void* x, const float* alpha, KT t, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_ft(t, [&]<typename T>() {
+    launch_kernel(scale_by_kernel<T>, grid_for(n, kThreads), kThreads, 0, s, static_cast<T*>(x),
+                  alpha, n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t clip_state(const double* slots, int64_t n, const float* loss, float max_norm,
+                       float* state, cudaStream_t s, const int* bad, int n_bad) {
+  launch_kernel(clip_state_kernel, 1, 1, 0, s, slots, n, loss, max_norm, state, bad, n_bad);
+  return cudaGetLastError();
+}
+
+cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t s) {
+  launch_kernel(f64_div_to_f32_kernel, 1, 1, 0, s, x, div, out);
+  return cudaGetLastError();
+}
+
 cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, cudaStream_t s) {
   cudaError_t e = cudaMemsetAsync(out, 0, sizeof(double), s);
   if (e != cudaSuccess || n == 0) return e;
@@ -906,7 +962,7 @@ cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, 
 }
 
 cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& a,
-                  cudaStream_t s, void* p16) {
+                  cudaStream_t s, void* p16, const float* dyn, bool dyn_decay) {
   if (n == 0) return cudaSuccess;
   int64_t head = 0;
   const auto al16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
@@ -917,11 +973,11 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
     launch_kernel(adamw4_kernel, grid_for(head / 4, kThreads), kThreads, 0, s,
                   reinterpret_cast<float4*>(p), reinterpret_cast<const float4*>(g),
                   reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), head / 4, a,
-                  reinterpret_cast<uint2*>(c));
+                  reinterpret_cast<uint2*>(c), dyn, dyn_decay);
   }
   if (head < n)
     launch_kernel(adamw_kernel, grid_for(n - head, kThreads), kThreads, 0, s, p + head, g + head,
-                  m + head, v + head, n - head, a, c ? c + head : nullptr);
+                  m + head, v + head, n - head, a, c ? c + head : nullptr, dyn, dyn_decay);
   return cudaGetLastError();
 }
 

@@ -49,6 +49,15 @@ cudaError_t fill(void* dst, KT t, int64_t n, double value, cudaStream_t s);
 cudaError_t add(const void* a, const void* b, void* out, KT t, int64_t n, cudaStream_t s);
 cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStream_t s);
 cudaError_t scale(void* x, float alpha, KT t, int64_t n, cudaStream_t s);
+// x *= alpha[0] (f32, device; read when the kernel runs).
+cudaError_t scale_by(void* x, const float* alpha, KT t, int64_t n, cudaStream_t s);
+// state (f32, AdamWDynamic layout in backend.h) [0] = sqrt(sum of the n f64 slots, in
+// order), [1] = min(1, max_norm / (norm + 1e-6)) (1 for max_norm <= 0), [2] = 1 when the
+// norm or *loss (optional) is non-finite or one of the n_bad flags bad[i] is set, else 0.
+cudaError_t clip_state(const double* slots, int64_t n, const float* loss, float max_norm,
+                       float* state, cudaStream_t s, const int* bad = nullptr, int n_bad = 0);
+// out[0] = float(x[0] / div) (x: one f64 on the device, e.g. a reduce_sum result).
+cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t s);
 // out[0] (double, device) = sum(x) or sum(x^2); accumulated in f64.
 cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, cudaStream_t s);
 // *bad (int, device) |= any non-finite element.
@@ -80,8 +89,12 @@ struct AdamWScalars {
   float b1, b2, eps, grad_scale, step_size, bc2_sqrt, decay;
 };
 // p16 (optional): also the updated p rounded to bf16 (the weight copy of mixed precision).
+// dyn (optional; f32, AdamWDynamic layout): read when the kernels run, for a captured step:
+// skip (non-zero: nothing changes), grad_scale, step_size, bc2_sqrt and, when dyn_decay,
+// decay replace a's.
 cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& a,
-                  cudaStream_t s, void* p16 = nullptr);
+                  cudaStream_t s, void* p16 = nullptr, const float* dyn = nullptr,
+                  bool dyn_decay = false);
 
 // Cross-entropy rows: logits (nr, V) f32. Writes loss[i] (f32; 0 for target < 0). With
 // grad, writes d(loss*scale)/dlogits into dlogits_f32 (may alias logits) or, when

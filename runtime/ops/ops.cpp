@@ -491,6 +491,15 @@ struct CrossEntropyNode : Node {
   Tensor dh, dw;  // computed in forward for loss scale 1/n_valid
   const char* name() const override { return "linear_cross_entropy"; }
   std::vector<Tensor> backward(const Tensor& g) override {
+    Backend& b = be(g);
+    if (b.capturing()) {  // no read back inside a captured step: the kernel reads g
+      LLAMA3_CHECK(g.dtype() == DType::f32,
+                   "linear_cross_entropy: a captured backward needs an f32 gradient, got {}",
+                   g.str());
+      if (dh.defined()) be(dh).scale_by(dh, g);
+      if (dw.defined()) be(dw).scale_by(dw, g);
+      return {dh, dw};
+    }
     const float s = float(g.item());
     if (s != 1.f) {
       if (dh.defined()) be(dh).scale(dh, s);
@@ -509,9 +518,16 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
                "linear_cross_entropy: h {} (N, D), w {} (V, D), targets {} (N) int32", h.str(),
                w.str(), targets.str());
   Tensor tg = targets.contiguous().view({-1});
-  int64_t n_valid = 0;
-  for (int32_t t : tg.to_vector<int32_t>()) n_valid += t >= 0;
-  LLAMA3_CHECK(n_valid > 0, "linear_cross_entropy: no target >= 0 among {} rows", h.size(0));
+  int64_t n_valid = opt.n_valid;
+  const bool captured = be(h).capturing();
+  LLAMA3_CHECK(n_valid > 0 || !captured,
+               "linear_cross_entropy: a captured step must give CrossEntropyOptions::n_valid (the "
+               "targets cannot be read back during a capture)");
+  if (n_valid <= 0)
+    for (int32_t t : tg.to_vector<int32_t>()) n_valid += t >= 0;
+  LLAMA3_CHECK(n_valid > 0 && n_valid <= h.size(0),
+               "linear_cross_entropy: {} targets >= 0 among {} rows (need at least one)", n_valid,
+               h.size(0));
   Tensor hc = h.contiguous(), wc = w.contiguous();
   if (opt.precision == Precision::bf16) hc = to_bf16(hc), wc = weight_bf16(wc);
   const bool need = autograd::any_requires_grad({&h, &w});
@@ -522,9 +538,16 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
     if (w.requires_grad()) dw = Tensor::empty(w.shape(), gt, w.device());  // written, not +=
   }
   const float gs = float(1.0 / double(n_valid));
-  double total = be(h).linear_cross_entropy(hc, wc, tg, opt.chunk, gs, need ? &dh : nullptr,
-                                            need && dw.defined() ? &dw : nullptr);
-  Tensor out = Tensor::full({1}, total / double(n_valid), gt, h.device());
+  Tensor out;
+  if (captured && gt == DType::f32) {  // the mean stays on the device
+    out = Tensor::empty({1}, gt, h.device());
+    be(h).linear_cross_entropy(hc, wc, tg, opt.chunk, gs, need ? &dh : nullptr,
+                               need && dw.defined() ? &dw : nullptr, &out, double(n_valid));
+  } else {
+    const double total = be(h).linear_cross_entropy(hc, wc, tg, opt.chunk, gs, need ? &dh : nullptr,
+                                                    need && dw.defined() ? &dw : nullptr);
+    out = Tensor::full({1}, total / double(n_valid), gt, h.device());
+  }
   if (need) {
     auto n = std::make_shared<CrossEntropyNode>();
     n->dh = dh, n->dw = dw;

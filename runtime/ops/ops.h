@@ -4,6 +4,8 @@
 // checked against central finite differences in f64 (tests/unit/ops).
 #pragma once
 
+#include <algorithm>
+
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -73,6 +75,7 @@ class WeightCopyTable {
   void mark_written(size_t i) { written_[i] = true; }
   void invalidate() { written_.assign(written_.size(), false); }
   size_t size() const { return copies_.size(); }
+  size_t written() const { return size_t(std::count(written_.begin(), written_.end(), true)); }
   // The written copy of exactly w, or an undefined tensor.
   Tensor find(const Tensor& w) const;
 
@@ -124,6 +127,10 @@ Tensor dot(const Tensor& x, const Tensor& r);
 struct CrossEntropyOptions {
   int64_t chunk = 1024;
   Precision precision = Precision::f32;
+  // The number of targets >= 0 when the caller knows it (from host data); 0: counted here,
+  // which reads the targets back to the host. A captured step (Backend::capture) must give
+  // it: the loss then stays on the device (nothing is read back).
+  int64_t n_valid = 0;
 };
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             const CrossEntropyOptions& opt = {});

@@ -77,6 +77,55 @@ double AdamW::step(float lr, double norm) {
   return norm;
 }
 
+void AdamW::enqueue_captured_step(const Tensor& loss, Tensor& state) {
+  autograd::NoGradGuard ng;
+  LLAMA3_CHECK(!norm_reduction_.sum_all,
+               "AdamW: a captured step runs in one process (the norm here is not a collective)");
+  std::vector<Tensor> grads;
+  std::vector<size_t> with_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Tensor g = params_[i].tensor->grad();
+    if (!g.defined()) continue;
+    LLAMA3_CHECK(g.device() == state.device(),
+                 "AdamW: a captured step needs every gradient on {} (state), {} is on {}",
+                 state.device().str(), params_[i].name, g.device().str());
+    grads.push_back(g);
+    with_grad.push_back(i);
+  }
+  Backend& be = backend_for(state.device());
+  be.grad_clip_state(grads, loss, cfg_.max_grad_norm, state);
+  captured_copies_.clear();
+  for (size_t k = 0; k < with_grad.size(); ++k) {
+    const size_t i = with_grad[k];
+    AdamWParams hp;
+    hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
+    hp.weight_decay = params_[i].info.weight_decay ? cfg_.weight_decay : 0.f;
+    hp.dynamic = state;
+    Tensor pd = params_[i].tensor->detach();
+    const int64_t c = copy_of_.empty() ? -1 : copy_of_[i];
+    be.adamw_step(pd, grads[k], m_[i], v_[i], hp, c >= 0 ? &copies_->copy(size_t(c)) : nullptr);
+    if (c >= 0) captured_copies_.push_back(size_t(c));
+  }
+}
+
+void AdamW::set_captured_lr(Tensor& state, float lr) const {
+  AdamWParams hp;
+  hp.lr = lr;
+  hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
+  hp.weight_decay = cfg_.weight_decay;
+  hp.step = step_ + 1;
+  const AdamWStepScalars s = adamw_step_scalars(hp);
+  const float host[3] = {s.step_size, s.bc2_sqrt, s.decay};
+  Tensor tail = state.narrow(0, AdamWDynamic::step_size, 3);
+  backend_for(state.device()).copy_from_host(host, sizeof host, tail);
+}
+
+void AdamW::commit_captured_step(bool skipped) {
+  if (skipped) return;
+  ++step_;
+  for (size_t c : captured_copies_) copies_->mark_written(c);
+}
+
 void AdamW::enable_bf16_copies() {
   if (copies_) return;
   copies_.emplace();

@@ -44,6 +44,20 @@ class AdamW {
   void zero_grad();
   int64_t steps() const { return step_; }
 
+  // ---- captured steps (a CUDA graph of the whole training step, Trainer::cuda_graph) ----
+  // A graph replays kernels with the arguments of capture time, so the clip factor, the skip
+  // decision and the learning rate travel in `state` (f32, AdamWDynamic::size elements on
+  // the parameters' device) instead. enqueue_captured_step enqueues the clipping state of
+  // the current gradients (Backend::grad_clip_state; `loss`, the step's summed loss, only
+  // decides the skip) and every update reading it; nothing is read back, so it may run
+  // inside Backend::capture. Before each run of that work, set_captured_lr writes the host
+  // part of state (the scalars of step steps() + 1 at lr); after it, commit_captured_step
+  // counts the step unless it was skipped (state's skip flag), as step() would have. The
+  // result equals step(lr, grad_norm()) bit for bit. One device only.
+  void enqueue_captured_step(const Tensor& loss, Tensor& state);
+  void set_captured_lr(Tensor& state, float lr) const;
+  void commit_captured_step(bool skipped);
+
   // bf16 mixed precision: keep a bf16 copy of every matrix parameter (2-D, f32), written by
   // each step() in the same pass as the update, for the bf16 GEMMs to use instead of casting
   // the weights every step (ops::WeightCopyTable; install bf16_copies() with an
@@ -67,6 +81,7 @@ class AdamW {
   std::vector<Tensor> m_, v_;
   std::optional<ops::WeightCopyTable> copies_;
   std::vector<int64_t> copy_of_;  // per parameter: its index in copies_, or -1
+  std::vector<size_t> captured_copies_;  // the copies a captured step writes
   AdamWConfig cfg_;
   int64_t step_ = 0;
   NormReduction norm_reduction_;

@@ -121,9 +121,13 @@ Tensor LlamaModel::hidden(const Tensor& tokens, const Tensor& doc_ids) const {
   const int64_t B = tokens.size(0), T = tokens.size(1);
   LLAMA3_CHECK(T <= cfg_.max_seq_len, "model: sequence length {} exceeds max_seq_len {}", T, cfg_.max_seq_len);
   const Device dev = embed_->weight.device();
-  std::vector<int32_t> pv(T);
-  for (int64_t i = 0; i < T; ++i) pv[i] = int32_t(i);
-  Tensor pos = Tensor::from_vector(pv, {T}, dev);
+  Tensor& cached = pos_[T];
+  if (!cached.defined() || !(cached.device() == dev)) {
+    std::vector<int32_t> pv(T);
+    for (int64_t i = 0; i < T; ++i) pv[i] = int32_t(i);
+    cached = Tensor::from_vector(pv, {T}, dev);
+  }
+  const Tensor pos = cached;
   AttentionParams ap;
   ap.causal = true;
   // Mixed precision: attention may use bf16 products with f32 accumulation (tensor cores
@@ -149,11 +153,13 @@ int64_t LlamaModel::ce_chunk_rows(const Device& device) const {
   return opts_.ce_chunk > 0 ? opts_.ce_chunk : backend_for(device).cross_entropy_chunk(cfg_.vocab_size);
 }
 
-Tensor LlamaModel::loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids) const {
+Tensor LlamaModel::loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids,
+                        int64_t n_valid) const {
   Tensor h = hidden(tokens, doc_ids);
   ops::CrossEntropyOptions o;
   o.chunk = ce_chunk_rows(h.device());
   o.precision = opts_.precision;
+  o.n_valid = n_valid;
   return ops::linear_cross_entropy(h, head_->weight, targets.to(h.device()).view({-1}), o);
 }
 

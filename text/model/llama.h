@@ -6,6 +6,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -68,7 +69,10 @@ class LlamaModel : public nn::Module {
   // (optional) restricts attention to the token's own document.
   Tensor hidden(const Tensor& tokens, const Tensor& doc_ids = Tensor()) const;
   // Mean next-token cross-entropy over targets >= 0 (B, T), never materialising full logits.
-  Tensor loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids = Tensor()) const;
+  // n_valid: the number of targets >= 0 when the caller knows it from host data (0: counted
+  // from the targets, a read back from the device; a captured step must give it).
+  Tensor loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids = Tensor(),
+              int64_t n_valid = 0) const;
   // Logits (B, T, V) (inference and tests).
   Tensor logits(const Tensor& tokens, const Tensor& doc_ids = Tensor()) const;
 
@@ -91,6 +95,10 @@ class LlamaModel : public nn::Module {
   LlamaConfig cfg_;
   ModelOptions opts_;
   Tensor inv_freq_;  // (head_dim / 2) f32
+  // Positions 0..T-1 on the weights' device per length T, kept for the model's life: made
+  // once, not uploaded every step (an upload cannot be part of a captured step, and a
+  // captured step reads them at their address on every replay, whatever ran in between).
+  mutable std::map<int64_t, Tensor> pos_;
   nn::Embedding* embed_;
   std::vector<Block*> blocks_;
   nn::RMSNorm* norm_;

@@ -29,6 +29,18 @@ BatchTensors to_tensors(const data::Batch& b) {
   return t;
 }
 
+// The device buffers and graph of a captured step (TrainerConfig::cuda_graph).
+struct Trainer::CapturedStep {
+  std::string key;                   // the step layout it was captured for
+  std::vector<BatchTensors> inputs;  // per micro-batch: the device inputs every replay reads
+  std::vector<Tensor> losses;        // per micro-batch: the loss every replay writes
+  Tensor state;                      // AdamWDynamic: clip factor, skip flag, lr scalars
+  Tensor seed;                       // the backward's seed, 1 / micro-batches
+  // Declared last, destroyed first: every buffer the replays read (above, and those the
+  // graph's pool holds) outlives the graph.
+  std::unique_ptr<DeviceGraph> graph;
+};
+
 Trainer::Trainer(LlamaModel& model, const TrainerConfig& cfg, BatchSource& train, BatchSource* eval)
     : model_(model), cfg_(cfg), train_(train), eval_(eval) {
   LLAMA3_CHECK(cfg_.grad_accum >= 1, "trainer: grad_accum {} must be >= 1", cfg_.grad_accum);
@@ -130,42 +142,150 @@ StepStats Trainer::parallel_step(float lr) {
   return st;
 }
 
+bool Trainer::graph_step(const std::vector<data::Batch>& batches, float lr, StepStats& st) {
+  if (!cfg_.cuda_graph) return false;
+  const Device dev = model_.embed_tokens().weight.device();
+  if (dev.is_cpu()) return false;
+  // The layout: what the captured host code decided on (shapes, document masks, the number
+  // of targets each loss divides by, whether the GEMMs read the bf16 copies).
+  const ops::WeightCopyTable* copies = opt_->bf16_copies();
+  std::string key = fmt::format("copies {}", copies ? copies->written() : 0);
+  std::vector<int64_t> n_valid;
+  for (const data::Batch& b : batches) {
+    int64_t n = 0;
+    for (int32_t t : b.targets) n += t >= 0;
+    if (n == 0) return false;  // the eager step reports it
+    n_valid.push_back(n);
+    key += fmt::format(" ({}, {}, {}, {})", b.batch_size, b.seq_len, b.doc_ids.empty() ? 0 : 1, n);
+  }
+  if (!graph_ || graph_->key != key) {
+    graph_.reset();
+    // The first step of a layout runs eagerly: it sizes the allocator's cache, plans the GEMMs
+    // and writes the bf16 copies, so that the capture needs no first-time work.
+    if (warm_key_ != key) {
+      warm_key_ = key;
+      return false;
+    }
+    auto cs = std::make_unique<CapturedStep>();
+    cs->key = key;
+    for (const data::Batch& b : batches) {
+      BatchTensors in;
+      in.tokens = Tensor::empty({b.batch_size, b.seq_len}, DType::i32, dev);
+      in.targets = Tensor::empty({b.batch_size, b.seq_len}, DType::i32, dev);
+      if (!b.doc_ids.empty()) in.doc_ids = Tensor::empty({b.batch_size, b.seq_len}, DType::i32, dev);
+      cs->inputs.push_back(in);
+    }
+    cs->state = Tensor::zeros({AdamWDynamic::size}, DType::f32, dev);
+    // Made before the capture and kept with the graph: a replay reads it at its address.
+    cs->seed = Tensor::full({1}, 1.0 / double(cfg_.grad_accum), DType::f32, dev);
+    Backend& be = backend_for(dev);
+    opt_->zero_grad();
+    try {
+      cs->graph = be.capture([&] {
+        Tensor total;
+        for (size_t m = 0; m < batches.size(); ++m) {
+          const BatchTensors& in = cs->inputs[m];
+          Tensor loss = model_.loss(in.tokens, in.targets, in.doc_ids, n_valid[m]);
+          LLAMA3_CHECK(loss.dtype() == DType::f32, "trainer: a captured step needs an f32 loss, got {}",
+                       loss.str());
+          cs->losses.push_back(loss.detach());
+          if (total.defined()) {
+            Tensor sum = Tensor::empty({1}, DType::f32, dev);
+            be.add(total, cs->losses.back(), sum);
+            total = sum;
+          } else {
+            total = cs->losses.back();
+          }
+          loss.backward(cs->seed);
+        }
+        opt_->enqueue_captured_step(total, cs->state);
+      });
+    } catch (const std::exception& e) {
+      // Not capturable (an op read back to the host, or the device refused): the run goes on
+      // eagerly, with this step's partial gradients dropped.
+      opt_->zero_grad();
+      cfg_.cuda_graph = false;
+      spdlog::warn("step {}: the training step could not be captured as a CUDA graph; training "
+                   "on without graphs: {}",
+                   step_ + 1, e.what());
+      return false;
+    }
+    // The gradients stay the graph's (its replays write and read them); the parameters
+    // drop them as after any step.
+    opt_->zero_grad();
+    graph_ = std::move(cs);
+    spdlog::info("step {}: captured the training step as a CUDA graph ({} micro-batches of ({}, {})); "
+                 "replaying it while batches keep this layout",
+                 step_ + 1, batches.size(), batches.front().batch_size, batches.front().seq_len);
+  }
+  CapturedStep& cs = *graph_;
+  Backend& be = backend_for(dev);
+  for (size_t m = 0; m < batches.size(); ++m) {
+    const data::Batch& b = batches[m];
+    const size_t bytes = b.tokens.size() * sizeof(int32_t);
+    be.copy_from_host(b.tokens.data(), bytes, cs.inputs[m].tokens);
+    be.copy_from_host(b.targets.data(), bytes, cs.inputs[m].targets);
+    if (!b.doc_ids.empty()) be.copy_from_host(b.doc_ids.data(), bytes, cs.inputs[m].doc_ids);
+  }
+  opt_->set_captured_lr(cs.state, lr);
+  cs.graph->replay();
+  double loss_sum = 0;
+  for (const Tensor& l : cs.losses) loss_sum += l.item();
+  const std::vector<float> state = cs.state.narrow(0, 0, 3).to_vector<float>();
+  be.check_deferred();
+  st.loss = loss_sum / double(cfg_.grad_accum);
+  st.skipped = state[AdamWDynamic::skip] != 0.f;
+  st.grad_norm = st.skipped ? 0.0 : double(state[AdamWDynamic::norm]);
+  opt_->commit_captured_step(st.skipped);
+  st.graph = true;
+  return true;
+}
+
 StepStats Trainer::step() {
   using clock = std::chrono::steady_clock;
   auto t0 = clock::now();
   StepStats st;
   const float lr = cfg_.lr_fn ? cfg_.lr_fn(step_, tokens_) : cfg_.schedule.at(step_);
   if (par_) return parallel_step(lr);
-  double loss_sum = 0;
-  int64_t tokens = 0, seq_len = 0;
-  bool finite = true;
   // bf16 weight copies: written by the previous step's AdamW; nothing else writes the weights
   // between it and this forward (Trainer::load invalidates them through load_state).
   if (cfg_.bf16_weight_copies && model_.options().precision == ops::Precision::bf16)
     opt_->enable_bf16_copies();
   const ops::WeightCopiesScope copies(opt_->bf16_copies());
+  std::vector<data::Batch> batches;
+  int64_t tokens = 0, seq_len = 0;
   for (int64_t m = 0; m < cfg_.grad_accum; ++m) {
-    data::Batch b = train_.next();
-    BatchTensors bt = to_tensors(b);
-    Tensor loss = model_.loss(bt.tokens, bt.targets, bt.doc_ids);
-    const double lv = loss.item();
-    finite = finite && std::isfinite(lv);
-    loss_sum += lv;
-    tokens += b.batch_size * b.seq_len;
-    seq_len = b.seq_len;
-    Tensor g = Tensor::full(loss.shape(), 1.0 / double(cfg_.grad_accum), loss.dtype(), loss.device());
-    loss.backward(g);
+    batches.push_back(train_.next());
+    tokens += batches.back().batch_size * batches.back().seq_len;
+    seq_len = batches.back().seq_len;
   }
-  // The gradient norm is non-finite when any gradient element is: one pass over the
-  // gradients (one device synchronisation on CUDA) checks them and feeds the clipping.
-  const double norm = finite ? opt_->grad_norm() : 0.0;
-  finite = finite && std::isfinite(norm);
-  st.loss = loss_sum / double(cfg_.grad_accum);
   st.lr = lr;
-  if (finite) {
-    st.grad_norm = opt_->step(lr, norm);
-  } else {
-    st.skipped = true;
+  if (!graph_step(batches, lr, st)) {
+    double loss_sum = 0;
+    bool finite = true;
+    for (const data::Batch& b : batches) {
+      BatchTensors bt = to_tensors(b);
+      // The targets counted here, from the host batch: the loss need not read them back.
+      int64_t n_valid = 0;
+      for (int32_t t : b.targets) n_valid += t >= 0;
+      Tensor loss = model_.loss(bt.tokens, bt.targets, bt.doc_ids, n_valid);
+      const double lv = loss.item();
+      finite = finite && std::isfinite(lv);
+      loss_sum += lv;
+      Tensor g = Tensor::full(loss.shape(), 1.0 / double(cfg_.grad_accum), loss.dtype(), loss.device());
+      loss.backward(g);
+    }
+    // The gradient norm is non-finite when any gradient element is: one pass over the
+    // gradients (one device synchronisation on CUDA) checks them and feeds the clipping.
+    const double norm = finite ? opt_->grad_norm() : 0.0;
+    finite = finite && std::isfinite(norm);
+    st.loss = loss_sum / double(cfg_.grad_accum);
+    if (finite)
+      st.grad_norm = opt_->step(lr, norm);
+    else
+      st.skipped = true;
+  }
+  if (st.skipped) {
     ++skipped_;
     spdlog::warn("step {}: non-finite loss or gradient (loss {}); update skipped ({} so far)", step_ + 1,
                  st.loss, skipped_);
@@ -297,6 +417,9 @@ std::unique_ptr<LlamaModel> load_model(const std::string& dir) {
 
 void Trainer::load(const std::string& dir) {
   io::verify_checkpoint(dir);
+  // A captured step holds the addresses of the weights and state it was captured with.
+  graph_.reset();
+  warm_key_.clear();
   const auto state = io::read_json(dir + "/trainer_state.json");
   try {
     const int64_t opt_step = state.at("optimizer_step").get<int64_t>();

@@ -66,6 +66,17 @@ struct TrainerConfig {
   // with each update and the step's GEMMs use them instead of casting every weight
   // (optim::AdamW::enable_bf16_copies; bit-identical results). false: cast each step.
   bool bf16_weight_copies = true;
+  // CUDA graphs, in one process on a cuda device: the whole step (every micro-batch's forward
+  // and backward, the gradient norm and clipping, the skip decision and AdamW) is captured
+  // once and then replayed with one launch per step, only the batch and the learning rate
+  // uploaded before and the losses and norm read after. A step layout (micro-batches, their
+  // shape, document ids or not, targets >= 0 per micro-batch, bf16 copies written) first runs
+  // one eager step, the next step of that layout is captured; a batch of another layout runs
+  // eagerly and the one after captures again. Losses and weights equal the eager step's
+  // (the norm is reported in f32). A step that cannot be captured (host code reading the
+  // device, e.g. a gradient hook) is reported once and the run goes on eagerly. Ignored on
+  // cpu and under a parallel layout.
+  bool cuda_graph = false;
 };
 
 struct StepStats {
@@ -79,6 +90,7 @@ struct StepStats {
   double tokens_per_s = 0;
   double flops_per_s = 0;  // useful model FLOP/s of this step
   bool skipped = false;    // update skipped: non-finite loss or gradient
+  bool graph = false;      // the step ran as a replay of the captured step (cuda_graph)
 };
 
 struct BatchTensors;
@@ -139,6 +151,12 @@ class Trainer {
   int64_t step_ = 0, tokens_ = 0, skipped_ = 0;
 
   StepStats parallel_step(float lr);
+  // Runs this step as a CUDA graph when cfg_.cuda_graph allows: fills st's loss, grad_norm,
+  // skipped and returns true; false when the step must run eagerly (first of its layout).
+  struct CapturedStep;
+  std::unique_ptr<CapturedStep> graph_;
+  std::string warm_key_;  // the layout of the last eager step a graph may follow
+  bool graph_step(const std::vector<data::Batch>& batches, float lr, StepStats& st);
   // This rank's data-parallel rows of `batches` (each (B, T)), in micro-batch order.
   BatchTensors local_rows(const std::vector<data::Batch>& batches) const;
 };

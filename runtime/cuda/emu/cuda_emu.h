@@ -176,7 +176,12 @@ inline T __shfl_xor_sync(unsigned, T v, int mask) {
 }
 
 // ---- runtime API subset
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorStreamCaptureUnsupported = 900,
+  cudaErrorStreamCaptureInvalidated = 901
+};
 using cudaStream_t = struct CUstream_st*;
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
@@ -184,19 +189,41 @@ inline cudaError_t cudaGetLastError() {
   return cudaSuccess;
 }
 inline const char* cudaGetErrorString(cudaError_t e) {
-  return e == cudaSuccess ? "no error" : "invalid value";
+  switch (e) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorStreamCaptureUnsupported:
+      return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated:
+      return "operation failed due to a previous error during capture";
+    default:
+      return "invalid value";
+  }
 }
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
   return cudaSuccess;
 }
+namespace llama3::emu {
+// A synchronising call during capture: the capture is invalidated (cudaStreamEndCapture
+// then fails too) and the call fails, as on a GPU.
+inline bool capture_violation() {
+  if (!recording()) return false;
+  capture_invalidated() = true;
+  return true;
+}
+}  // namespace llama3::emu
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
-  std::memset(p, v, n);
+  llama3::emu::run_or_record([=] { std::memset(p, v, n); });
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind,
+// Host memory here is pageable: copies to or from it cannot be captured (on a GPU they
+// would also need pinned memory to be asynchronous), so they fail under capture.
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind,
                                    cudaStream_t = nullptr) {
-  std::memmove(d, s, n);
+  if (kind != cudaMemcpyDeviceToDevice && llama3::emu::capture_violation())
+    return cudaErrorStreamCaptureUnsupported;
+  llama3::emu::run_or_record([=] { std::memmove(d, s, n); });
   return cudaSuccess;
 }
 
@@ -207,10 +234,13 @@ namespace llama3::emu {
 // its own copy, as CUDA passes them.
 template <typename... P, typename... A>
 void launch_kernel(void (*k)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t, A&&... a) {
+  // Converted now, so a captured launch keeps the values of capture time.
   const std::tuple<std::decay_t<P>...> args(std::forward<A>(a)...);
-  run_grid({grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, [&] {
-    std::tuple<std::decay_t<P>...> mine = args;
-    std::apply(k, mine);
+  run_or_record([=] {
+    run_grid({grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, [&] {
+      std::tuple<std::decay_t<P>...> mine = args;
+      std::apply(k, mine);
+    });
   });
 }
 

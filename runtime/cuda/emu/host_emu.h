@@ -1,6 +1,7 @@
 // The host-side CUDA that cuda_backend.cpp uses, for running the whole CUDA backend on the
 // SIMT emulator (LLAMA3_CUDA_EMU): one emulated device whose memory is host memory, streams
-// and events that do nothing (every launch completes before it returns), and cuBLAS /
+// and events that do nothing (every launch completes before it returns; under stream capture
+// work is recorded and a graph launch runs it, simt.h), and cuBLAS /
 // cuBLASLt GEMMs computed by a reference loop (f64 accumulation of f32 or bf16 inputs, f32
 // or bf16 output) from the same descriptors the backend builds. cuBLASLt offers no algorithm
 // for operands aligned to less than 4 bytes, so the backend's cublasGemmStridedBatchedEx
@@ -11,6 +12,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <utility>
+#include <vector>
 
 #include "runtime/cuda/emu/cuda_emu.h"
 
@@ -24,7 +28,16 @@ struct cudaDeviceProp {
 using cudaEvent_t = struct CUevent_st*;
 constexpr unsigned cudaStreamNonBlocking = 1;
 inline const char* cudaGetErrorName(cudaError_t e) {
-  return e == cudaSuccess ? "cudaSuccess" : "cudaErrorInvalidValue";
+  switch (e) {
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorStreamCaptureUnsupported:
+      return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated:
+      return "cudaErrorStreamCaptureInvalidated";
+    default:
+      return "cudaErrorInvalidValue";
+  }
 }
 inline cudaError_t cudaGetDeviceCount(int* n) {
   *n = 1;
@@ -58,7 +71,7 @@ inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
-  return cudaSuccess;
+  return llama3::emu::capture_violation() ? cudaErrorStreamCaptureUnsupported : cudaSuccess;
 }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = nullptr;
@@ -69,6 +82,63 @@ inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) {
 }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) {
   *ms = 0.f;
+  return cudaSuccess;
+}
+
+// ---- graphs: a capture is the recorded work (simt.h), a launch runs it in order
+enum cudaStreamCaptureMode {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2
+};
+struct CUgraph_st {
+  std::vector<std::function<void()>> work;
+};
+struct CUgraphExec_st {
+  std::vector<std::function<void()>> work;
+};
+using cudaGraph_t = CUgraph_st*;
+using cudaGraphExec_t = CUgraphExec_st*;
+inline cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode*) {
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
+  if (llama3::emu::recording()) return cudaErrorInvalidValue;
+  llama3::emu::begin_recording();
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* g) {
+  *g = nullptr;
+  if (!llama3::emu::recording()) return cudaErrorInvalidValue;
+  const bool bad = llama3::emu::capture_invalidated();
+  auto work = llama3::emu::end_recording();
+  if (bad) return cudaErrorStreamCaptureInvalidated;
+  *g = new CUgraph_st{std::move(work)};
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long = 0) {
+  *e = new CUgraphExec_st{g->work};
+  return cudaSuccess;
+}
+namespace llama3::emu {
+// Graph launches so far (tests check that a captured path really ran).
+inline uint64_t& graph_launches() {
+  static uint64_t n = 0;
+  return n;
+}
+}  // namespace llama3::emu
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t) {
+  if (llama3::emu::recording()) return cudaErrorStreamCaptureUnsupported;  // not nested here
+  ++llama3::emu::graph_launches();
+  for (auto& w : e->work) w();
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  delete g;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+  delete e;
   return cudaSuccess;
 }
 
@@ -149,6 +219,9 @@ inline cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) {
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasSetMathMode(cublasHandle_t, cublasMath_t) {
+  return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasSetWorkspace(cublasHandle_t, void*, size_t) {
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t,
@@ -263,10 +336,14 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, 
   const int64_t nb = int64_t(op->tb == CUBLAS_OP_N ? lb->cols : lb->rows);
   if (ma != m || nb != n || mb != k || ld->rows != lc->rows || ld->cols != lc->cols)
     return CUBLAS_STATUS_NOT_SUPPORTED;
-  llama3::emu::gemm_reference(op->ta, op->tb, m, n, k, *static_cast<const float*>(alpha),
-                              {A, la->type, la->ld, la->stride}, {B, lb->type, lb->ld, lb->stride},
-                              *static_cast<const float*>(beta), {C, lc->type, lc->ld, lc->stride},
-                              D, ld->ld, ld->stride, lc->batch);
+  // Host alpha/beta and the descriptors are read now: a captured GEMM keeps them.
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  const llama3::emu::GemmOperand a{A, la->type, la->ld, la->stride},
+      b{B, lb->type, lb->ld, lb->stride}, c{C, lc->type, lc->ld, lc->stride};
+  const cublasOperation_t ta = op->ta, tb = op->tb;
+  const int64_t ldd = ld->ld, sd = ld->stride, batch = lc->batch;
+  llama3::emu::run_or_record(
+      [=] { llama3::emu::gemm_reference(ta, tb, m, n, k, al, a, b, be, c, D, ldd, sd, batch); });
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasGemmStridedBatchedEx(
@@ -274,8 +351,10 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(
     const void* alpha, const void* A, cudaDataType_t at, int lda, long long sa, const void* B,
     cudaDataType_t bt, int ldb, long long sb, const void* beta, void* C, cudaDataType_t ct, int ldc,
     long long sc, int batch, cublasComputeType_t, cublasGemmAlgo_t) {
-  llama3::emu::gemm_reference(ta, tb, m, n, k, *static_cast<const float*>(alpha), {A, at, lda, sa},
-                              {B, bt, ldb, sb}, *static_cast<const float*>(beta), {C, ct, ldc, sc},
-                              C, ldc, sc, batch);
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  llama3::emu::run_or_record([=] {
+    llama3::emu::gemm_reference(ta, tb, m, n, k, al, {A, at, lda, sa}, {B, bt, ldb, sb}, be,
+                                {C, ct, ldc, sc}, C, ldc, sc, batch);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -12,6 +12,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 // Switching fibers. On x86-64 a handful of instructions: push the callee-saved registers,
@@ -346,6 +347,38 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes) {
   f.state = State::at_warp;
   yield_to_scheduler();
   return buf;
+}
+
+namespace {
+// One capture at a time, as the emulated device has one stream per backend and tests capture
+// from one thread.
+bool g_recording = false;
+std::vector<std::function<void()>> g_recorded;
+bool g_invalidated = false;  // a synchronising call during the capture
+}  // namespace
+
+bool recording() {
+  return g_recording;
+}
+bool& capture_invalidated() {
+  return g_invalidated;
+}
+void begin_recording() {
+  if (g_recording) throw std::logic_error("emu: a stream capture is already in progress");
+  g_recording = true;
+  g_invalidated = false;
+  g_recorded.clear();
+}
+std::vector<std::function<void()>> end_recording() {
+  if (!g_recording) throw std::logic_error("emu: end_recording without begin_recording");
+  g_recording = false;
+  return std::exchange(g_recorded, {});
+}
+void run_or_record(std::function<void()> work) {
+  if (g_recording)
+    g_recorded.push_back(std::move(work));
+  else
+    work();
 }
 
 }  // namespace llama3::emu

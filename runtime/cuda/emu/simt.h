@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace llama3::emu {
 
@@ -56,5 +57,19 @@ int sync_block(int mode = 0, int pred = 0);
 constexpr size_t kSlotBytes = 64;
 const unsigned char* warp_exchange(const void* mine, size_t bytes);
 int lane_id();
+
+// Stream capture (cudaStreamBeginCapture .. cudaStreamEndCapture on the emulated device):
+// while recording, stream work (kernel launches, memsets, device copies, GEMMs) is appended
+// to the recording instead of run, with its arguments as they were at capture, as CUDA
+// graphs capture them; a synchronising call invalidates the capture (host_emu.h), so a
+// step that still reads results back on the host fails under capture here as on a GPU.
+bool recording();
+void begin_recording();
+// The recorded work; throws std::logic_error when not recording.
+std::vector<std::function<void()>> end_recording();
+// Set by a synchronising call during the capture; cleared by begin_recording.
+bool& capture_invalidated();
+// Runs `work` now, or appends it to the recording.
+void run_or_record(std::function<void()> work);
 
 }  // namespace llama3::emu

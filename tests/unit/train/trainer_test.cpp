@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "runtime/autograd/autograd.h"
+#include "runtime/backend/backend.h"
 #include "runtime/io/checkpoint.h"
 
 using namespace llama3;
@@ -222,4 +223,40 @@ TEST(LrSchedule, WarmupCosineAndLinearToZero) {
       .peak = 2.f, .min_lr = 0.f, .warmup = 0, .total = 100, .decay = optim::Decay::linear};
   EXPECT_FLOAT_EQ(l.at(50), 1.f);
   EXPECT_EQ(l.at(100), 0.f);
+}
+
+// The captured-step form of AdamW (the CUDA graph step: clip factor, skip flag and learning
+// rate read from a state tensor when the update runs) equals step() bit for bit, here on the
+// CPU through the backend's host defaults, including a skipped step.
+TEST(AdamW, CapturedStepMatchesStepBitForBit) {
+  auto cfg = text::llama3_flavour("debug");
+  text::LlamaModel ma(cfg, 4), mb(cfg, 4);
+  optim::AdamWConfig oc;
+  oc.lr = 3e-3f, oc.weight_decay = 0.1f, oc.max_grad_norm = 0.05f;  // clipping active
+  optim::AdamW a(ma.named_parameters(), oc), b(mb.named_parameters(), oc);
+  SyntheticSource src(2, 16, cfg.vocab_size);
+  Tensor state = Tensor::zeros({AdamWDynamic::size}, DType::f32);
+  const float lrs[] = {1e-3f, 3e-3f, 2e-3f, 5e-4f};
+  for (int s = 0; s < 4; ++s) {
+    text::BatchTensors bt = text::to_tensors(src.next());
+    const bool poison = s == 2;  // a non-finite loss: both skip
+    Tensor la = ma.loss(bt.tokens, bt.targets, bt.doc_ids), lb = mb.loss(bt.tokens, bt.targets, bt.doc_ids);
+    la.backward(), lb.backward();
+    if (poison) lb.data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
+    const double norm = a.grad_norm();
+    if (!poison) EXPECT_EQ(a.step(lrs[s], norm), norm);
+    b.set_captured_lr(state, lrs[s]);
+    b.enqueue_captured_step(lb.detach(), state);
+    const std::vector<float> st = state.to_vector<float>();
+    EXPECT_EQ(st[AdamWDynamic::skip] != 0.f, poison) << "step " << s;
+    if (!poison) EXPECT_EQ(st[AdamWDynamic::norm], float(norm)) << "step " << s;
+    b.commit_captured_step(st[AdamWDynamic::skip] != 0.f);
+    a.zero_grad(), b.zero_grad();
+    EXPECT_EQ(a.steps(), b.steps()) << "step " << s;
+  }
+  auto pa = ma.named_parameters(), pb = mb.named_parameters();
+  for (size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(pa[i].tensor->to_vector<float>(), pb[i].tensor->to_vector<float>()) << pa[i].name;
+  for (auto& [name, t] : a.state_tensors())
+    EXPECT_EQ(t.to_vector<float>(), b.state_tensors().at(name).to_vector<float>()) << name;
 }

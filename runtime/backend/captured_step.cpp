@@ -1,0 +1,39 @@
+// The defaults of the Backend calls a captured training step uses (backend.h): host-side
+// versions that synchronise, so that every backend runs the same step code; CUDA overrides
+// them with kernels that read and write device memory only.
+#include <cmath>
+
+#include "runtime/backend/backend.h"
+
+namespace llama3 {
+
+AdamWStepScalars adamw_step_scalars(const AdamWParams& p) {
+  const float bc1 = 1.f - std::pow(p.beta1, float(p.step));
+  const float bc2 = 1.f - std::pow(p.beta2, float(p.step));
+  return {p.lr / bc1, std::sqrt(bc2), 1.f - p.lr * p.weight_decay};
+}
+
+void Backend::grad_clip_state(const std::vector<Tensor>& xs, const Tensor& loss, float max_norm,
+                              Tensor& state) {
+  LLAMA3_CHECK(
+      state.dtype() == DType::f32 && state.numel() == AdamWDynamic::size && state.is_contiguous(),
+      "grad_clip_state: state {} must be {} contiguous f32", state.str(),
+      int64_t(AdamWDynamic::size));
+  const double norm = std::sqrt(sum_squares_many(xs, {}));
+  const float scale = max_norm > 0 ? float(std::min(1.0, max_norm / (norm + 1e-6))) : 1.f;
+  const bool bad = !std::isfinite(norm) || (loss.defined() && !std::isfinite(loss.item()));
+  std::vector<float> head = {float(norm), scale, bad ? 1.f : 0.f};
+  Tensor h = state.narrow(0, 0, 3);
+  copy_from_host(head.data(), head.size() * sizeof(float), h);
+}
+
+void Backend::scale_by(Tensor& x, const Tensor& s) {
+  LLAMA3_CHECK(s.numel() == 1, "scale_by: s {} must have one element", s.str());
+  scale(x, float(s.item()));
+}
+
+std::unique_ptr<DeviceGraph> Backend::capture(const std::function<void()>&) {
+  fail("capture: {} does not support graph capture (CUDA graphs need a cuda device)", name());
+}
+
+}  // namespace llama3
