@@ -163,6 +163,13 @@ if [[ -n $BIN ]]; then
   rc=$?
   note "unit_ops (cpu)" "$([[ $rc == 0 ]] && echo PASS || echo FAIL)" "rc $rc"
   if [[ -x $BIN/unit_model ]]; then
+    # The golden test on the GPU: the model in f32 and in bf16 mixed precision against the
+    # PyTorch reference (run here by this machine's python3, from this checkout).
+    step golden 60 env LD_LIBRARY_PATH="$LIBPATH" LLAMA3_PYTHON=python3 LLAMA3_SOURCE_DIR="$ROOT" "$BIN/unit_model" --gtest_color=no --gtest_filter='*GoldenOnCuda*'
+    rc=$?
+    P=$(grep -c '^\[       OK \]' "$STEPDIR/golden.txt")
+    S=$(grep -c '^\[  SKIPPED \].*(' "$STEPDIR/golden.txt")
+    note "golden model on cuda (f32, bf16)" "$( ((rc == 0 && S == 0 && P > 0)) && echo PASS || { ((rc == 0)) && echo SKIPPED || echo FAIL; })" "$P ok, $S skipped (rc $rc)"
     # ParallelLlama on CUDA tensors, world of one over NCCL, vs the plain CUDA and CPU runs.
     step parallel_device 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/unit_model" --gtest_color=no --gtest_filter='*ParallelDevice*'
     rc=$?

@@ -4,81 +4,16 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
 
 #include "runtime/autograd/autograd.h"
-#include "runtime/io/safetensors.h"
 #include "runtime/optim/adamw.h"
+#include "tests/unit/model/golden.h"
 #include "text/model/llama.h"
 
 using namespace llama3;
-namespace fs = std::filesystem;
 
-namespace {
-
-text::LlamaConfig golden_config() {
-  text::LlamaConfig c;
-  c.dim = 64, c.n_layers = 2, c.n_heads = 4, c.n_kv_heads = 2, c.vocab_size = 97;
-  c.multiple_of = 16, c.max_seq_len = 64;
-  // original context 64: head_dim 16 has frequencies kept, interpolated and divided.
-  c.rope_scaling = text::RopeScaling{8.0, 1.0, 4.0, 64};
-  return c;
-}
-
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(double(a[i]) - double(b[i])));
-    den = std::max(den, std::abs(double(b[i])));
-  }
-  return num / std::max(den, 1e-30);
-}
-
-struct Golden : ::testing::Test {
-  fs::path dir;
-  text::LlamaConfig cfg = golden_config();
-  Tensor tokens, targets, doc_ids;
-  optim::AdamWConfig ocfg{.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
-                          .weight_decay = 0.1f, .max_grad_norm = 1.0f};
-  io::TensorMap ref;
-
-  void SetUp() override {
-    dir = fs::temp_directory_path() / ("llama3_golden_" + std::to_string(::getpid()));
-    fs::create_directories(dir);
-    const int64_t B = 2, T = 24;
-    Rng rng(5);
-    std::vector<int32_t> tk(B * T), tg(B * T), dc(B * T);
-    for (int64_t i = 0; i < B * T; ++i) tk[i] = int32_t(rng.below(cfg.vocab_size));
-    for (int64_t i = 0; i < B * T; ++i) tg[i] = (i % 7 == 3) ? -1 : int32_t(rng.below(cfg.vocab_size));
-    for (int64_t t = 0; t < T; ++t) dc[t] = t < 9 ? 0 : (t < 17 ? 1 : 2);     // three documents
-    for (int64_t t = 0; t < T; ++t) dc[T + t] = t < 13 ? 0 : 1;               // two documents
-    tokens = Tensor::from_vector(tk, {B, T});
-    targets = Tensor::from_vector(tg, {B, T});
-    doc_ids = Tensor::from_vector(dc, {B, T});
-  }
-  void TearDown() override { fs::remove_all(dir); }
-
-  void run_reference(const text::LlamaModel& m) {
-    io::TensorMap w;
-    for (auto& p : m.named_parameters()) w[p.name] = *p.tensor;
-    io::save_safetensors((dir / "model.safetensors").string(), w);
-    io::save_safetensors((dir / "batch.safetensors").string(),
-                         {{"tokens", tokens}, {"targets", targets}, {"doc_ids", doc_ids}});
-    std::ofstream(dir / "config.json") << cfg.to_hf_json().dump();
-    nlohmann::json tr = {{"lr", ocfg.lr}, {"beta1", ocfg.beta1}, {"beta2", ocfg.beta2},
-                         {"eps", ocfg.eps}, {"weight_decay", ocfg.weight_decay},
-                         {"max_grad_norm", ocfg.max_grad_norm}, {"steps", 5}};
-    std::ofstream(dir / "train.json") << tr.dump();
-    std::string cmd = "/usr/bin/python3 " + std::string(LLAMA3_SOURCE_DIR) +
-                      "/tests/reference/llama_ref.py " + dir.string();
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << "reference failed: " << cmd;
-    ref = io::load_safetensors((dir / "ref.safetensors").string());
-  }
-};
-
-}  // namespace
+using golden::Golden;
+using golden::rel_err;
 
 TEST_F(Golden, LogitsGradientsAndFirstFiveLossesMatchPyTorch) {
   text::LlamaModel model(cfg, 11);
@@ -144,7 +79,7 @@ TEST_F(Golden, InPlaceGradientSumsEqualSeparateAdds) {
 // ce_chunk 0 leaves the rows per cross-entropy chunk to the backend (CPU: 1024); a set value
 // is used as given.
 TEST(ModelOptions, CrossEntropyChunkIsTheBackendsUnlessSet) {
-  text::LlamaModel m(golden_config(), 1);
+  text::LlamaModel m(golden::golden_config(), 1);
   EXPECT_EQ(m.options().ce_chunk, 0);
   EXPECT_EQ(m.ce_chunk_rows(Device::cpu()), 1024);
   m.options().ce_chunk = 48;
