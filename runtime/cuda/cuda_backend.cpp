@@ -676,6 +676,75 @@ class CudaBackend final : public Backend {
     return total;
   }
 
+  // On the device (the base class runs the softmax on the host): per chunk the logits GEMM,
+  // the row max and sum-exp with the target logit (the vocabulary-shard kernels over the
+  // whole vocabulary), logp = target logit - lse, and for the gradient dlogits = row_grad *
+  // (onehot - softmax) in place, then the dh (=) and dw (+=) GEMMs. One small read: the
+  // targets' range check.
+  void token_logprobs(const Tensor& h, const Tensor& w, const Tensor& targets, int64_t chunk,
+                      Tensor& logp, const Tensor& row_grad, Tensor* dh, Tensor* dw) override {
+    contig(h, "token_logprobs", "h"), contig(w, "token_logprobs", "w");
+    contig(targets, "token_logprobs", "targets");
+    LLAMA3_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1) &&
+                     targets.numel() == h.size(0) && targets.dtype() == DType::i32 &&
+                     h.dtype() == DType::f32 && w.dtype() == DType::f32,
+                 "token_logprobs: h {} (N, D), w {} (V, D) must be f32 and targets {} (N) int32",
+                 h.str(), w.str(), targets.str());
+    const int64_t N = h.size(0), V = w.size(0);
+    const bool grad = row_grad.defined();
+    if (grad) {
+      contig(row_grad, "token_logprobs", "row_grad");
+      LLAMA3_CHECK(row_grad.dtype() == DType::f32 && row_grad.numel() == N && dh && dh->defined() &&
+                       dh->dtype() == DType::f32 && dh->shape() == h.shape(),
+                   "token_logprobs: row_grad {} must be {} f32 with dh of h's shape {} f32",
+                   row_grad.str(), N, h.str());
+      contig(*dh, "token_logprobs", "dh");
+      if (dw)
+        LLAMA3_CHECK(dw->dtype() == DType::f32 && dw->shape() == w.shape() && dw->is_contiguous(),
+                     "token_logprobs: dw {} must be contiguous f32 of w's shape {}", dw->str(),
+                     w.str());
+    }
+    const std::vector<int32_t> tg = targets.to_vector<int32_t>();
+    for (int64_t i = 0; i < N; ++i)
+      LLAMA3_CHECK(tg[size_t(i)] < V, "token_logprobs: target {} at row {} outside vocab {}",
+                   tg[size_t(i)], i, V);
+    if (chunk <= 0) chunk = N;
+    activate();
+    auto prof_scope = prof("token_logprobs");
+    logp = Tensor::empty({N}, DType::f32, device());
+    const int64_t rows = std::min(chunk, std::max<int64_t>(N, 1));
+    Tensor logits = Tensor::empty({rows, V}, DType::f32, device());
+    Tensor mx = Tensor::empty({rows}, DType::f32, device()),
+           se = Tensor::empty({rows}, DType::f32, device()),
+           tl = Tensor::empty({rows}, DType::f32, device()),
+           valid = Tensor::empty({rows}, DType::f32, device());
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+      const int64_t nr = std::min(chunk, N - r0);
+      Tensor hc = h.narrow(0, r0, nr), lc = logits.narrow(0, 0, nr);
+      Tensor mc = mx.narrow(0, 0, nr), sc = se.narrow(0, 0, nr), tc = tl.narrow(0, 0, nr);
+      Tensor vc = valid.narrow(0, 0, nr), lp = logp.narrow(0, r0, nr);
+      Tensor tgc = targets.view({-1}).narrow(0, r0, nr);
+      gemm(hc, Trans::N, w, Trans::T, lc, 1.f, 0.f);
+      const int32_t* t = tgc.data<int32_t>();
+      LLAMA3_CUDA_CHECK(cuda::vocab_shard_max(lc.data<float>(), nr, V, mc.data<float>(), stream_));
+      LLAMA3_CUDA_CHECK(cuda::vocab_shard_stats(lc.data<float>(), mc.data<float>(), t, nr, V, 0,
+                                                sc.data<float>(), tc.data<float>(), stream_));
+      // -logp (0 for rows without a target) into logp, negated below.
+      LLAMA3_CUDA_CHECK(cuda::vocab_row_loss(mc.data<float>(), sc.data<float>(), tc.data<float>(), t,
+                                             nr, lp.data<float>(), vc.data<float>(), stream_));
+      if (!grad) continue;
+      // d logp / d logits = onehot - softmax: scale -1 times the row's weight.
+      LLAMA3_CUDA_CHECK(cuda::vocab_shard_dlogits(lc.data<float>(), mc.data<float>(),
+                                                  sc.data<float>(), t, nr, V, 0, -1.f, stream_,
+                                                  row_grad.data<float>() + r0));
+      Tensor dhc = dh->narrow(0, r0, nr);
+      gemm(lc, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
+      if (dw) gemm(lc, Trans::T, hc, Trans::N, *dw, 1.f, 1.f);
+    }
+    LLAMA3_CUDA_CHECK(
+        cuda::scale(logp.data_ptr(), -1.f, KT::f32, N, stream_));  // -0 for rows without target
+  }
+
   void vocab_shard_max(const Tensor& logits, Tensor& mx) override {
     const int64_t C = vocab_rows("vocab_shard_max", logits, Tensor(), {&mx});
     activate();

@@ -1046,7 +1046,7 @@ __global__ void vocab_stats_kernel(const float* logits, const float* mx, const i
 
 __global__ void vocab_dlogits_kernel(float* logits, const float* mx, const float* sum_exp,
                                      const int32_t* targets, int64_t nr, int64_t V, int64_t v0,
-                                     float scale) {
+                                     float scale, const float* row_scale) {
   const int64_t n = nr * V;
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
        k += int64_t(gridDim.x) * blockDim.x) {
@@ -1056,8 +1056,9 @@ __global__ void vocab_dlogits_kernel(float* logits, const float* mx, const float
       logits[k] = 0.f;
       continue;
     }
-    float g = __expf(logits[k] - mx[i]) * (scale / sum_exp[i]);
-    if (int64_t(tg) - v0 == j) g -= scale;
+    const float sc = row_scale ? scale * row_scale[i] : scale;
+    float g = __expf(logits[k] - mx[i]) * (sc / sum_exp[i]);
+    if (int64_t(tg) - v0 == j) g -= sc;
     logits[k] = g;
   }
 }
@@ -1087,12 +1088,12 @@ cudaError_t vocab_shard_stats(const float* logits, const float* mx, const int32_
 }
 cudaError_t vocab_shard_dlogits(float* logits, const float* mx, const float* sum_exp,
                                 const int32_t* targets, int64_t nr, int64_t V, int64_t v0,
-                                float scale, cudaStream_t s) {
+                                float scale, cudaStream_t s, const float* row_scale) {
   const int64_t n = nr * V;
   if (n == 0) return cudaSuccess;
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
   launch_kernel(vocab_dlogits_kernel, unsigned(blocks), 256, 0, s, logits, mx, sum_exp, targets, nr,
-                V, v0, scale);
+                V, v0, scale, row_scale);
   return cudaGetLastError();
 }
 cudaError_t vocab_row_loss(const float* mx, const float* sum_exp, const float* target_logit,

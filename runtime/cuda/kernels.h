@@ -105,13 +105,15 @@ cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr
 
 // Vocabulary-parallel cross-entropy statistics (Backend::vocab_*): logits (nr, V) f32 hold
 // columns [v0, v0 + V) of each row; targets (nr) global ids (< 0: no target).
+// vocab_shard_dlogits' row_scale (optional, nr f32): row i's scale is scale * row_scale[i]
+// (token_logprobs' per-row weights).
 cudaError_t vocab_shard_max(const float* logits, int64_t nr, int64_t V, float* mx, cudaStream_t s);
 cudaError_t vocab_shard_stats(const float* logits, const float* mx, const int32_t* targets,
                               int64_t nr, int64_t V, int64_t v0, float* sum_exp,
                               float* target_logit, cudaStream_t s);
 cudaError_t vocab_shard_dlogits(float* logits, const float* mx, const float* sum_exp,
                                 const int32_t* targets, int64_t nr, int64_t V, int64_t v0,
-                                float scale, cudaStream_t s);
+                                float scale, cudaStream_t s, const float* row_scale = nullptr);
 cudaError_t vocab_row_loss(const float* mx, const float* sum_exp, const float* target_logit,
                            const int32_t* targets, int64_t nr, float* loss, float* valid,
                            cudaStream_t s);

@@ -396,6 +396,24 @@ std::vector<Case> make_cases() {
     return std::vector<Tensor>{scalar(c, loss), scalar(c, loss_only), dh, dw};
   });
 
+  // ---- per-token log-probabilities (DPO, rejection sampling), chunked, ignored targets, with
+  // the weighted gradient: dh written, dw accumulated (+=, onto random values)
+  cs.push_back({"token_logprobs", DType::f32, true, 0, [](const Ctx& c) {
+                  Backend& be = backend_for(c.dev);
+                  const int64_t N = 37, D = 24, V = 301;
+                  Tensor h = input_f32(c, {N, D}, 73), w = input_f32(c, {V, D}, 74, 0.5f);
+                  std::vector<int32_t> tg(N);
+                  for (int64_t i = 0; i < N; ++i) tg[i] = i % 6 == 2 ? -1 : int32_t((i * 53) % V);
+                  Tensor t = ints(c, tg, {N});
+                  Tensor rg = input_f32(c, {N}, 75);
+                  Tensor dh = input_f32(c, {N, D}, 76);  // overwritten (=)
+                  Tensor dw = input_f32(c, {V, D}, 77);  // accumulated (+=)
+                  Tensor logp, logp_only;
+                  be.token_logprobs(h, w, t, 16, logp, rg, &dh, &dw);
+                  be.token_logprobs(h, w, t, 0, logp_only, Tensor(), nullptr, nullptr);
+                  return std::vector<Tensor>{logp, logp_only, dh, dw};
+                }});
+
   // ---- AdamW (f32 master weights), three steps; the last also writes the bf16 copy of the
   // weights (mixed precision's weight copies), which must equal the cast of the result.
   cs.push_back({"adamw_f32", DType::f32, true, 0, [](const Ctx& c) {
