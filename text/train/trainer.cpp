@@ -263,17 +263,21 @@ StepStats Trainer::step() {
   if (!graph_step(batches, lr, st)) {
     double loss_sum = 0;
     bool finite = true;
+    std::vector<Tensor> losses;  // read after every micro-batch is enqueued: no stall between them
     for (const data::Batch& b : batches) {
       BatchTensors bt = to_tensors(b);
       // The targets counted here, from the host batch: the loss need not read them back.
       int64_t n_valid = 0;
       for (int32_t t : b.targets) n_valid += t >= 0;
       Tensor loss = model_.loss(bt.tokens, bt.targets, bt.doc_ids, n_valid);
-      const double lv = loss.item();
-      finite = finite && std::isfinite(lv);
-      loss_sum += lv;
+      losses.push_back(loss.detach());
       Tensor g = Tensor::full(loss.shape(), 1.0 / double(cfg_.grad_accum), loss.dtype(), loss.device());
       loss.backward(g);
+    }
+    for (const Tensor& l : losses) {
+      const double lv = l.item();
+      finite = finite && std::isfinite(lv);
+      loss_sum += lv;
     }
     // The gradient norm is non-finite when any gradient element is: one pass over the
     // gradients (one device synchronisation on CUDA) checks them and feeds the clipping.
