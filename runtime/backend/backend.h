@@ -183,7 +183,10 @@ class Backend {
   // h and w may be bf16 (mixed precision); dh/dw are f32.
   // loss_out (optional; one-element f32 on this device): float(summed loss / loss_div) is
   // written there instead and the call returns 0 without synchronising (a captured step); a
-  // target outside the vocabulary is then reported by check_deferred().
+  // target outside the vocabulary is then reported by check_deferred(). loss_div 0 there:
+  // the mean over the targets >= 0 counted on the device, whose inverse also replaces
+  // grad_scale (the count need not be known on the host, nor the same from one replay to
+  // the next); no such target is reported by check_deferred() too.
   virtual double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                                       int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw,
                                       Tensor* loss_out = nullptr, double loss_div = 1.0) = 0;

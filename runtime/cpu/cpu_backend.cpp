@@ -530,6 +530,14 @@ class CpuBackend final : public Backend {
   double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                               int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw,
                               Tensor* loss_out = nullptr, double loss_div = 1.0) override {
+    if (loss_out && loss_div == 0.0) {  // the mean over the targets >= 0, counted here
+      int64_t n = 0;
+      const int32_t* t = targets.data<int32_t>();
+      for (int64_t i = 0; i < targets.numel(); ++i) n += t[i] >= 0;
+      LLAMA3_CHECK(n > 0, "linear_cross_entropy: no target >= 0 among {} rows", targets.numel());
+      loss_div = double(n);
+      grad_scale = float(1.0 / loss_div);
+    }
     const double total = cpu::linear_cross_entropy(h, w, targets, chunk, grad_scale, dh, dw);
     if (!loss_out) return total;
     LLAMA3_CHECK(loss_out->numel() == 1 && loss_out->dtype() == DType::f32,

@@ -157,7 +157,7 @@ class CudaBackend final : public Backend {
     // The legacy GEMM's workspace is ours too: cuBLAS then allocates nothing itself, which a
     // graph capture requires (the workspace is shared with cuBLASLt: one stream, in order).
     LLAMA3_CUBLAS_CHECK(cublasSetWorkspace(legacy_, workspace_, kWorkspace));
-    // [0]: double result, [8]: int flag, [16]: the deferred flags (embedding, cross-entropy)
+    // [0]: double result, [8]: int flag, [16]: the three deferred flags (check_deferred)
     LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, 64));
     LLAMA3_CUDA_CHECK(cudaMemsetAsync(scratch_, 0, 64, stream_));
     LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -406,7 +406,7 @@ class CudaBackend final : public Backend {
     // eager step throws before updating them.
     LLAMA3_CUDA_CHECK(cuda::clip_state(d, int64_t(xs.size()),
                                        loss.defined() ? loss.data<float>() : nullptr, max_norm,
-                                       state.data<float>(), stream_, deferred(0, 0), 2));
+                                       state.data<float>(), stream_, deferred(0, 0), 3));
   }
   void scale_by(Tensor& x, const Tensor& s) override {
     contig(x, "scale_by", "x"), contig(s, "scale_by", "s");
@@ -423,7 +423,7 @@ class CudaBackend final : public Backend {
   bool capturing() const override { return capturing_; }
   void check_deferred() override {
     activate();
-    int h[2] = {0, 0};
+    int h[3] = {0, 0, 0};
     LLAMA3_CUDA_CHECK(
         cudaMemcpyAsync(h, deferred(0, 0), sizeof h, cudaMemcpyDeviceToHost, stream_));
     LLAMA3_CUDA_CHECK(cudaMemsetAsync(deferred(0, 0), 0, sizeof h, stream_));
@@ -433,6 +433,8 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(h[1] == 0,
                  "cross_entropy: a target is outside the vocabulary of {} (captured step)",
                  deferred_vocab_[1]);
+    LLAMA3_CHECK(h[2] == 0, "cross_entropy: no target >= 0 among {} rows (captured step)",
+                 deferred_vocab_[2]);
   }
 
   // ---------------------------------------------------------------- fused kernels
@@ -649,6 +651,17 @@ class CudaBackend final : public Backend {
     // With loss_out nothing is read back: the target check waits for check_deferred().
     int* bad = loss_out ? deferred(1, V) : flag();
     if (!loss_out) LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
+    // loss_div 0: the mean's divisor and the gradient scale counted on the device.
+    Tensor count;  // [0] the f64 count, [1] the f32 inverse (in its first 4 bytes)
+    float* scale_dev = nullptr;
+    double* div_dev = nullptr;
+    if (loss_out && loss_div == 0.0) {
+      count = Tensor::empty({2}, DType::i64, device());
+      div_dev = static_cast<double*>(count.data_ptr());
+      scale_dev = reinterpret_cast<float*>(div_dev + 1);
+      LLAMA3_CUDA_CHECK(cuda::count_valid(targets.data<int32_t>(), N, scale_dev, div_dev,
+                                          deferred(2, N), stream_));
+    }
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
       const int64_t nr = std::min(chunk, N - r0);
       Tensor hc = h.narrow(0, r0, nr);
@@ -657,7 +670,8 @@ class CudaBackend final : public Backend {
       Tensor g = low && grad ? dlow.narrow(0, 0, nr) : lc;
       LLAMA3_CUDA_CHECK(cuda::cross_entropy_rows(
           lc.data<float>(), targets.data<int32_t>() + r0, nr, V, grad, grad_scale, lc.data<float>(),
-          low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, bad, stream_));
+          low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, bad, stream_,
+          scale_dev));
       if (grad) {
         Tensor dhc = dh->narrow(0, r0, nr);
         gemm(g, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
@@ -668,7 +682,8 @@ class CudaBackend final : public Backend {
       Tensor total = Tensor::empty({1}, DType::i64, device());  // an f64 slot
       double* d = static_cast<double*>(total.data_ptr());
       LLAMA3_CUDA_CHECK(cuda::reduce_sum(losses.data<float>(), KT::f32, N, false, d, stream_));
-      LLAMA3_CUDA_CHECK(cuda::f64_div_to_f32(d, loss_div, loss_out->data<float>(), stream_));
+      LLAMA3_CUDA_CHECK(
+          cuda::f64_div_to_f32(d, loss_div, loss_out->data<float>(), stream_, div_dev));
       return 0.0;
     }
     const double total = reduce(losses, false, "linear_cross_entropy");  // synchronises
@@ -941,8 +956,9 @@ class CudaBackend final : public Backend {
 
   double* result() { return static_cast<double*>(scratch_); }
   int* flag() { return reinterpret_cast<int*>(static_cast<char*>(scratch_) + 8); }
-  // Deferred check i (0: embedding ids, 1: cross-entropy targets): a sticky device flag that
-  // captured kernels set and check_deferred() reads; vocab is remembered for its message.
+  // Deferred check i (0: embedding ids, 1: cross-entropy targets outside the vocabulary, 2: a
+  // cross-entropy without any target): a sticky device flag that captured kernels set and
+  // check_deferred() reads; vocab (the row count for 2) is remembered for its message.
   int* deferred(int i, int64_t vocab) {
     if (vocab > 0) deferred_vocab_[i] = vocab;
     return reinterpret_cast<int*>(static_cast<char*>(scratch_) + 16) + i;
@@ -1118,7 +1134,7 @@ class CudaBackend final : public Backend {
   void* workspace_ = nullptr;
   void* scratch_ = nullptr;
   bool capturing_ = false;
-  int64_t deferred_vocab_[2] = {0, 0};
+  int64_t deferred_vocab_[3] = {0, 0, 0};
   std::mutex plans_mu_;
   std::map<GemmKey, std::unique_ptr<GemmPlan>> plans_;
   std::mutex prof_mu_;

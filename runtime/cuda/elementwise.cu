@@ -154,8 +154,9 @@ __global__ void clip_state_kernel(const double* slots, int64_t n, const float* l
   for (int i = 0; i < n_bad; ++i) ok = ok && bad[i] == 0;
   state[2] = ok ? 0.f : 1.f;
 }
-__global__ void f64_div_to_f32_kernel(const double* x, double div, float* out) {
-  *out = float(*x / div);
+__global__ void f64_div_to_f32_kernel(const double* x, double div, float* out,
+                                      const double* div_dev) {
+  *out = float(*x / (div_dev ? *div_dev : div));
 }
 template <typename T>
 __global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out) {
@@ -583,8 +584,9 @@ __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, 
 // ---------------------------------------------------------------- cross-entropy rows
 // One block per row: an online (max, sum-exp) pass, then the loss and optionally dlogits.
 __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V, bool grad,
-                               float scale, float* dl32, __nv_bfloat16* dl16, float* loss,
-                               int* bad) {
+                               float scale, float* dl32, __nv_bfloat16* dl16, float* loss, int* bad,
+                               const float* scale_dev) {
+  if (scale_dev) scale = *scale_dev;
   const int64_t i = blockIdx.x;
   float* row = logits + i * V;
   const int32_t tg = targets[i];
@@ -788,8 +790,9 @@ cudaError_t clip_state(const double* slots, int64_t n, const float* loss, float 
   return cudaGetLastError();
 }
 
-cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t s) {
-  launch_kernel(f64_div_to_f32_kernel, 1, 1, 0, s, x, div, out);
+cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t s,
+                           const double* div_dev) {
+  launch_kernel(f64_div_to_f32_kernel, 1, 1, 0, s, x, div, out, div_dev);
   return cudaGetLastError();
 }
 
@@ -983,10 +986,35 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
 
 cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr, int64_t V,
                                bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
-                               float* loss, int* bad, cudaStream_t s) {
+                               float* loss, int* bad, cudaStream_t s, const float* scale_dev) {
   if (nr == 0) return cudaSuccess;
   launch_kernel(ce_rows_kernel, unsigned(nr), 512, 0, s, logits, targets, V, grad, scale,
-                dlogits_f32, static_cast<__nv_bfloat16*>(dlogits_bf16), loss, bad);
+                dlogits_f32, static_cast<__nv_bfloat16*>(dlogits_bf16), loss, bad, scale_dev);
+  return cudaGetLastError();
+}
+
+// One block: the targets >= 0 counted, then (thread 0) inv = float(1 / double(n)) and
+// nd = double(n), as the host computes them from its own count; *none |= 1 when n is 0.
+__global__ void count_valid_kernel(const int32_t* targets, int64_t n, float* inv, double* nd,
+                                   int* none) {
+  __shared__ long long part[32];
+  long long c = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) c += targets[i] >= 0;
+  for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  if (lane == 0) part[w] = c;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long total = 0;
+    for (int k = 0; k < int(blockDim.x >> 5); ++k) total += part[k];
+    *inv = float(1.0 / double(total));
+    *nd = double(total);
+    if (total == 0) atomicOr(none, 1);
+  }
+}
+cudaError_t count_valid(const int32_t* targets, int64_t n, float* inv, double* nd, int* none,
+                        cudaStream_t s) {
+  launch_kernel(count_valid_kernel, 1, 256, 0, s, targets, n, inv, nd, none);
   return cudaGetLastError();
 }
 

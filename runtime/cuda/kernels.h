@@ -56,8 +56,10 @@ cudaError_t scale_by(void* x, const float* alpha, KT t, int64_t n, cudaStream_t 
 // norm or *loss (optional) is non-finite or one of the n_bad flags bad[i] is set, else 0.
 cudaError_t clip_state(const double* slots, int64_t n, const float* loss, float max_norm,
                        float* state, cudaStream_t s, const int* bad = nullptr, int n_bad = 0);
-// out[0] = float(x[0] / div) (x: one f64 on the device, e.g. a reduce_sum result).
-cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t s);
+// out[0] = float(x[0] / div) (x: one f64 on the device, e.g. a reduce_sum result); div_dev
+// (optional): the divisor read on the device instead.
+cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t s,
+                           const double* div_dev = nullptr);
 // out[0] (double, device) = sum(x) or sum(x^2); accumulated in f64.
 cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, cudaStream_t s);
 // *bad (int, device) |= any non-finite element.
@@ -99,9 +101,16 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
 // Cross-entropy rows: logits (nr, V) f32. Writes loss[i] (f32; 0 for target < 0). With
 // grad, writes d(loss*scale)/dlogits into dlogits_f32 (may alias logits) or, when
 // dlogits_bf16 is set, into that bf16 buffer instead. *bad |= 1 for a target >= V.
+// scale_dev (optional): the scale read on the device instead of `scale`.
 cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr, int64_t V,
                                bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
-                               float* loss, int* bad, cudaStream_t s);
+                               float* loss, int* bad, cudaStream_t s,
+                               const float* scale_dev = nullptr);
+// The cross-entropy's mean without the host: the n targets >= 0 counted, *inv = float(1 /
+// double(count)) (the gradient scale) and *nd = double(count) (the loss divisor), *none |= 1
+// when there is none.
+cudaError_t count_valid(const int32_t* targets, int64_t n, float* inv, double* nd, int* none,
+                        cudaStream_t s);
 
 // Vocabulary-parallel cross-entropy statistics (Backend::vocab_*): logits (nr, V) f32 hold
 // columns [v0, v0 + V) of each row; targets (nr) global ids (< 0: no target).

@@ -517,13 +517,11 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
                w.str(), targets.str());
   Tensor tg = targets.contiguous().view({-1});
   int64_t n_valid = opt.n_valid;
+  // Captured without a count: the backend counts on the device (nothing is read back).
   const bool captured = be(h).capturing();
-  LLAMA3_CHECK(n_valid > 0 || !captured,
-               "linear_cross_entropy: a captured step must give CrossEntropyOptions::n_valid (the "
-               "targets cannot be read back during a capture)");
-  if (n_valid <= 0)
+  if (n_valid <= 0 && !captured)
     for (int32_t t : tg.to_vector<int32_t>()) n_valid += t >= 0;
-  LLAMA3_CHECK(n_valid > 0 && n_valid <= h.size(0),
+  LLAMA3_CHECK((captured && n_valid == 0) || (n_valid > 0 && n_valid <= h.size(0)),
                "linear_cross_entropy: {} targets >= 0 among {} rows (need at least one)", n_valid,
                h.size(0));
   Tensor hc = h.contiguous(), wc = w.contiguous();
@@ -535,9 +533,10 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
     dh = Tensor::empty(h.shape(), gt, h.device());
     if (w.requires_grad()) dw = Tensor::empty(w.shape(), gt, w.device());  // written, not +=
   }
-  const float gs = float(1.0 / double(n_valid));
+  const float gs = n_valid > 0 ? float(1.0 / double(n_valid)) : 0.f;  // (0: counted there)
   Tensor out;
-  if (captured && gt == DType::f32) {  // the mean stays on the device
+  if (captured) {  // the mean stays on the device
+    LLAMA3_CHECK(gt == DType::f32, "linear_cross_entropy: a captured loss is f32, h is {}", h.str());
     out = Tensor::empty({1}, gt, h.device());
     be(h).linear_cross_entropy(hc, wc, tg, opt.chunk, gs, need ? &dh : nullptr,
                                need && dw.defined() ? &dw : nullptr, &out, double(n_valid));

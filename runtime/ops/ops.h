@@ -128,8 +128,8 @@ struct CrossEntropyOptions {
   int64_t chunk = 1024;
   Precision precision = Precision::f32;
   // The number of targets >= 0 when the caller knows it (from host data); 0: counted here,
-  // which reads the targets back to the host. A captured step (Backend::capture) must give
-  // it: the loss then stays on the device (nothing is read back).
+  // which reads the targets back to the host - except inside a captured step
+  // (Backend::capture), where the backend counts them on the device at every replay.
   int64_t n_valid = 0;
 };
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,

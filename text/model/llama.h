@@ -70,7 +70,7 @@ class LlamaModel : public nn::Module {
   Tensor hidden(const Tensor& tokens, const Tensor& doc_ids = Tensor()) const;
   // Mean next-token cross-entropy over targets >= 0 (B, T), never materialising full logits.
   // n_valid: the number of targets >= 0 when the caller knows it from host data (0: counted
-  // from the targets, a read back from the device; a captured step must give it).
+  // from the targets, a read back from the device, or on the device in a captured step).
   Tensor loss(const Tensor& tokens, const Tensor& targets, const Tensor& doc_ids = Tensor(),
               int64_t n_valid = 0) const;
   // Logits (B, T, V) (inference and tests).

@@ -146,17 +146,16 @@ bool Trainer::graph_step(const std::vector<data::Batch>& batches, float lr, Step
   if (!cfg_.cuda_graph) return false;
   const Device dev = model_.embed_tokens().weight.device();
   if (dev.is_cpu()) return false;
-  // The layout: what the captured host code decided on (shapes, document masks, the number
-  // of targets each loss divides by, whether the GEMMs read the bf16 copies).
+  // The layout: what the captured host code decided on (shapes, document masks, whether the
+  // GEMMs read the bf16 copies). The number of targets each loss divides by is not part of
+  // it: the captured cross-entropy counts them on the device at every replay.
   const ops::WeightCopyTable* copies = opt_->bf16_copies();
   std::string key = fmt::format("copies {}", copies ? copies->written() : 0);
-  std::vector<int64_t> n_valid;
   for (const data::Batch& b : batches) {
     int64_t n = 0;
     for (int32_t t : b.targets) n += t >= 0;
     if (n == 0) return false;  // the eager step reports it
-    n_valid.push_back(n);
-    key += fmt::format(" ({}, {}, {}, {})", b.batch_size, b.seq_len, b.doc_ids.empty() ? 0 : 1, n);
+    key += fmt::format(" ({}, {}, {})", b.batch_size, b.seq_len, b.doc_ids.empty() ? 0 : 1);
   }
   if (!graph_ || graph_->key != key) {
     graph_.reset();
@@ -185,7 +184,7 @@ bool Trainer::graph_step(const std::vector<data::Batch>& batches, float lr, Step
         Tensor total;
         for (size_t m = 0; m < batches.size(); ++m) {
           const BatchTensors& in = cs->inputs[m];
-          Tensor loss = model_.loss(in.tokens, in.targets, in.doc_ids, n_valid[m]);
+          Tensor loss = model_.loss(in.tokens, in.targets, in.doc_ids);  // targets counted there
           LLAMA3_CHECK(loss.dtype() == DType::f32, "trainer: a captured step needs an f32 loss, got {}",
                        loss.str());
           cs->losses.push_back(loss.detach());

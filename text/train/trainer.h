@@ -70,9 +70,10 @@ struct TrainerConfig {
   // and backward, the gradient norm and clipping, the skip decision and AdamW) is captured
   // once and then replayed with one launch per step, only the batch and the learning rate
   // uploaded before and the losses and norm read after. A step layout (micro-batches, their
-  // shape, document ids or not, targets >= 0 per micro-batch, bf16 copies written) first runs
-  // one eager step, the next step of that layout is captured; a batch of another layout runs
-  // eagerly and the one after captures again. Losses and weights equal the eager step's
+  // shape, document ids or not, bf16 copies written; not the number of targets >= 0, which
+  // the captured loss counts on the device) first runs one eager step, the next step of that
+  // layout is captured; a batch of another layout runs eagerly and the one after captures
+  // again. Losses and weights equal the eager step's
   // (the norm is reported in f32). A step that cannot be captured (host code reading the
   // device, e.g. a gradient hook) is reported once and the run goes on eagerly. Ignored on
   // cpu and under a parallel layout.

@@ -22,12 +22,13 @@ using namespace llama3;
 
 namespace {
 
-// Batch n is a function of n only, so two trainers see the same data; micro-batch `odd_at`
-// has a few targets < 0 (another step layout: the captured step does not apply to it).
+// Batch n is a function of n only, so two trainers see the same data. Micro-batch `odd_at`
+// has a few targets < 0 (the captured loss counts them on the device: still a replay), and
+// micro-batch `no_docs_at` has no document ids (another step layout: it runs eagerly).
 class FixedSource : public text::BatchSource {
  public:
-  FixedSource(int64_t B, int64_t T, int64_t V, int64_t odd_at)
-      : B_(B), T_(T), V_(V), odd_(odd_at) {}
+  FixedSource(int64_t B, int64_t T, int64_t V, int64_t odd_at, int64_t no_docs_at = -1)
+      : B_(B), T_(T), V_(V), odd_(odd_at), no_docs_(no_docs_at) {}
   data::Batch next() override {
     Rng rng(9, uint64_t(pos_));
     data::Batch b;
@@ -35,7 +36,7 @@ class FixedSource : public text::BatchSource {
     for (int64_t i = 0; i < B_ * T_; ++i) {
       b.tokens.push_back(int32_t(rng.below(V_)));
       b.targets.push_back(pos_ == odd_ && i % 5 == 0 ? -1 : int32_t(rng.below(V_)));
-      b.doc_ids.push_back(int32_t((i % T_) * 2 / T_));
+      if (pos_ != no_docs_) b.doc_ids.push_back(int32_t((i % T_) * 2 / T_));
     }
     ++pos_;
     return b;
@@ -44,7 +45,7 @@ class FixedSource : public text::BatchSource {
   void restore(const nlohmann::json& s) override { pos_ = s.at("pos").get<int64_t>(); }
 
  private:
-  int64_t B_, T_, V_, odd_, pos_ = 0;
+  int64_t B_, T_, V_, odd_, no_docs_, pos_ = 0;
 };
 
 std::vector<uint32_t> bits(const Tensor& t) {
@@ -75,8 +76,9 @@ TEST_P(CudaGraphTrainer, CapturedStepsEqualEagerSteps) {
   eager_m.options().precision = graph_m.options().precision = GetParam();
   eager_m.to(Device::cuda(0));
   graph_m.to(Device::cuda(0));
-  // Micro-batch 8 (step 5's first) has targets < 0: steps 5 and 6 run eagerly, 7 captures again.
-  FixedSource es(2, 16, cfg.vocab_size, 8), gs(2, 16, cfg.vocab_size, 8);
+  // Micro-batch 8 (step 5's first) has targets < 0: replayed. Micro-batch 10 (step 6's first)
+  // has no document ids: steps 6 and 7 run eagerly, 8 captures again.
+  FixedSource es(2, 16, cfg.vocab_size, 8, 10), gs(2, 16, cfg.vocab_size, 8, 10);
   text::Trainer eager(eager_m, tc, es);
   text::TrainerConfig gc = tc;
   gc.cuda_graph = true;
@@ -104,10 +106,11 @@ TEST_P(CudaGraphTrainer, CapturedStepsEqualEagerSteps) {
     }
     EXPECT_EQ(b.lr, a.lr);
   }
-  // Eager: step 1 (the layout's first), 5 (targets < 0) and 6 (the layout's first again);
-  // replayed: 2, 3, 4 (the skipped one), 7, 8, 9. In bf16 step 2 runs eagerly too: step 1
-  // wrote the bf16 weight copies, which the captured GEMMs then read (another layout).
-  EXPECT_EQ(replays, GetParam() == ops::Precision::f32 ? "eGGGeeGGG" : "eeGGeeGGG");
+  // Eager: step 1 (the layout's first), 6 (no document ids) and 7 (the layout's first again);
+  // replayed: 2, 3, 4 (the skipped one), 5 (targets < 0), 8, 9. In bf16 step 2 runs eagerly
+  // too: step 1 wrote the bf16 weight copies, which the captured GEMMs then read (another
+  // layout).
+  EXPECT_EQ(replays, GetParam() == ops::Precision::f32 ? "eGGGGeeGG" : "eeGGGeeGG");
   EXPECT_EQ(graph.skipped_steps(), 1);
   EXPECT_EQ(graph.optimizer().steps(), eager.optimizer().steps());
   auto pa = eager_m.named_parameters(), pb = graph_m.named_parameters();

@@ -6,11 +6,13 @@
 #define LLAMA3_CUDA_EMU 1
 #include <gtest/gtest.h>
 
+#include <string>
 #include <vector>
 
 #include "runtime/backend/backend.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "runtime/cuda/emu/host_emu.h"
+#include "runtime/ops/ops.h"
 
 using namespace llama3;
 
@@ -87,4 +89,44 @@ TEST(GraphEmu, DeferredChecksSkipTheUpdateAndReportAfterTheReplay) {
   EXPECT_NO_THROW(be.check_deferred());
 }
 
+}  // namespace
+
+namespace {
+// A captured cross-entropy counts its targets on the device at every replay: the mean follows
+// the targets uploaded before each replay, and a replay without any target is reported after.
+TEST(GraphEmu, CapturedCrossEntropyCountsItsTargetsAtEveryReplay) {
+  ASSERT_TRUE(cuda_init());
+  Backend& be = backend_for(Device::cuda(0));
+  const int64_t N = 6, D = 4, V = 5;
+  std::vector<float> hv(N * D), wv(V * D);
+  for (size_t i = 0; i < hv.size(); ++i) hv[i] = float(i % 7) * 0.25f - 0.5f;
+  for (size_t i = 0; i < wv.size(); ++i) wv[i] = float(i % 5) * 0.3f - 0.6f;
+  Tensor h = Tensor::from_vector(hv, {N, D}, Device::cuda(0));
+  Tensor w = Tensor::from_vector(wv, {V, D}, Device::cuda(0));
+  Tensor tg = Tensor::from_vector(std::vector<int32_t>(N, 1), {N}, Device::cuda(0));
+  Tensor loss;
+  auto g = be.capture([&] { loss = ops::linear_cross_entropy(h, w, tg); });
+  auto eager = [&](const std::vector<int32_t>& t) {
+    return ops::linear_cross_entropy(h.to(Device::cpu()), w.to(Device::cpu()),
+                                     Tensor::from_vector(t, {N}))
+        .item();
+  };
+  for (const std::vector<int32_t>& t :
+       {std::vector<int32_t>{0, 1, 2, 3, 4, 0}, std::vector<int32_t>{-1, 1, -1, 3, -1, -1}}) {
+    be.copy_from_host(t.data(), t.size() * sizeof(int32_t), tg);
+    g->replay();
+    EXPECT_NEAR(loss.item(), eager(t), 1e-6) << "targets " << t[0] << ", " << t[1] << ", ...";
+    EXPECT_NO_THROW(be.check_deferred());
+  }
+  const std::vector<int32_t> none(N, -1);
+  be.copy_from_host(none.data(), none.size() * sizeof(int32_t), tg);
+  g->replay();
+  try {
+    be.check_deferred();
+    ADD_FAILURE() << "a replay without any target must be reported";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("no target >= 0 among 6 rows"), std::string::npos)
+        << e.what();
+  }
+}
 }  // namespace
