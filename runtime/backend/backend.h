@@ -61,6 +61,9 @@ struct AdamWStepScalars {
   float step_size, bc2_sqrt, decay;
 };
 AdamWStepScalars adamw_step_scalars(const AdamWParams& p);
+// torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)), 1 when
+// max_norm <= 0 (AdamW::step and grad_clip_state; the CUDA clip kernel computes the same).
+float clip_factor(double norm, float max_norm);
 
 // Layout of AdamWParams::dynamic: norm, grad_scale and skip are written on the device by
 // Backend::grad_clip_state, the rest by the host before each replay.

@@ -1,6 +1,7 @@
 // The defaults of the Backend calls a captured training step uses (backend.h): host-side
 // versions that synchronise, so that every backend runs the same step code; CUDA overrides
 // them with kernels that read and write device memory only.
+#include <algorithm>
 #include <cmath>
 
 #include "runtime/backend/backend.h"
@@ -13,6 +14,10 @@ AdamWStepScalars adamw_step_scalars(const AdamWParams& p) {
   return {p.lr / bc1, std::sqrt(bc2), 1.f - p.lr * p.weight_decay};
 }
 
+float clip_factor(double norm, float max_norm) {
+  return max_norm > 0 ? float(std::min(1.0, max_norm / (norm + 1e-6))) : 1.f;
+}
+
 void Backend::grad_clip_state(const std::vector<Tensor>& xs, const Tensor& loss, float max_norm,
                               Tensor& state) {
   LLAMA3_CHECK(
@@ -20,7 +25,7 @@ void Backend::grad_clip_state(const std::vector<Tensor>& xs, const Tensor& loss,
       "grad_clip_state: state {} must be {} contiguous f32", state.str(),
       int64_t(AdamWDynamic::size));
   const double norm = std::sqrt(sum_squares_many(xs, {}));
-  const float scale = max_norm > 0 ? float(std::min(1.0, max_norm / (norm + 1e-6))) : 1.f;
+  const float scale = clip_factor(norm, max_norm);
   const bool bad = !std::isfinite(norm) || (loss.defined() && !std::isfinite(loss.item()));
   std::vector<float> head = {float(norm), scale, bad ? 1.f : 0.f};
   Tensor h = state.narrow(0, 0, 3);

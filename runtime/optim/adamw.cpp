@@ -52,20 +52,23 @@ double AdamW::step(float lr) {
   return step(lr, grad_norm());
 }
 
+AdamWParams AdamW::hyper(size_t i, float lr) const {
+  AdamWParams hp;
+  hp.lr = lr;
+  hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
+  hp.weight_decay = params_[i].info.weight_decay ? cfg_.weight_decay : 0.f;
+  return hp;
+}
+
 double AdamW::step(float lr, double norm) {
   autograd::NoGradGuard ng;
-  float scale = 1.f;
-  // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
-  if (cfg_.max_grad_norm > 0) scale = float(std::min(1.0, cfg_.max_grad_norm / (norm + 1e-6)));
+  const float scale = clip_factor(norm, cfg_.max_grad_norm);
   ++step_;
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor& p = *params_[i].tensor;
     Tensor g = p.grad();
     if (!g.defined()) continue;
-    AdamWParams hp;
-    hp.lr = lr;
-    hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
-    hp.weight_decay = params_[i].info.weight_decay ? cfg_.weight_decay : 0.f;
+    AdamWParams hp = hyper(i, lr);
     hp.step = step_;
     hp.grad_scale = scale;
     Tensor pd = p.detach();
@@ -97,9 +100,7 @@ void AdamW::enqueue_captured_step(const Tensor& loss, Tensor& state) {
   captured_copies_.clear();
   for (size_t k = 0; k < with_grad.size(); ++k) {
     const size_t i = with_grad[k];
-    AdamWParams hp;
-    hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
-    hp.weight_decay = params_[i].info.weight_decay ? cfg_.weight_decay : 0.f;
+    AdamWParams hp = hyper(i, 0.f);  // lr, step and grad_scale come from state
     hp.dynamic = state;
     Tensor pd = params_[i].tensor->detach();
     const int64_t c = copy_of_.empty() ? -1 : copy_of_[i];
@@ -109,7 +110,7 @@ void AdamW::enqueue_captured_step(const Tensor& loss, Tensor& state) {
 }
 
 void AdamW::set_captured_lr(Tensor& state, float lr) const {
-  AdamWParams hp;
+  AdamWParams hp;  // the decay group's scalars (the kernel ignores decay for the others)
   hp.lr = lr;
   hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
   hp.weight_decay = cfg_.weight_decay;

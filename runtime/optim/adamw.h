@@ -77,6 +77,9 @@ class AdamW {
   const AdamWConfig& config() const { return cfg_; }
 
  private:
+  // Parameter i's hyper-parameters at lr (its decay group's weight decay); step and grad_scale
+  // are the caller's.
+  AdamWParams hyper(size_t i, float lr) const;
   std::vector<nn::NamedParam> params_;  // trainable only
   std::vector<Tensor> m_, v_;
   std::optional<ops::WeightCopyTable> copies_;

@@ -188,17 +188,27 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 inline cudaError_t cudaGetLastError() {
   return cudaSuccess;
 }
+namespace llama3::emu {
+// The emulated errors' names and texts (as CUDA's cudaGetErrorName / cudaGetErrorString).
+struct ErrorText {
+  cudaError_t code;
+  const char *name, *text;
+};
+inline const ErrorText& error_text(cudaError_t e) {
+  static const ErrorText table[] = {
+      {cudaErrorInvalidValue, "cudaErrorInvalidValue", "invalid value"},
+      {cudaSuccess, "cudaSuccess", "no error"},
+      {cudaErrorStreamCaptureUnsupported, "cudaErrorStreamCaptureUnsupported",
+       "operation not permitted when stream is capturing"},
+      {cudaErrorStreamCaptureInvalidated, "cudaErrorStreamCaptureInvalidated",
+       "operation failed due to a previous error during capture"}};
+  for (const ErrorText& t : table)
+    if (t.code == e) return t;
+  return table[0];
+}
+}  // namespace llama3::emu
 inline const char* cudaGetErrorString(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess:
-      return "no error";
-    case cudaErrorStreamCaptureUnsupported:
-      return "operation not permitted when stream is capturing";
-    case cudaErrorStreamCaptureInvalidated:
-      return "operation failed due to a previous error during capture";
-    default:
-      return "invalid value";
-  }
+  return llama3::emu::error_text(e).text;
 }
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {

@@ -28,16 +28,7 @@ struct cudaDeviceProp {
 using cudaEvent_t = struct CUevent_st*;
 constexpr unsigned cudaStreamNonBlocking = 1;
 inline const char* cudaGetErrorName(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess:
-      return "cudaSuccess";
-    case cudaErrorStreamCaptureUnsupported:
-      return "cudaErrorStreamCaptureUnsupported";
-    case cudaErrorStreamCaptureInvalidated:
-      return "cudaErrorStreamCaptureInvalidated";
-    default:
-      return "cudaErrorInvalidValue";
-  }
+  return llama3::emu::error_text(e).name;
 }
 inline cudaError_t cudaGetDeviceCount(int* n) {
   *n = 1;
