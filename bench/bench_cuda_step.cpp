@@ -170,7 +170,7 @@ int attn_only(const Config& c) {
     const char* what = "";      // its description
   };
   const char* switches[] = {"LLAMA3_ATTN_GQA_SPLIT", "LLAMA3_ATTN_STATS_PREFETCH",
-                            "LLAMA3_ATTN_FWD_MT"};
+                            "LLAMA3_ATTN_FWD_MT", "LLAMA3_ATTN_BWD_MT"};
   for (Variant var : {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
                       Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
                       Variant{DType::f32, AttnCompute::bf16, "attn_tc_nosplit_ms_f32",
@@ -179,6 +179,9 @@ int attn_only(const Config& c) {
                               "LLAMA3_ATTN_STATS_PREFETCH=0", ", lse/dsum not prefetched"},
                       Variant{DType::f32, AttnCompute::bf16, "attn_tc_fwd1_ms_f32",
                               "LLAMA3_ATTN_FWD_MT=1", ", forward one m-tile per warp"},
+                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2_ms_f32",
+                              "LLAMA3_ATTN_BWD_MT=2",
+                              ", candidate backward: 128-key blocks, 32-query tiles"},
                       Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
     const DType dt = var.dt;
     for (const char* sw : switches) unsetenv(sw);

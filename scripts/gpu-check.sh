@@ -200,13 +200,15 @@ if [[ -n $BIN ]]; then
   [[ -n $r ]] && note "  same, f32 attention activations" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
   # A/B: choices of the step, each one reverted alone, and the CUDA graph replay (same run,
   # same card).
-  for v in "ce1024:--ce-chunk 1024:cross-entropy chunk 1024 rows" \
-           "sums:--separate-sums:separate gradient-sum adds" \
-           "cast:--cast-weights:weights cast each step (no AdamW bf16 copies)" \
-           "graph:--graph:the step captured once and replayed as a CUDA graph"; do
-    IFS=: read -r tag flags what <<<"$v"
+  # (tag:flags:environment:what)
+  for v in "ce1024:--ce-chunk 1024::cross-entropy chunk 1024 rows" \
+           "sums:--separate-sums::separate gradient-sum adds" \
+           "cast:--cast-weights::weights cast each step (no AdamW bf16 copies)" \
+           "graph:--graph::the step captured once and replayed as a CUDA graph" \
+           "bwd2::LLAMA3_ATTN_BWD_MT=2:candidate attention backward (128-key blocks)"; do
+    IFS=: read -r tag flags envs what <<<"$v"
     # shellcheck disable=SC2086
-    step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
+    step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" $envs "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
     r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_$tag.txt" 2>/dev/null | tail -1)
     [[ -n $r ]] && note "  $what" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
   done
@@ -242,10 +244,12 @@ b=$(result torch_attn_ms_bf16 | awk '{print $3}')
 c=$(result attn_tc_nosplit_ms_f32 | awk '{print $3}')
 d=$(result attn_tc_noprefetch_ms_f32 | awk '{print $3}')
 e=$(result attn_tc_fwd1_ms_f32 | awk '{print $3}')
+f=$(result attn_tc_bwd2_ms_f32 | awk '{print $3}')
 note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
 note "  reverted: bwd per kv head" "" "${c:-n/a} ms"
 note "  reverted: no lse/dsum prefetch" "" "${d:-n/a} ms"
 note "  reverted: fwd one m-tile per warp" "" "${e:-n/a} ms"
+note "  candidate: bwd 128-key blocks (LLAMA3_ATTN_BWD_MT=2)" "" "${f:-n/a} ms"
 
 # ---- NCCL communicator (issue 5): collectives checked, all_reduce bandwidth
 if [[ -n $BIN && -x $BIN/bench_nccl ]]; then
@@ -262,7 +266,7 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 if [[ -n $BIN && -n $SAN ]]; then
   # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
   # (the tensor-core attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
-  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
+  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd2:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
   for tool in memcheck racecheck; do
     step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
       "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"

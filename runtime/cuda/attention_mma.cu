@@ -39,6 +39,11 @@
 // dS^T = P^T (dP^T - dsum) scale in place, dV += P^T dO and dK += dS^T Q into accumulators
 // held for the block's life. dS goes to shared memory query-major, and after a block barrier
 // warp w computes dQ = dS K for query rows 16 w .. and adds it to dq_acc with f32 atomics.
+// A candidate layout (BwdLayout<64, 2, 32>, AttnShape::bwd_two_mtiles; not yet timed on a
+// GPU) gives each warp 32 key rows (128 per block) and iterates over 32-query tiles: the same
+// MMAs per iteration with 72 ldmatrix instead of 92 (ptxas/SASS of nvcc 13.0), half the dQ
+// atomics per key, and dS stored by stmatrix (sm_90), at 255 registers (2 blocks, 8 warps per
+// SM, against 3 blocks and 12 warps).
 #include <cfloat>
 #include <initializer_list>
 #include <type_traits>
@@ -62,16 +67,13 @@ template <int DMAX>
 struct MmaLayout {
   static constexpr int DP = DMAX + 8;  // bf16 row stride of the operand tiles: 16 B aligned
                                        // rows, and 8 consecutive rows hit distinct banks
-  static constexpr int SP = kN + 8;    // bf16 row stride of the dS tile
   static constexpr size_t tile_b = size_t(kM) * DP * 2;
-  static constexpr size_t ds_b = size_t(kN) * SP * 2;
-  // Forward: Q, then two buffers of (K, V). Backward: K, V, dS, two buffers of (lse, dsum),
-  // then two buffers of (Q, dO). (The synchronous path uses the first buffers only.)
+  // Forward: Q, then two buffers of (K, V). (The synchronous path uses the first buffers
+  // only.) The backward's layout is BwdLayout, below.
   static constexpr size_t fwd = 5 * tile_b;   // MT = 1 (64 query rows)
   static constexpr size_t fwd2 = 6 * tile_b;  // MT = 2 (128 query rows)
-  static constexpr size_t bwd = 6 * tile_b + ds_b + 4 * kN * 4;
-  static_assert(DMAX % 16 == 0 && (DP * 2) % 16 == 0 && (SP * 2) % 16 == 0, "ldmatrix rows");
-  static_assert(tile_b % 16 == 0 && ds_b % 16 == 0, "regions keep 16-byte alignment");
+  static_assert(DMAX % 16 == 0 && (DP * 2) % 16 == 0, "ldmatrix rows");
+  static_assert(tile_b % 16 == 0, "regions keep 16-byte alignment");
 };
 
 __device__ __forceinline__ uint32_t ld32(const bf16* p) {
@@ -103,6 +105,25 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
+}
+// stmatrix (sm_90): four 8x8 bf16 matrices held as A/C fragments stored transposed; lane l
+// gives the address of stored row l % 8 of matrix l / 8 (= column l % 8 of that fragment).
+#if defined(LLAMA3_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+constexpr bool kHaveStmatrix = true;
+#else
+constexpr bool kHaveStmatrix = false;
+#endif
+__device__ __forceinline__ void stsm_x4_t(bf16* p, const uint32_t (&r)[4]) {
+#ifdef LLAMA3_CUDA_EMU
+  ::llama3::emu::stmatrix_x4(r, p, /*trans=*/true);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#else
+  (void)p, (void)r;
 #endif
 }
 // B fragments for columns [16 dn, 16 dn + 16) x rows [16 kk, 16 kk + 16) of a row-major tile
@@ -168,7 +189,8 @@ __device__ __forceinline__ void rows_dot_tile(float (&c)[8][4], const uint32_t (
   }
 }
 // A fragments (k = the 64 columns of c, in 16-wide steps) from two adjacent C tiles.
-__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[8][4], int kk) {
+template <int N>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[N][4], int kk) {
   a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
   a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
   a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
@@ -223,23 +245,23 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Rows [r0, r0 + 64) of a (B, T, nh, D) bf16 tensor at (b, head) into s[64][DP], zero outside
-// [0, T) x [0, D). ASYNC (D == DMAX, 16-byte aligned rows): cp.async, to be committed and
-// waited for by the caller; else element by element.
-template <int DMAX, bool ASYNC>
+// Rows [r0, r0 + ROWS) of a (B, T, nh, D) bf16 tensor at (b, head) into s[ROWS][DP], zero
+// outside [0, T) x [0, D). ASYNC (D == DMAX, 16-byte aligned rows): cp.async, to be committed
+// and waited for by the caller; else element by element.
+template <int DMAX, bool ASYNC, int ROWS = kM>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* x, int64_t b, int64_t head,
                                           int64_t nh, int64_t r0, int64_t Tn, int64_t D) {
   constexpr int DP = MmaLayout<DMAX>::DP;
   if constexpr (ASYNC) {
     constexpr int C8 = DMAX / 8;  // 16-byte chunks per row
-    for (int idx = threadIdx.x; idx < kM * C8; idx += kMmaThreads) {
+    for (int idx = threadIdx.x; idx < ROWS * C8; idx += kMmaThreads) {
       const int r = idx / C8, c = (idx % C8) * 8;
       const int64_t row = r0 + r;
       const bool ok = row < Tn;
       cp_async16(s + r * DP + c, ok ? x + ((b * Tn + row) * nh + head) * DMAX + c : x, ok);
     }
   } else {
-    for (int idx = threadIdx.x; idx < kM * DMAX; idx += kMmaThreads) {
+    for (int idx = threadIdx.x; idx < ROWS * DMAX; idx += kMmaThreads) {
       const int r = idx / DMAX, c = idx % DMAX;
       const int64_t row = r0 + r;
       s[r * DP + c] =
@@ -446,25 +468,51 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   }
 }
 
-// Registers capped for 3 blocks per SM at DMAX 64 (168; ptxas of nvcc 13.0 reports 40-48 bytes
-// of spill stores, where a cap of 128 for 4 blocks would spill 544). (key tile, query
-// tile) pairs that are wholly visible take a mask-free path.
-template <typename TO, int DMAX, bool ASYNC>
-__global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
+// Backward tiles: MT m16 tiles of key rows per warp (BM = 64 MT keys per block) and NQ query
+// rows per inner iteration. (1, 64) is the kernel measured on the H100s; (2, 32) halves the
+// ldmatrix reads per MMA (every Q/dO fragment feeds both m-tiles, every dQ row sums 128 keys
+// before its atomic) at 8 warps per SM instead of 12 (LLAMA3_ATTN_BWD_MT=2, head dim <= 64).
+template <int DMAX, int MT, int NQ>
+struct BwdLayout {
+  static constexpr int DP = MmaLayout<DMAX>::DP;
+  static constexpr int BM = kM * MT;
+  static constexpr int SP = BM + 8;  // bf16 row stride of the dS tile (NQ query rows x BM keys)
+  static constexpr size_t kv_b = size_t(BM) * DP * 2;
+  static constexpr size_t qg_b = size_t(NQ) * DP * 2;
+  static constexpr size_t ds_b = size_t(NQ) * SP * 2;
+  // K, V, dS, two buffers of (lse, dsum), two buffers of (Q, dO).
+  static constexpr size_t bytes = 2 * kv_b + ds_b + 4 * NQ * 4 + 4 * qg_b;
+  static_assert(NQ % 16 == 0 && 2 * NQ <= kMmaThreads, "one statistic per thread");
+  static_assert(kv_b % 16 == 0 && ds_b % 16 == 0 && qg_b % 16 == 0 && (SP * 2) % 16 == 0,
+                "regions and ldmatrix rows keep 16-byte alignment");
+};
+
+// Registers capped for 3 blocks per SM at (DMAX 64, MT 1) (168; ptxas of nvcc 13.0 reports
+// 40-48 bytes of spill stores, where a cap of 128 for 4 blocks would spill 544), 2 with MT 2.
+// (key tile, query tile) pairs that are wholly visible take a mask-free path.
+template <typename TO, int DMAX, bool ASYNC, int MT, int NQ>
+__global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
+                                               : DMAX == 64 ? 3
+                                                            : 1)
     attn_bwd_mma_kernel(const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                         const float* lse, const float* dsum, const int32_t* dstart,
                         const int32_t* dend, TO* dk, TO* dv, float* dk_part, float* dv_part,
                         float* dq_acc, AttnShape a) {
-  using L = MmaLayout<DMAX>;
-  constexpr int DP = L::DP, SP = L::SP, NK = DMAX / 16, ND = DMAX / 8;
+  using L = BwdLayout<DMAX, MT, NQ>;
+  constexpr int DP = L::DP, SP = L::SP, BM = L::BM, NK = DMAX / 16, ND = DMAX / 8;
+  constexpr int NN = NQ / 8;  // n8 tiles of queries in S^T and dP^T
+  // dQ (NQ x DMAX) = dS (NQ x BM) K (BM x DMAX): QM m16 tiles of query rows, WPM warps per
+  // m-tile, each taking NDW n8 tiles of the head dim.
+  constexpr int QM = NQ / 16, WPM = (kMmaThreads / 32) / QM, NDW = ND / WPM;
+  static_assert(QM * WPM == kMmaThreads / 32 && NDW % 2 == 0, "dQ work splits over the warps");
   LLAMA3_DYNAMIC_SMEM(float4, smem4);
   bf16* Ks = reinterpret_cast<bf16*>(smem4);
-  bf16* Vs = Ks + kM * DP;
-  bf16* Ss = Vs + kM * DP;                              // dS, query-major: Ss[query][key]
-  float* LsB = reinterpret_cast<float*>(Ss + kN * SP);  // [buffer][kN] lse (natural log)
-  float* DdB = LsB + 2 * kN;                            // [buffer][kN] dsum per query row
-  bf16* QGs = reinterpret_cast<bf16*>(DdB + 2 * kN);    // [buffer][Q, dO][kN][DP]
-  __shared__ int Rlo[kN], Rhi[kN];
+  bf16* Vs = Ks + BM * DP;
+  bf16* Ss = Vs + BM * DP;                              // dS, query-major: Ss[query][key]
+  float* LsB = reinterpret_cast<float*>(Ss + NQ * SP);  // [buffer][NQ] lse (natural log)
+  float* DdB = LsB + 2 * NQ;                            // [buffer][NQ] dsum per query row
+  bf16* QGs = reinterpret_cast<bf16*>(DdB + 2 * NQ);    // [buffer][Q, dO][NQ][DP]
+  __shared__ int Rlo[NQ], Rhi[NQ];
   // lse and dsum stream in with the Q/dO tiles by cp.async (plain loads at the top of each
   // iteration on the synchronous path).
   // (a.no_stats_prefetch: the plain loads for f32 too, to measure what the prefetch gains.)
@@ -484,56 +532,61 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
   const int64_t kvh = split ? blockIdx.x / group : blockIdx.x;
   const int64_t hq0 = split ? blockIdx.x : kvh * group;  // first query head of this block
   const int64_t nheads = split ? 1 : group;
-  const int64_t j0 = kt * kM;
+  const int64_t j0 = kt * BM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
-  const int r0 = warp * 16;  // key rows (S^T, dP^T, dK, dV) and query rows (dQ) of the warp
+  const int r0 = warp * 16 * MT;  // the warp's key rows: m-tile mt is r0 + 16 mt .. + 15
+  const int qm = warp % QM;       // dQ: query rows 16 qm .., head-dim n8 tiles from nd0
+  const int nd0 = (warp / QM) * NDW;
   const float sl2 = a.scale * kLog2e;
   const bool vec2 = a.D % 2 == 0 && reinterpret_cast<uintptr_t>(dq_acc) % 8 == 0;
 
-  const int64_t jlast = min(j0 + kM, a.Tk) - 1;
+  const int64_t jlast = min(j0 + BM, a.Tk) - 1;
   int64_t qlo = a.causal ? j0 : 0;
   if (dstart) qlo = max(qlo, int64_t(dstart[b * a.Tk + j0]));
   int64_t qhi = dend ? dend[b * a.Tk + jlast] : a.T;
   if (a.q_pos) qlo = 0, qhi = a.T;  // (positions need not be monotonic: visit every tile)
-  const int jA = int(j0) + r0 + g, jB = jA + 8;  // this lane's two key rows
   // The (query head, query tile) pairs this block visits, flattened so that the next pair's
   // Q/dO tiles can stream in while the current ones are used.
-  const int64_t ntiles = qhi > qlo ? (qhi - qlo + kN - 1) / kN : 0;
+  const int64_t ntiles = qhi > qlo ? (qhi - qlo + NQ - 1) / NQ : 0;
   const int64_t total = nheads * ntiles;
   auto load_qg = [&](int buf, int64_t it) {
-    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * kN;
-    bf16* qb = QGs + buf * 2 * kN * DP;
-    load_tile<DMAX, ASYNC>(qb, q, b, h, a.H, i0, a.T, a.D);
-    load_tile<DMAX, ASYNC>(qb + kN * DP, dout, b, h, a.H, i0, a.T, a.D);
-    if (stats_async) {
-      // Thread t < 64: lse of query row i0 + t; 64 <= t < 128: its dsum (zero past T).
-      static_assert(kMmaThreads == 2 * kN, "one statistic per thread");
-      const int r = threadIdx.x % kN;
+    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * NQ;
+    bf16* qb = QGs + buf * 2 * NQ * DP;
+    load_tile<DMAX, ASYNC, NQ>(qb, q, b, h, a.H, i0, a.T, a.D);
+    load_tile<DMAX, ASYNC, NQ>(qb + NQ * DP, dout, b, h, a.H, i0, a.T, a.D);
+    if (stats_async && threadIdx.x < 2 * NQ) {
+      // Thread t < NQ: lse of query row i0 + t; NQ <= t < 2 NQ: its dsum (zero past T).
+      const int r = threadIdx.x % NQ;
       const int64_t i = i0 + r;
       const bool ok = i < a.T;
       const int64_t at = (b * a.H + h) * a.T + (ok ? i : 0);
-      if (threadIdx.x < kN)
-        cp_async4(LsB + buf * kN + r, lse + at, ok);
+      if (threadIdx.x < NQ)
+        cp_async4(LsB + buf * NQ + r, lse + at, ok);
       else
-        cp_async4(DdB + buf * kN + r, dsum + at, ok);
+        cp_async4(DdB + buf * NQ + r, dsum + at, ok);
     }
   };
 
-  load_tile<DMAX, ASYNC>(Ks, k, b, kvh, a.Hkv, j0, a.Tk, a.D);
-  load_tile<DMAX, ASYNC>(Vs, v, b, kvh, a.Hkv, j0, a.Tk, a.D);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    load_tile<DMAX, ASYNC, kM>(Ks + mt * kM * DP, k, b, kvh, a.Hkv, j0 + mt * kM, a.Tk, a.D);
+    load_tile<DMAX, ASYNC, kM>(Vs + mt * kM * DP, v, b, kvh, a.Hkv, j0 + mt * kM, a.Tk, a.D);
+  }
   if constexpr (ASYNC) {
     if (total > 0) load_qg(0, 0);
     cp_async_commit();
   }
 
-  float dka[ND][4], dva[ND][4];
+  float dka[MT][ND][4], dva[MT][ND][4];
 #pragma unroll
-  for (int n = 0; n < ND; ++n)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dka[n][e] = 0.f, dva[n][e] = 0.f;
+    for (int n = 0; n < ND; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dka[mt][n][e] = 0.f, dva[mt][n][e] = 0.f;
 
   for (int64_t it = 0; it < total; ++it) {
-    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * kN;
+    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * NQ;
     const int buf = ASYNC ? int(it & 1) : 0;
     if constexpr (ASYNC) {
       cp_async_wait<0>();  // this thread's copies of pair it (and K/V, the first time)
@@ -544,14 +597,14 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
       __syncthreads();  // previous Q/dO/dS/row reads done (and K/V loaded, the first time)
       load_qg(0, it);
     }
-    float* Ls = LsB + buf * kN;
-    float* Dd = DdB + buf * kN;
+    float* Ls = LsB + buf * NQ;
+    float* Dd = DdB + buf * NQ;
     bool full;  // block-uniform: every (query, key) pair of the tile pair is visible
     if (!docs) {
       // Rows see keys [0, T) (causal: [0, i + 1)); rows past T see nothing.
-      full = i0 + kN <= a.T && (a.causal ? i0 + 1 >= j0 + kM : j0 + kM <= a.T);
+      full = i0 + NQ <= a.T && (a.causal ? i0 + 1 >= j0 + BM : j0 + BM <= a.T);
       if (!stats_async) {
-        for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
+        for (int r = threadIdx.x; r < NQ; r += kMmaThreads) {
           const int64_t i = i0 + r;
           const bool in = i < a.T;
           Ls[r] = in ? lse[(b * a.H + h) * a.T + i] : 0.f;
@@ -561,7 +614,7 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
       }
     } else {
       bool row_full = true;  // this thread's rows see every key of the tile
-      for (int r = threadIdx.x; r < kN; r += kMmaThreads) {
+      for (int r = threadIdx.x; r < NQ; r += kMmaThreads) {
         const int64_t i = i0 + r;
         const bool in = i < a.T;
         if (!stats_async) {
@@ -571,109 +624,151 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
         int64_t lo, hi;
         visible_keys(a, dstart, dend, b, i, lo, hi);
         Rlo[r] = int(lo), Rhi[r] = int(hi);
-        row_full = row_full && lo <= j0 && j0 + kM <= hi;
+        row_full = row_full && lo <= j0 && j0 + BM <= hi;
       }
       full = __syncthreads_and(row_full) != 0;
     }
-    const bf16* Qs = QGs + buf * 2 * kN * DP;
-    const bf16* Gs = Qs + kN * DP;  // dO
-    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 key rows x 64 queries.
-    float st[8][4], dpt[8][4];
+    const bf16* Qs = QGs + buf * 2 * NQ * DP;
+    const bf16* Gs = Qs + NQ * DP;  // dO
+    // S^T = K Q^T and dP^T = V dO^T for the warp's MT x 16 key rows x NQ queries; each Q and
+    // dO B-fragment pair serves every m-tile.
+    float st[MT][NN][4], dpt[MT][NN][4];
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) st[n][e] = 0.f, dpt[n][e] = 0.f;
+      for (int n = 0; n < NN; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[mt][n][e] = 0.f, dpt[mt][n][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
-      uint32_t ka[4], va[4];
-      ldsm_a<DP>(ka, Ks, r0, kk, lane);
-      ldsm_a<DP>(va, Vs, r0, kk, lane);
+      uint32_t ka[MT][4], va[MT][4];
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int mt = 0; mt < MT; ++mt) {
+        ldsm_a<DP>(ka[mt], Ks, r0 + 16 * mt, kk, lane);
+        ldsm_a<DP>(va[mt], Vs, r0 + 16 * mt, kk, lane);
+      }
+#pragma unroll
+      for (int np = 0; np < NQ / 16; ++np) {
         uint32_t qb[4], gb[4];
         ldsm_b_rows<DP>(qb, Qs, np * 16, kk, lane);
-        mma(st[2 * np], ka, qb[0], qb[1]);
-        mma(st[2 * np + 1], ka, qb[2], qb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(st[mt][2 * np], ka[mt], qb[0], qb[1]);
+          mma(st[mt][2 * np + 1], ka[mt], qb[2], qb[3]);
+        }
         ldsm_b_rows<DP>(gb, Gs, np * 16, kk, lane);
-        mma(dpt[2 * np], va, gb[0], gb[1]);
-        mma(dpt[2 * np + 1], va, gb[2], gb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(dpt[mt][2 * np], va[mt], gb[0], gb[1]);
+          mma(dpt[mt][2 * np + 1], va[mt], gb[2], gb[3]);
+        }
       }
     }
     // P^T and dS^T in place; dS also to shared memory, query-major, for dQ.
-    // Each query column qc serves this lane's two key rows: its values are read once, and
-    // the shared-memory stores come after all the reads.
+    // Each query column qc serves this lane's two key rows per m-tile: its values are read
+    // once, and the shared-memory stores come after all the reads.
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+    for (int n = 0; n < NN; ++n) {
+      // (query columns qc, qc + 1: one 8-byte load per statistic)
+      const float2 lq2 = *reinterpret_cast<const float2*>(Ls + n * 8 + 2 * t4);
+      const float2 dsq2 = *reinterpret_cast<const float2*>(Dd + n * 8 + 2 * t4);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int qc = n * 8 + 2 * t4 + c;
-        const float lq = Ls[qc] * kLog2e, dsq = Dd[qc];
-        bool okA = true, okB = true;
+        const float lq = (c ? lq2.y : lq2.x) * kLog2e, dsq = c ? dsq2.y : dsq2.x;
+        int lo = 0, hi = 0;
         if (!full) {
-          int lo, hi;
           if (docs) {
             lo = Rlo[qc], hi = Rhi[qc];
           } else {
             const int i = int(i0) + qc;
-            lo = 0, hi = i < a.T ? (a.causal ? i + 1 : int(a.T)) : 0;
+            hi = i < a.T ? (a.causal ? i + 1 : int(a.T)) : 0;
           }
-          okA = jA >= lo && jA < hi, okB = jB >= lo && jB < hi;
         }
-        const float pA = okA ? exp2f(st[n][c] * sl2 - lq) : 0.f;
-        const float pB = okB ? exp2f(st[n][c + 2] * sl2 - lq) : 0.f;
-        st[n][c] = pA, st[n][c + 2] = pB;
-        dpt[n][c] = pA * (dpt[n][c] - dsq) * a.scale;
-        dpt[n][c + 2] = pB * (dpt[n][c + 2] - dsq) * a.scale;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const int jA = int(j0) + r0 + 16 * mt + g, jB = jA + 8;  // this lane's key rows
+          const bool okA = full || (jA >= lo && jA < hi), okB = full || (jB >= lo && jB < hi);
+          const float pA = okA ? exp2f(st[mt][n][c] * sl2 - lq) : 0.f;
+          const float pB = okB ? exp2f(st[mt][n][c + 2] * sl2 - lq) : 0.f;
+          st[mt][n][c] = pA, st[mt][n][c + 2] = pB;
+          dpt[mt][n][c] = pA * (dpt[mt][n][c] - dsq) * a.scale;
+          dpt[mt][n][c + 2] = pB * (dpt[mt][n][c + 2] - dsq) * a.scale;
+        }
       }
     }
+    // With stmatrix (the candidate layout only, as yet untimed) dS goes to shared memory from
+    // its packed A fragments below, four 8x8 transposed matrices per instruction.
+    constexpr bool kStsm = MT == 2 && kHaveStmatrix;
+    if constexpr (!kStsm) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        Ss[(n * 8 + 2 * t4 + (e & 1)) * SP + r0 + g + (e < 2 ? 0 : 8)] =
-            __float2bfloat16_rn(dpt[n][e]);
-        // dV += P^T dO, dK += dS^T Q (k = the 64 queries of the tile).
+        for (int n = 0; n < NN; ++n)
 #pragma unroll
-    for (int kq = 0; kq < kN / 16; ++kq) {
-      uint32_t pa[4], da[4];
-      c_to_a(pa, st, kq);
-      c_to_a(da, dpt, kq);
+          for (int e = 0; e < 4; ++e)
+            Ss[(n * 8 + 2 * t4 + (e & 1)) * SP + r0 + 16 * mt + g + (e < 2 ? 0 : 8)] =
+                __float2bfloat16_rn(dpt[mt][n][e]);
+    }
+    // dV += P^T dO, dK += dS^T Q (k = the NQ queries of the tile); each dO and Q B-fragment
+    // pair serves every m-tile.
+#pragma unroll
+    for (int kq = 0; kq < NQ / 16; ++kq) {
+      uint32_t pa[MT][4], da[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        c_to_a(pa[mt], st[mt], kq), c_to_a(da[mt], dpt[mt], kq);
+        if constexpr (kStsm) {
+          // da = dS^T (keys r0 + 16 mt + {0..7, 8..15} x queries 16 kq + {0..7, 8..15}) as
+          // matrices (+0, +0), (+8, +0), (+0, +8), (+8, +8); stored transposed, query-major.
+          const int mi = lane >> 3;
+          stsm_x4_t(Ss + (16 * kq + 8 * (mi >> 1) + (lane & 7)) * SP + r0 + 16 * mt + 8 * (mi & 1),
+                    da[mt]);
+        }
+      }
 #pragma unroll
       for (int dn = 0; dn < DMAX / 16; ++dn) {
         uint32_t gb[4], qb[4];
         ldsm_b_cols<DP>(gb, Gs, kq, dn, lane);
-        mma(dva[2 * dn], pa, gb[0], gb[1]);
-        mma(dva[2 * dn + 1], pa, gb[2], gb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(dva[mt][2 * dn], pa[mt], gb[0], gb[1]);
+          mma(dva[mt][2 * dn + 1], pa[mt], gb[2], gb[3]);
+        }
         ldsm_b_cols<DP>(qb, Qs, kq, dn, lane);
-        mma(dka[2 * dn], da, qb[0], qb[1]);
-        mma(dka[2 * dn + 1], da, qb[2], qb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma(dka[mt][2 * dn], da[mt], qb[0], qb[1]);
+          mma(dka[mt][2 * dn + 1], da[mt], qb[2], qb[3]);
+        }
       }
     }
     __syncthreads();  // every warp's dS columns are in Ss
-    // dQ (query rows r0..) = dS (16 x 64 keys) K (64 keys x DMAX), added to dq_acc.
-    float dq[ND][4];
+    // dQ (query rows 16 qm .., head-dim columns 8 nd0 ..) = dS (16 x BM keys) K (BM keys x
+    // the warp's columns), added to dq_acc.
+    float dq[NDW][4];
 #pragma unroll
-    for (int n = 0; n < ND; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+    for (int n = 0; n < NDW; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) {
+    for (int kk = 0; kk < BM / 16; ++kk) {
       uint32_t sa[4];
-      ldsm_a<SP>(sa, Ss, r0, kk, lane);
+      ldsm_a<SP>(sa, Ss, 16 * qm, kk, lane);
 #pragma unroll
-      for (int dn = 0; dn < DMAX / 16; ++dn) {
+      for (int dn = 0; dn < NDW / 2; ++dn) {
         uint32_t kb[4];
-        ldsm_b_cols<DP>(kb, Ks, kk, dn, lane);
+        ldsm_b_cols<DP>(kb, Ks, kk, nd0 / 2 + dn, lane);
         mma(dq[2 * dn], sa, kb[0], kb[1]);
         mma(dq[2 * dn + 1], sa, kb[2], kb[3]);
       }
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t i = i0 + r0 + g + 8 * half;
+      const int64_t i = i0 + 16 * qm + g + 8 * half;
       if (i >= a.T) continue;
       float* dqr = dq_acc + ((b * a.T + i) * a.H + h) * a.D;
 #pragma unroll
-      for (int n = 0; n < ND; ++n) {
-        const int64_t d = n * 8 + 2 * t4;
+      for (int n = 0; n < NDW; ++n) {
+        const int64_t d = (nd0 + n) * 8 + 2 * t4;
         const float x = dq[n][2 * half], y = dq[n][2 * half + 1];
         if (vec2 && d + 1 < a.D) {
           add2(dqr + d, x, y);
@@ -686,24 +781,27 @@ __global__ void __launch_bounds__(kMmaThreads, DMAX == 64 ? 3 : 1)
     if constexpr (!ASYNC) __syncthreads();  // (ASYNC: the barrier opens the next iteration)
   }
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t j = half ? jB : jA;
-    if (j >= a.Tk) continue;
-    if (split) {
-      float* krow = dk_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
-      float* vrow = dv_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < ND; ++n) {
-        store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
-        store_pair(vrow, n * 8 + 2 * t4, a.D, dva[n][2 * half], dva[n][2 * half + 1]);
-      }
-    } else {
-      TO* krow = dk + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
-      TO* vrow = dv + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t j = j0 + r0 + 16 * mt + g + 8 * half;
+      if (j >= a.Tk) continue;
+      if (split) {
+        float* krow = dk_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
+        float* vrow = dv_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
 #pragma unroll
-      for (int n = 0; n < ND; ++n) {
-        store_pair(krow, n * 8 + 2 * t4, a.D, dka[n][2 * half], dka[n][2 * half + 1]);
-        store_pair(vrow, n * 8 + 2 * t4, a.D, dva[n][2 * half], dva[n][2 * half + 1]);
+        for (int n = 0; n < ND; ++n) {
+          store_pair(krow, n * 8 + 2 * t4, a.D, dka[mt][n][2 * half], dka[mt][n][2 * half + 1]);
+          store_pair(vrow, n * 8 + 2 * t4, a.D, dva[mt][n][2 * half], dva[mt][n][2 * half + 1]);
+        }
+      } else {
+        TO* krow = dk + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
+        TO* vrow = dv + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+          store_pair(krow, n * 8 + 2 * t4, a.D, dka[mt][n][2 * half], dka[mt][n][2 * half + 1]);
+          store_pair(vrow, n * 8 + 2 * t4, a.D, dva[mt][n][2 * half], dva[mt][n][2 * half + 1]);
+        }
       }
     }
   }
@@ -745,8 +843,8 @@ bool async_ok(int64_t D, int dmax, std::initializer_list<const void*> ps) {
 }  // namespace
 
 size_t attention_mma_smem_bytes(int64_t D, bool backward) {
-  if (D <= 64) return backward ? MmaLayout<64>::bwd : MmaLayout<64>::fwd2;
-  return backward ? MmaLayout<128>::bwd : MmaLayout<128>::fwd;
+  if (D <= 64) return backward ? BwdLayout<64, 1, kN>::bytes : MmaLayout<64>::fwd2;
+  return backward ? BwdLayout<128, 1, kN>::bytes : MmaLayout<128>::fwd;
 }
 
 cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
@@ -797,13 +895,14 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {dout, q, k, v});
-      auto launch = [&]<bool ASYNC>() {
-        auto kern = attn_bwd_mma_kernel<TO, DMAX, ASYNC>;
-        const size_t sm = MmaLayout<DMAX>::bwd;
+      auto launch = [&]<bool ASYNC, int MT, int NQ>() {
+        auto kern = attn_bwd_mma_kernel<TO, DMAX, ASYNC, MT, NQ>;
+        const size_t sm = BwdLayout<DMAX, MT, NQ>::bytes;
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
         if (e != cudaSuccess) return e;
-        dim3 grid(unsigned(dk_part ? a.H : a.Hkv), unsigned((a.Tk + kM - 1) / kM), unsigned(a.B));
+        const int64_t bm = kM * MT;
+        dim3 grid(unsigned(dk_part ? a.H : a.Hkv), unsigned((a.Tk + bm - 1) / bm), unsigned(a.B));
         launch_kernel(kern, grid, kMmaThreads, sm, s, static_cast<const bf16*>(dout),
                       static_cast<const bf16*>(q), static_cast<const bf16*>(k),
                       static_cast<const bf16*>(v), static_cast<const float*>(lse), dsum, dstart,
@@ -811,8 +910,17 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
                       a);
         return cudaGetLastError();
       };
-      cudaError_t e =
-          async ? launch.template operator()<true>() : launch.template operator()<false>();
+      cudaError_t e = cudaSuccess;
+      bool two = false;
+      if constexpr (DMAX == 64) {  // (registers allow two key m-tiles at head dim 64 only)
+        two = a.bwd_two_mtiles;
+        if (two)
+          e = async ? launch.template operator()<true, 2, 32>()
+                    : launch.template operator()<false, 2, 32>();
+      }
+      if (!two)
+        e = async ? launch.template operator()<true, 1, kN>()
+                  : launch.template operator()<false, 1, kN>();
       if (e != cudaSuccess || !dk_part) return e;
       const int64_t n = a.B * a.Tk * a.Hkv * a.D;
       launch_kernel(attn_gqa_reduce_kernel<TO>, grid_for(n, 256), 256, 0, s, dk_part, dv_part,

@@ -47,6 +47,11 @@ bool fwd_one_mtile() {
   const char* e = std::getenv("LLAMA3_ATTN_FWD_MT");
   return e && e[0] == '1';
 }
+// LLAMA3_ATTN_BWD_MT=2: see AttnShape::bwd_two_mtiles (a candidate, for A/B timing).
+bool bwd_two_mtiles() {
+  const char* e = std::getenv("LLAMA3_ATTN_BWD_MT");
+  return e && e[0] == '2';
+}
 
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
 // cudaMalloc returns null so that the caching allocator frees its cache and retries.
@@ -578,6 +583,7 @@ class CudaBackend final : public Backend {
     // LLAMA3_ATTN_GQA_SPLIT=0 keeps one block per kv head (bench comparison).
     Tensor part;
     a.no_stats_prefetch = !stats_prefetch_enabled();
+    a.bwd_two_mtiles = bwd_two_mtiles();
     if (a.tc && a.H > a.Hkv && gqa_split_enabled())
       part = Tensor::empty({2, a.B, a.Tk, a.H, a.D}, DType::f32, device());
     const Tensor lse32 = a.tc && lse.dtype() != DType::f32 ? lse.to(DType::f32) : lse;

@@ -142,6 +142,9 @@ struct AttnShape {
   // Tensor-core forward at head dim 64: one m16 tile of query rows per warp (64 per block)
   // instead of two (LLAMA3_ATTN_FWD_MT=1, for A/B timing only).
   bool fwd_one_mtile = false;
+  // Tensor-core backward at head dim <= 64: two m16 tiles of key rows per warp (128 keys per
+  // block) and 32-query inner tiles (LLAMA3_ATTN_BWD_MT=2; not yet timed on a GPU).
+  bool bwd_two_mtiles = false;
   // Keys (k, v, dk, dv and the document runs) have Tk rows, queries (q, out, lse, dq) T; 0
   // means T. q_pos (T int32, device; optional): each query's position among the keys
   // (AttentionParams::q_pos: KV-cache decoding, context-parallel chunks); causal then means

@@ -310,6 +310,31 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
   }
 }
 
+// stmatrix.sync.aligned.m8n8.x4[.trans].shared.b16, the inverse of ldmatrix: lane l gives
+// the address of row l % 8 of matrix l / 8 and holds (row l / 4, cols 2 (l % 4), +1) of each
+// matrix in r; with .trans the matrices are stored transposed (stored row c = column c).
+inline void stmatrix_x4(const uint32_t (&r)[4], void* p, bool trans) {
+  struct Mine {
+    void* p;
+    uint32_t r[4];
+  } mine{p, {r[0], r[1], r[2], r[3]}};
+  const unsigned char* s = warp_exchange(&mine, sizeof mine);
+  auto slot = [&](int l) {
+    Mine m;
+    std::memcpy(&m, s + l * kSlotBytes, sizeof m);
+    return m;
+  };
+  // This lane stores the row it addressed: row c of matrix i.
+  const int l = lane_id(), i = l / 8, c = l % 8;
+  uint16_t* row = static_cast<uint16_t*>(slot(l).p);
+  for (int e = 0; e < 8; ++e) {
+    // Element e of the stored row: (row c, col e) of the matrix, or (row e, col c) with .trans.
+    const int fr = trans ? e : c, fc = trans ? c : e;
+    const uint32_t w = slot(4 * fr + fc / 2).r[i];
+    row[e] = uint16_t(fc % 2 ? w >> 16 : w & 0xffffu);
+  }
+}
+
 // cp.async: completes at once (zero fill when !valid).
 inline void cp_async(void* smem, const void* gmem, size_t bytes, bool valid) {
   if (valid)

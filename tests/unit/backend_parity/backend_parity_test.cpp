@@ -289,13 +289,14 @@ std::vector<Case> make_cases() {
     const char* name;
     int64_t B, T, H, Hkv, D;
     bool causal, docs;
-    const char* env = nullptr;  // a kernel choice of the CUDA backend reverted for this case
+    const char* env = nullptr;  // a kernel choice of the CUDA backend switched for this case
   };
   // (By default GQA cases run the backward with one block per query head and f32 dK/dV
   // partials summed over the group, and head dim <= 64 runs the forward with two m16 tiles
   // of query rows per warp (128 per block; 64 at head dim 128). _kvblocks keeps one backward
   // block per kv head, _fwd1 one forward m-tile per warp, _noprefetch the plain lse/dsum
-  // loads.)
+  // loads; _bwd2 runs the backward on 128-key blocks with 32-query inner tiles, a candidate
+  // not yet the default.)
   for (TcCfg a : {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
                   TcCfg{"attn_tc_causal_doc_gqa4_d64_t200_kvblocks", 1, 200, 8, 2, 64, true, true,
                         "LLAMA3_ATTN_GQA_SPLIT=0"},
@@ -303,6 +304,10 @@ std::vector<Case> make_cases() {
                         "LLAMA3_ATTN_FWD_MT=1"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333_noprefetch", 1, 333, 4, 2, 64, true, false,
                         "LLAMA3_ATTN_STATS_PREFETCH=0"},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_bwd2", 2, 200, 4, 2, 64, true, true,
+                        "LLAMA3_ATTN_BWD_MT=2"},
+                  TcCfg{"attn_tc_causal_gqa_d64_t333_bwd2", 1, 333, 4, 2, 64, true, false,
+                        "LLAMA3_ATTN_BWD_MT=2"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333", 1, 333, 4, 2, 64, true, false},
                   TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
                   TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},

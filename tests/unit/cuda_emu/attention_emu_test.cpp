@@ -39,7 +39,8 @@ struct AttnCase {
   // 3 = half the queries at the start and half at the end (load-balanced context
   // parallelism), 4 = positions in decreasing order (not monotonic).
   int qpos = 0;
-  int64_t Tk = 0;  // 0: T
+  int64_t Tk = 0;     // 0: T
+  bool bwd2 = false;  // backward with two key m-tiles per warp (AttnShape::bwd_two_mtiles)
 };
 
 std::ostream& operator<<(std::ostream& os, const AttnCase& c) {
@@ -90,6 +91,7 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
   emu_test::each_schedule([&] {
     cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, float(1.0 / std::sqrt(double(c.D))), c.causal};
     a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
+    a.bwd_two_mtiles = c.bwd2;
     a.Tk = Tk;
     if (c.qpos) a.q_pos = p.q_pos.data<int32_t>();
     const DType io = c.bf16_io ? DType::bf16 : DType::f32;
@@ -168,7 +170,21 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{"simt_qpos_decode_causal_doc_gqa_d64", 1, 3, 4, 2, 64, true, true,
                                false, false, true, false, false, 1, 150},
                       AttnCase{"simt_qpos_cp_balanced_causal_d32", 1, 50, 2, 2, 32, true, false,
-                               false, false, true, false, false, 3, 140}),
+                               false, false, true, false, false, 3, 140},
+                      // The backward with 128-key blocks and 32-query inner tiles: documents,
+                      // GQA partials and per-kv-head blocks, whole-tile (mask-free) pairs at
+                      // T = 520, both statistics loads, the element-wise tile loads (D = 48),
+                      // bf16 outputs, queries at explicit positions.
+                      AttnCase{"tc_bwd2_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
+                               true, false, true, false, false, 0, 0, true},
+                      AttnCase{"tc_bwd2_causal_gqa_d64_t520_kvblocks_noprefetch", 1, 520, 2, 1, 64,
+                               true, false, true, false, false, false, true, 0, 0, true},
+                      AttnCase{"tc_bwd2_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true, true,
+                               false, true, false, false, 0, 0, true},
+                      AttnCase{"tc_bwd2_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false,
+                               true, true, true, false, false, 0, 0, true},
+                      AttnCase{"tc_bwd2_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true,
+                               true, true, false, true, false, false, 2, 260, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The emulator itself: a barrier some threads of a block never reach with the others is
@@ -189,6 +205,34 @@ void smem_kernel(float* out) {
   if (threadIdx.x == 0) s[1] = 2.f;
   __syncthreads();
   out[threadIdx.x] = s[threadIdx.x] + __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 3);
+}
+
+// stmatrix stores what ldmatrix loads from the same row addresses (both with and without
+// .trans), and .trans stores each matrix column-major: (row r, col c) of matrix i goes to
+// element r of stored row c. Rows are 16 bf16 apart; each lane's four words are distinct.
+void stmatrix_kernel(uint16_t* mem, uint32_t* back, int trans) {
+  const int l = threadIdx.x, i = l / 8, row = l % 8;
+  uint16_t* p = mem + (8 * i + row) * 16;
+  uint32_t r[4], q[4];
+  for (int j = 0; j < 4; ++j)
+    r[j] = uint32_t(1000 * j + 2 * l) | (uint32_t(1000 * j + 2 * l + 1) << 16);
+  emu::stmatrix_x4(r, p, trans != 0);  // (both are warp collectives: every lane's rows are
+  emu::ldmatrix_x4(q, p, trans != 0);  // stored before any lane's load completes)
+  for (int j = 0; j < 4; ++j) back[4 * l + j] = q[j] ^ r[j];
+}
+
+TEST(Emulator, StmatrixInvertsLdmatrix) {
+  for (int trans = 0; trans < 2; ++trans) {
+    std::vector<uint16_t> mem(32 * 16, 0xffff);
+    std::vector<uint32_t> back(128, 1);
+    emu::launch_kernel(stmatrix_kernel, 1, 32, 0, nullptr, mem.data(), back.data(), trans);
+    for (int x = 0; x < 128; ++x)
+      EXPECT_EQ(back[size_t(x)], 0u) << "trans " << trans << " word " << x;
+    // Matrix 2, fragment (row 3, col 5): lane 4 * 3 + 5 / 2 = 14, high half of r[2].
+    const uint16_t v = uint16_t(1000 * 2 + 2 * 14 + 1);
+    EXPECT_EQ(mem[size_t((8 * 2 + (trans ? 5 : 3)) * 16 + (trans ? 3 : 5))], v)
+        << "trans " << trans;
+  }
 }
 
 TEST(Emulator, ReportsDivergentBarriers) {
