@@ -11,7 +11,12 @@
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //                   [--f32-attn-activations] [--ce-chunk ROWS] [--separate-sums]
-//                   [--cast-weights] [--graph]
+//                   [--cast-weights] [--graph] [--accum N]
+//
+// --accum N: N micro-batches of (batch, seq) per optimizer step (gradient accumulation, as
+// the trainer's grad_accum): N forward/backward passes whose gradients sum in the weights'
+// gradients, then one AdamW update. Tokens per step and MFU count all N; the optimizer's
+// fixed cost is spread over N times the tokens, as in any run with a realistic global batch.
 //
 // In bf16 mixed precision AdamW writes bf16 copies of the weight matrices with each update
 // and the GEMMs use them (ops::WeightCopyTable, as the trainer does); --cast-weights casts
@@ -58,7 +63,8 @@ namespace {
 
 struct Config {
   int64_t seq = 4096, batch = 1, layers = 16, dim = 2048, heads = 32, kv_heads = 8, ffn = 8192,
-          vocab = 128256, steps = 3, warmup = 1, ce_chunk = 0;  // 0: the backend's choice
+          vocab = 128256, steps = 3, warmup = 1, ce_chunk = 0,  // 0: the backend's choice
+      accum = 1;                                                // micro-batches per step
   ops::Precision precision = ops::Precision::bf16;
   bool attn_only = false;
   bool profile = false;             // one more step after the timed ones, with per-op GPU times
@@ -111,6 +117,8 @@ Config parse(int argc, char** argv) {
       c.cast_weights = true;
     else if (a == "--graph")
       c.graph = true;
+    else if (a == "--accum")
+      c.accum = next();
     else if (a == "--device") {
       LLAMA3_CHECK(i + 1 < argc, "--device needs cuda or cpu");
       std::string d = argv[++i];
@@ -126,6 +134,7 @@ Config parse(int argc, char** argv) {
     }
   }
   LLAMA3_CHECK(!c.graph || !c.device.is_cpu(), "--graph needs --device cuda (CUDA graphs)");
+  LLAMA3_CHECK(c.accum >= 1, "--accum {}: at least one micro-batch per step", c.accum);
   if (c.graph) c.warmup = std::max<int64_t>(c.warmup, 2);  // step 2 captures: not timed
   LLAMA3_CHECK(c.dim % c.heads == 0 && c.heads % c.kv_heads == 0,
                "dim {} / heads {} / kv heads {} do not divide", c.dim, c.heads, c.kv_heads);
@@ -166,28 +175,36 @@ int attn_only(const Config& c) {
     DType dt;
     AttnCompute compute;
     const char* result;         // RESULT key (scripts/gpu-check.sh greps attn_ms_f32 / ...)
-    const char* env = nullptr;  // switch set for this variant only
+    const char* env = nullptr;  // switches set for this variant only (NAME=VALUE, space-separated)
     const char* what = "";      // its description
   };
   const char* switches[] = {"LLAMA3_ATTN_GQA_SPLIT", "LLAMA3_ATTN_STATS_PREFETCH",
-                            "LLAMA3_ATTN_FWD_MT", "LLAMA3_ATTN_BWD_MT"};
-  for (Variant var : {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
-                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
-                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_nosplit_ms_f32",
-                              "LLAMA3_ATTN_GQA_SPLIT=0", ", backward one block per kv head"},
-                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_noprefetch_ms_f32",
-                              "LLAMA3_ATTN_STATS_PREFETCH=0", ", lse/dsum not prefetched"},
-                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_fwd1_ms_f32",
-                              "LLAMA3_ATTN_FWD_MT=1", ", forward one m-tile per warp"},
-                      Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2_ms_f32",
-                              "LLAMA3_ATTN_BWD_MT=2",
-                              ", candidate backward: 128-key blocks, 32-query tiles"},
-                      Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
+                            "LLAMA3_ATTN_FWD_MT", "LLAMA3_ATTN_BWD_MT", "LLAMA3_ATTN_BWD_STSM"};
+  for (Variant var :
+       {Variant{DType::f32, AttnCompute::exact, "attn_ms_f32"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_ms_f32"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_nosplit_ms_f32", "LLAMA3_ATTN_GQA_SPLIT=0",
+                ", backward one block per kv head"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_noprefetch_ms_f32",
+                "LLAMA3_ATTN_STATS_PREFETCH=0", ", lse/dsum not prefetched"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_fwd1_ms_f32", "LLAMA3_ATTN_FWD_MT=1",
+                ", forward one m-tile per warp"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2_ms_f32", "LLAMA3_ATTN_BWD_MT=2",
+                ", candidate backward: 128-key blocks, 32-query tiles"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2plain_ms_f32",
+                "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=0",
+                ", candidate backward without stmatrix"},
+        Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
     const DType dt = var.dt;
     for (const char* sw : switches) unsetenv(sw);
-    if (var.env) {
-      const std::string kv = var.env;
-      setenv(kv.substr(0, kv.find('=')).c_str(), kv.substr(kv.find('=') + 1).c_str(), 1);
+    if (var.env) {  // space-separated NAME=VALUE pairs
+      std::string rest = var.env;
+      while (!rest.empty()) {
+        const size_t sp = rest.find(' ');
+        const std::string kv = rest.substr(0, sp);
+        rest = sp == std::string::npos ? "" : rest.substr(sp + 1);
+        setenv(kv.substr(0, kv.find('=')).c_str(), kv.substr(kv.find('=') + 1).c_str(), 1);
+      }
     }
     if (dev.is_cpu() && (dt == DType::bf16 || var.compute != AttnCompute::exact))
       continue;  // the CPU attention is f32/f64 and ignores `compute`
@@ -244,8 +261,8 @@ int run(const Config& c) {
                 F = c.ffn, V = c.vocab;
   fmt::print(
       "device {}\nconfig: dim {} layers {} heads {} kv heads {} ffn {} vocab {} seq {} "
-      "batch {} precision {} cross-entropy chunk {} rows\n",
-      be.name(), D, c.layers, H, Hk, F, V, T, B,
+      "batch {} x {} micro-batches per step, precision {} cross-entropy chunk {} rows\n",
+      be.name(), D, c.layers, H, Hk, F, V, T, B, c.accum,
       c.precision == ops::Precision::bf16 ? "bf16 mixed" : "f32",
       std::min(B * T, c.ce_chunk > 0 ? c.ce_chunk : be.cross_entropy_chunk(V)));
 
@@ -320,10 +337,10 @@ int run(const Config& c) {
   if (pr == ops::Precision::bf16) ap.compute = AttnCompute::bf16;
   const bool act16 = ops::bf16_activations(pr, dev);
   const bool attn16 = act16 && !c.f32_attn_act;
-  // The step's device work; returns the loss without reading it. dynamic (captured steps):
-  // AdamW reads its per-step scalars from there (AdamWParams::dynamic).
-  auto body = [&](int64_t step_no, const Tensor& dynamic) {
-    std::optional<ops::WeightCopiesScope> scope(std::in_place, &copies);
+  // One micro-batch's forward and backward (its gradients add into the weights'); returns
+  // its mean loss without reading it.
+  const Tensor seed = Tensor::full({1}, 1.0 / double(c.accum), DType::f32, dev);
+  auto micro_batch = [&]() {
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)
     for (auto& l : layers) {
       // (As the model: bf16 norm outputs, whose gradients from q/k/v or gate/up sum in f32.)
@@ -347,7 +364,20 @@ int run(const Config& c) {
     co.n_valid = B * T;  // every target is valid (and nothing is read back)
     Tensor loss = ops::linear_cross_entropy(h, head, tg_t, co);
     x = h = Tensor();
-    loss.backward();
+    // Seeded with 1 / accum, as the trainer does: the gradients add up to those of the
+    // step's mean loss.
+    loss.backward(seed);
+    return loss.detach();
+  };
+  // The step's device work; returns the loss without reading it. dynamic (captured steps):
+  // AdamW reads its per-step scalars from there (AdamWParams::dynamic).
+  auto body = [&](int64_t step_no, const Tensor& dynamic) {
+    std::optional<ops::WeightCopiesScope> scope(std::in_place, &copies);
+    Tensor total;  // the sum of the micro-batches' mean losses (step() divides by accum)
+    for (int64_t mb = 0; mb < c.accum; ++mb) {
+      Tensor loss = micro_batch();
+      total = total.defined() ? ops::add(total, loss) : loss;
+    }
     scope.reset();
     AdamWParams opt;
     opt.lr = 3e-4f, opt.weight_decay = 0.1f, opt.step = step_no;
@@ -364,7 +394,7 @@ int run(const Config& c) {
         params[i]->zero_grad();
       }
     }
-    return loss.detach();
+    return total;
   };
   // --graph: state for AdamW (no clipping here: grad_scale 1, never skipped) and the graph.
   Tensor dyn = c.graph ? Tensor::zeros({AdamWDynamic::size}, DType::f32, dev) : Tensor();
@@ -375,7 +405,7 @@ int run(const Config& c) {
     if (!graph_on || step_no == 1) {  // eager (the graph's warm-up: allocator, GEMM plans)
       Tensor loss = body(step_no, Tensor());
       be.synchronize();
-      return loss.item();
+      return loss.item() / double(c.accum);
     }
     AdamWParams opt;
     opt.lr = 3e-4f, opt.weight_decay = 0.1f, opt.step = step_no;
@@ -384,16 +414,16 @@ int run(const Config& c) {
     be.copy_from_host(host, sizeof host, dyn);
     if (!graph) graph = be.capture([&] { graph_loss = body(step_no, dyn); });
     graph->replay();
-    const double l = graph_loss.item();  // synchronises
+    const double l = graph_loss.item() / double(c.accum);  // synchronises
     be.check_deferred();
     return l;
   };
 
-  const double tokens = double(B * T);
+  const double tokens = double(B * T * c.accum);
   const double model_flops = 6.0 * double(n_matmul) * tokens;
   // Causal attention: QK^T and PV, 2 flops per MAC, half the matrix; x3 for fwd+bwd.
-  const double attn_flops = 3.0 * 4.0 * double(c.layers) * double(B) * double(T) * double(T) *
-                            double(H) * double(Dh) / 2.0;
+  const double attn_flops = 3.0 * 4.0 * double(c.layers) * double(B * c.accum) * double(T) *
+                            double(T) * double(H) * double(Dh) / 2.0;
   double total = 0;
   double loss = 0;
   for (int64_t s = 1; s <= c.warmup + c.steps; ++s) {
@@ -414,9 +444,10 @@ int run(const Config& c) {
       "per step), MFU {:.1f}% of 989 TFLOP/s; peak device memory {:.1f} GiB\n",
       per * 1e3, tps, (model_flops + attn_flops) / per / 1e12, model_flops / 1e12,
       attn_flops / 1e12, mfu * 100, double(st.peak_in_use) / double(1ull << 30));
-  fmt::print("RESULT {}{} seq={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n",
-             c.f32_attn_act ? "f32attn_llama3_cuda" : "llama3_cuda", c.graph ? "_graph" : "", T,
-             tps, mfu, per * 1e3, loss);
+  fmt::print(
+      "RESULT {}{} seq={} accum={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n",
+      c.f32_attn_act ? "f32attn_llama3_cuda" : "llama3_cuda", c.graph ? "_graph" : "", T, c.accum,
+      tps, mfu, per * 1e3, loss);
   if (c.profile && !dev.is_cpu()) {
     graph_on = false;  // per-op times need the eager step's host-side events
     cuda_profile_start(dev.index);

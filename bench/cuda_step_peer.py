@@ -6,6 +6,7 @@ autocast, on one GPU. Prints tokens/s and MFU with the same FLOP count as the C+
 (6 * non-embedding params * tokens + causal attention, vs 989 TFLOP/s).
 
   python3 bench/cuda_step_peer.py --mode eager|compile [--seq 4096] [--steps 3] [--warmup 1]
+                                  [--accum N]   # N micro-batches per optimizer step
   python3 bench/cuda_step_peer.py --mode attn [--seq 4096]   # SDPA fwd+bwd timing
 """
 import argparse
@@ -30,6 +31,8 @@ def parse():
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation)")
     p.add_argument("--device", default="cuda", help="cpu: smoke test of this script (tiny configs)")
     return p.parse_args()
 
@@ -176,13 +179,16 @@ def step_bench(a):
         fwd = torch.compile(model)
 
     def step():
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = fwd(ids, targets, cos, sin)
-        loss.backward()
+        total = 0.0
+        for _ in range(a.accum):  # each micro-batch's loss is its share of the step's mean
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = fwd(ids, targets, cos, sin) / a.accum
+            loss.backward()
+            total = total + loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(dev)
-        return loss.item()
+        return float(total)
 
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"torch {torch.__version__} {name} mode {a.mode}; parameters "
@@ -197,14 +203,14 @@ def step_bench(a):
         print(f"step {s} loss {loss:.4f} {dt*1e3:.1f} ms{'' if s > a.warmup else ' (warm-up)'}",
               flush=True)
     per = total / a.steps
-    tokens = a.batch * a.seq
+    tokens = a.batch * a.seq * a.accum
     model_flops = 6.0 * n_matmul * tokens
-    attn_flops = 3.0 * 4.0 * a.layers * a.batch * a.seq * a.seq * a.heads * dh / 2.0
+    attn_flops = 3.0 * 4.0 * a.layers * a.batch * a.accum * a.seq * a.seq * a.heads * dh / 2.0
     mfu = (model_flops + attn_flops) / per / 989e12
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     print(f"step {per*1e3:.1f} ms, {tokens/per:.0f} tokens/s, MFU {mfu*100:.1f}%; peak memory "
           f"{peak:.1f} GiB")
-    print(f"RESULT torch_{a.mode} seq={a.seq} tokens_per_s={tokens/per:.0f} mfu={mfu:.4f} "
+    print(f"RESULT torch_{a.mode} seq={a.seq} accum={a.accum} tokens_per_s={tokens/per:.0f} mfu={mfu:.4f} "
           f"step_ms={per*1e3:.1f} loss={loss:.4f}")
 
 

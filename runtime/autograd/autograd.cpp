@@ -23,7 +23,9 @@ Tensor add_grads(const Tensor& a, const Tensor& b) {
 // it is cloned, so that a later in-place accumulation into m.grad never writes into a tensor
 // that is also another leaf's gradient or a node's saved input.
 void accumulate_leaf(AutogradMeta& m, Tensor g) {
-  if (!m.grad.defined()) {
+  if (m.grad.defined() && g.data_ptr() == m.grad.data_ptr() && g.storage() == m.grad.storage()) {
+    ++t_in_place_count;  // the node added into m.grad itself (Node::accumulate_into)
+  } else if (!m.grad.defined()) {
     if (g.is_contiguous() && g.storage().use_count() == 1) {
       g.mutable_meta() = nullptr;  // a gradient carries no history (as a clone would not)
       m.grad = std::move(g);
@@ -40,12 +42,22 @@ void accumulate_leaf(AutogradMeta& m, Tensor g) {
 // Offers `n` the pending gradients it may accumulate into (Node::accumulate_into): those of
 // inputs whose producer has a pending sum that only the engine holds (storage without other
 // owners, so no other node's input or saved tensor changes under an in-place add) and that
-// appear once among n's inputs.
+// appear once among n's inputs; and the gradients that leaves already hold from an earlier
+// backward (gradient accumulation over micro-batches) when nothing but the leaf holds them.
 void offer_pending(Node& n, std::unordered_map<Node*, Tensor>& pending) {
   n.accumulate_into.assign(n.next.size(), Tensor());
   for (size_t i = 0; i < n.next.size(); ++i) {
     const auto& e = n.next[i];
-    if (!e || !e->grad_fn) continue;
+    if (!e) continue;
+    if (!e->grad_fn) {
+      if (!e->requires_grad || !e->grad.defined()) continue;
+      bool once = true;
+      for (size_t j = 0; j < n.next.size(); ++j)
+        if (j != i && n.next[j] == e) once = false;
+      const Tensor& t = e->grad;
+      if (once && t.is_contiguous() && t.storage().use_count() == 1) n.accumulate_into[i] = t;
+      continue;
+    }
     Node* c = e->grad_fn.get();
     bool once = true;
     for (size_t j = 0; j < n.next.size(); ++j)

@@ -46,7 +46,9 @@ struct Node {
   // `next`: where another node's gradient for that input is already pending and nothing else
   // holds it, that tensor, which backward() may add its own gradient into in place (a GEMM
   // with beta 1 instead of a separate add pass: one read and write of the sum fewer) and
-  // return as that input's gradient; undefined elsewhere. Cleared after backward().
+  // return as that input's gradient; for a leaf input, the gradient the leaf holds from an
+  // earlier backward (micro-batches of one optimizer step), on the same terms. Undefined
+  // elsewhere. Cleared after backward().
   std::vector<Tensor> accumulate_into;
   // Drops saved tensors once backward has run.
   virtual void release() {}

@@ -94,6 +94,12 @@ class Backend {
   // they compute in f32 only (CPU), so the model stays one code path either way. The
   // residual stream, norms and losses stay f32.
   virtual bool bf16_activations() const { return false; }
+  // Whether a weight gradient's GEMM should add into the gradient the weight holds from
+  // earlier micro-batches (beta 1) rather than write a fresh one for a separate add: true
+  // where the GEMM's epilogue reads the sum in the same pass (CUDA, cuBLASLt); false on CPU,
+  // where oneDNN's sum post-op made a 4-micro-batch step about 5% slower than the add
+  // (bench_cuda_step --device cpu --accum 4, docs/runtime.md).
+  virtual bool accumulate_weight_grads_in_gemm() const { return false; }
   // Rows per cross-entropy chunk when the caller leaves the choice to the backend (a model's
   // ce_chunk of 0): CPU 1024, which keeps a chunk's logits in cache-friendly pieces; CUDA
   // more (cuda_backend.cpp).

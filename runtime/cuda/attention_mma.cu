@@ -44,6 +44,7 @@
 // MMAs per iteration with 72 ldmatrix instead of 92 (ptxas/SASS of nvcc 13.0), half the dQ
 // atomics per key, and dS stored by stmatrix (sm_90), at 255 registers (2 blocks, 8 warps per
 // SM, against 3 blocks and 12 warps).
+#include <algorithm>
 #include <cfloat>
 #include <initializer_list>
 #include <type_traits>
@@ -490,7 +491,7 @@ struct BwdLayout {
 // Registers capped for 3 blocks per SM at (DMAX 64, MT 1) (168; ptxas of nvcc 13.0 reports
 // 40-48 bytes of spill stores, where a cap of 128 for 4 blocks would spill 544), 2 with MT 2.
 // (key tile, query tile) pairs that are wholly visible take a mask-free path.
-template <typename TO, int DMAX, bool ASYNC, int MT, int NQ>
+template <typename TO, int DMAX, bool ASYNC, int MT, int NQ, bool STSM>
 __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
                                                : DMAX == 64 ? 3
                                                             : 1)
@@ -697,9 +698,9 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
         }
       }
     }
-    // With stmatrix (the candidate layout only, as yet untimed) dS goes to shared memory from
-    // its packed A fragments below, four 8x8 transposed matrices per instruction.
-    constexpr bool kStsm = MT == 2 && kHaveStmatrix;
+    // STSM (sm_90; as yet untimed): dS goes to shared memory from its packed A fragments
+    // below, four 8x8 transposed matrices per instruction, instead of two bytes a store.
+    constexpr bool kStsm = STSM && kHaveStmatrix;
     if constexpr (!kStsm) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -843,7 +844,9 @@ bool async_ok(int64_t D, int dmax, std::initializer_list<const void*> ps) {
 }  // namespace
 
 size_t attention_mma_smem_bytes(int64_t D, bool backward) {
-  if (D <= 64) return backward ? BwdLayout<64, 1, kN>::bytes : MmaLayout<64>::fwd2;
+  if (D <= 64)  // (the largest of the backward's tile layouts at head dim 64)
+    return backward ? std::max(BwdLayout<64, 1, kN>::bytes, BwdLayout<64, 2, 32>::bytes)
+                    : MmaLayout<64>::fwd2;
   return backward ? BwdLayout<128, 1, kN>::bytes : MmaLayout<128>::fwd;
 }
 
@@ -895,8 +898,8 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
   return dispatch_ft(t, [&]<typename TO>() {
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {dout, q, k, v});
-      auto launch = [&]<bool ASYNC, int MT, int NQ>() {
-        auto kern = attn_bwd_mma_kernel<TO, DMAX, ASYNC, MT, NQ>;
+      auto launch = [&]<bool ASYNC, int MT, int NQ, bool STSM>() {
+        auto kern = attn_bwd_mma_kernel<TO, DMAX, ASYNC, MT, NQ, STSM>;
         const size_t sm = BwdLayout<DMAX, MT, NQ>::bytes;
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sm));
@@ -911,16 +914,23 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
         return cudaGetLastError();
       };
       cudaError_t e = cudaSuccess;
+      // The candidate (2, 32) tiles store dS by stmatrix unless a.bwd_no_stmatrix; the
+      // measured (1, 64) ones by two-byte stores (stmatrix there spills 92-100 bytes at their
+      // 168-register cap, ptxas of nvcc 13.0, against 8). The candidate exists at head dim 64
+      // only, where registers allow two key m-tiles.
       bool two = false;
-      if constexpr (DMAX == 64) {  // (registers allow two key m-tiles at head dim 64 only)
+      if constexpr (DMAX == 64) {
         two = a.bwd_two_mtiles;
-        if (two)
-          e = async ? launch.template operator()<true, 2, 32>()
-                    : launch.template operator()<false, 2, 32>();
+        if (two && !a.bwd_no_stmatrix)
+          e = async ? launch.template operator()<true, 2, 32, true>()
+                    : launch.template operator()<false, 2, 32, true>();
+        else if (two)
+          e = async ? launch.template operator()<true, 2, 32, false>()
+                    : launch.template operator()<false, 2, 32, false>();
       }
       if (!two)
-        e = async ? launch.template operator()<true, 1, kN>()
-                  : launch.template operator()<false, 1, kN>();
+        e = async ? launch.template operator()<true, 1, kN, false>()
+                  : launch.template operator()<false, 1, kN, false>();
       if (e != cudaSuccess || !dk_part) return e;
       const int64_t n = a.B * a.Tk * a.Hkv * a.D;
       launch_kernel(attn_gqa_reduce_kernel<TO>, grid_for(n, 256), 256, 0, s, dk_part, dv_part,

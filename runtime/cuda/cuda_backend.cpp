@@ -47,10 +47,15 @@ bool fwd_one_mtile() {
   const char* e = std::getenv("LLAMA3_ATTN_FWD_MT");
   return e && e[0] == '1';
 }
-// LLAMA3_ATTN_BWD_MT=2: see AttnShape::bwd_two_mtiles (a candidate, for A/B timing).
+// LLAMA3_ATTN_BWD_MT=2 and LLAMA3_ATTN_BWD_STSM=0: see AttnShape::bwd_two_mtiles and
+// bwd_no_stmatrix (a candidate and its variant, for A/B timing).
 bool bwd_two_mtiles() {
   const char* e = std::getenv("LLAMA3_ATTN_BWD_MT");
   return e && e[0] == '2';
+}
+bool bwd_no_stmatrix() {
+  const char* e = std::getenv("LLAMA3_ATTN_BWD_STSM");
+  return e && e[0] == '0';
 }
 
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
@@ -242,6 +247,7 @@ class CudaBackend final : public Backend {
 
   // ---------------------------------------------------------------- GEMM
   bool bf16_activations() const override { return true; }
+  bool accumulate_weight_grads_in_gemm() const override { return true; }
   // Rows whose f32 logits take up to 4 GiB (at least 1024): a 4096-token step at vocabulary
   // 128256 in one chunk, whose dW GEMM writes the classifier gradient once (1024-row chunks
   // each read and rewrite it: 1.5-1.9 ms of a 99 ms step on an H100).
@@ -584,6 +590,7 @@ class CudaBackend final : public Backend {
     Tensor part;
     a.no_stats_prefetch = !stats_prefetch_enabled();
     a.bwd_two_mtiles = bwd_two_mtiles();
+    a.bwd_no_stmatrix = bwd_no_stmatrix();
     if (a.tc && a.H > a.Hkv && gqa_split_enabled())
       part = Tensor::empty({2, a.B, a.Tk, a.H, a.D}, DType::f32, device());
     const Tensor lse32 = a.tc && lse.dtype() != DType::f32 ? lse.to(DType::f32) : lse;

@@ -52,6 +52,10 @@ struct EmbeddingNode : Node {
   Shape w_shape;
   DType w_dtype;
   const char* name() const override { return "embedding"; }
+  // (Not accumulates(): adding the rows straight into the table's gradient from earlier
+  // micro-batches would sum repeated ids in another order than the zeroed table plus one add,
+  // and data parallelism is bitwise equal to accumulation only with the latter:
+  // tests/integration/test_parallel_train_exact.sh.)
   std::vector<Tensor> backward(const Tensor& g) override {
     Tensor dw = Tensor::zeros(w_shape, w_dtype, g.device());
     be(g).embedding_backward(as_rows(g.contiguous()), ids, dw);
@@ -98,8 +102,9 @@ struct LinearNode : Node {
   DxHook dx_hook;
   const char* name() const override { return "linear"; }
   // dx into another consumer's pending gradient of x (q/k/v or gate/up reading one norm
-  // output): the GEMM adds with beta 1, saving the engine's separate add. Not under a
-  // dx_hook, which must see this node's dx alone.
+  // output), and dW into the gradient the weight holds from earlier micro-batches: the GEMM
+  // adds with beta 1, saving the engine's separate add. Not under a dx_hook, which must see
+  // this node's dx alone.
   bool accumulates() const override { return !dx_hook; }
   std::vector<Tensor> backward(const Tensor& g_in) override {
     Tensor g = as_rows(g_in.contiguous());
@@ -120,9 +125,12 @@ struct LinearNode : Node {
       }
     }
     if (next[1]) {
-      dw = Tensor::empty(w.shape(), w_dtype, g.device());
+      const Tensor acc = accumulate_into.size() > 1 ? accumulate_into[1] : Tensor();
+      const bool into = acc.defined() && !pending.progress && acc.dtype() == w_dtype &&
+                        acc.shape() == w.shape() && be(g).accumulate_weight_grads_in_gemm();
+      dw = into ? acc : Tensor::empty(w.shape(), w_dtype, g.device());
       if (!pending.progress) {
-        be(g).gemm(g, Trans::T, x, Trans::N, dw, 1.f, 0.f);
+        be(g).gemm(g, Trans::T, x, Trans::N, dw, 1.f, into ? 1.f : 0.f);
       } else {
         // dW by slices of output rows, progressing the pending operation between them (a
         // library that advances transfers only inside its own calls). Each row of dW is the

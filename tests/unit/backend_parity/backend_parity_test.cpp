@@ -296,7 +296,7 @@ std::vector<Case> make_cases() {
   // of query rows per warp (128 per block; 64 at head dim 128). _kvblocks keeps one backward
   // block per kv head, _fwd1 one forward m-tile per warp, _noprefetch the plain lse/dsum
   // loads; _bwd2 runs the backward on 128-key blocks with 32-query inner tiles, a candidate
-  // not yet the default.)
+  // not yet the default, _bwd2plain the same storing dS without stmatrix.)
   for (TcCfg a : {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
                   TcCfg{"attn_tc_causal_doc_gqa4_d64_t200_kvblocks", 1, 200, 8, 2, 64, true, true,
                         "LLAMA3_ATTN_GQA_SPLIT=0"},
@@ -308,6 +308,8 @@ std::vector<Case> make_cases() {
                         "LLAMA3_ATTN_BWD_MT=2"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333_bwd2", 1, 333, 4, 2, 64, true, false,
                         "LLAMA3_ATTN_BWD_MT=2"},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_bwd2plain", 2, 200, 4, 2, 64, true, true,
+                        "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=0"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333", 1, 333, 4, 2, 64, true, false},
                   TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
                   TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
@@ -335,18 +337,20 @@ std::vector<Case> make_cases() {
                }
              p.doc_ids = ints(c, d, {a.B, a.T});
            }
-           std::string sw;
-           if (a.env) {
-             const std::string kv = a.env;
-             sw = kv.substr(0, kv.find('='));
-             setenv(sw.c_str(), kv.substr(kv.find('=') + 1).c_str(), 1);
+           std::vector<std::string> sw;  // (a.env: space-separated NAME=VALUE pairs)
+           for (std::string rest = a.env ? a.env : ""; !rest.empty();) {
+             const size_t sp = rest.find(' ');
+             const std::string kv = rest.substr(0, sp);
+             rest = sp == std::string::npos ? "" : rest.substr(sp + 1);
+             sw.push_back(kv.substr(0, kv.find('=')));
+             setenv(sw.back().c_str(), kv.substr(kv.find('=') + 1).c_str(), 1);
            }
            Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
            be.attention_forward(q, k, v, p, out, lse);
            Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
            Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
            be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-           if (!sw.empty()) unsetenv(sw.c_str());
+           for (const std::string& name : sw) unsetenv(name.c_str());
            return std::vector<Tensor>{out, lse, dq, dk, dv};
          }});
   }

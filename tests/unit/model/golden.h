@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/autograd/autograd.h"
 #include "runtime/core/rng.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/optim/adamw.h"
@@ -87,6 +88,31 @@ struct Golden : ::testing::Test {
     doc_ids = Tensor::from_vector(dc, {B, T});
   }
   void TearDown() override { fs::remove_all(dir); }
+
+  // Gradient accumulation over two micro-batches (the batch, then its tokens shifted by one)
+  // on `dev`, with the in-place gradient sums (autograd::set_in_place_accumulation) on or off.
+  // Returns every parameter's gradient (on the CPU); second_extra: how many more sums the
+  // second backward did in place than the first (the leaves' own, Node::accumulate_into).
+  std::vector<std::vector<float>> accumulated_grads(const Device& dev, ops::Precision prec,
+                                                    bool in_place, int64_t& second_extra) {
+    text::LlamaModel m(cfg, 3);
+    m.to(dev);
+    m.options().precision = prec;
+    std::vector<int32_t> tv = tokens.to_vector<int32_t>(), sv(tv.size());
+    for (size_t i = 0; i < tv.size(); ++i) sv[i] = tv[(i + 1) % tv.size()];
+    const Tensor tokens2 = Tensor::from_vector(sv, tokens.shape());
+    autograd::set_in_place_accumulation(in_place);
+    const int64_t n0 = autograd::in_place_accumulations();
+    m.loss(tokens, targets, doc_ids).backward();
+    const int64_t n1 = autograd::in_place_accumulations();
+    m.loss(tokens2, targets, doc_ids).backward();
+    second_extra = (autograd::in_place_accumulations() - n1) - (n1 - n0);
+    autograd::set_in_place_accumulation(true);
+    std::vector<std::vector<float>> g;
+    for (auto& p : m.named_parameters())
+      g.push_back(p.tensor->grad().to(Device::cpu()).to_vector<float>());
+    return g;
+  }
 
   // m's weights must be on the CPU (as constructed).
   void run_reference(const text::LlamaModel& m) {

@@ -76,6 +76,23 @@ TEST_F(Golden, InPlaceGradientSumsEqualSeparateAdds) {
   }
 }
 
+// Gradient accumulation over micro-batches on the CPU: the weight gradients add separately
+// (Backend::accumulate_weight_grads_in_gemm is false there; the leaves' in-place sums run on
+// CUDA: GoldenOnCuda.AccumulatedGradientsAddIntoTheLeaves), and the in-place sums of the
+// activations' gradients leave the accumulated gradients bitwise unchanged.
+TEST_F(Golden, AccumulatedGradientsEqualSeparateAdds) {
+  for (auto prec : {ops::Precision::f32, ops::Precision::bf16}) {
+    SCOPED_TRACE(prec == ops::Precision::f32 ? "f32" : "bf16");
+    int64_t extra_a = -1, extra_b = -1;
+    const auto a = accumulated_grads(Device::cpu(), prec, false, extra_a);
+    const auto b = accumulated_grads(Device::cpu(), prec, true, extra_b);
+    EXPECT_EQ(extra_a, 0);
+    EXPECT_EQ(extra_b, 0);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "parameter " << i;
+  }
+}
+
 // ce_chunk 0 leaves the rows per cross-entropy chunk to the backend (CPU: 1024); a set value
 // is used as given.
 TEST(ModelOptions, CrossEntropyChunkIsTheBackendsUnlessSet) {
