@@ -94,12 +94,14 @@ class Backend {
   // they compute in f32 only (CPU), so the model stays one code path either way. The
   // residual stream, norms and losses stay f32.
   virtual bool bf16_activations() const { return false; }
-  // Whether a weight gradient's GEMM should add into the gradient the weight holds from
-  // earlier micro-batches (beta 1) rather than write a fresh one for a separate add: true
-  // where the GEMM's epilogue reads the sum in the same pass (CUDA, cuBLASLt); false on CPU,
-  // where oneDNN's sum post-op made a 4-micro-batch step about 5% slower than the add
-  // (bench_cuda_step --device cpu --accum 4, docs/runtime.md).
-  virtual bool accumulate_weight_grads_in_gemm() const { return false; }
+  // Whether weight-gradient kernels should add into the gradient a weight holds from earlier
+  // micro-batches (the linear dW GEMMs with beta 1, the embedding rows, the classifier's
+  // scaled dW) rather than produce a fresh gradient for a separate add over the weight: true
+  // on CUDA (one pass over each such gradient fewer per micro-batch; its sums are not
+  // bitwise reproducible there anyway, with atomics); false on CPU, where oneDNN's sum
+  // post-op made a 4-micro-batch step about 5% slower than the add (bench/RESULTS.md) and
+  // the separate adds keep data parallelism bitwise equal to accumulation.
+  virtual bool accumulate_weight_grads_in_place() const { return false; }
   // Rows per cross-entropy chunk when the caller leaves the choice to the backend (a model's
   // ce_chunk of 0): CPU 1024, which keeps a chunk's logits in cache-friendly pieces; CUDA
   // more (cuda_backend.cpp).
@@ -148,6 +150,8 @@ class Backend {
   // x *= s[0], s a one-element f32 tensor on this device read when the kernel runs (an
   // upstream gradient inside a captured step). The default reads s on the host.
   virtual void scale_by(Tensor& x, const Tensor& s);
+  // y += s[0] x, s read when the kernel runs (as scale_by). The default reads s on the host.
+  virtual void axpy_by(const Tensor& s, const Tensor& x, Tensor& y);
 
   // ---- fused Llama kernels ----
   // ids (N) int32, weight (V, D) -> out (N, D)

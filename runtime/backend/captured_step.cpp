@@ -37,6 +37,11 @@ void Backend::scale_by(Tensor& x, const Tensor& s) {
   scale(x, float(s.item()));
 }
 
+void Backend::axpy_by(const Tensor& s, const Tensor& x, Tensor& y) {
+  LLAMA3_CHECK(s.numel() == 1, "axpy_by: s {} must have one element", s.str());
+  axpy(float(s.item()), x, y);
+}
+
 std::unique_ptr<DeviceGraph> Backend::capture(const std::function<void()>&) {
   fail("capture: {} does not support graph capture (CUDA graphs need a cuda device)", name());
 }

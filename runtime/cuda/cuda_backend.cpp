@@ -247,7 +247,7 @@ class CudaBackend final : public Backend {
 
   // ---------------------------------------------------------------- GEMM
   bool bf16_activations() const override { return true; }
-  bool accumulate_weight_grads_in_gemm() const override { return true; }
+  bool accumulate_weight_grads_in_place() const override { return true; }
   // Rows whose f32 logits take up to 4 GiB (at least 1024): a 4096-token step at vocabulary
   // 128256 in one chunk, whose dW GEMM writes the classifier gradient once (1024-row chunks
   // each read and rewrite it: 1.5-1.9 ms of a 99 ms step on an H100).
@@ -418,6 +418,17 @@ class CudaBackend final : public Backend {
     LLAMA3_CUDA_CHECK(cuda::clip_state(d, int64_t(xs.size()),
                                        loss.defined() ? loss.data<float>() : nullptr, max_norm,
                                        state.data<float>(), stream_, deferred(0, 0), 3));
+  }
+  void axpy_by(const Tensor& s, const Tensor& x, Tensor& y) override {
+    contig(x, "axpy_by", "x"), contig(y, "axpy_by", "y"), contig(s, "axpy_by", "s");
+    LLAMA3_CHECK(s.dtype() == DType::f32 && s.numel() == 1, "axpy_by: s {} must be one f32",
+                 s.str());
+    LLAMA3_CHECK(x.numel() == y.numel() && x.dtype() == y.dtype(), "axpy_by: {} into {}", x.str(),
+                 y.str());
+    activate();
+    auto prof_scope = prof("axpy");
+    LLAMA3_CUDA_CHECK(cuda::axpy(0.f, x.data_ptr(), y.data_ptr(), ft_of(y.dtype(), "axpy_by"),
+                                 x.numel(), stream_, s.data<float>()));
   }
   void scale_by(Tensor& x, const Tensor& s) override {
     contig(x, "scale_by", "x"), contig(s, "scale_by", "s");

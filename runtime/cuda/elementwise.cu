@@ -119,11 +119,14 @@ __global__ void add_kernel(const T* a, const T* b, T* o, int64_t n) {
        i += int64_t(gridDim.x) * blockDim.x)
     o[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
 }
+// y += alpha x; alpha_dev (when set): alpha read when the kernel runs (a captured upstream
+// gradient).
 template <typename T>
-__global__ void axpy_kernel(float alpha, const T* x, T* y, int64_t n) {
+__global__ void axpy_kernel(float alpha, const float* alpha_dev, const T* x, T* y, int64_t n) {
+  const float a = alpha_dev ? *alpha_dev : alpha;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = from_f32<T>(to_f32(y[i]) + alpha * to_f32(x[i]));
+    y[i] = from_f32<T>(to_f32(y[i]) + a * to_f32(x[i]));
 }
 template <typename T>
 __global__ void scale_kernel(T* x, float alpha, int64_t n) {
@@ -422,12 +425,14 @@ __global__ void add_f32x4_kernel(const float4* a, const float4* b, float4* o, in
     o[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
   }
 }
-__global__ void axpy_f32x4_kernel(float alpha, const float4* x, float4* y, int64_t n4) {
+__global__ void axpy_f32x4_kernel(float alpha, const float* alpha_dev, const float4* x, float4* y,
+                                  int64_t n4) {
+  const float a = alpha_dev ? *alpha_dev : alpha;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n4;
        i += int64_t(gridDim.x) * blockDim.x) {
     const float4 v = x[i];
     float4 w = y[i];
-    w.x += alpha * v.x, w.y += alpha * v.y, w.z += alpha * v.z, w.w += alpha * v.w;
+    w.x += a * v.x, w.y += a * v.y, w.z += a * v.z, w.w += a * v.w;
     y[i] = w;
   }
 }
@@ -749,18 +754,19 @@ cudaError_t add(const void* a, const void* b, void* out, KT t, int64_t n, cudaSt
   });
 }
 
-cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStream_t s) {
+cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStream_t s,
+                 const float* alpha_dev) {
   if (n == 0) return cudaSuccess;
   int64_t done = 0;
   if (f32x4_ok(t, {x, y}) && n >= 4) {
     const int64_t n4 = n / 4;
-    launch_kernel(axpy_f32x4_kernel, grid_for(n4, kThreads), kThreads, 0, s, alpha,
+    launch_kernel(axpy_f32x4_kernel, grid_for(n4, kThreads), kThreads, 0, s, alpha, alpha_dev,
                   static_cast<const float4*>(x), static_cast<float4*>(y), n4);
     done = n4 * 4;
     if (done == n) return cudaGetLastError();
   }
   return dispatch_ft(t, [&]<typename T>() {
-    launch_kernel(axpy_kernel<T>, grid_for(n - done, kThreads), kThreads, 0, s, alpha,
+    launch_kernel(axpy_kernel<T>, grid_for(n - done, kThreads), kThreads, 0, s, alpha, alpha_dev,
                   static_cast<const T*>(x) + done, static_cast<T*>(y) + done, n - done);
     return cudaGetLastError();
   });

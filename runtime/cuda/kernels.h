@@ -47,7 +47,9 @@ cudaError_t fill(void* dst, KT t, int64_t n, double value, cudaStream_t s);
 
 // ---- element-wise (T = f32 or bf16, computed in f32) ----
 cudaError_t add(const void* a, const void* b, void* out, KT t, int64_t n, cudaStream_t s);
-cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStream_t s);
+// y += alpha x; with alpha_dev, alpha is read from device memory when the kernel runs.
+cudaError_t axpy(float alpha, const void* x, void* y, KT t, int64_t n, cudaStream_t s,
+                 const float* alpha_dev = nullptr);
 cudaError_t scale(void* x, float alpha, KT t, int64_t n, cudaStream_t s);
 // x *= alpha[0] (f32, device; read when the kernel runs).
 cudaError_t scale_by(void* x, const float* alpha, KT t, int64_t n, cudaStream_t s);

@@ -52,12 +52,17 @@ struct EmbeddingNode : Node {
   Shape w_shape;
   DType w_dtype;
   const char* name() const override { return "embedding"; }
-  // (Not accumulates(): adding the rows straight into the table's gradient from earlier
-  // micro-batches would sum repeated ids in another order than the zeroed table plus one add,
-  // and data parallelism is bitwise equal to accumulation only with the latter:
-  // tests/integration/test_parallel_train_exact.sh.)
+  // The rows add into the table's gradient from earlier micro-batches where the backend
+  // accumulates weight gradients in place (CUDA): no zeroed table, no add over it. (Not on
+  // CPU: repeated ids would sum in another order than the zeroed table plus one add, which
+  // keeps data parallelism bitwise equal to accumulation, test_parallel_train_exact.sh.)
+  bool accumulates() const override { return true; }
   std::vector<Tensor> backward(const Tensor& g) override {
-    Tensor dw = Tensor::zeros(w_shape, w_dtype, g.device());
+    const Tensor acc = accumulate_into.empty() ? Tensor() : accumulate_into[0];
+    Tensor dw = acc.defined() && acc.dtype() == w_dtype && acc.shape() == w_shape &&
+                        be(g).accumulate_weight_grads_in_place()
+                    ? acc
+                    : Tensor::zeros(w_shape, w_dtype, g.device());
     be(g).embedding_backward(as_rows(g.contiguous()), ids, dw);
     return {dw};
   }
@@ -127,7 +132,7 @@ struct LinearNode : Node {
     if (next[1]) {
       const Tensor acc = accumulate_into.size() > 1 ? accumulate_into[1] : Tensor();
       const bool into = acc.defined() && !pending.progress && acc.dtype() == w_dtype &&
-                        acc.shape() == w.shape() && be(g).accumulate_weight_grads_in_gemm();
+                        acc.shape() == w.shape() && be(g).accumulate_weight_grads_in_place();
       dw = into ? acc : Tensor::empty(w.shape(), w_dtype, g.device());
       if (!pending.progress) {
         be(g).gemm(g, Trans::T, x, Trans::N, dw, 1.f, into ? 1.f : 0.f);
@@ -498,11 +503,21 @@ namespace {
 struct CrossEntropyNode : Node {
   Tensor dh, dw;  // computed in forward for loss scale 1/n_valid
   const char* name() const override { return "linear_cross_entropy"; }
+  // dw (g times) into the classifier's gradient from earlier micro-batches, where the backend
+  // accumulates weight gradients in place (CUDA): one pass instead of a scale and an add.
+  bool accumulates() const override { return true; }
   std::vector<Tensor> backward(const Tensor& g) override {
     // On a device the kernel reads g (no read back: none is allowed inside a captured step,
     // and outside one it would stall the stream); the CPU reads it directly.
     if (!g.device().is_cpu() && g.dtype() == DType::f32) {
       if (dh.defined()) be(dh).scale_by(dh, g);
+      const Tensor acc = accumulate_into.size() > 1 ? accumulate_into[1] : Tensor();
+      if (dw.defined() && acc.defined() && acc.dtype() == dw.dtype() &&
+          acc.shape() == dw.shape() && be(dw).accumulate_weight_grads_in_place()) {
+        Tensor into = acc;
+        be(dw).axpy_by(g, dw, into);
+        return {dh, acc};
+      }
       if (dw.defined()) be(dw).scale_by(dw, g);
       return {dh, dw};
     }

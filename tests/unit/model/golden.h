@@ -89,10 +89,11 @@ struct Golden : ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir); }
 
-  // Gradient accumulation over two micro-batches (the batch, then its tokens shifted by one)
-  // on `dev`, with the in-place gradient sums (autograd::set_in_place_accumulation) on or off.
-  // Returns every parameter's gradient (on the CPU); second_extra: how many more sums the
-  // second backward did in place than the first (the leaves' own, Node::accumulate_into).
+  // Gradient accumulation over two micro-batches (the batch, then its tokens shifted by one;
+  // each loss's gradient seeded with 1/2) on `dev`, with the in-place gradient sums
+  // (autograd::set_in_place_accumulation) on or off. Returns every parameter's gradient (on the
+  // CPU); second_extra: how many more sums the second backward did in place than the first (the
+  // leaves' own, Node::accumulate_into).
   std::vector<std::vector<float>> accumulated_grads(const Device& dev, ops::Precision prec,
                                                     bool in_place, int64_t& second_extra) {
     text::LlamaModel m(cfg, 3);
@@ -103,9 +104,13 @@ struct Golden : ::testing::Test {
     const Tensor tokens2 = Tensor::from_vector(sv, tokens.shape());
     autograd::set_in_place_accumulation(in_place);
     const int64_t n0 = autograd::in_place_accumulations();
-    m.loss(tokens, targets, doc_ids).backward();
+    // Seeded with 1/2, as the trainer seeds each of grad_accum micro-batches.
+    auto half = [](const Tensor& l) { return Tensor::full(l.shape(), 0.5, l.dtype(), l.device()); };
+    Tensor l1 = m.loss(tokens, targets, doc_ids);
+    l1.backward(half(l1));
     const int64_t n1 = autograd::in_place_accumulations();
-    m.loss(tokens2, targets, doc_ids).backward();
+    Tensor l2 = m.loss(tokens2, targets, doc_ids);
+    l2.backward(half(l2));
     second_extra = (autograd::in_place_accumulations() - n1) - (n1 - n0);
     autograd::set_in_place_accumulation(true);
     std::vector<std::vector<float>> g;

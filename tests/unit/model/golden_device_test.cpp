@@ -66,9 +66,10 @@ TEST_P(GoldenOnCuda, LogitsGradientsAndFirstFiveLossesMatchPyTorch) {
   }
 }
 
-// Gradient accumulation on the device: the second micro-batch's linear dW GEMMs add into the
-// weights' gradients (beta 1; Backend::accumulate_weight_grads_in_gemm), 7 per layer, instead
-// of fresh gradients and separate adds, with the same gradients up to rounding: normalised
+// Gradient accumulation on the device (Backend::accumulate_weight_grads_in_place): the second
+// micro-batch's linear dW GEMMs (beta 1, 7 per layer), the embedding rows and the classifier's
+// dW add into the leaves' gradients instead of fresh gradients and separate adds, with the
+// same gradients up to rounding: normalised
 // errors about 1e-7 on the emulated device (its reference GEMM adds C in another order); on a
 // GPU the atomics of the attention dQ and the embedding backward differ between any two runs,
 // which bf16 roundings downstream can amplify, hence 1e-2 for bf16. Counting a micro-batch
@@ -80,7 +81,7 @@ TEST_P(GoldenOnCuda, AccumulatedGradientsAddIntoTheLeaves) {
   const auto a = accumulated_grads(Device::cuda(0), prec, false, extra_a);
   const auto b = accumulated_grads(Device::cuda(0), prec, true, extra_b);
   EXPECT_EQ(extra_a, 0);
-  EXPECT_EQ(extra_b, 7 * cfg.n_layers);
+  EXPECT_EQ(extra_b, 7 * cfg.n_layers + 2);  // the layers' weights, the table, the classifier
   ASSERT_EQ(a.size(), b.size());
   const double bound = prec == ops::Precision::f32 ? 1e-5 : 1e-2;
   for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(golden::norm_err(b[i], a[i]), bound) << i;

@@ -77,7 +77,7 @@ TEST_F(Golden, InPlaceGradientSumsEqualSeparateAdds) {
 }
 
 // Gradient accumulation over micro-batches on the CPU: the weight gradients add separately
-// (Backend::accumulate_weight_grads_in_gemm is false there; the leaves' in-place sums run on
+// (Backend::accumulate_weight_grads_in_place is false there; the leaves' in-place sums run on
 // CUDA: GoldenOnCuda.AccumulatedGradientsAddIntoTheLeaves), and the in-place sums of the
 // activations' gradients leave the accumulated gradients bitwise unchanged.
 TEST_F(Golden, AccumulatedGradientsEqualSeparateAdds) {
