@@ -144,7 +144,14 @@ std::vector<Case> make_cases() {
     Tensor y = input(c, {1001}, 12);
     be.axpy(-0.5f, a, y);
     be.scale(b, 3.f);
-    return std::vector<Tensor>{o, y, b};
+    // The device-scalar forms (the scale read when the kernel runs; scale_by skips 1).
+    Tensor s = Tensor::full({1}, -1.25, DType::f32, c.dev),
+           one = Tensor::full({1}, 1.0, DType::f32, c.dev);
+    Tensor y2 = input(c, {1003}, 17), x2 = input(c, {1003}, 18), z = input(c, {1003}, 19);
+    be.axpy_by(s, x2, y2);
+    be.scale_by(x2, s);
+    be.scale_by(z, one);
+    return std::vector<Tensor>{o, y, b, y2, x2, z};
   });
   both("reductions", false, [](const Ctx& c) {
     Backend& be = backend_for(c.dev);
