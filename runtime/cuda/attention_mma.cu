@@ -42,8 +42,8 @@
 // A candidate layout (BwdLayout<64, 2, 32>, AttnShape::bwd_two_mtiles; not yet timed on a
 // GPU) gives each warp 32 key rows (128 per block) and iterates over 32-query tiles: the same
 // MMAs per iteration with 72 ldmatrix instead of 92 (ptxas/SASS of nvcc 13.0), half the dQ
-// atomics per key, and dS stored by stmatrix (sm_90), at 255 registers (2 blocks, 8 warps per
-// SM, against 3 blocks and 12 warps).
+// atomics per key, and dS stored by stmatrix (sm_90; LLAMA3_ATTN_BWD_STSM=0: two-byte
+// stores), at 255 registers (2 blocks, 8 warps per SM, against 3 blocks and 12 warps).
 #include <algorithm>
 #include <cfloat>
 #include <initializer_list>
@@ -547,11 +547,13 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   int64_t qhi = dend ? dend[b * a.Tk + jlast] : a.T;
   if (a.q_pos) qlo = 0, qhi = a.T;  // (positions need not be monotonic: visit every tile)
   // The (query head, query tile) pairs this block visits, flattened so that the next pair's
-  // Q/dO tiles can stream in while the current ones are used.
+  // Q/dO tiles can stream in while the current ones are used. Pair it is (head hq0 + it /
+  // ntiles, tile it % ntiles), walked by a cursor: a 64-bit division in the loop was a call
+  // of some 70 instructions, twice per iteration, on the path to the tile loads.
   const int64_t ntiles = qhi > qlo ? (qhi - qlo + NQ - 1) / NQ : 0;
   const int64_t total = nheads * ntiles;
-  auto load_qg = [&](int buf, int64_t it) {
-    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * NQ;
+  auto load_qg = [&](int buf, int64_t h, int64_t tile) {
+    const int64_t i0 = qlo + tile * NQ;
     bf16* qb = QGs + buf * 2 * NQ * DP;
     load_tile<DMAX, ASYNC, NQ>(qb, q, b, h, a.H, i0, a.T, a.D);
     load_tile<DMAX, ASYNC, NQ>(qb + NQ * DP, dout, b, h, a.H, i0, a.T, a.D);
@@ -574,7 +576,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
     load_tile<DMAX, ASYNC, kM>(Vs + mt * kM * DP, v, b, kvh, a.Hkv, j0 + mt * kM, a.Tk, a.D);
   }
   if constexpr (ASYNC) {
-    if (total > 0) load_qg(0, 0);
+    if (total > 0) load_qg(0, hq0, 0);
     cp_async_commit();
   }
 
@@ -586,17 +588,19 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 #pragma unroll
       for (int e = 0; e < 4; ++e) dka[mt][n][e] = 0.f, dva[mt][n][e] = 0.f;
 
+  int64_t h_next = hq0, tile_next = 0;  // the cursor: pair it at the top of iteration it
   for (int64_t it = 0; it < total; ++it) {
-    const int64_t h = hq0 + it / ntiles, i0 = qlo + (it % ntiles) * NQ;
+    const int64_t h = h_next, i0 = qlo + tile_next * NQ;
+    if (++tile_next == ntiles) tile_next = 0, ++h_next;  // pair it + 1
     const int buf = ASYNC ? int(it & 1) : 0;
     if constexpr (ASYNC) {
       cp_async_wait<0>();  // this thread's copies of pair it (and K/V, the first time)
       __syncthreads();     // everyone's; and everyone is done with pair it - 1
-      if (it + 1 < total) load_qg(buf ^ 1, it + 1);
+      if (it + 1 < total) load_qg(buf ^ 1, h_next, tile_next);
       cp_async_commit();
     } else {
       __syncthreads();  // previous Q/dO/dS/row reads done (and K/V loaded, the first time)
-      load_qg(0, it);
+      load_qg(0, h, (i0 - qlo) / NQ);
     }
     float* Ls = LsB + buf * NQ;
     float* Dd = DdB + buf * NQ;
