@@ -26,4 +26,8 @@ sep=$("$bin" "${args[@]}" --separate-sums | sed -n 's/^RESULT .* loss=\([0-9.]*\
 chunk=$("$bin" "${args[@]}" --ce-chunk 16 | sed -n 's/^RESULT .* loss=\([0-9.]*\).*/\1/p')
 awk -v a="$chunk" -v b="$last" 'BEGIN { d = a - b; if (d < 0) d = -d; ok = a != "" && d < 1e-3;
   if (!ok) print "--ce-chunk 16: loss " a ", one chunk " b; exit !ok }'
-echo "switches ok: separate sums $sep, 16-row chunks $chunk"
+# --accum 2 repeats the batch as two micro-batches seeded with 1/2: every gradient is exactly
+# half (a power of two commutes with rounding) and two halves sum exactly, so the same losses.
+acc=$("$bin" "${args[@]}" --accum 2 | sed -n 's/^RESULT .* accum=2 .* loss=\([0-9.]*\).*/\1/p')
+[[ $acc == "$last" ]] || { echo "--accum 2: loss $acc, one micro-batch $last"; exit 1; }
+echo "switches ok: separate sums $sep, 16-row chunks $chunk, 2 micro-batches $acc"
