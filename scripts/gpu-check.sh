@@ -218,15 +218,23 @@ step torch_eager 120 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_S
 r=$(result torch_eager)
 [[ -n $r ]] && note "torch eager step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r")" || note "torch eager step" "FAIL" "see torch_eager in gpu-check.log"
 
+# Both sides at another step shape: both_sides TAG LABEL CAP_OURS CAP_TORCH ARGS... (ARGS go
+# to bench_cuda_step and cuda_step_peer.py alike).
+both_sides() {
+  local tag=$1 label=$2 cap_ours=$3 cap_torch=$4 r
+  shift 4
+  step "llama3_step_$tag" "$cap_ours" env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" "$@"
+  r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_$tag.txt" 2>/dev/null | tail -1)
+  [[ -n $r ]] && note "llama3 step $label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+  step "torch_eager_$tag" "$cap_torch" python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" "$@"
+  r=$(grep -h "^RESULT torch_eager" "$STEPDIR/torch_eager_$tag.txt" 2>/dev/null | tail -1)
+  [[ -n $r ]] && note "torch eager step $label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+}
+
 # Two sequences per optimizer step (8192 tokens): the optimizer's fixed cost (AdamW is
 # memory-bound, ~15 ms) spread over twice the tokens, on both sides.
 if [[ -n $BIN ]] && (($(left) > 60)); then
-  step llama3_step_b2 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --batch 2 --steps 3 --warmup 1
-  r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_b2.txt" 2>/dev/null | tail -1)
-  [[ -n $r ]] && note "llama3 step batch 2" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
-  step torch_eager_b2 50 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --batch 2 --steps 3 --warmup 1
-  r=$(grep -h "^RESULT torch_eager" "$STEPDIR/torch_eager_b2.txt" 2>/dev/null | tail -1)
-  [[ -n $r ]] && note "torch eager step batch 2" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+  both_sides b2 "batch 2" 40 50 --batch 2 --steps 3 --warmup 1
 fi
 
 # ---- attention fwd+bwd, same shapes
@@ -294,12 +302,7 @@ fi
 # ---- Eight micro-batches per optimizer step (32768 tokens; gradient accumulation, as a run with a
 # realistic global batch trains): the optimizer's fixed cost over 8x the tokens, on both sides.
 if [[ -n $BIN ]] && (($(left) > 70)); then
-  step llama3_step_acc8 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1
-  r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_acc8.txt" 2>/dev/null | tail -1)
-  [[ -n $r ]] && note "llama3 step 8 micro-batches" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
-  step torch_eager_acc8 70 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1
-  r=$(grep -h "^RESULT torch_eager" "$STEPDIR/torch_eager_acc8.txt" 2>/dev/null | tail -1)
-  [[ -n $r ]] && note "torch eager step 8 micro-batches" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+  both_sides acc8 "8 micro-batches" 60 70 --accum 8 --steps 2 --warmup 1
 fi
 
 # ---- torch.compile, only with time to spare

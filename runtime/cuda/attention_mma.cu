@@ -791,23 +791,20 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
     for (int half = 0; half < 2; ++half) {
       const int64_t j = j0 + r0 + 16 * mt + g + 8 * half;
       if (j >= a.Tk) continue;
-      if (split) {
-        float* krow = dk_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
-        float* vrow = dv_part + ((b * a.Tk + j) * a.H + hq0) * a.D;
+      // Key row j of dK/dV: the f32 partials of query head hq0, or the outputs of head kvh.
+      auto store_rows = [&](auto* krow, auto* vrow) {
 #pragma unroll
         for (int n = 0; n < ND; ++n) {
           store_pair(krow, n * 8 + 2 * t4, a.D, dka[mt][n][2 * half], dka[mt][n][2 * half + 1]);
           store_pair(vrow, n * 8 + 2 * t4, a.D, dva[mt][n][2 * half], dva[mt][n][2 * half + 1]);
         }
-      } else {
-        TO* krow = dk + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
-        TO* vrow = dv + ((b * a.Tk + j) * a.Hkv + kvh) * a.D;
-#pragma unroll
-        for (int n = 0; n < ND; ++n) {
-          store_pair(krow, n * 8 + 2 * t4, a.D, dka[mt][n][2 * half], dka[mt][n][2 * half + 1]);
-          store_pair(vrow, n * 8 + 2 * t4, a.D, dva[mt][n][2 * half], dva[mt][n][2 * half + 1]);
-        }
-      }
+      };
+      if (split)
+        store_rows(dk_part + ((b * a.Tk + j) * a.H + hq0) * a.D,
+                   dv_part + ((b * a.Tk + j) * a.H + hq0) * a.D);
+      else
+        store_rows(dk + ((b * a.Tk + j) * a.Hkv + kvh) * a.D,
+                   dv + ((b * a.Tk + j) * a.Hkv + kvh) * a.D);
     }
   }
 }
