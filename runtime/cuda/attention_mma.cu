@@ -810,19 +810,20 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 }
 
 // dk[b, j, kvh, :] = sum over the group's query heads h of part[b, j, h, :] (and dv), in f32.
-template <typename TO>
+// Output row r = (b * Tk + j) * Hkv + kvh reads partial rows r * group + g (H = Hkv * group).
+// I: the index type, 32-bit when every index fits (one division per element by a runtime D:
+// inline in 32 bits, a call of a ~70-instruction routine in 64).
+template <typename TO, typename I>
 __global__ void attn_gqa_reduce_kernel(const float* dk_part, const float* dv_part, TO* dk, TO* dv,
                                        AttnShape a) {
-  const int64_t group = a.H / a.Hkv;
-  const int64_t n = a.B * a.Tk * a.Hkv * a.D;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = idx % a.D, row = idx / a.D;  // row = (b * Tk + j) * Hkv + kvh
-    const int64_t kvh = row % a.Hkv, bj = row / a.Hkv;
-    const int64_t base = (bj * a.H + kvh * group) * a.D + d;
+  const I group = I(a.H / a.Hkv), D = I(a.D);
+  const I n = I(a.B * a.Tk * a.Hkv * a.D);
+  for (I idx = I(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += I(gridDim.x) * blockDim.x) {
+    const I row = idx / D, d = idx - row * D;
+    const I base = row * group * D + d;
     float sk = 0.f, sv = 0.f;
-    for (int64_t g = 0; g < group; ++g)
-      sk += dk_part[base + g * a.D], sv += dv_part[base + g * a.D];
+    for (I g = 0; g < group; ++g) sk += dk_part[base + g * D], sv += dv_part[base + g * D];
     dk[idx] = from_f32<TO>(sk), dv[idx] = from_f32<TO>(sv);
   }
 }
@@ -934,8 +935,13 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
                   : launch.template operator()<false, 1, kN, false>();
       if (e != cudaSuccess || !dk_part) return e;
       const int64_t n = a.B * a.Tk * a.Hkv * a.D;
-      launch_kernel(attn_gqa_reduce_kernel<TO>, grid_for(n, 256), 256, 0, s, dk_part, dv_part,
-                    static_cast<TO*>(dk), static_cast<TO*>(dv), a);
+      // (32-bit indices when the largest, into the partials, fits: n * group + the grid)
+      if (n * (a.H / a.Hkv) < (int64_t(1) << 31) - int64_t(132 * 16 * 256))
+        launch_kernel(attn_gqa_reduce_kernel<TO, uint32_t>, grid_for(n, 256), 256, 0, s, dk_part,
+                      dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
+      else
+        launch_kernel(attn_gqa_reduce_kernel<TO, int64_t>, grid_for(n, 256), 256, 0, s, dk_part,
+                      dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
       return cudaGetLastError();
     });
   });
