@@ -261,6 +261,10 @@ note "  reverted: no lse/dsum prefetch" "" "${d:-n/a} ms"
 note "  reverted: fwd one m-tile per warp" "" "${e:-n/a} ms"
 note "  candidate: bwd 128-key blocks (LLAMA3_ATTN_BWD_MT=2)" "" "${f:-n/a} ms"
 note "  same without stmatrix (+ LLAMA3_ATTN_BWD_STSM=0)" "" "${g:-n/a} ms"
+# The decision the candidate waits for: its time over the default's (below 1: faster).
+if [[ -n $a && -n $f && -n $g ]]; then
+  note "  candidate / default" "" "$(awk -v a="$a" -v f="$f" -v g="$g" 'BEGIN{printf "%.3f with stmatrix, %.3f without", f/a, g/a}')"
+fi
 
 # ---- NCCL communicator (issue 5): collectives checked, all_reduce bandwidth
 if [[ -n $BIN && -x $BIN/bench_nccl ]]; then
