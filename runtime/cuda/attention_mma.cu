@@ -197,6 +197,20 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[N][4],
   a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
   a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
+// 2^x as one ex2.approx.ftz.f32 (MUFU.EX2). exp2f without -ftz wraps the same instruction in
+// a compare and two predicated multiplies per call (SASS of nvcc 13.0) to keep results below
+// 2^-126 as denormals; here those are probabilities under 1.2e-38, which change no sum, so
+// they flush to zero. Normal results are the same bits as exp2f's.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef LLAMA3_CUDA_EMU
+  const float r = std::exp2(x);
+  return r < FLT_MIN ? 0.f : r;
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -414,12 +428,12 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
       }
       mxA = quad_max(mxA), mxB = quad_max(mxB);
       const float msA = mxA == -INFINITY ? 0.f : mxA, msB = mxB == -INFINITY ? 0.f : mxB;
-      const float alA = exp2f(mA[mt] - msA), alB = exp2f(mB[mt] - msB);  // 0 while m was -inf
+      const float alA = exp2_ftz(mA[mt] - msA), alB = exp2_ftz(mB[mt] - msB);  // 0 while m = -inf
       float sumA = 0.f, sumB = 0.f;
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        s[mt][n][0] = exp2f(s[mt][n][0] - msA), s[mt][n][1] = exp2f(s[mt][n][1] - msA);
-        s[mt][n][2] = exp2f(s[mt][n][2] - msB), s[mt][n][3] = exp2f(s[mt][n][3] - msB);
+        s[mt][n][0] = exp2_ftz(s[mt][n][0] - msA), s[mt][n][1] = exp2_ftz(s[mt][n][1] - msA);
+        s[mt][n][2] = exp2_ftz(s[mt][n][2] - msB), s[mt][n][3] = exp2_ftz(s[mt][n][3] - msB);
         sumA += s[mt][n][0] + s[mt][n][1], sumB += s[mt][n][2] + s[mt][n][3];
       }
       lA[mt] = lA[mt] * alA + sumA, lB[mt] = lB[mt] * alB + sumB;
@@ -694,8 +708,8 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
         for (int mt = 0; mt < MT; ++mt) {
           const int jA = int(j0) + r0 + 16 * mt + g, jB = jA + 8;  // this lane's key rows
           const bool okA = full || (jA >= lo && jA < hi), okB = full || (jB >= lo && jB < hi);
-          const float pA = okA ? exp2f(st[mt][n][c] * sl2 - lq) : 0.f;
-          const float pB = okB ? exp2f(st[mt][n][c + 2] * sl2 - lq) : 0.f;
+          const float pA = okA ? exp2_ftz(st[mt][n][c] * sl2 - lq) : 0.f;
+          const float pB = okB ? exp2_ftz(st[mt][n][c + 2] * sl2 - lq) : 0.f;
           st[mt][n][c] = pA, st[mt][n][c + 2] = pB;
           dpt[mt][n][c] = pA * (dpt[mt][n][c] - dsq) * a.scale;
           dpt[mt][n][c + 2] = pB * (dpt[mt][n][c + 2] - dsq) * a.scale;
