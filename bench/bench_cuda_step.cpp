@@ -191,9 +191,9 @@ int attn_only(const Config& c) {
                 ", forward one m-tile per warp"},
         Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2_ms_f32", "LLAMA3_ATTN_BWD_MT=2",
                 ", candidate backward: 128-key blocks, 32-query tiles"},
-        Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2plain_ms_f32",
-                "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=0",
-                ", candidate backward without stmatrix"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2stsm_ms_f32",
+                "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=1",
+                ", candidate backward, dS by stmatrix"},
         Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
     const DType dt = var.dt;
     for (const char* sw : switches) unsetenv(sw);

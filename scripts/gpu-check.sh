@@ -254,16 +254,16 @@ c=$(result attn_tc_nosplit_ms_f32 | awk '{print $3}')
 d=$(result attn_tc_noprefetch_ms_f32 | awk '{print $3}')
 e=$(result attn_tc_fwd1_ms_f32 | awk '{print $3}')
 f=$(result attn_tc_bwd2_ms_f32 | awk '{print $3}')
-g=$(result attn_tc_bwd2plain_ms_f32 | awk '{print $3}')
+g=$(result attn_tc_bwd2stsm_ms_f32 | awk '{print $3}')
 note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
 note "  reverted: bwd per kv head" "" "${c:-n/a} ms"
 note "  reverted: no lse/dsum prefetch" "" "${d:-n/a} ms"
 note "  reverted: fwd one m-tile per warp" "" "${e:-n/a} ms"
 note "  candidate: bwd 128-key blocks (LLAMA3_ATTN_BWD_MT=2)" "" "${f:-n/a} ms"
-note "  same without stmatrix (+ LLAMA3_ATTN_BWD_STSM=0)" "" "${g:-n/a} ms"
+note "  same, dS by stmatrix (+ LLAMA3_ATTN_BWD_STSM=1)" "" "${g:-n/a} ms"
 # The decision the candidate waits for: its time over the default's (below 1: faster).
 if [[ -n $a && -n $f && -n $g ]]; then
-  note "  candidate / default" "" "$(awk -v a="$a" -v f="$f" -v g="$g" 'BEGIN{printf "%.3f with stmatrix, %.3f without", f/a, g/a}')"
+  note "  candidate / default" "" "$(awk -v a="$a" -v f="$f" -v g="$g" 'BEGIN{printf "%.3f, %.3f with stmatrix", f/a, g/a}')"
 fi
 
 # ---- NCCL communicator (issue 5): collectives checked, all_reduce bandwidth

@@ -42,8 +42,8 @@
 // A candidate layout (BwdLayout<64, 2, 32>, AttnShape::bwd_two_mtiles; not yet timed on a
 // GPU) gives each warp 32 key rows (128 per block) and iterates over 32-query tiles: the same
 // MMAs per iteration with 72 ldmatrix instead of 92 (ptxas/SASS of nvcc 13.0), half the dQ
-// atomics per key, and dS stored by stmatrix (sm_90; LLAMA3_ATTN_BWD_STSM=0: two-byte
-// stores), at 255 registers (2 blocks, 8 warps per SM, against 3 blocks and 12 warps).
+// atomics per key (LLAMA3_ATTN_BWD_STSM=1 also stores dS by stmatrix, sm_90), at up to 255
+// registers (2 blocks, 8 warps per SM, against 3 blocks and 12 warps).
 #include <algorithm>
 #include <cfloat>
 #include <initializer_list>
@@ -268,12 +268,20 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* x, int64_t b, int
                                           int64_t nh, int64_t r0, int64_t Tn, int64_t D) {
   constexpr int DP = MmaLayout<DMAX>::DP;
   if constexpr (ASYNC) {
-    constexpr int C8 = DMAX / 8;  // 16-byte chunks per row
-    for (int idx = threadIdx.x; idx < ROWS * C8; idx += kMmaThreads) {
-      const int r = idx / C8, c = (idx % C8) * 8;
-      const int64_t row = r0 + r;
-      const bool ok = row < Tn;
-      cp_async16(s + r * DP + c, ok ? x + ((b * Tn + row) * nh + head) * DMAX + c : x, ok);
+    // Thread t copies chunk t % C8 of rows t / C8 + k * RP, k < ROWS / RP: a fixed, unrolled
+    // count with one row index and source address per thread, the rest at constant steps
+    // (a loop over flat chunk indices recomputed both, in 64 bits, per chunk: SASS).
+    constexpr int C8 = DMAX / 8;          // 16-byte chunks per row
+    constexpr int RP = kMmaThreads / C8;  // rows one pass of the block covers
+    static_assert(kMmaThreads % C8 == 0 && ROWS % RP == 0, "whole rows per pass");
+    const int r = threadIdx.x / C8, c = (threadIdx.x % C8) * 8;
+    const int64_t row = r0 + r;
+    const bf16* src = x + ((b * Tn + row) * nh + head) * DMAX + c;  // (read only where ok)
+    const int64_t step = int64_t(RP) * nh * DMAX;
+#pragma unroll
+    for (int k = 0; k < ROWS / RP; ++k) {
+      const bool ok = row + k * RP < Tn;
+      cp_async16(s + (r + k * RP) * DP + c, ok ? src + k * step : x, ok);
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * DMAX; idx += kMmaThreads) {
@@ -930,14 +938,14 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
         return cudaGetLastError();
       };
       cudaError_t e = cudaSuccess;
-      // The candidate (2, 32) tiles store dS by stmatrix unless a.bwd_no_stmatrix; the
-      // measured (1, 64) ones by two-byte stores (stmatrix there spills 92-100 bytes at their
-      // 168-register cap, ptxas of nvcc 13.0, against 8). The candidate exists at head dim 64
+      // dS by two-byte stores; by stmatrix only in the candidate (2, 32) tiles when
+      // a.bwd_stmatrix (ptxas of nvcc 13.0: 116-140 bytes of spills at 255 registers, and
+      // 92-100 at the (1, 64) tiles' 168, against none). The candidate exists at head dim 64
       // only, where registers allow two key m-tiles.
       bool two = false;
       if constexpr (DMAX == 64) {
         two = a.bwd_two_mtiles;
-        if (two && !a.bwd_no_stmatrix)
+        if (two && a.bwd_stmatrix)
           e = async ? launch.template operator()<true, 2, 32, true>()
                     : launch.template operator()<false, 2, 32, true>();
         else if (two)

@@ -47,15 +47,15 @@ bool fwd_one_mtile() {
   const char* e = std::getenv("LLAMA3_ATTN_FWD_MT");
   return e && e[0] == '1';
 }
-// LLAMA3_ATTN_BWD_MT=2 and LLAMA3_ATTN_BWD_STSM=0: see AttnShape::bwd_two_mtiles and
-// bwd_no_stmatrix (a candidate and its variant, for A/B timing).
+// LLAMA3_ATTN_BWD_MT=2 and LLAMA3_ATTN_BWD_STSM=1: see AttnShape::bwd_two_mtiles and
+// bwd_stmatrix (a candidate and its variant, for A/B timing).
 bool bwd_two_mtiles() {
   const char* e = std::getenv("LLAMA3_ATTN_BWD_MT");
   return e && e[0] == '2';
 }
-bool bwd_no_stmatrix() {
+bool bwd_stmatrix() {
   const char* e = std::getenv("LLAMA3_ATTN_BWD_STSM");
-  return e && e[0] == '0';
+  return e && e[0] == '1';
 }
 
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
@@ -601,7 +601,7 @@ class CudaBackend final : public Backend {
     Tensor part;
     a.no_stats_prefetch = !stats_prefetch_enabled();
     a.bwd_two_mtiles = bwd_two_mtiles();
-    a.bwd_no_stmatrix = bwd_no_stmatrix();
+    a.bwd_stmatrix = bwd_stmatrix();
     if (a.tc && a.H > a.Hkv && gqa_split_enabled())
       part = Tensor::empty({2, a.B, a.Tk, a.H, a.D}, DType::f32, device());
     const Tensor lse32 = a.tc && lse.dtype() != DType::f32 ? lse.to(DType::f32) : lse;

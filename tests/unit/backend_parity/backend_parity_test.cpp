@@ -303,7 +303,7 @@ std::vector<Case> make_cases() {
   // of query rows per warp (128 per block; 64 at head dim 128). _kvblocks keeps one backward
   // block per kv head, _fwd1 one forward m-tile per warp, _noprefetch the plain lse/dsum
   // loads; _bwd2 runs the backward on 128-key blocks with 32-query inner tiles, a candidate
-  // not yet the default, _bwd2plain the same storing dS without stmatrix.)
+  // not yet the default, _bwd2stsm the same storing dS by stmatrix.)
   for (TcCfg a : {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
                   TcCfg{"attn_tc_causal_doc_gqa4_d64_t200_kvblocks", 1, 200, 8, 2, 64, true, true,
                         "LLAMA3_ATTN_GQA_SPLIT=0"},
@@ -315,8 +315,8 @@ std::vector<Case> make_cases() {
                         "LLAMA3_ATTN_BWD_MT=2"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333_bwd2", 1, 333, 4, 2, 64, true, false,
                         "LLAMA3_ATTN_BWD_MT=2"},
-                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_bwd2plain", 2, 200, 4, 2, 64, true, true,
-                        "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=0"},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_bwd2stsm", 2, 200, 4, 2, 64, true, true,
+                        "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=1"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333", 1, 333, 4, 2, 64, true, false},
                   TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
                   TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},

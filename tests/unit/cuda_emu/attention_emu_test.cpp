@@ -39,9 +39,9 @@ struct AttnCase {
   // 3 = half the queries at the start and half at the end (load-balanced context
   // parallelism), 4 = positions in decreasing order (not monotonic).
   int qpos = 0;
-  int64_t Tk = 0;        // 0: T
-  bool bwd2 = false;     // backward with two key m-tiles per warp (AttnShape::bwd_two_mtiles)
-  bool no_stsm = false;  // with bwd2: dS by two-byte stores (AttnShape::bwd_no_stmatrix)
+  int64_t Tk = 0;     // 0: T
+  bool bwd2 = false;  // backward with two key m-tiles per warp (AttnShape::bwd_two_mtiles)
+  bool stsm = false;  // with bwd2: dS by stmatrix (AttnShape::bwd_stmatrix)
 };
 
 std::ostream& operator<<(std::ostream& os, const AttnCase& c) {
@@ -92,7 +92,7 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
   emu_test::each_schedule([&] {
     cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, float(1.0 / std::sqrt(double(c.D))), c.causal};
     a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
-    a.bwd_two_mtiles = c.bwd2, a.bwd_no_stmatrix = c.no_stsm;
+    a.bwd_two_mtiles = c.bwd2, a.bwd_stmatrix = c.stsm;
     a.Tk = Tk;
     if (c.qpos) a.q_pos = p.q_pos.data<int32_t>();
     const DType io = c.bf16_io ? DType::bf16 : DType::f32;
@@ -186,8 +186,8 @@ INSTANTIATE_TEST_SUITE_P(
                                true, true, true, false, false, 0, 0, true},
                       AttnCase{"tc_bwd2_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true,
                                true, true, false, true, false, false, 2, 260, true},
-                      AttnCase{"tc_bwd2_nostsm_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true,
-                               true, true, false, true, false, false, 0, 0, true, true}),
+                      AttnCase{"tc_bwd2_stsm_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
+                               true, false, true, false, false, 0, 0, true, true}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The emulator itself: a barrier some threads of a block never reach with the others is
