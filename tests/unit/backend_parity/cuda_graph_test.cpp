@@ -61,12 +61,19 @@ void set_element(Tensor& p, float v) {
   el.copy_(Tensor::full({1}, v, DType::f32, Device::cpu()));
 }
 
+// Why a graph test cannot run here, or empty: no CUDA device, or CUDA_LAUNCH_BLOCKING=1
+// (under which graphs cannot be captured).
+std::string graphs_unavailable() {
+  if (!cuda_init()) return "no CUDA device";
+  if (const char* b = std::getenv("CUDA_LAUNCH_BLOCKING"); b && b[0] == '1')
+    return "CUDA graphs cannot be captured under CUDA_LAUNCH_BLOCKING=1";
+  return "";
+}
+
 class CudaGraphTrainer : public ::testing::TestWithParam<ops::Precision> {};
 
 TEST_P(CudaGraphTrainer, CapturedStepsEqualEagerSteps) {
-  if (!cuda_init()) GTEST_SKIP() << "no CUDA device";
-  if (const char* b = std::getenv("CUDA_LAUNCH_BLOCKING"); b && b[0] == '1')
-    GTEST_SKIP() << "CUDA graphs cannot be captured under CUDA_LAUNCH_BLOCKING=1";
+  if (const std::string why = graphs_unavailable(); !why.empty()) GTEST_SKIP() << why;
   const auto cfg = text::llama3_flavour("debug");
   text::TrainerConfig tc;
   tc.steps = 9, tc.grad_accum = 2;
@@ -123,9 +130,7 @@ TEST_P(CudaGraphTrainer, CapturedStepsEqualEagerSteps) {
 // A step whose host code reads the device (here a gradient hook calling item()) cannot be
 // captured: the trainer says so once and trains on eagerly, with the eager results.
 TEST(CudaGraphTrainerFallback, UncapturableStepRunsEagerly) {
-  if (!cuda_init()) GTEST_SKIP() << "no CUDA device";
-  if (const char* b = std::getenv("CUDA_LAUNCH_BLOCKING"); b && b[0] == '1')
-    GTEST_SKIP() << "CUDA graphs cannot be captured under CUDA_LAUNCH_BLOCKING=1";
+  if (const std::string why = graphs_unavailable(); !why.empty()) GTEST_SKIP() << why;
   const auto cfg = text::llama3_flavour("debug");
   text::TrainerConfig tc;
   tc.steps = 4;

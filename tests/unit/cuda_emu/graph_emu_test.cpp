@@ -22,6 +22,16 @@ Tensor on_emu(const std::vector<float>& v) {
   return Tensor::from_vector(v, {int64_t(v.size())}, Device::cuda(0));
 }
 
+// The deferred checks of the last replay report an error whose text contains `what`.
+void expect_deferred_error(Backend& be, const std::string& what) {
+  try {
+    be.check_deferred();
+    ADD_FAILURE() << "check_deferred() did not report \"" << what << "\"";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+  }
+}
+
 TEST(GraphEmu, CaptureRecordsAndReplayRunsWithCaptureTimeArguments) {
   ASSERT_TRUE(cuda_init());
   Backend& be = backend_for(Device::cuda(0));
@@ -74,13 +84,7 @@ TEST(GraphEmu, DeferredChecksSkipTheUpdateAndReportAfterTheReplay) {
   g->replay();
   EXPECT_EQ(state.to(Device::cpu()).to_vector<float>()[AdamWDynamic::skip], 1.f)
       << "a step with a bad id must not update";
-  try {
-    be.check_deferred();
-    ADD_FAILURE() << "id 7 of a vocabulary of 4 must be reported";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("outside the vocabulary of 4"), std::string::npos)
-        << e.what();
-  }
+  expect_deferred_error(be, "outside the vocabulary of 4");  // id 7 of a vocabulary of 4
   EXPECT_NO_THROW(be.check_deferred()) << "reading the checks clears them";
   const std::vector<int32_t> good = {0, 3};
   be.copy_from_host(good.data(), good.size() * sizeof(int32_t), ids);
@@ -121,12 +125,6 @@ TEST(GraphEmu, CapturedCrossEntropyCountsItsTargetsAtEveryReplay) {
   const std::vector<int32_t> none(N, -1);
   be.copy_from_host(none.data(), none.size() * sizeof(int32_t), tg);
   g->replay();
-  try {
-    be.check_deferred();
-    ADD_FAILURE() << "a replay without any target must be reported";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("no target >= 0 among 6 rows"), std::string::npos)
-        << e.what();
-  }
+  expect_deferred_error(be, "no target >= 0 among 6 rows");  // a replay without any target
 }
 }  // namespace
