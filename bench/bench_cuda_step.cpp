@@ -11,7 +11,7 @@
 //                   [--kv-heads 8] [--ffn 8192] [--vocab 128256] [--steps 3] [--warmup 1]
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //                   [--f32-attn-activations] [--ce-chunk ROWS] [--separate-sums]
-//                   [--cast-weights] [--graph] [--accum N]
+//                   [--cast-weights] [--graph] [--accum N] [--separate-residual]
 //
 // --accum N: N micro-batches of (batch, seq) per optimizer step (gradient accumulation, as
 // the trainer's grad_accum): N forward/backward passes whose gradients sum in the weights'
@@ -25,6 +25,9 @@
 // replays it from then on, as the trainer does with TrainerConfig::cuda_graph: the learning
 // rate's scalars go up before each replay and the loss comes back after it (A/B against the
 // eager step, which launches every kernel from the host).
+// The residual adds after the o and down projections happen in their GEMMs
+// (ops::linear_residual: cuBLASLt's epilogue reads the residual), as in the model;
+// --separate-residual runs them as separate adds, as before (A/B).
 // --separate-sums turns off the in-place gradient sums (autograd::set_in_place_accumulation):
 // every sum of two gradients is then a separate add pass, as before they existed (A/B).
 // --ce-chunk sets the cross-entropy's rows per chunk (default: the backend's choice, as the
@@ -71,6 +74,7 @@ struct Config {
   bool f32_attn_act = false;        // keep q/k/v/attention activations f32 (A/B timing)
   bool cast_weights = false;        // no bf16 weight copies: cast each step (A/B timing)
   bool graph = false;               // replay a captured CUDA graph from the second step on
+  bool separate_residual = false;   // residual adds as separate ops (A/B timing)
   Device device = Device::cuda(0);  // --device cpu: smoke test of this benchmark on tiny configs
   int64_t head_dim() const { return dim / heads; }
 };
@@ -117,6 +121,8 @@ Config parse(int argc, char** argv) {
       c.cast_weights = true;
     else if (a == "--graph")
       c.graph = true;
+    else if (a == "--separate-residual")
+      c.separate_residual = true;
     else if (a == "--accum")
       c.accum = next();
     else if (a == "--device") {
@@ -342,6 +348,11 @@ int run(const Config& c) {
   const Tensor seed = Tensor::full({1}, 1.0 / double(c.accum), DType::f32, dev);
   auto micro_batch = [&]() {
     Tensor x = ops::embedding(emb, ids_t);  // (B, T, D)
+    // (As the model: the residual added by the projection's GEMM.)
+    auto residual = [&](const Tensor& in, const Tensor& w, const Tensor& r) {
+      return c.separate_residual ? ops::add(r, ops::linear(in, w, pr))
+                                 : ops::linear_residual(in, w, r, pr);
+    };
     for (auto& l : layers) {
       // (As the model: bf16 norm outputs, whose gradients from q/k/v or gate/up sum in f32.)
       Tensor h = ops::rmsnorm(x, l.attn_norm, 1e-5f, attn16);
@@ -351,11 +362,11 @@ int run(const Config& c) {
                            inv_t, pos_t);
       Tensor vv = ops::reshape(ops::linear(h, l.wv, pr, attn16, true), {B, T, Hk, Dh});
       Tensor a = ops::reshape(ops::attention(q, k, vv, ap), {B, T, H * Dh});
-      x = ops::add(x, ops::linear(a, l.wo, pr));
+      x = residual(a, l.wo, x);
       h = ops::rmsnorm(x, l.ffn_norm, 1e-5f, act16);
       Tensor f =
           ops::swiglu(ops::linear(h, l.w1, pr, act16, true), ops::linear(h, l.w3, pr, act16, true));
-      x = ops::add(x, ops::linear(f, l.w2, pr));
+      x = residual(f, l.w2, x);
     }
     Tensor h = ops::reshape(ops::rmsnorm(x, final_norm, 1e-5f), {B * T, D});
     ops::CrossEntropyOptions co;

@@ -205,6 +205,7 @@ if [[ -n $BIN ]]; then
   for v in "ce1024:--ce-chunk 1024::cross-entropy chunk 1024 rows" \
            "sums:--separate-sums::separate gradient-sum adds" \
            "cast:--cast-weights::weights cast each step (no AdamW bf16 copies)" \
+           "res:--separate-residual::residual adds as separate kernels (not in the GEMMs)" \
            "graph:--graph::the step captured once and replayed as a CUDA graph" \
            "bwd2::LLAMA3_ATTN_BWD_MT=2:candidate attention backward (128-key blocks)"; do
     IFS=: read -r tag flags envs what <<<"$v"

@@ -123,6 +123,11 @@ class Backend {
   // inputs with f32 c (f32 accumulation).
   virtual void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c,
                     float alpha = 1.f, float beta = 0.f) = 0;
+  // d = op(a) @ op(b) + c, c distinct from d with its dtype, shape and strides: a projection
+  // and the residual add after it. The default is gemm into d, then add(c, d) (bitwise what
+  // a separate add gives); CUDA reads c in the GEMM's epilogue instead.
+  virtual void gemm_add(const Tensor& a, Trans ta, const Tensor& b, Trans tb, const Tensor& c,
+                        Tensor& d);
 
   // ---- element-wise ----
   virtual void add(const Tensor& a, const Tensor& b, Tensor& out) = 0;            // out = a + b

@@ -1,6 +1,7 @@
 // The defaults of the Backend calls a captured training step uses (backend.h): host-side
 // versions that synchronise, so that every backend runs the same step code; CUDA overrides
-// them with kernels that read and write device memory only.
+// them with kernels that read and write device memory only. Also the default of gemm_add
+// (two calls; CUDA fuses them).
 #include <algorithm>
 #include <cmath>
 
@@ -40,6 +41,22 @@ void Backend::scale_by(Tensor& x, const Tensor& s) {
 void Backend::axpy_by(const Tensor& s, const Tensor& x, Tensor& y) {
   LLAMA3_CHECK(s.numel() == 1, "axpy_by: s {} must have one element", s.str());
   axpy(float(s.item()), x, y);
+}
+
+void Backend::gemm_add(const Tensor& a, Trans ta, const Tensor& b, Trans tb, const Tensor& c,
+                       Tensor& d) {
+  LLAMA3_CHECK(c.dtype() == d.dtype() && c.shape() == d.shape() && c.data_ptr() != d.data_ptr(),
+               "gemm_add: c {} must be distinct from d {} with its dtype and shape", c.str(),
+               d.str());
+  if (d.is_contiguous()) {
+    gemm(a, ta, b, tb, d, 1.f, 0.f);
+    add(c.contiguous(), d, d);  // (element-wise: d may be add's second operand and its output)
+    return;
+  }
+  Tensor t = Tensor::empty(d.shape(), d.dtype(), d.device());  // add takes contiguous tensors
+  gemm(a, ta, b, tb, t, 1.f, 0.f);
+  add(c.contiguous(), t, t);
+  d.copy_(t);
 }
 
 std::unique_ptr<DeviceGraph> Backend::capture(const std::function<void()>&) {

@@ -257,6 +257,24 @@ class CudaBackend final : public Backend {
 
   void gemm(const Tensor& a, Trans ta, const Tensor& b, Trans tb, Tensor& c, float alpha,
             float beta) override {
+    gemm_into(a, ta, b, tb, nullptr, c, alpha, beta);
+  }
+
+  // The residual add in the epilogue: cuBLASLt reads cin as C (beta 1) and writes D, so the
+  // projection's output is never written alone and read back by a separate add.
+  void gemm_add(const Tensor& a, Trans ta, const Tensor& b, Trans tb, const Tensor& cin,
+                Tensor& d) override {
+    on_device(cin, "gemm_add", "c");
+    LLAMA3_CHECK(cin.dtype() == d.dtype() && cin.shape() == d.shape() &&
+                     cin.strides() == d.strides() && cin.data_ptr() != d.data_ptr(),
+                 "gemm_add: c {} must be distinct from d {} with its dtype, shape and strides",
+                 cin.str(), d.str());
+    gemm_into(a, ta, b, tb, &cin, d, 1.f, 1.f);
+  }
+
+  // c = alpha op(a) op(b) + beta C, where C is *cin (same layout as c) or else c itself.
+  void gemm_into(const Tensor& a, Trans ta, const Tensor& b, Trans tb, const Tensor* cin, Tensor& c,
+                 float alpha, float beta) {
     on_device(a, "gemm", "a"), on_device(b, "gemm", "b"), on_device(c, "gemm", "c");
     LLAMA3_CHECK(a.dim() == c.dim() && b.dim() == c.dim() && (c.dim() == 2 || c.dim() == 3),
                  "gemm: a {}, b {}, c {} must all be 2D or 3D", a.str(), b.str(), c.str());
@@ -285,9 +303,14 @@ class CudaBackend final : public Backend {
     const int64_t lda = ld(a, "a"), ldb = ld(b, "b"), ldc = ld(c, "c");
     activate();
     auto prof_scope = prof("gemm", [&] {
-      return fmt::format(" {}x{}x{}{} {}", m, n, k, batch > 1 ? fmt::format(" x{}", batch) : "",
-                         bf ? (c.dtype() == DType::bf16 ? "bf16->bf16" : "bf16") : "f32");
+      return fmt::format(" {}x{}x{}{} {}{}", m, n, k, batch > 1 ? fmt::format(" x{}", batch) : "",
+                         bf ? (c.dtype() == DType::bf16 ? "bf16->bf16" : "bf16") : "f32",
+                         cin ? " +c" : "");
     });
+    if (cin && (k == 0 || gemm_plan(gemm_key(a, ta, b, tb, c, cin, m, n, k, batch)).legacy)) {
+      copy(*cin, c);  // then c = alpha op(a) op(b) + c in place
+      cin = nullptr;
+    }
     if (k == 0) {  // c = beta * c
       if (beta == 0.f)
         fill(c, 0.0);
@@ -297,25 +320,7 @@ class CudaBackend final : public Backend {
       }
       return;
     }
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's "A" is our b.
-    GemmKey key{int(a.dtype()),
-                int(c.dtype()),
-                int(ta),
-                int(tb),
-                m,
-                n,
-                k,
-                lda,
-                ldb,
-                ldc,
-                batch,
-                sa,
-                sb,
-                sc,
-                align_of(a.data_ptr()),
-                align_of(b.data_ptr()),
-                align_of(c.data_ptr())};
-    GemmPlan& plan = gemm_plan(key);
+    GemmPlan& plan = gemm_plan(gemm_key(a, ta, b, tb, c, cin, m, n, k, batch));
     if (plan.legacy) {
       const cudaDataType_t in_t = a.dtype() == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
       LLAMA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
@@ -327,8 +332,37 @@ class CudaBackend final : public Backend {
       return;
     }
     LLAMA3_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(),
-                                       plan.lb, &beta, c.data_ptr(), plan.lc, c.data_ptr(), plan.lc,
-                                       &plan.algo, workspace_, kWorkspace, stream_));
+                                       plan.lb, &beta, cin ? cin->data_ptr() : c.data_ptr(),
+                                       plan.lc, c.data_ptr(), plan.lc, &plan.algo, workspace_,
+                                       kWorkspace, stream_));
+  }
+
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's "A" is our b.
+  // The C alignment is that of both c and the separate input cin, when there is one.
+  GemmKey gemm_key(const Tensor& a, Trans ta, const Tensor& b, Trans tb, const Tensor& c,
+                   const Tensor* cin, int64_t m, int64_t n, int64_t k, int64_t batch) {
+    const int r = c.dim() - 2;
+    const int64_t sa = r == 1 ? a.strides()[0] : 0, sb = r == 1 ? b.strides()[0] : 0,
+                  sc = r == 1 ? c.strides()[0] : 0;
+    const int64_t al_c =
+        cin ? std::min(align_of(c.data_ptr()), align_of(cin->data_ptr())) : align_of(c.data_ptr());
+    return GemmKey{int(a.dtype()),
+                   int(c.dtype()),
+                   int(ta),
+                   int(tb),
+                   m,
+                   n,
+                   k,
+                   ld(a, "a"),
+                   ld(b, "b"),
+                   ld(c, "c"),
+                   batch,
+                   sa,
+                   sb,
+                   sc,
+                   align_of(a.data_ptr()),
+                   align_of(b.data_ptr()),
+                   al_c};
   }
 
   // ---------------------------------------------------------------- element-wise

@@ -18,6 +18,14 @@ class Linear : public Module {
                            out_hook);
     return output_hook ? output_hook(y) : y;
   }
+  // residual + this layer's output: the add done by the GEMM (ops::linear_residual), unless
+  // an output_hook or out_hook stands between the projection and the add (a tensor-parallel
+  // layer's all-reduce of its partial output must come first): then a separate ops::add.
+  Tensor plus(const Tensor& x, const Tensor& residual,
+              ops::Precision p = ops::Precision::f32) const {
+    if (output_hook || out_hook) return ops::add(residual, (*this)(x, p));
+    return ops::linear_residual(input_hook ? input_hook(x) : x, weight, residual, p, dx_hook);
+  }
   Tensor& weight;  // (out, in)
   // Optional differentiable transforms of the input and output (unset: identity). A
   // parallelize step uses them to insert communication (tensor parallelism) without the

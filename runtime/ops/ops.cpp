@@ -105,7 +105,8 @@ struct LinearNode : Node {
   DType x_dtype, w_dtype;
   Precision p;
   DxHook dx_hook;
-  const char* name() const override { return "linear"; }
+  bool residual = false;  // next[2]: the residual added to the output (linear_residual)
+  const char* name() const override { return residual ? "linear_residual" : "linear"; }
   // dx into another consumer's pending gradient of x (q/k/v or gate/up reading one norm
   // output), and dW into the gradient the weight holds from earlier micro-batches: the GEMM
   // adds with beta 1, saving the engine's separate add. Not under a dx_hook, which must see
@@ -150,6 +151,7 @@ struct LinearNode : Node {
       }
     }
     if (pending.finish) pending.finish();
+    if (residual) return {dx, dw, next[2] ? g_in : Tensor()};  // d out / d residual = 1
     return {dx, dw};
   }
   void release() override {
@@ -199,12 +201,15 @@ Tensor weight_bf16(const Tensor& w) {
   return w.to(DType::bf16);
 }
 
-Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad,
-              const DxHook& dx_hook, const OutHook& out_hook) {
+namespace {
+// linear, and linear_residual when residual is defined (then without bf16_out or out_hook).
+Tensor linear_impl(const Tensor& x, const Tensor& w, const Tensor& residual, Precision p,
+                   bool bf16_out, bool f32_grad, const DxHook& dx_hook, const OutHook& out_hook) {
+  const char* op = residual.defined() ? "linear_residual" : "linear";
   LLAMA3_CHECK(w.dim() == 2 && x.size(-1) == w.size(1),
-               "linear: x {} has {} features, weight {} expects {}", x.str(), x.size(-1), w.str(),
+               "{}: x {} has {} features, weight {} expects {}", op, x.str(), x.size(-1), w.str(),
                w.dim() == 2 ? w.size(1) : -1);
-  check_same_device(x, w, "linear");
+  check_same_device(x, w, op);
   Tensor x2 = as_rows(x.contiguous());
   Tensor wc = w.contiguous();
   if (p == Precision::bf16) x2 = to_bf16(x2), wc = weight_bf16(wc);
@@ -217,7 +222,15 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool
   os.back() = w.size(0);
   Tensor out = Tensor::empty(os, out_t, x.device());
   Tensor o2 = out.view({-1, w.size(0)});
-  if (!out_hook) {
+  Tensor rc;
+  if (residual.defined()) {
+    check_same_device(x, residual, op);
+    LLAMA3_CHECK(residual.shape() == os && residual.dtype() == out_t,
+                 "linear_residual: residual {} must have the output's shape {} and dtype {}",
+                 residual.str(), shape_str(os), dtype_name(out_t));
+    rc = residual.contiguous();
+    be(x).gemm_add(x2, Trans::N, wc, Trans::T, rc.view({-1, w.size(0)}), o2);
+  } else if (!out_hook) {
     be(x).gemm(x2, Trans::N, wc, Trans::T, o2, 1.f, 0.f);
   } else {
     // Slice i's operation (e.g. its all-reduce) is in flight while slice i+1 is computed; the
@@ -237,7 +250,7 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool
     for (auto& q : pending)
       if (q.finish) q.finish();
   }
-  if (autograd::any_requires_grad({&x, &w})) {
+  if (autograd::any_requires_grad({&x, &w, &residual})) {
     auto n = std::make_shared<LinearNode>();
     n->x = x2;
     n->w = wc;
@@ -251,9 +264,22 @@ Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool
     n->p = p;
     n->dx_hook = dx_hook;
     n->next = {autograd::edge(x), autograd::edge(w)};
+    if (residual.defined()) n->residual = true, n->next.push_back(autograd::edge(residual));
     autograd::set_history(out, n);
   }
   return out;
+}
+}  // namespace
+
+Tensor linear(const Tensor& x, const Tensor& w, Precision p, bool bf16_out, bool f32_grad,
+              const DxHook& dx_hook, const OutHook& out_hook) {
+  return linear_impl(x, w, Tensor(), p, bf16_out, f32_grad, dx_hook, out_hook);
+}
+
+Tensor linear_residual(const Tensor& x, const Tensor& w, const Tensor& residual, Precision p,
+                       const DxHook& dx_hook) {
+  LLAMA3_CHECK(residual.defined(), "linear_residual: the residual is undefined");
+  return linear_impl(x, w, residual, p, false, false, dx_hook, {});
 }
 
 // ---------------------------------------------------------------- rmsnorm

@@ -57,6 +57,14 @@ using DxHook = std::function<DxPending(Tensor& dx)>;
 using OutHook = std::function<DxPending(Tensor& rows)>;
 Tensor linear(const Tensor& x, const Tensor& w, Precision p = Precision::f32, bool bf16_out = false,
               bool f32_grad = false, const DxHook& dx_hook = {}, const OutHook& out_hook = {});
+// residual + linear(x, w, p) as one op: a projection whose output joins the residual stream
+// (attention's o and the MLP's down projection). The backend adds the residual in the GEMM
+// (Backend::gemm_add: CUDA's epilogue reads it, so the projection's output is not written
+// and read back by an add); the residual's gradient is the output's, as through ops::add.
+// The same values as ops::add(residual, linear(x, w, p)) (bitwise on CPU, whose gemm_add is
+// that add). The residual has the output's shape and dtype (f32, or f64 for f64 x).
+Tensor linear_residual(const Tensor& x, const Tensor& w, const Tensor& residual,
+                       Precision p = Precision::f32, const DxHook& dx_hook = {});
 
 // bf16 copies of weights for the bf16 GEMMs of mixed precision, kept up to date by the
 // optimizer that updates the weights (optim::AdamW::enable_bf16_copies writes each copy in the

@@ -28,7 +28,8 @@ Attention::Attention(const LlamaConfig& c, Rng& rng)
       head_dim(c.head_dim()) {}
 
 Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& pos,
-                             const AttentionParams& p, ops::Precision prec) const {
+                             const AttentionParams& p, ops::Precision prec,
+                             const Tensor& residual) const {
   const int64_t B = x.size(0), T = x.size(1);
   // Head counts come from the projections' shapes, so a layer holding a slice of the heads
   // (a tensor-parallel shard) runs unchanged.
@@ -53,8 +54,8 @@ Tensor Attention::operator()(const Tensor& x, const Tensor& inv_freq, const Tens
     k = ops::rope(k, inv_freq, pos);
     if (kv_hook) k = kv_hook(k), v = kv_hook(v);
   }
-  Tensor o = ops::attention(q, k, v, p);
-  return o_proj(ops::reshape(o, {B, T, hq * head_dim}), prec);
+  Tensor o = ops::reshape(ops::attention(q, k, v, p), {B, T, hq * head_dim});
+  return residual.defined() ? o_proj.plus(o, residual, prec) : o_proj(o, prec);
 }
 
 Mlp::Mlp(const LlamaConfig& c, Rng& rng)
@@ -63,11 +64,11 @@ Mlp::Mlp(const LlamaConfig& c, Rng& rng)
       down_proj(register_module("down_proj", std::make_unique<nn::Linear>(c.ffn_hidden(), c.dim,
                                                                           0.02 / std::sqrt(2.0 * c.n_layers), rng))) {}
 
-Tensor Mlp::operator()(const Tensor& x, ops::Precision prec) const {
+Tensor Mlp::operator()(const Tensor& x, ops::Precision prec, const Tensor& residual) const {
   // bf16 gate/up/SwiGLU activations where the backend prefers them (see Backend).
   const bool act16 = ops::bf16_activations(prec, x.device());
-  return down_proj(
-      ops::swiglu(gate_proj(x, prec, act16, true), up_proj(x, prec, act16, true)), prec);
+  Tensor a = ops::swiglu(gate_proj(x, prec, act16, true), up_proj(x, prec, act16, true));
+  return residual.defined() ? down_proj.plus(a, residual, prec) : down_proj(a, prec);
 }
 
 Block::Block(const LlamaConfig& c, Rng& rng)
@@ -83,8 +84,9 @@ Tensor Block::operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& 
   // bf16 GEMMs, which would otherwise each cast them (three times for q/k/v, twice for
   // gate/up).
   const bool act16 = ops::bf16_activations(prec, x.device());
-  Tensor h = ops::add(x, self_attn(input_layernorm(x, act16), inv_freq, pos, p, prec));
-  return ops::add(h, mlp(post_attention_layernorm(h, act16), prec));
+  // The residual adds happen in the o and down projections' GEMMs (Linear::plus).
+  Tensor h = self_attn(input_layernorm(x, act16), inv_freq, pos, p, prec, x);
+  return mlp(post_attention_layernorm(h, act16), prec, h);
 }
 
 LlamaModel::LlamaModel(const LlamaConfig& cfg, uint64_t seed) : cfg_(cfg) {

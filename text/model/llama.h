@@ -25,9 +25,11 @@ struct ModelOptions {
 class Attention : public nn::Module {
  public:
   Attention(const LlamaConfig& c, Rng& rng);
-  // x (B, T, D) -> (B, T, D)
+  // x (B, T, D) -> (B, T, D); plus residual (B, T, D) when given, added by the o
+  // projection's GEMM (nn::Linear::plus).
   Tensor operator()(const Tensor& x, const Tensor& inv_freq, const Tensor& pos,
-                    const AttentionParams& p, ops::Precision prec) const;
+                    const AttentionParams& p, ops::Precision prec,
+                    const Tensor& residual = Tensor()) const;
   nn::Linear &q_proj, &k_proj, &v_proj, &o_proj;
   int64_t n_heads, n_kv_heads, head_dim;
   // Optional differentiable transform of the rotated keys and of the values (B, T, Hkv, Dh)
@@ -44,7 +46,8 @@ class Attention : public nn::Module {
 class Mlp : public nn::Module {
  public:
   Mlp(const LlamaConfig& c, Rng& rng);
-  Tensor operator()(const Tensor& x, ops::Precision prec) const;
+  // x (B, T, D) -> (B, T, D); plus residual when given, added by the down projection's GEMM.
+  Tensor operator()(const Tensor& x, ops::Precision prec, const Tensor& residual = Tensor()) const;
   nn::Linear &gate_proj, &up_proj, &down_proj;
 };
 

@@ -129,6 +129,22 @@ std::vector<Case> make_cases() {
     backend_for(c.dev).gemm(a, Trans::N, b, Trans::T, out, 1.f, 0.f);
     return std::vector<Tensor>{out};
   });
+  // d = a b^T + c with c read by the GEMM (the residual add of linear_residual): contiguous,
+  // then c and d as row-strided views one element in (misaligned: the classic-API path, c
+  // copied into d first), and k = 0 (d = c).
+  both("gemm_add", true, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    Tensor a = input(c, {33, 40}, 60), b = input(c, {24, 40}, 61);
+    Tensor r = input_f32(c, {33, 24}, 62), d = Tensor::empty({33, 24}, DType::f32, c.dev);
+    be.gemm_add(a, Trans::N, b, Trans::T, r, d);
+    Tensor rw = input_f32(c, {33, 26}, 63), dw = input_f32(c, {33, 26}, 64);
+    Tensor rv = rw.narrow(1, 1, 24), dv = dw.narrow(1, 1, 24);
+    be.gemm_add(a, Trans::N, b, Trans::T, rv, dv);
+    Tensor e = Tensor::empty({5, 24}, DType::f32, c.dev);
+    be.gemm_add(input(c, {5, 0}, 65), Trans::N, input(c, {24, 0}, 66), Trans::T, r.narrow(0, 0, 5),
+                e);
+    return std::vector<Tensor>{d, dw, e};
+  });
   both("gemm_large_k", true, [](const Ctx& c) {
     Tensor a = input(c, {64, 1000}, 7), b = input(c, {1000, 96}, 8);
     Tensor out = Tensor::empty({64, 96}, DType::f32, c.dev);
