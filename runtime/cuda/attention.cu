@@ -260,20 +260,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dsum[b, h, i] = sum_d dout * out (f32).
-template <typename T>
+// dsum[b, h, i] = sum_d dout * out (f32), one warp a row. I: the index type, 32-bit when
+// every element index fits (in 64 bits lane 0's row decomposition was four divisions, each a
+// call of a ~70-instruction routine, per row of 64 elements, while the other lanes waited).
+template <typename T, typename I>
 __global__ void attn_dsum_kernel(const T* dout, const T* out, float* dsum, AttnShape a) {
-  const int64_t rows = a.B * a.T * a.H;
+  const I rows = I(a.B * a.T * a.H), D = I(a.D), H = I(a.H), TT = I(a.T);
   const int lane = threadIdx.x & 31;
-  for (int64_t r = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; r < rows;
-       r += int64_t(gridDim.x) * blockDim.x / 32) {
+  for (I r = (I(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
+       r += I(gridDim.x) * blockDim.x / 32) {
     float s = 0.f;
-    for (int64_t d = lane; d < a.D; d += 32)
-      s += to_f32(dout[r * a.D + d]) * to_f32(out[r * a.D + d]);
+    for (I d = lane; d < D; d += 32) s += to_f32(dout[r * D + d]) * to_f32(out[r * D + d]);
     s = warp_sum(s);
     if (lane == 0) {  // r = (b*T + i)*H + h
-      const int64_t h = r % a.H, bi = r / a.H, i = bi % a.T, b = bi / a.T;
-      dsum[(b * a.H + h) * a.T + i] = s;
+      const I bi = r / H, h = r - bi * H, b = bi / TT, i = bi - b * TT;
+      dsum[(b * H + h) * TT + i] = s;
     }
   }
 }
@@ -481,8 +482,14 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
   cudaError_t e = cudaMemsetAsync(dq_acc, 0, size_t(nq) * 4, s);
   if (e != cudaSuccess) return e;
   return dispatch_ft(t, [&]<typename T>() {
-    launch_kernel(attn_dsum_kernel<T>, grid_for(a.B * a.T * a.H * 32, 256), 256, 0, s,
-                  static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
+    // (32-bit indices when the largest element index and the grid's thread count fit)
+    const int64_t nthreads = a.B * a.T * a.H * 32;
+    if (nq < (int64_t(1) << 31) && nthreads < (int64_t(1) << 31))
+      launch_kernel(attn_dsum_kernel<T, uint32_t>, grid_for(nthreads, 256), 256, 0, s,
+                    static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
+    else
+      launch_kernel(attn_dsum_kernel<T, int64_t>, grid_for(nthreads, 256), 256, 0, s,
+                    static_cast<const T*>(dout), static_cast<const T*>(out), dsum, a);
     cudaError_t e2 =
         a.tc ? attention_backward_mma(in16.dout ? in16.dout : dout, in16.q ? in16.q : q,
                                       in16.k ? in16.k : k, in16.v ? in16.v : v, lse, dsum, dstart,

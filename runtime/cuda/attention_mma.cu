@@ -37,8 +37,9 @@
 // tiles that see its keys. Warp w owns key rows 16 w ..:
 // S^T = K Q^T and dP^T = V dO^T (16 x 64 accumulators), P^T = exp(S^T scale - lse) and
 // dS^T = P^T (dP^T - dsum) scale in place, dV += P^T dO and dK += dS^T Q into accumulators
-// held for the block's life. dS goes to shared memory query-major, and after a block barrier
-// warp w computes dQ = dS K for query rows 16 w .. and adds it to dq_acc with f32 atomics.
+// held for the block's life. dS^T goes to shared memory key-major (the packed A fragments of
+// the dK product, as they are), and after a block barrier warp w computes dQ = dS K for query
+// rows 16 w .. (dS loaded by ldmatrix.trans) and adds it to dq_acc with f32 atomics.
 // A candidate layout (BwdLayout<64, 2, 32>, AttnShape::bwd_two_mtiles; not yet timed on a
 // GPU) gives each warp 32 key rows (128 per block) and iterates over 32-query tiles: the same
 // MMAs per iteration with 72 ldmatrix instead of 92 (ptxas/SASS of nvcc 13.0), half the dQ
@@ -80,6 +81,9 @@ struct MmaLayout {
 __device__ __forceinline__ uint32_t ld32(const bf16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
+__device__ __forceinline__ void st32(bf16* p, uint32_t v) {
+  *reinterpret_cast<uint32_t*>(p) = v;
+}
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) in the low half
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -108,19 +112,19 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
                : "r"(addr));
 #endif
 }
-// stmatrix (sm_90): four 8x8 bf16 matrices held as A/C fragments stored transposed; lane l
-// gives the address of stored row l % 8 of matrix l / 8 (= column l % 8 of that fragment).
+// stmatrix (sm_90): four 8x8 bf16 matrices held as A/C fragments, stored as they are; lane l
+// gives the address of row l % 8 of matrix l / 8.
 #if defined(LLAMA3_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
 constexpr bool kHaveStmatrix = true;
 #else
 constexpr bool kHaveStmatrix = false;
 #endif
-__device__ __forceinline__ void stsm_x4_t(bf16* p, const uint32_t (&r)[4]) {
+__device__ __forceinline__ void stsm_x4(bf16* p, const uint32_t (&r)[4]) {
 #ifdef LLAMA3_CUDA_EMU
-  ::llama3::emu::stmatrix_x4(r, p, /*trans=*/true);
+  ::llama3::emu::stmatrix_x4(r, p, /*trans=*/false);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr),
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr),
                "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
                : "memory");
 #else
@@ -155,6 +159,15 @@ __device__ __forceinline__ void ldsm_a(uint32_t (&a)[4], const bf16* s, int row0
                                        int lane) {
   const int mi = lane >> 3, rr = lane & 7;
   ldsm_x4(a, s + (row0 + rr + 8 * (mi & 1)) * DP + kk * 16 + 8 * (mi >> 1));
+}
+// The A fragment of rows [row0, row0 + 16) x k [16 kk, 16 kk + 16) of a matrix stored
+// transposed (s[k][row], stride SP), by ldmatrix.trans of the stored blocks (k +0, rows +0)
+// = a0, (+0, +8) = a1, (+8, +0) = a2, (+8, +8) = a3.
+template <int SP>
+__device__ __forceinline__ void ldsm_a_t(uint32_t (&a)[4], const bf16* s, int row0, int kk,
+                                         int lane) {
+  const int mi = lane >> 3, rr = lane & 7;
+  ldsm_x4_t(a, s + (kk * 16 + rr + 8 * (mi >> 1)) * SP + row0 + 8 * (mi & 1));
 }
 // B fragments of two n-tiles (rows [n0, n0 + 8) and [n0 + 8, n0 + 16) of a tile whose rows
 // run along n, cols [16 kk, 16 kk + 16) along k): r[0], r[1] = b0, b1 of the first,
@@ -499,19 +512,22 @@ template <int DMAX, int MT, int NQ>
 struct BwdLayout {
   static constexpr int DP = MmaLayout<DMAX>::DP;
   static constexpr int BM = kM * MT;
-  static constexpr int SP = BM + 8;  // bf16 row stride of the dS tile (NQ query rows x BM keys)
+  // dS^T, key-major: BM key rows x NQ queries at a bf16 row stride of SQ (+8: the rows of an
+  // ldmatrix or of a warp's 4-byte stores fall in distinct banks).
+  static constexpr int SQ = NQ + 8;
   static constexpr size_t kv_b = size_t(BM) * DP * 2;
   static constexpr size_t qg_b = size_t(NQ) * DP * 2;
-  static constexpr size_t ds_b = size_t(NQ) * SP * 2;
+  static constexpr size_t ds_b = size_t(BM) * SQ * 2;
   // K, V, dS, two buffers of (lse, dsum), two buffers of (Q, dO).
   static constexpr size_t bytes = 2 * kv_b + ds_b + 4 * NQ * 4 + 4 * qg_b;
   static_assert(NQ % 16 == 0 && 2 * NQ <= kMmaThreads, "one statistic per thread");
-  static_assert(kv_b % 16 == 0 && ds_b % 16 == 0 && qg_b % 16 == 0 && (SP * 2) % 16 == 0,
+  static_assert(kv_b % 16 == 0 && ds_b % 16 == 0 && qg_b % 16 == 0 && (SQ * 2) % 16 == 0,
                 "regions and ldmatrix rows keep 16-byte alignment");
 };
 
-// Registers capped for 3 blocks per SM at (DMAX 64, MT 1) (168; ptxas of nvcc 13.0 reports
-// 40-48 bytes of spill stores, where a cap of 128 for 4 blocks would spill 544), 2 with MT 2.
+// Registers capped for 3 blocks per SM at (DMAX 64, MT 1) (168; ptxas of nvcc 13.0 spills
+// nothing there, where a cap of 128 for 4 blocks spilled 544 bytes), 2 with MT 2 (255: 16-20
+// bytes spilled).
 // (key tile, query tile) pairs that are wholly visible take a mask-free path.
 template <typename TO, int DMAX, bool ASYNC, int MT, int NQ, bool STSM>
 __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
@@ -522,7 +538,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
                         const int32_t* dend, TO* dk, TO* dv, float* dk_part, float* dv_part,
                         float* dq_acc, AttnShape a) {
   using L = BwdLayout<DMAX, MT, NQ>;
-  constexpr int DP = L::DP, SP = L::SP, BM = L::BM, NK = DMAX / 16, ND = DMAX / 8;
+  constexpr int DP = L::DP, SQ = L::SQ, BM = L::BM, NK = DMAX / 16, ND = DMAX / 8;
   constexpr int NN = NQ / 8;  // n8 tiles of queries in S^T and dP^T
   // dQ (NQ x DMAX) = dS (NQ x BM) K (BM x DMAX): QM m16 tiles of query rows, WPM warps per
   // m-tile, each taking NDW n8 tiles of the head dim.
@@ -531,8 +547,8 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   LLAMA3_DYNAMIC_SMEM(float4, smem4);
   bf16* Ks = reinterpret_cast<bf16*>(smem4);
   bf16* Vs = Ks + BM * DP;
-  bf16* Ss = Vs + BM * DP;                              // dS, query-major: Ss[query][key]
-  float* LsB = reinterpret_cast<float*>(Ss + NQ * SP);  // [buffer][NQ] lse (natural log)
+  bf16* Ss = Vs + BM * DP;                              // dS^T, key-major: Ss[key][query]
+  float* LsB = reinterpret_cast<float*>(Ss + BM * SQ);  // [buffer][NQ] lse (natural log)
   float* DdB = LsB + 2 * NQ;                            // [buffer][NQ] dsum per query row
   bf16* QGs = reinterpret_cast<bf16*>(DdB + 2 * NQ);    // [buffer][Q, dO][NQ][DP]
   __shared__ int Rlo[NQ], Rhi[NQ];
@@ -562,6 +578,11 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   const int nd0 = (warp / QM) * NDW;
   const float sl2 = a.scale * kLog2e;
   const bool vec2 = a.D % 2 == 0 && reinterpret_cast<uintptr_t>(dq_acc) % 8 == 0;
+  // dQ rows of exactly DMAX columns (the model's head dims 64 and 128): the atomics take one
+  // row pointer and constant offsets, with no per-column bound. (The general form recomputed
+  // the row's 64-bit address and compared both columns for every pair: about 17 instructions
+  // an atomic, 16 atomics a thread an iteration, in the SASS.)
+  const bool whole_rows = vec2 && a.D == DMAX;
 
   const int64_t jlast = min(j0 + BM, a.Tk) - 1;
   int64_t qlo = a.causal ? j0 : 0;
@@ -691,9 +712,9 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
         }
       }
     }
-    // P^T and dS^T in place; dS also to shared memory, query-major, for dQ.
+    // P^T and dS^T in place (dS^T goes to shared memory below, for dQ).
     // Each query column qc serves this lane's two key rows per m-tile: its values are read
-    // once, and the shared-memory stores come after all the reads.
+    // once.
 #pragma unroll
     for (int n = 0; n < NN; ++n) {
       // (query columns qc, qc + 1: one 8-byte load per statistic)
@@ -703,6 +724,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
       for (int c = 0; c < 2; ++c) {
         const int qc = n * 8 + 2 * t4 + c;
         const float lq = (c ? lq2.y : lq2.x) * kLog2e, dsq = c ? dsq2.y : dsq2.x;
+        const float dsq_s = dsq * a.scale;
         int lo = 0, hi = 0;
         if (!full) {
           if (docs) {
@@ -719,24 +741,23 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
           const float pA = okA ? exp2_ftz(st[mt][n][c] * sl2 - lq) : 0.f;
           const float pB = okB ? exp2_ftz(st[mt][n][c + 2] * sl2 - lq) : 0.f;
           st[mt][n][c] = pA, st[mt][n][c + 2] = pB;
-          dpt[mt][n][c] = pA * (dpt[mt][n][c] - dsq) * a.scale;
-          dpt[mt][n][c + 2] = pB * (dpt[mt][n][c + 2] - dsq) * a.scale;
+          // dS = P (dP - D) scale, as P (dP scale - D scale): one FFMA and one FMUL. (Not in
+          // the two-m-tile candidate, at its 255-register cap: ptxas then spills 56 bytes
+          // against 20.)
+          if constexpr (MT == 1) {
+            dpt[mt][n][c] = pA * fmaf(dpt[mt][n][c], a.scale, -dsq_s);
+            dpt[mt][n][c + 2] = pB * fmaf(dpt[mt][n][c + 2], a.scale, -dsq_s);
+          } else {
+            dpt[mt][n][c] = pA * (dpt[mt][n][c] - dsq) * a.scale;
+            dpt[mt][n][c + 2] = pB * (dpt[mt][n][c + 2] - dsq) * a.scale;
+          }
         }
       }
     }
-    // STSM (sm_90; as yet untimed): dS goes to shared memory from its packed A fragments
-    // below, four 8x8 transposed matrices per instruction, instead of two bytes a store.
+    // dS goes to shared memory key-major from its packed A fragments below (the dK MMA's
+    // operand), so no value is converted or stored twice: four 4-byte stores per fragment, or
+    // (STSM, sm_90; untimed) one stmatrix of its four 8x8 matrices.
     constexpr bool kStsm = STSM && kHaveStmatrix;
-    if constexpr (!kStsm) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int n = 0; n < NN; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            Ss[(n * 8 + 2 * t4 + (e & 1)) * SP + r0 + 16 * mt + g + (e < 2 ? 0 : 8)] =
-                __float2bfloat16_rn(dpt[mt][n][e]);
-    }
     // dV += P^T dO, dK += dS^T Q (k = the NQ queries of the tile); each dO and Q B-fragment
     // pair serves every m-tile.
 #pragma unroll
@@ -745,12 +766,16 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         c_to_a(pa[mt], st[mt], kq), c_to_a(da[mt], dpt[mt], kq);
+        // da = dS^T (keys r0 + 16 mt + {0..7, 8..15} x queries 16 kq + {0..7, 8..15}) as
+        // matrices (+0, +0) = da[0], (+8, +0) = da[1], (+0, +8) = da[2], (+8, +8) = da[3].
+        bf16* sk = Ss + (r0 + 16 * mt) * SQ + 16 * kq;
         if constexpr (kStsm) {
-          // da = dS^T (keys r0 + 16 mt + {0..7, 8..15} x queries 16 kq + {0..7, 8..15}) as
-          // matrices (+0, +0), (+8, +0), (+0, +8), (+8, +8); stored transposed, query-major.
           const int mi = lane >> 3;
-          stsm_x4_t(Ss + (16 * kq + 8 * (mi >> 1) + (lane & 7)) * SP + r0 + 16 * mt + 8 * (mi & 1),
-                    da[mt]);
+          stsm_x4(sk + ((lane & 7) + 8 * (mi & 1)) * SQ + 8 * (mi >> 1), da[mt]);
+        } else {
+          bf16* p = sk + g * SQ + 2 * t4;
+          st32(p, da[mt][0]), st32(p + 8 * SQ, da[mt][1]);
+          st32(p + 8, da[mt][2]), st32(p + 8 * SQ + 8, da[mt][3]);
         }
       }
 #pragma unroll
@@ -779,7 +804,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
       uint32_t sa[4];
-      ldsm_a<SP>(sa, Ss, 16 * qm, kk, lane);
+      ldsm_a_t<SQ>(sa, Ss, 16 * qm, kk, lane);
 #pragma unroll
       for (int dn = 0; dn < NDW / 2; ++dn) {
         uint32_t kb[4];
@@ -793,6 +818,12 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
       const int64_t i = i0 + 16 * qm + g + 8 * half;
       if (i >= a.T) continue;
       float* dqr = dq_acc + ((b * a.T + i) * a.H + h) * a.D;
+      if (whole_rows) {
+        float* p = dqr + nd0 * 8 + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < NDW; ++n) add2(p + n * 8, dq[n][2 * half], dq[n][2 * half + 1]);
+        continue;
+      }
 #pragma unroll
       for (int n = 0; n < NDW; ++n) {
         const int64_t d = (nd0 + n) * 8 + 2 * t4;
@@ -938,10 +969,9 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
         return cudaGetLastError();
       };
       cudaError_t e = cudaSuccess;
-      // dS by two-byte stores; by stmatrix only in the candidate (2, 32) tiles when
-      // a.bwd_stmatrix (ptxas of nvcc 13.0: 116-140 bytes of spills at 255 registers, and
-      // 92-100 at the (1, 64) tiles' 168, against none). The candidate exists at head dim 64
-      // only, where registers allow two key m-tiles.
+      // dS^T by 4-byte stores; by stmatrix only in the candidate (2, 32) tiles when
+      // a.bwd_stmatrix. The candidate exists at head dim 64 only, where registers allow two
+      // key m-tiles.
       bool two = false;
       if constexpr (DMAX == 64) {
         two = a.bwd_two_mtiles;

@@ -205,6 +205,30 @@ __global__ void embedding_bwd_kernel(const T* g, const int32_t* ids, T* dw, int6
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) atomicAdd(r + c, gr[c]);
 }
 
+// Four consecutive elements as floats: one 16-byte (f32) or 8-byte (bf16) access.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float (&f)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+    f[0] = a.x, f[1] = a.y, f[2] = c.x, f[3] = c.y;
+  }
+}
+template <typename T>
+__device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+  } else {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(f[0], f[1]),
+                         c = __floats2bfloat162_rn(f[2], f[3]);
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&c));
+  }
+}
 // ---------------------------------------------------------------- rmsnorm
 // y may be bf16 for f32 x (a normalised input that only feeds bf16 GEMMs).
 template <typename T, typename TY>
@@ -222,6 +246,35 @@ __global__ void rmsnorm_fwd_kernel(const T* x, const T* w, float eps, TY* y, T* 
   TY* yr = y + i * d;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
     yr[c] = from_f32<TY>(to_f32(xr[c]) * r * to_f32(w[c]));
+}
+// f32 rows of d = 4 d4 columns (d4 <= NV blockDim.x; x, w 16-byte aligned, y aligned to four
+// elements), one row a block: each thread loads its NV float4 of the row once and keeps them
+// in registers for the output (the kernel above reads the row twice in 4-byte loads, and
+// writes y two bytes at a time when it is bf16). Same arithmetic per element.
+template <typename TY, int NV>
+__global__ void rmsnorm_fwd_vec_kernel(const float* x, const float* w, float eps, TY* y,
+                                       float* rstd, uint32_t d4) {
+  const float4* xr = reinterpret_cast<const float4*>(x) + size_t(blockIdx.x) * d4;
+  float4 v[NV];
+  float ss = 0;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const uint32_t c = threadIdx.x + k * blockDim.x;
+    v[k] = c < d4 ? xr[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+    ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+  }
+  ss = block_sum(ss);
+  const float r = 1.f / sqrtf(ss / float(4 * d4) + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+  TY* yr = y + size_t(blockIdx.x) * d4 * 4;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const uint32_t c = threadIdx.x + k * blockDim.x;
+    if (c >= d4) break;
+    const float4 wv = reinterpret_cast<const float4*>(w)[c];
+    const float o[4] = {v[k].x * r * wv.x, v[k].y * r * wv.y, v[k].z * r * wv.z, v[k].w * r * wv.w};
+    store4(yr + 4 * c, o);
+  }
 }
 // dx's new value: v, or (acc_dx) the old dx plus v with the add rounded on its own (no
 // multiply-add contraction), as a separate add of the two gradients would round it.
@@ -340,51 +393,37 @@ __global__ void rope_kernel(const T* x, const T* inv_freq, const int32_t* pos, b
   }
 }
 
-// Four rotation pairs a thread (half % 4 == 0; x and out aligned to 4 elements): 8- or
-// 16-byte accesses and 32-bit index arithmetic (the kernel above does 64-bit divisions and
-// 2-byte accesses per element). The same per-element arithmetic as rope_kernel.
+// One block per position (b, t), four rotation pairs a thread (half % 4 == 0; x and out
+// aligned to 4 elements): threadIdx.x walks the row's groups of four pairs, threadIdx.y the
+// heads. The position's half angles are computed once into shared memory and serve every
+// head (a sincosf per element was ~20 instructions with a range reduction; q at 32 heads
+// now takes one per 32 elements). 8- or 16-byte accesses, no division. The same per-element
+// arithmetic as rope_kernel.
 template <typename T>
-__device__ __forceinline__ void load4(const T* p, float (&f)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
-  } else {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-    f[0] = a.x, f[1] = a.y, f[2] = c.x, f[3] = c.y;
+__global__ void rope_pos_kernel(const T* x, const T* inv_freq, const int32_t* pos, bool inverse,
+                                T* out, uint32_t tt, uint32_t h, uint32_t dh) {
+  LLAMA3_DYNAMIC_SMEM(float, cs);                       // [half] cos, then [half] sin
+  const uint32_t half = dh / 2, row0 = blockIdx.x * h;  // blockIdx.x = bi * tt + ti
+  float* sn = cs + half;
+  const float p = float(pos[blockIdx.x % tt]);
+  for (uint32_t j = threadIdx.y * blockDim.x + threadIdx.x; j < half;
+       j += blockDim.x * blockDim.y) {
+    float s, c;
+    sincosf(p * to_f32(inv_freq[j]), &s, &c);
+    cs[j] = c, sn[j] = inverse ? -s : s;
   }
-}
-template <typename T>
-__device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
-  } else {
-    const __nv_bfloat162 a = __floats2bfloat162_rn(f[0], f[1]),
-                         c = __floats2bfloat162_rn(f[2], f[3]);
-    *reinterpret_cast<uint2*>(p) =
-        make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&c));
-  }
-}
-template <typename T>
-__global__ void rope4_kernel(const T* x, const T* inv_freq, const int32_t* pos, bool inverse,
-                             T* out, uint32_t n4, uint32_t tt, uint32_t h, uint32_t dh) {
-  const uint32_t half = dh / 2, q = half / 4;  // groups of four pairs per row
-  for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < n4; e += gridDim.x * blockDim.x) {
-    const uint32_t j = (e % q) * 4, row = e / q;  // row = (bi * tt + ti) * h + hi
-    const uint32_t ti = (row / h) % tt;
-    const float p = float(pos[ti]);
-    const T* xr = x + size_t(row) * dh;
-    T* orow = out + size_t(row) * dh;
+  __syncthreads();
+  const uint32_t j = threadIdx.x * 4;  // blockDim.x = half / 4
+  for (uint32_t hi = threadIdx.y; hi < h; hi += blockDim.y) {
+    const T* xr = x + size_t(row0 + hi) * dh;
+    T* orow = out + size_t(row0 + hi) * dh;
     float x1[4], x2[4], o1[4], o2[4];
     load4(xr + j, x1), load4(xr + j + half, x2);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      float sn, cs;
-      sincosf(p * to_f32(inv_freq[j + k]), &sn, &cs);
-      if (inverse) sn = -sn;
-      o1[k] = x1[k] * cs - x2[k] * sn;
-      o2[k] = x2[k] * cs + x1[k] * sn;
+      const float c = cs[j + k], s = sn[j + k];
+      o1[k] = x1[k] * c - x2[k] * s;
+      o2[k] = x2[k] * c + x1[k] * s;
     }
     store4(orow + j, o1), store4(orow + j + half, o2);
   }
@@ -844,6 +883,30 @@ cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, K
 cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, void* rstd, KT t,
                             int64_t n, int64_t d, cudaStream_t s, KT ty) {
   if (n == 0) return cudaSuccess;
+  const size_t yal = ty == KT::bf16 ? 8 : 16;
+  if (t == KT::f32 && (ty == KT::f32 || ty == KT::bf16) && d % 4 == 0 && d / 4 <= 8 * kThreads &&
+      reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(y) % yal == 0 && n <= INT32_MAX) {
+    const uint32_t d4 = uint32_t(d / 4);
+    // (a warp multiple of threads, at most kThreads; NV float4 each)
+    const unsigned threads = unsigned(std::min<int64_t>(kThreads, (d4 + 31) / 32 * 32));
+    auto go = [&]<typename TY>(auto kern) {
+      launch_kernel(kern, unsigned(n), threads, 0, s, static_cast<const float*>(x),
+                    static_cast<const float*>(w), eps, static_cast<TY*>(y),
+                    static_cast<float*>(rstd), d4);
+    };
+    auto pick = [&]<typename TY>() {
+      if (d4 <= threads) return go.template operator()<TY>(rmsnorm_fwd_vec_kernel<TY, 1>);
+      if (d4 <= 2 * threads) return go.template operator()<TY>(rmsnorm_fwd_vec_kernel<TY, 2>);
+      if (d4 <= 4 * threads) return go.template operator()<TY>(rmsnorm_fwd_vec_kernel<TY, 4>);
+      go.template operator()<TY>(rmsnorm_fwd_vec_kernel<TY, 8>);
+    };
+    if (ty == KT::bf16)
+      pick.template operator()<__nv_bfloat16>();
+    else
+      pick.template operator()<float>();
+    return cudaGetLastError();
+  }
   if (t == KT::f32 && ty == KT::bf16) {
     launch_kernel(rmsnorm_fwd_kernel<float, __nv_bfloat16>, unsigned(n), kThreads, 0, s,
                   static_cast<const float*>(x), static_cast<const float*>(w), eps,
@@ -893,20 +956,24 @@ cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool i
   const int64_t n = b * tt * h * (dh / 2);
   if (n == 0) return cudaSuccess;
   const size_t esz = t == KT::bf16 ? 2 : 4;
-  if ((t == KT::bf16 || t == KT::f32) && (dh / 2) % 4 == 0 && n / 4 <= INT32_MAX &&
-      b * tt * h <= INT32_MAX && reinterpret_cast<uintptr_t>(x) % (4 * esz) == 0 &&
+  if ((t == KT::bf16 || t == KT::f32) && (dh / 2) % 4 == 0 && dh / 8 <= 1024 &&
+      b * tt <= INT32_MAX && b * tt * h * dh <= UINT32_MAX &&
+      reinterpret_cast<uintptr_t>(x) % (4 * esz) == 0 &&
       reinterpret_cast<uintptr_t>(out) % (4 * esz) == 0) {
-    const int64_t n4 = n / 4;
-    const unsigned grid = unsigned(grid_for(n4, kThreads));
+    // (half / 4) x rows threads, at least 128 a block where the head dim allows.
+    const unsigned gx = unsigned(dh / 8), gy = std::max(1u, 128u / gx);
+    const dim3 block(gx, unsigned(std::min<int64_t>(gy, h)));
+    const size_t smem = size_t(dh) * sizeof(float);
+    const unsigned grid = unsigned(b * tt);
     if (t == KT::bf16)
-      launch_kernel(
-          rope4_kernel<__nv_bfloat16>, grid, kThreads, 0, s, static_cast<const __nv_bfloat16*>(x),
-          static_cast<const __nv_bfloat16*>(inv_freq), pos, inverse,
-          static_cast<__nv_bfloat16*>(out), uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
+      launch_kernel(rope_pos_kernel<__nv_bfloat16>, grid, block, smem, s,
+                    static_cast<const __nv_bfloat16*>(x),
+                    static_cast<const __nv_bfloat16*>(inv_freq), pos, inverse,
+                    static_cast<__nv_bfloat16*>(out), uint32_t(tt), uint32_t(h), uint32_t(dh));
     else
-      launch_kernel(rope4_kernel<float>, grid, kThreads, 0, s, static_cast<const float*>(x),
+      launch_kernel(rope_pos_kernel<float>, grid, block, smem, s, static_cast<const float*>(x),
                     static_cast<const float*>(inv_freq), pos, inverse, static_cast<float*>(out),
-                    uint32_t(n4), uint32_t(tt), uint32_t(h), uint32_t(dh));
+                    uint32_t(tt), uint32_t(h), uint32_t(dh));
     return cudaGetLastError();
   }
   return dispatch_ft(t, [&]<typename T>() {

@@ -215,7 +215,8 @@ std::vector<Case> make_cases() {
     return std::vector<Tensor>{y, rstd, dx, dw, dx2};
   });
   // Wider rows: more rows than the 528 partial rows (several rows per block) at d = 2100
-  // (16 columns a thread in registers), and d = 4100 (the kernel without register rows).
+  // (16 columns a thread in registers), and d = 4100 (the kernel without register rows). The
+  // forward's float4 kernel: 1 (d = 300), 4 (2100) and 8 (4100) float4 a thread.
   for (int64_t d : {2100, 4100}) {
     const int64_t rows = d == 2100 ? 600 : 5;
     both("rmsnorm_d" + std::to_string(d), false, [d, rows](const Ctx& c) {
@@ -240,7 +241,7 @@ std::vector<Case> make_cases() {
                   be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
                   return std::vector<Tensor>{y.to(DType::f32), rstd};
                 }});
-  // Head dims 16 and 64 (the CUDA kernel's four-pairs-a-thread path; 64 at positions up to
+  // Head dims 16 and 64 (the CUDA per-position kernel, four pairs a thread; 64 at positions up to
   // 4000, as in a 4096-token step) and 12 (half 6: the one-pair-a-thread kernel).
   for (int64_t dh : {16, 12, 64}) {
     both(dh == 16 ? std::string("rope") : "rope_d" + std::to_string(dh), false, [dh](const Ctx& c) {

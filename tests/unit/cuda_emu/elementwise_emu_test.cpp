@@ -83,37 +83,40 @@ TEST_P(ElementwiseEmu, AddAxpySwiglu) {
 TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
   emu_test::each_schedule([&] {
     const DType dt = GetParam();
-    const int64_t n = 37, d = 130;
-    Tensor x = randn({n, d}, 4).to(dt), w = randn({d}, 5, 0.5f).to(dt);
-    // f32 x may write a bf16 y (the norms that feed bf16 GEMMs).
-    for (DType yt : dt == DType::f32 ? std::vector<DType>{DType::f32, DType::bf16}
-                                     : std::vector<DType>{DType::bf16}) {
-      Tensor y1 = Tensor::empty({n, d}, DType::f32), r1 = Tensor::empty({n}, DType::f32);
-      cpu().rmsnorm_forward(f32(x), f32(w), 1e-5f, y1, r1);
-      Tensor y2 = Tensor::empty({n, d}, yt), r2 = Tensor::empty({n}, dt);
-      ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y2.data_ptr(), r2.data_ptr(),
-                                    kt(dt), n, d, nullptr, kt(yt)),
+    // d = 130: the one-column-a-thread forward; 2048 (f32 x): the float4 forward, two a thread.
+    for (int64_t d : {130, 2048}) {
+      const int64_t n = d == 130 ? 37 : 5;
+      Tensor x = randn({n, d}, 4).to(dt), w = randn({d}, 5, 0.5f).to(dt);
+      // f32 x may write a bf16 y (the norms that feed bf16 GEMMs).
+      for (DType yt : dt == DType::f32 ? std::vector<DType>{DType::f32, DType::bf16}
+                                       : std::vector<DType>{DType::bf16}) {
+        Tensor y1 = Tensor::empty({n, d}, DType::f32), r1 = Tensor::empty({n}, DType::f32);
+        cpu().rmsnorm_forward(f32(x), f32(w), 1e-5f, y1, r1);
+        Tensor y2 = Tensor::empty({n, d}, yt), r2 = Tensor::empty({n}, dt);
+        ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y2.data_ptr(),
+                                      r2.data_ptr(), kt(dt), n, d, nullptr, kt(yt)),
+                  cudaSuccess);
+        EXPECT_LT(rel_err(y2, y1), yt == DType::bf16 ? 4e-3 : 1e-6) << "d " << d;
+        EXPECT_LT(rel_err(r2, r1), dt == DType::bf16 ? 4e-3 : 1e-6) << "d " << d;
+      }
+      // Both sides get the same rstd (the emulated kernel's, in dt).
+      Tensor rstd = Tensor::empty({n}, dt), y = Tensor::empty({n, d}, dt);
+      ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y.data_ptr(),
+                                    rstd.data_ptr(), kt(dt), n, d, nullptr, kt(dt)),
                 cudaSuccess);
-      EXPECT_LT(rel_err(y2, y1), yt == DType::bf16 ? 4e-3 : 1e-6);
-      EXPECT_LT(rel_err(r2, r1), dt == DType::bf16 ? 4e-3 : 1e-6);
-    }
-    // Both sides get the same rstd (the emulated kernel's, in dt).
-    Tensor rstd = Tensor::empty({n}, dt), y = Tensor::empty({n, d}, dt);
-    ASSERT_EQ(cu::rmsnorm_forward(x.data_ptr(), w.data_ptr(), 1e-5f, y.data_ptr(), rstd.data_ptr(),
-                                  kt(dt), n, d, nullptr, kt(dt)),
-              cudaSuccess);
-    Tensor dy = randn({n, d}, 6).to(dt);
-    for (bool acc : {false, true}) {
-      Tensor dx0 = randn({n, d}, 7).to(dt), dw0 = randn({d}, 8).to(dt);
-      Tensor dx1 = f32(dx0), dw1 = f32(dw0), dx2 = dx0.clone(), dw2 = dw0.clone();
-      cpu().rmsnorm_backward(f32(dy), f32(x), f32(w), f32(rstd), dx1, dw1, acc);
-      Tensor part = Tensor::empty({cu::rmsnorm_partial_rows(n), d}, DType::f32);
-      ASSERT_EQ(cu::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
-                                     dx2.data_ptr(), dw2.data_ptr(), part.data<float>(), kt(dt), n,
-                                     d, acc, nullptr),
-                cudaSuccess);
-      EXPECT_LT(rel_err(dx2, dx1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dx, accumulate " << acc;
-      EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dw, accumulate " << acc;
+      Tensor dy = randn({n, d}, 6).to(dt);
+      for (bool acc : {false, true}) {
+        Tensor dx0 = randn({n, d}, 7).to(dt), dw0 = randn({d}, 8).to(dt);
+        Tensor dx1 = f32(dx0), dw1 = f32(dw0), dx2 = dx0.clone(), dw2 = dw0.clone();
+        cpu().rmsnorm_backward(f32(dy), f32(x), f32(w), f32(rstd), dx1, dw1, acc);
+        Tensor part = Tensor::empty({cu::rmsnorm_partial_rows(n), d}, DType::f32);
+        ASSERT_EQ(cu::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                                       dx2.data_ptr(), dw2.data_ptr(), part.data<float>(), kt(dt),
+                                       n, d, acc, nullptr),
+                  cudaSuccess);
+        EXPECT_LT(rel_err(dx2, dx1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dx, accumulate " << acc;
+        EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dw, accumulate " << acc;
+      }
     }
   });
 }
@@ -121,9 +124,10 @@ TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
 TEST_P(ElementwiseEmu, Rope) {
   emu_test::each_schedule([&] {
     const DType dt = GetParam();
-    // Head dim 64 takes the 4-pairs-a-thread kernel, 20 the generic one.
-    for (int64_t dh : {64, 20}) {
-      const int64_t B = 2, T = 5, H = 3;
+    // Head dims 64 and 256 take the per-position kernel (256 at 5 heads: 32 x 4 threads, so
+    // a thread rotates two heads), 20 the generic one.
+    for (int64_t dh : {64, 256, 20}) {
+      const int64_t B = 2, T = 5, H = dh == 256 ? 5 : 3;
       Tensor x = randn({B, T, H, dh}, 9).to(dt);
       std::vector<float> f(size_t(dh / 2));
       for (int64_t i = 0; i < dh / 2; ++i) f[size_t(i)] = std::pow(10000.f, -2.f * i / dh);
