@@ -10,7 +10,12 @@ Not a speed figure: what it shows (registers, spills, ldmatrix per MMA, division
 loop) is what a GPU run then times. Figures of record are in docs/cuda.md.
 
   python3 bench/kernel_stats.py [runtime/cuda/attention_mma.cu] [--filter SUBSTRING]
-      [--cuobjdump PATH]
+      [--cuobjdump PATH] [--hot-path]
+
+--hot-path compiles with LLAMA3_HOT_PATH defined: the block-uniform conditions marked
+LLAMA3_HOT(...) in the source take the values of the training step's common case (mask-free
+tiles, no documents, whole dQ rows), so the loop shown is what that case executes; without
+it every path of the loop is counted, branches never taken in the step included.
 
 cuobjdump is not part of the CUDA toolkit image here; `pip download --no-deps
 nvidia-cuda-cuobjdump` gets a wheel whose nvidia/cu13/bin/cuobjdump works (unzip it).
@@ -100,6 +105,8 @@ def main():
     p.add_argument("source", nargs="?", default="runtime/cuda/attention_mma.cu")
     p.add_argument("--filter", default="", help="only kernels whose demangled name contains this")
     p.add_argument("--cuobjdump", default=os.environ.get("CUOBJDUMP", shutil.which("cuobjdump") or ""))
+    p.add_argument("--hot-path", action="store_true",
+                   help="compile with LLAMA3_HOT_PATH (the step's common case only)")
     a = p.parse_args()
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +114,8 @@ def main():
         cmd = [nvcc, "-O3", "-DNDEBUG", "--generate-code=arch=compute_90,code=sm_90",
                "--expt-relaxed-constexpr", "-std=c++20", "-I" + ROOT, "-c",
                os.path.join(ROOT, a.source), "-o", obj, "-Xptxas", "-v"]
+        if a.hot_path:
+            cmd.insert(1, "-DLLAMA3_HOT_PATH")
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             sys.stderr.write(r.stderr[-4000:])
@@ -135,7 +144,8 @@ def main():
             for s0, e in shown:
                 c = collections.Counter(o.split(".")[0] for _, o, _ in ins[s0:e + 1])
                 mix = " ".join(f"{k} {c[k]}" for k in KEYS if c.get(k))
-                print(f"  loop of {e - s0 + 1} instructions (static, every path): {mix}")
+                kind = "the step's common case" if a.hot_path else "every path"
+                print(f"  loop of {e - s0 + 1} instructions (static, {kind}): {mix}")
             calls = collections.Counter()
             for s0, e in lp:
                 for _, o, rest in ins[s0:e + 1]:

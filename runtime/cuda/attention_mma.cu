@@ -52,6 +52,17 @@
 
 #include "runtime/cuda/common.cuh"
 
+// LLAMA3_HOT(condition, value): the condition, unless the file is compiled with
+// LLAMA3_HOT_PATH defined (only by bench/kernel_stats.py --hot-path, never in a build): then
+// the value the training step's common case has (mask-free tile pairs, no documents, dQ rows
+// of whole head dims), so that the SASS shows the loops as that case executes them, without
+// the branches it never takes.
+#ifdef LLAMA3_HOT_PATH
+#define LLAMA3_HOT(condition, value) (value)
+#else
+#define LLAMA3_HOT(condition, value) (condition)
+#endif
+
 LLAMA3_CUDA_NS_BEGIN
 
 namespace {
@@ -112,14 +123,14 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
                : "r"(addr));
 #endif
 }
-// stmatrix (sm_90): four 8x8 bf16 matrices held as A/C fragments, stored as they are; lane l
-// gives the address of row l % 8 of matrix l / 8.
+// stmatrix (sm_90; unused where kHaveStmatrix is false): four 8x8 bf16 matrices held as A/C
+// fragments, stored as they are; lane l gives the address of row l % 8 of matrix l / 8.
 #if defined(LLAMA3_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
 constexpr bool kHaveStmatrix = true;
 #else
 constexpr bool kHaveStmatrix = false;
 #endif
-__device__ __forceinline__ void stsm_x4(bf16* p, const uint32_t (&r)[4]) {
+[[maybe_unused]] __device__ __forceinline__ void stsm_x4(bf16* p, const uint32_t (&r)[4]) {
 #ifdef LLAMA3_CUDA_EMU
   ::llama3::emu::stmatrix_x4(r, p, /*trans=*/false);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -340,8 +351,11 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   const int64_t kvh = h / (a.H / a.Hkv);
   const int64_t i0 = qt * BM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
-  const int r0 = warp * 16 * MT;       // the warp's rows: m-tile mt is r0 + 16 mt .. + 15
-  const float sl2 = a.scale * kLog2e;  // scores in log2 units
+  const int r0 = warp * 16 * MT;  // the warp's rows: m-tile mt is r0 + 16 mt .. + 15
+  // Scores in log2 units: S |scale| log2(e), with Q's signs flipped below for a negative
+  // scale (exact), so that the row maxima can be taken on the raw products and the
+  // exponent is one FFMA, exp2(s sl2 - m).
+  const float sl2 = fabsf(a.scale) * kLog2e;
 
   for (int r = threadIdx.x; r < BM; r += kMmaThreads) {
     int64_t lo, hi;
@@ -377,7 +391,12 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kk = 0; kk < NK; ++kk) ld_a<DP>(qa[mt][kk], Qs, r0 + 16 * mt, kk, g, t4);
+    for (int kk = 0; kk < NK; ++kk) {
+      ld_a<DP>(qa[mt][kk], Qs, r0 + 16 * mt, kk, g, t4);
+      if (a.scale < 0.f)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) qa[mt][kk][e] ^= 0x80008000u;  // -Q, both bf16 halves
+    }
   // This lane's two rows per m-tile: g (A) and g + 8 (B).
   int loA[MT], hiA[MT], loB[MT], hiB[MT];
 #pragma unroll
@@ -428,10 +447,12 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
         }
       }
     }
-    const bool full = LoMax <= j0 && j0 + kN <= HiMin;  // block-uniform
+    const bool full = LLAMA3_HOT(LoMax <= j0 && j0 + kN <= HiMin, true);  // block-uniform
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      float mxA = mA[mt], mxB = mB[mt];
+      // Row maxima of the raw products (sl2 > 0: the same as those of the scaled scores,
+      // bit for bit), then in log2 units with the running maxima.
+      float mxA = -INFINITY, mxB = -INFINITY;
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
 #pragma unroll
@@ -439,7 +460,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
           const int j = int(j0) + n * 8 + 2 * t4 + (e & 1);
           const bool ok =
               full || (e < 2 ? (j >= loA[mt] && j < hiA[mt]) : (j >= loB[mt] && j < hiB[mt]));
-          const float x = ok ? s[mt][n][e] * sl2 : -INFINITY;
+          const float x = ok ? s[mt][n][e] : -INFINITY;
           s[mt][n][e] = x;
           if (e < 2)
             mxA = fmaxf(mxA, x);
@@ -447,21 +468,28 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
             mxB = fmaxf(mxB, x);
         }
       }
-      mxA = quad_max(mxA), mxB = quad_max(mxB);
+      mxA = fmaxf(mA[mt], quad_max(mxA) * sl2), mxB = fmaxf(mB[mt], quad_max(mxB) * sl2);
       const float msA = mxA == -INFINITY ? 0.f : mxA, msB = mxB == -INFINITY ? 0.f : mxB;
       const float alA = exp2_ftz(mA[mt] - msA), alB = exp2_ftz(mB[mt] - msB);  // 0 while m = -inf
       float sumA = 0.f, sumB = 0.f;
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        s[mt][n][0] = exp2_ftz(s[mt][n][0] - msA), s[mt][n][1] = exp2_ftz(s[mt][n][1] - msA);
-        s[mt][n][2] = exp2_ftz(s[mt][n][2] - msB), s[mt][n][3] = exp2_ftz(s[mt][n][3] - msB);
+        // (a masked -inf gives fma(-inf, sl2, -m) = -inf: probability 0)
+        s[mt][n][0] = exp2_ftz(fmaf(s[mt][n][0], sl2, -msA));
+        s[mt][n][1] = exp2_ftz(fmaf(s[mt][n][1], sl2, -msA));
+        s[mt][n][2] = exp2_ftz(fmaf(s[mt][n][2], sl2, -msB));
+        s[mt][n][3] = exp2_ftz(fmaf(s[mt][n][3], sl2, -msB));
         sumA += s[mt][n][0] + s[mt][n][1], sumB += s[mt][n][2] + s[mt][n][3];
       }
       lA[mt] = lA[mt] * alA + sumA, lB[mt] = lB[mt] * alB + sumB;
       mA[mt] = mxA, mB[mt] = mxB;
+      // Rescale O unless no row maximum of the warp's m-tile moved (then every factor is 1
+      // and the multiplies change no bit): in causal attention the maxima settle after the
+      // first tiles, so most tiles skip 4 ND multiplies a thread for one vote.
+      if (!__all_sync(0xffffffffu, alA == 1.f && alB == 1.f))
 #pragma unroll
-      for (int n = 0; n < ND; ++n)
-        o[mt][n][0] *= alA, o[mt][n][1] *= alA, o[mt][n][2] *= alB, o[mt][n][3] *= alB;
+        for (int n = 0; n < ND; ++n)
+          o[mt][n][0] *= alA, o[mt][n][1] *= alA, o[mt][n][2] *= alB, o[mt][n][3] *= alB;
     }
     // O += P V (k = the 64 keys of the tile): each pair of V B-fragments serves every m-tile.
 #pragma unroll
@@ -558,7 +586,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   const bool stats_async = ASYNC && !a.no_stats_prefetch;
   // Without documents the mask is arithmetic (no per-row bounds in shared memory, no extra
   // barrier per iteration).
-  const bool docs = dstart != nullptr || dend != nullptr || a.q_pos != nullptr;
+  const bool docs = LLAMA3_HOT(dstart != nullptr || dend != nullptr || a.q_pos != nullptr, false);
 
   // Grid (heads, key tiles, batch): blockIdx.x runs fastest, so every head's key tile 0 (the
   // heaviest under a causal mask) is dispatched before any tile 1, and so on. Split (dk_part
@@ -582,7 +610,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   // row pointer and constant offsets, with no per-column bound. (The general form recomputed
   // the row's 64-bit address and compared both columns for every pair: about 17 instructions
   // an atomic, 16 atomics a thread an iteration, in the SASS.)
-  const bool whole_rows = vec2 && a.D == DMAX;
+  const bool whole_rows = LLAMA3_HOT(vec2 && a.D == DMAX, true);
 
   const int64_t jlast = min(j0 + BM, a.Tk) - 1;
   int64_t qlo = a.causal ? j0 : 0;
@@ -650,7 +678,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
     bool full;  // block-uniform: every (query, key) pair of the tile pair is visible
     if (!docs) {
       // Rows see keys [0, T) (causal: [0, i + 1)); rows past T see nothing.
-      full = i0 + NQ <= a.T && (a.causal ? i0 + 1 >= j0 + BM : j0 + BM <= a.T);
+      full = LLAMA3_HOT(i0 + NQ <= a.T && (a.causal ? i0 + 1 >= j0 + BM : j0 + BM <= a.T), true);
       if (!stats_async) {
         for (int r = threadIdx.x; r < NQ; r += kMmaThreads) {
           const int64_t i = i0 + r;

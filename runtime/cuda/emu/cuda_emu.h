@@ -174,6 +174,17 @@ inline T __shfl_xor_sync(unsigned, T v, int mask) {
               sizeof(T));
   return r;
 }
+// Warp vote over the whole warp (every lane takes part, as with the shuffles).
+inline int __all_sync(unsigned, int p) {
+  const int mine = p != 0;
+  const unsigned char* s = ::llama3::emu::warp_exchange(&mine, sizeof(int));
+  for (int l = 0; l < 32; ++l) {
+    int v;
+    std::memcpy(&v, s + l * ::llama3::emu::kSlotBytes, sizeof(int));
+    if (!v) return 0;
+  }
+  return 1;
+}
 
 // ---- runtime API subset
 enum cudaError_t {

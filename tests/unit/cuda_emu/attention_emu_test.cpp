@@ -42,6 +42,7 @@ struct AttnCase {
   int64_t Tk = 0;     // 0: T
   bool bwd2 = false;  // backward with two key m-tiles per warp (AttnShape::bwd_two_mtiles)
   bool stsm = false;  // with bwd2: dS by stmatrix (AttnShape::bwd_stmatrix)
+  float scale = 0.f;  // softmax scale; 0: 1 / sqrt(D)
 };
 
 std::ostream& operator<<(std::ostream& os, const AttnCase& c) {
@@ -57,6 +58,7 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
   Tensor v = randn({c.B, Tk, c.Hkv, c.D}, 3), g = randn({c.B, c.T, c.H, c.D}, 4);
   AttentionParams p;
   p.causal = c.causal;
+  p.scale = c.scale;
   Tensor doc;
   if (c.docs) {
     // Boundaries at 23, 63, 150, 300 (row b shifted by 37 b): runs inside a 64-row tile and
@@ -90,7 +92,8 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
 
   // The emulated device: host memory, the launchers of kernels.h; both schedules.
   emu_test::each_schedule([&] {
-    cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, float(1.0 / std::sqrt(double(c.D))), c.causal};
+    const float scale = c.scale != 0.f ? c.scale : float(1.0 / std::sqrt(double(c.D)));
+    cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, scale, c.causal};
     a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
     a.bwd_two_mtiles = c.bwd2, a.bwd_stmatrix = c.stsm;
     a.Tk = Tk;
@@ -187,7 +190,15 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{"tc_bwd2_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true,
                                true, true, false, true, false, false, 2, 260, true},
                       AttnCase{"tc_bwd2_stsm_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
-                               true, false, true, false, false, 0, 0, true, true}),
+                               true, false, true, false, false, 0, 0, true, true},
+                      // Other scales: the forward takes its row maxima on the raw products and
+                      // flips Q's signs for a negative scale (both m-tile counts).
+                      AttnCase{"tc_scale_neg_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
+                               true, false, true, false, false, 0, 0, false, false, -0.3f},
+                      AttnCase{"tc_scale_neg_causal_d64_t130_fwd1", 1, 130, 2, 1, 64, true, false,
+                               true, false, true, true, false, 0, 0, false, false, -0.2f},
+                      AttnCase{"tc_scale_big_full_d128_t70", 1, 70, 2, 1, 128, false, false, true,
+                               false, true, false, false, 0, 0, false, false, 0.5f}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The emulator itself: a barrier some threads of a block never reach with the others is
