@@ -54,7 +54,7 @@
 
 // LLAMA3_HOT(condition, value): the condition, unless the file is compiled with
 // LLAMA3_HOT_PATH defined (only by bench/kernel_stats.py --hot-path, never in a build): then
-// the value the training step's common case has (mask-free tile pairs, no documents, dQ rows
+// the value the training step's common case has (mask-free tile pairs, no documents, the lse prefetch, dQ rows
 // of whole head dims), so that the SASS shows the loops as that case executes them, without
 // the branches it never takes.
 #ifdef LLAMA3_HOT_PATH
@@ -583,7 +583,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
   // lse and dsum stream in with the Q/dO tiles by cp.async (plain loads at the top of each
   // iteration on the synchronous path).
   // (a.no_stats_prefetch: the plain loads for f32 too, to measure what the prefetch gains.)
-  const bool stats_async = ASYNC && !a.no_stats_prefetch;
+  const bool stats_async = ASYNC && LLAMA3_HOT(!a.no_stats_prefetch, true);
   // Without documents the mask is arithmetic (no per-row bounds in shared memory, no extra
   // barrier per iteration).
   const bool docs = LLAMA3_HOT(dstart != nullptr || dend != nullptr || a.q_pos != nullptr, false);
