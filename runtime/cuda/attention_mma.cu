@@ -54,9 +54,9 @@
 
 // LLAMA3_HOT(condition, value): the condition, unless the file is compiled with
 // LLAMA3_HOT_PATH defined (only by bench/kernel_stats.py --hot-path, never in a build): then
-// the value the training step's common case has (mask-free tile pairs, no documents, the lse prefetch, dQ rows
-// of whole head dims), so that the SASS shows the loops as that case executes them, without
-// the branches it never takes.
+// the value the training step's common case has (mask-free tile pairs, no documents, the lse
+// prefetch, dQ rows of whole head dims), so that the SASS shows the loops as that case executes
+// them, without the branches it never takes.
 #ifdef LLAMA3_HOT_PATH
 #define LLAMA3_HOT(condition, value) (value)
 #else
@@ -909,6 +909,38 @@ __global__ void attn_gqa_reduce_kernel(const float* dk_part, const float* dv_par
   }
 }
 
+// The same four columns a thread (D % 4 == 0, 16-byte aligned partials, outputs aligned to
+// four elements): 16-byte loads of the partials and 8- or 16-byte stores, one index
+// computation per four columns.
+template <typename TO>
+__device__ __forceinline__ void store4_to(TO* p, float4 v) {
+  if constexpr (std::is_same_v<TO, float>) {
+    *reinterpret_cast<float4*>(p) = v;
+  } else {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+    *reinterpret_cast<uint2*>(p) =
+        make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
+  }
+}
+template <typename TO, typename I>
+__global__ void attn_gqa_reduce4_kernel(const float* dk_part, const float* dv_part, TO* dk, TO* dv,
+                                        AttnShape a) {
+  const I group = I(a.H / a.Hkv), D = I(a.D);
+  const I n4 = I(a.B * a.Tk * a.Hkv * a.D) / 4;
+  for (I q = I(blockIdx.x) * blockDim.x + threadIdx.x; q < n4; q += I(gridDim.x) * blockDim.x) {
+    const I idx = 4 * q, row = idx / D, d = idx - row * D;
+    const I base = row * group * D + d;
+    float4 sk = make_float4(0.f, 0.f, 0.f, 0.f), sv = sk;
+    for (I g = 0; g < group; ++g) {
+      const float4 k4 = *reinterpret_cast<const float4*>(dk_part + base + g * D);
+      const float4 v4 = *reinterpret_cast<const float4*>(dv_part + base + g * D);
+      sk.x += k4.x, sk.y += k4.y, sk.z += k4.z, sk.w += k4.w;
+      sv.x += v4.x, sv.y += v4.y, sv.z += v4.z, sv.w += v4.w;
+    }
+    store4_to(dk + idx, sk), store4_to(dv + idx, sv);
+  }
+}
+
 template <typename F>
 cudaError_t dispatch_dmax(int64_t D, F&& f) {
   if (D <= 64) return f.template operator()<64>();
@@ -1016,12 +1048,25 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
       if (e != cudaSuccess || !dk_part) return e;
       const int64_t n = a.B * a.Tk * a.Hkv * a.D;
       // (32-bit indices when the largest, into the partials, fits: n * group + the grid)
-      if (n * (a.H / a.Hkv) < (int64_t(1) << 31) - int64_t(132 * 16 * 256))
+      const bool i32 = n * (a.H / a.Hkv) < (int64_t(1) << 31) - int64_t(132 * 16 * 256 * 4);
+      const auto al = [](const void* p, size_t b) {
+        return reinterpret_cast<uintptr_t>(p) % b == 0;
+      };
+      if (a.D % 4 == 0 && al(dk_part, 16) && al(dv_part, 16) && al(dk, 4 * sizeof(TO)) &&
+          al(dv, 4 * sizeof(TO))) {
+        if (i32)
+          launch_kernel(attn_gqa_reduce4_kernel<TO, uint32_t>, grid_for(n / 4, 256), 256, 0, s,
+                        dk_part, dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
+        else
+          launch_kernel(attn_gqa_reduce4_kernel<TO, int64_t>, grid_for(n / 4, 256), 256, 0, s,
+                        dk_part, dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
+      } else if (i32) {
         launch_kernel(attn_gqa_reduce_kernel<TO, uint32_t>, grid_for(n, 256), 256, 0, s, dk_part,
                       dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
-      else
+      } else {
         launch_kernel(attn_gqa_reduce_kernel<TO, int64_t>, grid_for(n, 256), 256, 0, s, dk_part,
                       dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
+      }
       return cudaGetLastError();
     });
   });

@@ -158,6 +158,8 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{"tc_causal_doc_gqa_d64_t520", 1, 520, 2, 1, 64, true, true},
                       AttnCase{"tc_full_d128_t70", 1, 70, 2, 1, 128, false, false},
                       AttnCase{"tc_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true},
+                      // D % 4 != 0: the one-column-a-thread GQA sum, the per-column dQ atomics.
+                      AttnCase{"tc_causal_gqa_d30_t70", 1, 70, 4, 2, 30, true, false},
                       AttnCase{"tc_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false,
                                true, true},
                       AttnCase{"simt_causal_doc_gqa_d64_t100", 1, 100, 4, 2, 64, true, true, false},
