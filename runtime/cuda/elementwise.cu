@@ -627,6 +627,11 @@ __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, 
 
 // ---------------------------------------------------------------- cross-entropy rows
 // One block per row: an online (max, sum-exp) pass, then the loss and optionally dlogits.
+// VEC (V % 4 == 0, 16-byte aligned logits rows, dlogits rows aligned to four elements):
+// float4 loads with one online update per four logits (their max first) instead of a compare
+// and branch per logit, and 8- or 16-byte dlogits stores. (The step's vocabulary, 128256,
+// qualifies: its 2.1 GB of f32 logits are read twice, statistics then gradient.)
+template <bool VEC>
 __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V, bool grad,
                                float scale, float* dl32, __nv_bfloat16* dl16, float* loss, int* bad,
                                const float* scale_dev) {
@@ -647,14 +652,27 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
     return;
   }
   const float target_logit = row[tg];  // read before anything overwrites the row
+  const float4* row4 = reinterpret_cast<const float4*>(row);
   float m = -INFINITY, s = 0.f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float x = row[j];
-    if (x > m) {
-      s = s * __expf(m - x) + 1.f;
-      m = x;
-    } else {
-      s += __expf(x - m);
+  if constexpr (VEC) {
+    for (int64_t j = threadIdx.x; j < V / 4; j += blockDim.x) {
+      const float4 x = row4[j];
+      const float mx = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
+      if (mx > m) {
+        s *= __expf(m - mx);  // (0 while m is -inf)
+        m = mx;
+      }
+      s += __expf(x.x - m) + __expf(x.y - m) + __expf(x.z - m) + __expf(x.w - m);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+      const float x = row[j];
+      if (x > m) {
+        s = s * __expf(m - x) + 1.f;
+        m = x;
+      } else {
+        s += __expf(x - m);
+      }
     }
   }
   // Combine (m, s) across the block.
@@ -688,91 +706,27 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
   if (threadIdx.x == 0) loss[i] = (m + logf(s)) - target_logit;
   if (!grad) return;
   const float inv = scale / s;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    float p = __expf(row[j] - m) * inv;
-    if (j == tg) p -= scale;
-    if (dl16)
-      dl16[i * V + j] = __float2bfloat16_rn(p);
-    else
-      dl32[i * V + j] = p;
-  }
-}
-
-// The same for V % 4 == 0 with 16-byte aligned rows (dlogits rows aligned to four elements):
-// float4 loads, one online (max, sum) update per four logits (their max first) instead of a
-// compare and branch per logit, and 8- or 16-byte stores of dlogits. (The step's vocabulary,
-// 128256, qualifies: its 2.1 GB of f32 logits are read twice, statistics then gradient.)
-__global__ void ce_rows4_kernel(float* logits, const int32_t* targets, int64_t V, bool grad,
-                                float scale, float* dl32, __nv_bfloat16* dl16, float* loss,
-                                int* bad, const float* scale_dev) {
-  if (scale_dev) scale = *scale_dev;
-  const int64_t i = blockIdx.x, V4 = V / 4;
-  float* row = logits + i * V;
-  const int32_t tg = targets[i];
-  if (tg < 0 || tg >= V) {  // (rare: the scalar form)
-    if (tg >= V && threadIdx.x == 0) atomicOr(bad, 1);
-    if (threadIdx.x == 0) loss[i] = 0.f;
-    if (grad)
-      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        if (dl16)
-          dl16[i * V + j] = __float2bfloat16_rn(0.f);
-        else
-          dl32[i * V + j] = 0.f;
-      }
-    return;
-  }
-  const float target_logit = row[tg];  // read before anything overwrites the row
-  const float4* row4 = reinterpret_cast<const float4*>(row);
-  float m = -INFINITY, s = 0.f;
-  for (int64_t j = threadIdx.x; j < V4; j += blockDim.x) {
-    const float4 x = row4[j];
-    const float mx = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
-    if (mx > m) {
-      s *= __expf(m - mx);  // (0 while m is -inf)
-      m = mx;
+  if constexpr (VEC) {
+    for (int64_t j = threadIdx.x; j < V / 4; j += blockDim.x) {
+      const float4 x = row4[j];
+      float p[4] = {__expf(x.x - m) * inv, __expf(x.y - m) * inv, __expf(x.z - m) * inv,
+                    __expf(x.w - m) * inv};
+      const int64_t t = tg - 4 * j;  // the target's place in these four, if there
+      if (t >= 0 && t < 4) p[t] -= scale;
+      if (dl16)
+        store4(dl16 + i * V + 4 * j, p);
+      else
+        store4(dl32 + i * V + 4 * j, p);
     }
-    s += __expf(x.x - m) + __expf(x.y - m) + __expf(x.z - m) + __expf(x.w - m);
-  }
-  __shared__ float sm[32], ss[32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-    const float mx = fmaxf(m, m2);
-    s = (m == -INFINITY ? 0.f : s * __expf(m - mx)) +
-        (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mx));
-    m = mx;
-  }
-  if (lane == 0) sm[w] = m, ss[w] = s;
-  __syncthreads();
-  if (w == 0) {
-    m = lane < nw ? sm[lane] : -INFINITY;
-    s = lane < nw ? ss[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-      const float mx = fmaxf(m, m2);
-      s = (m == -INFINITY ? 0.f : s * __expf(m - mx)) +
-          (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mx));
-      m = mx;
+  } else {
+    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+      float p = __expf(row[j] - m) * inv;
+      if (j == tg) p -= scale;
+      if (dl16)
+        dl16[i * V + j] = __float2bfloat16_rn(p);
+      else
+        dl32[i * V + j] = p;
     }
-    if (lane == 0) sm[0] = m, ss[0] = s;
-  }
-  __syncthreads();
-  m = sm[0], s = ss[0];
-  if (threadIdx.x == 0) loss[i] = (m + logf(s)) - target_logit;
-  if (!grad) return;
-  const float inv = scale / s;
-  for (int64_t j = threadIdx.x; j < V4; j += blockDim.x) {
-    const float4 x = row4[j];
-    float p[4] = {__expf(x.x - m) * inv, __expf(x.y - m) * inv, __expf(x.z - m) * inv,
-                  __expf(x.w - m) * inv};
-    const int64_t t = tg - 4 * j;  // the target's place in these four, if there
-    if (t >= 0 && t < 4) p[t] -= scale;
-    if (dl16)
-      store4(dl16 + i * V + 4 * j, p);
-    else
-      store4(dl32 + i * V + 4 * j, p);
   }
 }
 
@@ -1142,9 +1096,9 @@ cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr
   const auto al = [](const void* p, size_t b) { return reinterpret_cast<uintptr_t>(p) % b == 0; };
   const bool vec = V % 4 == 0 && al(logits, 16) &&
                    (!grad || (dlogits_bf16 ? al(dlogits_bf16, 8) : al(dlogits_f32, 16)));
-  launch_kernel(vec ? ce_rows4_kernel : ce_rows_kernel, unsigned(nr), 512, 0, s, logits, targets, V,
-                grad, scale, dlogits_f32, static_cast<__nv_bfloat16*>(dlogits_bf16), loss, bad,
-                scale_dev);
+  launch_kernel(vec ? ce_rows_kernel<true> : ce_rows_kernel<false>, unsigned(nr), 512, 0, s, logits,
+                targets, V, grad, scale, dlogits_f32, static_cast<__nv_bfloat16*>(dlogits_bf16),
+                loss, bad, scale_dev);
   return cudaGetLastError();
 }
 
