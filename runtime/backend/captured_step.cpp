@@ -48,15 +48,11 @@ void Backend::gemm_add(const Tensor& a, Trans ta, const Tensor& b, Trans tb, con
   LLAMA3_CHECK(c.dtype() == d.dtype() && c.shape() == d.shape() && c.data_ptr() != d.data_ptr(),
                "gemm_add: c {} must be distinct from d {} with its dtype and shape", c.str(),
                d.str());
-  if (d.is_contiguous()) {
-    gemm(a, ta, b, tb, d, 1.f, 0.f);
-    add(c.contiguous(), d, d);  // (element-wise: d may be add's second operand and its output)
-    return;
-  }
-  Tensor t = Tensor::empty(d.shape(), d.dtype(), d.device());  // add takes contiguous tensors
+  // (add takes contiguous tensors; it is element-wise, so t may be its operand and output)
+  Tensor t = d.is_contiguous() ? d : Tensor::empty(d.shape(), d.dtype(), d.device());
   gemm(a, ta, b, tb, t, 1.f, 0.f);
   add(c.contiguous(), t, t);
-  d.copy_(t);
+  if (!d.is_contiguous()) d.copy_(t);
 }
 
 std::unique_ptr<DeviceGraph> Backend::capture(const std::function<void()>&) {

@@ -912,16 +912,6 @@ __global__ void attn_gqa_reduce_kernel(const float* dk_part, const float* dv_par
 // The same four columns a thread (D % 4 == 0, 16-byte aligned partials, outputs aligned to
 // four elements): 16-byte loads of the partials and 8- or 16-byte stores, one index
 // computation per four columns.
-template <typename TO>
-__device__ __forceinline__ void store4_to(TO* p, float4 v) {
-  if constexpr (std::is_same_v<TO, float>) {
-    *reinterpret_cast<float4*>(p) = v;
-  } else {
-    const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
-    *reinterpret_cast<uint2*>(p) =
-        make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
-  }
-}
 template <typename TO, typename I>
 __global__ void attn_gqa_reduce4_kernel(const float* dk_part, const float* dv_part, TO* dk, TO* dv,
                                         AttnShape a) {
@@ -937,7 +927,8 @@ __global__ void attn_gqa_reduce4_kernel(const float* dk_part, const float* dv_pa
       sk.x += k4.x, sk.y += k4.y, sk.z += k4.z, sk.w += k4.w;
       sv.x += v4.x, sv.y += v4.y, sv.z += v4.z, sv.w += v4.w;
     }
-    store4_to(dk + idx, sk), store4_to(dv + idx, sv);
+    const float k4[4] = {sk.x, sk.y, sk.z, sk.w}, v4[4] = {sv.x, sv.y, sv.z, sv.w};
+    store4(dk + idx, k4), store4(dv + idx, v4);
   }
 }
 

@@ -307,11 +307,8 @@ class CudaBackend final : public Backend {
                          bf ? (c.dtype() == DType::bf16 ? "bf16->bf16" : "bf16") : "f32",
                          cin ? " +c" : "");
     });
-    if (cin && (k == 0 || gemm_plan(gemm_key(a, ta, b, tb, c, cin, m, n, k, batch)).legacy)) {
-      copy(*cin, c);  // then c = alpha op(a) op(b) + c in place
-      cin = nullptr;
-    }
-    if (k == 0) {  // c = beta * c
+    if (k == 0) {  // c = beta * C
+      if (cin) copy(*cin, c);
       if (beta == 0.f)
         fill(c, 0.0);
       else if (beta != 1.f) {
@@ -322,6 +319,7 @@ class CudaBackend final : public Backend {
     }
     GemmPlan& plan = gemm_plan(gemm_key(a, ta, b, tb, c, cin, m, n, k, batch));
     if (plan.legacy) {
+      if (cin) copy(*cin, c);  // (the classic API has no separate C: beta C in place)
       const cudaDataType_t in_t = a.dtype() == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
       LLAMA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
           legacy_, tb == Trans::N ? CUBLAS_OP_N : CUBLAS_OP_T,

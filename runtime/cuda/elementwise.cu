@@ -205,30 +205,6 @@ __global__ void embedding_bwd_kernel(const T* g, const int32_t* ids, T* dw, int6
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) atomicAdd(r + c, gr[c]);
 }
 
-// Four consecutive elements as floats: one 16-byte (f32) or 8-byte (bf16) access.
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, float (&f)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
-  } else {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-    f[0] = a.x, f[1] = a.y, f[2] = c.x, f[3] = c.y;
-  }
-}
-template <typename T>
-__device__ __forceinline__ void store4(T* p, const float (&f)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
-  } else {
-    const __nv_bfloat162 a = __floats2bfloat162_rn(f[0], f[1]),
-                         c = __floats2bfloat162_rn(f[2], f[3]);
-    *reinterpret_cast<uint2*>(p) =
-        make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&c));
-  }
-}
 // ---------------------------------------------------------------- rmsnorm
 // y may be bf16 for f32 x (a normalised input that only feeds bf16 GEMMs).
 template <typename T, typename TY>

@@ -147,8 +147,8 @@ struct AttnShape {
   // Tensor-core backward at head dim <= 64: two m16 tiles of key rows per warp (128 keys per
   // block) and 32-query inner tiles (LLAMA3_ATTN_BWD_MT=2; not yet timed on a GPU).
   bool bwd_two_mtiles = false;
-  // With bwd_two_mtiles: dS stored by stmatrix (sm_90) instead of two-byte stores
-  // (LLAMA3_ATTN_BWD_STSM=1; ptxas spills 116-140 bytes that way, against none).
+  // With bwd_two_mtiles: dS^T stored by stmatrix (sm_90) instead of four-byte stores
+  // (LLAMA3_ATTN_BWD_STSM=1; ptxas spills 28-32 bytes that way, against 16-20).
   bool bwd_stmatrix = false;
   // Keys (k, v, dk, dv and the document runs) have Tk rows, queries (q, out, lse, dq) T; 0
   // means T. q_pos (T int32, device; optional): each query's position among the keys

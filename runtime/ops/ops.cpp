@@ -222,14 +222,12 @@ Tensor linear_impl(const Tensor& x, const Tensor& w, const Tensor& residual, Pre
   os.back() = w.size(0);
   Tensor out = Tensor::empty(os, out_t, x.device());
   Tensor o2 = out.view({-1, w.size(0)});
-  Tensor rc;
   if (residual.defined()) {
     check_same_device(x, residual, op);
     LLAMA3_CHECK(residual.shape() == os && residual.dtype() == out_t,
                  "linear_residual: residual {} must have the output's shape {} and dtype {}",
                  residual.str(), shape_str(os), dtype_name(out_t));
-    rc = residual.contiguous();
-    be(x).gemm_add(x2, Trans::N, wc, Trans::T, rc.view({-1, w.size(0)}), o2);
+    be(x).gemm_add(x2, Trans::N, wc, Trans::T, residual.contiguous().view({-1, w.size(0)}), o2);
   } else if (!out_hook) {
     be(x).gemm(x2, Trans::N, wc, Trans::T, o2, 1.f, 0.f);
   } else {
