@@ -195,11 +195,10 @@ int attn_only(const Config& c) {
                 "LLAMA3_ATTN_STATS_PREFETCH=0", ", lse/dsum not prefetched"},
         Variant{DType::f32, AttnCompute::bf16, "attn_tc_fwd1_ms_f32", "LLAMA3_ATTN_FWD_MT=1",
                 ", forward one m-tile per warp"},
-        Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2_ms_f32", "LLAMA3_ATTN_BWD_MT=2",
-                ", candidate backward: 128-key blocks, 32-query tiles"},
-        Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd2stsm_ms_f32",
-                "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=1",
-                ", candidate backward, dS by stmatrix"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_bwd1_ms_f32", "LLAMA3_ATTN_BWD_MT=1",
+                ", backward 64-key blocks, 64-query tiles (the previous default)"},
+        Variant{DType::f32, AttnCompute::bf16, "attn_tc_stsm_ms_f32", "LLAMA3_ATTN_BWD_STSM=1",
+                ", backward dS by stmatrix"},
         Variant{DType::bf16, AttnCompute::bf16, "attn_ms_bf16"}}) {
     const DType dt = var.dt;
     for (const char* sw : switches) unsetenv(sw);

@@ -8,8 +8,9 @@
 # PyTorch eager (and torch.compile when time is left) with a per-op GPU profile of one step,
 # the step again with single choices reverted (f32 attention activations, 1024-row
 # cross-entropy chunks, separate gradient-sum adds, weights cast each step instead of AdamW's
-# bf16 copies; as a CUDA graph; with the candidate attention backward), both sides at two
-# sequences per step and (time left) at eight micro-batches per step,
+# bf16 copies; as a CUDA graph; with the previous attention backward; with bf16 cross-entropy
+# logits), both sides at two and four sequences per step and (time left) at eight
+# micro-batches per step (ours also as a CUDA graph),
 # the NCCL communicator's collectives and all_reduce bandwidth, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
@@ -207,7 +208,8 @@ if [[ -n $BIN ]]; then
            "cast:--cast-weights::weights cast each step (no AdamW bf16 copies)" \
            "res:--separate-residual::residual adds as separate kernels (not in the GEMMs)" \
            "graph:--graph::the step captured once and replayed as a CUDA graph" \
-           "bwd2::LLAMA3_ATTN_BWD_MT=2:candidate attention backward (128-key blocks)"; do
+           "bwd1::LLAMA3_ATTN_BWD_MT=1:attention backward on 64-key blocks (the previous default)" \
+           "ce16::LLAMA3_CE_BF16_LOGITS=1:candidate: bf16 logits in the cross-entropy"; do
     IFS=: read -r tag flags envs what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" $envs "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
@@ -237,6 +239,11 @@ both_sides() {
 if [[ -n $BIN ]] && (($(left) > 60)); then
   both_sides b2 "batch 2" 40 50 --batch 2 --steps 3 --warmup 1
 fi
+# Four (16384 tokens, about 45 GB on our side): a larger micro-batch, as a run with a realistic
+# global batch on one card would take.
+if [[ -n $BIN ]] && (($(left) > 100)); then
+  both_sides b4 "batch 4" 45 60 --batch 4 --steps 3 --warmup 1
+fi
 
 # ---- attention fwd+bwd, same shapes
 if [[ -n $BIN ]]; then
@@ -254,17 +261,18 @@ b=$(result torch_attn_ms_bf16 | awk '{print $3}')
 c=$(result attn_tc_nosplit_ms_f32 | awk '{print $3}')
 d=$(result attn_tc_noprefetch_ms_f32 | awk '{print $3}')
 e=$(result attn_tc_fwd1_ms_f32 | awk '{print $3}')
-f=$(result attn_tc_bwd2_ms_f32 | awk '{print $3}')
-g=$(result attn_tc_bwd2stsm_ms_f32 | awk '{print $3}')
+f=$(result attn_tc_bwd1_ms_f32 | awk '{print $3}')
+g=$(result attn_tc_stsm_ms_f32 | awk '{print $3}')
 note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
 note "  reverted: bwd per kv head" "" "${c:-n/a} ms"
 note "  reverted: no lse/dsum prefetch" "" "${d:-n/a} ms"
 note "  reverted: fwd one m-tile per warp" "" "${e:-n/a} ms"
-note "  candidate: bwd 128-key blocks (LLAMA3_ATTN_BWD_MT=2)" "" "${f:-n/a} ms"
-note "  same, dS by stmatrix (+ LLAMA3_ATTN_BWD_STSM=1)" "" "${g:-n/a} ms"
-# The decision the candidate waits for: its time over the default's (below 1: faster).
+note "  reverted: bwd 64-key blocks (LLAMA3_ATTN_BWD_MT=1)" "" "${f:-n/a} ms"
+note "  variant: dS by stmatrix (LLAMA3_ATTN_BWD_STSM=1)" "" "${g:-n/a} ms"
+# The default's time over the previous default's and over the stmatrix variant's (below 1:
+# the default is faster).
 if [[ -n $a && -n $f && -n $g ]]; then
-  note "  candidate / default" "" "$(awk -v a="$a" -v f="$f" -v g="$g" 'BEGIN{printf "%.3f, %.3f with stmatrix", f/a, g/a}')"
+  note "  default / reverted, / stmatrix" "" "$(awk -v a="$a" -v f="$f" -v g="$g" 'BEGIN{printf "%.3f, %.3f", a/f, a/g}')"
 fi
 
 # ---- NCCL communicator (issue 5): collectives checked, all_reduce bandwidth
@@ -282,7 +290,7 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 if [[ -n $BIN && -n $SAN ]]; then
   # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
   # (the tensor-core attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
-  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd2*:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
+  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd1:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_stsm:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
   for tool in memcheck racecheck; do
     step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
       "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"
@@ -308,6 +316,13 @@ fi
 # realistic global batch trains): the optimizer's fixed cost over 8x the tokens, on both sides.
 if [[ -n $BIN ]] && (($(left) > 70)); then
   both_sides acc8 "8 micro-batches" 60 70 --accum 8 --steps 2 --warmup 1
+fi
+# The same replayed as a CUDA graph (TrainerConfig::cuda_graph's path; the figure of record
+# for issue 7's MFU target).
+if [[ -n $BIN ]] && (($(left) > 30)); then
+  step llama3_step_acc8_graph 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
+  r=$(grep -h "^RESULT llama3_cuda_graph" "$STEPDIR/llama3_step_acc8_graph.txt" 2>/dev/null | tail -1)
+  [[ -n $r ]] && note "llama3 step 8 micro-batches, graph" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
 fi
 
 # ---- torch.compile, only with time to spare

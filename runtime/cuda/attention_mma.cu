@@ -40,11 +40,13 @@
 // held for the block's life. dS^T goes to shared memory key-major (the packed A fragments of
 // the dK product, as they are), and after a block barrier warp w computes dQ = dS K for query
 // rows 16 w .. (dS loaded by ldmatrix.trans) and adds it to dq_acc with f32 atomics.
-// A candidate layout (BwdLayout<64, 2, 32>, AttnShape::bwd_two_mtiles; not yet timed on a
-// GPU) gives each warp 32 key rows (128 per block) and iterates over 32-query tiles: the same
-// MMAs per iteration with 72 ldmatrix instead of 92 (ptxas/SASS of nvcc 13.0), half the dQ
-// atomics per key (LLAMA3_ATTN_BWD_STSM=1 also stores dS by stmatrix, sm_90), at up to 255
-// registers (2 blocks, 8 warps per SM, against 3 blocks and 12 warps).
+// At head dim <= 64 (the default since an H200 run, bench/RESULTS.md) the layout is
+// BwdLayout<64, 2, 32>: each warp owns 32 key rows (128 per block) and iterates over
+// 32-query tiles: the same MMAs per iteration with 72 ldmatrix instead of 92 (ptxas/SASS of
+// nvcc 13.0), half the dQ atomics per key, at up to 255 registers (2 blocks, 8 warps per SM,
+// against 3 blocks and 12 warps). LLAMA3_ATTN_BWD_MT=1 runs the one-m-tile layout
+// (AttnShape::bwd_one_mtile, for A/B timing; the layout at larger head dims);
+// LLAMA3_ATTN_BWD_STSM=1 stores dS by stmatrix (sm_90).
 #include <algorithm>
 #include <cfloat>
 #include <initializer_list>
@@ -535,7 +537,8 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 // Backward tiles: MT m16 tiles of key rows per warp (BM = 64 MT keys per block) and NQ query
 // rows per inner iteration. (1, 64) is the kernel measured on the H100s; (2, 32) halves the
 // ldmatrix reads per MMA (every Q/dO fragment feeds both m-tiles, every dQ row sums 128 keys
-// before its atomic) at 8 warps per SM instead of 12 (LLAMA3_ATTN_BWD_MT=2, head dim <= 64).
+// before its atomic) at 8 warps per SM instead of 12: the default at head dim <= 64 (5%
+// faster on an H200; LLAMA3_ATTN_BWD_MT=1 reverts it).
 template <int DMAX, int MT, int NQ>
 struct BwdLayout {
   static constexpr int DP = MmaLayout<DMAX>::DP;
@@ -1020,12 +1023,11 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
         return cudaGetLastError();
       };
       cudaError_t e = cudaSuccess;
-      // dS^T by 4-byte stores; by stmatrix only in the candidate (2, 32) tiles when
-      // a.bwd_stmatrix. The candidate exists at head dim 64 only, where registers allow two
-      // key m-tiles.
+      // dS^T by 4-byte stores; by stmatrix only in the (2, 32) tiles when a.bwd_stmatrix.
+      // Two key m-tiles exist at head dim <= 64 only, where registers allow them.
       bool two = false;
       if constexpr (DMAX == 64) {
-        two = a.bwd_two_mtiles;
+        two = !a.bwd_one_mtile;
         if (two && a.bwd_stmatrix)
           e = async ? launch.template operator()<true, 2, 32, true>()
                     : launch.template operator()<false, 2, 32, true>();

@@ -47,14 +47,22 @@ bool fwd_one_mtile() {
   const char* e = std::getenv("LLAMA3_ATTN_FWD_MT");
   return e && e[0] == '1';
 }
-// LLAMA3_ATTN_BWD_MT=2 and LLAMA3_ATTN_BWD_STSM=1: see AttnShape::bwd_two_mtiles and
-// bwd_stmatrix (a candidate and its variant, for A/B timing).
-bool bwd_two_mtiles() {
+// LLAMA3_ATTN_BWD_MT=1 and LLAMA3_ATTN_BWD_STSM=1: see AttnShape::bwd_one_mtile and
+// bwd_stmatrix (the previous default and a variant, for A/B timing).
+bool bwd_one_mtile() {
   const char* e = std::getenv("LLAMA3_ATTN_BWD_MT");
-  return e && e[0] == '2';
+  return e && e[0] == '1';
 }
 bool bwd_stmatrix() {
   const char* e = std::getenv("LLAMA3_ATTN_BWD_STSM");
+  return e && e[0] == '1';
+}
+// LLAMA3_CE_BF16_LOGITS=1: with bf16 inputs, the fused cross-entropy's logits are bf16 (the
+// GEMM rounds them, as PyTorch's autocast does before its f32 softmax) and their gradient
+// overwrites them: about 3.1 of the 7.4 GB it moves per 4096-token step at vocabulary
+// 128256, by bytes. A candidate, not yet timed on a GPU (gpu-check.sh times it).
+bool ce_bf16_logits() {
+  const char* e = std::getenv("LLAMA3_CE_BF16_LOGITS");
   return e && e[0] == '1';
 }
 
@@ -167,9 +175,10 @@ class CudaBackend final : public Backend {
     // The legacy GEMM's workspace is ours too: cuBLAS then allocates nothing itself, which a
     // graph capture requires (the workspace is shared with cuBLASLt: one stream, in order).
     LLAMA3_CUBLAS_CHECK(cublasSetWorkspace(legacy_, workspace_, kWorkspace));
-    // [0]: double result, [8]: int flag, [16]: the three deferred flags (check_deferred)
-    LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, 64));
-    LLAMA3_CUDA_CHECK(cudaMemsetAsync(scratch_, 0, 64, stream_));
+    // [0]: double result, [8]: int flag, [16]: the three deferred flags (check_deferred),
+    // [32]: reduce_sum's block count, [64]: its kReduceBlocks partials
+    LLAMA3_CUDA_CHECK(cudaMalloc(&scratch_, kScratchBytes));
+    LLAMA3_CUDA_CHECK(cudaMemsetAsync(scratch_, 0, kScratchBytes, stream_));
     LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
     cudaDeviceProp prop{};
     LLAMA3_CUDA_CHECK(cudaGetDeviceProperties(&prop, index_));
@@ -405,7 +414,8 @@ class CudaBackend final : public Backend {
     double* d = static_cast<double*>(slots.data_ptr());
     for (size_t i = 0; i < xs.size(); ++i)
       LLAMA3_CUDA_CHECK(cuda::reduce_sum(xs[i].data_ptr(), ft_of(xs[i].dtype(), "sum_squares_many"),
-                                         xs[i].numel(), true, d + i, stream_));
+                                         xs[i].numel(), true, d + i, reduce_partial(),
+                                         reduce_done(), stream_));
     std::vector<double> h(xs.size());
     LLAMA3_CUDA_CHECK(
         cudaMemcpyAsync(h.data(), d, h.size() * sizeof(double), cudaMemcpyDeviceToHost, stream_));
@@ -443,7 +453,8 @@ class CudaBackend final : public Backend {
     double* d = static_cast<double*>(slots.data_ptr());
     for (size_t i = 0; i < xs.size(); ++i)
       LLAMA3_CUDA_CHECK(cuda::reduce_sum(xs[i].data_ptr(), ft_of(xs[i].dtype(), "grad_clip_state"),
-                                         xs[i].numel(), true, d + i, stream_));
+                                         xs[i].numel(), true, d + i, reduce_partial(),
+                                         reduce_done(), stream_));
     // A deferred check that failed (bad ids or targets in this step's inputs) skips the update
     // too: check_deferred() then throws after the replay with the weights unchanged, as the
     // eager step throws before updating them.
@@ -518,11 +529,15 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(dout.dtype() == dweight.dtype() && dout.numel() == ids.numel() * dweight.size(1),
                  "embedding_backward: dout {}, ids {}, dweight {}", dout.str(), ids.str(),
                  dweight.str());
+    LLAMA3_CHECK(ids.numel() < (int64_t(1) << 31), "embedding_backward: {} ids (at most 2^31 - 1)",
+                 ids.numel());
     activate();
     auto prof_scope = prof("embedding_backward");
+    Tensor scratch = Tensor::empty({2 * ids.numel()}, DType::i32, device());
     LLAMA3_CUDA_CHECK(cuda::embedding_backward(
         dout.data_ptr(), ids.data<int32_t>(), dweight.data_ptr(),
-        ft_of(dweight.dtype(), "embedding_backward"), ids.numel(), dweight.size(1), stream_));
+        ft_of(dweight.dtype(), "embedding_backward"), ids.numel(), dweight.size(1), dweight.size(0),
+        scratch.data<int32_t>(), stream_));
   }
 
   void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y,
@@ -632,7 +647,7 @@ class CudaBackend final : public Backend {
     // LLAMA3_ATTN_GQA_SPLIT=0 keeps one block per kv head (bench comparison).
     Tensor part;
     a.no_stats_prefetch = !stats_prefetch_enabled();
-    a.bwd_two_mtiles = bwd_two_mtiles();
+    a.bwd_one_mtile = bwd_one_mtile();
     a.bwd_stmatrix = bwd_stmatrix();
     if (a.tc && a.H > a.Hkv && gqa_split_enabled())
       part = Tensor::empty({2, a.B, a.Tk, a.H, a.D}, DType::f32, device());
@@ -696,8 +711,11 @@ class CudaBackend final : public Backend {
     activate();
     auto prof_scope = prof("linear_cross_entropy");
     const int64_t rows = std::min(chunk, N);
-    Tensor logits = Tensor::empty({rows, V}, DType::f32, device());
-    Tensor dlow = grad && low ? Tensor::empty({rows, V}, DType::bf16, device()) : Tensor();
+    // bf16 inputs: f32 logits and a bf16 gradient buffer, or (ce_bf16_logits) bf16 logits
+    // with their gradient in place.
+    const bool l16 = low && ce_bf16_logits();
+    Tensor logits = Tensor::empty({rows, V}, l16 ? DType::bf16 : DType::f32, device());
+    Tensor dlow = grad && low && !l16 ? Tensor::empty({rows, V}, DType::bf16, device()) : Tensor();
     Tensor losses = Tensor::empty({N}, DType::f32, device());
     if (loss_out) {
       contig(*loss_out, "linear_cross_entropy", "loss_out");
@@ -723,11 +741,11 @@ class CudaBackend final : public Backend {
       Tensor hc = h.narrow(0, r0, nr);
       Tensor lc = logits.narrow(0, 0, nr);
       gemm(hc, Trans::N, w, Trans::T, lc, 1.f, 0.f);
-      Tensor g = low && grad ? dlow.narrow(0, 0, nr) : lc;
+      Tensor g = low && grad && !l16 ? dlow.narrow(0, 0, nr) : lc;
       LLAMA3_CUDA_CHECK(cuda::cross_entropy_rows(
-          lc.data<float>(), targets.data<int32_t>() + r0, nr, V, grad, grad_scale, lc.data<float>(),
-          low && grad ? g.data_ptr() : nullptr, losses.data<float>() + r0, bad, stream_,
-          scale_dev));
+          lc.data_ptr(), l16 ? KT::bf16 : KT::f32, targets.data<int32_t>() + r0, nr, V, grad,
+          grad_scale, l16 ? nullptr : lc.data<float>(), low && grad ? g.data_ptr() : nullptr,
+          losses.data<float>() + r0, bad, stream_, scale_dev));
       if (grad) {
         Tensor dhc = dh->narrow(0, r0, nr);
         gemm(g, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
@@ -737,7 +755,8 @@ class CudaBackend final : public Backend {
     if (loss_out) {
       Tensor total = Tensor::empty({1}, DType::i64, device());  // an f64 slot
       double* d = static_cast<double*>(total.data_ptr());
-      LLAMA3_CUDA_CHECK(cuda::reduce_sum(losses.data<float>(), KT::f32, N, false, d, stream_));
+      LLAMA3_CUDA_CHECK(cuda::reduce_sum(losses.data<float>(), KT::f32, N, false, d,
+                                         reduce_partial(), reduce_done(), stream_));
       LLAMA3_CUDA_CHECK(
           cuda::f64_div_to_f32(d, loss_div, loss_out->data<float>(), stream_, div_dev));
       return 0.0;
@@ -1010,7 +1029,10 @@ class CudaBackend final : public Backend {
     return t.size(-2) == 1 ? std::max<int64_t>(t.size(-1), 1) : t.strides()[n - 2];
   }
 
+  static constexpr size_t kScratchBytes = 64 + sizeof(double) * cuda::kReduceBlocks;
   double* result() { return static_cast<double*>(scratch_); }
+  double* reduce_partial() { return reinterpret_cast<double*>(static_cast<char*>(scratch_) + 64); }
+  unsigned* reduce_done() { return reinterpret_cast<unsigned*>(static_cast<char*>(scratch_) + 32); }
   int* flag() { return reinterpret_cast<int*>(static_cast<char*>(scratch_) + 8); }
   // Deferred check i (0: embedding ids, 1: cross-entropy targets outside the vocabulary, 2: a
   // cross-entropy without any target): a sticky device flag that captured kernels set and
@@ -1049,7 +1071,8 @@ class CudaBackend final : public Backend {
     const KT t = ft_of(x.dtype(), op);
     activate();
     auto prof_scope = prof(op);
-    LLAMA3_CUDA_CHECK(cuda::reduce_sum(x.data_ptr(), t, x.numel(), squares, result(), stream_));
+    LLAMA3_CUDA_CHECK(cuda::reduce_sum(x.data_ptr(), t, x.numel(), squares, result(),
+                                       reduce_partial(), reduce_done(), stream_));
     double v = 0;
     LLAMA3_CUDA_CHECK(
         cudaMemcpyAsync(&v, result(), sizeof(double), cudaMemcpyDeviceToHost, stream_));

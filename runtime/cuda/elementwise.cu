@@ -162,7 +162,8 @@ __global__ void f64_div_to_f32_kernel(const double* x, double div, float* out,
   *out = float(*x / (div_dev ? *div_dev : div));
 }
 template <typename T>
-__global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out) {
+__global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out, double* partial,
+                              unsigned* done) {
   double acc = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -170,7 +171,21 @@ __global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out) 
     acc += squares ? v * v : v;
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(out, acc);
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partial[blockIdx.x] = acc;
+    __threadfence();  // the partial is visible before the count that announces it
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // The last block: the partials in block order (a fixed grid for a given n).
+  double s = 0;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+    s += *static_cast<volatile const double*>(partial + b);
+  s = block_sum(s);
+  if (threadIdx.x == 0) *out = s, *done = 0;
 }
 template <typename T>
 __global__ void nonfinite_kernel(const T* x, int64_t n, int* bad) {
@@ -196,13 +211,52 @@ __global__ void embedding_fwd_kernel(const T* w, const int32_t* ids, T* out, int
   const T* r = w + int64_t(id) * d;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) o[c] = r[c];
 }
+// The backward in two passes, so that every run adds the same numbers in the same order (f32
+// atomics into a row would add a repeated token's gradients in arrival order):
+// 1. each position's slot among the n positions sorted by (id, position): the count of the
+//    positions before it in that order, by n^2 comparisons tiled through shared memory (about
+//    17M at 4096 tokens, 270M at 16384);
+// 2. one block per run of equal ids adds its positions' gradient rows into the table's row in
+//    position order, in f32: the CPU backend's order, so f32 results match it bit for bit.
+constexpr int kEmbRankThreads = 128, kEmbRankTile = 1024;
+__global__ void embedding_rank_kernel(const int32_t* ids, int64_t n, int32_t* order,
+                                      int32_t* sorted) {
+  __shared__ int32_t tile[kEmbRankTile];
+  const int64_t i = blockIdx.x * int64_t(kEmbRankThreads) + threadIdx.x;
+  const int32_t id = i < n ? ids[i] : 0;
+  int64_t rank = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += kEmbRankTile) {
+    const int m = n - j0 < kEmbRankTile ? int(n - j0) : kEmbRankTile;
+    __syncthreads();  // the previous tile is read
+    for (int k = threadIdx.x; k < m; k += kEmbRankThreads) tile[k] = ids[j0 + k];
+    __syncthreads();
+    // positions j0 + k before i: k < before
+    const int before = i - j0 < 0 ? 0 : (i - j0 > m ? m : int(i - j0));
+    int r = 0;
+    for (int k = 0; k < m; ++k) {
+      const int32_t o = tile[k];
+      r += (o < id) | ((o == id) & (k < before));
+    }
+    rank += r;
+  }
+  if (i < n) order[rank] = int32_t(i), sorted[rank] = id;
+}
 template <typename T>
-__global__ void embedding_bwd_kernel(const T* g, const int32_t* ids, T* dw, int64_t d) {
-  const int64_t i = blockIdx.x;
-  const int32_t id = ids[i];
+__global__ void embedding_bwd_kernel(const T* g, const int32_t* order, const int32_t* sorted,
+                                     int64_t n, T* dw, int64_t d, int64_t v) {
+  const int64_t s = blockIdx.x;
+  const int32_t id = sorted[s];
+  // A run's first slot adds the run; ids outside the table (reported by the forward) add
+  // nothing.
+  if ((s > 0 && sorted[s - 1] == id) || id < 0 || id >= v) return;
+  int64_t e = s + 1;
+  while (e < n && sorted[e] == id) ++e;
   T* r = dw + int64_t(id) * d;
-  const T* gr = g + i * d;
-  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) atomicAdd(r + c, gr[c]);
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = to_f32(r[c]);
+    for (int64_t t = s; t < e; ++t) acc += to_f32(g[int64_t(order[t]) * d + c]);
+    r[c] = from_f32<T>(acc);
+  }
 }
 
 // ---------------------------------------------------------------- rmsnorm
@@ -607,13 +661,16 @@ __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, 
 // float4 loads with one online update per four logits (their max first) instead of a compare
 // and branch per logit, and 8- or 16-byte dlogits stores. (The step's vocabulary, 128256,
 // qualifies: its 2.1 GB of f32 logits are read twice, statistics then gradient.)
-template <bool VEC>
-__global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V, bool grad,
+// TL: the logits' type. bf16 logits (Backend::ce_bf16_logits) move half the bytes; their
+// gradient is then written in place (dl16 = logits: each element is read, then written, by
+// the same thread).
+template <typename TL, bool VEC>
+__global__ void ce_rows_kernel(TL* logits, const int32_t* targets, int64_t V, bool grad,
                                float scale, float* dl32, __nv_bfloat16* dl16, float* loss, int* bad,
                                const float* scale_dev) {
   if (scale_dev) scale = *scale_dev;
   const int64_t i = blockIdx.x;
-  float* row = logits + i * V;
+  const TL* row = logits + i * V;
   const int32_t tg = targets[i];
   if (tg < 0 || tg >= V) {
     if (tg >= V && threadIdx.x == 0) atomicOr(bad, 1);
@@ -627,12 +684,13 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
       }
     return;
   }
-  const float target_logit = row[tg];  // read before anything overwrites the row
-  const float4* row4 = reinterpret_cast<const float4*>(row);
+  const float target_logit = to_f32(row[tg]);  // read before anything overwrites the row
   float m = -INFINITY, s = 0.f;
   if constexpr (VEC) {
     for (int64_t j = threadIdx.x; j < V / 4; j += blockDim.x) {
-      const float4 x = row4[j];
+      float f[4];
+      load4(row + 4 * j, f);
+      const float4 x = make_float4(f[0], f[1], f[2], f[3]);
       const float mx = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
       if (mx > m) {
         s *= __expf(m - mx);  // (0 while m is -inf)
@@ -642,7 +700,7 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
     }
   } else {
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      const float x = row[j];
+      const float x = to_f32(row[j]);
       if (x > m) {
         s = s * __expf(m - x) + 1.f;
         m = x;
@@ -684,9 +742,10 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
   const float inv = scale / s;
   if constexpr (VEC) {
     for (int64_t j = threadIdx.x; j < V / 4; j += blockDim.x) {
-      const float4 x = row4[j];
-      float p[4] = {__expf(x.x - m) * inv, __expf(x.y - m) * inv, __expf(x.z - m) * inv,
-                    __expf(x.w - m) * inv};
+      float x[4];
+      load4(row + 4 * j, x);
+      float p[4] = {__expf(x[0] - m) * inv, __expf(x[1] - m) * inv, __expf(x[2] - m) * inv,
+                    __expf(x[3] - m) * inv};
       const int64_t t = tg - 4 * j;  // the target's place in these four, if there
       if (t >= 0 && t < 4) p[t] -= scale;
       if (dl16)
@@ -696,7 +755,7 @@ __global__ void ce_rows_kernel(float* logits, const int32_t* targets, int64_t V,
     }
   } else {
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-      float p = __expf(row[j] - m) * inv;
+      float p = __expf(to_f32(row[j]) - m) * inv;
       if (j == tg) p -= scale;
       if (dl16)
         dl16[i * V + j] = __float2bfloat16_rn(p);
@@ -849,12 +908,12 @@ cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t
   return cudaGetLastError();
 }
 
-cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, cudaStream_t s) {
-  cudaError_t e = cudaMemsetAsync(out, 0, sizeof(double), s);
-  if (e != cudaSuccess || n == 0) return e;
+cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, double* partial,
+                       unsigned* done, cudaStream_t s) {
+  if (n == 0) return cudaMemsetAsync(out, 0, sizeof(double), s);
   return dispatch_ft(t, [&]<typename T>() {
-    launch_kernel(reduce_kernel<T>, grid_for(n, kThreads, 132 * 4), kThreads, 0, s,
-                  static_cast<const T*>(x), n, squares, out);
+    launch_kernel(reduce_kernel<T>, grid_for(n, kThreads, kReduceBlocks), kThreads, 0, s,
+                  static_cast<const T*>(x), n, squares, out, partial, done);
     return cudaGetLastError();
   });
 }
@@ -879,11 +938,14 @@ cudaError_t embedding_forward(const void* w, const int32_t* ids, void* out, KT t
 }
 
 cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, KT t, int64_t n,
-                               int64_t d, cudaStream_t s) {
+                               int64_t d, int64_t v, int32_t* scratch, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
+  int32_t *order = scratch, *sorted = scratch + n;
+  launch_kernel(embedding_rank_kernel, unsigned((n + kEmbRankThreads - 1) / kEmbRankThreads),
+                kEmbRankThreads, 0, s, ids, n, order, sorted);
   return dispatch_ft(t, [&]<typename T>() {
     launch_kernel(embedding_bwd_kernel<T>, unsigned(n), kThreads, 0, s, static_cast<const T*>(dout),
-                  ids, static_cast<T*>(dw), d);
+                  order, sorted, n, static_cast<T*>(dw), d, v);
     return cudaGetLastError();
   });
 }
@@ -1065,16 +1127,25 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
   return cudaGetLastError();
 }
 
-cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr, int64_t V,
+cudaError_t cross_entropy_rows(void* logits, KT lt, const int32_t* targets, int64_t nr, int64_t V,
                                bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
                                float* loss, int* bad, cudaStream_t s, const float* scale_dev) {
   if (nr == 0) return cudaSuccess;
+  if (lt != KT::f32 && lt != KT::bf16) return cudaErrorInvalidValue;
+  // (bf16 logits have a bf16 gradient: dlogits_f32 is for f32 logits only)
+  if (lt == KT::bf16 && grad && !dlogits_bf16) return cudaErrorInvalidValue;
   const auto al = [](const void* p, size_t b) { return reinterpret_cast<uintptr_t>(p) % b == 0; };
-  const bool vec = V % 4 == 0 && al(logits, 16) &&
+  const bool vec = V % 4 == 0 && al(logits, lt == KT::f32 ? 16 : 8) &&
                    (!grad || (dlogits_bf16 ? al(dlogits_bf16, 8) : al(dlogits_f32, 16)));
-  launch_kernel(vec ? ce_rows_kernel<true> : ce_rows_kernel<false>, unsigned(nr), 512, 0, s, logits,
-                targets, V, grad, scale, dlogits_f32, static_cast<__nv_bfloat16*>(dlogits_bf16),
-                loss, bad, scale_dev);
+  __nv_bfloat16* d16 = static_cast<__nv_bfloat16*>(dlogits_bf16);
+  if (lt == KT::bf16)
+    launch_kernel(vec ? ce_rows_kernel<__nv_bfloat16, true> : ce_rows_kernel<__nv_bfloat16, false>,
+                  unsigned(nr), 512, 0, s, static_cast<__nv_bfloat16*>(logits), targets, V, grad,
+                  scale, dlogits_f32, d16, loss, bad, scale_dev);
+  else
+    launch_kernel(vec ? ce_rows_kernel<float, true> : ce_rows_kernel<float, false>, unsigned(nr),
+                  512, 0, s, static_cast<float*>(logits), targets, V, grad, scale, dlogits_f32, d16,
+                  loss, bad, scale_dev);
   return cudaGetLastError();
 }
 

@@ -62,8 +62,16 @@ cudaError_t clip_state(const double* slots, int64_t n, const float* loss, float 
 // (optional): the divisor read on the device instead.
 cudaError_t f64_div_to_f32(const double* x, double div, float* out, cudaStream_t s,
                            const double* div_dev = nullptr);
-// out[0] (double, device) = sum(x) or sum(x^2); accumulated in f64.
-cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, cudaStream_t s);
+// Blocks of reduce_sum at most: the size of its partial scratch.
+constexpr int kReduceBlocks = 132 * 4;
+// out[0] (double, device) = sum(x) or sum(x^2), accumulated in f64 with the same bits on
+// every run: each block writes its partial to partial[blockIdx] (kReduceBlocks doubles), and
+// the last block to finish (counted in *done, which must be 0 before the first call and is 0
+// again after each) adds them in block order. (Float atomics would add them in the order the
+// blocks finish: a clipping factor, and with it every weight, could then differ between two
+// runs of the same step.) Calls on one stream may share the scratch.
+cudaError_t reduce_sum(const void* x, KT t, int64_t n, bool squares, double* out, double* partial,
+                       unsigned* done, cudaStream_t s);
 // *bad (int, device) |= any non-finite element.
 cudaError_t any_nonfinite(const void* x, KT t, int64_t n, int* bad, cudaStream_t s);
 
@@ -71,9 +79,10 @@ cudaError_t any_nonfinite(const void* x, KT t, int64_t n, int* bad, cudaStream_t
 // out (n, d) = weight[ids]; *bad |= 1 if an id is outside [0, v).
 cudaError_t embedding_forward(const void* w, const int32_t* ids, void* out, KT t, int64_t n,
                               int64_t d, int64_t v, int* bad, cudaStream_t s);
-// dw[ids[i]] += dout[i] (atomics).
+// dw[ids[i]] += dout[i] for i in order (ids outside [0, v) add nothing), the same bits on
+// every run; scratch: 2 n int32 on the device (the positions sorted by id). n < 2^31.
 cudaError_t embedding_backward(const void* dout, const int32_t* ids, void* dw, KT t, int64_t n,
-                               int64_t d, cudaStream_t s);
+                               int64_t d, int64_t v, int32_t* scratch, cudaStream_t s);
 // rstd stored in t like x.
 // y has type ty: t, or bf16 for f32 x.
 cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, void* rstd, KT t,
@@ -100,11 +109,12 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
                   cudaStream_t s, void* p16 = nullptr, const float* dyn = nullptr,
                   bool dyn_decay = false);
 
-// Cross-entropy rows: logits (nr, V) f32. Writes loss[i] (f32; 0 for target < 0). With
-// grad, writes d(loss*scale)/dlogits into dlogits_f32 (may alias logits) or, when
-// dlogits_bf16 is set, into that bf16 buffer instead. *bad |= 1 for a target >= V.
-// scale_dev (optional): the scale read on the device instead of `scale`.
-cudaError_t cross_entropy_rows(float* logits, const int32_t* targets, int64_t nr, int64_t V,
+// Cross-entropy rows: logits (nr, V) of type lt, f32 or bf16. Writes loss[i] (f32; 0 for
+// target < 0). With grad, writes d(loss*scale)/dlogits into dlogits_f32 (f32 logits only;
+// may alias them) or, when dlogits_bf16 is set, into that bf16 buffer instead (may alias
+// bf16 logits). *bad |= 1 for a target >= V. scale_dev (optional): the scale read on the
+// device instead of `scale`.
+cudaError_t cross_entropy_rows(void* logits, KT lt, const int32_t* targets, int64_t nr, int64_t V,
                                bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
                                float* loss, int* bad, cudaStream_t s,
                                const float* scale_dev = nullptr);
@@ -144,11 +154,14 @@ struct AttnShape {
   // Tensor-core forward at head dim 64: one m16 tile of query rows per warp (64 per block)
   // instead of two (LLAMA3_ATTN_FWD_MT=1, for A/B timing only).
   bool fwd_one_mtile = false;
-  // Tensor-core backward at head dim <= 64: two m16 tiles of key rows per warp (128 keys per
-  // block) and 32-query inner tiles (LLAMA3_ATTN_BWD_MT=2; not yet timed on a GPU).
-  bool bwd_two_mtiles = false;
-  // With bwd_two_mtiles: dS^T stored by stmatrix (sm_90) instead of four-byte stores
-  // (LLAMA3_ATTN_BWD_STSM=1; ptxas spills 28-32 bytes that way, against 16-20).
+  // Tensor-core backward at head dim <= 64: one m16 tile of key rows per warp (64 keys per
+  // block) and 64-query inner tiles (LLAMA3_ATTN_BWD_MT=1, for A/B timing only) instead of
+  // two (128 keys per block) and 32-query inner tiles, the default since an H200 run
+  // timed it 5% faster alone and 1.3% faster in the 1B step (bench/RESULTS.md).
+  bool bwd_one_mtile = false;
+  // With two key m-tiles: dS^T stored by stmatrix (sm_90) instead of four-byte stores
+  // (LLAMA3_ATTN_BWD_STSM=1; ptxas spills 28-32 bytes that way, against 16-20; 3% slower
+  // on the H200).
   bool bwd_stmatrix = false;
   // Keys (k, v, dk, dv and the document runs) have Tk rows, queries (q, out, lse, dq) T; 0
   // means T. q_pos (T int32, device; optional): each query's position among the keys

@@ -156,6 +156,8 @@ inline int atomicOr(int* p, int v) {
 }
 
 // ---- barriers and shuffles
+// (Blocks run one at a time and threads switch only at barriers: every write is visible.)
+inline void __threadfence() {}
 inline void __syncthreads() {
   ::llama3::emu::sync_block();
 }

@@ -319,8 +319,9 @@ std::vector<Case> make_cases() {
   // partials summed over the group, and head dim <= 64 runs the forward with two m16 tiles
   // of query rows per warp (128 per block; 64 at head dim 128). _kvblocks keeps one backward
   // block per kv head, _fwd1 one forward m-tile per warp, _noprefetch the plain lse/dsum
-  // loads; _bwd2 runs the backward on 128-key blocks with 32-query inner tiles, a candidate
-  // not yet the default, _bwd2stsm the same storing dS by stmatrix.)
+  // loads; head dim <= 64 runs the backward on 128-key blocks with 32-query inner tiles:
+  // _bwd1 runs it on 64-key blocks with 64-query tiles (the default before the H200 run),
+  // _stsm stores dS by stmatrix.)
   for (TcCfg a : {TcCfg{"attn_tc_causal_doc_gqa_d64_t200", 2, 200, 4, 2, 64, true, true},
                   TcCfg{"attn_tc_causal_doc_gqa4_d64_t200_kvblocks", 1, 200, 8, 2, 64, true, true,
                         "LLAMA3_ATTN_GQA_SPLIT=0"},
@@ -328,12 +329,12 @@ std::vector<Case> make_cases() {
                         "LLAMA3_ATTN_FWD_MT=1"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333_noprefetch", 1, 333, 4, 2, 64, true, false,
                         "LLAMA3_ATTN_STATS_PREFETCH=0"},
-                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_bwd2", 2, 200, 4, 2, 64, true, true,
-                        "LLAMA3_ATTN_BWD_MT=2"},
-                  TcCfg{"attn_tc_causal_gqa_d64_t333_bwd2", 1, 333, 4, 2, 64, true, false,
-                        "LLAMA3_ATTN_BWD_MT=2"},
-                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_bwd2stsm", 2, 200, 4, 2, 64, true, true,
-                        "LLAMA3_ATTN_BWD_MT=2 LLAMA3_ATTN_BWD_STSM=1"},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_bwd1", 2, 200, 4, 2, 64, true, true,
+                        "LLAMA3_ATTN_BWD_MT=1"},
+                  TcCfg{"attn_tc_causal_gqa_d64_t333_bwd1", 1, 333, 4, 2, 64, true, false,
+                        "LLAMA3_ATTN_BWD_MT=1"},
+                  TcCfg{"attn_tc_causal_doc_gqa_d64_t200_stsm", 2, 200, 4, 2, 64, true, true,
+                        "LLAMA3_ATTN_BWD_STSM=1"},
                   TcCfg{"attn_tc_causal_gqa_d64_t333", 1, 333, 4, 2, 64, true, false},
                   TcCfg{"attn_tc_causal_doc_gqa4_d128_t200", 1, 200, 8, 2, 128, true, true},
                   TcCfg{"attn_tc_full_d128_t130", 1, 130, 2, 1, 128, false, false},
@@ -414,20 +415,29 @@ std::vector<Case> make_cases() {
                   }});
   }
 
-  // ---- cross-entropy with the classifier, chunked, ignored targets
-  both("linear_cross_entropy", true, [](const Ctx& c) {
+  // ---- cross-entropy with the classifier, chunked, ignored targets. bf16_logits: with bf16
+  // inputs the CUDA backend's bf16 logits with their gradient in place
+  // (LLAMA3_CE_BF16_LOGITS=1, a candidate; the CPU keeps f32 logits).
+  auto linear_ce = [](const Ctx& c, int64_t V, bool bf16_logits) {
     Backend& be = backend_for(c.dev);
-    const int64_t N = 37, D = 24, V = 301;
+    const int64_t N = 37, D = 24;
     Tensor h = input(c, {N, D}, 70), w = input(c, {V, D}, 71, 0.5f);
     std::vector<int32_t> tg(N);
     for (int64_t i = 0; i < N; ++i) tg[i] = i % 5 == 3 ? -1 : int32_t((i * 37) % V);
     Tensor t = ints(c, tg, {N});
     Tensor dh = Tensor::empty({N, D}, DType::f32, c.dev);
     Tensor dw = input_f32(c, {V, D}, 72);  // overwritten (=): its old values must not leak in
+    if (bf16_logits) setenv("LLAMA3_CE_BF16_LOGITS", "1", 1);
     const double loss = be.linear_cross_entropy(h, w, t, 16, 0.1f, &dh, &dw);
     const double loss_only = be.linear_cross_entropy(h, w, t, 64, 1.f, nullptr, nullptr);
+    unsetenv("LLAMA3_CE_BF16_LOGITS");
     return std::vector<Tensor>{scalar(c, loss), scalar(c, loss_only), dh, dw};
-  });
+  };
+  both("linear_cross_entropy", true, [=](const Ctx& c) { return linear_ce(c, 301, false); });
+  // (V = 300 runs the four-wide kernel, 301 the scalar one)
+  for (const int64_t V : {300, 301})
+    cs.push_back({"linear_cross_entropy_bf16logits_v" + std::to_string(V), DType::bf16, true, 0,
+                  [=](const Ctx& c) { return linear_ce(c, V, true); }});
 
   // ---- per-token log-probabilities (DPO, rejection sampling), chunked, ignored targets, with
   // the weighted gradient: dh written, dw accumulated (+=, onto random values)
@@ -661,6 +671,47 @@ TEST(CudaBackend, RejectsF64WithTheSupportedList) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("supported: f32, bf16"), std::string::npos) << e.what();
   }
+}
+
+// Determinism (the CUDA graph test compares a captured step with an eager one bit for bit):
+// the embedding backward adds a repeated token's gradient rows in position order, the CPU's
+// order, so f32 tables match the CPU's bits (f32 atomics added them in arrival order), and
+// reductions add their block partials in block order, so 20 runs give one result.
+TEST(CudaBackend, EmbeddingBackwardAddsInPositionOrder) {
+  if (!cuda_init()) GTEST_SKIP() << "no CUDA device";
+  const int64_t n = 5000, V = 6, d = 96;  // runs of about 1000 positions, over 4 rank tiles
+  std::mt19937 gen(5);
+  std::vector<int32_t> idv(n);
+  for (auto& i : idv) i = int32_t(gen() % 4) + (gen() % 3 == 0 ? 2 : 0);  // row 1 absent
+  std::normal_distribution<float> nd;
+  std::vector<float> gv(n * d), wv(V * d);
+  for (auto& x : gv) x = nd(gen);
+  for (auto& x : wv) x = nd(gen);
+  Tensor ids = Tensor::from_vector(idv, {n}), g = Tensor::from_vector(gv, {n, d});
+  Tensor want = Tensor::from_vector(wv, {V, d});
+  backend_for(Device::cpu()).embedding_backward(g, ids, want);
+  for (int run = 0; run < 3; ++run) {
+    Tensor got = Tensor::from_vector(wv, {V, d}).to(Device::cuda(0));
+    backend_for(Device::cuda(0))
+        .embedding_backward(g.to(Device::cuda(0)), ids.to(Device::cuda(0)), got);
+    EXPECT_EQ(got.to(Device::cpu()).to_vector<float>(), want.to_vector<float>()) << "run " << run;
+  }
+}
+
+TEST(CudaBackend, SumSquaresIsTheSameOnEveryRun) {
+  if (!cuda_init()) GTEST_SKIP() << "no CUDA device";
+  const int64_t n = int64_t(1) << 20;  // all 528 blocks
+  std::mt19937 gen(6);
+  std::normal_distribution<float> nd;
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(gen);
+  Tensor x = Tensor::from_vector(v, {n}).to(Device::cuda(0));
+  Backend& be = backend_for(Device::cuda(0));
+  const double first = be.sum_squares(x);
+  double want = 0;
+  for (float f : v) want += double(f) * f;
+  EXPECT_NEAR(first, want, 1e-12 * want);
+  for (int run = 0; run < 20; ++run) EXPECT_EQ(be.sum_squares(x), first) << "run " << run;
 }
 
 }  // namespace

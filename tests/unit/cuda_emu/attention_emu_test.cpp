@@ -40,8 +40,8 @@ struct AttnCase {
   // parallelism), 4 = positions in decreasing order (not monotonic).
   int qpos = 0;
   int64_t Tk = 0;     // 0: T
-  bool bwd2 = false;  // backward with two key m-tiles per warp (AttnShape::bwd_two_mtiles)
-  bool stsm = false;  // with bwd2: dS by stmatrix (AttnShape::bwd_stmatrix)
+  bool bwd1 = false;  // backward with one key m-tile per warp (AttnShape::bwd_one_mtile)
+  bool stsm = false;  // without bwd1: dS by stmatrix (AttnShape::bwd_stmatrix)
   float scale = 0.f;  // softmax scale; 0: 1 / sqrt(D)
 };
 
@@ -95,7 +95,7 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
     const float scale = c.scale != 0.f ? c.scale : float(1.0 / std::sqrt(double(c.D)));
     cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, scale, c.causal};
     a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
-    a.bwd_two_mtiles = c.bwd2, a.bwd_stmatrix = c.stsm;
+    a.bwd_one_mtile = c.bwd1, a.bwd_stmatrix = c.stsm;
     a.Tk = Tk;
     if (c.qpos) a.q_pos = p.q_pos.data<int32_t>();
     const DType io = c.bf16_io ? DType::bf16 : DType::f32;
@@ -177,22 +177,24 @@ INSTANTIATE_TEST_SUITE_P(
                                false, false, true, false, false, 1, 150},
                       AttnCase{"simt_qpos_cp_balanced_causal_d32", 1, 50, 2, 2, 32, true, false,
                                false, false, true, false, false, 3, 140},
-                      // The backward with 128-key blocks and 32-query inner tiles: documents,
-                      // GQA partials and per-kv-head blocks, whole-tile (mask-free) pairs at
+                      // The backward with 64-key blocks and 64-query inner tiles (the default
+                      // before the H200 run; the layout at head dim 128): documents, GQA
+                      // partials and per-kv-head blocks, whole-tile (mask-free) pairs at
                       // T = 520, both statistics loads, the element-wise tile loads (D = 48),
-                      // bf16 outputs, queries at explicit positions.
-                      AttnCase{"tc_bwd2_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
+                      // bf16 outputs, queries at explicit positions; then the default with dS
+                      // by stmatrix.
+                      AttnCase{"tc_bwd1_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
                                true, false, true, false, false, 0, 0, true},
-                      AttnCase{"tc_bwd2_causal_gqa_d64_t520_kvblocks_noprefetch", 1, 520, 2, 1, 64,
+                      AttnCase{"tc_bwd1_causal_gqa_d64_t520_kvblocks_noprefetch", 1, 520, 2, 1, 64,
                                true, false, true, false, false, false, true, 0, 0, true},
-                      AttnCase{"tc_bwd2_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true, true,
+                      AttnCase{"tc_bwd1_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true, true,
                                false, true, false, false, 0, 0, true},
-                      AttnCase{"tc_bwd2_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false,
+                      AttnCase{"tc_bwd1_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false,
                                true, true, true, false, false, 0, 0, true},
-                      AttnCase{"tc_bwd2_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true,
+                      AttnCase{"tc_bwd1_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true,
                                true, true, false, true, false, false, 2, 260, true},
-                      AttnCase{"tc_bwd2_stsm_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
-                               true, false, true, false, false, 0, 0, true, true},
+                      AttnCase{"tc_stsm_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
+                               true, false, true, false, false, 0, 0, false, true},
                       // Other scales: the forward takes its row maxima on the raw products and
                       // flips Q's signs for a negative scale (both m-tile counts).
                       AttnCase{"tc_scale_neg_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,

