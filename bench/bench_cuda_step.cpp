@@ -455,9 +455,10 @@ int run(const Config& c) {
       per * 1e3, tps, (model_flops + attn_flops) / per / 1e12, model_flops / 1e12,
       attn_flops / 1e12, mfu * 100, double(st.peak_in_use) / double(1ull << 30));
   fmt::print(
-      "RESULT {}{} seq={} accum={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f}\n",
+      "RESULT {}{} seq={} accum={} tokens_per_s={:.0f} mfu={:.4f} step_ms={:.1f} loss={:.4f} "
+      "after_steps={}\n",
       c.f32_attn_act ? "f32attn_llama3_cuda" : "llama3_cuda", c.graph ? "_graph" : "", T, c.accum,
-      tps, mfu, per * 1e3, loss);
+      tps, mfu, per * 1e3, loss, c.warmup + c.steps);
   if (c.profile && !dev.is_cpu()) {
     graph_on = false;  // per-op times need the eager step's host-side events
     cuda_profile_start(dev.index);

@@ -9,8 +9,9 @@
 # the step again with single choices reverted (f32 attention activations, 1024-row
 # cross-entropy chunks, separate gradient-sum adds, weights cast each step instead of AdamW's
 # bf16 copies; as a CUDA graph; with the previous attention backward; with bf16 cross-entropy
-# logits), both sides at two and four sequences per step and (time left) at eight
-# micro-batches per step (ours also as a CUDA graph),
+# logits; with the RMSNorm backward prefetching rows), both sides at two and four sequences
+# per step and (time left) at eight micro-batches per step (ours also as a CUDA graph, without
+# and with the candidates),
 # the NCCL communicator's collectives and all_reduce bandwidth, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
@@ -191,7 +192,7 @@ if [[ -n $BIN ]]; then
   fi
   r=$(result llama3_cuda)
   if [[ -n $r ]]; then
-    note "llama3 step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
+    note "llama3 step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r") after $(field after_steps "$r") steps"
   else
     note "llama3 step" "FAIL" "see llama3_step in gpu-check.log"
   fi
@@ -209,12 +210,13 @@ if [[ -n $BIN ]]; then
            "res:--separate-residual::residual adds as separate kernels (not in the GEMMs)" \
            "graph:--graph::the step captured once and replayed as a CUDA graph" \
            "bwd1::LLAMA3_ATTN_BWD_MT=1:attention backward on 64-key blocks (the previous default)" \
-           "ce16::LLAMA3_CE_BF16_LOGITS=1:candidate: bf16 logits in the cross-entropy"; do
+           "ce16::LLAMA3_CE_BF16_LOGITS=1:candidate: bf16 logits in the cross-entropy" \
+           "rmsp::LLAMA3_RMSNORM_BWD_PREFETCH=1:candidate: RMSNorm backward prefetching rows"; do
     IFS=: read -r tag flags envs what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" $envs "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
     r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_$tag.txt" 2>/dev/null | tail -1)
-    [[ -n $r ]] && note "  $what" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
+    [[ -n $r ]] && note "  $what" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r") after $(field after_steps "$r") steps"
   done
 fi
 step torch_eager 120 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --steps 3 --warmup 1
@@ -323,6 +325,12 @@ if [[ -n $BIN ]] && (($(left) > 30)); then
   step llama3_step_acc8_graph 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
   r=$(grep -h "^RESULT llama3_cuda_graph" "$STEPDIR/llama3_step_acc8_graph.txt" 2>/dev/null | tail -1)
   [[ -n $r ]] && note "llama3 step 8 micro-batches, graph" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+fi
+# ... and with the candidates (bf16 cross-entropy logits, RMSNorm backward prefetch) together.
+if [[ -n $BIN ]] && (($(left) > 30)); then
+  step llama3_step_acc8_graph_cand 40 env LD_LIBRARY_PATH="$LIBPATH" LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
+  r=$(grep -h "^RESULT llama3_cuda_graph" "$STEPDIR/llama3_step_acc8_graph_cand.txt" 2>/dev/null | tail -1)
+  [[ -n $r ]] && note "  same, with the candidates" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
 fi
 
 # ---- torch.compile, only with time to spare

@@ -65,6 +65,13 @@ bool ce_bf16_logits() {
   const char* e = std::getenv("LLAMA3_CE_BF16_LOGITS");
   return e && e[0] == '1';
 }
+// LLAMA3_RMSNORM_BWD_PREFETCH=1: the RMSNorm backward loads a block's next row before this
+// row's block reduction (cuda::rmsnorm_backward's prefetch; a candidate, not yet timed: the
+// backward moved its 134 MB a call at about half the H200's bandwidth).
+bool rmsnorm_bwd_prefetch() {
+  const char* e = std::getenv("LLAMA3_RMSNORM_BWD_PREFETCH");
+  return e && e[0] == '1';
+}
 
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
 // cudaMalloc returns null so that the caching allocator frees its cache and retries.
@@ -567,7 +574,8 @@ class CudaBackend final : public Backend {
     Tensor partial = Tensor::empty({cuda::rmsnorm_partial_rows(n), d}, DType::f32, device());
     LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(
         dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-        partial.data<float>(), ft_of(x.dtype(), "rmsnorm_backward"), n, d, accumulate_dx, stream_));
+        partial.data<float>(), ft_of(x.dtype(), "rmsnorm_backward"), n, d, accumulate_dx, stream_,
+        rmsnorm_bwd_prefetch()));
   }
 
   void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,

@@ -337,8 +337,12 @@ __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T*
 // The same for d <= CPT * blockDim.x: each thread holds its columns of w, of the current
 // row (dy, x) and of the dw partial in registers, so a row is read from memory once and
 // the partial is written once at the end (the kernel above re-reads each row and
-// read-modify-writes the partial for every row).
-template <typename T, int CPT>
+// read-modify-writes the partial for every row). PF (LLAMA3_RMSNORM_BWD_PREFETCH=1, a
+// candidate not yet timed on a GPU): the block's next row is loaded before this row's block
+// reduction, so its loads are in flight while the block waits at the barriers (without it,
+// each of a block's about 8 rows exposes a full memory latency); the same arithmetic, so the
+// same bits.
+template <typename T, int CPT, bool PF>
 __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
                                        float* partial, int64_t n, int64_t d, bool acc_dx) {
   float wv[CPT], acc[CPT];
@@ -348,30 +352,46 @@ __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, cons
     wv[k] = c < d ? to_f32(w[c]) : 0.f;
     acc[k] = 0.f;
   }
-  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const T *xr = x + i * d, *gr = dy + i * d;
-    T* dr = dx + i * d;
-    const float r = to_f32(rstd[i]);
-    float gv[CPT], xv[CPT], ov[CPT];
-    float dot = 0;
+  // Row i's dy, x, rstd and (acc_dx) old dx. (The sum's old dx is loaded with the row,
+  // before the block reduction: loaded after it, its latency was exposed on every row and the
+  // accumulating pass ran 1.7x slower.)
+  const auto load = [&](int64_t i, float(&g)[CPT], float(&xx)[CPT], float(&o)[CPT], float& r) {
+    const T *xr = x + i * d, *gr = dy + i * d, *dr = dx + i * d;
+    r = to_f32(rstd[i]);
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
-      gv[k] = c < d ? to_f32(gr[c]) : 0.f;
-      xv[k] = c < d ? to_f32(xr[c]) : 0.f;
-      // (the sum's old dx loaded with the row, before the block reduction: loaded after it,
-      // its latency was exposed on every row and the accumulating pass ran 1.7x slower)
-      ov[k] = acc_dx && c < d ? to_f32(dr[c]) : 0.f;
-      dot += gv[k] * wv[k] * xv[k];
+      g[k] = c < d ? to_f32(gr[c]) : 0.f;
+      xx[k] = c < d ? to_f32(xr[c]) : 0.f;
+      o[k] = acc_dx && c < d ? to_f32(dr[c]) : 0.f;
     }
+  };
+  float gv[CPT], xv[CPT], ov[CPT], r = 0.f;
+  if (int64_t(blockIdx.x) < n) load(blockIdx.x, gv, xv, ov, r);
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int64_t next = i + gridDim.x;
+    float gn[CPT], xn[CPT], on[CPT], rn = 0.f;
+    if (PF && next < n) load(next, gn, xn, on, rn);
+    float dot = 0;
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) dot += gv[k] * wv[k] * xv[k];
     dot = block_sum(dot);
     const float kk = dot * r * r / float(d);
+    T* dr = dx + i * d;
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
       const float v = r * (gv[k] * wv[k] - xv[k] * kk);
       if (c < d) dr[c] = from_f32<T>(acc_dx ? __fadd_rn(ov[k], v) : v);
       acc[k] += gv[k] * xv[k] * r;
+    }
+    if (next >= n) break;
+    if constexpr (PF) {
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) gv[k] = gn[k], xv[k] = xn[k], ov[k] = on[k];
+      r = rn;
+    } else {
+      load(next, gv, xv, ov, r);
     }
   }
   float* out = partial + int64_t(blockIdx.x) * d;
@@ -661,8 +681,8 @@ __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, 
 // float4 loads with one online update per four logits (their max first) instead of a compare
 // and branch per logit, and 8- or 16-byte dlogits stores. (The step's vocabulary, 128256,
 // qualifies: its 2.1 GB of f32 logits are read twice, statistics then gradient.)
-// TL: the logits' type. bf16 logits (Backend::ce_bf16_logits) move half the bytes; their
-// gradient is then written in place (dl16 = logits: each element is read, then written, by
+// TL: the logits' type. bf16 logits (LLAMA3_CE_BF16_LOGITS, cuda_backend.cpp) move half the bytes;
+// their gradient is then written in place (dl16 = logits: each element is read, then written, by
 // the same thread).
 template <typename TL, bool VEC>
 __global__ void ce_rows_kernel(TL* logits, const int32_t* targets, int64_t V, bool grad,
@@ -1000,7 +1020,7 @@ int64_t rmsnorm_partial_rows(int64_t n) {
 
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
-                             bool accumulate_dx, cudaStream_t s) {
+                             bool accumulate_dx, cudaStream_t s, bool prefetch) {
   if (n == 0) return cudaSuccess;
   const int64_t rows = rmsnorm_partial_rows(n);
   return dispatch_ft(t, [&]<typename T>() {
@@ -1010,9 +1030,9 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
                     static_cast<T*>(dx), partial, n, d, accumulate_dx);
     };
     if (d <= 8 * kThreads)
-      args(rmsnorm_bwd_reg_kernel<T, 8>);
+      args(prefetch ? rmsnorm_bwd_reg_kernel<T, 8, true> : rmsnorm_bwd_reg_kernel<T, 8, false>);
     else if (d <= 16 * kThreads)
-      args(rmsnorm_bwd_reg_kernel<T, 16>);
+      args(prefetch ? rmsnorm_bwd_reg_kernel<T, 16, true> : rmsnorm_bwd_reg_kernel<T, 16, false>);
     else
       args(rmsnorm_bwd_kernel<T>);
     launch_kernel(rmsnorm_dw_reduce_kernel<T>, unsigned((d + kReduceCols - 1) / kReduceCols),

@@ -89,9 +89,11 @@ cudaError_t rmsnorm_forward(const void* x, const void* w, float eps, void* y, vo
                             int64_t n, int64_t d, cudaStream_t s, KT ty);
 // partial: f32 workspace of rmsnorm_partial_rows(n) * d floats.
 int64_t rmsnorm_partial_rows(int64_t n);
+// prefetch: the register kernel (d <= 4096) loads a block's next row before this row's
+// reduction (LLAMA3_RMSNORM_BWD_PREFETCH=1, a candidate; the same bits either way).
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
-                             bool accumulate_dx, cudaStream_t s);
+                             bool accumulate_dx, cudaStream_t s, bool prefetch = false);
 cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
                  KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s);
 cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, int64_t n,

@@ -217,20 +217,26 @@ std::vector<Case> make_cases() {
   // Wider rows: more rows than the 528 partial rows (several rows per block) at d = 2100
   // (16 columns a thread in registers), and d = 4100 (the kernel without register rows). The
   // forward's float4 kernel: 1 (d = 300), 4 (2100) and 8 (4100) float4 a thread.
-  for (int64_t d : {2100, 4100}) {
+  // _prefetch: the register kernel loading a block's next row before this row's reduction
+  // (LLAMA3_RMSNORM_BWD_PREFETCH=1, a candidate).
+  for (auto [d, prefetch] :
+       {std::pair{int64_t(2100), false}, {int64_t(4100), false}, {int64_t(2100), true}}) {
     const int64_t rows = d == 2100 ? 600 : 5;
-    both("rmsnorm_d" + std::to_string(d), false, [d, rows](const Ctx& c) {
-      Backend& be = backend_for(c.dev);
-      Tensor x = input(c, {rows, d}, 34), w = input(c, {d}, 35);
-      Tensor y = empty(c, {rows, d}), rstd = empty(c, {rows});
-      be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
-      Tensor dy = input(c, {rows, d}, 36), dx = empty(c, {rows, d});
-      Tensor dw = input(c, {d}, 37);
-      be.rmsnorm_backward(dy, x, w, rstd, dx, dw, false);
-      Tensor dx2 = input(c, {rows, d}, 39);
-      be.rmsnorm_backward(dy, x, w, rstd, dx2, dw, true);
-      return std::vector<Tensor>{y, rstd, dx, dw, dx2};
-    });
+    both("rmsnorm_d" + std::to_string(d) + (prefetch ? "_prefetch" : ""), false,
+         [d, rows, prefetch](const Ctx& c) {
+           Backend& be = backend_for(c.dev);
+           Tensor x = input(c, {rows, d}, 34), w = input(c, {d}, 35);
+           Tensor y = empty(c, {rows, d}), rstd = empty(c, {rows});
+           be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+           Tensor dy = input(c, {rows, d}, 36), dx = empty(c, {rows, d});
+           Tensor dw = input(c, {d}, 37);
+           if (prefetch) setenv("LLAMA3_RMSNORM_BWD_PREFETCH", "1", 1);
+           be.rmsnorm_backward(dy, x, w, rstd, dx, dw, false);
+           Tensor dx2 = input(c, {rows, d}, 39);
+           be.rmsnorm_backward(dy, x, w, rstd, dx2, dw, true);
+           unsetenv("LLAMA3_RMSNORM_BWD_PREFETCH");
+           return std::vector<Tensor>{y, rstd, dx, dw, dx2};
+         });
   }
   // f32 x with a bf16 output (the model's norms where the backend prefers bf16 activations).
   cs.push_back({"rmsnorm_f32_to_bf16", DType::f32, true, 1e-2, [](const Ctx& c) {

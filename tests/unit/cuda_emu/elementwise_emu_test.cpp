@@ -84,9 +84,11 @@ TEST_P(ElementwiseEmu, AddAxpySwiglu) {
 TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
   emu_test::each_schedule([&] {
     const DType dt = GetParam();
-    // d = 130: the one-column-a-thread forward; 2048 (f32 x): the float4 forward, two a thread.
-    for (int64_t d : {130, 2048}) {
-      const int64_t n = d == 130 ? 37 : 5;
+    // d = 130: the one-column-a-thread forward; 2048 (f32 x): the float4 forward, two a thread;
+    // d = 40 at 1100 rows: two or three rows a backward block (528 blocks), so the prefetch
+    // of a block's next row runs.
+    for (int64_t d : {130, 2048, 40}) {
+      const int64_t n = d == 130 ? 37 : d == 40 ? 1100 : 5;
       Tensor x = randn({n, d}, 4).to(dt), w = randn({d}, 5, 0.5f).to(dt);
       // f32 x may write a bf16 y (the norms that feed bf16 GEMMs).
       for (DType yt : dt == DType::f32 ? std::vector<DType>{DType::f32, DType::bf16}
@@ -108,7 +110,9 @@ TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
       Tensor dy = randn({n, d}, 6).to(dt);
       for (bool acc : {false, true}) {
         Tensor dx0 = randn({n, d}, 7).to(dt), dw0 = randn({d}, 8).to(dt);
-        Tensor dx1 = f32(dx0), dw1 = f32(dw0), dx2 = dx0.clone(), dw2 = dw0.clone();
+        // (copies taken first: for f32, f32() shares dx0's and dw0's storage)
+        Tensor dx2 = dx0.clone(), dw2 = dw0.clone(), dx3 = dx0.clone(), dw3 = dw0.clone();
+        Tensor dx1 = f32(dx0), dw1 = f32(dw0);
         cpu().rmsnorm_backward(f32(dy), f32(x), f32(w), f32(rstd), dx1, dw1, acc);
         Tensor part = Tensor::empty({cu::rmsnorm_partial_rows(n), d}, DType::f32);
         ASSERT_EQ(cu::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
@@ -117,6 +121,13 @@ TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
                   cudaSuccess);
         EXPECT_LT(rel_err(dx2, dx1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dx, accumulate " << acc;
         EXPECT_LT(rel_err(dw2, dw1), dt == DType::bf16 ? 1e-2 : 1e-5) << "dw, accumulate " << acc;
+        // With the next row prefetched: the same bits.
+        ASSERT_EQ(cu::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                                       dx3.data_ptr(), dw3.data_ptr(), part.data<float>(), kt(dt),
+                                       n, d, acc, nullptr, /*prefetch=*/true),
+                  cudaSuccess);
+        EXPECT_EQ(rel_err(dx3, dx2), 0.0) << "prefetch, accumulate " << acc;
+        EXPECT_EQ(rel_err(dw3, dw2), 0.0) << "prefetch, accumulate " << acc;
       }
     }
   });
