@@ -31,46 +31,45 @@ using cuda::KT;
 
 constexpr int kMaxDevices = 16;
 
-// LLAMA3_ATTN_GQA_SPLIT=0: the tensor-core attention backward keeps one block per kv head
-// (for A/B timing in bench_cuda_step); read on every call so a benchmark can switch it.
+// Kernel choices switched by the environment, for A/B timing (bench_cuda_step,
+// gpu-check.sh): read on every call so a benchmark can switch them between runs. True when
+// `name` is set and starts with `value`.
+bool env_is(const char* name, char value) {
+  const char* e = std::getenv(name);
+  return e && e[0] == value;
+}
+// LLAMA3_ATTN_GQA_SPLIT=0: the tensor-core attention backward keeps one block per kv head.
 bool gqa_split_enabled() {
-  const char* e = std::getenv("LLAMA3_ATTN_GQA_SPLIT");
-  return !(e && e[0] == '0');
+  return !env_is("LLAMA3_ATTN_GQA_SPLIT", '0');
 }
-// LLAMA3_ATTN_STATS_PREFETCH=0: see AttnShape::no_stats_prefetch (A/B timing).
+// LLAMA3_ATTN_STATS_PREFETCH=0: see AttnShape::no_stats_prefetch.
 bool stats_prefetch_enabled() {
-  const char* e = std::getenv("LLAMA3_ATTN_STATS_PREFETCH");
-  return !(e && e[0] == '0');
+  return !env_is("LLAMA3_ATTN_STATS_PREFETCH", '0');
 }
-// LLAMA3_ATTN_FWD_MT=1: see AttnShape::fwd_one_mtile (A/B timing).
+// LLAMA3_ATTN_FWD_MT=1: see AttnShape::fwd_one_mtile.
 bool fwd_one_mtile() {
-  const char* e = std::getenv("LLAMA3_ATTN_FWD_MT");
-  return e && e[0] == '1';
+  return env_is("LLAMA3_ATTN_FWD_MT", '1');
 }
 // LLAMA3_ATTN_BWD_MT=1 and LLAMA3_ATTN_BWD_STSM=1: see AttnShape::bwd_one_mtile and
-// bwd_stmatrix (the previous default and a variant, for A/B timing).
+// bwd_stmatrix (the previous default and a variant).
 bool bwd_one_mtile() {
-  const char* e = std::getenv("LLAMA3_ATTN_BWD_MT");
-  return e && e[0] == '1';
+  return env_is("LLAMA3_ATTN_BWD_MT", '1');
 }
 bool bwd_stmatrix() {
-  const char* e = std::getenv("LLAMA3_ATTN_BWD_STSM");
-  return e && e[0] == '1';
+  return env_is("LLAMA3_ATTN_BWD_STSM", '1');
 }
 // LLAMA3_CE_BF16_LOGITS=1: with bf16 inputs, the fused cross-entropy's logits are bf16 (the
 // GEMM rounds them, as PyTorch's autocast does before its f32 softmax) and their gradient
 // overwrites them: about 3.1 of the 7.4 GB it moves per 4096-token step at vocabulary
-// 128256, by bytes. A candidate, not yet timed on a GPU (gpu-check.sh times it).
+// 128256, by bytes. A candidate, not yet timed on a GPU.
 bool ce_bf16_logits() {
-  const char* e = std::getenv("LLAMA3_CE_BF16_LOGITS");
-  return e && e[0] == '1';
+  return env_is("LLAMA3_CE_BF16_LOGITS", '1');
 }
 // LLAMA3_RMSNORM_BWD_PREFETCH=1: the RMSNorm backward loads a block's next row before this
 // row's block reduction (cuda::rmsnorm_backward's prefetch; a candidate, not yet timed: the
 // backward moved its 134 MB a call at about half the H200's bandwidth).
 bool rmsnorm_bwd_prefetch() {
-  const char* e = std::getenv("LLAMA3_RMSNORM_BWD_PREFETCH");
-  return e && e[0] == '1';
+  return env_is("LLAMA3_RMSNORM_BWD_PREFETCH", '1');
 }
 
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
