@@ -419,9 +419,7 @@ class CudaBackend final : public Backend {
     Tensor slots = Tensor::empty({int64_t(xs.size())}, DType::i64, device());
     double* d = static_cast<double*>(slots.data_ptr());
     for (size_t i = 0; i < xs.size(); ++i)
-      LLAMA3_CUDA_CHECK(cuda::reduce_sum(xs[i].data_ptr(), ft_of(xs[i].dtype(), "sum_squares_many"),
-                                         xs[i].numel(), true, d + i, reduce_partial(),
-                                         reduce_done(), stream_));
+      reduce_into(xs[i], ft_of(xs[i].dtype(), "sum_squares_many"), true, d + i);
     std::vector<double> h(xs.size());
     LLAMA3_CUDA_CHECK(
         cudaMemcpyAsync(h.data(), d, h.size() * sizeof(double), cudaMemcpyDeviceToHost, stream_));
@@ -458,9 +456,7 @@ class CudaBackend final : public Backend {
     Tensor slots = Tensor::empty({std::max<int64_t>(int64_t(xs.size()), 1)}, DType::i64, device());
     double* d = static_cast<double*>(slots.data_ptr());
     for (size_t i = 0; i < xs.size(); ++i)
-      LLAMA3_CUDA_CHECK(cuda::reduce_sum(xs[i].data_ptr(), ft_of(xs[i].dtype(), "grad_clip_state"),
-                                         xs[i].numel(), true, d + i, reduce_partial(),
-                                         reduce_done(), stream_));
+      reduce_into(xs[i], ft_of(xs[i].dtype(), "grad_clip_state"), true, d + i);
     // A deferred check that failed (bad ids or targets in this step's inputs) skips the update
     // too: check_deferred() then throws after the replay with the weights unchanged, as the
     // eager step throws before updating them.
@@ -762,8 +758,7 @@ class CudaBackend final : public Backend {
     if (loss_out) {
       Tensor total = Tensor::empty({1}, DType::i64, device());  // an f64 slot
       double* d = static_cast<double*>(total.data_ptr());
-      LLAMA3_CUDA_CHECK(cuda::reduce_sum(losses.data<float>(), KT::f32, N, false, d,
-                                         reduce_partial(), reduce_done(), stream_));
+      reduce_into(losses, KT::f32, false, d);
       LLAMA3_CUDA_CHECK(
           cuda::f64_div_to_f32(d, loss_div, loss_out->data<float>(), stream_, div_dev));
       return 0.0;
@@ -1038,8 +1033,14 @@ class CudaBackend final : public Backend {
 
   static constexpr size_t kScratchBytes = 64 + sizeof(double) * cuda::kReduceBlocks;
   double* result() { return static_cast<double*>(scratch_); }
-  double* reduce_partial() { return reinterpret_cast<double*>(static_cast<char*>(scratch_) + 64); }
-  unsigned* reduce_done() { return reinterpret_cast<unsigned*>(static_cast<char*>(scratch_) + 32); }
+  // *out (f64, device) = the sum of x's elements or of their squares, by cuda::reduce_sum with
+  // the partials and block count in scratch_ (calls on the one stream share them in order).
+  void reduce_into(const Tensor& x, KT t, bool squares, double* out) {
+    char* s = static_cast<char*>(scratch_);
+    LLAMA3_CUDA_CHECK(cuda::reduce_sum(x.data_ptr(), t, x.numel(), squares, out,
+                                       reinterpret_cast<double*>(s + 64),
+                                       reinterpret_cast<unsigned*>(s + 32), stream_));
+  }
   int* flag() { return reinterpret_cast<int*>(static_cast<char*>(scratch_) + 8); }
   // Deferred check i (0: embedding ids, 1: cross-entropy targets outside the vocabulary, 2: a
   // cross-entropy without any target): a sticky device flag that captured kernels set and
@@ -1078,8 +1079,7 @@ class CudaBackend final : public Backend {
     const KT t = ft_of(x.dtype(), op);
     activate();
     auto prof_scope = prof(op);
-    LLAMA3_CUDA_CHECK(cuda::reduce_sum(x.data_ptr(), t, x.numel(), squares, result(),
-                                       reduce_partial(), reduce_done(), stream_));
+    reduce_into(x, t, squares, result());
     double v = 0;
     LLAMA3_CUDA_CHECK(
         cudaMemcpyAsync(&v, result(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
