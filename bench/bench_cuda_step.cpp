@@ -12,6 +12,7 @@
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //                   [--f32-attn-activations] [--ce-chunk ROWS] [--separate-sums]
 //                   [--cast-weights] [--graph] [--accum N] [--separate-residual]
+//                   [--optimizer-only]
 //
 // --accum N: N micro-batches of (batch, seq) per optimizer step (gradient accumulation, as
 // the trainer's grad_accum): N forward/backward passes whose gradients sum in the weights'
@@ -38,6 +39,10 @@
 // --attn-only times attention forward+backward alone for the same shapes (f32 inputs on the
 // exact f32 kernels; f32 inputs with compute = bf16 and bf16 inputs on the tensor-core
 // kernels), to compare with torch's scaled_dot_product_attention (bench/cuda_step_peer.py).
+// --optimizer-only times the optimizer's work of a captured step alone on the model's
+// parameters: the clipping state from every gradient (Backend::grad_clip_state) and AdamW on
+// every parameter with the matrices' bf16 copies (Backend::adamw_step_many), as multi-tensor
+// launches and as one launch per tensor (LLAMA3_MULTI_TENSOR=0) in the same run.
 // --profile runs one more step after the timed ones with CUDA events around every backend
 // call and prints the GPU time per op (GEMMs by shape, copies by dtypes), largest first.
 // Exits 77 when there is no CUDA device.
@@ -48,6 +53,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
@@ -70,6 +76,7 @@ struct Config {
       accum = 1;                                                // micro-batches per step
   ops::Precision precision = ops::Precision::bf16;
   bool attn_only = false;
+  bool optimizer_only = false;
   bool profile = false;             // one more step after the timed ones, with per-op GPU times
   bool f32_attn_act = false;        // keep q/k/v/attention activations f32 (A/B timing)
   bool cast_weights = false;        // no bf16 weight copies: cast each step (A/B timing)
@@ -109,6 +116,8 @@ Config parse(int argc, char** argv) {
       c.warmup = next();
     else if (a == "--attn-only")
       c.attn_only = true;
+    else if (a == "--optimizer-only")
+      c.optimizer_only = true;
     else if (a == "--profile")
       c.profile = true;
     else if (a == "--separate-sums")
@@ -259,6 +268,71 @@ int attn_only(const Config& c) {
   return 0;
 }
 
+int optimizer_only(const Config& c) {
+  const Device dev = c.device;
+  Backend& be = backend_for(dev);
+  const int64_t D = c.dim, Dh = c.head_dim(), Hq = c.heads * Dh, Hk = c.kv_heads * Dh;
+  // The parameters of run(), in its order.
+  std::vector<Shape> shapes{{c.vocab, D}};
+  for (int64_t l = 0; l < c.layers; ++l)
+    for (const Shape& s : std::vector<Shape>{
+             {D}, {Hq, D}, {Hk, D}, {Hk, D}, {D, Hq}, {D}, {c.ffn, D}, {c.ffn, D}, {D, c.ffn}})
+      shapes.push_back(s);
+  shapes.push_back({D});
+  shapes.push_back({c.vocab, D});
+  std::vector<AdamWItem> items;
+  std::vector<Tensor> grads;
+  int64_t n = 0, n_copies = 0;
+  for (const Shape& s : shapes) {
+    AdamWItem it;
+    it.param = Tensor::full(s, 0.01, DType::f32, dev);
+    it.grad = Tensor::full(s, 1e-3, DType::f32, dev);
+    it.m = Tensor::zeros(s, DType::f32, dev), it.v = Tensor::zeros(s, DType::f32, dev);
+    if (s.size() == 2)
+      it.param_bf16 = Tensor::empty(s, DType::bf16, dev), n_copies += it.param.numel();
+    it.weight_decay = s.size() == 2 ? 0.1f : 0.f;
+    n += it.param.numel();
+    grads.push_back(it.grad);
+    items.push_back(std::move(it));
+  }
+  Tensor state = Tensor::zeros({AdamWDynamic::size}, DType::f32, dev);
+  AdamWParams ap;
+  ap.lr = 3e-4f, ap.dynamic = state;
+  const AdamWStepScalars sc = adamw_step_scalars(ap);
+  const float host[3] = {sc.step_size, sc.bc2_sqrt, sc.decay};
+  Tensor tail = state.narrow(0, AdamWDynamic::step_size, 3);
+  be.copy_from_host(host, sizeof host, tail);
+  const int64_t reps = std::max<int64_t>(c.steps, 10);
+  // Mean ms of f() over reps runs after one untimed run, with LLAMA3_MULTI_TENSOR=multi.
+  auto time_ms = [&](bool multi, const std::function<void()>& f) {
+    setenv("LLAMA3_MULTI_TENSOR", multi ? "1" : "0", 1);
+    f();
+    be.synchronize();
+    const double t0 = now();
+    for (int64_t r = 0; r < reps; ++r) f();
+    be.synchronize();
+    return (now() - t0) * 1e3 / double(reps);
+  };
+  auto norm = [&] { be.grad_clip_state(grads, Tensor(), 1.f, state); };
+  auto update = [&] { be.adamw_step_many(items, ap); };
+  const double norm_multi = time_ms(true, norm), norm_each = time_ms(false, norm);
+  const double adamw_multi = time_ms(true, update), adamw_each = time_ms(false, update);
+  unsetenv("LLAMA3_MULTI_TENSOR");
+  // Bytes: AdamW reads param, grad and both moments and writes param and moments (28 per
+  // parameter) plus the 2-byte copies; the norm reads the gradients.
+  const double adamw_bytes = 28.0 * double(n) + 2.0 * double(n_copies);
+  fmt::print("device {}: {} parameters in {} tensors, {} runs each\n", be.name(), n, shapes.size(),
+             reps);
+  fmt::print(
+      "RESULT optimizer params={} tensors={} adamw_multi_ms={:.3f} adamw_per_tensor_ms={:.3f} "
+      "adamw_ratio={:.3f} adamw_multi_gbs={:.0f} norm_multi_ms={:.3f} norm_per_tensor_ms={:.3f} "
+      "norm_ratio={:.3f} norm_multi_gbs={:.0f}\n",
+      n, shapes.size(), adamw_multi, adamw_each, adamw_multi / adamw_each,
+      adamw_bytes / adamw_multi * 1e-6, norm_multi, norm_each, norm_multi / norm_each,
+      4.0 * double(n) / norm_multi * 1e-6);
+  return 0;
+}
+
 int run(const Config& c) {
   const Device dev = c.device;
   Backend& be = backend_for(dev);
@@ -390,17 +464,23 @@ int run(const Config& c) {
     }
     scope.reset();
     AdamWParams opt;
-    opt.lr = 3e-4f, opt.weight_decay = 0.1f, opt.step = step_no;
+    opt.lr = 3e-4f, opt.step = step_no;
     opt.dynamic = dynamic;
     {
       autograd::NoGradGuard ng;
+      // As optim::AdamW: one multi-tensor update (LLAMA3_MULTI_TENSOR=0: one per parameter).
+      std::vector<AdamWItem> items;
       for (size_t i = 0; i < params.size(); ++i) {
-        Tensor gp = params[i]->grad();
-        LLAMA3_CHECK(gp.defined(), "parameter {} got no gradient", i);
-        const int64_t ci = copy_of[i];
-        be.adamw_step(*params[i], gp, m[i], v[i], opt,
-                      ci >= 0 ? &copies.copy(size_t(ci)) : nullptr);
-        if (ci >= 0) copies.mark_written(size_t(ci));
+        AdamWItem it;
+        it.param = *params[i], it.grad = params[i]->grad(), it.m = m[i], it.v = v[i];
+        LLAMA3_CHECK(it.grad.defined(), "parameter {} got no gradient", i);
+        if (copy_of[i] >= 0) it.param_bf16 = copies.copy(size_t(copy_of[i]));
+        it.weight_decay = 0.1f;
+        items.push_back(std::move(it));
+      }
+      be.adamw_step_many(items, opt);
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (copy_of[i] >= 0) copies.mark_written(size_t(copy_of[i]));
         params[i]->zero_grad();
       }
     }
@@ -480,7 +560,7 @@ int main(int argc, char** argv) {
       fmt::print("SKIP: no CUDA device (cuda_init() returned false)\n");
       return 77;
     }
-    return c.attn_only ? attn_only(c) : run(c);
+    return c.attn_only ? attn_only(c) : c.optimizer_only ? optimizer_only(c) : run(c);
   } catch (const std::exception& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 1;

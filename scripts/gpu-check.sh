@@ -219,6 +219,13 @@ if [[ -n $BIN ]]; then
     [[ -n $r ]] && note "  $what" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r") after $(field after_steps "$r") steps"
   done
 fi
+# The optimizer alone on the 1B parameters: multi-tensor launches against one per tensor.
+if [[ -n $BIN ]]; then
+  step optimizer 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --optimizer-only
+  r=$(result optimizer)
+  [[ -n $r ]] && note "optimizer: AdamW, multi / per tensor" "OK" "$(field adamw_multi_ms "$r") / $(field adamw_per_tensor_ms "$r") ms ($(field adamw_ratio "$r")), $(field adamw_multi_gbs "$r") GB/s"
+  [[ -n $r ]] && note "optimizer: grad norm, multi / per tensor" "OK" "$(field norm_multi_ms "$r") / $(field norm_per_tensor_ms "$r") ms ($(field norm_ratio "$r")), $(field norm_multi_gbs "$r") GB/s"
+fi
 step torch_eager 120 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --steps 3 --warmup 1
 r=$(result torch_eager)
 [[ -n $r ]] && note "torch eager step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r")" || note "torch eager step" "FAIL" "see torch_eager in gpu-check.log"
@@ -292,13 +299,13 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 if [[ -n $BIN && -n $SAN ]]; then
   # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
   # (the tensor-core attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
-  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd1:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_stsm:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*'
+  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd1:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_stsm:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*:*CudaMatchesCpu/adamw*:*CudaMatchesCpu/reductions*'
   for tool in memcheck racecheck; do
     step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
       "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"
     rc=$?
     errs=$(grep -m1 -o 'ERROR SUMMARY: [0-9]* error[s]*\|RACECHECK SUMMARY: [0-9]* hazard[s]*.*' "$STEPDIR/sanitizer_$tool.txt")
-    note "compute-sanitizer $tool" "$([[ $rc == 0 ]] && echo PASS || echo "rc=$rc")" "${errs:-no summary} (attention, cross-entropy, rmsnorm, embedding cases)"
+    note "compute-sanitizer $tool" "$([[ $rc == 0 ]] && echo PASS || echo "rc=$rc")" "${errs:-no summary} (attention, cross-entropy, rmsnorm, embedding, adamw, reduction cases)"
   done
 fi
 

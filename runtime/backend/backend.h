@@ -54,6 +54,14 @@ struct AdamWParams {
   Tensor dynamic;
 };
 
+// One parameter of Backend::adamw_step_many: its tensors, as adamw_step takes them (handles:
+// the update writes param, m, v and param_bf16 in place), and its decay group's weight decay.
+struct AdamWItem {
+  Tensor param, grad, m, v;
+  Tensor param_bf16;  // undefined: no bf16 copy
+  float weight_decay = 0.f;
+};
+
 // The per-step scalars of an update, computed alike by every backend (torch's single-tensor
 // AdamW): step_size = lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step) and
 // decay = 1 - lr * weight_decay, in f32.
@@ -139,8 +147,8 @@ class Backend {
   // sum over i of weights[i] * sum_squares(xs[i]) (weights empty: all 1), for the global
   // gradient norm; non-finite when any element is (the f64 squares of f32/bf16 values cannot
   // overflow), so the norm doubles as the finiteness check. The default calls sum_squares per
-  // tensor, in order; CUDA reduces every tensor into its own slot of a device buffer and reads
-  // the slots back at once (one synchronisation instead of one per tensor).
+  // tensor, in order; CUDA sums the f32 tensors in a few multi-tensor launches (f64, the same
+  // bits on every run) and reads the result back once.
   virtual double sum_squares_many(const std::vector<Tensor>& xs,
                                   const std::vector<double>& weights);
   // The clipping state of a step, without reading anything back to the host: from the
@@ -246,6 +254,11 @@ class Backend {
   // step (ops::WeightCopyTable); it equals param.to(bf16) bit for bit.
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                           const AdamWParams& p, Tensor* param_bf16 = nullptr) = 0;
+  // adamw_step on every item with p's scalars but the item's weight_decay (p.weight_decay is
+  // unused), with the same results. CUDA runs it as a few multi-tensor launches
+  // (LLAMA3_MULTI_TENSOR=0: one launch per parameter, for A/B timing); the default calls
+  // adamw_step per item.
+  virtual void adamw_step_many(const std::vector<AdamWItem>& items, const AdamWParams& p);
 
   // ---- graph capture (CUDA graphs) ----
   // Runs work() once with this backend's stream capturing: the device work it enqueues is

@@ -72,6 +72,12 @@ bool rmsnorm_bwd_prefetch() {
   return env_is("LLAMA3_RMSNORM_BWD_PREFETCH", '1');
 }
 
+// LLAMA3_MULTI_TENSOR=0: AdamW and the gradient norm launch their kernels once per tensor
+// (the previous path, for A/B timing) instead of as a few multi-tensor launches.
+bool multi_tensor_enabled() {
+  return !env_is("LLAMA3_MULTI_TENSOR", '0');
+}
+
 // Raw allocators per device (CachingAllocator takes plain function pointers). A failed
 // cudaMalloc returns null so that the caching allocator frees its cache and retries.
 template <int D>
@@ -412,21 +418,44 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(weights.empty() || weights.size() == xs.size(),
                  "sum_squares_many: {} weights for {} tensors", weights.size(), xs.size());
     if (xs.empty()) return 0.0;
-    for (const Tensor& x : xs) contig(x, "sum_squares_many", "x");
     activate();
     auto prof_scope = prof("sum_squares_many");
-    // One f64 slot per tensor (8-byte elements; the kernels write doubles).
-    Tensor slots = Tensor::empty({int64_t(xs.size())}, DType::i64, device());
-    double* d = static_cast<double*>(slots.data_ptr());
-    for (size_t i = 0; i < xs.size(); ++i)
-      reduce_into(xs[i], ft_of(xs[i].dtype(), "sum_squares_many"), true, d + i);
-    std::vector<double> h(xs.size());
-    LLAMA3_CUDA_CHECK(
-        cudaMemcpyAsync(h.data(), d, h.size() * sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    std::vector<size_t> alone;
+    Tensor slots = sum_squares_slots(xs, weights, "sum_squares_many", alone);
+    std::vector<double> h(size_t(slots.numel()));
+    LLAMA3_CUDA_CHECK(cudaMemcpyAsync(h.data(), slots.data_ptr(), h.size() * sizeof(double),
+                                      cudaMemcpyDeviceToHost, stream_));
     LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    double s = 0;
-    for (size_t i = 0; i < h.size(); ++i) s += (weights.empty() ? 1.0 : weights[i]) * h[i];
+    double s = h[0];
+    for (size_t j = 0; j < alone.size(); ++j)
+      s += (weights.empty() ? 1.0 : weights[alone[j]]) * h[1 + j];
     return s;
+  }
+  // The squared norms of sum_squares_many and grad_clip_state in f64 device slots (i64 tensor):
+  // slot 0 = the sum over the f32 tensors of weights[i] (all 1 when empty) * sum(x_i^2), from
+  // a few multi-tensor launches; then one unweighted slot per other tensor, whose indices
+  // come back in `alone` (every tensor when LLAMA3_MULTI_TENSOR=0).
+  Tensor sum_squares_slots(const std::vector<Tensor>& xs, const std::vector<double>& weights,
+                           const char* op, std::vector<size_t>& alone) {
+    const bool multi = multi_tensor_enabled();
+    std::vector<cuda::SumSqTensor> f32;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      contig(xs[i], op, "x");
+      ft_of(xs[i].dtype(), op);
+      if (multi && xs[i].dtype() == DType::f32)
+        f32.push_back({xs[i].data<float>(), xs[i].numel(), weights.empty() ? 1.0 : weights[i]});
+      else
+        alone.push_back(i);
+    }
+    Tensor slots = Tensor::empty({int64_t(1 + alone.size())}, DType::i64, device());
+    double* d = static_cast<double*>(slots.data_ptr());
+    char* sc = static_cast<char*>(scratch_);
+    LLAMA3_CUDA_CHECK(cuda::sum_squares_multi(f32.data(), int64_t(f32.size()), d,
+                                              reinterpret_cast<double*>(sc + 64),
+                                              reinterpret_cast<unsigned*>(sc + 32), stream_));
+    for (size_t j = 0; j < alone.size(); ++j)
+      reduce_into(xs[alone[j]], ft_of(xs[alone[j]].dtype(), op), true, d + 1 + j);
+    return slots;
   }
   bool all_finite(const Tensor& x) override {
     contig(x, "all_finite", "x");
@@ -449,18 +478,16 @@ class CudaBackend final : public Backend {
       LLAMA3_CHECK(loss.dtype() == DType::f32 && loss.numel() == 1,
                    "grad_clip_state: loss {} must be one f32 element", loss.str());
     }
-    for (const Tensor& x : xs) contig(x, "grad_clip_state", "x");
     activate();
     auto prof_scope = prof("grad_clip_state");
-    // One f64 slot per tensor, summed in order by one thread (as sum_squares_many on the host).
-    Tensor slots = Tensor::empty({std::max<int64_t>(int64_t(xs.size()), 1)}, DType::i64, device());
-    double* d = static_cast<double*>(slots.data_ptr());
-    for (size_t i = 0; i < xs.size(); ++i)
-      reduce_into(xs[i], ft_of(xs[i].dtype(), "grad_clip_state"), true, d + i);
+    // The slots are summed in order by one thread (as sum_squares_many sums them on the host).
+    std::vector<size_t> alone;
+    Tensor slots = sum_squares_slots(xs, {}, "grad_clip_state", alone);
+    const double* d = static_cast<const double*>(slots.data_ptr());
     // A deferred check that failed (bad ids or targets in this step's inputs) skips the update
     // too: check_deferred() then throws after the replay with the weights unchanged, as the
     // eager step throws before updating them.
-    LLAMA3_CUDA_CHECK(cuda::clip_state(d, int64_t(xs.size()),
+    LLAMA3_CUDA_CHECK(cuda::clip_state(d, slots.numel(),
                                        loss.defined() ? loss.data<float>() : nullptr, max_norm,
                                        state.data<float>(), stream_, deferred(0, 0), 3));
   }
@@ -884,39 +911,37 @@ class CudaBackend final : public Backend {
 
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& p,
                   Tensor* param_bf16 = nullptr) override {
-    for (auto [t, nm] : {std::pair<const Tensor*, const char*>{&param, "param"},
-                         {&grad, "grad"},
-                         {&m, "m"},
-                         {&v, "v"}}) {
-      contig(*t, "adamw", nm);
-      LLAMA3_CHECK(t->dtype() == DType::f32 && t->numel() == param.numel(),
-                   "adamw: {} {} must be f32 with {} elements (supported: f32)", nm, t->str(),
-                   param.numel());
-    }
-    // Same scalar arithmetic as the CPU backend (torch.optim.AdamW, single-tensor path).
-    cuda::AdamWScalars s{};
-    const AdamWStepScalars d = adamw_step_scalars(p);
-    s.b1 = p.beta1, s.b2 = p.beta2, s.eps = p.eps, s.grad_scale = p.grad_scale;
-    s.step_size = d.step_size, s.bc2_sqrt = d.bc2_sqrt;
-    s.decay = p.dynamic.defined() ? 1.f : d.decay;  // dynamic: decay from the tensor, or none
-    if (p.dynamic.defined()) {
-      contig(p.dynamic, "adamw", "dynamic");
-      LLAMA3_CHECK(p.dynamic.dtype() == DType::f32 && p.dynamic.numel() == AdamWDynamic::size,
-                   "adamw: dynamic {} must be {} f32", p.dynamic.str(), int64_t(AdamWDynamic::size));
-    }
+    check_adamw(param, grad, m, v, param_bf16);
+    const cuda::AdamWScalars s = adamw_scalars(p);
     activate();
     auto prof_scope = prof("adamw_step");
-    if (param_bf16) {
-      contig(*param_bf16, "adamw", "param_bf16");
-      LLAMA3_CHECK(param_bf16->dtype() == DType::bf16 && param_bf16->numel() == param.numel(),
-                   "adamw: the bf16 copy {} of param {} must be bf16 of the param's size",
-                   param_bf16->str(), param.str());
-    }
     LLAMA3_CUDA_CHECK(cuda::adamw(param.data<float>(), grad.data<float>(), m.data<float>(),
                                   v.data<float>(), param.numel(), s, stream_,
                                   param_bf16 ? param_bf16->data_ptr() : nullptr,
                                   p.dynamic.defined() ? p.dynamic.data<float>() : nullptr,
                                   p.weight_decay != 0.f));
+  }
+  void adamw_step_many(const std::vector<AdamWItem>& items, const AdamWParams& p) override {
+    if (!multi_tensor_enabled()) return Backend::adamw_step_many(items, p);
+    const cuda::AdamWScalars s = adamw_scalars(p);
+    std::vector<cuda::AdamWTensor> ts;
+    ts.reserve(items.size());
+    for (const AdamWItem& it : items) {
+      check_adamw(it.param, it.grad, it.m, it.v,
+                  it.param_bf16.defined() ? &it.param_bf16 : nullptr);
+      AdamWParams q = p;
+      q.weight_decay = it.weight_decay;
+      // (captured: the decay group reads its decay from p.dynamic, the rest have none)
+      const float decay = p.dynamic.defined() ? 1.f : adamw_step_scalars(q).decay;
+      ts.push_back({it.param.data<float>(), it.grad.data<float>(), it.m.data<float>(),
+                    it.v.data<float>(),
+                    it.param_bf16.defined() ? it.param_bf16.data_ptr() : nullptr, it.param.numel(),
+                    decay, it.weight_decay != 0.f});
+    }
+    activate();
+    auto prof_scope = prof("adamw_step_many");
+    LLAMA3_CUDA_CHECK(cuda::adamw_multi(ts.data(), int64_t(ts.size()), s, stream_,
+                                        p.dynamic.defined() ? p.dynamic.data<float>() : nullptr));
   }
 
   // Per-op GPU time (cuda_profile_start / cuda_profile_report): while recording, every
@@ -1016,6 +1041,43 @@ class CudaBackend final : public Backend {
   void contig(const Tensor& t, const char* op, const char* nm) const {
     on_device(t, op, nm);
     LLAMA3_CHECK(t.is_contiguous(), "{}: {} must be contiguous, got {}", op, nm, t.str());
+  }
+  // AdamW's tensors: f32 param, grad and moments of one size on this device, contiguous;
+  // param_bf16 (optional) bf16 of that size.
+  void check_adamw(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                   const Tensor* param_bf16) const {
+    for (auto [t, nm] : {std::pair<const Tensor*, const char*>{&param, "param"},
+                         {&grad, "grad"},
+                         {&m, "m"},
+                         {&v, "v"}}) {
+      contig(*t, "adamw", nm);
+      LLAMA3_CHECK(t->dtype() == DType::f32 && t->numel() == param.numel(),
+                   "adamw: {} {} must be f32 with {} elements (supported: f32)", nm, t->str(),
+                   param.numel());
+    }
+    if (param_bf16) {
+      contig(*param_bf16, "adamw", "param_bf16");
+      LLAMA3_CHECK(param_bf16->dtype() == DType::bf16 && param_bf16->numel() == param.numel(),
+                   "adamw: the bf16 copy {} of param {} must be bf16 of the param's size",
+                   param_bf16->str(), param.str());
+    }
+  }
+  // The kernels' scalars of p: the same arithmetic as the CPU backend (torch.optim.AdamW,
+  // single-tensor path). decay: p's, or with p.dynamic 1 (the kernel reads it from there, or
+  // there is none).
+  cuda::AdamWScalars adamw_scalars(const AdamWParams& p) const {
+    cuda::AdamWScalars s{};
+    const AdamWStepScalars d = adamw_step_scalars(p);
+    s.b1 = p.beta1, s.b2 = p.beta2, s.eps = p.eps, s.grad_scale = p.grad_scale;
+    s.step_size = d.step_size, s.bc2_sqrt = d.bc2_sqrt;
+    s.decay = p.dynamic.defined() ? 1.f : d.decay;
+    if (p.dynamic.defined()) {
+      contig(p.dynamic, "adamw", "dynamic");
+      LLAMA3_CHECK(p.dynamic.dtype() == DType::f32 && p.dynamic.numel() == AdamWDynamic::size,
+                   "adamw: dynamic {} must be {} f32", p.dynamic.str(),
+                   int64_t(AdamWDynamic::size));
+    }
+    return s;
   }
   static void same_float(const Tensor& x, std::initializer_list<const Tensor*> others,
                          const char* op) {

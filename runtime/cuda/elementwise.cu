@@ -161,15 +161,35 @@ __global__ void f64_div_to_f32_kernel(const double* x, double div, float* out,
                                       const double* div_dev) {
   *out = float(*x / (div_dev ? *div_dev : div));
 }
-template <typename T>
-__global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out, double* partial,
-                              unsigned* done) {
-  double acc = 0;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const double v = to_f32(x[i]);
-    acc += squares ? v * v : v;
+// Multi-tensor kernels (sumsq_multi_kernel, adamw_multi_kernel).
+// The table of one multi-tensor launch (a kernel argument): tensor k owns chunks
+// [chunk0[k], chunk0[k + 1]) of kMultiChunk elements; vec[k]: its arrays allow 16-byte
+// accesses. Blocks take chunks blockIdx.x, + gridDim.x, ...
+template <typename T, int K>
+struct MultiTable {
+  T t[K];
+  uint32_t chunk0[K + 1];
+  bool vec[K];
+  int count;
+};
+// The tensor of chunk c (block-uniform): the last k with chunk0[k] <= c.
+template <typename Table>
+__device__ __forceinline__ int multi_tensor_of(const Table& tab, uint32_t c) {
+  int lo = 0, hi = tab.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tab.chunk0[mid] <= c)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
+  return lo;
+}
+// The end of a deterministic reduction: every block's acc summed, written to partial
+// [blockIdx.x]; the last block to finish (counted in *done) adds the partials in block order
+// (a fixed grid for given inputs), writes *out = sum (+ *out when accumulate) and resets *done.
+__device__ __forceinline__ void finish_partials(double acc, double* out, bool accumulate,
+                                                double* partial, unsigned* done) {
   acc = block_sum(acc);
   __shared__ bool last;
   if (threadIdx.x == 0) {
@@ -180,12 +200,54 @@ __global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out, 
   __syncthreads();
   if (!last) return;
   __threadfence();
-  // The last block: the partials in block order (a fixed grid for a given n).
   double s = 0;
   for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
     s += *static_cast<volatile const double*>(partial + b);
   s = block_sum(s);
-  if (threadIdx.x == 0) *out = s, *done = 0;
+  if (threadIdx.x == 0) *out = accumulate ? *out + s : s, *done = 0;
+}
+template <typename T>
+__global__ void reduce_kernel(const T* x, int64_t n, bool squares, double* out, double* partial,
+                              unsigned* done) {
+  double acc = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const double v = to_f32(x[i]);
+    acc += squares ? v * v : v;
+  }
+  finish_partials(acc, out, false, partial, done);
+}
+// The multi-tensor sum of squares (sum_squares_multi): f64 per element as reduce_kernel, each
+// chunk's sum weighted by its tensor's weight.
+using SumSqTable = MultiTable<SumSqTensor, kSumSqTensors>;
+__global__ void sumsq_multi_kernel(SumSqTable tab, double* out, bool accumulate, double* partial,
+                                   unsigned* done) {
+  double acc = 0;
+  const uint32_t total = tab.chunk0[tab.count];
+  for (uint32_t c = blockIdx.x; c < total; c += gridDim.x) {
+    const int k = multi_tensor_of(tab, c);
+    const SumSqTensor& t = tab.t[k];
+    const int64_t e0 = int64_t(c - tab.chunk0[k]) * kMultiChunk;
+    const int64_t e1 = min(e0 + kMultiChunk, t.n);
+    int64_t tail = e0;
+    double part = 0;
+    if (tab.vec[k]) {
+      const float4* x = reinterpret_cast<const float4*>(t.x + e0);
+      const int64_t n4 = (e1 - e0) / 4;
+#pragma unroll 4
+      for (int64_t i = threadIdx.x; i < n4; i += blockDim.x) {
+        const float4 f = __ldcs(x + i);
+        part += double(f.x) * f.x + double(f.y) * f.y + double(f.z) * f.z + double(f.w) * f.w;
+      }
+      tail = e0 + n4 * 4;
+    }
+    for (int64_t i = tail + threadIdx.x; i < e1; i += blockDim.x) {
+      const double f = t.x[i];
+      part += f * f;
+    }
+    acc += t.weight * part;
+  }
+  finish_partials(acc, out, accumulate, partial, done);
 }
 template <typename T>
 __global__ void nonfinite_kernel(const T* x, int64_t n, int* bad) {
@@ -654,23 +716,56 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
 // 16-byte accesses (all four arrays 16-byte aligned): the step is a pure stream of 28 bytes
 // per parameter, and wide loads keep more of it in flight per thread.
 // p16 (optional, 8-byte aligned): the four updated values rounded to bf16, one 8-byte store.
+// Four elements at i of 16-byte aligned arrays; p16 (optional, 8-byte aligned): the four
+// updated values rounded to bf16, one 8-byte store.
+__device__ __forceinline__ void adamw4_at(float4* p, const float4* g, float4* m, float4* v,
+                                          uint2* p16, int64_t i, const AdamWScalars& a) {
+  float4 pp = p[i], mm = m[i], vv = v[i];
+  const float4 gg = __ldcs(g + i);  // read once: streaming
+  adamw_one(pp.x, gg.x, mm.x, vv.x, a);
+  adamw_one(pp.y, gg.y, mm.y, vv.y, a);
+  adamw_one(pp.z, gg.z, mm.z, vv.z, a);
+  adamw_one(pp.w, gg.w, mm.w, vv.w, a);
+  p[i] = pp, m[i] = mm, v[i] = vv;
+  if (p16) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(pp.x, pp.y),
+                         hi = __floats2bfloat162_rn(pp.z, pp.w);
+    p16[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
+                        *reinterpret_cast<const uint32_t*>(&hi));
+  }
+}
 __global__ void adamw4_kernel(float4* p, const float4* g, float4* m, float4* v, int64_t n4,
                               AdamWScalars a, uint2* p16, const float* dyn, bool dyn_decay) {
   if (!adamw_dynamic(a, dyn, dyn_decay)) return;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n4;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    float4 pp = p[i], mm = m[i], vv = v[i];
-    const float4 gg = __ldcs(g + i);  // read once: streaming
-    adamw_one(pp.x, gg.x, mm.x, vv.x, a);
-    adamw_one(pp.y, gg.y, mm.y, vv.y, a);
-    adamw_one(pp.z, gg.z, mm.z, vv.z, a);
-    adamw_one(pp.w, gg.w, mm.w, vv.w, a);
-    p[i] = pp, m[i] = mm, v[i] = vv;
-    if (p16) {
-      const __nv_bfloat162 lo = __floats2bfloat162_rn(pp.x, pp.y),
-                           hi = __floats2bfloat162_rn(pp.z, pp.w);
-      p16[i] = make_uint2(*reinterpret_cast<const uint32_t*>(&lo),
-                          *reinterpret_cast<const uint32_t*>(&hi));
+       i += int64_t(gridDim.x) * blockDim.x)
+    adamw4_at(p, g, m, v, p16, i, a);
+}
+
+using AdamWTable = MultiTable<AdamWTensor, kAdamWTensors>;
+__global__ void adamw_multi_kernel(AdamWTable tab, AdamWScalars a, const float* dyn) {
+  if (!adamw_dynamic(a, dyn, true)) return;  // a.decay: the captured step's decay
+  const uint32_t total = tab.chunk0[tab.count];
+  for (uint32_t c = blockIdx.x; c < total; c += gridDim.x) {
+    const int k = multi_tensor_of(tab, c);
+    const AdamWTensor& t = tab.t[k];
+    AdamWScalars ak = a;
+    ak.decay = dyn && t.dyn_decay ? a.decay : t.decay;
+    const int64_t e0 = int64_t(c - tab.chunk0[k]) * kMultiChunk;
+    const int64_t e1 = min(e0 + kMultiChunk, t.n);
+    int64_t tail = e0;  // the elements from here on one at a time
+    __nv_bfloat16* p16 = static_cast<__nv_bfloat16*>(t.p16);
+    if (tab.vec[k]) {
+      const int64_t n4 = (e1 - e0) / 4;
+      for (int64_t i = threadIdx.x; i < n4; i += blockDim.x)
+        adamw4_at(reinterpret_cast<float4*>(t.p + e0), reinterpret_cast<const float4*>(t.g + e0),
+                  reinterpret_cast<float4*>(t.m + e0), reinterpret_cast<float4*>(t.v + e0),
+                  p16 ? reinterpret_cast<uint2*>(p16 + e0) : nullptr, i, ak);
+      tail = e0 + n4 * 4;
+    }
+    for (int64_t i = tail + threadIdx.x; i < e1; i += blockDim.x) {
+      adamw_one(t.p[i], t.g[i], t.m[i], t.v[i], ak);
+      if (p16) p16[i] = __float2bfloat16_rn(t.p[i]);
     }
   }
 }
@@ -1144,6 +1239,69 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
   if (head < n)
     launch_kernel(adamw_kernel, grid_for(n - head, kThreads), kThreads, 0, s, p + head, g + head,
                   m + head, v + head, n - head, a, c ? c + head : nullptr, dyn, dyn_decay);
+  return cudaGetLastError();
+}
+
+namespace {
+// Fills tables of at most K tensors (entries of n == 0 skipped) and calls launch(table) for
+// each, full or last. vec(t): whether t allows 16-byte accesses.
+template <typename Table, typename T, typename Vec, typename Launch>
+void for_multi_tables(const T* ts, int64_t n, Vec&& vec, Launch&& launch) {
+  constexpr int K = int(sizeof(Table::vec));
+  Table tab{};
+  uint64_t chunks = 0;
+  const auto flush = [&] {
+    if (tab.count == 0) return;
+    tab.chunk0[tab.count] = uint32_t(chunks);
+    launch(tab, chunks);
+    tab.count = 0, chunks = 0;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    if (ts[i].n <= 0) continue;
+    const uint64_t c = uint64_t((ts[i].n + kMultiChunk - 1) / kMultiChunk);
+    if (tab.count == K || chunks + c > UINT32_MAX) flush();
+    tab.t[tab.count] = ts[i];
+    tab.vec[tab.count] = vec(ts[i]);
+    tab.chunk0[tab.count] = uint32_t(chunks);
+    chunks += c;
+    ++tab.count;
+  }
+  flush();
+}
+bool al(const void* p, uintptr_t b) {
+  return reinterpret_cast<uintptr_t>(p) % b == 0;
+}
+}  // namespace
+
+// (CUDA passes at most 4 KB of kernel arguments.)
+static_assert(sizeof(AdamWTable) + sizeof(AdamWScalars) + sizeof(float*) <= 4000);
+static_assert(sizeof(SumSqTable) + 4 * sizeof(double*) <= 4000);
+
+cudaError_t adamw_multi(const AdamWTensor* ts, int64_t n, const AdamWScalars& a, cudaStream_t s,
+                        const float* dyn) {
+  for_multi_tables<AdamWTable>(
+      ts, n,
+      [](const AdamWTensor& t) {
+        return al(t.p, 16) && al(t.g, 16) && al(t.m, 16) && al(t.v, 16) && al(t.p16, 8);
+      },
+      [&](const AdamWTable& tab, uint64_t chunks) {
+        launch_kernel(adamw_multi_kernel, unsigned(std::min<uint64_t>(chunks, 132 * 16)), kThreads,
+                      0, s, tab, a, dyn);
+      });
+  return cudaGetLastError();
+}
+
+cudaError_t sum_squares_multi(const SumSqTensor* ts, int64_t n, double* out, double* partial,
+                              unsigned* done, cudaStream_t s) {
+  bool first = true;
+  for_multi_tables<SumSqTable>(
+      ts, n, [](const SumSqTensor& t) { return al(t.x, 16); },
+      [&](const SumSqTable& tab, uint64_t chunks) {
+        launch_kernel(sumsq_multi_kernel, unsigned(std::min<uint64_t>(chunks, kReduceBlocks)),
+                      kThreads, 0, s, tab, out, !first, partial, done);
+        first = false;
+      });
+  if (first) return cudaMemsetAsync(out, 0, sizeof(double), s);  // no elements
   return cudaGetLastError();
 }
 

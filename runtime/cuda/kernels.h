@@ -111,6 +111,42 @@ cudaError_t adamw(float* p, const float* g, float* m, float* v, int64_t n, const
                   cudaStream_t s, void* p16 = nullptr, const float* dyn = nullptr,
                   bool dyn_decay = false);
 
+// ---- multi-tensor: one launch for many tensors ----
+// The table of tensors travels as a kernel argument (by value: a captured graph replays it),
+// at most this many a launch so that the arguments stay under CUDA's 4 KB; every launch
+// splits its tensors into chunks of kMultiChunk elements (a multiple of 4, so chunks of a
+// 16-byte aligned tensor stay aligned), which its blocks take in turn.
+constexpr int kAdamWTensors = 48, kSumSqTensors = 96;
+constexpr int64_t kMultiChunk = 16384;
+// One tensor of adamw_multi. decay: its 1 - lr * weight_decay; with dyn, dyn_decay says
+// whether the captured step's decay (dyn's) applies, else decay (1 for no decay group).
+struct AdamWTensor {
+  float* p;
+  const float* g;
+  float* m;
+  float* v;
+  void* p16;  // optional: the updated p rounded to bf16
+  int64_t n;
+  float decay;
+  bool dyn_decay;
+};
+// adamw() on each of the n tensors, with the same bits, in ceil(n / kAdamWTensors) launches
+// instead of n (the 1B model has 147 parameters; launches of its 2048-element norms cost
+// more than their bytes). a.decay is unused (each tensor's own applies); dyn as adamw().
+cudaError_t adamw_multi(const AdamWTensor* ts, int64_t n, const AdamWScalars& a, cudaStream_t s,
+                        const float* dyn = nullptr);
+// One tensor of sum_squares_multi: f32, any alignment.
+struct SumSqTensor {
+  const float* x;
+  int64_t n;
+  double weight;
+};
+// out[0] (double, device) = sum over the n tensors of weight * sum(x^2), in f64 with the
+// same bits on every run (reduce_sum's block partials and last-block sum; partial and done
+// as there), in ceil(n / kSumSqTensors) launches.
+cudaError_t sum_squares_multi(const SumSqTensor* ts, int64_t n, double* out, double* partial,
+                              unsigned* done, cudaStream_t s);
+
 // Cross-entropy rows: logits (nr, V) of type lt, f32 or bf16. Writes loss[i] (f32; 0 for
 // target < 0). With grad, writes d(loss*scale)/dlogits into dlogits_f32 (f32 logits only;
 // may alias them) or, when dlogits_bf16 is set, into that bf16 buffer instead (may alias

@@ -20,24 +20,31 @@ AdamW::AdamW(std::vector<nn::NamedParam> params, const AdamWConfig& cfg) : cfg_(
   }
 }
 
-double AdamW::grad_norm() const {
-  // One multi-tensor reduction per device (on CUDA one synchronisation, not one per tensor);
-  // devices in order of first appearance, tensors in parameter order.
-  std::vector<Device> devs;
-  std::vector<std::vector<Tensor>> gs;
-  std::vector<std::vector<double>> ws;
+std::vector<AdamW::DeviceGroup> AdamW::with_grad_by_device() const {
+  std::vector<DeviceGroup> groups;
   for (size_t i = 0; i < params_.size(); ++i) {
-    Tensor g = params_[i].tensor->grad();
+    const Tensor g = params_[i].tensor->grad();
     if (!g.defined()) continue;
     size_t d = 0;
-    while (d < devs.size() && !(devs[d] == g.device())) ++d;
-    if (d == devs.size()) devs.push_back(g.device()), gs.emplace_back(), ws.emplace_back();
-    gs[d].push_back(g);
-    ws[d].push_back(norm_reduction_.weights.empty() ? 1.0 : norm_reduction_.weights[i]);
+    while (d < groups.size() && !(groups[d].device == g.device())) ++d;
+    if (d == groups.size()) groups.push_back({g.device(), {}});
+    groups[d].params.push_back(i);
   }
+  return groups;
+}
+
+double AdamW::grad_norm() const {
+  // One multi-tensor reduction per device (on CUDA one synchronisation, not one per tensor).
   double ss = 0;
-  for (size_t d = 0; d < devs.size(); ++d)
-    ss += backend_for(devs[d]).sum_squares_many(gs[d], ws[d]);
+  for (const DeviceGroup& dg : with_grad_by_device()) {
+    std::vector<Tensor> gs;
+    std::vector<double> ws;
+    for (size_t i : dg.params) {
+      gs.push_back(params_[i].tensor->grad());
+      ws.push_back(norm_reduction_.weights.empty() ? 1.0 : norm_reduction_.weights[i]);
+    }
+    ss += backend_for(dg.device).sum_squares_many(gs, ws);
+  }
   if (norm_reduction_.sum_all) ss = norm_reduction_.sum_all(ss);
   return std::sqrt(ss);
 }
@@ -52,11 +59,10 @@ double AdamW::step(float lr) {
   return step(lr, grad_norm());
 }
 
-AdamWParams AdamW::hyper(size_t i, float lr) const {
+AdamWParams AdamW::hyper(float lr) const {
   AdamWParams hp;
   hp.lr = lr;
   hp.beta1 = cfg_.beta1, hp.beta2 = cfg_.beta2, hp.eps = cfg_.eps;
-  hp.weight_decay = params_[i].info.weight_decay ? cfg_.weight_decay : 0.f;
   return hp;
 }
 
@@ -64,20 +70,31 @@ double AdamW::step(float lr, double norm) {
   autograd::NoGradGuard ng;
   const float scale = clip_factor(norm, cfg_.max_grad_norm);
   ++step_;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    Tensor& p = *params_[i].tensor;
-    Tensor g = p.grad();
-    if (!g.defined()) continue;
-    AdamWParams hp = hyper(i, lr);
-    hp.step = step_;
-    hp.grad_scale = scale;
-    Tensor pd = p.detach();
-    const int64_t c = copy_of_.empty() ? -1 : copy_of_[i];
-    backend_for(p.device())
-        .adamw_step(pd, g, m_[i], v_[i], hp, c >= 0 ? &copies_->copy(size_t(c)) : nullptr);
-    if (c >= 0) copies_->mark_written(size_t(c));
+  AdamWParams hp = hyper(lr);
+  hp.step = step_;
+  hp.grad_scale = scale;
+  std::vector<size_t> written;                           // the bf16 copies updated
+  for (const DeviceGroup& dg : with_grad_by_device()) {  // one multi-tensor update per device
+    std::vector<AdamWItem> items;
+    for (size_t i : dg.params) {
+      items.push_back(item(i, params_[i].tensor->grad()));
+      if (!copy_of_.empty() && copy_of_[i] >= 0) written.push_back(size_t(copy_of_[i]));
+    }
+    backend_for(dg.device).adamw_step_many(items, hp);
   }
+  for (size_t c : written) copies_->mark_written(c);
   return norm;
+}
+
+AdamWItem AdamW::item(size_t i, const Tensor& grad) {
+  AdamWItem it;
+  it.param = params_[i].tensor->detach();
+  it.grad = grad;
+  it.m = m_[i], it.v = v_[i];
+  const int64_t c = copy_of_.empty() ? -1 : copy_of_[i];
+  if (c >= 0) it.param_bf16 = copies_->copy(size_t(c));
+  it.weight_decay = params_[i].info.weight_decay ? cfg_.weight_decay : 0.f;
+  return it;
 }
 
 void AdamW::enqueue_captured_step(const Tensor& loss, Tensor& state) {
@@ -98,15 +115,15 @@ void AdamW::enqueue_captured_step(const Tensor& loss, Tensor& state) {
   Backend& be = backend_for(state.device());
   be.grad_clip_state(grads, loss, cfg_.max_grad_norm, state);
   captured_copies_.clear();
+  std::vector<AdamWItem> items;
   for (size_t k = 0; k < with_grad.size(); ++k) {
     const size_t i = with_grad[k];
-    AdamWParams hp = hyper(i, 0.f);  // lr, step and grad_scale come from state
-    hp.dynamic = state;
-    Tensor pd = params_[i].tensor->detach();
-    const int64_t c = copy_of_.empty() ? -1 : copy_of_[i];
-    be.adamw_step(pd, grads[k], m_[i], v_[i], hp, c >= 0 ? &copies_->copy(size_t(c)) : nullptr);
-    if (c >= 0) captured_copies_.push_back(size_t(c));
+    items.push_back(item(i, grads[k]));
+    if (!copy_of_.empty() && copy_of_[i] >= 0) captured_copies_.push_back(size_t(copy_of_[i]));
   }
+  AdamWParams hp = hyper(0.f);  // lr, step and grad_scale come from state
+  hp.dynamic = state;
+  be.adamw_step_many(items, hp);
 }
 
 void AdamW::set_captured_lr(Tensor& state, float lr) const {

@@ -77,9 +77,18 @@ class AdamW {
   const AdamWConfig& config() const { return cfg_; }
 
  private:
-  // Parameter i's hyper-parameters at lr (its decay group's weight decay); step and grad_scale
-  // are the caller's.
-  AdamWParams hyper(size_t i, float lr) const;
+  // The update's scalars at lr (step and grad_scale are the caller's; each AdamWItem has its
+  // decay group's weight decay).
+  AdamWParams hyper(float lr) const;
+  // The parameters with a gradient, grouped by the gradient's device (devices in order of
+  // first appearance, parameters in order).
+  struct DeviceGroup {
+    Device device;
+    std::vector<size_t> params;
+  };
+  std::vector<DeviceGroup> with_grad_by_device() const;
+  // Parameter i's update with gradient grad (its tensors, bf16 copy and weight decay).
+  AdamWItem item(size_t i, const Tensor& grad);
   std::vector<nn::NamedParam> params_;  // trainable only
   std::vector<Tensor> m_, v_;
   std::optional<ops::WeightCopyTable> copies_;

@@ -31,3 +31,10 @@ awk -v a="$chunk" -v b="$last" 'BEGIN { d = a - b; if (d < 0) d = -d; ok = a != 
 acc=$("$bin" "${args[@]}" --accum 2 | sed -n 's/^RESULT .* accum=2 .* loss=\([0-9.]*\).*/\1/p')
 [[ $acc == "$last" ]] || { echo "--accum 2: loss $acc, one micro-batch $last"; exit 1; }
 echo "switches ok: separate sums $sep, 16-row chunks $chunk, 2 micro-batches $acc"
+# --optimizer-only times both paths of the optimizer (on CPU the same default loop) and prints
+# one RESULT line with every field.
+opt=$("$bin" --device cpu --layers 2 --dim 64 --heads 4 --kv-heads 2 --ffn 96 --vocab 101 \
+  --optimizer-only --steps 2)
+echo "$opt"
+grep -Eq '^RESULT optimizer params=[0-9]+ tensors=21 adamw_multi_ms=[0-9.]+ .*norm_ratio=[0-9.]+ norm_multi_gbs=[0-9]+$' <<<"$opt" ||
+  { echo "--optimizer-only: no complete RESULT line"; exit 1; }

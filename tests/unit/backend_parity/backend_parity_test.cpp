@@ -502,6 +502,38 @@ std::vector<Case> make_cases() {
                   return outs;
                 }});
 
+  // ---- AdamW on several parameters in one call (CUDA: multi-tensor launches, their chunks
+  // and four-wide tails), two steps: each item's own weight decay (p.weight_decay unused),
+  // bf16 copies on some.
+  cs.push_back({"adamw_many_f32", DType::f32, true, 0, [](const Ctx& c) {
+                  Backend& be = backend_for(c.dev);
+                  const std::vector<int64_t> sizes{1000, 3, 20000, 17};
+                  std::vector<AdamWItem> items;
+                  for (size_t i = 0; i < sizes.size(); ++i) {
+                    const int64_t n = sizes[i];
+                    AdamWItem it;
+                    it.param = input_f32(c, {n}, 140 + i);
+                    it.m = Tensor::zeros({n}, DType::f32, c.dev);
+                    it.v = Tensor::zeros({n}, DType::f32, c.dev);
+                    if (i % 2 == 0) it.param_bf16 = Tensor::empty({n}, DType::bf16, c.dev);
+                    it.weight_decay = i % 2 == 0 ? 0.1f : 0.f;
+                    items.push_back(it);
+                  }
+                  for (int64_t s = 1; s <= 2; ++s) {
+                    for (size_t i = 0; i < items.size(); ++i)
+                      items[i].grad = input_f32(c, {sizes[i]}, 150 + 10 * s + i);
+                    AdamWParams ap;
+                    ap.lr = 1e-2f, ap.step = s, ap.grad_scale = 0.5f, ap.weight_decay = 0.7f;
+                    be.adamw_step_many(items, ap);
+                  }
+                  std::vector<Tensor> outs;
+                  for (const AdamWItem& it : items) {
+                    outs.insert(outs.end(), {it.param, it.m, it.v});
+                    if (it.param_bf16.defined()) outs.push_back(it.param_bf16);
+                  }
+                  return outs;
+                }});
+
   // ---- vocabulary-parallel cross-entropy statistics (Backend::vocab_*): a shard holding
   // columns [40, 40 + 300) of 13 rows, targets inside the shard, outside it and ignored (-1).
   cs.push_back({"vocab_shard_stats_loss_dlogits", DType::f32, true, 0, [](const Ctx& c) {

@@ -263,6 +263,124 @@ TEST(ElementwiseEmuF32, ReduceSumIsTheSameInAnyBlockOrder) {
   EXPECT_NEAR(got[0], want, 1e-12 * want);
 }
 
+// The multi-tensor AdamW: 110 tensors (three launches of at most 48), of sizes with and
+// without a whole chunk, tails after the four-wide body, empty ones, views one element off
+// alignment, with and without a bf16 copy, in and out of the decay group: the same bits as
+// adamw() per tensor, eagerly, in a captured step (dyn: the decay group's decay from dyn),
+// and a skipped captured step leaves everything as it was.
+TEST(ElementwiseEmuF32, AdamWMultiTensorEqualsPerTensor) {
+  const std::vector<int64_t> sizes{0, 1, 3, 2048, cu::kMultiChunk, cu::kMultiChunk + 3, 5, 77};
+  struct Param {
+    Tensor p, g, m, v, p16;
+    bool decays;
+  };
+  const auto make = [&] {
+    std::vector<Param> ps;
+    for (int i = 0; i < 110; ++i) {
+      const int64_t n = sizes[size_t(i) % sizes.size()] + (i % 3 == 0 ? 4 : 0);
+      const bool off = i % 5 == 1;  // 4 bytes off 16-byte alignment: the scalar path
+      const auto vec = [&](uint64_t seed, float scale) {
+        Tensor t = randn({std::max<int64_t>(n, 1)}, seed, scale).narrow(0, 0, n);
+        return off ? shifted(t) : t.contiguous();
+      };
+      std::vector<float> vv = vec(700 + i, 0.01f).to_vector<float>();
+      for (float& x : vv) x = std::abs(x);  // second moments are not negative
+      Tensor v = Tensor::from_vector(vv, {n});
+      Param q{vec(100 + i, 1.f), vec(300 + i, 1.f), vec(500 + i, 0.1f), off ? shifted(v) : v, {},
+              i % 2 == 0};
+      if (i % 4 != 3)
+        q.p16 = off ? shifted(Tensor::zeros({n}, DType::bf16)) : Tensor::zeros({n}, DType::bf16);
+      ps.push_back(std::move(q));
+    }
+    return ps;
+  };
+  const auto same = [](const std::vector<Param>& a, const std::vector<Param>& b) {
+    for (size_t i = 0; i < a.size(); ++i) {
+      SCOPED_TRACE("tensor " + std::to_string(i));
+      EXPECT_EQ(a[i].p.to_vector<float>(), b[i].p.to_vector<float>());
+      EXPECT_EQ(a[i].m.to_vector<float>(), b[i].m.to_vector<float>());
+      EXPECT_EQ(a[i].v.to_vector<float>(), b[i].v.to_vector<float>());
+      if (a[i].p16.defined()) {
+        EXPECT_EQ(a[i].p16.to(DType::f32).to_vector<float>(),
+                  b[i].p16.to(DType::f32).to_vector<float>());
+      }
+    }
+  };
+  cu::AdamWScalars a{0.9f, 0.95f, 1e-8f, 0.5f, 1e-2f, 0.3f, 0.f};
+  const float decay = 1.f - 1e-2f * 0.1f;
+  // dyn (AdamWDynamic): norm, grad_scale, skip, step_size, bc2_sqrt, decay
+  const std::vector<float> dyn{0.f, 0.25f, 0.f, 2e-2f, 0.2f, 0.99f};
+  std::vector<float> dyn_skip = dyn;
+  dyn_skip[2] = 1.f;
+  emu_test::each_schedule([&] {
+    for (const std::vector<float>* d :
+         std::vector<const std::vector<float>*>{nullptr, &dyn, &dyn_skip}) {
+      SCOPED_TRACE(!d ? "eager" : d == &dyn ? "captured" : "captured, skipped");
+      std::vector<Param> want = make(), got = make(), before = make();
+      std::vector<cu::AdamWTensor> ts;
+      for (size_t i = 0; i < got.size(); ++i) {
+        Param& w = want[i];
+        cu::AdamWScalars ai = a;
+        ai.decay = d ? 1.f : w.decays ? decay : 1.f;
+        ASSERT_EQ(
+            cu::adamw(w.p.data<float>(), w.g.data<float>(), w.m.data<float>(), w.v.data<float>(),
+                      w.p.numel(), ai, nullptr, w.p16.defined() ? w.p16.data_ptr() : nullptr,
+                      d ? d->data() : nullptr, w.decays),
+            cudaSuccess);
+        Param& q = got[i];
+        ts.push_back({q.p.data<float>(), q.g.data<float>(), q.m.data<float>(), q.v.data<float>(),
+                      q.p16.defined() ? q.p16.data_ptr() : nullptr, q.p.numel(),
+                      d          ? 1.f
+                      : q.decays ? decay
+                                 : 1.f,
+                      q.decays});
+      }
+      ASSERT_EQ(cu::adamw_multi(ts.data(), int64_t(ts.size()), a, nullptr, d ? d->data() : nullptr),
+                cudaSuccess);
+      same(got, want);
+      if (d == &dyn_skip) {
+        same(got, before);
+      } else {
+        EXPECT_NE(got[1].p.to_vector<float>(), before[1].p.to_vector<float>());
+      }
+    }
+  });
+}
+
+// The multi-tensor sum of squares: 100 weighted tensors (two launches of at most 96) of
+// several chunks, tails and misaligned views, against a long double sum; the same bits under
+// both schedules and the block count reset; no tensors give 0.
+TEST(ElementwiseEmuF32, SumSquaresMultiTensor) {
+  std::vector<Tensor> xs;
+  std::vector<cu::SumSqTensor> ts;
+  long double want = 0;
+  for (int i = 0; i < 100; ++i) {
+    const int64_t n = i == 7 ? 5 * cu::kMultiChunk + 1 : (i * 911) % 3000 + (i % 9 == 0 ? 0 : 1);
+    Tensor x = randn({std::max<int64_t>(n, 1)}, 900 + i).narrow(0, 0, n).contiguous();
+    if (i % 6 == 5) x = shifted(x);
+    const double w = i % 3 == 0 ? 0.5 : i % 3 == 1 ? 1.0 : 2.0;
+    for (float f : x.to_vector<float>()) want += (long double)w * f * f;
+    ts.push_back({x.data<float>(), n, w});
+    xs.push_back(x);
+  }
+  std::vector<double> partial(cu::kReduceBlocks), got;
+  unsigned done = 0;
+  emu_test::each_schedule([&] {
+    double out = -1;
+    ASSERT_EQ(
+        cu::sum_squares_multi(ts.data(), int64_t(ts.size()), &out, partial.data(), &done, nullptr),
+        cudaSuccess);
+    EXPECT_EQ(done, 0u);
+    got.push_back(out);
+    out = -1;
+    ASSERT_EQ(cu::sum_squares_multi(nullptr, 0, &out, partial.data(), &done, nullptr), cudaSuccess);
+    EXPECT_EQ(out, 0.0);
+  });
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0], got[1]);
+  EXPECT_NEAR(got[0], double(want), 1e-12 * double(want));
+}
+
 // The embedding backward with runs of repeated ids longer than a rank tile (1024), over
 // several rank blocks: the CPU's bits in f32, under both schedules.
 TEST(ElementwiseEmuF32, EmbeddingBackwardRepeatedIds) {
