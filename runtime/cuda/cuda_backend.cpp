@@ -72,6 +72,13 @@ bool rmsnorm_bwd_prefetch() {
   return env_is("LLAMA3_RMSNORM_BWD_PREFETCH", '1');
 }
 
+// LLAMA3_GEMM_AUTOTUNE=1: the first GEMM of each shape outside a capture times cuBLASLt's
+// heuristic candidates (up to 8) on its own operands and keeps the fastest, where otherwise
+// the heuristic's first guess runs (a candidate, not yet timed on a GPU). The choice then
+// depends on timings, so two processes may pick different algorithms, and round differently.
+bool gemm_autotune_enabled() {
+  return env_is("LLAMA3_GEMM_AUTOTUNE", '1');
+}
 // LLAMA3_MULTI_TENSOR=0: AdamW and the gradient norm launch their kernels once per tensor
 // (the previous path, for A/B timing) instead of as a few multi-tensor launches.
 bool multi_tensor_enabled() {
@@ -164,6 +171,10 @@ struct GemmPlan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  // cuBLASLt's heuristic candidates, best guess first (algo starts as the first); with
+  // LLAMA3_GEMM_AUTOTUNE=1 the first call outside a capture times them all (tuned).
+  std::vector<cublasLtMatmulAlgo_t> candidates;
+  bool tuned = false;
   bool legacy = false;  // cuBLASLt had no algorithm (odd alignment): cublasGemmStridedBatchedEx
   ~GemmPlan() {
     if (la) cublasLtMatrixLayoutDestroy(la);
@@ -350,10 +361,51 @@ class CudaBackend final : public Backend {
           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       return;
     }
-    LLAMA3_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(),
-                                       plan.lb, &beta, cin ? cin->data_ptr() : c.data_ptr(),
-                                       plan.lc, c.data_ptr(), plan.lc, &plan.algo, workspace_,
-                                       kWorkspace, stream_));
+    const void* cptr = cin ? cin->data_ptr() : c.data_ptr();
+    const auto run = [&](const cublasLtMatmulAlgo_t& algo) {
+      return cublasLtMatmul(lt_, plan.op, &alpha, b.data_ptr(), plan.la, a.data_ptr(), plan.lb,
+                            &beta, cptr, plan.lc, c.data_ptr(), plan.lc, &algo, workspace_,
+                            kWorkspace, stream_);
+    };
+    Tensor old_c;  // c's values for an in-place accumulation timed by autotune (alive till here)
+    if (!plan.tuned && !capturing_ && plan.candidates.size() > 1 && gemm_autotune_enabled()) {
+      // The trials must leave c as one GEMM would: each writes d = c anew, so with beta != 0
+      // and c in place they read a copy of c's old values instead (the final call too).
+      const bool in_place = beta != 0.f && !cin;
+      if (in_place && c.is_contiguous()) {
+        old_c = Tensor::empty(c.shape(), c.dtype(), device());
+        copy(c, old_c);
+        cptr = old_c.data_ptr();
+      }
+      if (!in_place || old_c.defined()) autotune(plan, run);
+      plan.tuned = true;
+    }
+    LLAMA3_CUBLAS_CHECK(run(plan.algo));
+  }
+  // LLAMA3_GEMM_AUTOTUNE=1: the fastest of plan's candidates by CUDA events (each run once to
+  // warm up, then the best of three), as plan.algo. run(algo) runs the GEMM on the caller's
+  // operands; a candidate that fails is skipped.
+  template <typename Run>
+  void autotune(GemmPlan& plan, const Run& run) {
+    if (!tune_ev_[0]) {
+      LLAMA3_CUDA_CHECK(cudaEventCreate(&tune_ev_[0]));
+      LLAMA3_CUDA_CHECK(cudaEventCreate(&tune_ev_[1]));
+    }
+    float best = INFINITY;
+    for (const cublasLtMatmulAlgo_t& algo : plan.candidates) {
+      if (run(algo) != CUBLAS_STATUS_SUCCESS) continue;
+      float t = INFINITY;
+      for (int r = 0; r < 3; ++r) {
+        LLAMA3_CUDA_CHECK(cudaEventRecord(tune_ev_[0], stream_));
+        const cublasStatus_t st = run(algo);
+        LLAMA3_CUDA_CHECK(cudaEventRecord(tune_ev_[1], stream_));
+        LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        float ms = 0;
+        LLAMA3_CUDA_CHECK(cudaEventElapsedTime(&ms, tune_ev_[0], tune_ev_[1]));
+        if (st == CUBLAS_STATUS_SUCCESS) t = std::min(t, ms);
+      }
+      if (t < best) best = t, plan.algo = algo;
+    }
   }
 
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: cuBLASLt's "A" is our b.
@@ -978,6 +1030,7 @@ class CudaBackend final : public Backend {
 
  private:
   static constexpr size_t kWorkspace = size_t(32) << 20;
+  static constexpr int kGemmCandidates = 8;  // cuBLASLt heuristic results kept per plan
 
   struct ProfRec {
     std::string name;
@@ -1254,13 +1307,15 @@ class CudaBackend final : public Backend {
                                          sizeof(al_c));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
                                          sizeof(al_c));
-    cublasLtMatmulHeuristicResult_t res{};
+    cublasLtMatmulHeuristicResult_t res[kGemmCandidates] = {};
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-        lt_, plan->op, plan->la, plan->lb, plan->lc, plan->lc, pref, 1, &res, &found);
+        lt_, plan->op, plan->la, plan->lb, plan->lc, plan->lc, pref, kGemmCandidates, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-      plan->algo = res.algo;
+      plan->algo = res[0].algo;
+      for (int i = 0; i < found; ++i)
+        if (res[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(res[i].algo);
     } else {
       // Misaligned views (e.g. a narrowed bf16 matrix): the classic API handles any alignment.
       LLAMA3_CHECK(key.m <= INT32_MAX && key.n <= INT32_MAX && key.k <= INT32_MAX &&
@@ -1285,6 +1340,7 @@ class CudaBackend final : public Backend {
   int64_t deferred_vocab_[3] = {0, 0, 0};
   std::mutex plans_mu_;
   std::map<GemmKey, std::unique_ptr<GemmPlan>> plans_;
+  cudaEvent_t tune_ev_[2] = {nullptr, nullptr};  // autotune's timing events
   std::mutex prof_mu_;
   bool prof_on_ = false;
   int prof_depth_ = 0;  // nesting of backend calls inside a recorded one (fill -> copy)

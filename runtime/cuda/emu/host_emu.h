@@ -9,6 +9,7 @@
 // not cuBLAS.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -269,11 +270,18 @@ inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPrefere
 inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t,
                                                      cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
                                                      cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
-                                                     cublasLtMatmulPreference_t p, int,
+                                                     cublasLtMatmulPreference_t p, int requested,
                                                      cublasLtMatmulHeuristicResult_t* r,
                                                      int* found) {
-  *r = {};
-  *found = p->min_align >= 4 ? 1 : 0;  // as cuBLASLt: no kernel for 2-byte aligned operands
+  // Up to three "algorithms" (data[0] = 0, 1, 2; they all run the reference loop, except that
+  // 1 fails at cublasLtMatmul, as a candidate can, so the backend's autotune must skip it).
+  // (none for 2-byte aligned operands, as cuBLASLt has no kernel for them)
+  *found = p->min_align >= 4 ? std::min(requested, 3) : 0;
+  for (int i = 0; i < *found; ++i) {
+    r[i] = {};
+    r[i].algo.data[0] = uint64_t(i);
+    r[i].state = CUBLAS_STATUS_SUCCESS;
+  }
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -319,7 +327,9 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t op, 
                                      const void* A, cublasLtMatrixLayout_t la, const void* B,
                                      cublasLtMatrixLayout_t lb, const void* beta, const void* C,
                                      cublasLtMatrixLayout_t lc, void* D, cublasLtMatrixLayout_t ld,
-                                     const cublasLtMatmulAlgo_t*, void*, size_t, cudaStream_t) {
+                                     const cublasLtMatmulAlgo_t* algo, void*, size_t,
+                                     cudaStream_t) {
+  if (algo && algo->data[0] == 1) return CUBLAS_STATUS_NOT_SUPPORTED;  // (the failing candidate)
   const int64_t m = int64_t(lc->rows), n = int64_t(lc->cols);
   const int64_t k = int64_t(op->ta == CUBLAS_OP_N ? la->cols : la->rows);
   const int64_t mb = int64_t(op->tb == CUBLAS_OP_N ? lb->rows : lb->cols);

@@ -145,6 +145,29 @@ std::vector<Case> make_cases() {
                 e);
     return std::vector<Tensor>{d, dw, e};
   });
+  // GEMMs with LLAMA3_GEMM_AUTOTUNE=1 (a candidate): the first call of each shape times
+  // cuBLASLt's candidates on its own operands and must still leave one GEMM's result: written
+  // (beta 0), accumulated in place (beta 0.5: the trials read a copy of c), with a separate c
+  // (gemm_add), batched. Shapes no other case uses, so their plans are made (and tuned) here.
+  both("gemm_autotune", true, [](const Ctx& c) {
+    Backend& be = backend_for(c.dev);
+    struct Env {
+      Env() { setenv("LLAMA3_GEMM_AUTOTUNE", "1", 1); }
+      ~Env() { unsetenv("LLAMA3_GEMM_AUTOTUNE"); }
+    } env;
+    Tensor a = input(c, {41, 52}, 160), b = input(c, {33, 52}, 161);
+    Tensor w = Tensor::empty({41, 33}, DType::f32, c.dev);
+    be.gemm(a, Trans::N, b, Trans::T, w, 1.f, 0.f);
+    Tensor a2 = input(c, {43, 52}, 162), acc = input_f32(c, {43, 33}, 163);
+    be.gemm(a2, Trans::N, b, Trans::T, acc, 0.75f, 0.5f);
+    Tensor a3 = input(c, {45, 52}, 164), r = input_f32(c, {45, 33}, 165);
+    Tensor d = Tensor::empty({45, 33}, DType::f32, c.dev);
+    be.gemm_add(a3, Trans::N, b, Trans::T, r, d);
+    Tensor ab = input(c, {3, 18, 26}, 166), bb = input(c, {3, 21, 26}, 167);
+    Tensor o = Tensor::empty({3, 18, 21}, DType::f32, c.dev);
+    be.gemm(ab, Trans::N, bb, Trans::T, o, 1.f, 0.f);
+    return std::vector<Tensor>{w, acc, d, o};
+  });
   both("gemm_large_k", true, [](const Ctx& c) {
     Tensor a = input(c, {64, 1000}, 7), b = input(c, {1000, 96}, 8);
     Tensor out = Tensor::empty({64, 96}, DType::f32, c.dev);
