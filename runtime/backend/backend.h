@@ -62,6 +62,15 @@ struct AdamWItem {
   float weight_decay = 0.f;
 };
 
+// What Backend::linear_cross_entropy_keep leaves for linear_cross_entropy_grad (device
+// tensors of the backend that made them).
+struct CrossEntropyKept {
+  Tensor logits;  // (N, V), the dtype the backend chose
+  Tensor stats;   // (N, 2) f32: each row's max and sum-exp
+  Tensor count;   // loss_div 0: the count made on the device, whose inverse scales the gradient
+  float grad_scale = 0.f;
+};
+
 // The per-step scalars of an update, computed alike by every backend (torch's single-tensor
 // AdamW): step_size = lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step) and
 // decay = 1 - lr * weight_decay, in f32.
@@ -216,6 +225,28 @@ class Backend {
   virtual double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                                       int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw,
                                       Tensor* loss_out = nullptr, double loss_div = 1.0) = 0;
+
+  // linear_cross_entropy's loss with its gradient deferred to linear_cross_entropy_grad,
+  // for a gradient scaled by a factor known only later (the backward's upstream gradient,
+  // read on the device) and a dw added into the weight's gradient from earlier micro-batches
+  // by the dW GEMM itself (beta 1) instead of a separate scaled add (about 2 GB less traffic
+  // per micro-batch at vocabulary 128256). Computes the loss with linear_cross_entropy's
+  // conventions for grad_scale, loss_out and loss_div (the eager total into *total) and
+  // keeps the logits and each row's softmax statistics in `kept`. Returns false, doing
+  // nothing, where the backend has no deferred form (the default) or the rows do not fit
+  // one chunk of `chunk` rows (0: the backend's choice).
+  virtual bool linear_cross_entropy_keep(const Tensor& h, const Tensor& w, const Tensor& targets,
+                                         int64_t chunk, float grad_scale, CrossEntropyKept& kept,
+                                         double* total, Tensor* loss_out = nullptr,
+                                         double loss_div = 1.0);
+  // The deferred gradient: dh (=) and dw (=, or += with accumulate_dw) of the kept loss
+  // scaled by g[0] (one f32 on this device, read when the kernels run) times its grad_scale
+  // (or the inverse of the count made on the device). h, w and targets as given to
+  // linear_cross_entropy_keep; kept is consumed (the logits become their gradient). The
+  // default fails.
+  virtual void linear_cross_entropy_grad(CrossEntropyKept& kept, const Tensor& h, const Tensor& w,
+                                         const Tensor& targets, const Tensor& g, Tensor& dh,
+                                         Tensor* dw, bool accumulate_dw);
 
   // Per-row log-probability log_softmax(h @ w^T)[target] of rows with target >= 0 (0 for
   // the others) into logp (N), in chunks of `chunk` rows so full-vocabulary logits exist

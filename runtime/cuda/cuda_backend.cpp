@@ -72,6 +72,12 @@ bool rmsnorm_bwd_prefetch() {
   return env_is("LLAMA3_RMSNORM_BWD_PREFETCH", '1');
 }
 
+// LLAMA3_CE_DEFERRED=0: the fused cross-entropy computes its gradient in the forward and
+// the backward scales it (and adds dw into the accumulated gradient) in separate passes, as
+// before linear_cross_entropy_keep/_grad (A/B).
+bool ce_deferred_enabled() {
+  return !env_is("LLAMA3_CE_DEFERRED", '0');
+}
 // LLAMA3_GEMM_AUTOTUNE=1: the first GEMM of each shape outside a capture times cuBLASLt's
 // heuristic candidates (up to 8) on its own operands and keeps the fastest, where otherwise
 // the heuristic's first guess runs (a candidate, not yet timed on a GPU). The choice then
@@ -768,6 +774,51 @@ class CudaBackend final : public Backend {
   double linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                               int64_t chunk, float grad_scale, Tensor* dh, Tensor* dw,
                               Tensor* loss_out = nullptr, double loss_div = 1.0) override {
+    return cross_entropy(h, w, targets, chunk, grad_scale, dh, dw, loss_out, loss_div, nullptr);
+  }
+  bool linear_cross_entropy_keep(const Tensor& h, const Tensor& w, const Tensor& targets,
+                                 int64_t chunk, float grad_scale, CrossEntropyKept& kept,
+                                 double* total, Tensor* loss_out = nullptr,
+                                 double loss_div = 1.0) override {
+    if (!ce_deferred_enabled() || (chunk > 0 && chunk < h.size(0))) return false;
+    const double t =
+        cross_entropy(h, w, targets, 0, grad_scale, nullptr, nullptr, loss_out, loss_div, &kept);
+    if (total) *total = t;
+    return true;
+  }
+  void linear_cross_entropy_grad(CrossEntropyKept& kept, const Tensor& h, const Tensor& w,
+                                 const Tensor& targets, const Tensor& g, Tensor& dh, Tensor* dw,
+                                 bool accumulate_dw) override {
+    const int64_t N = h.size(0), V = w.size(0);
+    LLAMA3_CHECK(
+        kept.logits.defined() && kept.logits.numel() == N * V && kept.stats.numel() == 2 * N,
+        "linear_cross_entropy_grad: nothing kept for h {} and w {} (a second backward, "
+        "or no linear_cross_entropy_keep before)",
+        h.str(), w.str());
+    contig(g, "linear_cross_entropy_grad", "g");
+    LLAMA3_CHECK(g.dtype() == DType::f32 && g.numel() == 1,
+                 "linear_cross_entropy_grad: g {} must be one f32 element", g.str());
+    check_ce_grads(h, w, &dh, dw);
+    activate();
+    auto prof_scope = prof("linear_cross_entropy_grad");
+    const bool low = h.dtype() == DType::bf16, l16 = kept.logits.dtype() == DType::bf16;
+    // bf16 inputs with f32 logits: the gradient goes to a bf16 buffer for the bf16 GEMMs.
+    Tensor d = low && !l16 ? Tensor::empty({N, V}, DType::bf16, device()) : kept.logits;
+    cuda::CeSplit sp;
+    sp.stats_in = kept.stats.data<float>(), sp.scale_mul = g.data<float>();
+    LLAMA3_CUDA_CHECK(cuda::cross_entropy_rows(
+        kept.logits.data_ptr(), l16 ? KT::bf16 : KT::f32, targets.data<int32_t>(), N, V, true,
+        kept.grad_scale, l16 ? nullptr : kept.logits.data<float>(), low ? d.data_ptr() : nullptr,
+        nullptr, nullptr, stream_, count_inverse(kept.count), sp));
+    gemm(d, Trans::N, w, Trans::N, dh, 1.f, 0.f);
+    if (dw) gemm(d, Trans::T, h, Trans::N, *dw, 1.f, accumulate_dw ? 1.f : 0.f);
+    kept = CrossEntropyKept();
+  }
+  // linear_cross_entropy, or with keep its loss alone (linear_cross_entropy_keep: the rows in
+  // one chunk, whose logits and statistics go into *keep).
+  double cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets, int64_t chunk,
+                       float grad_scale, Tensor* dh, Tensor* dw, Tensor* loss_out, double loss_div,
+                       CrossEntropyKept* keep) {
     contig(h, "linear_cross_entropy", "h"), contig(w, "linear_cross_entropy", "w");
     contig(targets, "linear_cross_entropy", "targets");
     LLAMA3_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1) &&
@@ -780,15 +831,8 @@ class CudaBackend final : public Backend {
     const int64_t N = h.size(0), V = w.size(0);
     const bool grad = dh != nullptr && dh->defined();
     const bool low = h.dtype() == DType::bf16;
-    if (grad) {
-      contig(*dh, "linear_cross_entropy", "dh");
-      LLAMA3_CHECK(dh->dtype() == DType::f32 && dh->shape() == h.shape(),
-                   "linear_cross_entropy: dh {} must be f32 of h's shape {}", dh->str(), h.str());
-    }
     const bool want_dw = grad && dw != nullptr && dw->defined();
-    if (want_dw)
-      LLAMA3_CHECK(dw->dtype() == DType::f32 && dw->shape() == w.shape(),
-                   "linear_cross_entropy: dw {} must be f32 of w's shape {}", dw->str(), w.str());
+    if (grad) check_ce_grads(h, w, dh, want_dw ? dw : nullptr);
     if (chunk <= 0) chunk = N;
     activate();
     auto prof_scope = prof("linear_cross_entropy");
@@ -799,6 +843,13 @@ class CudaBackend final : public Backend {
     Tensor logits = Tensor::empty({rows, V}, l16 ? DType::bf16 : DType::f32, device());
     Tensor dlow = grad && low && !l16 ? Tensor::empty({rows, V}, DType::bf16, device()) : Tensor();
     Tensor losses = Tensor::empty({N}, DType::f32, device());
+    cuda::CeSplit sp;
+    if (keep) {
+      *keep = CrossEntropyKept();
+      keep->logits = logits, keep->grad_scale = grad_scale;
+      keep->stats = Tensor::empty({N, 2}, DType::f32, device());
+      sp.stats_out = keep->stats.data<float>();
+    }
     if (loss_out) {
       contig(*loss_out, "linear_cross_entropy", "loss_out");
       LLAMA3_CHECK(loss_out->dtype() == DType::f32 && loss_out->numel() == 1,
@@ -809,14 +860,13 @@ class CudaBackend final : public Backend {
     if (!loss_out) LLAMA3_CUDA_CHECK(cudaMemsetAsync(flag(), 0, sizeof(int), stream_));
     // loss_div 0: the mean's divisor and the gradient scale counted on the device.
     Tensor count;  // [0] the f64 count, [1] the f32 inverse (in its first 4 bytes)
-    float* scale_dev = nullptr;
     double* div_dev = nullptr;
     if (loss_out && loss_div == 0.0) {
       count = Tensor::empty({2}, DType::i64, device());
       div_dev = static_cast<double*>(count.data_ptr());
-      scale_dev = reinterpret_cast<float*>(div_dev + 1);
-      LLAMA3_CUDA_CHECK(cuda::count_valid(targets.data<int32_t>(), N, scale_dev, div_dev,
+      LLAMA3_CUDA_CHECK(cuda::count_valid(targets.data<int32_t>(), N, count_inverse(count), div_dev,
                                           deferred(2, N), stream_));
+      if (keep) keep->count = count;
     }
     for (int64_t r0 = 0; r0 < N; r0 += chunk) {
       const int64_t nr = std::min(chunk, N - r0);
@@ -827,7 +877,7 @@ class CudaBackend final : public Backend {
       LLAMA3_CUDA_CHECK(cuda::cross_entropy_rows(
           lc.data_ptr(), l16 ? KT::bf16 : KT::f32, targets.data<int32_t>() + r0, nr, V, grad,
           grad_scale, l16 ? nullptr : lc.data<float>(), low && grad ? g.data_ptr() : nullptr,
-          losses.data<float>() + r0, bad, stream_, scale_dev));
+          losses.data<float>() + r0, bad, stream_, count_inverse(count), sp));
       if (grad) {
         Tensor dhc = dh->narrow(0, r0, nr);
         gemm(g, Trans::N, w, Trans::N, dhc, 1.f, 0.f);
@@ -845,6 +895,21 @@ class CudaBackend final : public Backend {
     const double total = reduce(losses, false, "linear_cross_entropy");  // synchronises
     LLAMA3_CHECK(read_flag() == 0, "cross_entropy: a target is outside the vocabulary of {}", V);
     return total;
+  }
+  // The cross-entropy's gradient outputs: dh f32 of h's shape, contiguous; dw (optional) f32
+  // of w's shape.
+  void check_ce_grads(const Tensor& h, const Tensor& w, const Tensor* dh, const Tensor* dw) const {
+    contig(*dh, "linear_cross_entropy", "dh");
+    LLAMA3_CHECK(dh->dtype() == DType::f32 && dh->shape() == h.shape(),
+                 "linear_cross_entropy: dh {} must be f32 of h's shape {}", dh->str(), h.str());
+    if (dw)
+      LLAMA3_CHECK(dw->dtype() == DType::f32 && dw->shape() == w.shape(),
+                   "linear_cross_entropy: dw {} must be f32 of w's shape {}", dw->str(), w.str());
+  }
+  // The f32 inverse in a device count's tensor (count_valid), or null for none.
+  static float* count_inverse(const Tensor& count) {
+    return count.defined() ? reinterpret_cast<float*>(static_cast<double*>(count.data_ptr()) + 1)
+                           : nullptr;
   }
 
   // On the device (the base class runs the softmax on the host): per chunk the logits GEMM,

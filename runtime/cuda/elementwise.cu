@@ -779,28 +779,13 @@ __global__ void adamw_multi_kernel(AdamWTable tab, AdamWScalars a, const float* 
 // TL: the logits' type. bf16 logits (LLAMA3_CE_BF16_LOGITS, cuda_backend.cpp) move half the bytes;
 // their gradient is then written in place (dl16 = logits: each element is read, then written, by
 // the same thread).
+// One row's softmax statistics: the running (max, sum-exp) of every thread, combined over
+// the block (every thread gets them); with loss, thread 0 writes the row's loss there (the
+// target's logit read before any thread overwrites the row with its gradient).
 template <typename TL, bool VEC>
-__global__ void ce_rows_kernel(TL* logits, const int32_t* targets, int64_t V, bool grad,
-                               float scale, float* dl32, __nv_bfloat16* dl16, float* loss, int* bad,
-                               const float* scale_dev) {
-  if (scale_dev) scale = *scale_dev;
-  const int64_t i = blockIdx.x;
-  const TL* row = logits + i * V;
-  const int32_t tg = targets[i];
-  if (tg < 0 || tg >= V) {
-    if (tg >= V && threadIdx.x == 0) atomicOr(bad, 1);
-    if (threadIdx.x == 0) loss[i] = 0.f;
-    if (grad)
-      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        if (dl16)
-          dl16[i * V + j] = __float2bfloat16_rn(0.f);
-        else
-          dl32[i * V + j] = 0.f;
-      }
-    return;
-  }
-  const float target_logit = to_f32(row[tg]);  // read before anything overwrites the row
-  float m = -INFINITY, s = 0.f;
+__device__ __forceinline__ void ce_row_stats(const TL* row, int32_t tg, int64_t V, float& m,
+                                             float& s, float* loss) {
+  const float target_logit = loss ? to_f32(row[tg]) : 0.f;
   if constexpr (VEC) {
     for (int64_t j = threadIdx.x; j < V / 4; j += blockDim.x) {
       float f[4];
@@ -852,7 +837,36 @@ __global__ void ce_rows_kernel(TL* logits, const int32_t* targets, int64_t V, bo
   }
   __syncthreads();
   m = sm[0], s = ss[0];
-  if (threadIdx.x == 0) loss[i] = (m + logf(s)) - target_logit;
+  if (threadIdx.x == 0 && loss) *loss = (m + logf(s)) - target_logit;
+}
+template <typename TL, bool VEC>
+__global__ void ce_rows_kernel(TL* logits, const int32_t* targets, int64_t V, bool grad,
+                               float scale, float* dl32, __nv_bfloat16* dl16, float* loss, int* bad,
+                               const float* scale_dev, CeSplit sp) {
+  if (scale_dev) scale = *scale_dev;
+  if (sp.scale_mul) scale *= *sp.scale_mul;
+  const int64_t i = blockIdx.x;
+  const TL* row = logits + i * V;
+  const int32_t tg = targets[i];
+  if (tg < 0 || tg >= V) {
+    if (tg >= V && threadIdx.x == 0 && bad) atomicOr(bad, 1);
+    if (threadIdx.x == 0 && loss) loss[i] = 0.f;
+    if (grad)
+      for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+        if (dl16)
+          dl16[i * V + j] = __float2bfloat16_rn(0.f);
+        else
+          dl32[i * V + j] = 0.f;
+      }
+    return;
+  }
+  float m = -INFINITY, s = 0.f;
+  if (sp.stats_in) {  // (a deferred gradient: the loss call's statistics)
+    m = sp.stats_in[2 * i], s = sp.stats_in[2 * i + 1];
+  } else {
+    ce_row_stats<TL, VEC>(row, tg, V, m, s, loss ? loss + i : nullptr);
+    if (threadIdx.x == 0 && sp.stats_out) sp.stats_out[2 * i] = m, sp.stats_out[2 * i + 1] = s;
+  }
   if (!grad) return;
   const float inv = scale / s;
   if constexpr (VEC) {
@@ -1307,7 +1321,8 @@ cudaError_t sum_squares_multi(const SumSqTensor* ts, int64_t n, double* out, dou
 
 cudaError_t cross_entropy_rows(void* logits, KT lt, const int32_t* targets, int64_t nr, int64_t V,
                                bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
-                               float* loss, int* bad, cudaStream_t s, const float* scale_dev) {
+                               float* loss, int* bad, cudaStream_t s, const float* scale_dev,
+                               const CeSplit& split) {
   if (nr == 0) return cudaSuccess;
   if (lt != KT::f32 && lt != KT::bf16) return cudaErrorInvalidValue;
   // (bf16 logits have a bf16 gradient: dlogits_f32 is for f32 logits only)
@@ -1319,11 +1334,11 @@ cudaError_t cross_entropy_rows(void* logits, KT lt, const int32_t* targets, int6
   if (lt == KT::bf16)
     launch_kernel(vec ? ce_rows_kernel<__nv_bfloat16, true> : ce_rows_kernel<__nv_bfloat16, false>,
                   unsigned(nr), 512, 0, s, static_cast<__nv_bfloat16*>(logits), targets, V, grad,
-                  scale, dlogits_f32, d16, loss, bad, scale_dev);
+                  scale, dlogits_f32, d16, loss, bad, scale_dev, split);
   else
     launch_kernel(vec ? ce_rows_kernel<float, true> : ce_rows_kernel<float, false>, unsigned(nr),
                   512, 0, s, static_cast<float*>(logits), targets, V, grad, scale, dlogits_f32, d16,
-                  loss, bad, scale_dev);
+                  loss, bad, scale_dev, split);
   return cudaGetLastError();
 }
 

@@ -152,10 +152,20 @@ cudaError_t sum_squares_multi(const SumSqTensor* ts, int64_t n, double* out, dou
 // may alias them) or, when dlogits_bf16 is set, into that bf16 buffer instead (may alias
 // bf16 logits). *bad |= 1 for a target >= V. scale_dev (optional): the scale read on the
 // device instead of `scale`.
+// split: the two calls of a gradient deferred to the backward (linear_cross_entropy_keep and
+// _grad, cuda_backend.cpp): a loss call (grad false) also writes each row's softmax
+// statistics to stats_out (2 f32 per row: max, sum-exp); a gradient call reads them from
+// stats_in instead of computing them and writes no loss (loss and bad may be null);
+// scale_mul (device f32, optional) multiplies the scale (the backward's upstream gradient).
+struct CeSplit {
+  float* stats_out = nullptr;
+  const float* stats_in = nullptr;
+  const float* scale_mul = nullptr;
+};
 cudaError_t cross_entropy_rows(void* logits, KT lt, const int32_t* targets, int64_t nr, int64_t V,
                                bool grad, float scale, float* dlogits_f32, void* dlogits_bf16,
                                float* loss, int* bad, cudaStream_t s,
-                               const float* scale_dev = nullptr);
+                               const float* scale_dev = nullptr, const CeSplit& split = {});
 // The cross-entropy's mean without the host: the n targets >= 0 counted, *inv = float(1 /
 // double(count)) (the gradient scale) and *nd = double(count) (the loss divisor), *none |= 1
 // when there is none.

@@ -554,6 +554,31 @@ struct CrossEntropyNode : Node {
   }
   void release() override { dh = dw = Tensor(); }
 };
+// The backend's deferred form (Backend::linear_cross_entropy_keep): the forward kept the
+// logits and their softmax statistics; the backward computes dlogits scaled by g on the
+// device and runs the dh GEMM and the dW GEMM, the latter straight into the classifier's
+// gradient from earlier micro-batches (beta 1) where the engine offers it, instead of a dw
+// buffer, a scale pass and an add pass.
+struct DeferredCrossEntropyNode : Node {
+  CrossEntropyKept kept;
+  Tensor h, w, tg;  // as given to the backend (the bf16 copies in mixed precision)
+  Shape dh_shape, dw_shape;
+  bool want_dw = false;
+  const char* name() const override { return "linear_cross_entropy"; }
+  bool accumulates() const override { return true; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    Backend& b = be(h);
+    Tensor gd = g.to(DType::f32).contiguous();
+    Tensor dh = Tensor::empty(dh_shape, DType::f32, h.device());
+    const Tensor acc = accumulate_into.size() > 1 ? accumulate_into[1] : Tensor();
+    const bool into = want_dw && acc.defined() && acc.dtype() == DType::f32 &&
+                      acc.shape() == dw_shape && b.accumulate_weight_grads_in_place();
+    Tensor dw = !want_dw ? Tensor() : into ? acc : Tensor::empty(dw_shape, DType::f32, h.device());
+    b.linear_cross_entropy_grad(kept, h, w, tg, gd, dh, want_dw ? &dw : nullptr, into);
+    return {dh, dw};
+  }
+  void release() override { kept = CrossEntropyKept(), h = w = tg = Tensor(); }
+};
 }  // namespace
 
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
@@ -575,13 +600,30 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
   if (opt.precision == Precision::bf16) hc = to_bf16(hc), wc = weight_bf16(wc);
   const bool need = autograd::any_requires_grad({&h, &w});
   const DType gt = h.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  const float gs = n_valid > 0 ? float(1.0 / double(n_valid)) : 0.f;  // (0: counted there)
+  Tensor out;
+  if (need && gt == DType::f32) {  // the gradient deferred to the backward, where supported
+    if (captured) out = Tensor::empty({1}, gt, h.device());
+    CrossEntropyKept kept;
+    double total = 0;
+    if (be(h).linear_cross_entropy_keep(hc, wc, tg, opt.chunk, gs, kept, &total,
+                                        captured ? &out : nullptr, double(n_valid))) {
+      if (!captured) out = Tensor::full({1}, total / double(n_valid), gt, h.device());
+      auto n = std::make_shared<DeferredCrossEntropyNode>();
+      n->kept = std::move(kept);
+      n->h = hc, n->w = wc, n->tg = tg;
+      n->dh_shape = h.shape(), n->dw_shape = w.shape();
+      n->want_dw = w.requires_grad();
+      n->next = {autograd::edge(h), autograd::edge(w)};
+      autograd::set_history(out, n);
+      return out;
+    }
+  }
   Tensor dh, dw;
   if (need) {
     dh = Tensor::empty(h.shape(), gt, h.device());
     if (w.requires_grad()) dw = Tensor::empty(w.shape(), gt, w.device());  // written, not +=
   }
-  const float gs = n_valid > 0 ? float(1.0 / double(n_valid)) : 0.f;  // (0: counted there)
-  Tensor out;
   if (captured) {  // the mean stays on the device
     LLAMA3_CHECK(gt == DType::f32, "linear_cross_entropy: a captured loss is f32, h is {}", h.str());
     out = Tensor::empty({1}, gt, h.device());

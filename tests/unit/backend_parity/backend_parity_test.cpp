@@ -468,6 +468,46 @@ std::vector<Case> make_cases() {
     cs.push_back({"linear_cross_entropy_bf16logits_v" + std::to_string(V), DType::bf16, true, 0,
                   [=](const Ctx& c) { return linear_ce(c, V, true); }});
 
+  // ---- the cross-entropy with its gradient deferred to the backward (CUDA's
+  // linear_cross_entropy_keep / _grad, as ops::linear_cross_entropy uses them): the loss, then
+  // dh (=) and dw accumulated into random values (+=) for the loss scaled by 0.1 times an
+  // upstream gradient of 0.5 read on the device. Backends without the deferred form (the CPU)
+  // give the reference: the fused call at scale 0.05 and a separate add.
+  auto ce_deferred = [](const Ctx& c, int64_t V, bool bf16_logits) {
+    Backend& be = backend_for(c.dev);
+    const int64_t N = 37, D = 24;
+    Tensor h = input(c, {N, D}, 170), w = input(c, {V, D}, 171, 0.5f);
+    std::vector<int32_t> tg(N);
+    for (int64_t i = 0; i < N; ++i) tg[i] = i % 6 == 4 ? -1 : int32_t((i * 41) % V);
+    Tensor t = ints(c, tg, {N});
+    Tensor g = Tensor::full({1}, 0.5, DType::f32, c.dev);
+    Tensor dh = Tensor::empty({N, D}, DType::f32, c.dev);
+    Tensor dw = input_f32(c, {V, D}, 172);        // accumulated into (+=)
+    Tensor dw_fresh = input_f32(c, {V, D}, 173);  // overwritten (=)
+    Tensor dh2 = Tensor::empty({N, D}, DType::f32, c.dev);
+    if (bf16_logits) setenv("LLAMA3_CE_BF16_LOGITS", "1", 1);
+    CrossEntropyKept kept, kept2;
+    double total = 0, total2 = 0;
+    if (be.linear_cross_entropy_keep(h, w, t, 0, 0.1f, kept, &total)) {
+      be.linear_cross_entropy_grad(kept, h, w, t, g, dh, &dw, true);
+      LLAMA3_CHECK(!kept.logits.defined(), "linear_cross_entropy_grad kept the logits");
+      LLAMA3_CHECK(be.linear_cross_entropy_keep(h, w, t, 0, 0.1f, kept2, &total2), "keep");
+      be.linear_cross_entropy_grad(kept2, h, w, t, g, dh2, &dw_fresh, false);
+    } else {
+      Tensor d1 = Tensor::empty({V, D}, DType::f32, c.dev);
+      total = be.linear_cross_entropy(h, w, t, 0, 0.05f, &dh, &d1);
+      be.axpy(1.f, d1, dw);
+      total2 = be.linear_cross_entropy(h, w, t, 0, 0.05f, &dh2, &dw_fresh);
+    }
+    unsetenv("LLAMA3_CE_BF16_LOGITS");
+    return std::vector<Tensor>{scalar(c, total), scalar(c, total2), dh, dw, dh2, dw_fresh};
+  };
+  both("linear_cross_entropy_deferred", true,
+       [=](const Ctx& c) { return ce_deferred(c, 301, false); });
+  for (const int64_t V : {300, 301})
+    cs.push_back({"linear_cross_entropy_deferred_bf16logits_v" + std::to_string(V), DType::bf16,
+                  true, 0, [=](const Ctx& c) { return ce_deferred(c, V, true); }});
+
   // ---- per-token log-probabilities (DPO, rejection sampling), chunked, ignored targets, with
   // the weighted gradient: dh written, dw accumulated (+=, onto random values)
   cs.push_back({"token_logprobs", DType::f32, true, 0, [](const Ctx& c) {
