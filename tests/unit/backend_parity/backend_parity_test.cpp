@@ -447,13 +447,21 @@ std::vector<Case> make_cases() {
   // ---- cross-entropy with the classifier, chunked, ignored targets. bf16_logits: with bf16
   // inputs the CUDA backend's bf16 logits with their gradient in place
   // (LLAMA3_CE_BF16_LOGITS=1, a candidate; the CPU keeps f32 logits).
-  auto linear_ce = [](const Ctx& c, int64_t V, bool bf16_logits) {
+  // Their inputs: h (37, 24) from seed, w (V, 24) from seed + 1, and targets (i * mul) % V,
+  // rows with i % skip == first ignored (-1).
+  struct CeInputs {
+    Tensor h, w, t;
+  };
+  auto ce_inputs = [](const Ctx& c, int64_t V, uint64_t seed, int skip, int first, int mul) {
+    const int64_t N = 37, D = 24;
+    std::vector<int32_t> tg(N);
+    for (int64_t i = 0; i < N; ++i) tg[i] = i % skip == first ? -1 : int32_t((i * mul) % V);
+    return CeInputs{input(c, {N, D}, seed), input(c, {V, D}, seed + 1, 0.5f), ints(c, tg, {N})};
+  };
+  auto linear_ce = [=](const Ctx& c, int64_t V, bool bf16_logits) {
     Backend& be = backend_for(c.dev);
     const int64_t N = 37, D = 24;
-    Tensor h = input(c, {N, D}, 70), w = input(c, {V, D}, 71, 0.5f);
-    std::vector<int32_t> tg(N);
-    for (int64_t i = 0; i < N; ++i) tg[i] = i % 5 == 3 ? -1 : int32_t((i * 37) % V);
-    Tensor t = ints(c, tg, {N});
+    const auto [h, w, t] = ce_inputs(c, V, 70, 5, 3, 37);
     Tensor dh = Tensor::empty({N, D}, DType::f32, c.dev);
     Tensor dw = input_f32(c, {V, D}, 72);  // overwritten (=): its old values must not leak in
     if (bf16_logits) setenv("LLAMA3_CE_BF16_LOGITS", "1", 1);
@@ -473,13 +481,10 @@ std::vector<Case> make_cases() {
   // dh (=) and dw accumulated into random values (+=) for the loss scaled by 0.1 times an
   // upstream gradient of 0.5 read on the device. Backends without the deferred form (the CPU)
   // give the reference: the fused call at scale 0.05 and a separate add.
-  auto ce_deferred = [](const Ctx& c, int64_t V, bool bf16_logits) {
+  auto ce_deferred = [=](const Ctx& c, int64_t V, bool bf16_logits) {
     Backend& be = backend_for(c.dev);
     const int64_t N = 37, D = 24;
-    Tensor h = input(c, {N, D}, 170), w = input(c, {V, D}, 171, 0.5f);
-    std::vector<int32_t> tg(N);
-    for (int64_t i = 0; i < N; ++i) tg[i] = i % 6 == 4 ? -1 : int32_t((i * 41) % V);
-    Tensor t = ints(c, tg, {N});
+    const auto [h, w, t] = ce_inputs(c, V, 170, 6, 4, 41);
     Tensor g = Tensor::full({1}, 0.5, DType::f32, c.dev);
     Tensor dh = Tensor::empty({N, D}, DType::f32, c.dev);
     Tensor dw = input_f32(c, {V, D}, 172);        // accumulated into (+=)
