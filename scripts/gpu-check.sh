@@ -23,6 +23,7 @@ ROOT=$PWD
 DEADLINE=${DEADLINE:-450}
 JOBS=${JOBS:-16}
 SEQ=${SEQ:-4096}
+BASE_MS="" ACC2_MS="" ACC8_GRAPH_MS=""  # references of the A/B ratios in the summary
 LOGDIR=${OUT:-$ROOT/out/gpu-check}
 mkdir -p "$LOGDIR"
 LOG=$LOGDIR/gpu-check.log
@@ -191,6 +192,7 @@ if [[ -n $BIN ]]; then
     step llama3_step_2048 100 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq 2048 --steps 3 --warmup 1
   fi
   r=$(result llama3_cuda)
+  BASE_MS=$(field step_ms "$r")  # the A/B rows' reference
   if [[ -n $r ]]; then
     note "llama3 step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r") after $(field after_steps "$r") steps"
   else
@@ -218,7 +220,14 @@ if [[ -n $BIN ]]; then
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" $envs "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
     r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_$tag.txt" 2>/dev/null | tail -1)
-    [[ -n $r ]] && note "  $what" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r") after $(field after_steps "$r") steps"
+    ms=$(field step_ms "$r")
+    # The row's time over its reference's (below 1: faster): acc2fw against acc2, the others
+    # against the default step (acc2 runs two micro-batches: about 2).
+    ref=$BASE_MS
+    [[ $tag == acc2fw ]] && ref=$ACC2_MS
+    [[ $tag == acc2 ]] && ACC2_MS=$ms
+    ratio=$(awk -v a="$ms" -v b="$ref" 'BEGIN{if (a > 0 && b > 0) printf "%.3f", a / b; else printf "n/a"}')
+    [[ -n $r ]] && note "  $what" "OK" "$(field tokens_per_s "$r") tokens/s, $ms ms/step ($ratio of its reference), loss $(field loss "$r") after $(field after_steps "$r") steps"
   done
 fi
 # The optimizer alone on the 1B parameters: multi-tensor launches against one per tensor.
@@ -333,6 +342,7 @@ fi
 if [[ -n $BIN ]] && (($(left) > 30)); then
   step llama3_step_acc8_graph 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
   r=$(grep -h "^RESULT llama3_cuda_graph" "$STEPDIR/llama3_step_acc8_graph.txt" 2>/dev/null | tail -1)
+  ACC8_GRAPH_MS=$(field step_ms "$r")
   [[ -n $r ]] && note "llama3 step 8 micro-batches, graph" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
 fi
 # ... and with the candidates (bf16 cross-entropy logits, RMSNorm backward prefetch, GEMM
@@ -340,7 +350,8 @@ fi
 if [[ -n $BIN ]] && (($(left) > 30)); then
   step llama3_step_acc8_graph_cand 40 env LD_LIBRARY_PATH="$LIBPATH" LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
   r=$(grep -h "^RESULT llama3_cuda_graph" "$STEPDIR/llama3_step_acc8_graph_cand.txt" 2>/dev/null | tail -1)
-  [[ -n $r ]] && note "  same, with the candidates" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+  ratio=$(awk -v a="$(field step_ms "$r")" -v b="$ACC8_GRAPH_MS" 'BEGIN{if (a > 0 && b > 0) printf "%.3f", a / b; else printf "n/a"}')
+  [[ -n $r ]] && note "  same, with the candidates" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step ($ratio of the default)"
 fi
 
 # ---- torch.compile, only with time to spare
