@@ -215,7 +215,8 @@ if [[ -n $BIN ]]; then
            "bwd1::LLAMA3_ATTN_BWD_MT=1:attention backward on 64-key blocks (the previous default)" \
            "ce16::LLAMA3_CE_BF16_LOGITS=1:candidate: bf16 logits in the cross-entropy" \
            "rmsp::LLAMA3_RMSNORM_BWD_PREFETCH=1:candidate: RMSNorm backward prefetching rows" \
-           "tune::LLAMA3_GEMM_AUTOTUNE=1:candidate: GEMM algorithms timed at first use"; do
+           "tune::LLAMA3_GEMM_AUTOTUNE=1:candidate: GEMM algorithms timed at first use" \
+           "rope4::LLAMA3_ROPE_POSITIONS=4:candidate: RoPE 4 positions a block"; do
     IFS=: read -r tag flags envs what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" $envs "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
@@ -346,9 +347,9 @@ if [[ -n $BIN ]] && (($(left) > 30)); then
   [[ -n $r ]] && note "llama3 step 8 micro-batches, graph" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
 fi
 # ... and with the candidates (bf16 cross-entropy logits, RMSNorm backward prefetch, GEMM
-# autotune) together.
+# autotune, RoPE 4 positions a block) together.
 if [[ -n $BIN ]] && (($(left) > 30)); then
-  step llama3_step_acc8_graph_cand 40 env LD_LIBRARY_PATH="$LIBPATH" LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
+  step llama3_step_acc8_graph_cand 40 env LD_LIBRARY_PATH="$LIBPATH" LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 LLAMA3_ROPE_POSITIONS=4 "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
   r=$(grep -h "^RESULT llama3_cuda_graph" "$STEPDIR/llama3_step_acc8_graph_cand.txt" 2>/dev/null | tail -1)
   ratio=$(awk -v a="$(field step_ms "$r")" -v b="$ACC8_GRAPH_MS" 'BEGIN{if (a > 0 && b > 0) printf "%.3f", a / b; else printf "n/a"}')
   [[ -n $r ]] && note "  same, with the candidates" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step ($ratio of the default)"

@@ -72,6 +72,13 @@ bool rmsnorm_bwd_prefetch() {
   return env_is("LLAMA3_RMSNORM_BWD_PREFETCH", '1');
 }
 
+// LLAMA3_ROPE_POSITIONS=N (1-64): RoPE's per-position kernel rotates N positions a block
+// instead of one (a candidate, not yet timed: RoPE moved its bytes at about 42% of the H200's
+// bandwidth in blocks of 1-4 KB).
+int rope_positions_per_block() {
+  const char* e = std::getenv("LLAMA3_ROPE_POSITIONS");
+  return e ? std::max(1, std::min(64, std::atoi(e))) : 1;
+}
 // LLAMA3_CE_DEFERRED=0: the fused cross-entropy computes its gradient in the forward and
 // the backward scales it (and adds dw into the accumulated gradient) in separate passes, as
 // before linear_cross_entropy_keep/_grad (A/B).
@@ -670,7 +677,7 @@ class CudaBackend final : public Backend {
     auto prof_scope = prof("rope");
     LLAMA3_CUDA_CHECK(cuda::rope(x.data_ptr(), inv_freq.data_ptr(), pos.data<int32_t>(), inverse,
                                  out.data_ptr(), ft_of(x.dtype(), "rope"), x.size(0), x.size(1),
-                                 x.size(2), x.size(3), stream_));
+                                 x.size(2), x.size(3), stream_, rope_positions_per_block()));
   }
 
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,

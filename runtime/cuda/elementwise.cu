@@ -505,39 +505,44 @@ __global__ void rope_kernel(const T* x, const T* inv_freq, const int32_t* pos, b
   }
 }
 
-// One block per position (b, t), four rotation pairs a thread (half % 4 == 0; x and out
-// aligned to 4 elements): threadIdx.x walks the row's groups of four pairs, threadIdx.y the
-// heads. The position's half angles are computed once into shared memory and serve every
-// head (a sincosf per element was ~20 instructions with a range reduction; q at 32 heads
-// now takes one per 32 elements). 8- or 16-byte accesses, no division. The same per-element
-// arithmetic as rope_kernel.
+// One block per per_block positions (b, t) (1 by default), four rotation pairs a thread
+// (half % 4 == 0; x and out aligned to 4 elements): threadIdx.x walks the row's groups of
+// four pairs, threadIdx.y the heads. The positions' half angles are computed once into shared
+// memory and serve every head (a sincosf per element was ~20 instructions with a range
+// reduction; q at 32 heads now takes one per 32 elements). 8- or 16-byte accesses; the only
+// division is in the angles' setup. The same per-element arithmetic as rope_kernel.
 template <typename T>
 __global__ void rope_pos_kernel(const T* x, const T* inv_freq, const int32_t* pos, bool inverse,
-                                T* out, uint32_t tt, uint32_t h, uint32_t dh) {
-  LLAMA3_DYNAMIC_SMEM(float, cs);                       // [half] cos, then [half] sin
-  const uint32_t half = dh / 2, row0 = blockIdx.x * h;  // blockIdx.x = bi * tt + ti
-  float* sn = cs + half;
-  const float p = float(pos[blockIdx.x % tt]);
-  for (uint32_t j = threadIdx.y * blockDim.x + threadIdx.x; j < half;
-       j += blockDim.x * blockDim.y) {
-    float s, c;
-    sincosf(p * to_f32(inv_freq[j]), &s, &c);
-    cs[j] = c, sn[j] = inverse ? -s : s;
+                                T* out, uint32_t tt, uint32_t h, uint32_t dh, uint32_t n_pos,
+                                uint32_t per_block) {
+  LLAMA3_DYNAMIC_SMEM(float, cs);  // per position: [half] cos, then [half] sin
+  const uint32_t half = dh / 2, p0 = blockIdx.x * per_block;  // positions bi * tt + ti
+  const uint32_t np = min(per_block, n_pos - p0);
+  const uint32_t nt = blockDim.x * blockDim.y, tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (uint32_t q = tid; q < np * half; q += nt) {
+    const uint32_t r = q / half, j = q - r * half;
+    float sn, c;
+    sincosf(float(pos[(p0 + r) % tt]) * to_f32(inv_freq[j]), &sn, &c);
+    cs[r * dh + j] = c, cs[r * dh + half + j] = inverse ? -sn : sn;
   }
   __syncthreads();
   const uint32_t j = threadIdx.x * 4;  // blockDim.x = half / 4
-  for (uint32_t hi = threadIdx.y; hi < h; hi += blockDim.y) {
-    const T* xr = x + size_t(row0 + hi) * dh;
-    T* orow = out + size_t(row0 + hi) * dh;
-    float x1[4], x2[4], o1[4], o2[4];
-    load4(xr + j, x1), load4(xr + j + half, x2);
+  for (uint32_t r = 0; r < np; ++r) {
+    const float *cr = cs + r * dh, *sr = cr + half;
+    for (uint32_t hi = threadIdx.y; hi < h; hi += blockDim.y) {
+      const size_t row = size_t(p0 + r) * h + hi;
+      const T* xr = x + row * dh;
+      T* orow = out + row * dh;
+      float x1[4], x2[4], o1[4], o2[4];
+      load4(xr + j, x1), load4(xr + j + half, x2);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float c = cs[j + k], s = sn[j + k];
-      o1[k] = x1[k] * c - x2[k] * s;
-      o2[k] = x2[k] * c + x1[k] * s;
+      for (int k = 0; k < 4; ++k) {
+        const float c = cr[j + k], sn = sr[j + k];
+        o1[k] = x1[k] * c - x2[k] * sn;
+        o2[k] = x2[k] * c + x1[k] * sn;
+      }
+      store4(orow + j, o1), store4(orow + j + half, o2);
     }
-    store4(orow + j, o1), store4(orow + j + half, o2);
   }
 }
 
@@ -1151,7 +1156,8 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
 }
 
 cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
-                 KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s) {
+                 KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s,
+                 int per_block) {
   const int64_t n = b * tt * h * (dh / 2);
   if (n == 0) return cudaSuccess;
   const size_t esz = t == KT::bf16 ? 2 : 4;
@@ -1162,17 +1168,22 @@ cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool i
     // (half / 4) x rows threads, at least 128 a block where the head dim allows.
     const unsigned gx = unsigned(dh / 8), gy = std::max(1u, 128u / gx);
     const dim3 block(gx, unsigned(std::min<int64_t>(gy, h)));
-    const size_t smem = size_t(dh) * sizeof(float);
-    const unsigned grid = unsigned(b * tt);
+    // (the angles of a block's positions stay within 48 KB of shared memory)
+    const int64_t max_per = std::max<int64_t>(1, std::min<int64_t>(64, 12288 / dh));
+    const uint32_t n_pos = uint32_t(b * tt),
+                   per = uint32_t(std::clamp<int64_t>(per_block, 1, max_per));
+    const size_t smem = size_t(per) * size_t(dh) * sizeof(float);
+    const unsigned grid = (n_pos + per - 1) / per;
     if (t == KT::bf16)
       launch_kernel(rope_pos_kernel<__nv_bfloat16>, grid, block, smem, s,
                     static_cast<const __nv_bfloat16*>(x),
                     static_cast<const __nv_bfloat16*>(inv_freq), pos, inverse,
-                    static_cast<__nv_bfloat16*>(out), uint32_t(tt), uint32_t(h), uint32_t(dh));
+                    static_cast<__nv_bfloat16*>(out), uint32_t(tt), uint32_t(h), uint32_t(dh),
+                    n_pos, per);
     else
       launch_kernel(rope_pos_kernel<float>, grid, block, smem, s, static_cast<const float*>(x),
                     static_cast<const float*>(inv_freq), pos, inverse, static_cast<float*>(out),
-                    uint32_t(tt), uint32_t(h), uint32_t(dh));
+                    uint32_t(tt), uint32_t(h), uint32_t(dh), n_pos, per);
     return cudaGetLastError();
   }
   return dispatch_ft(t, [&]<typename T>() {

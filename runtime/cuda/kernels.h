@@ -94,8 +94,12 @@ int64_t rmsnorm_partial_rows(int64_t n);
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
                              bool accumulate_dx, cudaStream_t s, bool prefetch = false);
+// per_block: positions a block of the per-position kernel rotates (1-64; its angles computed
+// once into shared memory for all of them): 1, or LLAMA3_ROPE_POSITIONS (a candidate, not yet
+// timed: a block of one position moves 1 KB of a 1B model's k, 4 KB of its q).
 cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
-                 KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s);
+                 KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s,
+                 int per_block = 1);
 cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, int64_t n,
                            cudaStream_t s);
 cudaError_t swiglu_backward(const void* dout, const void* gate, const void* up, void* dgate,

@@ -56,6 +56,23 @@ Tensor empty(const Ctx& c, const Shape& s) {
 Tensor scalar(const Ctx& c, double v) {
   return Tensor::full({1}, v, DType::f32, Device::cpu());
 }
+// One of the CUDA backend's environment switches (its A/B choices, read on every call) set
+// for a scope, and unset again on leaving it, also when the case throws; a null value leaves
+// the environment alone.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(value ? name : nullptr) {
+    if (name_) setenv(name_, value, 1);
+  }
+  ~ScopedEnv() {
+    if (name_) unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+};
 
 struct Case {
   std::string name;
@@ -151,10 +168,7 @@ std::vector<Case> make_cases() {
   // (gemm_add), batched. Shapes no other case uses, so their plans are made (and tuned) here.
   both("gemm_autotune", true, [](const Ctx& c) {
     Backend& be = backend_for(c.dev);
-    struct Env {
-      Env() { setenv("LLAMA3_GEMM_AUTOTUNE", "1", 1); }
-      ~Env() { unsetenv("LLAMA3_GEMM_AUTOTUNE"); }
-    } env;
+    const ScopedEnv env("LLAMA3_GEMM_AUTOTUNE", "1");
     Tensor a = input(c, {41, 52}, 160), b = input(c, {33, 52}, 161);
     Tensor w = Tensor::empty({41, 33}, DType::f32, c.dev);
     be.gemm(a, Trans::N, b, Trans::T, w, 1.f, 0.f);
@@ -253,11 +267,10 @@ std::vector<Case> make_cases() {
            be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
            Tensor dy = input(c, {rows, d}, 36), dx = empty(c, {rows, d});
            Tensor dw = input(c, {d}, 37);
-           if (prefetch) setenv("LLAMA3_RMSNORM_BWD_PREFETCH", "1", 1);
+           const ScopedEnv env("LLAMA3_RMSNORM_BWD_PREFETCH", prefetch ? "1" : nullptr);
            be.rmsnorm_backward(dy, x, w, rstd, dx, dw, false);
            Tensor dx2 = input(c, {rows, d}, 39);
            be.rmsnorm_backward(dy, x, w, rstd, dx2, dw, true);
-           unsetenv("LLAMA3_RMSNORM_BWD_PREFETCH");
            return std::vector<Tensor>{y, rstd, dx, dw, dx2};
          });
   }
@@ -272,9 +285,15 @@ std::vector<Case> make_cases() {
                 }});
   // Head dims 16 and 64 (the CUDA per-position kernel, four pairs a thread; 64 at positions up to
   // 4000, as in a 4096-token step) and 12 (half 6: the one-pair-a-thread kernel).
-  for (int64_t dh : {16, 12, 64}) {
-    both(dh == 16 ? std::string("rope") : "rope_d" + std::to_string(dh), false, [dh](const Ctx& c) {
+  // "_pos4": CUDA's per-position kernel at 4 positions a block (LLAMA3_ROPE_POSITIONS=4, a
+  // candidate; 22 positions leave a partial block).
+  for (int64_t dh : {16, 12, 64, -64}) {
+    const bool pos4 = dh < 0;
+    dh = std::abs(dh);
+    const std::string nm = dh == 16 ? std::string("rope") : "rope_d" + std::to_string(dh);
+    both(pos4 ? nm + "_pos4" : nm, false, [dh, pos4](const Ctx& c) {
       Backend& be = backend_for(c.dev);
+      const ScopedEnv env("LLAMA3_ROPE_POSITIONS", pos4 ? "4" : nullptr);
       std::vector<float> f(dh / 2);
       for (int64_t j = 0; j < dh / 2; ++j) f[j] = float(std::pow(500000.0, -2.0 * j / dh));
       Tensor inv = Tensor::from_vector(f, {dh / 2}, c.dev).to(c.round).to(c.dt);
@@ -464,10 +483,9 @@ std::vector<Case> make_cases() {
     const auto [h, w, t] = ce_inputs(c, V, 70, 5, 3, 37);
     Tensor dh = Tensor::empty({N, D}, DType::f32, c.dev);
     Tensor dw = input_f32(c, {V, D}, 72);  // overwritten (=): its old values must not leak in
-    if (bf16_logits) setenv("LLAMA3_CE_BF16_LOGITS", "1", 1);
+    const ScopedEnv env("LLAMA3_CE_BF16_LOGITS", bf16_logits ? "1" : nullptr);
     const double loss = be.linear_cross_entropy(h, w, t, 16, 0.1f, &dh, &dw);
     const double loss_only = be.linear_cross_entropy(h, w, t, 64, 1.f, nullptr, nullptr);
-    unsetenv("LLAMA3_CE_BF16_LOGITS");
     return std::vector<Tensor>{scalar(c, loss), scalar(c, loss_only), dh, dw};
   };
   both("linear_cross_entropy", true, [=](const Ctx& c) { return linear_ce(c, 301, false); });
@@ -490,7 +508,7 @@ std::vector<Case> make_cases() {
     Tensor dw = input_f32(c, {V, D}, 172);        // accumulated into (+=)
     Tensor dw_fresh = input_f32(c, {V, D}, 173);  // overwritten (=)
     Tensor dh2 = Tensor::empty({N, D}, DType::f32, c.dev);
-    if (bf16_logits) setenv("LLAMA3_CE_BF16_LOGITS", "1", 1);
+    const ScopedEnv env("LLAMA3_CE_BF16_LOGITS", bf16_logits ? "1" : nullptr);
     CrossEntropyKept kept, kept2;
     double total = 0, total2 = 0;
     if (be.linear_cross_entropy_keep(h, w, t, 0, 0.1f, kept, &total)) {
@@ -504,7 +522,6 @@ std::vector<Case> make_cases() {
       be.axpy(1.f, d1, dw);
       total2 = be.linear_cross_entropy(h, w, t, 0, 0.05f, &dh2, &dw_fresh);
     }
-    unsetenv("LLAMA3_CE_BF16_LOGITS");
     return std::vector<Tensor>{scalar(c, total), scalar(c, total2), dh, dw, dh2, dw_fresh};
   };
   both("linear_cross_entropy_deferred", true,

@@ -137,24 +137,33 @@ TEST_P(ElementwiseEmu, Rope) {
   emu_test::each_schedule([&] {
     const DType dt = GetParam();
     // Head dims 64 and 256 take the per-position kernel (256 at 5 heads: 32 x 4 threads, so
-    // a thread rotates two heads), 20 the generic one.
-    for (int64_t dh : {64, 256, 20}) {
-      const int64_t B = 2, T = 5, H = dh == 256 ? 5 : 3;
-      Tensor x = randn({B, T, H, dh}, 9).to(dt);
-      std::vector<float> f(size_t(dh / 2));
-      for (int64_t i = 0; i < dh / 2; ++i) f[size_t(i)] = std::pow(10000.f, -2.f * i / dh);
-      Tensor inv = Tensor::from_vector(f, {dh / 2}).to(dt);
-      Tensor pos = Tensor::from_vector(std::vector<int32_t>{3, 0, 7, 1, 100}, {T});
-      for (bool inverse : {false, true}) {
-        Tensor o1 = Tensor::empty(x.shape(), DType::f32), o2 = Tensor::empty(x.shape(), dt);
-        cpu().rope(f32(x), f32(inv), pos, inverse, o1);
-        ASSERT_EQ(cu::rope(x.data_ptr(), inv.data_ptr(), pos.data<int32_t>(), inverse,
-                           o2.data_ptr(), kt(dt), B, T, H, dh, nullptr),
-                  cudaSuccess);
-        EXPECT_LT(rel_err(o2, o1), dt == DType::bf16 ? 4e-3 : 1e-6)
-            << "dh " << dh << " inverse " << inverse;
+    // a thread rotates two heads), 20 the generic one; the per-position kernel also with 3
+    // and 4 positions a block (LLAMA3_ROPE_POSITIONS: 10 positions leave a partial block),
+    // with the same bits as one.
+    for (const int per : {1, 3, 4})
+      for (int64_t dh : {64, 256, 20}) {
+        const int64_t B = 2, T = 5, H = dh == 256 ? 5 : 3;
+        Tensor x = randn({B, T, H, dh}, 9).to(dt);
+        std::vector<float> f(size_t(dh / 2));
+        for (int64_t i = 0; i < dh / 2; ++i) f[size_t(i)] = std::pow(10000.f, -2.f * i / dh);
+        Tensor inv = Tensor::from_vector(f, {dh / 2}).to(dt);
+        Tensor pos = Tensor::from_vector(std::vector<int32_t>{3, 0, 7, 1, 100}, {T});
+        for (bool inverse : {false, true}) {
+          Tensor o1 = Tensor::empty(x.shape(), DType::f32), o2 = Tensor::empty(x.shape(), dt);
+          cpu().rope(f32(x), f32(inv), pos, inverse, o1);
+          ASSERT_EQ(cu::rope(x.data_ptr(), inv.data_ptr(), pos.data<int32_t>(), inverse,
+                             o2.data_ptr(), kt(dt), B, T, H, dh, nullptr, per),
+                    cudaSuccess);
+          EXPECT_LT(rel_err(o2, o1), dt == DType::bf16 ? 4e-3 : 1e-6)
+              << "dh " << dh << " inverse " << inverse << " per block " << per;
+          Tensor o3 = Tensor::empty(x.shape(), dt);
+          ASSERT_EQ(cu::rope(x.data_ptr(), inv.data_ptr(), pos.data<int32_t>(), inverse,
+                             o3.data_ptr(), kt(dt), B, T, H, dh, nullptr, 1),
+                    cudaSuccess);
+          EXPECT_EQ(o2.to(DType::f32).to_vector<float>(), o3.to(DType::f32).to_vector<float>())
+              << "dh " << dh << " inverse " << inverse << " per block " << per;
+        }
       }
-    }
   });
 }
 
