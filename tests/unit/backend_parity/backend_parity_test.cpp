@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <list>
 #include <random>
 #include <string>
 #include <vector>
@@ -61,17 +62,17 @@ Tensor scalar(const Ctx& c, double v) {
 // the environment alone.
 class ScopedEnv {
  public:
-  ScopedEnv(const char* name, const char* value) : name_(value ? name : nullptr) {
-    if (name_) setenv(name_, value, 1);
+  ScopedEnv(std::string name, const char* value) : name_(value ? std::move(name) : "") {
+    if (!name_.empty()) setenv(name_.c_str(), value, 1);
   }
   ~ScopedEnv() {
-    if (name_) unsetenv(name_);
+    if (!name_.empty()) unsetenv(name_.c_str());
   }
   ScopedEnv(const ScopedEnv&) = delete;
   ScopedEnv& operator=(const ScopedEnv&) = delete;
 
  private:
-  const char* name_;
+  std::string name_;  // empty: nothing set
 };
 
 struct Case {
@@ -410,20 +411,18 @@ std::vector<Case> make_cases() {
                }
              p.doc_ids = ints(c, d, {a.B, a.T});
            }
-           std::vector<std::string> sw;  // (a.env: space-separated NAME=VALUE pairs)
+           std::list<ScopedEnv> sw;  // (a.env: space-separated NAME=VALUE pairs)
            for (std::string rest = a.env ? a.env : ""; !rest.empty();) {
              const size_t sp = rest.find(' ');
              const std::string kv = rest.substr(0, sp);
              rest = sp == std::string::npos ? "" : rest.substr(sp + 1);
-             sw.push_back(kv.substr(0, kv.find('=')));
-             setenv(sw.back().c_str(), kv.substr(kv.find('=') + 1).c_str(), 1);
+             sw.emplace_back(kv.substr(0, kv.find('=')), kv.substr(kv.find('=') + 1).c_str());
            }
            Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
            be.attention_forward(q, k, v, p, out, lse);
            Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
            Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
            be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-           for (const std::string& name : sw) unsetenv(name.c_str());
            return std::vector<Tensor>{out, lse, dq, dk, dv};
          }});
   }
