@@ -350,7 +350,9 @@ class CudaBackend final : public Backend {
     auto prof_scope = prof("gemm", [&] {
       return fmt::format(" {}x{}x{}{} {}{}", m, n, k, batch > 1 ? fmt::format(" x{}", batch) : "",
                          bf ? (c.dtype() == DType::bf16 ? "bf16->bf16" : "bf16") : "f32",
-                         cin ? " +c" : "");
+                         cin           ? " +c"
+                         : beta != 0.f ? " +="
+                                       : "");
     });
     if (k == 0) {  // c = beta * C
       if (cin) copy(*cin, c);
@@ -1070,7 +1072,8 @@ class CudaBackend final : public Backend {
 
   // Per-op GPU time (cuda_profile_start / cuda_profile_report): while recording, every
   // outermost backend call is bracketed by two events on the stream; the report sums the
-  // elapsed times by op name (GEMMs by shape).
+  // elapsed times by op name (GEMMs by shape; "+=" marks one that adds into its output, as the
+  // weight gradients of later micro-batches do, "+c" one that adds a separate input).
   void profile_start() {
     std::lock_guard<std::mutex> lock(prof_mu_);
     prof_on_ = true;

@@ -6,6 +6,7 @@
 #define LLAMA3_CUDA_EMU 1
 #include <gtest/gtest.h>
 
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -128,3 +129,32 @@ TEST(GraphEmu, CapturedCrossEntropyCountsItsTargetsAtEveryReplay) {
   expect_deferred_error(be, "no target >= 0 among 6 rows");  // a replay without any target
 }
 }  // namespace
+
+// The per-op profile (bench_cuda_step --profile) names GEMMs by shape and marks the ones that
+// add into their output (the weight gradients of later micro-batches) apart from the ones that
+// write it, so a profile of gradient accumulation shows what the accumulation costs.
+TEST(ProfileEmu, ReportSeparatesAccumulatingGemms) {
+  ASSERT_TRUE(cuda_init());
+  Backend& be = backend_for(Device::cuda(0));
+  Tensor a = on_emu(std::vector<float>(6, 1.f)).view({2, 3});
+  Tensor b = on_emu(std::vector<float>(12, 0.5f)).view({3, 4});
+  Tensor c = Tensor::empty({2, 4}, DType::f32, Device::cuda(0));
+  cuda_profile_start(0);
+  be.gemm(a, Trans::N, b, Trans::N, c, 1.f, 0.f);
+  be.gemm(a, Trans::N, b, Trans::N, c, 1.f, 1.f);
+  be.gemm(a, Trans::N, b, Trans::N, c, 1.f, 1.f);
+  const std::string report = cuda_profile_report(0);
+  // The calls column of the line whose op is `op` (the name, then spaces, then the time).
+  auto calls = [&](const std::string& op) {
+    const size_t at = report.find(op + "  ");
+    if (at == std::string::npos) return -1;
+    std::istringstream line(report.substr(at + op.size(), report.find('\n', at) - at - op.size()));
+    double ms = 0;
+    int n = -1;
+    line >> ms >> n;
+    return n;
+  };
+  EXPECT_EQ(calls("gemm 2x4x3 f32"), 1) << report;
+  EXPECT_EQ(calls("gemm 2x4x3 f32 +="), 2) << report;
+  EXPECT_EQ(c.to(Device::cpu()).to_vector<float>(), std::vector<float>(8, 4.5f));
+}
