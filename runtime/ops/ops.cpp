@@ -285,12 +285,18 @@ namespace {
 struct RmsNormNode : Node {
   Tensor x, w, rstd;
   const char* name() const override { return "rmsnorm"; }
-  // dx into the residual stream's pending gradient (the residual add's share), in place.
+  // dx into the residual stream's pending gradient (the residual add's share), in place; dw
+  // (which the kernels add to) into the weight's gradient from earlier micro-batches where the
+  // backend accumulates weight gradients in place (CUDA: its column sums added to the
+  // gradient give the bits of the zeroed vector plus one add; no fill, no add launch).
   bool accumulates() const override { return true; }
   std::vector<Tensor> backward(const Tensor& g) override {
     const Tensor acc = accumulate_into.empty() ? Tensor() : accumulate_into[0];
     const bool in_place = acc.defined() && acc.dtype() == x.dtype() && acc.shape() == x.shape();
-    Tensor dx = in_place ? acc : empty_like(x), dw = zeros_like(w);
+    const Tensor wacc = accumulate_into.size() > 1 ? accumulate_into[1] : Tensor();
+    const bool w_in_place = wacc.defined() && wacc.dtype() == w.dtype() &&
+                            wacc.shape() == w.shape() && be(g).accumulate_weight_grads_in_place();
+    Tensor dx = in_place ? acc : empty_like(x), dw = w_in_place ? wacc : zeros_like(w);
     // (A bf16 output's gradient arrives in bf16 unless its consumers return f32.)
     const Tensor gc = g.dtype() == x.dtype() ? g.contiguous() : g.to(x.dtype());
     be(g).rmsnorm_backward(gc, x, w, rstd, dx, dw, in_place);

@@ -78,8 +78,9 @@ TEST_P(GoldenOnCuda, LogitsGradientsAndFirstFiveLossesMatchPyTorch) {
 }
 
 // Gradient accumulation on the device (Backend::accumulate_weight_grads_in_place): the second
-// micro-batch's linear dW GEMMs (beta 1, 7 per layer), the embedding rows and the classifier's
-// dW add into the leaves' gradients instead of fresh gradients and separate adds, with the
+// micro-batch's linear dW GEMMs (beta 1, 7 per layer), the norms' weight sums (2 per layer and
+// the final one), the embedding rows and the classifier's dW add into the leaves' gradients
+// instead of fresh gradients and separate adds, with the
 // same gradients up to rounding: normalised
 // errors about 1e-7 on the emulated device (its reference GEMM adds C in another order); on a
 // GPU the atomics of the attention dQ and the embedding backward differ between any two runs,
@@ -92,7 +93,8 @@ TEST_P(GoldenOnCuda, AccumulatedGradientsAddIntoTheLeaves) {
   const auto a = accumulated_grads(Device::cuda(0), prec, false, extra_a);
   const auto b = accumulated_grads(Device::cuda(0), prec, true, extra_b);
   EXPECT_EQ(extra_a, 0);
-  EXPECT_EQ(extra_b, 7 * cfg.n_layers + 2);  // the layers' weights, the table, the classifier
+  // the layers' weights and norms, the final norm, the table, the classifier
+  EXPECT_EQ(extra_b, 9 * cfg.n_layers + 3);
   ASSERT_EQ(a.size(), b.size());
   const double bound = prec == ops::Precision::f32 ? 1e-5 : 1e-2;
   for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(golden::norm_err(b[i], a[i]), bound) << i;
