@@ -12,7 +12,7 @@
 //                   [--precision bf16|f32] [--attn-only] [--device cuda|cpu] [--profile]
 //                   [--f32-attn-activations] [--ce-chunk ROWS] [--separate-sums]
 //                   [--cast-weights] [--graph] [--accum N] [--separate-residual]
-//                   [--optimizer-only]
+//                   [--optimizer-only] [--cast-residual-grads]
 //
 // --accum N: N micro-batches of (batch, seq) per optimizer step (gradient accumulation, as
 // the trainer's grad_accum): N forward/backward passes whose gradients sum in the weights'
@@ -31,6 +31,9 @@
 // --separate-residual runs them as separate adds, as before (A/B).
 // --separate-sums turns off the in-place gradient sums (autograd::set_in_place_accumulation):
 // every sum of two gradients is then a separate add pass, as before they existed (A/B).
+// --cast-residual-grads turns off the bf16 gradient copies (autograd::set_bf16_grad_copies):
+// the o and down projections' backward casts the residual stream's f32 gradient itself
+// instead of reading the bf16 rounding the RMSNorm backward wrote with it (A/B).
 // --ce-chunk sets the cross-entropy's rows per chunk (default: the backend's choice, as the
 // model's ce_chunk of 0: on CUDA rows of up to 4 GiB of f32 logits, so every row of a 4096- or
 // 8192-token step in one chunk, as PyTorch eager materialises the whole (tokens, vocab)
@@ -122,6 +125,8 @@ Config parse(int argc, char** argv) {
       c.profile = true;
     else if (a == "--separate-sums")
       autograd::set_in_place_accumulation(false);
+    else if (a == "--cast-residual-grads")
+      autograd::set_bf16_grad_copies(false);
     else if (a == "--ce-chunk")
       c.ce_chunk = next();
     else if (a == "--f32-attn-activations")

@@ -246,6 +246,7 @@ if [[ -n $BIN ]]; then
            "acc2:--accum 2 --profile::two micro-batches a step (deferred cross-entropy gradient)" \
            "acc2fw:--accum 2:LLAMA3_CE_DEFERRED=0:two micro-batches, cross-entropy gradient in the forward" \
            "bwd1::LLAMA3_ATTN_BWD_MT=1:attention backward on 64-key blocks (the previous default)" \
+           "castg:--cast-residual-grads::residual gradients cast by the projections (no bf16 copies)" \
            "ce16::LLAMA3_CE_BF16_LOGITS=1:candidate: bf16 logits in the cross-entropy" \
            "rmsp::LLAMA3_RMSNORM_BWD_PREFETCH=1:candidate: RMSNorm backward prefetching rows" \
            "tune::LLAMA3_GEMM_AUTOTUNE=1:candidate: GEMM algorithms timed at first use" \

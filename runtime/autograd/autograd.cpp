@@ -10,6 +10,8 @@ namespace {
 thread_local bool t_grad_enabled = true;
 thread_local bool t_in_place = true;
 thread_local int64_t t_in_place_count = 0;
+thread_local bool t_bf16_copies = true;
+thread_local int64_t t_bf16_copy_count = 0;
 
 // Sum of two gradients without mutating either (either may be aliased elsewhere).
 Tensor add_grads(const Tensor& a, const Tensor& b) {
@@ -44,8 +46,11 @@ void accumulate_leaf(AutogradMeta& m, Tensor g) {
 // owners, so no other node's input or saved tensor changes under an in-place add) and that
 // appear once among n's inputs; and the gradients that leaves already hold from an earlier
 // backward (gradient accumulation over micro-batches) when nothing but the leaf holds them.
-void offer_pending(Node& n, std::unordered_map<Node*, Tensor>& pending) {
+void offer_pending(Node& n, std::unordered_map<Node*, Tensor>& pending,
+                   const std::unordered_map<Node*, int>& deps) {
   n.accumulate_into.assign(n.next.size(), Tensor());
+  n.offer_bf16.assign(n.next.size(), 0);
+  n.bf16_grads.assign(n.next.size(), Tensor());
   for (size_t i = 0; i < n.next.size(); ++i) {
     const auto& e = n.next[i];
     if (!e) continue;
@@ -62,11 +67,30 @@ void offer_pending(Node& n, std::unordered_map<Node*, Tensor>& pending) {
     bool once = true;
     for (size_t j = 0; j < n.next.size(); ++j)
       if (j != i && n.next[j] && n.next[j]->grad_fn.get() == c) once = false;
+    if (!once) continue;
+    // Whether this node's edge is the last one into c: then its gradient (added in place, or
+    // the only one) completes c's, whose bf16 rounding c would compute next.
+    auto d = deps.find(c);
+    const bool last = t_bf16_copies && d != deps.end() && d->second == 1 && c->wants_bf16_grad();
     auto it = pending.find(c);
-    if (!once || it == pending.end()) continue;
+    if (it == pending.end()) {
+      n.offer_bf16[i] = last;
+      continue;
+    }
     const Tensor& t = it->second;
-    if (t.is_contiguous() && t.storage().use_count() == 1) n.accumulate_into[i] = t;
+    if (!t.is_contiguous() || t.storage().use_count() != 1) continue;
+    n.accumulate_into[i] = t;
+    n.offer_bf16[i] = last && t.dtype() == DType::f32;
   }
+}
+// The bf16 rounding node n wrote of its gradient for c, where offered: kept for c (checked).
+void keep_bf16(const Node& n, Node* c, Tensor& bf16, const Tensor& grad,
+               std::unordered_map<Node*, Tensor>& pending_bf16) {
+  LLAMA3_CHECK(
+      bf16.dtype() == DType::bf16 && bf16.shape() == grad.shape() && grad.dtype() == DType::f32,
+      "{}: bf16 gradient {} for a gradient {}", n.name(), bf16.str(), grad.str());
+  pending_bf16[c] = std::move(bf16);
+  ++t_bf16_copy_count;
 }
 }  // namespace
 
@@ -78,6 +102,12 @@ void set_in_place_accumulation(bool on) {
 }
 int64_t in_place_accumulations() {
   return t_in_place_count;
+}
+void set_bf16_grad_copies(bool on) {
+  t_bf16_copies = on;
+}
+int64_t bf16_grad_copies() {
+  return t_bf16_copy_count;
 }
 
 NoGradGuard::NoGradGuard() : prev_(t_grad_enabled) {
@@ -134,6 +164,7 @@ void backward(const Tensor& root, const Tensor& grad_in) {
     }
   }
   std::unordered_map<Node*, Tensor> pending;
+  std::unordered_map<Node*, Tensor> pending_bf16;  // bf16 roundings of completed gradients
   // Keep nodes alive while we run: the graph may be owned only by tensors that backward
   // frees as it goes.
   std::vector<std::shared_ptr<Node>> ready{root_meta->grad_fn};
@@ -144,9 +175,15 @@ void backward(const Tensor& root, const Tensor& grad_in) {
     ready.pop_back();
     Tensor g = std::move(pending[n.get()]);
     pending.erase(n.get());
-    if (t_in_place && n->accumulates()) offer_pending(*n, pending);
+    if (auto b = pending_bf16.find(n.get()); b != pending_bf16.end()) {
+      n->grad_bf16 = std::move(b->second);
+      pending_bf16.erase(b);
+    }
+    if (t_in_place && n->accumulates()) offer_pending(*n, pending, deps);
     std::vector<Tensor> grads = n->backward(g);
-    n->accumulate_into.clear();
+    std::vector<Tensor> bf16_grads = std::move(n->bf16_grads);
+    n->accumulate_into.clear(), n->offer_bf16.clear(), n->bf16_grads.clear();
+    n->grad_bf16 = Tensor();
     g = Tensor();
     n->release();
     LLAMA3_CHECK(grads.size() == n->next.size(), "{} returned {} gradients for {} inputs",
@@ -157,14 +194,19 @@ void backward(const Tensor& root, const Tensor& grad_in) {
       if (!e || !grads[i].defined()) continue;
       if (e->grad_fn) {
         Node* c = e->grad_fn.get();
+        // The node's bf16 rounding of c's completed gradient (offered: the last edge into c).
+        const bool has_bf16 = i < bf16_grads.size() && bf16_grads[i].defined() && deps[c] == 1;
         auto it = pending.find(c);
-        if (it == pending.end())
+        if (it == pending.end()) {
+          if (has_bf16) keep_bf16(*n, c, bf16_grads[i], grads[i], pending_bf16);
           pending.emplace(c, std::move(grads[i]));
-        else if (grads[i].data_ptr() == it->second.data_ptr() &&
-                 grads[i].storage() == it->second.storage())
+        } else if (grads[i].data_ptr() == it->second.data_ptr() &&
+                   grads[i].storage() == it->second.storage()) {
           it->second = std::move(grads[i]), ++t_in_place_count;  // the node added in place
-        else
+          if (has_bf16) keep_bf16(*n, c, bf16_grads[i], it->second, pending_bf16);
+        } else {
           it->second = add_grads(it->second, grads[i]);
+        }
         if (--deps[c] == 0) ready.push_back(e->grad_fn);
       } else if (e->requires_grad) {
         accumulate_leaf(*e, std::move(grads[i]));

@@ -50,6 +50,20 @@ struct Node {
   // earlier backward (micro-batches of one optimizer step), on the same terms. Undefined
   // elsewhere. Cleared after backward().
   std::vector<Tensor> accumulate_into;
+  // Whether backward() would use a bf16 rounding of its incoming gradient (a bf16 GEMM's
+  // operand: the linear layers in bf16 mixed precision, which would otherwise cast it).
+  virtual bool wants_bf16_grad() const { return false; }
+  // Set by the engine next to accumulate_into, one entry per `next`: true where this node's
+  // gradient for that input completes it (added in place into accumulate_into[i], or the
+  // only contribution; none is still to come) and the gradient's consumer wants_bf16_grad().
+  // backward() may then also put the bf16 rounding of the completed f32 gradient in
+  // bf16_grads[i] (written by the same kernel that writes the gradient: one read of it fewer
+  // than the consumer's cast). Both cleared after backward().
+  std::vector<char> offer_bf16;
+  std::vector<Tensor> bf16_grads;
+  // Set by the engine just before backward() when the node that completed its incoming
+  // gradient wrote that bf16 rounding too (above); undefined otherwise. Cleared after.
+  Tensor grad_bf16;
   // Drops saved tensors once backward has run.
   virtual void release() {}
 };
@@ -64,6 +78,12 @@ bool grad_enabled();
 void set_in_place_accumulation(bool on);
 // How many gradient sums this thread's backward passes did in place (statistics, tests).
 int64_t in_place_accumulations();
+// Whether backward offers the bf16 roundings of completed gradients (Node::offer_bf16); on
+// by default, per thread, and only where in-place accumulation is on. Off, the consumers
+// cast: the same bits (tests compare the two).
+void set_bf16_grad_copies(bool on);
+// How many gradients this thread's backward passes handed over with their bf16 rounding.
+int64_t bf16_grad_copies();
 
 // Disables history recording in its scope (inference, optimizer updates, recompute).
 class NoGradGuard {

@@ -188,6 +188,15 @@ class Backend {
   virtual void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
                                 const Tensor& rstd, Tensor& dx, Tensor& dw,
                                 bool accumulate_dx) = 0;
+  // The same, also writing dx_bf16 = the bf16 rounding of dx's new value (f32 x): the gradient
+  // the residual stream hands a bf16 GEMM (autograd's Node::offer_bf16), written with it
+  // instead of cast by a pass that reads it again. The default casts after.
+  virtual void rmsnorm_backward_bf16(const Tensor& dy, const Tensor& x, const Tensor& w,
+                                     const Tensor& rstd, Tensor& dx, Tensor& dw, bool accumulate_dx,
+                                     Tensor& dx_bf16) {
+    rmsnorm_backward(dy, x, w, rstd, dx, dw, accumulate_dx);
+    copy(dx, dx_bf16);
+  }
 
   // x (B, T, H, Dh) rotated in the HF "rotate_half" layout with inv_freq (Dh/2) at
   // positions pos (T) int32: out = x*cos + rotate_half(x)*sin. inverse=true applies the

@@ -653,9 +653,22 @@ class CudaBackend final : public Backend {
   }
   void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
                         Tensor& dx, Tensor& dw, bool accumulate_dx) override {
+    rmsnorm_bwd(dy, x, w, rstd, dx, dw, accumulate_dx, nullptr);
+  }
+  void rmsnorm_backward_bf16(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                             Tensor& dx, Tensor& dw, bool accumulate_dx, Tensor& dx_bf16) override {
+    LLAMA3_CHECK(
+        x.dtype() == DType::f32 && dx_bf16.dtype() == DType::bf16 && dx_bf16.shape() == dx.shape(),
+        "rmsnorm_backward_bf16: x {} must be f32 and dx_bf16 {} bf16 of dx's shape {}", x.str(),
+        dx_bf16.str(), dx.str());
+    rmsnorm_bwd(dy, x, w, rstd, dx, dw, accumulate_dx, &dx_bf16);
+  }
+  void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                   Tensor& dx, Tensor& dw, bool accumulate_dx, Tensor* dx_bf16) {
     for (auto [t, nm] :
          {std::pair{&dy, "dy"}, {&x, "x"}, {&w, "w"}, {&rstd, "rstd"}, {&dx, "dx"}, {&dw, "dw"}})
       contig(*t, "rmsnorm_backward", nm);
+    if (dx_bf16) contig(*dx_bf16, "rmsnorm_backward", "dx_bf16");
     same_float(x, {&dy, &w, &rstd, &dx, &dw}, "rmsnorm_backward");
     const int64_t d = x.size(-1), n = x.numel() / std::max<int64_t>(d, 1);
     activate();
@@ -664,7 +677,7 @@ class CudaBackend final : public Backend {
     LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(
         dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
         partial.data<float>(), ft_of(x.dtype(), "rmsnorm_backward"), n, d, accumulate_dx, stream_,
-        rmsnorm_bwd_prefetch()));
+        rmsnorm_bwd_prefetch(), dx_bf16 ? dx_bf16->data_ptr() : nullptr));
   }
 
   void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,

@@ -375,9 +375,12 @@ __device__ __forceinline__ T dx_out(T old, float v, bool acc_dx) {
   return from_f32<T>(acc_dx ? __fadd_rn(to_f32(old), v) : v);
 }
 // Grid-strided over rows; each block keeps its dw partial in its own row of `partial`.
+// dx16 (when not null): the bf16 rounding of each new dx element too (the completed residual
+// gradient a bf16 GEMM reads next; Backend::rmsnorm_backward_bf16).
 template <typename T>
 __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
-                                   float* partial, int64_t n, int64_t d, bool acc_dx) {
+                                   float* partial, int64_t n, int64_t d, bool acc_dx,
+                                   __nv_bfloat16* dx16) {
   float* acc = partial + int64_t(blockIdx.x) * d;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) acc[c] = 0.f;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
@@ -391,7 +394,9 @@ __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T*
     T* dr = dx + i * d;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
       const float g = to_f32(gr[c]), xv = to_f32(xr[c]);
-      dr[c] = dx_out<T>(dr[c], r * (g * to_f32(w[c]) - xv * k), acc_dx);
+      const T o = dx_out<T>(dr[c], r * (g * to_f32(w[c]) - xv * k), acc_dx);
+      dr[c] = o;
+      if (dx16) dx16[i * d + c] = __float2bfloat16_rn(to_f32(o));
       acc[c] += g * xv * r;
     }
   }
@@ -406,7 +411,8 @@ __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T*
 // same bits.
 template <typename T, int CPT, bool PF>
 __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
-                                       float* partial, int64_t n, int64_t d, bool acc_dx) {
+                                       float* partial, int64_t n, int64_t d, bool acc_dx,
+                                       __nv_bfloat16* dx16) {
   float wv[CPT], acc[CPT];
 #pragma unroll
   for (int k = 0; k < CPT; ++k) {
@@ -444,7 +450,11 @@ __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, cons
     for (int k = 0; k < CPT; ++k) {
       const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
       const float v = r * (gv[k] * wv[k] - xv[k] * kk);
-      if (c < d) dr[c] = from_f32<T>(acc_dx ? __fadd_rn(ov[k], v) : v);
+      if (c < d) {
+        const T o = from_f32<T>(acc_dx ? __fadd_rn(ov[k], v) : v);
+        dr[c] = o;
+        if (dx16) dx16[i * d + c] = __float2bfloat16_rn(to_f32(o));
+      }
       acc[k] += gv[k] * xv[k] * r;
     }
     if (next >= n) break;
@@ -1134,14 +1144,15 @@ int64_t rmsnorm_partial_rows(int64_t n) {
 
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
-                             bool accumulate_dx, cudaStream_t s, bool prefetch) {
+                             bool accumulate_dx, cudaStream_t s, bool prefetch, void* dx_bf16) {
   if (n == 0) return cudaSuccess;
   const int64_t rows = rmsnorm_partial_rows(n);
   return dispatch_ft(t, [&]<typename T>() {
     auto args = [&](auto kern) {
       launch_kernel(kern, unsigned(rows), kThreads, 0, s, static_cast<const T*>(dy),
                     static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(rstd),
-                    static_cast<T*>(dx), partial, n, d, accumulate_dx);
+                    static_cast<T*>(dx), partial, n, d, accumulate_dx,
+                    static_cast<__nv_bfloat16*>(dx_bf16));
     };
     if (d <= 8 * kThreads)
       args(prefetch ? rmsnorm_bwd_reg_kernel<T, 8, true> : rmsnorm_bwd_reg_kernel<T, 8, false>);

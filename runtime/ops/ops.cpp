@@ -112,9 +112,12 @@ struct LinearNode : Node {
   // adds with beta 1, saving the engine's separate add. Not under a dx_hook, which must see
   // this node's dx alone.
   bool accumulates() const override { return !dx_hook; }
+  // bf16 GEMMs: the completed gradient's bf16 rounding from the node that completed it (the
+  // residual stream's, from the RMSNorm backward) saves the cast below.
+  bool wants_bf16_grad() const override { return p == Precision::bf16; }
   std::vector<Tensor> backward(const Tensor& g_in) override {
     Tensor g = as_rows(g_in.contiguous());
-    if (p == Precision::bf16) g = to_bf16(g);
+    if (p == Precision::bf16) g = grad_bf16.defined() ? as_rows(grad_bf16) : to_bf16(g);
     Tensor dx, dw;
     DxPending pending;
     if (next[0]) {
@@ -299,7 +302,15 @@ struct RmsNormNode : Node {
     Tensor dx = in_place ? acc : empty_like(x), dw = w_in_place ? wacc : zeros_like(w);
     // (A bf16 output's gradient arrives in bf16 unless its consumers return f32.)
     const Tensor gc = g.dtype() == x.dtype() ? g.contiguous() : g.to(x.dtype());
-    be(g).rmsnorm_backward(gc, x, w, rstd, dx, dw, in_place);
+    if (!offer_bf16.empty() && offer_bf16[0] && x.dtype() == DType::f32) {
+      // dx completes the residual stream's gradient, which a bf16 GEMM reads next (the
+      // o/down projection's backward): its bf16 rounding written by the same kernel.
+      Tensor dx16 = Tensor::empty(x.shape(), DType::bf16, x.device());
+      be(g).rmsnorm_backward_bf16(gc, x, w, rstd, dx, dw, in_place, dx16);
+      bf16_grads[0] = std::move(dx16);
+    } else {
+      be(g).rmsnorm_backward(gc, x, w, rstd, dx, dw, in_place);
+    }
     return {dx, dw};
   }
   void release() override { x = w = rstd = Tensor(); }

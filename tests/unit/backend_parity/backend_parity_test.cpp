@@ -284,6 +284,34 @@ std::vector<Case> make_cases() {
                   be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
                   return std::vector<Tensor>{y.to(DType::f32), rstd};
                 }});
+  // The backward of f32 rows also writing dx's bf16 rounding (the residual gradient the
+  // o/down projections' bf16 GEMMs read; the CPU's default casts after), written and added to,
+  // at d = 300 (register rows) and 4100 (the generic kernel).
+  for (int64_t d : {300, 4100}) {
+    cs.push_back(
+        {"rmsnorm_backward_bf16_d" + std::to_string(d), DType::f32, true, 1e-2, [d](const Ctx& c) {
+           Backend& be = backend_for(c.dev);
+           const int64_t rows = d == 300 ? 13 : 5;
+           Tensor x = input_f32(c, {rows, d}, 30), w = input_f32(c, {d}, 31);
+           Tensor y = Tensor::empty({rows, d}, DType::f32, c.dev);
+           Tensor rstd = Tensor::empty({rows}, DType::f32, c.dev);
+           be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+           Tensor dy = input_f32(c, {rows, d}, 32), dw = input_f32(c, {d}, 33);
+           Tensor dx = Tensor::empty({rows, d}, DType::f32, c.dev);
+           Tensor dx16 = Tensor::empty({rows, d}, DType::bf16, c.dev);
+           be.rmsnorm_backward_bf16(dy, x, w, rstd, dx, dw, false, dx16);
+           Tensor dx2 = input_f32(c, {rows, d}, 38);
+           Tensor dx2_16 = Tensor::empty({rows, d}, DType::bf16, c.dev);
+           be.rmsnorm_backward_bf16(dy, x, w, rstd, dx2, dw, true, dx2_16);
+           // The copies are the casts of the f32 results, bit for bit.
+           LLAMA3_CHECK(dx16.to(DType::f32).to_vector<float>() ==
+                                dx.to(DType::bf16).to(DType::f32).to_vector<float>() &&
+                            dx2_16.to(DType::f32).to_vector<float>() ==
+                                dx2.to(DType::bf16).to(DType::f32).to_vector<float>(),
+                        "rmsnorm_backward_bf16: a bf16 copy differs from the cast of dx");
+           return std::vector<Tensor>{dx, dw, dx2, dx16.to(DType::f32), dx2_16.to(DType::f32)};
+         }});
+  }
   // Head dims 16 and 64 (the CUDA per-position kernel, four pairs a thread; 64 at positions up to
   // 4000, as in a 4096-token step) and 12 (half 6: the one-pair-a-thread kernel).
   // "_pos4": CUDA's per-position kernel at 4 positions a block (LLAMA3_ROPE_POSITIONS=4, a

@@ -86,9 +86,9 @@ TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
     const DType dt = GetParam();
     // d = 130: the one-column-a-thread forward; 2048 (f32 x): the float4 forward, two a thread;
     // d = 40 at 1100 rows: two or three rows a backward block (528 blocks), so the prefetch
-    // of a block's next row runs.
-    for (int64_t d : {130, 2048, 40}) {
-      const int64_t n = d == 130 ? 37 : d == 40 ? 1100 : 5;
+    // of a block's next row runs; d = 4200: the generic backward (rows beyond registers).
+    for (int64_t d : {130, 2048, 40, 4200}) {
+      const int64_t n = d == 130 ? 37 : d == 40 ? 1100 : d == 4200 ? 3 : 5;
       Tensor x = randn({n, d}, 4).to(dt), w = randn({d}, 5, 0.5f).to(dt);
       // f32 x may write a bf16 y (the norms that feed bf16 GEMMs).
       for (DType yt : dt == DType::f32 ? std::vector<DType>{DType::f32, DType::bf16}
@@ -112,6 +112,7 @@ TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
         Tensor dx0 = randn({n, d}, 7).to(dt), dw0 = randn({d}, 8).to(dt);
         // (copies taken first: for f32, f32() shares dx0's and dw0's storage)
         Tensor dx2 = dx0.clone(), dw2 = dw0.clone(), dx3 = dx0.clone(), dw3 = dw0.clone();
+        const Tensor dx5 = dx0.clone(), dw5 = dw0.clone();
         Tensor dx1 = f32(dx0), dw1 = f32(dw0);
         cpu().rmsnorm_backward(f32(dy), f32(x), f32(w), f32(rstd), dx1, dw1, acc);
         Tensor part = Tensor::empty({cu::rmsnorm_partial_rows(n), d}, DType::f32);
@@ -128,6 +129,24 @@ TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
                   cudaSuccess);
         EXPECT_EQ(rel_err(dx3, dx2), 0.0) << "prefetch, accumulate " << acc;
         EXPECT_EQ(rel_err(dw3, dw2), 0.0) << "prefetch, accumulate " << acc;
+        // f32 with dx's bf16 rounding written too (rmsnorm_backward_bf16): dx and dw keep
+        // their bits, and the bf16 copy is the cast of dx, bit for bit (as the cast the o/down
+        // projection's backward would otherwise run). d = 4200 takes the generic kernel.
+        if (dt == DType::f32) {
+          for (bool pf : {false, true}) {
+            Tensor dx4 = dx5.clone(), dw4 = dw5.clone();
+            Tensor dx16 = Tensor::full({n, d}, 7.0, DType::bf16);
+            ASSERT_EQ(
+                cu::rmsnorm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                                     dx4.data_ptr(), dw4.data_ptr(), part.data<float>(), kt(dt), n,
+                                     d, acc, nullptr, pf, dx16.data_ptr()),
+                cudaSuccess);
+            EXPECT_EQ(rel_err(dx4, dx2), 0.0) << "bf16 copy, accumulate " << acc;
+            EXPECT_EQ(rel_err(dw4, dw2), 0.0) << "bf16 copy, accumulate " << acc;
+            EXPECT_EQ(dx16.to_vector<float>(), dx2.to(DType::bf16).to_vector<float>())
+                << "d " << d << ", accumulate " << acc << ", prefetch " << pf;
+          }
+        }
       }
     }
   });

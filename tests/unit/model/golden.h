@@ -119,6 +119,38 @@ struct Golden : ::testing::Test {
     return g;
   }
 
+  // One backward of the batch on `dev` with autograd's bf16 gradient copies on or off
+  // (autograd::set_bf16_grad_copies). Returns every parameter's gradient (on the CPU); copies:
+  // how many gradients were handed over with their bf16 rounding.
+  std::vector<std::vector<float>> grads_with_copies(const Device& dev, ops::Precision prec, bool on,
+                                                    int64_t& copies) {
+    autograd::set_bf16_grad_copies(on);
+    text::LlamaModel m(cfg, 11);
+    m.to(dev);
+    m.options().precision = prec;
+    const int64_t n0 = autograd::bf16_grad_copies();
+    m.loss(tokens, targets, doc_ids).backward();
+    copies = autograd::bf16_grad_copies() - n0;
+    autograd::set_bf16_grad_copies(true);
+    std::vector<std::vector<float>> g;
+    for (auto& p : m.named_parameters())
+      g.push_back(p.tensor->grad().to(Device::cpu()).to_vector<float>());
+    return g;
+  }
+  // In bf16 mixed precision the RMSNorm backward that completes the residual stream's
+  // gradient also writes its bf16 rounding for the o/down projection's bf16 GEMMs (two a
+  // layer) instead of their own casts: the same gradients bit for bit. In f32 no GEMM wants
+  // one.
+  void expect_bf16_copies_equal_casts(const Device& dev, ops::Precision prec) {
+    int64_t off = -1, on = -1;
+    const auto a = grads_with_copies(dev, prec, false, off);
+    const auto b = grads_with_copies(dev, prec, true, on);
+    EXPECT_EQ(off, 0);
+    EXPECT_EQ(on, prec == ops::Precision::bf16 ? 2 * cfg.n_layers : 0);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(b[i], a[i]) << i;
+  }
+
   // m's weights must be on the CPU (as constructed).
   void run_reference(const text::LlamaModel& m) {
     io::TensorMap w;

@@ -100,6 +100,13 @@ TEST_P(GoldenOnCuda, AccumulatedGradientsAddIntoTheLeaves) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(golden::norm_err(b[i], a[i]), bound) << i;
 }
 
+// The bf16 roundings of completed gradients (Golden::expect_bf16_copies_equal_casts) on the
+// device. (T = 24: one key block, so the attention backward adds in a fixed order on a GPU.)
+TEST_P(GoldenOnCuda, Bf16GradientCopiesEqualTheCasts) {
+  if (!cuda_init()) GTEST_SKIP() << "no CUDA device";
+  expect_bf16_copies_equal_casts(Device::cuda(0), GetParam().precision);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Precisions, GoldenOnCuda,
     ::testing::Values(GoldenCudaCase{ops::Precision::f32, 1e-5, 1e-4, 1e-5, 1e-5},

@@ -56,6 +56,15 @@ TEST_F(Golden, ActivationCheckpointingGivesIdenticalGradients) {
 // Gradient sums done in place (the q/k/v and gate/up projections' dx GEMMs adding into one
 // another's pending sum, the norms' dx into the residual stream's) give the very gradients of
 // separate adds, in f32 and in bf16 mixed precision, and do happen.
+// The bf16 roundings of completed gradients on the CPU (Backend's default: the sum, then a
+// cast) equal the consumers' casts, in f32 (none) and bf16.
+TEST_F(Golden, Bf16GradientCopiesEqualTheCasts) {
+  for (auto prec : {ops::Precision::f32, ops::Precision::bf16}) {
+    SCOPED_TRACE(prec == ops::Precision::f32 ? "f32" : "bf16");
+    expect_bf16_copies_equal_casts(Device::cpu(), prec);
+  }
+}
+
 TEST_F(Golden, InPlaceGradientSumsEqualSeparateAdds) {
   for (auto prec : {ops::Precision::f32, ops::Precision::bf16}) {
     SCOPED_TRACE(prec == ops::Precision::f32 ? "f32" : "bf16");

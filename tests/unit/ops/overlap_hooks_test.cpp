@@ -158,4 +158,79 @@ TEST(AutogradPrepare, SeesTheCompleteGradientBeforeTheNodeRunsInRunOrder) {
   for (size_t i = 0; i < r.size(); ++i) EXPECT_FLOAT_EQ(g[i], 3.f * r[i] + 5.f * r[i]);
 }
 
+// Node::offer_bf16: the engine offers the bf16 rounding of a gradient only to the node whose
+// contribution completes it (the last edge into its consumer), hands what that node wrote to
+// the consumer as grad_bf16, and ignores one written by a node it did not offer it to.
+struct WantsBf16 final : Node {
+  std::vector<float> got_bf16;  // grad_bf16 as the consumer saw it (empty: none)
+  std::vector<float> got;
+  const char* name() const override { return "wants_bf16"; }
+  bool wants_bf16_grad() const override { return true; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    got = g.to_vector<float>();
+    if (grad_bf16.defined()) got_bf16 = grad_bf16.to(DType::f32).to_vector<float>();
+    return {g};
+  }
+};
+// Identity that adds its gradient into the pending sum where offered, and writes the bf16
+// rounding of its result where offered (or always: `eager`, a node the engine must not trust).
+struct Contributor final : Node {
+  bool eager = false;
+  std::vector<char>* offered;
+  const char* name() const override { return "contributor"; }
+  bool accumulates() const override { return true; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    Tensor out = g.contiguous().clone();
+    if (accumulate_into[0].defined()) {  // in place: the pending tensor itself is the result
+      Tensor acc = accumulate_into[0];
+      acc.copy_(ops::add(acc, g));
+      out = acc;
+    }
+    offered->push_back(offer_bf16[0]);
+    if (offer_bf16[0] || eager) bf16_grads[0] = out.to(DType::bf16);
+    return {out};
+  }
+};
+
+Tensor node_out(const Tensor& x, std::shared_ptr<Node> n) {
+  Tensor out = x.detach();
+  n->next = {autograd::edge(x)};
+  autograd::set_history(out, std::move(n));
+  return out;
+}
+
+TEST(AutogradBf16Copies, OfferedToTheLastContributorOnly) {
+  for (int mode = 0; mode < 3; ++mode) {  // 0: on; 1: off; 2: on, the first contributor eager
+    SCOPED_TRACE(mode);
+    autograd::set_bf16_grad_copies(mode != 1);
+    Tensor x = randn({5}, 3);
+    x.set_requires_grad(true);
+    auto w = std::make_shared<WantsBf16>();
+    Tensor h = node_out(x, w);
+    std::vector<char> offered;
+    auto c1 = std::make_shared<Contributor>(), c2 = std::make_shared<Contributor>();
+    c1->offered = c2->offered = &offered;
+    c1->eager = c2->eager = mode == 2;  // (the first to run is eager; the last is offered)
+    Tensor y = ops::add(ops::scale(node_out(h, c1), 3.f), ops::scale(node_out(h, c2), 5.f));
+    const int64_t n0 = autograd::bf16_grad_copies();
+    ops::dot(y, randn({5}, 4)).backward();
+    autograd::set_bf16_grad_copies(true);
+    ASSERT_EQ(offered.size(), 2u);
+    EXPECT_EQ(offered[0], 0) << "the first contributor is not offered";
+    EXPECT_EQ(offered[1], mode != 1 ? 1 : 0) << "the last one is, when on";
+    EXPECT_EQ(autograd::bf16_grad_copies() - n0, mode != 1 ? 1 : 0);
+    // The consumer's bf16 gradient is the rounding of its whole gradient (3 r + 5 r).
+    std::vector<float> r = randn({5}, 4).to_vector<float>();
+    ASSERT_EQ(w->got.size(), r.size());
+    for (size_t i = 0; i < r.size(); ++i) EXPECT_FLOAT_EQ(w->got[i], 3.f * r[i] + 5.f * r[i]);
+    if (mode == 1) {
+      EXPECT_TRUE(w->got_bf16.empty());
+    } else {
+      const std::vector<float> want =
+          Tensor::from_vector(w->got, {5}).to(DType::bf16).to(DType::f32).to_vector<float>();
+      EXPECT_EQ(w->got_bf16, want);
+    }
+  }
+}
+
 }  // namespace
