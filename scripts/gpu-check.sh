@@ -207,8 +207,8 @@ if [[ -n $BIN ]]; then
   # micro-batch default's (the first row, ACC8_GRAPH_MS). Two sequences a micro-batch, four
   # micro-batches: the same tokens a step with half the weight-gradient accumulations (each
   # reads the f32 gradients) and larger GEMMs. The candidates: bf16 cross-entropy logits,
-  # RMSNorm backward prefetch, GEMM autotune, RoPE 4 positions a block.
-  CAND="LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 LLAMA3_ROPE_POSITIONS=4"
+  # RMSNorm backward prefetch, GEMM autotune, RoPE 4 positions a block, bf16 GQA partials.
+  CAND="LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 LLAMA3_ROPE_POSITIONS=4 LLAMA3_ATTN_GQA_PART_BF16=1"
   graph_step() {
     local tag=$1 label=$2 envs=$3 r ms ratio
     shift 3
@@ -250,7 +250,8 @@ if [[ -n $BIN ]]; then
            "ce16::LLAMA3_CE_BF16_LOGITS=1:candidate: bf16 logits in the cross-entropy" \
            "rmsp::LLAMA3_RMSNORM_BWD_PREFETCH=1:candidate: RMSNorm backward prefetching rows" \
            "tune::LLAMA3_GEMM_AUTOTUNE=1:candidate: GEMM algorithms timed at first use" \
-           "rope4::LLAMA3_ROPE_POSITIONS=4:candidate: RoPE 4 positions a block"; do
+           "rope4::LLAMA3_ROPE_POSITIONS=4:candidate: RoPE 4 positions a block" \
+           "gqa16::LLAMA3_ATTN_GQA_PART_BF16=1:candidate: bf16 dK/dV partials of the GQA backward"; do
     IFS=: read -r tag flags envs what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" $envs "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags
@@ -342,7 +343,7 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 if [[ -n $BIN && -n $SAN ]]; then
   # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
   # (the tensor-core attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
-  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd1:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_stsm:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*:*CudaMatchesCpu/adamw*:*CudaMatchesCpu/reductions*'
+  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd1:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_stsm:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_tc_bf16*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*:*CudaMatchesCpu/adamw*:*CudaMatchesCpu/reductions*'
   for tool in memcheck racecheck; do
     step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
       "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"

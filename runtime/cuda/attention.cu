@@ -467,7 +467,7 @@ cudaError_t attention_backward(const void* dout, const void* q, const void* k, c
                                const void* out, const void* lse, const int32_t* dstart,
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
                                float* dq_acc, KT t, const AttnShape& shape, cudaStream_t s,
-                               const AttnBf16Inputs& in16, float* dkv_part) {
+                               const AttnBf16Inputs& in16, void* dkv_part) {
   AttnShape a = shape;
   if (a.Tk == 0) a.Tk = a.T;
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;

@@ -566,7 +566,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
                                                             : 1)
     attn_bwd_mma_kernel(const bf16* dout, const bf16* q, const bf16* k, const bf16* v,
                         const float* lse, const float* dsum, const int32_t* dstart,
-                        const int32_t* dend, TO* dk, TO* dv, float* dk_part, float* dv_part,
+                        const int32_t* dend, TO* dk, TO* dv, void* dk_part, void* dv_part,
                         float* dq_acc, AttnShape a) {
   using L = BwdLayout<DMAX, MT, NQ>;
   constexpr int DP = L::DP, SQ = L::SQ, BM = L::BM, NK = DMAX / 16, ND = DMAX / 8;
@@ -593,7 +593,8 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 
   // Grid (heads, key tiles, batch): blockIdx.x runs fastest, so every head's key tile 0 (the
   // heaviest under a causal mask) is dispatched before any tile 1, and so on. Split (dk_part
-  // set): one block per query head, writing f32 dK/dV partials (B, T, H, D) that
+  // set): one block per query head, writing dK/dV partials (B, T, H, D; f32, or bf16 with
+  // a.gqa_part_bf16 and bf16 outputs) that
   // attn_gqa_reduce_kernel sums over the group; else one block per kv head looping over
   // its group's query heads.
   const bool split = dk_part != nullptr;
@@ -875,7 +876,7 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
     for (int half = 0; half < 2; ++half) {
       const int64_t j = j0 + r0 + 16 * mt + g + 8 * half;
       if (j >= a.Tk) continue;
-      // Key row j of dK/dV: the f32 partials of query head hq0, or the outputs of head kvh.
+      // Key row j of dK/dV: the partials of query head hq0, or the outputs of head kvh.
       auto store_rows = [&](auto* krow, auto* vrow) {
 #pragma unroll
         for (int n = 0; n < ND; ++n) {
@@ -883,10 +884,13 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
           store_pair(vrow, n * 8 + 2 * t4, a.D, dva[mt][n][2 * half], dva[mt][n][2 * half + 1]);
         }
       };
-      if (split)
-        store_rows(dk_part + ((b * a.Tk + j) * a.H + hq0) * a.D,
-                   dv_part + ((b * a.Tk + j) * a.H + hq0) * a.D);
-      else
+      if (split) {
+        const int64_t at = ((b * a.Tk + j) * a.H + hq0) * a.D;
+        if (std::is_same_v<TO, bf16> && a.gqa_part_bf16)
+          store_rows(static_cast<bf16*>(dk_part) + at, static_cast<bf16*>(dv_part) + at);
+        else
+          store_rows(static_cast<float*>(dk_part) + at, static_cast<float*>(dv_part) + at);
+      } else
         store_rows(dk + ((b * a.Tk + j) * a.Hkv + kvh) * a.D,
                    dv + ((b * a.Tk + j) * a.Hkv + kvh) * a.D);
     }
@@ -896,9 +900,9 @@ __global__ void __launch_bounds__(kMmaThreads, MT == 2      ? 2
 // dk[b, j, kvh, :] = sum over the group's query heads h of part[b, j, h, :] (and dv), in f32.
 // Output row r = (b * Tk + j) * Hkv + kvh reads partial rows r * group + g (H = Hkv * group).
 // I: the index type, 32-bit when every index fits (one division per element by a runtime D:
-// inline in 32 bits, a call of a ~70-instruction routine in 64).
-template <typename TO, typename I>
-__global__ void attn_gqa_reduce_kernel(const float* dk_part, const float* dv_part, TO* dk, TO* dv,
+// inline in 32 bits, a call of a ~70-instruction routine in 64). PT: the partials' type.
+template <typename TO, typename I, typename PT>
+__global__ void attn_gqa_reduce_kernel(const PT* dk_part, const PT* dv_part, TO* dk, TO* dv,
                                        AttnShape a) {
   const I group = I(a.H / a.Hkv), D = I(a.D);
   const I n = I(a.B * a.Tk * a.Hkv * a.D);
@@ -907,31 +911,31 @@ __global__ void attn_gqa_reduce_kernel(const float* dk_part, const float* dv_par
     const I row = idx / D, d = idx - row * D;
     const I base = row * group * D + d;
     float sk = 0.f, sv = 0.f;
-    for (I g = 0; g < group; ++g) sk += dk_part[base + g * D], sv += dv_part[base + g * D];
+    for (I g = 0; g < group; ++g)
+      sk += to_f32(dk_part[base + g * D]), sv += to_f32(dv_part[base + g * D]);
     dk[idx] = from_f32<TO>(sk), dv[idx] = from_f32<TO>(sv);
   }
 }
 
-// The same four columns a thread (D % 4 == 0, 16-byte aligned partials, outputs aligned to
-// four elements): 16-byte loads of the partials and 8- or 16-byte stores, one index
-// computation per four columns.
-template <typename TO, typename I>
-__global__ void attn_gqa_reduce4_kernel(const float* dk_part, const float* dv_part, TO* dk, TO* dv,
+// The same four columns a thread (D % 4 == 0, partials aligned to four elements, outputs
+// too): 16-byte (f32) or 8-byte (bf16) loads of the partials and 8- or 16-byte stores, one
+// index computation per four columns.
+template <typename TO, typename I, typename PT>
+__global__ void attn_gqa_reduce4_kernel(const PT* dk_part, const PT* dv_part, TO* dk, TO* dv,
                                         AttnShape a) {
   const I group = I(a.H / a.Hkv), D = I(a.D);
   const I n4 = I(a.B * a.Tk * a.Hkv * a.D) / 4;
   for (I q = I(blockIdx.x) * blockDim.x + threadIdx.x; q < n4; q += I(gridDim.x) * blockDim.x) {
     const I idx = 4 * q, row = idx / D, d = idx - row * D;
     const I base = row * group * D + d;
-    float4 sk = make_float4(0.f, 0.f, 0.f, 0.f), sv = sk;
+    float sk[4] = {0.f, 0.f, 0.f, 0.f}, sv[4] = {0.f, 0.f, 0.f, 0.f};
     for (I g = 0; g < group; ++g) {
-      const float4 k4 = *reinterpret_cast<const float4*>(dk_part + base + g * D);
-      const float4 v4 = *reinterpret_cast<const float4*>(dv_part + base + g * D);
-      sk.x += k4.x, sk.y += k4.y, sk.z += k4.z, sk.w += k4.w;
-      sv.x += v4.x, sv.y += v4.y, sv.z += v4.z, sv.w += v4.w;
+      float k4[4], v4[4];
+      load4(dk_part + base + g * D, k4), load4(dv_part + base + g * D, v4);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sk[c] += k4[c], sv[c] += v4[c];
     }
-    const float k4[4] = {sk.x, sk.y, sk.z, sk.w}, v4[4] = {sv.x, sv.y, sv.z, sv.w};
-    store4(dk + idx, k4), store4(dv + idx, v4);
+    store4(dk + idx, sk), store4(dv + idx, sv);
   }
 }
 
@@ -997,14 +1001,18 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
 cudaError_t attention_backward_mma(const void* dout, const void* q, const void* k, const void* v,
                                    const void* lse, const float* dsum, const int32_t* dstart,
                                    const int32_t* dend, void* dk, void* dv, float* dq_acc,
-                                   float* dkv_part, KT t, const AttnShape& shape, cudaStream_t s) {
+                                   void* dkv_part, KT t, const AttnShape& shape, cudaStream_t s) {
   AttnShape a = shape;
   if (a.Tk == 0) a.Tk = a.T;
   if (a.B == 0 || a.T == 0 || a.H == 0) return cudaSuccess;
   // Partials only pay when a group has several query heads.
-  float* dk_part = a.H > a.Hkv ? dkv_part : nullptr;
-  float* dv_part = dk_part ? dk_part + a.B * a.Tk * a.H * a.D : nullptr;
+  void* dk_part = a.H > a.Hkv ? dkv_part : nullptr;
   return dispatch_ft(t, [&]<typename TO>() {
+    if (!std::is_same_v<TO, bf16>) a.gqa_part_bf16 = false;  // (f32 outputs: f32 partials)
+    const size_t part_size = a.gqa_part_bf16 ? sizeof(bf16) : sizeof(float);
+    void* dv_part = dk_part
+                        ? static_cast<char*>(dk_part) + size_t(a.B * a.Tk * a.H * a.D) * part_size
+                        : nullptr;
     return dispatch_dmax(a.D, [&]<int DMAX>() {
       const bool async = async_ok(a.D, DMAX, {dout, q, k, v});
       auto launch = [&]<bool ASYNC, int MT, int NQ, bool STSM>() {
@@ -1045,21 +1053,31 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
       const auto al = [](const void* p, size_t b) {
         return reinterpret_cast<uintptr_t>(p) % b == 0;
       };
-      if (a.D % 4 == 0 && al(dk_part, 16) && al(dv_part, 16) && al(dk, 4 * sizeof(TO)) &&
-          al(dv, 4 * sizeof(TO))) {
-        if (i32)
-          launch_kernel(attn_gqa_reduce4_kernel<TO, uint32_t>, grid_for(n / 4, 256), 256, 0, s,
-                        dk_part, dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
-        else
-          launch_kernel(attn_gqa_reduce4_kernel<TO, int64_t>, grid_for(n / 4, 256), 256, 0, s,
-                        dk_part, dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
-      } else if (i32) {
-        launch_kernel(attn_gqa_reduce_kernel<TO, uint32_t>, grid_for(n, 256), 256, 0, s, dk_part,
-                      dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
-      } else {
-        launch_kernel(attn_gqa_reduce_kernel<TO, int64_t>, grid_for(n, 256), 256, 0, s, dk_part,
-                      dv_part, static_cast<TO*>(dk), static_cast<TO*>(dv), a);
-      }
+      auto reduce = [&]<typename PT>() {
+        const auto* kp = static_cast<const PT*>(dk_part);
+        const auto* vp = static_cast<const PT*>(dv_part);
+        auto* ko = static_cast<TO*>(dk);
+        auto* vo = static_cast<TO*>(dv);
+        if (a.D % 4 == 0 && al(kp, 4 * sizeof(PT)) && al(vp, 4 * sizeof(PT)) &&
+            al(dk, 4 * sizeof(TO)) && al(dv, 4 * sizeof(TO))) {
+          if (i32)
+            launch_kernel(attn_gqa_reduce4_kernel<TO, uint32_t, PT>, grid_for(n / 4, 256), 256, 0,
+                          s, kp, vp, ko, vo, a);
+          else
+            launch_kernel(attn_gqa_reduce4_kernel<TO, int64_t, PT>, grid_for(n / 4, 256), 256, 0, s,
+                          kp, vp, ko, vo, a);
+        } else if (i32) {
+          launch_kernel(attn_gqa_reduce_kernel<TO, uint32_t, PT>, grid_for(n, 256), 256, 0, s, kp,
+                        vp, ko, vo, a);
+        } else {
+          launch_kernel(attn_gqa_reduce_kernel<TO, int64_t, PT>, grid_for(n, 256), 256, 0, s, kp,
+                        vp, ko, vo, a);
+        }
+      };
+      if (a.gqa_part_bf16)
+        reduce.template operator()<bf16>();
+      else
+        reduce.template operator()<float>();
       return cudaGetLastError();
     });
   });

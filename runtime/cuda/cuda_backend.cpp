@@ -58,6 +58,10 @@ bool bwd_one_mtile() {
 bool bwd_stmatrix() {
   return env_is("LLAMA3_ATTN_BWD_STSM", '1');
 }
+// LLAMA3_ATTN_GQA_PART_BF16=1: see AttnShape::gqa_part_bf16 (a candidate, not yet timed).
+bool gqa_part_bf16() {
+  return env_is("LLAMA3_ATTN_GQA_PART_BF16", '1');
+}
 // LLAMA3_CE_BF16_LOGITS=1: with bf16 inputs, the fused cross-entropy's logits are bf16 (the
 // GEMM rounds them, as PyTorch's autocast does before its f32 softmax) and their gradient
 // overwrites them: about 3.1 of the 7.4 GB it moves per 4096-token step at vocabulary
@@ -759,15 +763,17 @@ class CudaBackend final : public Backend {
     a.no_stats_prefetch = !stats_prefetch_enabled();
     a.bwd_one_mtile = bwd_one_mtile();
     a.bwd_stmatrix = bwd_stmatrix();
+    a.gqa_part_bf16 = dk.dtype() == DType::bf16 && gqa_part_bf16();
     if (a.tc && a.H > a.Hkv && gqa_split_enabled())
-      part = Tensor::empty({2, a.B, a.Tk, a.H, a.D}, DType::f32, device());
+      part = Tensor::empty({2, a.B, a.Tk, a.H, a.D}, a.gqa_part_bf16 ? DType::bf16 : DType::f32,
+                           device());
     const Tensor lse32 = a.tc && lse.dtype() != DType::f32 ? lse.to(DType::f32) : lse;
     LLAMA3_CUDA_CHECK(cuda::attention_backward(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse32.data_ptr(),
         ds.defined() ? ds.data<int32_t>() : nullptr, de.defined() ? de.data<int32_t>() : nullptr,
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dsum.data<float>(), acc.data<float>(),
         ft_of(q.dtype(), "attention_backward"), a, stream_, in16,
-        part.defined() ? part.data<float>() : nullptr));
+        part.defined() ? part.data_ptr() : nullptr));
   }
 
   void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) override {

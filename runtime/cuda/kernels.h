@@ -217,6 +217,12 @@ struct AttnShape {
   // (LLAMA3_ATTN_BWD_STSM=1; ptxas spills 28-32 bytes that way, against 16-20; 3% slower
   // on the H200).
   bool bwd_stmatrix = false;
+  // With GQA partials (dkv_part) and bf16 dk/dv: the per-query-head dK/dV partials stored as
+  // bf16 (each rounded once, then the group summed in f32 and rounded again, as PyTorch's GQA
+  // backward rounds each head's dK/dV to the output dtype before summing them) instead of
+  // f32: half the partials' bytes, about 67 MB a layer of the 1B step
+  // (LLAMA3_ATTN_GQA_PART_BF16=1, a candidate not yet timed; ignored for f32 outputs).
+  bool gqa_part_bf16 = false;
   // Keys (k, v, dk, dv and the document runs) have Tk rows, queries (q, out, lse, dq) T; 0
   // means T. q_pos (T int32, device; optional): each query's position among the keys
   // (AttentionParams::q_pos: KV-cache decoding, context-parallel chunks); causal then means
@@ -244,15 +250,15 @@ cudaError_t attention_forward(const void* q, const void* k, const void* v, const
                               const int32_t* dend, void* out, void* lse, KT t, const AttnShape& a,
                               cudaStream_t s, const AttnBf16Inputs& in16 = {});
 // dsum: f32 workspace (B*H*T); dq_acc: f32 (B,T,H,D) accumulator, zeroed by the launcher.
-// dkv_part (tensor-core path with GQA only, else ignored; may be null): f32 workspace of
-// 2*B*T*H*D for per-query-head dK/dV partials, so that the backward runs one block per query
-// head (4x the blocks of one per kv head at group 4: better balanced under a causal mask)
-// and sums the group afterwards.
+// dkv_part (tensor-core path with GQA only, else ignored; may be null): workspace of
+// 2*B*T*H*D f32 (bf16 with a.gqa_part_bf16 and bf16 dk/dv) for per-query-head dK/dV partials, so
+// that the backward runs one block per query head (4x the blocks of one per kv head at group 4:
+// better balanced under a causal mask) and sums the group afterwards.
 cudaError_t attention_backward(const void* dout, const void* q, const void* k, const void* v,
                                const void* out, const void* lse, const int32_t* dstart,
                                const int32_t* dend, void* dq, void* dk, void* dv, float* dsum,
                                float* dq_acc, KT t, const AttnShape& a, cudaStream_t s,
-                               const AttnBf16Inputs& in16 = {}, float* dkv_part = nullptr);
+                               const AttnBf16Inputs& in16 = {}, void* dkv_part = nullptr);
 // The tensor-core kernels (attention_mma.cu: bf16 q/k/v/dout, f32 lse always);
 // attention_forward / attention_backward route to them when a.tc, where lse must be f32
 // too. The backward launcher expects dsum computed and dq_acc zeroed (it only adds).
@@ -262,6 +268,6 @@ cudaError_t attention_forward_mma(const void* q, const void* k, const void* v,
 cudaError_t attention_backward_mma(const void* dout, const void* q, const void* k, const void* v,
                                    const void* lse, const float* dsum, const int32_t* dstart,
                                    const int32_t* dend, void* dk, void* dv, float* dq_acc,
-                                   float* dkv_part, KT t, const AttnShape& a, cudaStream_t s);
+                                   void* dkv_part, KT t, const AttnShape& a, cudaStream_t s);
 
 LLAMA3_CUDA_NS_END  // llama3::cuda

@@ -455,6 +455,34 @@ std::vector<Case> make_cases() {
          }});
   }
 
+  // bf16 inputs and outputs with GQA (the bf16 step's attention), and the same with bf16 dK/dV
+  // partials (LLAMA3_ATTN_GQA_PART_BF16=1, a candidate; bf16 outputs only).
+  for (bool part16 : {false, true}) {
+    cs.push_back({std::string("attn_tc_bf16_causal_doc_gqa_d64_t200") + (part16 ? "_part16" : ""),
+                  DType::bf16, false, 2e-2, [part16](const Ctx& c) {
+                    Backend& be = backend_for(c.dev);
+                    const int64_t B = 2, T = 200, H = 4, Hkv = 2, D = 64;
+                    const ScopedEnv env("LLAMA3_ATTN_GQA_PART_BF16", part16 ? "1" : nullptr);
+                    Tensor q = input(c, {B, T, H, D}, 94), k = input(c, {B, T, Hkv, D}, 95);
+                    Tensor v = input(c, {B, T, Hkv, D}, 96);
+                    AttentionParams p;
+                    p.causal = true;
+                    p.compute = AttnCompute::bf16;
+                    std::vector<int32_t> d(size_t(B * T));
+                    for (int64_t b = 0; b < B; ++b)
+                      for (int64_t t = 0; t < T; ++t)
+                        d[b * T + t] = int32_t((t + 37 * b) < 63 ? 0 : (t + 37 * b) < 150 ? 1 : 2);
+                    p.doc_ids = ints(c, d, {B, T});
+                    Tensor out = empty(c, {B, T, H, D}), lse = empty(c, {B, H, T});
+                    be.attention_forward(q, k, v, p, out, lse);
+                    Tensor g = input(c, {B, T, H, D}, 97);
+                    Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()),
+                           dv = empty(c, v.shape());
+                    be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+                    return std::vector<Tensor>{out, lse, dq, dk, dv};
+                  }});
+  }
+
   // ---- queries at explicit key positions (AttentionParams::q_pos): a decoding chunk of 5
   // queries at the end of 150 keys, and a context-parallel load-balanced chunk (half the
   // queries at the start, half at the end of 200 keys), with documents and GQA; exact f32 and

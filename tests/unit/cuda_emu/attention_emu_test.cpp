@@ -43,6 +43,7 @@ struct AttnCase {
   bool bwd1 = false;  // backward with one key m-tile per warp (AttnShape::bwd_one_mtile)
   bool stsm = false;  // without bwd1: dS by stmatrix (AttnShape::bwd_stmatrix)
   float scale = 0.f;  // softmax scale; 0: 1 / sqrt(D)
+  bool part16 = false;  // bf16 GQA partials (AttnShape::gqa_part_bf16; bf16 outputs only)
 };
 
 std::ostream& operator<<(std::ostream& os, const AttnCase& c) {
@@ -95,7 +96,7 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
     const float scale = c.scale != 0.f ? c.scale : float(1.0 / std::sqrt(double(c.D)));
     cu::AttnShape a{c.B, c.T, c.H, c.Hkv, c.D, scale, c.causal};
     a.tc = c.tc, a.fwd_one_mtile = c.fwd_one_mtile, a.no_stats_prefetch = c.no_prefetch;
-    a.bwd_one_mtile = c.bwd1, a.bwd_stmatrix = c.stsm;
+    a.bwd_one_mtile = c.bwd1, a.bwd_stmatrix = c.stsm, a.gqa_part_bf16 = c.part16;
     a.Tk = Tk;
     if (c.qpos) a.q_pos = p.q_pos.data<int32_t>();
     const DType io = c.bf16_io ? DType::bf16 : DType::f32;
@@ -125,12 +126,15 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
     Tensor dsum = Tensor::empty({c.B, c.H, c.T}, DType::f32);
     Tensor acc = Tensor::empty(q.shape(), DType::f32);
     Tensor part;
-    if (c.tc && c.split && c.H > c.Hkv) part = Tensor::empty({2, c.B, Tk, c.H, c.D}, DType::f32);
+    // (bf16 partials with bf16 outputs only: for f32 outputs the launcher keeps f32 ones)
+    if (c.tc && c.split && c.H > c.Hkv)
+      part =
+          Tensor::empty({2, c.B, Tk, c.H, c.D}, c.part16 && c.bf16_io ? DType::bf16 : DType::f32);
     ASSERT_EQ(cu::attention_backward(ge.data_ptr(), qe.data_ptr(), ke.data_ptr(), ve.data_ptr(),
                                      oe.data_ptr(), le.data_ptr(), dsp, dep, dqe.data_ptr(),
                                      dke.data_ptr(), dve.data_ptr(), dsum.data<float>(),
                                      acc.data<float>(), kt, a, nullptr, in16,
-                                     part.defined() ? part.data<float>() : nullptr),
+                                     part.defined() ? part.data_ptr() : nullptr),
               cudaSuccess);
 
     const double tol = c.tc || c.bf16_io ? 2e-2 : 1e-5;
@@ -147,62 +151,73 @@ TEST_P(AttentionEmu, MatchesCpuBackend) {
 // m-tile counts, the cp.async (D == 64 / 128) and element-wise (D = 48) tile loads.
 INSTANTIATE_TEST_SUITE_P(
     Kernels, AttentionEmu,
-    ::testing::Values(AttnCase{"tc_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true},
-                      AttnCase{"tc_causal_doc_gqa_d64_t200_kvblocks", 1, 200, 4, 2, 64, true, true,
-                               true, false, false},
-                      AttnCase{"tc_causal_gqa_d64_t150_fwd1_noprefetch", 2, 150, 2, 1, 64, true,
-                               false, true, false, true, true, true},
-                      AttnCase{"tc_causal_doc_d128_t130", 1, 130, 2, 2, 128, true, true},
-                      // Nine key tiles: whole tiles skipped under the causal mask, documents
-                      // spanning several tiles, the heaviest-first grid order.
-                      AttnCase{"tc_causal_doc_gqa_d64_t520", 1, 520, 2, 1, 64, true, true},
-                      AttnCase{"tc_full_d128_t70", 1, 70, 2, 1, 128, false, false},
-                      AttnCase{"tc_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true},
-                      // D % 4 != 0: the one-column-a-thread GQA sum, the per-column dQ atomics.
-                      AttnCase{"tc_causal_gqa_d30_t70", 1, 70, 4, 2, 30, true, false},
-                      AttnCase{"tc_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false,
-                               true, true},
-                      AttnCase{"simt_causal_doc_gqa_d64_t100", 1, 100, 4, 2, 64, true, true, false},
-                      AttnCase{"simt_full_d32_t70", 1, 70, 2, 2, 32, false, false, false},
-                      // Queries at explicit key positions (q_pos), both kernel families.
-                      AttnCase{"tc_qpos_decode_causal_doc_gqa_d64", 2, 5, 4, 2, 64, true, true,
-                               true, false, true, false, false, 1, 170},
-                      AttnCase{"tc_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true, true,
-                               true, false, true, false, false, 2, 260},
-                      AttnCase{"tc_qpos_cp_balanced_causal_d128", 1, 64, 2, 1, 128, true, false,
-                               true, false, true, false, false, 3, 200},
-                      AttnCase{"tc_qpos_reversed_noncausal_doc_d48", 1, 40, 2, 1, 48, false, true,
-                               true, false, true, false, false, 4, 90},
-                      AttnCase{"simt_qpos_decode_causal_doc_gqa_d64", 1, 3, 4, 2, 64, true, true,
-                               false, false, true, false, false, 1, 150},
-                      AttnCase{"simt_qpos_cp_balanced_causal_d32", 1, 50, 2, 2, 32, true, false,
-                               false, false, true, false, false, 3, 140},
-                      // The backward with 64-key blocks and 64-query inner tiles (the default
-                      // before the H200 run; the layout at head dim 128): documents, GQA
-                      // partials and per-kv-head blocks, whole-tile (mask-free) pairs at
-                      // T = 520, both statistics loads, the element-wise tile loads (D = 48),
-                      // bf16 outputs, queries at explicit positions; then the default with dS
-                      // by stmatrix.
-                      AttnCase{"tc_bwd1_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
-                               true, false, true, false, false, 0, 0, true},
-                      AttnCase{"tc_bwd1_causal_gqa_d64_t520_kvblocks_noprefetch", 1, 520, 2, 1, 64,
-                               true, false, true, false, false, false, true, 0, 0, true},
-                      AttnCase{"tc_bwd1_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true, true,
-                               false, true, false, false, 0, 0, true},
-                      AttnCase{"tc_bwd1_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false,
-                               true, true, true, false, false, 0, 0, true},
-                      AttnCase{"tc_bwd1_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true,
-                               true, true, false, true, false, false, 2, 260, true},
-                      AttnCase{"tc_stsm_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
-                               true, false, true, false, false, 0, 0, false, true},
-                      // Other scales: the forward takes its row maxima on the raw products and
-                      // flips Q's signs for a negative scale (both m-tile counts).
-                      AttnCase{"tc_scale_neg_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true,
-                               true, false, true, false, false, 0, 0, false, false, -0.3f},
-                      AttnCase{"tc_scale_neg_causal_d64_t130_fwd1", 1, 130, 2, 1, 64, true, false,
-                               true, false, true, true, false, 0, 0, false, false, -0.2f},
-                      AttnCase{"tc_scale_big_full_d128_t70", 1, 70, 2, 1, 128, false, false, true,
-                               false, true, false, false, 0, 0, false, false, 0.5f}),
+    ::testing::Values(
+        AttnCase{"tc_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true},
+        AttnCase{"tc_causal_doc_gqa_d64_t200_kvblocks", 1, 200, 4, 2, 64, true, true, true, false,
+                 false},
+        AttnCase{"tc_causal_gqa_d64_t150_fwd1_noprefetch", 2, 150, 2, 1, 64, true, false, true,
+                 false, true, true, true},
+        AttnCase{"tc_causal_doc_d128_t130", 1, 130, 2, 2, 128, true, true},
+        // Nine key tiles: whole tiles skipped under the causal mask, documents
+        // spanning several tiles, the heaviest-first grid order.
+        AttnCase{"tc_causal_doc_gqa_d64_t520", 1, 520, 2, 1, 64, true, true},
+        AttnCase{"tc_full_d128_t70", 1, 70, 2, 1, 128, false, false},
+        AttnCase{"tc_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true},
+        // D % 4 != 0: the one-column-a-thread GQA sum, the per-column dQ atomics.
+        AttnCase{"tc_causal_gqa_d30_t70", 1, 70, 4, 2, 30, true, false},
+        AttnCase{"tc_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false, true, true},
+        AttnCase{"simt_causal_doc_gqa_d64_t100", 1, 100, 4, 2, 64, true, true, false},
+        AttnCase{"simt_full_d32_t70", 1, 70, 2, 2, 32, false, false, false},
+        // Queries at explicit key positions (q_pos), both kernel families.
+        AttnCase{"tc_qpos_decode_causal_doc_gqa_d64", 2, 5, 4, 2, 64, true, true, true, false, true,
+                 false, false, 1, 170},
+        AttnCase{"tc_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true, true, true, false,
+                 true, false, false, 2, 260},
+        AttnCase{"tc_qpos_cp_balanced_causal_d128", 1, 64, 2, 1, 128, true, false, true, false,
+                 true, false, false, 3, 200},
+        AttnCase{"tc_qpos_reversed_noncausal_doc_d48", 1, 40, 2, 1, 48, false, true, true, false,
+                 true, false, false, 4, 90},
+        AttnCase{"simt_qpos_decode_causal_doc_gqa_d64", 1, 3, 4, 2, 64, true, true, false, false,
+                 true, false, false, 1, 150},
+        AttnCase{"simt_qpos_cp_balanced_causal_d32", 1, 50, 2, 2, 32, true, false, false, false,
+                 true, false, false, 3, 140},
+        // The backward with 64-key blocks and 64-query inner tiles (the default
+        // before the H200 run; the layout at head dim 128): documents, GQA
+        // partials and per-kv-head blocks, whole-tile (mask-free) pairs at
+        // T = 520, both statistics loads, the element-wise tile loads (D = 48),
+        // bf16 outputs, queries at explicit positions; then the default with dS
+        // by stmatrix.
+        AttnCase{"tc_bwd1_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true, true, false, true,
+                 false, false, 0, 0, true},
+        AttnCase{"tc_bwd1_causal_gqa_d64_t520_kvblocks_noprefetch", 1, 520, 2, 1, 64, true, false,
+                 true, false, false, false, true, 0, 0, true},
+        AttnCase{"tc_bwd1_doc_noncausal_d48_t70", 2, 70, 2, 1, 48, false, true, true, false, true,
+                 false, false, 0, 0, true},
+        AttnCase{"tc_bwd1_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false, true, true,
+                 true, false, false, 0, 0, true},
+        AttnCase{"tc_bwd1_qpos_cp_chunk_causal_doc_gqa_d64", 1, 70, 4, 2, 64, true, true, true,
+                 false, true, false, false, 2, 260, true},
+        AttnCase{"tc_stsm_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true, true, false, true,
+                 false, false, 0, 0, false, true},
+        // bf16 GQA partials (LLAMA3_ATTN_GQA_PART_BF16=1, a candidate): bf16
+        // outputs with documents (the 128-key tiles and the 64-key ones), D = 30
+        // (the one-column-a-thread sum), and f32 outputs, which keep f32 ones.
+        AttnCase{"tc_part16_bf16_io_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true, true,
+                 true, true, false, false, 0, 0, false, false, 0.f, true},
+        AttnCase{"tc_part16_bwd1_bf16_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false, true,
+                 true, true, false, false, 0, 0, true, false, 0.f, true},
+        AttnCase{"tc_part16_bf16_io_causal_gqa_d30_t70", 1, 70, 4, 2, 30, true, false, true, true,
+                 true, false, false, 0, 0, false, false, 0.f, true},
+        AttnCase{"tc_part16_f32_io_causal_gqa_d64_t130", 1, 130, 4, 2, 64, true, false, true, false,
+                 true, false, false, 0, 0, false, false, 0.f, true},
+        // Other scales: the forward takes its row maxima on the raw products and
+        // flips Q's signs for a negative scale (both m-tile counts).
+        AttnCase{"tc_scale_neg_causal_doc_gqa_d64_t200", 1, 200, 4, 2, 64, true, true, true, false,
+                 true, false, false, 0, 0, false, false, -0.3f},
+        AttnCase{"tc_scale_neg_causal_d64_t130_fwd1", 1, 130, 2, 1, 64, true, false, true, false,
+                 true, true, false, 0, 0, false, false, -0.2f},
+        AttnCase{"tc_scale_big_full_d128_t70", 1, 70, 2, 1, 128, false, false, true, false, true,
+                 false, false, 0, 0, false, false, 0.5f}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // The emulator itself: a barrier some threads of a block never reach with the others is
