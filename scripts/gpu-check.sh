@@ -6,12 +6,12 @@
 # communicator (unit_model ParallelDevice*), then the Llama 1B-class training step
 # (bench_cuda_step, seq 4096 with a 2048 fallback) with a per-op GPU profile against PyTorch
 # eager, and first the figures issue 7 is judged on: 32768-token steps replayed as CUDA graphs
-# (8 micro-batches of one sequence, 4 of two; each without and with the candidates). Then
-# the optimizer alone, the step with single choices reverted or candidates switched on (A/B
-# rows, each over its reference; two micro-batches with a per-op profile), both sides at two
-# and four sequences a step, the attention fwd+bwd against torch SDPA, the NCCL
-# communicator's collectives and all_reduce bandwidth, compute-sanitizer, both sides at eight
-# eager micro-batches and torch.compile as time allows, and prints a summary table last.
+# (8 micro-batches of one sequence, 4 of two, each without and with the candidates; 2 of
+# four). Then the optimizer alone, the step with single choices reverted or candidates
+# switched on (A/B rows, each over its reference; two micro-batches with a per-op profile),
+# both sides at two and four sequences a step, the attention fwd+bwd against torch SDPA, the
+# NCCL communicator's collectives and all_reduce bandwidth, compute-sanitizer, both sides at
+# eight eager micro-batches and torch.compile as time allows, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
 #   bash scripts/gpu-check.sh        (env: DEADLINE=450 seconds, JOBS=16, SEQ=4096, NCU_ATTN=1
@@ -205,8 +205,8 @@ if [[ -n $BIN ]]; then
   [[ -n $r ]] && note "torch eager step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r")" || note "torch eager step" "FAIL" "see torch_eager in gpu-check.log"
   # graph_step TAG LABEL ENV ARGS: our step as a CUDA graph, its time over the eight
   # micro-batch default's (the first row, ACC8_GRAPH_MS). Two sequences a micro-batch, four
-  # micro-batches: the same tokens a step with half the weight-gradient accumulations (each
-  # reads the f32 gradients) and larger GEMMs. The candidates: bf16 cross-entropy logits,
+  # micro-batches (and four, two): the same tokens a step with half (a quarter of) the
+  # weight-gradient accumulations (each reads the f32 gradients) and larger GEMMs. The candidates: bf16 cross-entropy logits,
   # RMSNorm backward prefetch, GEMM autotune, RoPE 4 positions a block, bf16 GQA partials.
   CAND="LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 LLAMA3_ROPE_POSITIONS=4 LLAMA3_ATTN_GQA_PART_BF16=1"
   graph_step() {
@@ -225,6 +225,7 @@ if [[ -n $BIN ]]; then
   graph_step acc8_graph_cand "  same, with the candidates" "$CAND" --accum 8
   graph_step b2a4_graph "llama3 step 4 x 2 seq, graph" "" --accum 4 --batch 2
   graph_step b2a4_graph_cand "  same, with the candidates" "$CAND" --accum 4 --batch 2
+  graph_step b4a2_graph "llama3 step 2 x 4 seq, graph" "" --accum 2 --batch 4
   # The optimizer alone on the 1B parameters: multi-tensor launches against one per tensor.
   step optimizer 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --optimizer-only
   r=$(result optimizer)
