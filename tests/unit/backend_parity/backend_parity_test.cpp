@@ -54,6 +54,19 @@ Tensor ints(const Ctx& c, const std::vector<int32_t>& v, const Shape& s) {
 Tensor empty(const Ctx& c, const Shape& s) {
   return Tensor::empty(s, c.dt, c.dev);
 }
+
+// Attention forward, then backward with a random output gradient (seed): out, lse, dq, dk, dv.
+std::vector<Tensor> attention_fwd_bwd(const Ctx& c, const Tensor& q, const Tensor& k,
+                                      const Tensor& v, const AttentionParams& p, uint64_t seed) {
+  Backend& be = backend_for(c.dev);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  Tensor out = empty(c, {B, T, H, D}), lse = empty(c, {B, H, T});
+  be.attention_forward(q, k, v, p, out, lse);
+  Tensor g = input(c, {B, T, H, D}, seed);
+  Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
+  be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
+  return {out, lse, dq, dk, dv};
+}
 Tensor scalar(const Ctx& c, double v) {
   return Tensor::full({1}, v, DType::f32, Device::cpu());
 }
@@ -359,7 +372,6 @@ std::vector<Case> make_cases() {
     both(
         a.name, false,
         [a](const Ctx& c) {
-          Backend& be = backend_for(c.dev);
           Tensor q = input(c, {a.B, a.T, a.H, a.D}, 60), k = input(c, {a.B, a.T, a.Hkv, a.D}, 61);
           Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 62);
           AttentionParams p;
@@ -371,12 +383,7 @@ std::vector<Case> make_cases() {
                 d[b * a.T + t] = int32_t((t + 11 * b) < 23 ? 0 : (t + 11 * b) < 63 ? 1 : 2);
             p.doc_ids = ints(c, d, {a.B, a.T});
           }
-          Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
-          be.attention_forward(q, k, v, p, out, lse);
-          Tensor g = input(c, {a.B, a.T, a.H, a.D}, 63);
-          Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
-          be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-          return std::vector<Tensor>{out, lse, dq, dk, dv};
+          return attention_fwd_bwd(c, q, k, v, p, 63);
         },
         0, 2e-2);
   }
@@ -420,7 +427,6 @@ std::vector<Case> make_cases() {
                   TcCfg{"attn_tc_causal_d128_t1024", 1, 1024, 2, 2, 128, true, false}}) {
     cs.push_back(
         {a.name, DType::f32, true, 2e-2, [a](const Ctx& c) {
-           Backend& be = backend_for(c.dev);
            Tensor q = input(c, {a.B, a.T, a.H, a.D}, 90), k = input(c, {a.B, a.T, a.Hkv, a.D}, 91);
            Tensor v = input(c, {a.B, a.T, a.Hkv, a.D}, 92);
            AttentionParams p;
@@ -446,12 +452,7 @@ std::vector<Case> make_cases() {
              rest = sp == std::string::npos ? "" : rest.substr(sp + 1);
              sw.emplace_back(kv.substr(0, kv.find('=')), kv.substr(kv.find('=') + 1).c_str());
            }
-           Tensor out = empty(c, {a.B, a.T, a.H, a.D}), lse = empty(c, {a.B, a.H, a.T});
-           be.attention_forward(q, k, v, p, out, lse);
-           Tensor g = input(c, {a.B, a.T, a.H, a.D}, 93);
-           Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()), dv = empty(c, v.shape());
-           be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-           return std::vector<Tensor>{out, lse, dq, dk, dv};
+           return attention_fwd_bwd(c, q, k, v, p, 93);
          }});
   }
 
@@ -460,7 +461,6 @@ std::vector<Case> make_cases() {
   for (bool part16 : {false, true}) {
     cs.push_back({std::string("attn_tc_bf16_causal_doc_gqa_d64_t200") + (part16 ? "_part16" : ""),
                   DType::bf16, false, 2e-2, [part16](const Ctx& c) {
-                    Backend& be = backend_for(c.dev);
                     const int64_t B = 2, T = 200, H = 4, Hkv = 2, D = 64;
                     const ScopedEnv env("LLAMA3_ATTN_GQA_PART_BF16", part16 ? "1" : nullptr);
                     Tensor q = input(c, {B, T, H, D}, 94), k = input(c, {B, T, Hkv, D}, 95);
@@ -473,13 +473,7 @@ std::vector<Case> make_cases() {
                       for (int64_t t = 0; t < T; ++t)
                         d[b * T + t] = int32_t((t + 37 * b) < 63 ? 0 : (t + 37 * b) < 150 ? 1 : 2);
                     p.doc_ids = ints(c, d, {B, T});
-                    Tensor out = empty(c, {B, T, H, D}), lse = empty(c, {B, H, T});
-                    be.attention_forward(q, k, v, p, out, lse);
-                    Tensor g = input(c, {B, T, H, D}, 97);
-                    Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()),
-                           dv = empty(c, v.shape());
-                    be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-                    return std::vector<Tensor>{out, lse, dq, dk, dv};
+                    return attention_fwd_bwd(c, q, k, v, p, 97);
                   }});
   }
 
@@ -492,7 +486,6 @@ std::vector<Case> make_cases() {
     const std::string name =
         std::string("attn_qpos_") + (decode ? "decode" : "cp_balanced") + (tc ? "_tc" : "_exact");
     cs.push_back({name, DType::f32, true, tc ? 2e-2 : 0, [tc, decode](const Ctx& c) {
-                    Backend& be = backend_for(c.dev);
                     const int64_t B = 2, T = decode ? 5 : 64, Tk = decode ? 150 : 200, H = 4,
                                   Hkv = 2, D = 64;
                     Tensor q = input(c, {B, T, H, D}, 130), k = input(c, {B, Tk, Hkv, D}, 131);
@@ -508,13 +501,7 @@ std::vector<Case> make_cases() {
                     p.q_pos = ints(c, qp, {T});
                     p.doc_ids = ints(c, d, {B, Tk});
                     if (tc) p.compute = AttnCompute::bf16;
-                    Tensor out = empty(c, {B, T, H, D}), lse = empty(c, {B, H, T});
-                    be.attention_forward(q, k, v, p, out, lse);
-                    Tensor g = input(c, {B, T, H, D}, 133);
-                    Tensor dq = empty(c, q.shape()), dk = empty(c, k.shape()),
-                           dv = empty(c, v.shape());
-                    be.attention_backward(g, q, k, v, out, lse, p, dq, dk, dv);
-                    return std::vector<Tensor>{out, lse, dq, dk, dv};
+                    return attention_fwd_bwd(c, q, k, v, p, 133);
                   }});
   }
 
