@@ -207,8 +207,9 @@ if [[ -n $BIN ]]; then
   # micro-batch default's (the first row, ACC8_GRAPH_MS). Two sequences a micro-batch, four
   # micro-batches (and four, two): the same tokens a step with half (a quarter of) the
   # weight-gradient accumulations (each reads the f32 gradients) and larger GEMMs. The candidates: bf16 cross-entropy logits,
-  # RMSNorm backward prefetch, GEMM autotune, RoPE 4 positions a block, bf16 GQA partials.
-  CAND="LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 LLAMA3_ROPE_POSITIONS=4 LLAMA3_ATTN_GQA_PART_BF16=1"
+  # RMSNorm backward prefetch, GEMM autotune, RoPE 4 positions a block, bf16 GQA partials,
+  # the projections' bf16 input gradients summed by the norms.
+  CAND="LLAMA3_CE_BF16_LOGITS=1 LLAMA3_RMSNORM_BWD_PREFETCH=1 LLAMA3_GEMM_AUTOTUNE=1 LLAMA3_ROPE_POSITIONS=4 LLAMA3_ATTN_GQA_PART_BF16=1 LLAMA3_BF16_PROJ_GRADS=1"
   graph_step() {
     local tag=$1 label=$2 envs=$3 r ms ratio
     shift 3
@@ -252,7 +253,8 @@ if [[ -n $BIN ]]; then
            "rmsp::LLAMA3_RMSNORM_BWD_PREFETCH=1:candidate: RMSNorm backward prefetching rows" \
            "tune::LLAMA3_GEMM_AUTOTUNE=1:candidate: GEMM algorithms timed at first use" \
            "rope4::LLAMA3_ROPE_POSITIONS=4:candidate: RoPE 4 positions a block" \
-           "gqa16::LLAMA3_ATTN_GQA_PART_BF16=1:candidate: bf16 dK/dV partials of the GQA backward"; do
+           "gqa16::LLAMA3_ATTN_GQA_PART_BF16=1:candidate: bf16 dK/dV partials of the GQA backward" \
+           "pgrad::LLAMA3_BF16_PROJ_GRADS=1:candidate: projections' bf16 dx summed by the norms"; do
     IFS=: read -r tag flags envs what <<<"$v"
     # shellcheck disable=SC2086
     step "llama3_step_$tag" 45 env LD_LIBRARY_PATH="$LIBPATH" $envs "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 $flags

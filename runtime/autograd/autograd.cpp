@@ -12,6 +12,7 @@ thread_local bool t_in_place = true;
 thread_local int64_t t_in_place_count = 0;
 thread_local bool t_bf16_copies = true;
 thread_local int64_t t_bf16_copy_count = 0;
+thread_local int64_t t_parts_count = 0;
 
 // Sum of two gradients without mutating either (either may be aliased elsewhere).
 Tensor add_grads(const Tensor& a, const Tensor& b) {
@@ -67,7 +68,7 @@ void offer_pending(Node& n, std::unordered_map<Node*, Tensor>& pending,
     bool once = true;
     for (size_t j = 0; j < n.next.size(); ++j)
       if (j != i && n.next[j] && n.next[j]->grad_fn.get() == c) once = false;
-    if (!once) continue;
+    if (!once || c->max_grad_parts() > 1) continue;  // (c takes its contributions apart)
     // Whether this node's edge is the last one into c: then its gradient (added in place, or
     // the only one) completes c's, whose bf16 rounding c would compute next.
     auto d = deps.find(c);
@@ -108,6 +109,9 @@ void set_bf16_grad_copies(bool on) {
 }
 int64_t bf16_grad_copies() {
   return t_bf16_copy_count;
+}
+int64_t grad_parts_taken() {
+  return t_parts_count;
 }
 
 NoGradGuard::NoGradGuard() : prev_(t_grad_enabled) {
@@ -165,6 +169,7 @@ void backward(const Tensor& root, const Tensor& grad_in) {
   }
   std::unordered_map<Node*, Tensor> pending;
   std::unordered_map<Node*, Tensor> pending_bf16;  // bf16 roundings of completed gradients
+  std::unordered_map<Node*, std::vector<Tensor>> pending_parts;  // Node::grad_parts
   // Keep nodes alive while we run: the graph may be owned only by tensors that backward
   // frees as it goes.
   std::vector<std::shared_ptr<Node>> ready{root_meta->grad_fn};
@@ -179,11 +184,15 @@ void backward(const Tensor& root, const Tensor& grad_in) {
       n->grad_bf16 = std::move(b->second);
       pending_bf16.erase(b);
     }
+    if (auto pp = pending_parts.find(n.get()); pp != pending_parts.end()) {
+      n->grad_parts = std::move(pp->second);
+      pending_parts.erase(pp);
+    }
     if (t_in_place && n->accumulates()) offer_pending(*n, pending, deps);
     std::vector<Tensor> grads = n->backward(g);
     std::vector<Tensor> bf16_grads = std::move(n->bf16_grads);
     n->accumulate_into.clear(), n->offer_bf16.clear(), n->bf16_grads.clear();
-    n->grad_bf16 = Tensor();
+    n->grad_bf16 = Tensor(), n->grad_parts.clear();
     g = Tensor();
     n->release();
     LLAMA3_CHECK(grads.size() == n->next.size(), "{} returned {} gradients for {} inputs",
@@ -200,6 +209,10 @@ void backward(const Tensor& root, const Tensor& grad_in) {
         if (it == pending.end()) {
           if (has_bf16) keep_bf16(*n, c, bf16_grads[i], grads[i], pending_bf16);
           pending.emplace(c, std::move(grads[i]));
+        } else if (c->max_grad_parts() > 1 && grads[i].shape() == it->second.shape() &&
+                   int(pending_parts[c].size()) + 1 < c->max_grad_parts()) {
+          pending_parts[c].push_back(std::move(grads[i]));  // c sums them itself
+          ++t_parts_count;
         } else if (grads[i].data_ptr() == it->second.data_ptr() &&
                    grads[i].storage() == it->second.storage()) {
           it->second = std::move(grads[i]), ++t_in_place_count;  // the node added in place

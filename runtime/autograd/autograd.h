@@ -64,6 +64,15 @@ struct Node {
   // Set by the engine just before backward() when the node that completed its incoming
   // gradient wrote that bf16 rounding too (above); undefined otherwise. Cleared after.
   Tensor grad_bf16;
+  // How many contributions to its incoming gradient backward() takes as separate parts
+  // instead of their sum (1: the sum). A node that reads the parts in one kernel (the RMSNorm
+  // backward summing the q/k/v projections' bf16 input gradients in f32) saves the sums'
+  // passes; the engine then never offers that gradient for in-place sums, and adds
+  // contributions beyond the limit, or of another shape, into the first part.
+  virtual int max_grad_parts() const { return 1; }
+  // Set by the engine before backward() of such a node: the contributions after the one
+  // backward() receives (and prepare() saw), in arrival order. Cleared after backward().
+  std::vector<Tensor> grad_parts;
   // Drops saved tensors once backward has run.
   virtual void release() {}
 };
@@ -84,6 +93,9 @@ int64_t in_place_accumulations();
 void set_bf16_grad_copies(bool on);
 // How many gradients this thread's backward passes handed over with their bf16 rounding.
 int64_t bf16_grad_copies();
+// How many gradient contributions this thread's backward passes handed over as separate parts
+// (Node::grad_parts) instead of adding them.
+int64_t grad_parts_taken();
 
 // Disables history recording in its scope (inference, optimizer updates, recompute).
 class NoGradGuard {

@@ -197,6 +197,14 @@ class Backend {
     rmsnorm_backward(dy, x, w, rstd, dx, dw, accumulate_dx);
     copy(dx, dx_bf16);
   }
+  // The same with dy the sum of dys (1 to 4 tensors of x's shape, f32 or bf16, added in f32
+  // in their order): the gradients of the projections that read one norm output, taken apart
+  // (autograd's Node::grad_parts) so that no pass sums them first; dx_bf16 as in
+  // rmsnorm_backward_bf16 when not null. The default sums them into an f32 tensor first
+  // (runtime/backend/rmsnorm_parts.cpp).
+  virtual void rmsnorm_backward_parts(const std::vector<Tensor>& dys, const Tensor& x,
+                                      const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
+                                      bool accumulate_dx, Tensor* dx_bf16);
 
   // x (B, T, H, Dh) rotated in the HF "rotate_half" layout with inv_freq (Dh/2) at
   // positions pos (T) int32: out = x*cos + rotate_half(x)*sin. inverse=true applies the

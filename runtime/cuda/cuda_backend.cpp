@@ -667,8 +667,26 @@ class CudaBackend final : public Backend {
         dx_bf16.str(), dx.str());
     rmsnorm_bwd(dy, x, w, rstd, dx, dw, accumulate_dx, &dx_bf16);
   }
+  // bf16 parts with f32 x: summed by the backward kernel as it reads them; else the default.
+  void rmsnorm_backward_parts(const std::vector<Tensor>& dys, const Tensor& x, const Tensor& w,
+                              const Tensor& rstd, Tensor& dx, Tensor& dw, bool accumulate_dx,
+                              Tensor* dx_bf16) override {
+    bool fused = x.dtype() == DType::f32 && !dys.empty() && dys.size() <= 4;
+    for (const Tensor& t : dys)
+      fused = fused && t.dtype() == DType::bf16 && t.shape() == x.shape() && t.is_contiguous();
+    if (!fused)
+      return Backend::rmsnorm_backward_parts(dys, x, w, rstd, dx, dw, accumulate_dx, dx_bf16);
+    cuda::RmsDyParts parts;
+    for (size_t i = 0; i < dys.size(); ++i) {
+      on_device(dys[i], "rmsnorm_backward_parts", "dys");
+      parts.p[i] = dys[i].data_ptr();
+    }
+    parts.n = int(dys.size());
+    rmsnorm_bwd(x, x, w, rstd, dx, dw, accumulate_dx, dx_bf16, &parts);  // (dy unread)
+  }
   void rmsnorm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                   Tensor& dx, Tensor& dw, bool accumulate_dx, Tensor* dx_bf16) {
+                   Tensor& dx, Tensor& dw, bool accumulate_dx, Tensor* dx_bf16,
+                   const cuda::RmsDyParts* parts = nullptr) {
     for (auto [t, nm] :
          {std::pair{&dy, "dy"}, {&x, "x"}, {&w, "w"}, {&rstd, "rstd"}, {&dx, "dx"}, {&dw, "dw"}})
       contig(*t, "rmsnorm_backward", nm);
@@ -681,7 +699,7 @@ class CudaBackend final : public Backend {
     LLAMA3_CUDA_CHECK(cuda::rmsnorm_backward(
         dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dx.data_ptr(), dw.data_ptr(),
         partial.data<float>(), ft_of(x.dtype(), "rmsnorm_backward"), n, d, accumulate_dx, stream_,
-        rmsnorm_bwd_prefetch(), dx_bf16 ? dx_bf16->data_ptr() : nullptr));
+        rmsnorm_bwd_prefetch(), dx_bf16 ? dx_bf16->data_ptr() : nullptr, parts));
   }
 
   void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,

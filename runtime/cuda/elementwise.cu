@@ -374,26 +374,45 @@ template <typename T>
 __device__ __forceinline__ T dx_out(T old, float v, bool acc_dx) {
   return from_f32<T>(acc_dx ? __fadd_rn(to_f32(old), v) : v);
 }
+// dy element e: dy[e], or (PARTS) the f32 sum of the parts' bf16 elements e in their order
+// (each add rounded alone, as the default's copy and axpy passes round them).
+template <bool PARTS, typename T>
+__device__ __forceinline__ float dy_at(const T* dy, const RmsDyParts& P, int64_t e) {
+  if constexpr (!PARTS) {
+    return to_f32(dy[e]);
+  } else {
+    // (Constant indices: the pointers stay in the parameter bank; a loop over j put the
+    // struct in a 40-byte stack frame.)
+    const auto at = [&](int j) {
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(P.p[j])[e]);
+    };
+    float s = at(0);
+    if (P.n > 1) s = __fadd_rn(s, at(1));
+    if (P.n > 2) s = __fadd_rn(s, at(2));
+    if (P.n > 3) s = __fadd_rn(s, at(3));
+    return s;
+  }
+}
 // Grid-strided over rows; each block keeps its dw partial in its own row of `partial`.
 // dx16 (when not null): the bf16 rounding of each new dx element too (the completed residual
-// gradient a bf16 GEMM reads next; Backend::rmsnorm_backward_bf16).
-template <typename T>
+// gradient a bf16 GEMM reads next; Backend::rmsnorm_backward_bf16). PARTS: dy from parts.
+template <typename T, bool PARTS>
 __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
                                    float* partial, int64_t n, int64_t d, bool acc_dx,
-                                   __nv_bfloat16* dx16) {
+                                   __nv_bfloat16* dx16, RmsDyParts parts) {
   float* acc = partial + int64_t(blockIdx.x) * d;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) acc[c] = 0.f;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const T *xr = x + i * d, *gr = dy + i * d;
+    const T* xr = x + i * d;
     const float r = to_f32(rstd[i]);
     float dot = 0;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
-      dot += to_f32(gr[c]) * to_f32(w[c]) * to_f32(xr[c]);
+      dot += dy_at<PARTS>(dy, parts, i * d + c) * to_f32(w[c]) * to_f32(xr[c]);
     dot = block_sum(dot);
     const float k = dot * r * r / float(d);
     T* dr = dx + i * d;
     for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-      const float g = to_f32(gr[c]), xv = to_f32(xr[c]);
+      const float g = dy_at<PARTS>(dy, parts, i * d + c), xv = to_f32(xr[c]);
       const T o = dx_out<T>(dr[c], r * (g * to_f32(w[c]) - xv * k), acc_dx);
       dr[c] = o;
       if (dx16) dx16[i * d + c] = __float2bfloat16_rn(to_f32(o));
@@ -409,10 +428,10 @@ __global__ void rmsnorm_bwd_kernel(const T* dy, const T* x, const T* w, const T*
 // reduction, so its loads are in flight while the block waits at the barriers (without it,
 // each of a block's about 8 rows exposes a full memory latency); the same arithmetic, so the
 // same bits.
-template <typename T, int CPT, bool PF>
+template <typename T, int CPT, bool PF, bool PARTS>
 __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
                                        float* partial, int64_t n, int64_t d, bool acc_dx,
-                                       __nv_bfloat16* dx16) {
+                                       __nv_bfloat16* dx16, RmsDyParts parts) {
   float wv[CPT], acc[CPT];
 #pragma unroll
   for (int k = 0; k < CPT; ++k) {
@@ -424,12 +443,12 @@ __global__ void rmsnorm_bwd_reg_kernel(const T* dy, const T* x, const T* w, cons
   // before the block reduction: loaded after it, its latency was exposed on every row and the
   // accumulating pass ran 1.7x slower.)
   const auto load = [&](int64_t i, float(&g)[CPT], float(&xx)[CPT], float(&o)[CPT], float& r) {
-    const T *xr = x + i * d, *gr = dy + i * d, *dr = dx + i * d;
+    const T *xr = x + i * d, *dr = dx + i * d;
     r = to_f32(rstd[i]);
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
       const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
-      g[k] = c < d ? to_f32(gr[c]) : 0.f;
+      g[k] = c < d ? dy_at<PARTS>(dy, parts, i * d + c) : 0.f;
       xx[k] = c < d ? to_f32(xr[c]) : 0.f;
       o[k] = acc_dx && c < d ? to_f32(dr[c]) : 0.f;
     }
@@ -1144,22 +1163,33 @@ int64_t rmsnorm_partial_rows(int64_t n) {
 
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
-                             bool accumulate_dx, cudaStream_t s, bool prefetch, void* dx_bf16) {
+                             bool accumulate_dx, cudaStream_t s, bool prefetch, void* dx_bf16,
+                             const RmsDyParts* parts) {
   if (n == 0) return cudaSuccess;
+  if (parts && (t != KT::f32 || parts->n < 1 || parts->n > 4)) return cudaErrorInvalidValue;
   const int64_t rows = rmsnorm_partial_rows(n);
+  const RmsDyParts pv = parts ? *parts : RmsDyParts{};
   return dispatch_ft(t, [&]<typename T>() {
     auto args = [&](auto kern) {
       launch_kernel(kern, unsigned(rows), kThreads, 0, s, static_cast<const T*>(dy),
                     static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(rstd),
                     static_cast<T*>(dx), partial, n, d, accumulate_dx,
-                    static_cast<__nv_bfloat16*>(dx_bf16));
+                    static_cast<__nv_bfloat16*>(dx_bf16), pv);
     };
-    if (d <= 8 * kThreads)
-      args(prefetch ? rmsnorm_bwd_reg_kernel<T, 8, true> : rmsnorm_bwd_reg_kernel<T, 8, false>);
-    else if (d <= 16 * kThreads)
-      args(prefetch ? rmsnorm_bwd_reg_kernel<T, 16, true> : rmsnorm_bwd_reg_kernel<T, 16, false>);
-    else
-      args(rmsnorm_bwd_kernel<T>);
+    auto pick = [&]<bool P>() {
+      if (d <= 8 * kThreads)
+        args(prefetch ? rmsnorm_bwd_reg_kernel<T, 8, true, P>
+                      : rmsnorm_bwd_reg_kernel<T, 8, false, P>);
+      else if (d <= 16 * kThreads)
+        args(prefetch ? rmsnorm_bwd_reg_kernel<T, 16, true, P>
+                      : rmsnorm_bwd_reg_kernel<T, 16, false, P>);
+      else
+        args(rmsnorm_bwd_kernel<T, P>);
+    };
+    if constexpr (std::is_same_v<T, float>) {
+      if (parts) pick.template operator()<true>();  // (f32 x only, checked above)
+    }
+    if (!parts) pick.template operator()<false>();
     launch_kernel(rmsnorm_dw_reduce_kernel<T>, unsigned((d + kReduceCols - 1) / kReduceCols),
                   dim3(kReduceCols, kReducePhases), 0, s, partial, rows, d, static_cast<T*>(dw));
     return cudaGetLastError();

@@ -92,10 +92,16 @@ int64_t rmsnorm_partial_rows(int64_t n);
 // prefetch: the register kernel (d <= 4096) loads a block's next row before this row's
 // reduction (LLAMA3_RMSNORM_BWD_PREFETCH=1, a candidate; the same bits either way).
 // dx_bf16 (bf16, n x d, or null): also the bf16 rounding of dx's new values.
+// parts (f32 x only; or null): dy is the f32 sum, in order, of 1-4 bf16 (n x d) gradients
+// (Backend::rmsnorm_backward_parts), and the dy pointer is not read.
+struct RmsDyParts {
+  const void* p[4] = {nullptr, nullptr, nullptr, nullptr};
+  int n = 0;
+};
 cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const void* rstd,
                              void* dx, void* dw, float* partial, KT t, int64_t n, int64_t d,
                              bool accumulate_dx, cudaStream_t s, bool prefetch = false,
-                             void* dx_bf16 = nullptr);
+                             void* dx_bf16 = nullptr, const RmsDyParts* parts = nullptr);
 // per_block: positions a block of the per-position kernel rotates (1-64; its angles computed
 // once into shared memory for all of them): 1, or LLAMA3_ROPE_POSITIONS (a candidate, not yet
 // timed: a block of one position moves 1 KB of a 1B model's k, 4 KB of its q).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "runtime/autograd/autograd.h"
@@ -168,6 +169,20 @@ bool bf16_activations(Precision p, const Device& d) {
   return p == Precision::bf16 && backend_for(d).bf16_activations();
 }
 
+namespace {
+thread_local int t_proj_grads = -1;  // -1: LLAMA3_BF16_PROJ_GRADS decides
+}  // namespace
+void set_bf16_projection_grads(bool on) {
+  t_proj_grads = on ? 1 : 0;
+}
+bool bf16_projection_grads() {
+  static const bool env = [] {
+    const char* e = std::getenv("LLAMA3_BF16_PROJ_GRADS");
+    return e != nullptr && e[0] == '1';
+  }();
+  return t_proj_grads >= 0 ? t_proj_grads == 1 : env;
+}
+
 // ---------------------------------------------------------------- weight copies
 namespace {
 thread_local const WeightCopyTable* g_weight_copies = nullptr;
@@ -205,6 +220,8 @@ Tensor weight_bf16(const Tensor& w) {
 }
 
 namespace {
+bool norm_sums_grad_parts(const Tensor& x);  // below, with the RMSNorm node
+
 // linear, and linear_residual when residual is defined (then without bf16_out or out_hook).
 Tensor linear_impl(const Tensor& x, const Tensor& w, const Tensor& residual, Precision p,
                    bool bf16_out, bool f32_grad, const DxHook& dx_hook, const OutHook& out_hook) {
@@ -257,10 +274,12 @@ Tensor linear_impl(const Tensor& x, const Tensor& w, const Tensor& residual, Pre
     n->w = wc;
     n->x_shape = x.shape();
     // dx has x's dtype: bf16 activations (a bf16_out producer upstream) get bf16 gradients,
-    // unless f32_grad (a normalised input feeding several projections: sum in f32).
-    n->x_dtype = x.dtype() == DType::bf16 && p == Precision::bf16 && !f32_grad ? DType::bf16
-                 : x.dtype() == DType::f64                                      ? DType::f64
-                                                                                : DType::f32;
+    // unless f32_grad (a normalised input feeding several projections: sum in f32), which the
+    // norm may do itself from bf16 parts (bf16_projection_grads).
+    const bool bf16_dx = !f32_grad || (!dx_hook && norm_sums_grad_parts(x));
+    n->x_dtype = x.dtype() == DType::bf16 && p == Precision::bf16 && bf16_dx ? DType::bf16
+                 : x.dtype() == DType::f64                                   ? DType::f64
+                                                                             : DType::f32;
     n->w_dtype = w.dtype();
     n->p = p;
     n->dx_hook = dx_hook;
@@ -287,7 +306,9 @@ Tensor linear_residual(const Tensor& x, const Tensor& w, const Tensor& residual,
 namespace {
 struct RmsNormNode : Node {
   Tensor x, w, rstd;
+  int parts = 1;  // bf16_projection_grads: the bf16 output's consumers' gradients taken apart
   const char* name() const override { return "rmsnorm"; }
+  int max_grad_parts() const override { return parts; }
   // dx into the residual stream's pending gradient (the residual add's share), in place; dw
   // (which the kernels add to) into the weight's gradient from earlier micro-batches where the
   // backend accumulates weight gradients in place (CUDA: its column sums added to the
@@ -300,9 +321,19 @@ struct RmsNormNode : Node {
     const bool w_in_place = wacc.defined() && wacc.dtype() == w.dtype() &&
                             wacc.shape() == w.shape() && be(g).accumulate_weight_grads_in_place();
     Tensor dx = in_place ? acc : empty_like(x), dw = w_in_place ? wacc : zeros_like(w);
+    const bool copy16 = !offer_bf16.empty() && offer_bf16[0] && x.dtype() == DType::f32;
+    if (parts > 1) {
+      // The projections' gradients, bf16 (or an f32 sum), added in f32 by the kernel.
+      std::vector<Tensor> dys{g.contiguous()};
+      for (const Tensor& t : grad_parts) dys.push_back(t.contiguous());
+      Tensor dx16 = copy16 ? Tensor::empty(x.shape(), DType::bf16, x.device()) : Tensor();
+      be(g).rmsnorm_backward_parts(dys, x, w, rstd, dx, dw, in_place, copy16 ? &dx16 : nullptr);
+      if (copy16) bf16_grads[0] = std::move(dx16);
+      return {dx, dw};
+    }
     // (A bf16 output's gradient arrives in bf16 unless its consumers return f32.)
     const Tensor gc = g.dtype() == x.dtype() ? g.contiguous() : g.to(x.dtype());
-    if (!offer_bf16.empty() && offer_bf16[0] && x.dtype() == DType::f32) {
+    if (copy16) {
       // dx completes the residual stream's gradient, which a bf16 GEMM reads next (the
       // o/down projection's backward): its bf16 rounding written by the same kernel.
       Tensor dx16 = Tensor::empty(x.shape(), DType::bf16, x.device());
@@ -315,6 +346,13 @@ struct RmsNormNode : Node {
   }
   void release() override { x = w = rstd = Tensor(); }
 };
+// Whether x is a norm's bf16 output whose backward takes its consumers' gradients apart.
+bool norm_sums_grad_parts(const Tensor& x) {
+  const auto* n = x.requires_grad() && x.meta()
+                      ? dynamic_cast<const RmsNormNode*>(x.meta()->grad_fn.get())
+                      : nullptr;
+  return n != nullptr && n->parts > 1;
+}
 }  // namespace
 
 Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps, bool bf16_out) {
@@ -330,6 +368,7 @@ Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps, bool bf16_out) {
   if (autograd::any_requires_grad({&x, &w})) {
     auto n = std::make_shared<RmsNormNode>();
     n->x = xc, n->w = w.contiguous(), n->rstd = rstd;
+    n->parts = bf16_out && bf16_projection_grads() ? 4 : 1;
     n->next = {autograd::edge(x), autograd::edge(w)};
     autograd::set_history(out, n);
   }

@@ -110,6 +110,18 @@ Tensor weight_bf16(const Tensor& w);
 // this once per block and passes bf16_out / f32_grad accordingly.
 bool bf16_activations(Precision p, const Device& d);
 
+// Projections' input gradients summed by the norm (a candidate, off by default;
+// LLAMA3_BF16_PROJ_GRADS=1 turns it on, set_bf16_projection_grads overrides per thread): the
+// projections that read one bf16 norm output and ask for an f32 gradient (f32_grad) write
+// their dx in bf16 instead, and the norm's backward sums them in f32 in its own kernel
+// (Node::grad_parts, Backend::rmsnorm_backward_parts), as PyTorch's autocast rounds each
+// projection's dx to bf16 and sums them in f32. In place of an f32 dx written by the first
+// GEMM and read and rewritten by each further one (beta 1), then read by the norm: by bytes
+// about 168 MB less a layer of the 1B step. Not under a dx_hook (a tensor-parallel
+// all-reduce of dx keeps its f32 sum).
+void set_bf16_projection_grads(bool on);
+bool bf16_projection_grads();
+
 // y = x / rms(x) * w over the last dim. bf16_out (f32 x): y rounded to bf16 once, for an
 // output that only feeds bf16 GEMMs (x, rstd and dx stay f32).
 Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps, bool bf16_out = false);

@@ -325,6 +325,30 @@ std::vector<Case> make_cases() {
            return std::vector<Tensor>{dx, dw, dx2, dx16.to(DType::f32), dx2_16.to(DType::f32)};
          }});
   }
+  // The backward of f32 rows with dy given as bf16 parts summed in f32 (the q/k/v or gate/up
+  // projections' gradients, Backend::rmsnorm_backward_parts): 2 parts written, 4 added to with
+  // the bf16 copy of dx, at d = 300 and 4100.
+  for (int64_t d : {300, 4100}) {
+    cs.push_back(
+        {"rmsnorm_backward_parts_d" + std::to_string(d), DType::f32, true, 1e-5, [d](const Ctx& c) {
+           Backend& be = backend_for(c.dev);
+           const int64_t rows = d == 300 ? 13 : 5;
+           Tensor x = input_f32(c, {rows, d}, 40), w = input_f32(c, {d}, 41);
+           Tensor y = Tensor::empty({rows, d}, DType::f32, c.dev);
+           Tensor rstd = Tensor::empty({rows}, DType::f32, c.dev);
+           be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+           std::vector<Tensor> parts;
+           for (int j = 0; j < 4; ++j)
+             parts.push_back(input_f32(c, {rows, d}, 42 + j).to(DType::bf16));
+           Tensor dw = input_f32(c, {d}, 46);
+           Tensor dx = Tensor::empty({rows, d}, DType::f32, c.dev);
+           be.rmsnorm_backward_parts({parts[0], parts[1]}, x, w, rstd, dx, dw, false, nullptr);
+           Tensor dx2 = input_f32(c, {rows, d}, 47);
+           Tensor dx2_16 = Tensor::empty({rows, d}, DType::bf16, c.dev);
+           be.rmsnorm_backward_parts(parts, x, w, rstd, dx2, dw, true, &dx2_16);
+           return std::vector<Tensor>{dx, dw, dx2, dx2_16.to(DType::f32)};
+         }});
+  }
   // Head dims 16 and 64 (the CUDA per-position kernel, four pairs a thread; 64 at positions up to
   // 4000, as in a 4096-token step) and 12 (half 6: the one-pair-a-thread kernel).
   // "_pos4": CUDA's per-position kernel at 4 positions a block (LLAMA3_ROPE_POSITIONS=4, a

@@ -146,6 +146,36 @@ TEST_P(ElementwiseEmu, RmsNormForwardBackward) {
             EXPECT_EQ(dx16.to_vector<float>(), dx2.to(DType::bf16).to_vector<float>())
                 << "d " << d << ", accumulate " << acc << ", prefetch " << pf;
           }
+          // dy as 1 or 4 bf16 parts summed by the kernel (Backend::rmsnorm_backward_parts):
+          // the bits of the plain backward on their f32 sum added in order.
+          for (int np : {1, 4}) {
+            std::vector<Tensor> ps;
+            cu::RmsDyParts parts;
+            std::vector<float> sum(size_t(n * d), 0.f);
+            for (int j = 0; j < np; ++j) {
+              ps.push_back(randn({n, d}, 60 + j).to(DType::bf16));
+              parts.p[j] = ps.back().data_ptr();
+              const std::vector<float> v = ps.back().to_vector<float>();
+              for (size_t e = 0; e < sum.size(); ++e) sum[e] = j == 0 ? v[e] : sum[e] + v[e];
+            }
+            parts.n = np;
+            const Tensor dys = Tensor::from_vector(sum, {n, d});
+            Tensor dxa = dx5.clone(), dwa = dw5.clone(), dxb = dx5.clone(), dwb = dw5.clone();
+            Tensor x16a = Tensor::empty({n, d}, DType::bf16), x16b = x16a.clone();
+            ASSERT_EQ(
+                cu::rmsnorm_backward(dys.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                                     dxa.data_ptr(), dwa.data_ptr(), part.data<float>(), kt(dt), n,
+                                     d, acc, nullptr, false, x16a.data_ptr()),
+                cudaSuccess);
+            ASSERT_EQ(
+                cu::rmsnorm_backward(nullptr, x.data_ptr(), w.data_ptr(), rstd.data_ptr(),
+                                     dxb.data_ptr(), dwb.data_ptr(), part.data<float>(), kt(dt), n,
+                                     d, acc, nullptr, np == 4, x16b.data_ptr(), &parts),
+                cudaSuccess);
+            EXPECT_EQ(rel_err(dxb, dxa), 0.0) << np << " parts, accumulate " << acc;
+            EXPECT_EQ(rel_err(dwb, dwa), 0.0) << np << " parts, accumulate " << acc;
+            EXPECT_EQ(x16b.to_vector<float>(), x16a.to_vector<float>()) << np << " parts";
+          }
         }
       }
     }

@@ -119,19 +119,16 @@ struct Golden : ::testing::Test {
     return g;
   }
 
-  // One backward of the batch on `dev` with autograd's bf16 gradient copies on or off
-  // (autograd::set_bf16_grad_copies). Returns every parameter's gradient (on the CPU); copies:
-  // how many gradients were handed over with their bf16 rounding.
-  std::vector<std::vector<float>> grads_with_copies(const Device& dev, ops::Precision prec, bool on,
-                                                    int64_t& copies) {
-    autograd::set_bf16_grad_copies(on);
+  // One backward of the batch on `dev`. Returns every parameter's gradient (on the CPU);
+  // counted: how far `counter` (one of autograd's statistics) moved during it.
+  std::vector<std::vector<float>> one_backward(const Device& dev, ops::Precision prec,
+                                               int64_t (*counter)(), int64_t& counted) {
     text::LlamaModel m(cfg, 11);
     m.to(dev);
     m.options().precision = prec;
-    const int64_t n0 = autograd::bf16_grad_copies();
+    const int64_t n0 = counter();
     m.loss(tokens, targets, doc_ids).backward();
-    copies = autograd::bf16_grad_copies() - n0;
-    autograd::set_bf16_grad_copies(true);
+    counted = counter() - n0;
     std::vector<std::vector<float>> g;
     for (auto& p : m.named_parameters())
       g.push_back(p.tensor->grad().to(Device::cpu()).to_vector<float>());
@@ -143,8 +140,10 @@ struct Golden : ::testing::Test {
   // one.
   void expect_bf16_copies_equal_casts(const Device& dev, ops::Precision prec) {
     int64_t off = -1, on = -1;
-    const auto a = grads_with_copies(dev, prec, false, off);
-    const auto b = grads_with_copies(dev, prec, true, on);
+    autograd::set_bf16_grad_copies(false);
+    const auto a = one_backward(dev, prec, autograd::bf16_grad_copies, off);
+    autograd::set_bf16_grad_copies(true);
+    const auto b = one_backward(dev, prec, autograd::bf16_grad_copies, on);
     EXPECT_EQ(off, 0);
     EXPECT_EQ(on, prec == ops::Precision::bf16 ? 2 * cfg.n_layers : 0);
     ASSERT_EQ(a.size(), b.size());

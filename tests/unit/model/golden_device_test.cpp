@@ -107,6 +107,29 @@ TEST_P(GoldenOnCuda, Bf16GradientCopiesEqualTheCasts) {
   expect_bf16_copies_equal_casts(Device::cuda(0), GetParam().precision);
 }
 
+// The projections' input gradients summed by the norm (ops::set_bf16_projection_grads, a
+// candidate): in bf16 the q/k/v and gate/up projections write bf16 dx and the norms' backward
+// adds them in f32 (two parts beyond the first at the attention norm, one at the MLP's, per
+// layer), the gradients within bf16's bound of the f32 sums'; in f32 nothing changes.
+TEST_P(GoldenOnCuda, Bf16ProjectionGradsSummedByTheNorm) {
+  if (!cuda_init()) GTEST_SKIP() << "no CUDA device";
+  const ops::Precision prec = GetParam().precision;
+  int64_t off = -1, on = -1;
+  const auto a = one_backward(Device::cuda(0), prec, autograd::grad_parts_taken, off);
+  ops::set_bf16_projection_grads(true);
+  const auto b = one_backward(Device::cuda(0), prec, autograd::grad_parts_taken, on);
+  ops::set_bf16_projection_grads(false);
+  EXPECT_EQ(off, 0);
+  EXPECT_EQ(on, prec == ops::Precision::bf16 ? 3 * cfg.n_layers : 0);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (prec == ops::Precision::f32)
+      EXPECT_EQ(b[i], a[i]) << i;
+    else
+      EXPECT_LT(golden::norm_err(b[i], a[i]), 1e-2) << i;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Precisions, GoldenOnCuda,
     ::testing::Values(GoldenCudaCase{ops::Precision::f32, 1e-5, 1e-4, 1e-5, 1e-5},

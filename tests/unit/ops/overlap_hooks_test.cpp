@@ -5,6 +5,7 @@
 // runs, in the order the nodes run, without changing that order.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <string>
@@ -230,6 +231,62 @@ TEST(AutogradBf16Copies, OfferedToTheLastContributorOnly) {
           Tensor::from_vector(w->got, {5}).to(DType::bf16).to(DType::f32).to_vector<float>();
       EXPECT_EQ(w->got_bf16, want);
     }
+  }
+}
+
+// Node::max_grad_parts: a node that takes its gradient's contributions apart gets each as
+// grad_out or one of grad_parts (none offered to its producers for in-place sums), and
+// contributions beyond its limit added into the first.
+struct TakesParts final : Node {
+  int limit = 4;
+  std::vector<std::vector<float>> got;  // grad_out, then the parts
+  const char* name() const override { return "takes_parts"; }
+  int max_grad_parts() const override { return limit; }
+  std::vector<Tensor> backward(const Tensor& g) override {
+    got.push_back(g.to_vector<float>());
+    for (const Tensor& p : grad_parts) got.push_back(p.to_vector<float>());
+    return {g};
+  }
+};
+
+TEST(AutogradGradParts, TakenApartUpToTheLimit) {
+  for (int limit : {4, 2}) {
+    SCOPED_TRACE(limit);
+    Tensor x = randn({3}, 5);
+    x.set_requires_grad(true);
+    auto t = std::make_shared<TakesParts>();
+    t->limit = limit;
+    Tensor h = node_out(x, t);
+    // Three consumers scaling h by 2, 3 and 5; each Contributor records whether the engine
+    // offered it the pending sum (it must not: the consumer takes the parts apart).
+    std::vector<char> offered;
+    std::vector<std::shared_ptr<Contributor>> cs(3);
+    std::vector<Tensor> ys;
+    const float f[3] = {2.f, 3.f, 5.f};
+    for (int i = 0; i < 3; ++i) {
+      cs[i] = std::make_shared<Contributor>();
+      cs[i]->offered = &offered;
+      ys.push_back(ops::scale(node_out(h, cs[i]), f[i]));
+    }
+    const int64_t n0 = autograd::grad_parts_taken();
+    ops::dot(ops::add(ops::add(ys[0], ys[1]), ys[2]), randn({3}, 6)).backward();
+    EXPECT_EQ(autograd::grad_parts_taken() - n0, limit == 4 ? 2 : 1);
+    const std::vector<float> r = randn({3}, 6).to_vector<float>();
+    // Whatever the order, the parts add up to (2 + 3 + 5) r, and x's gradient is the first.
+    ASSERT_EQ(t->got.size(), limit == 4 ? 3u : 2u);
+    for (size_t k = 0; k < r.size(); ++k) {
+      float sum = 0;
+      for (const auto& p : t->got) sum += p[k];
+      EXPECT_NEAR(sum, 10.f * r[k], 1e-5f);
+    }
+    // Each part is one contributor's gradient (f r), except where the limit added two.
+    for (const auto& p : t->got) {
+      const float ratio = p[0] / r[0];
+      EXPECT_TRUE(std::abs(ratio - 2) < 1e-4 || std::abs(ratio - 3) < 1e-4 ||
+                  std::abs(ratio - 5) < 1e-4 || (limit == 2 && ratio > 4.9f))
+          << ratio;
+    }
+    for (char o : offered) EXPECT_EQ(o, 0);
   }
 }
 
