@@ -55,6 +55,19 @@ Tensor empty(const Ctx& c, const Shape& s) {
   return Tensor::empty(s, c.dt, c.dev);
 }
 
+// f32 rows (rows x d) and weight from seeds seed and seed + 1, normalised on c's device: x,
+// w and the forward's rstd, for the backward cases.
+struct NormRows {
+  Tensor x, w, rstd;
+};
+NormRows norm_rows(const Ctx& c, int64_t rows, int64_t d, uint64_t seed) {
+  NormRows r{input_f32(c, {rows, d}, seed), input_f32(c, {d}, seed + 1),
+             Tensor::empty({rows}, DType::f32, c.dev)};
+  Tensor y = Tensor::empty({rows, d}, DType::f32, c.dev);
+  backend_for(c.dev).rmsnorm_forward(r.x, r.w, 1e-5f, y, r.rstd);
+  return r;
+}
+
 // Attention forward, then backward with a random output gradient (seed): out, lse, dq, dk, dv.
 std::vector<Tensor> attention_fwd_bwd(const Ctx& c, const Tensor& q, const Tensor& k,
                                       const Tensor& v, const AttentionParams& p, uint64_t seed) {
@@ -305,10 +318,7 @@ std::vector<Case> make_cases() {
         {"rmsnorm_backward_bf16_d" + std::to_string(d), DType::f32, true, 1e-2, [d](const Ctx& c) {
            Backend& be = backend_for(c.dev);
            const int64_t rows = d == 300 ? 13 : 5;
-           Tensor x = input_f32(c, {rows, d}, 30), w = input_f32(c, {d}, 31);
-           Tensor y = Tensor::empty({rows, d}, DType::f32, c.dev);
-           Tensor rstd = Tensor::empty({rows}, DType::f32, c.dev);
-           be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+           const auto [x, w, rstd] = norm_rows(c, rows, d, 30);
            Tensor dy = input_f32(c, {rows, d}, 32), dw = input_f32(c, {d}, 33);
            Tensor dx = Tensor::empty({rows, d}, DType::f32, c.dev);
            Tensor dx16 = Tensor::empty({rows, d}, DType::bf16, c.dev);
@@ -333,10 +343,7 @@ std::vector<Case> make_cases() {
         {"rmsnorm_backward_parts_d" + std::to_string(d), DType::f32, true, 1e-5, [d](const Ctx& c) {
            Backend& be = backend_for(c.dev);
            const int64_t rows = d == 300 ? 13 : 5;
-           Tensor x = input_f32(c, {rows, d}, 40), w = input_f32(c, {d}, 41);
-           Tensor y = Tensor::empty({rows, d}, DType::f32, c.dev);
-           Tensor rstd = Tensor::empty({rows}, DType::f32, c.dev);
-           be.rmsnorm_forward(x, w, 1e-5f, y, rstd);
+           const auto [x, w, rstd] = norm_rows(c, rows, d, 40);
            std::vector<Tensor> parts;
            for (int j = 0; j < 4; ++j)
              parts.push_back(input_f32(c, {rows, d}, 42 + j).to(DType::bf16));
