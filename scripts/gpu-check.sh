@@ -5,13 +5,14 @@
 # unit_backend_parity and unit_ops, the parallel step on CUDA tensors with a one-rank NCCL
 # communicator (unit_model ParallelDevice*), then the Llama 1B-class training step
 # (bench_cuda_step, seq 4096 with a 2048 fallback) with a per-op GPU profile against PyTorch
-# eager, and first the figures issue 7 is judged on: 32768-token steps replayed as CUDA graphs
-# (8 micro-batches of one sequence, 4 of two, each without and with the candidates; 2 of
-# four). Then the optimizer alone, the step with single choices reverted or candidates
-# switched on (A/B rows, each over its reference; two micro-batches with a per-op profile),
-# both sides at two and four sequences a step, the attention fwd+bwd against torch SDPA, the
-# NCCL communicator's collectives and all_reduce bandwidth, compute-sanitizer, both sides at
-# eight eager micro-batches and torch.compile as time allows, and prints a summary table last.
+# eager. Then, in order of what issue 7 is judged on (the deadline cuts the tail first):
+# 32768-token steps replayed as CUDA graphs (8 micro-batches of one sequence, 4 of two, each
+# without and with the candidates; 2 of four), the attention fwd+bwd against torch SDPA, the
+# optimizer alone, the step with single choices reverted or candidates switched on (A/B
+# rows, each over its reference; two micro-batches with a per-op profile),
+# compute-sanitizer, both sides at two and four sequences a step, the NCCL communicator's
+# collectives and all_reduce bandwidth, both sides at eight eager micro-batches and
+# torch.compile, and prints a summary table last.
 # Every step runs under `timeout` against one overall deadline. Logs go to $OUT when set.
 #
 #   bash scripts/gpu-check.sh        (env: DEADLINE=450 seconds, JOBS=16, SEQ=4096, NCU_ATTN=1
@@ -227,27 +228,48 @@ if [[ -n $BIN ]]; then
   graph_step b2a4_graph "llama3 step 4 x 2 seq, graph" "" --accum 4 --batch 2
   graph_step b2a4_graph_cand "  same, with the candidates" "$CAND" --accum 4 --batch 2
   graph_step b4a2_graph "llama3 step 2 x 4 seq, graph" "" --accum 2 --batch 4
+  # Attention fwd+bwd at the same shapes (issue 7: within 1.5x of SDPA).
+  step llama3_attn 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --attn-only --seq "$SEQ"
+  step torch_attn 60 python3 bench/cuda_step_peer.py --mode attn --seq "$SEQ"
+  for dt in f32 bf16; do
+    a=$(result "attn_ms_$dt" | awk '{print $3}')
+    b=$(result "torch_attn_ms_$dt" | awk '{print $3}')
+    note "attention fwd+bwd $dt T=$SEQ" "" "llama3 ${a:-n/a} ms, torch sdpa ${b:-n/a} ms"
+  done
+  # f32 activations with compute = bf16 (tensor cores): the path of the bf16 mixed-precision step.
+  a=$(result attn_tc_ms_f32 | awk '{print $3}')
+  b=$(result torch_attn_ms_bf16 | awk '{print $3}')
+  c=$(result attn_tc_nosplit_ms_f32 | awk '{print $3}')
+  d=$(result attn_tc_noprefetch_ms_f32 | awk '{print $3}')
+  e=$(result attn_tc_fwd1_ms_f32 | awk '{print $3}')
+  f=$(result attn_tc_bwd1_ms_f32 | awk '{print $3}')
+  g=$(result attn_tc_stsm_ms_f32 | awk '{print $3}')
+  note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
+  note "  reverted: bwd per kv head" "" "${c:-n/a} ms"
+  note "  reverted: no lse/dsum prefetch" "" "${d:-n/a} ms"
+  note "  reverted: fwd one m-tile per warp" "" "${e:-n/a} ms"
+  note "  reverted: bwd 64-key blocks (LLAMA3_ATTN_BWD_MT=1)" "" "${f:-n/a} ms"
+  note "  variant: dS by stmatrix (LLAMA3_ATTN_BWD_STSM=1)" "" "${g:-n/a} ms"
+  # The default's time over the previous default's and over the stmatrix variant's (below 1:
+  # the default is faster).
+  if [[ -n $a && -n $f && -n $g ]]; then
+    note "  default / reverted, / stmatrix" "" "$(awk -v a="$a" -v f="$f" -v g="$g" 'BEGIN{printf "%.3f, %.3f", a/f, a/g}')"
+  fi
   # The optimizer alone on the 1B parameters: multi-tensor launches against one per tensor.
   step optimizer 40 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --optimizer-only
   r=$(result optimizer)
   ADAMW_MS=$(field adamw_multi_ms "$r")
   [[ -n $r ]] && note "optimizer: AdamW, multi / per tensor" "OK" "$(field adamw_multi_ms "$r") / $(field adamw_per_tensor_ms "$r") ms ($(field adamw_ratio "$r")), $(field adamw_multi_gbs "$r") GB/s"
   [[ -n $r ]] && note "optimizer: grad norm, multi / per tensor" "OK" "$(field norm_multi_ms "$r") / $(field norm_per_tensor_ms "$r") ms ($(field norm_ratio "$r")), $(field norm_multi_gbs "$r") GB/s"
-  # The same step with the attention path's activations f32 (only the MLP's bf16): what the
-  # bf16 q/k/v/attention activations gain.
-  step llama3_step_f32attn 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" --steps 3 --warmup 1 --f32-attn-activations
-  r=$(result f32attn_llama3_cuda)
-  [[ -n $r ]] && note "  same, f32 attention activations" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step, loss $(field loss "$r")"
-  # A/B: choices of the step, each one reverted alone, and the CUDA graph replay (same run,
-  # same card).
+  # A/B: choices of the step, each one reverted alone, and the candidates (same run, same
+  # card).
   # (tag:flags:environment:what)
   # (The rows that settled their question are gone: 1024-row cross-entropy chunks, separate
-  # gradient-sum adds, weights cast each step, separate residual adds; their figures are in
-  # bench/RESULTS.md and the switches still work.)
-  for v in "graph:--graph::the step captured once and replayed as a CUDA graph" \
-           "acc2:--accum 2 --profile::two micro-batches a step (deferred cross-entropy gradient)" \
+  # gradient-sum adds, weights cast each step, separate residual adds, the CUDA graph at one
+  # micro-batch, the 64-key attention backward, f32 attention activations; their figures
+  # are in bench/RESULTS.md and the switches still work.)
+  for v in "acc2:--accum 2 --profile::two micro-batches a step (deferred cross-entropy gradient)" \
            "acc2fw:--accum 2:LLAMA3_CE_DEFERRED=0:two micro-batches, cross-entropy gradient in the forward" \
-           "bwd1::LLAMA3_ATTN_BWD_MT=1:attention backward on 64-key blocks (the previous default)" \
            "castg:--cast-residual-grads::residual gradients cast by the projections (no bf16 copies)" \
            "ce16::LLAMA3_CE_BF16_LOGITS=1:candidate: bf16 logits in the cross-entropy" \
            "rmsp::LLAMA3_RMSNORM_BWD_PREFETCH=1:candidate: RMSNorm backward prefetching rows" \
@@ -277,6 +299,21 @@ if [[ -n $BIN ]]; then
   fi
 fi
 
+# ---- compute-sanitizer on the kernels with shared memory and atomics (small shapes)
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+if [[ -n $BIN && -n $SAN ]]; then
+  # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
+  # (the tensor-core attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
+  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd1:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_stsm:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_tc_bf16*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*:*CudaMatchesCpu/adamw*:*CudaMatchesCpu/reductions*'
+  for tool in memcheck racecheck; do
+    step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
+      "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"
+    rc=$?
+    errs=$(grep -m1 -o 'ERROR SUMMARY: [0-9]* error[s]*\|RACECHECK SUMMARY: [0-9]* hazard[s]*.*' "$STEPDIR/sanitizer_$tool.txt")
+    note "compute-sanitizer $tool" "$([[ $rc == 0 ]] && echo PASS || echo "rc=$rc")" "${errs:-no summary} (attention, cross-entropy, rmsnorm, embedding, adamw, reduction cases)"
+  done
+fi
+
 # Both sides at another step shape: both_sides TAG LABEL CAP_OURS CAP_TORCH ARGS... (ARGS go
 # to bench_cuda_step and cuda_step_peer.py alike).
 both_sides() {
@@ -301,36 +338,6 @@ if [[ -n $BIN ]] && (($(left) > 100)); then
   both_sides b4 "batch 4" 45 60 --batch 4 --steps 3 --warmup 1
 fi
 
-# ---- attention fwd+bwd, same shapes
-if [[ -n $BIN ]]; then
-  step llama3_attn 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --attn-only --seq "$SEQ"
-fi
-step torch_attn 60 python3 bench/cuda_step_peer.py --mode attn --seq "$SEQ"
-for dt in f32 bf16; do
-  a=$(result "attn_ms_$dt" | awk '{print $3}')
-  b=$(result "torch_attn_ms_$dt" | awk '{print $3}')
-  note "attention fwd+bwd $dt T=$SEQ" "" "llama3 ${a:-n/a} ms, torch sdpa ${b:-n/a} ms"
-done
-# f32 activations with compute = bf16 (tensor cores): the path of the bf16 mixed-precision step.
-a=$(result attn_tc_ms_f32 | awk '{print $3}')
-b=$(result torch_attn_ms_bf16 | awk '{print $3}')
-c=$(result attn_tc_nosplit_ms_f32 | awk '{print $3}')
-d=$(result attn_tc_noprefetch_ms_f32 | awk '{print $3}')
-e=$(result attn_tc_fwd1_ms_f32 | awk '{print $3}')
-f=$(result attn_tc_bwd1_ms_f32 | awk '{print $3}')
-g=$(result attn_tc_stsm_ms_f32 | awk '{print $3}')
-note "attention fwd+bwd f32->tc T=$SEQ" "" "llama3 ${a:-n/a} ms (tensor cores), torch sdpa bf16 ${b:-n/a} ms"
-note "  reverted: bwd per kv head" "" "${c:-n/a} ms"
-note "  reverted: no lse/dsum prefetch" "" "${d:-n/a} ms"
-note "  reverted: fwd one m-tile per warp" "" "${e:-n/a} ms"
-note "  reverted: bwd 64-key blocks (LLAMA3_ATTN_BWD_MT=1)" "" "${f:-n/a} ms"
-note "  variant: dS by stmatrix (LLAMA3_ATTN_BWD_STSM=1)" "" "${g:-n/a} ms"
-# The default's time over the previous default's and over the stmatrix variant's (below 1:
-# the default is faster).
-if [[ -n $a && -n $f && -n $g ]]; then
-  note "  default / reverted, / stmatrix" "" "$(awk -v a="$a" -v f="$f" -v g="$g" 'BEGIN{printf "%.3f, %.3f", a/f, a/g}')"
-fi
-
 # ---- NCCL communicator (issue 5): collectives checked, all_reduce bandwidth
 if [[ -n $BIN && -x $BIN/bench_nccl ]]; then
   step nccl 45 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_nccl" --max-mib 256 --iters 20
@@ -339,21 +346,6 @@ if [[ -n $BIN && -x $BIN/bench_nccl ]]; then
   oks=$(grep -c '^ok ' "$STEPDIR/nccl.txt")
   note "nccl collectives + all_reduce" "$([[ $rc == 0 ]] && echo PASS || echo "rc=$rc")" \
     "$oks checks ok; ranks $(field ranks "$r") algbw $(field algbw_gbs "$r") GB/s busbw $(field busbw_gbs "$r") GB/s at $(field bytes "$r") B"
-fi
-
-# ---- compute-sanitizer on the kernels with shared memory and atomics (small shapes)
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-if [[ -n $BIN && -n $SAN ]]; then
-  # (the T=1024 tensor-core attention cases are left out: too slow under racecheck)
-  # (the tensor-core attention at D 64 and 48 and with bf16 inputs; the exact SIMT kernels)
-  FILTER='*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_bwd1:*CudaMatchesCpu/attn_tc_causal_doc_gqa_d64_t200_stsm:*CudaMatchesCpu/attn_tc_causal_gqa_d64_t333:*CudaMatchesCpu/attn_tc_doc*:*CudaMatchesCpu/attn_tc_bf16*:*CudaMatchesCpu/attn_causal_doc_gqa_d32*:*CudaMatchesCpu/linear_cross*:*CudaMatchesCpu/rmsnorm*:*CudaMatchesCpu/embedding*:*CudaMatchesCpu/adamw*:*CudaMatchesCpu/reductions*'
-  for tool in memcheck racecheck; do
-    step "sanitizer_$tool" 45 env LD_LIBRARY_PATH="$LIBPATH" "$SAN" --tool "$tool" --error-exitcode 3 \
-      "$BIN/unit_backend_parity" --gtest_color=no --gtest_filter="$FILTER"
-    rc=$?
-    errs=$(grep -m1 -o 'ERROR SUMMARY: [0-9]* error[s]*\|RACECHECK SUMMARY: [0-9]* hazard[s]*.*' "$STEPDIR/sanitizer_$tool.txt")
-    note "compute-sanitizer $tool" "$([[ $rc == 0 ]] && echo PASS || echo "rc=$rc")" "${errs:-no summary} (attention, cross-entropy, rmsnorm, embedding, adamw, reduction cases)"
-  done
 fi
 
 # ---- Nsight Compute on the tensor-core attention kernels (NCU_ATTN=1): where the time goes
