@@ -322,8 +322,9 @@ struct RmsNormNode : Node {
                             wacc.shape() == w.shape() && be(g).accumulate_weight_grads_in_place();
     Tensor dx = in_place ? acc : empty_like(x), dw = w_in_place ? wacc : zeros_like(w);
     const bool copy16 = !offer_bf16.empty() && offer_bf16[0] && x.dtype() == DType::f32;
-    if (parts > 1) {
-      // The projections' gradients, bf16 (or an f32 sum), added in f32 by the kernel.
+    if (parts > 1 && (!grad_parts.empty() || g.dtype() != x.dtype())) {
+      // The projections' gradients, bf16 (or an f32 sum), added in f32 by the kernel. (One
+      // f32 gradient, e.g. through a sequence-parallel gather, takes the plain path below.)
       std::vector<Tensor> dys{g.contiguous()};
       for (const Tensor& t : grad_parts) dys.push_back(t.contiguous());
       Tensor dx16 = copy16 ? Tensor::empty(x.shape(), DType::bf16, x.device()) : Tensor();
