@@ -1008,7 +1008,7 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
   // Partials only pay when a group has several query heads.
   void* dk_part = a.H > a.Hkv ? dkv_part : nullptr;
   return dispatch_ft(t, [&]<typename TO>() {
-    if (!std::is_same_v<TO, bf16>) a.gqa_part_bf16 = false;  // (f32 outputs: f32 partials)
+    if constexpr (!std::is_same_v<TO, bf16>) a.gqa_part_bf16 = false;  // (f32 outputs: f32 ones)
     const size_t part_size = a.gqa_part_bf16 ? sizeof(bf16) : sizeof(float);
     void* dv_part = dk_part
                         ? static_cast<char*>(dk_part) + size_t(a.B * a.Tk * a.H * a.D) * part_size
@@ -1074,10 +1074,14 @@ cudaError_t attention_backward_mma(const void* dout, const void* q, const void* 
                         vp, ko, vo, a);
         }
       };
-      if (a.gqa_part_bf16)
-        reduce.template operator()<bf16>();
-      else
-        reduce.template operator()<float>();
+      // (bf16 partials only with bf16 outputs: no f32-output kernel reads bf16 ones)
+      if constexpr (std::is_same_v<TO, bf16>) {
+        if (a.gqa_part_bf16) {
+          reduce.template operator()<bf16>();
+          return cudaGetLastError();
+        }
+      }
+      reduce.template operator()<float>();
       return cudaGetLastError();
     });
   });
