@@ -207,11 +207,12 @@ def step_bench(a):
     model_flops = 6.0 * n_matmul * tokens
     attn_flops = 3.0 * 4.0 * a.layers * a.batch * a.accum * a.seq * a.seq * a.heads * dh / 2.0
     mfu = (model_flops + attn_flops) / per / 989e12
+    mfu_full = (model_flops + 2.0 * attn_flops) / per / 989e12  # PaLM: the whole matrix
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    print(f"step {per*1e3:.1f} ms, {tokens/per:.0f} tokens/s, MFU {mfu*100:.1f}%; peak memory "
-          f"{peak:.1f} GiB")
+    print(f"step {per*1e3:.1f} ms, {tokens/per:.0f} tokens/s, MFU {mfu*100:.1f}% ({mfu_full*100:.1f}% "
+          f"counting the whole attention matrix); peak memory {peak:.1f} GiB")
     print(f"RESULT torch_{a.mode} seq={a.seq} accum={a.accum} tokens_per_s={tokens/per:.0f} mfu={mfu:.4f} "
-          f"step_ms={per*1e3:.1f} loss={loss:.4f}")
+          f"mfu_full={mfu_full:.4f} step_ms={per*1e3:.1f} loss={loss:.4f}")
 
 
 def main():

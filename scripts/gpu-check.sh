@@ -55,6 +55,9 @@ step() {
 }
 result() { grep -h "^RESULT $1" "$STEPDIR"/*.txt 2>/dev/null | tail -1; }
 field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+# A RESULT line's MFU of record (causal attention counted at half its matrix) and, in
+# brackets, PaLM's (the whole matrix, as Megatron-LM, torchtitan and nanoGPT count it).
+mfus() { awk -v a="$(field mfu "$1")" -v b="$(field mfu_full "$1")" 'BEGIN{if (a == "") a = 0; printf "%.1f%%", 100*a; if (b != "") printf " (%.1f%% PaLM)", 100*b}'; }
 
 echo "=== versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 || echo "nvidia-smi: unavailable"
@@ -194,7 +197,7 @@ if [[ -n $BIN ]]; then
   r=$(result llama3_cuda)
   BASE_MS=$(field step_ms "$r")  # the A/B rows' reference
   if [[ -n $r ]]; then
-    note "llama3 step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r") after $(field after_steps "$r") steps"
+    note "llama3 step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $(field step_ms "$r") ms/step, loss $(field loss "$r") after $(field after_steps "$r") steps"
   else
     note "llama3 step" "FAIL" "see llama3_step in gpu-check.log"
   fi
@@ -203,7 +206,7 @@ if [[ -n $BIN ]]; then
   # replayed as CUDA graphs (TrainerConfig::cuda_graph's path; the 45% MFU target).
   step torch_eager 120 python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" --steps 3 --warmup 1
   r=$(result torch_eager)
-  [[ -n $r ]] && note "torch eager step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step, loss $(field loss "$r")" || note "torch eager step" "FAIL" "see torch_eager in gpu-check.log"
+  [[ -n $r ]] && note "torch eager step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $(field step_ms "$r") ms/step, loss $(field loss "$r")" || note "torch eager step" "FAIL" "see torch_eager in gpu-check.log"
   # graph_step TAG LABEL ENV ARGS: our step as a CUDA graph, its time over the eight
   # micro-batch default's (the first row, ACC8_GRAPH_MS). Two sequences a micro-batch, four
   # micro-batches (and four, two): the same tokens a step with half (a quarter of) the
@@ -221,7 +224,7 @@ if [[ -n $BIN ]]; then
     ms=$(field step_ms "$r")
     [[ $tag == acc8_graph ]] && ACC8_GRAPH_MS=$ms
     ratio=$(awk -v a="$ms" -v b="$ACC8_GRAPH_MS" 'BEGIN{if (a > 0 && b > 0) printf "%.3f", a / b; else printf "n/a"}')
-    [[ -n $r ]] && note "$label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $ms ms/step ($ratio of 8 x 1)"
+    [[ -n $r ]] && note "$label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $ms ms/step ($ratio of 8 x 1)"
   }
   graph_step acc8_graph "llama3 step 8 x 1 seq, graph" "" --accum 8
   graph_step acc8_graph_cand "  same, with the candidates" "$CAND" --accum 8
@@ -321,10 +324,10 @@ both_sides() {
   shift 4
   step "llama3_step_$tag" "$cap_ours" env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_cuda_step" --seq "$STEP_SEQ" "$@"
   r=$(grep -h "^RESULT llama3_cuda" "$STEPDIR/llama3_step_$tag.txt" 2>/dev/null | tail -1)
-  [[ -n $r ]] && note "llama3 step $label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+  [[ -n $r ]] && note "llama3 step $label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $(field step_ms "$r") ms/step"
   step "torch_eager_$tag" "$cap_torch" python3 bench/cuda_step_peer.py --mode eager --seq "$STEP_SEQ" "$@"
   r=$(grep -h "^RESULT torch_eager" "$STEPDIR/torch_eager_$tag.txt" 2>/dev/null | tail -1)
-  [[ -n $r ]] && note "torch eager step $label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step"
+  [[ -n $r ]] && note "torch eager step $label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $(field step_ms "$r") ms/step"
 }
 
 # Two sequences per optimizer step (8192 tokens): the optimizer's fixed cost (AdamW is
@@ -369,7 +372,7 @@ fi
 if (($(left) > 100)); then
   step torch_compile $(($(left) - 15)) python3 bench/cuda_step_peer.py --mode compile --seq "$STEP_SEQ" --steps 3 --warmup 1
   r=$(result torch_compile)
-  [[ -n $r ]] && note "torch compile step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(awk "BEGIN{printf \"%.1f\", 100*$(field mfu "$r")}")%, $(field step_ms "$r") ms/step" || note "torch compile step" "FAIL/TIMEOUT" "see torch_compile in gpu-check.log"
+  [[ -n $r ]] && note "torch compile step seq $(field seq "$r")" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $(field step_ms "$r") ms/step" || note "torch compile step" "FAIL/TIMEOUT" "see torch_compile in gpu-check.log"
 else
   note "torch compile step" "SKIPPED" "$(left) s left"
 fi
