@@ -412,7 +412,11 @@ json StageRunner::run_train() {
     // max_seq_len only bounds the RoPE tables; rebuild with the same weights.
     text::LlamaConfig c = model->config();
     c.max_seq_len = max_seq;
-    auto bigger = std::make_unique<text::LlamaModel>(c, seed);
+    std::unique_ptr<text::LlamaModel> bigger;
+    {
+      nn::SkipInitGuard overwritten;  // every parameter is copied below
+      bigger = std::make_unique<text::LlamaModel>(c, seed);
+    }
     auto src = model->named_parameters();
     auto dst = bigger->named_parameters();
     for (size_t i = 0; i < src.size(); ++i) dst[i].tensor->detach().copy_(*src[i].tensor);

@@ -854,8 +854,11 @@ std::map<std::string, Tensor> ParallelLlama::full_state_dict() const {
   // Every rank walks every parameter name in model order (a fresh tree gives names/shapes).
   std::map<std::string, const Param*> mine;
   for (auto& p : params_) mine[p->name] = p.get();
-  LlamaModel shape_model(LlamaConfig(c), 0);
-  for (auto& np : shape_model.named_parameters()) {
+  const auto shape_model = [&] {
+    nn::SkipInitGuard shapes_only;  // its values are never read
+    return std::make_unique<LlamaModel>(LlamaConfig(c), 0);
+  }();
+  for (auto& np : shape_model->named_parameters()) {
     const Shape full_shape = np.tensor->shape();
     const int64_t layer = layer_of(np.name);
     int owner;

@@ -412,7 +412,11 @@ void load_weights(LlamaModel& model, const std::string& dir) {
 std::unique_ptr<LlamaModel> load_model(const std::string& dir) {
   io::verify_checkpoint(dir);
   LlamaConfig c = LlamaConfig::from_hf_json(io::read_json(dir + "/config.json"), dir + "/config.json");
-  auto m = std::make_unique<LlamaModel>(c, 0);
+  std::unique_ptr<LlamaModel> m;
+  {
+    nn::SkipInitGuard overwritten;  // every parameter is loaded next (load_weights checks)
+    m = std::make_unique<LlamaModel>(c, 0);
+  }
   load_weights(*m, dir);
   return m;
 }
@@ -470,6 +474,7 @@ LlamaModel& Trainer::full_model() {
   if (full_ && full_step_ == step_) return *full_;
   std::map<std::string, Tensor> w = par_->full_state_dict();
   if (!full_) {
+    nn::SkipInitGuard overwritten;  // every parameter is copied below
     full_ = std::make_unique<LlamaModel>(model_.config(), 0);
     full_->options() = model_.options();
   }

@@ -166,6 +166,23 @@ TEST(Trainer, Bf16WeightCopiesAreBitIdenticalAndUsed) {
   EXPECT_NE(ta.step().loss, tb.step().loss) << "the copies were not used";
 }
 
+// load_model builds the model without drawing its weights (nn::SkipInitGuard): every
+// parameter must then come from the file, bit for bit.
+TEST(Checkpoint, LoadedModelHasTheSavedWeights) {
+  auto cfg = text::llama3_flavour("debug");
+  text::LlamaModel m(cfg, 3);
+  TmpDir tmp;
+  const std::string dir = (tmp.p / "model").string();
+  text::save_model(m, dir);
+  auto loaded = text::load_model(dir);
+  auto a = m.named_parameters(), b = loaded->named_parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].name, b[i].name);
+    EXPECT_EQ(a[i].tensor->to_vector<float>(), b[i].tensor->to_vector<float>()) << a[i].name;
+  }
+}
+
 TEST(Checkpoint, TruncatedOrMissingFilesAreReportedByName) {
   auto cfg = text::llama3_flavour("debug");
   text::LlamaModel m(cfg, 3);
