@@ -118,10 +118,10 @@ if [[ -z $BIN ]]; then
      step configure 120 cmake -S . -B build-gpu-src "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
        -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA3_TESTS=ON -DLLAMA3_BENCH=ON \
        -DCMAKE_CUDA_COMPILER="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" &&
-     step build 300 cmake --build build-gpu-src -j "$JOBS" --target unit_backend_parity unit_ops unit_model bench_cuda_step bench_nccl; then
+     step build 300 cmake --build build-gpu-src -j "$JOBS" --target unit_backend_parity unit_ops unit_model bench_cuda_step bench_trainer_step bench_nccl; then
     mkdir -p build-gpu-src/gpu-bin
     cp build-gpu-src/tests/unit_backend_parity build-gpu-src/tests/unit_ops build-gpu-src/tests/unit_model \
-       build-gpu-src/bench/bench_cuda_step build-gpu-src/bench/bench_nccl build-gpu-src/gpu-bin/
+       build-gpu-src/bench/bench_cuda_step build-gpu-src/bench/bench_trainer_step build-gpu-src/bench/bench_nccl build-gpu-src/gpu-bin/
     BIN=$ROOT/build-gpu-src/gpu-bin
     LIBPATH="${CUDA_LIBS}${LD_LIBRARY_PATH:-}"
     note "binaries" "BUILT" "from source, sm_90, $SECONDS s"
@@ -227,6 +227,15 @@ if [[ -n $BIN ]]; then
     [[ -n $r ]] && note "$label" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $ms ms/step ($ratio of 8 x 1)"
   }
   graph_step acc8_graph "llama3 step 8 x 1 seq, graph" "" --accum 8
+  # The product's step: text::Trainer on text::LlamaModel (the recipe runner's path), with
+  # what bench_cuda_step leaves out (clipping's gradient norm, host batches uploaded, losses
+  # and norm read back), replayed as a graph; over the composed step's time.
+  if (($(left) > 40)) && [[ -x $BIN/bench_trainer_step ]]; then
+    step trainer_acc8_graph 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_trainer_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 2 --graph
+    r=$(grep -h "^RESULT llama3_trainer_graph" "$STEPDIR/trainer_acc8_graph.txt" 2>/dev/null | tail -1)
+    ratio=$(awk -v a="$(field step_ms "$r")" -v b="$ACC8_GRAPH_MS" 'BEGIN{if (a > 0 && b > 0) printf "%.3f", a / b; else printf "n/a"}')
+    [[ -n $r ]] && note "  Trainer (the product), same, graph" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $(field step_ms "$r") ms/step ($ratio of 8 x 1), $(field graph_steps "$r") of 2 steps replayed" || note "  Trainer (the product), same, graph" "FAIL" "see trainer_acc8_graph in gpu-check.log"
+  fi
   graph_step acc8_graph_cand "  same, with the candidates" "$CAND" --accum 8
   graph_step b2a4_graph "llama3 step 4 x 2 seq, graph" "" --accum 4 --batch 2
   graph_step b2a4_graph_cand "  same, with the candidates" "$CAND" --accum 4 --batch 2
