@@ -231,7 +231,7 @@ if [[ -n $BIN ]]; then
   # what bench_cuda_step leaves out (clipping's gradient norm, host batches uploaded, losses
   # and norm read back), replayed as a graph; over the composed step's time.
   if (($(left) > 40)) && [[ -x $BIN/bench_trainer_step ]]; then
-    step trainer_acc8_graph 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_trainer_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 2 --graph
+    step trainer_acc8_graph 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_trainer_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph
     r=$(grep -h "^RESULT llama3_trainer_graph" "$STEPDIR/trainer_acc8_graph.txt" 2>/dev/null | tail -1)
     ratio=$(awk -v a="$(field step_ms "$r")" -v b="$ACC8_GRAPH_MS" 'BEGIN{if (a > 0 && b > 0) printf "%.3f", a / b; else printf "n/a"}')
     [[ -n $r ]] && note "  Trainer (the product), same, graph" "OK" "$(field tokens_per_s "$r") tokens/s, MFU $(mfus "$r"), $(field step_ms "$r") ms/step ($ratio of 8 x 1), $(field graph_steps "$r") of 2 steps replayed" || note "  Trainer (the product), same, graph" "FAIL" "see trainer_acc8_graph in gpu-check.log"
