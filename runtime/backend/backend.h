@@ -208,7 +208,9 @@ class Backend {
 
   // x (B, T, H, Dh) rotated in the HF "rotate_half" layout with inv_freq (Dh/2) at
   // positions pos (T) int32: out = x*cos + rotate_half(x)*sin. inverse=true applies the
-  // transpose rotation (the backward).
+  // transpose rotation (the backward). inv_freq is f32 (f64 for f64 x) whatever x's dtype, and
+  // the angles pos * inv_freq are computed in it, as HF does: bf16 frequencies would put a
+  // bf16 step's angles radians off a few thousand positions in.
   virtual void rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos, bool inverse,
                     Tensor& out) = 0;
 

@@ -430,10 +430,12 @@ class CpuBackend final : public Backend {
             Tensor& out) override {
     const int64_t b = x.size(0), t = x.size(1), h = x.size(2), dh = x.size(3), half = dh / 2;
     const int32_t* ps = pos.data<int32_t>();
+    LLAMA3_CHECK(inv_freq.dtype() == x.dtype(), "rope: inv_freq {} must have x's dtype ({})",
+                 inv_freq.str(), x.str());
     dispatch_float(x.dtype(), "rope", [&]<typename T>() {
       const T* f = inv_freq.data<T>();
-      // cos/sin table (T, half): angle computed in T like the HF reference. A step applies
-      // RoPE to q and k of every layer, forward and backward, with the same positions, so
+      // cos/sin table (T, half): angle computed in T (f32 or f64) like the HF reference. A step
+      // applies RoPE to q and k of every layer, forward and backward, with the same positions, so
       // the last table is kept (per thread) and reused while positions and frequencies match.
       struct Table {
         std::vector<int32_t> pos;

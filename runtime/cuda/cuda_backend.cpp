@@ -709,10 +709,12 @@ class CudaBackend final : public Backend {
     LLAMA3_CHECK(x.dim() == 4 && x.size(3) % 2 == 0 && inv_freq.numel() == x.size(3) / 2 &&
                      pos.dtype() == DType::i32 && pos.numel() == x.size(1),
                  "rope: x {}, inv_freq {}, pos {}", x.str(), inv_freq.str(), pos.str());
-    same_float(x, {&inv_freq, &out}, "rope");
+    same_float(x, {&out}, "rope");
+    LLAMA3_CHECK(inv_freq.dtype() == DType::f32, "rope: inv_freq {} must be f32 (x {})",
+                 inv_freq.str(), x.str());
     activate();
     auto prof_scope = prof("rope");
-    LLAMA3_CUDA_CHECK(cuda::rope(x.data_ptr(), inv_freq.data_ptr(), pos.data<int32_t>(), inverse,
+    LLAMA3_CUDA_CHECK(cuda::rope(x.data_ptr(), inv_freq.data<float>(), pos.data<int32_t>(), inverse,
                                  out.data_ptr(), ft_of(x.dtype(), "rope"), x.size(0), x.size(1),
                                  x.size(2), x.size(3), stream_, rope_positions_per_block()));
   }

@@ -515,14 +515,14 @@ __global__ void rmsnorm_dw_reduce_kernel(const float* partial, int64_t rows, int
 
 // ---------------------------------------------------------------- rope
 template <typename T>
-__global__ void rope_kernel(const T* x, const T* inv_freq, const int32_t* pos, bool inverse, T* out,
-                            int64_t b, int64_t tt, int64_t h, int64_t dh) {
+__global__ void rope_kernel(const T* x, const float* inv_freq, const int32_t* pos, bool inverse,
+                            T* out, int64_t b, int64_t tt, int64_t h, int64_t dh) {
   const int64_t half = dh / 2, n = b * tt * h * half;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = e % half, row = e / half;  // row = (bi * tt + ti) * h + hi
     const int64_t ti = (row / h) % tt;
-    const float a = float(pos[ti]) * to_f32(inv_freq[j]);
+    const float a = float(pos[ti]) * inv_freq[j];
     float sn, cs;
     sincosf(a, &sn, &cs);
     if (inverse) sn = -sn;
@@ -541,7 +541,7 @@ __global__ void rope_kernel(const T* x, const T* inv_freq, const int32_t* pos, b
 // reduction; q at 32 heads now takes one per 32 elements). 8- or 16-byte accesses; the only
 // division is in the angles' setup. The same per-element arithmetic as rope_kernel.
 template <typename T>
-__global__ void rope_pos_kernel(const T* x, const T* inv_freq, const int32_t* pos, bool inverse,
+__global__ void rope_pos_kernel(const T* x, const float* inv_freq, const int32_t* pos, bool inverse,
                                 T* out, uint32_t tt, uint32_t h, uint32_t dh, uint32_t n_pos,
                                 uint32_t per_block) {
   LLAMA3_DYNAMIC_SMEM(float, cs);  // per position: [half] cos, then [half] sin
@@ -551,7 +551,7 @@ __global__ void rope_pos_kernel(const T* x, const T* inv_freq, const int32_t* po
   for (uint32_t q = tid; q < np * half; q += nt) {
     const uint32_t r = q / half, j = q - r * half;
     float sn, c;
-    sincosf(float(pos[(p0 + r) % tt]) * to_f32(inv_freq[j]), &sn, &c);
+    sincosf(float(pos[(p0 + r) % tt]) * inv_freq[j], &sn, &c);
     cs[r * dh + j] = c, cs[r * dh + half + j] = inverse ? -sn : sn;
   }
   __syncthreads();
@@ -1196,7 +1196,7 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
   });
 }
 
-cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
+cudaError_t rope(const void* x, const float* inv_freq, const int32_t* pos, bool inverse, void* out,
                  KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s,
                  int per_block) {
   const int64_t n = b * tt * h * (dh / 2);
@@ -1217,20 +1217,18 @@ cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool i
     const unsigned grid = (n_pos + per - 1) / per;
     if (t == KT::bf16)
       launch_kernel(rope_pos_kernel<__nv_bfloat16>, grid, block, smem, s,
-                    static_cast<const __nv_bfloat16*>(x),
-                    static_cast<const __nv_bfloat16*>(inv_freq), pos, inverse,
+                    static_cast<const __nv_bfloat16*>(x), inv_freq, pos, inverse,
                     static_cast<__nv_bfloat16*>(out), uint32_t(tt), uint32_t(h), uint32_t(dh),
                     n_pos, per);
     else
       launch_kernel(rope_pos_kernel<float>, grid, block, smem, s, static_cast<const float*>(x),
-                    static_cast<const float*>(inv_freq), pos, inverse, static_cast<float*>(out),
-                    uint32_t(tt), uint32_t(h), uint32_t(dh), n_pos, per);
+                    inv_freq, pos, inverse, static_cast<float*>(out), uint32_t(tt), uint32_t(h),
+                    uint32_t(dh), n_pos, per);
     return cudaGetLastError();
   }
   return dispatch_ft(t, [&]<typename T>() {
     launch_kernel(rope_kernel<T>, grid_for(n, kThreads), kThreads, 0, s, static_cast<const T*>(x),
-                  static_cast<const T*>(inv_freq), pos, inverse, static_cast<T*>(out), b, tt, h,
-                  dh);
+                  inv_freq, pos, inverse, static_cast<T*>(out), b, tt, h, dh);
     return cudaGetLastError();
   });
 }

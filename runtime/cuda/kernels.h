@@ -104,8 +104,10 @@ cudaError_t rmsnorm_backward(const void* dy, const void* x, const void* w, const
                              void* dx_bf16 = nullptr, const RmsDyParts* parts = nullptr);
 // per_block: positions a block of the per-position kernel rotates (1-64; its angles computed
 // once into shared memory for all of them): 1, or LLAMA3_ROPE_POSITIONS (a candidate, not yet
-// timed: a block of one position moves 1 KB of a 1B model's k, 4 KB of its q).
-cudaError_t rope(const void* x, const void* inv_freq, const int32_t* pos, bool inverse, void* out,
+// timed: a block of one position moves 1 KB of a 1B model's k, 4 KB of its q). inv_freq is f32
+// whatever x's dtype: each angle is pos * inv_freq in f32, as HF computes it (bf16 frequencies
+// would be off by up to 2^-9 relative, radians of angle a few thousand positions in).
+cudaError_t rope(const void* x, const float* inv_freq, const int32_t* pos, bool inverse, void* out,
                  KT t, int64_t b, int64_t tt, int64_t h, int64_t dh, cudaStream_t s,
                  int per_block = 1);
 cudaError_t swiglu_forward(const void* gate, const void* up, void* out, KT t, int64_t n,

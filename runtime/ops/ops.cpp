@@ -399,7 +399,9 @@ Tensor rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos) {
                x.str(), inv_freq.str(), pos.str());
   Tensor xc = x.contiguous();
   Tensor out = empty_like(xc);
-  Tensor f = inv_freq.dtype() == x.dtype() ? inv_freq : inv_freq.to(x.dtype());
+  // The frequencies stay f32 for bf16 x (Backend::rope): the angles need their precision.
+  const DType ft = x.dtype() == DType::f64 ? DType::f64 : DType::f32;
+  Tensor f = inv_freq.dtype() == ft ? inv_freq : inv_freq.to(ft);
   be(x).rope(xc, f, pos, /*inverse=*/false, out);
   if (autograd::any_requires_grad({&x})) {
     auto n = std::make_shared<RopeNode>();

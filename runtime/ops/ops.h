@@ -127,7 +127,8 @@ bool bf16_projection_grads();
 Tensor rmsnorm(const Tensor& x, const Tensor& w, float eps, bool bf16_out = false);
 
 // Rotary embedding (HF rotate_half layout) of x (B, T, H, Dh) at positions pos (T) int32
-// with inverse frequencies inv_freq (Dh/2).
+// with inverse frequencies inv_freq (Dh/2), used in f32 (f64 for f64 x) whatever x's dtype:
+// the angles pos * inv_freq are f32 products, as in HF, also for bf16 activations.
 Tensor rope(const Tensor& x, const Tensor& inv_freq, const Tensor& pos);
 
 // Grouped-query attention: q (B, T, H, Dh), k/v (B, T, Hkv, Dh) -> (B, T, H, Dh).

@@ -369,7 +369,9 @@ std::vector<Case> make_cases() {
       const ScopedEnv env("LLAMA3_ROPE_POSITIONS", pos4 ? "4" : nullptr);
       std::vector<float> f(dh / 2);
       for (int64_t j = 0; j < dh / 2; ++j) f[j] = float(std::pow(500000.0, -2.0 * j / dh));
-      Tensor inv = Tensor::from_vector(f, {dh / 2}, c.dev).to(c.round).to(c.dt);
+      // (f32 frequencies whatever x's dtype, f64 with f64 x: Backend::rope)
+      Tensor inv =
+          Tensor::from_vector(f, {dh / 2}, c.dev).to(c.dt == DType::f64 ? DType::f64 : DType::f32);
       std::vector<int32_t> p(11);
       for (int i = 0; i < 11; ++i) p[i] = dh == 64 ? 4000 - 397 * i : 5 + 3 * i;
       Tensor pos = ints(c, p, {11});

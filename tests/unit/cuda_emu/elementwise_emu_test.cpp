@@ -195,24 +195,69 @@ TEST_P(ElementwiseEmu, Rope) {
         Tensor x = randn({B, T, H, dh}, 9).to(dt);
         std::vector<float> f(size_t(dh / 2));
         for (int64_t i = 0; i < dh / 2; ++i) f[size_t(i)] = std::pow(10000.f, -2.f * i / dh);
-        Tensor inv = Tensor::from_vector(f, {dh / 2}).to(dt);
+        Tensor inv = Tensor::from_vector(f, {dh / 2});  // f32 whatever x's dtype
         Tensor pos = Tensor::from_vector(std::vector<int32_t>{3, 0, 7, 1, 100}, {T});
         for (bool inverse : {false, true}) {
           Tensor o1 = Tensor::empty(x.shape(), DType::f32), o2 = Tensor::empty(x.shape(), dt);
-          cpu().rope(f32(x), f32(inv), pos, inverse, o1);
-          ASSERT_EQ(cu::rope(x.data_ptr(), inv.data_ptr(), pos.data<int32_t>(), inverse,
+          cpu().rope(f32(x), inv, pos, inverse, o1);
+          ASSERT_EQ(cu::rope(x.data_ptr(), inv.data<float>(), pos.data<int32_t>(), inverse,
                              o2.data_ptr(), kt(dt), B, T, H, dh, nullptr, per),
                     cudaSuccess);
           EXPECT_LT(rel_err(o2, o1), dt == DType::bf16 ? 4e-3 : 1e-6)
               << "dh " << dh << " inverse " << inverse << " per block " << per;
           Tensor o3 = Tensor::empty(x.shape(), dt);
-          ASSERT_EQ(cu::rope(x.data_ptr(), inv.data_ptr(), pos.data<int32_t>(), inverse,
+          ASSERT_EQ(cu::rope(x.data_ptr(), inv.data<float>(), pos.data<int32_t>(), inverse,
                              o3.data_ptr(), kt(dt), B, T, H, dh, nullptr, 1),
                     cudaSuccess);
           EXPECT_EQ(o2.to(DType::f32).to_vector<float>(), o3.to(DType::f32).to_vector<float>())
               << "dh " << dh << " inverse " << inverse << " per block " << per;
         }
       }
+  });
+}
+
+// A bf16 step's RoPE far into the sequence, against the rotation by the exact angles pos *
+// inv_freq (f64, from the f32 frequencies, as HF computes them in f32): the angles must be
+// f32 products. (With the frequencies rounded to bf16, 2^-9 relative, the angles were radians
+// off a few thousand positions in, and the rotated values as far off as the values themselves.)
+TEST_P(ElementwiseEmu, RopeAnglesStayExactFarIntoTheSequence) {
+  emu_test::each_schedule([&] {
+    const DType dt = GetParam();
+    const std::vector<int32_t> positions{0, 1, 4095, 8191, 32767, 131071};
+    const int64_t B = 1, T = int64_t(positions.size()), H = 2;
+    Tensor pos = Tensor::from_vector(positions, {T});
+    for (int64_t dh : {64, 20}) {  // the per-position kernel and the generic one
+      Tensor x = randn({B, T, H, dh}, 21).to(dt);
+      std::vector<float> f(size_t(dh / 2));
+      for (int64_t j = 0; j < dh / 2; ++j)
+        f[size_t(j)] = float(std::pow(500000.0, -2.0 * double(j) / double(dh)));
+      Tensor inv = Tensor::from_vector(f, {dh / 2});
+      const std::vector<float> xv = x.to(DType::f32).to_vector<float>();
+      for (bool inverse : {false, true}) {
+        Tensor o = Tensor::empty(x.shape(), dt);
+        ASSERT_EQ(cu::rope(x.data_ptr(), inv.data<float>(), pos.data<int32_t>(), inverse,
+                           o.data_ptr(), kt(dt), B, T, H, dh, nullptr, 1),
+                  cudaSuccess);
+        const std::vector<float> ov = o.to(DType::f32).to_vector<float>();
+        const int64_t half = dh / 2;
+        double worst = 0, scale = 0;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t j = 0; j < half; ++j) {
+              const size_t r = size_t((t * H + h) * dh);
+              const double a = double(positions[size_t(t)]) * double(f[size_t(j)]);
+              const double c = std::cos(a), sn = inverse ? -std::sin(a) : std::sin(a);
+              const double x1 = xv[r + size_t(j)], x2 = xv[r + size_t(j + half)];
+              worst = std::max({worst, std::abs(ov[r + size_t(j)] - (x1 * c - x2 * sn)),
+                                std::abs(ov[r + size_t(j + half)] - (x2 * c + x1 * sn))});
+              scale = std::max({scale, std::abs(x1), std::abs(x2)});
+            }
+        // f32 angles near 131071 rad are within 2^-7 of the exact ones; bf16 outputs round by
+        // 2^-9 of their size.
+        EXPECT_LT(worst / scale, dt == DType::bf16 ? 1.5e-2 : 1e-2)
+            << "dh " << dh << " inverse " << inverse;
+      }
+    }
   });
 }
 
