@@ -309,6 +309,14 @@ if [[ -n $BIN ]]; then
   if [[ -n $ACC2_MS && -n $BASE_MS && -n $ADAMW_MS ]]; then
     note "  accumulated micro-batch / alone" "" "$(awk -v a="$ACC2_MS" -v b="$BASE_MS" -v o="$ADAMW_MS" 'BEGIN{printf "%.1f / %.1f ms", a - b, b - o}')"
   fi
+  # The product's step as pre-training runs it: documents packed into each row (the document
+  # mask; four a row), over the composed 8 x 1 step's time.
+  if (($(left) > 40)) && [[ -x $BIN/bench_trainer_step ]]; then
+    step trainer_acc8_docs4 60 env LD_LIBRARY_PATH="$LIBPATH" "$BIN/bench_trainer_step" --seq "$STEP_SEQ" --accum 8 --steps 2 --warmup 1 --graph --docs 4
+    r=$(grep -h "^RESULT llama3_trainer_graph" "$STEPDIR/trainer_acc8_docs4.txt" 2>/dev/null | tail -1)
+    ratio=$(awk -v a="$(field step_ms "$r")" -v b="$ACC8_GRAPH_MS" 'BEGIN{if (a > 0 && b > 0) printf "%.3f", a / b; else printf "n/a"}')
+    [[ -n $r ]] && note "Trainer 8 x 1, 4 documents a row" "OK" "$(field tokens_per_s "$r") tokens/s, $(field step_ms "$r") ms/step ($ratio of the composed 8 x 1; MFU counts whole rows)"
+  fi
 fi
 
 # ---- compute-sanitizer on the kernels with shared memory and atomics (small shapes)
