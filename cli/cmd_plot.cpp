@@ -88,6 +88,7 @@ std::vector<std::string> plot_run(const std::string& run_dir, const std::string&
     single("lr", "learning rate", "lr", "_lr.png");
     single("tokens_per_s", "throughput", "tokens/s", "_throughput.png");
     single("pct_gemm_peak", "% of GEMM peak", "% of peak", "_gemm_peak.png");
+    single("mfu", "MFU", "% of the GPUs' peak", "_mfu.png");
     single("grad_norm", "gradient norm", "global grad norm", "_grad_norm.png");
     plot::Chart ev;
     ev.title = s.name + ": eval metrics";

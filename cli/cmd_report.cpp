@@ -31,7 +31,8 @@ int rank(const std::string& k) {
     if (k == first[i]) return int(i);
   if (k.rfind("eval_", 0) == 0) return 10;
   if (k.rfind("niah_", 0) == 0) return 11;
-  if (k == "lr" || k == "grad_norm" || k == "tokens_per_s" || k == "pct_gemm_peak") return 30;
+  if (k == "lr" || k == "grad_norm" || k == "tokens_per_s" || k == "pct_gemm_peak" || k == "mfu")
+    return 30;
   return 20;
 }
 }  // namespace

@@ -12,9 +12,10 @@
 #include <fstream>
 
 #include "cli/flags.h"
-#include "runtime/dist/communicator.h"
+#include "runtime/backend/backend.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/cuda/cuda_backend.h"
+#include "runtime/dist/communicator.h"
 #include "runtime/io/checkpoint.h"
 #include "runtime/log/metrics.h"
 #include "runtime/log/progress.h"
@@ -166,10 +167,21 @@ int cmd_train(const Args& args) {
     trainer.load(ckpt);
     spdlog::info("resumed from {} at step {}", ckpt, trainer.steps_done());
   }
-  const double peak = rank0 ? cpu_gemm_peak_flops(precision == "bf16", 2048) : 1.0;  // a benchmark: rank 0 only
-  spdlog::info("model {} ({:.1f}M params), {} steps of {} x {} x {} tokens, {} , GEMM peak {:.0f} GFLOP/s",
-               f.str("--flavour", "tiny"), double(cfg.num_params()) / 1e6, tc.steps, lc.batch_size, seq,
-               tc.grad_accum, precision, peak / 1e9);
+  // The progress line's percentage: on GPUs MFU, against the cards' datasheet peak, one card a
+  // rank (the step's FLOP/s count the whole world's tokens; 0 for a card not in the table: no
+  // percentage); on the CPU, of the GEMM peak measured here (a benchmark: rank 0 only).
+  const bool bf16 = precision == "bf16";
+  const double peak = device.is_cpu() ? (rank0 ? cpu_gemm_peak_flops(bf16, 2048) : 1.0)
+                                      : cuda_peak_flops(device.index, bf16) * double(world->size());
+  std::string peak_text = fmt::format("GEMM peak {:.0f} GFLOP/s", peak / 1e9);
+  if (!device.is_cpu())
+    peak_text = peak > 0
+                    ? fmt::format("{}: MFU of {} x {:.1f} TFLOP/s", backend_for(device).name(),
+                                  world->size(), peak / double(world->size()) / 1e12)
+                    : fmt::format("{}: peak not known, no MFU shown", backend_for(device).name());
+  spdlog::info("model {} ({:.1f}M params), {} steps of {} x {} x {} tokens, {}, {}",
+               f.str("--flavour", "tiny"), double(cfg.num_params()) / 1e6, tc.steps, lc.batch_size,
+               seq, tc.grad_accum, precision, peak_text);
   const std::string stage = f.str("--stage", "train");
   // Rank 0 alone writes metrics and draws the progress line.
   std::unique_ptr<log::MetricsWriter> metrics_w;
@@ -180,6 +192,7 @@ int cmd_train(const Args& args) {
     po.stage = stage;
     po.total_steps = tc.steps;
     po.peak_flops = peak;
+    if (!device.is_cpu()) po.peak_name = "MFU";
     progress_w = std::make_unique<log::ProgressLine>(po);
   }
   double elapsed = 0;  // training seconds so far, continued across resumes
@@ -197,13 +210,12 @@ int cmd_train(const Args& args) {
     auto& metrics = *metrics_w;
     auto& progress = *progress_w;
     if (s.skipped) progress.message(fmt::format("step {}: update skipped (non-finite loss or gradient)", s.step));
-    metrics.log(s.step, {{"tokens", s.tokens},
-                         {"time", elapsed},
-                         {"loss", s.loss},
-                         {"lr", s.lr},
-                         {"grad_norm", s.grad_norm},
-                         {"tokens_per_s", s.tokens_per_s},
-                         {"pct_gemm_peak", 100.0 * s.flops_per_s / peak}});
+    nlohmann::json m = {{"tokens", s.tokens},   {"time", elapsed},
+                        {"loss", s.loss},       {"lr", s.lr},
+                        {"grad_norm", s.grad_norm}, {"tokens_per_s", s.tokens_per_s}};
+    // (On a GPU "mfu", in percent, when the card's peak is known; on the CPU the GEMM peak's.)
+    if (peak > 0) m[device.is_cpu() ? "pct_gemm_peak" : "mfu"] = 100.0 * s.flops_per_s / peak;
+    metrics.log(s.step, m);
     progress.update({.step = s.step, .loss = s.loss, .lr = s.lr, .tokens_per_s = s.tokens_per_s,
                      .flops_per_s = s.flops_per_s, .step_seconds = s.seconds});
   };

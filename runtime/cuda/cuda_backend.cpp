@@ -224,10 +224,13 @@ class CudaBackend final : public Backend {
     LLAMA3_CUDA_CHECK(cudaGetDeviceProperties(&prop, index_));
     smem_optin_ = prop.sharedMemPerBlockOptin;
     name_ = fmt::format("cuda:{} ({}, sm_{}{})", index_, prop.name, prop.major, prop.minor);
+    peak_bf16_ = nvidia_peak_flops(prop.name, prop.major, true);
+    peak_f32_ = nvidia_peak_flops(prop.name, prop.major, false);
   }
 
   Device device() const override { return Device::cuda(index_); }
   std::string name() const override { return name_; }
+  double peak_flops(bool bf16) const { return bf16 ? peak_bf16_ : peak_f32_; }
   Allocator& allocator() override { return alloc_; }
   void synchronize() override { LLAMA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   cudaStream_t stream() const { return stream_; }
@@ -1443,6 +1446,7 @@ class CudaBackend final : public Backend {
 
   int index_;
   size_t smem_optin_ = 0;  // the device's opt-in shared memory per block
+  double peak_bf16_ = 0, peak_f32_ = 0;  // nvidia_peak_flops of this card (0: not in the table)
   CachingAllocator alloc_;
   std::string name_;
   cudaStream_t stream_ = nullptr;
@@ -1581,6 +1585,28 @@ std::string cuda_profile_report(int index) {
 void* cuda_stream(int index) {
   LLAMA3_CHECK(index >= 0 && index < cuda_device_count(), "cuda_stream: no device {}", index);
   return g_backends[index]->stream();
+}
+
+double nvidia_peak_flops(const std::string& name, int major, bool bf16) {
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  // Dense (no structured sparsity) datasheet figures, GFLOP/s: {bf16 tensor cores, f32}.
+  std::pair<double, double> t{0, 0};
+  if (major == 9 && (has("H100") || has("H200") || has("GH200"))) {
+    if (has("NVL"))
+      t = {835000, 60000};  // H100 NVL, H200 NVL
+    else if (has("PCIe"))
+      t = {756000, 51000};  // H100 PCIe
+    else
+      t = {989400, 66900};  // H100 SXM (the "80GB HBM3"), H200 SXM, GH200
+  } else if (major == 8 && has("A100")) {
+    t = {312000, 19500};
+  }
+  return (bf16 ? t.first : t.second) * 1e9;
+}
+
+double cuda_peak_flops(int index, bool bf16) {
+  if (index < 0 || index >= cuda_device_count()) return 0;
+  return g_backends[index]->peak_flops(bf16);
 }
 
 #ifdef LLAMA3_CUDA_EMU

@@ -36,6 +36,15 @@ std::string cuda_profile_report(int index);
 // order their own streams with it (the NCCL communicator). Throws without that device.
 void* cuda_stream(int index);
 
+// The dense peak FLOP/s of an NVIDIA GPU from its name and compute capability (major), as the
+// vendor publishes it: bf16 on tensor cores with f32 accumulation (bf16), else f32 FMA; 0 for
+// a card not in the table (H100 SXM/PCIe/NVL, H200, GH200, A100). The denominator of MFU in
+// `llama3 train --device cuda`'s progress line (the benchmarks use 989 TFLOP/s, the H100 SXM's
+// and H200's).
+double nvidia_peak_flops(const std::string& name, int major, bool bf16);
+// The same for device `index`; 0 without that device or for a card not in the table.
+double cuda_peak_flops(int index, bool bf16);
+
 #ifdef LLAMA3_CUDA_EMU
 }  // namespace emulated
 #endif

@@ -19,5 +19,11 @@ std::string cuda_profile_report(int index) {
 void* cuda_stream(int index) {
   fail("cuda_stream: no CUDA in this build (device {})", index);
 }
+double nvidia_peak_flops(const std::string&, int, bool) {
+  return 0;
+}
+double cuda_peak_flops(int, bool) {
+  return 0;
+}
 }  // namespace llama3
 #endif

@@ -158,3 +158,22 @@ TEST(ProfileEmu, ReportSeparatesAccumulatingGemms) {
   EXPECT_EQ(calls("gemm 2x4x3 f32 +="), 2) << report;
   EXPECT_EQ(c.to(Device::cpu()).to_vector<float>(), std::vector<float>(8, 4.5f));
 }
+
+// `llama3 train --device cuda`'s MFU denominator: the datasheet's dense peaks by card name and
+// compute capability, 0 (no MFU shown) for cards not in the table - the emulated device too.
+TEST(DevicePeakEmu, DatasheetPeaksByCardAndNoneForOthers) {
+  ASSERT_TRUE(cuda_init());
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA H100 80GB HBM3", 9, true), 989.4e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA H100 80GB HBM3", 9, false), 66.9e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA H200", 9, true), 989.4e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA GH200 480GB", 9, true), 989.4e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA H100 PCIe", 9, true), 756e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA H100 NVL", 9, true), 835e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA H200 NVL", 9, false), 60e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA A100-SXM4-80GB", 8, true), 312e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA A100-SXM4-80GB", 8, false), 19.5e12);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA GeForce RTX 4090", 8, true), 0.0);
+  EXPECT_EQ(nvidia_peak_flops("NVIDIA H100 80GB HBM3", 8, true), 0.0) << "name and sm must agree";
+  EXPECT_EQ(cuda_peak_flops(0, true), 0.0) << "the emulator is no card of the table";
+  EXPECT_EQ(cuda_peak_flops(7, true), 0.0) << "no such device";
+}
