@@ -15,6 +15,7 @@
 #include "recipes/post_stages.h"
 #include "recipes/stage_comm.h"
 #include "runtime/cpu/cpu_backend.h"
+#include "runtime/cuda/cuda_backend.h"
 #include "runtime/io/checkpoint.h"
 #include "runtime/log/progress.h"
 #include "text/data/build.h"
@@ -357,6 +358,7 @@ class StageRunner {
     log::ProgressOptions po;
     po.stage = s_.name();
     po.peak_flops = peak;
+    if (!opts_.device.is_cpu()) po.peak_name = "MFU";
     int64_t steps = step0;
     if (inc >= 0) {
       const auto& lcs = s_.long_context();
@@ -425,6 +427,14 @@ json StageRunner::run_train() {
   const std::string prec = s_.model().precision();
   model->options().precision = prec == "bf16" ? ops::Precision::bf16 : ops::Precision::f32;
   model->options().activation_checkpointing = s_.model().activation_checkpointing();
+  const Device device = opts_.device;
+  if (!device.is_cpu()) {
+    LLAMA3_CHECK(!comm_.group(),
+                 "stage '{}': a layout of {} ranks with --device {}: the runner trains on a "
+                 "GPU in one process (multi-GPU layouts: llama3 train --device cuda --parallel)",
+                 s_.name(), layout_of(s_).world(), device.str());
+    model->to(device);
+  }
 
   // Sources: the manifest's, plus one synthetic pass-key source per long-context length.
   std::vector<data::SourceSpec> sources = ds.sources;
@@ -519,6 +529,7 @@ json StageRunner::run_train() {
   RecipeSource source(sources, seed + 1);
   text::TrainerConfig tc;
   tc.steps = int64_t(1) << 60;
+  tc.cuda_graph = opts_.cuda_graph;
   const auto& o = s_.optimizer();
   tc.adamw.lr = float(o.lr());
   if (o.beta1()) tc.adamw.beta1 = float(o.beta1());
@@ -592,7 +603,10 @@ json StageRunner::run_train() {
     }
   }
 
-  const double peak = cpu_gemm_peak_flops(prec == "bf16", 1024);
+  // The progress line's percentage: of the CPU's measured GEMM peak, or on a GPU MFU against
+  // the card's datasheet peak (0 for a card not in the table: none shown).
+  const double peak = device.is_cpu() ? cpu_gemm_peak_flops(prec == "bf16", 1024)
+                                      : cuda_peak_flops(device.index, prec == "bf16");
   const int64_t every = s_.eval().every_tokens();
   const int64_t ckpt_every = s_.checkpoint_every_steps();
   const auto& lcs = s_.long_context();
@@ -628,10 +642,15 @@ json StageRunner::run_train() {
     trainer.set_grad_accum(b.grad_accum() / dpn);
     text::StepStats st = trainer.step();
     const int64_t t1 = trainer.tokens_seen();
-    json m = {{"tokens", t1},          {"loss", st.loss},
-              {"lr", st.lr},           {"grad_norm", st.grad_norm},
-              {"tokens_per_s", st.tokens_per_s}, {"pct_gemm_peak", 100.0 * st.flops_per_s / peak},
-              {"seq_len", b.seq_len},  {"batch_tokens", b.batch_tokens}};
+    json m = {{"tokens", t1},
+              {"loss", st.loss},
+              {"lr", st.lr},
+              {"grad_norm", st.grad_norm},
+              {"tokens_per_s", st.tokens_per_s},
+              {"seq_len", b.seq_len},
+              {"batch_tokens", b.batch_tokens}};
+    if (peak > 0) m[device.is_cpu() ? "pct_gemm_peak" : "mfu"] = 100.0 * st.flops_per_s / peak;
+    if (opts_.cuda_graph) m["graph"] = st.graph;  // whether the step was a replay
     write_metrics(dir_, s_.name(), st.step, m);
     if (!opts_.quiet) {
       if (!progress || inc != progress_inc)
@@ -706,6 +725,7 @@ json StageRunner::run_train() {
     if (comm_.lead()) average_checkpoints(snaps, {}, dir_ + "/model");
     comm_.sync();
     model = text::load_model(dir_ + "/model");
+    if (!device.is_cpu()) model->to(device);  // the evaluations below
     averaged = true;
     f["averaged_checkpoints"] = int64_t(snaps.size());
   } else {
@@ -853,6 +873,12 @@ void run_recipe(const LoadedRecipe& lr, const RunOptions& opts) {
   // Under mpirun every rank runs this loop; rank 0 alone writes the run's records.
   const StageComm all(opts.world, true);
   const bool lead = all.lead();
+  if (!opts.device.is_cpu() && lead)
+    spdlog::info(
+        "the text training stages (pretrain, long context, annealing) run on {}; the other stages "
+        "on "
+        "the CPU",
+        backend_for(opts.device).name());
   fs::create_directories(run);
   const std::string text = to_text(r);
   const std::string rpath = run + "/recipe.textproto";

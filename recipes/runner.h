@@ -14,6 +14,7 @@
 #include <string>
 
 #include "recipes/recipe.h"
+#include "runtime/core/tensor.h"
 
 namespace llama3::dist {
 class Communicator;
@@ -29,6 +30,12 @@ struct RunOptions {
   // The ranks of `mpirun -np N llama3 run` (null: one process); recipes/stage_comm.h says
   // which stages run on which ranks.
   std::shared_ptr<dist::Communicator> world;
+  // Where the text training stages (pretrain, long context, annealing) run, in one process:
+  // their model, trainer and evaluations (`llama3 run --device cuda`; the backend must be
+  // registered, cuda_init). Every other stage runs on the CPU, and checkpoints are the same
+  // files either way.
+  Device device = Device::cpu();
+  bool cuda_graph = false;  // on a GPU: TrainerConfig::cuda_graph for those stages
 };
 
 // The --dry-run plan: per stage kind, parameters, tokens, FLOPs and estimated time on this
