@@ -14,12 +14,11 @@ namespace llama3::cli {
 
 namespace {
 constexpr const char* kUsage =
-    "usage: llama3 run RECIPE [--out DIR] [--set stage.field=value]... [--only STAGE] [--from "
-    "STAGE]\n"
-    "                  [--dry-run] [--timeout 3600] [--device cpu|cuda [--cuda-graph]]\n"
-    "  Runs the recipe's stages in order into DIR (default: the recipe's out_dir), skipping "
-    "finished\n"
-    "  stages and resuming an interrupted one from its latest checkpoint.\n"
+    "usage: llama3 run RECIPE [--out DIR] [--set stage.field=value]... [--only STAGE]\n"
+    "                  [--from STAGE] [--dry-run] [--timeout 3600]\n"
+    "                  [--device cpu|cuda [--cuda-graph]]\n"
+    "  Runs the recipe's stages in order into DIR (default: the recipe's out_dir), skipping\n"
+    "  finished stages and resuming an interrupted one from its latest checkpoint.\n"
     "  --set      overrides a field: pretrain.total_tokens=1000000, pretrain.optimizer.lr=1e-3,\n"
     "             pretrain.batch.ramp[0].at_tokens=5000, pretrain.mix[0].weights.math=0.3, seed=3\n"
     "             (repeatable; an index equal to the size appends, a new map key adds an entry)\n"
