@@ -11,10 +11,10 @@ cd "$(dirname "$0")/.."
 JOBS=${JOBS:-2}
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DLLAMA3_TESTS=ON -DLLAMA3_BENCH=ON -DLLAMA3_ARCH_FLAGS=-march=x86-64-v3 >/dev/null
-cmake --build build-gpu -j "$JOBS" --target unit_backend_parity unit_ops unit_model bench_cuda_step bench_trainer_step bench_nccl
+cmake --build build-gpu -j "$JOBS" --target unit_backend_parity unit_ops unit_model bench_cuda_step bench_trainer_step bench_nccl llama3
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/lib .gpu/lib-fallback
 cp build-gpu/tests/unit_backend_parity build-gpu/tests/unit_ops build-gpu/tests/unit_model \
-  build-gpu/bench/bench_cuda_step build-gpu/bench/bench_trainer_step build-gpu/bench/bench_nccl .gpu/bin/
+  build-gpu/bench/bench_cuda_step build-gpu/bench/bench_trainer_step build-gpu/bench/bench_nccl build-gpu/llama3 .gpu/bin/
 strip --strip-unneeded .gpu/bin/* 2>/dev/null || true
 # Every non-system, non-CUDA library the binaries load (CUDA and NCCL come from the GPU machine).
 for b in .gpu/bin/*; do
@@ -27,6 +27,11 @@ done | sort -u | while read -r lib; do
     *) cp -L "$lib" .gpu/lib/ ;;
   esac
 done
+# The tiny recipe's data stage for gpu-check.sh's `llama3 run --device cuda` row: its demo
+# corpus is built from this machine's installed docs, which the GPU image may lack.
+mapfile -t SETS <scripts/gpu-recipe.args
+build-gpu/llama3 run recipes/tiny.textproto --out .gpu/recipe_run "${SETS[@]}" --only data >/dev/null
+echo "$PWD/.gpu/recipe_run" > .gpu/recipe_run.prefix  # its files name it: gpu-check.sh renames
 git rev-parse HEAD > .gpu/COMMIT
 du -sh .gpu; ls -la .gpu/bin .gpu/lib .gpu/lib-fallback
 # The device tool carries at most 64 MiB: the same files as one xz tarball (about 20 MB) in
